@@ -1,0 +1,43 @@
+"""Shared fixtures: paths to ../shared/data (skipped with a reason when absent, as in a user's
+fresh clone) and a deterministic, single-threaded torch setup."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the network
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("FVLM_SHARED_DATA", PROJECT_ROOT.parent / "shared" / "data"))
+TS_DIR = SHARED_DATA / "ct" / "totalsegmentator"
+REPORTS_CSV = SHARED_DATA / "reports" / "ctrate_reports_labelled_800.csv"
+CHECKPOINT_KEYS = SHARED_DATA / "fvlm_reference" / "checkpoint_keys.json"
+
+
+def _require(path: Path) -> Path:
+    if not path.exists():
+        pytest.skip(f"shared test data not found at {path} (set FVLM_SHARED_DATA to ../shared/data)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def ts_dir() -> Path:
+    """Folder of the TotalSegmentator example CTs and reference segmentations."""
+    return _require(TS_DIR)
+
+
+@pytest.fixture(scope="session")
+def reports_csv() -> Path:
+    """The 800 manually labelled CT-RATE-style reports."""
+    return _require(REPORTS_CSV)
+
+
+@pytest.fixture(scope="session")
+def checkpoint_keys() -> Path:
+    """Names and shapes of the official fVLM checkpoint."""
+    return _require(CHECKPOINT_KEYS)

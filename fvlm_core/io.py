@@ -1,0 +1,481 @@
+"""Reading and writing CT volumes and label maps with their full geometry.
+
+Conventions used across the project:
+
+* Arrays are numpy arrays in SimpleITK order ``(z, y, x)`` (slowest to fastest axis).
+* :class:`Geometry` holds the ITK description of the grid: ``size`` ``(X, Y, Z)``, ``spacing``
+  ``(sx, sy, sz)`` in mm, ``origin`` and ``direction`` in LPS patient coordinates (DICOM / ITK).
+* ``Geometry.affine_ras`` is the voxel-to-RAS affine with the index ordered ``(i, j, k)`` =
+  ``(x, y, z)``, exactly 3D Slicer's ``IJKToRAS`` and nibabel's ``affine``.
+
+No axis is ever flipped or permuted silently: the array is the file's voxel order and the
+geometry says where each voxel is.
+"""
+
+from __future__ import annotations
+
+import ast
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import SimpleITK as sitk
+
+from fvlm_core.atomic import atomic_path
+from fvlm_core.errors import GeometryError, InputError
+
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
+
+#: File suffixes read as single image files (anything else that is a folder is tried as DICOM).
+IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm")
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Where the voxels of a 3D grid are in patient space (ITK / LPS convention).
+
+    Attributes:
+        size: number of voxels ``(X, Y, Z)`` (ITK order; the array shape is reversed).
+        spacing: voxel size in mm ``(sx, sy, sz)``.
+        origin: LPS position in mm of the centre of voxel ``(0, 0, 0)``.
+        direction: 3x3 direction cosines, row-major, columns are the x, y, z axis directions in LPS.
+    """
+
+    size: tuple[int, int, int]
+    spacing: tuple[float, float, float]
+    origin: tuple[float, float, float]
+    direction: tuple[float, ...]
+
+    # --- construction -------------------------------------------------------------------
+    @classmethod
+    def from_sitk(cls, image: sitk.Image) -> Geometry:
+        return cls(
+            size=tuple(int(s) for s in image.GetSize()),
+            spacing=tuple(float(s) for s in image.GetSpacing()),
+            origin=tuple(float(o) for o in image.GetOrigin()),
+            direction=tuple(float(d) for d in image.GetDirection()),
+        )
+
+    @classmethod
+    def from_affine_ras(cls, affine: np.ndarray, shape_zyx: tuple[int, int, int]) -> Geometry:
+        """Build a geometry from a voxel(ijk)-to-RAS affine (nibabel / Slicer convention)."""
+        affine = np.asarray(affine, dtype=float)
+        lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine
+        m = lps[:3, :3]
+        spacing = np.linalg.norm(m, axis=0)
+        if not np.all(np.isfinite(spacing)) or np.any(spacing <= 0):
+            raise GeometryError(f"affine has zero or invalid voxel size {spacing.tolist()}")
+        direction = m / spacing
+        return cls(
+            size=(int(shape_zyx[2]), int(shape_zyx[1]), int(shape_zyx[0])),
+            spacing=tuple(float(s) for s in spacing),
+            origin=tuple(float(o) for o in lps[:3, 3]),
+            direction=tuple(float(d) for d in direction.reshape(-1)),
+        )
+
+    # --- views ----------------------------------------------------------------------------
+    @property
+    def shape_zyx(self) -> tuple[int, int, int]:
+        """Shape of the numpy array holding this grid."""
+        return (self.size[2], self.size[1], self.size[0])
+
+    @property
+    def spacing_zyx(self) -> tuple[float, float, float]:
+        return (self.spacing[2], self.spacing[1], self.spacing[0])
+
+    @property
+    def direction_matrix(self) -> np.ndarray:
+        return np.asarray(self.direction, dtype=float).reshape(3, 3)
+
+    @property
+    def affine_lps(self) -> np.ndarray:
+        """4x4 voxel ``(i, j, k, 1)`` (i = x index) to LPS mm."""
+        a = np.eye(4)
+        a[:3, :3] = self.direction_matrix * np.asarray(self.spacing)[None, :]
+        a[:3, 3] = self.origin
+        return a
+
+    @property
+    def affine_ras(self) -> np.ndarray:
+        """4x4 voxel ``(i, j, k, 1)`` (i = x index) to RAS mm: Slicer's IJKToRAS, nibabel's affine."""
+        a = self.affine_lps
+        a[:3, :] = LPS_TO_RAS @ a[:3, :]
+        return a
+
+    @property
+    def voxel_volume_ml(self) -> float:
+        return float(np.prod(self.spacing)) / 1000.0
+
+    def index_zyx_to_ras(self, index_zyx: Any) -> np.ndarray:
+        """RAS position (mm) of array index ``(z, y, x)`` (works on ``(..., 3)`` arrays)."""
+        idx = np.asarray(index_zyx, dtype=float)[..., ::-1]
+        return idx @ self.affine_ras[:3, :3].T + self.affine_ras[:3, 3]
+
+    def ras_to_index_zyx(self, ras: Any) -> np.ndarray:
+        """Continuous array index ``(z, y, x)`` of a RAS position (mm)."""
+        inv = np.linalg.inv(self.affine_ras)
+        ijk = np.asarray(ras, dtype=float) @ inv[:3, :3].T + inv[:3, 3]
+        return ijk[..., ::-1]
+
+    def physical_bounds_lps(self) -> tuple[np.ndarray, np.ndarray]:
+        """Axis-aligned LPS bounding box (min, max) of the voxel centres."""
+        corners = np.array(
+            [[i, j, k] for i in (0, self.size[0] - 1) for j in (0, self.size[1] - 1) for k in (0, self.size[2] - 1)],
+            dtype=float,
+        )
+        pts = corners @ self.affine_lps[:3, :3].T + self.affine_lps[:3, 3]
+        return pts.min(axis=0), pts.max(axis=0)
+
+    def same_grid(self, other: Geometry, tol: float = 1e-3) -> bool:
+        """True when both describe the same voxel grid (sizes equal, positions within ``tol`` mm)."""
+        return (
+            self.size == other.size
+            and np.allclose(self.spacing, other.spacing, atol=tol)
+            and np.allclose(self.origin, other.origin, atol=tol)
+            and np.allclose(self.direction, other.direction, atol=tol)
+        )
+
+    def apply_to(self, image: sitk.Image) -> sitk.Image:
+        """Stamp this geometry (spacing, origin, direction) onto ``image`` and return it."""
+        image.SetSpacing(self.spacing)
+        image.SetOrigin(self.origin)
+        image.SetDirection(self.direction)
+        return image
+
+    def validate(self, source: str = "image") -> None:
+        """Raise :class:`GeometryError` if spacing or direction cannot describe a real grid."""
+        sp = np.asarray(self.spacing, dtype=float)
+        if not np.all(np.isfinite(sp)) or np.any(sp <= 0):
+            raise GeometryError(
+                f"{source}: voxel spacing {tuple(self.spacing)} is zero, negative or NaN. "
+                "Fix the header (e.g. re-export the series) or pass the spacing from the scan's metadata."
+            )
+        d = self.direction_matrix
+        if not np.all(np.isfinite(d)) or abs(abs(np.linalg.det(d)) - 1.0) > 1e-3:
+            raise GeometryError(
+                f"{source}: direction cosines {tuple(np.round(self.direction, 4))} are not a rotation. "
+                "Fix the image header before using it."
+            )
+        if not np.all(np.isfinite(self.origin)):
+            raise GeometryError(f"{source}: origin {tuple(self.origin)} is not finite.")
+
+    def to_dict(self) -> dict[str, list]:
+        return {
+            "size": list(self.size),
+            "spacing": list(self.spacing),
+            "origin": list(self.origin),
+            "direction": list(self.direction),
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Geometry:
+        return cls(
+            size=tuple(int(v) for v in d["size"]),
+            spacing=tuple(float(v) for v in d["spacing"]),
+            origin=tuple(float(v) for v in d["origin"]),
+            direction=tuple(float(v) for v in d["direction"]),
+        )
+
+
+@dataclass
+class CTVolume:
+    """A CT volume in Hounsfield units with its geometry.
+
+    Attributes:
+        array: float32 HU values, shape ``(Z, Y, X)``.
+        geometry: where the voxels are.
+        source: where it was read from (for messages).
+    """
+
+    array: np.ndarray
+    geometry: Geometry
+    source: str = "<array>"
+
+    def to_sitk(self) -> sitk.Image:
+        return array_to_sitk(self.array, self.geometry)
+
+
+def array_to_sitk(array: np.ndarray, geometry: Geometry) -> sitk.Image:
+    """Wrap a ``(Z, Y, X)`` array as a SimpleITK image with ``geometry``."""
+    if tuple(array.shape) != geometry.shape_zyx:
+        raise GeometryError(f"array shape {array.shape} does not match geometry shape {geometry.shape_zyx}")
+    return geometry.apply_to(sitk.GetImageFromArray(np.ascontiguousarray(array)))
+
+
+# --------------------------------------------------------------------------------------------
+# Reading
+# --------------------------------------------------------------------------------------------
+
+
+def _is_dicom_dir(path: Path) -> bool:
+    return path.is_dir()
+
+
+def _read_dicom_series(path: Path) -> sitk.Image:
+    series_ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(path))
+    if not series_ids:
+        raise InputError(
+            f"{path}: folder holds no readable DICOM series. Point to the folder of one CT series "
+            "(the .dcm files of one acquisition), or to a NIfTI/NRRD/MHA file."
+        )
+    # Several series in one folder: take the one with most slices (the volume), say so in source.
+    best = max(series_ids, key=lambda s: len(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(path), s)))
+    files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(path), best)
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(files)
+    reader.SetOutputPixelType(sitk.sitkFloat32)  # GDCM applies RescaleSlope/Intercept per slice
+    try:
+        return reader.Execute()
+    except RuntimeError as exc:
+        raise InputError(f"{path}: DICOM series {best} could not be decoded ({_first_line(exc)}).") from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    # ITK messages put the useful part after 'Description:' or last.
+    for ln in lines:
+        if "description" in ln.lower():
+            return ln.split(":", 1)[-1].strip()
+    return lines[-1] if lines else type(exc).__name__
+
+
+def read_image(path: str | os.PathLike) -> sitk.Image:
+    """Read any image SimpleITK can read (file or DICOM series folder) with clear errors."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: no such file or folder.")
+    if _is_dicom_dir(path):
+        return _read_dicom_series(path)
+    if path.stat().st_size == 0:
+        raise InputError(f"{path}: file is empty.")
+    try:
+        return sitk.ReadImage(str(path))
+    except RuntimeError as exc:
+        raise InputError(
+            f"{path}: not a readable image ({_first_line(exc)}). Supported: NIfTI (.nii/.nii.gz), "
+            "NRRD, MHA/MHD, or a DICOM series folder. If it is a .nii.gz, it may be truncated: "
+            "copy or export it again."
+        ) from exc
+
+
+def _squeeze_to_3d(image: sitk.Image, source: str) -> sitk.Image:
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise InputError(
+            f"{source}: has {image.GetNumberOfComponentsPerPixel()} components per voxel (colour or "
+            "vector image); a CT has one intensity per voxel."
+        )
+    dim = image.GetDimension()
+    if dim == 4:
+        size = image.GetSize()
+        if size[3] != 1:
+            raise InputError(
+                f"{source}: is a 4D series with {size[3]} time points/volumes. Pick one 3D volume "
+                "(e.g. one phase) and save it as its own file."
+            )
+        image = sitk.Extract(image, (*size[:3], 0), (0, 0, 0, 0))
+        dim = 3
+    if dim != 3:
+        raise InputError(f"{source}: is a {dim}D image; a CT volume must be 3D (a stack of slices).")
+    if min(image.GetSize()) < 2:
+        raise InputError(
+            f"{source}: has size {image.GetSize()}, i.e. a single slice. A CT volume needs several "
+            "slices; for a DICOM series point to the folder, not to one file."
+        )
+    return image
+
+
+def _parse_list(value: Any) -> list[float]:
+    if isinstance(value, str):
+        value = ast.literal_eval(value.strip())
+    if isinstance(value, (int, float)):
+        return [float(value)]
+    return [float(v) for v in value]
+
+
+def geometry_from_ctrate_metadata(row: Mapping[str, Any], size_xyz: tuple[int, int, int]) -> Geometry:
+    """Geometry from a CT-RATE metadata row (XYSpacing, ZSpacing, ImagePositionPatient,
+    ImageOrientationPatient), following DICOM semantics: x along a row, y along a column, z
+    along the slice normal (row x column), origin at the first voxel.
+    """
+    try:
+        xy = _parse_list(row["XYSpacing"])
+        z = _parse_list(row["ZSpacing"])[0]
+        ipp = _parse_list(row["ImagePositionPatient"])
+        iop = _parse_list(row["ImageOrientationPatient"])
+    except KeyError as exc:
+        raise InputError(f"CT-RATE metadata row lacks column {exc.args[0]!r}") from exc
+    except (ValueError, SyntaxError) as exc:
+        raise InputError(f"CT-RATE metadata row has an unparsable geometry value: {exc}") from exc
+    if len(iop) != 6 or len(ipp) != 3:
+        raise InputError(
+            f"CT-RATE metadata: ImageOrientationPatient needs 6 values and ImagePositionPatient 3, got {iop}, {ipp}"
+        )
+    r = np.asarray(iop[:3])
+    c = np.asarray(iop[3:])
+    n = np.cross(r, c)
+    direction = np.stack([r, c, n], axis=1)
+    # DICOM PixelSpacing is [row spacing (y), column spacing (x)].
+    sx, sy = (xy[1], xy[0]) if len(xy) >= 2 else (xy[0], xy[0])
+    return Geometry(
+        size=size_xyz,
+        spacing=(float(sx), float(sy), float(z)),
+        origin=tuple(float(v) for v in ipp),
+        direction=tuple(float(v) for v in direction.reshape(-1)),
+    )
+
+
+def check_hu(array: np.ndarray, source: str) -> None:
+    """Raise :class:`InputError` if the intensities do not look like CT in Hounsfield units.
+
+    CT has air (about -1000 HU) around the body or in the lungs/bowel, soft tissue near 0-100 and
+    bone in the hundreds. MR, PET, or an already normalised array look different; so does a CT
+    stored without its rescale intercept (air near 0, everything positive).
+    """
+    flat = array.reshape(-1)
+    if flat.size > 2_000_000:  # a strided sample is plenty for percentiles
+        flat = flat[:: flat.size // 2_000_000]
+    finite = flat[np.isfinite(flat)]
+    if finite.size == 0:
+        raise InputError(f"{source}: holds no finite values.")
+    lo, hi = np.percentile(finite, [0.5, 99.5])
+    hint = " If you are sure this is a CT in HU, pass allow_non_hu=True (command line: --allow-non-hu)."
+    if hi - lo < 50:
+        raise InputError(
+            f"{source}: intensities span only {lo:.3g}..{hi:.3g}; it looks already normalised (or blank), "
+            "not CT in Hounsfield units. Give the original CT." + hint
+        )
+    if lo > -300:
+        if -50 <= lo and hi > 1000:
+            what = (
+                "no air-like values (< -300); it may be a CT stored without its rescale intercept "
+                "(add -1024) or an MR/PET volume"
+            )
+        else:
+            what = "no air-like values (< -300 HU); it looks like MR or another modality, or a tight crop"
+        raise InputError(f"{source}: intensity range {lo:.0f}..{hi:.0f} has {what}." + hint)
+    if lo < -5000 or hi > 40000:
+        raise InputError(f"{source}: intensity range {lo:.0f}..{hi:.0f} is outside any CT range." + hint)
+
+
+def read_ct(
+    path: str | os.PathLike,
+    *,
+    metadata: Mapping[str, Any] | None = None,
+    allow_non_hu: bool = False,
+) -> CTVolume:
+    """Read a CT volume (NIfTI, NRRD, MHA, or a DICOM series folder) in Hounsfield units.
+
+    Args:
+        path: image file or DICOM series folder.
+        metadata: optional CT-RATE metadata row. When given, its geometry (XYSpacing, ZSpacing,
+            ImagePositionPatient, ImageOrientationPatient) replaces the header's, and its
+            RescaleSlope / RescaleIntercept are applied to the stored values (CT-RATE NIfTI
+            headers are unreliable). Missing rescale columns leave the header's scaling.
+        allow_non_hu: skip the check that the intensities look like CT in HU.
+
+    Returns:
+        :class:`CTVolume` with a float32 ``(Z, Y, X)`` array and its :class:`Geometry`.
+
+    Raises:
+        InputError: unreadable file, not 3D, bad geometry, or intensities that are not CT.
+    """
+    source = str(path)
+    image = _squeeze_to_3d(read_image(path), source)
+    array = sitk.GetArrayFromImage(image).astype(np.float32, copy=False)
+    geometry = Geometry.from_sitk(image)
+
+    if metadata is not None:
+        geometry = geometry_from_ctrate_metadata(metadata, geometry.size)
+        if "RescaleSlope" in metadata or "RescaleIntercept" in metadata:
+            # Undo any header scaling SimpleITK applied, then apply the metadata's.
+            keys = set(image.GetMetaDataKeys())
+            h_slope = float(image.GetMetaData("scl_slope")) if "scl_slope" in keys else 0.0
+            h_inter = float(image.GetMetaData("scl_inter")) if "scl_inter" in keys else 0.0
+            if h_slope not in (0.0, 1.0) or h_inter != 0.0:
+                array = (array - h_inter) / (h_slope if h_slope != 0.0 else 1.0)
+            slope = float(metadata.get("RescaleSlope", 1.0))
+            intercept = float(metadata.get("RescaleIntercept", 0.0))
+            if not (math.isfinite(slope) and math.isfinite(intercept)) or slope == 0:
+                raise InputError(f"{source}: metadata RescaleSlope={slope}, RescaleIntercept={intercept} invalid.")
+            array = array * np.float32(slope) + np.float32(intercept)
+
+    geometry.validate(source)
+    array = np.ascontiguousarray(array, dtype=np.float32)
+    if not allow_non_hu:
+        check_hu(array, source)
+    return CTVolume(array=array, geometry=geometry, source=source)
+
+
+@dataclass
+class LabelVolume:
+    """An integer label map on a grid. ``array`` has shape ``(Z, Y, X)``."""
+
+    array: np.ndarray
+    geometry: Geometry
+    source: str = "<array>"
+
+
+def resample_to(
+    image: sitk.Image, reference: Geometry, *, is_label: bool, default: float = 0.0, source: str = "image"
+) -> sitk.Image:
+    """Resample ``image`` onto ``reference`` by physical position (labels: nearest neighbour).
+
+    Raises :class:`GeometryError` when the two grids do not overlap in physical space.
+    """
+    src = Geometry.from_sitk(image)
+    lo_a, hi_a = src.physical_bounds_lps()
+    lo_b, hi_b = reference.physical_bounds_lps()
+    tol = np.maximum(np.asarray(src.spacing), np.asarray(reference.spacing))
+    if np.any(hi_a + tol < lo_b) or np.any(hi_b + tol < lo_a):
+        raise GeometryError(
+            f"{source}: its grid does not overlap the CT in physical space "
+            f"(image spans LPS {np.round(lo_a, 1).tolist()}..{np.round(hi_a, 1).tolist()}, "
+            f"CT spans {np.round(lo_b, 1).tolist()}..{np.round(hi_b, 1).tolist()}). "
+            "Check that the label map belongs to this CT."
+        )
+    ref = reference.apply_to(sitk.Image(list(reference.size), image.GetPixelID()))
+    interp = sitk.sitkNearestNeighbor if is_label else sitk.sitkLinear
+    return sitk.Resample(image, ref, sitk.Transform(), interp, default, image.GetPixelID())
+
+
+def read_label_map(path: str | os.PathLike, reference: Geometry | None = None) -> LabelVolume:
+    """Read an integer label map; if ``reference`` is given, put it on that grid.
+
+    A label map on a different grid is resampled (nearest neighbour) by physical position; one
+    that does not overlap the reference raises :class:`GeometryError`.
+    """
+    source = str(path)
+    image = _squeeze_to_3d(read_image(path), source)
+    pixel = image.GetPixelIDValue()
+    if pixel in (sitk.sitkFloat32, sitk.sitkFloat64):
+        arr = sitk.GetArrayViewFromImage(image)
+        if not np.allclose(arr, np.round(arr)):
+            raise InputError(f"{source}: holds non-integer values; a label map must hold integer labels.")
+        image = sitk.Cast(image, sitk.sitkUInt16)
+    geom = Geometry.from_sitk(image)
+    geom.validate(source)
+    if reference is not None and not geom.same_grid(reference):
+        image = resample_to(image, reference, is_label=True, source=source)
+        geom = reference
+    array = sitk.GetArrayFromImage(image)
+    if array.min() < 0:
+        raise InputError(f"{source}: holds negative labels; label values must be >= 0.")
+    return LabelVolume(array=array, geometry=geom, source=source)
+
+
+# --------------------------------------------------------------------------------------------
+# Writing
+# --------------------------------------------------------------------------------------------
+
+
+def write_image(array: np.ndarray, geometry: Geometry, path: str | os.PathLike, *, compress: bool = True) -> Path:
+    """Write a ``(Z, Y, X)`` array with ``geometry`` atomically (format from the suffix)."""
+    path = Path(path)
+    image = array_to_sitk(array, geometry)
+    with atomic_path(path) as tmp:
+        sitk.WriteImage(image, str(tmp), useCompression=compress)
+    return path

@@ -1,0 +1,247 @@
+"""Zero-shot classification metrics (CT-RATE protocol, DESIGN.md section 3).
+
+Per label: ROC AUC with a bootstrap 95% confidence interval, a decision threshold and the
+metrics at it (accuracy, weighted F1, positive-class F1, precision, sensitivity,
+specificity). Every number comes from scikit-learn; this module only decides *which* numbers.
+
+The reference threshold rule (CT-CLIP / fVLM eval scripts): over ``linspace(0, 1, 100)`` pick
+the threshold whose operating point (predictions ``score > t``) is closest to the ROC corner
+(FPR 0, TPR 1); on ties the *largest* such threshold wins (the scripts compare with ``<=``).
+A threshold chosen on the evaluated set flatters the numbers, so the report also supports
+thresholds fixed beforehand (``threshold_source="fixed"``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+from sklearn.metrics import (
+    accuracy_score,
+    confusion_matrix,
+    f1_score,
+    precision_score,
+    roc_auc_score,
+    roc_curve,
+)
+
+#: Threshold grid of the reference evaluation.
+REFERENCE_GRID = np.linspace(0.0, 1.0, 100)
+
+
+def _as_arrays(y_true: Sequence, y_score: Sequence) -> tuple[np.ndarray, np.ndarray]:
+    y = np.asarray(y_true).astype(int).reshape(-1)
+    s = np.asarray(y_score, dtype=float).reshape(-1)
+    if y.shape != s.shape:
+        raise ValueError(f"labels ({y.size}) and scores ({s.size}) differ in length")
+    if np.any((y != 0) & (y != 1)):
+        raise ValueError("labels must be 0/1")
+    return y, s
+
+
+def predict(y_score: Sequence, threshold: float) -> np.ndarray:
+    """Binary predictions of the reference: ``score > threshold`` (strictly greater)."""
+    return (np.asarray(y_score, dtype=float) > threshold).astype(int)
+
+
+def auc(y_true: Sequence, y_score: Sequence) -> float:
+    """ROC AUC (``sklearn.metrics.roc_auc_score``); NaN when only one class is present."""
+    y, s = _as_arrays(y_true, y_score)
+    if y.min(initial=0) == y.max(initial=0):
+        return float("nan")
+    return float(roc_auc_score(y, s))
+
+
+def bootstrap_auc_ci(
+    y_true: Sequence,
+    y_score: Sequence,
+    n_bootstrap: int = 1000,
+    alpha: float = 0.05,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """Percentile bootstrap ``(1 - alpha)`` confidence interval of the AUC.
+
+    Samples are drawn with replacement ``n_bootstrap`` times (fixed ``seed``, so reports are
+    reproducible); draws holding a single class are skipped. Returns ``(nan, nan)`` when the
+    AUC itself is undefined or ``n_bootstrap`` is 0.
+    """
+    y, s = _as_arrays(y_true, y_score)
+    if n_bootstrap <= 0 or y.min(initial=0) == y.max(initial=0):
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    values = []
+    for _ in range(n_bootstrap):
+        idx = rng.integers(0, y.size, y.size)
+        yb = y[idx]
+        if yb.min() == yb.max():
+            continue
+        values.append(roc_auc_score(yb, s[idx]))
+    if not values:
+        return float("nan"), float("nan")
+    lo, hi = np.percentile(values, [100 * alpha / 2, 100 * (1 - alpha / 2)])
+    return float(lo), float(hi)
+
+
+def roc_corner_threshold(y_true: Sequence, y_score: Sequence, grid: Sequence[float] | None = None) -> float:
+    """The reference threshold rule: the grid point closest to the ROC corner (FPR 0, TPR 1).
+
+    For each ``t`` in ``grid`` (default ``linspace(0, 1, 100)``), predictions are
+    ``score > t`` and the distance is ``sqrt((1 - TPR)^2 + FPR^2)``; the last ``t`` with the
+    smallest distance is returned (the reference iterates upwards and keeps ``<=``).
+    Needs both classes (TPR / FPR are undefined otherwise): returns NaN then.
+    """
+    y, s = _as_arrays(y_true, y_score)
+    grid = REFERENCE_GRID if grid is None else np.asarray(grid, dtype=float)
+    n_pos = int(y.sum())
+    n_neg = int(y.size - n_pos)
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    # (T, N) predictions for all thresholds at once; N is a few thousand at most.
+    pred = s[None, :] > grid[:, None]
+    tpr = (pred & (y[None, :] == 1)).sum(axis=1) / n_pos
+    fpr = (pred & (y[None, :] == 0)).sum(axis=1) / n_neg
+    dist = np.sqrt((1.0 - tpr) ** 2 + fpr**2)
+    best = np.flatnonzero(dist <= dist.min())[-1]
+    return float(grid[best])
+
+
+@dataclass
+class ThresholdMetrics:
+    """Metrics of ``score > threshold`` against the labels (scikit-learn where it has them)."""
+
+    threshold: float
+    accuracy: float
+    f1_weighted: float
+    f1_positive: float
+    precision: float
+    sensitivity: float
+    specificity: float
+    tp: int
+    fp: int
+    tn: int
+    fn: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def metrics_at_threshold(y_true: Sequence, y_score: Sequence, threshold: float) -> ThresholdMetrics:
+    """Accuracy, weighted F1 (``average="weighted"``, as the reference), positive-class F1,
+    positive-class precision, sensitivity and specificity of ``score > threshold``.
+
+    Undefined ratios (no predicted positives for precision, no positives for sensitivity, ...)
+    are 0 for precision/F1 (scikit-learn ``zero_division=0``) and NaN for sensitivity/specificity.
+    """
+    y, s = _as_arrays(y_true, y_score)
+    pred = predict(s, threshold)
+    tn, fp, fn, tp = (int(v) for v in confusion_matrix(y, pred, labels=[0, 1]).ravel())
+    return ThresholdMetrics(
+        threshold=float(threshold),
+        accuracy=float(accuracy_score(y, pred)),
+        f1_weighted=float(f1_score(y, pred, average="weighted", zero_division=0)),
+        f1_positive=float(f1_score(y, pred, pos_label=1, average="binary", zero_division=0)),
+        precision=float(precision_score(y, pred, pos_label=1, average="binary", zero_division=0)),
+        sensitivity=tp / (tp + fn) if tp + fn else float("nan"),
+        specificity=tn / (tn + fp) if tn + fp else float("nan"),
+        tp=tp,
+        fp=fp,
+        tn=tn,
+        fn=fn,
+    )
+
+
+@dataclass
+class LabelEvaluation:
+    """Everything the report shows for one label."""
+
+    label: str
+    n: int
+    n_positive: int
+    auc: float
+    auc_ci: tuple[float, float]
+    threshold_source: str  # "roc-corner" (chosen on this set) or "fixed" (given beforehand)
+    at_threshold: ThresholdMetrics
+    n_missing: int = 0  # samples whose anatomy could not be scored (see the protocol)
+    roc: dict[str, list[float]] = field(default_factory=dict, repr=False)
+
+    def to_dict(self, with_roc: bool = False) -> dict:
+        d = {
+            "label": self.label,
+            "n": self.n,
+            "n_positive": self.n_positive,
+            "n_missing": self.n_missing,
+            "auc": _clean(self.auc),
+            "auc_ci95": [_clean(v) for v in self.auc_ci],
+            "threshold_source": self.threshold_source,
+            **{k: _clean(v) for k, v in self.at_threshold.to_dict().items()},
+        }
+        if with_roc:
+            d["roc"] = self.roc
+        return d
+
+
+def _clean(v):
+    """NaN -> None so the JSON is standard."""
+    if isinstance(v, float) and math.isnan(v):
+        return None
+    return v
+
+
+def evaluate_label(
+    label: str,
+    y_true: Sequence,
+    y_score: Sequence,
+    threshold: float | None = None,
+    n_bootstrap: int = 1000,
+    seed: int = 0,
+    n_missing: int = 0,
+) -> LabelEvaluation:
+    """AUC + bootstrap CI + metrics at ``threshold`` (``None``: the reference ROC-corner rule)."""
+    y, s = _as_arrays(y_true, y_score)
+    source = "roc-corner" if threshold is None else "fixed"
+    thr = roc_corner_threshold(y, s) if threshold is None else float(threshold)
+    if math.isnan(thr):
+        thr = 0.5  # single-class label: no ROC; fall back to the default decision rule
+        source = "default"
+    roc = {}
+    if y.min(initial=0) != y.max(initial=0):
+        fpr, tpr, _ = roc_curve(y, s)
+        roc = {"fpr": fpr.tolist(), "tpr": tpr.tolist()}
+    return LabelEvaluation(
+        label=label,
+        n=int(y.size),
+        n_positive=int(y.sum()),
+        auc=auc(y, s),
+        auc_ci=bootstrap_auc_ci(y, s, n_bootstrap=n_bootstrap, seed=seed),
+        threshold_source=source,
+        at_threshold=metrics_at_threshold(y, s, thr),
+        n_missing=n_missing,
+        roc=roc,
+    )
+
+
+#: Metrics averaged over labels in the macro rows.
+MACRO_KEYS = ("auc", "accuracy", "f1_weighted", "f1_positive", "precision", "sensitivity", "specificity")
+
+
+def macro_mean(
+    results: Sequence[LabelEvaluation] | Mapping[str, LabelEvaluation], labels: Sequence[str] | None = None
+) -> dict:
+    """Unweighted mean of each metric over ``labels`` (default: all), ignoring undefined (NaN) values.
+
+    Returns ``{metric: mean, ..., "n_labels": k, "labels": [...]}``.
+    """
+    by_name = dict(results) if isinstance(results, Mapping) else {r.label: r for r in results}
+    names = [n for n in (labels if labels is not None else list(by_name)) if n in by_name]
+    out: dict = {"n_labels": len(names), "labels": names}
+    for key in MACRO_KEYS:
+        vals = []
+        for n in names:
+            r = by_name[n]
+            v = r.auc if key == "auc" else getattr(r.at_threshold, key)
+            if v is not None and not math.isnan(v):
+                vals.append(v)
+        out[key] = float(np.mean(vals)) if vals else None
+    return out

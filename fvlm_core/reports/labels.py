@@ -1,0 +1,175 @@
+"""Rule-based, negation-aware extraction of the 18 CT-RATE abnormality labels from report text.
+
+Each label has a pattern of medical phrasings (synonyms, plural/adjective forms, common
+translation variants of CT-RATE's Turkish-to-English reports), optionally a site pattern that
+must (``require``) or must not (``exclude``) occur in the same clause (a "nodule" of the thyroid
+is not a lung nodule). A label is 1 when some clause mentions it and the mention is not negated
+(:mod:`fvlm_core.reports.negation`; uncertain mentions count as present).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from fvlm_core.findings import CTRATE_LABEL_ANATOMY, CTRATE_LABELS
+from fvlm_core.reports.negation import NEGATED, find_mentions, prepare
+from fvlm_core.reports.sentences import clauses, split_sentences
+
+__all__ = ["LABEL_RULES", "LabelRule", "extract_labels", "label_mentions", "labels_by_anatomy"]
+
+
+@dataclass(frozen=True)
+class LabelRule:
+    """Phrasings of one label.
+
+    Attributes:
+        pattern: regex of the finding's phrasings (on prepared, lower-case text).
+        require: regex that must also occur in the clause (site), or ``None``.
+        exclude: regex that vetoes a mention when it occurs in the clause (other organ), or ``None``.
+        sentence_require: like ``require`` but searched in the whole sentence.
+    """
+
+    pattern: re.Pattern
+    require: re.Pattern | None = None
+    exclude: re.Pattern | None = None
+    sentence_require: re.Pattern | None = None
+
+
+def _rx(s: str) -> re.Pattern:
+    return re.compile(s)
+
+
+_LUNG_SITE = r"lung|lobe|lobar|pulmonary|parenchym|segment|lingula|subpleural|fissur|apical|apex|basal|bronch|pleura"
+_NON_LUNG_ORGAN = (
+    r"thyroid|adrenal|liver|hepatic|kidney|renal|spleen|splenic|pancrea|breast|axilla|gland|lymph|"
+    r"mediastin|bone|vertebra|rib|gallbladder|stomach|gastric|soft tissue|muscle|esophag|skin"
+)
+
+LABEL_RULES: dict[str, LabelRule] = {
+    "Medical material": LabelRule(
+        _rx(
+            r"\bcatheters?\b|\bstents?\b|\bstented\b|pacemaker|\bport\b|\b(?:chest|drainage|drain|nasogastric|"
+            r"endotracheal|tracheostomy|thoracostomy|feeding|gastrostomy|tracheal|intubation) (?:tube|cannula)s?\b|"
+            r"\bcannula\b|prosthe(?:sis|tic|ses)|\bsutures?\b|(?:sternotomy|sternal|surgical|metallic|metal) "
+            r"(?:wires?|sutures?|clips?|implants?|materials?|plates?|screws?)|\bwires?\b|\bclips?\b|\bimplants?\b|"
+            r"\bgrafts?\b|\belectrodes?\b|\bleads?\b|\bdefibrillator\b|\bicd\b|\bcoils?\b|\bfilter\b|valve "
+            r"replacement|\bscrews?\b|\bplates?\b|fixation|\bcabg\b|\bbypass\b|\bdrains?\b|\btubes?\b|"
+            r"medical (?:device|material)|\bmaterials? (?:for|secondary|related) |embolization material|"
+            r"\bexpander\b|\bspacer\b|\bcerclage\b|\bshunt\b"
+        ),
+        exclude=_rx(r"contrast material|calcul|\btube current|bronch"),
+    ),
+    "Arterial wall calcification": LabelRule(
+        _rx(
+            r"atherom|atheroscler|(?:calcific|calcified|calcium|calcification)\w*(?: \w+){0,6} "
+            r"(?:aort|arter|arch|vascular|vessel|carotid|subclavian|brachiocephalic|iliac)|"
+            r"(?:aort|arter|arch|vascular|vessel|carotid|subclavian|brachiocephalic|iliac)\w*(?: \w+){0,6} "
+            r"calcific|mural calcif|wall calcif"
+        ),
+        exclude=_rx(r"^(?!.*(?:aort|arch|vascular|vessel|carotid|subclavian|brachiocephalic|iliac|"
+                    r"arteries and|and coronar|coronary and|(?<!coronary )arter))"),
+    ),
+    "Cardiomegaly": LabelRule(
+        _rx(
+            r"cardiomegal|(?:heart|cardiac)(?: \w+){0,4} (?:size|dimensions?|contours?)?(?: \w+){0,3} "
+            r"(?:increased|enlarged|large|larger|wide|widened)|(?:enlarged|increased|large) (?:heart|cardiac)|"
+            r"increase in (?:heart|cardiac) (?:size|dimension)|(?:ctr|cardiothoracic ratio)(?: \w+){0,3} "
+            r"(?:increased|>|above)"
+        ),
+        exclude=_rx(r"normal|chamber|atri|ventric"),
+    ),
+    "Pericardial effusion": LabelRule(
+        _rx(r"pericardial (?:effusion|fluid)|(?:effusion|fluid)(?: \w+){0,3} (?:in|of|within) the pericard|"
+            r"pericardial (?:space|cavity)(?: \w+){0,4} fluid|pericardial effusion thickening"),
+    ),
+    "Coronary artery wall calcification": LabelRule(
+        _rx(r"coronar"),
+        require=_rx(r"calcif|atherom|plaque|atheroscler"),
+    ),
+    "Hiatal hernia": LabelRule(_rx(r"hiat(?:al|us) hernia|hernia(?: \w+){0,4} hiat|paraesophageal hernia")),
+    "Lymphadenopathy": LabelRule(
+        _rx(r"lymphadenopath|\blaps?\b|lymph nodes?|\blns?\b|adenopath|lymph nodular|conglomerat"),
+    ),
+    "Emphysema": LabelRule(_rx(r"emphysem|\bbullae?\b|bullous|blebs?\b")),
+    "Atelectasis": LabelRule(_rx(r"atelecta|collapse")),
+    "Lung nodule": LabelRule(
+        _rx(r"nodul\w*|micronodul\w*"),
+        exclude=_rx(_NON_LUNG_ORGAN),
+    ),
+    "Lung opacity": LabelRule(
+        _rx(
+            r"ground glass|opacit|infiltrat|density increase|increased density|densit(?:y|ies)(?: \w+){0,2} "
+            r"increas|consolidat|crazy paving|\bgga\b"
+        ),
+        exclude=_rx(r"fat|mesenter|liver|hepat|bone|sclero|soft tissue|muscle|kidney|breast|spleen|pancrea"),
+    ),
+    "Pulmonary fibrotic sequela": LabelRule(
+        _rx(r"fibro\w*|sequel\w*|parenchymal bands?|band like|band atelect|linear (?:band|density|densities)|"
+            r"scar\w*|honeycomb\w*|reticula\w*|traction"),
+        exclude=_rx(r"fibroadenoma|fibroid|fibrous dysplasia|liver|hepat|breast|fibroma"),
+    ),
+    "Pleural effusion": LabelRule(
+        _rx(r"pleural effusion|pleural fluid|hydrothorax|hydropneumothorax|hydropnomothorax|effusion"),
+        exclude=_rx(r"pericard"),
+    ),
+    "Mosaic attenuation pattern": LabelRule(_rx(r"mosaic|air trapping")),
+    "Peribronchial thickening": LabelRule(
+        _rx(
+            r"peribronch\w*(?: \w+){0,3} thicken|bronch\w* (?:wall|walls)(?: \w+){0,2} thicken|thicken\w*"
+            r"(?: \w+){0,4} bronch\w* wall|peribronchial cuffing|bronchial thickening|peribronchovascular thicken"
+        ),
+    ),
+    "Consolidation": LabelRule(_rx(r"consolidat")),
+    "Bronchiectasis": LabelRule(_rx(r"bronchiecta|bronchiolecta")),
+    "Interlobular septal thickening": LabelRule(
+        _rx(r"septal thicken|septum thicken|(?:interlobular )?sept(?:a|al|um|ae)(?: \w+){0,2} thicken|"
+            r"thicken\w*(?: \w+){0,3} (?:interlobular )?sept|crazy paving"),
+    ),
+}
+
+
+def label_mentions(text: str, label: str) -> list:
+    """Mentions (:class:`~fvlm_core.reports.negation.Mention`) of ``label`` in ``text``, with status."""
+    rule = LABEL_RULES[label]
+    found = []
+    for sentence in split_sentences(text):
+        sent = prepare(sentence)
+        if rule.sentence_require is not None and not rule.sentence_require.search(sent):
+            continue
+        for clause in clauses(sent):
+            if rule.require is not None and not rule.require.search(clause):
+                continue
+            if rule.exclude is not None and rule.exclude.search(clause):
+                continue
+            found.extend(find_mentions(clause, rule.pattern))
+    return found
+
+
+def extract_labels(text: str, labels: Iterable[str] = CTRATE_LABELS) -> dict[str, int]:
+    """The CT-RATE finding labels a report states: ``{label: 0/1}`` in CT-RATE order.
+
+    A label is 1 when at least one mention is not negated (uncertain mentions count).
+    Empty text gives all zeros.
+    """
+    out = {}
+    for label in labels:
+        if label not in LABEL_RULES:
+            raise KeyError(f"unknown CT-RATE label {label!r} (known: {', '.join(CTRATE_LABELS)})")
+        out[label] = int(any(m.status != NEGATED for m in label_mentions(text, label)))
+    return out
+
+
+def labels_by_anatomy(labels: Mapping[str, int | bool]) -> dict[str, frozenset[str]]:
+    """Positive labels grouped by the anatomy fVLM scores them on (``CTRATE_LABEL_ANATOMY``).
+
+    Every anatomy of the mapping appears (empty set when none); labels without an anatomy
+    (Medical material, Lymphadenopathy) are left out.
+    """
+    groups: dict[str, set[str]] = {a: set() for a in dict.fromkeys(CTRATE_LABEL_ANATOMY.values())}
+    for label, value in labels.items():
+        anatomy = CTRATE_LABEL_ANATOMY.get(label)
+        if anatomy is not None and value:
+            groups[anatomy].add(label)
+    return {a: frozenset(s) for a, s in groups.items()}

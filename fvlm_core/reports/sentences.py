@@ -1,0 +1,94 @@
+"""Sentence and clause splitting for English radiology reports (CT-RATE style).
+
+CT-RATE reports are machine-translated Turkish reports: long sentences, ``;`` used as a colon,
+impression items separated by ``"`` or bullets (``•``, ``·``), measurements such as ``3.3 cm``.
+Splitting is rule-based and conservative: a period ends a sentence only when followed by space
+or end of text (so decimals survive) and not after a known abbreviation.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+
+__all__ = ["clauses", "normalize", "split_sections", "split_sentences"]
+
+_ABBREVIATIONS = ("e.g", "i.e", "approx", "vs", "dr", "fig", "cf")
+# Item separators used in CT-RATE impressions: quotes, bullets, numbered items.
+_ITEM_BREAK = re.compile(r"\s*(?:[\"“”•·▪●]|\s-\s(?=[A-Z])|\n\s*\n|\n\s*(?:\d+[.)]|[-*])\s+)\s*")
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
+_SECTION_HEADER = re.compile(
+    r"^\s*(?P<name>findings?|impressions?|conclusions?|results?|opinion|diagnosis|"
+    r"clinical information|technique|comparison|indication|history)\s*[:\-]\s*",
+    re.IGNORECASE | re.MULTILINE,
+)
+
+
+def normalize(text: str) -> str:
+    """Unicode-normalise, unify quotes/dashes and whitespace; keep case."""
+    text = unicodedata.normalize("NFKC", text or "")
+    text = text.replace("\u2019", "'").replace("\u2018", "'").replace("\u2013", "-").replace("\u2014", "-")
+    return re.sub(r"[ \t\r\f\v]+", " ", text).strip()
+
+
+def split_sentences(text: str) -> list[str]:
+    """Split report text into sentences.
+
+    Returns:
+        list of stripped, non-empty sentences (trailing period kept) in reading order.
+    """
+    text = normalize(text)
+    out: list[str] = []
+    for item in _ITEM_BREAK.split(text):
+        parts = _SENTENCE_END.split(item)
+        buf = ""
+        for part in parts:
+            buf = f"{buf} {part}".strip() if buf else part.strip()
+            last = buf.rsplit(" ", 1)[-1].rstrip(".").lower()
+            if buf.endswith(".") and (last in _ABBREVIATIONS and not buf.endswith("..")):
+                continue  # "approx. 3 mm": not a sentence end
+            if buf.strip(" .;,?"):
+                out.append(buf)
+            buf = ""
+        if buf.strip(" .;,?"):
+            out.append(buf)
+    return out
+
+
+# A clause ends at ";" / ":" , at contrast words, and at "and"/"," that open a new statement, so
+# that a negation in one statement does not reach a finding in the next
+# ("calibration was normal and no wall thickening" / "no wall thickening, and there are sutures").
+_CLAUSE_BREAK = re.compile(
+    r"\s*[;:]\s*|\s*,?\s+(?:but|however|although|though|whereas|while|except|apart from|other than)\b[\s,]*"
+    r"|\s*,?\s+and\s+(?=(?:no|there|a|an|the|in|on|at|it|its|is|are|was|were|also|both|bilateral|"
+    r"several|multiple|mild|minimal|millimetric)\b)|\s*,\s+(?=(?:there|a|an)\s)",
+    re.IGNORECASE,
+)
+
+
+def clauses(sentence: str) -> list[str]:
+    """Split one sentence into clauses (the scope of a negation cue)."""
+    return [c for c in (p.strip(" ,.") for p in _CLAUSE_BREAK.split(sentence)) if c]
+
+
+def split_sections(text: str) -> tuple[str, str]:
+    """Split a free-text report into ``(findings, impression)``.
+
+    Recognises headers such as ``Findings:`` and ``Impression:`` / ``Conclusion:``. Text
+    before any header, and reports without headers, count as findings (impression ``""``).
+    Clinical information / technique sections are dropped.
+    """
+    text = text or ""
+    matches = list(_SECTION_HEADER.finditer(text))
+    if not matches:
+        return text.strip(), ""
+    findings: list[str] = [text[: matches[0].start()].strip()]
+    impression: list[str] = []
+    for m, nxt in zip(matches, [*matches[1:], None]):
+        body = text[m.end() : nxt.start() if nxt else len(text)].strip()
+        name = m.group("name").lower()
+        if name.startswith(("impression", "conclusion", "opinion", "diagnosis")):
+            impression.append(body)
+        elif name.startswith(("finding", "result")):
+            findings.append(body)
+    return " ".join(f for f in findings if f), " ".join(i for i in impression if i)

@@ -15,8 +15,11 @@ geometry says where each voxel is.
 from __future__ import annotations
 
 import ast
+import gzip
 import math
 import os
+import struct
+import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -124,7 +127,12 @@ class Geometry:
     def physical_bounds_lps(self) -> tuple[np.ndarray, np.ndarray]:
         """Axis-aligned LPS bounding box (min, max) of the voxel centres."""
         corners = np.array(
-            [[i, j, k] for i in (0, self.size[0] - 1) for j in (0, self.size[1] - 1) for k in (0, self.size[2] - 1)],
+            [
+                [i, j, k]
+                for i in (0, self.size[0] - 1)
+                for j in (0, self.size[1] - 1)
+                for k in (0, self.size[2] - 1)
+            ],
             dtype=float,
         )
         pts = corners @ self.affine_lps[:3, :3].T + self.affine_lps[:3, 3]
@@ -228,10 +236,104 @@ def _read_dicom_series(path: Path) -> sitk.Image:
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files)
     reader.SetOutputPixelType(sitk.sitkFloat32)  # GDCM applies RescaleSlope/Intercept per slice
+    reader.MetaDataDictionaryArrayUpdateOn()
     try:
-        return reader.Execute()
+        image = reader.Execute()
     except RuntimeError as exc:
-        raise InputError(f"{path}: DICOM series {best} could not be decoded ({_first_line(exc)}).") from exc
+        raise InputError(
+            f"{path}: DICOM series {best} could not be decoded ({_first_line(exc)}). Export the series "
+            "again (or convert it to NIfTI, e.g. with dcm2niix) and retry."
+        ) from exc
+    # Remember the rescale GDCM applied (first slice), so a metadata override can undo it.
+    for tag in (_DICOM_SLOPE, _DICOM_INTERCEPT):
+        if reader.HasMetaDataKey(0, tag):
+            image.SetMetaData(tag, reader.GetMetaData(0, tag).strip())
+    image.SetMetaData(_DICOM_MARK, "1")
+    return image
+
+
+_DICOM_SLOPE, _DICOM_INTERCEPT, _DICOM_MARK = "0028|1053", "0028|1052", "fvlm_dicom_series"
+_NIFTI_INTEGER_TYPES = {2, 4, 8, 256, 512, 768, 1024, 1280}
+
+
+def _corrupt(path: Path, what: str) -> InputError:
+    return InputError(
+        f"{path}: {what}. The file is damaged or incomplete (e.g. an interrupted download or copy): "
+        "copy or export it again."
+    )
+
+
+def _check_nifti_header(path: Path, head: bytes, data_bytes: int) -> None:
+    """Catch what ITK's NIfTI reader silently papers over: a truncated voxel block (it returns
+    zeros/garbage) and zero or NaN voxel sizes (it replaces them with 1 mm)."""
+    if len(head) < 348:
+        raise _corrupt(path, f"the NIfTI header is cut short ({len(head)} of 348 bytes)")
+    for endian in "<>":
+        if struct.unpack_from(endian + "i", head, 0)[0] == 348:
+            break
+    else:
+        return  # NIfTI-2 or not NIfTI at all: let SimpleITK decide
+    dim = struct.unpack_from(endian + "8h", head, 40)
+    bitpix = struct.unpack_from(endian + "h", head, 72)[0]
+    pixdim = struct.unpack_from(endian + "8f", head, 76)
+    vox_offset = struct.unpack_from(endian + "f", head, 108)[0]
+    qform_code, sform_code = struct.unpack_from(endian + "2h", head, 252)
+    srow = np.asarray(struct.unpack_from(endian + "12f", head, 280), dtype=float).reshape(3, 4)
+    magic = head[344:347]
+    ndim = int(dim[0])
+    if not 1 <= ndim <= 7:
+        return
+    dims = [max(int(d), 1) for d in dim[1 : ndim + 1]]
+    if magic == b"n+1" and bitpix > 0 and math.isfinite(vox_offset):
+        expected = int(vox_offset) + int(np.prod(dims, dtype=np.int64)) * (bitpix // 8)
+        if data_bytes < expected:
+            raise _corrupt(
+                path,
+                f"it is truncated: the header describes {expected} bytes but only {data_bytes} are there",
+            )
+    axes = [i for i in range(min(ndim, 3)) if dims[i] > 1]
+    if sform_code > 0:
+        norms = np.linalg.norm(srow[:, :3], axis=0)
+        if not np.all(np.isfinite(srow)) or np.any(norms[axes] <= 0):
+            raise GeometryError(
+                f"{path}: the NIfTI sform gives voxel sizes {norms.round(4).tolist()} (zero or NaN). "
+                "Fix the header (e.g. re-export the volume) or read it with a CT-RATE metadata row."
+            )
+    if sform_code <= 0 or qform_code > 0:
+        sizes = np.asarray(pixdim[1:4], dtype=float)
+        if not np.all(np.isfinite(sizes[axes])) or np.any(sizes[axes] <= 0):
+            raise GeometryError(
+                f"{path}: the NIfTI header gives voxel sizes {sizes.tolist()} (zero, negative or NaN). "
+                "Fix the header (e.g. re-export the volume) or read it with a CT-RATE metadata row."
+            )
+
+
+def _validate_file(path: Path) -> None:
+    """Check what SimpleITK does not: a complete gzip stream and a consistent NIfTI header."""
+    name = path.name.lower()
+    if name.endswith(".gz"):
+        total, head = 0, b""
+        try:
+            with gzip.open(path, "rb") as f:
+                head = f.read(348)
+                total = len(head)
+                while chunk := f.read(1 << 22):
+                    total += len(chunk)
+        except gzip.BadGzipFile as exc:
+            raise InputError(
+                f"{path}: is not gzip-compressed although its name ends in .gz ({exc}); it is not an "
+                "image file. Point to the CT itself (NIfTI .nii/.nii.gz, NRRD, MHA, or a DICOM folder)."
+            ) from exc
+        except EOFError as exc:
+            raise _corrupt(path, "the gzip stream ends early (the file is truncated)") from exc
+        except (OSError, zlib.error) as exc:
+            raise _corrupt(path, f"the gzip stream is corrupt ({exc})") from exc
+        if name.endswith(".nii.gz"):
+            _check_nifti_header(path, head, total)
+    elif name.endswith(".nii"):
+        with open(path, "rb") as f:
+            head = f.read(348)
+        _check_nifti_header(path, head, path.stat().st_size)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -252,9 +354,20 @@ def read_image(path: str | os.PathLike) -> sitk.Image:
         return _read_dicom_series(path)
     if path.stat().st_size == 0:
         raise InputError(f"{path}: file is empty.")
+    _validate_file(path)
     try:
         return sitk.ReadImage(str(path))
     except RuntimeError as exc:
+        text = str(exc)
+        if (
+            "Refusing to change spacing" in text
+            or "space vector" in text
+            or "spacing" in _first_line(exc).lower()
+        ):
+            raise GeometryError(
+                f"{path}: its header gives an invalid voxel spacing or direction ({_first_line(exc)}). "
+                "Fix the header (e.g. re-export the volume) before using it."
+            ) from exc
         raise InputError(
             f"{path}: not a readable image ({_first_line(exc)}). Supported: NIfTI (.nii/.nii.gz), "
             "NRRD, MHA/MHD, or a DICOM series folder. If it is a .nii.gz, it may be truncated: "
@@ -349,7 +462,7 @@ def check_hu(array: np.ndarray, source: str) -> None:
             "not CT in Hounsfield units. Give the original CT." + hint
         )
     if lo > -300:
-        if -50 <= lo and hi > 1000:
+        if lo >= -50 and hi > 1000:
             what = (
                 "no air-like values (< -300); it may be a CT stored without its rescale intercept "
                 "(add -1024) or an MR/PET volume"
@@ -391,23 +504,49 @@ def read_ct(
     if metadata is not None:
         geometry = geometry_from_ctrate_metadata(metadata, geometry.size)
         if "RescaleSlope" in metadata or "RescaleIntercept" in metadata:
-            # Undo any header scaling SimpleITK applied, then apply the metadata's.
-            keys = set(image.GetMetaDataKeys())
-            h_slope = float(image.GetMetaData("scl_slope")) if "scl_slope" in keys else 0.0
-            h_inter = float(image.GetMetaData("scl_inter")) if "scl_inter" in keys else 0.0
-            if h_slope not in (0.0, 1.0) or h_inter != 0.0:
-                array = (array - h_inter) / (h_slope if h_slope != 0.0 else 1.0)
-            slope = float(metadata.get("RescaleSlope", 1.0))
-            intercept = float(metadata.get("RescaleIntercept", 0.0))
+            try:
+                slope = _parse_list(metadata.get("RescaleSlope", 1.0))[0]
+                intercept = _parse_list(metadata.get("RescaleIntercept", 0.0))[0]
+            except (ValueError, SyntaxError, IndexError) as exc:
+                raise InputError(
+                    f"{source}: metadata RescaleSlope/RescaleIntercept unparsable ({exc})."
+                ) from exc
             if not (math.isfinite(slope) and math.isfinite(intercept)) or slope == 0:
-                raise InputError(f"{source}: metadata RescaleSlope={slope}, RescaleIntercept={intercept} invalid.")
-            array = array * np.float32(slope) + np.float32(intercept)
+                raise InputError(
+                    f"{source}: metadata RescaleSlope={slope}, RescaleIntercept={intercept} are invalid; "
+                    "fix the metadata row (slope must be a non-zero number)."
+                )
+            array = _stored_values(image, array) * slope + intercept
 
     geometry.validate(source)
     array = np.ascontiguousarray(array, dtype=np.float32)
     if not allow_non_hu:
         check_hu(array, source)
     return CTVolume(array=array, geometry=geometry, source=source)
+
+
+def _stored_values(image: sitk.Image, array: np.ndarray) -> np.ndarray:
+    """Undo the rescale SimpleITK applied while reading (NIfTI scl_*, DICOM 0028,1052/3), giving
+    the stored values, so that a metadata rescale is applied to what is really in the file."""
+    keys = set(image.GetMetaDataKeys())
+    slope, inter, integer = 1.0, 0.0, False
+    if _DICOM_MARK in keys:
+        slope = float(image.GetMetaData(_DICOM_SLOPE)) if _DICOM_SLOPE in keys else 1.0
+        inter = float(image.GetMetaData(_DICOM_INTERCEPT)) if _DICOM_INTERCEPT in keys else 0.0
+        integer = True  # DICOM stores integer pixel values
+    elif "scl_slope" in keys:
+        slope = float(image.GetMetaData("scl_slope"))
+        inter = float(image.GetMetaData("scl_inter")) if "scl_inter" in keys else 0.0
+        if not math.isfinite(slope) or slope == 0.0:  # NIfTI: no scaling
+            slope, inter = 1.0, 0.0
+        if not math.isfinite(inter):
+            inter = 0.0
+        integer = "datatype" in keys and int(image.GetMetaData("datatype")) in _NIFTI_INTEGER_TYPES
+    if slope == 1.0 and inter == 0.0:
+        return array.astype(np.float64)
+    stored = (array.astype(np.float64) - inter) / slope
+    # The stored values were integers: remove float32 round-off from the reader's scaling.
+    return np.round(stored) if integer else stored
 
 
 @dataclass
@@ -472,7 +611,9 @@ def read_label_map(path: str | os.PathLike, reference: Geometry | None = None) -
 # --------------------------------------------------------------------------------------------
 
 
-def write_image(array: np.ndarray, geometry: Geometry, path: str | os.PathLike, *, compress: bool = True) -> Path:
+def write_image(
+    array: np.ndarray, geometry: Geometry, path: str | os.PathLike, *, compress: bool = True
+) -> Path:
     """Write a ``(Z, Y, X)`` array with ``geometry`` atomically (format from the suffix)."""
     path = Path(path)
     image = array_to_sitk(array, geometry)

@@ -558,6 +558,21 @@ class LabelVolume:
     source: str = "<array>"
 
 
+def check_overlap(moving: Geometry, reference: Geometry, source: str = "image") -> None:
+    """Raise :class:`GeometryError` when two grids do not overlap in physical space (LPS boxes
+    of their voxel centres, with one voxel of slack)."""
+    lo_a, hi_a = moving.physical_bounds_lps()
+    lo_b, hi_b = reference.physical_bounds_lps()
+    tol = np.maximum(np.asarray(moving.spacing), np.asarray(reference.spacing))
+    if np.any(hi_a + tol < lo_b) or np.any(hi_b + tol < lo_a):
+        raise GeometryError(
+            f"{source}: its grid does not overlap the CT in physical space "
+            f"(image spans LPS {np.round(lo_a, 1).tolist()}..{np.round(hi_a, 1).tolist()}, "
+            f"CT spans {np.round(lo_b, 1).tolist()}..{np.round(hi_b, 1).tolist()}). "
+            "Check that the label map belongs to this CT (same patient and scan)."
+        )
+
+
 def resample_to(
     image: sitk.Image, reference: Geometry, *, is_label: bool, default: float = 0.0, source: str = "image"
 ) -> sitk.Image:
@@ -565,17 +580,7 @@ def resample_to(
 
     Raises :class:`GeometryError` when the two grids do not overlap in physical space.
     """
-    src = Geometry.from_sitk(image)
-    lo_a, hi_a = src.physical_bounds_lps()
-    lo_b, hi_b = reference.physical_bounds_lps()
-    tol = np.maximum(np.asarray(src.spacing), np.asarray(reference.spacing))
-    if np.any(hi_a + tol < lo_b) or np.any(hi_b + tol < lo_a):
-        raise GeometryError(
-            f"{source}: its grid does not overlap the CT in physical space "
-            f"(image spans LPS {np.round(lo_a, 1).tolist()}..{np.round(hi_a, 1).tolist()}, "
-            f"CT spans {np.round(lo_b, 1).tolist()}..{np.round(hi_b, 1).tolist()}). "
-            "Check that the label map belongs to this CT."
-        )
+    check_overlap(Geometry.from_sitk(image), reference, source)
     ref = reference.apply_to(sitk.Image(list(reference.size), image.GetPixelID()))
     interp = sitk.sitkNearestNeighbor if is_label else sitk.sitkLinear
     return sitk.Resample(image, ref, sitk.Transform(), interp, default, image.GetPixelID())

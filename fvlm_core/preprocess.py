@@ -1,0 +1,373 @@
+"""Model-space preprocessing: the grid the fVLM vision encoder sees, and the way back.
+
+The reference model sees CT at ``(z, y, x)`` spacing ``(3, 1, 1)`` mm in a fixed patient
+orientation, HU windowed to ``[-1150, 350]`` -> ``[0, 1]``, cropped to a window of
+``112 x 256 x 352`` voxels (or larger, a multiple of the ``16 x 16 x 32`` patch) around an anatomy.
+
+Workflow (one resampling per volume, then windows are cheap numpy slices)::
+
+    ct_ms, labels_ms = resample_to_model_space(ct, labels, config)       # SimpleITK, HU kept
+    lo, hi = bbox_zyx(labels_ms.array == 1)
+    center, size = window_for_bbox(lo, hi, config)
+    win = crop_window(ct_ms, labels_ms, center, size)                    # (Z,Y,X) slices + pad
+    x = win.image(config.hu_window)                                      # float32 in [0, 1]
+    on_ct = win.to_original(similarity_map, ct.geometry, is_label=False) # back on the user's grid
+
+Every model-space volume and window carries a :class:`~fvlm_core.io.Geometry`, so mapping a
+result back to the user's volume is a resampling by physical position (``fvlm_core.io.resample_to``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import SimpleITK as sitk
+
+from fvlm_core.errors import ConfigError, GeometryError
+from fvlm_core.io import CTVolume, Geometry, LabelVolume, array_to_sitk, check_overlap, resample_to
+
+#: HU used outside the scanned field of view (air).
+PAD_HU = -1024.0
+
+_AXIS_CODES = {"L": (0, 1.0), "R": (0, -1.0), "P": (1, 1.0), "A": (1, -1.0), "S": (2, 1.0), "I": (2, -1.0)}
+
+
+@dataclass
+class ModelSpaceConfig:
+    """Where and how the model sees a CT.
+
+    Attributes:
+        spacing_zyx: voxel size in mm along ``(z, y, x)``.
+        hu_window: HU mapped to 0 and 1 (values outside are clipped).
+        window_size_zyx: default (minimum) crop size in voxels.
+        multiple_zyx: crop sizes are rounded up to a multiple of this (the ViT patch).
+        orientation: ITK/DICOM orientation code of the array axes ``(x, y, z)`` (``"LPS"``: x runs
+            to the patient's left, y to posterior, z to superior, i.e. an axial stack).
+    """
+
+    spacing_zyx: tuple[float, float, float] = (3.0, 1.0, 1.0)
+    hu_window: tuple[float, float] = (-1150.0, 350.0)
+    window_size_zyx: tuple[int, int, int] = (112, 256, 352)
+    multiple_zyx: tuple[int, int, int] = (16, 16, 32)
+    orientation: str = "LPS"
+
+    def __post_init__(self) -> None:
+        self.spacing_zyx = tuple(float(v) for v in self.spacing_zyx)
+        self.hu_window = tuple(float(v) for v in self.hu_window)
+        self.window_size_zyx = tuple(int(v) for v in self.window_size_zyx)
+        self.multiple_zyx = tuple(int(v) for v in self.multiple_zyx)
+        self.orientation = str(self.orientation).upper()
+        if len(self.spacing_zyx) != 3 or not all(math.isfinite(v) and v > 0 for v in self.spacing_zyx):
+            raise ConfigError(f"preprocessing.spacing_zyx={self.spacing_zyx}: need 3 positive numbers (mm).")
+        if len(self.hu_window) != 2 or not self.hu_window[0] < self.hu_window[1]:
+            raise ConfigError(f"preprocessing.hu_window={self.hu_window}: need (low, high) with low < high.")
+        for name in ("window_size_zyx", "multiple_zyx"):
+            v = getattr(self, name)
+            if len(v) != 3 or min(v) < 1:
+                raise ConfigError(f"preprocessing.{name}={v}: need 3 positive integers.")
+        _direction_for(self.orientation)  # validates the code
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any] | None) -> ModelSpaceConfig:
+        d = dict(d or {})
+        known = {"spacing_zyx", "hu_window", "window_size_zyx", "multiple_zyx", "orientation"}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"preprocessing: unknown option(s) {unknown}; known: {sorted(known)}.")
+        return cls(**d)
+
+
+def _direction_for(orientation: str) -> np.ndarray:
+    """3x3 LPS direction matrix (columns = x, y, z axes) of an ITK orientation code like 'LPS'."""
+    code = orientation.upper()
+    if (
+        len(code) != 3
+        or any(c not in _AXIS_CODES for c in code)
+        or len({_AXIS_CODES[c][0] for c in code}) != 3
+    ):
+        raise ConfigError(
+            f"orientation {orientation!r} is not a valid 3-letter code (one of L/R, P/A, S/I each, e.g. 'LPS' or 'RAS')."
+        )
+    d = np.zeros((3, 3))
+    for col, c in enumerate(code):
+        axis, sign = _AXIS_CODES[c]
+        d[axis, col] = sign
+    return d
+
+
+# --------------------------------------------------------------------------------------------
+# Intensity
+# --------------------------------------------------------------------------------------------
+
+
+def window_hu(hu: Any, hu_window: Sequence[float] = (-1150.0, 350.0)) -> Any:
+    """Map HU linearly so that ``hu_window[0] -> 0`` and ``hu_window[1] -> 1``, clipped to [0, 1].
+
+    Args:
+        hu: numpy array or torch tensor of any shape (a torch tensor stays on its device).
+        hu_window: ``(low, high)`` in HU.
+
+    Returns:
+        Same type and shape, float32, values in ``[0, 1]``.
+    """
+    lo, hi = float(hu_window[0]), float(hu_window[1])
+    if hi <= lo:
+        raise ConfigError(f"hu_window={tuple(hu_window)}: need low < high.")
+    scale = 1.0 / (hi - lo)
+    if type(hu).__module__.startswith("torch"):  # torch tensor, without importing torch here
+        return ((hu.float() - lo) * scale).clamp_(0.0, 1.0)
+    out = (np.asarray(hu, dtype=np.float32) - np.float32(lo)) * np.float32(scale)
+    return np.clip(out, 0.0, 1.0, out=out)
+
+
+# --------------------------------------------------------------------------------------------
+# Resampling to model space
+# --------------------------------------------------------------------------------------------
+
+
+def model_space_geometry(geometry: Geometry, config: ModelSpaceConfig) -> Geometry:
+    """The model-space grid that covers ``geometry``'s voxel centres.
+
+    Axes follow ``config.orientation`` exactly (an oblique scan gets the axis-aligned box that
+    holds it); voxel ``(0, 0, 0)`` sits at the box corner, so for a non-oblique scan it is the
+    position of the original's first voxel after reorientation.
+    """
+    target = _direction_for(config.orientation)
+    spacing_xyz = np.asarray(config.spacing_zyx[::-1], dtype=float)
+    # Project the original's voxel-centre corners onto the target axes.
+    src = geometry
+    idx = np.array(
+        [[i, j, k] for i in (0, src.size[0] - 1) for j in (0, src.size[1] - 1) for k in (0, src.size[2] - 1)],
+        dtype=float,
+    )
+    corners = idx @ src.affine_lps[:3, :3].T + src.affine_lps[:3, 3]
+    proj = corners @ target  # coordinates along the target axes
+    pmin, pmax = proj.min(axis=0), proj.max(axis=0)
+    # 1e-3 voxel slack: an extent that is an exact multiple of the spacing keeps its last voxel.
+    size = np.floor((pmax - pmin) / spacing_xyz + 1e-3).astype(int) + 1
+    origin = target @ pmin
+    return Geometry(
+        size=tuple(int(s) for s in size),
+        spacing=tuple(float(s) for s in spacing_xyz),
+        origin=tuple(float(o) for o in origin),
+        direction=tuple(float(d) for d in target.reshape(-1)),
+    )
+
+
+def _resample(image: sitk.Image, grid: Geometry, interpolator: int, default: float, pixel: int) -> sitk.Image:
+    ref = grid.apply_to(sitk.Image(list(grid.size), pixel))
+    return sitk.Resample(image, ref, sitk.Transform(), interpolator, default, pixel)
+
+
+def resample_to_model_space(
+    ct: CTVolume, labels: LabelVolume | None = None, config: ModelSpaceConfig | None = None
+) -> tuple[CTVolume, LabelVolume | None]:
+    """Reorient to ``config.orientation`` and resample to ``config.spacing_zyx`` (HU kept, not windowed).
+
+    The CT is reoriented with ``sitk.DICOMOrient`` (an exact axis permutation/flip) and resampled
+    with linear interpolation (outside the scan: -1024 HU); labels are resampled from their own
+    grid by physical position with nearest neighbour (outside: 0), so a label map on another
+    grid than the CT still lands in the right place.
+
+    Args:
+        ct: the CT, ``array`` ``(Z, Y, X)`` HU.
+        labels: optional label map (any grid overlapping the CT).
+        config: model space; default :class:`ModelSpaceConfig`.
+
+    Returns:
+        ``(ct_ms, labels_ms)``: float32 HU ``(Z', Y', X')`` and uint8/uint16 labels on the same
+        model-space grid, each with its :class:`Geometry`.
+    """
+    config = config or ModelSpaceConfig()
+    image = ct.to_sitk()
+    if image.GetPixelID() != sitk.sitkFloat32:
+        image = sitk.Cast(image, sitk.sitkFloat32)
+    # Axis permutation/flip only (no interpolation); the resampler then only changes spacing.
+    image = sitk.DICOMOrient(image, config.orientation)
+    grid = model_space_geometry(Geometry.from_sitk(image), config)
+    out = _resample(image, grid, sitk.sitkLinear, PAD_HU, sitk.sitkFloat32)
+    ct_ms = CTVolume(array=sitk.GetArrayFromImage(out), geometry=grid, source=ct.source)
+    labels_ms = None
+    if labels is not None:
+        lab = np.asarray(labels.array)
+        if lab.max(initial=0) > np.iinfo(np.uint16).max or lab.min(initial=0) < 0:
+            raise GeometryError(f"{labels.source}: label values must be in 0..65535.")
+        dtype = np.uint8 if lab.max(initial=0) <= 255 else np.uint16
+        limage = array_to_sitk(lab.astype(dtype, copy=False), labels.geometry)
+        pixel = sitk.sitkUInt8 if dtype == np.uint8 else sitk.sitkUInt16
+        check_overlap(labels.geometry, ct.geometry, f"{labels.source} (label map of {ct.source})")
+        lout = _resample(limage, grid, sitk.sitkNearestNeighbor, 0, pixel)
+        labels_ms = LabelVolume(array=sitk.GetArrayFromImage(lout), geometry=grid, source=labels.source)
+    return ct_ms, labels_ms
+
+
+# --------------------------------------------------------------------------------------------
+# Windows
+# --------------------------------------------------------------------------------------------
+
+
+def bbox_zyx(mask: np.ndarray) -> tuple[tuple[int, int, int], tuple[int, int, int]] | None:
+    """Inclusive bounding box ``(min_zyx, max_zyx)`` of the non-zero voxels of a 3D mask, or None."""
+    mask = np.asarray(mask)
+    if mask.ndim != 3:
+        raise ValueError(f"bbox_zyx needs a 3D (Z, Y, X) mask, got shape {mask.shape}")
+    lo, hi = [], []
+    for axis in range(3):
+        other = tuple(a for a in range(3) if a != axis)
+        hits = np.flatnonzero(np.any(mask, axis=other))
+        if hits.size == 0:
+            return None
+        lo.append(int(hits[0]))
+        hi.append(int(hits[-1]))
+    return tuple(lo), tuple(hi)
+
+
+def window_for_bbox(
+    bbox_min_zyx: Sequence[int],
+    bbox_max_zyx: Sequence[int],
+    config: ModelSpaceConfig | None = None,
+    min_size_zyx: Sequence[int] | None = None,
+) -> tuple[tuple[float, float, float], tuple[int, int, int]]:
+    """Window around an inclusive bounding box (model-space voxels).
+
+    ``size = max(min_size, extent)`` per axis, rounded up to ``config.multiple_zyx``; the window
+    is centred on the box. ``min_size_zyx`` defaults to ``config.window_size_zyx`` (the reference
+    evaluation uses ``(112, 288, 352)``).
+
+    Returns:
+        ``(center_zyx, size_zyx)``: centre as float voxel coordinates, size in voxels.
+    """
+    config = config or ModelSpaceConfig()
+    lo = np.asarray(bbox_min_zyx, dtype=float)
+    hi = np.asarray(bbox_max_zyx, dtype=float)
+    if lo.shape != (3,) or hi.shape != (3,) or np.any(hi < lo):
+        raise ValueError(f"bounding box min {tuple(lo)} / max {tuple(hi)} is not a (z, y, x) box")
+    min_size = np.asarray(min_size_zyx if min_size_zyx is not None else config.window_size_zyx, dtype=int)
+    mult = np.asarray(config.multiple_zyx, dtype=int)
+    extent = (hi - lo + 1).astype(int)
+    size = np.maximum(min_size, extent)
+    size = -(-size // mult) * mult  # round up to the patch multiple
+    center = (lo + hi) / 2.0
+    return tuple(float(c) for c in center), tuple(int(s) for s in size)
+
+
+@dataclass
+class ModelSpaceWindow:
+    """A crop of a model-space volume: what one forward pass of the encoder sees.
+
+    Attributes:
+        hu: float32 ``(Z, Y, X)`` HU (padding: ``pad_hu``).
+        labels: uint8/uint16 ``(Z, Y, X)`` label map or None (padding: 0).
+        geometry: the window's own physical grid.
+        start_zyx: index of the window's first voxel in the model-space volume (may be negative).
+        valid_zyx: ``(start, stop)`` per axis of the part of the window inside the scan.
+    """
+
+    hu: np.ndarray
+    labels: np.ndarray | None
+    geometry: Geometry
+    start_zyx: tuple[int, int, int] = (0, 0, 0)
+    valid_zyx: tuple[tuple[int, int], ...] = ()
+
+    def image(self, hu_window: Sequence[float] = (-1150.0, 350.0)) -> np.ndarray:
+        """Windowed intensities ``(Z, Y, X)`` float32 in [0, 1] (the encoder's input)."""
+        return window_hu(self.hu, hu_window)
+
+    def to_original(self, array: np.ndarray, original: Geometry, is_label: bool) -> np.ndarray:
+        """Put an array on this window's grid (e.g. a similarity map or a mask) onto ``original``.
+
+        Resampled by physical position (``fvlm_core.io.resample_to``): labels with nearest
+        neighbour, other values linearly.
+        Voxels of ``original`` outside the window get 0.
+
+        Args:
+            array: ``(Z, Y, X)`` with this window's shape.
+            original: the grid to return on (usually the user's CT geometry).
+            is_label: integer labels (True) or continuous values (False).
+
+        Returns:
+            ``original.shape_zyx`` array: labels keep an integer dtype, values become float32.
+        """
+        array = np.asarray(array)
+        if tuple(array.shape) != self.geometry.shape_zyx:
+            raise GeometryError(
+                f"to_original: array shape {array.shape} differs from the window shape {self.geometry.shape_zyx}"
+            )
+        if is_label:
+            if array.dtype == bool:
+                array = array.astype(np.uint8)
+            if not np.issubdtype(array.dtype, np.integer):
+                raise GeometryError("to_original(is_label=True) needs an integer or boolean array.")
+            # Nearest neighbour: on the shared CTs it round-trips masks at least as well as
+            # sitkLabelLinear, whose ties at half-way points erode masks on aligned grids.
+            image = array_to_sitk(array, self.geometry)
+            return sitk.GetArrayFromImage(
+                resample_to(image, original, is_label=True, source="model-space window")
+            )
+        image = array_to_sitk(array.astype(np.float32, copy=False), self.geometry)
+        return sitk.GetArrayFromImage(
+            resample_to(image, original, is_label=False, source="model-space window")
+        )
+
+
+def crop_window(
+    ct_ms: CTVolume,
+    labels_ms: LabelVolume | None,
+    center_zyx: Sequence[float],
+    size_zyx: Sequence[int],
+    pad_hu: float = PAD_HU,
+) -> ModelSpaceWindow:
+    """Cut a ``size_zyx`` window centred at ``center_zyx`` (model-space voxel coordinates).
+
+    Parts outside the volume are padded (HU with ``pad_hu``, labels with 0). The window's
+    geometry is the model-space geometry with its origin moved to the window's first voxel.
+
+    Returns:
+        :class:`ModelSpaceWindow` with ``hu`` ``size_zyx`` float32 and ``labels`` ``size_zyx`` or None.
+    """
+    size = np.asarray(size_zyx, dtype=int)
+    if size.shape != (3,) or np.any(size < 1):
+        raise ValueError(f"window size {tuple(size_zyx)} must be 3 positive integers")
+    shape = np.asarray(ct_ms.array.shape)
+    if labels_ms is not None and tuple(labels_ms.array.shape) != tuple(shape):
+        raise GeometryError(
+            f"crop_window: labels shape {labels_ms.array.shape} differs from the CT's {tuple(shape)}; "
+            "resample both with resample_to_model_space first."
+        )
+    # First voxel so that the window is centred (ties go to the lower index).
+    start = np.floor(np.asarray(center_zyx, dtype=float) - (size - 1) / 2.0 + 1e-6).astype(int)
+    stop = start + size
+    src_lo = np.clip(start, 0, shape)
+    src_hi = np.clip(stop, 0, shape)
+    dst_lo = src_lo - start
+    dst_hi = dst_lo + np.maximum(src_hi - src_lo, 0)
+    src = tuple(slice(int(a), int(b)) for a, b in zip(src_lo, src_hi))
+    dst = tuple(slice(int(a), int(b)) for a, b in zip(dst_lo, dst_hi))
+
+    hu = np.full(tuple(size), pad_hu, dtype=np.float32)
+    hu[dst] = ct_ms.array[src]
+    labels = None
+    if labels_ms is not None:
+        labels = np.zeros(tuple(size), dtype=labels_ms.array.dtype)
+        labels[dst] = labels_ms.array[src]
+
+    g = ct_ms.geometry
+    origin = g.affine_lps[:3, :3] @ start[::-1].astype(float) + g.affine_lps[:3, 3]
+    geometry = Geometry(
+        size=(int(size[2]), int(size[1]), int(size[0])),
+        spacing=g.spacing,
+        origin=tuple(float(o) for o in origin),
+        direction=g.direction,
+    )
+    valid = tuple((int(a), int(b)) for a, b in zip(dst_lo, dst_hi))
+    return ModelSpaceWindow(
+        hu=hu, labels=labels, geometry=geometry, start_zyx=tuple(int(s) for s in start), valid_zyx=valid
+    )

@@ -65,8 +65,8 @@ def test_reference_one_window_per_anatomy_centred_min_size():
     assert [p.anatomies for p in plans] == [("lung",), ("heart",)]
     assert plans[0].size_zyx == (12, 16, 16)
     assert plans[1].size_zyx == (24, 16, 16)  # extent 24 along z exceeds the minimum 12
-    # centred: box centre (22, 12, 12) is the window centre
-    assert plans[1].center_zyx == (22, 12, 12)
+    # centred: the box z 10..34 fills the window exactly; y/x box centre 12 is the window centre
+    assert plans[1].start_zyx == (10, 4, 4)
 
 
 def test_reference_drops_anatomy_under_90_percent():

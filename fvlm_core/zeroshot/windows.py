@@ -46,9 +46,9 @@ class WindowPlan:
     anatomies: tuple[str, ...]
 
     @property
-    def center_zyx(self) -> tuple[int, int, int]:
-        """Centre as ``start + size // 2`` (the convention of ``preprocess.crop_window``)."""
-        return tuple(s + n // 2 for s, n in zip(self.start_zyx, self.size_zyx))
+    def center_zyx(self) -> tuple[float, float, float]:
+        """Centre ``start + (size - 1) / 2``: ``preprocess.crop_window`` maps it back to ``start_zyx``."""
+        return tuple(s + (n - 1) / 2.0 for s, n in zip(self.start_zyx, self.size_zyx))
 
     @property
     def stop_zyx(self) -> tuple[int, int, int]:

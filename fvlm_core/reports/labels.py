@@ -47,19 +47,23 @@ _NON_LUNG_ORGAN = (
     r"mediastin|bone|vertebra|rib|gallbladder|stomach|gastric|soft tissue|muscle|esophag|skin"
 )
 
-LABEL_RULES: dict[str, LabelRule] = {
+# "thickening", "thickness increase", "increase in thickness", "prominence".
+_THICK = r"(?:thicken\w*|thickness(?: \w+){0,2} increas\w*|increas\w*(?: \w+){0,3} thickness|prominen\w*)"
+
+LABEL_RULES: dict[str, LabelRule | tuple[LabelRule, ...]] = {
     "Medical material": LabelRule(
         _rx(
             r"\bcatheters?\b|\bstents?\b|\bstented\b|pacemaker|\bport\b|\b(?:chest|drainage|drain|nasogastric|"
             r"endotracheal|tracheostomy|thoracostomy|feeding|gastrostomy|tracheal|intubation) (?:tube|cannula)s?\b|"
             r"\bcannula\b|prosthe(?:sis|tic|ses)|\bsutures?\b|(?:sternotomy|sternal|surgical|metallic|metal) "
-            r"(?:wires?|sutures?|clips?|implants?|materials?|plates?|screws?)|\bwires?\b|\bclips?\b|\bimplants?\b|"
+            r"(?:wires?|sutures?|clips?|implants?|materials?|plates?|screws?)|\bwires?\b|\bclips?\b|"
+            r"(?:breast|silicone|metallic|dental|cochlear|orthopedic|penile) implants?\b|"
             r"\bgrafts?\b|\belectrodes?\b|\bleads?\b|\bdefibrillator\b|\bicd\b|\bcoils?\b|\bfilter\b|valve "
             r"replacement|\bscrews?\b|\bplates?\b|fixation|\bcabg\b|\bbypass\b|\bdrains?\b|\btubes?\b|"
             r"medical (?:device|material)|\bmaterials? (?:for|secondary|related) |embolization material|"
             r"\bexpander\b|\bspacer\b|\bcerclage\b|\bshunt\b"
         ),
-        exclude=_rx(r"contrast material|calcul|\btube current|bronch"),
+        exclude=_rx(r"contrast material|calcul|\btube current|bronch|end ?plate"),
     ),
     "Arterial wall calcification": LabelRule(
         _rx(
@@ -73,16 +77,17 @@ LABEL_RULES: dict[str, LabelRule] = {
     ),
     "Cardiomegaly": LabelRule(
         _rx(
-            r"cardiomegal|(?:heart|cardiac)(?: \w+){0,4} (?:size|dimensions?|contours?)?(?: \w+){0,3} "
-            r"(?:increased|enlarged|large|larger|wide|widened)|(?:enlarged|increased|large) (?:heart|cardiac)|"
-            r"increase in (?:heart|cardiac) (?:size|dimension)|(?:ctr|cardiothoracic ratio)(?: \w+){0,3} "
-            r"(?:increased|>|above)"
+            r"cardiomegal|(?:heart|cardiac)(?: \w+){0,3} (?:sizes?|dimensions?|volume|silhouette|shadow)"
+            r"(?: \w+){0,3} (?:increased|enlarged)|(?:heart|cardiac) (?:is|was|appears) (?:\w+ )?"
+            r"(?:larger|enlarged|large)|increased? in (?:the )?(?:heart|cardiac) (?:sizes?|dimensions?)|"
+            r"(?:ctr|cardiothoracic (?:ratio|index))(?: \w+){0,3} increase|increased?(?: \w+){0,3} "
+            r"(?:ctr|cardiothoracic (?:ratio|index))|enlargement of the heart|(?:enlarged|large) heart"
         ),
-        exclude=_rx(r"normal|chamber|atri|ventric"),
+        exclude=_rx(r"(?<!than )\bnormal\b|chamber|atri(?:um|a|al)\b|ventric"),
     ),
     "Pericardial effusion": LabelRule(
-        _rx(r"pericardial (?:effusion|fluid)|(?:effusion|fluid)(?: \w+){0,3} (?:in|of|within) the pericard|"
-            r"pericardial (?:space|cavity)(?: \w+){0,4} fluid|pericardial effusion thickening"),
+        _rx(r"pericardi\w*(?: \w+){0,2} (?:effusion|fluid)|(?:effusion|fluid)(?: \w+){0,8} pericardi|hemopericard|"
+            r"pericardial effusion thickening"),
     ),
     "Coronary artery wall calcification": LabelRule(
         _rx(r"coronar"),
@@ -98,12 +103,19 @@ LABEL_RULES: dict[str, LabelRule] = {
         _rx(r"nodul\w*|micronodul\w*"),
         exclude=_rx(_NON_LUNG_ORGAN),
     ),
-    "Lung opacity": LabelRule(
-        _rx(
-            r"ground glass|opacit|infiltrat|density increase|increased density|densit(?:y|ies)(?: \w+){0,2} "
-            r"increas|consolidat|crazy paving|\bgga\b"
+    "Lung opacity": (
+        LabelRule(
+            _rx(r"ground glass|opacit|infiltrat|crazy paving|\bgga\b|dep[ae]nd[ae]nt densit"),
+            exclude=_rx(r"fat|mesenter|liver|hepat|bone|sclero|soft tissue|muscle|kidney|breast|spleen|pancrea|adrenal|thyroid"),
         ),
-        exclude=_rx(r"fat|mesenter|liver|hepat|bone|sclero|soft tissue|muscle|kidney|breast|spleen|pancrea"),
+        # "Density increase" is an opacity unless it is a sequela / band / atelectasis density.
+        LabelRule(
+            _rx(r"density increase|increased density|densit(?:y|ies)(?: \w+){0,2} increas"),
+            exclude=_rx(
+                r"fat|mesenter|liver|hepat|bone|sclero|soft tissue|muscle|kidney|breast|spleen|pancrea|adrenal|thyroid|sequel|"
+                r"fibro|pleuroparenchymal|pleural parenchymal|\bband|linear|atelecta"
+            ),
+        ),
     ),
     "Pulmonary fibrotic sequela": LabelRule(
         _rx(r"fibro\w*|sequel\w*|parenchymal bands?|band like|band atelect|linear (?:band|density|densities)|"
@@ -117,33 +129,38 @@ LABEL_RULES: dict[str, LabelRule] = {
     "Mosaic attenuation pattern": LabelRule(_rx(r"mosaic|air trapping")),
     "Peribronchial thickening": LabelRule(
         _rx(
-            r"peribronch\w*(?: \w+){0,3} thicken|bronch\w* (?:wall|walls)(?: \w+){0,2} thicken|thicken\w*"
-            r"(?: \w+){0,4} bronch\w* wall|peribronchial cuffing|bronchial thickening|peribronchovascular thicken"
+            rf"peribronch\w*(?: \w+){{0,4}} {_THICK}|bronch\w* walls?(?: \w+){{0,2}} {_THICK}|"
+            rf"{_THICK}(?: \w+){{0,5}} (?:peribronch|bronch\w* wall)|peribronchial cuffing|"
+            rf"peribronchovascular (?:sheath|interstitium)(?: \w+){{0,3}} (?:{_THICK}|calibration increase)"
         ),
     ),
     "Consolidation": LabelRule(_rx(r"consolidat")),
     "Bronchiectasis": LabelRule(_rx(r"bronchiecta|bronchiolecta")),
     "Interlobular septal thickening": LabelRule(
-        _rx(r"septal thicken|septum thicken|(?:interlobular )?sept(?:a|al|um|ae)(?: \w+){0,2} thicken|"
-            r"thicken\w*(?: \w+){0,3} (?:interlobular )?sept|crazy paving"),
+        _rx(
+            rf"(?:interlobular|interlobar|septal|septa|septum|septae)(?: \w+){{0,2}} {_THICK}|"
+            rf"{_THICK}(?: \w+){{0,4}} (?:interlobular |interlobar )?sept|interlob(?:ular|ar) sept\w*|crazy paving"
+        ),
     ),
 }
 
 
 def label_mentions(text: str, label: str) -> list:
     """Mentions (:class:`~fvlm_core.reports.negation.Mention`) of ``label`` in ``text``, with status."""
-    rule = LABEL_RULES[label]
+    rules = LABEL_RULES[label]
+    rules = rules if isinstance(rules, tuple) else (rules,)
     found = []
     for sentence in split_sentences(text):
         sent = prepare(sentence)
-        if rule.sentence_require is not None and not rule.sentence_require.search(sent):
-            continue
         for clause in clauses(sent):
-            if rule.require is not None and not rule.require.search(clause):
-                continue
-            if rule.exclude is not None and rule.exclude.search(clause):
-                continue
-            found.extend(find_mentions(clause, rule.pattern))
+            for rule in rules:
+                if rule.sentence_require is not None and not rule.sentence_require.search(sent):
+                    continue
+                if rule.require is not None and not rule.require.search(clause):
+                    continue
+                if rule.exclude is not None and rule.exclude.search(clause):
+                    continue
+                found.extend(find_mentions(clause, rule.pattern))
     return found
 
 

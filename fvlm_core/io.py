@@ -14,10 +14,10 @@ geometry says where each voxel is.
 
 from __future__ import annotations
 
-import ast
 import gzip
 import math
 import os
+import re
 import struct
 import zlib
 from collections.abc import Mapping
@@ -401,18 +401,28 @@ def _squeeze_to_3d(image: sitk.Image, source: str) -> sitk.Image:
     return image
 
 
+_NUMBER = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?|[-+]?(?:nan|inf)", re.IGNORECASE)
+
+
 def _parse_list(value: Any) -> list[float]:
+    """Numbers of a metadata cell: 0.75, "0.75", "[0.75, 0.8]", "['0.75', '0.8']", "0.75\\0.8"."""
     if isinstance(value, str):
-        value = ast.literal_eval(value.strip())
-    if isinstance(value, (int, float)):
+        found = _NUMBER.findall(value)
+        if not found:
+            raise ValueError(f"no number in {value!r}")
+        return [float(v) for v in found]
+    if isinstance(value, (int, float, np.number)):
         return [float(value)]
     return [float(v) for v in value]
 
 
-def geometry_from_ctrate_metadata(row: Mapping[str, Any], size_xyz: tuple[int, int, int]) -> Geometry:
+def geometry_from_ctrate_metadata(
+    row: Mapping[str, Any], size_xyz: tuple[int, int, int], source: str = "CT-RATE metadata row"
+) -> Geometry:
     """Geometry from a CT-RATE metadata row (XYSpacing, ZSpacing, ImagePositionPatient,
     ImageOrientationPatient), following DICOM semantics: x along a row, y along a column, z
-    along the slice normal (row x column), origin at the first voxel.
+    along the slice normal (row x column), origin at the first voxel. Cells may be numbers or
+    strings such as ``"[0.75, 0.75]"`` (as in the CT-RATE CSVs).
     """
     try:
         xy = _parse_list(row["XYSpacing"])
@@ -420,15 +430,22 @@ def geometry_from_ctrate_metadata(row: Mapping[str, Any], size_xyz: tuple[int, i
         ipp = _parse_list(row["ImagePositionPatient"])
         iop = _parse_list(row["ImageOrientationPatient"])
     except KeyError as exc:
-        raise InputError(f"CT-RATE metadata row lacks column {exc.args[0]!r}") from exc
-    except (ValueError, SyntaxError) as exc:
-        raise InputError(f"CT-RATE metadata row has an unparsable geometry value: {exc}") from exc
+        raise InputError(
+            f"{source}: CT-RATE metadata row lacks column {exc.args[0]!r}; use a row of "
+            "metadata/{train,validation}_metadata.csv."
+        ) from exc
+    except (ValueError, TypeError) as exc:
+        raise InputError(f"{source}: CT-RATE metadata row has an unparsable geometry value: {exc}") from exc
     if len(iop) != 6 or len(ipp) != 3:
         raise InputError(
-            f"CT-RATE metadata: ImageOrientationPatient needs 6 values and ImagePositionPatient 3, got {iop}, {ipp}"
+            f"{source}: CT-RATE metadata ImageOrientationPatient needs 6 values and ImagePositionPatient 3, "
+            f"got {iop}, {ipp}; fix the metadata row."
         )
     r = np.asarray(iop[:3])
     c = np.asarray(iop[3:])
+    if not (np.all(np.isfinite(iop)) and np.linalg.norm(r) > 0.5 and np.linalg.norm(c) > 0.5):
+        raise InputError(f"{source}: CT-RATE metadata ImageOrientationPatient {iop} is not two directions.")
+    r, c = r / np.linalg.norm(r), c / np.linalg.norm(c)
     n = np.cross(r, c)
     direction = np.stack([r, c, n], axis=1)
     # DICOM PixelSpacing is [row spacing (y), column spacing (x)].
@@ -502,7 +519,7 @@ def read_ct(
     geometry = Geometry.from_sitk(image)
 
     if metadata is not None:
-        geometry = geometry_from_ctrate_metadata(metadata, geometry.size)
+        geometry = geometry_from_ctrate_metadata(metadata, geometry.size, source)
         if "RescaleSlope" in metadata or "RescaleIntercept" in metadata:
             try:
                 slope = _parse_list(metadata.get("RescaleSlope", 1.0))[0]

@@ -1,0 +1,154 @@
+"""Synthetic cohort: CT-RATE layout, determinism by seed, and findings visible on their anatomy."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from fvlm_core.data import synth
+from fvlm_core.findings import CTRATE_LABEL_ANATOMY, CTRATE_LABELS
+
+SIZE = (40, 40, 40)
+
+
+def _tree_contents(root: Path) -> dict[str, bytes]:
+    """Decoded contents of a cohort: CSV bytes and voxel bytes (gzip headers may hold timestamps)."""
+    out = {}
+    for p in sorted(root.rglob("*")):
+        if p.name.endswith(".nii.gz"):
+            out[str(p.relative_to(root))] = sitk.GetArrayFromImage(sitk.ReadImage(str(p))).tobytes()
+        elif p.suffix in (".csv", ".txt"):
+            out[str(p.relative_to(root))] = p.read_bytes()
+    return out
+
+
+def test_cohort_layout_and_determinism(tmp_path):
+    a = synth.generate_cohort(tmp_path / "a", 6, seed=3, size_zyx=SIZE, workers=1, recon_fraction=0.5)
+    b = synth.generate_cohort(tmp_path / "b", 6, seed=3, size_zyx=SIZE, workers=2, recon_fraction=0.5)
+    synth.generate_cohort(tmp_path / "c", 6, seed=4, size_zyx=SIZE, workers=1, recon_fraction=0.5)
+    assert a.n_volumes == b.n_volumes > 6  # some scans got a second reconstruction
+    ta, tb, tc = (_tree_contents(tmp_path / k) for k in "abc")
+    assert ta.keys() == tb.keys()
+    assert all(ta[k] == tb[k] for k in ta), "same seed must give identical arrays and CSVs (any worker count)"
+    assert any(ta.get(k) != v for k, v in tc.items()), "another seed must give another cohort"
+
+    root = tmp_path / "a"
+    for rel in (
+        "metadata/train_metadata.csv",
+        "metadata/validation_metadata.csv",
+        "radiology_text_reports/train_reports.csv",
+        "radiology_text_reports/validation_reports.csv",
+        "multi_abnormality_labels/train_predicted_labels.csv",
+        "multi_abnormality_labels/valid_predicted_labels.csv",
+    ):
+        assert (root / rel).is_file(), rel
+    with open(root / "metadata/train_metadata.csv") as fh:
+        meta = list(csv.DictReader(fh))
+    assert list(meta[0]) == list(synth.METADATA_COLUMNS)
+    name = meta[0]["VolumeName"]
+    vol = root / "dataset" / "train" / synth.volume_relpath(name[: -len(".nii.gz")])
+    mask = root / "anatomy_masks" / "train" / synth.volume_relpath(name[: -len(".nii.gz")])
+    assert vol.is_file() and mask.is_file()
+    stored = sitk.ReadImage(str(vol))
+    assert stored.GetPixelID() == sitk.sitkInt16
+    assert sitk.GetArrayViewFromImage(stored).min() >= 0  # stored = HU + 1024: air is not negative
+    assert float(meta[0]["RescaleIntercept"]) == -1024
+    labels = sitk.GetArrayFromImage(sitk.ReadImage(str(mask)))
+    assert set(np.unique(labels)) <= {0, 1, 2, 3, 4, 5} and {1, 2, 3, 4} <= set(np.unique(labels))
+    with open(root / "multi_abnormality_labels/train_predicted_labels.csv") as fh:
+        lab = list(csv.DictReader(fh))
+    assert list(lab[0]) == ["VolumeName", *CTRATE_LABELS]
+    with open(root / "radiology_text_reports/train_reports.csv") as fh:
+        rep = list(csv.DictReader(fh))
+    assert [r["VolumeName"] for r in rep] == [r["VolumeName"] for r in meta] == [r["VolumeName"] for r in lab]
+    assert all(r["Findings_EN"] and r["Impressions_EN"] for r in rep)
+
+
+def test_in_memory_cohort_matches_files(tmp_path):
+    samples = list(synth.iter_cohort(3, seed=9, size_zyx=SIZE))
+    synth.generate_cohort(tmp_path, 3, seed=9, size_zyx=SIZE, recon_fraction=0.0)
+    for s in samples:
+        split = "train" if s.split == "train" else "valid"
+        stored = sitk.GetArrayFromImage(
+            sitk.ReadImage(str(tmp_path / "dataset" / split / synth.volume_relpath(s.name)))
+        )
+        np.testing.assert_array_equal(stored.astype(np.int32) + synth.RESCALE_INTERCEPT, s.hu)
+        assert s.hu.dtype == np.int16 and s.labels.dtype == np.uint8 and s.hu.shape == SIZE
+        assert s.geometry.shape_zyx == SIZE
+
+
+def test_realistic_hu_per_tissue():
+    s = synth.make_phantom(5, 0, size_zyx=(48, 48, 48), findings=())
+    hu, lab = s.hu.astype(float), s.labels
+    assert abs(np.median(hu[lab == synth.MASK_VALUES["lung"]]) + 850) < 60
+    assert -30 < np.median(hu[lab == synth.MASK_VALUES["aorta"]]) < 300  # blood, plain or contrast
+    assert hu[lab == synth.MASK_VALUES["trachea"]].min() < -700  # air in the lumen (partial volume at 6 mm)
+    assert np.median(hu[0, :3, :3]) < -950  # air outside the body
+    assert hu.max() > 400  # bone
+    assert hu.min() >= -1024 and hu.max() <= 3071
+
+
+ANATOMY_VALUE = {a: synth.MASK_VALUES[a] for a in ("lung", "heart", "esophagus", "aorta")}
+SMALL = {"Lung nodule", "Arterial wall calcification", "Coronary artery wall calcification"}
+DRAWN_ON_ANATOMY = [f for f in synth.RENDERED_FINDINGS if f in CTRATE_LABEL_ANATOMY]
+
+
+@pytest.mark.parametrize("finding", DRAWN_ON_ANATOMY)
+def test_finding_is_visible_on_its_anatomy(finding):
+    """Same phantom (same noise) with and without one finding: the image changes inside that
+    finding's anatomy, by a visible amount, and (almost) nowhere else."""
+    value = ANATOMY_VALUE[CTRATE_LABEL_ANATOMY[finding]]
+    for index in range(2):  # two phantoms: sizes, positions and finding sides differ
+        with_f = synth.make_phantom(11, index, size_zyx=(48, 48, 48), findings=(finding,))
+        without = synth.make_phantom(11, index, size_zyx=(48, 48, 48), findings=())
+        diff = with_f.hu.astype(np.float32) - without.hu.astype(np.float32)
+        anatomy = with_f.labels == value
+        changed = np.abs(diff) > 100
+        assert changed[anatomy].sum() >= 2, f"{finding}: not visible in its anatomy"
+        if finding not in SMALL:  # spots and nodules are a few voxels by design
+            assert np.abs(diff[anatomy]).mean() > 2.0, f"{finding}: mean HU change in the anatomy too small"
+        outside = ~(anatomy | (without.labels == value))
+        assert changed[outside].sum() <= 0.05 * changed.sum(), f"{finding}: drawn outside its anatomy"
+        if finding == "Cardiomegaly":
+            assert anatomy.sum() > 1.3 * (without.labels == value).sum()
+
+
+def test_finding_labels_and_reports_agree():
+    samples = list(synth.iter_cohort(40, seed=2, size_zyx=(24, 24, 24)))
+    n_normal = 0
+    for s in samples:
+        row = s.label_row
+        assert {k for k, v in row.items() if v} == set(s.findings)
+        text = (s.report["Findings_EN"] + " " + s.report["Impressions_EN"]).lower()
+        if not s.findings:
+            n_normal += 1
+        if "Pleural effusion" in s.findings:
+            assert "pleural effusion" in text and "pleural" in s.report["Impressions_EN"].lower()
+        if "Hiatal hernia" in s.findings:
+            assert "hiatal hernia" in s.report["Impressions_EN"].lower()
+        if "Cardiomegaly" in s.findings:
+            assert "cardiomegaly" in text or "enlarged" in text
+    assert all(len(s.findings) < len(synth.RENDERED_FINDINGS) for s in samples)
+
+
+def test_prevalence_and_normal_reports():
+    rng = np.random.default_rng(0)
+    draws = [synth._draw_findings(rng, synth.DEFAULT_PREVALENCE) for _ in range(2000)]
+    for f, p in synth.DEFAULT_PREVALENCE.items():
+        rate = np.mean([f in d for d in draws])
+        assert abs(rate - p) < 0.04, (f, rate)
+    normal = synth.make_phantom(0, 0, size_zyx=(24, 24, 24), findings=())
+    assert normal.report["Impressions_EN"] in synth._NORMAL_IMPRESSIONS
+
+
+def test_bad_arguments(tmp_path):
+    from fvlm_core.errors import InputError
+
+    with pytest.raises(InputError, match="--n"):
+        synth.generate_cohort(tmp_path, 0, seed=0)
+    with pytest.raises(InputError, match="prevalence"):
+        synth.generate_cohort(tmp_path, 2, seed=0, prevalence={"Bronchiectasis": 0.5})

@@ -1,0 +1,1202 @@
+"""Synthetic chest CT cohort in the CT-RATE layout (phantoms with visible findings and reports).
+
+Every phantom is drawn in millimetres on the voxel grid with vectorised numpy (small objects are
+drawn inside their own bounding box only), so a 64^3 phantom costs a few tens of milliseconds.
+Anatomy: body ellipse (subcutaneous fat, muscle), ribs, sternum, spine, two lungs with vessels and
+a domed diaphragm, upper abdomen, heart with epicardial fat, aorta (ascending, arch, descending),
+esophagus, trachea and main bronchi.
+
+Patient coordinates are LPS with an identity direction: array ``x`` grows to the patient's left,
+``y`` to posterior (the dependent side of a supine patient), ``z`` to superior.
+
+Anatomy masks use the extended catalog's first five values (``fvlm_core.anatomy``): lung 1,
+heart 2, esophagus 3, aorta 4 (= the CT-RATE catalog) and trachea 5 (extended catalog; a CT-RATE
+catalog reader drops it). Finding-related tissue belongs to its anatomy's mask, so a model that
+pools over the mask sees it: pleural effusion is inside "lung" (the pleural space of that
+hemithorax), the pericardial sac inside "heart", a hiatal hernia inside "esophagus".
+
+Determinism: each phantom's random stream is ``SeedSequence([seed, split_id, index])``; the
+cohort is byte-identical for a seed whatever the number of worker processes.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import multiprocessing as mp
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fvlm_core.findings import CTRATE_LABELS
+from fvlm_core.io import Geometry
+
+#: Label values written in the anatomy masks (extended catalog order; see module docstring).
+MASK_VALUES: dict[str, int] = {"lung": 1, "heart": 2, "esophagus": 3, "aorta": 4, "trachea": 5}
+
+#: Findings drawn in the image, with their default prevalence (independent per phantom).
+DEFAULT_PREVALENCE: dict[str, float] = {
+    "Pleural effusion": 0.25,
+    "Emphysema": 0.25,
+    "Lung nodule": 0.25,
+    "Consolidation": 0.25,
+    "Atelectasis": 0.25,
+    "Cardiomegaly": 0.25,
+    "Pericardial effusion": 0.25,
+    "Arterial wall calcification": 0.25,
+    "Coronary artery wall calcification": 0.25,
+    "Hiatal hernia": 0.25,
+    # Extras (also drawn): ground glass, enlarged mediastinal nodes, a central venous catheter.
+    "Lung opacity": 0.15,
+    "Lymphadenopathy": 0.15,
+    "Medical material": 0.15,
+}
+RENDERED_FINDINGS: tuple[str, ...] = tuple(DEFAULT_PREVALENCE)
+
+#: Fraction of the cohort written to the validation split by default.
+DEFAULT_VALID_FRACTION = 0.2
+
+REPORT_COLUMNS = ("VolumeName", "ClinicalInformation_EN", "Technique_EN", "Findings_EN", "Impressions_EN")
+METADATA_COLUMNS = (
+    "VolumeName",
+    "XYSpacing",
+    "ZSpacing",
+    "ImagePositionPatient",
+    "ImageOrientationPatient",
+    "RescaleIntercept",
+    "RescaleSlope",
+)
+#: Stored NIfTI value = HU - RESCALE_INTERCEPT (as CT scanners store it); the metadata CSV has the intercept.
+RESCALE_INTERCEPT = -1024
+#: split -> (dataset folder, metadata/report CSV prefix, label CSV prefix), as named in CT-RATE.
+SPLITS: dict[str, tuple[str, str, str]] = {
+    "train": ("train", "train", "train"),
+    "valid": ("valid", "validation", "valid"),
+}
+
+
+def default_spacing_zyx(size_zyx: Sequence[int]) -> tuple[float, float, float]:
+    """Voxel size giving a 288 mm (z) x 360 mm (y, x) field of view, whatever the grid size."""
+    return (288.0 / size_zyx[0], 360.0 / size_zyx[1], 360.0 / size_zyx[2])
+
+
+# ------------------------------------------------------------------------------------------------
+# Grid helpers (coordinates in mm, centred on the volume; points are (z, y, x))
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Grid:
+    shape: tuple[int, int, int]
+    spacing: tuple[float, float, float]  # zyx
+
+    @property
+    def coords(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return tuple(
+            ((np.arange(n, dtype=np.float32) - (n - 1) / 2.0) * s).astype(np.float32)
+            for n, s in zip(self.shape, self.spacing)
+        )
+
+    def box(self, lo: Sequence[float], hi: Sequence[float]) -> tuple[slice, slice, slice] | None:
+        """Index slices covering the mm box [lo, hi] (None when outside the grid)."""
+        out = []
+        for lo_i, hi_i, n, s in zip(lo, hi, self.shape, self.spacing):
+            a = max(math.floor(lo_i / s + (n - 1) / 2.0), 0)
+            b = min(math.ceil(hi_i / s + (n - 1) / 2.0) + 1, n)
+            if b <= a:
+                return None
+            out.append(slice(a, b))
+        return tuple(out)
+
+    def sub(self, sl: tuple[slice, slice, slice]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        z, y, x = self.coords
+        return z[sl[0]][:, None, None], y[sl[1]][None, :, None], x[sl[2]][None, None, :]
+
+
+def _segment_distance(grid: _Grid, p0, p1, margin: float):
+    """Slices of the bounding box of segment p0-p1 (+margin) and the distance (mm) to it there."""
+    p0 = np.asarray(p0, dtype=np.float32)
+    p1 = np.asarray(p1, dtype=np.float32)
+    sl = grid.box(np.minimum(p0, p1) - margin, np.maximum(p0, p1) + margin)
+    if sl is None:
+        return None, None
+    z, y, x = grid.sub(sl)
+    d = p1 - p0
+    l2 = float(d @ d) or 1e-6
+    t = np.clip(((z - p0[0]) * d[0] + (y - p0[1]) * d[1] + (x - p0[2]) * d[2]) / l2, 0.0, 1.0)
+    dist = np.sqrt((z - p0[0] - t * d[0]) ** 2 + (y - p0[1] - t * d[1]) ** 2 + (x - p0[2] - t * d[2]) ** 2)
+    return sl, dist
+
+
+def _soft_weight(dist: np.ndarray, radius: float, voxel: float) -> np.ndarray:
+    """Partial-volume weight in [0, 1] of a solid of ``radius`` (at least ~one voxel stays visible)."""
+    radius = max(radius, 0.6 * voxel)
+    return np.clip((radius - dist) / voxel + 0.5, 0.0, 1.0)
+
+
+def _paint_capsule(hu, grid, p0, p1, radius, value, within=None, voxel=None):
+    voxel = voxel or min(grid.spacing)
+    sl, dist = _segment_distance(grid, p0, p1, radius + voxel)
+    if sl is None:
+        return
+    w = _soft_weight(dist, radius, voxel)
+    if within is not None:
+        w = w * within[sl]
+    region = hu[sl]
+    region += (w * (value - region)).astype(np.float32)
+
+
+def _capsule_mask(mask, grid, p0, p1, radius):
+    sl, dist = _segment_distance(grid, p0, p1, radius + max(grid.spacing))
+    if sl is not None:
+        mask[sl] |= dist <= max(radius, 0.5 * min(grid.spacing))
+
+
+def _paint_sphere(hu, grid, center, radius, value, within=None):
+    _paint_capsule(hu, grid, center, center, radius, value, within)
+
+
+# ------------------------------------------------------------------------------------------------
+# Random parameters of one phantom
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PhantomParams:
+    """Everything random about one phantom (mm, local coordinates centred on the grid).
+
+    Finding parameters are drawn whether or not the finding is present, so toggling one finding
+    leaves the rest of the phantom (and the noise) unchanged.
+    """
+
+    body_center: tuple[float, float]  # (y, x)
+    body_axes: tuple[float, float]  # (b: AP, a: LR) semi-axes
+    fat: float
+    muscle: float
+    contrast: bool
+    blood_hu: float
+    rib_period: float
+    rib_phase: float
+    z_base: float  # lung base (right side; left is lower)
+    z_apex: float
+    left_drop: float
+    dome: float
+    heart_scale: float
+    heart_offset: tuple[float, float, float]
+    noise_sigma: float
+    vessels: list  # list of (side, p0, p1, radius)
+    f: dict[str, Any] = field(default_factory=dict)  # finding parameters
+
+
+def sample_params(rng: np.random.Generator, grid: _Grid) -> PhantomParams:
+    fov_z = grid.shape[0] * grid.spacing[0]
+    scale = rng.uniform(0.85, 1.1)
+    a = 165.0 * scale * rng.uniform(0.95, 1.05)
+    b = 110.0 * scale * rng.uniform(0.92, 1.08)
+    z_base = -fov_z / 2 + rng.uniform(0.12, 0.25) * fov_z
+    z_apex = fov_z / 2 + rng.uniform(-0.05, 0.1) * fov_z
+    p = PhantomParams(
+        body_center=(rng.uniform(-12, 12), rng.uniform(-15, 15)),
+        body_axes=(b, a),
+        fat=rng.uniform(6, 25),
+        muscle=rng.uniform(8, 15),
+        contrast=bool(rng.random() < 0.3),
+        blood_hu=0.0,
+        rib_period=rng.uniform(24, 32),
+        rib_phase=rng.uniform(0, 1),
+        z_base=z_base,
+        z_apex=z_apex,
+        left_drop=rng.uniform(5, 20),
+        dome=rng.uniform(18, 32),
+        heart_scale=rng.uniform(0.9, 1.08),
+        heart_offset=(rng.uniform(-8, 8), rng.uniform(-6, 6), rng.uniform(-8, 8)),
+        noise_sigma=rng.uniform(10, 22),
+        vessels=[],
+    )
+    p.blood_hu = rng.uniform(160, 260) if p.contrast else rng.uniform(35, 50)
+    # Lung vessels radiate from each hilum: directions drawn now, clipped to the lung when drawn.
+    for side in (-1, 1):
+        for _ in range(7):
+            direction = rng.normal(size=3) * np.array([1.2, 0.6, 0.8])
+            direction[2] = side * abs(direction[2]) + side * 0.6
+            direction /= np.linalg.norm(direction)
+            length = rng.uniform(50, 110)
+            p.vessels.append((side, direction, length, rng.uniform(2.5, 4.5)))
+    f = p.f
+    f["effusion_side"] = int(rng.choice([-1, 1, 0]))  # -1 right, 1 left, 0 both
+    f["effusion_depth"] = rng.uniform(0.25, 0.45)  # fraction of the hemithorax AP depth
+    f["emph_blobs"] = [(rng.uniform(0, 1, 3), rng.uniform(10, 20)) for _ in range(9)]
+    f["nodules"] = [(rng.uniform(0, 1, 3), rng.uniform(5, 10)) for _ in range(int(rng.integers(1, 4)))]
+    f["consol_side"] = int(rng.choice([-1, 1]))
+    f["consol"] = [(rng.uniform(0, 1, 3), rng.uniform(18, 32)) for _ in range(2)]
+    f["atel_side"] = int(rng.choice([-1, 1]))
+    f["atel_thickness"] = rng.uniform(7, 12)
+    f["atel_tilt"] = rng.uniform(0.2, 0.6)
+    f["cardio_scale"] = rng.uniform(1.25, 1.4)
+    f["peri_thickness"] = rng.uniform(8, 14)
+    f["aortic_calc"] = [
+        (rng.uniform(0, 1), rng.uniform(0, 2 * np.pi), rng.uniform(600, 1000)) for _ in range(8)
+    ]
+    f["coronary_calc"] = [
+        (rng.uniform(-0.6, 0.7), rng.uniform(0.2, 2.9), rng.uniform(500, 900)) for _ in range(5)
+    ]
+    f["hernia_radius"] = rng.uniform(22, 32)
+    f["ggo_side"] = int(rng.choice([-1, 1]))
+    f["ggo"] = [(rng.uniform(0, 1, 3), rng.uniform(20, 35)) for _ in range(2)]
+    f["nodes"] = [(rng.uniform(-1, 1, 3), rng.uniform(8, 12)) for _ in range(2)]
+    f["catheter_side"] = int(rng.choice([-1, 1]))
+    return p
+
+
+# ------------------------------------------------------------------------------------------------
+# Rendering
+# ------------------------------------------------------------------------------------------------
+
+
+def _lung_point(u: np.ndarray, lung: dict) -> np.ndarray:
+    """Map u in [0,1]^3 (z, y, x fractions) into a lung's bounding box (mm)."""
+    lo, hi = lung["lo"], lung["hi"]
+    return lo + u * (hi - lo)
+
+
+def render_phantom(
+    params: PhantomParams,
+    findings: frozenset[str] | set[str],
+    size_zyx: Sequence[int],
+    spacing_zyx: Sequence[float],
+) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Draw one noise-free phantom.
+
+    Returns:
+        ``(hu, labels, extras)``: hu float32 ``(Z, Y, X)`` without noise, labels uint8 ``(Z, Y, X)``
+        (:data:`MASK_VALUES`), and descriptive extras (sides, sizes) used by the report writer.
+    """
+    grid = _Grid(tuple(int(s) for s in size_zyx), tuple(float(s) for s in spacing_zyx))
+    voxel = min(grid.spacing)
+    z, y, x = grid.coords
+    Z = z[:, None, None]
+    Y2 = y[None, :, None]
+    X2 = x[None, None, :]
+    extras: dict[str, Any] = {}
+    by, bx = params.body_center
+    b, a = params.body_axes
+
+    def ellipse_q(cy, cx, sb, sa):  # (1, Y, X)
+        return ((Y2 - cy) / sb) ** 2 + ((X2 - cx) / sa) ** 2
+
+    body_q = ellipse_q(by, bx, b, a)
+    fat_in = ellipse_q(by, bx, b - params.fat, a - params.fat)
+    cav_b, cav_a = b - params.fat - params.muscle, a - params.fat - params.muscle
+    cav_q = ellipse_q(by, bx, cav_b, cav_a)
+    hu2 = np.full((1, grid.shape[1], grid.shape[2]), -1000.0, dtype=np.float32)
+    hu2[body_q <= 1] = -95.0
+    hu2[fat_in <= 1] = 45.0
+    hu2[cav_q <= 1] = -40.0  # mediastinal fat / connective tissue
+    hu = np.repeat(hu2, grid.shape[0], axis=0)
+
+    # Upper abdomen under the domed diaphragm (liver on the right is higher).
+    z_dia_r = params.z_base + params.dome * (1 - np.clip(cav_q, 0, 1))
+    z_dia = z_dia_r - params.left_drop * (bx < X2)
+    abdomen = (z_dia > Z) & (cav_q <= 1)
+    hu[abdomen] = 55.0
+
+    # Ribs: a shell just inside the chest wall, banded along z, sloping down anteriorly.
+    rib_q = ellipse_q(by, bx, cav_b + 9, cav_a + 9)
+    shell2 = (rib_q <= 1) & (cav_q > 1)
+    phase = (Z + 0.35 * (Y2 - by)) / params.rib_period + params.rib_phase
+    band = np.cos(2 * np.pi * phase) > 0.55
+    ribs = band & shell2 & ~((by > Y2) & (np.abs(X2 - bx) < 25))
+    hu[ribs] = 650.0
+    # Sternum and spine (vertebral bodies with discs, posterior elements).
+    sternum = (
+        (np.abs(X2 - bx) < 14) & (by - b + params.fat < Y2) & (by - cav_b + 2 > Y2) & (params.z_base < Z)
+    )
+    hu[np.broadcast_to(sternum, hu.shape)] = 450.0
+    spine_y = by + cav_b - 22.0
+    spine_q = ((Y2 - spine_y) / 20.0) ** 2 + ((X2 - bx) / 22.0) ** 2
+    disc = np.cos(2 * np.pi * Z / 28.0) > 0.8
+    hu[np.broadcast_to(spine_q <= 1, hu.shape)] = 700.0
+    hu[(spine_q <= 0.7) & ~disc] = 260.0
+    hu[(spine_q <= 0.7) & disc] = 80.0
+    post = (np.abs(X2 - bx) < 7) & (spine_y + 20 < Y2) & (by + b - params.fat - 3 > Y2)
+    hu[np.broadcast_to(post, hu.shape)] = 500.0
+
+    # Lungs.
+    lungs: dict[int, dict] = {}
+    lung_mask = np.zeros(grid.shape, dtype=bool)
+    for side in (-1, 1):  # -1: right (patient right = -x), 1: left
+        la, lb = cav_a * 0.46, cav_b * 0.86
+        cx = bx + side * cav_a * 0.47
+        cy = by + cav_b * 0.05
+        zb = params.z_base - (params.left_drop if side == 1 else 0.0)
+        zt = params.z_apex
+        zmid = zb + 0.45 * (zt - zb)
+        q = ellipse_q(cy, cx, lb, la)
+        t = np.clip((Z - zmid) / (zt - zmid), 0, None)
+        m = (q + t**2 <= 1) & (zb + params.dome * (1 - np.clip(q, 0, 1)) <= Z) & (spine_q > 1.3)
+        lung_mask |= m
+        lungs[side] = {
+            "mask": m,
+            "lo": np.array([zb, cy - lb, cx - la], dtype=np.float32),
+            "hi": np.array([zt, cy + lb, cx + la], dtype=np.float32),
+            "center": (cy, cx),
+            "axes": (lb, la),
+            "hilum": np.array(
+                [zb + 0.55 * (zt - zb), cy - 0.1 * lb, cx - side * 0.55 * la], dtype=np.float32
+            ),
+            "zb": zb,
+            "zt": zt,
+        }
+
+    # Heart (with epicardial fat rim) and its pericardial sac.
+    hs = params.heart_scale * (params.f["cardio_scale"] if "Cardiomegaly" in findings else 1.0)
+    hz, hy, hx = params.heart_offset
+    h_c = np.array([params.z_base + 50 + hz, by - 0.3 * cav_b + hy, bx + 0.18 * cav_a + hx], dtype=np.float32)
+    h_ax = np.array([48 * min(hs, 1.15), 42 * hs, 55 * hs], dtype=np.float32)
+    extras["heart_center"] = h_c
+    extras["heart_axes"] = h_ax
+
+    def heart_q(scale=1.0, sl=None):
+        zz, yy, xx = (Z, Y2, X2) if sl is None else grid.sub(sl)
+        return (
+            ((zz - h_c[0]) / (h_ax[0] * scale)) ** 2
+            + ((yy - h_c[1]) / (h_ax[1] * scale)) ** 2
+            + ((xx - h_c[2]) / (h_ax[2] * scale)) ** 2
+        )
+
+    peri = "Pericardial effusion" in findings
+    outer = 1.0 + (params.f["peri_thickness"] / float(h_ax.min()) if peri else 0.0)
+    h_sl = grid.box(h_c - h_ax * outer - voxel, h_c + h_ax * outer + voxel)
+    hq = heart_q(1.0, h_sl)
+    heart = np.zeros(grid.shape, dtype=bool)
+    heart[h_sl] = hq <= 1
+    sac = np.zeros(grid.shape, dtype=bool)
+    if peri:
+        sac[h_sl] = (hq > 1) & (heart_q(outer, h_sl) <= 1)
+
+    # Aorta: ascending, arch, descending (centreline polyline, radius per segment).
+    zarch = params.z_apex - 0.3 * (params.z_apex - params.z_base)
+    ant_y = h_c[1] + 5
+    desc_y = spine_y - 26
+    desc_x = bx + 22
+    aorta_pts = [
+        ((h_c[0] + 15, ant_y, bx + 5), (zarch, ant_y - 3, bx - 8), 15.0),
+        ((zarch, ant_y - 3, bx - 8), (zarch + 18, (ant_y + desc_y) / 2, bx + 5), 14.0),
+        ((zarch + 18, (ant_y + desc_y) / 2, bx + 5), (zarch, desc_y, desc_x), 13.0),
+        ((zarch, desc_y, desc_x), (-grid.shape[0] * grid.spacing[0], desc_y + 4, desc_x - 6), 12.0),
+    ]
+    aorta = np.zeros(grid.shape, dtype=bool)
+    for p0, p1, r in aorta_pts:
+        _capsule_mask(aorta, grid, p0, p1, r)
+    extras["aorta_segments"] = aorta_pts
+
+    # Esophagus (behind the trachea, right of the descending aorta) to the gastro-esophageal junction.
+    eso_y = spine_y - 28
+    z_top = grid.shape[0] * grid.spacing[0]
+    gej = (params.z_base - 25, eso_y - 20, bx + 35)
+    eso_pts = [
+        ((z_top, eso_y, bx + 2), (params.z_base + 15, eso_y - 4, bx + 8), 8.0),
+        ((params.z_base + 15, eso_y - 4, bx + 8), gej, 8.0),
+    ]
+    esophagus = np.zeros(grid.shape, dtype=bool)
+    for p0, p1, r in eso_pts:
+        _capsule_mask(esophagus, grid, p0, p1, r)
+    hernia_c = np.array([params.z_base + 12, eso_y - 8, bx + 14], dtype=np.float32)
+    if "Hiatal hernia" in findings:
+        _capsule_mask(esophagus, grid, hernia_c, hernia_c, params.f["hernia_radius"])
+
+    # Trachea and main bronchi (air with a soft-tissue wall).
+    tr_y = eso_y - 22
+    carina = np.array([zarch - 12, tr_y + 4, bx], dtype=np.float32)
+    trachea = np.zeros(grid.shape, dtype=bool)
+    _capsule_mask(trachea, grid, (z_top, tr_y, bx), carina, 9.0)
+
+    # Label map: later structures win.
+    labels = np.zeros(grid.shape, dtype=np.uint8)
+    labels[lung_mask] = MASK_VALUES["lung"]
+    labels[heart | sac] = MASK_VALUES["heart"]
+    labels[aorta] = MASK_VALUES["aorta"]
+    labels[esophagus] = MASK_VALUES["esophagus"]
+    labels[trachea] = MASK_VALUES["trachea"]
+    lung = labels == MASK_VALUES["lung"]
+    lungf = lung.astype(np.float32)
+
+    # Lung parenchyma: slightly denser posteriorly (gravity), vessels radiating from the hila.
+    grad = 40.0 * np.clip((Y2 - by) / cav_b, -1, 1)
+    hu[lung] = (-860.0 + np.broadcast_to(grad, hu.shape))[lung]
+    for side, direction, length, radius in params.vessels:
+        h = lungs[side]["hilum"]
+        end = h + direction.astype(np.float32) * length
+        _paint_capsule(hu, grid, h, end, radius, params.blood_hu, within=lungf)
+        mid = h + direction.astype(np.float32) * length * 0.55
+        branch = mid + np.roll(direction.astype(np.float32), 1) * length * 0.35
+        _paint_capsule(hu, grid, mid, branch, radius * 0.7, params.blood_hu, within=lungf)
+    for side in (-1, 1):  # main bronchi, drawn in the lung's own mask too
+        _paint_capsule(hu, grid, carina, lungs[side]["hilum"], 6.0, -950.0)
+
+    heart_only = labels == MASK_VALUES["heart"]
+    hu[heart_only] = params.blood_hu
+    rim = np.zeros(grid.shape, dtype=bool)
+    rim[h_sl] = (hq > 0.8) & (hq <= 1)
+    hu[rim & heart_only] = -90.0  # epicardial fat
+    hu[sac] = 12.0  # pericardial fluid
+    hu[labels == MASK_VALUES["aorta"]] = params.blood_hu
+    eso = labels == MASK_VALUES["esophagus"]
+    hu[eso] = 42.0
+    for p0, p1, _ in eso_pts:
+        _paint_capsule(hu, grid, p0, p1, 2.5, -900.0, within=eso.astype(np.float32))
+    tr = labels == MASK_VALUES["trachea"]
+    hu[tr] = 30.0
+    _paint_capsule(hu, grid, (z_top, tr_y, bx), carina, 7.0, -1000.0)
+
+    # ---- findings drawn on tissue ----------------------------------------------------------
+    f = params.f
+    if "Hiatal hernia" in findings:
+        r = f["hernia_radius"]
+        sl = grid.box(hernia_c - r, hernia_c + r)
+        zz, yy, xx = grid.sub(sl)
+        d = np.sqrt((zz - hernia_c[0]) ** 2 + (yy - hernia_c[1]) ** 2 + (xx - hernia_c[2]) ** 2)
+        inside = (d <= r - 3) & eso[sl]
+        content = np.where(yy < hernia_c[1] - 0.1 * r, -950.0, 20.0)  # air anterior, fluid dependent
+        region = hu[sl]
+        region[inside] = np.broadcast_to(content, inside.shape)[inside]
+    if "Pleural effusion" in findings:
+        sides = (-1, 1) if f["effusion_side"] == 0 else (f["effusion_side"],)
+        for side in sides:
+            cy, _ = lungs[side]["center"]
+            lb, _ = lungs[side]["axes"]
+            level = cy + lb * (1 - 2 * f["effusion_depth"])
+            zb, zt = lungs[side]["zb"], lungs[side]["zt"]
+            z_lim = zb + 0.5 * (zt - zb)
+            # Meniscus: the level rises towards the base.
+            m = lungs[side]["mask"] & lung & (level - 0.2 * np.clip(z_lim - Z, 0, None) < Y2) & (z_lim > Z)
+            hu[m] = 15.0
+        extras["effusion_sides"] = sides
+    if "Emphysema" in findings:
+        for side in (-1, 1):
+            for u, r in f["emph_blobs"]:
+                c = _lung_point(np.array([0.5 + 0.5 * u[0], u[1], u[2]], dtype=np.float32), lungs[side])
+                _paint_sphere(hu, grid, c, r, -975.0, within=lungf)
+    if "Consolidation" in findings:
+        side = f["consol_side"]
+        for u, r in f["consol"]:
+            c = _lung_point(
+                np.array([0.1 + 0.35 * u[0], 0.4 + 0.5 * u[1], u[2]], dtype=np.float32), lungs[side]
+            )
+            _paint_sphere(hu, grid, c, r, 35.0, within=lungs[side]["mask"] & lung)
+        extras["consol_side"] = side
+    if "Lung opacity" in findings:
+        side = f["ggo_side"]
+        for u, r in f["ggo"]:
+            c = _lung_point(
+                np.array([0.35 + 0.5 * u[0], 0.2 + 0.6 * u[1], u[2]], dtype=np.float32), lungs[side]
+            )
+            _paint_sphere(hu, grid, c, r, -600.0, within=lungs[side]["mask"] & lung)
+        extras["ggo_side"] = side
+    if "Atelectasis" in findings:
+        side = f["atel_side"]
+        lm = lungs[side]["mask"] & lung
+        zb, zt = lungs[side]["zb"], lungs[side]["zt"]
+        cy, _ = lungs[side]["center"]
+        plane = (Z - (zb + 0.2 * (zt - zb))) - f["atel_tilt"] * (Y2 - cy)
+        band = np.abs(plane) < f["atel_thickness"] / 2
+        hu[band & lm] = 30.0
+        extras["atel_side"] = side
+    if "Lung nodule" in findings:
+        sides = []
+        for i, (u, r) in enumerate(f["nodules"]):
+            side = -1 if i % 2 == 0 else 1
+            c = _lung_point(
+                np.array([0.2 + 0.6 * u[0], 0.25 + 0.5 * u[1], 0.25 + 0.5 * u[2]], dtype=np.float32),
+                lungs[side],
+            )
+            _paint_sphere(hu, grid, c, r, 40.0, within=lungf)
+            sides.append(side)
+        extras["nodule_sides"] = sides
+        extras["nodule_size_mm"] = 2 * max(r for _, r in f["nodules"])
+    if "Arterial wall calcification" in findings:
+        for t, ang, val in f["aortic_calc"]:
+            p0, p1, r = aorta_pts[3] if t > 0.45 else aorta_pts[int(t / 0.15) % 3]
+            p0, p1 = np.asarray(p0, np.float32), np.asarray(p1, np.float32)
+            tt = (t % 0.45) / 0.45 if t > 0.45 else 0.5
+            c0 = p0 + (p1 - p0) * (0.1 + 0.6 * tt)
+            axis = (p1 - p0) / (np.linalg.norm(p1 - p0) + 1e-6)
+            u = np.cross(axis, [1.0, 0.0, 0.0]) if abs(axis[0]) < 0.9 else np.cross(axis, [0.0, 1.0, 0.0])
+            u /= np.linalg.norm(u) + 1e-6
+            v = np.cross(axis, u)
+            c = c0 + (r - 1.5) * (math.cos(ang) * u + math.sin(ang) * v)
+            _paint_sphere(hu, grid, c, 3.0, val, within=aorta.astype(np.float32))
+    if "Coronary artery wall calcification" in findings:
+        for du, ang, val in f["coronary_calc"]:
+            # Points on the upper/anterior heart surface (the coronary grooves), inside the fat rim.
+            dz = du
+            ring = math.sqrt(max(1 - dz * dz, 0.0))
+            c = (
+                h_c
+                + h_ax * np.array([dz, -ring * math.sin(ang), ring * math.cos(ang)], dtype=np.float32) * 0.93
+            )
+            _paint_sphere(hu, grid, c, 3.0, val, within=heart_only.astype(np.float32))
+    if "Lymphadenopathy" in findings:
+        for u, r in f["nodes"]:
+            c = carina + np.array([10 * u[0], 15 * u[1] - 5, 25 * u[2]], dtype=np.float32)
+            _paint_sphere(hu, grid, c, r, 40.0, within=(labels == 0).astype(np.float32))
+    if "Medical material" in findings:
+        side = f["catheter_side"]
+        p0 = np.array([z_top, by - 0.2 * cav_b, bx + side * 40], dtype=np.float32)
+        p1 = np.array([zarch + 10, ant_y - 8, bx - 12], dtype=np.float32)
+        p2 = np.array([h_c[0] + 20, ant_y, bx - 18], dtype=np.float32)
+        _paint_capsule(hu, grid, p0, p1, 2.0, 1500.0)
+        _paint_capsule(hu, grid, p1, p2, 2.0, 1500.0)
+    return hu, labels, extras
+
+
+def add_noise(hu: np.ndarray, rng: np.random.Generator, sigma: float, smooth: float = 0.0) -> np.ndarray:
+    """Reconstruction: optional smoothing (soft kernel), Gaussian noise, HU rounded and clipped."""
+    out = hu
+    if smooth > 0:
+        from scipy.ndimage import gaussian_filter
+
+        out = gaussian_filter(out, smooth)
+    out = out + rng.standard_normal(size=out.shape, dtype=np.float32) * np.float32(sigma)
+    return np.clip(np.rint(out), -1024, 3071).astype(np.int16)
+
+
+# ------------------------------------------------------------------------------------------------
+# Reports (CT-RATE style)
+# ------------------------------------------------------------------------------------------------
+
+_SIDE = {-1: "right", 1: "left", 0: "bilateral"}
+
+_NORMAL = {
+    "airway": [
+        "Trachea and both main bronchi are open.",
+        "Trachea, both main bronchi are open.",
+        "The trachea and main bronchi are patent. No occlusive pathology was observed in the lumen.",
+    ],
+    "mediastinum": [
+        "Mediastinal main vascular structures, heart contour, size are normal.",
+        "Heart contour and size are normal. Mediastinal main vascular structures are normal.",
+        "The heart size is within normal limits.",
+    ],
+    "aorta": [
+        "Thoracic aorta diameter is normal.",
+        "The thoracic aorta has a normal calibre and no calcific plaque was observed.",
+        "No calcified atherosclerotic plaque was detected in the thoracic aorta.",
+    ],
+    "pericardium": [
+        "Pericardial effusion-thickening was not observed.",
+        "No pericardial effusion or thickening was detected.",
+        "Pericardial effusion-thickening was not detected.",
+    ],
+    "coronary": [
+        "No calcification was observed in the coronary arteries.",
+        "Coronary arteries show no calcification.",
+    ],
+    "esophagus": [
+        "Thoracic esophageal calibration was normal and no significant tumoral wall thickening was detected.",
+        "Thoracic esophagus calibration was normal and no significant pathological wall thickening was detected.",
+        "The esophagus is of normal calibre.",
+    ],
+    "nodes": [
+        "No enlarged lymph nodes in prevascular, pre-paratracheal, subcarinal or bilateral hilar-axillary pathological dimensions were detected.",
+        "No lymph node was observed in the mediastinum and hilar regions in pathological size and appearance.",
+    ],
+    "lung": [
+        "When examined in the lung parenchyma window; aeration of both lung parenchyma is normal and no nodular or infiltrative lesion is detected in the lung parenchyma.",
+        "When examined in the lung parenchyma window; no mass or infiltrative lesion was detected in both lungs.",
+        "Both lungs are clear; no focal nodule, consolidation or emphysematous change was observed.",
+    ],
+    "pleura": [
+        "Pleural effusion-thickening was not detected.",
+        "No pleural effusion was observed.",
+        "There is no pleural effusion or pneumothorax.",
+    ],
+    "abdomen": [
+        "Upper abdominal organs included in the sections are normal.",
+        "As far as can be seen, within the sections; upper abdominal organs are normal.",
+    ],
+    "bone": [
+        "Bone structures in the study area are natural. Vertebral corpus heights are preserved.",
+        "No lytic or destructive lesion was detected in the bone structures within the study area.",
+    ],
+}
+
+_NORMAL_IMPRESSIONS = [
+    "Thoracic CT examination within normal limits.",
+    "No significant pathology was detected in the thorax.",
+    "Normal chest CT.",
+]
+
+
+def _pick(rng: np.random.Generator, options: Sequence[str]) -> str:
+    return options[int(rng.integers(len(options)))]
+
+
+def write_report(
+    findings: frozenset[str] | set[str], extras: Mapping[str, Any], rng: np.random.Generator
+) -> dict[str, str]:
+    """CT-RATE-style report sections for a phantom (several phrasings per finding)."""
+    sent: dict[str, list[str]] = {k: [] for k in _NORMAL}
+    imp: list[str] = []
+    ab = set(findings)
+
+    def side_of(key, default=0):
+        return _SIDE[extras.get(key, default)]
+
+    if "Medical material" in ab:
+        s = _pick(
+            rng,
+            [
+                "A central venous catheter is observed with its tip in the superior vena cava.",
+                "A port catheter extending from the subclavian vein to the superior vena cava is observed.",
+            ],
+        )
+        sent["airway"].append(s)
+        imp.append("Central venous catheter.")
+    if "Cardiomegaly" in ab:
+        sent["mediastinum"].append(
+            _pick(
+                rng,
+                [
+                    "The heart size is increased (cardiomegaly).",
+                    "Cardiomegaly was observed.",
+                    "The heart is enlarged.",
+                ],
+            )
+        )
+        imp.append(_pick(rng, ["Cardiomegaly.", "Enlarged heart (cardiomegaly)."]))
+    if "Arterial wall calcification" in ab:
+        sent["aorta"].append(
+            _pick(
+                rng,
+                [
+                    "Calcified atherosclerotic plaques are observed in the wall of the thoracic aorta.",
+                    "Atheromatous calcifications were observed in the aortic arch and descending aorta.",
+                    "There are calcific plaques in the thoracic aorta wall.",
+                ],
+            )
+        )
+        imp.append(
+            _pick(
+                rng,
+                [
+                    "Atherosclerotic changes in the thoracic aorta.",
+                    "Calcified plaques in the thoracic aorta.",
+                ],
+            )
+        )
+    if "Coronary artery wall calcification" in ab:
+        sent["coronary"].append(
+            _pick(
+                rng,
+                [
+                    "Calcified plaques are observed in the coronary arteries.",
+                    "Coronary artery calcification is present.",
+                    "Atherosclerotic calcifications were observed in the coronary arteries.",
+                ],
+            )
+        )
+        imp.append(
+            _pick(rng, ["Coronary artery calcification.", "Calcified plaques in the coronary arteries."])
+        )
+    if "Pericardial effusion" in ab:
+        sent["pericardium"].append(
+            _pick(
+                rng,
+                [
+                    "Pericardial effusion reaching 12 mm in its thickest part was observed.",
+                    "There is a pericardial effusion surrounding the heart.",
+                    "Fluid is observed in the pericardial space (pericardial effusion).",
+                ],
+            )
+        )
+        imp.append(_pick(rng, ["Pericardial effusion.", "Pericardial fluid."]))
+    if "Hiatal hernia" in ab:
+        sent["esophagus"].append(
+            _pick(
+                rng,
+                [
+                    "A hiatal hernia is observed at the lower end of the esophagus.",
+                    "Sliding type hiatal hernia was observed.",
+                    "Hiatal hernia is present at the esophagogastric junction.",
+                ],
+            )
+        )
+        imp.append(_pick(rng, ["Hiatal hernia.", "Sliding hiatal hernia."]))
+    if "Lymphadenopathy" in ab:
+        sent["nodes"].append(
+            _pick(
+                rng,
+                [
+                    "Lymph nodes reaching 22 mm in short axis are observed in the subcarinal and right paratracheal regions.",
+                    "Enlarged mediastinal lymph nodes were observed.",
+                ],
+            )
+        )
+        imp.append("Mediastinal lymphadenopathy.")
+    lung_sent: list[str] = []
+    if "Emphysema" in ab:
+        lung_sent.append(
+            _pick(
+                rng,
+                [
+                    "Centriacinar emphysematous changes are observed in both lungs, predominantly in the upper lobes.",
+                    "Emphysema is seen in both lungs.",
+                    "Paraseptal and centrilobular emphysema are observed in the upper lobes of both lungs.",
+                ],
+            )
+        )
+        imp.append(_pick(rng, ["Emphysema in both lungs.", "Emphysematous changes in the lungs."]))
+    if "Lung nodule" in ab:
+        sides = {_SIDE[s] for s in extras.get("nodule_sides", [-1])}
+        where = "both lungs" if len(sides) == 2 else f"the {sides.pop()} lung"
+        size = round(extras.get("nodule_size_mm", 8))
+        lung_sent.append(
+            _pick(
+                rng,
+                [
+                    f"A nodule measuring {size} mm was observed in {where}.",
+                    f"Solid nodules up to {size} mm in diameter are observed in {where}.",
+                    f"There is a {size} mm pulmonary nodule in {where}.",
+                ],
+            )
+        )
+        imp.append(_pick(rng, [f"Pulmonary nodule in {where}.", f"Lung nodule in {where}."]))
+    if "Consolidation" in ab:
+        s = side_of("consol_side")
+        lung_sent.append(
+            _pick(
+                rng,
+                [
+                    f"Consolidation areas are observed in the lower lobe of the {s} lung.",
+                    f"Patchy consolidation with air bronchograms in the {s} lung lower lobe.",
+                    f"There is a consolidation in the posterobasal segment of the {s} lung.",
+                ],
+            )
+        )
+        imp.append(
+            _pick(
+                rng,
+                [f"Consolidation in the {s} lung.", f"Pneumonic consolidation in the {s} lung lower lobe."],
+            )
+        )
+    if "Lung opacity" in ab:
+        s = side_of("ggo_side")
+        lung_sent.append(
+            _pick(
+                rng,
+                [
+                    f"Ground glass opacities are observed in the {s} lung.",
+                    f"Patchy ground-glass densities were seen in the upper lobe of the {s} lung.",
+                ],
+            )
+        )
+        imp.append(f"Ground glass opacity in the {s} lung.")
+    if "Atelectasis" in ab:
+        s = side_of("atel_side")
+        lung_sent.append(
+            _pick(
+                rng,
+                [
+                    f"Linear atelectasis is observed in the lower lobe of the {s} lung.",
+                    f"Subsegmental atelectasis was observed in the {s} lung base.",
+                    f"Band-like atelectatic changes in the {s} lung lower lobe.",
+                ],
+            )
+        )
+        imp.append(
+            _pick(rng, [f"Atelectasis in the {s} lung.", f"Atelectatic changes in the {s} lung base."])
+        )
+    if lung_sent:
+        sent["lung"] = ["When examined in the lung parenchyma window;", *lung_sent]
+    if "Pleural effusion" in ab:
+        sides = extras.get("effusion_sides", (0,))
+        s = "bilateral" if len(sides) == 2 else _SIDE[sides[0]]
+        sent["pleura"].append(
+            _pick(
+                rng,
+                [
+                    f"Pleural effusion is observed on the {s} side, measuring 25 mm in its thickest part.",
+                    f"{s.capitalize()} pleural effusion was detected.",
+                    f"There is a {s} pleural effusion with adjacent compression of the lung.",
+                ],
+            )
+        )
+        imp.append(_pick(rng, [f"{s.capitalize()} pleural effusion.", f"Pleural effusion on the {s} side."]))
+
+    parts = []
+    for key in _NORMAL:
+        parts.extend(sent[key] if sent[key] else [_pick(rng, _NORMAL[key])])
+    impression = " ".join(imp) if imp else _pick(rng, _NORMAL_IMPRESSIONS)
+    clinical = _pick(
+        rng, ["Not given.", "Cough and dyspnea.", "Follow-up.", "Chest pain.", "Fever, suspected infection."]
+    )
+    technique = _pick(
+        rng,
+        [
+            "Non-contrast thin-section axial images of the chest were obtained.",
+            "Thorax CT was performed without contrast; axial sections with multiplanar reconstructions.",
+            "Contrast-enhanced axial images of the thorax were obtained.",
+        ],
+    )
+    return {
+        "ClinicalInformation_EN": clinical,
+        "Technique_EN": technique,
+        "Findings_EN": " ".join(parts),
+        "Impressions_EN": impression,
+    }
+
+
+# ------------------------------------------------------------------------------------------------
+# Samples and cohorts
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SynthSample:
+    """One synthetic scan.
+
+    Attributes:
+        name: CT-RATE volume name (``train_12_a_1``).
+        hu: int16 HU ``(Z, Y, X)`` (with noise).
+        labels: uint8 anatomy mask ``(Z, Y, X)`` (:data:`MASK_VALUES`).
+        geometry: where the voxels are (LPS).
+        findings: frozenset of rendered finding labels.
+        report: CT-RATE report columns (without ``VolumeName``).
+        split: ``"train"`` or ``"valid"``.
+    """
+
+    name: str
+    hu: np.ndarray
+    labels: np.ndarray
+    geometry: Geometry
+    findings: frozenset[str]
+    report: dict[str, str]
+    split: str = "train"
+
+    @property
+    def label_row(self) -> dict[str, int]:
+        """The 18 CT-RATE labels as 0/1."""
+        return {lbl: int(lbl in self.findings) for lbl in CTRATE_LABELS}
+
+    @property
+    def scan_id(self) -> str:
+        return self.name.rsplit("_", 1)[0]
+
+    def metadata_row(self) -> dict[str, str]:
+        g = self.geometry
+        return {
+            "VolumeName": f"{self.name}.nii.gz",
+            "XYSpacing": f"[{g.spacing[1]!r}, {g.spacing[0]!r}]",
+            "ZSpacing": repr(g.spacing[2]),
+            "ImagePositionPatient": "[" + ", ".join(repr(v) for v in g.origin) + "]",
+            "ImageOrientationPatient": "[1, 0, 0, 0, 1, 0]",
+            "RescaleIntercept": str(RESCALE_INTERCEPT),
+            "RescaleSlope": "1",
+        }
+
+
+def _draw_findings(rng: np.random.Generator, prevalence: Mapping[str, float]) -> frozenset[str]:
+    draws = rng.random(len(RENDERED_FINDINGS))  # always the same number of draws
+    return frozenset(f for f, d in zip(RENDERED_FINDINGS, draws) if d < prevalence.get(f, 0.0))
+
+
+def make_phantom(
+    seed: int,
+    index: int,
+    split: str = "train",
+    size_zyx: Sequence[int] = (64, 64, 64),
+    spacing_zyx: Sequence[float] | None = None,
+    prevalence: Mapping[str, float] | None = None,
+    recon: int = 1,
+    findings: Sequence[str] | None = None,
+) -> SynthSample:
+    """Phantom ``index`` of the cohort ``seed`` (``recon`` > 1: another reconstruction of the same scan).
+
+    ``findings`` overrides the drawn finding set (e.g. to render one phantom with and without a finding).
+    """
+    split_id = 0 if split == "train" else 1
+    ss = np.random.SeedSequence([int(seed), split_id, int(index)])
+    r_params, r_findings, r_report, r_origin, _r_noise = (np.random.default_rng(s) for s in ss.spawn(5))
+    size_zyx = tuple(int(s) for s in size_zyx)
+    spacing = tuple(float(s) for s in (spacing_zyx or default_spacing_zyx(size_zyx)))
+    grid = _Grid(size_zyx, spacing)
+    params = sample_params(r_params, grid)
+    drawn = _draw_findings(r_findings, DEFAULT_PREVALENCE if prevalence is None else prevalence)
+    fset = drawn if findings is None else frozenset(findings)
+    hu, labels, extras = render_phantom(params, fset, size_zyx, spacing)
+    report = write_report(fset, extras, r_report)
+    noise_rng = np.random.default_rng(np.random.SeedSequence([int(seed), split_id, int(index), int(recon)]))
+    # Reconstruction 1: sharp kernel; others: softer kernel with less noise.
+    smooth = 0.0 if recon == 1 else 0.7
+    hu_n = add_noise(hu, noise_rng, params.noise_sigma * (1.0 if recon == 1 else 0.6), smooth)
+    origin = (
+        float(-(size_zyx[2] - 1) / 2 * spacing[2] + r_origin.uniform(-20, 20)),
+        float(-(size_zyx[1] - 1) / 2 * spacing[1] + r_origin.uniform(-40, 40)),
+        float(r_origin.uniform(-400, -100)),
+    )
+    geometry = Geometry(
+        size=(size_zyx[2], size_zyx[1], size_zyx[0]),
+        spacing=(spacing[2], spacing[1], spacing[0]),
+        origin=tuple(round(o, 3) for o in origin),
+        direction=(1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0),
+    )
+    prefix = "train" if split == "train" else "valid"
+    return SynthSample(
+        name=f"{prefix}_{index + 1}_a_{recon}",
+        hu=hu_n,
+        labels=labels,
+        geometry=geometry,
+        findings=fset,
+        report=report,
+        split=split,
+    )
+
+
+@dataclass(frozen=True)
+class _Job:
+    seed: int
+    index: int
+    split: str
+    recon: int
+    size_zyx: tuple[int, int, int]
+    spacing_zyx: tuple[float, float, float] | None
+    prevalence: tuple[tuple[str, float], ...] | None
+    out_dir: str | None
+    write_masks: bool
+
+
+def _run_job(job: _Job) -> SynthSample | dict[str, Any]:
+    sample = make_phantom(
+        job.seed,
+        job.index,
+        job.split,
+        job.size_zyx,
+        job.spacing_zyx,
+        None if job.prevalence is None else dict(job.prevalence),
+        recon=job.recon,
+    )
+    if job.out_dir is None:
+        return sample
+    write_sample_files(sample, Path(job.out_dir), write_masks=job.write_masks)
+    return {
+        "name": sample.name,
+        "split": sample.split,
+        "metadata": sample.metadata_row(),
+        "report": {"VolumeName": f"{sample.name}.nii.gz", **sample.report},
+        "labels": {"VolumeName": f"{sample.name}.nii.gz", **sample.label_row},
+        "findings": sorted(sample.findings),
+    }
+
+
+def volume_relpath(name: str) -> Path:
+    """``train_1_a_1`` -> ``train_1/train_1_a/train_1_a_1.nii.gz`` (CT-RATE folder nesting)."""
+    parts = name.split("_")
+    return Path("_".join(parts[:2])) / "_".join(parts[:3]) / f"{name}.nii.gz"
+
+
+def write_sample_files(sample: SynthSample, out_dir: Path, write_masks: bool = True) -> None:
+    """Write the volume (stored int16 = HU + 1024, header geometry deliberately generic) and its mask.
+
+    The NIfTI header carries unit spacing at the origin, as unreliable CT-RATE headers do: the true
+    geometry and HU scaling are in the metadata CSV. Masks carry the true geometry.
+    """
+    import SimpleITK as sitk
+
+    from fvlm_core.atomic import atomic_path
+
+    rel = volume_relpath(sample.name)
+    split_dir = "train" if sample.split == "train" else "valid"
+    stored = (sample.hu.astype(np.int32) - RESCALE_INTERCEPT).astype(np.int16)
+    img = sitk.GetImageFromArray(stored)  # spacing 1, origin 0, identity: not the real geometry
+    target = out_dir / "dataset" / split_dir / rel
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(target) as tmp:
+        sitk.WriteImage(img, str(tmp), useCompression=True)
+    if write_masks:
+        m = sample.geometry.apply_to(sitk.GetImageFromArray(sample.labels))
+        mtarget = out_dir / "anatomy_masks" / split_dir / rel
+        mtarget.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(mtarget) as tmp:
+            sitk.WriteImage(m, str(tmp), useCompression=True)
+
+
+def _csv_text(rows: list[Mapping[str, Any]], columns: Sequence[str]) -> str:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(columns), lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({c: r[c] for c in columns})
+    return buf.getvalue()
+
+
+def _jobs(
+    n: int,
+    seed: int,
+    size_zyx,
+    spacing_zyx,
+    prevalence,
+    valid_fraction: float,
+    recon_fraction: float,
+    out_dir: Path | None,
+    write_masks: bool,
+) -> list[_Job]:
+    n_valid = round(n * valid_fraction)
+    n_train = n - n_valid
+    # Which scans get a second reconstruction: its own stream, independent of workers.
+    rr = np.random.default_rng(np.random.SeedSequence([int(seed), 7]))
+    second = rr.random(n) < recon_fraction
+    prev = None if prevalence is None else tuple(sorted(prevalence.items()))
+    jobs = []
+    for k in range(n):
+        split, index = ("train", k) if k < n_train else ("valid", k - n_train)
+        for recon in (1, 2) if second[k] else (1,):
+            jobs.append(
+                _Job(
+                    int(seed),
+                    index,
+                    split,
+                    recon,
+                    tuple(int(s) for s in size_zyx),
+                    None if spacing_zyx is None else tuple(float(s) for s in spacing_zyx),
+                    prev,
+                    None if out_dir is None else str(out_dir),
+                    write_masks,
+                )
+            )
+    return jobs
+
+
+def _map(jobs: list[_Job], workers: int) -> Iterator[Any]:
+    if workers <= 1 or len(jobs) < 2:
+        yield from map(_run_job, jobs)
+        return
+    # forkserver/spawn: safe when the parent already runs torch threads (fork could deadlock).
+    methods = mp.get_all_start_methods()
+    ctx = mp.get_context("forkserver" if "forkserver" in methods else "spawn")
+    chunk = max(1, min(16, len(jobs) // (workers * 4)))
+    with ctx.Pool(workers) as pool:
+        yield from pool.imap(_run_job, jobs, chunksize=chunk)
+
+
+def iter_cohort(
+    n: int,
+    seed: int,
+    *,
+    size_zyx: Sequence[int] = (64, 64, 64),
+    spacing_zyx: Sequence[float] | None = None,
+    workers: int = 1,
+    prevalence: Mapping[str, float] | None = None,
+    valid_fraction: float = DEFAULT_VALID_FRACTION,
+    recon_fraction: float = 0.0,
+) -> Iterator[SynthSample]:
+    """Yield the cohort's samples in memory, in a fixed order (no files written).
+
+    Use this to train on phantoms without touching the disk: each :class:`SynthSample` holds HU,
+    anatomy labels, geometry, findings and report. Same arguments -> identical samples.
+    """
+    yield from _map(
+        _jobs(n, seed, size_zyx, spacing_zyx, prevalence, valid_fraction, recon_fraction, None, False),
+        workers,
+    )
+
+
+@dataclass
+class CohortSummary:
+    out_dir: Path | None
+    n_scans: int
+    n_volumes: int
+    seconds: float
+    prevalence: dict[str, float]
+    samples: list[SynthSample] | None = None
+
+    @property
+    def volumes_per_second(self) -> float:
+        return self.n_volumes / self.seconds if self.seconds > 0 else float("inf")
+
+
+def generate_cohort(
+    out_dir: str | os.PathLike | None,
+    n: int,
+    seed: int,
+    *,
+    size_zyx: Sequence[int] = (64, 64, 64),
+    spacing_zyx: Sequence[float] | None = None,
+    workers: int = 1,
+    prevalence: Mapping[str, float] | None = None,
+    valid_fraction: float = DEFAULT_VALID_FRACTION,
+    recon_fraction: float = 0.2,
+    write_masks: bool = True,
+    progress: bool = False,
+) -> CohortSummary:
+    """Generate ``n`` synthetic scans (train + valid) in the CT-RATE layout under ``out_dir``.
+
+    With ``out_dir=None`` nothing is written and ``summary.samples`` holds the samples in memory.
+
+    Layout written::
+
+        dataset/{train,valid}/train_1/train_1_a/train_1_a_1.nii.gz      (int16, stored = HU + 1024)
+        anatomy_masks/{train,valid}/...same names...                     (uint8, MASK_VALUES)
+        metadata/{train,validation}_metadata.csv
+        radiology_text_reports/{train,validation}_reports.csv
+        multi_abnormality_labels/{train,valid}_predicted_labels.csv
+    """
+    import time
+
+    from fvlm_core.atomic import atomic_write_text
+    from fvlm_core.errors import InputError
+
+    if n < 1:
+        raise InputError(f"--n must be at least 1 (got {n}).")
+    if len(size_zyx) != 3 or min(size_zyx) < 16:
+        raise InputError(f"--size must give 3 sizes of at least 16 voxels (got {tuple(size_zyx)}).")
+    prev = dict(DEFAULT_PREVALENCE if prevalence is None else prevalence)
+    unknown = sorted(set(prev) - set(RENDERED_FINDINGS))
+    if unknown:
+        raise InputError(
+            f"prevalence names findings the generator cannot draw: {unknown}. Known: {list(RENDERED_FINDINGS)}"
+        )
+    t0 = time.perf_counter()
+    out = None if out_dir is None else Path(out_dir)
+    jobs = _jobs(n, seed, size_zyx, spacing_zyx, prev, valid_fraction, recon_fraction, out, write_masks)
+    results = _map(jobs, workers)
+    if progress:
+        from tqdm import tqdm
+
+        results = tqdm(results, total=len(jobs), desc="synth", unit="vol")
+    if out is None:
+        samples = list(results)
+        return CohortSummary(None, n, len(samples), time.perf_counter() - t0, prev, samples)
+    rows: dict[str, dict[str, list]] = {s: {"metadata": [], "report": [], "labels": []} for s in SPLITS}
+    for r in results:
+        for k in ("metadata", "report", "labels"):
+            rows[r["split"]][k].append(r[k])
+    for split, (_, meta_name, lab_name) in SPLITS.items():
+        atomic_write_text(
+            out / "metadata" / f"{meta_name}_metadata.csv",
+            _csv_text(rows[split]["metadata"], METADATA_COLUMNS),
+        )
+        atomic_write_text(
+            out / "radiology_text_reports" / f"{meta_name}_reports.csv",
+            _csv_text(rows[split]["report"], REPORT_COLUMNS),
+        )
+        atomic_write_text(
+            out / "multi_abnormality_labels" / f"{lab_name}_predicted_labels.csv",
+            _csv_text(rows[split]["labels"], ("VolumeName", *CTRATE_LABELS)),
+        )
+    readme = (
+        "Synthetic chest CT cohort (fvlm synth) in the CT-RATE layout.\n"
+        f"seed={seed} n_scans={n} volumes={len(jobs)} size_zyx={tuple(size_zyx)}\n"
+        "Volumes: int16 stored values; HU = stored + RescaleIntercept (metadata CSV). NIfTI headers\n"
+        "carry no geometry (unit spacing): use the metadata CSV, as for CT-RATE.\n"
+        "anatomy_masks: lung 1, heart 2, esophagus 3, aorta 4, trachea 5 (extended catalog order),\n"
+        "on the true geometry. Pleural effusion lies in 'lung', pericardial fluid in 'heart',\n"
+        "a hiatal hernia in 'esophagus'.\n"
+    )
+    atomic_write_text(out / "README.txt", readme)
+    return CohortSummary(out, n, len(jobs), time.perf_counter() - t0, prev)

@@ -29,12 +29,15 @@ class LabelRule:
         require: regex that must also occur in the clause (site), or ``None``.
         exclude: regex that vetoes a mention when it occurs in the clause (other organ), or ``None``.
         sentence_require: like ``require`` but searched in the whole sentence.
+        pseudo: label-specific phrases that look like negation but are not (blanked before the
+            negation check).
     """
 
     pattern: re.Pattern
     require: re.Pattern | None = None
     exclude: re.Pattern | None = None
     sentence_require: re.Pattern | None = None
+    pseudo: re.Pattern | None = None
 
 
 def _rx(s: str) -> re.Pattern:
@@ -43,8 +46,8 @@ def _rx(s: str) -> re.Pattern:
 
 _LUNG_SITE = r"lung|lobe|lobar|pulmonary|parenchym|segment|lingula|subpleural|fissur|apical|apex|basal|bronch|pleura"
 _NON_LUNG_ORGAN = (
-    r"thyroid|adrenal|liver|hepatic|kidney|renal|spleen|splenic|pancrea|breast|axilla|gland|lymph|"
-    r"mediastin|bone|vertebra|rib|gallbladder|stomach|gastric|soft tissue|muscle|esophag|skin"
+    r"\b(?:thyroid|adrenal|liver|hepatic|kidney|renal|spleen|splenic|pancrea|breast|axilla|gland|lymph|"
+    r"mediastin|bone|vertebra|ribs?\b|gallbladder|stomach|gastric|soft tissue|muscle|esophag|skin)"
 )
 
 # "thickening", "thickness increase", "increase in thickness", "prominence".
@@ -95,13 +98,29 @@ LABEL_RULES: dict[str, LabelRule | tuple[LabelRule, ...]] = {
     ),
     "Hiatal hernia": LabelRule(_rx(r"hiat(?:al|us) hernia|hernia(?: \w+){0,4} hiat|paraesophageal hernia")),
     "Lymphadenopathy": LabelRule(
-        _rx(r"lymphadenopath|\blaps?\b|lymph nodes?|\blns?\b|adenopath|lymph nodular|conglomerat"),
+        _rx(r"lymphadenopath|\blaps?\b|lymph nodes?(?! stations?)|\blns?\b|adenopath|lymph nodular|conglomerat"),
+        # CT-RATE's annotators mark any stated lymph node, including "nodes that did not reach
+        # pathological size": such size qualifiers do not negate the node itself.
+        pseudo=_rx(
+            r"(?:did|do|does|has|have|had)? ?not (?:reach\w*|exceed\w*|meet\w*)(?: the)? (?:pathologic\w*|significant)|"
+            r"(?:is|are|was|were)? ?not (?:observed |seen |detected )?(?:in |of |at )?(?:pathologic\w*|significant) "
+            r"(?:size|dimension|appearance|configuration)"
+        ),
     ),
     "Emphysema": LabelRule(_rx(r"emphysem|\bbullae?\b|bullous|blebs?\b")),
-    "Atelectasis": LabelRule(_rx(r"atelecta|collapse")),
+    # "Fibroatelectasis" is a fibrotic sequela, not atelectasis; "collapse fracture" is bone.
+    "Atelectasis": LabelRule(
+        _rx(r"(?<!fibro)(?<!fibro )atelecta|collapse"), exclude=_rx(r"fracture|vertebra|corpus|bone")
+    ),
+    # "nodular" as an adjective of another pattern (nodular consolidation / ground glass /
+    # thickening, reticulonodular) is not a nodule; nodules of other organs or the pleura neither.
     "Lung nodule": LabelRule(
-        _rx(r"nodul\w*|micronodul\w*"),
-        exclude=_rx(_NON_LUNG_ORGAN),
+        _rx(
+            r"(?<!reticulo)(?:micro)?nodules?\b|(?<!reticulo)(?<!multi)(?:micro)?nodular (?:lesions?|appearances?|"
+            r"formations?|structures?|images?|foci|focus|pattern|densit(?:y|ies)(?! increas)|opacit(?:y|ies))|"
+            r"(?:centri|centr|centro)\w*(?:acinar|lobular) nodul"
+        ),
+        exclude=_rx(_NON_LUNG_ORGAN + r"|(?<!sub)pleural (?:nodul|plaque)|nodul\w*(?: lesions?)? (?:in|of|on) the pleura\b"),
     ),
     "Lung opacity": (
         LabelRule(
@@ -160,7 +179,10 @@ def label_mentions(text: str, label: str) -> list:
                     continue
                 if rule.exclude is not None and rule.exclude.search(clause):
                     continue
-                found.extend(find_mentions(clause, rule.pattern))
+                text_for_cues = clause
+                if rule.pseudo is not None:  # keep offsets: blank, don't delete
+                    text_for_cues = rule.pseudo.sub(lambda m: "~" * len(m.group(0)), clause)
+                found.extend(find_mentions(text_for_cues, rule.pattern))
     return found
 
 

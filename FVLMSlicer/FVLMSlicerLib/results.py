@@ -1,0 +1,219 @@
+"""Analysis results -> MRML: highlighted segments, segment tags, a table node, similarity maps.
+
+* Segments of anatomies with a flagged finding are recoloured from the anatomy's colour toward
+  a highlight red in proportion to the highest flagged probability and drawn opaque; the other
+  segments are dimmed (greyed, low opacity). The original colour is kept in a tag so repeated
+  runs do not compound.
+* Each segment carries tags ``FVLM.probability.<finding>`` (``"0.7342"``), ``FVLM.flagged``
+  (``"; "``-separated names), ``FVLM.findings`` (all scored names), ``FVLM.maxProbability``,
+  ``FVLM.status``.
+* A table node lists anatomy, finding, probability, threshold, flagged (+ threshold source,
+  status), one row per scored finding.
+* Similarity maps of flagged findings become scalar volumes on the CT's grid.
+
+All of it is ordinary MRML content, so it is saved with the scene (.mrml/.mrb) and by the
+segmentation (.seg.nrrd) and table (.tsv) storage nodes. No Qt.
+"""
+
+from __future__ import annotations
+
+import colorsys
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import vtk
+
+from fvlm_core.io import Geometry
+
+from .mrml_io import TAG_PREFIX, add_volume_node, get_segment_tag
+from .summary import AnalysisSummary
+
+HIGHLIGHT_RGB = (1.0, 0.12, 0.08)
+DIM_OPACITY = 0.15
+TABLE_COLUMNS = (
+    ("anatomy", "string"),
+    ("finding", "string"),
+    ("probability", "double"),
+    ("threshold", "double"),
+    ("flagged", "int"),
+    ("threshold source", "string"),
+    ("status", "string"),
+)
+#: Node attribute linking result nodes to the analysis (value: the segmentation node ID).
+ATTR_SEGMENTATION = "FVLM.SegmentationNodeID"
+ATTR_SIMILARITY = "FVLM.SimilarityMap"  # value: "anatomy|finding"
+ATTR_ROLE = "FVLM.Role"
+ATTR_SOURCE_VOLUME = "FVLM.SourceVolumeNodeID"
+#: Colour tables for similarity maps, first one present wins (the first is Slicer's, file-based).
+SIMILARITY_COLOR_IDS = (
+    "vtkMRMLColorTableNodeFileColdToHotRainbow.txt",
+    "vtkMRMLPETProceduralColorNodePET-Heat",
+    "vtkMRMLColorTableNodeRainbow",
+)
+
+
+@dataclass
+class ResultNodes:
+    """The MRML nodes holding one analysis."""
+
+    segmentation: Any
+    table: Any
+    similarity_volumes: dict[tuple[str, str], Any] = field(default_factory=dict)
+
+
+def _clean_tag(text: str) -> str:
+    # the .seg.nrrd header stores tags as "name:value|": keep those characters out
+    return text.replace("|", "/").replace(":", "-")
+
+
+def probability_tag(finding: str) -> str:
+    return f"{TAG_PREFIX}probability.{_clean_tag(finding)}"
+
+
+def highlight_color(base_rgb: tuple[float, float, float], probability: float) -> tuple[float, float, float]:
+    """Colour of a flagged anatomy: the anatomy colour moved toward red by ``probability``."""
+    p = float(np.clip(probability, 0.0, 1.0))
+    return tuple(float((1 - p) * b + p * h) for b, h in zip(base_rgb, HIGHLIGHT_RGB))
+
+
+def dimmed_color(base_rgb: tuple[float, float, float]) -> tuple[float, float, float]:
+    """Colour of an anatomy with nothing flagged: desaturated and darker."""
+    h, s, v = colorsys.rgb_to_hsv(*base_rgb)
+    return colorsys.hsv_to_rgb(h, s * 0.25, v * 0.6)
+
+
+def _parse_rgb(text: str | None) -> tuple[float, float, float] | None:
+    try:
+        values = tuple(float(v) for v in (text or "").split(","))
+        return values if len(values) == 3 else None
+    except ValueError:
+        return None
+
+
+def apply_to_segmentation(segmentation_node: Any, summary: AnalysisSummary) -> None:
+    """Recolour segments and write tags for every anatomy of ``summary``.
+
+    Segments are found by ID (the anatomy name, as :func:`labelmap_to_segmentation_node`
+    creates them) or by the ``FVLM.anatomy`` tag.
+    """
+    segmentation = segmentation_node.GetSegmentation()
+    display = segmentation_node.GetDisplayNode()
+    by_anatomy: dict[str, list[str]] = {}
+    for i in range(segmentation.GetNumberOfSegments()):
+        segment_id = segmentation.GetNthSegmentID(i)
+        segment = segmentation.GetSegment(segment_id)
+        anatomy = get_segment_tag(segment, TAG_PREFIX + "anatomy", segment_id)
+        by_anatomy.setdefault(anatomy, []).append(segment_id)
+
+    for result in summary.anatomies:
+        for segment_id in by_anatomy.get(result.name, []):
+            segment = segmentation.GetSegment(segment_id)
+            base = _parse_rgb(get_segment_tag(segment, TAG_PREFIX + "originalColor"))
+            if base is None:
+                base = tuple(segment.GetColor())
+                segment.SetTag(TAG_PREFIX + "originalColor", ",".join(f"{c:.4f}" for c in base))
+            flagged = result.flagged
+            p_max = result.max_probability
+            segment.SetColor(*(highlight_color(base, p_max) if flagged else dimmed_color(base)))
+            segment.SetTag(TAG_PREFIX + "status", result.status)
+            segment.SetTag(TAG_PREFIX + "findings", "; ".join(_clean_tag(f.finding) for f in result.findings))
+            segment.SetTag(TAG_PREFIX + "flagged", "; ".join(_clean_tag(f.finding) for f in flagged))
+            segment.SetTag(TAG_PREFIX + "maxProbability", f"{p_max:.4f}")
+            for f in result.findings:
+                segment.SetTag(probability_tag(f.finding), f"{f.probability:.4f}")
+            if display is not None:
+                opacity = 0.5 + 0.5 * p_max if flagged else DIM_OPACITY
+                display.SetSegmentOpacity2DFill(segment_id, opacity)
+                display.SetSegmentOpacity2DOutline(segment_id, 1.0 if flagged else 0.3)
+                display.SetSegmentOpacity3D(segment_id, 1.0 if flagged else 0.1)
+
+
+def fill_table(table_node: Any, summary: AnalysisSummary) -> Any:
+    """Replace the table's content by one row per scored finding."""
+    table_node.RemoveAllColumns()
+    arrays = {"string": vtk.vtkStringArray, "double": vtk.vtkDoubleArray, "int": vtk.vtkIntArray}
+    columns = []
+    for name, kind in TABLE_COLUMNS:
+        column = arrays[kind]()
+        column.SetName(name)
+        table_node.AddColumn(column)
+        columns.append(column)
+    for row in summary.rows():
+        values = (
+            row.anatomy,
+            row.finding,
+            row.probability,
+            row.threshold,
+            int(row.flagged),
+            row.threshold_source,
+            row.status,
+        )
+        for column, value in zip(columns, values):
+            column.InsertNextValue(value)
+    table_node.GetTable().Modified()
+    table_node.SetUseColumnTitleAsColumnHeader(True)
+    table_node.SetLocked(True)  # results are read-only in the table view
+    return table_node
+
+
+def table_rows(table_node: Any) -> list[dict[str, str]]:
+    """Rows of a table node as ``{column: text}`` (works on tables reloaded from .tsv)."""
+    names = [table_node.GetColumnName(c) for c in range(table_node.GetNumberOfColumns())]
+    return [
+        {names[c]: table_node.GetCellText(r, c) for c in range(len(names))}
+        for r in range(table_node.GetNumberOfRows())
+    ]
+
+
+def add_similarity_volumes(
+    scene: Any,
+    summary: AnalysisSummary,
+    geometry: Geometry,
+    segmentation_node: Any,
+    only_flagged: bool = True,
+    existing: dict[tuple[str, str], Any] | None = None,
+) -> dict[tuple[str, str], Any]:
+    """Scalar volumes of the similarity maps (on the CT grid) for flagged findings."""
+    flagged = {(r.anatomy, r.finding) for r in summary.rows() if r.flagged}
+    out: dict[tuple[str, str], Any] = {}
+    for key, array in summary.similarity_maps.items():
+        if only_flagged and key not in flagged:
+            continue
+        anatomy, finding = key
+        node = (existing or {}).get(key)
+        node = add_volume_node(
+            scene, array.astype(np.float32), geometry, f"FVLM similarity {anatomy}: {finding}", node=node
+        )
+        node.SetAttribute(ATTR_SIMILARITY, f"{anatomy}|{finding}")
+        node.SetAttribute(ATTR_SEGMENTATION, segmentation_node.GetID())
+        display = node.GetDisplayNode()
+        if display is not None:
+            for color_id in SIMILARITY_COLOR_IDS:
+                if scene.GetNodeByID(color_id) is not None:
+                    display.SetAndObserveColorNodeID(color_id)
+                    break
+            lo, hi = float(np.min(array)), float(np.max(array))
+            display.SetAutoWindowLevel(False)
+            display.SetWindowLevelMinMax(lo, hi if hi > lo else lo + 1e-6)
+        out[key] = node
+    return out
+
+
+def apply_summary(
+    scene: Any,
+    summary: AnalysisSummary,
+    segmentation_node: Any,
+    geometry: Geometry,
+    table_node: Any = None,
+    similarity_maps: bool = True,
+) -> ResultNodes:
+    """Show an analysis in MRML: segment colours and tags, the table, the similarity maps."""
+    apply_to_segmentation(segmentation_node, summary)
+    if table_node is None:
+        table_node = scene.AddNewNodeByClass("vtkMRMLTableNode", f"{segmentation_node.GetName()} findings")
+    fill_table(table_node, summary)
+    table_node.SetAttribute(ATTR_SEGMENTATION, segmentation_node.GetID())
+    table_node.SetAttribute(ATTR_ROLE, "findings")
+    volumes = add_similarity_volumes(scene, summary, geometry, segmentation_node) if similarity_maps else {}
+    return ResultNodes(segmentation=segmentation_node, table=table_node, similarity_volumes=volumes)

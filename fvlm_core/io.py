@@ -207,6 +207,28 @@ class CTVolume:
         return array_to_sitk(self.array, self.geometry)
 
 
+def ct_from_array(
+    array: np.ndarray, geometry: Geometry, source: str = "<array>", *, allow_non_hu: bool = False
+) -> CTVolume:
+    """A :class:`CTVolume` from an in-memory ``(Z, Y, X)`` array in HU (e.g. a Slicer volume node),
+    with the same checks as :func:`read_ct`: 3D, matching shape, valid geometry, HU-like values.
+    """
+    array = np.asarray(array)
+    if array.ndim != 3:
+        raise InputError(
+            f"{source}: array has {array.ndim} dimensions (shape {array.shape}); a CT is 3D (Z, Y, X)."
+        )
+    if tuple(array.shape) != geometry.shape_zyx:
+        raise GeometryError(
+            f"{source}: array shape {array.shape} does not match its geometry {geometry.shape_zyx} (Z, Y, X)."
+        )
+    geometry.validate(source)
+    array = np.ascontiguousarray(array, dtype=np.float32)
+    if not allow_non_hu:
+        check_hu(array, source)
+    return CTVolume(array=array, geometry=geometry, source=source)
+
+
 def array_to_sitk(array: np.ndarray, geometry: Geometry) -> sitk.Image:
     """Wrap a ``(Z, Y, X)`` array as a SimpleITK image with ``geometry``."""
     if tuple(array.shape) != geometry.shape_zyx:
@@ -636,9 +658,28 @@ def read_label_map(path: str | os.PathLike, reference: Geometry | None = None) -
 def write_image(
     array: np.ndarray, geometry: Geometry, path: str | os.PathLike, *, compress: bool = True
 ) -> Path:
-    """Write a ``(Z, Y, X)`` array with ``geometry`` atomically (format from the suffix)."""
+    """Write a ``(Z, Y, X)`` array with ``geometry`` atomically (format from the suffix).
+
+    The image is written to a temporary file next to ``path`` and renamed onto it, so a failed
+    write leaves no partial file and keeps a previous ``path`` intact.
+    """
     path = Path(path)
+    if not path.name.lower().endswith(IMAGE_SUFFIXES):
+        raise InputError(
+            f"{path}: unknown image file type; name the output .nii.gz, .nii, .nrrd or .mha "
+            f"(supported: {', '.join(IMAGE_SUFFIXES)})."
+        )
     image = array_to_sitk(array, geometry)
-    with atomic_path(path) as tmp:
-        sitk.WriteImage(image, str(tmp), useCompression=compress)
+    try:
+        with atomic_path(path) as tmp:
+            sitk.WriteImage(image, str(tmp), useCompression=compress)
+            # ITK's NIfTI writer does not report a failed write (e.g. disk full): check the
+            # temporary file before it replaces anything.
+            _validate_file(tmp)
+    except (RuntimeError, InputError) as exc:
+        reason = _first_line(exc) if isinstance(exc, RuntimeError) else "the written file was incomplete"
+        raise InputError(
+            f"{path}: could not be written ({reason}). Check that the folder is writable and has free "
+            "space; nothing was written and any previous file is unchanged."
+        ) from exc
     return path

@@ -68,15 +68,15 @@ LABEL_RULES: dict[str, LabelRule | tuple[LabelRule, ...]] = {
         ),
         exclude=_rx(r"contrast material|calcul|\btube current|bronch|end ?plate"),
     ),
+    # Calcification / atheroma of a non-coronary artery of the chest (CT-RATE is a chest set: the
+    # annotators left abdominal-aorta-only and aortic-valve calcifications out).
     "Arterial wall calcification": LabelRule(
-        _rx(
-            r"atherom|atheroscler|(?:calcific|calcified|calcium|calcification)\w*(?: \w+){0,6} "
-            r"(?:aort|arter|arch|vascular|vessel|carotid|subclavian|brachiocephalic|iliac)|"
-            r"(?:aort|arter|arch|vascular|vessel|carotid|subclavian|brachiocephalic|iliac)\w*(?: \w+){0,6} "
-            r"calcific|mural calcif|wall calcif"
+        _rx(r"atherom\w*|atheroscler\w*|calcif\w*|calcium|plaques?"),
+        require=_rx(
+            r"(?<!abdominal )aort(?!ic valve|o ?pulmonary|a ?pulmonary|ic window)|\barch\b|carotid|subclavian|"
+            r"brachiocephalic|(?<!coronary )(?:arter|vascular|vessel|venous)"
         ),
-        exclude=_rx(r"^(?!.*(?:aort|arch|vascular|vessel|carotid|subclavian|brachiocephalic|iliac|"
-                    r"arteries and|and coronar|coronary and|(?<!coronary )arter))"),
+        exclude=_rx(r"lymph|nodul|valve|pleura|lung|pericard"),
     ),
     "Cardiomegaly": LabelRule(
         _rx(
@@ -137,9 +137,16 @@ LABEL_RULES: dict[str, LabelRule | tuple[LabelRule, ...]] = {
         ),
     ),
     "Pulmonary fibrotic sequela": LabelRule(
-        _rx(r"fibro\w*|sequel\w*|parenchymal bands?|band like|band atelect|linear (?:band|density|densities)|"
-            r"scar\w*|honeycomb\w*|reticula\w*|traction"),
-        exclude=_rx(r"fibroadenoma|fibroid|fibrous dysplasia|liver|hepat|breast|fibroma"),
+        _rx(
+            r"fibro\w*|sequel\w*|(?:parenchymal|subpleural|pleural|fibrotic|linear) bands?|band like|"
+            r"band atelect|linear (?:density|densities)|scar\w*|honeycomb\w*|volume loss|"
+            r"pleuro ?parenchymal(?! fat)"
+        ),
+        exclude=_rx(
+            r"fibroadenoma|fibroid|fibrous dysplasia|fibroma|fibrocystic|"
+            r"\b(?:liver|hepat\w*|breast|kidneys?|renal|spleen|splenic|humer\w*|fracture|bones?|rib|ribs|"
+            r"vertebra\w*|femur|clavicle|thyroid|pancrea\w*|adrenal|colon|stomach|mesenter\w*)\b"
+        ),
     ),
     "Pleural effusion": LabelRule(
         _rx(r"pleural effusion|pleural fluid|hydrothorax|hydropneumothorax|hydropnomothorax|effusion"),

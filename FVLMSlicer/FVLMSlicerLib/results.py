@@ -60,6 +60,15 @@ class ResultNodes:
     segmentation: Any
     table: Any
     similarity_volumes: dict[tuple[str, str], Any] = field(default_factory=dict)
+    summary: AnalysisSummary | None = None
+
+    @property
+    def summary_rows(self) -> list:
+        return self.summary.rows() if self.summary is not None else []
+
+    def probability(self, key: tuple[str, str]) -> float:
+        """Probability of ``(anatomy, finding)`` (0 when it was not scored)."""
+        return next((r.probability for r in self.summary_rows if (r.anatomy, r.finding) == key), 0.0)
 
 
 def _clean_tag(text: str) -> str:
@@ -216,4 +225,6 @@ def apply_summary(
     table_node.SetAttribute(ATTR_SEGMENTATION, segmentation_node.GetID())
     table_node.SetAttribute(ATTR_ROLE, "findings")
     volumes = add_similarity_volumes(scene, summary, geometry, segmentation_node) if similarity_maps else {}
-    return ResultNodes(segmentation=segmentation_node, table=table_node, similarity_volumes=volumes)
+    return ResultNodes(
+        segmentation=segmentation_node, table=table_node, similarity_volumes=volumes, summary=summary
+    )

@@ -71,6 +71,29 @@ def test_4d_series(tmp_path: Path) -> None:
     _raises(InputError, _nifti(tmp_path / "dyn4d.nii.gz", data), "4D", "3 time points", "pick one")
 
 
+def _dicom_copy(src: Path, dst: Path, skip: int | None = None, twice: bool = False) -> Path:
+    dst.mkdir()
+    for i, f in enumerate(sorted(src.iterdir())):
+        if i == skip:
+            continue
+        shutil.copy(f, dst / f.name)
+        if twice:
+            shutil.copy(f, dst / f"{f.name}.phase2")
+    return dst
+
+
+def test_4d_dicom_series(ts_dir: Path, tmp_path: Path) -> None:
+    # Every slice position twice (as in a multi-phase series): ITK would stack 40 slices at 1 mm.
+    folder = _dicom_copy(ts_dir / "example_ct_dicom", tmp_path / "two_phases", twice=True)
+    _raises(InputError, folder, "same slice position", "one 3D volume")
+
+
+def test_dicom_series_with_a_missing_slice(ts_dir: Path, tmp_path: Path) -> None:
+    # ITK only warns and spreads 19 slices over an average spacing: refuse instead.
+    folder = _dicom_copy(ts_dir / "example_ct_dicom", tmp_path / "gap", skip=9)
+    _raises(GeometryError, folder, "unevenly spaced", "missing")
+
+
 def test_file_that_is_not_an_image(tmp_path: Path) -> None:
     text = "PatientName,Findings\nA,normal\n" * 40
     for name in ("report.nii.gz", "report.nrrd", "report.mha", "report.nii"):

@@ -266,12 +266,37 @@ def _read_dicom_series(path: Path) -> sitk.Image:
             f"{path}: DICOM series {best} could not be decoded ({_first_line(exc)}). Export the series "
             "again (or convert it to NIfTI, e.g. with dcm2niix) and retry."
         ) from exc
+    _check_dicom_slices(path, reader, len(files), image)
     # Remember the rescale GDCM applied (first slice), so a metadata override can undo it.
     for tag in (_DICOM_SLOPE, _DICOM_INTERCEPT):
         if reader.HasMetaDataKey(0, tag):
             image.SetMetaData(tag, reader.GetMetaData(0, tag).strip())
     image.SetMetaData(_DICOM_MARK, "1")
     return image
+
+
+def _check_dicom_slices(path: Path, reader: sitk.ImageSeriesReader, n: int, image: sitk.Image) -> None:
+    """Refuse what ITK only warns about: several volumes at the same positions (a 4D or
+    multi-phase series) and unevenly spaced slices (missing files), which give a wrong z spacing."""
+    if n < 2:
+        return
+    try:
+        ipp = np.array([[float(v) for v in reader.GetMetaData(i, "0020|0032").split("\\")] for i in range(n)])
+    except (RuntimeError, ValueError):
+        return  # no positions (e.g. secondary capture): nothing to check
+    normal = np.asarray(image.GetDirection(), dtype=float).reshape(3, 3)[:, 2]
+    gaps = np.abs(np.diff(ipp @ normal))
+    if np.any(gaps < 1e-3):
+        raise InputError(
+            f"{path}: DICOM series has several images at the same slice position (a 4D, multi-phase "
+            "or duplicated series). Put the files of one 3D volume (one phase) in a folder of their own."
+        )
+    median = float(np.median(gaps))
+    if gaps.max() - gaps.min() > 0.05 * median + 1e-3:
+        raise GeometryError(
+            f"{path}: DICOM slices are unevenly spaced (gaps {gaps.min():.3g}..{gaps.max():.3g} mm): "
+            "slices are missing or the series mixes acquisitions. Copy the complete series again."
+        )
 
 
 _DICOM_SLOPE, _DICOM_INTERCEPT, _DICOM_MARK = "0028|1053", "0028|1052", "fvlm_dicom_series"
@@ -641,8 +666,9 @@ def read_label_map(path: str | os.PathLike, reference: Geometry | None = None) -
         image = sitk.Cast(image, sitk.sitkUInt16)
     geom = Geometry.from_sitk(image)
     geom.validate(source)
-    if reference is not None and not geom.same_grid(reference):
-        image = resample_to(image, reference, is_label=True, source=source)
+    if reference is not None:
+        if not geom.same_grid(reference):
+            image = resample_to(image, reference, is_label=True, source=source)
         geom = reference
     array = sitk.GetArrayFromImage(image)
     if array.min() < 0:

@@ -410,3 +410,30 @@ def segment_masks(
         "airways": can.back(airways),
         "bone": can.back(bone),
     }
+
+
+class BuiltinBackend:
+    """Offline classical segmenter (no weights): ``lung`` and ``bone`` of a catalog.
+
+    Extra masks ``body``, ``lung_left``, ``lung_right``, ``airways`` and ``bone`` are returned in
+    ``AnatomySegmentation.classes``. Other catalog anatomies are reported absent.
+    """
+
+    name = "builtin"
+
+    def __init__(self, params: BuiltinParams | None = None) -> None:
+        self.params = params or BuiltinParams()
+
+    def segment(self, ct, catalog=None, progress: Progress | None = None):
+        from fvlm_core.anatomy import CTRATE_CATALOG
+        from fvlm_core.segmentation.base import AnatomySegmentation
+
+        catalog = catalog or CTRATE_CATALOG
+        masks = segment_masks(ct.array, ct.geometry, self.params, progress)
+        labelmap = np.zeros(ct.geometry.shape_zyx, dtype=np.uint8)
+        # catalog anatomy -> builtin mask (lung = both lungs)
+        provided = {"lung": masks["lung_left"] | masks["lung_right"], "bone": masks["bone"]}
+        for name, m in provided.items():
+            if name in catalog:
+                labelmap[m & (labelmap == 0)] = catalog.label(name)
+        return AnatomySegmentation.from_labelmap(labelmap, ct.geometry, catalog, self.name, classes=masks)

@@ -1,0 +1,105 @@
+"""Segment a CT into anatomies and write the anatomy label map on the CT's own grid.
+
+Backends: ``builtin`` (offline, classical: lungs and bone), ``totalsegmentator`` (needs the
+optional ``totalsegmentator`` package and its weights), ``labelmap`` (reuse a segmentation: a
+TotalSegmentator multilabel file, a folder of ``<class>.nii.gz`` masks, or any label map with
+``--class-map``). Anatomies not found are reported as absent; if none of the catalog's
+anatomies is found the command fails.
+
+Examples::
+
+    fvlm segment chest.nii.gz --out anatomy.nii.gz --json anatomy.json
+    fvlm segment ct.nii.gz --backend labelmap --labelmap seg.nii.gz --catalog extended --out a.nii.gz
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("ct", help="CT volume: NIfTI/NRRD/MHA file or DICOM series folder")
+    parser.add_argument(
+        "--backend",
+        default="builtin",
+        choices=("builtin", "totalsegmentator", "labelmap"),
+        help="default: builtin",
+    )
+    parser.add_argument("--labelmap", help="label map file or mask folder (for --backend labelmap)")
+    parser.add_argument(
+        "--class-map",
+        help="class map for --labelmap: JSON file {value: class name}, 'total' (TotalSegmentator), "
+        "'anatomy' (values are already the catalog's), or 'auto' (default)",
+    )
+    parser.add_argument("--catalog", default="ctrate", choices=("ctrate", "extended"), help="default: ctrate")
+    parser.add_argument("--out", required=True, help="output anatomy label map (.nii.gz, .nrrd, ...)")
+    parser.add_argument("--json", help="also write the per-anatomy summary to this JSON file")
+    parser.add_argument("--fast", action="store_true", help="totalsegmentator: use the 3 mm --fast model")
+    parser.add_argument("--device", default="auto", help="totalsegmentator: gpu | cpu | mps | auto")
+    parser.add_argument(
+        "--allow-download",
+        action="store_true",
+        help="totalsegmentator: let it download missing weights (internet needed)",
+    )
+    parser.add_argument("--allow-non-hu", action="store_true", help="skip the check that the CT is in HU")
+
+
+def format_table(summary: dict) -> str:
+    """Plain-text per-anatomy table of a segmentation summary."""
+    rows = [("anatomy", "label", "status", "voxels", "volume_ml")]
+    for a in summary["anatomies"]:
+        status = ("partial (cut by FOV)" if a["cut_by_fov"] else "present") if a["present"] else "absent"
+        rows.append((a["name"], str(a["label"]), status, str(a["voxels"]), f"{a['volume_ml']:.1f}"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+
+
+def run(args: argparse.Namespace) -> int:
+    import json
+
+    from fvlm_core.anatomy import get_catalog
+    from fvlm_core.atomic import atomic_write_text
+    from fvlm_core.errors import ConfigError, InputError
+    from fvlm_core.io import read_ct
+    from fvlm_core.segmentation import get_backend
+
+    if args.backend == "labelmap" and not args.labelmap:
+        raise ConfigError("--backend labelmap needs --labelmap FILE (a label map or a folder of masks)")
+    if args.labelmap and args.backend != "labelmap":
+        raise ConfigError("--labelmap is only used with --backend labelmap")
+    catalog = get_catalog(args.catalog)
+    ct = read_ct(args.ct, allow_non_hu=args.allow_non_hu)
+    if args.backend == "labelmap":
+        backend = get_backend("labelmap", path=args.labelmap, class_map=args.class_map)
+    elif args.backend == "totalsegmentator":
+        backend = get_backend(
+            "totalsegmentator", fast=args.fast, device=args.device, allow_download=args.allow_download
+        )
+    else:
+        backend = get_backend("builtin")
+
+    def progress(step: str, frac: float) -> None:
+        print(f"[{frac * 100:3.0f}%] {step}", file=sys.stderr)
+
+    seg = backend.segment(ct, catalog, progress=progress)
+    summary = seg.summary()
+    summary["ct"] = str(args.ct)
+    print(format_table(summary))
+    if not seg.present:
+        raise InputError(
+            f"{args.ct}: none of the {catalog.name!r} catalog's anatomies ({', '.join(catalog.names)}) was found "
+            f"by the {backend.name} backend; nothing written. Check that the CT covers them"
+            + (
+                " and that the label map belongs to this CT and names its classes (--class-map)."
+                if args.labelmap
+                else "."
+            )
+        )
+    out = seg.save(args.out)
+    summary["output"] = str(out)
+    print(f"wrote {out}")
+    if args.json:
+        atomic_write_text(args.json, json.dumps(summary, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return 0

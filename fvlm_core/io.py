@@ -416,9 +416,8 @@ def read_image(path: str | os.PathLike) -> sitk.Image:
                 "Fix the header (e.g. re-export the volume) before using it."
             ) from exc
         raise InputError(
-            f"{path}: not a readable image ({_first_line(exc)}). Supported: NIfTI (.nii/.nii.gz), "
-            "NRRD, MHA/MHD, or a DICOM series folder. If it is a .nii.gz, it may be truncated: "
-            "copy or export it again."
+            f"{path}: not a readable image ({_first_line(exc)}). Give a CT as NIfTI (.nii/.nii.gz), "
+            "NRRD, MHA/MHD, or a DICOM series folder; if this is one, it is damaged: copy or export it again."
         ) from exc
 
 
@@ -439,7 +438,10 @@ def _squeeze_to_3d(image: sitk.Image, source: str) -> sitk.Image:
         image = sitk.Extract(image, (*size[:3], 0), (0, 0, 0, 0))
         dim = 3
     if dim != 3:
-        raise InputError(f"{source}: is a {dim}D image; a CT volume must be 3D (a stack of slices).")
+        raise InputError(
+            f"{source}: is a {dim}D image; a CT volume must be 3D (a stack of slices). Give the whole "
+            "volume file, or the folder of the DICOM series rather than one slice."
+        )
     if min(image.GetSize()) < 2:
         raise InputError(
             f"{source}: has size {image.GetSize()}, i.e. a single slice. A CT volume needs several "

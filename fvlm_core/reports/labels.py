@@ -93,7 +93,7 @@ LABEL_RULES: dict[str, LabelRule | tuple[LabelRule, ...]] = {
             r"pericardial effusion thickening"),
     ),
     "Coronary artery wall calcification": LabelRule(
-        _rx(r"coronar"),
+        _rx(r"coronar\w*|\b(?:lad|lcx|rca|cx|lmca)\b|(?:left )?anterior descending|circumflex|left main"),
         require=_rx(r"calcif|atherom|plaque|atheroscler"),
     ),
     "Hiatal hernia": LabelRule(_rx(r"hiat(?:al|us) hernia|hernia(?: \w+){0,4} hiat|paraesophageal hernia")),

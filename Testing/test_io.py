@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from fvlm_core.errors import GeometryError
+from fvlm_core.errors import GeometryError, InputError
 from fvlm_core.io import Geometry, read_ct, read_label_map, write_image
 
 LIVER = 5  # TotalSegmentator v2 "total" value of the liver
@@ -210,6 +210,16 @@ def test_ctrate_metadata_row_overrides_wrong_header(tmp_path: Path, header_scali
     # Without the row the header is used (and is wrong): the override really did something.
     plain = read_ct(path, allow_non_hu=True)
     assert not plain.geometry.same_grid(g)
+
+
+def test_ctrate_metadata_row_of_another_volume_is_refused(tmp_path: Path) -> None:
+    path, row, _ = _ctrate_case(tmp_path, header_scaling=False)
+    row["VolumeName"] = "valid_2_a_1.nii.gz"
+    with pytest.raises(InputError, match="valid_2_a_1") as err:
+        read_ct(path, metadata=row)
+    assert str(path) in str(err.value)
+    row["VolumeName"] = "valid_1_a_1.nii"  # same volume, other suffix: fine
+    assert read_ct(path, metadata=row).geometry.spacing == pytest.approx((0.8, 0.75, 2.5))
 
 
 def test_ctrate_metadata_oblique_orientation(tmp_path: Path) -> None:

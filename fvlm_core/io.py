@@ -568,6 +568,12 @@ def read_ct(
     geometry = Geometry.from_sitk(image)
 
     if metadata is not None:
+        volume_name = metadata.get("VolumeName") if hasattr(metadata, "get") else None
+        if isinstance(volume_name, str) and _volume_stem(volume_name) != _volume_stem(Path(path).name):
+            raise InputError(
+                f"{source}: the metadata row is for {volume_name!r}, not this file; pass the row whose "
+                "VolumeName matches the file (a wrong row gives a wrong geometry and HU)."
+            )
         geometry = geometry_from_ctrate_metadata(metadata, geometry.size, source)
         if "RescaleSlope" in metadata or "RescaleIntercept" in metadata:
             try:
@@ -589,6 +595,14 @@ def read_ct(
     if not allow_non_hu:
         check_hu(array, source)
     return CTVolume(array=array, geometry=geometry, source=source)
+
+
+def _volume_stem(name: str) -> str:
+    name = Path(name).name
+    for suffix in IMAGE_SUFFIXES:
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
 
 
 def _stored_values(image: sitk.Image, array: np.ndarray) -> np.ndarray:

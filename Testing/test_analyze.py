@@ -1,0 +1,308 @@
+"""`Analyzer.analyze` / `fvlm analyze` on synthetic phantoms with the tiny model.
+
+The tiny model has random weights: these tests check the pipeline (schema, statuses, prompt
+caching, windows, geometry of the similarity maps), not diagnostic accuracy. The localisation
+test controls the tokens (see ``_IntensityTokens``) so the expected peak is known.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fvlm_core.anatomy import EXTENDED_CATALOG
+from fvlm_core.errors import ConfigError, InputError
+from fvlm_core.findings import Finding, FindingSet
+from fvlm_core.io import CTVolume, Geometry, read_image, write_image
+from fvlm_core.zeroshot.analyzer import Analyzer, load_findings_file, resolve_device
+
+SIZE = (48, 48, 48)
+
+
+def _segmentation(labels: np.ndarray, geometry: Geometry, catalog=EXTENDED_CATALOG):
+    from fvlm_core.segmentation import AnatomySegmentation
+
+    return AnatomySegmentation.from_labelmap(labels, geometry, catalog, "test")
+
+
+def _phantom(findings=(), index=0, size=SIZE):
+    from fvlm_core.data.synth import make_phantom
+
+    s = make_phantom(7, index, "valid", size, findings=list(findings))
+    return CTVolume(s.hu.astype(np.float32), s.geometry, source=s.name), s.labels
+
+
+@pytest.fixture(scope="module")
+def analyzer():
+    from fvlm_core.model import FVLM
+
+    torch.manual_seed(0)
+    return Analyzer(FVLM.from_config("fvlm-tiny"), device="cpu", name="tiny-random")
+
+
+def test_output_schema_and_default_threshold(analyzer):
+    ct, labels = _phantom()
+    result = analyzer.analyze(ct, _segmentation(labels, ct.geometry), similarity_maps=False)
+    d = json.loads(json.dumps(result.to_dict()))  # JSON-serialisable
+    assert [a["name"] for a in d["anatomies"]] == ["lung", "heart", "esophagus", "aorta"]
+    per_anatomy = {a["name"]: [f["name"] for f in a["findings"]] for a in d["anatomies"]}
+    assert len(per_anatomy["lung"]) == 11 and per_anatomy["aorta"] == ["Arterial wall calcification"]
+    assert sum(len(v) for v in per_anatomy.values()) == 16
+    vox_ml = ct.geometry.voxel_volume_ml
+    seg_facts = _segmentation(labels, ct.geometry).facts
+    for a in d["anatomies"]:
+        expected = "partial" if seg_facts[a["name"]].cut_by_fov else "present"
+        assert a["status"] == expected and a["scored"]
+        value = EXTENDED_CATALOG.label(a["name"])
+        assert a["volume_ml"] == pytest.approx(np.count_nonzero(labels == value) * vox_ml, rel=1e-3)
+        for f in a["findings"]:
+            assert 0.0 < f["probability"] < 1.0
+            assert f["threshold"] == 0.5 and f["threshold_source"] == "default"
+            assert f["flagged"] == (f["probability"] > 0.5)
+    assert any("0.5 used" in n for n in d["notes"])
+    assert len(d["windows"]) == 1  # all 4 anatomies fit in one window: one encoder forward
+    assert set(d["timings_s"]) >= {"preprocess", "embed", "score"}
+
+
+def test_calibrated_thresholds_are_used(analyzer, monkeypatch):
+    ct, labels = _phantom()
+    monkeypatch.setitem(analyzer.config.thresholds, "Emphysema", 0.0)
+    result = analyzer.analyze(ct, _segmentation(labels, ct.geometry), similarity_maps=False)
+    f = result.finding("lung", "Emphysema")
+    assert (f.threshold, f.threshold_source, f.flagged) == (0.0, "calibrated", True)
+    assert result.finding("lung", "Atelectasis").threshold_source == "default"
+
+
+def test_absent_and_partial_anatomies(analyzer):
+    ct, labels = _phantom()
+    labels = labels.copy()
+    labels[labels == EXTENDED_CATALOG.label("esophagus")] = 0
+    # cut the volume below the lung apex: the lung touches the top face of the field of view
+    lung_z = np.flatnonzero((labels == 1).any(axis=(1, 2)))
+    top = int(lung_z[len(lung_z) // 2])
+    g = ct.geometry
+    cut_geom = Geometry((g.size[0], g.size[1], top), g.spacing, g.origin, g.direction)
+    ct_cut = CTVolume(ct.array[:top].copy(), cut_geom, "cut")
+    result = analyzer.analyze(ct_cut, _segmentation(labels[:top], cut_geom), similarity_maps=False)
+    eso = result.anatomy("esophagus")
+    assert eso.status == "absent" and not eso.scored and eso.volume_ml == 0
+    assert [f.probability for f in eso.findings] == [None] and not eso.findings[0].flagged
+    lung = result.anatomy("lung")
+    assert lung.status == "partial" and lung.scored and "field of view" in lung.note
+    assert all(0 < f.probability < 1 for f in lung.findings)
+
+
+def test_no_model_anatomy_is_an_error_not_zeros(analyzer):
+    ct, labels = _phantom()
+    empty = np.zeros_like(labels)
+    with pytest.raises(InputError, match="none of this model's anatomies"):
+        analyzer.analyze(ct, _segmentation(empty, ct.geometry))
+    result = analyzer.analyze(ct, _segmentation(empty, ct.geometry), require_anatomy=False)
+    assert all(a.status == "absent" and not a.scored for a in result.anatomies)
+    assert all(f.probability is None for a in result.anatomies for f in a.findings)
+
+
+def test_prompt_on_unknown_anatomy(analyzer, tmp_path):
+    ct, labels = _phantom()
+    bad = FindingSet([Finding.from_name("Splenomegaly", "spleen")])
+    with pytest.raises(ConfigError, match="spleen"):
+        analyzer.analyze(ct, _segmentation(labels, ct.geometry), bad)
+    path = tmp_path / "p.yaml"
+    path.write_text("- {name: Splenomegaly, anatomy: spleen}\n")
+    with pytest.raises(ConfigError, match="spleen"):
+        analyzer.check_findings(load_findings_file(path))
+
+
+def test_second_analysis_does_no_text_encoder_work(analyzer):
+    ct, labels = _phantom()
+    seg = _segmentation(labels, ct.geometry)
+    calls = []
+    hook = analyzer.model.text_encoder.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        user = Finding.from_name(
+            "Big heart", "heart", positive=["Enlarged heart.", "Cardiomegaly."], source="user"
+        )
+        fs = FindingSet([*analyzer.default_findings(), user])
+        analyzer.analyze(ct, seg, fs, similarity_maps=False)
+        n_first = len(calls)
+        analyzer.analyze(ct, seg, fs, similarity_maps=False)
+        assert len(calls) == n_first  # every prompt came from the cache
+        assert analyzer.prompts.encoder_calls >= 1
+    finally:
+        hook.remove()
+
+
+def test_user_finding_scored_with_its_wordings(analyzer):
+    ct, labels = _phantom()
+    user = Finding.from_name(
+        "Big heart", "heart", positive=["Enlarged heart."], negative=["Normal heart size."]
+    )
+    result = analyzer.analyze(
+        ct, _segmentation(labels, ct.geometry), FindingSet([user]), similarity_maps=False
+    )
+    f = result.finding("heart", "Big heart")
+    emb = analyzer.finding_embeddings([user])
+    assert f.source == "user" and f.positive == ("Enlarged heart.",)
+    assert [a.name for a in result.anatomies if a.findings] == ["heart"]
+    assert 0 < f.probability < 1 and emb.positive.shape[0] == 1
+
+
+def test_reference_windows_one_per_anatomy(analyzer):
+    ct, labels = _phantom()
+    result = analyzer.analyze(
+        ct, _segmentation(labels, ct.geometry), similarity_maps=False, strategy="reference"
+    )
+    assert [w.anatomies for w in result.windows] == [("lung",), ("heart",), ("esophagus",), ("aorta",)]
+
+
+def test_device_errors():
+    assert resolve_device("cpu").type == "cpu"
+    if torch.cuda.is_available():
+        assert resolve_device("cuda").type == "cuda"
+    else:
+        with pytest.raises(ConfigError, match="no CUDA GPU"):
+            resolve_device("cuda")
+    with pytest.raises(ConfigError, match="--device"):
+        resolve_device("tpu")
+
+
+def test_model_folder_without_config(tmp_path):
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    with pytest.raises(ConfigError, match=r"no config\.yaml"):
+        Analyzer.from_pretrained(tmp_path)
+
+
+# ---------------------------------------------------------------- localisation
+
+
+class _IntensityTokens(torch.nn.Module):
+    """Controlled token encoder: token = normalize(f * d + (1 - f) * e), f = mean input in its patch.
+
+    With identity value / output / anatomy projections, a token's score against the prompt
+    difference ``d`` then grows with the patch's mean intensity, so where a rendered finding
+    raises intensity the map must rise exactly there.
+    """
+
+    def __init__(self, d: torch.Tensor, e: torch.Tensor, patch, n_levels: int) -> None:
+        super().__init__()
+        self.d, self.e, self.patch, self.n_levels = d, e, tuple(patch), n_levels
+
+    def forward(self, image):
+        from fvlm_core.model import TokenGrid
+
+        f = F.avg_pool3d(image.float(), self.patch, self.patch)
+        grid = tuple(f.shape[2:])
+        f = f.flatten(2).transpose(1, 2)  # (B, L, 1)
+        tok = f * self.d + (1 - f) * self.e
+        return TokenGrid(levels=[tok] * self.n_levels, grid=grid, patch_size=self.patch)
+
+
+def _controlled_analyzer(finding: Finding) -> Analyzer:
+    from fvlm_core.model import FVLM
+
+    torch.manual_seed(1)
+    model = FVLM.from_config("fvlm-tiny")
+    an = Analyzer(model, device="cpu", name="controlled")
+    emb = an.finding_embeddings([finding])
+    d = F.normalize(emb.positive[0] - emb.negative[0], dim=0)
+    e = torch.randn_like(d)
+    e = F.normalize(e - (e @ d) * d, dim=0)
+    c = model.config.vision.hidden_size
+    assert c == model.config.embed_dim
+    with torch.no_grad():
+        eye = torch.eye(c)
+        model.attention.in_proj_weight[2 * c :] = eye
+        model.attention.in_proj_bias.zero_()
+        model.attention.out_proj.weight.copy_(eye)
+        model.attention.out_proj.bias.zero_()
+        for p in model.vision_projs:
+            p.weight.copy_(eye)
+            p.bias.zero_()
+    model.visual_encoder = _IntensityTokens(
+        d, e, model.config.vision.patch_size, model.config.vision.num_levels
+    )
+    return an
+
+
+def _to_ras_storage(ct: CTVolume, labels: np.ndarray) -> tuple[CTVolume, np.ndarray]:
+    """The same scan stored with x and y flipped (RAS-like direction): a viewer shows the same image."""
+    g = ct.geometry
+    corner = g.index_zyx_to_ras((0, g.size[1] - 1, g.size[0] - 1))  # new voxel (0, 0, 0)
+    lps = corner * np.array([-1.0, -1.0, 1.0])
+    geom = Geometry(g.size, g.spacing, tuple(float(v) for v in lps), (-1.0, 0, 0, 0, -1.0, 0, 0, 0, 1.0))
+    return CTVolume(ct.array[:, ::-1, ::-1].copy(), geom, ct.source), labels[:, ::-1, ::-1].copy()
+
+
+@pytest.mark.parametrize("ras", [False, True])
+def test_similarity_map_on_ct_grid_peaks_at_rendered_finding(ras, tmp_path):
+    finding = Finding.from_name("Pleural effusion", "lung", source="ctrate")
+    an = _controlled_analyzer(finding)
+    with_f, labels = _phantom(["Pleural effusion"], index=3)
+    without, labels0 = _phantom([], index=3)
+    region = np.abs(with_f.array - without.array) > 150  # the rendered effusion
+    assert region.sum() > 50
+    if ras:
+        with_f, labels = _to_ras_storage(with_f, labels)
+        without, labels0 = _to_ras_storage(without, labels0)
+        region = region[:, ::-1, ::-1]
+    maps = {}
+    for key, ct, lab in (("with", with_f, labels), ("without", without, labels0)):
+        res = an.analyze(ct, _segmentation(lab, ct.geometry), FindingSet([finding]), similarity_maps="all")
+        m = res.similarity_maps[("lung", "Pleural effusion")]
+        assert m.shape == ct.array.shape and m.dtype == np.float32
+        maps[key] = m
+        paths = res.write_maps(tmp_path / key)
+        img = read_image(paths[("lung", "Pleural effusion")])
+        assert Geometry.from_sitk(img).same_grid(ct.geometry)
+    # zero far from the lung: every non-zero voxel is within one token (8 x 6 mm) of the lung mask
+    lung = labels == 1
+    assert np.all(maps["with"] >= 0) and maps["with"][lung].min() > 0
+    diff = maps["with"] - maps["without"]
+    peak = np.unravel_index(np.argmax(diff), diff.shape)
+    sp = np.asarray(with_f.geometry.spacing_zyx)
+    pts = np.argwhere(region)
+    dist_mm = np.sqrt((((pts - np.asarray(peak)) * sp) ** 2).sum(1)).min()
+    token_mm = 8 * 6.0
+    assert dist_mm < token_mm * math.sqrt(3) / 2, f"peak {dist_mm:.0f} mm from the rendered effusion"
+    assert diff[region].mean() > 5 * np.abs(diff[~region & lung]).mean()
+    # mirrored position (left-right flip) of the peak is not where the map is high
+    assert diff[peak] > 0 and diff[peak[0], peak[1], diff.shape[2] - 1 - peak[2]] < 0.5 * diff[peak]
+
+
+# ---------------------------------------------------------------- command line
+
+
+def test_cli_analyze_with_segmentation_prompts_and_maps(analyzer, tmp_path):
+    from fvlm_core.cli import main
+
+    model_dir = tmp_path / "model"
+    analyzer.model.save_pretrained(model_dir)
+    ct, labels = _phantom(["Pleural effusion"])
+    write_image(ct.array.astype(np.int16), ct.geometry, tmp_path / "ct.nii.gz")
+    write_image(labels[:, :, :].astype(np.uint8) * (labels <= 4), ct.geometry, tmp_path / "seg.nii.gz")
+    (tmp_path / "prompts.json").write_text(
+        json.dumps(
+            [{"name": "Fluid", "anatomy": "lung", "positive": ["Pleural fluid."], "negative": ["No fluid."]}]
+        )
+    )
+    out = tmp_path / "results.json"
+    argv = [
+        "analyze", str(tmp_path / "ct.nii.gz"), "--segmentation", str(tmp_path / "seg.nii.gz"),
+        "--model", str(model_dir), "--prompts", str(tmp_path / "prompts.json"), "--device", "cpu",
+        "--maps-dir", str(tmp_path / "maps"), "--all-maps", "--out", str(out), "--quiet",
+    ]  # fmt: skip
+    assert main(argv) == 0
+    d = json.loads(out.read_text())
+    lung = next(a for a in d["anatomies"] if a["name"] == "lung")
+    assert [f["name"] for f in lung["findings"]][-1] == "Fluid"
+    assert len(d["similarity_maps"]) == 17 and all(m["file"] for m in d["similarity_maps"])
+    img = read_image(d["similarity_maps"][0]["file"])
+    assert Geometry.from_sitk(img).same_grid(ct.geometry)
+    assert main([*argv[:-3], "--device", "cuda", "--out", str(out)]) == (
+        0 if torch.cuda.is_available() else 2
+    )

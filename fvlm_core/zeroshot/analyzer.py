@@ -1,0 +1,584 @@
+"""Zero-shot findings for one CT: segmentation -> model space -> anatomy embeddings -> prompts.
+
+::
+
+    analyzer = Analyzer.from_pretrained("models/fvlm-tiny", device="auto")
+    result = analyzer.analyze(ct, segmentation)            # the model's findings
+    result.to_dict()                                       # JSON-ready
+    result.write_maps("maps/")                             # NIfTI similarity maps of flagged findings
+
+Per anatomy the result says present / partial (cut by the field of view) / absent and its
+volume; per finding on it the probability ``softmax([v.t_neg, v.t_pos] / tau)[1]``, the
+threshold used (the model config's calibrated one, else 0.5, and which) and whether it is
+flagged (``p > threshold``, the reference's rule).
+
+Cost: the CT is resampled to model space once; anatomies whose joint box fits in the model
+window share one encoder forward (``windows.plan_shared``); prompt embeddings are cached per
+model (``prompts.prompt_cache_for``). On CUDA the encoder runs under bf16 autocast.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fvlm_core.errors import CancelledError, ConfigError, InputError
+from fvlm_core.findings import Finding, FindingSet
+from fvlm_core.io import CTVolume, Geometry, LabelVolume
+from fvlm_core.zeroshot import similarity, windows
+from fvlm_core.zeroshot.prompts import FindingEmbeddings, probability, prompt_cache_for
+
+DEFAULT_THRESHOLD = 0.5
+
+Progress = Callable[[str, float], None]
+
+
+# --------------------------------------------------------------------------------------------
+# Results
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class FindingResult:
+    """One finding scored on one anatomy (``probability`` None: the anatomy was not scored)."""
+
+    name: str
+    probability: float | None
+    threshold: float
+    threshold_source: str  # "calibrated" (model config) | "default" (0.5)
+    flagged: bool
+    source: str = "ctrate"  # "ctrate" | "user"
+    positive: tuple[str, ...] = ()
+    negative: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "probability": None if self.probability is None else round(float(self.probability), 6),
+            "threshold": float(self.threshold),
+            "threshold_source": self.threshold_source,
+            "flagged": bool(self.flagged),
+            "source": self.source,
+            "positive": list(self.positive),
+            "negative": list(self.negative),
+        }
+
+
+@dataclass
+class AnatomyResult:
+    """One anatomy of the model."""
+
+    name: str
+    status: str  # "present" | "partial" (cut by the field of view) | "absent"
+    volume_ml: float
+    voxels: int = 0
+    scored: bool = False
+    window: int | None = None  # index into AnalysisResult.windows
+    note: str = ""
+    findings: list[FindingResult] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "status": self.status,
+            "volume_ml": round(float(self.volume_ml), 3),
+            "voxels": int(self.voxels),
+            "scored": self.scored,
+            "window": self.window,
+            "note": self.note,
+            "findings": [f.to_dict() for f in self.findings],
+        }
+
+
+@dataclass
+class AnalysisResult:
+    """What :meth:`Analyzer.analyze` returns.
+
+    Attributes:
+        anatomies: one :class:`AnatomyResult` per model anatomy, in the model's order.
+        similarity_maps: ``(anatomy, finding) -> (Z, Y, X)`` float32 on the CT grid.
+        geometry: the CT grid (for writing the maps).
+        windows: the model-space windows encoded (one encoder forward each).
+        timings: seconds per stage.
+        notes: messages for the user (default thresholds, anatomies not scored, ...).
+    """
+
+    anatomies: list[AnatomyResult]
+    similarity_maps: dict[tuple[str, str], np.ndarray] = field(default_factory=dict)
+    geometry: Geometry | None = None
+    windows: list[windows.WindowPlan] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    model: str = ""
+    device: str = ""
+    map_files: dict[tuple[str, str], str] = field(default_factory=dict)
+
+    def anatomy(self, name: str) -> AnatomyResult:
+        for a in self.anatomies:
+            if a.name == name:
+                return a
+        raise KeyError(name)
+
+    def finding(self, anatomy: str, name: str) -> FindingResult:
+        for f in self.anatomy(anatomy).findings:
+            if f.name == name:
+                return f
+        raise KeyError(f"{name!r} on {anatomy!r}")
+
+    @property
+    def flagged(self) -> list[tuple[str, FindingResult]]:
+        return [(a.name, f) for a in self.anatomies for f in a.findings if f.flagged]
+
+    def write_maps(
+        self, directory: str | os.PathLike, suffix: str = ".nii.gz"
+    ) -> dict[tuple[str, str], Path]:
+        """Write every similarity map as a NIfTI (float32, CT geometry) into ``directory``."""
+        if self.geometry is None:
+            raise InputError("this result has no CT geometry; similarity maps cannot be written")
+        out = {}
+        for (anat, name), arr in self.similarity_maps.items():
+            path = similarity.write_map(
+                arr, self.geometry, Path(directory) / similarity.map_filename(anat, name, suffix)
+            )
+            out[(anat, name)] = path
+            self.map_files[(anat, name)] = str(path)
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "device": self.device,
+            "anatomies": [a.to_dict() for a in self.anatomies],
+            "flagged": [
+                {"anatomy": a, "finding": f.name, "probability": f.probability} for a, f in self.flagged
+            ],
+            "similarity_maps": [
+                {"anatomy": a, "finding": n, "file": self.map_files.get((a, n))}
+                for a, n in self.similarity_maps
+            ],
+            "windows": [w.to_dict() for w in self.windows],
+            "timings_s": {k: round(v, 4) for k, v in self.timings.items()},
+            "notes": list(self.notes),
+        }
+
+
+@dataclass
+class EncodedAnatomy:
+    """Embedding of one anatomy from one window (tokens kept for similarity maps)."""
+
+    embedding: torch.Tensor  # (D,)
+    window: int
+    tokens: torch.Tensor | None = None  # (L, D)
+    membership: torch.Tensor | None = None  # (L,) bool
+    grid: tuple[int, int, int] | None = None
+    patch: tuple[int, int, int] | None = None
+
+
+@dataclass
+class ModelSpaceEncoding:
+    """All anatomy embeddings of one volume in model space."""
+
+    anatomies: dict[str, EncodedAnatomy]
+    plans: list[windows.WindowPlan]
+    dropped: dict[str, float]
+    crops: list[Any] = field(default_factory=list)  # ModelSpaceWindow per plan (kept for maps)
+
+
+# --------------------------------------------------------------------------------------------
+# Device
+# --------------------------------------------------------------------------------------------
+
+
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    """``auto`` -> CUDA, else Apple MPS, else CPU. A requested device that is absent is an error."""
+    name = str(device or "auto").lower()
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        mps = getattr(torch.backends, "mps", None)
+        if mps is not None and mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            built = "a CUDA build" if torch.version.cuda else f"a CPU-only build ({torch.__version__})"
+            raise ConfigError(
+                f"--device {name}: no CUDA GPU is available to PyTorch (this is {built}). "
+                "Use --device cpu (or auto), or install a CUDA build of torch on a machine with an NVIDIA GPU."
+            )
+        return torch.device(name)
+    if name == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise ConfigError(
+                "--device mps: Apple Metal (MPS) is not available here. Use --device cpu or auto."
+            )
+        return torch.device("mps")
+    if name == "cpu":
+        return torch.device("cpu")
+    raise ConfigError(f"--device {device!r}: use auto, cpu, cuda, cuda:N or mps.")
+
+
+# --------------------------------------------------------------------------------------------
+# Analyzer
+# --------------------------------------------------------------------------------------------
+
+
+class Analyzer:
+    """Zero-shot inference with one fVLM model.
+
+    Args:
+        model: an :class:`fvlm_core.model.FVLM` (moved to ``device``, put in eval mode).
+        device: ``auto | cpu | cuda | mps`` or a torch device.
+        name: label for outputs (the model folder).
+    """
+
+    def __init__(self, model: torch.nn.Module, device: str | torch.device = "auto", name: str = "") -> None:
+        self.device = resolve_device(device)
+        self.model = model.to(self.device).eval()
+        self.config = model.config
+        self.anatomies: list[str] = list(model.anatomies)
+        self.model_space = self.config.model_space()
+        self.name = name or getattr(self.config, "name", "fvlm")
+        self.prompts = prompt_cache_for(self.model)
+
+    @classmethod
+    def from_pretrained(cls, model_dir: str | os.PathLike, device: str | torch.device = "auto") -> Analyzer:
+        """Load a model folder (``config.yaml`` + weights) written by ``FVLM.save_pretrained``."""
+        from fvlm_core.model import FVLM
+
+        model_dir = Path(model_dir)
+        if not model_dir.is_dir():
+            raise ConfigError(
+                f"--model {model_dir}: no such folder. Give the folder written by `fvlm train`."
+            )
+        if not (model_dir / "config.yaml").exists():
+            raise ConfigError(
+                f"--model {model_dir}: the folder has no config.yaml, so the model cannot be built. "
+                "Give a folder written by `fvlm train` / `fvlm import-checkpoint` (config.yaml + model.safetensors)."
+            )
+        dev = resolve_device(device)
+        return cls(FVLM.from_pretrained(model_dir, device=dev), device=dev, name=str(model_dir))
+
+    # ------------------------------------------------------------------ findings / prompts
+    def default_findings(self) -> FindingSet:
+        """The model config's findings (default: CT-RATE findings on the model's anatomies)."""
+        return self.config.finding_set()
+
+    def check_findings(self, findings: FindingSet | Sequence[Finding]) -> FindingSet:
+        fs = findings if isinstance(findings, FindingSet) else FindingSet(list(findings))
+        fs.check_anatomies(self.anatomies)
+        return fs
+
+    def finding_embeddings(self, findings: FindingSet | Sequence[Finding]) -> FindingEmbeddings:
+        """Prompt embeddings (cached per model: a repeated call does no text-encoder work)."""
+        return self.prompts.findings(findings)
+
+    def threshold(self, finding: Finding) -> tuple[float, str]:
+        t = self.config.thresholds.get(finding.name)
+        if t is None or (isinstance(t, float) and math.isnan(t)):
+            return DEFAULT_THRESHOLD, "default"
+        return float(t), "calibrated"
+
+    # ------------------------------------------------------------------ model space
+    def labels_in_model_order(self, segmentation) -> LabelVolume:
+        """The segmentation's label map with anatomy ``i`` of the *model* as value ``i + 1``."""
+        catalog = segmentation.catalog
+        lut = np.zeros(len(catalog) + 1, dtype=np.uint8)
+        for i, name in enumerate(self.anatomies):
+            if name in catalog:
+                lut[catalog.label(name)] = i + 1
+        arr = np.asarray(segmentation.labelmap)
+        if arr.size and int(arr.max()) >= lut.size:
+            lut = np.concatenate([lut, np.zeros(int(arr.max()) + 1 - lut.size, np.uint8)])
+        return LabelVolume(lut[arr], segmentation.geometry, source=f"segmentation ({segmentation.backend})")
+
+    @torch.inference_mode()
+    def encode_model_space(
+        self,
+        ct_ms: CTVolume,
+        labels_ms: LabelVolume,
+        strategy: str = "shared",
+        return_tokens: bool = False,
+        max_size_zyx: Sequence[int] | None = None,
+        progress: Progress | None = None,
+        should_cancel: Callable[[], bool] | None = None,
+    ) -> ModelSpaceEncoding:
+        """Embed every anatomy of a model-space volume (labels in model order).
+
+        ``strategy``: ``"shared"`` (fewest encoder forwards) or ``"reference"`` (one window per
+        anatomy, the published evaluation). Returns the embeddings, the window plans and the
+        anatomies dropped by the reference 90% rule (or a size cap).
+        """
+        from fvlm_core.preprocess import crop_window
+
+        ms = self.model_space
+        plans, dropped = windows.plan_windows(
+            labels_ms.array,
+            self.anatomies,
+            ms.window_size_zyx,
+            ms.multiple_zyx,
+            strategy=strategy,
+            max_size_zyx=max_size_zyx,
+        )
+        out: dict[str, EncodedAnatomy] = {}
+        crops = []
+        use_bf16 = self.device.type == "cuda"
+        for w, plan in enumerate(plans):
+            if should_cancel is not None and should_cancel():
+                raise CancelledError("analysis cancelled")
+            if progress:
+                progress(
+                    f"encoding window {w + 1}/{len(plans)} ({', '.join(plan.anatomies)})",
+                    w / max(len(plans), 1),
+                )
+            crop = crop_window(ct_ms, labels_ms, plan.center_zyx, plan.size_zyx)
+            crops.append(crop if return_tokens else None)
+            image = torch.from_numpy(crop.image(ms.hu_window))[None, None].to(self.device)
+            labels = torch.from_numpy(crop.labels.astype(np.int64, copy=False))[None].to(self.device)
+            # Only the anatomies assigned to this window are pooled (others may be cut by it).
+            present = torch.zeros(1, len(self.anatomies), dtype=torch.bool, device=self.device)
+            for name in plan.anatomies:
+                present[0, self.anatomies.index(name)] = True
+            with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=use_bf16):
+                enc = self.model.encode_image(image, labels, present=present, return_tokens=return_tokens)
+            for name in plan.anatomies:
+                a = self.anatomies.index(name)
+                if not bool(enc.present[0, a]):
+                    continue
+                out[name] = EncodedAnatomy(
+                    embedding=enc.embeddings[0, a].float(),
+                    window=w,
+                    tokens=enc.tokens[0, a].float() if return_tokens and enc.tokens is not None else None,
+                    membership=enc.membership[0, a] if return_tokens and enc.membership is not None else None,
+                    grid=tuple(enc.grid) if enc.grid is not None else None,
+                    patch=tuple(enc.patch_size) if enc.patch_size is not None else None,
+                )
+        return ModelSpaceEncoding(anatomies=out, plans=plans, dropped=dropped, crops=crops)
+
+    def score(self, encoding: ModelSpaceEncoding, emb: FindingEmbeddings) -> dict[tuple[str, str], float]:
+        """``(anatomy, finding) -> probability`` for every finding whose anatomy was encoded."""
+        tau = float(self.model.temperature.detach())
+        out = {}
+        by_anat: dict[str, list[int]] = {}
+        for i, f in enumerate(emb.findings):
+            by_anat.setdefault(f.anatomy, []).append(i)
+        for anat, idx in by_anat.items():
+            e = encoding.anatomies.get(anat)
+            if e is None:
+                continue
+            v = e.embedding.cpu()[None]  # (1, D)
+            p = probability(v, emb.positive[idx], emb.negative[idx], tau)
+            for i, pi in zip(idx, p.tolist()):
+                out[(anat, emb.findings[i].name)] = float(pi)
+        return out
+
+    # ------------------------------------------------------------------ one CT
+    def analyze(
+        self,
+        ct: CTVolume,
+        segmentation,
+        findings: FindingSet | Sequence[Finding] | None = None,
+        similarity_maps: bool | str = True,
+        progress: Progress | None = None,
+        should_cancel: Callable[[], bool] | None = None,
+        strategy: str = "shared",
+        require_anatomy: bool = True,
+    ) -> AnalysisResult:
+        """Score findings on one CT.
+
+        Args:
+            ct: the CT in HU on its own grid.
+            segmentation: an :class:`fvlm_core.segmentation.AnatomySegmentation` of ``ct``
+                (any catalog; anatomies are matched to the model's by name).
+            findings: what to score (default: the model config's findings). A finding on an
+                anatomy the model does not have raises :class:`ConfigError`.
+            similarity_maps: ``True`` maps of flagged findings, ``"all"`` of every scored finding,
+                ``False`` none. Maps lie on ``ct``'s grid.
+            progress: ``callback(message, fraction in [0, 1])``.
+            should_cancel: polled between stages; True raises :class:`CancelledError`.
+            strategy: window plan, ``"shared"`` or ``"reference"``.
+            require_anatomy: raise :class:`InputError` when the CT holds none of the model's
+                anatomies (instead of returning a result with every anatomy absent).
+        """
+        timings: dict[str, float] = {}
+        notes: list[str] = []
+
+        def step(msg: str, frac: float) -> None:
+            if should_cancel is not None and should_cancel():
+                raise CancelledError("analysis cancelled")
+            if progress:
+                progress(msg, frac)
+
+        fs = self.check_findings(findings if findings is not None else self.default_findings())
+        step("preparing", 0.0)
+        t = time.perf_counter()
+        labels = self.labels_in_model_order(segmentation)
+        facts = getattr(segmentation, "facts", {}) or {}
+        counts = windows.voxel_counts(labels.array, len(self.anatomies))
+        vox_ml = segmentation.geometry.voxel_volume_ml
+        if not counts.any():
+            seg_has = [n for n, f in facts.items() if getattr(f, "present", False)]
+            msg = (
+                f"{ct.source}: the segmentation holds none of this model's anatomies "
+                f"({', '.join(self.anatomies)}); found: {', '.join(seg_has) or 'nothing'}. "
+                "Nothing can be scored: check that the CT covers the chest and that the segmentation "
+                "belongs to it (or choose another model / segmentation backend)."
+            )
+            if require_anatomy:
+                raise InputError(msg)
+            notes.append(msg)
+        from fvlm_core.preprocess import resample_to_model_space
+
+        ct_ms, labels_ms = resample_to_model_space(ct, labels, self.model_space)
+        timings["preprocess"] = time.perf_counter() - t
+
+        step("encoding anatomies", 0.15)
+        t = time.perf_counter()
+        want_maps = bool(similarity_maps)
+        enc = self.encode_model_space(
+            ct_ms,
+            labels_ms,
+            strategy=strategy,
+            return_tokens=want_maps,
+            progress=(lambda m, f: progress(m, 0.15 + 0.6 * f)) if progress else None,
+            should_cancel=should_cancel,
+        )
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        timings["embed"] = time.perf_counter() - t
+
+        step("scoring findings", 0.8)
+        t = time.perf_counter()
+        emb = self.finding_embeddings(fs)
+        probs = self.score(enc, emb)
+        timings["score"] = time.perf_counter() - t
+
+        results: list[AnatomyResult] = []
+        uncalibrated = []
+        by_anat = fs.by_anatomy()
+        for i, name in enumerate(self.anatomies):
+            fact = facts.get(name)
+            voxels = int(counts[i])
+            cut = bool(getattr(fact, "cut_by_fov", False)) if fact is not None else False
+            status = "absent" if voxels == 0 else ("partial" if cut else "present")
+            e = enc.anatomies.get(name)
+            note = ""
+            if status == "absent":
+                note = "not in the segmentation: not scored"
+            elif e is None:
+                frac = enc.dropped.get(name)
+                note = (
+                    f"not scored: its window holds only {frac:.0%} of it (reference rule: >= 90%)"
+                    if frac is not None
+                    else "not scored: no encoder token touches it in model space (too small)"
+                )
+            elif status == "partial":
+                note = "cut by the field of view: scored on the visible part"
+            ar = AnatomyResult(
+                name=name,
+                status=status,
+                volume_ml=voxels * vox_ml,
+                voxels=voxels,
+                scored=e is not None,
+                window=e.window if e is not None else None,
+                note=note,
+            )
+            for f in by_anat.get(name, []):
+                thr, src = self.threshold(f)
+                if src == "default":
+                    uncalibrated.append(f.name)
+                p = probs.get((name, f.name))
+                ar.findings.append(
+                    FindingResult(
+                        name=f.name,
+                        probability=p,
+                        threshold=thr,
+                        threshold_source=src,
+                        flagged=p is not None and p > thr,
+                        source=f.source,
+                        positive=f.positive,
+                        negative=f.negative,
+                    )
+                )
+            results.append(ar)
+        if uncalibrated:
+            notes.append(
+                f"No calibrated threshold in the model config for {len(uncalibrated)} finding(s) "
+                f"({', '.join(sorted(set(uncalibrated)))}): {DEFAULT_THRESHOLD} used. Calibrate with "
+                "`fvlm evaluate --store-thresholds` on a labelled calibration set."
+            )
+        for a in results:
+            if a.status != "absent" and not a.scored:
+                notes.append(f"{a.name}: {a.note}")
+
+        maps: dict[tuple[str, str], np.ndarray] = {}
+        if want_maps:
+            step("localising", 0.85)
+            t = time.perf_counter()
+            tau = float(self.model.temperature.detach())
+            for a in results:
+                e = enc.anatomies.get(a.name)
+                if e is None or e.tokens is None:
+                    continue
+                for fr in a.findings:
+                    if not (fr.flagged or similarity_maps == "all"):
+                        continue
+                    k = emb.index(fr.name, a.name)
+                    vals = similarity.token_scores(
+                        e.tokens, e.membership, emb.positive[k], emb.negative[k], tau
+                    )
+                    vox = similarity.tokens_to_voxels(vals, e.grid, e.patch)
+                    maps[(a.name, fr.name)] = similarity.map_to_ct(enc.crops[e.window], vox, ct.geometry)
+            timings["localize"] = time.perf_counter() - t
+        step("done", 1.0)
+        return AnalysisResult(
+            anatomies=results,
+            similarity_maps=maps,
+            geometry=ct.geometry,
+            windows=enc.plans,
+            timings=timings,
+            notes=notes,
+            model=self.name,
+            device=str(self.device),
+        )
+
+
+def load_findings_file(path: str | os.PathLike) -> FindingSet:
+    """Read user findings from JSON or YAML: a list of Finding dicts (name, anatomy, optional
+    positive / negative wordings), or ``{"findings": [...]}``."""
+    import json
+
+    import yaml
+
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise InputError(f"--prompts {path}: cannot read the file ({exc})") from exc
+    try:
+        data = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
+    except (ValueError, yaml.YAMLError) as exc:
+        raise ConfigError(f"--prompts {path}: not valid JSON/YAML ({exc})") from exc
+    if isinstance(data, Mapping):
+        data = data.get("findings")
+    if not isinstance(data, list) or not data:
+        raise ConfigError(
+            f"--prompts {path}: expected a non-empty list of findings like "
+            '[{"name": "Pleural effusion", "anatomy": "lung", "positive": ["Pleural effusion."], '
+            '"negative": ["No pleural effusion."]}]'
+        )
+    out = []
+    for i, d in enumerate(data):
+        if not isinstance(d, Mapping):
+            raise ConfigError(f"--prompts {path}: entry {i + 1} is not a mapping with name and anatomy")
+        out.append(Finding.from_dict({"source": "user", **d}))
+    return FindingSet(out)

@@ -150,7 +150,10 @@ LABEL_RULES: dict[str, LabelRule | tuple[LabelRule, ...]] = {
     ),
     "Pleural effusion": LabelRule(
         _rx(r"pleural effusion|pleural fluid|hydrothorax|hydropneumothorax|hydropnomothorax|effusion"),
-        exclude=_rx(r"pericard"),
+        exclude=_rx(
+            r"pericard|perirenal|perinephric|renal|kidney|spleen|splenic|subcapsular|liver|hepat|joint|"
+            r"abdom|pelvi|peritoneal|subcutaneous|fatty tissue"
+        ),
     ),
     "Mosaic attenuation pattern": LabelRule(_rx(r"mosaic|air trapping")),
     "Peribronchial thickening": LabelRule(

@@ -310,6 +310,34 @@ def _corrupt(path: Path, what: str) -> InputError:
     )
 
 
+def _nifti_expected_bytes(head: bytes) -> int | None:
+    """File size (header + voxels) a single-file NIfTI-1 header promises, or None if unknown."""
+    if len(head) < 348:
+        return None
+    for endian in "<>":
+        if struct.unpack_from(endian + "i", head, 0)[0] == 348:
+            break
+    else:
+        return None
+    dim = struct.unpack_from(endian + "8h", head, 40)
+    bitpix = struct.unpack_from(endian + "h", head, 72)[0]
+    vox_offset = struct.unpack_from(endian + "f", head, 108)[0]
+    if head[344:347] != b"n+1" or bitpix <= 0 or not math.isfinite(vox_offset) or not 1 <= dim[0] <= 7:
+        return None
+    dims = [max(int(d), 1) for d in dim[1 : dim[0] + 1]]
+    return int(vox_offset) + int(np.prod(dims, dtype=np.int64)) * (bitpix // 8)
+
+
+def _gzip_isize(path: Path) -> int | None:
+    """The uncompressed size (mod 2**32) that a gzip file's trailer records."""
+    with open(path, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        if f.tell() < 18:
+            return None
+        f.seek(-4, os.SEEK_END)
+        return struct.unpack("<I", f.read(4))[0]
+
+
 def _check_nifti_header(path: Path, head: bytes, data_bytes: int) -> None:
     """Catch what ITK's NIfTI reader silently papers over: a truncated voxel block (it returns
     zeros/garbage) and zero or NaN voxel sizes (it replaces them with 1 mm)."""
@@ -358,6 +386,18 @@ def _check_nifti_header(path: Path, head: bytes, data_bytes: int) -> None:
 def _validate_file(path: Path) -> None:
     """Check what SimpleITK does not: a complete gzip stream and a consistent NIfTI header."""
     name = path.name.lower()
+    if name.endswith(".nii.gz"):
+        # Fast path: the gzip trailer records the uncompressed size; if it equals what the header
+        # promises, the stream is complete (a cut file ends in arbitrary bytes). Else scan it all.
+        try:
+            with gzip.open(path, "rb") as f:
+                head = f.read(348)
+        except (OSError, EOFError, zlib.error):
+            head = b""
+        expected = _nifti_expected_bytes(head)
+        if expected is not None and _gzip_isize(path) == expected % 2**32:
+            _check_nifti_header(path, head, expected)
+            return
     if name.endswith(".gz"):
         total, head = 0, b""
         try:

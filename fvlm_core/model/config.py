@@ -71,9 +71,10 @@ class VisionConfig:
     levels: tuple[int, ...] = (3, 6, 9)
     #: fused attention (torch SDPA) in the ViT blocks; outputs equal the explicit attention.
     flash_attention: bool = True
-    #: CNN only: channels of the strided stages (each halves the grid); the last must equal
-    #: ``hidden_size`` is not required (a 1x1 projection maps to it).
-    cnn_channels: tuple[int, ...] = (16, 32, 64)
+    #: CNN only: channels of the stages: a patchify conv (kernel = stride = ``cnn_stem_patch``)
+    #: then one stride-2 3x3x3 conv per further entry; a 1x1 conv maps to ``hidden_size``.
+    cnn_channels: tuple[int, ...] = (32, 64)
+    cnn_stem_patch: int = 4
     #: CNN only: residual blocks at the token grid; each block's output is one pooled level.
     cnn_blocks: int = 3
 
@@ -95,13 +96,15 @@ class VisionConfig:
         if self.type == "vit" and any(not 0 <= lv < self.num_layers for lv in self.levels):
             raise ConfigError(f"vision.levels {self.levels} must index blocks 0..{self.num_layers - 1}")
         if self.type == "cnn":
-            for p in self.patch_size:
-                if p != 2 ** len(self.cnn_channels):
-                    raise ConfigError(
-                        f"vision.patch_size {self.patch_size}: a CNN with {len(self.cnn_channels)} strided "
-                        f"stages has patch {2 ** len(self.cnn_channels)} on every axis; set patch_size to that "
-                        "or change vision.cnn_channels"
-                    )
+            if not self.cnn_channels:
+                raise ConfigError("vision.cnn_channels must list at least one stage")
+            patch = self.cnn_stem_patch * 2 ** (len(self.cnn_channels) - 1)
+            if any(p != patch for p in self.patch_size):
+                raise ConfigError(
+                    f"vision.patch_size {self.patch_size}: this CNN (stem patch {self.cnn_stem_patch}, "
+                    f"{len(self.cnn_channels) - 1} stride-2 stages) has patch {patch} on every axis; "
+                    "set patch_size to that or change vision.cnn_stem_patch / vision.cnn_channels"
+                )
 
     @property
     def grid_size(self) -> tuple[int, int, int]:

@@ -126,20 +126,30 @@ class FVLM(nn.Module):
     def pool(
         self,
         tokens: TokenGrid,
-        labels: torch.Tensor,
+        labels: torch.Tensor | None,
         present: torch.Tensor | None = None,
         return_tokens: bool = False,
+        membership: torch.Tensor | None = None,
     ) -> AnatomyEmbeddings:
         """Anatomy embeddings from already computed tokens (see :meth:`encode_image`)."""
         b = tokens.final.shape[0]
         a = len(self.anatomies)
-        spatial = tuple(labels.shape[-3:])
-        expected = tuple(g * p for g, p in zip(tokens.grid, tokens.patch_size))
-        if labels.shape[0] != b or spatial != expected:
+        n_tok = tokens.final.shape[1]
+        if membership is None:
+            if labels is None:
+                raise InputError("give an anatomy label map (labels) or a precomputed token membership")
+            spatial = tuple(labels.shape[-3:])
+            expected = tuple(g * p for g, p in zip(tokens.grid, tokens.patch_size))
+            if labels.shape[0] != b or spatial != expected:
+                raise InputError(
+                    f"labels shape {tuple(labels.shape)} does not match the image: expected (B={b}, *{expected})"
+                )
+            membership = token_membership(labels.to(tokens.final.device), a, tokens.patch_size)
+        elif tuple(membership.shape) != (b, a, n_tok):
             raise InputError(
-                f"labels shape {tuple(labels.shape)} does not match the image: expected (B={b}, *{expected})"
+                f"membership must have shape (B, A, L) = {(b, a, n_tok)}, got {tuple(membership.shape)}"
             )
-        membership = token_membership(labels.to(tokens.final.device), a, tokens.patch_size)
+        membership = membership.to(tokens.final.device, torch.bool)
         if present is not None:
             if tuple(present.shape) != (b, a):
                 raise InputError(f"present must have shape (B, A) = {(b, a)}, got {tuple(present.shape)}")
@@ -174,9 +184,10 @@ class FVLM(nn.Module):
     def encode_image(
         self,
         image: torch.Tensor,
-        labels: torch.Tensor,
+        labels: torch.Tensor | None,
         present: torch.Tensor | None = None,
         return_tokens: bool = False,
+        membership: torch.Tensor | None = None,
     ) -> AnatomyEmbeddings:
         """Anatomy embeddings of a batch of windows, one encoder forward for all anatomies.
 
@@ -185,12 +196,21 @@ class FVLM(nn.Module):
             labels: ``(B, Z, Y, X)`` anatomy label map (anatomy ``a`` = ``a + 1``).
             present: optional ``(B, A)`` bool; False masks an anatomy out (e.g. cut by the crop).
             return_tokens: also return per-token embeddings and attention (similarity maps).
+            membership: optional precomputed ``(B, A, L)`` token membership
+                (:func:`~fvlm_core.model.pooling.token_membership`, e.g. in data-loader workers);
+                ``labels`` may then be ``None``.
 
         Returns:
             :class:`AnatomyEmbeddings` with ``embeddings (B, A, D)`` (zeros where absent) and
             ``present (B, A)``.
         """
-        return self.pool(self.encode_tokens(image), labels, present=present, return_tokens=return_tokens)
+        return self.pool(
+            self.encode_tokens(image),
+            labels,
+            present=present,
+            return_tokens=return_tokens,
+            membership=membership,
+        )
 
     def encode_image_global(self, image: torch.Tensor) -> torch.Tensor:
         """``(B, D)`` L2-normalised whole-window embedding (mean of final tokens, ``global_proj``)."""
@@ -231,6 +251,12 @@ class FVLM(nn.Module):
     def clear_text_cache(self) -> None:
         self._text_cache.clear()
 
-    def forward(self, image: torch.Tensor, labels: torch.Tensor, present: torch.Tensor | None = None):
+    def forward(
+        self,
+        image: torch.Tensor,
+        labels: torch.Tensor | None,
+        present: torch.Tensor | None = None,
+        membership: torch.Tensor | None = None,
+    ) -> AnatomyEmbeddings:
         """Alias of :meth:`encode_image` (so DDP wraps the image path)."""
-        return self.encode_image(image, labels, present=present)
+        return self.encode_image(image, labels, present=present, membership=membership)

@@ -157,20 +157,22 @@ class _TokenBlock(nn.Module):
 class CNNTokenEncoder(nn.Module):
     """Small strided 3D CNN for CPU training with the :class:`TokenGrid` interface of the ViT.
 
-    Each of ``len(cnn_channels)`` stages is a stride-2 3x3x3 conv + GELU, so a token covers
-    ``2 ** stages`` voxels per axis (``config.patch_size``); a 1x1x1 conv maps to ``hidden_size``;
-    ``cnn_blocks`` residual blocks at the token grid give one level each, plus the final normed output.
+    A patchify conv (kernel = stride = ``cnn_stem_patch``) and ``len(cnn_channels) - 1`` stride-2
+    3x3x3 convs (GELU after each) give one token per ``patch_size`` voxels; a 1x1x1 conv maps to
+    ``hidden_size``; ``cnn_blocks`` residual blocks at the token grid give one level each, plus the
+    final normed output. Runs channels-last (about 2x faster 3D convs on CPU).
     """
 
     def __init__(self, config: VisionConfig) -> None:
         super().__init__()
-        chans = (1, *config.cnn_channels)
-        self.stem = nn.Sequential(
-            *[
-                nn.Sequential(nn.Conv3d(cin, cout, kernel_size=3, stride=2, padding=1), nn.GELU())
-                for cin, cout in itertools.pairwise(chans)
-            ]
-        )
+        chans = config.cnn_channels
+        stem: list[nn.Module] = [
+            nn.Conv3d(1, chans[0], kernel_size=config.cnn_stem_patch, stride=config.cnn_stem_patch),
+            nn.GELU(),
+        ]
+        for cin, cout in itertools.pairwise(chans):
+            stem += [nn.Conv3d(cin, cout, kernel_size=3, stride=2, padding=1), nn.GELU()]
+        self.stem = nn.Sequential(*stem)
         self.proj = nn.Conv3d(chans[-1], config.hidden_size, kernel_size=1)
         self.blocks = nn.ModuleList(_TokenBlock(config.hidden_size) for _ in range(config.cnn_blocks))
         self.norm = nn.LayerNorm(config.hidden_size)
@@ -179,7 +181,7 @@ class CNNTokenEncoder(nn.Module):
     def forward(self, x: torch.Tensor) -> TokenGrid:
         """``x (B, 1, Z, Y, X)`` -> :class:`TokenGrid` with ``cnn_blocks + 1`` levels of ``(B, L, C)``."""
         check_image(x, self.patch_size)
-        t = self.proj(self.stem(x))
+        t = self.proj(self.stem(x.contiguous(memory_format=torch.channels_last_3d)))
         grid = tuple(int(s) for s in t.shape[2:])
         levels = []
         for blk in self.blocks:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import math
 import multiprocessing as mp
 import os
@@ -1195,8 +1196,13 @@ def generate_cohort(
         "Volumes: int16 stored values; HU = stored + RescaleIntercept (metadata CSV). NIfTI headers\n"
         "carry no geometry (unit spacing): use the metadata CSV, as for CT-RATE.\n"
         "anatomy_masks: lung 1, heart 2, esophagus 3, aorta 4, trachea 5 (extended catalog order),\n"
-        "on the true geometry. Pleural effusion lies in 'lung', pericardial fluid in 'heart',\n"
-        "a hiatal hernia in 'esophagus'.\n"
+        "on the true geometry (anatomy_masks/class_map.json names the values). Pleural effusion\n"
+        "lies in 'lung', pericardial fluid in 'heart', a hiatal hernia in 'esophagus'.\n"
     )
     atomic_write_text(out / "README.txt", readme)
+    if write_masks:  # value -> anatomy name, so any catalog can read the masks (LabelMapBackend class_map)
+        atomic_write_text(
+            out / "anatomy_masks" / "class_map.json",
+            json.dumps({str(v): k for k, v in MASK_VALUES.items()}, indent=1) + "\n",
+        )
     return CohortSummary(out, n, len(jobs), time.perf_counter() - t0, prev)

@@ -1,0 +1,85 @@
+"""Prepare a CT-RATE-layout dataset for training: one model-space sample per volume in a cache.
+
+Reads each volume with the metadata CSV's geometry and HU rescale, gets its anatomy masks
+(--backend labelmap: the dataset's anatomy_masks/ or --masks; builtin; totalsegmentator), merges
+them into the anatomy catalog, resamples to the model space of --config, decomposes the report
+into per-anatomy texts, and writes {name}.safetensors + {name}.json into --out. Re-running skips
+finished samples (safe after a crash). --shard i/n splits the volumes for SLURM arrays or
+torchrun ranks (--shard auto reads SLURM_ARRAY_TASK_ID/COUNT or RANK/WORLD_SIZE). Volumes that
+are missing or fail are skipped, counted, and listed in out/_prepare/summary-*.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dataset", required=True, help="CT-RATE-layout root (dataset/, metadata/, ...)")
+    parser.add_argument("--out", required=True, help="cache folder for this split")
+    parser.add_argument("--split", choices=("train", "valid"), default="train", help="split (default train)")
+    parser.add_argument("--shard", default=None, help="i/n (0 <= i < n) or 'auto'; default: everything")
+    parser.add_argument("--workers", type=int, default=1, help="processes (default 1)")
+    parser.add_argument(
+        "--backend",
+        choices=("labelmap", "builtin", "totalsegmentator"),
+        default="labelmap",
+        help="anatomy masks: labelmap (dataset's anatomy_masks/ or --masks), builtin, totalsegmentator",
+    )
+    parser.add_argument("--masks", default=None, help="folder of label maps named like the volumes")
+    parser.add_argument("--class-map", default=None, help="JSON {value: class or anatomy name} of the masks")
+    parser.add_argument(
+        "--config", default=None, help="model config name or YAML whose preprocessing defines the model space"
+    )
+    parser.add_argument(
+        "--catalog", default=None, help="anatomy catalog (ctrate, extended); default: the config's"
+    )
+    parser.add_argument("--limit", type=int, default=None, help="at most this many volumes (for a trial run)")
+    parser.add_argument("--strict", action="store_true", help="exit with status 1 when any volume failed")
+
+
+def run(args: argparse.Namespace) -> int:
+    from fvlm_core.anatomy import CTRATE_CATALOG, get_catalog
+    from fvlm_core.data.prepare import parse_shard, prepare_dataset
+    from fvlm_core.preprocess import ModelSpaceConfig
+
+    config = ModelSpaceConfig()
+    catalog = CTRATE_CATALOG
+    if args.config:
+        from fvlm_core.model.config import load_config
+
+        cfg = load_config(args.config)
+        config = cfg.model_space()
+        catalog = get_catalog(list(cfg.anatomies))
+    if args.catalog:
+        catalog = get_catalog(args.catalog)
+    summary = prepare_dataset(
+        args.dataset,
+        args.out,
+        split=args.split,
+        shard=parse_shard(args.shard),
+        workers=args.workers,
+        backend=args.backend,
+        masks_dir=args.masks,
+        class_map=args.class_map,
+        catalog=catalog,
+        config=config,
+        limit=args.limit,
+    )
+    d = summary.to_dict()
+    print(
+        f"prepare {d['split']} shard {d['shard']}: {d['processed']} written, {d['already_done']} already done, "
+        f"{d['failed_count']} failed, {d['skipped_listing_count']} listed but unusable, "
+        f"{d['stale_temps_removed']} stale temporary files removed ({d['seconds']:.1f} s)"
+    )
+    for f in summary.failed[:10]:
+        print(f"  failed {f['name']}: {f['error']}")
+    for s in summary.skipped_listing[:10]:
+        print(f"  skipped {s['name']}: {s['reason']}")
+    if len(summary.failed) > 10 or len(summary.skipped_listing) > 10:
+        print(
+            f"  (full list in {args.out}/_prepare/summary-{d['split']}-{d['shard'].replace('/', 'of')}.json)"
+        )
+    if summary.failed and (args.strict or summary.processed + summary.already_done == 0):
+        return 1
+    return 0

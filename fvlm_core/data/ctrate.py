@@ -1,0 +1,452 @@
+"""Reader for the CT-RATE layout (DESIGN.md section 3), and the model-space sample builder.
+
+Layout (``root``)::
+
+    dataset/{train,valid}/train_1/train_1_a/train_1_a_1.nii.gz
+    metadata/{train,validation}_metadata.csv                 geometry + HU rescale (headers are unreliable)
+    radiology_text_reports/{train,validation}_reports.csv    VolumeName, Findings_EN, Impressions_EN, ...
+    multi_abnormality_labels/{train,valid}_predicted_labels.csv   VolumeName + 18 labels (optional)
+    anatomy_masks/{train,valid}/...same names...             optional label maps (+ class_map.json)
+
+A volume name ``train_1_a_1`` is patient 1, scan ``a``, reconstruction 1; one *scan* may have
+several reconstructions. Bad rows never stop a long run: a volume listed but missing on disk, or
+without a report, is skipped and listed in :attr:`CTRATEReader.skipped`; a file that fails to
+load fails only its own sample (see ``fvlm prepare``'s failure summary). Malformed tables (missing
+file or columns, duplicate names) raise :class:`~fvlm_core.errors.DataError` at once.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from torch.utils.data import Dataset
+
+from fvlm_core.anatomy import CTRATE_CATALOG, AnatomyCatalog
+from fvlm_core.data.cache import CachedSample, is_complete, load_sample, save_sample, scan_id_of
+from fvlm_core.errors import DataError, FVLMError
+from fvlm_core.findings import CTRATE_LABELS
+from fvlm_core.io import CTVolume, LabelVolume, read_ct
+
+#: split -> (dataset folder, metadata/report CSV prefix, label CSV prefix), as named in CT-RATE.
+SPLIT_NAMES: dict[str, tuple[str, str, str]] = {
+    "train": ("train", "train", "train"),
+    "valid": ("valid", "validation", "valid"),
+}
+METADATA_REQUIRED = ("VolumeName", "XYSpacing", "ZSpacing", "ImagePositionPatient", "ImageOrientationPatient")
+REPORT_REQUIRED = ("VolumeName", "Findings_EN", "Impressions_EN")
+LABELS_REQUIRED = ("VolumeName", *CTRATE_LABELS)
+
+
+def _volume_key(name: str) -> str:
+    return name.strip().removesuffix(".gz").removesuffix(".nii")
+
+
+def read_table(path: Path, required: Sequence[str], what: str) -> dict[str, dict[str, str]]:
+    """Read a CT-RATE CSV keyed by volume name (without ``.nii.gz``).
+
+    Raises:
+        DataError: file missing, required columns missing (named), or a volume listed twice.
+    """
+    if not path.is_file():
+        raise DataError(
+            f"{path}: {what} CSV not found. Expected the CT-RATE layout (see DESIGN.md section 3)."
+        )
+    with open(path, newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        columns = [c.strip() for c in (reader.fieldnames or [])]
+        missing = [c for c in required if c not in columns]
+        if missing:
+            raise DataError(
+                f"{path}: {what} CSV lacks column(s) {', '.join(missing)} (has: {', '.join(columns) or 'none'})."
+            )
+        rows: dict[str, dict[str, str]] = {}
+        dupes: list[str] = []
+        for row in reader:
+            row = {(k or "").strip(): (v if v is not None else "") for k, v in row.items()}
+            key = _volume_key(row["VolumeName"])
+            if key in rows:
+                dupes.append(key)
+            rows[key] = row
+    if dupes:
+        raise DataError(
+            f"{path}: volume name(s) listed more than once: {', '.join(sorted(set(dupes))[:5])}"
+            f"{' ...' if len(set(dupes)) > 5 else ''} ({len(dupes)} duplicate rows). Keep one row per volume."
+        )
+    return rows
+
+
+def volume_relpath(name: str) -> Path:
+    """``train_1_a_1`` -> ``train_1/train_1_a/train_1_a_1.nii.gz`` (CT-RATE folder nesting)."""
+    parts = name.split("_")
+    if len(parts) < 4:
+        return Path(f"{name}.nii.gz")
+    return Path("_".join(parts[:2])) / "_".join(parts[:3]) / f"{name}.nii.gz"
+
+
+@dataclass
+class VolumeRecord:
+    """One listed volume and its table rows."""
+
+    name: str
+    split: str
+    path: Path
+    metadata: dict[str, str]
+    report: dict[str, str] | None = None
+    labels: dict[str, int] | None = None
+    mask_path: Path | None = None
+
+    @property
+    def scan_id(self) -> str:
+        return scan_id_of(self.name)
+
+    @property
+    def findings_text(self) -> str:
+        return (self.report or {}).get("Findings_EN", "") or ""
+
+    @property
+    def impression_text(self) -> str:
+        return (self.report or {}).get("Impressions_EN", "") or ""
+
+
+@dataclass
+class CTRATEReader:
+    """The tables and files of one split of a CT-RATE-layout dataset.
+
+    Args:
+        root: dataset root (holds ``dataset/``, ``metadata/``, ...).
+        split: ``"train"`` or ``"valid"``.
+        masks_dir: optional folder of anatomy masks (same nesting as ``dataset/``; default
+            ``root/anatomy_masks`` when it exists).
+        require_reports: the reports CSV must exist and volumes without a report are skipped.
+
+    Attributes:
+        records: usable volumes, sorted by name.
+        skipped: ``(name, reason)`` of listed volumes that cannot be used.
+        has_labels: whether the 18-label CSV exists.
+    """
+
+    root: Path
+    split: str = "train"
+    masks_dir: Path | None = None
+    require_reports: bool = True
+    records: list[VolumeRecord] = field(default_factory=list, init=False)
+    skipped: list[tuple[str, str]] = field(default_factory=list, init=False)
+    has_labels: bool = field(default=False, init=False)
+
+    def __post_init__(self) -> None:
+        self.root = Path(self.root)
+        if self.split not in SPLIT_NAMES:
+            raise DataError(f"split {self.split!r}: choose one of {', '.join(SPLIT_NAMES)}.")
+        if not self.root.is_dir():
+            raise DataError(f"{self.root}: dataset folder not found.")
+        folder, prefix, label_prefix = SPLIT_NAMES[self.split]
+        meta = read_table(self.root / "metadata" / f"{prefix}_metadata.csv", METADATA_REQUIRED, "metadata")
+        reports_path = self.root / "radiology_text_reports" / f"{prefix}_reports.csv"
+        reports = (
+            read_table(reports_path, REPORT_REQUIRED, "reports")
+            if self.require_reports or reports_path.exists()
+            else {}
+        )
+        labels_path = self.root / "multi_abnormality_labels" / f"{label_prefix}_predicted_labels.csv"
+        labels = read_table(labels_path, LABELS_REQUIRED, "labels") if labels_path.exists() else {}
+        self.has_labels = labels_path.exists()
+        if self.masks_dir is None and (self.root / "anatomy_masks").is_dir():
+            self.masks_dir = self.root / "anatomy_masks"
+        vol_dir = self.root / "dataset" / folder
+        for name in sorted(meta):
+            path = self._find(vol_dir, name)
+            if path is None:
+                self.skipped.append((name, f"listed in the metadata but no file under {vol_dir}"))
+                continue
+            if self.require_reports and name not in reports:
+                self.skipped.append((name, "no row in the reports CSV"))
+                continue
+            lab = None
+            if name in labels:
+                try:
+                    lab = {k: int(float(labels[name][k] or 0)) for k in CTRATE_LABELS}
+                except ValueError:
+                    self.skipped.append((name, "non-numeric value in the labels CSV"))
+                    continue
+            self.records.append(
+                VolumeRecord(
+                    name, self.split, path, meta[name], reports.get(name), lab, self._find_mask(name)
+                )
+            )
+
+    @staticmethod
+    def _find(base: Path, name: str) -> Path | None:
+        for cand in (base / volume_relpath(name), base / f"{name}.nii.gz", base / f"{name}.nii"):
+            if cand.exists():
+                return cand
+        return None
+
+    def _find_mask(self, name: str) -> Path | None:
+        if self.masks_dir is None:
+            return None
+        base = self.masks_dir / SPLIT_NAMES[self.split][0]
+        for b in (base, self.masks_dir):
+            found = self._find(b, name)
+            if found is not None:
+                return found
+            if (b / name).is_dir():  # TotalSegmentator per-class mask folder
+                return b / name
+        return None
+
+    @property
+    def scans(self) -> dict[str, list[VolumeRecord]]:
+        """Records grouped by scan (``train_1_a``), reconstructions in name order."""
+        out: dict[str, list[VolumeRecord]] = {}
+        for r in self.records:
+            out.setdefault(r.scan_id, []).append(r)
+        return out
+
+    def get(self, name: str) -> VolumeRecord:
+        for r in self.records:
+            if r.name == _volume_key(name):
+                return r
+        raise DataError(f"{name}: not a usable volume of {self.root} ({self.split}).")
+
+    def read_ct(self, record: VolumeRecord) -> CTVolume:
+        """The volume in HU with the metadata's geometry and rescale (``fvlm_core.io.read_ct``)."""
+        return read_ct(record.path, metadata=record.metadata)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "root": str(self.root),
+            "split": self.split,
+            "volumes": len(self.records),
+            "scans": len(self.scans),
+            "skipped": [{"name": n, "reason": r} for n, r in self.skipped],
+        }
+
+
+# ------------------------------------------------------------------------------------------------
+# Segmentation source and sample building
+# ------------------------------------------------------------------------------------------------
+
+Segmenter = Callable[[CTVolume, VolumeRecord], np.ndarray]
+
+
+def make_segmenter(
+    backend: str = "labelmap",
+    catalog: AnatomyCatalog = CTRATE_CATALOG,
+    class_map: Mapping[int, str] | str | os.PathLike | None = None,
+    masks_dir: str | os.PathLike | None = None,
+    **options: Any,
+) -> Segmenter:
+    """A function ``(ct, record) -> uint8 anatomy label map on the CT grid`` (catalog values).
+
+    ``labelmap``: the record's mask file (``anatomy_masks/...`` of the layout, or ``masks_dir``),
+    read with :class:`fvlm_core.segmentation.LabelMapBackend`; ``class_map`` defaults to the mask
+    folder's ``class_map.json`` when present. ``builtin`` / ``totalsegmentator``: segment the CT.
+    """
+    from fvlm_core.segmentation import LabelMapBackend, get_backend
+
+    if backend == "labelmap":
+        cmap = class_map
+        if cmap is None and masks_dir is not None and (Path(masks_dir) / "class_map.json").is_file():
+            cmap = Path(masks_dir) / "class_map.json"
+
+        def from_masks(ct: CTVolume, record: VolumeRecord) -> np.ndarray:
+            if record.mask_path is None:
+                raise DataError(
+                    f"{record.name}: no anatomy mask found (looked under {masks_dir or 'anatomy_masks/'}). "
+                    "Pass --masks DIR, or segment with --backend builtin|totalsegmentator."
+                )
+            cm = cmap
+            if cm is None and (record.mask_path.parent / "class_map.json").is_file():
+                cm = record.mask_path.parent / "class_map.json"
+            return LabelMapBackend(record.mask_path, class_map=cm).segment(ct, catalog).labelmap
+
+        return from_masks
+    be = get_backend(backend, **options)
+
+    def segment(ct: CTVolume, record: VolumeRecord) -> np.ndarray:
+        return be.segment(ct, catalog).labelmap
+
+    return segment
+
+
+def decompose(record: VolumeRecord, anatomies: Sequence[str]) -> tuple[dict[str, str], dict[str, bool], dict]:
+    """Per-anatomy texts and abnormal flags from the record's report (``fvlm_core.reports``)."""
+    from fvlm_core.reports import decompose_report
+
+    findings, impression = record.findings_text.strip(), record.impression_text.strip()
+    if not findings and not impression:
+        raise DataError(f"{record.name}: the report is empty (no Findings_EN and no Impressions_EN).")
+    dec = decompose_report(findings, impression, anatomies=list(anatomies))
+    extra = {"abnormal_findings": {k: bool(v) for k, v in getattr(dec, "abnormal_findings", {}).items()}}
+    return dict(dec.texts), {k: bool(v) for k, v in dec.abnormal.items()}, extra
+
+
+def finding_labels_of(record: VolumeRecord) -> tuple[dict[str, int], str]:
+    """The 18 labels: from the labels CSV when it lists the volume, else extracted from the report."""
+    if record.labels is not None:
+        return dict(record.labels), "labels_csv"
+    from fvlm_core.reports import extract_labels
+
+    text = f"{record.findings_text} {record.impression_text}"
+    return {k: int(v) for k, v in extract_labels(text).items()}, "extracted"
+
+
+def build_sample(
+    reader: CTRATEReader,
+    record: VolumeRecord,
+    segmenter: Segmenter,
+    catalog: AnatomyCatalog = CTRATE_CATALOG,
+    config: Any = None,
+) -> CachedSample:
+    """Read, fix geometry/HU (metadata), segment, resample to model space, decompose the report.
+
+    Args:
+        config: a ``fvlm_core.preprocess.ModelSpaceConfig`` (default: the reference one).
+
+    Returns:
+        :class:`CachedSample` with int16 HU and uint8 labels on the model-space grid.
+    """
+    from fvlm_core.preprocess import ModelSpaceConfig, resample_to_model_space
+
+    config = config or ModelSpaceConfig()
+    texts, abnormal, extra = decompose(record, catalog.names)  # cheap: fail early on a bad report
+    ct = reader.read_ct(record)
+    labelmap = segmenter(ct, record)
+    ct_ms, lab_ms = resample_to_model_space(ct, LabelVolume(labelmap.astype(np.uint8), ct.geometry), config)
+    hu = np.clip(np.rint(ct_ms.array), -1024, 3071).astype(np.int16)
+    labels = lab_ms.array.astype(np.uint8)
+    finding_labels, label_source = finding_labels_of(record)
+    counts = np.bincount(labels.reshape(-1), minlength=len(catalog) + 1)
+    report = " ".join(t for t in (record.findings_text.strip(), record.impression_text.strip()) if t)
+    meta = {
+        "scan_id": record.scan_id,
+        "split": record.split,
+        "source": str(record.path),
+        "mask": str(record.mask_path) if record.mask_path else None,
+        "model_space": config.to_dict(),
+        "catalog": catalog.name,
+        "anatomy_voxels": {a: int(counts[i + 1]) for i, a in enumerate(catalog.names)},
+        "label_source": label_source,
+        "findings": record.findings_text,
+        "impression": record.impression_text,
+        **extra,
+    }
+    return CachedSample(
+        name=record.name,
+        hu=hu,
+        labels=labels,
+        geometry=ct_ms.geometry,
+        anatomies=catalog.names,
+        texts=texts,
+        abnormal=abnormal,
+        finding_labels=finding_labels,
+        report=report,
+        meta=meta,
+    )
+
+
+def sample_to_item(
+    sample: CachedSample,
+    anatomies: Sequence[str] | None = None,
+    hu_window: Sequence[float] | None = None,
+    size_zyx: Sequence[int] | None = None,
+) -> dict[str, Any]:
+    """A training item (see :class:`~fvlm_core.data.cache.CachedDataset`) from a sample."""
+    from fvlm_core.data.cache import item_from_sample
+
+    return item_from_sample(sample, anatomies, hu_window, size_zyx)
+
+
+class CTRATEDataset(Dataset):
+    """A torch Dataset over a CT-RATE-layout folder: one item per scan.
+
+    Each item reads the chosen reconstruction, applies the metadata's geometry and HU scaling,
+    gets anatomy masks from ``backend``, resamples to model space and decomposes the report; with
+    ``cache_dir`` the result is cached (``fvlm prepare`` format) and later reads are fast.
+
+    Args:
+        root, split, masks_dir: see :class:`CTRATEReader`.
+        reconstruction: ``"random"`` (torch RNG) or ``"first"`` reconstruction of each scan.
+        backend: ``"labelmap"`` (the layout's anatomy masks), ``"builtin"`` or ``"totalsegmentator"``.
+        catalog: anatomies (label value = index + 1).
+        config: ``ModelSpaceConfig`` (default: the reference's).
+        cache_dir: optional cache folder.
+        size_zyx: crop/pad items to this size (for batching).
+
+    A volume that fails to load (corrupt file, bad mask, empty report) is recorded in
+    :attr:`failures` and another reconstruction, then the next scan, is used instead.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        split: str = "train",
+        *,
+        reconstruction: str = "random",
+        backend: str = "labelmap",
+        masks_dir: str | os.PathLike | None = None,
+        class_map: Any = None,
+        catalog: AnatomyCatalog = CTRATE_CATALOG,
+        config: Any = None,
+        cache_dir: str | os.PathLike | None = None,
+        size_zyx: Sequence[int] | None = None,
+    ) -> None:
+        if reconstruction not in ("random", "first"):
+            raise DataError(f"reconstruction={reconstruction!r}: choose 'random' or 'first'.")
+        self.reader = CTRATEReader(Path(root), split, Path(masks_dir) if masks_dir else None)
+        self.scan_ids = sorted(self.reader.scans)
+        if not self.scan_ids:
+            raise DataError(
+                f"{root} ({split}): no usable volumes ({len(self.reader.skipped)} listed but skipped)."
+            )
+        self._scans = self.reader.scans
+        self.reconstruction = reconstruction
+        self.catalog = catalog
+        from fvlm_core.preprocess import ModelSpaceConfig
+
+        self.config = config or ModelSpaceConfig()
+        self.cache_dir = Path(cache_dir) if cache_dir else None
+        self.size_zyx = size_zyx
+        self.segmenter = make_segmenter(backend, catalog, class_map, self.reader.masks_dir)
+        self.failures: dict[str, str] = {}
+
+    def __len__(self) -> int:
+        return len(self.scan_ids)
+
+    def load(self, record: VolumeRecord) -> CachedSample:
+        """The cached sample of ``record`` (built and cached on first use)."""
+        if self.cache_dir is not None and is_complete(self.cache_dir, record.name):
+            return load_sample(self.cache_dir, record.name)
+        sample = build_sample(self.reader, record, self.segmenter, self.catalog, self.config)
+        if self.cache_dir is not None:
+            save_sample(sample, self.cache_dir)
+        return sample
+
+    def _candidates(self, scan_id: str) -> list[VolumeRecord]:
+        recs = [r for r in self._scans[scan_id] if r.name not in self.failures]
+        if self.reconstruction == "random" and len(recs) > 1:
+            import torch
+
+            k = int(torch.randint(len(recs), (1,)).item())
+            recs = recs[k:] + recs[:k]
+        return recs
+
+    def __getitem__(self, idx: int) -> dict[str, Any]:
+        for step in range(min(len(self.scan_ids), 20)):
+            scan_id = self.scan_ids[(idx + step) % len(self.scan_ids)]
+            for record in self._candidates(scan_id):
+                try:
+                    sample = self.load(record)
+                except FVLMError as exc:
+                    self.failures[record.name] = str(exc)
+                    continue
+                return sample_to_item(sample, self.catalog.names, self.config.hu_window, self.size_zyx)
+        raise DataError(
+            f"{self.reader.root}: could not load scan {self.scan_ids[idx]} nor the following ones "
+            f"({len(self.failures)} volumes failed so far, e.g. {next(iter(self.failures.items()), None)})."
+        )

@@ -1,0 +1,254 @@
+"""Preparation at scale: CT-RATE layout -> model-space sample cache (``fvlm prepare``).
+
+Re-runnable: a sample whose JSON sidecar and tensor file are complete is skipped; hidden
+temporary files left by a crash are removed (only those of this shard's volumes, so shards that
+share a cache folder never touch each other's work). Shards split the sorted volume list by a
+stable hash of each name, so ``--shard i/n`` on n machines covers every volume exactly once and a
+volume keeps its shard when others are added.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import zlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fvlm_core.anatomy import CTRATE_CATALOG, AnatomyCatalog
+from fvlm_core.atomic import atomic_write_text
+from fvlm_core.data.cache import is_complete, save_sample
+from fvlm_core.data.ctrate import CTRATEReader, VolumeRecord, build_sample, make_segmenter
+from fvlm_core.errors import ConfigError, FVLMError
+
+
+def parse_shard(text: str | None) -> tuple[int, int]:
+    """``"i/n"`` (0 <= i < n) -> ``(i, n)``; ``"auto"`` reads SLURM_ARRAY_TASK_ID/COUNT or RANK/WORLD_SIZE."""
+    if text is None or text == "":
+        return 0, 1
+    if text == "auto":
+        env = os.environ
+        for idx, cnt in (("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT"), ("RANK", "WORLD_SIZE")):
+            if idx in env and cnt in env:
+                return parse_shard(f"{env[idx]}/{env[cnt]}")
+        return 0, 1
+    try:
+        i_s, n_s = text.split("/")
+        i, n = int(i_s), int(n_s)
+    except ValueError:
+        raise ConfigError(f"--shard {text!r}: expected i/n with 0 <= i < n (e.g. 0/4), or 'auto'.") from None
+    if n < 1 or not 0 <= i < n:
+        raise ConfigError(f"--shard {text!r}: need 0 <= i < n (shards are numbered from 0).")
+    return i, n
+
+
+def shard_of(name: str, n: int) -> int:
+    """Stable shard of a volume name (crc32; independent of the rest of the list)."""
+    return zlib.crc32(name.encode("utf-8")) % n
+
+
+def select_shard(names: Sequence[str], i: int, n: int) -> list[str]:
+    return sorted(nm for nm in names if shard_of(nm, n) == i)
+
+
+def remove_stale_temps(out_dir: Path, names: Sequence[str]) -> int:
+    """Delete hidden temporary files (``.{name}.*.tmp*``) of ``names`` left by an interrupted run."""
+    removed = 0
+    if not out_dir.is_dir():
+        return 0
+    wanted = set(names)
+    for p in out_dir.iterdir():
+        # atomic_path names temporary files ".{stem}.XXXX.tmp{suffix}"
+        if p.name.startswith(".") and ".tmp" in p.name and p.name[1:].split(".", 1)[0] in wanted:
+            p.unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
+@dataclass
+class PrepareSummary:
+    dataset: str
+    out: str
+    split: str
+    shard: tuple[int, int]
+    listed: int = 0
+    in_shard: int = 0
+    already_done: int = 0
+    processed: int = 0
+    stale_temps_removed: int = 0
+    failed: list[dict[str, str]] = field(default_factory=list)
+    skipped_listing: list[dict[str, str]] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "dataset": self.dataset,
+            "out": self.out,
+            "split": self.split,
+            "shard": f"{self.shard[0]}/{self.shard[1]}",
+            "listed": self.listed,
+            "in_shard": self.in_shard,
+            "already_done": self.already_done,
+            "processed": self.processed,
+            "failed_count": len(self.failed),
+            "skipped_listing_count": len(self.skipped_listing),
+            "stale_temps_removed": self.stale_temps_removed,
+            "seconds": round(self.seconds, 2),
+            "failed": self.failed,
+            "skipped_listing": self.skipped_listing,
+        }
+
+
+# ------------------------------------------------------------------------------------------------
+# Worker side (one reader + segmenter per process)
+# ------------------------------------------------------------------------------------------------
+
+_STATE: dict[str, Any] = {}
+
+
+def _init_worker(options: dict[str, Any]) -> None:
+    try:
+        import torch
+
+        torch.set_num_threads(1)  # one process per core: no thread oversubscription
+    except ImportError:  # pragma: no cover
+        pass
+    from fvlm_core.anatomy import AnatomyCatalog
+    from fvlm_core.preprocess import ModelSpaceConfig
+
+    catalog = AnatomyCatalog.from_dict(options["catalog"])
+    reader = CTRATEReader(Path(options["dataset"]), options["split"], options["masks_dir"])
+    _STATE.update(
+        reader=reader,
+        records={r.name: r for r in reader.records},
+        catalog=catalog,
+        config=ModelSpaceConfig.from_dict(options["model_space"]),
+        segmenter=make_segmenter(options["backend"], catalog, options["class_map"], reader.masks_dir),
+        out=Path(options["out"]),
+    )
+
+
+def _process(name: str) -> tuple[str, str | None, float]:
+    t0 = time.perf_counter()
+    try:
+        record: VolumeRecord = _STATE["records"][name]
+        sample = build_sample(
+            _STATE["reader"], record, _STATE["segmenter"], _STATE["catalog"], _STATE["config"]
+        )
+        save_sample(sample, _STATE["out"])
+        return name, None, time.perf_counter() - t0
+    except FVLMError as exc:
+        return name, str(exc), time.perf_counter() - t0
+    except (OSError, ValueError, RuntimeError, MemoryError) as exc:  # corrupt data, disk trouble
+        return name, f"{type(exc).__name__}: {exc}", time.perf_counter() - t0
+
+
+def _run(names: list[str], options: dict[str, Any], workers: int) -> Iterator[tuple[str, str | None, float]]:
+    if workers <= 1 or len(names) < 2:
+        _init_worker(options)
+        yield from map(_process, names)
+        return
+    import multiprocessing as mp
+
+    methods = mp.get_all_start_methods()
+    ctx = mp.get_context("forkserver" if "forkserver" in methods else "spawn")
+    with ctx.Pool(workers, initializer=_init_worker, initargs=(options,)) as pool:
+        yield from pool.imap_unordered(_process, names)
+
+
+def prepare_dataset(
+    dataset: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    split: str = "train",
+    shard: tuple[int, int] = (0, 1),
+    workers: int = 1,
+    backend: str = "labelmap",
+    masks_dir: str | os.PathLike | None = None,
+    class_map: Any = None,
+    catalog: AnatomyCatalog = CTRATE_CATALOG,
+    config: Any = None,
+    limit: int | None = None,
+    progress: bool = True,
+) -> PrepareSummary:
+    """Write one cached sample per volume of ``split`` (this shard) into ``out``; see module docstring.
+
+    Returns a :class:`PrepareSummary` (also written to ``out/_prepare/summary-{split}-{i}of{n}.json``).
+    """
+    from fvlm_core.preprocess import ModelSpaceConfig
+
+    t0 = time.perf_counter()
+    config = config or ModelSpaceConfig()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    reader = CTRATEReader(Path(dataset), split, Path(masks_dir) if masks_dir else None)
+    if backend == "labelmap" and reader.masks_dir is None:
+        raise ConfigError(
+            f"{dataset}: no anatomy_masks/ folder; pass --masks DIR or choose --backend builtin|totalsegmentator."
+        )
+    settings = {
+        "model_space": config.to_dict(),
+        "catalog": catalog.names,
+        "backend": backend,
+        "masks": str(reader.masks_dir) if backend == "labelmap" else None,
+    }
+    _check_settings(out, settings)
+
+    names = [r.name for r in reader.records]
+    mine = select_shard(names, *shard)
+    if limit is not None:
+        mine = mine[:limit]
+    summary = PrepareSummary(str(dataset), str(out), split, shard, listed=len(names) + len(reader.skipped))
+    summary.in_shard = len(mine)
+    summary.skipped_listing = [
+        {"name": n, "reason": r} for n, r in reader.skipped if shard_of(n, shard[1]) == shard[0]
+    ]
+    summary.stale_temps_removed = remove_stale_temps(out, mine)
+    todo = [n for n in mine if not is_complete(out, n)]
+    summary.already_done = len(mine) - len(todo)
+    options = {
+        "dataset": str(dataset),
+        "split": split,
+        "masks_dir": str(masks_dir) if masks_dir else None,
+        "catalog": catalog.to_dict(),
+        "model_space": config.to_dict(),
+        "backend": backend,
+        "class_map": str(class_map) if isinstance(class_map, os.PathLike) else class_map,
+        "out": str(out),
+    }
+    results = _run(todo, options, max(1, workers))
+    if progress:
+        from tqdm import tqdm
+
+        results = tqdm(results, total=len(todo), desc=f"prepare {split} {shard[0]}/{shard[1]}", unit="vol")
+    for name, error, _secs in results:
+        if error is None:
+            summary.processed += 1
+        else:
+            summary.failed.append({"name": name, "error": error})
+    summary.seconds = time.perf_counter() - t0
+    target = out / "_prepare" / f"summary-{split}-{shard[0]}of{shard[1]}.json"
+    atomic_write_text(target, json.dumps(summary.to_dict(), indent=1) + "\n")
+    return summary
+
+
+def _check_settings(out: Path, settings: dict[str, Any]) -> None:
+    """Refuse to mix samples prepared with another model space / catalog / backend in one cache."""
+    path = out / "_prepare" / "settings.json"
+    if path.is_file():
+        try:
+            old = json.loads(path.read_text())
+        except ValueError:
+            old = None
+        if old is not None and old != settings:
+            diff = sorted(k for k in settings if old.get(k) != settings[k])
+            raise ConfigError(
+                f"{out}: this cache was prepared with other settings ({', '.join(diff)} differ: "
+                f"{ {k: old.get(k) for k in diff} }). Use another --out folder, or delete {out} to start over."
+            )
+        if old == settings:
+            return
+    atomic_write_text(path, json.dumps(settings, indent=1) + "\n")

@@ -198,6 +198,11 @@ def test_ras_and_lps_copies_give_the_same_model_space_array(chest) -> None:
         ms, _ = resample_to_model_space(copy, None, cfg)
         assert ms.geometry.same_grid(ref.geometry)
         np.testing.assert_allclose(ms.array, ref.array, atol=1e-3)
+    # A model space in RAS order is the LPS one with x and y reversed (chest_ct's extents are
+    # whole multiples of the model spacing, so both grids hold the same points).
+    ras_ms, _ = resample_to_model_space(ct, None, ModelSpaceConfig(orientation="RAS"))
+    np.testing.assert_allclose(ras_ms.geometry.direction_matrix, np.diag([-1.0, -1.0, 1.0]))
+    np.testing.assert_allclose(ras_ms.array, ref.array[:, ::-1, ::-1], atol=1e-3)
 
 
 def test_round_trip_heart_mask_chest(chest) -> None:

@@ -122,7 +122,7 @@ def window_hu(hu: Any, hu_window: Sequence[float] = (-1150.0, 350.0)) -> Any:
     if hi <= lo:
         raise ConfigError(f"hu_window={tuple(hu_window)}: need low < high.")
     scale = 1.0 / (hi - lo)
-    if type(hu).__module__.startswith("torch"):  # torch tensor, without importing torch here
+    if not isinstance(hu, np.ndarray) and hasattr(hu, "clamp_"):  # torch (or MONAI Meta) tensor
         return ((hu.float() - lo) * scale).clamp_(0.0, 1.0)
     out = (np.asarray(hu, dtype=np.float32) - np.float32(lo)) * np.float32(scale)
     return np.clip(out, 0.0, 1.0, out=out)

@@ -9,7 +9,9 @@ How it works (all distances in mm, so any voxel size works):
 1. **Orientation.** The array axis closest to the patient's superior-inferior direction is found
    from the geometry; slice-wise steps run on axial slices of that axis, and left/right is decided
    in RAS coordinates (``Geometry.index_zyx_to_ras``), never from the array order.
-2. **Body**: largest connected component above ``body_hu``, holes filled slice by slice.
+2. **Body**: tissue above ``body_hu`` after an in-plane opening that cuts the table off, in
+   pieces of at least ``body_min_fraction`` of the largest (trunk and arms), holes filled slice
+   by slice.
 3. **Lung air**: connected components below ``air_hu`` inside the body that do not touch the
    body's outer rim (air between the patient and the table, skin folds). A component is lung when
    its median HU lies in ``lung_median_hu`` -- lung parenchyma is air mixed with tissue (median
@@ -48,6 +50,8 @@ class BuiltinParams:
     """Thresholds (HU) and sizes (mm, ml) of the built-in segmenter."""
 
     body_hu: float = -500.0
+    table_open_mm: float = 3.0
+    body_min_fraction: float = 0.02
     rim_mm: float = 4.0
     air_hu: float = -400.0
     lung_median_hu: tuple[float, float] = (-930.0, -600.0)
@@ -58,7 +62,7 @@ class BuiltinParams:
     airway_min_ml: float = 1.0
     airway_wall_mm: float = 2.0
     lung_close_mm: float = 4.0
-    bone_hu: float = 110.0
+    bone_hu: float = 105.0
     bone_hu_contrast: float = 200.0
     pool_min_ml: float = 50.0
     pool_hu: float = 250.0
@@ -171,9 +175,28 @@ class _Canonical:
 # --------------------------------------------------------------------------------------------
 
 
-def body_mask(hu: np.ndarray, p: BuiltinParams) -> np.ndarray:
-    """Largest component above ``body_hu``, holes filled slice-wise (canonical array)."""
-    return _fill_slices(_largest_component(hu > p.body_hu))
+def body_mask(hu: np.ndarray, p: BuiltinParams, sp: tuple[float, float, float] | None = None) -> np.ndarray:
+    """Body (canonical array): tissue above ``body_hu`` in big pieces, holes filled slice-wise.
+
+    An in-plane opening of ``table_open_mm`` first cuts thin things (table, cables, blanket
+    folds); then every piece holding at least ``body_min_fraction`` of the largest one is kept, so
+    arms lying beside the trunk stay in the body.
+    """
+    fg = hu > p.body_hu
+    if sp is None or not fg.any():
+        return _fill_slices(_largest_component(fg))
+    opened = ndi.binary_opening(fg, structure=_disk(p.table_open_mm, sp))
+    lab, n = ndi.label(opened)
+    if n == 0:
+        return _fill_slices(_largest_component(fg))
+    sizes = np.bincount(lab.ravel())
+    sizes[0] = 0
+    keep = sizes >= p.body_min_fraction * sizes.max()
+    keep[0] = False
+    big = keep[lab]
+    # give back the surface that the opening shaved off the kept pieces
+    body = fg & ndi.binary_dilation(big, structure=_disk(p.table_open_mm, sp))
+    return _fill_slices(body)
 
 
 def _lung_air(hu: np.ndarray, body: np.ndarray, sp, vox_ml: float, p: BuiltinParams) -> np.ndarray:
@@ -358,7 +381,7 @@ def segment_masks(
     vox_ml = geometry.voxel_volume_ml
 
     say("body", 0.0)
-    body = body_mask(h, p)
+    body = body_mask(h, p, sp)
     say("lung air", 0.2)
     lung_air = _lung_air(h, body, sp, vox_ml, p)
     say("airways", 0.35)

@@ -44,7 +44,9 @@ def _rx(s: str) -> re.Pattern:
     return re.compile(s)
 
 
-_LUNG_SITE = r"lung|lobe|lobar|pulmonary|parenchym|segment|lingula|subpleural|fissur|apical|apex|basal|bronch|pleura"
+_LUNG_SITE = (
+    r"lung|lobe|lobar|pulmonary|parenchym|segment|lingula|subpleural|fissur|apical|apex|basal|bronch|pleura"
+)
 _NON_LUNG_ORGAN = (
     r"\b(?:thyroid|adrenal|liver|hepatic|kidney|renal|spleen|splenic|pancrea|breast|axilla|gland|lymph|"
     r"mediastin|bone|vertebra|ribs?\b|gallbladder|stomach|gastric|soft tissue|muscle|esophag|skin)"
@@ -89,8 +91,10 @@ LABEL_RULES: dict[str, LabelRule | tuple[LabelRule, ...]] = {
         exclude=_rx(r"(?<!than )\bnormal\b|chamber|atri(?:um|a|al)\b|ventric"),
     ),
     "Pericardial effusion": LabelRule(
-        _rx(r"pericardi\w*(?: \w+){0,2} (?:effusion|fluid)|(?:effusion|fluid)(?: \w+){0,8} pericardi|hemopericard|"
-            r"pericardial effusion thickening"),
+        _rx(
+            r"pericardi\w*(?: \w+){0,2} (?:effusion|fluid)|(?:effusion|fluid)(?: \w+){0,8} pericardi|hemopericard|"
+            r"pericardial effusion thickening"
+        ),
     ),
     "Coronary artery wall calcification": LabelRule(
         _rx(r"coronar\w*|\b(?:lad|lcx|rca|cx|lmca)\b|(?:left )?anterior descending|circumflex|left main"),
@@ -98,7 +102,9 @@ LABEL_RULES: dict[str, LabelRule | tuple[LabelRule, ...]] = {
     ),
     "Hiatal hernia": LabelRule(_rx(r"hiat(?:al|us) hernia|hernia(?: \w+){0,4} hiat|paraesophageal hernia")),
     "Lymphadenopathy": LabelRule(
-        _rx(r"lymphadenopath|\blaps?\b|lymph nodes?(?! stations?)|\blns?\b|adenopath|lymph nodular|conglomerat"),
+        _rx(
+            r"lymphadenopath|\blaps?\b|lymph nodes?(?! stations?)|\blns?\b|adenopath|lymph nodular|conglomerat"
+        ),
         # CT-RATE's annotators mark any stated lymph node, including "nodes that did not reach
         # pathological size": such size qualifiers do not negate the node itself.
         pseudo=_rx(
@@ -120,12 +126,17 @@ LABEL_RULES: dict[str, LabelRule | tuple[LabelRule, ...]] = {
             r"formations?|structures?|images?|foci|focus|pattern|densit(?:y|ies)(?! increas)|opacit(?:y|ies))|"
             r"(?:centri|centr|centro)\w*(?:acinar|lobular) nodul"
         ),
-        exclude=_rx(_NON_LUNG_ORGAN + r"|(?<!sub)pleural (?:nodul|plaque)|nodul\w*(?: lesions?)? (?:in|of|on) the pleura\b"),
+        exclude=_rx(
+            _NON_LUNG_ORGAN
+            + r"|(?<!sub)pleural (?:nodul|plaque)|nodul\w*(?: lesions?)? (?:in|of|on) the pleura\b"
+        ),
     ),
     "Lung opacity": (
         LabelRule(
             _rx(r"ground glass|opacit|infiltrat|crazy paving|\bgga\b|dep[ae]nd[ae]nt densit"),
-            exclude=_rx(r"fat|mesenter|liver|hepat|bone|sclero|soft tissue|muscle|kidney|breast|spleen|pancrea|adrenal|thyroid"),
+            exclude=_rx(
+                r"fat|mesenter|liver|hepat|bone|sclero|soft tissue|muscle|kidney|breast|spleen|pancrea|adrenal|thyroid"
+            ),
         ),
         # "Density increase" is an opacity unless it is a sequela / band / atelectasis density.
         LabelRule(

@@ -88,4 +88,7 @@ def classify(clause: str, start: int, end: int) -> str:
 
 def find_mentions(clause: str, pattern: re.Pattern) -> list[Mention]:
     """All matches of ``pattern`` in a prepared clause, each with its negation status."""
-    return [Mention(m.group(0), m.start(), classify(clause, m.start(), m.end()), clause) for m in pattern.finditer(clause)]
+    return [
+        Mention(m.group(0), m.start(), classify(clause, m.start(), m.end()), clause)
+        for m in pattern.finditer(clause)
+    ]

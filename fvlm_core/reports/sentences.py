@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 import unicodedata
 
-__all__ = ["clauses", "normalize", "split_sections", "split_sentences"]
+__all__ = ["clauses", "looks_english", "normalize", "split_sections", "split_sentences"]
 
 _ABBREVIATIONS = ("e.g", "i.e", "approx", "vs", "dr", "fig", "cf")
 # Item separators used in CT-RATE impressions: quotes, bullets, numbered items.
@@ -92,3 +92,68 @@ def split_sections(text: str) -> tuple[str, str]:
         elif name.startswith(("finding", "result")):
             findings.append(body)
     return " ".join(f for f in findings if f), " ".join(i for i in impression if i)
+
+
+_EN_COMMON = frozenset(
+    [
+        "the",
+        "of",
+        "in",
+        "and",
+        "is",
+        "are",
+        "was",
+        "were",
+        "no",
+        "not",
+        "with",
+        "a",
+        "an",
+        "to",
+        "both",
+        "right",
+        "left",
+        "lung",
+        "lungs",
+        "observed",
+        "detected",
+        "seen",
+        "normal",
+        "there",
+        "on",
+        "at",
+        "which",
+        "as",
+        "by",
+        "be",
+        "or",
+        "this",
+        "that",
+        "from",
+        "than",
+        "size",
+        "mm",
+        "heart",
+        "aorta",
+        "effusion",
+        "lobe",
+    ]
+)
+
+
+def looks_english(text: str) -> bool:
+    """Heuristic: ``True`` for English report text, ``False`` for other languages or noise.
+
+    At least 10% of the words are common English report words and at most 10% of the letters
+    are outside ASCII. Very short texts (< 3 words) pass when written in ASCII letters.
+    """
+    words = re.findall(r"[^\W\d_]+", text.lower())
+    if not words:
+        return False
+    letters = "".join(words)
+    non_ascii = sum(1 for ch in letters if ord(ch) > 127) / len(letters)
+    if non_ascii > 0.10:
+        return False
+    if len(words) < 3:
+        return True
+    return sum(w in _EN_COMMON for w in words) / len(words) >= 0.10

@@ -1,0 +1,154 @@
+"""Anatomy catalogs: contents, colours, SNOMED codes, and merging TotalSegmentator label maps."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pytest
+
+from fvlm_core.anatomy import (
+    CTRATE_CATALOG,
+    EXTENDED_CATALOG,
+    AnatomyCatalog,
+    get_catalog,
+    load_class_map,
+)
+from fvlm_core.errors import ConfigError, InputError
+from fvlm_core.segmentation import TOTAL_CLASS_MAP
+
+#: anatomies allowed to have no SNOMED CT code (none today; add with a reason).
+SNOMED_EXCEPTIONS: set[str] = set()
+#: anatomies whose classes are not in TotalSegmentator v2's "total" task: pulmonary_artery comes
+#: from its "heartchambers_highres" task or from TotalSegmentator v1 outputs.
+NOT_IN_TOTAL_V2 = {"pulmonary_artery"}
+
+
+def test_ctrate_catalog_matches_public_release_order():
+    assert CTRATE_CATALOG.names == ["lung", "heart", "esophagus", "aorta"]
+    assert [CTRATE_CATALOG.label(n) for n in CTRATE_CATALOG.names] == [1, 2, 3, 4]
+    assert set(CTRATE_CATALOG["lung"].ts_classes) >= {
+        "lung_upper_lobe_left",
+        "lung_lower_lobe_left",
+        "lung_upper_lobe_right",
+        "lung_middle_lobe_right",
+        "lung_lower_lobe_right",
+    }
+    assert set(CTRATE_CATALOG["heart"].ts_classes) == {"heart", "atrial_appendage_left"}
+
+
+def test_extended_catalog_size_colours_and_snomed():
+    assert len(EXTENDED_CATALOG) >= 15
+    assert EXTENDED_CATALOG.names[:4] == CTRATE_CATALOG.names  # same values for the CT-RATE four
+    for needed in (
+        "liver",
+        "kidney",
+        "spleen",
+        "pancreas",
+        "stomach",
+        "small_bowel",
+        "colon",
+        "urinary_bladder",
+    ):
+        assert needed in EXTENDED_CATALOG
+    for needed in ("gallbladder", "trachea", "pulmonary_artery", "bone"):
+        assert needed in EXTENDED_CATALOG
+    colours = [a.color for a in EXTENDED_CATALOG]
+    assert all(len(c) == 3 and all(0 <= v <= 255 for v in c) for c in colours)
+    assert len(set(colours)) == len(colours), "two anatomies share a display colour"
+    for a in EXTENDED_CATALOG:
+        if a.name in SNOMED_EXCEPTIONS:
+            continue
+        assert a.snomed is not None, f"{a.name} has no SNOMED CT code"
+        code, meaning = a.snomed
+        assert re.fullmatch(r"\d{6,18}", code), (a.name, code)
+        assert meaning
+
+
+def test_snomed_codes_agree_with_totalsegmentator_terminology():
+    # Codes TotalSegmentator 2.18 writes for these classes (its totalsegmentator_snomed_mapping.csv).
+    expected = {
+        "heart": "80891009",
+        "esophagus": "32849002",
+        "aorta": "15825003",
+        "trachea": "44567001",
+        "pulmonary_artery": "81040000",
+        "liver": "10200004",
+        "gallbladder": "28231008",
+        "spleen": "78961009",
+        "pancreas": "15776009",
+        "stomach": "69695003",
+        "kidney": "64033007",
+        "adrenal_gland": "23451007",
+        "small_bowel": "30315005",
+        "colon": "71854001",
+        "urinary_bladder": "89837001",
+        "thyroid_gland": "69748006",
+        "prostate": "41216001",
+    }
+    for name, code in expected.items():
+        assert EXTENDED_CATALOG[name].snomed[0] == code, name
+    assert EXTENDED_CATALOG["lung"].snomed[0] == "39607008"  # Lung structure
+    assert EXTENDED_CATALOG["bone"].snomed[0] == "272673000"  # Bone structure
+
+
+def test_embedded_class_map_equals_totalsegmentator_file(ts_dir):
+    shared = load_class_map(ts_dir / "total_class_map.json")
+    assert shared == TOTAL_CLASS_MAP
+    assert len(TOTAL_CLASS_MAP) == 117
+
+
+def test_every_catalog_pattern_names_a_totalsegmentator_class():
+    names = set(TOTAL_CLASS_MAP.values())
+    for a in EXTENDED_CATALOG:
+        matched = [c for c in names if a.matches(c)]
+        if a.name in NOT_IN_TOTAL_V2:
+            assert not matched
+            continue
+        assert matched, f"{a.name}: its ts_classes {a.ts_classes} match no TotalSegmentator class"
+    # no TotalSegmentator class is claimed by two anatomies
+    for cls in names:
+        owners = [a.name for a in EXTENDED_CATALOG if a.matches(cls)]
+        assert len(owners) <= 1, (cls, owners)
+
+
+def test_merge_totalsegmentator_labelmap_in_one_call(ts_dir):
+    import nibabel as nib
+
+    seg = np.asanyarray(nib.load(str(ts_dir / "example_seg.nii.gz")).dataobj)
+    class_map = load_class_map(ts_dir / "total_class_map.json")
+    merged = EXTENDED_CATALOG.merge_labelmap(seg, class_map)
+    assert merged.shape == seg.shape and merged.dtype == np.uint8
+    by_name = {v: k for k, v in class_map.items()}
+    lobes = [by_name[c] for c in CTRATE_CATALOG["lung"].ts_classes if c in by_name]
+    assert (merged == EXTENDED_CATALOG.label("lung")).sum() == np.isin(seg, lobes).sum() > 0
+    assert (merged == EXTENDED_CATALOG.label("liver")).sum() == (seg == by_name["liver"]).sum() > 0
+    kidneys = [by_name[c] for c in ("kidney_left", "kidney_right", "kidney_cyst_left", "kidney_cyst_right")]
+    assert (merged == EXTENDED_CATALOG.label("kidney")).sum() == np.isin(seg, kidneys).sum()
+    # classes outside the catalog (muscles, spinal cord, IVC) become background
+    assert merged[seg == by_name["spinal_cord"]].max() == 0
+    assert merged[seg == by_name["autochthon_left"]].max() == 0
+    # the CT-RATE catalog keeps only its four anatomies
+    ct4 = CTRATE_CATALOG.merge_labelmap(seg, class_map)
+    assert set(np.unique(ct4).tolist()) <= {0, 1, 2, 3, 4}
+    assert (ct4 == 4).sum() == (seg == by_name["aorta"]).sum()
+
+
+def test_merge_rejects_negative_values_and_ignores_unknown_values():
+    with pytest.raises(InputError):
+        CTRATE_CATALOG.merge_labelmap(np.array([[-1, 0]]), {1: "heart"})
+    out = CTRATE_CATALOG.merge_labelmap(np.array([0, 1, 200]), {1: "heart"})
+    assert out.tolist() == [0, 2, 0]
+
+
+def test_catalog_roundtrip_subset_and_errors():
+    again = AnatomyCatalog.from_dict(json.loads(json.dumps(EXTENDED_CATALOG.to_dict())))
+    assert again == EXTENDED_CATALOG
+    sub = get_catalog(["liver", "lung"])
+    assert sub.names == ["liver", "lung"] and sub.label("lung") == 2
+    assert get_catalog(["lung", "heart", "esophagus", "aorta"]) is CTRATE_CATALOG
+    with pytest.raises(ConfigError, match="not in catalog"):
+        CTRATE_CATALOG.label("liver")
+    with pytest.raises(ConfigError, match="unknown anatomy catalog"):
+        get_catalog("nope")

@@ -137,7 +137,10 @@ _ANALYZERS_LOCK = threading.Lock()
 
 def load_analyzer(model_dir: str, device: str, cache: bool = True) -> Any:
     """``fvlm_core.zeroshot.Analyzer.from_pretrained`` (kept per (folder, device) in this process)."""
-    from fvlm_core.zeroshot import Analyzer
+    try:
+        from fvlm_core.zeroshot import Analyzer
+    except ImportError:  # the package does not re-export it (CONTRACTS.md says it should)
+        from fvlm_core.zeroshot.analyzer import Analyzer
 
     key = (str(Path(model_dir).resolve()), device)
     with _ANALYZERS_LOCK:
@@ -168,7 +171,11 @@ def run_analysis(
         FVLMError subclasses: bad input, missing model, missing dependency (messages say what to do).
     """
     from fvlm_core.findings import Finding, FindingSet
-    from fvlm_core.segmentation import AnatomySegmentation, compute_facts
+
+    try:
+        from fvlm_core.segmentation import AnatomySegmentation, get_backend
+    except ImportError:  # package API not exported (older fvlm_core): use the module directly
+        from fvlm_core.segmentation.base import AnatomySegmentation, get_backend
 
     from .settings import read_model_info
 
@@ -185,16 +192,10 @@ def run_analysis(
         labelmap = np.asarray(request.labelmap, dtype=np.uint8)
         if labelmap.shape != ct.array.shape:
             raise FVLMError(f"label map shape {labelmap.shape} differs from the CT's {ct.array.shape}")
-        segmentation = AnatomySegmentation(
-            labelmap=labelmap,
-            geometry=ct.geometry,
-            catalog=catalog,
-            facts=compute_facts(labelmap, ct.geometry, catalog),
-            backend="slicer-segmentation",
+        segmentation = AnatomySegmentation.from_labelmap(
+            labelmap, ct.geometry, catalog, "slicer-segmentation"
         )
     elif request.anatomy_source in ("builtin", "totalsegmentator"):
-        from fvlm_core.segmentation import get_backend
-
         steps.stage("segment", 0.0, request.anatomy_source)
         backend = get_backend(request.anatomy_source, **request.segmentation_options)
         segmentation = backend.segment(ct, catalog, progress=steps.sub("segment"))

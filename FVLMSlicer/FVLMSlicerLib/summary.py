@@ -75,7 +75,8 @@ class AnalysisSummary:
                 FindingRow(
                     anatomy=a.name,
                     finding=f.name,
-                    probability=float(f.probability),
+                    # None: the anatomy could not be scored (absent, or cut by the field of view)
+                    probability=float("nan") if f.probability is None else float(f.probability),
                     threshold=float(f.threshold),
                     flagged=bool(f.flagged),
                     threshold_source=str(getattr(f, "threshold_source", "default")),

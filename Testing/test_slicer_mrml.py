@@ -1,0 +1,348 @@
+"""FVLMSlicerLib against real MRML (headless Slicer core, ``pip install slicer-core``).
+
+The chest CT is loaded by Slicer's own volume reader; the reference heart and the aorta (on
+its own cropped grid) plus the built-in segmenter's lungs form the input segmentation; the
+analysis runs with a tiny random-weight fvlm model; results are checked in the nodes and
+after saving/reloading .seg.nrrd, .tsv and .mrb.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+slicer = pytest.importorskip("slicer", reason="needs slicer-core (pip install slicer-core)")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "FVLMSlicer"))
+
+import nibabel as nib  # noqa: E402
+import vtk  # noqa: E402
+from FVLMSlicerLib import mrml_io  # noqa: E402
+from FVLMSlicerLib.headless import load_scene_mrb, new_scene, save_scene_mrb  # noqa: E402
+from FVLMSlicerLib.logic import AnalysisLogic  # noqa: E402
+from FVLMSlicerLib.results import ATTR_ROLE, dimmed_color, highlight_color, probability_tag, table_rows  # noqa: E402
+from FVLMSlicerLib.runner import AnalysisRequest, ProcessJob, ThreadJob  # noqa: E402
+
+from fvlm_core.anatomy import CTRATE_CATALOG  # noqa: E402
+from fvlm_core.io import read_ct, read_label_map  # noqa: E402
+
+
+def _load_volume(scene, path: Path, name: str):
+    """Read with Slicer's archetype reader (ITK, LPS -> RAS by Slicer itself)."""
+    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
+    storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
+    scene.AddNode(storage)
+    storage.SetFileName(str(path))
+    assert storage.ReadData(node), f"Slicer could not read {path}"
+    node.SetAndObserveStorageNodeID(storage.GetID())
+    return node
+
+
+def _ijk_to_ras(node) -> np.ndarray:
+    m = vtk.vtkMatrix4x4()
+    node.GetIJKToRASMatrix(m)
+    return mrml_io.matrix_to_numpy(m)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    import torch
+
+    from fvlm_core.model import FVLM
+
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("fvlm-tiny")
+    FVLM.from_config("fvlm-tiny").save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def chest(ts_dir):
+    """Scene with the chest CT and an input segmentation (reference heart + aorta, built-in lungs)."""
+    from fvlm_core.segmentation.builtin import BuiltinBackend
+
+    scene = new_scene()
+    volume = _load_volume(scene, ts_dir / "chest_ct.nii.gz", "chest_ct")
+    ct = read_ct(ts_dir / "chest_ct.nii.gz")
+    heart = read_label_map(ts_dir / "chest_heart.nii.gz").array > 0
+    aorta = read_label_map(ts_dir / "chest_aorta_cropped.nii.gz")  # its own grid
+    builtin = BuiltinBackend().segment(ct, CTRATE_CATALOG)
+
+    seg = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "input anatomies")
+    seg.CreateDefaultDisplayNodes()
+    seg.SetReferenceImageGeometryParameterFromVolumeNode(volume)
+    segmentation = seg.GetSegmentation()
+    # like the TotalSegmentator extension: terminology-coded heart, plain names elsewhere
+    segmentation.AddEmptySegment("s_heart", "heart", [0.9, 0.3, 0.3])
+    segmentation.GetSegment("s_heart").SetTag(
+        "TerminologyEntry",
+        "Segmentation category and type - Total Segmentator~SCT^123037004^Anatomical Structure~SCT^80891009^Heart~^^~~^^~^^",
+    )
+    mrml_io.set_segment_mask(seg, "s_heart", heart, ct.geometry)
+    segmentation.AddEmptySegment("s_aorta", "aorta", [0.8, 0.2, 0.2])
+    mrml_io.set_segment_mask(seg, "s_aorta", aorta.array > 0, aorta.geometry)
+    for side in ("left", "right"):
+        segmentation.AddEmptySegment(f"s_lung_{side}", f"{side.capitalize()} lung", [0.7, 0.6, 0.5])
+        mrml_io.set_segment_mask(seg, f"s_lung_{side}", builtin.classes[f"lung_{side}"], ct.geometry)
+    segmentation.AddEmptySegment("s_body", "body", [0.5, 0.5, 0.5])  # no model anatomy: ignored
+    mrml_io.set_segment_mask(seg, "s_body", builtin.classes["body"], ct.geometry)
+    return {"scene": scene, "volume": volume, "ct": ct, "seg": seg, "heart": heart, "builtin": builtin}
+
+
+@pytest.fixture(scope="module")
+def analysed(chest, tiny_model):
+    import torch
+
+    torch.set_num_threads(1)
+    logic = AnalysisLogic(chest["scene"])
+    nodes = logic.analyze(chest["volume"], chest["seg"], model_dir=str(tiny_model), device="cpu")
+    return nodes
+
+
+def test_volume_node_matches_fvlm_core_reader(chest, ts_dir):
+    ct = mrml_io.volume_node_to_ct(chest["volume"])
+    assert ct.geometry.same_grid(chest["ct"].geometry)
+    np.testing.assert_array_equal(ct.array, chest["ct"].array)
+    # Slicer's IJKToRAS equals the NIfTI affine (RAS) that nibabel reads independently
+    np.testing.assert_allclose(
+        _ijk_to_ras(chest["volume"]), nib.load(ts_dir / "chest_ct.nii.gz").affine, atol=1e-3
+    )
+
+
+def test_input_segments_become_anatomy_labels_on_the_ct_grid(chest, ts_dir):
+    labelmap, mapping = mrml_io.segmentation_node_to_labelmap(
+        chest["seg"], chest["ct"].geometry, CTRATE_CATALOG
+    )
+    assert mapping == {
+        "s_heart": "heart",
+        "s_aorta": "aorta",
+        "s_lung_left": "lung",
+        "s_lung_right": "lung",
+    }
+    aorta_ref = (
+        read_label_map(ts_dir / "chest_aorta_cropped.nii.gz", reference=chest["ct"].geometry).array > 0
+    )
+    lung = chest["builtin"].mask("lung")
+    # segment order heart, aorta, lungs: a later segment wins where they overlap
+    np.testing.assert_array_equal(labelmap == CTRATE_CATALOG.label("lung"), lung)
+    np.testing.assert_array_equal(labelmap == CTRATE_CATALOG.label("aorta"), aorta_ref & ~lung)
+    np.testing.assert_array_equal(
+        labelmap == CTRATE_CATALOG.label("heart"), chest["heart"] & ~aorta_ref & ~lung
+    )
+    assert (labelmap == CTRATE_CATALOG.label("heart")).sum() > 0.95 * chest["heart"].sum()
+
+
+def test_lps_mask_lands_on_the_same_physical_voxel_in_slicer(tmp_path, chest, ts_dir):
+    """A mask on an LPS grid with flipped/permuted axes marks the same RAS point in Slicer."""
+    ct = chest["ct"]
+    # the same CT stored with its x axis reversed (array flipped, header direction and origin to match):
+    # every voxel keeps its physical position, only the storage order changes
+    from fvlm_core.io import Geometry, write_image
+
+    g = ct.geometry
+    d = g.direction_matrix.copy()
+    d[:, 0] *= -1
+    origin = g.affine_lps @ [g.size[0] - 1, 0, 0, 1]
+    flipped_geometry = Geometry(g.size, g.spacing, tuple(origin[:3]), tuple(d.reshape(-1)))
+    path = write_image(ct.array[:, :, ::-1].copy(), flipped_geometry, tmp_path / "flipped_lps.nrrd")
+    scene = new_scene()
+    node = _load_volume(scene, path, "flipped")
+    in_slicer = mrml_io.volume_node_to_ct(node)  # Slicer may reorder slices to keep IJK right-handed
+    heart = chest["heart"][:, :, ::-1].copy()  # the mask, stored like the flipped file
+    seg = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "s")
+    seg.GetSegmentation().AddEmptySegment("heart", "heart", [1, 0, 0])
+    mrml_io.set_segment_mask(seg, "heart", heart, flipped_geometry)
+
+    z, y, x = (int(v) for v in np.argwhere(chest["heart"])[len(np.argwhere(chest["heart"])) // 2])
+    ras = ct.geometry.index_zyx_to_ras((z, y, x))  # where the voxel is, from the original file
+    np.testing.assert_allclose(
+        ras, (nib.load(ts_dir / "chest_ct.nii.gz").affine @ [x, y, z, 1])[:3], atol=1e-3
+    )
+    # Slicer: the segment's labelmap at that RAS point is set, and the volume maps it back to a voxel of the mask
+    oriented = slicer.vtkOrientedImageData()
+    slicer.vtkSlicerSegmentationsModuleLogic.GetSegmentBinaryLabelmapRepresentation(
+        seg, "heart", oriented, True
+    )
+    world_to_ijk = vtk.vtkMatrix4x4()
+    oriented.GetWorldToImageMatrix(world_to_ijk)
+    i, j, k = np.rint(mrml_io.matrix_to_numpy(world_to_ijk) @ [*ras, 1])[:3].astype(int)
+    assert oriented.GetScalarComponentAsDouble(i, j, k, 0) == 1
+    # the volume node holds the same HU at that RAS point
+    ijk = np.rint(np.linalg.inv(_ijk_to_ras(node)) @ [*ras, 1])[:3].astype(int)
+    assert in_slicer.array[ijk[2], ijk[1], ijk[0]] == ct.array[z, y, x]
+    assert ijk[0] == ct.geometry.size[0] - 1 - x  # the reversed axis, seen through the header
+    np.testing.assert_allclose(in_slicer.geometry.index_zyx_to_ras(ijk[::-1]), ras, atol=1e-3)
+    # and back out of Slicer onto the original grid: the same voxel
+    back = mrml_io.segment_mask(seg, "heart", ct.geometry)
+    np.testing.assert_array_equal(back, chest["heart"])
+
+
+def test_results_table_rows_match_the_analysis(analysed):
+    rows = table_rows(analysed.table)
+    expected = analysed.summary.rows()
+    assert len(rows) == len(expected) == 16  # the CT-RATE findings of the 4 anatomies
+    assert [c for c in rows[0]][:5] == ["anatomy", "finding", "probability", "threshold", "flagged"]
+    for row, want in zip(rows, expected):
+        assert (row["anatomy"], row["finding"]) == (want.anatomy, want.finding)
+        if math.isnan(want.probability):
+            assert row["probability"].lower() == "nan"
+        else:
+            assert float(row["probability"]) == pytest.approx(want.probability, abs=1e-6)
+        assert int(row["flagged"]) == int(want.flagged)
+        assert float(row["threshold"]) == pytest.approx(want.threshold)
+    present = {r.anatomy for r in expected if not math.isnan(r.probability)}
+    assert present == {"lung", "heart", "aorta"}  # esophagus was not given: not scored
+
+
+def test_segments_are_highlighted_or_dimmed_and_tagged(analysed):
+    seg = analysed.segmentation.GetSegmentation()
+    assert {seg.GetNthSegmentID(i) for i in range(seg.GetNumberOfSegments())} == {"lung", "heart", "aorta"}
+    for anatomy in analysed.summary.anatomies:
+        segment = seg.GetSegment(anatomy.name)
+        if segment is None:
+            continue
+        base = tuple(CTRATE_CATALOG[anatomy.name].color[i] / 255.0 for i in range(3))
+        want = highlight_color(base, anatomy.max_probability) if anatomy.flagged else dimmed_color(base)
+        np.testing.assert_allclose(segment.GetColor(), want, atol=1e-6)
+        if anatomy.flagged:  # flagged: redder than the anatomy colour
+            assert segment.GetColor()[0] - segment.GetColor()[2] > base[0] - base[2]
+        terminology = mrml_io.get_segment_tag(segment, "TerminologyEntry")
+        assert CTRATE_CATALOG[anatomy.name].snomed[0] in terminology
+        for f in anatomy.findings:
+            tag = mrml_io.get_segment_tag(segment, probability_tag(f.finding))
+            assert tag is not None and (
+                math.isnan(f.probability) or float(tag) == pytest.approx(f.probability, abs=1e-4)
+            )
+    assert any(a.flagged for a in analysed.summary.anatomies) or not analysed.similarity_volumes
+
+
+def test_similarity_maps_lie_on_the_ct_geometry(analysed, chest):
+    flagged = {(r.anatomy, r.finding) for r in analysed.summary.rows() if r.flagged}
+    assert set(analysed.similarity_volumes) == flagged & set(analysed.summary.similarity_maps)
+    assert analysed.similarity_volumes, "the random tiny model flags something on the chest CT"
+    for key, node in analysed.similarity_volumes.items():
+        np.testing.assert_allclose(_ijk_to_ras(node), _ijk_to_ras(chest["volume"]), atol=1e-6)
+        assert node.GetImageData().GetDimensions() == chest["volume"].GetImageData().GetDimensions()
+        array = mrml_io.volume_node_to_ct(node).array
+        np.testing.assert_allclose(array, analysed.summary.similarity_maps[key], atol=1e-6)
+
+
+def test_segmentation_table_and_scene_survive_save_and_reload(analysed, chest, tmp_path):
+    scene = chest["scene"]
+    # .seg.nrrd
+    storage = analysed.segmentation.CreateDefaultStorageNode()
+    storage.SetFileName(str(tmp_path / "anatomies.seg.nrrd"))
+    assert storage.WriteData(analysed.segmentation)
+    other = new_scene()
+    seg2 = other.AddNewNodeByClass("vtkMRMLSegmentationNode", "reloaded")
+    reader = slicer.vtkMRMLSegmentationStorageNode()
+    reader.SetFileName(str(tmp_path / "anatomies.seg.nrrd"))
+    assert reader.ReadData(seg2)
+    geometry = chest["ct"].geometry
+    for name in ("lung", "heart", "aorta"):
+        a, b = (
+            seg2.GetSegmentation().GetSegment(name),
+            analysed.segmentation.GetSegmentation().GetSegment(name),
+        )
+        np.testing.assert_allclose(a.GetColor(), b.GetColor(), atol=1e-3)
+        for f in analysed.summary.anatomy(name).findings:
+            assert mrml_io.get_segment_tag(a, probability_tag(f.finding)) == mrml_io.get_segment_tag(
+                b, probability_tag(f.finding)
+            )
+        np.testing.assert_array_equal(
+            mrml_io.segment_mask(seg2, name, geometry),
+            mrml_io.segment_mask(analysed.segmentation, name, geometry),
+        )
+    # .tsv
+    tstorage = analysed.table.CreateDefaultStorageNode()
+    tstorage.SetFileName(str(tmp_path / "findings.tsv"))
+    assert tstorage.WriteData(analysed.table)
+    table2 = other.AddNewNodeByClass("vtkMRMLTableNode", "reloaded table")
+    treader = slicer.vtkMRMLTableStorageNode()
+    treader.SetFileName(str(tmp_path / "findings.tsv"))
+    assert treader.ReadData(table2)
+    assert table_rows(table2) == table_rows(analysed.table)
+    # whole scene as .mrb
+    assert save_scene_mrb(scene, tmp_path / "scene.mrb")
+    loaded = load_scene_mrb(tmp_path / "scene.mrb")
+    seg3 = loaded.GetNodeByID(analysed.segmentation.GetID())
+    table3 = loaded.GetNodeByID(analysed.table.GetID())
+    assert seg3.GetAttribute(ATTR_ROLE) == "anatomies" and table3.GetAttribute(ATTR_ROLE) == "findings"
+    assert table_rows(table3) == table_rows(analysed.table)
+    lung = seg3.GetSegmentation().GetSegment("lung")
+    assert mrml_io.get_segment_tag(lung, "FVLM.flagged") == mrml_io.get_segment_tag(
+        analysed.segmentation.GetSegmentation().GetSegment("lung"), "FVLM.flagged"
+    )
+    for key, node in analysed.similarity_volumes.items():
+        node3 = loaded.GetNodeByID(node.GetID())
+        np.testing.assert_allclose(_ijk_to_ras(node3), _ijk_to_ras(node), atol=1e-4)
+        np.testing.assert_allclose(
+            mrml_io.volume_node_to_ct(node3).array, analysed.summary.similarity_maps[key], atol=1e-5
+        )
+
+
+def test_rerun_reuses_result_nodes(analysed, chest, tiny_model):
+    logic = AnalysisLogic(chest["scene"])
+    again = logic.analyze(
+        chest["volume"], chest["seg"], model_dir=str(tiny_model), device="cpu", similarity_maps=False
+    )
+    assert again.segmentation is analysed.segmentation and again.table is analysed.table
+    # colours are recomputed from the original colour, not compounded
+    lung = again.segmentation.GetSegmentation().GetSegment("lung")
+    base = tuple(c / 255.0 for c in CTRATE_CATALOG["lung"].color)
+    s = again.summary.anatomy("lung")
+    want = highlight_color(base, s.max_probability) if s.flagged else dimmed_color(base)
+    np.testing.assert_allclose(lung.GetColor(), want, atol=1e-6)
+
+
+def _small_request(chest, tiny_model) -> AnalysisRequest:
+    from fvlm_core.io import CTVolume
+
+    ct = chest["ct"]
+    labelmap, _ = mrml_io.segmentation_node_to_labelmap(chest["seg"], ct.geometry, CTRATE_CATALOG)
+    return AnalysisRequest(
+        ct=CTVolume(ct.array, ct.geometry, "chest"),
+        model_dir=str(tiny_model),
+        labelmap=labelmap,
+        device="cpu",
+    )
+
+
+def test_thread_job_reports_stages_and_cancels(chest, tiny_model):
+    job = ThreadJob(_small_request(chest, tiny_model))
+    job.cancel()  # cancelled before the first stage: must stop at the first check
+    status = job.start().wait(60)
+    assert status.state == "cancelled" and status.output is None
+
+    seen = []
+    job = ThreadJob(_small_request(chest, tiny_model))
+    job._progress = lambda stage, fraction, _orig=job._progress: (
+        seen.append((stage, fraction)),
+        _orig(stage, fraction),
+    )
+    status = job.start().wait(120)
+    assert status.state == "done", status.error
+    fractions = [f for _, f in seen]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0
+    assert {s.split(":")[0] for s, _ in seen} >= {"prepare", "load model", "analyze", "finish"}
+
+
+@pytest.mark.slow
+def test_process_job_runs_the_worker_and_returns_the_same_summary(chest, tiny_model, tmp_path):
+    request = _small_request(chest, tiny_model)
+    job = ProcessJob(request, job_dir=str(tmp_path / "job")).start()
+    status = job.wait(240)
+    assert status.state == "done", status.error
+    np.testing.assert_array_equal(status.output.labelmap, request.labelmap)
+    thread = ThreadJob(request).start().wait(120)
+    for a, b in zip(status.output.summary.rows(), thread.output.summary.rows()):
+        assert (a.anatomy, a.finding, a.flagged) == (b.anatomy, b.finding, b.flagged)
+        assert a.probability == pytest.approx(b.probability, abs=1e-5, nan_ok=True)
+    # a cancelled worker stops with state "cancelled"
+    job = ProcessJob(request, job_dir=str(tmp_path / "job2")).start()
+    job.cancel()
+    assert job.wait(120).state == "cancelled"

@@ -90,7 +90,7 @@ def test_vit_uses_fused_attention_and_eval_is_deterministic():
 
 
 def test_vit_interpolates_position_embeddings_for_other_sizes():
-    cfg, ours, _ = _pair()
+    _cfg, ours, _ = _pair()
     x = torch.rand(1, 1, 24, 16, 48)  # grid (6, 2, 6) instead of (4, 4, 4)
     with torch.no_grad():
         grid = ours(x)
@@ -114,7 +114,13 @@ def test_flash_and_explicit_attention_agree():
 
 def test_cnn_encoder_has_the_token_grid_interface():
     cfg = VisionConfig(
-        type="cnn", img_size=32, patch_size=8, hidden_size=24, cnn_channels=(8, 16), cnn_stem_patch=4, cnn_blocks=2
+        type="cnn",
+        img_size=32,
+        patch_size=8,
+        hidden_size=24,
+        cnn_channels=(8, 16),
+        cnn_stem_patch=4,
+        cnn_blocks=2,
     )
     enc = CNNTokenEncoder(cfg)
     grid = enc(torch.rand(2, 1, 16, 32, 40))

@@ -404,6 +404,177 @@ def read_label_table(path: str | os.PathLike, volume_names: Sequence[str]) -> di
 
 
 # --------------------------------------------------------------------------------------------
+# Scoring a dataset with a model
+# --------------------------------------------------------------------------------------------
+
+
+def _is_cache(data_dir: Path) -> bool:
+    from fvlm_core.data.cache import SIDECAR_SUFFIX, TENSOR_SUFFIX
+
+    return any(p.with_suffix(SIDECAR_SUFFIX).exists() for p in data_dir.glob(f"*{TENSOR_SUFFIX}"))
+
+
+def _ctrate_split_files(data_dir: Path, split: str) -> tuple[Path, Path, Path]:
+    """(volume folder, metadata CSV, label CSV) of a CT-RATE split (``valid`` or ``train``)."""
+    meta_name = {"valid": "validation", "train": "train"}.get(split, split)
+    vol_dir = data_dir / "dataset" / split
+    meta = data_dir / "metadata" / f"{meta_name}_metadata.csv"
+    labels = data_dir / "multi_abnormality_labels" / f"{split}_predicted_labels.csv"
+    for p, what in ((vol_dir, "volume folder"), (meta, "metadata CSV"), (labels, "label CSV")):
+        if not p.exists():
+            raise DataError(
+                f"{data_dir}: not a CT-RATE layout (no {what} {p.relative_to(data_dir)}) and not a "
+                "`fvlm prepare` cache. Point --data to one of them (see --split)."
+            )
+    return vol_dir, meta, labels
+
+
+def _volume_relpath(name: str) -> Path:
+    parts = name.split("_")
+    return Path("_".join(parts[:2])) / "_".join(parts[:3]) / f"{name}.nii.gz"
+
+
+def _to_model_order(labels: np.ndarray, names: Sequence[str], model_anatomies: Sequence[str]) -> np.ndarray:
+    """Relabel a label map whose value ``i + 1`` is ``names[i]`` into the model's anatomy order."""
+    lut = np.zeros(max(len(names), int(labels.max(initial=0))) + 1, dtype=np.uint8)
+    for i, n in enumerate(names):
+        if n in model_anatomies:
+            lut[i + 1] = list(model_anatomies).index(n) + 1
+    return lut[labels]
+
+
+class VolumeSource:
+    """Volumes of a CT-RATE layout or a ``fvlm prepare`` cache, loaded one at a time.
+
+    ``load(name)`` gives ``(ct, labels, truth)``: ``ct`` a :class:`~fvlm_core.io.CTVolume`
+    (original grid for CT-RATE, model space for a cache), ``labels`` a
+    :class:`~fvlm_core.io.LabelVolume` in the model's anatomy order on the same grid, ``truth``
+    the CT-RATE labels as 0/1. CT-RATE volumes take geometry and HU scaling from the metadata CSV
+    and anatomy masks from ``masks_dir`` (default ``DATA/anatomy_masks/SPLIT``; values = the
+    extended catalog, lung 1 .. aorta 4 as in the fVLM release).
+    """
+
+    def __init__(
+        self,
+        data_dir: str | os.PathLike,
+        model_anatomies: Sequence[str],
+        split: str = "valid",
+        masks_dir: str | os.PathLike | None = None,
+        dedupe_scans: bool = False,
+        limit: int | None = None,
+    ) -> None:
+        import pandas as pd
+
+        self.data_dir = Path(data_dir)
+        self.model_anatomies = list(model_anatomies)
+        if not self.data_dir.is_dir():
+            raise DataError(f"--data {self.data_dir}: no such folder")
+        self.is_cache = _is_cache(self.data_dir)
+        if self.is_cache:
+            from fvlm_core.data.cache import list_samples
+
+            names = list_samples(self.data_dir)
+        else:
+            self.vol_dir, meta_csv, label_csv = _ctrate_split_files(self.data_dir, split)
+            self.meta_csv = meta_csv
+            self.masks = Path(masks_dir) if masks_dir else self.data_dir / "anatomy_masks" / split
+            self.meta = pd.read_csv(meta_csv).drop_duplicates("VolumeName")
+            self.meta.index = self.meta["VolumeName"].astype(str)
+            self.labels_df = pd.read_csv(label_csv).drop_duplicates("VolumeName")
+            self.labels_df.index = self.labels_df["VolumeName"].astype(str)
+            names = sorted(self.labels_df.index)
+        names = one_per_scan(names) if dedupe_scans else sorted(names)
+        self.names: list[str] = names[:limit]
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def load(self, name: str):
+        from fvlm_core.anatomy import EXTENDED_CATALOG
+        from fvlm_core.io import CTVolume, LabelVolume, read_ct, read_label_map
+
+        if self.is_cache:
+            from fvlm_core.data.cache import load_sample
+
+            s = load_sample(self.data_dir, name)
+            lab = _to_model_order(s.labels, s.anatomies, self.model_anatomies)
+            ct = CTVolume(s.hu.astype(np.float32), s.geometry, source=f"{self.data_dir}/{name}")
+            truth = {k: int(v) for k, v in s.finding_labels.items()}
+            return ct, LabelVolume(lab, s.geometry, source=ct.source), truth
+        stem = name.removesuffix(".nii.gz").removesuffix(".nii")
+        rel = _volume_relpath(stem)
+        if name not in self.meta.index:
+            raise DataError(f"{self.meta_csv}: no metadata row for {name}")
+        ct = read_ct(self.vol_dir / rel, metadata=self.meta.loc[name].to_dict())
+        mask_path = self.masks / rel
+        if not mask_path.exists():
+            raise DataError(
+                f"{mask_path}: no anatomy mask for {name}. Give --masks DIR (anatomy label maps in the "
+                "CT-RATE folder nesting) or evaluate a `fvlm prepare` cache instead."
+            )
+        lab = read_label_map(mask_path, reference=ct.geometry).array
+        lab = _to_model_order(lab, EXTENDED_CATALOG.names, self.model_anatomies)
+        truth = {c: int(self.labels_df.loc[name, c]) for c in CTRATE_LABELS if c in self.labels_df.columns}
+        return ct, LabelVolume(lab, ct.geometry, source=str(mask_path)), truth
+
+
+def score_dataset(
+    analyzer,
+    data_dir: str | os.PathLike,
+    split: str = "valid",
+    windows: str = "reference",
+    dedupe_scans: bool = False,
+    limit: int | None = None,
+    masks_dir: str | os.PathLike | None = None,
+    progress=None,
+) -> tuple[list[str], dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Score the model's findings on every volume: ``(names, scores, truth)``.
+
+    ``scores[label]`` holds one probability per volume, NaN where the label's anatomy could not
+    be scored (absent, or dropped by the reference 90% rule).
+    """
+    from fvlm_core.preprocess import resample_to_model_space
+
+    findings = analyzer.default_findings()
+    emb = analyzer.finding_embeddings(findings)  # once for the whole dataset
+    ms = analyzer.model_space
+    names: list[str] = []
+    rows: list[dict[str, float]] = []
+    truths: list[dict[str, int]] = []
+    source = VolumeSource(data_dir, analyzer.anatomies, split, masks_dir, dedupe_scans, limit)
+    for i, name in enumerate(source.names):
+        ct, labels, truth = source.load(name)
+        g = ct.geometry
+        in_model_space = np.allclose(g.spacing_zyx, ms.spacing_zyx) and np.allclose(
+            g.direction_matrix, _direction(ms.orientation)
+        )
+        if not in_model_space:
+            ct, labels = resample_to_model_space(ct, labels, ms)
+        enc = analyzer.encode_model_space(ct, labels, strategy=windows)
+        probs = analyzer.score(enc, emb)
+        rows.append({f.name: probs.get((f.anatomy, f.name), float("nan")) for f in findings})
+        names.append(name)
+        truths.append(truth)
+        if progress:
+            progress(f"{name}: {len(enc.plans)} window(s)", (i + 1) / max(len(source), 1))
+    if not names:
+        raise DataError(f"--data {data_dir}: no volumes to score")
+    scores = {f.name: np.asarray([r[f.name] for r in rows], dtype=float) for f in findings}
+    truth = {
+        lbl: np.asarray([t.get(lbl, 0) for t in truths], dtype=int)
+        for lbl in scores
+        if all(lbl in t for t in truths)
+    }
+    return names, scores, truth
+
+
+def _direction(orientation: str) -> np.ndarray:
+    from fvlm_core.preprocess import _direction_for
+
+    return _direction_for(orientation)
+
+
+# --------------------------------------------------------------------------------------------
 # Command line
 # --------------------------------------------------------------------------------------------
 
@@ -420,6 +591,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split", default="valid", help="CT-RATE split folder to score (default: valid)")
     parser.add_argument(
         "--one-per-scan", action="store_true", help="score one reconstruction per scan (1,564-scan view)"
+    )
+    parser.add_argument(
+        "--masks", help="CT-RATE layout: anatomy mask folder (default DATA/anatomy_masks/SPLIT)"
     )
     parser.add_argument("--limit", type=int, default=None, help="score only the first N volumes")
     parser.add_argument(
@@ -463,7 +637,12 @@ def run(args: argparse.Namespace) -> int:
         meta.update({"model": str(args.model), "windows": args.windows, "device": str(analyzer.device)})
         if args.protocol == "strict" and args.calibration:
             _, cal_scores, cal_truth = score_dataset(
-                analyzer, args.calibration, split=args.split, windows=args.windows, progress=_print_progress
+                analyzer,
+                args.calibration,
+                split=args.split,
+                windows=args.windows,
+                masks_dir=args.masks,
+                progress=_print_progress,
             )
             from fvlm_core.metrics import roc_corner_threshold
 
@@ -480,7 +659,8 @@ def run(args: argparse.Namespace) -> int:
             args.data,
             split=args.split,
             windows=args.windows,
-            one_per_scan=args.one_per_scan,
+            dedupe_scans=args.one_per_scan,
+            masks_dir=args.masks,
             limit=args.limit,
             progress=_print_progress,
         )

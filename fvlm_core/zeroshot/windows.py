@@ -201,6 +201,13 @@ def drop_incomplete(
     return kept, dropped
 
 
+def reference_min_size(window_zyx: Sequence[int]) -> tuple[int, int, int]:
+    """Minimum reference window for a model window: ``(112, 288, 352)`` for the reference model's
+    ``(112, 256, 352)``; other model spaces (e.g. a tiny CPU model) use their own window."""
+    window = tuple(int(v) for v in window_zyx)
+    return REFERENCE_MIN_SIZE_ZYX if window == (112, 256, 352) else window
+
+
 def plan_windows(
     labels: np.ndarray,
     names: Sequence[str],
@@ -219,7 +226,8 @@ def plan_windows(
     if strategy == "shared":
         plans = plan_shared(boxes, window_zyx, multiple_zyx, order=names, max_size_zyx=max_size_zyx)
     elif strategy == "reference":
-        plans = plan_reference(boxes, multiple_zyx, order=names, max_size_zyx=max_size_zyx)
+        min_size = reference_min_size(window_zyx)
+        plans = plan_reference(boxes, multiple_zyx, min_size, order=names, max_size_zyx=max_size_zyx)
     else:
         raise ValueError(f"unknown window strategy {strategy!r} (use 'shared' or 'reference')")
     if strategy == "reference" or max_size_zyx is not None:

@@ -19,9 +19,9 @@ from fvlm_core.segmentation.base import AnatomySegmentation, Progress
 from fvlm_core.segmentation.labelmap import merge_labels
 from fvlm_core.segmentation.totalseg_classes import TOTAL_CLASS_MAP
 
-#: nnU-Net datasets holding the "total" task weights (TotalSegmentator v2): full resolution
-#: (5 parts) and ``--fast`` (3 mm).
-TOTAL_DATASETS = {False: (291, 292, 293, 294, 295), True: (297,)}
+#: nnU-Net datasets that ``totalseg_download_weights -t total`` / ``-t total_fast`` fetch
+#: (TotalSegmentator 2.x): full resolution (5 parts) or ``--fast`` (3 mm), each with the 6 mm model.
+TOTAL_DATASETS = {False: (291, 292, 293, 294, 295, 298), True: (297, 298)}
 
 INSTALL_HINT = 'pip install "fvlm[totalseg]"  (or: pip install totalsegmentator)'
 

@@ -17,7 +17,13 @@ from fvlm_core.reports.decompose import (
     normal_template,
     sentence_is_abnormal,
 )
-from fvlm_core.reports.labels import LABEL_RULES, extract_labels, label_mentions, labels_by_anatomy
+from fvlm_core.reports.labels import (
+    LABEL_RULES,
+    extract_labels,
+    label_mentions,
+    labels_by_anatomy,
+    score_labels,
+)
 from fvlm_core.reports.sentences import looks_english, split_sections, split_sentences
 
 __all__ = [
@@ -33,6 +39,7 @@ __all__ = [
     "load_decomposition_files",
     "looks_english",
     "normal_template",
+    "score_labels",
     "sentence_is_abnormal",
     "split_sections",
     "split_sentences",

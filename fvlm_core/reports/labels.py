@@ -10,14 +10,23 @@ is not a lung nodule). A label is 1 when some clause mentions it and the mention
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
+from fvlm_core.errors import InputError
 from fvlm_core.findings import CTRATE_LABEL_ANATOMY, CTRATE_LABELS
 from fvlm_core.reports.negation import NEGATED, find_mentions, prepare
-from fvlm_core.reports.sentences import clauses, split_sentences
+from fvlm_core.reports.sentences import clauses, looks_english, split_sentences
 
-__all__ = ["LABEL_RULES", "LabelRule", "extract_labels", "label_mentions", "labels_by_anatomy"]
+__all__ = [
+    "LABEL_RULES",
+    "LabelRule",
+    "extract_labels",
+    "label_mentions",
+    "labels_by_anatomy",
+    "score_labels",
+]
 
 
 @dataclass(frozen=True)
@@ -185,14 +194,21 @@ LABEL_RULES: dict[str, LabelRule | tuple[LabelRule, ...]] = {
 }
 
 
-def label_mentions(text: str, label: str) -> list:
-    """Mentions (:class:`~fvlm_core.reports.negation.Mention`) of ``label`` in ``text``, with status."""
+def _split(text: str) -> list[tuple[str, list[str]]]:
+    """Prepared sentences, each with its clauses (computed once per report, shared by all labels)."""
+    out = []
+    for sentence in split_sentences(text):
+        sent = prepare(sentence)
+        out.append((sent, clauses(sent)))
+    return out
+
+
+def _mentions(parts: list[tuple[str, list[str]]], label: str) -> list:
     rules = LABEL_RULES[label]
     rules = rules if isinstance(rules, tuple) else (rules,)
     found = []
-    for sentence in split_sentences(text):
-        sent = prepare(sentence)
-        for clause in clauses(sent):
+    for sent, sent_clauses in parts:
+        for clause in sent_clauses:
             for rule in rules:
                 if rule.sentence_require is not None and not rule.sentence_require.search(sent):
                     continue
@@ -207,18 +223,66 @@ def label_mentions(text: str, label: str) -> list:
     return found
 
 
-def extract_labels(text: str, labels: Iterable[str] = CTRATE_LABELS) -> dict[str, int]:
+def label_mentions(text: str, label: str) -> list:
+    """Mentions (:class:`~fvlm_core.reports.negation.Mention`) of ``label`` in ``text``, with status."""
+    return _mentions(_split(text), label)
+
+
+def extract_labels(
+    text: str, labels: Iterable[str] = CTRATE_LABELS, on_bad_report: str = "warn"
+) -> dict[str, int]:
     """The CT-RATE finding labels a report states: ``{label: 0/1}`` in CT-RATE order.
 
     A label is 1 when at least one mention is not negated (uncertain mentions count).
-    Empty text gives all zeros.
+    Empty text (or ``None`` / NaN) gives all zeros. Non-English text gives all zeros and a
+    :class:`~fvlm_core.reports.decompose.ReportWarning` (``on_bad_report="warn"``), an
+    :class:`~fvlm_core.errors.InputError` (``"error"``) or nothing (``"ignore"``).
     """
-    out = {}
-    for label in labels:
-        if label not in LABEL_RULES:
-            raise KeyError(f"unknown CT-RATE label {label!r} (known: {', '.join(CTRATE_LABELS)})")
-        out[label] = int(any(m.status != NEGATED for m in label_mentions(text, label)))
-    return out
+    labels = list(labels)
+    unknown = [lbl for lbl in labels if lbl not in LABEL_RULES]
+    if unknown:
+        raise InputError(f"unknown CT-RATE label(s) {unknown} (known: {', '.join(CTRATE_LABELS)})")
+    if text is None or (isinstance(text, float) and text != text):
+        text = ""
+    if not isinstance(text, str):
+        raise InputError(f"report text must be a string, got {type(text).__name__}")
+    if text.strip() and not looks_english(text):
+        msg = "report does not look like English text; all labels set to 0 (translate it first)"
+        if on_bad_report == "error":
+            raise InputError(msg)
+        if on_bad_report == "warn":
+            from fvlm_core.reports.decompose import ReportWarning
+
+            warnings.warn(msg, ReportWarning, stacklevel=2)
+        return dict.fromkeys(labels, 0)
+    parts = _split(text)
+    return {lbl: int(any(m.status != NEGATED for m in _mentions(parts, lbl))) for lbl in labels}
+
+
+def score_labels(gold, pred, labels: Sequence[str] = CTRATE_LABELS) -> dict:
+    """Per-label F1 / precision / recall / support and the macro F1 (sklearn ``f1_score``).
+
+    Args:
+        gold, pred: tables (pandas DataFrames or ``{label: sequence of 0/1}``) holding ``labels``.
+
+    Returns:
+        ``{"n": rows, "per_label": {label: {"f1", "precision", "recall", "support"}},
+        "macro_f1": float, "min_f1": float}``.
+    """
+    from sklearn.metrics import f1_score, precision_score, recall_score
+
+    per_label = {}
+    for lbl in labels:
+        y, p = [int(v) for v in gold[lbl]], [int(v) for v in pred[lbl]]
+        per_label[lbl] = {
+            "f1": float(f1_score(y, p, zero_division=0)),
+            "precision": float(precision_score(y, p, zero_division=0)),
+            "recall": float(recall_score(y, p, zero_division=0)),
+            "support": int(sum(y)),
+        }
+    f1s = [v["f1"] for v in per_label.values()]
+    n = len(next(iter(gold[lbl] for lbl in labels))) if labels else 0
+    return {"n": n, "per_label": per_label, "macro_f1": float(sum(f1s) / len(f1s)), "min_f1": float(min(f1s))}
 
 
 def labels_by_anatomy(labels: Mapping[str, int | bool]) -> dict[str, frozenset[str]]:

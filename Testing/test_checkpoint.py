@@ -1,0 +1,142 @@
+"""Checkpoints: bit-exact save/load round trip from a self-contained folder, and clear errors
+for corrupt or truncated weights, a wrong config and wrong shapes."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+import yaml
+
+from fvlm_core.errors import CheckpointError
+from fvlm_core.model import FVLM, from_pretrained, load_config
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    torch.manual_seed(0)
+    model = FVLM.from_config("fvlm-tiny").eval()
+    with torch.no_grad():  # non-initial values everywhere, so a skipped tensor would show
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.01)
+    folder = tmp_path_factory.mktemp("ckpt") / "tiny"
+    model.save_pretrained(folder, thresholds={"Emphysema": 0.42})
+    return model, folder
+
+
+def _copy(saved_folder, tmp_path):
+    dst = tmp_path / "copy"
+    shutil.copytree(saved_folder, dst)
+    return dst
+
+
+def test_round_trip_is_bit_exact(saved, monkeypatch):
+    model, folder = saved
+    assert {"model.safetensors", "config.yaml", "text"} <= {p.name for p in folder.iterdir()}
+    assert (folder / "text" / "config.json").exists() and (folder / "text" / "tokenizer_config.json").exists()
+
+    def no_pickles(*a, **k):
+        raise AssertionError("from_pretrained must not call torch.load")
+
+    monkeypatch.setattr(torch, "load", no_pickles)
+    loaded = FVLM.from_pretrained(folder)
+    a, b = model.state_dict(), loaded.state_dict()
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    cfg = loaded.config
+    assert cfg.thresholds == {"Emphysema": 0.42}
+    assert {"fvlm", "torch", "monai", "transformers"} <= set(cfg.versions)
+    assert cfg.anatomies == model.anatomies and cfg.findings == model.config.findings
+    gen = torch.Generator().manual_seed(1)
+    image = torch.rand(2, 1, 64, 64, 64, generator=gen)
+    labels = torch.randint(0, 5, (2, 64, 64, 64), generator=gen)
+    with torch.no_grad():
+        assert torch.equal(
+            model.encode_image(image, labels).embeddings, loaded.encode_image(image, labels).embeddings
+        )
+        texts = ["Emphysema.", "Not emphysema."]
+        assert torch.equal(model.encode_text(texts), loaded.encode_text(texts))
+    assert not loaded.training
+
+
+def test_checkpoint_text_folder_is_self_contained(saved, tmp_path):
+    """The text encoder is rebuilt from the checkpoint's text/ folder, not from the original source."""
+    _, folder = saved
+    dst = _copy(folder, tmp_path)
+    cfg = yaml.safe_load((dst / "config.yaml").read_text())
+    cfg["text"]["name_or_path"] = str(tmp_path / "nowhere")  # the original source is gone
+    (dst / "config.yaml").write_text(yaml.safe_dump(cfg))
+    loaded = from_pretrained(dst)
+    assert loaded.encode_text(["Cardiomegaly."]).shape == (1, 128)
+
+
+def test_truncated_weights_raise_checkpoint_error(saved, tmp_path):
+    dst = _copy(saved[1], tmp_path)
+    w = dst / "model.safetensors"
+    data = w.read_bytes()
+    w.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+        from_pretrained(dst)
+
+
+def test_corrupt_weights_raise_checkpoint_error(saved, tmp_path):
+    dst = _copy(saved[1], tmp_path)
+    w = dst / "model.safetensors"
+    data = bytearray(w.read_bytes())
+    data[8:40] = b"\x00" * 32  # break the JSON header
+    w.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+        from_pretrained(dst)
+    w.write_bytes(b"PK\x03\x04 a pickle/zip, not safetensors")
+    with pytest.raises(CheckpointError, match="safetensors"):
+        from_pretrained(dst)
+
+
+def test_missing_files_raise_checkpoint_error(saved, tmp_path):
+    with pytest.raises(CheckpointError, match="not found"):
+        from_pretrained(tmp_path / "absent")
+    dst = _copy(saved[1], tmp_path)
+    (dst / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="weights file not found"):
+        from_pretrained(dst)
+    (dst / "config.yaml").unlink()
+    with pytest.raises(CheckpointError, match=r"config\.yaml"):
+        from_pretrained(dst)
+
+
+def test_wrong_config_raises_checkpoint_error(saved, tmp_path):
+    dst = _copy(saved[1], tmp_path)
+    cfg = yaml.safe_load((dst / "config.yaml").read_text())
+    cfg["vision"]["type"] = "transformer"
+    (dst / "config.yaml").write_text(yaml.safe_dump(cfg))
+    with pytest.raises(CheckpointError, match="invalid model config"):
+        from_pretrained(dst)
+    (dst / "config.yaml").write_text("embed_dim: [\n")
+    with pytest.raises(CheckpointError, match="invalid model config"):
+        from_pretrained(dst)
+
+
+def test_wrong_shapes_raise_checkpoint_error(saved, tmp_path):
+    dst = _copy(saved[1], tmp_path)
+    cfg = yaml.safe_load((dst / "config.yaml").read_text())
+    cfg["embed_dim"] = 64  # config from another model than the weights
+    (dst / "config.yaml").write_text(yaml.safe_dump(cfg))
+    with pytest.raises(CheckpointError, match=r"wrong shape.*text_proj\.weight"):
+        from_pretrained(dst)
+    cfg["embed_dim"] = 128
+    cfg["anatomies"] = ["lung", "heart", "esophagus"]
+    cfg["findings"] = None
+    (dst / "config.yaml").write_text(yaml.safe_dump(cfg))
+    with pytest.raises(CheckpointError, match=r"unexpected tensor.*vision_projs\.3"):
+        from_pretrained(dst)
+
+
+def test_save_overwrites_atomically(saved, tmp_path):
+    model, folder = saved
+    dst = _copy(folder, tmp_path)
+    model.save_pretrained(dst)
+    assert not [p for p in dst.iterdir() if p.name.startswith(".")]  # no temporaries left
+    assert load_config(dst).thresholds == {"Emphysema": 0.42}

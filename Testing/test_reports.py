@@ -1,0 +1,262 @@
+"""Report decomposition: sentence splitting, anatomy assignment, reference and negation-aware
+normality, training texts, fVLM decomposition files, LLM hook, and bad input.
+
+The sentences below are real CT-RATE-style sentences taken from the shared labelled reports
+(short boilerplate and finding sentences), with the anatomies and normality a reader expects.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pandas as pd
+import pytest
+
+from fvlm_core.anatomy import EXTENDED_CATALOG
+from fvlm_core.errors import DataError, InputError
+from fvlm_core.reports import (
+    ReportWarning,
+    decompose_report,
+    load_decomposition_files,
+    looks_english,
+    normal_template,
+    sentence_is_abnormal,
+    split_sections,
+    split_sentences,
+)
+from fvlm_core.reports.lexicon import anatomies_in
+from fvlm_core.reports.negation import NEGATED, POSITIVE, UNCERTAIN, classify, prepare
+
+CT4 = ["lung", "heart", "esophagus", "aorta"]
+
+# (sentence, anatomies among the 4 CT-RATE ones, states an abnormality?)
+REAL_SENTENCES = [
+    ("Pericardial effusion-thickening was not observed.", {"heart"}, False),
+    ("Thoracic aorta diameter is normal.", {"aorta"}, False),
+    ("Mediastinal main vascular structures, heart contour, size are normal.", {"heart", "aorta"}, False),
+    (
+        "Thoracic esophageal calibration was normal and no significant tumoral wall thickening was detected.",
+        {"esophagus"},
+        False,
+    ),
+    ("Pleural effusion-thickening was not detected.", {"lung"}, False),
+    (
+        "Aeration of both lung parenchyma is normal and no nodular or infiltrative lesion is detected in the "
+        "lung parenchyma.",
+        {"lung"},
+        False,
+    ),
+    ("Trachea, both main bronchi are open.", {"lung"}, False),
+    ("Mild hiatal hernia is observed.", {"esophagus"}, True),
+    ("Diffuse calcific atheroma plaques were observed in the coronary arteries.", {"heart"}, True),
+    ("Calibration of the aortic arch is 30 mm wider than normal.", {"aorta"}, True),
+    (
+        "There are pleuroparenchymal sequelae densities in both upper lobe apicoposterior segments of both lungs.",
+        {"lung"},
+        True,
+    ),
+    (
+        "4 mm diameter nodule is observed in the anterior segment of the right lung upper lobe.",
+        {"lung"},
+        True,
+    ),
+    ("The heart is larger than normal.", {"heart"}, True),
+    ("Atheroma plaque was observed in the aortic arch.", {"aorta"}, True),
+    (
+        "Calcified atherosclerotic changes were observed in the wall of the thoracic aorta and coronary artery.",
+        {"aorta", "heart"},
+        True,
+    ),
+    ("There is minimal pleural effusion on the left.", {"lung"}, True),
+    (
+        "No space-occupying lesion was detected in the liver that entered the cross-sectional area.",
+        set(),
+        False,
+    ),
+    ("A slightly hypodense nodule is observed in the right lobe of the thyroid gland.", set(), True),
+]
+
+
+@pytest.mark.parametrize(("sentence", "anatomies", "abnormal"), REAL_SENTENCES)
+def test_real_sentences_anatomy_and_normality(sentence, anatomies, abnormal):
+    assert set(anatomies_in(prepare(sentence), CT4)) == anatomies
+    assert sentence_is_abnormal(sentence) is abnormal
+
+
+def test_extended_catalog_anatomies():
+    names = EXTENDED_CATALOG.names
+    cases = {
+        "No space-occupying lesion was detected in the liver that entered the cross-sectional area.": {
+            "liver"
+        },
+        "Bilateral adrenal glands were normal and no space-occupying lesion was detected.": {"adrenal_gland"},
+        "A slightly hypodense nodule is observed in the right lobe of the thyroid gland.": {"thyroid_gland"},
+        "The contour, size, parenchyma density of the spleen is normal.": {"spleen"},
+        "No renal solid or cystic mass was detected.": {"kidney"},
+        "Vertebral corpus heights are preserved.": {"bone"},
+        "The main pulmonary artery diameter was 30 mm and wider than normal.": {"pulmonary_artery"},
+    }
+    for sentence, expected in cases.items():
+        assert set(anatomies_in(prepare(sentence), names)) == expected, sentence
+    # "adrenal" must not be read as renal, nor "liver parenchyma" as lung
+    assert "kidney" not in anatomies_in(prepare("Bilateral adrenal glands were normal."), names)
+    assert "lung" not in anatomies_in(prepare("Liver parenchyma density decreased."), names)
+
+
+def test_negation_cues():
+    def status(clause, term):
+        c = prepare(clause)
+        i = c.index(term)
+        return classify(c, i, i + len(term))
+
+    assert status("no pleural effusion or pneumothorax was detected", "pneumothorax") == NEGATED
+    assert status("pericardial effusion was not observed", "pericardial effusion") == NEGATED
+    assert status("ctr is within normal limits", "ctr") == NEGATED
+    assert status("a mass without calcification", "calcification") == NEGATED
+    assert status("malignancy cannot be excluded", "malignancy") == UNCERTAIN
+    assert status("minimal pericardial effusion is observed", "pericardial effusion") == POSITIVE
+    # pseudo-negation: "no significant change" denies a change, not the nodule
+    assert status("the nodule shows no significant change", "nodule") == POSITIVE
+
+
+def test_sentence_splitting_keeps_decimals_and_impression_items():
+    text = 'A nodule of 3.3 cm is seen. Approx. 5 mm effusion." Hiatal hernia " Emphysema• Atelectasis'
+    sents = split_sentences(text)
+    assert sents[0] == "A nodule of 3.3 cm is seen."
+    assert "Approx. 5 mm effusion." in sents
+    assert sents[-3:] == ["Hiatal hernia", "Emphysema", "Atelectasis"]
+
+
+def test_decompose_reference_and_negation_aware():
+    findings = (
+        "Trachea, both main bronchi are open. Mediastinal main vascular structures, heart contour, size are "
+        "normal. Thoracic aorta diameter is normal. Pericardial effusion-thickening was not observed. "
+        "Thoracic esophageal calibration was normal and no significant tumoral wall thickening was detected. "
+        "Mild hiatal hernia is observed. When examined in the lung parenchyma window; A subpleural nodule with "
+        "a diameter of 3 mm is observed in the apicoposterior segment of the upper lobe of the left lung. "
+        "Diffuse calcific atheroma plaques were observed in the coronary arteries."
+    )
+    impression = "Hiatal hernia. Millimetric nodule in the left lung."
+    r = decompose_report(findings, impression)
+    assert r.anatomies == CT4
+    # reference rule: abnormal iff the impression mentions the anatomy
+    assert r.abnormal == {"lung": True, "heart": False, "esophagus": True, "aorta": False}
+    # negation-aware: the coronary plaques make the heart abnormal although the impression is silent
+    assert r.abnormal_findings == {"lung": True, "heart": True, "esophagus": True, "aorta": False}
+    # normal anatomy: template followed by its findings sentences
+    assert r.texts["aorta"].startswith(normal_template("aorta"))
+    assert "Thoracic aorta diameter is normal." in r.texts["aorta"]
+    assert r.texts["heart"].startswith("Heart shows no significant abnormalities. ")
+    assert "coronary arteries" in r.texts["heart"]
+    # abnormal anatomy: findings then impression sentences, no template
+    assert not r.texts["esophagus"].startswith("Esophagus shows")
+    assert r.texts["esophagus"].index("Mild hiatal hernia") < r.texts["esophagus"].index("Hiatal hernia.")
+    assert r.sentences["lung"][-1] == "Millimetric nodule in the left lung."
+
+
+def test_normal_anatomy_without_sentences_is_template_only():
+    r = decompose_report("Pericardial effusion-thickening was not observed.", "Normal thoracic CT.")
+    assert r.texts["aorta"] == "Aorta shows no significant abnormalities."
+    assert r.texts["lung"] == "Lung shows no significant abnormalities."
+    assert not any(r.abnormal.values()) and not any(r.abnormal_findings.values())
+
+
+def test_extended_anatomies_in_decomposition():
+    r = decompose_report(
+        "Hepatosteatosis is present in the liver. The spleen is normal.",
+        "Hepatosteatosis.",
+        anatomies=["lung", "liver", "spleen"],
+    )
+    assert r.abnormal == {"lung": False, "liver": True, "spleen": False}
+    assert r.texts["spleen"] == "Spleen shows no significant abnormalities. The spleen is normal."
+
+
+def test_report_with_no_sections_is_findings():
+    text = "Mild hiatal hernia is observed. Pericardial effusion-thickening was not observed."
+    assert split_sections(text) == (text, "")
+    f, i = split_sections("FINDINGS: Mild hiatal hernia is observed.\nIMPRESSION: Hiatal hernia.")
+    assert (f, i) == ("Mild hiatal hernia is observed.", "Hiatal hernia.")
+    r = decompose_report(text, "")
+    assert not r.has_impression
+    # without an impression the reference rule has nothing to read: negation-aware decides
+    assert r.abnormal["esophagus"] and not r.abnormal["heart"]
+    assert r.abnormal == r.abnormal_findings
+
+
+def test_empty_and_non_english_reports():
+    with pytest.warns(ReportWarning, match="empty"):
+        r = decompose_report("", None)
+    assert r.language == "empty"
+    assert r.texts == {a: normal_template(a) for a in CT4}
+    turkish = "Her iki akciğerde plevral efüzyon izlenmedi. Kalp boyutları normaldir. Hiatal herni izlendi."
+    assert not looks_english(turkish)
+    assert looks_english("Mild hiatal hernia is observed.")
+    with pytest.warns(ReportWarning, match="English"):
+        r = decompose_report(turkish, "")
+    assert r.language == "unknown" and not any(r.abnormal_findings.values())
+    with pytest.raises(InputError, match="English"):
+        decompose_report(turkish, "", on_bad_report="error")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        decompose_report(turkish, "", on_bad_report="ignore")
+
+
+def test_llm_hook_replaces_assignment():
+    calls = []
+
+    def fake_llm(findings, impression, anatomies):
+        calls.append(list(anatomies))
+        return {
+            "lung": ("Small left pleural effusion.", "Pleural effusion."),
+            "heart": "Heart size is normal.",
+        }
+
+    r = decompose_report("Some text.", "Pleural effusion.", decomposer=fake_llm)
+    assert calls == [CT4]
+    assert r.abnormal == {"lung": True, "heart": False, "esophagus": False, "aorta": False}
+    assert r.texts["lung"] == "Small left pleural effusion. Pleural effusion."
+    assert r.texts["heart"] == "Heart shows no significant abnormalities. Heart size is normal."
+
+
+def test_load_fvlm_decomposition_files(tmp_path):
+    desc = {
+        "train_1_a": {"lung": "Minimal pleural effusion on the left.", "heart": "Heart size is normal."},
+        "train_2_a": {"aorta": "Thoracic aorta diameter is normal."},
+    }
+    conc = {"train_1_a": {"lung": "Left pleural effusion."}, "train_2_a": {}}
+    (tmp_path / "desc_info.json").write_text(json.dumps(desc))
+    (tmp_path / "conc_info.json").write_text(json.dumps(conc))
+    out = load_decomposition_files(tmp_path / "desc_info.json", tmp_path / "conc_info.json")
+    assert set(out) == {"train_1_a", "train_2_a"}
+    a = out["train_1_a"]
+    assert a.abnormal == {"lung": True, "heart": False, "esophagus": False, "aorta": False}
+    assert a.texts["lung"] == "Minimal pleural effusion on the left. Left pleural effusion."
+    assert a.texts["heart"] == "Heart shows no significant abnormalities. Heart size is normal."
+    assert out["train_2_a"].texts["aorta"].startswith("Aorta shows no significant abnormalities.")
+    (tmp_path / "bad.json").write_text("[1, 2]")
+    with pytest.raises(DataError, match="scan id"):
+        load_decomposition_files(tmp_path / "bad.json")
+    with pytest.raises(DataError, match="does not exist"):
+        load_decomposition_files(tmp_path / "missing.json")
+
+
+def test_real_reports_decomposition(reports_csv):
+    """Whole real reports: the negation-aware flag agrees with the manual labels of each anatomy."""
+    from fvlm_core.findings import CTRATE_LABEL_ANATOMY
+
+    df = pd.read_csv(reports_csv).iloc[:120]
+    hits = total = missed = 0
+    for _, row in df.iterrows():
+        text = row["report_text"]
+        k = text.find('"')  # CT-RATE's impression items start at the first quote
+        findings, impression = (text[:k], text[k:]) if k >= 0 else (text, "")
+        r = decompose_report(findings, impression)
+        for a in CT4:
+            gold = any(row[lbl] == 1 for lbl, an in CTRATE_LABEL_ANATOMY.items() if an == a)
+            total += 1
+            hits += gold == r.abnormal_findings[a]
+            missed += gold and not r.abnormal_findings[a]
+    # a labelled finding on an anatomy is (almost) never missed; agreement is high overall
+    assert missed <= 2
+    assert hits / total >= 0.85

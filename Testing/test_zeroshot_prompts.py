@@ -77,3 +77,24 @@ def test_cache_is_per_model():
     prompt_cache_for(m1).embed(["Emphysema."])
     assert len(m1.enc.calls) == 1 and m2.enc.calls == []
     assert m1.training  # restored after encoding in eval mode
+
+
+def test_cache_emptied_when_text_weights_change():
+    class M(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.text_proj = torch.nn.Linear(8, 8)
+            self.enc = _CountingEncoder()
+
+        def encode_text(self, texts):
+            return torch.nn.functional.normalize(self.text_proj(self.enc(texts)), dim=-1)
+
+    m = M()
+    cache = prompt_cache_for(m)
+    before = cache.embed(["Emphysema."])
+    cache.embed(["Emphysema."])
+    assert len(m.enc.calls) == 1
+    with torch.no_grad():
+        m.text_proj.weight.mul_(-1.0)  # what an optimizer step does: in-place
+    after = cache.embed(["Emphysema."])
+    assert len(m.enc.calls) == 2 and not torch.allclose(before, after)

@@ -90,3 +90,15 @@ def test_reference_drops_anatomy_under_90_percent():
 def test_unknown_strategy():
     with pytest.raises(ValueError, match="strategy"):
         W.plan_windows(np.zeros((4, 4, 4), np.uint8), NAMES, (4, 4, 4), (4, 4, 4), strategy="nope")
+
+
+def test_plan_centre_reproduces_its_start_in_crop_window():
+    from fvlm_core.io import CTVolume, Geometry
+    from fvlm_core.preprocess import crop_window
+
+    g = Geometry((40, 30, 20), (1.0, 1.0, 3.0), (0.0, 0.0, 0.0), (1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0))
+    ct = CTVolume(np.zeros(g.shape_zyx, np.float32), g)
+    for start, size in (((-3, 5, 7), (16, 16, 16)), ((2, -9, 0), (8, 24, 32)), ((0, 0, 0), (20, 30, 40))):
+        plan = W.WindowPlan(start, size, ("lung",))
+        win = crop_window(ct, None, plan.center_zyx, plan.size_zyx)
+        assert win.start_zyx == start and win.hu.shape == size

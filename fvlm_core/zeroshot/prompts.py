@@ -75,15 +75,24 @@ class PromptCache:
     Args:
         encode: ``list[str] -> (N, D)`` L2-normalised embeddings (the model's ``encode_text``).
         batch_size: texts per encoder call for uncached texts.
+        fingerprint: optional ``() -> hashable`` that changes when the text weights change
+            (e.g. after a training step); a change empties the cache.
 
     Attributes:
         encoder_calls: number of calls made to ``encode`` (tests and benchmarks read it).
         texts_encoded: number of texts sent to ``encode``.
     """
 
-    def __init__(self, encode: Callable[[list[str]], torch.Tensor], batch_size: int = 64) -> None:
+    def __init__(
+        self,
+        encode: Callable[[list[str]], torch.Tensor],
+        batch_size: int = 64,
+        fingerprint: Callable[[], object] | None = None,
+    ) -> None:
         self._encode = encode
         self._batch_size = int(batch_size)
+        self._fingerprint = fingerprint
+        self._seen = fingerprint() if fingerprint is not None else None
         self._cache: dict[str, torch.Tensor] = {}
         self._lock = threading.Lock()
         self.encoder_calls = 0
@@ -101,6 +110,11 @@ class PromptCache:
     def embed(self, texts: Sequence[str]) -> torch.Tensor:
         """``(N, D)`` float32 CPU embeddings of ``texts`` (uncached ones encoded in batches)."""
         with self._lock:
+            if self._fingerprint is not None:
+                now = self._fingerprint()
+                if now != self._seen:  # weights changed since the embeddings were computed
+                    self._cache.clear()
+                    self._seen = now
             todo = list(dict.fromkeys(t for t in texts if t not in self._cache))
             for i in range(0, len(todo), self._batch_size):
                 chunk = todo[i : i + self._batch_size]
@@ -157,6 +171,13 @@ def prompt_cache_for(model: torch.nn.Module) -> PromptCache:
                 finally:
                     m.train(was_training)
 
-            cache = PromptCache(encode)
+            def fingerprint() -> tuple[int, int]:
+                # In-place updates (optimizer steps, load_state_dict) bump a tensor's _version.
+                m = ref()
+                params = [p for n, p in m.named_parameters() if n.startswith(("text_encoder.", "text_proj."))]
+                params = params or list(m.parameters())
+                return (sum(p._version for p in params), sum(p.data_ptr() % 1_000_003 for p in params))
+
+            cache = PromptCache(encode, fingerprint=fingerprint)
             _CACHES[model] = cache
         return cache

@@ -1,0 +1,34 @@
+"""Zero-shot findings: window planning, prompt embeddings, the Analyzer and similarity maps.
+
+>>> from fvlm_core.zeroshot import Analyzer
+>>> analyzer = Analyzer.from_pretrained("models/fvlm-tiny", device="auto")
+>>> result = analyzer.analyze(ct, segmentation)          # fvlm_core.segmentation.AnatomySegmentation
+>>> result.to_dict()["anatomies"][0]["findings"][0]      # name, probability, threshold, flagged, ...
+
+Submodules are imported lazily (``windows`` needs only numpy/scipy).
+"""
+
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "Analyzer": "fvlm_core.zeroshot.analyzer",
+    "AnalysisResult": "fvlm_core.zeroshot.analyzer",
+    "AnatomyResult": "fvlm_core.zeroshot.analyzer",
+    "FindingResult": "fvlm_core.zeroshot.analyzer",
+    "load_findings_file": "fvlm_core.zeroshot.analyzer",
+    "resolve_device": "fvlm_core.zeroshot.analyzer",
+    "PromptCache": "fvlm_core.zeroshot.prompts",
+    "prompt_cache_for": "fvlm_core.zeroshot.prompts",
+    "WindowPlan": "fvlm_core.zeroshot.windows",
+    "plan_windows": "fvlm_core.zeroshot.windows",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'fvlm_core.zeroshot' has no attribute {name!r}")

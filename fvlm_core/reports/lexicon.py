@@ -34,7 +34,8 @@ STRONG: dict[str, str] = {
     "aorta": (
         r"\baort(?:a|ic)\b(?! valve| window| ?pulmonary)|aortic arch|\barcus\b|thoracoabdominal aorta|"
         r"mediastinal (?:main |major )?(?:vascular|vessel)\w*|(?:great|main|major) vessels|"
-        r"(?<!coronary )(?<!pulmonary )(?:vascular|vessel) structures|brachiocephalic|subclavian|carotid"
+        r"(?<!coronary )(?<!pulmonary )(?:vascular|vessel) structures|"
+        r"(?:brachiocephalic|subclavian|carotid) arter\w*|brachiocephalic trunk"
     ),
     "trachea": r"(?<![a-z])trache(?:a|al)\b(?! tube)|\bmain bronch\w*|carina\b",
     "pulmonary_artery": (

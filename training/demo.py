@@ -1,0 +1,718 @@
+"""Run the built-in demo: synthetic CTs -> fVLM and a CLIP baseline trained on CPU -> zero-shot AUCs.
+
+The first thing a new user runs. Everything happens offline on the CPU, within a wall-clock
+budget (default 9 minutes end to end on 2 cores):
+
+1. generate a synthetic chest-CT cohort in memory (:mod:`fvlm_core.data.synth`): a training
+   set, a calibration set (for decision thresholds) and a held-out test set;
+2. decompose each report into anatomy descriptions (:mod:`fvlm_core.reports`) and encode every
+   distinct text once with the frozen offline MiniLM (the demo's text encoder never trains, so
+   its features are computed once and only the projections learn);
+3. train ``fvlm-tiny`` with the false-negative-aware fine-grained loss and, side by side with the
+   same encoders and the same time budget, a global CLIP baseline (whole-volume embedding vs
+   whole report) -- one process and one core each;
+4. score the test phantoms zero-shot from text prompts and write, into ``--out``: the fVLM
+   model folder (loadable by ``fvlm analyze`` and the Slicer module, with thresholds calibrated
+   on the calibration set), the baseline, a per-finding AUC table (JSON + Markdown), ROC curves,
+   a picture of one test phantom with its anatomies and flagged findings, and that phantom as
+   NIfTI (CT + anatomy label map) to try ``fvlm analyze`` or Slicer on.
+
+Prompt protocols are reported side by side (DESIGN.md section 7): ``reference`` ("{X}." vs
+"Not {X}."), ``normal-negative`` ("{X}." vs the anatomy's normal description) and, for the
+baseline, ``positive-only`` (similarity to "{X}." alone).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+#: Findings the demo scores: those the phantoms render on an anatomy of the 4-anatomy model.
+DEMO_FINDINGS: tuple[str, ...] = (
+    "Arterial wall calcification",
+    "Cardiomegaly",
+    "Pericardial effusion",
+    "Coronary artery wall calcification",
+    "Hiatal hernia",
+    "Emphysema",
+    "Atelectasis",
+    "Lung nodule",
+    "Lung opacity",
+    "Pleural effusion",
+    "Consolidation",
+)
+PROTOCOLS = ("reference", "normal-negative", "positive-only")
+HEADLINE_PROTOCOL = "reference"
+LAST_DEMO_MODEL = Path(os.environ.get("FVLM_CACHE", Path.home() / ".cache" / "fvlm")) / "last_demo_model.txt"
+
+
+@dataclass
+class DemoConfig:
+    """What the demo does; defaults fit 2 CPU cores and about 9 minutes end to end."""
+
+    out: str = "fvlm-demo"
+    minutes: float = 9.0
+    n_train: int = 2400
+    n_calibration: int = 200
+    n_test: int = 400
+    size: int = 64
+    seed: int = 0
+    workers: int = 2
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    warmup_steps: int = 30
+    model_config: str = "fvlm-tiny"
+    disease_pairs: float = 0.5
+    reserve_seconds: float = 45.0  # kept for evaluation and writing outputs
+    baseline: bool = True
+
+
+@dataclass
+class DemoResult:
+    out: Path
+    model_dir: Path
+    baseline_dir: Path | None
+    table: dict[str, Any]
+    files: dict[str, str] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------------
+# Data: phantoms, texts, text features
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DemoData:
+    """Arrays of one split. ``hu`` (N, Z, Y, X) int16; ``labels`` (N, Z, Y, X) uint8 (model anatomies
+    only); ``texts`` per anatomy; ``reports``; ``abnormal`` (N, A); ``finding_ids`` (N, A);
+    ``truth`` {finding: (N,) 0/1} from the rendered findings."""
+
+    names: list[str]
+    hu: np.ndarray
+    labels: np.ndarray
+    geometry: list[Any]
+    texts: list[list[str]]
+    reports: list[str]
+    abnormal: np.ndarray
+    finding_ids: np.ndarray
+    truth: dict[str, np.ndarray]
+
+
+def _make_split(samples: Sequence[Any], anatomies: Sequence[str]) -> DemoData:
+    from fvlm_core.data.synth import MASK_VALUES
+    from fvlm_core.loss import finding_set_id
+    from fvlm_core.reports import decompose_report, extract_labels, labels_by_anatomy
+
+    n, a = len(samples), len(anatomies)
+    # Map the phantom mask values onto the model's anatomy order (anything else -> background).
+    lut = np.zeros(256, dtype=np.uint8)
+    for i, name in enumerate(anatomies):
+        if name in MASK_VALUES:
+            lut[MASK_VALUES[name]] = i + 1
+    hu = np.stack([s.hu for s in samples]).astype(np.int16)
+    labels = np.stack([lut[s.labels] for s in samples])
+    texts, reports = [], []
+    abnormal = np.zeros((n, a), dtype=bool)
+    finding_ids = np.full((n, a), -1, dtype=np.int64)
+    for k, s in enumerate(samples):
+        findings, impression = s.report.get("Findings_EN", ""), s.report.get("Impressions_EN", "")
+        dec = decompose_report(findings, impression, anatomies)
+        texts.append([dec.texts[name] for name in anatomies])
+        abnormal[k] = [bool(dec.abnormal[name]) for name in anatomies]
+        by_anatomy = labels_by_anatomy(extract_labels(f"{findings}\n{impression}"))
+        finding_ids[k] = [finding_set_id(by_anatomy.get(name, frozenset())) for name in anatomies]
+        reports.append(f"{findings} {impression}".strip())
+    truth = {f: np.array([int(f in s.findings) for s in samples], dtype=np.int64) for f in DEMO_FINDINGS}
+    return DemoData(
+        names=[s.name for s in samples],
+        hu=hu,
+        labels=labels,
+        geometry=[s.geometry for s in samples],
+        texts=texts,
+        reports=reports,
+        abnormal=abnormal,
+        finding_ids=finding_ids,
+        truth=truth,
+    )
+
+
+def encode_unique_texts(model: Any, texts: Sequence[str], progress: Callable[[int], None] | None = None) -> dict:
+    """Pooled features of each distinct text with the frozen text encoder: ``{text: (H,) tensor}``.
+
+    Texts are sorted by length so each batch pads to a similar length (the cost is padding-bound).
+    """
+    import torch
+
+    from fvlm_core.model.text import encode_features
+
+    unique = sorted(set(texts), key=len)
+    out: dict[str, Any] = {}
+    batch = 64
+    with torch.no_grad():
+        for i in range(0, len(unique), batch):
+            chunk = unique[i : i + batch]
+            feats = encode_features(model.text_encoder, model.tokenizer, chunk, model.config.text)
+            out.update(zip(chunk, feats.float()))
+            if progress:
+                progress(len(chunk))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Training (one process per model, one core each)
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _TrainJob:
+    kind: str  # "fvlm" or "clip"
+    model_config: str
+    data_dir: str  # memory-mapped arrays written by the parent
+    out_dir: str
+    budget_seconds: float
+    seed: int
+    batch_size: int
+    lr: float
+    weight_decay: float
+    warmup_steps: int
+    disease_pairs: float
+
+
+def _window(hu: Any, hu_window: Sequence[float]) -> Any:
+    from fvlm_core.preprocess import window_hu
+
+    return window_hu(hu, hu_window)
+
+
+def _train_worker(job: _TrainJob, progress: Any) -> None:
+    """Train one model for ``job.budget_seconds`` and ``save_pretrained`` it (runs in a child process)."""
+    import torch
+    import torch.nn.functional as F
+
+    from fvlm_core.loss import FineGrainedContrastiveLoss
+    from fvlm_core.model import FVLM
+    from training.schedule import warmup_cosine_lr
+
+    torch.set_num_threads(1)
+    torch.manual_seed(job.seed)
+    rng = np.random.default_rng(job.seed)
+    d = Path(job.data_dir)
+    hu = np.load(d / "hu.npy", mmap_mode="r")
+    labels = np.load(d / "labels.npy", mmap_mode="r")
+    side = torch.load(d / "side.pt", weights_only=True)
+    model = FVLM.from_config(job.model_config)
+    model.train()
+    hu_window = model.config.model_space().hu_window
+    if job.kind == "fvlm":
+        loss_fn = FineGrainedContrastiveLoss(
+            normal_pairs=True, same_text=True, disease_pairs=job.disease_pairs, skip_without_abnormal=True
+        )
+        feats = side["anatomy_features"]  # (N, A, H)
+    else:  # plain CLIP on one "anatomy": the whole volume vs the whole report
+        loss_fn = FineGrainedContrastiveLoss(
+            normal_pairs=False, same_text=False, disease_pairs=0.0, skip_without_abnormal=False
+        )
+        feats = side["report_features"].unsqueeze(1)  # (N, 1, H)
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": job.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=job.lr,
+    )
+    n = hu.shape[0]
+    start = time.perf_counter()
+    step, seen, total_steps = 0, 0, None
+    order = rng.permutation(n)
+    pos = 0
+    while True:
+        elapsed = time.perf_counter() - start
+        if elapsed >= job.budget_seconds:
+            break
+        if step == job.warmup_steps and total_steps is None:
+            # Time budget -> step budget, so the cosine ends when the time does.
+            total_steps = max(step + 1, int(job.budget_seconds / max(elapsed / max(step, 1), 1e-6)))
+        lr = warmup_cosine_lr(step, job.lr, job.warmup_steps, total_steps or 10**9, job.lr * 0.01)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        if pos + job.batch_size > n:
+            order, pos = rng.permutation(n), 0
+        idx = np.sort(order[pos : pos + job.batch_size])
+        pos += job.batch_size
+        image = _window(torch.from_numpy(np.asarray(hu[idx], dtype=np.float32)), hu_window).unsqueeze(1)
+        lab = torch.from_numpy(np.asarray(labels[idx], dtype=np.int64))
+        # Random flips (p=0.2 per axis, as the reference recipe); masks follow the image.
+        for axis in (2, 3, 4):
+            if rng.random() < 0.2:
+                image, lab = image.flip(axis), lab.flip(axis - 1)
+        tidx = torch.from_numpy(idx)
+        text = F.normalize(model.text_proj(feats[tidx]), dim=-1)  # frozen encoder: cached features
+        if job.kind == "fvlm":
+            emb = model.encode_image(image, lab)
+            out = loss_fn(
+                emb.embeddings,
+                text,
+                emb.present,
+                side["abnormal"][tidx],
+                side["text_ids"][tidx],
+                side["finding_ids"][tidx],
+                model.temperature,
+            )
+        else:
+            img = model.encode_image_global(image).unsqueeze(1)
+            ones = torch.ones(len(idx), 1, dtype=torch.bool)
+            out = loss_fn(img, text, ones, ones, side["report_ids"][tidx].unsqueeze(1), ones.long() * -1, model.temperature)
+        opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        opt.step()
+        model.clamp_temperature_()
+        step += 1
+        seen += len(idx)
+        progress[0] = step
+        progress[1] = seen
+        progress[2] = float(out.loss.detach())
+    model.eval()
+    model.save_pretrained(job.out_dir)
+    Path(job.out_dir, "train_summary.json").write_text(
+        json.dumps(
+            {
+                "kind": job.kind,
+                "steps": step,
+                "samples_seen": seen,
+                "seconds": time.perf_counter() - start,
+                "samples_per_second": seen / max(time.perf_counter() - start, 1e-9),
+                "final_loss": float(progress[2]),
+                "temperature": float(model.temperature),
+            },
+            indent=2,
+        )
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Zero-shot scoring
+# ---------------------------------------------------------------------------------------------
+
+
+def _prompts(protocol: str, finding: str, anatomy: str) -> tuple[str, str | None]:
+    from fvlm_core.findings import Finding
+    from fvlm_core.reports import normal_template
+
+    f = Finding.from_name(finding, anatomy, source="ctrate")
+    if protocol == "reference":
+        return f.positive[0], f.negative[0]
+    if protocol == "normal-negative":
+        return f.positive[0], normal_template(anatomy)
+    return f.positive[0], None
+
+
+@dataclass
+class _Scores:
+    scores: dict[str, dict[str, np.ndarray]]  # protocol -> finding -> (N,)
+
+
+def score_split(model: Any, data: DemoData, kind: str, batch: int = 32) -> _Scores:
+    """Zero-shot scores of every demo finding on ``data`` for each protocol."""
+    import torch
+
+    from fvlm_core.findings import CTRATE_LABEL_ANATOMY
+    from fvlm_core.zeroshot.prompts import probability
+
+    model.eval()
+    hu_window = model.config.model_space().hu_window
+    embs = []
+    with torch.no_grad():
+        for i in range(0, len(data.names), batch):
+            image = _window(torch.from_numpy(data.hu[i : i + batch].astype(np.float32)), hu_window).unsqueeze(1)
+            if kind == "fvlm":
+                lab = torch.from_numpy(data.labels[i : i + batch].astype(np.int64))
+                embs.append(model.encode_image(image, lab).embeddings)
+            else:
+                embs.append(model.encode_image_global(image).unsqueeze(1))
+        v_all = torch.cat(embs)  # (N, A or 1, D)
+        tau = model.temperature
+        out: dict[str, dict[str, np.ndarray]] = {p: {} for p in PROTOCOLS}
+        for finding in DEMO_FINDINGS:
+            anatomy = CTRATE_LABEL_ANATOMY[finding]
+            v = v_all[:, model.anatomies.index(anatomy)] if kind == "fvlm" else v_all[:, 0]
+            for protocol in PROTOCOLS:
+                pos, neg = _prompts(protocol, finding, anatomy)
+                t_pos = model.encode_text([pos])[0]
+                if neg is None:
+                    out[protocol][finding] = (v @ t_pos).numpy()
+                else:
+                    t_neg = model.encode_text([neg])[0]
+                    out[protocol][finding] = probability(v, t_pos, t_neg, tau).numpy()
+    return _Scores(out)
+
+
+def auc_table(truth: dict[str, np.ndarray], scores: dict[str, _Scores]) -> dict[str, Any]:
+    """Per-finding AUC (with bootstrap CI) for each model and protocol, and macro means."""
+    from fvlm_core.metrics import evaluate_label
+
+    table: dict[str, Any] = {"findings": list(DEMO_FINDINGS), "models": {}}
+    for model_name, sc in scores.items():
+        per_protocol = {}
+        for protocol, by_finding in sc.scores.items():
+            rows = {}
+            for finding in DEMO_FINDINGS:
+                ev = evaluate_label(finding, truth[finding], by_finding[finding], n_bootstrap=200)
+                rows[finding] = {
+                    "auc": ev.auc,
+                    "auc_ci95": list(ev.auc_ci),
+                    "n": ev.n,
+                    "n_positive": ev.n_positive,
+                }
+            aucs = [r["auc"] for r in rows.values() if r["auc"] is not None and not math.isnan(r["auc"])]
+            per_protocol[protocol] = {"per_finding": rows, "macro_auc": float(np.mean(aucs)) if aucs else None}
+        table["models"][model_name] = per_protocol
+    return table
+
+
+def table_markdown(table: dict[str, Any], header: str = "") -> str:
+    """The AUC table as Markdown: one row per finding, one column per (model, protocol)."""
+    cols = [(m, p) for m, by_p in table["models"].items() for p in by_p]
+    lines = [header] if header else []
+    lines.append("| finding | " + " | ".join(f"{m} ({p})" for m, p in cols) + " |")
+    lines.append("|---|" + "---|" * len(cols))
+    for finding in table["findings"]:
+        cells = []
+        for m, p in cols:
+            auc = table["models"][m][p]["per_finding"][finding]["auc"]
+            cells.append("n/a" if auc is None or math.isnan(auc) else f"{auc:.3f}")
+        lines.append(f"| {finding} | " + " | ".join(cells) + " |")
+    macro = []
+    for m, p in cols:
+        v = table["models"][m][p]["macro_auc"]
+        macro.append("n/a" if v is None else f"**{v:.3f}**")
+    lines.append("| **macro AUC** | " + " | ".join(macro) + " |")
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# Pictures
+# ---------------------------------------------------------------------------------------------
+
+
+def plot_roc(truth: dict[str, np.ndarray], scores: dict[str, _Scores], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import roc_curve
+
+    from fvlm_core.atomic import atomic_path
+
+    ncol = 4
+    nrow = math.ceil(len(DEMO_FINDINGS) / ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(3.2 * ncol, 3.0 * nrow), squeeze=False)
+    for ax, finding in zip(axes.flat, DEMO_FINDINGS):
+        y = truth[finding]
+        for model_name, sc in scores.items():
+            s = sc.scores[HEADLINE_PROTOCOL][finding]
+            if y.min() == y.max():
+                continue
+            fpr, tpr, _ = roc_curve(y, s)
+            ax.plot(fpr, tpr, label=model_name)
+        ax.plot([0, 1], [0, 1], color="0.7", lw=0.8, ls="--")
+        ax.set_title(finding, fontsize=9)
+        ax.set_xlabel("1 - specificity", fontsize=8)
+        ax.set_ylabel("sensitivity", fontsize=8)
+        ax.legend(fontsize=7, loc="lower right")
+    for ax in list(axes.flat)[len(DEMO_FINDINGS) :]:
+        ax.axis("off")
+    fig.suptitle(f"Zero-shot ROC on held-out phantoms ({HEADLINE_PROTOCOL} prompts)")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def plot_phantom(
+    hu: np.ndarray, labels: np.ndarray, anatomies: Sequence[str], lines: Sequence[str], path: Path
+) -> Path:
+    """Axial and coronal slices of a phantom with anatomy contours, and its findings listed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+
+    from fvlm_core.anatomy import EXTENDED_CATALOG
+    from fvlm_core.atomic import atomic_path
+
+    z = int(np.argmax((labels == anatomies.index("heart") + 1).sum((1, 2)))) if "heart" in anatomies else hu.shape[0] // 2
+    y = hu.shape[1] // 2
+    fig, axes = plt.subplots(1, 3, figsize=(12, 4.4), gridspec_kw={"width_ratios": [1, 1, 1.1]})
+    views = [(hu[z], labels[z], f"axial z={z}"), (hu[:, y][::-1], labels[:, y][::-1], f"coronal y={y}")]
+    for ax, (img, lab, title) in zip(axes[:2], views):
+        ax.imshow(np.clip(img, -1150, 350), cmap="gray", vmin=-1150, vmax=350)
+        for i, name in enumerate(anatomies):
+            m = lab == i + 1
+            if m.any():
+                color = np.asarray(EXTENDED_CATALOG[name].color) / 255.0
+                ax.contour(m.astype(float), levels=[0.5], colors=[color], linewidths=1.2)
+        ax.set_title(title)
+        ax.axis("off")
+    handles = [
+        Line2D([0], [0], color=np.asarray(EXTENDED_CATALOG[n].color) / 255.0, lw=2, label=n) for n in anatomies
+    ]
+    axes[0].legend(handles=handles, loc="lower left", fontsize=7)
+    axes[2].axis("off")
+    axes[2].text(0.0, 1.0, "\n".join(lines), va="top", family="monospace", fontsize=8)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=90)
+    plt.close(fig)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# The demo
+# ---------------------------------------------------------------------------------------------
+
+
+def _log(msg: str) -> None:
+    print(f"[fvlm demo] {msg}", flush=True)
+
+
+def run_demo(cfg: DemoConfig, log: Callable[[str], None] = _log) -> DemoResult:
+    """Run the whole demo (see the module docstring) and return where everything went."""
+    import shutil
+    import tempfile
+
+    import torch
+    import torch.multiprocessing as mp
+    from tqdm import tqdm
+
+    from fvlm_core.atomic import atomic_write_text
+    from fvlm_core.data.synth import iter_cohort
+    from fvlm_core.io import write_image
+    from fvlm_core.loss import stable_text_id
+    from fvlm_core.metrics import roc_corner_threshold
+    from fvlm_core.model import FVLM, load_config
+
+    t_start = time.perf_counter()
+    deadline = t_start + cfg.minutes * 60.0
+    out = Path(cfg.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    seconds: dict[str, float] = {}
+    model_cfg = load_config(cfg.model_config)
+    anatomies = list(model_cfg.anatomies)
+    size = (cfg.size, cfg.size, cfg.size)
+    spacing = tuple(model_cfg.model_space().spacing_zyx)
+
+    # 1. phantoms (train / calibration / test are disjoint streams: different seeds)
+    t = time.perf_counter()
+    splits: dict[str, DemoData] = {}
+    plan = [("train", cfg.n_train, cfg.seed), ("calibration", cfg.n_calibration, cfg.seed + 1), ("test", cfg.n_test, cfg.seed + 2)]
+    with tqdm(total=sum(n for _, n, _ in plan), desc="phantoms", unit="CT") as bar:
+        for name, n, seed in plan:
+            samples = []
+            for s in iter_cohort(n, seed, size_zyx=size, spacing_zyx=spacing, workers=cfg.workers, valid_fraction=0.0):
+                samples.append(s)
+                bar.update(1)
+            splits[name] = _make_split(samples, anatomies)
+    seconds["phantoms"] = time.perf_counter() - t
+
+    # 2. frozen text encoder: features of every distinct text, once
+    t = time.perf_counter()
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    encoder = FVLM.from_config(model_cfg)
+    train = splits["train"]
+    anatomy_texts = [txt for row in train.texts for txt in row]
+    all_texts = anatomy_texts + (train.reports if cfg.baseline else [])
+    with tqdm(total=len(set(all_texts)), desc="text features", unit="text") as bar:
+        feats = encode_unique_texts(encoder, all_texts, progress=bar.update)
+    n, a = len(train.names), len(anatomies)
+    side = {
+        "anatomy_features": torch.stack([torch.stack([feats[t] for t in row]) for row in train.texts]),
+        "abnormal": torch.from_numpy(train.abnormal),
+        "text_ids": torch.tensor([[stable_text_id(t) for t in row] for row in train.texts], dtype=torch.int64),
+        "finding_ids": torch.from_numpy(train.finding_ids),
+    }
+    if cfg.baseline:
+        side["report_features"] = torch.stack([feats[r] for r in train.reports])
+        side["report_ids"] = torch.tensor([stable_text_id(r) for r in train.reports], dtype=torch.int64)
+    seconds["text_features"] = time.perf_counter() - t
+    log(
+        f"{n} training phantoms, {len(set(anatomy_texts))} distinct anatomy texts, "
+        f"{len(set(train.reports))} distinct reports; normal/abnormal per anatomy: "
+        + ", ".join(f"{name} {int(train.abnormal[:, i].sum())}/{n} abnormal" for i, name in enumerate(anatomies))
+    )
+
+    # 3. train fVLM and the CLIP baseline side by side, one core each, same time budget
+    t = time.perf_counter()
+    budget = max(10.0, deadline - time.perf_counter() - cfg.reserve_seconds)
+    tmp_dir = Path(tempfile.mkdtemp(prefix=".demo-data-", dir=out))
+    model_dir, baseline_dir = out / "model", (out / "baseline" if cfg.baseline else None)
+    try:
+        np.save(tmp_dir / "hu.npy", train.hu)
+        np.save(tmp_dir / "labels.npy", train.labels)
+        torch.save(side, tmp_dir / "side.pt")
+        kinds = ["fvlm"] + (["clip"] if cfg.baseline else [])
+        ctx = mp.get_context("spawn")
+        procs, progress = {}, {}
+        for i, kind in enumerate(kinds):
+            progress[kind] = ctx.Array("d", 3)
+            job = _TrainJob(
+                kind=kind,
+                model_config=cfg.model_config,
+                data_dir=str(tmp_dir),
+                out_dir=str(model_dir if kind == "fvlm" else baseline_dir),
+                budget_seconds=budget,
+                seed=cfg.seed + 10 + i,
+                batch_size=cfg.batch_size,
+                lr=cfg.lr,
+                weight_decay=cfg.weight_decay,
+                warmup_steps=cfg.warmup_steps,
+                disease_pairs=cfg.disease_pairs,
+            )
+            procs[kind] = ctx.Process(target=_train_worker, args=(job, progress[kind]), daemon=True)
+            procs[kind].start()
+        log(f"training {' and '.join(kinds)} for {budget:.0f} s each (one core each)")
+        with tqdm(total=int(budget), desc="training", unit="s", bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} s {postfix}") as bar:
+            t_train = time.perf_counter()
+            while any(p.is_alive() for p in procs.values()):
+                time.sleep(1.0)
+                bar.n = min(int(budget), int(time.perf_counter() - t_train))
+                bar.set_postfix_str(
+                    "  ".join(f"{k}: step {int(v[0])} loss {v[2]:.3f}" for k, v in progress.items()), refresh=False
+                )
+                bar.refresh()
+        failed = [k for k, p in procs.items() if p.exitcode != 0]
+        if failed:
+            from fvlm_core.errors import FVLMError
+
+            raise FVLMError(f"demo training of {', '.join(failed)} failed (see the messages above).")
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+    seconds["training"] = time.perf_counter() - t
+
+    # 4. zero-shot evaluation; thresholds from the calibration set go into the model folder
+    t = time.perf_counter()
+    models = {"fVLM": FVLM.from_pretrained(model_dir)}
+    if baseline_dir is not None:
+        models["CLIP baseline"] = FVLM.from_pretrained(baseline_dir)
+    kinds_by_name = {"fVLM": "fvlm", "CLIP baseline": "clip"}
+    calib = score_split(models["fVLM"], splits["calibration"], "fvlm")
+    thresholds = {
+        f: float(roc_corner_threshold(splits["calibration"].truth[f], calib.scores[HEADLINE_PROTOCOL][f]))
+        for f in DEMO_FINDINGS
+    }
+    thresholds = {f: v for f, v in thresholds.items() if not math.isnan(v)}
+    models["fVLM"].save_pretrained(model_dir, thresholds=thresholds)
+    test = splits["test"]
+    scores = {name: score_split(m, test, kinds_by_name[name]) for name, m in models.items()}
+    table = auc_table(test.truth, scores)
+    table["protocol_headline"] = HEADLINE_PROTOCOL
+    table["n"] = {"train": cfg.n_train, "calibration": cfg.n_calibration, "test": cfg.n_test}
+    table["thresholds"] = thresholds
+    table["training"] = {
+        k: json.loads((d / "train_summary.json").read_text())
+        for k, d in (("fVLM", model_dir), ("CLIP baseline", baseline_dir))
+        if d is not None
+    }
+    seconds["evaluation"] = time.perf_counter() - t
+
+    # 5. outputs
+    files: dict[str, str] = {}
+    example = 0
+    for i in range(len(test.names)):  # a test phantom with several findings makes a better picture
+        if sum(int(test.truth[f][i]) for f in DEMO_FINDINGS) >= 2:
+            example = i
+            break
+    fvlm_scores = scores["fVLM"].scores[HEADLINE_PROTOCOL]
+    lines = [f"test phantom {test.names[example]}", "", "finding (anatomy)      p     thr  flag truth"]
+    from fvlm_core.findings import CTRATE_LABEL_ANATOMY
+
+    for f in DEMO_FINDINGS:
+        p = float(fvlm_scores[f][example])
+        thr = thresholds.get(f, 0.5)
+        lines.append(
+            f"{f[:22]:<22} {p:.2f}  {thr:.2f}  {'YES' if p >= thr else ' - '}  {'+' if test.truth[f][example] else '-'}"
+            f"   ({CTRATE_LABEL_ANATOMY[f]})"
+        )
+    files["phantom_png"] = str(plot_phantom(test.hu[example], test.labels[example], anatomies, lines, out / "phantom.png"))
+    files["roc_png"] = str(plot_roc(test.truth, scores, out / "roc.png"))
+    geom = test.geometry[example]
+    files["example_ct"] = str(write_image(test.hu[example].astype(np.int16), geom, out / "example_ct.nii.gz"))
+    files["example_anatomy"] = str(write_image(test.labels[example], geom, out / "example_anatomy.nii.gz"))
+    seconds["total"] = time.perf_counter() - t_start
+    table["seconds"] = seconds
+    table["config"] = asdict(cfg)
+    files["results_json"] = str(atomic_write_text(out / "results.json", json.dumps(table, indent=2, default=float)))
+    header = (
+        f"# fVLM demo: zero-shot AUC on {cfg.n_test} held-out phantoms\n\n"
+        f"Trained {table['training']['fVLM']['steps']} steps ({seconds['training']:.0f} s, "
+        f"{table['training']['fVLM']['samples_per_second']:.1f} samples/s) on {cfg.n_train} phantoms; "
+        f"end to end {seconds['total']:.0f} s. Headline protocol: `{HEADLINE_PROTOCOL}`.\n"
+    )
+    files["results_md"] = str(atomic_write_text(out / "results.md", table_markdown(table, header)))
+    files["model"] = str(model_dir)
+    if baseline_dir is not None:
+        files["baseline"] = str(baseline_dir)
+    try:  # remembered for the Slicer module's model field
+        LAST_DEMO_MODEL.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(LAST_DEMO_MODEL, str(model_dir))
+    except OSError:
+        pass
+    return DemoResult(out=out, model_dir=model_dir, baseline_dir=baseline_dir, table=table, files=files, seconds=seconds)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    d = DemoConfig()
+    parser.add_argument("--out", default=d.out, help="output folder (default: %(default)s)")
+    parser.add_argument("--minutes", type=float, default=d.minutes, help="wall-clock budget, end to end (default: %(default)s)")
+    parser.add_argument("--n-train", type=int, default=d.n_train, help="training phantoms (default: %(default)s)")
+    parser.add_argument("--n-calibration", type=int, default=d.n_calibration, help="threshold calibration phantoms")
+    parser.add_argument("--n-test", type=int, default=d.n_test, help="held-out test phantoms (default: %(default)s)")
+    parser.add_argument("--size", type=int, default=d.size, help="phantom edge in voxels, a multiple of 8 (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=d.seed)
+    parser.add_argument("--workers", type=int, default=d.workers, help="processes generating phantoms")
+    parser.add_argument("--batch-size", type=int, default=d.batch_size)
+    parser.add_argument("--lr", type=float, default=d.lr)
+    parser.add_argument("--no-baseline", action="store_true", help="skip the CLIP baseline (twice the budget for fVLM)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from fvlm_core.errors import ConfigError
+
+    if args.size % 8 or args.size < 32:
+        raise ConfigError(f"--size must be a multiple of 8 and at least 32 (got {args.size}).")
+    if min(args.n_train, args.n_test, args.n_calibration) < 8:
+        raise ConfigError("--n-train, --n-calibration and --n-test must each be at least 8.")
+    cfg = DemoConfig(
+        out=args.out,
+        minutes=args.minutes,
+        n_train=args.n_train,
+        n_calibration=args.n_calibration,
+        n_test=args.n_test,
+        size=args.size,
+        seed=args.seed,
+        workers=args.workers,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        baseline=not args.no_baseline,
+    )
+    result = run_demo(cfg)
+    print()
+    print(table_markdown(result.table))
+    print("Outputs:")
+    for key, path in result.files.items():
+        print(f"  {key:<16} {path}")
+    print(f"\nTry it: fvlm analyze {result.files['example_ct']} --segmentation {result.files['example_anatomy']} "
+          f"--model {result.model_dir} --out {result.out / 'example_analysis.json'}")
+    return 0

@@ -1,0 +1,53 @@
+"""Convert an official fVLM checkpoint (.pth, LAVIS layout) into this project's checkpoint folder.
+
+The file is read with torch.load(weights_only=True); every tensor is mapped 1:1 by name; tensors
+that are not needed (position_ids, the tied MLM head) and any other unused tensor are listed.
+Missing or mis-shaped vision, text or head weights are refused. The text encoder's tokenizer and
+config come from --text-encoder (the CXR-BERT the checkpoint was trained with: a local folder, or
+a hub name already in the local Hugging Face cache); they are copied into the output folder.
+
+Example::
+
+    fvlm import-checkpoint fvlm_ctrate.pth --text-encoder ./BiomedVLP-CXR-BERT-specialized --out models/fvlm-ctrate
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", help="official fVLM checkpoint (.pth with a ['model'] dict)")
+    parser.add_argument(
+        "--text-encoder",
+        required=True,
+        help="CXR-BERT folder or hub name (microsoft/BiomedVLP-CXR-BERT-specialized) for tokenizer and config",
+    )
+    parser.add_argument("--out", required=True, help="output checkpoint folder")
+    parser.add_argument(
+        "--anatomies",
+        help="comma-separated anatomy names in label order (default: lung,heart,esophagus,aorta)",
+    )
+    parser.add_argument(
+        "--img-size",
+        nargs=3,
+        type=int,
+        metavar=("Z", "Y", "X"),
+        help="training image size when not 112 256 352 (sets the native position-embedding grid)",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from fvlm_core.model.official import import_official
+
+    anatomies = [a.strip() for a in args.anatomies.split(",") if a.strip()] if args.anatomies else None
+    _, report = import_official(
+        args.checkpoint,
+        args.text_encoder,
+        out_dir=args.out,
+        anatomies=anatomies,
+        img_size=tuple(args.img_size) if args.img_size else None,
+    )
+    print(report.summary())
+    print(f"wrote {args.out}")
+    return 0

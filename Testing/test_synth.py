@@ -152,3 +152,20 @@ def test_bad_arguments(tmp_path):
         synth.generate_cohort(tmp_path, 0, seed=0)
     with pytest.raises(InputError, match="prevalence"):
         synth.generate_cohort(tmp_path, 2, seed=0, prevalence={"Bronchiectasis": 0.5})
+
+
+def test_reports_are_understood_by_the_report_rules():
+    """The project's own decomposition and label extraction read the synthetic reports right:
+    abnormal anatomies (reference rule) and the 18 labels match what was drawn."""
+    from fvlm_core.reports import decompose_report, extract_labels
+
+    for s in synth.iter_cohort(120, seed=13, size_zyx=(16, 16, 16)):
+        d = decompose_report(s.report["Findings_EN"], s.report["Impressions_EN"])
+        for anatomy, abnormal in d.abnormal.items():
+            assert abnormal == any(CTRATE_LABEL_ANATOMY.get(f) == anatomy for f in s.findings), (
+                anatomy,
+                s.report,
+            )
+        assert extract_labels(s.report["Findings_EN"] + " " + s.report["Impressions_EN"]) == s.label_row, (
+            s.report
+        )

@@ -32,6 +32,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--config", default=None, help="model config name or YAML whose preprocessing defines the model space"
     )
     parser.add_argument(
+        "--spacing",
+        type=float,
+        nargs=3,
+        default=None,
+        metavar=("Z", "Y", "X"),
+        help="model-space voxel size (mm)",
+    )
+    parser.add_argument(
         "--catalog", default=None, help="anatomy catalog (ctrate, extended); default: the config's"
     )
     parser.add_argument("--limit", type=int, default=None, help="at most this many volumes (for a trial run)")
@@ -46,11 +54,10 @@ def run(args: argparse.Namespace) -> int:
     config = ModelSpaceConfig()
     catalog = CTRATE_CATALOG
     if args.config:
-        from fvlm_core.model.config import load_config
-
-        cfg = load_config(args.config)
-        config = cfg.model_space()
-        catalog = get_catalog(list(cfg.anatomies))
+        config, anatomies = _model_space_of(args.config)
+        catalog = get_catalog(anatomies)
+    if args.spacing:
+        config = ModelSpaceConfig.from_dict({**config.to_dict(), "spacing_zyx": list(args.spacing)})
     if args.catalog:
         catalog = get_catalog(args.catalog)
     summary = prepare_dataset(
@@ -83,3 +90,31 @@ def run(args: argparse.Namespace) -> int:
     if summary.failed and (args.strict or summary.processed + summary.already_done == 0):
         return 1
     return 0
+
+
+def _model_space_of(name_or_path: str):
+    """(ModelSpaceConfig, anatomy names) of a model config.
+
+    A config YAML (bundled name or file) is read directly: importing the model package
+    (torch, transformers) only for its preprocessing block costs seconds per process.
+    """
+    from pathlib import Path
+
+    import yaml
+
+    from fvlm_core.preprocess import ModelSpaceConfig
+
+    bundled = Path(__file__).resolve().parents[1] / "configs" / f"{name_or_path}.yaml"
+    path = bundled if bundled.is_file() else Path(name_or_path)
+    if path.is_file() and path.suffix in (".yaml", ".yml"):
+        with open(path) as fh:
+            raw = yaml.safe_load(fh) or {}
+        if isinstance(raw, dict) and "anatomies" in raw:
+            defaults = ModelSpaceConfig().to_dict()
+            return ModelSpaceConfig.from_dict({**defaults, **(raw.get("preprocessing") or {})}), list(
+                raw["anatomies"]
+            )
+    from fvlm_core.model.config import load_config  # model folders and anything else it accepts
+
+    cfg = load_config(name_or_path)
+    return cfg.model_space(), list(cfg.anatomies)

@@ -281,7 +281,8 @@ def decompose(record: VolumeRecord, anatomies: Sequence[str]) -> tuple[dict[str,
     findings, impression = record.findings_text.strip(), record.impression_text.strip()
     if not findings and not impression:
         raise DataError(f"{record.name}: the report is empty (no Findings_EN and no Impressions_EN).")
-    dec = decompose_report(findings, impression, anatomies=list(anatomies))
+    # A non-English report would silently become "all normal": fail the sample instead.
+    dec = decompose_report(findings, impression, anatomies=list(anatomies), on_bad_report="error")
     extra = {"abnormal_findings": {k: bool(v) for k, v in getattr(dec, "abnormal_findings", {}).items()}}
     return dict(dec.texts), {k: bool(v) for k, v in dec.abnormal.items()}, extra
 

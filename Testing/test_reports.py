@@ -191,7 +191,14 @@ def test_empty_and_non_english_reports():
     assert r.texts == {a: normal_template(a) for a in CT4}
     turkish = "Her iki akciğerde plevral efüzyon izlenmedi. Kalp boyutları normaldir. Hiatal herni izlendi."
     assert not looks_english(turkish)
+    for other in (
+        "Her iki akcigerde plevral efuzyon izlenmedi. Kalp boyutlari normal sinirlarda. Mediastende lenf nodu yok.",
+        "No se observa derrame pleural en ambos pulmones. El corazón tiene tamaño normal y no hay masas.",
+        "Kein Pleuraerguss. Herz normal groß. Keine Raumforderung in der Lunge, kein Nachweis von Rundherden.",
+    ):
+        assert not looks_english(other), other
     assert looks_english("Mild hiatal hernia is observed.")
+    assert looks_english("Emphysema, bronchiectasis, atelectasis.")  # an impression list
     with pytest.warns(ReportWarning, match="English"):
         r = decompose_report(turkish, "")
     assert r.language == "unknown" and not any(r.abnormal_findings.values())
@@ -239,6 +246,13 @@ def test_load_fvlm_decomposition_files(tmp_path):
         load_decomposition_files(tmp_path / "bad.json")
     with pytest.raises(DataError, match="does not exist"):
         load_decomposition_files(tmp_path / "missing.json")
+
+
+def test_real_reports_are_english(reports_csv):
+    texts = pd.read_csv(reports_csv)["report_text"]
+    assert all(looks_english(t) for t in texts)
+    impressions = [t[t.find('"') :] for t in texts if '"' in t]
+    assert all(looks_english(t) for t in impressions)
 
 
 def test_real_reports_decomposition(reports_csv):

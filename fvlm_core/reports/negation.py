@@ -41,7 +41,9 @@ _POST_NEG = re.compile(
     r"demonstrated|appreciated|considered|described|encountered|shown|reach(?:ed)?|exceed(?:ed)?|reaching|"
     r"pathologic(?:al)?|significant|enlarged|increased|remarkable|noticeable|distinguished|included)\b"
     r"|\b(?:is|are|was|were) (?:absent|normal|unremarkable|natural)\b|\bwithin normal limits\b|\bnot available\b"
-    r"|\b(?:completely|totally|entirely|fully) (?:regressed|resolved|disappeared)\b|\b(?:full|complete|total) regression\b|\bresolved\b|\bdisappeared\b",
+    r"|\b(?:completely|totally|entirely|fully) (?:regressed|resolved|disappeared)\b|\b(?:full|complete|total|significant) regression\b"
+    r"|\b(?:have|has|had|appears? to be|appeared to be|is|are|was|were) (?:\w+ )?regressed\b"
+    r"|\b(?:was|were|has been|have been) removed\b|\bresolved\b|\bdisappeared\b",
 )
 # Hedges: the finding is possible. "cannot be excluded" is checked (and blanked) before negation
 # because it holds "not"; weak hedges ("compatible with") only apply when nothing negates.

@@ -61,7 +61,7 @@ def split_sentences(text: str) -> list[str]:
 _CLAUSE_BREAK = re.compile(
     r"\s*[;:]\s*|\s*,?\s+(?:but|however|although|though|whereas|while|except|apart from|other than)\b[\s,]*"
     r"|\s*,?\s+and\s+(?=(?:no|there|a|an|the|in|on|at|it|its|is|are|was|were|also|both|bilateral|"
-    r"several|multiple|mild|minimal|millimetric)\b)|\s*,\s+(?=(?:there|a|an)\s)",
+    r"several|multiple|mild|minimal|millimetric)\b)|\s*,\s+(?=(?:there|a|an|its|it)\s)",
     re.IGNORECASE,
 )
 

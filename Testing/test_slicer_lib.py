@@ -85,7 +85,7 @@ def test_overrides_win_and_unknown_targets_are_ignored():
 
 
 def test_demo_model_path_is_remembered(tmp_path, monkeypatch):
-    monkeypatch.setenv("FVLM_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("FVLM_CACHE", str(tmp_path / "cache"))  # as training/demo.py
     assert settings.remembered_model_dir() == ""
     model = tmp_path / "model"
     model.mkdir()

@@ -299,16 +299,20 @@ def test_rerun_reuses_result_nodes(analysed, chest, tiny_model):
     np.testing.assert_allclose(lung.GetColor(), want, atol=1e-6)
 
 
-def _small_request(chest, tiny_model) -> AnalysisRequest:
-    from fvlm_core.io import CTVolume
+def _small_request(chest, tiny_model, slices: slice | None = None) -> AnalysisRequest:
+    """The chest CT (optionally a slab of it, with its geometry moved to match) and its anatomies."""
+    from fvlm_core.io import CTVolume, Geometry
 
     ct = chest["ct"]
     labelmap, _ = mrml_io.segmentation_node_to_labelmap(chest["seg"], ct.geometry, CTRATE_CATALOG)
+    array, geometry = ct.array, ct.geometry
+    if slices is not None:
+        g = geometry
+        array, labelmap = array[slices].copy(), labelmap[slices].copy()
+        origin = g.affine_lps @ [0, 0, slices.start, 1]
+        geometry = Geometry((g.size[0], g.size[1], array.shape[0]), g.spacing, tuple(origin[:3]), g.direction)
     return AnalysisRequest(
-        ct=CTVolume(ct.array, ct.geometry, "chest"),
-        model_dir=str(tiny_model),
-        labelmap=labelmap,
-        device="cpu",
+        ct=CTVolume(array, geometry, "chest"), model_dir=str(tiny_model), labelmap=labelmap, device="cpu"
     )
 
 
@@ -333,7 +337,8 @@ def test_thread_job_reports_stages_and_cancels(chest, tiny_model):
 
 @pytest.mark.slow
 def test_process_job_runs_the_worker_and_returns_the_same_summary(chest, tiny_model, tmp_path):
-    request = _small_request(chest, tiny_model)
+    heart_slices = np.flatnonzero(chest["heart"].any(axis=(1, 2)))
+    request = _small_request(chest, tiny_model, slice(int(heart_slices[0]), int(heart_slices[0]) + 48))
     job = ProcessJob(request, job_dir=str(tmp_path / "job")).start()
     status = job.wait(240)
     assert status.state == "done", status.error
@@ -346,3 +351,20 @@ def test_process_job_runs_the_worker_and_returns_the_same_summary(chest, tiny_mo
     job = ProcessJob(request, job_dir=str(tmp_path / "job2")).start()
     job.cancel()
     assert job.wait(120).state == "cancelled"
+
+
+def test_result_picture_renders_from_the_nodes(analysed, chest, tmp_path):
+    sys.path.insert(0, str(ROOT / "FVLMSlicer" / "Testing"))
+    from PIL import Image
+    from render_result import render
+
+    path = render(chest["volume"], analysed, tmp_path / "result.png", "test")
+    assert path.stat().st_size < 300_000
+    image = np.asarray(Image.open(path).convert("RGB"), dtype=float)
+    left = image[:, : image.shape[1] // 2]
+    assert left.std() > 20  # a CT slice, not a blank canvas
+    if any(
+        a.flagged for a in analysed.summary.anatomies
+    ):  # highlighted anatomies show as red-dominant pixels
+        red = (left[..., 0] > left[..., 1] + 60) & (left[..., 0] > left[..., 2] + 60)
+        assert red.mean() > 0.01

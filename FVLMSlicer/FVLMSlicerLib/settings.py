@@ -1,8 +1,8 @@
 """Where the module finds things: the remembered demo model, the model's anatomies and findings.
 
 ``fvlm demo`` writes the folder of the model it trained into the text file
-:data:`LAST_DEMO_MODEL_FILE` (``$FVLM_CACHE_DIR/last_demo_model.txt``, by default
-``~/.cache/fvlm/last_demo_model.txt``): one line, an absolute path. The Slicer module offers
+:data:`LAST_DEMO_MODEL_FILE` (``$FVLM_CACHE/last_demo_model.txt``, by default
+``~/.cache/fvlm/last_demo_model.txt``): one line, an absolute path (``training/demo.py``). The Slicer module offers
 that folder as the default model. No Slicer, no Qt.
 """
 
@@ -18,11 +18,8 @@ from fvlm_core.errors import CheckpointError, ConfigError
 
 
 def cache_dir() -> Path:
-    """``$FVLM_CACHE_DIR``, else ``$XDG_CACHE_HOME/fvlm``, else ``~/.cache/fvlm``."""
-    if os.environ.get("FVLM_CACHE_DIR"):
-        return Path(os.environ["FVLM_CACHE_DIR"]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base).expanduser() / "fvlm"
+    """``$FVLM_CACHE`` (what ``fvlm demo`` uses), else ``~/.cache/fvlm``."""
+    return Path(os.environ.get("FVLM_CACHE") or Path.home() / ".cache" / "fvlm").expanduser()
 
 
 def last_demo_model_file() -> Path:

@@ -75,6 +75,11 @@ class BuiltinParams:
     min_marrow_hu: float = -1000.0
     min_bone_ml: float = 0.1
     seed_hu: float | None = 300.0
+    smooth_sd_hu: float = 25.0
+    smooth_box_mm: float = 5.0
+    smooth_open_mm: float = 3.0
+    smooth_min_ml: float = 1.0
+    smooth_margin_mm: float = 2.0
 
 
 # --------------------------------------------------------------------------------------------
@@ -306,6 +311,30 @@ def _fill_small_holes(mask: np.ndarray, hu: np.ndarray, sp, max_cm2: float, min_
     return mask | keep[lab]
 
 
+def smooth_enhanced(hu: np.ndarray, dense: np.ndarray, sp, vox_ml: float, p: BuiltinParams) -> np.ndarray:
+    """Contrast-enhanced vessels and organs in ``dense``: thick regions whose HU is locally smooth.
+
+    Bone is heterogeneous (cortex, trabeculae, marrow: local SD of ~40-250 HU over ``smooth_box_mm``),
+    while an enhanced vessel lumen at 150-300 HU is smooth (local SD near the image noise,
+    ~10-25 HU). Smooth pieces that survive an opening of ``smooth_open_mm`` and hold at least
+    ``smooth_min_ml`` are returned, grown by ``smooth_margin_mm`` within ``dense``.
+    """
+    if not dense.any():
+        return dense
+    sl = _bbox(dense, 2, dense.shape)
+    h = hu[sl].astype(np.float32)
+    size = [max(1, round(p.smooth_box_mm / s)) | 1 for s in sp]  # odd box sizes
+    mean = ndi.uniform_filter(h, size)
+    sd = np.sqrt(np.maximum(ndi.uniform_filter(h * h, size) - mean * mean, 0.0))
+    smooth = dense[sl] & (sd < p.smooth_sd_hu)
+    smooth = ndi.binary_opening(smooth, structure=_ball(p.smooth_open_mm, sp))
+    smooth = _remove_small(smooth, int(np.ceil(p.smooth_min_ml / vox_ml)))
+    out = np.zeros_like(dense)
+    if smooth.any():
+        out[sl] = ndi.binary_dilation(smooth, structure=_ball(p.smooth_margin_mm, sp)) & dense[sl]
+    return out
+
+
 def bone_mask(hu: np.ndarray, body: np.ndarray, sp, vox_ml: float, p: BuiltinParams) -> np.ndarray:
     """Bone (canonical array): dense voxels outside contrast pools, marrow holes filled."""
     pools = contrast_pools(hu, body, sp, vox_ml, p)
@@ -314,6 +343,8 @@ def bone_mask(hu: np.ndarray, body: np.ndarray, sp, vox_ml: float, p: BuiltinPar
     # Contrast-enhanced scans: enhanced myocardium and vessel walls exceed the plain threshold.
     threshold = p.bone_hu_contrast if pools.sum() * vox_ml >= p.pool_min_ml else p.bone_hu
     bone = (hu > threshold) & body & ~pools
+    if p.smooth_sd_hu > 0:
+        bone &= ~smooth_enhanced(hu, bone, sp, vox_ml, p)
     bone = _remove_small(bone, int(np.ceil(p.min_bone_ml / vox_ml)))
     if p.seed_hu is not None:  # hysteresis: keep pieces holding some dense (cortical) voxels
         lab, n = ndi.label(bone)

@@ -107,7 +107,7 @@ LABEL_RULES: dict[str, LabelRule | tuple[LabelRule, ...]] = {
     ),
     "Coronary artery wall calcification": LabelRule(
         _rx(r"coronar\w*|\b(?:lad|lcx|rca|cx|lmca)\b|(?:left )?anterior descending|circumflex|left main"),
-        require=_rx(r"calcif|atherom|plaque|atheroscler"),
+        sentence_require=_rx(r"calcif|atherom|plaque|atheroscler"),
     ),
     "Hiatal hernia": LabelRule(_rx(r"hiat(?:al|us) hernia|hernia(?: \w+){0,4} hiat|paraesophageal hernia")),
     "Lymphadenopathy": LabelRule(

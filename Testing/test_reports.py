@@ -147,18 +147,20 @@ def test_decompose_reference_and_negation_aware():
     # normal anatomy: template followed by its findings sentences
     assert r.texts["aorta"].startswith(normal_template("aorta"))
     assert "Thoracic aorta diameter is normal." in r.texts["aorta"]
-    assert r.texts["heart"].startswith("Heart shows no significant abnormalities. ")
+    assert r.texts["heart"].startswith("heart shows no significant abnormalities. ")
     assert "coronary arteries" in r.texts["heart"]
-    # abnormal anatomy: findings then impression sentences, no template
-    assert not r.texts["esophagus"].startswith("Esophagus shows")
-    assert r.texts["esophagus"].index("Mild hiatal hernia") < r.texts["esophagus"].index("Hiatal hernia.")
+    # abnormal anatomy (reference order): impression sentences, then findings sentences, no template
+    assert r.texts["esophagus"].startswith("Hiatal hernia. ")
+    assert "shows no significant" not in r.texts["esophagus"]
+    assert r.texts["esophagus"].index("Hiatal hernia.") < r.texts["esophagus"].index("Mild hiatal hernia")
+    assert r.texts["lung"].startswith("Millimetric nodule in the left lung. ")
     assert r.sentences["lung"][-1] == "Millimetric nodule in the left lung."
 
 
 def test_normal_anatomy_without_sentences_is_template_only():
     r = decompose_report("Pericardial effusion-thickening was not observed.", "Normal thoracic CT.")
-    assert r.texts["aorta"] == "Aorta shows no significant abnormalities."
-    assert r.texts["lung"] == "Lung shows no significant abnormalities."
+    assert r.texts["aorta"] == "aorta shows no significant abnormalities."
+    assert r.texts["lung"] == "lung shows no significant abnormalities."
     assert not any(r.abnormal.values()) and not any(r.abnormal_findings.values())
 
 
@@ -169,7 +171,8 @@ def test_extended_anatomies_in_decomposition():
         anatomies=["lung", "liver", "spleen"],
     )
     assert r.abnormal == {"lung": False, "liver": True, "spleen": False}
-    assert r.texts["spleen"] == "Spleen shows no significant abnormalities. The spleen is normal."
+    assert r.texts["spleen"] == "spleen shows no significant abnormalities. The spleen is normal."
+    assert normal_template("pulmonary_artery") == "pulmonary artery shows no significant abnormalities."
 
 
 def test_report_with_no_sections_is_findings():
@@ -222,13 +225,13 @@ def test_llm_hook_replaces_assignment():
     r = decompose_report("Some text.", "Pleural effusion.", decomposer=fake_llm)
     assert calls == [CT4]
     assert r.abnormal == {"lung": True, "heart": False, "esophagus": False, "aorta": False}
-    assert r.texts["lung"] == "Small left pleural effusion. Pleural effusion."
-    assert r.texts["heart"] == "Heart shows no significant abnormalities. Heart size is normal."
+    assert r.texts["lung"] == "Pleural effusion. Small left pleural effusion."
+    assert r.texts["heart"] == "heart shows no significant abnormalities. Heart size is normal."
 
 
 def test_load_fvlm_decomposition_files(tmp_path):
     desc = {
-        "train_1_a": {"lung": "Minimal pleural effusion on the left.", "heart": "Heart size is normal."},
+        "train_1_a": {"lung": "Minimal pleural effusion (on the left)", "heart": "Heart size is normal."},
         "train_2_a": {"aorta": "Thoracic aorta diameter is normal."},
     }
     conc = {"train_1_a": {"lung": "Left pleural effusion."}, "train_2_a": {}}
@@ -238,9 +241,10 @@ def test_load_fvlm_decomposition_files(tmp_path):
     assert set(out) == {"train_1_a", "train_2_a"}
     a = out["train_1_a"]
     assert a.abnormal == {"lung": True, "heart": False, "esophagus": False, "aorta": False}
-    assert a.texts["lung"] == "Minimal pleural effusion on the left. Left pleural effusion."
-    assert a.texts["heart"] == "Heart shows no significant abnormalities. Heart size is normal."
-    assert out["train_2_a"].texts["aorta"].startswith("Aorta shows no significant abnormalities.")
+    # reference: conclusion text first, then description; quotes/parentheses dropped
+    assert a.texts["lung"] == "Left pleural effusion. Minimal pleural effusion on the left."
+    assert a.texts["heart"] == "heart shows no significant abnormalities. Heart size is normal."
+    assert out["train_2_a"].texts["aorta"].startswith("aorta shows no significant abnormalities.")
     (tmp_path / "bad.json").write_text("[1, 2]")
     with pytest.raises(DataError, match="scan id"):
         load_decomposition_files(tmp_path / "bad.json")

@@ -16,6 +16,7 @@ from fvlm_core.reports.decompose import (
     load_decomposition_files,
     normal_template,
     sentence_is_abnormal,
+    training_text,
 )
 from fvlm_core.reports.labels import (
     LABEL_RULES,
@@ -43,4 +44,5 @@ __all__ = [
     "sentence_is_abnormal",
     "split_sections",
     "split_sentences",
+    "training_text",
 ]

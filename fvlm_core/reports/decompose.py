@@ -11,10 +11,11 @@ anatomy:
   states an abnormality that is not negated ("no", "was not detected", "without", "within
   normal limits", ...); hedged statements ("cannot be excluded") count as abnormal.
 
-Training text (reference style, DESIGN.md section 2): an abnormal anatomy's text is its
-findings sentences followed by its impression sentences; a normal anatomy's text is the
-template ``"{Anatomy} shows no significant abnormalities."`` followed by its findings sentences,
-if any.
+Training text (reference style, DESIGN.md section 2 and fVLM's CT-RATE dataset code): an
+abnormal anatomy's text is its impression sentences followed by its findings sentences; a
+normal anatomy's text is the template ``"{anatomy} shows no significant abnormalities."``
+(anatomy name as in the catalog, lower case) followed by its findings sentences, if any.
+Sentences end with a period; quotes and parentheses are dropped as the reference does.
 
 An LLM (or any other) decomposer can replace the rule-based sentence assignment: pass
 ``decomposer=callable(findings, impression, anatomies) -> {anatomy: (findings_text,
@@ -34,7 +35,7 @@ from pathlib import Path
 
 from fvlm_core.anatomy import CTRATE_CATALOG
 from fvlm_core.errors import DataError, InputError
-from fvlm_core.reports.lexicon import anatomies_in, anatomy_title
+from fvlm_core.reports.lexicon import anatomies_in
 from fvlm_core.reports.negation import NEGATED, classify, prepare
 from fvlm_core.reports.sentences import clauses, looks_english, split_sentences
 
@@ -47,6 +48,7 @@ __all__ = [
     "load_decomposition_files",
     "normal_template",
     "sentence_is_abnormal",
+    "training_text",
 ]
 
 #: ``(findings, impression, anatomies) -> {anatomy: (findings_text, impression_text)}``.
@@ -58,8 +60,26 @@ class ReportWarning(UserWarning):
 
 
 def normal_template(anatomy: str) -> str:
-    """The reference normal description: ``"Lung shows no significant abnormalities."``."""
-    return f"{anatomy_title(anatomy)} shows no significant abnormalities."
+    """The reference normal description, with the anatomy name as the reference writes it:
+    ``"lung shows no significant abnormalities."`` (underscores become spaces)."""
+    return f"{anatomy.replace('_', ' ')} shows no significant abnormalities."
+
+
+_STRIPPED = str.maketrans("", "", "\"'()")
+
+
+def training_text(sentences: Sequence[str]) -> str:
+    """Join sentences the reference way: each ends with a period; quotes, apostrophes and
+    parentheses are removed (as fVLM's CT-RATE dataset does). The reference concatenates
+    without a space; a space is used here, which BERT-style tokenizers split identically."""
+    parts = []
+    for s in sentences:
+        s = s.translate(_STRIPPED).strip()
+        if s and s[-1].isalnum():
+            s += "."
+        if s:
+            parts.append(s)
+    return " ".join(parts)
 
 
 # Words that describe an abnormality (a finding noun, a change, a device). A clause with none of
@@ -164,10 +184,10 @@ def _assemble(
         sentences[a] = f_s + i_s
         abnormal_findings[a] = any(sentence_is_abnormal(s) for s in f_s + i_s)
         abnormal[a] = bool(i_s) if has_impression else abnormal_findings[a]
-        if abnormal[a]:
-            texts[a] = " ".join(_dedupe(f_s + i_s))
-        else:
-            texts[a] = " ".join([normal_template(a), *f_s])
+        # Reference order: impression (conclusion) first, then findings; a normal anatomy gets
+        # the template in place of the impression.
+        head = i_s if abnormal[a] and i_s else [normal_template(a)] if not abnormal[a] else []
+        texts[a] = training_text([*head, *f_s])
     return ReportDecomposition(
         anatomies=list(anatomies),
         texts=texts,

@@ -126,7 +126,8 @@ def run_mode(mode: str, data: Path, threads: int, repeat: int) -> dict:
     out["anatomy_voxels"] = counts
     analyzer = Analyzer(model, device="cpu", name="fvlm-base (random weights, MiniLM text)")
     strategy = "shared" if mode == "shared" else "reference"
-    runs = []
+    image = torch.rand(1, 1, 112, 256, 352)
+    runs, bare = [], []
     for i in range(repeat + 1):  # run 0: cold prompt cache (text encoding included in score)
         res = analyzer.analyze(ct, seg, similarity_maps=False, strategy=strategy)
         runs.append({k: round(v, 3) for k, v in res.timings.items()})
@@ -134,11 +135,22 @@ def run_mode(mode: str, data: Path, threads: int, repeat: int) -> dict:
             out["windows"] = [w.to_dict() for w in res.windows]
             out["statuses"] = {a.name: a.status for a in res.anatomies}
             out["prompt_encoder_calls_first"] = analyzer.prompts.encoder_calls
+        else:
+            # A bare forward right after each analysis: on a shared CPU the ratio of neighbours
+            # is more trustworthy than the ratio of numbers taken minutes apart.
+            with torch.inference_mode():
+                t = time.perf_counter()
+                model.encode_tokens(image)
+                bare.append(time.perf_counter() - t)
     out["prompt_encoder_calls_total"] = analyzer.prompts.encoder_calls
     out["cold"] = runs[0]
     warm = runs[1:]
     out["warm"] = {k: min(r[k] for r in warm) for k in warm[0]}
+    out["warm_all"] = warm
     out["embed_plus_score_s"] = round(out["warm"]["embed"] + out["warm"]["score"], 3)
+    out["bare_vit_forward_interleaved_s"] = round(min(bare), 3)
+    out["bare_vit_forward_interleaved_all_s"] = [round(v, 3) for v in bare]
+    out["ratio_embed_plus_score_over_bare_interleaved"] = round(out["embed_plus_score_s"] / min(bare), 3)
     out["n_vit_forwards"] = len(out["windows"])
     out["peak_rss_mb"] = round(peak_rss_mb(), 1)
     return out
@@ -148,7 +160,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", type=Path, default=DEFAULT_DATA)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--repeat", type=int, default=2, help="timed runs per mode (the minimum is reported)")
+    p.add_argument("--repeat", type=int, default=3, help="timed runs per mode (the minimum is reported)")
     p.add_argument("--mode", choices=("shared", "reference", "bare"), help="run one mode in this process")
     p.add_argument("--out", type=Path, default=Path("bench_analyze.json"))
     args = p.parse_args(argv)
@@ -194,8 +206,11 @@ def main(argv=None) -> int:
         "embed_plus_score_reference_s": ref["embed_plus_score_s"],
         "vit_forwards": {"shared": shared["n_vit_forwards"], "reference": ref["n_vit_forwards"]},
         "ratio_shared_over_bare": round(shared["embed_plus_score_s"] / bare, 3),
+        "ratio_shared_over_bare_interleaved": shared["ratio_embed_plus_score_over_bare_interleaved"],
+        "ratio_reference_over_bare_interleaved": ref["ratio_embed_plus_score_over_bare_interleaved"],
+        "load_average_at_end": os.getloadavg(),
         "ratio_reference_over_shared": round(ref["embed_plus_score_s"] / shared["embed_plus_score_s"], 3),
-        "target_embed_plus_score_le_1p2_bare": shared["embed_plus_score_s"] <= 1.2 * bare,
+        "target_embed_plus_score_le_1p2_bare": shared["ratio_embed_plus_score_over_bare_interleaved"] <= 1.2,
         "peak_rss_mb": {m: results[m]["peak_rss_mb"] for m in results},
         "prompt_cache": {
             "encoder_calls_first_analysis": shared["prompt_encoder_calls_first"],

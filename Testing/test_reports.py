@@ -175,6 +175,22 @@ def test_extended_anatomies_in_decomposition():
     assert normal_template("pulmonary_artery") == "pulmonary artery shows no significant abnormalities."
 
 
+def test_context_sentences_follow_their_anatomy():
+    r = decompose_report(
+        "Patchy ground glass areas are observed in both lungs. The appearance was evaluated in favor of "
+        "infection in the first place. Pericardial effusion-thickening was not observed.",
+        "Ground glass areas in both lungs. Findings may be compatible with infection. Atherosclerosis.",
+    )
+    assert "The appearance was evaluated in favor of infection in the first place." in r.sentences["lung"]
+    assert "Findings may be compatible with infection." in r.sentences["lung"]
+    assert r.impression_sentences["aorta"] == ["Atherosclerosis."]  # bare atherosclerosis -> aorta
+    assert r.sentences["heart"] == ["Pericardial effusion-thickening was not observed."]
+    # ... but "coronary atherosclerosis" names the heart, and "Clinical correlation" names nothing
+    assert anatomies_in(prepare("Coronary atherosclerosis."), CT4) == ["heart"]
+    r = decompose_report("Clinical correlation is recommended.", "")
+    assert r.unassigned == ["Clinical correlation is recommended."]
+
+
 def test_report_with_no_sections_is_findings():
     text = "Mild hiatal hernia is observed. Pericardial effusion-thickening was not observed."
     assert split_sections(text) == (text, "")

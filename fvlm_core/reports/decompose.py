@@ -202,14 +202,29 @@ def _assemble(
     )
 
 
+# A sentence that names no anatomy but refers back ("It was evaluated in favor of infection.",
+# "The described mass has grown.") belongs to the anatomies of the sentence before it.
+_ANAPHORA = re.compile(
+    r"^(?:it|its|this|these|those|they|their|the (?:appearance|outlook|image|view|lesion|lesions|mass|masses|"
+    r"described|findings?|manifestations?|larger|largest|former|latter)|findings?|appearances?|however|"
+    r"(?:is|are|was|were) (?:evaluated|considered|compatible|consistent)|compatible with|consistent with|"
+    r"in favor of|primarily|first of all)\b"
+)
+
+
 def _assign(text: str, anatomies: Sequence[str], unassigned: list[str]) -> dict[str, list[str]]:
     out: dict[str, list[str]] = {a: [] for a in anatomies}
+    previous: list[str] = []
     for sentence in split_sentences(text):
-        hits = anatomies_in(prepare(sentence), anatomies)
+        prepared = prepare(sentence).lstrip(" .;:,-")
+        hits = anatomies_in(prepared, anatomies)
+        if not hits and previous and _ANAPHORA.match(prepared):
+            hits = previous
         for a in hits:
             out[a].append(sentence)
         if not hits:
             unassigned.append(sentence)
+        previous = hits
     return out
 
 

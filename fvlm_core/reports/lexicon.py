@@ -1,9 +1,10 @@
 """Anatomy lexicon: the words a report uses for each anatomy of the catalogs.
 
 ``STRONG`` terms name an anatomy (or a finding that only occurs there: "emphysema" -> lung,
-"hiatal hernia" -> esophagus). ``WEAK`` terms ("lobe", "parenchyma", "segment", "nodule") point to
-the lung only when the sentence names no other organ ("right lobe of the thyroid", "liver
-parenchyma"). Patterns run on :func:`fvlm_core.reports.negation.prepare`-d (lower-case) text.
+"hiatal hernia" -> esophagus). ``WEAK`` terms ("lobe", "parenchyma", "segment", "nodule";
+"atherosclerosis") point to their anatomy only when the sentence names no organ at all ("right
+lobe of the thyroid", "liver parenchyma", "coronary atherosclerosis" stay off lung/aorta).
+Patterns run on :func:`fvlm_core.reports.negation.prepare`-d (lower-case) text.
 """
 
 from __future__ import annotations
@@ -65,6 +66,8 @@ STRONG: dict[str, str] = {
 
 WEAK: dict[str, str] = {
     "lung": r"\blob(?:e|es|ar)\b|parenchym\w*|\bsegment\w*|nodul\w*|\bapical\b|\bapex\b|\bbasal\b|effusion",
+    # A bare "Atherosclerosis." / "aneurysmatic dilatation" in a chest report is about the aorta.
+    "aorta": r"atheroscler\w*|atherom\w*|aneurysm\w*",
 }
 
 _STRONG_RX = {a: re.compile(p) for a, p in STRONG.items()}
@@ -90,7 +93,7 @@ def anatomies_in(text: str, anatomies: Sequence[str]) -> list[str]:
             strong.append(a)
     # Weak terms count only when no other *known* organ is named (any catalog anatomy, so that
     # "liver parenchyma" stays off the lung even in a 4-anatomy decomposition).
-    others = [a for a, rx in _STRONG_RX.items() if a not in _WEAK_RX and rx.search(text)]
+    others = [a for a, rx in _STRONG_RX.items() if rx.search(text)]
     for a in anatomies:
         if a in strong or a not in _WEAK_RX:
             continue

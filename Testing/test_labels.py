@@ -88,6 +88,11 @@ def test_cli_ctrate_layout_and_score(tmp_path, capsys):
         ("valid_1_a_1.nii.gz", "Mild hiatal hernia is observed. No pleural effusion.", "Hiatal hernia."),
         ("valid_2_a_1.nii.gz", "Bilateral pleural effusion is observed.", "Bilateral pleural effusion."),
         ("valid_3_a_1.nii.gz", "", ""),
+        (
+            "valid_4_a_1.nii.gz",
+            "Sağ akciğerde plevral efüzyon izlendi. Hiatal herni mevcut.",
+            "Plevral efüzyon.",
+        ),
     ]
     df = pd.DataFrame(rows, columns=["VolumeName", "Findings_EN", "Impressions_EN"])
     df.insert(1, "ClinicalInformation_EN", "Not given.")
@@ -99,13 +104,13 @@ def test_cli_ctrate_layout_and_score(tmp_path, capsys):
     got = pd.read_csv(out)
     assert list(got.columns) == ["VolumeName", *CTRATE_LABELS]
     assert list(got["VolumeName"]) == list(df["VolumeName"])
-    assert got["Hiatal hernia"].tolist() == [1, 0, 0]
-    assert got["Pleural effusion"].tolist() == [0, 1, 0]
-    assert "1 empty" in capsys.readouterr().err
+    assert got["Hiatal hernia"].tolist() == [1, 0, 0, 0]
+    assert got["Pleural effusion"].tolist() == [0, 1, 0, 0]
+    assert "1 empty and 1 non-English" in capsys.readouterr().err
 
     # --score against label columns already in the input
     gold = got.copy()
-    gold["Pleural effusion"] = [1, 1, 0]  # one disagreement: recall 0.5 -> F1 0.667
+    gold["Pleural effusion"] = [1, 1, 0, 0]  # one disagreement: recall 0.5 -> F1 0.667
     scored = df.merge(gold, on="VolumeName")
     scored_csv = tmp_path / "scored.csv"
     scored.to_csv(scored_csv, index=False)

@@ -84,6 +84,7 @@ class FVLMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._context = None
         self._results = None
         self._modelAnatomies: list[str] = []
+        self._layoutTableView = None
         self._pollTimer = qt.QTimer()
         self._pollTimer.setInterval(self.POLL_MS)
         self._pollTimer.connect("timeout()", self.onPoll)
@@ -105,7 +106,7 @@ class FVLMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.analyzeButton.connect("clicked(bool)", self.onAnalyze)
         self.ui.cancelButton.connect("clicked(bool)", self.onCancel)
         self.ui.modelPathLineEdit.connect("currentPathChanged(QString)", self.onModelChanged)
-        self.ui.resultsTableView.connect("selectionChanged()", self.onResultRowSelected)
+        self.ui.resultsTableView.connect("selectionChanged()", lambda: self.onResultRowSelected())
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
@@ -254,7 +255,6 @@ class FVLMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 similarity_maps=p.similarityMaps,
                 background="process",
                 python=pythonSlicerExecutable(),
-                env=slicer.util.startupEnvironment(),
             )
         except Exception as exc:
             self._job = None
@@ -295,12 +295,10 @@ class FVLMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             )
             slicer.util.errorDisplay(f"FVLM analysis failed:\n\n{status.error}")
             return
-        try:
-            with slicer.util.tryWithErrorDisplay("Could not show the FVLM results.", waitCursor=True):
-                self._results = self.logic.finish(status, context)
-                self.showResults(self._results)
-        finally:
-            del job
+        del job
+        with slicer.util.tryWithErrorDisplay("Could not show the FVLM results.", waitCursor=True):
+            self._results = self.logic.finish(status, context)
+            self.showResults(self._results)
         rows = self._results.summary_rows if self._results else []
         flagged = [r for r in rows if r.flagged]
         self.ui.statusLabel.text = (
@@ -317,6 +315,12 @@ class FVLMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         layoutManager.setLayout(slicer.vtkMRMLLayoutNode.SlicerLayoutFourUpTableView)
         slicer.app.applicationLogic().GetSelectionNode().SetActiveTableID(nodes.table.GetID())
         slicer.app.applicationLogic().PropagateTableSelection()
+        # clicking a row in the layout's table view also jumps to the anatomy
+        tableWidget = layoutManager.tableWidget(0)
+        view = tableWidget.tableView() if tableWidget else None
+        if view is not None and view is not self._layoutTableView:
+            view.connect("selectionChanged()", lambda v=view: self.onResultRowSelected(v))
+            self._layoutTableView = view
         volume = self._parameterNode.inputVolume
         best = max(nodes.similarity_volumes, key=lambda k: nodes.probability(k), default=None)
         overlay = nodes.similarity_volumes.get(best) if best else None
@@ -324,11 +328,12 @@ class FVLMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             background=volume, foreground=overlay, foregroundOpacity=0.4 if overlay else 0.0
         )
 
-    def onResultRowSelected(self) -> None:
+    def onResultRowSelected(self, tableView=None) -> None:
         """Center the slice views on the selected row's anatomy; show its similarity map."""
         if self._results is None:
             return
-        rows = self.ui.resultsTableView.selectedIndexes()
+        view = self.ui.resultsTableView if tableView is None else tableView
+        rows = view.selectionModel().selectedIndexes() if view.selectionModel() else []
         if not rows:
             return
         row = rows[0].row()

@@ -218,6 +218,11 @@ def test_segments_are_highlighted_or_dimmed_and_tagged(analysed):
                 math.isnan(f.probability) or float(tag) == pytest.approx(f.probability, abs=1e-4)
             )
     assert any(a.flagged for a in analysed.summary.anatomies) or not analysed.similarity_volumes
+    display = analysed.segmentation.GetDisplayNode()
+    for anatomy in analysed.summary.anatomies:
+        if seg.GetSegment(anatomy.name) is not None:  # flagged drawn opaque, others faint
+            opacity = display.GetSegmentOpacity2DFill(anatomy.name)
+            assert opacity >= 0.5 if anatomy.flagged else opacity < 0.2
 
 
 def test_similarity_maps_lie_on_the_ct_geometry(analysed, chest):
@@ -368,3 +373,14 @@ def test_result_picture_renders_from_the_nodes(analysed, chest, tmp_path):
     ):  # highlighted anatomies show as red-dominant pixels
         red = (left[..., 0] > left[..., 1] + 60) & (left[..., 0] > left[..., 2] + 60)
         assert red.mean() > 0.01
+
+
+def test_model_folder_defaults_to_the_demo_model(tmp_path, monkeypatch, tiny_model):
+    from fvlm_core.errors import CheckpointError
+
+    monkeypatch.setenv("FVLM_CACHE", str(tmp_path))
+    with pytest.raises(CheckpointError, match="fvlm demo"):
+        AnalysisLogic.resolve_model_dir(".")  # an unset pathlib.Path parameter
+    (tmp_path / "last_demo_model.txt").write_text(str(tiny_model))  # what training/demo.py writes
+    assert AnalysisLogic.resolve_model_dir("") == str(tiny_model)
+    assert AnalysisLogic.resolve_model_dir(str(tmp_path)) == str(tmp_path)  # an explicit folder wins

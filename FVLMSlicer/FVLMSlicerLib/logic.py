@@ -52,7 +52,9 @@ class AnalysisLogic:
     @staticmethod
     def resolve_model_dir(model_dir: str | os.PathLike | None) -> str:
         """``model_dir`` or, when empty, the model ``fvlm demo`` trained last."""
-        path = str(model_dir or "").strip() or remembered_model_dir()
+        path = str(model_dir or "").strip()
+        if path in ("", "."):  # "." is an unset pathlib.Path parameter
+            path = remembered_model_dir()
         if not path:
             raise CheckpointError(
                 "no model folder given and no demo model remembered. Run `fvlm demo` (it trains a small "

@@ -197,3 +197,12 @@ def test_totalsegmentator_missing_weights_says_how_to_get_them(monkeypatch, tmp_
     TotalSegmentatorBackend(fast=True).check()
     with pytest.raises(DependencyError):
         TotalSegmentatorBackend(fast=False).check()
+
+
+def test_labelmap_with_fractional_values_is_rejected(tmp_path, small_ct):
+    arr = np.zeros(small_ct.geometry.shape_zyx, dtype=np.float32)
+    arr[10, 50, 50] = 0.5  # a probability map, not labels
+    path = tmp_path / "prob.nii.gz"
+    sitk.WriteImage(small_ct.geometry.apply_to(sitk.GetImageFromArray(arr)), str(path))
+    with pytest.raises(InputError, match="non-integer"):
+        LabelMapBackend(path).segment(small_ct, CTRATE_CATALOG)

@@ -26,10 +26,14 @@ How it works (all distances in mm, so any voxel size works):
    junction) is split by eroding it until it falls apart, then growing the two cores back.
 6. **Vessels** inside each lung are added back by a closing (``lung_close_mm``) and slice-wise
    hole filling, as TotalSegmentator's lung masks include them.
-7. **Bone**: voxels above ``bone_hu`` within ``cortex_reach_mm`` of dense cortex (above
-   ``cortex_hu``, in pieces of at least ``min_cortex_ml``), marrow filled slice by slice.
-   Requiring nearby cortex keeps contrast-filled heart chambers and the aorta (300-600 HU in an
-   arterial-phase scan) out of the bone mask.
+7. **Bone**: voxels above ``bone_hu`` in pieces holding some dense bone (above ``seed_hu``),
+   closed by ``bone_close_mm`` and with marrow holes (up to ``max_marrow_cm2`` per slice) filled.
+   Contrast-filled blood pools -- thick, homogeneous blobs of median above ``pool_median_hu``
+   (heart chambers and aorta in an arterial-phase scan, 300-600 HU) -- are removed with a
+   ``pool_margin_mm`` margin, and when they are large (``pool_min_ml``) the threshold rises to
+   ``bone_hu_contrast`` to keep the enhanced myocardium out. Thick regions whose HU is locally
+   smooth (SD below ``smooth_sd_hu``: enhanced vessels at 150-300 HU) are removed too, as bone
+   is heterogeneous.
 """
 
 from __future__ import annotations
@@ -60,6 +64,7 @@ class BuiltinParams:
     airway_max_offset_mm: float = 30.0
     airway_max_length_mm: float = 250.0
     airway_min_ml: float = 1.0
+    airway_bridge_mm: float = 4.5
     airway_wall_mm: float = 2.0
     lung_close_mm: float = 4.0
     bone_hu: float = 105.0
@@ -72,6 +77,7 @@ class BuiltinParams:
     pool_margin_mm: float = 5.0
     pool_min_component_ml: float = 20.0
     max_marrow_cm2: float = 20.0
+    bone_close_mm: float = 3.5
     min_marrow_hu: float = -1000.0
     min_bone_ml: float = 0.1
     seed_hu: float | None = 300.0
@@ -255,6 +261,9 @@ def _airways(
     current = lab2 == best
     out[top] = current
     max_len = int(p.airway_max_length_mm / sp[0])
+    # A tube may touch the lung in a slice or two (partial volume); carry its footprint through
+    # such contacts for at most ``airway_bridge_mm`` before giving that branch up.
+    bridge_left = max_bridge = max(int(np.ceil(p.airway_bridge_mm / sp[0])), 0)
     for k in range(top - 1, max(top - max_len, -1), -1):
         lab2, n2 = ndi.label(lung_air[k])
         if n2 == 0:
@@ -264,9 +273,16 @@ def _airways(
             break
         areas = np.bincount(lab2.ravel(), minlength=n2 + 1)
         ok = hit[areas[hit] <= max_vox]
-        if ok.size == 0:
+        nxt = np.isin(lab2, ok)
+        big = hit[areas[hit] > max_vox]
+        if big.size and bridge_left > 0:
+            nxt |= np.isin(lab2, big) & ndi.binary_dilation(current)
+            bridge_left -= 1
+        elif not big.size:
+            bridge_left = max_bridge
+        if not nxt.any():
             break
-        current = np.isin(lab2, ok)
+        current = nxt
         out[k] = current
     if out.sum() * vox_ml < p.airway_min_ml:
         return np.zeros_like(out)
@@ -352,6 +368,13 @@ def bone_mask(hu: np.ndarray, body: np.ndarray, sp, vox_ml: float, p: BuiltinPar
         seeded[np.unique(lab[(hu > p.seed_hu) & bone])] = True
         seeded[0] = False
         bone = seeded[lab]
+    if p.bone_close_mm > 0:  # close cortical rings that partial volume left open, then fill marrow
+        sl = _bbox(bone, int(np.ceil(p.bone_close_mm / min(sp))) + 1, bone.shape) if bone.any() else None
+        if sl is not None:
+            closed = (
+                ndi.binary_closing(bone[sl], structure=_ball(p.bone_close_mm, sp)) & body[sl] & ~pools[sl]
+            )
+            bone[sl] |= closed
     return _fill_small_holes(bone, hu, sp, p.max_marrow_cm2, p.min_marrow_hu)
 
 

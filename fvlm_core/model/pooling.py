@@ -70,13 +70,25 @@ class AnatomyEmbeddings:
         )
 
 
+def _or_reduce(v: torch.Tensor, dim: int) -> torch.Tensor:
+    """Bitwise OR over one dimension (torch has no OR reduction): ``size - 1`` in-place ORs."""
+    out = v.select(dim, 0).clone()
+    for i in range(1, v.shape[dim]):
+        out |= v.select(dim, i)
+    return out
+
+
 def token_membership(labels: torch.Tensor, num_anatomies: int, patch_size: Sequence[int]) -> torch.Tensor:
-    """Which tokens each anatomy touches.
+    """Which tokens each anatomy touches: the max-pool of each anatomy mask with kernel = stride = patch.
+
+    Computed in one pass for all anatomies: every voxel becomes the bit ``1 << label``, the bits
+    are OR-reduced over each patch, and anatomy ``a`` is bit ``a + 1`` of its patch (a few
+    passes over a byte-sized map instead of one float mask and max-pool per anatomy).
 
     Args:
         labels: ``(B, Z, Y, X)`` (or ``(B, 1, Z, Y, X)``) integer anatomy label map, anatomy ``a``
-            stored as ``a + 1``; other values are ignored.
-        num_anatomies: ``A``.
+            stored as ``a + 1``; other values (0, > A) are ignored.
+        num_anatomies: ``A`` (at most 62).
         patch_size: ``(pz, py, px)``; ``Z, Y, X`` must be multiples of it.
 
     Returns:
@@ -86,17 +98,28 @@ def token_membership(labels: torch.Tensor, num_anatomies: int, patch_size: Seque
         labels = labels[:, 0]
     if labels.ndim != 4:
         raise InputError(f"labels must have shape (B, Z, Y, X), got {tuple(labels.shape)}")
+    if not 0 < num_anatomies <= 62:
+        raise InputError(f"token_membership supports 1 to 62 anatomies, got {num_anatomies}")
+    b, z, y, x = labels.shape
+    pz, py, px = (int(p) for p in patch_size)
+    if z % pz or y % py or x % px:
+        raise InputError(f"label map size {(z, y, x)} must be a multiple of the patch size {(pz, py, px)}")
+    gz, gy, gx = z // pz, y // py, x // px
+    for dtype, width in ((torch.uint8, 8), (torch.int16, 16), (torch.int32, 32), (torch.int64, 64)):
+        if num_anatomies < width - 1 or dtype is torch.int64:
+            break
     if labels.is_floating_point():
         labels = labels.round()
-    patch = tuple(int(p) for p in patch_size)
-    out = []
-    # One anatomy at a time keeps the float mask to one label map's size; max-pool with
-    # kernel = stride = patch marks every patch holding any voxel of the anatomy.
-    for a in range(num_anatomies):
-        mask = (labels == a + 1).unsqueeze(1).to(torch.float32)
-        pooled = F.max_pool3d(mask, kernel_size=patch, stride=patch)
-        out.append(pooled.flatten(1) > 0)
-    return torch.stack(out, dim=1)
+    if labels.dtype != dtype:
+        labels = labels.clamp(0, width).to(dtype)  # values >= width shift out to 0 (ignored)
+    bits = torch.bitwise_left_shift(torch.ones((), dtype=dtype, device=labels.device), labels)
+    # OR over the patch, z first (contiguous slabs), then y, then x
+    t = _or_reduce(bits.view(b, gz, pz, y * x), 2)  # (B, gz, Y*X)
+    t = _or_reduce(t.view(b * gz * gy, py, x), 1)  # (B*gz*gy, X)
+    t = _or_reduce(t.view(b * gz * gy * gx, px), 1)  # (B*L,)
+    t = t.view(b, 1, gz * gy * gx).to(torch.int64)
+    shifts = torch.arange(1, num_anatomies + 1, device=t.device).view(1, -1, 1)
+    return (torch.bitwise_right_shift(t, shifts) & 1).bool()
 
 
 def attend_anatomies(

@@ -132,7 +132,9 @@ def _make_split(samples: Sequence[Any], anatomies: Sequence[str]) -> DemoData:
         abnormal[k] = [bool(dec.abnormal[name]) for name in anatomies]
         by_anatomy = labels_by_anatomy(extract_labels(f"{findings}\n{impression}"))
         finding_ids[k] = [finding_set_id(by_anatomy.get(name, frozenset())) for name in anatomies]
-        reports.append(f"{findings} {impression}".strip())
+        # Impression first: the text encoder truncates at max_length, and the impression holds
+        # every abnormal finding, the findings section mostly normal boilerplate.
+        reports.append(f"{impression} {findings}".strip())
     truth = {f: np.array([int(f in s.findings) for s in samples], dtype=np.int64) for f in DEMO_FINDINGS}
     return DemoData(
         names=[s.name for s in samples],
@@ -159,7 +161,7 @@ def encode_unique_texts(model: Any, texts: Sequence[str], progress: Callable[[in
     unique = sorted(set(texts), key=len)
     out: dict[str, Any] = {}
     batch = 64
-    with torch.no_grad():
+    with torch.inference_mode():
         for i in range(0, len(unique), batch):
             chunk = unique[i : i + batch]
             feats = encode_features(model.text_encoder, model.tokenizer, chunk, model.config.text)
@@ -177,7 +179,7 @@ def encode_unique_texts(model: Any, texts: Sequence[str], progress: Callable[[in
 @dataclass
 class _TrainJob:
     kind: str  # "fvlm" or "clip"
-    model_config: str
+    model_config: Any  # FVLMConfig
     data_dir: str  # memory-mapped arrays written by the parent
     out_dir: str
     budget_seconds: float
@@ -293,7 +295,7 @@ def _train_worker(job: _TrainJob, progress: Any) -> None:
                 "seconds": time.perf_counter() - start,
                 "samples_per_second": seen / max(time.perf_counter() - start, 1e-9),
                 "final_loss": float(progress[2]),
-                "temperature": float(model.temperature),
+                "temperature": float(model.temperature.detach()),
             },
             indent=2,
         )
@@ -484,6 +486,22 @@ def plot_phantom(
 # ---------------------------------------------------------------------------------------------
 
 
+def demo_model_config(name_or_path: str, size: int) -> Any:
+    """The model config for phantoms of ``size``^3 voxels: the same field of view as the config's
+    window, sampled on ``size`` voxels per axis (the saved model then preprocesses real CTs the
+    same way)."""
+    from fvlm_core.model import load_config
+    from fvlm_core.model.config import FVLMConfig
+
+    base = load_config(name_or_path)
+    ms = base.model_space()
+    fov = [w * s for w, s in zip(ms.window_size_zyx, ms.spacing_zyx)]
+    d = base.to_dict()
+    d["preprocessing"] = {**d["preprocessing"], "spacing_zyx": [f / size for f in fov], "window_size_zyx": [size] * 3}
+    d["vision"] = {**d["vision"], "img_size": [size] * 3}
+    return FVLMConfig.from_dict(d)
+
+
 def _log(msg: str) -> None:
     print(f"[fvlm demo] {msg}", flush=True)
 
@@ -502,14 +520,14 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = _log) -> DemoResult:
     from fvlm_core.io import write_image
     from fvlm_core.loss import stable_text_id
     from fvlm_core.metrics import roc_corner_threshold
-    from fvlm_core.model import FVLM, load_config
+    from fvlm_core.model import FVLM
 
     t_start = time.perf_counter()
     deadline = t_start + cfg.minutes * 60.0
     out = Path(cfg.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     seconds: dict[str, float] = {}
-    model_cfg = load_config(cfg.model_config)
+    model_cfg = demo_model_config(cfg.model_config, cfg.size)
     anatomies = list(model_cfg.anatomies)
     size = (cfg.size, cfg.size, cfg.size)
     spacing = tuple(model_cfg.model_space().spacing_zyx)
@@ -569,7 +587,7 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = _log) -> DemoResult:
             progress[kind] = ctx.Array("d", 3)
             job = _TrainJob(
                 kind=kind,
-                model_config=cfg.model_config,
+                model_config=model_cfg,
                 data_dir=str(tmp_dir),
                 out_dir=str(model_dir if kind == "fvlm" else baseline_dir),
                 budget_seconds=budget,

@@ -206,3 +206,25 @@ def test_labelmap_with_fractional_values_is_rejected(tmp_path, small_ct):
     sitk.WriteImage(small_ct.geometry.apply_to(sitk.GetImageFromArray(arr)), str(path))
     with pytest.raises(InputError, match="non-integer"):
         LabelMapBackend(path).segment(small_ct, CTRATE_CATALOG)
+
+
+def test_class_map_embedded_by_totalsegmentator_is_used(tmp_path, ts_dir, small_ct, ts_seg):
+    import nibabel as nib
+
+    from fvlm_core.segmentation.labelmap import embedded_class_map
+
+    assert embedded_class_map(ts_dir / "example_seg.nii.gz") == TOTAL_CLASS_MAP
+    assert embedded_class_map(ts_dir / "chest_heart.nii.gz") is None
+    # a TotalSegmentator file holding only spleen (1) and kidneys (2, 3): its values fit in the
+    # CT-RATE catalog's range, so only the embedded label table tells it is not anatomy values
+    src = nib.load(str(ts_dir / "example_seg.nii.gz"))
+    data = np.asarray(src.dataobj)
+    few = np.where(np.isin(data, [1, 2, 3]), data, 0).astype(np.uint8)
+    img = nib.Nifti1Image(few, src.affine, src.header)
+    path = tmp_path / "few.nii.gz"
+    nib.save(img, str(path))
+    assert embedded_class_map(path) == TOTAL_CLASS_MAP
+    seg = LabelMapBackend(path).segment(small_ct, EXTENDED_CATALOG)
+    assert seg.facts["spleen"].voxels == (ts_seg == 1).sum() > 0
+    assert seg.facts["kidney"].voxels == np.isin(ts_seg, [2, 3]).sum()
+    assert not seg.facts["lung"].present and not seg.facts["heart"].present

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -45,6 +46,30 @@ def merge_labels(labelmap: np.ndarray, class_map: Mapping[int, str], catalog: An
     return lut[labelmap]
 
 
+_CARET_LABEL = re.compile(r'<Label\s+Key="(\d+)"[^>]*>\s*<!\[CDATA\[(.*?)\]\]>', re.S)
+
+
+def embedded_class_map(path: str | os.PathLike) -> dict[int, str] | None:
+    """Class map stored in a NIfTI header extension, as TotalSegmentator writes its ``--ml`` files
+    (a CIFTI/Caret XML label table), or ``None`` when there is none."""
+    name = str(path).lower()
+    if not (name.endswith(".nii") or name.endswith(".nii.gz")):
+        return None
+    try:
+        import nibabel as nib
+
+        extensions = nib.load(str(path)).header.extensions
+    except Exception:  # unreadable here: the image reader reports it properly later
+        return None
+    for ext in extensions:
+        content = ext.get_content()
+        text = content.decode("utf-8", "replace") if isinstance(content, bytes) else str(content)
+        labels = {int(k): v.strip() for k, v in _CARET_LABEL.findall(text)}
+        if labels:
+            return labels
+    return None
+
+
 def resolve_class_map(class_map: ClassMapLike) -> Mapping[int, str] | str | None:
     """``None``/``"auto"``, ``"total"``, ``"anatomy"``, a dict, or a JSON file path -> usable form."""
     if class_map is None or isinstance(class_map, Mapping):
@@ -64,8 +89,9 @@ class LabelMapBackend:
             * a folder of per-class masks ``<class>.nii.gz`` (TotalSegmentator without ``--ml``),
             * any label map with ``class_map`` (value -> TotalSegmentator class or anatomy name),
             * a label map already in anatomy values (``class_map="anatomy"``).
-        class_map: ``None`` (auto: a file whose largest value exceeds the catalog size is read as
-            TotalSegmentator "total", otherwise as anatomy values), ``"total"``, ``"anatomy"``,
+        class_map: ``None`` (auto: the class map TotalSegmentator embeds in its NIfTI header when
+            present; otherwise a file whose largest value exceeds the catalog size is read as
+            TotalSegmentator "total", else as anatomy values), ``"total"``, ``"anatomy"``,
             a dict ``{value: name}`` or a JSON file path of that form.
 
     A label map on another grid is resampled to the CT by physical position (nearest neighbour);
@@ -98,7 +124,7 @@ class LabelMapBackend:
         cm = self.class_map
         top = int(lab.max()) if lab.size else 0
         if cm is None:
-            cm = "total" if top > len(catalog) else "anatomy"
+            cm = embedded_class_map(self.path) or ("total" if top > len(catalog) else "anatomy")
         if cm == "anatomy":
             if top > len(catalog):
                 raise InputError(

@@ -243,3 +243,19 @@ def test_attend_anatomies_has_no_nan_for_empty_rows():
     member = torch.zeros(2, 3, 5, dtype=torch.bool)
     out, w = attend_anatomies(levels, member, torch.randn(3, 8), attn, need_weights=True)
     assert torch.isfinite(out).all() and torch.equal(w, torch.zeros_like(w))
+
+
+@pytest.mark.parametrize("num_anatomies", [1, 7, 8, 15, 16, 31, 40])
+def test_membership_equals_max_pool_for_any_number_of_anatomies(num_anatomies):
+    gen = torch.Generator().manual_seed(num_anatomies)
+    labels = torch.randint(0, num_anatomies + 4, (2, 8, 16, 24), generator=gen)
+    labels[torch.rand(labels.shape, generator=gen) < 0.9] = 0  # sparse: many patches miss anatomies
+    expected = torch.stack(
+        [
+            F.max_pool3d((labels == a + 1).unsqueeze(1).float(), PATCH, PATCH).flatten(1) > 0
+            for a in range(num_anatomies)
+        ],
+        dim=1,
+    )
+    for lab in (labels, labels.to(torch.uint8), labels.float()):
+        assert torch.equal(token_membership(lab, num_anatomies, PATCH), expected)

@@ -10,6 +10,7 @@
 from fvlm_core.model.checkpoint import from_pretrained, save_pretrained
 from fvlm_core.model.config import FVLMConfig, TextConfig, VisionConfig, available_configs, load_config
 from fvlm_core.model.fvlm import FVLM
+from fvlm_core.model.official import ImportReport, import_official
 from fvlm_core.model.pooling import AnatomyEmbeddings, attend_anatomies, token_membership
 from fvlm_core.model.vision import TokenGrid, interpolate_pos_embed
 
@@ -17,12 +18,14 @@ __all__ = [
     "FVLM",
     "AnatomyEmbeddings",
     "FVLMConfig",
+    "ImportReport",
     "TextConfig",
     "TokenGrid",
     "VisionConfig",
     "attend_anatomies",
     "available_configs",
     "from_pretrained",
+    "import_official",
     "interpolate_pos_embed",
     "load_config",
     "save_pretrained",

@@ -121,3 +121,29 @@ def test_builtin_on_a_volume_without_air_or_bone():
     seg = BuiltinBackend().segment(CTVolume(hu, g), EXTENDED_CATALOG)
     assert seg.present == []
     assert seg.classes["body"].sum() == 10 * 12 * 12
+
+
+def _two_lung_phantom(junction: bool) -> CTVolume:
+    """Water body with two noisy -850 HU lungs (LPS grid: x index grows to the patient's left)."""
+    g = Geometry((120, 100, 60), (2.0, 2.0, 2.0), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
+    z, y, x = np.ogrid[:60, :100, :120]
+    hu = np.full(g.shape_zyx, -1000.0, np.float32)
+    body = ((y - 50) / 40.0) ** 2 + ((x - 60) / 55.0) ** 2 <= 1
+    hu[:, body[0]] = 40.0
+    rng = np.random.default_rng(0)
+    for cx in (35, 85):
+        lung = ((z - 30) / 25.0) ** 2 + ((y - 50) / 25.0) ** 2 + ((x - cx) / 20.0) ** 2 <= 1
+        hu[lung] = -850.0 + rng.normal(0, 30, size=int(lung.sum()))
+    if junction:
+        hu[10:50, 28:34, 50:71] = -850.0  # the lungs touch in front (anterior junction line)
+    return CTVolume(hu, g)
+
+
+@pytest.mark.parametrize("junction", [False, True])
+def test_lungs_that_touch_are_split_and_sided_by_geometry(junction):
+    ct = _two_lung_phantom(junction)
+    m = segment_masks(ct.array, ct.geometry)
+    left, right = m["lung_left"], m["lung_right"]
+    assert not np.any(left & right)
+    assert 0.45 < left.sum() / (left.sum() + right.sum()) < 0.55
+    assert np.argwhere(left)[:, 2].mean() > 75 and np.argwhere(right)[:, 2].mean() < 45  # LPS x: left is +x

@@ -108,3 +108,16 @@ def test_segment_option_errors(tmp_path, ts_dir, capsys):
         ]
     )
     assert rc == 2 and "does not overlap" in capsys.readouterr().err
+
+
+def test_segment_builtin_without_catalog_anatomy_explains_backend_limits(tmp_path, ts_dir, capsys):
+    out = tmp_path / "dicom.nii.gz"
+    # the DICOM series is an upper abdomen without lungs: the builtin backend finds no CT-RATE anatomy
+    rc = main(["segment", str(ts_dir / "example_ct_dicom"), "--out", str(out)])
+    assert rc == 2 and not out.exists()
+    assert "only lung and bone" in capsys.readouterr().err
+    # with the extended catalog it finds bone and writes the label map on the DICOM grid
+    assert (
+        main(["segment", str(ts_dir / "example_ct_dicom"), "--catalog", "extended", "--out", str(out)]) == 0
+    )
+    assert read_label_map(out).geometry.same_grid(read_ct(ts_dir / "example_ct_dicom").geometry)

@@ -95,6 +95,12 @@ def run(args: argparse.Namespace) -> int:
                 if args.labelmap
                 else "."
             )
+            + (
+                " The builtin backend finds only lung and bone: use --backend totalsegmentator or "
+                "--backend labelmap for other anatomies."
+                if backend.name == "builtin"
+                else ""
+            )
         )
     out = seg.save(args.out)
     summary["output"] = str(out)

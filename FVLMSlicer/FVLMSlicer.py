@@ -336,14 +336,15 @@ class FVLMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         rows = view.selectionModel().selectedIndexes() if view.selectionModel() else []
         if not rows:
             return
+        # read the row through the view's (possibly sorted) model: columns 0/1 are anatomy/finding
+        model = view.model()
         row = rows[0].row()
-        table = self._results.table
-        anatomy = table.GetCellText(row, 0)
-        finding = table.GetCellText(row, 1)
-        seg = self._results.segmentation
-        segment_id = anatomy if seg.GetSegmentation().GetSegment(anatomy) else None
-        if segment_id:
-            center = seg.GetSegmentCenterRAS(segment_id)
+        anatomy = str(model.index(row, 0).data())
+        finding = str(model.index(row, 1).data())
+        from FVLMSlicerLib.results import anatomy_center_ras
+
+        center = anatomy_center_ras(self._results.segmentation, anatomy)
+        if center is not None:
             slicer.modules.markups.logic().JumpSlicesToLocation(center[0], center[1], center[2], True)
         overlay = self._results.similarity_volumes.get((anatomy, finding))
         if overlay is not None:

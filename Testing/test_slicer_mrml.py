@@ -225,6 +225,20 @@ def test_segments_are_highlighted_or_dimmed_and_tagged(analysed):
             assert opacity >= 0.5 if anatomy.flagged else opacity < 0.2
 
 
+def test_table_row_jumps_to_the_anatomy_centre(analysed, chest):
+    from FVLMSlicerLib.results import anatomy_center_ras
+
+    geometry = chest["ct"].geometry
+    for anatomy in ("lung", "heart", "aorta"):
+        mask = mrml_io.segment_mask(analysed.segmentation, anatomy, geometry)
+        voxel_centre = geometry.index_zyx_to_ras(np.argwhere(mask).mean(axis=0))
+        # Slicer's segment centre (its bounding box / centroid) lies within a few voxels of the voxel mean
+        assert (
+            np.linalg.norm(np.subtract(anatomy_center_ras(analysed.segmentation, anatomy), voxel_centre)) < 40
+        )
+    assert anatomy_center_ras(analysed.segmentation, "esophagus") is None
+
+
 def test_similarity_maps_lie_on_the_ct_geometry(analysed, chest):
     flagged = {(r.anatomy, r.finding) for r in analysed.summary.rows() if r.flagged}
     assert set(analysed.similarity_volumes) == flagged & set(analysed.summary.similarity_maps)

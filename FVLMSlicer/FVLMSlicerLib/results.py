@@ -228,3 +228,19 @@ def apply_summary(
     return ResultNodes(
         segmentation=segmentation_node, table=table_node, similarity_volumes=volumes, summary=summary
     )
+
+
+def anatomy_center_ras(segmentation_node: Any, anatomy: str) -> tuple[float, float, float] | None:
+    """RAS centre of an anatomy's segment (where the slice views jump for a table row)."""
+    segmentation = segmentation_node.GetSegmentation()
+    segment_id = anatomy if segmentation.GetSegment(anatomy) is not None else None
+    if segment_id is None:
+        for i in range(segmentation.GetNumberOfSegments()):
+            sid = segmentation.GetNthSegmentID(i)
+            if get_segment_tag(segmentation.GetSegment(sid), TAG_PREFIX + "anatomy") == anatomy:
+                segment_id = sid
+                break
+    if segment_id is None:
+        return None
+    center = segmentation_node.GetSegmentCenterRAS(segment_id)
+    return None if center is None else tuple(float(c) for c in center)

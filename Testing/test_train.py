@@ -395,3 +395,28 @@ def test_cli_errors_are_clear(tmp_path, capsys):
     missing = tmp_path / "nope"
     rc = main(["train", "--config", "tiny-cpu", "--set", f"data.cache={missing}", "--out", str(tmp_path)])
     assert rc == 2 and "fvlm prepare" in capsys.readouterr().err
+
+
+def test_trains_on_a_prepare_cache(tmp_path, caplog):
+    from fvlm_core.data.prepare import prepare_dataset
+    from fvlm_core.data.synth import generate_cohort
+    from fvlm_core.preprocess import ModelSpaceConfig
+
+    generate_cohort(
+        tmp_path / "synth", n=8, seed=0, size_zyx=(32, 32, 32), recon_fraction=0.5, valid_fraction=0
+    )
+    space = ModelSpaceConfig(
+        spacing_zyx=(12.0, 12.0, 12.0), window_size_zyx=(32, 32, 32), multiple_zyx=(8, 8, 8)
+    )
+    prepare_dataset(tmp_path / "synth", tmp_path / "cache", config=space, progress=False)
+    cfg = train_config(epochs=1, batch_size=2)
+    cfg["data"]["cache"] = str(tmp_path / "cache")
+    res = train(cfg, tmp_path / "run")
+    assert res["status"] == "completed" and res["steps"] == 4  # 8 scans (one reconstruction each) / 2
+    assert res["failed_samples"] == 0 and math.isfinite(res["final_loss"]) and res["final_loss"] > 0
+    assert min(res["present_fraction"].values()) > 0.5  # a 32^3 crop of a ~30^3 volume cuts nothing
+    # a crop much smaller than the anatomies cuts them all: nothing to learn, and the run says so
+    cfg["data"]["crop_size"] = [16, 16, 16]
+    res = train(cfg, tmp_path / "small_crop")
+    assert max(res["present_fraction"].values()) < 0.05 and res["final_loss"] == 0.0
+    assert "raise data.crop_size" in caplog.text

@@ -2,9 +2,10 @@
 per-rank tensors into the global batch (embeddings WITH gradients, integer ids without).
 
 Gradient semantics of :func:`gather_with_grad` (as in open_clip's ``gather_features`` with
-``gather_with_grad=True``): the forward concatenates every rank's tensor; the backward of
-``torch.distributed.nn.functional.all_gather`` sums, over ranks, the gradient each rank's loss
-sends to a chunk and hands the sum to the chunk's owner. When every rank computes the *same*
+``gather_with_grad=True``, which uses ``torch.distributed.nn.functional.all_gather``; torch 2.9+
+deprecates that function, so :class:`_AllGatherWithGrad` implements the same autograd rule): the
+forward concatenates every rank's tensor; the backward sums, over ranks, the gradient each
+rank's loss sends to a chunk and hands the sum to the chunk's owner. When every rank computes the *same*
 global loss ``L`` from the gathered batch, rank r therefore receives ``W * dL/dx_r`` for its own
 rows; DistributedDataParallel then averages parameter gradients over the ``W`` ranks, which
 gives exactly ``dL/dθ`` of a single process holding the whole global batch. Parameters used
@@ -103,6 +104,28 @@ def _pad_rows(t: torch.Tensor, n: int) -> torch.Tensor:
     return torch.cat([t, pad], dim=0)
 
 
+class _AllGatherWithGrad(torch.autograd.Function):
+    """All-gather whose backward sums every rank's gradient for a chunk onto its owner.
+
+    Forward: ``t`` (same shape on every rank) -> ``(W, *t.shape)``. Backward: all-reduce (sum)
+    of the ``(W, ...)`` gradient, then this rank's slice (what a reduce-scatter gives; all-reduce
+    works on every backend, and embeddings are small).
+    """
+
+    @staticmethod
+    def forward(ctx, t: torch.Tensor) -> torch.Tensor:
+        ctx.rank = dist.get_rank()
+        chunks = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+        dist.all_gather(chunks, t.contiguous())
+        return torch.stack(chunks)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        return grad[ctx.rank]
+
+
 def gather_with_grad(t: torch.Tensor) -> torch.Tensor:
     """Concatenate ``t`` (N_r, ...) of every rank along dim 0, keeping the autograd graph.
 
@@ -110,11 +133,9 @@ def gather_with_grad(t: torch.Tensor) -> torch.Tensor:
     """
     if not is_distributed():
         return t
-    import torch.distributed.nn.functional as dist_fn  # imported lazily: needs a process group
-
     sizes = _sizes(t)
     padded = _pad_rows(t, max(sizes))
-    chunks = dist_fn.all_gather(padded)
+    chunks = _AllGatherWithGrad.apply(padded)
     return torch.cat([c[:n] for c, n in zip(chunks, sizes)], dim=0)
 
 

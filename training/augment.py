@@ -9,6 +9,7 @@ object with these attributes or a mapping with these keys works)::
     labels: (Z, Y, X) uint8 anatomy label map (anatomy i of the model = value i + 1)
     texts: {anatomy: description}          abnormal: {anatomy: bool}
     finding_labels: {label: 0/1}           report: str (whole report; global CLIP baseline)
+    anatomies: optional list naming the label values (value i + 1); relabelled to the model's
 
 Determinism: the augmentation of a sample is drawn from ``default_rng([seed, epoch, position])``
 where ``position`` is the sample's place in the epoch's global permutation, so it does not
@@ -29,7 +30,7 @@ from fvlm_core.loss import UNKNOWN_FINDING_SET, finding_set_id, stable_text_id
 
 log = logging.getLogger("fvlm.train")
 
-SAMPLE_KEYS = ("name", "hu", "labels", "texts", "abnormal", "finding_labels", "report")
+SAMPLE_KEYS = ("name", "hu", "labels", "texts", "abnormal", "finding_labels", "report", "anatomies")
 
 
 @dataclass
@@ -76,6 +77,59 @@ def as_sample_dict(sample: Any) -> dict[str, Any]:
     d["report"] = str(d["report"] or "")
     d["name"] = str(d["name"] or "")
     return d
+
+
+def relabel(labels: np.ndarray, source: Sequence[str] | None, target: Sequence[str]) -> np.ndarray:
+    """Label map whose values follow ``source`` (value i + 1) -> values in ``target`` order."""
+    if not source or list(source) == list(target):
+        return labels
+    lut = np.zeros(256, dtype=np.uint8)
+    for i, a in enumerate(source):
+        if a in target:
+            lut[i + 1] = list(target).index(a) + 1
+    return lut[labels]
+
+
+class CacheSamples:
+    """The ``fvlm prepare`` cache as raw :class:`~fvlm_core.data.cache.CachedSample` s, one item
+    per scan (``reconstruction``: ``random``, as fVLM trains; ``first``) or per volume (``all``).
+
+    ``load(index, rng)`` draws the reconstruction with the sample's augmentation generator, so
+    the choice is reproducible and layout-independent like the crops.
+    """
+
+    def __init__(self, cache_dir, reconstruction: str = "random") -> None:
+        from fvlm_core.data.cache import list_samples, scan_id_of
+        from fvlm_core.errors import DataError
+
+        if reconstruction not in ("random", "first", "all"):
+            raise DataError(f"data.reconstruction={reconstruction!r}: choose random, first or all")
+        self.cache_dir = cache_dir
+        names = list_samples(cache_dir)
+        if not names:
+            raise DataError(
+                f"{cache_dir}: holds no cached samples. Run `fvlm prepare --out {cache_dir}` first."
+            )
+        groups: dict[str, list[str]] = {}
+        for n in names:
+            groups.setdefault(scan_id_of(n), []).append(n)
+        self.items = [[n] for n in names] if reconstruction == "all" else list(groups.values())
+        self.reconstruction = reconstruction
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def load(self, index: int, rng: np.random.Generator | None = None):
+        from fvlm_core.data.cache import load_sample
+
+        names = self.items[index]
+        pick = 0
+        if self.reconstruction == "random" and len(names) > 1 and rng is not None:
+            pick = int(rng.integers(len(names)))
+        return load_sample(self.cache_dir, names[pick])
+
+    def __getitem__(self, index: int):
+        return self.load(index, None)
 
 
 def _axis_plan(dim: int, size: int, rng: np.random.Generator | None) -> tuple[int, int, int]:

@@ -63,6 +63,7 @@ DEFAULTS: dict[str, Any] = {
     "objective": "fvlm",
     "data": {
         "cache": None,  # folder written by `fvlm prepare`
+        "reconstruction": "random",  # per scan: a random reconstruction each epoch | first | all
         "crop_size": None,  # (z, y, x); default: the model's preprocessing.window_size_zyx
         "random_crop": True,
         "flip_prob": 0.2,
@@ -376,11 +377,9 @@ def _load_dataset(cfg: dict[str, Any]):
         )
     if not Path(cache).is_dir():
         raise DataError(f"data.cache={cache!r} is not a folder; run `fvlm prepare ... --out {cache}` first")
-    try:
-        from fvlm_core.data.cache import CachedDataset
-    except ImportError as exc:
-        raise DataError(f"the prepare cache reader (fvlm_core.data.cache) is not available: {exc}") from exc
-    return CachedDataset(cache)
+    from training.augment import CacheSamples
+
+    return CacheSamples(cache, reconstruction=cfg["data"]["reconstruction"])
 
 
 def train(
@@ -529,7 +528,7 @@ def train(
     accum = int(t_cfg["grad_accum"])
     opt_steps_per_epoch = math.ceil(steps_per_epoch / accum)
     total_steps = opt_steps_per_epoch * int(t_cfg["epochs"])
-    if t_cfg["max_steps"]:
+    if t_cfg["max_steps"] is not None:
         total_steps = min(total_steps, int(t_cfg["max_steps"]))
 
     # ---------------------------------------------------------------- optimizer, schedule
@@ -546,6 +545,8 @@ def train(
     progress_state = {"global_step": 0, "epoch": 0, "micro_step": 0, "samples_seen": 0, "failed": 0}
     failed_names: list[str] = []
     history: list[list[float]] = []
+    n_anat = len(model_cfg.anatomies)
+    present_counts = torch.zeros(n_anat, dtype=torch.long)  # this rank's intact-anatomy counts
     elapsed_before = 0.0
     if state is not None:
         objective.load_state_dict(state["model"])
@@ -555,6 +556,8 @@ def train(
         progress_state.update({k: int(v) for k, v in state["progress"].items() if k in progress_state})
         failed_names = list(state.get("failed_names", []))
         history = [list(h) for h in state.get("history", [])]
+        if "present_counts" in state and info.is_main:  # rank 0 carries the run's total so far
+            present_counts = state["present_counts"].long().clone()
         elapsed_before = float(state["progress"].get("elapsed_s", 0.0))
         rngs = state["rng"]
         ckpt.set_rng_state(rngs[info.rank] if len(rngs) == info.world_size else rngs[0])
@@ -589,6 +592,9 @@ def train(
     window = {"loss": 0.0, "n": 0, "samples": 0, "t": time.perf_counter(), "per": None, "per_n": None}
     last_info: dict[str, Any] = {}
 
+    def total_present() -> torch.Tensor:
+        return fdist.all_reduce_sum(present_counts)
+
     def snapshot() -> dict[str, Any]:
         rng = ckpt.rng_state()
         rngs = [rng]
@@ -609,6 +615,7 @@ def train(
             "config": cfg,
             "failed_names": failed_names[-1000:],
             "history": history,
+            "present_counts": total_present(),
         }
 
     def save() -> Path | None:
@@ -665,6 +672,8 @@ def train(
                     torch.distributed.all_reduce(counts)
                 progress_state["failed"] += int(counts[1])
                 failed_names.extend(batch["failed_names"])
+                if local_n:
+                    present_counts += batch["present"].sum(0).long()
                 if min_n > 0:
                     image = batch["image"].to(device, non_blocking=True)
                     labels = batch["labels"].to(device, non_blocking=True)
@@ -803,6 +812,15 @@ def train(
             bar.close()
 
     seconds = time.perf_counter() - t_start
+    seen = max(1, progress_state["samples_seen"])
+    present_fraction = {a: float(c) / seen for a, c in zip(model_cfg.anatomies, total_present().tolist())}
+    rare = [a for a, f in present_fraction.items() if f < 0.05]
+    if rare and info.is_main and cfg["objective"] == "fvlm" and progress_state["samples_seen"]:
+        log.warning(
+            "anatomies intact in under 5%% of the training crops (so hardly trained): %s. A crop face "
+            "cuts them: raise data.crop_size (the model window) or check the cache's segmentations",
+            ", ".join(f"{a} {present_fraction[a]:.0%}" for a in rare),
+        )
     model_dir = None
     if info.is_main and save_model and status != "terminated":
         model_dir = str(objective.model.save_pretrained(out / "model"))
@@ -820,6 +838,7 @@ def train(
         "last": last_info,
         "failed_samples": progress_state["failed"],
         "failed_names": failed_names[:50],
+        "present_fraction": present_fraction,
         "world_size": info.world_size,
         "precision": precision,
         "device": str(device),

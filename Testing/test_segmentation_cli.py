@@ -111,13 +111,14 @@ def test_segment_option_errors(tmp_path, ts_dir, capsys):
 
 
 def test_segment_builtin_without_catalog_anatomy_explains_backend_limits(tmp_path, ts_dir, capsys):
-    out = tmp_path / "dicom.nii.gz"
-    # the DICOM series is an upper abdomen without lungs: the builtin backend finds no CT-RATE anatomy
-    rc = main(["segment", str(ts_dir / "example_ct_dicom"), "--out", str(out)])
+    # the pelvis half of example_ct holds no lungs: the builtin backend finds no CT-RATE anatomy
+    img = sitk.ReadImage(str(ts_dir / "example_ct.nii.gz"))
+    pelvis = tmp_path / "pelvis.nii.gz"
+    sitk.WriteImage(img[:, :, :50], str(pelvis))
+    out = tmp_path / "anatomy.nii.gz"
+    rc = main(["segment", str(pelvis), "--out", str(out)])
     assert rc == 2 and not out.exists()
     assert "only lung and bone" in capsys.readouterr().err
-    # with the extended catalog it finds bone and writes the label map on the DICOM grid
-    assert (
-        main(["segment", str(ts_dir / "example_ct_dicom"), "--catalog", "extended", "--out", str(out)]) == 0
-    )
-    assert read_label_map(out).geometry.same_grid(read_ct(ts_dir / "example_ct_dicom").geometry)
+    # with the extended catalog it finds bone and writes the label map on that grid
+    assert main(["segment", str(pelvis), "--catalog", "extended", "--out", str(out)]) == 0
+    assert read_label_map(out).geometry.same_grid(read_ct(pelvis).geometry)

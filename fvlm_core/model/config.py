@@ -257,10 +257,13 @@ def load_config(name_or_path: str | os.PathLike | FVLMConfig) -> FVLMConfig:
     if isinstance(name_or_path, FVLMConfig):
         return name_or_path
     path = Path(name_or_path)
-    if path.is_dir():
+    bundled = CONFIG_DIR / f"{name_or_path}.yaml"
+    if path.is_dir() and (path / "config.yaml").is_file():
         path = path / "config.yaml"
-    elif not path.exists() and (CONFIG_DIR / f"{name_or_path}.yaml").exists():
-        path = CONFIG_DIR / f"{name_or_path}.yaml"
+    elif not path.is_file() and "/" not in str(name_or_path) and bundled.is_file():
+        path = bundled  # a bundled name (even if a folder of that name exists here)
+    elif path.is_dir():
+        path = path / "config.yaml"
     if not path.exists():
         raise ConfigError(
             f"model config {str(name_or_path)!r} not found: give a bundled name "

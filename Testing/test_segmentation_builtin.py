@@ -102,6 +102,10 @@ def test_chest_trachea_is_not_lung(chest):
     # the topmost slices of the scan hold the trachea only (neck): no lung there
     top = ct.geometry.shape_zyx[0] - 1  # chest_ct is LPS, z grows to superior
     assert np.count_nonzero(lung[top]) == 0 and np.count_nonzero(airways[top - 5]) > 0
+    # both main bronchi are followed: the airway reaches >= 25 mm to each side of the trachea
+    trachea_x = ct.geometry.index_zyx_to_ras(np.argwhere(airways[top]))[:, 0].mean()
+    x = ct.geometry.index_zyx_to_ras(np.argwhere(airways))[:, 0]
+    assert x.min() < trachea_x - 25 and x.max() > trachea_x + 25
 
 
 def test_builtin_backend_fills_catalog_and_reports_absent(chest):

@@ -103,7 +103,8 @@ def test_chest_trachea_is_not_lung(chest):
     top = ct.geometry.shape_zyx[0] - 1  # chest_ct is LPS, z grows to superior
     assert np.count_nonzero(lung[top]) == 0 and np.count_nonzero(airways[top - 5]) > 0
     # both main bronchi are followed: the airway reaches >= 25 mm to each side of the trachea
-    trachea_x = ct.geometry.index_zyx_to_ras(np.argwhere(airways[top]))[:, 0].mean()
+    top_idx = np.argwhere(airways[top])
+    trachea_x = ct.geometry.index_zyx_to_ras(np.c_[np.full(len(top_idx), top), top_idx])[:, 0].mean()
     x = ct.geometry.index_zyx_to_ras(np.argwhere(airways))[:, 0]
     assert x.min() < trachea_x - 25 and x.max() > trachea_x + 25
 

@@ -341,8 +341,12 @@ def test_thread_job_reports_stages_and_cancels(chest, tiny_model):
     status = job.start().wait(60)
     assert status.state == "cancelled" and status.output is None
 
+    # built-in segmentation inside the job, on a slab of the CT
     seen = []
-    job = ThreadJob(_small_request(chest, tiny_model))
+    heart_slices = np.flatnonzero(chest["heart"].any(axis=(1, 2)))
+    request = _small_request(chest, tiny_model, slice(int(heart_slices[0]), int(heart_slices[0]) + 40))
+    request.labelmap, request.anatomy_source = None, "builtin"
+    job = ThreadJob(request)
     job._progress = lambda stage, fraction, _orig=job._progress: (
         seen.append((stage, fraction)),
         _orig(stage, fraction),
@@ -351,7 +355,12 @@ def test_thread_job_reports_stages_and_cancels(chest, tiny_model):
     assert status.state == "done", status.error
     fractions = [f for _, f in seen]
     assert fractions == sorted(fractions) and fractions[-1] == 1.0
-    assert {s.split(":")[0] for s, _ in seen} >= {"prepare", "load model", "analyze", "finish"}
+    assert {s.split(":")[0] for s, _ in seen} >= {"prepare", "segment", "load model", "analyze", "finish"}
+    from fvlm_core.segmentation.builtin import BuiltinBackend
+
+    expected = BuiltinBackend().segment(request.ct, CTRATE_CATALOG).labelmap
+    np.testing.assert_array_equal(status.output.labelmap, expected)
+    assert status.output.segmentation_backend == "builtin"
 
 
 @pytest.mark.slow
@@ -398,3 +407,38 @@ def test_model_folder_defaults_to_the_demo_model(tmp_path, monkeypatch, tiny_mod
     (tmp_path / "last_demo_model.txt").write_text(str(tiny_model))  # what training/demo.py writes
     assert AnalysisLogic.resolve_model_dir("") == str(tiny_model)
     assert AnalysisLogic.resolve_model_dir(str(tmp_path)) == str(tmp_path)  # an explicit folder wins
+
+
+def test_parent_transforms_are_applied_or_refused(chest):
+    """A linear parent transform moves volume and segments together; a warping one is refused."""
+    from fvlm_core.errors import GeometryError
+
+    scene = new_scene()
+    ct = chest["ct"]
+    volume = mrml_io.ct_to_volume_node(ct, scene, "moved")
+    seg = mrml_io.labelmap_to_segmentation_node(
+        chest["heart"].astype(np.uint8) * 2, ct.geometry, CTRATE_CATALOG, scene
+    )
+    shift = np.eye(4)
+    shift[:3, 3] = (12.0, -7.5, 30.0)  # RAS mm
+    transform = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "shift")
+    transform.SetMatrixTransformToParent(mrml_io.numpy_to_matrix(shift))
+    volume.SetAndObserveTransformNodeID(transform.GetID())
+    moved = mrml_io.volume_node_to_ct(volume).geometry
+    np.testing.assert_allclose(moved.affine_ras, shift @ ct.geometry.affine_ras, atol=1e-6)
+    assert not np.array_equal(mrml_io.segment_mask(seg, "heart", moved), chest["heart"])  # seg not moved yet
+    seg.SetAndObserveTransformNodeID(transform.GetID())
+    np.testing.assert_array_equal(mrml_io.segment_mask(seg, "heart", moved), chest["heart"])
+
+    warp = scene.AddNewNodeByClass("vtkMRMLTransformNode", "warp")
+    spline = vtk.vtkThinPlateSplineTransform()
+    source, target = vtk.vtkPoints(), vtk.vtkPoints()
+    for p in ((0, 0, 0), (100, 0, 0), (0, 100, 0), (0, 0, 100)):
+        source.InsertNextPoint(p)
+        target.InsertNextPoint(p[0] + 5, p[1], p[2])
+    spline.SetSourceLandmarks(source)
+    spline.SetTargetLandmarks(target)
+    warp.SetAndObserveTransformToParent(spline)
+    volume.SetAndObserveTransformNodeID(warp.GetID())
+    with pytest.raises(GeometryError, match="Harden"):
+        mrml_io.volume_node_to_ct(volume)

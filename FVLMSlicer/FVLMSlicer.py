@@ -295,7 +295,8 @@ class FVLMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             )
             slicer.util.errorDisplay(f"FVLM analysis failed:\n\n{status.error}")
             return
-        del job
+        if hasattr(job, "cleanup"):
+            job.cleanup()  # the results are in memory now (status.output)
         with slicer.util.tryWithErrorDisplay("Could not show the FVLM results.", waitCursor=True):
             self._results = self.logic.finish(status, context)
             self.showResults(self._results)

@@ -376,9 +376,11 @@ def test_process_job_runs_the_worker_and_returns_the_same_summary(chest, tiny_mo
         assert (a.anatomy, a.finding, a.flagged) == (b.anatomy, b.finding, b.flagged)
         assert a.probability == pytest.approx(b.probability, abs=1e-5, nan_ok=True)
     # a cancelled worker stops with state "cancelled"
-    job = ProcessJob(request, job_dir=str(tmp_path / "job2")).start()
+    job = ProcessJob(request).start()
     job.cancel()
     assert job.wait(120).state == "cancelled"
+    job.cleanup()
+    assert not job.job_dir.exists()
 
 
 def test_result_picture_renders_from_the_nodes(analysed, chest, tmp_path):
@@ -442,3 +444,14 @@ def test_parent_transforms_are_applied_or_refused(chest):
     volume.SetAndObserveTransformNodeID(warp.GetID())
     with pytest.raises(GeometryError, match="Harden"):
         mrml_io.volume_node_to_ct(volume)
+
+
+def test_a_volume_that_is_not_ct_is_refused_with_a_clear_message(chest, tiny_model):
+    from fvlm_core.errors import InputError
+    from fvlm_core.io import CTVolume
+
+    scene = new_scene()
+    ct = chest["ct"]
+    mr_like = mrml_io.ct_to_volume_node(CTVolume((ct.array + 1024.0) / 4.0, ct.geometry), scene, "T1")
+    with pytest.raises(InputError, match="T1"):
+        AnalysisLogic(scene).make_request(mr_like, None, str(tiny_model))

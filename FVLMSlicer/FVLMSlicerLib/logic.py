@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from fvlm_core.errors import CheckpointError, FVLMError, InputError
+from fvlm_core.io import check_hu
 
 from .mrml_io import labelmap_to_segmentation_node, segmentation_node_to_labelmap, volume_node_to_ct
 from .results import ATTR_ROLE, ATTR_SOURCE_VOLUME, ResultNodes, apply_summary
@@ -72,14 +73,22 @@ class AnalysisLogic:
         device: str = "auto",
         similarity_maps: bool = True,
         segment_overrides: dict[str, str] | None = None,
+        allow_non_hu: bool = False,
     ) -> tuple[AnalysisRequest, JobContext]:
-        """Read the nodes into an :class:`AnalysisRequest` (main thread only: touches MRML)."""
+        """Read the nodes into an :class:`AnalysisRequest` (main thread only: touches MRML).
+
+        Raises:
+            InputError: no volume, a volume that is not CT in HU (unless ``allow_non_hu``), or a
+                segmentation none of whose segments is a model anatomy.
+        """
         if volume_node is None:
             raise InputError("no input volume: select the CT to analyze.")
         model_dir = self.resolve_model_dir(model_dir)
         info = read_model_info(model_dir)
         catalog = info.catalog()
         ct = volume_node_to_ct(volume_node)
+        if not allow_non_hu:
+            check_hu(ct.array, volume_node.GetName())
         source = anatomy_source or ("segmentation" if segmentation_node is not None else "builtin")
         labelmap, mapping = None, {}
         if source == "segmentation":

@@ -332,6 +332,7 @@ class ProcessJob:
         self.request = request
         self.python = python or sys.executable
         self.env = dict(env if env is not None else os.environ)
+        self._own_dir = job_dir is None
         self.job_dir = Path(job_dir or tempfile.mkdtemp(prefix="fvlm-job-"))
         self.kill_after_s = kill_after_s
         self._proc: subprocess.Popen | None = None
@@ -426,6 +427,13 @@ class ProcessJob:
         if self._cancel_t is None:
             self._cancel_t = time.monotonic()
             (self.job_dir / "cancel").write_text("1")
+
+    def cleanup(self) -> None:
+        """Remove the job folder (only one this job created itself) once the job has finished."""
+        if self._own_dir and self._final is not None:
+            import shutil
+
+            shutil.rmtree(self.job_dir, ignore_errors=True)
 
     def wait(self, timeout: float | None = None) -> JobStatus:
         if self._proc is not None:

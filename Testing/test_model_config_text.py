@@ -166,3 +166,45 @@ def test_temperature_is_clamped(tiny):
     assert float(tiny.temp.detach()) == pytest.approx(0.5)
     with torch.no_grad():
         tiny.temp.fill_(0.07)
+
+
+def test_remote_code_bert_folder_loads_as_plain_bert(tmp_path):
+    """A CXR-BERT-like folder (custom model_type + auto_map, weights under 'bert.') loads without
+    running remote code, and its pretrained weights arrive in the encoder."""
+    from safetensors.torch import save_file
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    from fvlm_core.model.config import TextConfig
+    from fvlm_core.model.text import build_text_encoder
+
+    cfg = BertConfig(
+        vocab_size=40, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64
+    )
+    raw = cfg.to_dict()
+    raw.update(
+        model_type="cxr-bert", architectures=["CXRBertModel"], auto_map={"AutoModel": "modeling.CXRBertModel"}
+    )
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    vocab = [
+        "[PAD]",
+        "[UNK]",
+        "[CLS]",
+        "[SEP]",
+        "[MASK]",
+        *"abcdefghijklmnopqrstuvwxyz",
+        *[f"x{i}" for i in range(9)],
+    ]
+    (tmp_path / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    BertTokenizerFast(vocab_file=str(tmp_path / "vocab.txt")).save_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(raw))  # keep the custom config
+    torch.manual_seed(0)
+    src = BertModel(cfg, add_pooling_layer=False)
+    save_file(
+        {f"bert.{k}": v.contiguous() for k, v in src.state_dict().items()},
+        str(tmp_path / "model.safetensors"),
+    )
+    model, tok = build_text_encoder(TextConfig(name_or_path=str(tmp_path)))
+    assert type(model).__name__ == "BertModel"
+    w = model.embeddings.word_embeddings.weight
+    assert torch.equal(w, src.embeddings.word_embeddings.weight)
+    assert tok("a b")["input_ids"][0] == 2  # [CLS]

@@ -93,12 +93,17 @@ def load_text_config(source: str):
 
 
 def load_tokenizer(source: str):
-    from transformers import AutoTokenizer
+    """The folder's tokenizer; a plain BERT WordPiece tokenizer when its config names a custom model."""
+    from transformers import AutoTokenizer, BertTokenizerFast
 
     try:
         return AutoTokenizer.from_pretrained(source)
-    except (OSError, ValueError) as exc:
-        raise DependencyError(f"{_hint(source)}: its tokenizer could not be loaded ({exc})") from exc
+    except (OSError, ValueError, KeyError) as exc:
+        first = exc
+    try:
+        return BertTokenizerFast.from_pretrained(source)
+    except (OSError, ValueError, KeyError):
+        raise DependencyError(f"{_hint(source)}: its tokenizer could not be loaded ({first})") from first
 
 
 def build_text_encoder(config: TextConfig, source: str | os.PathLike | None = None, weights: bool = True):

@@ -146,3 +146,18 @@ def test_bad_vision_configs_raise_config_error():
         VisionConfig(type="swin")
     with pytest.raises(ConfigError, match="levels"):
         VisionConfig(levels=(3, 12))
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    _cfg, enc, _ = _pair(dropout=0.0)
+    enc.train()
+    x = torch.rand(1, 1, 16, 32, 32)
+    grads = []
+    for flag in (False, True):
+        enc.zero_grad()
+        enc.grad_checkpointing = flag
+        sum(lv.square().sum() for lv in enc(x).levels).backward()
+        grads.append([p.grad.clone() for p in enc.parameters() if p.grad is not None])
+    assert len(grads[0]) == len(grads[1]) > 0
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)

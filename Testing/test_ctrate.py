@@ -138,3 +138,37 @@ def test_corrupt_volume_raises_input_error(copy):
     rec.path.write_bytes(data[: len(data) // 2])  # truncated download
     with pytest.raises(InputError, match=rec.path.name):
         reader.read_ct(rec)
+
+
+def test_dataset_one_item_per_scan_cached_and_robust(copy, tmp_path):
+    import torch
+
+    from fvlm_core.data.cache import is_complete
+    from fvlm_core.data.ctrate import CTRATEDataset
+    from fvlm_core.preprocess import ModelSpaceConfig
+
+    cfg = ModelSpaceConfig(
+        spacing_zyx=synth.default_spacing_zyx(SIZE), window_size_zyx=SIZE, multiple_zyx=(8, 8, 8)
+    )
+    cache = tmp_path / "cache"
+    ds = CTRATEDataset(copy, "train", reconstruction="first", config=cfg, cache_dir=cache)
+    reader = ds.reader
+    assert len(ds) == len(reader.scans) < len(reader.records)  # scans, not reconstructions
+    item = ds[0]
+    first = reader.scans[ds.scan_ids[0]][0]
+    assert item["name"] == first.name and item["image"].shape == (1, *SIZE)
+    assert item["labels"].dtype == torch.uint8 and len(item["texts"]) == 4
+    assert is_complete(cache, first.name)  # cached on first use...
+    mtime = (cache / f"{first.name}.safetensors").stat().st_mtime_ns
+    assert ds[0]["name"] == first.name
+    assert (cache / f"{first.name}.safetensors").stat().st_mtime_ns == mtime  # ...and read back, not rebuilt
+
+    # A corrupt reconstruction: the other reconstruction of the scan is used, the failure recorded.
+    sid = next(
+        s for s, recs in reader.scans.items() if len(recs) == 2 and not is_complete(cache, recs[0].name)
+    )
+    bad, good = reader.scans[sid]
+    bad.path.write_bytes(bad.path.read_bytes()[:100])
+    idx = ds.scan_ids.index(sid)
+    assert ds[idx]["name"] == good.name
+    assert bad.name in ds.failures and bad.path.name in ds.failures[bad.name]

@@ -209,3 +209,36 @@ def test_killed_run_resumes(cohort, tmp_path):
         np.testing.assert_array_equal(a.hu, b.hu)
         np.testing.assert_array_equal(a.labels, b.labels)
         assert a.texts == b.texts
+
+
+def test_in_memory_phantoms_match_prepared_samples(cohort, truth, tmp_path):
+    """``synth.to_cached_sample`` / ``iter_cohort(as_cached=True)`` (the demo's disk-free path)
+    give what ``fvlm prepare`` writes for the same phantoms."""
+    out = tmp_path / "cache"
+    _prep(cohort, out, split="valid")
+    names = list_samples(out)
+    in_memory = {
+        s.name: s
+        for s in synth.iter_cohort(
+            8,
+            seed=5,
+            size_zyx=SIZE,
+            recon_fraction=0.3,
+            valid_fraction=0.25,
+            as_cached=True,
+            model_space=CONFIG,
+        )
+    }
+    for n in names:
+        a, b = load_sample(out, n), in_memory[n]
+        np.testing.assert_array_equal(a.hu, b.hu)
+        np.testing.assert_array_equal(a.labels, b.labels)
+        assert a.geometry.same_grid(b.geometry, tol=1e-4)
+        assert (a.texts, a.abnormal, a.finding_labels, a.report) == (
+            b.texts,
+            b.abnormal,
+            b.finding_labels,
+            b.report,
+        )
+    native = synth.to_cached_sample(truth[names[0]])  # no model space: the phantom grid itself
+    np.testing.assert_array_equal(native.hu, truth[names[0]].hu)

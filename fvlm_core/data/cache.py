@@ -255,7 +255,7 @@ class CachedDataset(Dataset):
         )
         first = read_sidecar(self.cache_dir / f"{found[0]}{SIDECAR_SUFFIX}")
         self.anatomies = list(anatomies or first["anatomies"])
-        cfg = dict(first.get("meta", {}).get("model_space", {}))
+        cfg = dict(first.get("meta", {}).get("model_space") or {})
         self.hu_window = tuple(hu_window or cfg.get("hu_window", (-1150.0, 350.0)))
         self.size_zyx = None if size_zyx is None else tuple(int(s) for s in size_zyx)
 
@@ -290,7 +290,7 @@ def item_from_sample(
     from fvlm_core.preprocess import window_hu
 
     anatomies = list(anatomies or sample.anatomies)
-    hu_window = tuple(hu_window or sample.meta.get("model_space", {}).get("hu_window", (-1150.0, 350.0)))
+    hu_window = tuple(hu_window or (sample.meta.get("model_space") or {}).get("hu_window", (-1150.0, 350.0)))
     hu, labels = sample.hu, sample.labels
     if list(sample.anatomies) != anatomies:
         lut = np.zeros(256, dtype=np.uint8)

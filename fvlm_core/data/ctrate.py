@@ -274,17 +274,27 @@ def make_segmenter(
     return segment
 
 
-def decompose(record: VolumeRecord, anatomies: Sequence[str]) -> tuple[dict[str, str], dict[str, bool], dict]:
-    """Per-anatomy texts and abnormal flags from the record's report (``fvlm_core.reports``)."""
+def decompose_texts(
+    findings: str, impression: str, anatomies: Sequence[str], name: str = "report"
+) -> tuple[dict[str, str], dict[str, bool], dict[str, Any]]:
+    """Per-anatomy texts, abnormal flags (reference rule) and extras from a report (``fvlm_core.reports``).
+
+    Raises:
+        DataError / InputError: empty or non-English report (it would silently read as all normal).
+    """
     from fvlm_core.reports import decompose_report
 
-    findings, impression = record.findings_text.strip(), record.impression_text.strip()
+    findings, impression = (findings or "").strip(), (impression or "").strip()
     if not findings and not impression:
-        raise DataError(f"{record.name}: the report is empty (no Findings_EN and no Impressions_EN).")
-    # A non-English report would silently become "all normal": fail the sample instead.
+        raise DataError(f"{name}: the report is empty (no Findings_EN and no Impressions_EN).")
     dec = decompose_report(findings, impression, anatomies=list(anatomies), on_bad_report="error")
     extra = {"abnormal_findings": {k: bool(v) for k, v in getattr(dec, "abnormal_findings", {}).items()}}
     return dict(dec.texts), {k: bool(v) for k, v in dec.abnormal.items()}, extra
+
+
+def decompose(record: VolumeRecord, anatomies: Sequence[str]) -> tuple[dict[str, str], dict[str, bool], dict]:
+    """:func:`decompose_texts` of a record's report."""
+    return decompose_texts(record.findings_text, record.impression_text, anatomies, record.name)
 
 
 def finding_labels_of(record: VolumeRecord) -> tuple[dict[str, int], str]:
@@ -312,42 +322,81 @@ def build_sample(
     Returns:
         :class:`CachedSample` with int16 HU and uint8 labels on the model-space grid.
     """
-    from fvlm_core.preprocess import ModelSpaceConfig, resample_to_model_space
+    from fvlm_core.preprocess import ModelSpaceConfig
 
-    config = config or ModelSpaceConfig()
     texts, abnormal, extra = decompose(record, catalog.names)  # cheap: fail early on a bad report
     ct = reader.read_ct(record)
     labelmap = segmenter(ct, record)
-    ct_ms, lab_ms = resample_to_model_space(ct, LabelVolume(labelmap.astype(np.uint8), ct.geometry), config)
-    hu = np.clip(np.rint(ct_ms.array), -1024, 3071).astype(np.int16)
-    labels = lab_ms.array.astype(np.uint8)
     finding_labels, label_source = finding_labels_of(record)
-    counts = np.bincount(labels.reshape(-1), minlength=len(catalog) + 1)
-    report = " ".join(t for t in (record.findings_text.strip(), record.impression_text.strip()) if t)
     meta = {
         "scan_id": record.scan_id,
         "split": record.split,
         "source": str(record.path),
         "mask": str(record.mask_path) if record.mask_path else None,
-        "model_space": config.to_dict(),
-        "catalog": catalog.name,
-        "anatomy_voxels": {a: int(counts[i + 1]) for i, a in enumerate(catalog.names)},
         "label_source": label_source,
-        "findings": record.findings_text,
-        "impression": record.impression_text,
         **extra,
     }
-    return CachedSample(
-        name=record.name,
-        hu=hu,
-        labels=labels,
-        geometry=ct_ms.geometry,
-        anatomies=catalog.names,
+    return model_space_sample(
+        record.name,
+        ct,
+        labelmap,
         texts=texts,
         abnormal=abnormal,
         finding_labels=finding_labels,
-        report=report,
+        findings=record.findings_text,
+        impression=record.impression_text,
+        catalog=catalog,
+        config=config or ModelSpaceConfig(),
         meta=meta,
+    )
+
+
+def model_space_sample(
+    name: str,
+    ct: CTVolume,
+    labelmap: np.ndarray,
+    *,
+    texts: Mapping[str, str],
+    abnormal: Mapping[str, bool],
+    finding_labels: Mapping[str, int],
+    findings: str,
+    impression: str,
+    catalog: AnatomyCatalog = CTRATE_CATALOG,
+    config: Any = None,
+    meta: Mapping[str, Any] | None = None,
+) -> CachedSample:
+    """Assemble a :class:`CachedSample`: resample CT + anatomy label map (catalog values, CT grid)
+    to model space (``config``; ``None`` keeps the CT's own grid) and attach the texts.
+    """
+    from fvlm_core.preprocess import resample_to_model_space
+
+    if config is not None:
+        ct, lab = resample_to_model_space(ct, LabelVolume(labelmap.astype(np.uint8), ct.geometry), config)
+        labelmap = lab.array
+    hu = np.clip(np.rint(ct.array), -1024, 3071).astype(np.int16)
+    labels = np.ascontiguousarray(labelmap, dtype=np.uint8)
+    counts = np.bincount(labels.reshape(-1), minlength=len(catalog) + 1)
+    report = " ".join(t for t in ((findings or "").strip(), (impression or "").strip()) if t)
+    full_meta = {
+        "scan_id": scan_id_of(name),
+        "model_space": config.to_dict() if config is not None else None,
+        "catalog": catalog.name,
+        "anatomy_voxels": {a: int(counts[i + 1]) for i, a in enumerate(catalog.names)},
+        "findings": findings,
+        "impression": impression,
+        **dict(meta or {}),
+    }
+    return CachedSample(
+        name=name,
+        hu=hu,
+        labels=labels,
+        geometry=ct.geometry,
+        anatomies=catalog.names,
+        texts=dict(texts),
+        abnormal={k: bool(v) for k, v in abnormal.items()},
+        finding_labels={k: int(v) for k, v in finding_labels.items()},
+        report=report,
+        meta=full_meta,
     )
 
 

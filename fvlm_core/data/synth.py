@@ -902,6 +902,42 @@ class SynthSample:
         }
 
 
+def to_cached_sample(sample: SynthSample, catalog: Any = None, config: Any = None) -> Any:
+    """The :class:`~fvlm_core.data.cache.CachedSample` ``fvlm prepare`` would write for a phantom,
+    built in memory (no files): anatomy labels in ``catalog`` values, per-anatomy texts and
+    abnormal flags from the report (``fvlm_core.reports``), the 18 drawn labels.
+
+    Args:
+        catalog: anatomy catalog (default: the 4 CT-RATE anatomies; trachea needs the extended one).
+        config: ``ModelSpaceConfig`` to resample to; ``None`` keeps the phantom's own grid
+            (the fastest path for a demo whose model space is the phantom grid).
+    """
+    from fvlm_core.anatomy import CTRATE_CATALOG
+    from fvlm_core.data.ctrate import decompose_texts, model_space_sample
+    from fvlm_core.io import CTVolume
+
+    catalog = catalog or CTRATE_CATALOG
+    lut = np.zeros(256, dtype=np.uint8)
+    for anatomy, value in MASK_VALUES.items():
+        if anatomy in catalog:
+            lut[value] = catalog.label(anatomy)
+    findings, impression = sample.report["Findings_EN"], sample.report["Impressions_EN"]
+    texts, abnormal, extra = decompose_texts(findings, impression, catalog.names, sample.name)
+    return model_space_sample(
+        sample.name,
+        CTVolume(sample.hu.astype(np.float32), sample.geometry, source=f"<phantom {sample.name}>"),
+        lut[sample.labels],
+        texts=texts,
+        abnormal=abnormal,
+        finding_labels=sample.label_row,
+        findings=findings,
+        impression=impression,
+        catalog=catalog,
+        config=config,
+        meta={"split": sample.split, "source": "synth", "findings_drawn": sorted(sample.findings), **extra},
+    )
+
+
 def _draw_findings(rng: np.random.Generator, prevalence: Mapping[str, float]) -> frozenset[str]:
     draws = rng.random(len(RENDERED_FINDINGS))  # always the same number of draws
     return frozenset(f for f, d in zip(RENDERED_FINDINGS, draws) if d < prevalence.get(f, 0.0))
@@ -970,6 +1006,7 @@ class _Job:
     prevalence: tuple[tuple[str, float], ...] | None
     out_dir: str | None
     write_masks: bool
+    cached: tuple[tuple[str, ...], dict | None] | None = None  # (anatomies, model-space dict)
 
 
 def _run_job(job: _Job) -> SynthSample | dict[str, Any]:
@@ -983,6 +1020,13 @@ def _run_job(job: _Job) -> SynthSample | dict[str, Any]:
         recon=job.recon,
     )
     if job.out_dir is None:
+        if job.cached is not None:
+            from fvlm_core.anatomy import get_catalog
+            from fvlm_core.preprocess import ModelSpaceConfig
+
+            names, ms = job.cached
+            config = None if ms is None else ModelSpaceConfig.from_dict(ms)
+            return to_cached_sample(sample, get_catalog(list(names)), config)
         return sample
     write_sample_files(sample, Path(job.out_dir), write_masks=job.write_masks)
     return {
@@ -1095,16 +1139,32 @@ def iter_cohort(
     prevalence: Mapping[str, float] | None = None,
     valid_fraction: float = DEFAULT_VALID_FRACTION,
     recon_fraction: float = 0.0,
-) -> Iterator[SynthSample]:
+    as_cached: bool = False,
+    anatomies: Sequence[str] | None = None,
+    model_space: Any = None,
+) -> Iterator[Any]:
     """Yield the cohort's samples in memory, in a fixed order (no files written).
 
     Use this to train on phantoms without touching the disk: each :class:`SynthSample` holds HU,
     anatomy labels, geometry, findings and report. Same arguments -> identical samples.
+
+    With ``as_cached=True`` the workers also run :func:`to_cached_sample` (report decomposition,
+    relabelling to ``anatomies`` (default CT-RATE's 4), optional resampling to ``model_space``, a
+    ``ModelSpaceConfig``) and yield :class:`~fvlm_core.data.cache.CachedSample` objects, ready
+    for :func:`fvlm_core.data.cache.item_from_sample`.
     """
-    yield from _map(
-        _jobs(n, seed, size_zyx, spacing_zyx, prevalence, valid_fraction, recon_fraction, None, False),
-        workers,
-    )
+    jobs = _jobs(n, seed, size_zyx, spacing_zyx, prevalence, valid_fraction, recon_fraction, None, False)
+    if as_cached:
+        from dataclasses import replace
+
+        from fvlm_core.anatomy import CTRATE_CATALOG
+
+        spec = (
+            tuple(anatomies or CTRATE_CATALOG.names),
+            None if model_space is None else model_space.to_dict(),
+        )
+        jobs = [replace(j, cached=spec) for j in jobs]
+    yield from _map(jobs, workers)
 
 
 @dataclass

@@ -115,7 +115,7 @@ def test_bad_volumes_are_skipped_counted_and_reported(cohort, tmp_path, capsys):
     shutil.copytree(cohort, data)
     with open(data / "metadata" / "train_metadata.csv") as fh:
         names = [r["VolumeName"].removesuffix(".nii.gz") for r in csv.DictReader(fh)]
-    corrupt, missing, empty = names[0], names[1], names[2]
+    corrupt, missing, empty, foreign, no_sections = names[:5]
     vol = data / "dataset" / "train" / synth.volume_relpath(corrupt)
     vol.write_bytes(vol.read_bytes()[:200])  # truncated download
     (data / "dataset" / "train" / synth.volume_relpath(missing)).unlink()
@@ -125,6 +125,12 @@ def test_bad_volumes_are_skipped_counted_and_reported(cohort, tmp_path, capsys):
     for r in rows:
         if r["VolumeName"].startswith(empty + "."):
             r["Findings_EN"] = r["Impressions_EN"] = ""
+        if r["VolumeName"].startswith(foreign + "."):
+            r["Findings_EN"] = "Beide Lungen sind frei. Kein Pleuraerguss. Herz normal gross."
+            r["Impressions_EN"] = "Unauffaelliger Befund."
+        if r["VolumeName"].startswith(no_sections + "."):  # one block of text, no impression
+            r["Findings_EN"] = r["Findings_EN"] + " " + r["Impressions_EN"]
+            r["Impressions_EN"] = ""
     with open(reports, "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=list(rows[0]))
         w.writeheader()
@@ -135,16 +141,17 @@ def test_bad_volumes_are_skipped_counted_and_reported(cohort, tmp_path, capsys):
     assert fvlm(args) == 0  # a few bad volumes never fail the whole run
     printed = capsys.readouterr().out
     assert (
-        f"{len(names) - 3} written" in printed
-        and "2 failed" in printed
+        f"{len(names) - 4} written" in printed
+        and "3 failed" in printed
         and "1 listed but unusable" in printed
     )
     summary = json.loads((out / "_prepare" / "summary-train-0of1.json").read_text())
     failed = {f["name"]: f["error"] for f in summary["failed"]}
-    assert set(failed) == {corrupt, empty}
-    assert vol.name in failed[corrupt] and "empty" in failed[empty]
+    assert set(failed) == {corrupt, empty, foreign}
+    assert vol.name in failed[corrupt] and "empty" in failed[empty] and "English" in failed[foreign]
     assert [s["name"] for s in summary["skipped_listing"]] == [missing]
-    assert sorted(list_samples(out)) == sorted(set(names) - {corrupt, missing, empty})
+    assert sorted(list_samples(out)) == sorted(set(names) - {corrupt, missing, empty, foreign})
+    assert load_sample(out, no_sections).texts["lung"]  # a report without sections still decomposes
     assert fvlm([*args, "--strict"]) == 1  # ...unless asked to
     # Re-running with another model space into the same cache is refused.
     with pytest.raises(ConfigError, match="spacing_zyx"):

@@ -1,2 +1,46 @@
 """Datasets: a synthetic chest CT cohort in the CT-RATE layout, the CT-RATE reader, and the
-model-space sample cache written by ``fvlm prepare``."""
+model-space sample cache written by ``fvlm prepare``.
+
+- :mod:`fvlm_core.data.synth` — phantoms with findings and CT-RATE-style reports:
+  :func:`generate_cohort` (files), :func:`iter_cohort` (in memory), :func:`to_cached_sample`.
+- :mod:`fvlm_core.data.ctrate` — :class:`CTRATEReader` (tables + files), :class:`CTRATEDataset`
+  (torch, one item per scan), :func:`build_sample`.
+- :mod:`fvlm_core.data.cache` — :class:`CachedSample`, :func:`save_sample` / :func:`load_sample`,
+  :class:`CachedDataset` (torch), :func:`collate_samples`.
+- :mod:`fvlm_core.data.prepare` — :func:`prepare_dataset` (``fvlm prepare``).
+
+Names are imported lazily so ``import fvlm_core.data`` does not pull in torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "generate_cohort": "synth",
+    "iter_cohort": "synth",
+    "make_phantom": "synth",
+    "to_cached_sample": "synth",
+    "SynthSample": "synth",
+    "CTRATEReader": "ctrate",
+    "CTRATEDataset": "ctrate",
+    "VolumeRecord": "ctrate",
+    "build_sample": "ctrate",
+    "make_segmenter": "ctrate",
+    "CachedSample": "cache",
+    "CachedDataset": "cache",
+    "save_sample": "cache",
+    "load_sample": "cache",
+    "item_from_sample": "cache",
+    "collate_samples": "cache",
+    "prepare_dataset": "prepare",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"fvlm_core.data.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module 'fvlm_core.data' has no attribute {name!r}")

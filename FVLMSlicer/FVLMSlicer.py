@@ -239,6 +239,13 @@ class FVLMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         p = self._parameterNode
         try:
+            if p.anatomySource == "totalsegmentator" and not dependencies.totalsegmentator_available():
+                slicer.util.errorDisplay(
+                    "TotalSegmentator is not installed in Slicer. Install the TotalSegmentator extension "
+                    "(Extensions Manager) and run it once, or choose the 'builtin' anatomy source, or select "
+                    "an existing segmentation."
+                )
+                return
             if not dependencies.ensure_dependencies(ask=True):
                 self.ui.statusLabel.text = "Dependencies not installed: analysis not started."
                 return

@@ -126,6 +126,13 @@ def torch_available() -> bool:
         return False
 
 
+def totalsegmentator_available() -> bool:
+    """Whether the ``totalsegmentator`` package (installed by the TotalSegmentator extension) is importable."""
+    import importlib.util
+
+    return importlib.util.find_spec("totalsegmentator") is not None
+
+
 def status() -> dict[str, list[str] | bool]:
     """What is missing: ``{"missing": [...], "torch": bool}`` (no installs)."""
     return {"missing": installable(missing_requirements(read_requirements())), "torch": torch_available()}

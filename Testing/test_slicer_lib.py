@@ -160,11 +160,3 @@ def test_constraints_pin_installed_protected_packages():
         "surely-not-installed-pkg-fvlm"
     ]
     assert dependencies.missing_requirements(["numpy<1.0"]) == ["numpy<1.0"]
-
-
-def test_totalsegmentator_availability_follows_the_installed_packages():
-    import importlib.util
-
-    assert dependencies.totalsegmentator_available() == (
-        importlib.util.find_spec("totalsegmentator") is not None
-    )

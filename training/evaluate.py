@@ -94,8 +94,13 @@ class EvaluationReport:
 
     @property
     def thresholds(self) -> dict[str, float]:
-        """The primary threshold of each label (what ``--store-thresholds`` saves)."""
-        return {k: float(v.at_threshold.threshold) for k, v in self.per_label.items()}
+        """The primary threshold of each label that has one (what ``--store-thresholds`` saves);
+        labels with a single class in the data (default 0.5) are left out."""
+        return {
+            k: float(v.at_threshold.threshold)
+            for k, v in self.per_label.items()
+            if v.threshold_source != "default"
+        }
 
     def to_dict(self) -> dict[str, Any]:
         return {

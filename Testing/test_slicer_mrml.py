@@ -455,3 +455,26 @@ def test_a_volume_that_is_not_ct_is_refused_with_a_clear_message(chest, tiny_mod
     mr_like = mrml_io.ct_to_volume_node(CTVolume((ct.array + 1024.0) / 4.0, ct.geometry), scene, "T1")
     with pytest.raises(InputError, match="T1"):
         AnalysisLogic(scene).make_request(mr_like, None, str(tiny_model))
+
+
+def test_the_modules_in_slicer_self_test_phantom_analyses_headless(tiny_model):
+    """FVLMSlicerTest's phantom (an oblique LPS volume) goes through the same logic headless."""
+    import ast
+
+    tree = ast.parse((ROOT / "FVLMSlicer" / "FVLMSlicer.py").read_text())
+    test_class = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "FVLMSlicerTest")
+    phantom = next(n for n in test_class.body if isinstance(n, ast.FunctionDef) and n.name == "_phantom")
+    namespace: dict = {}
+    exec(compile(ast.Module(body=[phantom], type_ignores=[]), "FVLMSlicer._phantom", "exec"), namespace)
+    ct, labels = namespace["_phantom"](None)
+
+    scene = new_scene()
+    volume = mrml_io.ct_to_volume_node(ct, scene, "FVLM phantom")
+    back = mrml_io.volume_node_to_ct(volume)
+    assert back.geometry.same_grid(ct.geometry) and np.array_equal(back.array, ct.array)
+    seg = mrml_io.labelmap_to_segmentation_node(labels, ct.geometry, CTRATE_CATALOG, scene, "input")
+    nodes = AnalysisLogic(scene).analyze(volume, seg, model_dir=str(tiny_model), device="cpu")
+    assert nodes.table.GetNumberOfRows() == 16
+    assert {a.name: a.status for a in nodes.summary.anatomies}["esophagus"] == "absent"
+    labelmap, _ = mrml_io.segmentation_node_to_labelmap(nodes.segmentation, ct.geometry, CTRATE_CATALOG)
+    np.testing.assert_array_equal(labelmap, labels)

@@ -156,18 +156,29 @@ def attend_anatomies(
         raise InputError(
             f"membership shape {tuple(membership.shape)} does not match (B, A, L) = {(b, a, n_tok)}"
         )
-    x = torch.cat(list(levels), dim=1)  # (B, N*L, C), level-major like the reference's concat
+    # Keys/values only for tokens some anatomy of the batch uses (exact: the others are masked
+    # for every query); saves the projections of background tokens.
+    keep = membership.any(1).any(0)  # (L,)
+    if not keep.any():
+        keep[0] = True  # every anatomy absent: any key keeps the attention finite
+    compact = not bool(keep.all())
+    if compact:
+        idx = keep.nonzero().squeeze(1)
+        levels = [lv.index_select(1, idx) for lv in levels]
+        membership = membership.index_select(2, idx)
+    n_keep = levels[0].shape[1]
+    x = torch.cat(list(levels), dim=1)  # (B, N*L', C), level-major like the reference's concat
     w_q, w_k, w_v = attention.in_proj_weight.chunk(3)
     if attention.in_proj_bias is not None:
         b_q, b_k, b_v = attention.in_proj_bias.chunk(3)
     else:
         b_q = b_k = b_v = None
     q = F.linear(queries, w_q, b_q).view(a, h, d).transpose(0, 1).unsqueeze(0).expand(b, h, a, d)
-    k = F.linear(x, w_k, b_k).view(b, n_levels * n_tok, h, d).transpose(1, 2)
-    v = F.linear(x, w_v, b_v).view(b, n_levels * n_tok, h, d).transpose(1, 2)
+    k = F.linear(x, w_k, b_k).view(b, n_levels * n_keep, h, d).transpose(1, 2)
+    v = F.linear(x, w_v, b_v).view(b, n_levels * n_keep, h, d).transpose(1, 2)
     present = membership.any(-1)  # (B, A)
     # absent rows attend to everything (finite output, discarded by the caller): no NaN anywhere
-    mask = membership.repeat(1, 1, n_levels) | ~present.unsqueeze(-1)  # (B, A, N*L)
+    mask = membership.repeat(1, 1, n_levels) | ~present.unsqueeze(-1)  # (B, A, N*L')
     mask = mask.unsqueeze(1)  # broadcast over heads
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)  # (B, h, A, d)
     out = attention.out_proj(out.transpose(1, 2).reshape(b, a, c))
@@ -175,8 +186,13 @@ def attend_anatomies(
     if need_weights:
         with torch.no_grad():
             scores = (q @ k.transpose(-1, -2)) * d**-0.5
-            scores = scores.masked_fill(~mask, float("-inf")).softmax(-1).mean(1)  # (B, A, N*L)
-            weights = scores.view(b, a, n_levels, n_tok) * present[..., None, None]
+            scores = scores.masked_fill(~mask, float("-inf")).softmax(-1).mean(1)  # (B, A, N*L')
+            scores = scores.view(b, a, n_levels, n_keep) * present[..., None, None]
+            if compact:
+                weights = scores.new_zeros(b, a, n_levels, n_tok)
+                weights[..., idx] = scores
+            else:
+                weights = scores
     return out, weights
 
 

@@ -306,3 +306,49 @@ def test_cli_analyze_with_segmentation_prompts_and_maps(analyzer, tmp_path):
     assert main([*argv[:-3], "--device", "cuda", "--out", str(out)]) == (
         0 if torch.cuda.is_available() else 2
     )
+
+
+def test_progress_and_cancel(analyzer):
+    from fvlm_core.errors import CancelledError
+
+    ct, labels = _phantom()
+    seg = _segmentation(labels, ct.geometry)
+    seen = []
+    analyzer.analyze(ct, seg, similarity_maps=False, progress=lambda m, f: seen.append(f))
+    assert seen[0] == 0.0 and seen[-1] == 1.0 and seen == sorted(seen)
+    calls = []
+
+    def cancel_after_two():
+        calls.append(1)
+        return len(calls) > 2
+
+    with pytest.raises(CancelledError):
+        analyzer.analyze(ct, seg, similarity_maps=False, should_cancel=cancel_after_two)
+
+
+@pytest.mark.slow
+def test_real_chest_ct_with_reference_heart_mask(analyzer, ts_dir, tmp_path):
+    """A real CT (LPS, 1.5 mm) with its TotalSegmentator heart mask: statuses and a map on its grid."""
+    from fvlm_core.io import read_ct
+    from fvlm_core.segmentation import get_backend
+
+    ct = read_ct(ts_dir / "chest_ct.nii.gz")
+    seg = get_backend("labelmap", path=ts_dir / "chest_heart.nii.gz", class_map={1: "heart"}).segment(
+        ct, EXTENDED_CATALOG.subset(["lung", "heart", "esophagus", "aorta"])
+    )
+    res = analyzer.analyze(ct, seg, similarity_maps="all")
+    status = {a.name: a.status for a in res.anatomies}
+    assert status == {"lung": "absent", "heart": "present", "esophagus": "absent", "aorta": "absent"}
+    heart = res.anatomy("heart")
+    assert heart.volume_ml == pytest.approx(np.count_nonzero(seg.labelmap == 2) * ct.geometry.voxel_volume_ml)
+    assert 300 < heart.volume_ml < 1500  # an adult heart
+    m = res.similarity_maps[("heart", "Cardiomegaly")]
+    assert m.shape == ct.array.shape
+    # the map covers the heart and stays within about one token (8 x 6 mm) of it
+    mask = seg.labelmap == 2
+    assert m[mask].min() > 0
+    from scipy import ndimage
+
+    dist_mm = ndimage.distance_transform_edt(~mask, sampling=ct.geometry.spacing_zyx)
+    reach = 48 * math.sqrt(3) + 6  # a token's diagonal plus one model-space voxel of interpolation
+    assert np.count_nonzero(m[dist_mm > reach]) == 0 and np.count_nonzero(m[dist_mm > 30]) > 0

@@ -249,3 +249,17 @@ def test_in_memory_phantoms_match_prepared_samples(cohort, truth, tmp_path):
         )
     native = synth.to_cached_sample(truth[names[0]])  # no model space: the phantom grid itself
     np.testing.assert_array_equal(native.hu, truth[names[0]].hu)
+
+
+def test_prepare_with_builtin_segmentation(cohort, truth, tmp_path):
+    """Masks from a segmentation backend instead of the layout's label maps."""
+    out = tmp_path / "cache"
+    s = _prep(cohort, out, split="valid", backend="builtin")
+    assert s.processed >= 1 and not s.failed
+    for n in list_samples(out):
+        got, want = load_sample(out, n), truth[n]
+        assert got.meta["mask"] is None and got.meta["segmentation"] == "builtin"
+        lung, ref = got.labels == 1, want.labels == 1
+        assert (
+            2 * (lung & ref).sum() / (lung.sum() + ref.sum()) > 0.8
+        )  # the segmenter finds the phantom's lungs

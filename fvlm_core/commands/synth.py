@@ -47,6 +47,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="one prevalence for every drawn finding (default: 0.25 core, 0.15 extras)",
     )
+    parser.add_argument(
+        "--normal-fraction", type=float, default=0.1, help="fraction of scans drawn fully normal first (0.1)"
+    )
     parser.add_argument("--no-masks", action="store_true", help="do not write anatomy_masks/")
 
 
@@ -79,6 +82,7 @@ def run(args: argparse.Namespace) -> int:
         prevalence=prevalence,
         valid_fraction=args.valid_fraction,
         recon_fraction=args.recon_fraction,
+        normal_fraction=args.normal_fraction,
         write_masks=not args.no_masks,
         progress=True,
     )

@@ -265,12 +265,14 @@ def make_segmenter(
                 cm = record.mask_path.parent / "class_map.json"
             return LabelMapBackend(record.mask_path, class_map=cm).segment(ct, catalog).labelmap
 
+        from_masks.backend = "labelmap"  # type: ignore[attr-defined]
         return from_masks
     be = get_backend(backend, **options)
 
     def segment(ct: CTVolume, record: VolumeRecord) -> np.ndarray:
         return be.segment(ct, catalog).labelmap
 
+    segment.backend = backend  # type: ignore[attr-defined]
     return segment
 
 
@@ -332,7 +334,10 @@ def build_sample(
         "scan_id": record.scan_id,
         "split": record.split,
         "source": str(record.path),
-        "mask": str(record.mask_path) if record.mask_path else None,
+        "segmentation": getattr(segmenter, "backend", "custom"),
+        "mask": str(record.mask_path)
+        if record.mask_path and getattr(segmenter, "backend", "") == "labelmap"
+        else None,
         "label_source": label_source,
         **extra,
     }

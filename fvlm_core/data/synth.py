@@ -58,6 +58,9 @@ DEFAULT_PREVALENCE: dict[str, float] = {
     "Medical material": 0.15,
 }
 RENDERED_FINDINGS: tuple[str, ...] = tuple(DEFAULT_PREVALENCE)
+#: Fraction of scans drawn fully normal before the independent per-finding draws (so normal
+#: reports are common, as in CT-RATE); a finding's overall rate is ``prevalence * (1 - this)``.
+DEFAULT_NORMAL_FRACTION = 0.1
 
 #: Fraction of the cohort written to the validation split by default.
 DEFAULT_VALID_FRACTION = 0.2
@@ -938,8 +941,14 @@ def to_cached_sample(sample: SynthSample, catalog: Any = None, config: Any = Non
     )
 
 
-def _draw_findings(rng: np.random.Generator, prevalence: Mapping[str, float]) -> frozenset[str]:
-    draws = rng.random(len(RENDERED_FINDINGS))  # always the same number of draws
+def _draw_findings(
+    rng: np.random.Generator,
+    prevalence: Mapping[str, float],
+    normal_fraction: float = DEFAULT_NORMAL_FRACTION,
+) -> frozenset[str]:
+    draws = rng.random(len(RENDERED_FINDINGS) + 1)  # always the same number of draws
+    if draws[-1] < normal_fraction:
+        return frozenset()
     return frozenset(f for f, d in zip(RENDERED_FINDINGS, draws) if d < prevalence.get(f, 0.0))
 
 
@@ -952,6 +961,7 @@ def make_phantom(
     prevalence: Mapping[str, float] | None = None,
     recon: int = 1,
     findings: Sequence[str] | None = None,
+    normal_fraction: float = DEFAULT_NORMAL_FRACTION,
 ) -> SynthSample:
     """Phantom ``index`` of the cohort ``seed`` (``recon`` > 1: another reconstruction of the same scan).
 
@@ -964,7 +974,9 @@ def make_phantom(
     spacing = tuple(float(s) for s in (spacing_zyx or default_spacing_zyx(size_zyx)))
     grid = _Grid(size_zyx, spacing)
     params = sample_params(r_params, grid)
-    drawn = _draw_findings(r_findings, DEFAULT_PREVALENCE if prevalence is None else prevalence)
+    drawn = _draw_findings(
+        r_findings, DEFAULT_PREVALENCE if prevalence is None else prevalence, normal_fraction
+    )
     fset = drawn if findings is None else frozenset(findings)
     hu, labels, extras = render_phantom(params, fset, size_zyx, spacing)
     report = write_report(fset, extras, r_report)
@@ -1006,6 +1018,7 @@ class _Job:
     prevalence: tuple[tuple[str, float], ...] | None
     out_dir: str | None
     write_masks: bool
+    normal_fraction: float = DEFAULT_NORMAL_FRACTION
     cached: tuple[tuple[str, ...], dict | None] | None = None  # (anatomies, model-space dict)
 
 
@@ -1018,6 +1031,7 @@ def _run_job(job: _Job) -> SynthSample | dict[str, Any]:
         job.spacing_zyx,
         None if job.prevalence is None else dict(job.prevalence),
         recon=job.recon,
+        normal_fraction=job.normal_fraction,
     )
     if job.out_dir is None:
         if job.cached is not None:
@@ -1090,6 +1104,7 @@ def _jobs(
     recon_fraction: float,
     out_dir: Path | None,
     write_masks: bool,
+    normal_fraction: float = DEFAULT_NORMAL_FRACTION,
 ) -> list[_Job]:
     n_valid = round(n * valid_fraction)
     n_train = n - n_valid
@@ -1112,6 +1127,7 @@ def _jobs(
                     prev,
                     None if out_dir is None else str(out_dir),
                     write_masks,
+                    float(normal_fraction),
                 )
             )
     return jobs
@@ -1139,6 +1155,7 @@ def iter_cohort(
     prevalence: Mapping[str, float] | None = None,
     valid_fraction: float = DEFAULT_VALID_FRACTION,
     recon_fraction: float = 0.0,
+    normal_fraction: float = DEFAULT_NORMAL_FRACTION,
     as_cached: bool = False,
     anatomies: Sequence[str] | None = None,
     model_space: Any = None,
@@ -1153,7 +1170,18 @@ def iter_cohort(
     ``ModelSpaceConfig``) and yield :class:`~fvlm_core.data.cache.CachedSample` objects, ready
     for :func:`fvlm_core.data.cache.item_from_sample`.
     """
-    jobs = _jobs(n, seed, size_zyx, spacing_zyx, prevalence, valid_fraction, recon_fraction, None, False)
+    jobs = _jobs(
+        n,
+        seed,
+        size_zyx,
+        spacing_zyx,
+        prevalence,
+        valid_fraction,
+        recon_fraction,
+        None,
+        False,
+        normal_fraction,
+    )
     if as_cached:
         from dataclasses import replace
 
@@ -1192,6 +1220,7 @@ def generate_cohort(
     prevalence: Mapping[str, float] | None = None,
     valid_fraction: float = DEFAULT_VALID_FRACTION,
     recon_fraction: float = 0.2,
+    normal_fraction: float = DEFAULT_NORMAL_FRACTION,
     write_masks: bool = True,
     progress: bool = False,
 ) -> CohortSummary:
@@ -1224,7 +1253,20 @@ def generate_cohort(
         )
     t0 = time.perf_counter()
     out = None if out_dir is None else Path(out_dir)
-    jobs = _jobs(n, seed, size_zyx, spacing_zyx, prev, valid_fraction, recon_fraction, out, write_masks)
+    if not 0.0 <= normal_fraction <= 1.0:
+        raise InputError(f"--normal-fraction must be within 0..1 (got {normal_fraction}).")
+    jobs = _jobs(
+        n,
+        seed,
+        size_zyx,
+        spacing_zyx,
+        prev,
+        valid_fraction,
+        recon_fraction,
+        out,
+        write_masks,
+        normal_fraction,
+    )
     results = _map(jobs, workers)
     if progress:
         from tqdm import tqdm

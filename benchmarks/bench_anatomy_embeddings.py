@@ -11,7 +11,8 @@ Three measurements, each in its own process so peak RSS is its own:
   the reference implementation's baseline.
 
 Targets (issue 3): one ViT forward per crop for all anatomies, ``fvlm`` at most 1.1x ``vit_sdpa``,
-peak RSS under 3 GB. fp32, ``--threads`` CPU threads (default 2).
+peak RSS under 3 GB. On a shared machine the separate medians drift with the load, so the ``fvlm``
+process also times a bare encoder forward right after each call (``fvlm_over_vit_sdpa_paired``). fp32, ``--threads`` CPU threads (default 2).
 
     python benchmarks/bench_anatomy_embeddings.py [--repeats 5] [--threads 2] [--size 112 256 352]
 """
@@ -92,13 +93,19 @@ def _child(mode: str, repeats: int, threads: int, size) -> dict:
         def step():
             return enc(image)
 
-    times = []
+    times, paired = [], []
     with torch.inference_mode():
         out = step()  # warm-up
         for _ in range(repeats):
             t0 = time.perf_counter()
             out = step()
             times.append(time.perf_counter() - t0)
+            if mode == "fvlm":  # the bare encoder forward right after, in the same process and load
+                n_calls = len(calls)
+                t0 = time.perf_counter()
+                model.visual_encoder(image)
+                paired.append(times[-1] / (time.perf_counter() - t0))
+                del calls[n_calls:]
     result = {
         "mode": mode,
         "median_s": round(statistics.median(times), 3),
@@ -108,6 +115,8 @@ def _child(mode: str, repeats: int, threads: int, size) -> dict:
     }
     if mode == "fvlm":
         result["vit_forwards_per_crop"] = len(calls) / (repeats + 1)
+        result["paired_ratio_to_bare_vit"] = [round(r, 3) for r in paired]
+        result["paired_ratio_median"] = round(statistics.median(paired), 3)
         result["present"] = out.present[0].tolist()
         result["tokens_per_anatomy"] = out.membership[0].sum(-1).tolist()
     return result
@@ -145,10 +154,12 @@ def main() -> int:
         "load_average_1min": round(os.getloadavg()[0], 2),
         "results": results,
         "fvlm_over_vit_sdpa": round(f["median_s"] / v["median_s"], 3),
+        # robust under load: each fvlm call timed against a bare encoder forward right after it
+        "fvlm_over_vit_sdpa_paired": f["paired_ratio_median"],
         "vit_explicit_over_vit_sdpa": round(e["median_s"] / v["median_s"], 3),
         "targets": {
             "one_vit_forward_per_crop": f["vit_forwards_per_crop"] == 1,
-            "fvlm_at_most_1.1x_vit": f["median_s"] <= 1.1 * v["median_s"],
+            "fvlm_at_most_1.1x_vit": f["paired_ratio_median"] <= 1.1,
             "peak_rss_under_3gb": f["peak_rss_gb"] < 3.0,
         },
     }

@@ -23,7 +23,7 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from fvlm_core.atomic import atomic_path, atomic_write_text
-from fvlm_core.errors import DataError
+from fvlm_core.errors import ConfigError, DataError
 from fvlm_core.findings import CTRATE_LABELS
 from fvlm_core.io import Geometry
 
@@ -324,3 +324,22 @@ def collate_samples(batch: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         values = [b[key] for b in batch]
         out[key] = torch.stack(values) if isinstance(values[0], torch.Tensor) else values
     return out
+
+
+def check_cache_settings(out: Path, settings: dict[str, Any]) -> None:
+    """Refuse to mix samples prepared with another model space / catalog / backend in one cache."""
+    path = out / "_prepare" / "settings.json"
+    if path.is_file():
+        try:
+            old = json.loads(path.read_text())
+        except ValueError:
+            old = None
+        if old is not None and old != settings:
+            diff = sorted(k for k in settings if old.get(k) != settings[k])
+            raise ConfigError(
+                f"{out}: this cache was prepared with other settings ({', '.join(diff)} differ: "
+                f"{ {k: old.get(k) for k in diff} }). Use another --out folder, or delete {out} to start over."
+            )
+        if old == settings:
+            return
+    atomic_write_text(path, json.dumps(settings, indent=1) + "\n")

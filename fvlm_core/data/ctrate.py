@@ -28,7 +28,14 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from fvlm_core.anatomy import CTRATE_CATALOG, AnatomyCatalog
-from fvlm_core.data.cache import CachedSample, is_complete, load_sample, save_sample, scan_id_of
+from fvlm_core.data.cache import (
+    CachedSample,
+    check_cache_settings,
+    is_complete,
+    load_sample,
+    save_sample,
+    scan_id_of,
+)
 from fvlm_core.errors import DataError, FVLMError
 from fvlm_core.findings import CTRATE_LABELS
 from fvlm_core.io import CTVolume, LabelVolume, read_ct
@@ -469,6 +476,20 @@ class CTRATEDataset(Dataset):
         self.size_zyx = size_zyx
         self.segmenter = make_segmenter(backend, catalog, class_map, self.reader.masks_dir)
         self.failures: dict[str, str] = {}
+        if self.cache_dir is not None:  # same settings record as `fvlm prepare`: never mix model spaces
+            check_cache_settings(
+                self.cache_dir,
+                {
+                    "model_space": self.config.to_dict(),
+                    "catalog": catalog.names,
+                    "backend": backend,
+                    "masks": (
+                        str(Path(self.reader.masks_dir).resolve())
+                        if backend == "labelmap" and self.reader.masks_dir
+                        else None
+                    ),
+                },
+            )
 
     def __len__(self) -> int:
         return len(self.scan_ids)

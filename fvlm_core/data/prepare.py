@@ -20,7 +20,7 @@ from typing import Any
 
 from fvlm_core.anatomy import CTRATE_CATALOG, AnatomyCatalog
 from fvlm_core.atomic import atomic_write_text
-from fvlm_core.data.cache import is_complete, save_sample
+from fvlm_core.data.cache import check_cache_settings, is_complete, save_sample
 from fvlm_core.data.ctrate import CTRATEReader, VolumeRecord, build_sample, make_segmenter
 from fvlm_core.errors import ConfigError, FVLMError
 
@@ -193,9 +193,9 @@ def prepare_dataset(
         "model_space": config.to_dict(),
         "catalog": catalog.names,
         "backend": backend,
-        "masks": str(reader.masks_dir) if backend == "labelmap" else None,
+        "masks": str(Path(reader.masks_dir).resolve()) if backend == "labelmap" else None,
     }
-    _check_settings(out, settings)
+    check_cache_settings(out, settings)
 
     names = [r.name for r in reader.records]
     mine = select_shard(names, *shard)
@@ -233,22 +233,3 @@ def prepare_dataset(
     target = out / "_prepare" / f"summary-{split}-{shard[0]}of{shard[1]}.json"
     atomic_write_text(target, json.dumps(summary.to_dict(), indent=1) + "\n")
     return summary
-
-
-def _check_settings(out: Path, settings: dict[str, Any]) -> None:
-    """Refuse to mix samples prepared with another model space / catalog / backend in one cache."""
-    path = out / "_prepare" / "settings.json"
-    if path.is_file():
-        try:
-            old = json.loads(path.read_text())
-        except ValueError:
-            old = None
-        if old is not None and old != settings:
-            diff = sorted(k for k in settings if old.get(k) != settings[k])
-            raise ConfigError(
-                f"{out}: this cache was prepared with other settings ({', '.join(diff)} differ: "
-                f"{ {k: old.get(k) for k in diff} }). Use another --out folder, or delete {out} to start over."
-            )
-        if old == settings:
-            return
-    atomic_write_text(path, json.dumps(settings, indent=1) + "\n")

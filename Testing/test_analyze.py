@@ -352,3 +352,13 @@ def test_real_chest_ct_with_reference_heart_mask(analyzer, ts_dir, tmp_path):
     dist_mm = ndimage.distance_transform_edt(~mask, sampling=ct.geometry.spacing_zyx)
     reach = 48 * math.sqrt(3) + 6  # a token's diagonal plus one model-space voxel of interpolation
     assert np.count_nonzero(m[dist_mm > reach]) == 0 and np.count_nonzero(m[dist_mm > 30]) > 0
+
+
+def test_window_cap_leaves_cut_anatomy_unscored(analyzer):
+    ct, labels = _phantom()
+    seg = _segmentation(labels, ct.geometry)
+    result = analyzer.analyze(ct, seg, similarity_maps=False, max_window_zyx=(16, 16, 16))
+    lung = result.anatomy("lung")
+    assert lung.status in ("present", "partial") and not lung.scored and "90%" in lung.note
+    assert all(f.probability is None and not f.flagged for f in lung.findings)
+    assert any(n.startswith("lung: not scored") for n in result.notes)

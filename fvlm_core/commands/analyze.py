@@ -53,6 +53,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="shared",
         help="shared: one encoder pass per window of anatomies (default); reference: one per anatomy",
     )
+    parser.add_argument(
+        "--max-window",
+        type=int,
+        nargs=3,
+        metavar=("Z", "Y", "X"),
+        help="cap window size in model-space voxels (low memory); anatomies cut by the cap are not scored",
+    )
     parser.add_argument("--allow-non-hu", action="store_true", help="skip the check that the CT is in HU")
     parser.add_argument("--out", required=True, help="results JSON file")
     parser.add_argument("--quiet", action="store_true")
@@ -97,6 +104,7 @@ def run(args: argparse.Namespace) -> int:
         findings,
         similarity_maps=maps,
         strategy=args.windows,
+        max_window_zyx=args.max_window,
         progress=(lambda m, f: say(f"[{f * 100:5.1f}%] {m}")),
     )
     if args.maps_dir:

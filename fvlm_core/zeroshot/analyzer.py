@@ -392,6 +392,7 @@ class Analyzer:
         should_cancel: Callable[[], bool] | None = None,
         strategy: str = "shared",
         require_anatomy: bool = True,
+        max_window_zyx: Sequence[int] | None = None,
     ) -> AnalysisResult:
         """Score findings on one CT.
 
@@ -408,6 +409,8 @@ class Analyzer:
             strategy: window plan, ``"shared"`` or ``"reference"``.
             require_anatomy: raise :class:`InputError` when the CT holds none of the model's
                 anatomies (instead of returning a result with every anatomy absent).
+            max_window_zyx: cap on window size in model-space voxels (low-memory use); an
+                anatomy keeping under 90% of its voxels inside its capped window is not scored.
         """
         timings: dict[str, float] = {}
         notes: list[str] = []
@@ -449,6 +452,7 @@ class Analyzer:
             labels_ms,
             strategy=strategy,
             return_tokens=want_maps,
+            max_size_zyx=max_window_zyx,
             progress=(lambda m, f: progress(m, 0.15 + 0.6 * f)) if progress else None,
             should_cancel=should_cancel,
         )

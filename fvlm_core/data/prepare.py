@@ -147,14 +147,13 @@ def _process(name: str) -> tuple[str, str | None, float]:
 
 
 def _run(names: list[str], options: dict[str, Any], workers: int) -> Iterator[tuple[str, str | None, float]]:
-    if workers <= 1 or len(names) < 2:
+    from fvlm_core.data.synth import pool_context
+
+    ctx = pool_context() if workers > 1 and len(names) > 1 else None
+    if ctx is None:
         _init_worker(options)
         yield from map(_process, names)
         return
-    import multiprocessing as mp
-
-    methods = mp.get_all_start_methods()
-    ctx = mp.get_context("forkserver" if "forkserver" in methods else "spawn")
     with ctx.Pool(workers, initializer=_init_worker, initargs=(options,)) as pool:
         yield from pool.imap_unordered(_process, names)
 

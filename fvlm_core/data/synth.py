@@ -1133,13 +1133,27 @@ def _jobs(
     return jobs
 
 
+def pool_context() -> Any:
+    """A multiprocessing context for worker pools, or ``None`` when processes cannot start.
+
+    forkserver/spawn are safe when the parent already runs torch threads (fork could deadlock).
+    They re-import the parent's main script: a script read from stdin cannot be, and the pool
+    would respawn crashing workers forever, so then work runs in this process instead.
+    """
+    import sys
+
+    main_file = getattr(sys.modules.get("__main__"), "__file__", None)
+    if main_file is not None and not os.path.exists(main_file):
+        return None
+    methods = mp.get_all_start_methods()
+    return mp.get_context("forkserver" if "forkserver" in methods else "spawn")
+
+
 def _map(jobs: list[_Job], workers: int) -> Iterator[Any]:
-    if workers <= 1 or len(jobs) < 2:
+    ctx = pool_context() if workers > 1 and len(jobs) > 1 else None
+    if ctx is None:
         yield from map(_run_job, jobs)
         return
-    # forkserver/spawn: safe when the parent already runs torch threads (fork could deadlock).
-    methods = mp.get_all_start_methods()
-    ctx = mp.get_context("forkserver" if "forkserver" in methods else "spawn")
     chunk = max(1, min(16, len(jobs) // (workers * 4)))
     with ctx.Pool(workers) as pool:
         yield from pool.imap(_run_job, jobs, chunksize=chunk)

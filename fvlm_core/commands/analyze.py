@@ -1,7 +1,7 @@
 """Score zero-shot findings on one CT and write them as JSON (plus optional similarity maps).
 
-Reads the CT (NIfTI, NRRD, MHA or a DICOM series folder), segments it (built-in lungs/heart
-backend, TotalSegmentator, or a given label map), embeds every anatomy of the model and scores
+Reads the CT (NIfTI, NRRD, MHA or a DICOM series folder), segments it (built-in backend:
+lungs only; TotalSegmentator; or a given label map), embeds every anatomy of the model and scores
 the model's findings (the 16 CT-RATE findings by default) plus any given with --prompts.
 Per anatomy: present / partial (cut by the field of view) / absent, volume; per finding:
 probability, the threshold used (calibrated or default 0.5) and flagged yes/no.

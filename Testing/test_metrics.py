@@ -105,3 +105,34 @@ def test_evaluate_label_and_macro_mean():
     assert macro["auc"] == pytest.approx(13 / 16)
     only_a = metrics.macro_mean([a, b], labels=["a", "missing"])
     assert only_a["labels"] == ["a"] and only_a["accuracy"] == pytest.approx(7 / 8)
+
+
+def test_rank_auc_equals_sklearn_row_by_row_including_ties():
+    from sklearn.metrics import roc_auc_score
+
+    from fvlm_core.metrics import rank_auc
+
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, 2, (20, 57))
+    s = np.round(rng.random((20, 57)), 1)  # coarse scores: many ties
+    got = rank_auc(y, s)
+    want = [roc_auc_score(yy, ss) for yy, ss in zip(y, s)]
+    assert np.allclose(got, want, atol=1e-12)
+    single = rank_auc(np.zeros((1, 5), dtype=int), np.arange(5.0))
+    assert np.isnan(single).all()
+
+
+def test_bootstrap_ci_brackets_the_auc_and_matches_a_direct_bootstrap():
+    from sklearn.metrics import roc_auc_score
+
+    from fvlm_core.metrics import bootstrap_auc_ci
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 300)
+    s = y * 0.6 + rng.random(300)
+    lo, hi = bootstrap_auc_ci(y, s, n_bootstrap=400, seed=1)
+    assert lo < roc_auc_score(y, s) < hi
+    # the same draws done one by one with sklearn give the same interval
+    draws = np.random.default_rng(1).integers(0, 300, (400, 300))
+    vals = [roc_auc_score(y[i], s[i]) for i in draws if 0 < y[i].sum() < 300]
+    assert np.allclose((lo, hi), np.percentile(vals, [2.5, 97.5]), atol=1e-12)

@@ -72,16 +72,33 @@ def bootstrap_auc_ci(
         return float("nan"), float("nan")
     rng = np.random.default_rng(seed)
     values = []
-    for _ in range(n_bootstrap):
-        idx = rng.integers(0, y.size, y.size)
-        yb = y[idx]
-        if yb.min() == yb.max():
-            continue
-        values.append(roc_auc_score(yb, s[idx]))
-    if not values:
+    chunk = max(1, 2_000_000 // y.size)  # draws per vectorised batch (bounded memory)
+    for start in range(0, n_bootstrap, chunk):
+        idx = rng.integers(0, y.size, (min(chunk, n_bootstrap - start), y.size))
+        values.append(rank_auc(y[idx], s[idx]))
+    values = np.concatenate(values)
+    values = values[np.isfinite(values)]  # draws holding a single class have no AUC
+    if values.size == 0:
         return float("nan"), float("nan")
     lo, hi = np.percentile(values, [100 * alpha / 2, 100 * (1 - alpha / 2)])
     return float(lo), float(hi)
+
+
+def rank_auc(y: np.ndarray, s: np.ndarray) -> np.ndarray:
+    """Row-wise ROC AUC of ``(B, N)`` 0/1 labels and scores (Mann-Whitney U with mid-ranks).
+
+    Equals ``roc_auc_score`` row by row (ties count one half) without a Python loop, which makes
+    a 1,000-draw bootstrap cost milliseconds; rows holding a single class give NaN.
+    """
+    from scipy.stats import rankdata
+
+    y = np.atleast_2d(y).astype(bool)
+    ranks = rankdata(np.atleast_2d(s), method="average", axis=1)
+    n_pos = y.sum(axis=1)
+    n_neg = y.shape[1] - n_pos
+    with np.errstate(invalid="ignore", divide="ignore"):
+        u = (ranks * y).sum(axis=1) - n_pos * (n_pos + 1) / 2.0
+        return np.where((n_pos > 0) & (n_neg > 0), u / (n_pos * n_neg), np.nan)
 
 
 def roc_corner_threshold(y_true: Sequence, y_score: Sequence, grid: Sequence[float] | None = None) -> float:

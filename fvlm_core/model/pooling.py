@@ -78,6 +78,27 @@ def _or_reduce(v: torch.Tensor, dim: int) -> torch.Tensor:
     return out
 
 
+def _or_bits_numpy(labels: torch.Tensor, dtype: torch.dtype, width: int, patch: tuple[int, int, int]):
+    """CPU path of :func:`token_membership` with numpy's vectorised OR reductions (~100x faster
+    than torch's elementwise ORs on byte maps). Returns the per-token OR of ``1 << label``."""
+    import numpy as np
+
+    np_dtype = {torch.uint8: np.uint8, torch.int16: np.int16, torch.int32: np.int32, torch.int64: np.int64}[
+        dtype
+    ]
+    arr = labels.numpy()
+    if arr.dtype.kind == "f":
+        arr = np.rint(arr)
+    if arr.dtype != np_dtype or arr.max(initial=0) >= width or arr.min(initial=0) < 0:
+        arr = np.where((arr < 0) | (arr >= width), 0, arr).astype(np_dtype)  # out of range -> ignored
+    bits = np.left_shift(np_dtype(1), arr)
+    b, z, y, x = arr.shape
+    pz, py, px = patch
+    r = np.bitwise_or.reduce(bits.reshape(b * (z // pz), pz, y * x), axis=1)
+    r = np.bitwise_or.reduce(r.reshape(b * (z // pz) * (y // py), py, x), axis=1)
+    return np.bitwise_or.reduce(r.reshape(-1, px), axis=1)
+
+
 def token_membership(labels: torch.Tensor, num_anatomies: int, patch_size: Sequence[int]) -> torch.Tensor:
     """Which tokens each anatomy touches: the max-pool of each anatomy mask with kernel = stride = patch.
 
@@ -108,16 +129,20 @@ def token_membership(labels: torch.Tensor, num_anatomies: int, patch_size: Seque
     for dtype, width in ((torch.uint8, 8), (torch.int16, 16), (torch.int32, 32), (torch.int64, 64)):
         if num_anatomies < width - 1 or dtype is torch.int64:
             break
-    if labels.is_floating_point():
-        labels = labels.round()
-    if labels.dtype != dtype:
-        labels = labels.clamp(0, width).to(dtype)  # values >= width shift out to 0 (ignored)
-    bits = torch.bitwise_left_shift(torch.ones((), dtype=dtype, device=labels.device), labels)
-    # OR over the patch, z first (contiguous slabs), then y, then x
-    t = _or_reduce(bits.view(b, gz, pz, y * x), 2)  # (B, gz, Y*X)
-    t = _or_reduce(t.view(b * gz * gy, py, x), 1)  # (B*gz*gy, X)
-    t = _or_reduce(t.view(b * gz * gy * gx, px), 1)  # (B*L,)
-    t = t.view(b, 1, gz * gy * gx).to(torch.int64)
+    if labels.device.type == "cpu":
+        t = torch.from_numpy(_or_bits_numpy(labels.detach(), dtype, width, (pz, py, px)))
+        t = t.view(b, 1, gz * gy * gx).to(torch.int64)
+    else:
+        if labels.is_floating_point():
+            labels = labels.round()
+        if labels.dtype != dtype:
+            labels = labels.clamp(0, width).to(dtype)  # values >= width shift out to 0 (ignored)
+        bits = torch.bitwise_left_shift(torch.ones((), dtype=dtype, device=labels.device), labels)
+        # OR over the patch, z first (contiguous slabs), then y, then x
+        t = _or_reduce(bits.view(b, gz, pz, y * x), 2)  # (B, gz, Y*X)
+        t = _or_reduce(t.view(b * gz * gy, py, x), 1)  # (B*gz*gy, X)
+        t = _or_reduce(t.view(b * gz * gy * gx, px), 1)  # (B*L,)
+        t = t.view(b, 1, gz * gy * gx).to(torch.int64)
     shifts = torch.arange(1, num_anatomies + 1, device=t.device).view(1, -1, 1)
     return (torch.bitwise_right_shift(t, shifts) & 1).bool()
 
@@ -133,7 +158,18 @@ def attend_anatomies(
     """Each anatomy query attends over its own tokens of all levels, for all samples at once.
 
     Equivalent to ``attention(query[a], keys, keys)`` with ``keys`` = the anatomy's tokens of every
-    level concatenated (the reference), but keys/values are projected once per sample.
+    level concatenated (the reference), computed with one masked attention over a
+    ``(B, heads * A, N * L)`` matrix for all samples, anatomies and heads. The queries are fixed
+    learned tokens, so the key and value projections are folded into them instead of projecting
+    every token:
+
+    - score: ``q_ah . (W_k,h x + b_k,h) = (W_k,h^T q_ah) . x + const``; the constant is the same for
+      every key of a query, so the softmax ignores it: attend with ``W_k,h^T q_ah`` over raw tokens;
+    - value: ``sum_t w_t (W_v,h x_t + b_v,h) = W_v,h (sum_t w_t x_t) + (sum_t w_t) b_v,h``: mix the
+      raw tokens, then apply ``W_v,h`` (``sum_t w_t`` is 1 unless dropout removed weight).
+
+    This costs ``O(B * A * heads * N * L * C)`` instead of ``O(B * N * L * C^2)`` for projecting
+    all keys and values (about 2% of a ViT-B forward on a full crop, now negligible).
 
     Args:
         levels: ``N`` tensors ``(B, L, C)``.
@@ -156,43 +192,30 @@ def attend_anatomies(
         raise InputError(
             f"membership shape {tuple(membership.shape)} does not match (B, A, L) = {(b, a, n_tok)}"
         )
-    # Keys/values only for tokens some anatomy of the batch uses (exact: the others are masked
-    # for every query); saves the projections of background tokens.
-    keep = membership.any(1).any(0)  # (L,)
-    if not keep.any():
-        keep[0] = True  # every anatomy absent: any key keeps the attention finite
-    compact = not bool(keep.all())
-    if compact:
-        idx = keep.nonzero().squeeze(1)
-        levels = [lv.index_select(1, idx) for lv in levels]
-        membership = membership.index_select(2, idx)
-    n_keep = levels[0].shape[1]
-    x = torch.cat(list(levels), dim=1)  # (B, N*L', C), level-major like the reference's concat
+    n_keys = n_levels * n_tok
     w_q, w_k, w_v = attention.in_proj_weight.chunk(3)
-    if attention.in_proj_bias is not None:
-        b_q, b_k, b_v = attention.in_proj_bias.chunk(3)
-    else:
-        b_q = b_k = b_v = None
-    q = F.linear(queries, w_q, b_q).view(a, h, d).transpose(0, 1).unsqueeze(0).expand(b, h, a, d)
-    k = F.linear(x, w_k, b_k).view(b, n_levels * n_keep, h, d).transpose(1, 2)
-    v = F.linear(x, w_v, b_v).view(b, n_levels * n_keep, h, d).transpose(1, 2)
+    b_q = attention.in_proj_bias.chunk(3)[0] if attention.in_proj_bias is not None else None
+    b_v = attention.in_proj_bias.chunk(3)[2] if attention.in_proj_bias is not None else None
+    q = F.linear(queries, w_q, b_q).view(a, h, d)
+    q_x = torch.einsum("ahd,hdc->hac", q, w_k.reshape(h, d, c)).reshape(h * a, c)  # rows: (head, anatomy)
+    x = torch.cat(list(levels), dim=1)  # (B, N*L, C) raw tokens, level-major like the reference's concat
     present = membership.any(-1)  # (B, A)
     # absent rows attend to everything (finite output, discarded by the caller): no NaN anywhere
-    mask = membership.repeat(1, 1, n_levels) | ~present.unsqueeze(-1)  # (B, A, N*L')
-    mask = mask.unsqueeze(1)  # broadcast over heads
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)  # (B, h, A, d)
-    out = attention.out_proj(out.transpose(1, 2).reshape(b, a, c))
+    mask = membership.repeat(1, 1, n_levels) | ~present.unsqueeze(-1)  # (B, A, N*L)
+    mask = mask.unsqueeze(1).expand(b, h, a, n_keys).reshape(b, h * a, n_keys)
+    # the attention matrix is tiny (B, heads*A, N*L): explicit matmuls beat the fused kernel here
+    scores = torch.matmul(q_x, x.transpose(1, 2)) * d**-0.5  # (B, h*A, N*L)
+    attn = scores.masked_fill(~mask, float("-inf")).softmax(-1)
+    attn_d = F.dropout(attn, p=dropout_p, training=True) if dropout_p > 0 else attn
+    mixed = torch.matmul(attn_d, x).view(b, h, a, c)  # attention-weighted raw tokens
+    out = torch.einsum("bhac,hdc->bahd", mixed, w_v.reshape(h, d, c))
+    if b_v is not None:  # sum_t w_t b_v: b_v itself unless dropout removed some weight
+        out = out + attn_d.sum(-1).view(b, h, a).transpose(1, 2).unsqueeze(-1) * b_v.view(h, d)
+    out = attention.out_proj(out.reshape(b, a, c))
     weights = None
     if need_weights:
-        with torch.no_grad():
-            scores = (q @ k.transpose(-1, -2)) * d**-0.5
-            scores = scores.masked_fill(~mask, float("-inf")).softmax(-1).mean(1)  # (B, A, N*L')
-            scores = scores.view(b, a, n_levels, n_keep) * present[..., None, None]
-            if compact:
-                weights = scores.new_zeros(b, a, n_levels, n_tok)
-                weights[..., idx] = scores
-            else:
-                weights = scores
+        weights = attn.detach().view(b, h, a, n_keys).mean(1).view(b, a, n_levels, n_tok)
+        weights = weights * present[..., None, None]
     return out, weights
 
 

@@ -149,3 +149,16 @@ def test_cli_missing_columns(tmp_path, capsys):
         == 0
     )
     assert pd.read_csv(tmp_path / "o.csv")["Hiatal hernia"].tolist() == [1]
+
+
+@pytest.mark.parametrize(
+    ("text", "label", "expected"),
+    [
+        ("Coronary arteries show no calcification.", "Coronary artery wall calcification", 0),
+        ("Calcified plaques are seen in the coronary arteries.", "Coronary artery wall calcification", 1),
+        ("Plate-like atelectasis in the left lung base.", "Medical material", 0),
+        ("Plate-like atelectasis in the left lung base.", "Atelectasis", 1),
+    ],
+)
+def test_site_rule_negation_and_plate_like(text, label, expected):
+    assert extract_labels(text)[label] == expected

@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from fvlm_core.errors import InputError
 from fvlm_core.findings import CTRATE_LABEL_ANATOMY, CTRATE_LABELS
@@ -77,7 +77,7 @@ LABEL_RULES: dict[str, LabelRule | tuple[LabelRule, ...]] = {
             r"medical (?:device|material)|\bmaterials? (?:for|secondary|related) |embolization material|"
             r"\bexpander\b|\bspacer\b|\bcerclage\b|\bshunt\b"
         ),
-        exclude=_rx(r"contrast material|calcul|\btube current|bronch|end ?plate"),
+        exclude=_rx(r"contrast material|calcul|\btube current|bronch|end ?plate|plate like"),
     ),
     # Calcification / atheroma of a non-coronary artery of the chest (CT-RATE is a chest set: the
     # annotators left abdominal-aorta-only and aortic-valve calcifications out).
@@ -219,8 +219,22 @@ def _mentions(parts: list[tuple[str, list[str]]], label: str) -> list:
                 text_for_cues = clause
                 if rule.pseudo is not None:  # keep offsets: blank, don't delete
                     text_for_cues = rule.pseudo.sub(lambda m: "~" * len(m.group(0)), clause)
-                found.extend(find_mentions(text_for_cues, rule.pattern))
+                mentions = find_mentions(text_for_cues, rule.pattern)
+                if mentions and _required_term_negated(rule, clause, sent):
+                    # "coronary arteries show no calcification": the site is stated, the finding denied
+                    mentions = [replace(m, status=NEGATED) for m in mentions]
+                found.extend(mentions)
     return found
+
+
+def _required_term_negated(rule: LabelRule, clause: str, sentence: str) -> bool:
+    """True when every mention of the rule's required term (the finding word of a site rule) is negated."""
+    required = rule.require if rule.require is not None else rule.sentence_require
+    if required is None:
+        return False
+    where = clause if required.search(clause) else sentence
+    statuses = [m.status for m in find_mentions(where, required)]
+    return bool(statuses) and all(st == NEGATED for st in statuses)
 
 
 def label_mentions(text: str, label: str) -> list:

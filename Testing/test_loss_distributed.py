@@ -5,6 +5,7 @@ process holding the whole batch (fvlm_core.distributed docstring explains why)."
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 
 import pytest
 import torch
@@ -77,11 +78,15 @@ def _step(model, rows, loss_fn):
 
 
 def _worker(rank: int, init_file: str, out_dir: str) -> None:
+    import gc
+
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD, timeout=timedelta(seconds=120)
+    )
     try:
         results = {}
         for name, split in SPLITS.items():
@@ -95,6 +100,9 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
                 "grad_txt": gt,
                 **{f"param.{k}": p.grad.detach().clone() for k, p in model.module.named_parameters()},
             }
+            # free DDP while the process group lives (a Reducer outliving it can deadlock gloo)
+            del model, out, gi, gt
+            gc.collect()
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()

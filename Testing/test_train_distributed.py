@@ -4,6 +4,8 @@ the ranks agree exactly."""
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -26,7 +28,9 @@ def _worker(rank: int, init_file: str, out_dir: str, samples: list) -> None:
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD, timeout=timedelta(seconds=120)
+    )
     try:
         res = train(_config(batch_size=2), f"{out_dir}/ddp", dataset=samples)
         assert res["world_size"] == WORLD and res["steps"] == 3
@@ -37,7 +41,7 @@ def _worker(rank: int, init_file: str, out_dir: str, samples: list) -> None:
 
 def test_two_processes_train_like_one(tmp_path):
     torch.set_num_threads(1)
-    samples = phantom_samples(12, size=40)
+    samples = phantom_samples(12, size=28)
     initial = weights(
         train(_config(batch_size=4), tmp_path / "init_only", dataset=samples, max_steps=0)["model"]
     )
@@ -56,3 +60,44 @@ def test_two_processes_train_like_one(tmp_path):
         float((initial[k] - ranks[0][k]).abs().max()) for k in initial if initial[k].is_floating_point()
     )
     assert moved > 1e-3  # and training did change the weights
+
+
+@pytest.mark.slow
+def test_torchrun_launch_of_the_cli(tmp_path):
+    """`torchrun --nproc_per_node=2 -m fvlm_core.cli train ...` (env:// rendezvous, gloo on CPU)."""
+    import json
+    import os
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import yaml
+    from test_train import PROJECT
+
+    from fvlm_core.data.prepare import prepare_dataset
+    from fvlm_core.data.synth import generate_cohort
+    from fvlm_core.preprocess import ModelSpaceConfig
+
+    generate_cohort(
+        tmp_path / "synth", n=8, seed=1, size_zyx=(32, 32, 32), valid_fraction=0, recon_fraction=0
+    )
+    space = ModelSpaceConfig(
+        spacing_zyx=(12.0, 12.0, 12.0), window_size_zyx=(32, 32, 32), multiple_zyx=(8, 8, 8)
+    )
+    prepare_dataset(tmp_path / "synth", tmp_path / "cache", config=space, progress=False)
+    cfg = _config(batch_size=2)
+    cfg["data"]["cache"] = str(tmp_path / "cache")
+    cfg["train"]["max_steps"] = 2
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(cfg))
+    torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
+    cmd = [torchrun, "--standalone", "--nproc_per_node=2", "-m", "fvlm_core.cli", "train"]
+    cmd += ["--config", str(recipe), "--out", str(tmp_path / "run")]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(PROJECT))
+    proc = subprocess.run(cmd, cwd=PROJECT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["steps"] == 2 and summary["status"] == "completed"
+    assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
+    assert "fvlm train: completed" in proc.stdout and proc.stdout.count("fvlm train: completed") == 1

@@ -131,6 +131,36 @@ class CacheSamples:
     def __getitem__(self, index: int):
         return self.load(index, None)
 
+    def texts(self, reports: bool = False) -> list[str]:
+        """Every anatomy text (or whole report) of the cache, read from the JSON sidecars only."""
+        from pathlib import Path
+
+        from fvlm_core.data.cache import SIDECAR_SUFFIX, read_sidecar
+
+        out: list[str] = []
+        for names in self.items:
+            for n in names:
+                info = read_sidecar(Path(self.cache_dir) / f"{n}{SIDECAR_SUFFIX}")
+                out.extend(
+                    [str(info.get("report", ""))] if reports else [str(t) for t in info["texts"].values()]
+                )
+        return out
+
+
+def dataset_texts(base: Sequence[Any], reports: bool = False) -> list[str]:
+    """All texts a dataset can feed the text encoder (anatomy texts, or whole reports)."""
+    if hasattr(base, "texts") and callable(base.texts):
+        return list(base.texts(reports=reports))
+    out: list[str] = []
+    for i in range(len(base)):
+        s = base[i]
+        get = s.get if isinstance(s, Mapping) else (lambda k, s=s: getattr(s, k, None))
+        if reports:
+            out.append(str(get("report") or ""))
+        else:
+            out.extend(str(t) for t in (get("texts") or {}).values())
+    return out
+
 
 def _axis_plan(dim: int, size: int, rng: np.random.Generator | None) -> tuple[int, int, int]:
     """(source start, source end, destination start) of a crop/pad of ``dim`` to ``size``."""

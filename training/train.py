@@ -316,6 +316,36 @@ def _build_objective(cfg: dict[str, Any], model_cfg, device, seed: int):
     return obj
 
 
+def _warm_text_cache(objective, base_ds, reports: bool) -> None:
+    """Encode every text of the dataset once, in a fixed order, when the text encoder is frozen.
+
+    Why: the encoder's output for a text depends (in the last float bits) on the padding of
+    the batch it is encoded in. Encoding all texts up front, sorted and in fixed chunks, makes
+    the cached features independent of which texts met in a training batch, so a resumed or a
+    multi-process run sees exactly the same features as an uninterrupted single-process one.
+    Also what makes CPU training fast: text costs nothing per step afterwards.
+    """
+    import torch
+
+    from training.augment import dataset_texts
+
+    for m in objective.models():
+        if not m.text_frozen:
+            continue
+        texts = sorted({t for t in dataset_texts(base_ds, reports=reports) if t.strip()})
+        limit = m._text_cache.max_entries
+        if len(texts) > limit:
+            log.info(
+                "%d unique texts exceed the text-feature cache (%d): encoding them as batches need them",
+                len(texts),
+                limit,
+            )
+            continue
+        with torch.no_grad():
+            for i in range(0, len(texts), 64):
+                m.encode_text_features(texts[i : i + 64])
+
+
 def _param_groups(module, weight_decay: float):
     decay, no_decay = [], []
     for name, p in module.named_parameters():
@@ -506,6 +536,7 @@ def train(
 
     # ---------------------------------------------------------------- data
     base_ds = dataset if dataset is not None else _load_dataset(cfg)
+    _warm_text_cache(objective, base_ds, reports=cfg["objective"] == "global_clip")
     n = len(base_ds)
     per_rank = int(t_cfg["batch_size"])
     global_batch = per_rank * info.world_size
@@ -764,7 +795,7 @@ def train(
                         "step": step,
                         "total_steps": total_steps,
                         "epoch": progress_state["epoch"],
-                        "loss": mean_loss,
+                        "loss": mean_loss,  # mean over the steps since the last log line
                         "lr": lr,
                         "temperature": float(objective.model.temperature.detach()),
                         "samples_per_s": sps,
@@ -772,23 +803,13 @@ def train(
                         "per_anatomy": per_anat,
                         "failed_samples": progress_state["failed"],
                     }
-                    history.append([step, mean_loss])
-                    if writer is not None:
-                        writer.add_scalar("loss/total", mean_loss, step)
-                        for name, v in per_anat.items():
-                            writer.add_scalar(f"loss/{name}", v, step)
-                        writer.add_scalar("temperature", last_info["temperature"], step)
-                        writer.add_scalar("lr", lr, step)
-                        writer.add_scalar("samples_per_s", sps, step)
-                        writer.add_scalar("failed_samples", progress_state["failed"], step)
                     if bar is not None:
                         bar.update(1)
                         bar.set_postfix(loss=f"{mean_loss:.4f}", sps=f"{sps:.1f}")
                     if progress is not None:
                         progress(dict(last_info))
-                window.update(loss=0.0, n=0, samples=0, t=time.perf_counter(), per=None, per_n=None)
 
-                # ------------------------------------------------ stop? checkpoint?
+                # ------------------------------------------------ stop? checkpoint? log?
                 over_budget = budget_s is not None and time.perf_counter() - t_start >= budget_s
                 asked = bool(should_stop()) if should_stop is not None else False
                 reason = agree(stop.sigterm) and "terminated"
@@ -799,6 +820,18 @@ def train(
                 if reason:
                     status = reason
                     done = True
+                if done or step % int(t_cfg["log_every"]) == 0:
+                    if info.is_main:
+                        history.append([step, last_info["loss"]])
+                        if writer is not None:
+                            writer.add_scalar("loss/total", last_info["loss"], step)
+                            for name, v in last_info["per_anatomy"].items():
+                                writer.add_scalar(f"loss/{name}", v, step)
+                            writer.add_scalar("temperature", last_info["temperature"], step)
+                            writer.add_scalar("lr", lr, step)
+                            writer.add_scalar("samples_per_s", last_info["samples_per_s"], step)
+                            writer.add_scalar("failed_samples", progress_state["failed"], step)
+                    window.update(loss=0.0, n=0, samples=0, t=time.perf_counter(), per=None, per_n=None)
                 if done or step % int(t_cfg["checkpoint_every"]) == 0:
                     save()
                 if done:
@@ -825,7 +858,6 @@ def train(
     if info.is_main and save_model and status != "terminated":
         model_dir = str(objective.model.save_pretrained(out / "model"))
     fdist.barrier()
-    tail = [h[1] for h in history[-10:]]
     summary = {
         "status": status,
         "steps": progress_state["global_step"],
@@ -834,7 +866,7 @@ def train(
         "samples_seen": progress_state["samples_seen"],
         "seconds": seconds,
         "samples_per_s": progress_state["samples_seen"] / seconds if seconds > 0 else 0.0,
-        "final_loss": float(np.mean(tail)) if tail else None,
+        "final_loss": float(history[-1][1]) if history else None,  # mean of the last log window
         "last": last_info,
         "failed_samples": progress_state["failed"],
         "failed_names": failed_names[:50],
@@ -856,6 +888,12 @@ def train(
         if status == "terminated":
             log.warning("terminated by SIGTERM at step %d; checkpoint saved", progress_state["global_step"])
     if created_group and fdist.launched_by_torchrun():
+        # free DDP before the process group: a Reducer that outlives the group destroys it from
+        # the main thread, which can deadlock with gloo's worker thread (it needs the GIL)
+        ddp = wrapped = None
+        import gc
+
+        gc.collect()
         fdist.cleanup_distributed()
     return summary
 

@@ -426,3 +426,16 @@ def test_trains_on_a_prepare_cache(tmp_path, caplog):
     res = train(cfg, tmp_path / "small_crop")
     assert max(res["present_fraction"].values()) < 0.05 and res["final_loss"] == 0.0
     assert "raise data.crop_size" in caplog.text
+
+
+def test_gradient_accumulation_counts_optimizer_steps(samples, tmp_path):
+    seen = []
+    res = train(
+        train_config(epochs=1, batch_size=2, grad_accum=4),
+        tmp_path,
+        dataset=samples,
+        progress=lambda info: seen.append(info["step"]),
+    )
+    # 12 samples / 2 = 6 micro-batches -> steps after micro-batches 4 and 6 (the epoch's rest)
+    assert res["steps"] == 2 and seen == [1, 2] and res["samples_seen"] == 12
+    assert math.isfinite(res["final_loss"])

@@ -23,7 +23,7 @@ def demo_run(tmp_path_factory):
         n_test=120,
         size=32,
         workers=2,
-        batch_size=24,
+        batch_size=16,
         reserve_seconds=20,
     )
     return demo.run_demo(cfg, log=lambda msg: None)
@@ -31,7 +31,16 @@ def demo_run(tmp_path_factory):
 
 @pytest.mark.slow
 def test_demo_writes_all_outputs(demo_run):
-    for key in ("phantom_png", "roc_png", "example_ct", "example_anatomy", "results_json", "results_md", "model", "baseline"):
+    for key in (
+        "phantom_png",
+        "roc_png",
+        "example_ct",
+        "example_anatomy",
+        "results_json",
+        "results_md",
+        "model",
+        "baseline",
+    ):
         assert key in demo_run.files
     for path in demo_run.files.values():
         p = __import__("pathlib").Path(path)
@@ -62,8 +71,11 @@ def test_demo_model_loads_with_calibrated_thresholds_and_example_ct(demo_run):
 @pytest.mark.slow
 def test_demo_zero_shot_auc_above_chance(demo_run):
     table = demo_run.table
-    fvlm = table["models"]["fVLM"]["normal-negative"]
-    macro = fvlm["macro_auc"]
-    assert macro is not None and macro > 0.55, f"fVLM macro AUC {macro} is not above chance"
+    fvlm = table["models"]["fVLM"][demo.HEADLINE_PROTOCOL]
+    shown = demo.table_markdown(table)
+    # At this size (32^3 at 12 mm, about a minute of training) only large findings are learnable;
+    # a pleural effusion fills the lung base and must already be found well above chance.
+    assert fvlm["per_finding"]["Pleural effusion"]["auc"] > 0.7, shown
+    assert fvlm["macro_auc"] is not None and fvlm["macro_auc"] > 0.5, shown
     trained = table["training"]["fVLM"]
     assert trained["steps"] > 5 and np.isfinite(trained["final_loss"])

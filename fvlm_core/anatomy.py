@@ -79,8 +79,19 @@ _EXTENDED_MORE = (
         (185, 102, 83),
         ("64033007", "Kidney"),
     ),
-    Anatomy("adrenal_gland", ("adrenal_gland_left", "adrenal_gland_right"), (244, 208, 140), ("23451007", "Adrenal gland")),
-    Anatomy("small_bowel", ("small_bowel", "duodenum"), (205, 167, 142), ("30315005", "Small intestine"), "Small bowel"),
+    Anatomy(
+        "adrenal_gland",
+        ("adrenal_gland_left", "adrenal_gland_right"),
+        (244, 208, 140),
+        ("23451007", "Adrenal gland"),
+    ),
+    Anatomy(
+        "small_bowel",
+        ("small_bowel", "duodenum"),
+        (205, 167, 142),
+        ("30315005", "Small intestine"),
+        "Small bowel",
+    ),
     Anatomy("colon", ("colon",), (204, 168, 143), ("71854001", "Colon")),
     Anatomy("urinary_bladder", ("urinary_bladder",), (222, 154, 132), ("89837001", "Urinary bladder")),
     Anatomy("thyroid_gland", ("thyroid_gland",), (220, 245, 20), ("69748006", "Thyroid gland")),
@@ -242,4 +253,4 @@ def load_class_map(path: str | os.PathLike) -> dict[int, str]:
         raw = json.loads(path.read_text())
         return {int(k): str(v) for k, v in raw.items()}
     except (OSError, ValueError, AttributeError) as exc:
-        raise InputError(f"{path}: not a class map JSON of the form {{\"1\": \"spleen\", ...}} ({exc})") from exc
+        raise InputError(f'{path}: not a class map JSON of the form {{"1": "spleen", ...}} ({exc})') from exc

@@ -60,14 +60,14 @@ class DemoConfig:
     """What the demo does; defaults fit 2 CPU cores and about 9 minutes end to end."""
 
     out: str = "fvlm-demo"
-    minutes: float = 9.0
-    n_train: int = 2400
+    minutes: float = 9.25
+    n_train: int = 2000
     n_calibration: int = 200
     n_test: int = 400
     size: int = 64
     seed: int = 0
     workers: int = 2
-    batch_size: int = 32
+    batch_size: int = 16
     lr: float = 1e-3
     weight_decay: float = 0.05
     warmup_steps: int = 30
@@ -149,7 +149,9 @@ def _make_split(samples: Sequence[Any], anatomies: Sequence[str]) -> DemoData:
     )
 
 
-def encode_unique_texts(model: Any, texts: Sequence[str], progress: Callable[[int], None] | None = None) -> dict:
+def encode_unique_texts(
+    model: Any, texts: Sequence[str], progress: Callable[[int], None] | None = None
+) -> dict:
     """Pooled features of each distinct text with the frozen text encoder: ``{text: (H,) tensor}``.
 
     Texts are sorted by length so each batch pads to a similar length (the cost is padding-bound).
@@ -274,7 +276,15 @@ def _train_worker(job: _TrainJob, progress: Any) -> None:
         else:
             img = model.encode_image_global(image).unsqueeze(1)
             ones = torch.ones(len(idx), 1, dtype=torch.bool)
-            out = loss_fn(img, text, ones, ones, side["report_ids"][tidx].unsqueeze(1), ones.long() * -1, model.temperature)
+            out = loss_fn(
+                img,
+                text,
+                ones,
+                ones,
+                side["report_ids"][tidx].unsqueeze(1),
+                ones.long() * -1,
+                model.temperature,
+            )
         opt.zero_grad(set_to_none=True)
         out.loss.backward()
         opt.step()
@@ -336,7 +346,9 @@ def score_split(model: Any, data: DemoData, kind: str, batch: int = 32) -> _Scor
     embs = []
     with torch.no_grad():
         for i in range(0, len(data.names), batch):
-            image = _window(torch.from_numpy(data.hu[i : i + batch].astype(np.float32)), hu_window).unsqueeze(1)
+            image = _window(torch.from_numpy(data.hu[i : i + batch].astype(np.float32)), hu_window).unsqueeze(
+                1
+            )
             if kind == "fvlm":
                 lab = torch.from_numpy(data.labels[i : i + batch].astype(np.int64))
                 embs.append(model.encode_image(image, lab).embeddings)
@@ -377,7 +389,10 @@ def auc_table(truth: dict[str, np.ndarray], scores: dict[str, _Scores]) -> dict[
                     "n_positive": ev.n_positive,
                 }
             aucs = [r["auc"] for r in rows.values() if r["auc"] is not None and not math.isnan(r["auc"])]
-            per_protocol[protocol] = {"per_finding": rows, "macro_auc": float(np.mean(aucs)) if aucs else None}
+            per_protocol[protocol] = {
+                "per_finding": rows,
+                "macro_auc": float(np.mean(aucs)) if aucs else None,
+            }
         table["models"][model_name] = per_protocol
     return table
 
@@ -455,7 +470,11 @@ def plot_phantom(
     from fvlm_core.anatomy import EXTENDED_CATALOG
     from fvlm_core.atomic import atomic_path
 
-    z = int(np.argmax((labels == anatomies.index("heart") + 1).sum((1, 2)))) if "heart" in anatomies else hu.shape[0] // 2
+    z = (
+        int(np.argmax((labels == anatomies.index("heart") + 1).sum((1, 2))))
+        if "heart" in anatomies
+        else hu.shape[0] // 2
+    )
     y = hu.shape[1] // 2
     fig, axes = plt.subplots(1, 3, figsize=(12, 4.4), gridspec_kw={"width_ratios": [1, 1, 1.1]})
     views = [(hu[z], labels[z], f"axial z={z}"), (hu[:, y][::-1], labels[:, y][::-1], f"coronal y={y}")]
@@ -469,7 +488,8 @@ def plot_phantom(
         ax.set_title(title)
         ax.axis("off")
     handles = [
-        Line2D([0], [0], color=np.asarray(EXTENDED_CATALOG[n].color) / 255.0, lw=2, label=n) for n in anatomies
+        Line2D([0], [0], color=np.asarray(EXTENDED_CATALOG[n].color) / 255.0, lw=2, label=n)
+        for n in anatomies
     ]
     axes[0].legend(handles=handles, loc="lower left", fontsize=7)
     axes[2].axis("off")
@@ -497,7 +517,11 @@ def demo_model_config(name_or_path: str, size: int) -> Any:
     ms = base.model_space()
     fov = [w * s for w, s in zip(ms.window_size_zyx, ms.spacing_zyx)]
     d = base.to_dict()
-    d["preprocessing"] = {**d["preprocessing"], "spacing_zyx": [f / size for f in fov], "window_size_zyx": [size] * 3}
+    d["preprocessing"] = {
+        **d["preprocessing"],
+        "spacing_zyx": [f / size for f in fov],
+        "window_size_zyx": [size] * 3,
+    }
     d["vision"] = {**d["vision"], "img_size": [size] * 3}
     return FVLMConfig.from_dict(d)
 
@@ -535,11 +559,17 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = _log) -> DemoResult:
     # 1. phantoms (train / calibration / test are disjoint streams: different seeds)
     t = time.perf_counter()
     splits: dict[str, DemoData] = {}
-    plan = [("train", cfg.n_train, cfg.seed), ("calibration", cfg.n_calibration, cfg.seed + 1), ("test", cfg.n_test, cfg.seed + 2)]
+    plan = [
+        ("train", cfg.n_train, cfg.seed),
+        ("calibration", cfg.n_calibration, cfg.seed + 1),
+        ("test", cfg.n_test, cfg.seed + 2),
+    ]
     with tqdm(total=sum(n for _, n, _ in plan), desc="phantoms", unit="CT") as bar:
         for name, n, seed in plan:
             samples = []
-            for s in iter_cohort(n, seed, size_zyx=size, spacing_zyx=spacing, workers=cfg.workers, valid_fraction=0.0):
+            for s in iter_cohort(
+                n, seed, size_zyx=size, spacing_zyx=spacing, workers=cfg.workers, valid_fraction=0.0
+            ):
                 samples.append(s)
                 bar.update(1)
             splits[name] = _make_split(samples, anatomies)
@@ -554,11 +584,13 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = _log) -> DemoResult:
     all_texts = anatomy_texts + (train.reports if cfg.baseline else [])
     with tqdm(total=len(set(all_texts)), desc="text features", unit="text") as bar:
         feats = encode_unique_texts(encoder, all_texts, progress=bar.update)
-    n, a = len(train.names), len(anatomies)
+    n = len(train.names)
     side = {
         "anatomy_features": torch.stack([torch.stack([feats[t] for t in row]) for row in train.texts]),
         "abnormal": torch.from_numpy(train.abnormal),
-        "text_ids": torch.tensor([[stable_text_id(t) for t in row] for row in train.texts], dtype=torch.int64),
+        "text_ids": torch.tensor(
+            [[stable_text_id(t) for t in row] for row in train.texts], dtype=torch.int64
+        ),
         "finding_ids": torch.from_numpy(train.finding_ids),
     }
     if cfg.baseline:
@@ -568,7 +600,9 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = _log) -> DemoResult:
     log(
         f"{n} training phantoms, {len(set(anatomy_texts))} distinct anatomy texts, "
         f"{len(set(train.reports))} distinct reports; normal/abnormal per anatomy: "
-        + ", ".join(f"{name} {int(train.abnormal[:, i].sum())}/{n} abnormal" for i, name in enumerate(anatomies))
+        + ", ".join(
+            f"{name} {int(train.abnormal[:, i].sum())}/{n} abnormal" for i, name in enumerate(anatomies)
+        )
     )
 
     # 3. train fVLM and the CLIP baseline side by side, one core each, same time budget
@@ -601,13 +635,19 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = _log) -> DemoResult:
             procs[kind] = ctx.Process(target=_train_worker, args=(job, progress[kind]), daemon=True)
             procs[kind].start()
         log(f"training {' and '.join(kinds)} for {budget:.0f} s each (one core each)")
-        with tqdm(total=int(budget), desc="training", unit="s", bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} s {postfix}") as bar:
+        with tqdm(
+            total=int(budget),
+            desc="training",
+            unit="s",
+            bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} s {postfix}",
+        ) as bar:
             t_train = time.perf_counter()
             while any(p.is_alive() for p in procs.values()):
                 time.sleep(1.0)
                 bar.n = min(int(budget), int(time.perf_counter() - t_train))
                 bar.set_postfix_str(
-                    "  ".join(f"{k}: step {int(v[0])} loss {v[2]:.3f}" for k, v in progress.items()), refresh=False
+                    "  ".join(f"{k}: step {int(v[0])} loss {v[2]:.3f}" for k, v in progress.items()),
+                    refresh=False,
                 )
                 bar.refresh()
         failed = [k for k, p in procs.items() if p.exitcode != 0]
@@ -663,7 +703,9 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = _log) -> DemoResult:
             f"{f[:22]:<22} {p:.2f}  {thr:.2f}  {'YES' if p >= thr else ' - '}  {'+' if test.truth[f][example] else '-'}"
             f"   ({CTRATE_LABEL_ANATOMY[f]})"
         )
-    files["phantom_png"] = str(plot_phantom(test.hu[example], test.labels[example], anatomies, lines, out / "phantom.png"))
+    files["phantom_png"] = str(
+        plot_phantom(test.hu[example], test.labels[example], anatomies, lines, out / "phantom.png")
+    )
     files["roc_png"] = str(plot_roc(test.truth, scores, out / "roc.png"))
     geom = test.geometry[example]
     files["example_ct"] = str(write_image(test.hu[example].astype(np.int16), geom, out / "example_ct.nii.gz"))
@@ -671,7 +713,9 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = _log) -> DemoResult:
     seconds["total"] = time.perf_counter() - t_start
     table["seconds"] = seconds
     table["config"] = asdict(cfg)
-    files["results_json"] = str(atomic_write_text(out / "results.json", json.dumps(table, indent=2, default=float)))
+    files["results_json"] = str(
+        atomic_write_text(out / "results.json", json.dumps(table, indent=2, default=float))
+    )
     header = (
         f"# fVLM demo: zero-shot AUC on {cfg.n_test} held-out phantoms\n\n"
         f"Trained {table['training']['fVLM']['steps']} steps ({seconds['training']:.0f} s, "
@@ -687,22 +731,42 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = _log) -> DemoResult:
         atomic_write_text(LAST_DEMO_MODEL, str(model_dir))
     except OSError:
         pass
-    return DemoResult(out=out, model_dir=model_dir, baseline_dir=baseline_dir, table=table, files=files, seconds=seconds)
+    return DemoResult(
+        out=out, model_dir=model_dir, baseline_dir=baseline_dir, table=table, files=files, seconds=seconds
+    )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = DemoConfig()
     parser.add_argument("--out", default=d.out, help="output folder (default: %(default)s)")
-    parser.add_argument("--minutes", type=float, default=d.minutes, help="wall-clock budget, end to end (default: %(default)s)")
-    parser.add_argument("--n-train", type=int, default=d.n_train, help="training phantoms (default: %(default)s)")
-    parser.add_argument("--n-calibration", type=int, default=d.n_calibration, help="threshold calibration phantoms")
-    parser.add_argument("--n-test", type=int, default=d.n_test, help="held-out test phantoms (default: %(default)s)")
-    parser.add_argument("--size", type=int, default=d.size, help="phantom edge in voxels, a multiple of 8 (default: %(default)s)")
+    parser.add_argument(
+        "--minutes",
+        type=float,
+        default=d.minutes,
+        help="wall-clock budget, end to end (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--n-train", type=int, default=d.n_train, help="training phantoms (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--n-calibration", type=int, default=d.n_calibration, help="threshold calibration phantoms"
+    )
+    parser.add_argument(
+        "--n-test", type=int, default=d.n_test, help="held-out test phantoms (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--size",
+        type=int,
+        default=d.size,
+        help="phantom edge in voxels, a multiple of 8 (default: %(default)s)",
+    )
     parser.add_argument("--seed", type=int, default=d.seed)
     parser.add_argument("--workers", type=int, default=d.workers, help="processes generating phantoms")
     parser.add_argument("--batch-size", type=int, default=d.batch_size)
     parser.add_argument("--lr", type=float, default=d.lr)
-    parser.add_argument("--no-baseline", action="store_true", help="skip the CLIP baseline (twice the budget for fVLM)")
+    parser.add_argument(
+        "--no-baseline", action="store_true", help="skip the CLIP baseline (twice the budget for fVLM)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -731,6 +795,8 @@ def run(args: argparse.Namespace) -> int:
     print("Outputs:")
     for key, path in result.files.items():
         print(f"  {key:<16} {path}")
-    print(f"\nTry it: fvlm analyze {result.files['example_ct']} --segmentation {result.files['example_anatomy']} "
-          f"--model {result.model_dir} --out {result.out / 'example_analysis.json'}")
+    print(
+        f"\nTry it: fvlm analyze {result.files['example_ct']} --segmentation {result.files['example_anatomy']} "
+        f"--model {result.model_dir} --out {result.out / 'example_analysis.json'}"
+    )
     return 0

@@ -41,3 +41,15 @@ def reports_csv() -> Path:
 def checkpoint_keys() -> Path:
     """Names and shapes of the official fVLM checkpoint."""
     return _require(CHECKPOINT_KEYS)
+
+
+@pytest.fixture(autouse=True)
+def _autograd_stays_enabled():
+    """Fail the test that leaves autograd disabled globally (it would break every later test)."""
+    yield
+    import sys
+
+    torch = sys.modules.get("torch")
+    if torch is not None and not torch.is_grad_enabled():
+        torch.set_grad_enabled(True)
+        pytest.fail("this test (or the code it ran) left torch autograd disabled globally")

@@ -52,6 +52,8 @@ DEMO_FINDINGS: tuple[str, ...] = (
 )
 PROTOCOLS = ("reference", "normal-negative", "positive-only")
 HEADLINE_PROTOCOL = "reference"
+#: Seconds one CPU thread of MiniLM takes per report (128 tokens), to plan the time budget.
+_TEXT_SECONDS_PER_REPORT = 0.04
 LAST_DEMO_MODEL = Path(os.environ.get("FVLM_CACHE", Path.home() / ".cache" / "fvlm")) / "last_demo_model.txt"
 
 
@@ -95,7 +97,8 @@ class DemoResult:
 @dataclass
 class DemoData:
     """Arrays of one split. ``hu`` (N, Z, Y, X) int16; ``labels`` (N, Z, Y, X) uint8 (model anatomies
-    only); ``texts`` per anatomy; ``reports``; ``abnormal`` (N, A); ``finding_ids`` (N, A);
+    only); ``texts`` per anatomy; ``reports``; ``abnormal`` (N, A); ``finding_labels`` (labels
+    extracted from each report, as a real dataset would have them);
     ``truth`` {finding: (N,) 0/1} from the rendered findings."""
 
     names: list[str]
@@ -105,14 +108,13 @@ class DemoData:
     texts: list[list[str]]
     reports: list[str]
     abnormal: np.ndarray
-    finding_ids: np.ndarray
+    finding_labels: list[dict[str, int]]
     truth: dict[str, np.ndarray]
 
 
 def _make_split(samples: Sequence[Any], anatomies: Sequence[str]) -> DemoData:
     from fvlm_core.data.synth import MASK_VALUES
-    from fvlm_core.loss import finding_set_id
-    from fvlm_core.reports import decompose_report, extract_labels, labels_by_anatomy
+    from fvlm_core.reports import decompose_report, extract_labels
 
     n, a = len(samples), len(anatomies)
     # Map the phantom mask values onto the model's anatomy order (anything else -> background).
@@ -124,14 +126,13 @@ def _make_split(samples: Sequence[Any], anatomies: Sequence[str]) -> DemoData:
     labels = np.stack([lut[s.labels] for s in samples])
     texts, reports = [], []
     abnormal = np.zeros((n, a), dtype=bool)
-    finding_ids = np.full((n, a), -1, dtype=np.int64)
+    finding_labels = []
     for k, s in enumerate(samples):
         findings, impression = s.report.get("Findings_EN", ""), s.report.get("Impressions_EN", "")
         dec = decompose_report(findings, impression, anatomies)
         texts.append([dec.texts[name] for name in anatomies])
         abnormal[k] = [bool(dec.abnormal[name]) for name in anatomies]
-        by_anatomy = labels_by_anatomy(extract_labels(f"{findings}\n{impression}"))
-        finding_ids[k] = [finding_set_id(by_anatomy.get(name, frozenset())) for name in anatomies]
+        finding_labels.append(extract_labels(f"{findings}\n{impression}"))
         # Impression first: the text encoder truncates at max_length, and the impression holds
         # every abnormal finding, the findings section mostly normal boilerplate.
         reports.append(f"{impression} {findings}".strip())
@@ -144,172 +145,121 @@ def _make_split(samples: Sequence[Any], anatomies: Sequence[str]) -> DemoData:
         texts=texts,
         reports=reports,
         abnormal=abnormal,
-        finding_ids=finding_ids,
+        finding_labels=finding_labels,
         truth=truth,
     )
 
 
-def encode_unique_texts(
-    model: Any, texts: Sequence[str], progress: Callable[[int], None] | None = None
-) -> dict:
-    """Pooled features of each distinct text with the frozen text encoder: ``{text: (H,) tensor}``.
+class DemoSamples:
+    """The training phantoms as :func:`training.train.train` samples, read from memory-mapped
+    arrays so both training processes share one copy (``hu``, ``labels``) plus a JSON of texts."""
 
-    Texts are sorted by length so each batch pads to a similar length (the cost is padding-bound).
-    """
-    import torch
+    def __init__(self, data_dir: str | os.PathLike) -> None:
+        d = Path(data_dir)
+        self.hu = np.load(d / "hu.npy", mmap_mode="r")
+        self.labels = np.load(d / "labels.npy", mmap_mode="r")
+        self.meta = json.loads((d / "meta.json").read_text())
 
-    from fvlm_core.model.text import encode_features
+    @staticmethod
+    def write(data: DemoData, anatomies: Sequence[str], data_dir: Path) -> None:
+        np.save(data_dir / "hu.npy", data.hu)
+        np.save(data_dir / "labels.npy", data.labels)
+        meta = {
+            "anatomies": list(anatomies),
+            "names": data.names,
+            "texts": data.texts,
+            "abnormal": data.abnormal.tolist(),
+            "finding_labels": data.finding_labels,
+            "reports": data.reports,
+        }
+        (data_dir / "meta.json").write_text(json.dumps(meta))
 
-    unique = sorted(set(texts), key=len)
-    out: dict[str, Any] = {}
-    batch = 64
-    with torch.inference_mode():
-        for i in range(0, len(unique), batch):
-            chunk = unique[i : i + batch]
-            feats = encode_features(model.text_encoder, model.tokenizer, chunk, model.config.text)
-            out.update(zip(chunk, feats.float()))
-            if progress:
-                progress(len(chunk))
-    return out
+    def __len__(self) -> int:
+        return len(self.meta["names"])
 
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        m, a = self.meta, self.meta["anatomies"]
+        return {
+            "name": m["names"][i],
+            "hu": np.asarray(self.hu[i]),
+            "labels": np.asarray(self.labels[i]),
+            "texts": dict(zip(a, m["texts"][i])),
+            "abnormal": dict(zip(a, m["abnormal"][i])),
+            "finding_labels": m["finding_labels"][i],
+            "report": m["reports"][i],
+            "anatomies": a,
+        }
 
-# ---------------------------------------------------------------------------------------------
-# Training (one process per model, one core each)
-# ---------------------------------------------------------------------------------------------
+    def texts(self, reports: bool = False) -> list[str]:
+        """Every text the text encoder will see (the trainer encodes them once, up front)."""
+        if reports:
+            return list(self.meta["reports"])
+        return [t for row in self.meta["texts"] for t in row]
 
 
 @dataclass
 class _TrainJob:
     kind: str  # "fvlm" or "clip"
-    model_config: Any  # FVLMConfig
-    data_dir: str  # memory-mapped arrays written by the parent
-    out_dir: str
+    recipe: dict[str, Any]  # a training recipe (training.train.load_train_config mapping)
+    data_dir: str  # DemoSamples folder written by the parent
+    run_dir: str  # training run folder (checkpoint, TensorBoard, summary)
+    out_dir: str  # where the final model is saved
     budget_seconds: float
-    seed: int
-    batch_size: int
-    lr: float
-    weight_decay: float
-    warmup_steps: int
-    disease_pairs: float
 
 
-def _window(hu: Any, hu_window: Sequence[float]) -> Any:
-    from fvlm_core.preprocess import window_hu
-
-    return window_hu(hu, hu_window)
+def _recipe(kind: str, model_cfg: Any, cfg: DemoConfig, seed: int) -> dict[str, Any]:
+    """The training recipe of one demo model: the project's trainer, one CPU thread, frozen text."""
+    return {
+        "model": model_cfg.to_dict(),
+        "objective": "fvlm" if kind == "fvlm" else "global_clip",
+        "data": {"crop_size": None, "random_crop": True, "flip_prob": 0.2},
+        "train": {
+            "epochs": 10_000,  # the time budget ends training; the cosine is then ~flat
+            "batch_size": cfg.batch_size,
+            "seed": seed,
+            "threads": 1,
+            "checkpoint_every": 10**9,  # one checkpoint, at the end
+            "progress_bar": False,
+            "log_every": 10,
+        },
+        "optim": {
+            "lr": cfg.lr,
+            "min_lr": cfg.lr * 0.01,
+            "warmup_steps": cfg.warmup_steps,
+            "weight_decay": cfg.weight_decay,
+        },
+        "loss": {"normal_pairs": True, "same_text": True, "disease_pairs": cfg.disease_pairs},
+    }
 
 
 def _train_worker(job: _TrainJob, progress: Any) -> None:
-    """Train one model for ``job.budget_seconds`` and ``save_pretrained`` it (runs in a child process)."""
+    """Train one model with :func:`training.train.train` for ``job.budget_seconds`` of training
+    loop (after the frozen text encoder has encoded the texts once) and ``save_pretrained`` it."""
     import torch
-    import torch.nn.functional as F
 
-    from fvlm_core.loss import FineGrainedContrastiveLoss
-    from fvlm_core.model import FVLM
-    from training.schedule import warmup_cosine_lr
+    from training.train import train
 
     torch.set_num_threads(1)
-    torch.manual_seed(job.seed)
-    rng = np.random.default_rng(job.seed)
-    d = Path(job.data_dir)
-    hu = np.load(d / "hu.npy", mmap_mode="r")
-    labels = np.load(d / "labels.npy", mmap_mode="r")
-    side = torch.load(d / "side.pt", weights_only=True)
-    model = FVLM.from_config(job.model_config)
-    model.train()
-    hu_window = model.config.model_space().hu_window
-    if job.kind == "fvlm":
-        loss_fn = FineGrainedContrastiveLoss(
-            normal_pairs=True, same_text=True, disease_pairs=job.disease_pairs, skip_without_abnormal=True
-        )
-        feats = side["anatomy_features"]  # (N, A, H)
-    else:  # plain CLIP on one "anatomy": the whole volume vs the whole report
-        loss_fn = FineGrainedContrastiveLoss(
-            normal_pairs=False, same_text=False, disease_pairs=0.0, skip_without_abnormal=False
-        )
-        feats = side["report_features"].unsqueeze(1)  # (N, 1, H)
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": job.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=job.lr,
+
+    def on_step(info: dict[str, Any]) -> None:
+        progress[0] = info.get("step", 0)
+        progress[1] = info.get("samples_per_s", 0.0)
+        progress[2] = float(info.get("loss", float("nan")))
+
+    summary = train(
+        job.recipe,
+        job.run_dir,
+        dataset=DemoSamples(job.data_dir),
+        resume=False,
+        progress=on_step,
+        max_minutes=job.budget_seconds / 60.0,
+        save_model=False,
     )
-    n = hu.shape[0]
-    start = time.perf_counter()
-    step, seen, total_steps = 0, 0, None
-    order = rng.permutation(n)
-    pos = 0
-    while True:
-        elapsed = time.perf_counter() - start
-        if elapsed >= job.budget_seconds:
-            break
-        if step == job.warmup_steps and total_steps is None:
-            # Time budget -> step budget, so the cosine ends when the time does.
-            total_steps = max(step + 1, int(job.budget_seconds / max(elapsed / max(step, 1), 1e-6)))
-        lr = warmup_cosine_lr(step, job.lr, job.warmup_steps, total_steps or 10**9, job.lr * 0.01)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        if pos + job.batch_size > n:
-            order, pos = rng.permutation(n), 0
-        idx = np.sort(order[pos : pos + job.batch_size])
-        pos += job.batch_size
-        image = _window(torch.from_numpy(np.asarray(hu[idx], dtype=np.float32)), hu_window).unsqueeze(1)
-        lab = torch.from_numpy(np.asarray(labels[idx], dtype=np.int64))
-        # Random flips (p=0.2 per axis, as the reference recipe); masks follow the image.
-        for axis in (2, 3, 4):
-            if rng.random() < 0.2:
-                image, lab = image.flip(axis), lab.flip(axis - 1)
-        tidx = torch.from_numpy(idx)
-        text = F.normalize(model.text_proj(feats[tidx]), dim=-1)  # frozen encoder: cached features
-        if job.kind == "fvlm":
-            emb = model.encode_image(image, lab)
-            out = loss_fn(
-                emb.embeddings,
-                text,
-                emb.present,
-                side["abnormal"][tidx],
-                side["text_ids"][tidx],
-                side["finding_ids"][tidx],
-                model.temperature,
-            )
-        else:
-            img = model.encode_image_global(image).unsqueeze(1)
-            ones = torch.ones(len(idx), 1, dtype=torch.bool)
-            out = loss_fn(
-                img,
-                text,
-                ones,
-                ones,
-                side["report_ids"][tidx].unsqueeze(1),
-                ones.long() * -1,
-                model.temperature,
-            )
-        opt.zero_grad(set_to_none=True)
-        out.loss.backward()
-        opt.step()
-        model.clamp_temperature_()
-        step += 1
-        seen += len(idx)
-        progress[0] = step
-        progress[1] = seen
-        progress[2] = float(out.loss.detach())
-    model.eval()
+    model = summary.pop("model")
     model.save_pretrained(job.out_dir)
-    Path(job.out_dir, "train_summary.json").write_text(
-        json.dumps(
-            {
-                "kind": job.kind,
-                "steps": step,
-                "samples_seen": seen,
-                "seconds": time.perf_counter() - start,
-                "samples_per_second": seen / max(time.perf_counter() - start, 1e-9),
-                "final_loss": float(progress[2]),
-                "temperature": float(model.temperature.detach()),
-            },
-            indent=2,
-        )
-    )
+    summary["kind"] = job.kind
+    summary["temperature"] = float(model.temperature.detach())
+    Path(job.out_dir, "train_summary.json").write_text(json.dumps(summary, indent=2, default=str))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -339,6 +289,7 @@ def score_split(model: Any, data: DemoData, kind: str, batch: int = 32) -> _Scor
     import torch
 
     from fvlm_core.findings import CTRATE_LABEL_ANATOMY
+    from fvlm_core.preprocess import window_hu
     from fvlm_core.zeroshot.prompts import probability
 
     model.eval()
@@ -346,9 +297,8 @@ def score_split(model: Any, data: DemoData, kind: str, batch: int = 32) -> _Scor
     embs = []
     with torch.no_grad():
         for i in range(0, len(data.names), batch):
-            image = _window(torch.from_numpy(data.hu[i : i + batch].astype(np.float32)), hu_window).unsqueeze(
-                1
-            )
+            hu = torch.from_numpy(data.hu[i : i + batch].astype(np.float32))
+            image = window_hu(hu, hu_window).unsqueeze(1)
             if kind == "fvlm":
                 lab = torch.from_numpy(data.labels[i : i + batch].astype(np.int64))
                 embs.append(model.encode_image(image, lab).embeddings)
@@ -535,14 +485,12 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = _log) -> DemoResult:
     import shutil
     import tempfile
 
-    import torch
     import torch.multiprocessing as mp
     from tqdm import tqdm
 
     from fvlm_core.atomic import atomic_write_text
     from fvlm_core.data.synth import iter_cohort
     from fvlm_core.io import write_image
-    from fvlm_core.loss import stable_text_id
     from fvlm_core.metrics import roc_corner_threshold
     from fvlm_core.model import FVLM
 
@@ -575,76 +523,47 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = _log) -> DemoResult:
             splits[name] = _make_split(samples, anatomies)
     seconds["phantoms"] = time.perf_counter() - t
 
-    # 2. frozen text encoder: features of every distinct text, once
-    t = time.perf_counter()
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
-    encoder = FVLM.from_config(model_cfg)
     train = splits["train"]
-    anatomy_texts = [txt for row in train.texts for txt in row]
-    all_texts = anatomy_texts + (train.reports if cfg.baseline else [])
-    with tqdm(total=len(set(all_texts)), desc="text features", unit="text") as bar:
-        feats = encode_unique_texts(encoder, all_texts, progress=bar.update)
     n = len(train.names)
-    side = {
-        "anatomy_features": torch.stack([torch.stack([feats[t] for t in row]) for row in train.texts]),
-        "abnormal": torch.from_numpy(train.abnormal),
-        "text_ids": torch.tensor(
-            [[stable_text_id(t) for t in row] for row in train.texts], dtype=torch.int64
-        ),
-        "finding_ids": torch.from_numpy(train.finding_ids),
-    }
-    if cfg.baseline:
-        side["report_features"] = torch.stack([feats[r] for r in train.reports])
-        side["report_ids"] = torch.tensor([stable_text_id(r) for r in train.reports], dtype=torch.int64)
-    seconds["text_features"] = time.perf_counter() - t
     log(
-        f"{n} training phantoms, {len(set(anatomy_texts))} distinct anatomy texts, "
-        f"{len(set(train.reports))} distinct reports; normal/abnormal per anatomy: "
+        f"{n} training phantoms, {len({t for row in train.texts for t in row})} distinct anatomy texts; "
         + ", ".join(
             f"{name} {int(train.abnormal[:, i].sum())}/{n} abnormal" for i, name in enumerate(anatomies)
         )
     )
 
-    # 3. train fVLM and the CLIP baseline side by side, one core each, same time budget
+    # 2. train fVLM and the CLIP baseline side by side with the project's trainer, one core each.
+    # Each first encodes its texts once with the frozen MiniLM (the baseline has more: one report
+    # per phantom), then trains for the same wall-clock budget.
     t = time.perf_counter()
-    budget = max(10.0, deadline - time.perf_counter() - cfg.reserve_seconds)
-    tmp_dir = Path(tempfile.mkdtemp(prefix=".demo-data-", dir=out))
+    kinds = ["fvlm"] + (["clip"] if cfg.baseline else [])
+    text_seconds = _TEXT_SECONDS_PER_REPORT * len(set(train.reports)) if cfg.baseline else 0.0
+    budget = max(10.0, deadline - time.perf_counter() - cfg.reserve_seconds - text_seconds)
+    data_dir = Path(tempfile.mkdtemp(prefix=".demo-data-", dir=out))
     model_dir, baseline_dir = out / "model", (out / "baseline" if cfg.baseline else None)
     try:
-        np.save(tmp_dir / "hu.npy", train.hu)
-        np.save(tmp_dir / "labels.npy", train.labels)
-        torch.save(side, tmp_dir / "side.pt")
-        kinds = ["fvlm"] + (["clip"] if cfg.baseline else [])
+        DemoSamples.write(train, anatomies, data_dir)
         ctx = mp.get_context("spawn")
         procs, progress = {}, {}
         for i, kind in enumerate(kinds):
             progress[kind] = ctx.Array("d", 3)
             job = _TrainJob(
                 kind=kind,
-                model_config=model_cfg,
-                data_dir=str(tmp_dir),
+                recipe=_recipe(kind, model_cfg, cfg, seed=cfg.seed + 10 + i),
+                data_dir=str(data_dir),
+                run_dir=str(out / "runs" / kind),
                 out_dir=str(model_dir if kind == "fvlm" else baseline_dir),
                 budget_seconds=budget,
-                seed=cfg.seed + 10 + i,
-                batch_size=cfg.batch_size,
-                lr=cfg.lr,
-                weight_decay=cfg.weight_decay,
-                warmup_steps=cfg.warmup_steps,
-                disease_pairs=cfg.disease_pairs,
             )
             procs[kind] = ctx.Process(target=_train_worker, args=(job, progress[kind]), daemon=True)
             procs[kind].start()
-        log(f"training {' and '.join(kinds)} for {budget:.0f} s each (one core each)")
-        with tqdm(
-            total=int(budget),
-            desc="training",
-            unit="s",
-            bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} s {postfix}",
-        ) as bar:
+        log(f"training {' and '.join(kinds)} for {budget:.0f} s each (one core each), after text encoding")
+        fmt = "{l_bar}{bar}| {n_fmt}/{total_fmt} s {postfix}"
+        with tqdm(total=int(budget + text_seconds), desc="training", unit="s", bar_format=fmt) as bar:
             t_train = time.perf_counter()
             while any(p.is_alive() for p in procs.values()):
                 time.sleep(1.0)
-                bar.n = min(int(budget), int(time.perf_counter() - t_train))
+                bar.n = min(bar.total, int(time.perf_counter() - t_train))
                 bar.set_postfix_str(
                     "  ".join(f"{k}: step {int(v[0])} loss {v[2]:.3f}" for k, v in progress.items()),
                     refresh=False,
@@ -656,10 +575,10 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = _log) -> DemoResult:
 
             raise FVLMError(f"demo training of {', '.join(failed)} failed (see the messages above).")
     finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
+        shutil.rmtree(data_dir, ignore_errors=True)
     seconds["training"] = time.perf_counter() - t
 
-    # 4. zero-shot evaluation; thresholds from the calibration set go into the model folder
+    # 3. zero-shot evaluation; thresholds from the calibration set go into the model folder
     t = time.perf_counter()
     models = {"fVLM": FVLM.from_pretrained(model_dir)}
     if baseline_dir is not None:
@@ -685,7 +604,7 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = _log) -> DemoResult:
     }
     seconds["evaluation"] = time.perf_counter() - t
 
-    # 5. outputs
+    # 4. outputs
     files: dict[str, str] = {}
     example = 0
     for i in range(len(test.names)):  # a test phantom with several findings makes a better picture
@@ -719,7 +638,7 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = _log) -> DemoResult:
     header = (
         f"# fVLM demo: zero-shot AUC on {cfg.n_test} held-out phantoms\n\n"
         f"Trained {table['training']['fVLM']['steps']} steps ({seconds['training']:.0f} s, "
-        f"{table['training']['fVLM']['samples_per_second']:.1f} samples/s) on {cfg.n_train} phantoms; "
+        f"{table['training']['fVLM']['samples_per_s']:.1f} samples/s) on {cfg.n_train} phantoms; "
         f"end to end {seconds['total']:.0f} s. Headline protocol: `{HEADLINE_PROTOCOL}`.\n"
     )
     files["results_md"] = str(atomic_write_text(out / "results.md", table_markdown(table, header)))

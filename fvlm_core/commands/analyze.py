@@ -96,17 +96,17 @@ def run(args: argparse.Namespace) -> int:
     segmentation = segment(ct, analyzer, args.segmentation, args.backend, args.class_map)
     timings["segment"] = time.perf_counter() - t
 
-    torch.set_grad_enabled(False)
     maps = ("all" if args.all_maps else True) if args.maps_dir else False
-    result = analyzer.analyze(
-        ct,
-        segmentation,
-        findings,
-        similarity_maps=maps,
-        strategy=args.windows,
-        max_window_zyx=args.max_window,
-        progress=(lambda m, f: say(f"[{f * 100:5.1f}%] {m}")),
-    )
+    with torch.no_grad():  # scoped: `fvlm analyze` may run inside a longer-lived process
+        result = analyzer.analyze(
+            ct,
+            segmentation,
+            findings,
+            similarity_maps=maps,
+            strategy=args.windows,
+            max_window_zyx=args.max_window,
+            progress=(lambda m, f: say(f"[{f * 100:5.1f}%] {m}")),
+        )
     if args.maps_dir:
         result.write_maps(args.maps_dir)
     result.timings = {**timings, **result.timings}

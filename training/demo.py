@@ -686,6 +686,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--no-baseline", action="store_true", help="skip the CLIP baseline (twice the budget for fVLM)"
     )
+    parser.add_argument(
+        "--disease-pairs",
+        type=float,
+        default=d.disease_pairs,
+        help="weight of the disease-aware pairing in the loss (0 = the public code's loss)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -707,6 +713,7 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         lr=args.lr,
         baseline=not args.no_baseline,
+        disease_pairs=args.disease_pairs,
     )
     result = run_demo(cfg)
     print()

@@ -1,8 +1,9 @@
 """Report decomposition: sentence splitting, anatomy assignment, reference and negation-aware
 normality, training texts, fVLM decomposition files, LLM hook, and bad input.
 
-The sentences below are real CT-RATE-style sentences taken from the shared labelled reports
-(short boilerplate and finding sentences), with the anatomies and normality a reader expects.
+Real report sentences are read from ../shared/data at run time (referenced by report id and
+sentence index; that data is CC BY-NC-SA and is not copied into the project); the other example
+sentences are written for these tests in CT-RATE style.
 """
 
 from __future__ import annotations
@@ -30,56 +31,52 @@ from fvlm_core.reports.negation import NEGATED, POSITIVE, UNCERTAIN, classify, p
 
 CT4 = ["lung", "heart", "esophagus", "aorta"]
 
-# (sentence, anatomies among the 4 CT-RATE ones, states an abnormality?)
-REAL_SENTENCES = [
-    ("Pericardial effusion-thickening was not observed.", {"heart"}, False),
-    ("Thoracic aorta diameter is normal.", {"aorta"}, False),
-    ("Mediastinal main vascular structures, heart contour, size are normal.", {"heart", "aorta"}, False),
-    (
-        "Thoracic esophageal calibration was normal and no significant tumoral wall thickening was detected.",
-        {"esophagus"},
-        False,
-    ),
-    ("Pleural effusion-thickening was not detected.", {"lung"}, False),
-    (
-        "Aeration of both lung parenchyma is normal and no nodular or infiltrative lesion is detected in the "
-        "lung parenchyma.",
-        {"lung"},
-        False,
-    ),
-    ("Trachea, both main bronchi are open.", {"lung"}, False),
-    ("Mild hiatal hernia is observed.", {"esophagus"}, True),
-    ("Diffuse calcific atheroma plaques were observed in the coronary arteries.", {"heart"}, True),
-    ("Calibration of the aortic arch is 30 mm wider than normal.", {"aorta"}, True),
-    (
-        "There are pleuroparenchymal sequelae densities in both upper lobe apicoposterior segments of both lungs.",
-        {"lung"},
-        True,
-    ),
-    (
-        "4 mm diameter nodule is observed in the anterior segment of the right lung upper lobe.",
-        {"lung"},
-        True,
-    ),
-    ("The heart is larger than normal.", {"heart"}, True),
-    ("Atheroma plaque was observed in the aortic arch.", {"aorta"}, True),
-    (
-        "Calcified atherosclerotic changes were observed in the wall of the thoracic aorta and coronary artery.",
-        {"aorta", "heart"},
-        True,
-    ),
-    ("There is minimal pleural effusion on the left.", {"lung"}, True),
-    (
-        "No space-occupying lesion was detected in the liver that entered the cross-sectional area.",
-        set(),
-        False,
-    ),
-    ("A slightly hypodense nodule is observed in the right lobe of the thyroid gland.", set(), True),
+# Real sentences of the shared labelled reports, referenced as (AccessionNo, index among
+# split_sentences(report_text)) so that no text of that CC BY-NC-SA data is copied here, with
+# the anatomies among the 4 CT-RATE ones a reader expects and whether it states an abnormality.
+REAL_SENTENCE_REFS = [
+    (("train_1", 3), {"heart"}, False),
+    (("train_1", 2), {"aorta"}, False),
+    (("train_1", 1), {"heart", "aorta"}, False),
+    (("train_1", 4), {"esophagus"}, False),
+    (("train_1", 7), {"lung"}, False),
+    (("train_68", 7), {"lung"}, False),
+    (("train_1", 0), {"lung"}, False),
+    (("train_113", 6), {"esophagus"}, True),
+    (("train_443", 5), {"heart"}, True),
+    (("train_263", 1), {"aorta"}, True),
+    (("train_75", 9), {"heart"}, True),
+    (("train_455", 2), {"aorta"}, True),
+    (("train_84", 3), {"aorta", "heart"}, True),
+    (("train_177", 6), {"lung"}, True),
+    (("train_1", 9), set(), False),
+]
+
+# Sentences written for this test in the same style.
+WRITTEN_SENTENCES = [
+    ("Sequelae densities are seen in the apical segments of both upper lung lobes.", {"lung"}, True),
+    ("A 5 mm nodule is seen in the right upper lobe.", {"lung"}, True),
+    ("The thyroid gland contains a small hypodense nodule.", set(), True),
 ]
 
 
-@pytest.mark.parametrize(("sentence", "anatomies", "abnormal"), REAL_SENTENCES)
-def test_real_sentences_anatomy_and_normality(sentence, anatomies, abnormal):
+@pytest.fixture(scope="module")
+def report_sentences(reports_csv):
+    """AccessionNo -> the report's sentences (split_sentences of report_text)."""
+    df = pd.read_csv(reports_csv)
+    return {acc: split_sentences(str(text)) for acc, text in zip(df["AccessionNo"], df["report_text"])}
+
+
+@pytest.mark.parametrize(("ref", "anatomies", "abnormal"), REAL_SENTENCE_REFS)
+def test_real_sentences_anatomy_and_normality(report_sentences, ref, anatomies, abnormal):
+    accession, index = ref
+    sentence = report_sentences[accession][index]
+    assert set(anatomies_in(prepare(sentence), CT4)) == anatomies, sentence
+    assert sentence_is_abnormal(sentence) is abnormal, sentence
+
+
+@pytest.mark.parametrize(("sentence", "anatomies", "abnormal"), WRITTEN_SENTENCES)
+def test_written_sentences_anatomy_and_normality(sentence, anatomies, abnormal):
     assert set(anatomies_in(prepare(sentence), CT4)) == anatomies
     assert sentence_is_abnormal(sentence) is abnormal
 
@@ -87,15 +84,13 @@ def test_real_sentences_anatomy_and_normality(sentence, anatomies, abnormal):
 def test_extended_catalog_anatomies():
     names = EXTENDED_CATALOG.names
     cases = {
-        "No space-occupying lesion was detected in the liver that entered the cross-sectional area.": {
-            "liver"
-        },
-        "Bilateral adrenal glands were normal and no space-occupying lesion was detected.": {"adrenal_gland"},
-        "A slightly hypodense nodule is observed in the right lobe of the thyroid gland.": {"thyroid_gland"},
-        "The contour, size, parenchyma density of the spleen is normal.": {"spleen"},
-        "No renal solid or cystic mass was detected.": {"kidney"},
-        "Vertebral corpus heights are preserved.": {"bone"},
-        "The main pulmonary artery diameter was 30 mm and wider than normal.": {"pulmonary_artery"},
+        "No focal lesion is seen in the liver within the scan range.": {"liver"},
+        "Both adrenal glands are normal without a mass.": {"adrenal_gland"},
+        "The thyroid gland contains a small hypodense nodule.": {"thyroid_gland"},
+        "Spleen size and density are normal.": {"spleen"},
+        "No solid or cystic renal mass is seen.": {"kidney"},
+        "Vertebral body heights are maintained.": {"bone"},
+        "The main pulmonary artery measures 31 mm, wider than normal.": {"pulmonary_artery"},
     }
     for sentence, expected in cases.items():
         assert set(anatomies_in(prepare(sentence), names)) == expected, sentence
@@ -130,12 +125,12 @@ def test_sentence_splitting_keeps_decimals_and_impression_items():
 
 def test_decompose_reference_and_negation_aware():
     findings = (
-        "Trachea, both main bronchi are open. Mediastinal main vascular structures, heart contour, size are "
-        "normal. Thoracic aorta diameter is normal. Pericardial effusion-thickening was not observed. "
-        "Thoracic esophageal calibration was normal and no significant tumoral wall thickening was detected. "
-        "Mild hiatal hernia is observed. When examined in the lung parenchyma window; A subpleural nodule with "
-        "a diameter of 3 mm is observed in the apicoposterior segment of the upper lobe of the left lung. "
-        "Diffuse calcific atheroma plaques were observed in the coronary arteries."
+        "Both main bronchi and the trachea are open. Heart contour and size and the main mediastinal vessels are "
+        "normal. The thoracic aorta is of normal diameter. No pericardial effusion or thickening was seen. "
+        "The thoracic esophagus has a normal calibre without significant wall thickening. "
+        "A small hiatal hernia is seen. In the lung window, a subpleural nodule of "
+        "3 mm is seen in the apicoposterior segment of the left upper lobe. "
+        "Calcific atheroma plaques are seen diffusely in the coronary arteries."
     )
     impression = "Hiatal hernia. Millimetric nodule in the left lung."
     r = decompose_report(findings, impression)
@@ -146,19 +141,19 @@ def test_decompose_reference_and_negation_aware():
     assert r.abnormal_findings == {"lung": True, "heart": True, "esophagus": True, "aorta": False}
     # normal anatomy: template followed by its findings sentences
     assert r.texts["aorta"].startswith(normal_template("aorta"))
-    assert "Thoracic aorta diameter is normal." in r.texts["aorta"]
+    assert "The thoracic aorta is of normal diameter." in r.texts["aorta"]
     assert r.texts["heart"].startswith("heart shows no significant abnormalities. ")
     assert "coronary arteries" in r.texts["heart"]
     # abnormal anatomy (reference order): impression sentences, then findings sentences, no template
     assert r.texts["esophagus"].startswith("Hiatal hernia. ")
     assert "shows no significant" not in r.texts["esophagus"]
-    assert r.texts["esophagus"].index("Hiatal hernia.") < r.texts["esophagus"].index("Mild hiatal hernia")
+    assert r.texts["esophagus"].index("Hiatal hernia.") < r.texts["esophagus"].index("A small hiatal hernia")
     assert r.texts["lung"].startswith("Millimetric nodule in the left lung. ")
     assert r.sentences["lung"][-1] == "Millimetric nodule in the left lung."
 
 
 def test_normal_anatomy_without_sentences_is_template_only():
-    r = decompose_report("Pericardial effusion-thickening was not observed.", "Normal thoracic CT.")
+    r = decompose_report("No pericardial effusion or thickening was seen.", "Normal thoracic CT.")
     assert r.texts["aorta"] == "aorta shows no significant abnormalities."
     assert r.texts["lung"] == "lung shows no significant abnormalities."
     assert not any(r.abnormal.values()) and not any(r.abnormal_findings.values())
@@ -177,14 +172,14 @@ def test_extended_anatomies_in_decomposition():
 
 def test_context_sentences_follow_their_anatomy():
     r = decompose_report(
-        "Patchy ground glass areas are observed in both lungs. The appearance was evaluated in favor of "
-        "infection in the first place. Pericardial effusion-thickening was not observed.",
+        "Patchy ground glass areas are observed in both lungs. This appearance was considered in favor of "
+        "infection first. No pericardial effusion or thickening was seen.",
         "Ground glass areas in both lungs. Findings may be compatible with infection. Atherosclerosis.",
     )
-    assert "The appearance was evaluated in favor of infection in the first place." in r.sentences["lung"]
+    assert "This appearance was considered in favor of infection first." in r.sentences["lung"]
     assert "Findings may be compatible with infection." in r.sentences["lung"]
     assert r.impression_sentences["aorta"] == ["Atherosclerosis."]  # bare atherosclerosis -> aorta
-    assert r.sentences["heart"] == ["Pericardial effusion-thickening was not observed."]
+    assert r.sentences["heart"] == ["No pericardial effusion or thickening was seen."]
     # ... but "coronary atherosclerosis" names the heart, and "Clinical correlation" names nothing
     assert anatomies_in(prepare("Coronary atherosclerosis."), CT4) == ["heart"]
     r = decompose_report("Clinical correlation is recommended.", "")
@@ -192,10 +187,10 @@ def test_context_sentences_follow_their_anatomy():
 
 
 def test_report_with_no_sections_is_findings():
-    text = "Mild hiatal hernia is observed. Pericardial effusion-thickening was not observed."
+    text = "A small hiatal hernia is seen. No pericardial effusion or thickening was seen."
     assert split_sections(text) == (text, "")
-    f, i = split_sections("FINDINGS: Mild hiatal hernia is observed.\nIMPRESSION: Hiatal hernia.")
-    assert (f, i) == ("Mild hiatal hernia is observed.", "Hiatal hernia.")
+    f, i = split_sections("FINDINGS: A small hiatal hernia is seen.\nIMPRESSION: Hiatal hernia.")
+    assert (f, i) == ("A small hiatal hernia is seen.", "Hiatal hernia.")
     r = decompose_report(text, "")
     assert not r.has_impression
     # without an impression the reference rule has nothing to read: negation-aware decides
@@ -216,7 +211,7 @@ def test_empty_and_non_english_reports():
         "Kein Pleuraerguss. Herz normal groß. Keine Raumforderung in der Lunge, kein Nachweis von Rundherden.",
     ):
         assert not looks_english(other), other
-    assert looks_english("Mild hiatal hernia is observed.")
+    assert looks_english("A small hiatal hernia is seen.")
     assert looks_english("Emphysema, bronchiectasis, atelectasis.")  # an impression list
     with pytest.warns(ReportWarning, match="English"):
         r = decompose_report(turkish, "")
@@ -248,7 +243,7 @@ def test_llm_hook_replaces_assignment():
 def test_load_fvlm_decomposition_files(tmp_path):
     desc = {
         "train_1_a": {"lung": "Minimal pleural effusion (on the left)", "heart": "Heart size is normal."},
-        "train_2_a": {"aorta": "Thoracic aorta diameter is normal."},
+        "train_2_a": {"aorta": "The thoracic aorta is of normal diameter."},
     }
     conc = {"train_1_a": {"lung": "Left pleural effusion."}, "train_2_a": {}}
     (tmp_path / "desc_info.json").write_text(json.dumps(desc))

@@ -578,54 +578,54 @@ _SIDE = {-1: "right", 1: "left", 0: "bilateral"}
 
 _NORMAL = {
     "airway": [
-        "Trachea and both main bronchi are open.",
-        "Trachea, both main bronchi are open.",
+        "Trachea and main bronchi are patent.",
+        "Both main bronchi and the trachea are open.",
         "The trachea and main bronchi are patent. No occlusive pathology was observed in the lumen.",
     ],
     "mediastinum": [
-        "Mediastinal main vascular structures, heart contour, size are normal.",
+        "Heart contour and size and the main mediastinal vessels are normal.",
         "Heart contour and size are normal. Mediastinal main vascular structures are normal.",
         "The heart size is within normal limits.",
     ],
     "aorta": [
-        "Thoracic aorta diameter is normal.",
+        "The thoracic aorta is of normal diameter.",
         "The thoracic aorta has a normal calibre and no calcific plaque was observed.",
         "No calcified atherosclerotic plaque was detected in the thoracic aorta.",
     ],
     "pericardium": [
-        "Pericardial effusion-thickening was not observed.",
-        "No pericardial effusion or thickening was detected.",
-        "Pericardial effusion-thickening was not detected.",
+        "No pericardial effusion or thickening was seen.",
+        "There is no pericardial effusion or pericardial thickening.",
+        "Pericardial effusion or thickening was not detected.",
     ],
     "coronary": [
         "No calcification was observed in the coronary arteries.",
         "No coronary artery calcification was detected.",
     ],
     "esophagus": [
-        "Thoracic esophageal calibration was normal and no significant tumoral wall thickening was detected.",
-        "Thoracic esophagus calibration was normal and no significant pathological wall thickening was detected.",
+        "The thoracic esophagus has a normal calibre without significant wall thickening.",
+        "Calibre of the thoracic esophagus is normal, with no pathological wall thickening.",
         "The esophagus is of normal calibre.",
     ],
     "nodes": [
-        "No enlarged lymph nodes in prevascular, pre-paratracheal, subcarinal or bilateral hilar-axillary pathological dimensions were detected.",
+        "No lymph nodes of pathological size were detected in the prevascular, paratracheal, subcarinal or hilar regions.",
         "No lymph node was observed in the mediastinum and hilar regions in pathological size and appearance.",
     ],
     "lung": [
-        "When examined in the lung parenchyma window; aeration of both lung parenchyma is normal and no nodular or infiltrative lesion is detected in the lung parenchyma.",
-        "When examined in the lung parenchyma window; no mass or infiltrative lesion was detected in both lungs.",
+        "In the lung window, aeration of both lung parenchyma is normal and no nodular or infiltrative lesion is detected in the lung parenchyma.",
+        "In the lung window, no mass or infiltrative lesion was detected in both lungs.",
         "Both lungs are clear; no focal nodule, consolidation or emphysematous change was observed.",
     ],
     "pleura": [
-        "Pleural effusion-thickening was not detected.",
-        "No pleural effusion was observed.",
+        "No pleural effusion or thickening was detected.",
+        "No pleural fluid was seen.",
         "There is no pleural effusion or pneumothorax.",
     ],
     "abdomen": [
-        "Upper abdominal organs included in the sections are normal.",
+        "The upper abdominal organs within the scan range are unremarkable.",
         "As far as can be seen, within the sections; upper abdominal organs are normal.",
     ],
     "bone": [
-        "Bone structures in the study area are natural. Vertebral corpus heights are preserved.",
+        "Bony structures in the scanned area are normal. Vertebral body heights are maintained.",
         "No lytic or destructive lesion was detected in the bone structures within the study area.",
     ],
 }
@@ -726,7 +726,7 @@ def write_report(
                 rng,
                 [
                     "A hiatal hernia is observed at the lower end of the esophagus.",
-                    "Sliding type hiatal hernia was observed.",
+                    "A sliding hiatal hernia is present.",
                     "Hiatal hernia is present at the esophagogastric junction.",
                 ],
             )
@@ -817,7 +817,7 @@ def write_report(
             _pick(rng, [f"Atelectasis in the {s} lung.", f"Atelectatic changes in the {s} lung base."])
         )
     if lung_sent:
-        sent["lung"] = ["When examined in the lung parenchyma window;", *lung_sent]
+        sent["lung"] = ["Lung window evaluation:", *lung_sent]
     if "Pleural effusion" in ab:
         sides = extras.get("effusion_sides", (0,))
         s = "bilateral" if len(sides) == 2 else _SIDE[sides[0]]

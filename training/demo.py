@@ -246,12 +246,14 @@ def _train_worker(job: _TrainJob, progress: Any) -> None:
         progress[1] = info.get("samples_per_s", 0.0)
         progress[2] = float(info.get("loss", float("nan")))
 
+    parent = os.getppid()
     summary = train(
         job.recipe,
         job.run_dir,
         dataset=DemoSamples(job.data_dir),
         resume=False,
         progress=on_step,
+        should_stop=lambda: os.getppid() != parent,  # the demo was killed: stop, do not linger
         max_minutes=job.budget_seconds / 60.0,
         save_model=False,
     )
@@ -540,11 +542,12 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = _log) -> DemoResult:
     text_seconds = _TEXT_SECONDS_PER_REPORT * len(set(train.reports)) if cfg.baseline else 0.0
     budget = max(10.0, deadline - time.perf_counter() - cfg.reserve_seconds - text_seconds)
     data_dir = Path(tempfile.mkdtemp(prefix=".demo-data-", dir=out))
+    procs: dict[str, Any] = {}
     model_dir, baseline_dir = out / "model", (out / "baseline" if cfg.baseline else None)
     try:
         DemoSamples.write(train, anatomies, data_dir)
         ctx = mp.get_context("spawn")
-        procs, progress = {}, {}
+        progress = {}
         for i, kind in enumerate(kinds):
             progress[kind] = ctx.Array("d", 3)
             job = _TrainJob(
@@ -575,6 +578,10 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = _log) -> DemoResult:
 
             raise FVLMError(f"demo training of {', '.join(failed)} failed (see the messages above).")
     finally:
+        for p in procs.values():  # interrupted (Ctrl-C, an error): no training process outlives the demo
+            if p.is_alive():
+                p.terminate()
+                p.join(timeout=10)
         shutil.rmtree(data_dir, ignore_errors=True)
     seconds["training"] = time.perf_counter() - t
 

@@ -716,6 +716,8 @@ def train(
                         peer = None
                         if "peer_image" in res:
                             peer = PeerEmbeddings(res["peer_image"], res["peer_text"], res["peer_tau"])
+                        # the batch's targets, moved once for the model's and the peer's loss
+                        targets = tuple(batch[k].to(device) for k in ("abnormal", "text_ids", "finding_ids"))
                         if cfg["objective"] == "global_clip":
                             b = res["image"].shape[0]
                             ids = torch.arange(b, device=device)[:, None]
@@ -730,14 +732,7 @@ def train(
                             )
                         else:
                             lo = loss_fn(
-                                res["image"],
-                                res["text"],
-                                res["present"],
-                                batch["abnormal"].to(device),
-                                batch["text_ids"].to(device),
-                                batch["finding_ids"].to(device),
-                                res["tau"],
-                                peer=peer,
+                                res["image"], res["text"], res["present"], *targets, res["tau"], peer=peer
                             )
                         total = lo.loss
                         if peer is not None:  # the peer learns from the model in turn
@@ -745,9 +740,7 @@ def train(
                                 res["peer_image"],
                                 res["peer_text"],
                                 res["present"],
-                                batch["abnormal"].to(device),
-                                batch["text_ids"].to(device),
-                                batch["finding_ids"].to(device),
+                                *targets,
                                 res["peer_tau"],
                                 peer=PeerEmbeddings(res["image"], res["text"], res["tau"]),
                             )

@@ -61,6 +61,9 @@ RENDERED_FINDINGS: tuple[str, ...] = tuple(DEFAULT_PREVALENCE)
 #: Fraction of scans drawn fully normal before the independent per-finding draws (so normal
 #: reports are common, as in CT-RATE); a finding's overall rate is ``prevalence * (1 - this)``.
 DEFAULT_NORMAL_FRACTION = 0.1
+#: Calcified plaques are drawn as spheres of this radius: at the demo's 6 mm voxels a smaller
+#: spot is one partial-volume voxel, below what the 8-voxel token grid can learn in minutes.
+CALCIFICATION_RADIUS_MM = 4.5
 
 #: Fraction of the cohort written to the validation split by default.
 DEFAULT_VALID_FRACTION = 0.2
@@ -234,24 +237,24 @@ def sample_params(rng: np.random.Generator, grid: _Grid) -> PhantomParams:
     f = p.f
     f["effusion_side"] = int(rng.choice([-1, 1, 0]))  # -1 right, 1 left, 0 both
     f["effusion_depth"] = rng.uniform(0.25, 0.45)  # fraction of the hemithorax AP depth
-    f["emph_blobs"] = [(rng.uniform(0, 1, 3), rng.uniform(10, 20)) for _ in range(9)]
-    f["nodules"] = [(rng.uniform(0, 1, 3), rng.uniform(5, 10)) for _ in range(int(rng.integers(1, 4)))]
+    f["emph_blobs"] = [(rng.uniform(0, 1, 3), rng.uniform(16, 28)) for _ in range(9)]
+    f["nodules"] = [(rng.uniform(0, 1, 3), rng.uniform(8, 14)) for _ in range(int(rng.integers(1, 4)))]
     f["consol_side"] = int(rng.choice([-1, 1]))
-    f["consol"] = [(rng.uniform(0, 1, 3), rng.uniform(18, 32)) for _ in range(2)]
+    f["consol"] = [(rng.uniform(0, 1, 3), rng.uniform(28, 40)) for _ in range(2)]
     f["atel_side"] = int(rng.choice([-1, 1]))
-    f["atel_thickness"] = rng.uniform(7, 12)
+    f["atel_thickness"] = rng.uniform(14, 22)
     f["atel_tilt"] = rng.uniform(0.2, 0.6)
     f["cardio_scale"] = rng.uniform(1.25, 1.4)
     f["peri_thickness"] = rng.uniform(8, 14)
     f["aortic_calc"] = [
-        (rng.uniform(0, 1), rng.uniform(0, 2 * np.pi), rng.uniform(600, 1000)) for _ in range(8)
+        (rng.uniform(0, 1), rng.uniform(0, 2 * np.pi), rng.uniform(600, 1000)) for _ in range(12)
     ]
     f["coronary_calc"] = [
-        (rng.uniform(-0.6, 0.7), rng.uniform(0.2, 2.9), rng.uniform(500, 900)) for _ in range(5)
+        (rng.uniform(-0.6, 0.7), rng.uniform(0.2, 2.9), rng.uniform(500, 900)) for _ in range(8)
     ]
     f["hernia_radius"] = rng.uniform(22, 32)
     f["ggo_side"] = int(rng.choice([-1, 1]))
-    f["ggo"] = [(rng.uniform(0, 1, 3), rng.uniform(20, 35)) for _ in range(2)]
+    f["ggo"] = [(rng.uniform(0, 1, 3), rng.uniform(28, 42)) for _ in range(3)]
     f["nodes"] = [(rng.uniform(-1, 1, 3), rng.uniform(8, 12)) for _ in range(2)]
     f["catheter_side"] = int(rng.choice([-1, 1]))
     return p
@@ -534,7 +537,7 @@ def render_phantom(
             u /= np.linalg.norm(u) + 1e-6
             v = np.cross(axis, u)
             c = c0 + (r - 1.5) * (math.cos(ang) * u + math.sin(ang) * v)
-            _paint_sphere(hu, grid, c, 3.0, val, within=aorta.astype(np.float32))
+            _paint_sphere(hu, grid, c, CALCIFICATION_RADIUS_MM, val, within=(labels == MASK_VALUES["aorta"]).astype(np.float32))
     if "Coronary artery wall calcification" in findings:
         for du, ang, val in f["coronary_calc"]:
             # Points on the upper/anterior heart surface (the coronary grooves), inside the fat rim.
@@ -544,7 +547,7 @@ def render_phantom(
                 h_c
                 + h_ax * np.array([dz, -ring * math.sin(ang), ring * math.cos(ang)], dtype=np.float32) * 0.93
             )
-            _paint_sphere(hu, grid, c, 3.0, val, within=heart_only.astype(np.float32))
+            _paint_sphere(hu, grid, c, CALCIFICATION_RADIUS_MM, val, within=heart_only.astype(np.float32))
     if "Lymphadenopathy" in findings:
         for u, r in f["nodes"]:
             c = carina + np.array([10 * u[0], 15 * u[1] - 5, 25 * u[2]], dtype=np.float32)

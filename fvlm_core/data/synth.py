@@ -537,7 +537,14 @@ def render_phantom(
             u /= np.linalg.norm(u) + 1e-6
             v = np.cross(axis, u)
             c = c0 + (r - 1.5) * (math.cos(ang) * u + math.sin(ang) * v)
-            _paint_sphere(hu, grid, c, CALCIFICATION_RADIUS_MM, val, within=(labels == MASK_VALUES["aorta"]).astype(np.float32))
+            _paint_sphere(
+                hu,
+                grid,
+                c,
+                CALCIFICATION_RADIUS_MM,
+                val,
+                within=(labels == MASK_VALUES["aorta"]).astype(np.float32),
+            )
     if "Coronary artery wall calcification" in findings:
         for du, ang, val in f["coronary_calc"]:
             # Points on the upper/anterior heart surface (the coronary grooves), inside the fat rim.

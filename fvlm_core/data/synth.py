@@ -527,6 +527,7 @@ def render_phantom(
         extras["nodule_sides"] = sides
         extras["nodule_size_mm"] = 2 * max(r for _, r in f["nodules"])
     if "Arterial wall calcification" in findings:
+        aorta_voxels = labels == MASK_VALUES["aorta"]  # plaques only where the label map says aorta
         for t, ang, val in f["aortic_calc"]:
             p0, p1, r = aorta_pts[3] if t > 0.45 else aorta_pts[int(t / 0.15) % 3]
             p0, p1 = np.asarray(p0, np.float32), np.asarray(p1, np.float32)
@@ -537,14 +538,7 @@ def render_phantom(
             u /= np.linalg.norm(u) + 1e-6
             v = np.cross(axis, u)
             c = c0 + (r - 1.5) * (math.cos(ang) * u + math.sin(ang) * v)
-            _paint_sphere(
-                hu,
-                grid,
-                c,
-                CALCIFICATION_RADIUS_MM,
-                val,
-                within=(labels == MASK_VALUES["aorta"]).astype(np.float32),
-            )
+            _paint_sphere(hu, grid, c, CALCIFICATION_RADIUS_MM, val, within=aorta_voxels)
     if "Coronary artery wall calcification" in findings:
         for du, ang, val in f["coronary_calc"]:
             # Points on the upper/anterior heart surface (the coronary grooves), inside the fat rim.
@@ -554,7 +548,7 @@ def render_phantom(
                 h_c
                 + h_ax * np.array([dz, -ring * math.sin(ang), ring * math.cos(ang)], dtype=np.float32) * 0.93
             )
-            _paint_sphere(hu, grid, c, CALCIFICATION_RADIUS_MM, val, within=heart_only.astype(np.float32))
+            _paint_sphere(hu, grid, c, CALCIFICATION_RADIUS_MM, val, within=heart_only)
     if "Lymphadenopathy" in findings:
         for u, r in f["nodes"]:
             c = carina + np.array([10 * u[0], 15 * u[1] - 5, 25 * u[2]], dtype=np.float32)

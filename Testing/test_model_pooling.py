@@ -25,6 +25,7 @@ def model() -> FVLM:
     cfg["vision"].update(img_size=[16, 16, 16], patch_size=[4, 4, 4], cnn_stem_patch=2, cnn_channels=[8, 16])
     cfg["vision"]["hidden_size"] = 32
     cfg["embed_dim"] = 16
+    cfg["profile_bins"] = 0  # the reference pooling; the profile extension: test_model_profile.py
     torch.manual_seed(0)
     m = FVLM.from_config(load_config_from_dict(cfg)).eval()
     with torch.no_grad():  # the reference zero-initialises queries; random ones make the test sharper

@@ -149,6 +149,12 @@ class FVLMConfig:
     pool_dropout: float = 0.1
     temperature_init: float = 0.07
     temperature_range: tuple[float, float] = (0.001, 0.5)
+    #: anatomy intensity profile (project extension; 0 = off, as in the reference): histogram
+    #: bins of each anatomy's windowed voxel intensities, embedded with its volume and added to
+    #: the pooled embedding (``fvlm_core.model.profile``).
+    profile_bins: int = 0
+    #: width of the profile MLP.
+    profile_hidden: int = 64
     #: a ``fvlm_core.preprocess.ModelSpaceConfig`` as a dict.
     preprocessing: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_PREPROCESSING))
     #: ``fvlm_core.findings.Finding`` dicts; ``None`` -> the CT-RATE findings on this model's anatomies.
@@ -176,6 +182,13 @@ class FVLMConfig:
                 f"temperature_init {self.temperature_init} must lie in temperature_range [{lo}, {hi}]"
             )
         self.temperature_range = (lo, hi)
+        self.profile_bins = int(self.profile_bins)
+        self.profile_hidden = int(self.profile_hidden)
+        if self.profile_bins < 0 or self.profile_bins == 1 or self.profile_hidden < 1:
+            raise ConfigError(
+                f"profile_bins must be 0 (off) or at least 2 and profile_hidden positive, got "
+                f"{self.profile_bins} and {self.profile_hidden}"
+            )
         self.preprocessing = {**DEFAULT_PREPROCESSING, **dict(self.preprocessing or {})}
         if self.findings is None:
             self.findings = _default_findings(self.anatomies)

@@ -3,11 +3,13 @@
 Parameter names equal the official checkpoint's (LAVIS layout): ``visual_encoder.*`` (MONAI
 ViT), ``text_encoder.*`` (BERT), ``text_proj``, ``vision_projs.{a}``, ``attention.*`` (the shared
 pooling attention), ``query_tokens`` and ``temp``. Project-only parameters: ``global_proj``
-(whole-volume embedding for the CLIP baseline) and the MONAI ``norm_cross_attn`` layer norms.
+(whole-volume embedding for the CLIP baseline), and with ``profile_bins > 0`` the anatomy
+intensity-profile MLPs ``profile_embed`` and ``global_profile_embed`` (:mod:`fvlm_core.model.profile`).
 """
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
 
@@ -24,6 +26,7 @@ from fvlm_core.model.pooling import (
     token_embeddings,
     token_membership,
 )
+from fvlm_core.model.profile import ProfileEmbedding, intensity_profiles
 from fvlm_core.model.text import TextFeatureCache, build_text_encoder, encode_features
 from fvlm_core.model.vision import TokenGrid, build_vision_encoder
 
@@ -62,6 +65,12 @@ class FVLM(nn.Module):
         self.query_tokens = nn.Parameter(torch.zeros(len(self.anatomies), c))
         self.temp = nn.Parameter(torch.tensor(float(config.temperature_init)))
         self.global_proj = nn.Linear(c, d)
+        self.profile_embed: ProfileEmbedding | None = None
+        self.global_profile_embed: ProfileEmbedding | None = None
+        if config.profile_bins:
+            n_feat, hid = config.profile_bins + 1, config.profile_hidden
+            self.profile_embed = ProfileEmbedding(len(self.anatomies), n_feat, hid, c)
+            self.global_profile_embed = ProfileEmbedding(1, n_feat, hid, c)
         self._text_cache = TextFeatureCache()
         if config.text.freeze:
             self.text_encoder.requires_grad_(False)
@@ -130,8 +139,13 @@ class FVLM(nn.Module):
         present: torch.Tensor | None = None,
         return_tokens: bool = False,
         membership: torch.Tensor | None = None,
+        profiles: torch.Tensor | None = None,
     ) -> AnatomyEmbeddings:
-        """Anatomy embeddings from already computed tokens (see :meth:`encode_image`)."""
+        """Anatomy embeddings from already computed tokens (see :meth:`encode_image`).
+
+        ``profiles (B, A, profile_bins + 1)`` (:meth:`intensity_profiles`) is required when the
+        model has the profile extension and ignored otherwise.
+        """
         b = tokens.final.shape[0]
         a = len(self.anatomies)
         n_tok = tokens.final.shape[1]
@@ -157,6 +171,7 @@ class FVLM(nn.Module):
         else:
             pooled_membership = membership
         is_present = pooled_membership.any(-1)
+        profile_term = None
         dropout_p = self.attention.dropout if self.training else 0.0
         pooled, weights = attend_anatomies(
             tokens.levels,
@@ -166,6 +181,17 @@ class FVLM(nn.Module):
             dropout_p=dropout_p,
             need_weights=return_tokens,
         )
+        if self.profile_embed is not None:
+            if profiles is None:
+                raise InputError(
+                    "this model adds anatomy intensity profiles (profile_bins > 0): pass profiles "
+                    "(model.intensity_profiles(image, labels)) or call encode_image with the label map"
+                )
+            expected_p = (b, a, self.config.profile_bins + 1)
+            if tuple(profiles.shape) != expected_p:
+                raise InputError(f"profiles must have shape {expected_p}, got {tuple(profiles.shape)}")
+            profile_term = self.profile_embed(profiles.to(pooled.device, pooled.dtype))
+            pooled = pooled + profile_term
         emb = F.normalize(project_anatomies(pooled, self.vision_projs), dim=-1)
         emb = emb * is_present.unsqueeze(-1).to(emb.dtype)
         out = AnatomyEmbeddings(
@@ -177,7 +203,9 @@ class FVLM(nn.Module):
             patch_size=tokens.patch_size,
         )
         if return_tokens:
-            out.tokens = token_embeddings(tokens.levels, self.attention, self.vision_projs)
+            out.tokens = token_embeddings(
+                tokens.levels, self.attention, self.vision_projs, offset=profile_term
+            )
             out.attention = weights.sum(2) if weights is not None else None
         return out
 
@@ -204,18 +232,47 @@ class FVLM(nn.Module):
             :class:`AnatomyEmbeddings` with ``embeddings (B, A, D)`` (zeros where absent) and
             ``present (B, A)``.
         """
+        profiles = None
+        if self.profile_embed is not None:
+            if labels is None:
+                raise InputError(
+                    "this model adds anatomy intensity profiles (profile_bins > 0), which need the "
+                    "label map: pass labels, not only a token membership"
+                )
+            profiles = self.intensity_profiles(image, labels)
         return self.pool(
             self.encode_tokens(image),
             labels,
             present=present,
             return_tokens=return_tokens,
             membership=membership,
+            profiles=profiles,
         )
 
+    def intensity_profiles(self, image: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """``(B, A, profile_bins + 1)`` anatomy intensity profiles (:func:`~fvlm_core.model.profile.intensity_profiles`)
+        of a windowed ``image (B, 1, Z, Y, X)`` and its label map ``(B, Z, Y, X)``."""
+        if not self.config.profile_bins:
+            raise InputError("this model has no intensity profiles (profile_bins is 0)")
+        return intensity_profiles(
+            image, labels.to(image.device), len(self.anatomies), self.config.profile_bins, self._voxel_ml
+        )
+
+    @property
+    def _voxel_ml(self) -> float:
+        """Volume of one model-space voxel in mL."""
+        return math.prod(self.config.model_space().spacing_zyx) / 1000.0
+
     def encode_image_global(self, image: torch.Tensor) -> torch.Tensor:
-        """``(B, D)`` L2-normalised whole-window embedding (mean of final tokens, ``global_proj``)."""
+        """``(B, D)`` L2-normalised whole-window embedding (mean of final tokens, ``global_proj``;
+        plus the whole window's intensity profile when the model has profiles)."""
         tokens = self.encode_tokens(image)
-        return F.normalize(self.global_proj(tokens.final.mean(1)), dim=-1)
+        pooled = tokens.final.mean(1)
+        if self.global_profile_embed is not None:
+            whole = torch.ones(image.shape[0], *image.shape[2:], dtype=torch.uint8, device=image.device)
+            prof = intensity_profiles(image, whole, 1, self.config.profile_bins, self._voxel_ml)
+            pooled = pooled + self.global_profile_embed(prof.to(pooled.dtype))[:, 0]
+        return F.normalize(self.global_proj(pooled), dim=-1)
 
     # ------------------------------------------------------------------ text
     @property

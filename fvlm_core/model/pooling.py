@@ -232,13 +232,18 @@ def project_anatomies(pooled: torch.Tensor, projections: nn.ModuleList) -> torch
 
 
 def token_embeddings(
-    levels: Sequence[torch.Tensor], attention: nn.MultiheadAttention, projections: nn.ModuleList
+    levels: Sequence[torch.Tensor],
+    attention: nn.MultiheadAttention,
+    projections: nn.ModuleList,
+    offset: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``(B, A, L, D)`` L2-normalised per-token embeddings for similarity maps.
 
     A pooled embedding is an attention-weighted mix of key values taken through ``out_proj`` and the
     anatomy projection; this applies the same chain to each token's value (averaged over levels),
     so ``tokens @ text_embedding`` tells which tokens push the anatomy towards a text.
+    ``offset (B, A, C)`` is a per-anatomy term the pooled vector received before the projection
+    (the intensity profile); it is added to every token, as the attention weights sum to one.
     """
     c = levels[0].shape[-1]
     w_v = attention.in_proj_weight[2 * c :]
@@ -246,5 +251,8 @@ def token_embeddings(
     v = torch.stack([F.linear(t, w_v, b_v) for t in levels]).mean(0)  # (B, L, C)
     v = attention.out_proj(v)
     a = len(projections)
-    proj = project_anatomies(v.unsqueeze(1).expand(-1, a, -1, -1), projections)
+    v = v.unsqueeze(1).expand(-1, a, -1, -1)
+    if offset is not None:
+        v = v + offset.unsqueeze(2)
+    proj = project_anatomies(v, projections)
     return F.normalize(proj, dim=-1)

@@ -173,3 +173,21 @@ def test_reports_are_understood_by_the_report_rules():
         assert extract_labels(s.report["Findings_EN"] + " " + s.report["Impressions_EN"]) == s.label_row, (
             s.report
         )
+
+
+def test_abnormal_lung_reports_also_rule_out_absent_lung_findings():
+    """Like CT-RATE readers, reports of an abnormal lung state some absent lung findings as
+    negated (the text side then learns what "no X" means), and the label rules read them as 0."""
+    from fvlm_core.reports import extract_labels
+
+    rng = np.random.default_rng(4)
+    negated = set()
+    for _ in range(40):
+        report = synth.write_report(frozenset({"Emphysema"}), {}, rng)
+        text = report["Findings_EN"] + " " + report["Impressions_EN"]
+        for finding, options in synth._LUNG_NEGATIONS.items():
+            if any(o in text for o in options):
+                negated.add(finding)
+        labels = extract_labels(text)
+        assert [k for k in synth._LUNG_NEGATIONS if labels[k]] == ["Emphysema"], text
+    assert negated == set(synth._LUNG_NEGATIONS) - {"Emphysema"}

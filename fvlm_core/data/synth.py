@@ -618,6 +618,7 @@ _NORMAL = {
         "In the lung window, aeration of both lung parenchyma is normal and no nodular or infiltrative lesion is detected in the lung parenchyma.",
         "In the lung window, no mass or infiltrative lesion was detected in both lungs.",
         "Both lungs are clear; no focal nodule, consolidation or emphysematous change was observed.",
+        "No consolidation, ground-glass opacity, atelectasis or emphysema was observed in either lung.",
     ],
     "pleura": [
         "No pleural effusion or thickening was detected.",
@@ -632,6 +633,17 @@ _NORMAL = {
         "Bony structures in the scanned area are normal. Vertebral body heights are maintained.",
         "No lytic or destructive lesion was detected in the bone structures within the study area.",
     ],
+}
+
+#: negations a reader adds for lung findings that are absent when others are present (CT-RATE
+#: reports of abnormal lungs often list what was ruled out); each absent finding is stated with
+#: probability 1/2.
+_LUNG_NEGATIONS = {
+    "Emphysema": ["No emphysematous change was observed.", "There is no emphysema."],
+    "Lung nodule": ["No pulmonary nodule was detected.", "No nodular lesion was observed in either lung."],
+    "Consolidation": ["No consolidation was observed.", "There is no pneumonic consolidation."],
+    "Lung opacity": ["No ground-glass opacity was seen.", "No ground glass density was observed in the lungs."],
+    "Atelectasis": ["No atelectasis was observed.", "There is no atelectatic change."],
 }
 
 _NORMAL_IMPRESSIONS = [
@@ -821,6 +833,9 @@ def write_report(
             _pick(rng, [f"Atelectasis in the {s} lung.", f"Atelectatic changes in the {s} lung base."])
         )
     if lung_sent:
+        for finding, options in _LUNG_NEGATIONS.items():
+            if finding not in ab and rng.random() < 0.5:
+                lung_sent.append(_pick(rng, options))
         sent["lung"] = ["Lung window evaluation:", *lung_sent]
     if "Pleural effusion" in ab:
         sides = extras.get("effusion_sides", (0,))

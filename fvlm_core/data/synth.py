@@ -642,7 +642,10 @@ _LUNG_NEGATIONS = {
     "Emphysema": ["No emphysematous change was observed.", "There is no emphysema."],
     "Lung nodule": ["No pulmonary nodule was detected.", "No nodular lesion was observed in either lung."],
     "Consolidation": ["No consolidation was observed.", "There is no pneumonic consolidation."],
-    "Lung opacity": ["No ground-glass opacity was seen.", "No ground glass density was observed in the lungs."],
+    "Lung opacity": [
+        "No ground-glass opacity was seen.",
+        "No ground glass density was observed in the lungs.",
+    ],
     "Atelectasis": ["No atelectasis was observed.", "There is no atelectatic change."],
 }
 

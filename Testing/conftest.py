@@ -43,6 +43,27 @@ def checkpoint_keys() -> Path:
     return _require(CHECKPOINT_KEYS)
 
 
+@pytest.fixture(scope="session")
+def small_model_config():
+    """``make(**options)``: an ``fvlm-tiny`` config shrunk for unit tests (16^3 input, a 4^3 token
+    grid of width 32, embeddings of 16), with top-level ``options`` applied."""
+    from fvlm_core.model import FVLMConfig, load_config
+
+    def make(**options):
+        cfg = load_config("fvlm-tiny").to_dict()
+        cfg["vision"].update(
+            img_size=[16, 16, 16],
+            patch_size=[4, 4, 4],
+            cnn_stem_patch=2,
+            cnn_channels=[8, 16],
+            hidden_size=32,
+        )
+        cfg.update(embed_dim=16, **options)
+        return FVLMConfig.from_dict(cfg)
+
+    return make
+
+
 @pytest.fixture(autouse=True)
 def _autograd_stays_enabled():
     """Fail the test that leaves autograd disabled globally (it would break every later test)."""

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from fvlm_core.errors import InputError
-from fvlm_core.model import FVLM, load_config
+from fvlm_core.model import FVLM
 from fvlm_core.model.pooling import attend_anatomies, token_membership
 
 torch.set_num_threads(1)
@@ -20,14 +20,11 @@ SHAPE = (8, 16, 24)  # grid (2, 2, 3) = 12 tokens
 
 
 @pytest.fixture(scope="module")
-def model() -> FVLM:
-    cfg = load_config("fvlm-tiny").to_dict()
-    cfg["vision"].update(img_size=[16, 16, 16], patch_size=[4, 4, 4], cnn_stem_patch=2, cnn_channels=[8, 16])
-    cfg["vision"]["hidden_size"] = 32
-    cfg["embed_dim"] = 16
-    cfg["profile_bins"] = 0  # the reference pooling; the profile extension: test_model_profile.py
+def model(small_model_config) -> FVLM:
+    # the reference pooling; the profile extension is tested in test_model_profile.py
+    cfg = small_model_config(profile_bins=0)
     torch.manual_seed(0)
-    m = FVLM.from_config(load_config_from_dict(cfg)).eval()
+    m = FVLM.from_config(cfg).eval()
     with torch.no_grad():  # the reference zero-initialises queries; random ones make the test sharper
         m.query_tokens.normal_()
     return m

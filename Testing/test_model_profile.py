@@ -60,23 +60,20 @@ def test_profile_embedding_starts_silent_and_learns():
     assert torch.equal(emb.w1.grad, torch.zeros_like(emb.w1))  # ... the hidden one once it is non-zero
 
 
-def _profile_model(bins: int = 8) -> FVLM:
-    cfg = load_config("fvlm-tiny").to_dict()
-    cfg["vision"].update(img_size=[16, 16, 16], patch_size=[4, 4, 4], cnn_stem_patch=2, cnn_channels=[8, 16])
-    cfg["vision"]["hidden_size"] = 32
-    cfg.update(embed_dim=16, profile_bins=bins, profile_hidden=16)
+@pytest.fixture
+def profile_model(small_model_config) -> FVLM:
     torch.manual_seed(0)
-    model = FVLM(FVLMConfig.from_dict(cfg), load_text_weights=False).eval()
+    model = FVLM(small_model_config(profile_bins=8, profile_hidden=16), load_text_weights=False).eval()
     with torch.no_grad():  # a trained-looking profile MLP (a fresh one outputs zeros)
         model.profile_embed.w2.normal_()
         model.global_profile_embed.w2.normal_()
     return model
 
 
-def test_model_sees_a_density_change_inside_an_anatomy_through_the_profile():
+def test_model_sees_a_density_change_inside_an_anatomy_through_the_profile(profile_model):
     """Two windows whose tokens are identical but whose lung holds different intensities: without
     the profile the lung embedding is the same, with it they differ; other anatomies do not move."""
-    model = _profile_model()
+    model = profile_model
     assert model.config.profile_bins == 8
     image = torch.rand(1, 1, 16, 16, 16)
     labels = torch.zeros(1, 16, 16, 16, dtype=torch.uint8)
@@ -105,8 +102,8 @@ def test_model_sees_a_density_change_inside_an_anatomy_through_the_profile():
         torch.testing.assert_close(silent, ref.encode_image(image, labels).embeddings)
 
 
-def test_global_embedding_uses_the_whole_window_profile():
-    model = _profile_model()
+def test_global_embedding_uses_the_whole_window_profile(profile_model):
+    model = profile_model
     image = torch.rand(2, 1, 16, 16, 16)
     with torch.no_grad():
         a = model.encode_image_global(image)
@@ -116,8 +113,8 @@ def test_global_embedding_uses_the_whole_window_profile():
     assert not torch.allclose(a, b, atol=1e-3)
 
 
-def test_profile_model_needs_the_label_map():
-    model = _profile_model()
+def test_profile_model_needs_the_label_map(profile_model):
+    model = profile_model
     image = torch.rand(1, 1, 16, 16, 16)
     labels = torch.ones(1, 16, 16, 16, dtype=torch.uint8)
     member = token_membership(labels, 4, (4, 4, 4))
@@ -129,8 +126,8 @@ def test_profile_model_needs_the_label_map():
         model.pool(model.encode_tokens(image), labels, profiles=torch.zeros(1, 4, 3))
 
 
-def test_profile_weights_round_trip_through_a_checkpoint(tmp_path):
-    model = _profile_model()
+def test_profile_weights_round_trip_through_a_checkpoint(profile_model, tmp_path):
+    model = profile_model
     model.save_pretrained(tmp_path / "ckpt")
     loaded = FVLM.from_pretrained(tmp_path / "ckpt")
     assert loaded.config.profile_bins == 8
@@ -151,14 +148,14 @@ def test_reference_configs_have_no_profile_and_bad_values_are_config_errors():
             FVLMConfig.from_dict({**load_config("fvlm-tiny").to_dict(), **bad})
 
 
-def test_token_maps_carry_the_profile_term_like_the_pooled_embedding():
+def test_token_maps_carry_the_profile_term_like_the_pooled_embedding(profile_model):
     """For an anatomy of one token and one level, pooling is that token's value: its similarity-map
     embedding must equal the anatomy embedding, profile term included."""
     import torch.nn.functional as F
 
     from fvlm_core.model.pooling import attend_anatomies, project_anatomies, token_embeddings
 
-    model = _profile_model()
+    model = profile_model
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(2, 6, 32, generator=gen)  # (B, L, C), a single level
     member = torch.zeros(2, 4, 6, dtype=torch.bool)

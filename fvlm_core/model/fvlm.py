@@ -171,7 +171,6 @@ class FVLM(nn.Module):
         else:
             pooled_membership = membership
         is_present = pooled_membership.any(-1)
-        profile_term = None
         dropout_p = self.attention.dropout if self.training else 0.0
         pooled, weights = attend_anatomies(
             tokens.levels,
@@ -181,6 +180,7 @@ class FVLM(nn.Module):
             dropout_p=dropout_p,
             need_weights=return_tokens,
         )
+        profile_term = None
         if self.profile_embed is not None:
             if profiles is None:
                 raise InputError(

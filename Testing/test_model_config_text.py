@@ -13,7 +13,14 @@ from fvlm_core.errors import ConfigError
 from fvlm_core.findings import FVLM_LABELS
 from fvlm_core.model import FVLM, FVLMConfig, load_config
 from fvlm_core.model.config import available_configs
-from fvlm_core.model.text import minilm_dir, resolve_text_source
+from fvlm_core.model.text import (
+    TextAdapter,
+    encode_features,
+    encode_from_layer,
+    encode_layer_states,
+    minilm_dir,
+    resolve_text_source,
+)
 from fvlm_core.model.vision import ViTEncoder
 
 torch.set_num_threads(1)
@@ -60,6 +67,10 @@ def test_base_vision_names_and_shapes_equal_the_official_checkpoint(checkpoint_k
         ({"anatomies": ["lung", "lung"]}, "anatomies"),
         ({"vision": {"type": "vit", "img_size": [112, 256, 350]}}, "divisible"),
         ({"text": {"pooling": "max"}}, "pooling"),
+        ({"text": {"freeze": True, "train_top_layers": -1}}, "train_top_layers"),
+        ({"text": {"freeze": False, "train_top_layers": 1}}, "frozen encoder"),
+        ({"text": {"adapter_width": 30, "adapter_heads": 4}}, "divisible"),
+        ({"text": {"adapter_width": -8}}, "adapter_width"),
         ({"temperature_init": 0.9}, "temperature"),
         ({"findings": [{"name": "Cardiomegaly", "anatomy": "spleen"}]}, "spleen"),
         ({"findings": [{"anatomy": "lung"}]}, "name"),
@@ -208,3 +219,104 @@ def test_remote_code_bert_folder_loads_as_plain_bert(tmp_path):
     w = model.embeddings.word_embeddings.weight
     assert torch.equal(w, src.embeddings.word_embeddings.weight)
     assert tok("a b")["input_ids"][0] == 2  # [CLS]
+
+
+# ---------------------------------------------------------------------------------------------
+# partly trainable text side: cached lower states, trained top layers or adapter
+# ---------------------------------------------------------------------------------------------
+
+SPLIT_TEXTS = [
+    "Emphysema.",
+    "Not emphysema.",
+    "The lungs show no significant abnormalities. No nodule was observed in either lung.",
+]
+
+
+def _tiny_with_text(**text) -> FVLM:
+    d = load_config("fvlm-tiny").to_dict()
+    d["text"].update(text)
+    torch.manual_seed(0)
+    return FVLM(FVLMConfig.from_dict(d))
+
+
+@pytest.mark.parametrize("layer", [0, 4, 6])
+def test_encoder_split_at_a_layer_equals_the_whole_forward(tiny, layer):
+    cfg = tiny.config.text
+    with torch.no_grad():
+        states = encode_layer_states(tiny.text_encoder, tiny.tokenizer, SPLIT_TEXTS, cfg, layer)
+        lengths = [len(tiny.tokenizer(t)["input_ids"]) for t in SPLIT_TEXTS]
+        assert [s.shape[0] for s in states] == lengths  # unpadded
+        split = encode_from_layer(tiny.text_encoder, states, layer, cfg.pooling)
+        whole = encode_features(tiny.text_encoder, tiny.tokenizer, SPLIT_TEXTS, cfg)
+        torch.testing.assert_close(split, whole, atol=1e-5, rtol=1e-5)
+        # batch order and padding do not matter
+        alone = encode_from_layer(tiny.text_encoder, states[:1], layer, cfg.pooling)
+        torch.testing.assert_close(alone, whole[:1], atol=1e-5, rtol=1e-5)
+
+
+def test_text_adapter_starts_as_identity_and_ignores_padding():
+    torch.manual_seed(0)
+    adapter = TextAdapter(hidden=24, width=8, heads=2)
+    h = torch.randn(2, 5, 24)
+    keep = torch.tensor([[True] * 5, [True, True, True, False, False]])
+    torch.testing.assert_close(adapter(h, keep), h)
+    with torch.no_grad():
+        adapter.up.weight.normal_()
+    out = adapter(h, keep)
+    assert not torch.allclose(out, h)
+    short = adapter(h[1:, :3], keep[1:, :3])  # the same text without padding
+    torch.testing.assert_close(out[1:, :3], short, atol=1e-5, rtol=1e-5)
+    garbage = h.clone()
+    garbage[1, 3:] = 1e3  # padded positions must not leak into real tokens
+    torch.testing.assert_close(adapter(garbage, keep)[1, :3], out[1, :3], atol=1e-5, rtol=1e-5)
+
+
+def test_text_adapter_trains_alone_over_cached_encoder_states(tmp_path, tiny):
+    m = _tiny_with_text(adapter_width=32, adapter_heads=4).train()
+    assert m.text_split == len(m.text_encoder.encoder.layer)  # states after the last layer
+    assert not any(p.requires_grad for p in m.text_encoder.parameters())
+    assert not m.text_encoder.training and not m.text_frozen
+    # a fresh adapter is the identity: the plain frozen encoder's features
+    torch.testing.assert_close(
+        m.encode_text_features(SPLIT_TEXTS).detach(), tiny.encode_text_features(SPLIT_TEXTS)
+    )
+    assert len(m._text_state_cache) == 3
+    calls = []
+    handle = m.text_encoder.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        out = m.encode_text(SPLIT_TEXTS)
+        assert not calls  # the encoder ran once; the adapter runs on its cached states
+    finally:
+        handle.remove()
+    out[0].sum().backward()
+    assert m.text_adapter.up.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in m.text_encoder.parameters())
+    with torch.no_grad():
+        m.text_adapter.up.weight.normal_(std=0.1)
+    trained = m.encode_text(SPLIT_TEXTS).detach()
+    assert not torch.allclose(trained, out.detach())  # a changed adapter changes the features
+    m.eval()
+    torch.testing.assert_close(m.encode_text(SPLIT_TEXTS), trained)  # eval: same function, cached
+    assert len(m._text_cache) == 3
+    m.save_pretrained(tmp_path / "ckpt")
+    back = FVLM.from_pretrained(tmp_path / "ckpt")
+    assert back.config.text.adapter_width == 32
+    torch.testing.assert_close(back.encode_text(SPLIT_TEXTS), trained)
+
+
+def test_top_layer_tuning_trains_only_the_top_layer():
+    m = _tiny_with_text(train_top_layers=1).train()
+    layers = m.text_encoder.encoder.layer
+    assert m.text_split == len(layers) - 1
+    trainable = {n for n, p in m.text_encoder.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith(f"encoder.layer.{len(layers) - 1}.") for n in trainable)
+    assert layers[-1].training and not layers[-2].training and not m.text_encoder.embeddings.training
+    m.encode_text(SPLIT_TEXTS).sum().backward()
+    assert layers[-1].attention.self.query.weight.grad.abs().sum() > 0
+    assert layers[-2].attention.self.query.weight.grad is None
+    layers[-1].eval()  # no dropout: the split path equals the whole forward of eval mode
+    train_path = m.encode_text_features(SPLIT_TEXTS).detach()
+    m.eval()
+    torch.testing.assert_close(m.encode_text_features(SPLIT_TEXTS), train_path, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ConfigError, match="has 6 layers"):
+        _tiny_with_text(train_top_layers=7)

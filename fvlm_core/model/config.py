@@ -124,6 +124,14 @@ class TextConfig:
     max_length: int = 384
     #: freeze the encoder weights (the projection still trains); the CPU demo freezes it.
     freeze: bool = False
+    #: with ``freeze``, the top N transformer layers still train (0 = none). The frozen layers
+    #: below run once per text and are cached, so tuning the top layer costs little per step
+    #: while letting the encoder learn what a frozen one cannot, e.g. that "Not X." is not "X.".
+    train_top_layers: int = 0
+    #: width of a trainable residual attention adapter on the encoder's token states (0 = none):
+    #: the cheap way for a frozen encoder's text embeddings to learn negation (a project extension).
+    adapter_width: int = 0
+    adapter_heads: int = 4
     #: zero BertModel's token-type embedding: the reference's BLIP BERT has none.
     zero_token_type: bool = False
 
@@ -133,6 +141,20 @@ class TextConfig:
         if int(self.max_length) < 2:
             raise ConfigError(f"text.max_length must be >= 2, got {self.max_length}")
         self.max_length = int(self.max_length)
+        self.train_top_layers = int(self.train_top_layers)
+        if self.train_top_layers < 0:
+            raise ConfigError(f"text.train_top_layers must be >= 0, got {self.train_top_layers}")
+        self.adapter_width, self.adapter_heads = int(self.adapter_width), int(self.adapter_heads)
+        if self.adapter_width < 0 or self.adapter_heads < 1 or self.adapter_width % self.adapter_heads:
+            raise ConfigError(
+                "text.adapter_width must be >= 0 and divisible by text.adapter_heads (>= 1), got "
+                f"{self.adapter_width} and {self.adapter_heads}"
+            )
+        if self.train_top_layers and not self.freeze:
+            raise ConfigError(
+                "text.train_top_layers only applies to a frozen encoder (the whole encoder trains "
+                "otherwise): set text.freeze: true, or text.train_top_layers: 0"
+            )
 
 
 @dataclass

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fvlm_core.errors import InputError
+from fvlm_core.errors import ConfigError, InputError
 from fvlm_core.model.config import FVLMConfig, load_config
 from fvlm_core.model.pooling import (
     AnatomyEmbeddings,
@@ -27,7 +27,15 @@ from fvlm_core.model.pooling import (
     token_membership,
 )
 from fvlm_core.model.profile import ProfileEmbedding, intensity_profiles
-from fvlm_core.model.text import TextFeatureCache, build_text_encoder, encode_features
+from fvlm_core.model.text import (
+    TextAdapter,
+    TextFeatureCache,
+    build_text_encoder,
+    encode_features,
+    encode_from_layer,
+    encode_layer_states,
+    transformer_layers,
+)
 from fvlm_core.model.vision import TokenGrid, build_vision_encoder
 
 
@@ -71,10 +79,16 @@ class FVLM(nn.Module):
             n_feat, hid = config.profile_bins + 1, config.profile_hidden
             self.profile_embed = ProfileEmbedding(len(self.anatomies), n_feat, hid, c)
             self.global_profile_embed = ProfileEmbedding(1, n_feat, hid, c)
+        self.text_adapter: TextAdapter | None = None
+        if config.text.adapter_width:
+            self.text_adapter = TextAdapter(
+                self.text_encoder.config.hidden_size, config.text.adapter_width, config.text.adapter_heads
+            )
         self._text_cache = TextFeatureCache()
+        # token states entering the first trained text layer (valid while the layers below are frozen)
+        self._text_state_cache = TextFeatureCache()
         if config.text.freeze:
-            self.text_encoder.requires_grad_(False)
-            self.text_encoder.eval()
+            self.freeze_text(config.text.train_top_layers)
 
     # ------------------------------------------------------------------ construction / io
     @classmethod
@@ -119,12 +133,16 @@ class FVLM(nn.Module):
     def train(self, mode: bool = True) -> FVLM:
         self._text_cache.clear()  # weights may change between modes
         super().train(mode)
-        if self.text_frozen:
-            self.text_encoder.eval()  # a frozen encoder is a fixed function: no dropout
+        split = self.text_split
+        if self.text_frozen or split is not None:
+            # a frozen encoder (or its cached frozen part) is a fixed function: no dropout
+            self.text_encoder.eval()
+            if split is not None:
+                transformer_layers(self.text_encoder)[split:].train(mode)
         return self
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        self._text_cache.clear()
+        self.clear_text_cache()
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     # ------------------------------------------------------------------ image
@@ -277,24 +295,67 @@ class FVLM(nn.Module):
     # ------------------------------------------------------------------ text
     @property
     def text_frozen(self) -> bool:
-        return not any(p.requires_grad for p in self.text_encoder.parameters())
+        """True when text features are a fixed function: no trainable encoder weight or adapter."""
+        params = list(self.text_encoder.parameters())
+        if self.text_adapter is not None:
+            params += list(self.text_adapter.parameters())
+        return not any(p.requires_grad for p in params)
+
+    def freeze_text(self, train_top_layers: int = 0) -> None:
+        """Freeze the text encoder except its top ``train_top_layers`` transformer layers, and
+        record that in ``config.text`` (so a saved checkpoint says how it was trained)."""
+        top = int(train_top_layers)
+        n = len(transformer_layers(self.text_encoder)) if top or self.text_adapter is not None else 0
+        if top > n:
+            raise ConfigError(f"text.train_top_layers is {top} but the text encoder has {n} layers")
+        self.config.text.freeze = True
+        self.config.text.train_top_layers = top
+        self.text_encoder.requires_grad_(False)
+        if top:
+            transformer_layers(self.text_encoder)[n - top :].requires_grad_(True)
+        self.clear_text_cache()
+        self.train(self.training)  # put the frozen part in eval mode
+
+    @property
+    def text_split(self) -> int | None:
+        """The transformer layer whose input states are cached (the layers below are frozen and
+        something above trains: top layers or the adapter); ``None`` when nothing is split."""
+        cfg = self.config.text
+        if not cfg.freeze or not (cfg.train_top_layers or self.text_adapter is not None):
+            return None
+        return len(transformer_layers(self.text_encoder)) - cfg.train_top_layers
+
+    def _compute_text_features(self, texts: list[str]) -> torch.Tensor:
+        cfg = self.config.text
+        split = self.text_split
+        if split is None:
+            return encode_features(self.text_encoder, self.tokenizer, texts, cfg, adapter=self.text_adapter)
+        cache = self._text_state_cache
+        missing = cache.missing(texts)
+        if missing:
+            with torch.no_grad():
+                cache.put(
+                    missing, encode_layer_states(self.text_encoder, self.tokenizer, missing, cfg, split)
+                )
+        states = [s.to(self.device) for s in cache.rows(texts)]
+        return encode_from_layer(self.text_encoder, states, split, cfg.pooling, adapter=self.text_adapter)
 
     def encode_text_features(self, texts: Sequence[str]) -> torch.Tensor:
-        """``(N, H)`` pooled text-encoder features (before ``text_proj``); cached when the encoder is
-        frozen or the model is in eval mode."""
+        """``(N, H)`` pooled text features (before ``text_proj``), adapter included.
+
+        Cached when they are a fixed function (frozen encoder and no adapter, or eval mode). When
+        only the top layers or the adapter train, the token states entering them are cached and
+        the trainable part runs, with gradients, on every call in training mode."""
         texts = [str(t) for t in texts]
-        cfg = self.config.text
         use_cache = (self.text_frozen or not self.training) and len(
             set(texts)
         ) <= self._text_cache.max_entries
         if not use_cache:
-            return encode_features(self.text_encoder, self.tokenizer, texts, cfg)
+            return self._compute_text_features(texts)
         missing = self._text_cache.missing(texts)
         if missing:
             with torch.no_grad():
-                self._text_cache.put(
-                    missing, encode_features(self.text_encoder, self.tokenizer, missing, cfg)
-                )
+                self._text_cache.put(missing, self._compute_text_features(missing))
         return self._text_cache.get(texts).to(self.device)
 
     def encode_text(self, texts: Sequence[str]) -> torch.Tensor:
@@ -307,6 +368,7 @@ class FVLM(nn.Module):
 
     def clear_text_cache(self) -> None:
         self._text_cache.clear()
+        self._text_state_cache.clear()
 
     def forward(
         self,

@@ -17,6 +17,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from fvlm_core.errors import DependencyError
@@ -171,8 +172,10 @@ def encode_features(
     texts: list[str],
     config: TextConfig,
     batch_size: int = 64,
+    adapter: TextAdapter | None = None,
 ) -> torch.Tensor:
-    """``(N, H)`` pooled text features (before the projection), padded to the longest per batch."""
+    """``(N, H)`` pooled text features (before the projection), padded to the longest per batch;
+    ``adapter`` (if given) refines the token states before pooling."""
     device = next(model.parameters()).device
     out = []
     for i in range(0, len(texts), batch_size):
@@ -188,8 +191,107 @@ def encode_features(
             "attention_mask": enc["attention_mask"].to(device),
         }
         hidden = model(**inputs).last_hidden_state
+        if adapter is not None:
+            hidden = adapter(hidden, inputs["attention_mask"].bool())
         out.append(pool_hidden(hidden, inputs["attention_mask"], config.pooling))
     return torch.cat(out) if out else torch.zeros(0, model.config.hidden_size, device=device)
+
+
+def transformer_layers(model: nn.Module) -> nn.ModuleList:
+    """The stacked transformer layers of a BERT-like ``transformers`` encoder (``encoder.layer``)."""
+    layers = getattr(getattr(model, "encoder", None), "layer", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise DependencyError(
+            f"{type(model).__name__} is not a BERT-like encoder (no encoder.layer list): "
+            "text.train_top_layers needs one; set it to 0 or use a BERT-like text encoder"
+        )
+    return layers
+
+
+def encode_layer_states(
+    model: nn.Module,
+    tokenizer,
+    texts: list[str],
+    config: TextConfig,
+    layer: int,
+    batch_size: int = 64,
+) -> list[torch.Tensor]:
+    """Per text, the ``(T_i, H)`` token states entering transformer layer ``layer`` (unpadded).
+
+    With :func:`encode_from_layer` this splits one encoder forward in two: the states below a
+    frozen ``layer`` are computed once and cached, the layers from ``layer`` up run every step.
+    """
+    device = next(model.parameters()).device
+    out: list[torch.Tensor] = []
+    for i in range(0, len(texts), batch_size):
+        enc = tokenizer(
+            texts[i : i + batch_size],
+            padding="longest",
+            truncation=True,
+            max_length=config.max_length,
+            return_tensors="pt",
+        )
+        mask = enc["attention_mask"].to(device)
+        hidden = model(
+            input_ids=enc["input_ids"].to(device), attention_mask=mask, output_hidden_states=True
+        ).hidden_states[layer]
+        out.extend(h[: int(n)] for h, n in zip(hidden, mask.sum(1)))
+    return out
+
+
+def encode_from_layer(
+    model: nn.Module,
+    states: list[torch.Tensor],
+    layer: int,
+    pooling: str,
+    adapter: TextAdapter | None = None,
+) -> torch.Tensor:
+    """``(N, H)`` pooled features from the per-text ``(T_i, H)`` states entering ``layer``:
+    runs transformer layers ``layer..`` (none when ``layer`` is the layer count) on the padded
+    batch, then ``adapter`` if given, and pools (see :func:`pool_hidden`)."""
+    lengths = torch.tensor([s.shape[0] for s in states], device=states[0].device)
+    hidden = nn.utils.rnn.pad_sequence(states, batch_first=True)
+    keep = torch.arange(hidden.shape[1], device=hidden.device)[None] < lengths[:, None]
+    # additive mask, as BERT's own forward builds it: padded keys get the most negative float
+    bias = (~keep)[:, None, None, :].to(hidden.dtype) * torch.finfo(hidden.dtype).min
+    for block in transformer_layers(model)[layer:]:
+        out = block(hidden, attention_mask=bias)
+        hidden = out[0] if isinstance(out, tuple) else out
+    if adapter is not None:
+        hidden = adapter(hidden, keep)
+    return pool_hidden(hidden, keep.long(), pooling)
+
+
+class TextAdapter(nn.Module):
+    """A small residual self-attention block over the text encoder's token states.
+
+    ``h + up(gelu(z + attn(z)))`` with ``z = down(norm(h))``: attention lets a token's state depend
+    on its neighbours, which is what a frozen encoder plus a linear projection lacks to tell
+    "No emphysema." from "Emphysema.", at a fraction of a transformer layer's cost (width ``width``
+    instead of the encoder's). ``up`` starts at zero, so a fresh adapter is the identity.
+
+    Args:
+        hidden: the encoder's hidden size H.
+        width: the adapter's attention width (divisible by ``heads``).
+        heads: attention heads.
+    """
+
+    def __init__(self, hidden: int, width: int, heads: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(hidden)
+        self.down = nn.Linear(hidden, width)
+        # no projection biases: ``down`` already has one, and a key bias has zero gradient by
+        # construction (softmax ignores a shift shared by all keys) that Adam would turn into noise
+        self.attn = nn.MultiheadAttention(width, heads, bias=False, batch_first=True)
+        self.up = nn.Linear(width, hidden)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, hidden: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """``hidden (N, T, H)`` token states, ``keep (N, T)`` bool (False = padding) -> ``(N, T, H)``."""
+        z = self.down(self.norm(hidden))
+        z = z + self.attn(z, z, z, key_padding_mask=~keep, need_weights=False)[0]
+        return hidden + self.up(F.gelu(z))
 
 
 class TextFeatureCache:
@@ -217,16 +319,20 @@ class TextFeatureCache:
                 seen.setdefault(t, None)
         return list(seen)
 
-    def put(self, texts: list[str], feats: torch.Tensor) -> None:
-        for t, f in zip(texts, feats.detach()):
-            self._data[t] = f
+    def put(self, texts: list[str], feats: torch.Tensor | list[torch.Tensor]) -> None:
+        for t, f in zip(texts, feats):
+            self._data[t] = f.detach()
             self._data.move_to_end(t)
         while len(self._data) > self.max_entries:
             self._data.popitem(last=False)
 
-    def get(self, texts: list[str]) -> torch.Tensor:
+    def rows(self, texts: list[str]) -> list[torch.Tensor]:
+        """The cached tensors of ``texts``, in order (each must be cached)."""
         feats = []
         for t in texts:
             self._data.move_to_end(t)
             feats.append(self._data[t])
-        return torch.stack(feats)
+        return feats
+
+    def get(self, texts: list[str]) -> torch.Tensor:
+        return torch.stack(self.rows(texts))

@@ -6,11 +6,11 @@ budget (default 9 minutes end to end on 2 cores):
 1. generate a synthetic chest-CT cohort in memory (:mod:`fvlm_core.data.synth`): a training
    set, a calibration set (for decision thresholds) and a held-out test set;
 2. decompose each report into anatomy descriptions (:mod:`fvlm_core.reports`) and encode every
-   distinct text once with the frozen offline MiniLM (the demo's text encoder never trains, so
-   its features are computed once and only the projections learn);
+   distinct text once with the frozen offline MiniLM (the encoder never trains, so its token
+   states are computed once; only the small text adapter on them and the projections learn);
 3. train ``fvlm-tiny`` with the false-negative-aware fine-grained loss and, side by side with the
    same encoders and the same time budget, a global CLIP baseline (whole-volume embedding vs
-   whole report) -- one process and one core each;
+   whole report) -- one process and one core each, in bf16 where this CPU runs it faster;
 4. score the test phantoms zero-shot from text prompts and write, into ``--out``: the fVLM
    model folder (loadable by ``fvlm analyze`` and the Slicer module, with thresholds calibrated
    on the calibration set), the baseline, a per-finding AUC table (JSON + Markdown), ROC curves,

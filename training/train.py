@@ -318,7 +318,8 @@ def _build_objective(cfg: dict[str, Any], model_cfg, device, seed: int):
 
 
 def _warm_text_cache(objective, base_ds, reports: bool) -> None:
-    """Encode every text of the dataset once, in a fixed order, when the text encoder is frozen.
+    """Encode every text of the dataset once, in a fixed order, when the text encoder is frozen
+    (its pooled features, or, when an adapter or top layers train above it, its token states).
 
     Why: the encoder's output for a text depends (in the last float bits) on the padding of
     the batch it is encoded in. Encoding all texts up front, sorted and in fixed chunks, makes

@@ -305,14 +305,14 @@ class FVLM(nn.Module):
         """Freeze the text encoder except its top ``train_top_layers`` transformer layers, and
         record that in ``config.text`` (so a saved checkpoint says how it was trained)."""
         top = int(train_top_layers)
-        n = len(transformer_layers(self.text_encoder)) if top or self.text_adapter is not None else 0
-        if top > n:
-            raise ConfigError(f"text.train_top_layers is {top} but the text encoder has {n} layers")
+        layers = transformer_layers(self.text_encoder) if top else None
+        if layers is not None and top > len(layers):
+            raise ConfigError(f"text.train_top_layers is {top} but the text encoder has {len(layers)} layers")
+        self.text_encoder.requires_grad_(False)
+        if layers is not None:
+            layers[len(layers) - top :].requires_grad_(True)
         self.config.text.freeze = True
         self.config.text.train_top_layers = top
-        self.text_encoder.requires_grad_(False)
-        if top:
-            transformer_layers(self.text_encoder)[n - top :].requires_grad_(True)
         self.clear_text_cache()
         self.train(self.training)  # put the frozen part in eval mode
 

@@ -166,6 +166,16 @@ def pool_hidden(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str
     return (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
 
 
+def _tokenize(
+    tokenizer, texts: list[str], config: TextConfig, device: torch.device
+) -> dict[str, torch.Tensor]:
+    """``input_ids`` and ``attention_mask`` padded to the longest text, truncated at ``max_length``."""
+    enc = tokenizer(
+        texts, padding="longest", truncation=True, max_length=config.max_length, return_tensors="pt"
+    )
+    return {"input_ids": enc["input_ids"].to(device), "attention_mask": enc["attention_mask"].to(device)}
+
+
 def encode_features(
     model: nn.Module,
     tokenizer,
@@ -179,17 +189,7 @@ def encode_features(
     device = next(model.parameters()).device
     out = []
     for i in range(0, len(texts), batch_size):
-        enc = tokenizer(
-            texts[i : i + batch_size],
-            padding="longest",
-            truncation=True,
-            max_length=config.max_length,
-            return_tensors="pt",
-        )
-        inputs = {
-            "input_ids": enc["input_ids"].to(device),
-            "attention_mask": enc["attention_mask"].to(device),
-        }
+        inputs = _tokenize(tokenizer, texts[i : i + batch_size], config, device)
         hidden = model(**inputs).last_hidden_state
         if adapter is not None:
             hidden = adapter(hidden, inputs["attention_mask"].bool())
@@ -224,18 +224,9 @@ def encode_layer_states(
     device = next(model.parameters()).device
     out: list[torch.Tensor] = []
     for i in range(0, len(texts), batch_size):
-        enc = tokenizer(
-            texts[i : i + batch_size],
-            padding="longest",
-            truncation=True,
-            max_length=config.max_length,
-            return_tensors="pt",
-        )
-        mask = enc["attention_mask"].to(device)
-        hidden = model(
-            input_ids=enc["input_ids"].to(device), attention_mask=mask, output_hidden_states=True
-        ).hidden_states[layer]
-        out.extend(h[: int(n)] for h, n in zip(hidden, mask.sum(1)))
+        inputs = _tokenize(tokenizer, texts[i : i + batch_size], config, device)
+        hidden = model(**inputs, output_hidden_states=True).hidden_states[layer]
+        out.extend(h[: int(n)] for h, n in zip(hidden, inputs["attention_mask"].sum(1)))
     return out
 
 

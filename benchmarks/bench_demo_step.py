@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from timing import alternated_median_ms, demo_batch  # noqa: E402
 
 
 def batch_texts(n: int = 16, seed: int = 0) -> list[str]:
@@ -51,9 +51,7 @@ def main() -> int:
     from fvlm_core.model import FVLM, FVLMConfig, load_config
 
     torch.set_num_threads(args.threads)
-    gen = torch.Generator().manual_seed(0)
-    image = torch.rand(16, 1, 64, 64, 64, generator=gen)
-    labels = torch.randint(0, 5, (16, 64, 64, 64), generator=gen, dtype=torch.uint8)
+    image, labels = demo_batch()
     texts = batch_texts()
 
     steps = {}
@@ -76,16 +74,7 @@ def main() -> int:
         steps[f"fp32_{name}"] = train_step
         if adapter:
             steps[f"bf16_{name}"] = lambda model=model, fn=train_step: fn(model, bf16=True)
-    for step in steps.values():
-        step()  # warm-up
-    # alternate the variants so that drift in the machine's load hits all alike
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(args.repeats):
-        for name, step in steps.items():
-            t = time.perf_counter()
-            step()
-            times[name].append((time.perf_counter() - t) * 1000)
-    ms = {name: statistics.median(v) for name, v in times.items()}
+    ms = alternated_median_ms(steps, args.repeats)
     overhead = ms["fp32_adapter"] / ms["fp32_no_adapter"] - 1
     print(
         json.dumps(

@@ -15,23 +15,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-
-def _median_ms(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t) * 1000)
-    return statistics.median(times)
+from timing import alternated_median_ms, demo_batch, median_ms  # noqa: E402
 
 
 def main() -> int:
@@ -46,16 +36,15 @@ def main() -> int:
     from fvlm_core.model.profile import intensity_profiles
 
     torch.set_num_threads(args.threads)
-    gen = torch.Generator().manual_seed(0)
-    demo_image = torch.rand(16, 1, 64, 64, 64, generator=gen)
-    demo_labels = torch.randint(0, 5, (16, 64, 64, 64), generator=gen, dtype=torch.uint8)
+    demo_image, demo_labels = demo_batch()
+    gen = torch.Generator().manual_seed(1)
     crop_image = torch.rand(1, 1, 112, 256, 352, generator=gen)
     crop_labels = torch.randint(0, 5, (1, 112, 256, 352), generator=gen, dtype=torch.uint8)
     profiles_ms = {
-        "demo_batch_16x64^3": _median_ms(
+        "demo_batch_16x64^3": median_ms(
             lambda: intensity_profiles(demo_image, demo_labels, 4, 32, 0.216), args.repeats
         ),
-        "base_crop_112x256x352": _median_ms(
+        "base_crop_112x256x352": median_ms(
             lambda: intensity_profiles(crop_image, crop_labels, 4, 32, 0.003), args.repeats
         ),
     }
@@ -72,16 +61,8 @@ def main() -> int:
             model.zero_grad(set_to_none=True)
             model.encode_image(demo_image, demo_labels).embeddings.sum().backward()
 
-        step()  # warm-up
         steps[name] = step
-    # alternate the two so that drift in the machine's load hits both alike
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(args.repeats):
-        for name, step in steps.items():
-            t = time.perf_counter()
-            step()
-            times[name].append((time.perf_counter() - t) * 1000)
-    step_ms = {name: statistics.median(v) for name, v in times.items()}
+    step_ms = alternated_median_ms(steps, args.repeats)
     overhead = step_ms["with_profiles"] / step_ms["without_profiles"] - 1
     print(
         json.dumps(

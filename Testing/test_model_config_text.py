@@ -304,6 +304,21 @@ def test_text_adapter_trains_alone_over_cached_encoder_states(tmp_path, tiny):
     torch.testing.assert_close(back.encode_text(SPLIT_TEXTS), trained)
 
 
+def test_cache_text_fills_the_cache_training_reads():
+    m = _tiny_with_text(adapter_width=32, adapter_heads=4).train()
+    calls = []
+    handle = m.text_adapter.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        m.cache_text(SPLIT_TEXTS)
+    finally:
+        handle.remove()
+    assert len(m._text_state_cache) == 3 and len(m._text_cache) == 0
+    assert not calls  # only the frozen encoder's part is encoded ahead
+    plain = _tiny_with_text(adapter_width=0).train()
+    plain.cache_text(SPLIT_TEXTS)  # a plain frozen encoder caches its pooled features
+    assert len(plain._text_cache) == 3 and len(plain._text_state_cache) == 0
+
+
 def test_top_layer_tuning_trains_only_the_top_layer():
     m = _tiny_with_text(train_top_layers=1).train()
     layers = m.text_encoder.encoder.layer

@@ -325,10 +325,8 @@ def _warm_text_cache(objective, base_ds, reports: bool) -> None:
     the batch it is encoded in. Encoding all texts up front, sorted and in fixed chunks, makes
     the cached features independent of which texts met in a training batch, so a resumed or a
     multi-process run sees exactly the same features as an uninterrupted single-process one.
-    Also what makes CPU training fast: text costs nothing per step afterwards.
+    Also what makes CPU training fast: the frozen part costs nothing per step afterwards.
     """
-    import torch
-
     from training.augment import dataset_texts
 
     for m in objective.models():
@@ -343,9 +341,7 @@ def _warm_text_cache(objective, base_ds, reports: bool) -> None:
                 limit,
             )
             continue
-        with torch.no_grad():
-            for i in range(0, len(texts), 64):
-                m.encode_text_features(texts[i : i + 64])
+        m.cache_text(texts)  # sorted; the encoder batches them in fixed chunks of 64
 
 
 def _param_groups(module, weight_decay: float):

@@ -325,20 +325,37 @@ class FVLM(nn.Module):
             return None
         return len(transformer_layers(self.text_encoder)) - cfg.train_top_layers
 
-    def _compute_text_features(self, texts: list[str]) -> torch.Tensor:
-        cfg = self.config.text
-        split = self.text_split
-        if split is None:
-            return encode_features(self.text_encoder, self.tokenizer, texts, cfg, adapter=self.text_adapter)
+    def _cached_text_states(self, texts: list[str], split: int) -> list[torch.Tensor]:
+        """Per text, the cached ``(T_i, H)`` token states entering layer ``split`` (encoded if missing)."""
         cache = self._text_state_cache
         missing = cache.missing(texts)
         if missing:
             with torch.no_grad():
                 cache.put(
-                    missing, encode_layer_states(self.text_encoder, self.tokenizer, missing, cfg, split)
+                    missing,
+                    encode_layer_states(self.text_encoder, self.tokenizer, missing, self.config.text, split),
                 )
-        states = [s.to(self.device) for s in cache.rows(texts)]
+        return [s.to(self.device) for s in cache.rows(texts)]
+
+    def _compute_text_features(self, texts: list[str]) -> torch.Tensor:
+        cfg = self.config.text
+        split = self.text_split
+        if split is None:
+            return encode_features(self.text_encoder, self.tokenizer, texts, cfg, adapter=self.text_adapter)
+        states = self._cached_text_states(texts, split)
         return encode_from_layer(self.text_encoder, states, split, cfg.pooling, adapter=self.text_adapter)
+
+    def cache_text(self, texts: Sequence[str]) -> None:
+        """Encode ``texts`` now, in this order, into the cache that training reads: the frozen
+        encoder's token states when top layers or an adapter train above them (:attr:`text_split`),
+        else the pooled features (for a frozen encoder; see :meth:`encode_text_features`)."""
+        texts = [str(t) for t in texts]
+        split = self.text_split
+        if split is not None:
+            self._cached_text_states(texts, split)
+            return
+        with torch.no_grad():
+            self.encode_text_features(texts)
 
     def encode_text_features(self, texts: Sequence[str]) -> torch.Tensor:
         """``(N, H)`` pooled text features (before ``text_proj``), adapter included.

@@ -29,6 +29,34 @@ def demo_run(tmp_path_factory):
     return demo.run_demo(cfg, log=lambda msg: None)
 
 
+def test_protocol_prompts():
+    assert demo.HEADLINE_PROTOCOL in demo.PROTOCOLS
+    assert demo._prompts("no-finding", "Lung nodule", "lung") == ("Lung nodule.", "No lung nodule.")
+    assert demo._prompts("reference", "Atelectasis", "lung") == ("Atelectatic.", "Not Atelectatic.")
+    assert demo._prompts("normal-negative", "Emphysema", "lung") == (
+        "Emphysema.",
+        "lung shows no significant abnormalities.",
+    )
+    assert demo._prompts("positive-only", "Lung opacity", "lung") == ("Opacity.", None)
+    with pytest.raises(ValueError, match="no negative prompt"):
+        demo.protocol_finding("positive-only", "Emphysema", "lung")
+
+
+def test_saved_findings_carry_the_headline_prompts():
+    """The calibrated thresholds belong to the headline's prompts, so the saved model (what
+    `fvlm analyze` and Slicer score with) must word the demo findings the same way."""
+    cfg = demo.demo_model_config("fvlm-tiny", 32)
+    saved = {f["name"]: f for f in demo.headline_findings(cfg)}
+    assert list(saved) == [f["name"] for f in cfg.findings]  # none dropped, order kept
+    for name in demo.DEMO_FINDINGS:
+        f = saved[name]
+        assert (f["positive"], f["negative"]) == tuple(
+            [p] for p in demo._prompts(demo.HEADLINE_PROTOCOL, name, f["anatomy"])
+        )
+    others = [f for f in cfg.findings if f["name"] not in demo.DEMO_FINDINGS]
+    assert others and all(saved[f["name"]] == f for f in others)
+
+
 @pytest.mark.slow
 def test_demo_writes_all_outputs(demo_run):
     for key in (
@@ -61,6 +89,10 @@ def test_demo_model_loads_with_calibrated_thresholds_and_example_ct(demo_run):
     model = FVLM.from_pretrained(demo_run.model_dir)
     assert model.config.thresholds, "thresholds from the calibration phantoms are stored in the model"
     assert all(0.0 <= t <= 1.0 for t in model.config.thresholds.values())
+    findings = {f.name: f for f in model.config.finding_set()}
+    for name in model.config.thresholds:  # scored with the prompts the thresholds were set on
+        want = demo._prompts(demo.HEADLINE_PROTOCOL, name, findings[name].anatomy)
+        assert (findings[name].positive[0], findings[name].negative[0]) == want
     # the saved preprocessing reproduces the phantom grid, so `fvlm analyze` sees what training saw
     ct = read_ct(demo_run.files["example_ct"])
     labels = read_label_map(demo_run.files["example_anatomy"], reference=ct.geometry)

@@ -325,17 +325,20 @@ class FVLM(nn.Module):
             return None
         return len(transformer_layers(self.text_encoder)) - cfg.train_top_layers
 
-    def _cached_text_states(self, texts: list[str], split: int) -> list[torch.Tensor]:
-        """Per text, the cached ``(T_i, H)`` token states entering layer ``split`` (encoded if missing)."""
-        cache = self._text_state_cache
-        missing = cache.missing(texts)
+    def _fill_text_states(self, texts: list[str], split: int) -> None:
+        """Encode the ``(T_i, H)`` token states entering layer ``split`` of the texts not cached yet."""
+        missing = self._text_state_cache.missing(texts)
         if missing:
             with torch.no_grad():
-                cache.put(
+                self._text_state_cache.put(
                     missing,
                     encode_layer_states(self.text_encoder, self.tokenizer, missing, self.config.text, split),
                 )
-        return [s.to(self.device) for s in cache.rows(texts)]
+
+    def _cached_text_states(self, texts: list[str], split: int) -> list[torch.Tensor]:
+        """Per text, the cached ``(T_i, H)`` token states entering layer ``split`` (encoded if missing)."""
+        self._fill_text_states(texts, split)
+        return [s.to(self.device) for s in self._text_state_cache.rows(texts)]
 
     def _compute_text_features(self, texts: list[str]) -> torch.Tensor:
         cfg = self.config.text
@@ -352,7 +355,7 @@ class FVLM(nn.Module):
         texts = [str(t) for t in texts]
         split = self.text_split
         if split is not None:
-            self._cached_text_states(texts, split)
+            self._fill_text_states(texts, split)
             return
         with torch.no_grad():
             self.encode_text_features(texts)

@@ -15,7 +15,6 @@ at least 1.15x faster).
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -23,7 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from timing import alternated_median_ms, demo_batch  # noqa: E402
+from timing import alternated_median_ms, bench_args, demo_batch  # noqa: E402
 
 
 def batch_texts(n: int = 16, seed: int = 0) -> list[str]:
@@ -41,16 +40,12 @@ def batch_texts(n: int = 16, seed: int = 0) -> list[str]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=8)
-    parser.add_argument("--threads", type=int, default=1)
-    args = parser.parse_args()
+    args = bench_args(__doc__.splitlines()[0], repeats=8)
 
     import torch
 
     from fvlm_core.model import FVLM, FVLMConfig, load_config
 
-    torch.set_num_threads(args.threads)
     image, labels = demo_batch()
     texts = batch_texts()
 
@@ -61,7 +56,7 @@ def main() -> int:
             cfg["text"]["adapter_width"] = 0
         torch.manual_seed(0)
         model = FVLM(FVLMConfig.from_dict(cfg)).train()
-        model.encode_text_features(texts)  # cache the frozen encoder's part, as training does
+        model.cache_text(texts)  # the frozen encoder's part, cached as training does
 
         def train_step(model=model, bf16=False):
             model.zero_grad(set_to_none=True)

@@ -13,7 +13,6 @@ trains each model on one core).
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -21,21 +20,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from timing import alternated_median_ms, demo_batch, median_ms  # noqa: E402
+from timing import alternated_median_ms, bench_args, demo_batch, median_ms  # noqa: E402
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--threads", type=int, default=1)
-    args = parser.parse_args()
+    args = bench_args(__doc__.splitlines()[0], repeats=10)
 
     import torch
 
     from fvlm_core.model import FVLM, FVLMConfig, load_config
     from fvlm_core.model.profile import intensity_profiles
 
-    torch.set_num_threads(args.threads)
     demo_image, demo_labels = demo_batch()
     gen = torch.Generator().manual_seed(1)
     crop_image = torch.rand(1, 1, 112, 256, 352, generator=gen)

@@ -2,9 +2,23 @@
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import time
 from collections.abc import Callable
+
+
+def bench_args(description: str, repeats: int) -> argparse.Namespace:
+    """The benchmarks' ``--repeats`` and ``--threads`` (default 1: the demo trains each model on
+    one core), parsed, with torch's thread count set."""
+    import torch
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--repeats", type=int, default=repeats)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    return args
 
 
 def demo_batch(seed: int = 0):

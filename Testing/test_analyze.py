@@ -278,7 +278,7 @@ def test_similarity_map_on_ct_grid_peaks_at_rendered_finding(ras, tmp_path):
 
 
 def test_cli_analyze_with_segmentation_prompts_and_maps(analyzer, tmp_path):
-    from fvlm_core.cli import main
+    from fvlm_training.cli import main
 
     model_dir = tmp_path / "model"
     analyzer.model.save_pretrained(model_dir)

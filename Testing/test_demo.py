@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from fvlm_core.io import read_ct, read_label_map
-from training import demo
+from fvlm_training import demo
 
 
 @pytest.fixture(scope="module")

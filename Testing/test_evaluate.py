@@ -8,8 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from fvlm_core.cli import main
-from training import evaluate as ev
+from fvlm_training import evaluate as ev
+from fvlm_training.cli import main
 
 # Same worked example as test_metrics: AUC 13/16, reference threshold 69/99 -> TP 3, FN 1, FP 0, TN 4.
 Y = [0, 0, 0, 1, 1, 1, 0, 1]

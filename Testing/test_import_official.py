@@ -11,10 +11,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fvlm_core.cli import main as cli_main
 from fvlm_core.errors import CheckpointError
 from fvlm_core.model import from_pretrained
 from fvlm_core.model.official import import_official_state, read_official_state
+from fvlm_training.cli import main as cli_main
 
 pytestmark = pytest.mark.slow  # allocates ViT-B + BERT-base (~0.8 GB) a few times
 

@@ -9,10 +9,10 @@ import json
 import pandas as pd
 import pytest
 
-from fvlm_core.cli import main
 from fvlm_core.errors import InputError
 from fvlm_core.findings import CTRATE_LABEL_ANATOMY, CTRATE_LABELS
 from fvlm_core.reports import ReportWarning, extract_labels, labels_by_anatomy, score_labels
+from fvlm_training.cli import main
 
 
 @pytest.fixture(scope="module")

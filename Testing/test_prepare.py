@@ -16,13 +16,13 @@ import numpy as np
 import pytest
 
 from fvlm_core.anatomy import CTRATE_CATALOG
-from fvlm_core.cli import main as fvlm
 from fvlm_core.data import synth
 from fvlm_core.data.cache import CachedDataset, is_complete, list_samples, load_sample, sample_paths
 from fvlm_core.data.prepare import parse_shard, prepare_dataset, select_shard, shard_of
 from fvlm_core.errors import ConfigError
 from fvlm_core.findings import CTRATE_LABEL_ANATOMY
 from fvlm_core.preprocess import ModelSpaceConfig
+from fvlm_training.cli import main as fvlm
 
 SIZE = (24, 32, 40)
 NATIVE = synth.default_spacing_zyx(SIZE)  # model space = the phantoms' own grid: resampling is exact
@@ -193,7 +193,7 @@ def _names(cohort: Path) -> list[str]:
 def test_killed_run_resumes(cohort, tmp_path):
     """A real SIGKILL in the middle of a run, then a re-run: every sample complete and identical."""
     out = tmp_path / "cache"
-    cmd = [sys.executable, "-m", "fvlm_core.cli", "prepare", "--dataset", str(cohort), "--out", str(out)]
+    cmd = [sys.executable, "-m", "fvlm_training.cli", "prepare", "--dataset", str(cohort), "--out", str(out)]
     cmd += ["--spacing", *map(str, NATIVE)]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from fvlm_core.cli import main
 from fvlm_core.commands import sample_data
 from fvlm_core.errors import DataError, InputError
+from fvlm_training.cli import main
 
 TOP = "totalsegmentator-2.18.0"
 

@@ -7,8 +7,8 @@ import json
 import numpy as np
 import SimpleITK as sitk
 
-from fvlm_core.cli import main
 from fvlm_core.io import read_ct, read_label_map
+from fvlm_training.cli import main
 
 
 def test_segment_builtin_writes_labelmap_on_ct_grid(tmp_path, ts_dir, capsys):

@@ -16,10 +16,10 @@ import pytest
 import torch
 
 from fvlm_core.errors import CheckpointError, ConfigError
-from training import checkpointing as ckpt
-from training.augment import AugmentConfig, GlobalBatchSampler, crop_flip
-from training.schedule import WarmupCosineLR, warmup_cosine_lr
-from training.train import load_train_config, train
+from fvlm_training import checkpointing as ckpt
+from fvlm_training.augment import AugmentConfig, GlobalBatchSampler, crop_flip
+from fvlm_training.schedule import WarmupCosineLR, warmup_cosine_lr
+from fvlm_training.train import load_train_config, train
 
 ANATOMIES = ["lung", "heart", "esophagus", "aorta"]
 PROJECT = Path(__file__).resolve().parents[1]
@@ -333,7 +333,7 @@ def test_bf16_autocast_trains_on_cpu(samples, tmp_path):
 
 
 def test_precision_resolution_and_the_cpu_bf16_probe():
-    from training.precision import bf16_is_faster, resolve_precision
+    from fvlm_training.precision import bf16_is_faster, resolve_precision
 
     cpu = torch.device("cpu")
     assert resolve_precision("auto", cpu) == "fp32" and resolve_precision("bf16", cpu) == "bf16"
@@ -363,7 +363,7 @@ def test_death_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path):
     child = textwrap.dedent(
         f"""
         import os, torch
-        from training import checkpointing as ckpt
+        from fvlm_training import checkpointing as ckpt
 
         def dying_save(obj, fh, *a, **k):
             fh.write(b"PK\\x03\\x04 half a checkpoint")
@@ -432,7 +432,7 @@ def test_recipes_and_overrides():
 
 
 def test_cli_errors_are_clear(tmp_path, capsys):
-    from fvlm_core.cli import main
+    from fvlm_training.cli import main
 
     assert main(["train", "--config", "tiny-cpu", "--out", str(tmp_path), "--print-config"]) == 0
     assert "warmup_steps" in capsys.readouterr().out

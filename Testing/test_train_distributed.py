@@ -11,7 +11,7 @@ import torch
 import torch.multiprocessing as mp
 from test_train import assert_same_weights, phantom_samples, train_config, weights
 
-from training.train import train
+from fvlm_training.train import train
 
 pytestmark = pytest.mark.distributed
 
@@ -64,7 +64,7 @@ def test_two_processes_train_like_one(tmp_path):
 
 @pytest.mark.slow
 def test_torchrun_launch_of_the_cli(tmp_path):
-    """`torchrun --nproc_per_node=2 -m fvlm_core.cli train ...` (env:// rendezvous, gloo on CPU)."""
+    """`torchrun --nproc_per_node=2 -m fvlm_training.cli train ...` (env:// rendezvous, gloo on CPU)."""
     import json
     import os
     import shutil
@@ -92,7 +92,7 @@ def test_torchrun_launch_of_the_cli(tmp_path):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump(cfg))
     torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
-    cmd = [torchrun, "--standalone", "--nproc_per_node=2", "-m", "fvlm_core.cli", "train"]
+    cmd = [torchrun, "--standalone", "--nproc_per_node=2", "-m", "fvlm_training.cli", "train"]
     cmd += ["--config", str(recipe), "--out", str(tmp_path / "run")]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(PROJECT))
     proc = subprocess.run(cmd, cwd=PROJECT, env=env, capture_output=True, text=True, timeout=300)

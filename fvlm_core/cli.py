@@ -1,9 +1,12 @@
-"""The ``fvlm`` command line.
+"""The library's command line: the commands that need only ``fvlm_core``.
 
 Each subcommand lives in its own module exposing ``add_arguments(parser)`` and ``run(args) -> int``
 (its docstring's first line is the help text). Modules import heavy dependencies inside ``run``
-so ``fvlm --help`` stays fast. Errors meant for the user (:class:`~fvlm_core.errors.FVLMError`)
+so ``--help`` stays fast. Errors meant for the user (:class:`~fvlm_core.errors.FVLMError`)
 are printed without a traceback.
+
+The installed ``fvlm`` command is :mod:`fvlm_training.cli`, which adds the training commands
+(``demo``, ``train``, ``evaluate``) to these; ``python -m fvlm_core.cli`` works without them.
 """
 
 from __future__ import annotations
@@ -11,64 +14,48 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from fvlm_core import __version__
 from fvlm_core.errors import FVLMError
 
 #: subcommand -> module implementing it (in data-flow order).
 COMMANDS: dict[str, str] = {
-    "demo": "training.demo",
     "sample-data": "fvlm_core.commands.sample_data",
     "segment": "fvlm_core.commands.segment",
     "labels": "fvlm_core.commands.labels",
     "synth": "fvlm_core.commands.synth",
     "prepare": "fvlm_core.commands.prepare",
-    "train": "training.train",
     "import-checkpoint": "fvlm_core.commands.import_checkpoint",
     "analyze": "fvlm_core.commands.analyze",
-    "evaluate": "training.evaluate",
 }
 
 
-def _load(module_name: str):
-    try:
-        return importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        if exc.name and module_name.startswith(exc.name):
-            return None  # the command's module is not part of this build yet
-        raise
-
-
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(commands: Mapping[str, str] = COMMANDS) -> argparse.ArgumentParser:
+    """The ``fvlm`` argument parser with one subcommand per entry of ``commands``."""
     parser = argparse.ArgumentParser(
         prog="fvlm",
         description="Fine-grained CT vision-language model (fVLM): segment, train, analyze, evaluate.",
     )
     parser.add_argument("--version", action="version", version=f"fvlm {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, module_name in COMMANDS.items():
-        module = _load(module_name)
-        if module is None:
-            p = sub.add_parser(name, help="(not yet available in this version)")
-            p.set_defaults(_run=None, _name=name)
-            continue
+    for name, module_name in commands.items():
+        module = importlib.import_module(module_name)
         doc = (module.__doc__ or name).strip().splitlines()[0]
-        p = sub.add_parser(name, help=doc, description=(module.__doc__ or doc).strip())
+        # argparse %-formats help strings: a literal "%" in a docstring must not crash --help
+        p = sub.add_parser(name, help=doc.replace("%", "%%"), description=(module.__doc__ or doc).strip())
         module.add_arguments(p)
         p.set_defaults(_run=module.run, _name=name)
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+def main(argv: Sequence[str] | None = None, commands: Mapping[str, str] = COMMANDS) -> int:
+    """Parse ``argv`` and run the chosen command; returns the exit status."""
+    parser = build_parser(commands)
     args = parser.parse_args(argv)
     if not getattr(args, "command", None):
         parser.print_help()
         return 1
-    if args._run is None:
-        print(f"fvlm {args._name}: not yet available in this version.", file=sys.stderr)
-        return 3
     try:
         return int(args._run(args) or 0)
     except FVLMError as exc:

@@ -159,7 +159,7 @@ def _make_split(samples: Sequence[Any], anatomies: Sequence[str]) -> DemoData:
 
 
 class DemoSamples:
-    """The training phantoms as :func:`training.train.train` samples, read from memory-mapped
+    """The training phantoms as :func:`fvlm_training.train.train` samples, read from memory-mapped
     arrays so both training processes share one copy (``hu``, ``labels``) plus a JSON of texts."""
 
     def __init__(self, data_dir: str | os.PathLike) -> None:
@@ -208,7 +208,7 @@ class DemoSamples:
 @dataclass
 class _TrainJob:
     kind: str  # "fvlm" or "clip"
-    recipe: dict[str, Any]  # a training recipe (training.train.load_train_config mapping)
+    recipe: dict[str, Any]  # a training recipe (fvlm_training.train.load_train_config mapping)
     data_dir: str  # DemoSamples folder written by the parent
     run_dir: str  # training run folder (checkpoint, TensorBoard, summary)
     out_dir: str  # where the final model is saved
@@ -242,11 +242,11 @@ def _recipe(kind: str, model_cfg: Any, cfg: DemoConfig, seed: int) -> dict[str, 
 
 
 def _train_worker(job: _TrainJob, progress: Any) -> None:
-    """Train one model with :func:`training.train.train` for ``job.budget_seconds`` of training
+    """Train one model with :func:`fvlm_training.train.train` for ``job.budget_seconds`` of training
     loop (after the frozen text encoder has encoded the texts once) and ``save_pretrained`` it."""
     import torch
 
-    from training.train import train
+    from fvlm_training.train import train
 
     torch.set_num_threads(1)
 
@@ -519,7 +519,7 @@ def demo_precision(requested: str, model_cfg: Any, batch: int = 2) -> str:
     import torch
 
     from fvlm_core.model.vision import build_vision_encoder
-    from training.precision import bf16_is_faster
+    from fvlm_training.precision import bf16_is_faster
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

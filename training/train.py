@@ -3,7 +3,7 @@
 Usage::
 
     fvlm train --config ctrate-base --set data.cache=/data/ctrate_cache --out runs/base
-    torchrun --nproc_per_node=4 -m fvlm_core.cli train --config ctrate-base --out runs/base
+    torchrun --nproc_per_node=4 -m fvlm_training.cli train --config ctrate-base --out runs/base
     fvlm train --config tiny-cpu --set data.cache=cache/ --set optim.lr=3e-4 --out runs/tiny
 
 ``--config`` is a recipe YAML (bundled: ``ctrate-base``, ``tiny-cpu``; see training/configs);
@@ -17,7 +17,7 @@ checkpoint and exits cleanly.
 Python API: :func:`train` (a config dict / YAML path, a progress callback, a wall-clock budget).
 
 Distributed semantics: each of the ``W`` ranks takes ``train.batch_size`` samples of every
-global batch (see :class:`training.augment.GlobalBatchSampler`); the loss gathers all ranks'
+global batch (see :class:`fvlm_training.augment.GlobalBatchSampler`); the loss gathers all ranks'
 embeddings (global negatives) and every rank computes the global loss; DDP's gradient average
 then equals the single-process gradient of the global batch (``fvlm_core.distributed``).
 Gradient accumulation sums ``train.grad_accum`` micro-batch gradients (scaled by 1/accum) before
@@ -46,7 +46,7 @@ from typing import Any
 import yaml
 
 from fvlm_core.errors import CheckpointError, ConfigError, DataError
-from training.precision import PRECISIONS, resolve_precision
+from fvlm_training.precision import PRECISIONS, resolve_precision
 
 log = logging.getLogger("fvlm.train")
 
@@ -68,7 +68,7 @@ DEFAULTS: dict[str, Any] = {
         "crop_size": None,  # (z, y, x); default: the model's preprocessing.window_size_zyx
         "random_crop": True,
         "flip_prob": 0.2,
-        "intact_rule": "interior",  # "interior" or "strict" (training.augment.AugmentConfig)
+        "intact_rule": "interior",  # "interior" or "strict" (fvlm_training.augment.AugmentConfig)
         "num_workers": 0,
     },
     "train": {
@@ -327,7 +327,7 @@ def _warm_text_cache(objective, base_ds, reports: bool) -> None:
     multi-process run sees exactly the same features as an uninterrupted single-process one.
     Also what makes CPU training fast: the frozen part costs nothing per step afterwards.
     """
-    from training.augment import dataset_texts
+    from fvlm_training.augment import dataset_texts
 
     for m in objective.models():
         if not m.text_frozen and m.text_split is None:
@@ -401,11 +401,11 @@ def _load_dataset(cfg: dict[str, Any]):
     if not cache:
         raise ConfigError(
             "no training data: set data.cache to a folder written by `fvlm prepare` "
-            "(e.g. --set data.cache=cache/), or pass dataset= to training.train.train()"
+            "(e.g. --set data.cache=cache/), or pass dataset= to fvlm_training.train.train()"
         )
     if not Path(cache).is_dir():
         raise DataError(f"data.cache={cache!r} is not a folder; run `fvlm prepare ... --out {cache}` first")
-    from training.augment import CacheSamples
+    from fvlm_training.augment import CacheSamples
 
     return CacheSamples(cache, reconstruction=cfg["data"]["reconstruction"])
 
@@ -430,7 +430,7 @@ def train(
         out_dir: run folder (checkpoints, TensorBoard, summary, final model).
         overrides: ``"key.sub=value"`` strings applied on top of ``config``.
         dataset: samples to train on (a sequence of sample dicts / ``CachedSample``s; see
-            ``training.augment``) instead of ``data.cache``.
+            ``fvlm_training.augment``) instead of ``data.cache``.
         resume: ``"auto"`` (resume when OUT has a checkpoint), ``True`` (must resume),
             ``False`` (start over), or a checkpoint path.
         progress: called on rank 0 after every optimizer step with a dict (``step``,
@@ -453,9 +453,9 @@ def train(
     from fvlm_core.atomic import atomic_write_text
     from fvlm_core.loss import FineGrainedContrastiveLoss, PeerEmbeddings
     from fvlm_core.model import FVLMConfig, load_config
-    from training import checkpointing as ckpt
-    from training.augment import AugmentConfig, GlobalBatchSampler, TrainingSamples, collate
-    from training.schedule import WarmupCosineLR
+    from fvlm_training import checkpointing as ckpt
+    from fvlm_training.augment import AugmentConfig, GlobalBatchSampler, TrainingSamples, collate
+    from fvlm_training.schedule import WarmupCosineLR
 
     cfg = load_train_config(config, overrides)
     if max_minutes is not None:
@@ -950,6 +950,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    from fvlm_core.cli import main
+    from fvlm_training.cli import main
 
     sys.exit(main(["train", *sys.argv[1:]]))

@@ -152,3 +152,21 @@ def test_catalog_roundtrip_subset_and_errors():
         CTRATE_CATALOG.label("liver")
     with pytest.raises(ConfigError, match="unknown anatomy catalog"):
         get_catalog("nope")
+
+
+def test_relabel_maps_source_values_to_catalog_values():
+    from fvlm_core.anatomy import CTRATE_CATALOG
+
+    labels = np.array([[0, 1, 2], [3, 4, 9]], dtype=np.uint8)
+    # a cache listing (heart, trachea, lung, aorta): trachea is not in the CT-RATE catalog
+    out = CTRATE_CATALOG.relabel(labels, ["heart", "trachea", "lung", "aorta"])
+    assert out.dtype == np.uint8
+    assert out.tolist() == [[0, 2, 0], [1, 4, 0]]
+    # a {value: name} table (a synthetic phantom's mask values)
+    out = CTRATE_CATALOG.relabel(np.array([5, 7, 0]), {7: "lung", 5: "esophagus"})
+    assert out.tolist() == [3, 1, 0]
+    # already in catalog order: the same array back
+    same = np.array([1, 2, 3, 4], dtype=np.uint8)
+    assert CTRATE_CATALOG.relabel(same, CTRATE_CATALOG.names) is same
+    with pytest.raises(InputError):
+        CTRATE_CATALOG.relabel(np.array([-1, 0]), ["lung"])

@@ -175,6 +175,32 @@ class AnatomyCatalog:
                     break
         return lut
 
+    def relabel(self, labels: np.ndarray, source: Sequence[str] | Mapping[int, str]) -> np.ndarray:
+        """An anatomy label map whose values follow ``source`` -> the same map in this catalog's values.
+
+        Args:
+            labels: integer array of any shape (0 = background).
+            source: what the values of ``labels`` mean: anatomy names in label order (value
+                ``i + 1`` is ``source[i]``, as a cache or a model lists them) or ``{value: name}``.
+
+        Returns:
+            uint8 array of the same shape, anatomy ``i`` of this catalog as ``i + 1``; anatomies
+            this catalog lacks and values ``source`` does not name become 0. When ``source`` already
+            is this catalog's order, ``labels`` itself is returned (no copy).
+        """
+        named = dict(source) if isinstance(source, Mapping) else {i + 1: n for i, n in enumerate(source)}
+        if named == {i + 1: n for i, n in enumerate(self.names)} and labels.dtype == np.uint8:
+            return labels
+        labels = np.asarray(labels)
+        if labels.size and labels.min() < 0:
+            raise InputError("label map holds negative values; label values must be >= 0")
+        top = max(int(labels.max()) if labels.size else 0, max(named, default=0))
+        lut = np.zeros(top + 1, dtype=np.uint8)
+        for value, anatomy in named.items():
+            if anatomy in self._index:
+                lut[value] = self._index[anatomy] + 1
+        return lut[labels]
+
     def merge_labelmap(self, labelmap: np.ndarray, class_map: Mapping[int, str]) -> np.ndarray:
         """Merge a TotalSegmentator (or any named) label map into this catalog's anatomy label map.
 

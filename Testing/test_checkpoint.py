@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from fvlm_core.errors import CheckpointError
+from fvlm_core.errors import CheckpointError, ConfigError
 from fvlm_core.model import FVLM, from_pretrained, load_config
 
 torch.set_num_threads(1)
@@ -71,6 +71,17 @@ def test_checkpoint_text_folder_is_self_contained(saved, tmp_path):
     (dst / "config.yaml").write_text(yaml.safe_dump(cfg))
     loaded = from_pretrained(dst)
     assert loaded.encode_text(["Cardiomegaly."]).shape == (1, 128)
+
+
+def test_device_follows_the_project_device_rule(saved, monkeypatch):
+    """``auto`` is CUDA, else MPS, else CPU; an absent device is a clear error, not a torch crash."""
+    monkeypatch.setattr("fvlm_core.devices._mps_available", lambda: False)
+    assert FVLM.from_pretrained(saved[1], device="auto").device == torch.device("cpu")
+    for absent in ("cuda", "gpu", "cuda:1", "mps"):  # this machine has neither CUDA nor MPS
+        with pytest.raises(ConfigError, match=r"not available|no CUDA GPU"):
+            from_pretrained(saved[1], device=absent)
+    with pytest.raises(ConfigError, match="'tpu'"):
+        from_pretrained(saved[1], device="tpu")
 
 
 def test_truncated_weights_raise_checkpoint_error(saved, tmp_path):

@@ -199,6 +199,45 @@ def test_totalsegmentator_missing_weights_says_how_to_get_them(monkeypatch, tmp_
         TotalSegmentatorBackend(fast=False).check()
 
 
+# TotalSegmentator 2.18's python_api.validate_device_type_api accepts exactly these words (the
+# package is an optional extra and not installed here; this pattern stands in for its check).
+_TOTALSEG_DEVICE_WORD = r"(gpu|cpu|mps|gpu:\d+)"
+
+
+def test_totalsegmentator_device_follows_the_project_device_rule(monkeypatch, tmp_path):
+    import re
+
+    import torch
+
+    monkeypatch.setattr(totalseg_module, "totalsegmentator_available", lambda: True)
+    monkeypatch.setenv("TOTALSEG_HOME_DIR", str(tmp_path))
+    monkeypatch.delenv("TOTALSEG_WEIGHTS_PATH", raising=False)
+    for name in (
+        "Dataset297_TotalSegmentator_total_3mm_1559subj_v204",
+        "Dataset298_TotalSegmentator_total_6mm",
+    ):
+        (tmp_path / "nnunet" / "results" / name).mkdir(parents=True)
+    monkeypatch.setattr("fvlm_core.devices._mps_available", lambda: False)
+    assert TotalSegmentatorBackend(fast=True).device_word() == "cpu"  # auto on a CPU-only machine
+    for absent in ("cuda", "gpu", "mps"):  # an absent device is refused before anything runs
+        with pytest.raises(ConfigError, match=f"device {'cuda' if absent == 'gpu' else absent}"):
+            TotalSegmentatorBackend(fast=True, device=absent).check()
+    with pytest.raises(ConfigError, match="'tpu'"):
+        TotalSegmentatorBackend(fast=True, device="tpu").check()
+    # torch devices -> TotalSegmentator's words ("gpu" is its cuda:0)
+    words = {
+        torch.device("cuda"): "gpu",
+        torch.device("cuda", 1): "gpu:1",
+        torch.device("cpu"): "cpu",
+        torch.device("mps"): "mps",
+    }
+    for device, word in words.items():
+        assert totalseg_module.totalseg_device(device) == word
+        assert re.fullmatch(_TOTALSEG_DEVICE_WORD, word)
+    with pytest.raises(ConfigError, match="gpu, cpu or mps"):
+        totalseg_module.totalseg_device(torch.device("meta"))
+
+
 def test_labelmap_with_fractional_values_is_rejected(tmp_path, small_ct):
     arr = np.zeros(small_ct.geometry.shape_zyx, dtype=np.float32)
     arr[10, 50, 50] = 0.5  # a probability map, not labels

@@ -138,7 +138,7 @@ def test_every_binding_names_a_parameter_and_choices_match_the_combo_items(loade
             )
 
 
-def test_anatomy_sources_and_devices_match_the_runner():
+def test_anatomy_source_choices_match_the_runner():
     import sys
 
     sys.path.insert(0, str(MODULE))

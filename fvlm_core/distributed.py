@@ -157,15 +157,6 @@ def gather_no_grad(t: torch.Tensor) -> torch.Tensor:
     return out.bool() if is_bool else out
 
 
-def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
-    """Mean of ``value`` over ranks (a detached copy; for logging)."""
-    value = value.detach().clone()
-    if is_distributed():
-        dist.all_reduce(value, op=dist.ReduceOp.SUM)
-        value /= dist.get_world_size()
-    return value
-
-
 def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
     """Sum of ``value`` over ranks (a detached copy)."""
     value = value.detach().clone()
@@ -178,12 +169,3 @@ def barrier() -> None:
     """Wait for every rank (no-op in a single process)."""
     if is_distributed():
         dist.barrier()
-
-
-def broadcast_object(obj, src: int = 0):
-    """Send a picklable object from ``src`` to every rank and return it (single process: ``obj``)."""
-    if not is_distributed():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]

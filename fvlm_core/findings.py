@@ -1,5 +1,5 @@
 """Findings: the 18 CT-RATE abnormality labels, the anatomy each is scored on, and the
-zero-shot prompt wordings of the reference evaluation (DESIGN.md section 3).
+zero-shot prompt wordings of the reference evaluation (fVLM's public ``eval.py``).
 """
 
 from __future__ import annotations

@@ -241,10 +241,6 @@ def array_to_sitk(array: np.ndarray, geometry: Geometry) -> sitk.Image:
 # --------------------------------------------------------------------------------------------
 
 
-def _is_dicom_dir(path: Path) -> bool:
-    return path.is_dir()
-
-
 def _read_dicom_series(path: Path) -> sitk.Image:
     series_ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(path))
     if not series_ids:
@@ -437,7 +433,7 @@ def read_image(path: str | os.PathLike) -> sitk.Image:
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: no such file or folder.")
-    if _is_dicom_dir(path):
+    if path.is_dir():  # a folder can only be a DICOM series; the reader says so when it holds none
         return _read_dicom_series(path)
     if path.stat().st_size == 0:
         raise InputError(f"{path}: file is empty.")

@@ -1,4 +1,4 @@
-"""Zero-shot classification metrics (CT-RATE protocol, DESIGN.md section 3).
+"""Zero-shot classification metrics (the CT-RATE zero-shot protocol of CT-CLIP and fVLM).
 
 Per label: ROC AUC with a bootstrap 95% confidence interval, a decision threshold and the
 metrics at it (accuracy, weighted F1, positive-class F1, precision, sensitivity,

@@ -147,14 +147,21 @@ def from_pretrained(directory: str | os.PathLike, device: str | torch.device = "
 
     Args:
         directory: folder with ``config.yaml``, ``model.safetensors`` and ``text/``.
-        device: ``"cpu"``, ``"cuda"``, a ``torch.device``, or ``"auto"`` (CUDA when available).
+        device: a ``torch.device`` or a name :func:`fvlm_core.devices.resolve_device` takes
+            (``auto``, ``cpu``, ``cuda``, ``cuda:N``, ``gpu``, ``mps``).
 
     Returns:
         The model in eval mode on ``device``.
+
+    Raises:
+        CheckpointError: the folder is missing, incomplete, or its weights do not fit its config.
+        ConfigError: the device is unknown or not available here.
     """
+    from fvlm_core.devices import resolve_device
     from fvlm_core.model.config import load_config
     from fvlm_core.model.fvlm import FVLM
 
+    device = resolve_device(device)  # before reading anything: an absent GPU is reported first
     directory = Path(directory)
     if not directory.is_dir():
         raise CheckpointError(f"{directory}: checkpoint folder not found")
@@ -165,8 +172,6 @@ def from_pretrained(directory: str | os.PathLike, device: str | torch.device = "
         config = load_config(cfg_path)
     except ConfigError as exc:
         raise CheckpointError(f"{directory}: invalid model config: {exc}") from exc
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
     tensors = read_safetensors(directory / WEIGHTS_NAME)
     text_dir = directory / TEXT_DIR
     model = FVLM(config, text_source=text_dir if text_dir.is_dir() else None, load_text_weights=False)

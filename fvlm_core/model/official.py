@@ -1,10 +1,11 @@
 """Import of the official fVLM checkpoint (LAVIS layout) into this project's format.
 
 The official file is a torch pickle whose ``["model"]`` dict uses exactly this project's parameter
-names (DESIGN.md section 2), so the mapping is 1:1. It is read with ``weights_only=True``. Tensors
-the project does not need (``text_encoder.embeddings.position_ids``, the tied MLM head
-``text_encoder.cls.predictions.*``) are reported as expected-unused; any other unused tensor is
-reported too. Missing or mis-shaped vision, text or head tensors are refused.
+names (MONAI ViT names under ``visual_encoder.``, BERT names under ``text_encoder.``, then
+``text_proj``, ``vision_projs.{0..3}``, ``attention``, ``query_tokens`` and ``temp``), so the
+mapping is 1:1. It is read with ``weights_only=True``. Tensors the project does not need
+(``text_encoder.embeddings.position_ids``, the tied MLM head ``text_encoder.cls.predictions.*``)
+are reported as expected-unused; any other unused tensor is reported too. Missing or mis-shaped vision, text or head tensors are refused.
 
 The reference text encoder is BLIP's BERT without token-type embeddings: the Hugging Face
 ``BertModel`` built from the user's CXR-BERT folder gets its token-type embedding zeroed, which

@@ -11,7 +11,7 @@ anatomy:
   states an abnormality that is not negated ("no", "was not detected", "without", "within
   normal limits", ...); hedged statements ("cannot be excluded") count as abnormal.
 
-Training text (reference style, DESIGN.md section 2 and fVLM's CT-RATE dataset code): an
+Training text (the reference style of fVLM's CT-RATE dataset code): an
 abnormal anatomy's text is its impression sentences followed by its findings sentences; a
 normal anatomy's text is the template ``"{anatomy} shows no significant abnormalities."``
 (anatomy name as in the catalog, lower case) followed by its findings sentences, if any.

@@ -11,13 +11,18 @@ import importlib.util
 import os
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fvlm_core.anatomy import CTRATE_CATALOG, AnatomyCatalog
-from fvlm_core.errors import DependencyError
+from fvlm_core.devices import resolve_device
+from fvlm_core.errors import ConfigError, DependencyError
 from fvlm_core.io import CTVolume, read_label_map, write_image
 from fvlm_core.segmentation.base import AnatomySegmentation, Progress
 from fvlm_core.segmentation.labelmap import merge_labels
 from fvlm_core.segmentation.totalseg_classes import TOTAL_CLASS_MAP
+
+if TYPE_CHECKING:
+    import torch
 
 #: nnU-Net datasets that ``totalseg_download_weights -t total`` / ``-t total_fast`` fetch
 #: (TotalSegmentator 2.x): full resolution (5 parts) or ``--fast`` (3 mm), each with the 6 mm model.
@@ -48,24 +53,44 @@ def totalsegmentator_available() -> bool:
     return importlib.util.find_spec("totalsegmentator") is not None
 
 
+def totalseg_device(device: torch.device) -> str:
+    """TotalSegmentator's word for a torch device: ``gpu`` / ``gpu:N``, ``cpu`` or ``mps``.
+
+    Its Python API accepts only these (``validate_device_type_api``) and maps ``gpu`` to ``cuda:0``.
+    """
+    if device.type == "cuda":
+        return "gpu" if device.index is None else f"gpu:{device.index}"
+    if device.type in ("cpu", "mps"):
+        return device.type
+    raise ConfigError(f"device {device}: TotalSegmentator runs on gpu, cpu or mps only")
+
+
 class TotalSegmentatorBackend:
     """Segment with TotalSegmentator ("total" task) and merge its classes into a catalog.
 
     Args:
         fast: use the 3 mm ``--fast`` model (needs only dataset 297).
-        device: ``"gpu"``, ``"cpu"``, ``"mps"`` or ``"auto"`` (GPU when torch sees one).
+        device: a name :func:`fvlm_core.devices.resolve_device` takes (``auto``: CUDA, else MPS,
+            else CPU; ``gpu`` = ``cuda``) or a ``torch.device``; checked by :meth:`check`.
         allow_download: let TotalSegmentator download missing weights (internet needed).
     """
 
     name = "totalsegmentator"
 
-    def __init__(self, fast: bool = False, device: str = "auto", allow_download: bool = False) -> None:
+    def __init__(
+        self, fast: bool = False, device: str | torch.device = "auto", allow_download: bool = False
+    ) -> None:
         self.fast = fast
         self.device = device
         self.allow_download = allow_download
 
     def check(self) -> None:
-        """Raise :class:`DependencyError` when the package or its weights are missing."""
+        """Refuse to start when something the run needs is missing.
+
+        Raises:
+            DependencyError: the package or its weights are missing.
+            ConfigError: the device is unknown or not available here.
+        """
         if not totalsegmentator_available():
             raise DependencyError(
                 f"the totalsegmentator backend needs the TotalSegmentator package: {INSTALL_HINT}"
@@ -79,13 +104,11 @@ class TotalSegmentatorBackend:
                 f"{'_fast' if self.fast else ''}`, copy the folder and set TOTALSEG_HOME_DIR to it, or pass "
                 "--allow-download to let TotalSegmentator download them now."
             )
+        self.device_word()
 
-    def _device(self) -> str:
-        if self.device != "auto":
-            return self.device
-        import torch
-
-        return "gpu" if torch.cuda.is_available() else "cpu"
+    def device_word(self) -> str:
+        """TotalSegmentator's word for :attr:`device` (resolved by :func:`resolve_device`)."""
+        return totalseg_device(resolve_device(self.device))
 
     def segment(
         self, ct: CTVolume, catalog: AnatomyCatalog = CTRATE_CATALOG, progress: Progress | None = None
@@ -99,7 +122,9 @@ class TotalSegmentatorBackend:
             src = Path(tmp) / "ct.nii.gz"
             out = Path(tmp) / "seg.nii.gz"
             write_image(ct.array, ct.geometry, src)
-            totalsegmentator(str(src), str(out), ml=True, fast=self.fast, device=self._device(), quiet=True)
+            totalsegmentator(
+                str(src), str(out), ml=True, fast=self.fast, device=self.device_word(), quiet=True
+            )
             lab = read_label_map(out, reference=ct.geometry).array
         if progress:
             progress("done", 1.0)

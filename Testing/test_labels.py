@@ -4,9 +4,9 @@ anatomy, and the ``fvlm labels`` command."""
 
 from __future__ import annotations
 
+import csv
 import json
 
-import pandas as pd
 import pytest
 
 from fvlm_core.errors import InputError
@@ -15,16 +15,33 @@ from fvlm_core.reports import ReportWarning, extract_labels, labels_by_anatomy, 
 from fvlm_training.cli import main
 
 
+def _read(path) -> list[dict[str, str]]:
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def _write(path, header, rows) -> None:
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(rows)
+
+
+def _columns(rows, labels=CTRATE_LABELS) -> dict[str, list[int]]:
+    return {lbl: [int(r[lbl]) for r in rows] for lbl in labels}
+
+
 @pytest.fixture(scope="module")
 def scored(reports_csv):
-    df = pd.read_csv(reports_csv)
-    pred = pd.DataFrame([extract_labels(t) for t in df["report_text"]], index=df.index)
-    return df, pred
+    rows = _read(reports_csv)
+    gold = _columns(rows)
+    found = [extract_labels(r["report_text"]) for r in rows]
+    return gold, {lbl: [f[lbl] for f in found] for lbl in CTRATE_LABELS}
 
 
 def test_label_scores_meet_targets(scored):
-    df, pred = scored
-    s = score_labels(df, pred)
+    gold, pred = scored
+    s = score_labels(gold, pred)
     low = {k: round(v["f1"], 3) for k, v in s["per_label"].items() if v["f1"] < 0.75}
     assert s["n"] == 800
     assert s["macro_f1"] >= 0.90, s["macro_f1"]
@@ -33,10 +50,10 @@ def test_label_scores_meet_targets(scored):
 
 def test_label_scores_hold_on_both_halves(scored):
     """Rules were developed on the even rows; the odd rows are the held-out check."""
-    df, pred = scored
+    gold, pred = scored
     for parity in (0, 1):
-        rows = df.index % 2 == parity
-        s = score_labels(df[rows], pred[rows])
+        half = {k: v[parity::2] for k, v in gold.items()}
+        s = score_labels(half, {k: v[parity::2] for k, v in pred.items()})
         assert s["macro_f1"] >= 0.90, (parity, s["macro_f1"])
         assert s["min_f1"] >= 0.75, (parity, s["min_f1"])
 
@@ -94,26 +111,31 @@ def test_cli_ctrate_layout_and_score(tmp_path, capsys):
             "Plevral efüzyon.",
         ),
     ]
-    df = pd.DataFrame(rows, columns=["VolumeName", "Findings_EN", "Impressions_EN"])
-    df.insert(1, "ClinicalInformation_EN", "Not given.")
-    df.insert(2, "Technique_EN", "Non-contrast.")
+    # CT-RATE's column order; a report with a comma, a quote and a line break inside one cell
+    header = ["VolumeName", "ClinicalInformation_EN", "Technique_EN", "Findings_EN", "Impressions_EN"]
+    rows = [(name, 'Not given, "none".', "Non-contrast.\nAxial.", f, i) for name, f, i in rows]
     reports = tmp_path / "validation_reports.csv"
-    df.to_csv(reports, index=False)
+    _write(reports, header, rows)
     out = tmp_path / "labels.csv"
     assert main(["labels", str(reports), "--out", str(out)]) == 0
-    got = pd.read_csv(out)
-    assert list(got.columns) == ["VolumeName", *CTRATE_LABELS]
-    assert list(got["VolumeName"]) == list(df["VolumeName"])
-    assert got["Hiatal hernia"].tolist() == [1, 0, 0, 0]
-    assert got["Pleural effusion"].tolist() == [0, 1, 0, 0]
+    with open(out, newline="", encoding="utf-8") as f:
+        assert next(csv.reader(f)) == ["VolumeName", *CTRATE_LABELS]
+    got = _read(out)
+    assert [r["VolumeName"] for r in got] == [r[0] for r in rows]
+    assert _columns(got)["Hiatal hernia"] == [1, 0, 0, 0]
+    assert _columns(got)["Pleural effusion"] == [0, 1, 0, 0]
     assert "1 empty and 1 non-English" in capsys.readouterr().err
 
-    # --score against label columns already in the input
-    gold = got.copy()
+    # --score against label columns already in the input (an empty label cell counts as 0)
+    gold = _columns(got)
     gold["Pleural effusion"] = [1, 1, 0, 0]  # one disagreement: recall 0.5 -> F1 0.667
-    scored = df.merge(gold, on="VolumeName")
+    gold["Emphysema"] = ["", "", "0.0", "0"]
     scored_csv = tmp_path / "scored.csv"
-    scored.to_csv(scored_csv, index=False)
+    _write(
+        scored_csv,
+        [*header, *CTRATE_LABELS],
+        [(*r, *(gold[k][i] for k in CTRATE_LABELS)) for i, r in enumerate(rows)],
+    )
     assert main(["labels", str(scored_csv), "--score"]) == 0
     res = json.loads(capsys.readouterr().out)
     assert res["per_label"]["Pleural effusion"]["f1"] == pytest.approx(2 / 3)
@@ -124,7 +146,7 @@ def test_cli_ctrate_layout_and_score(tmp_path, capsys):
 
 def test_cli_missing_columns(tmp_path, capsys):
     bad = tmp_path / "bad.csv"
-    pd.DataFrame({"id": ["a"], "text": ["Hiatal hernia."]}).to_csv(bad, index=False)
+    _write(bad, ["id", "text"], [["a", "Hiatal hernia."]])
     assert main(["labels", str(bad), "--out", str(tmp_path / "o.csv")]) == 2
     err = capsys.readouterr().err
     assert "report_text" in err and "Findings_EN" in err and "--text-column" in err
@@ -148,7 +170,35 @@ def test_cli_missing_columns(tmp_path, capsys):
         )
         == 0
     )
-    assert pd.read_csv(tmp_path / "o.csv")["Hiatal hernia"].tolist() == [1]
+    assert _columns(_read(tmp_path / "o.csv"))["Hiatal hernia"] == [1]
+
+
+def test_cli_unreadable_tables_are_refused_without_output(tmp_path, capsys):
+    out = tmp_path / "o.csv"
+    cases = {
+        "missing.csv": (None, "does not exist"),
+        "empty.csv": ("", "no columns"),
+        "ragged.csv": ("report_text\nHiatal hernia.,extra\n", "line 2 has 2 cells"),
+        "twice.csv": ("report_text,report_text\na,b\n", "report_text appear more than once"),
+        "latin1.csv": (
+            b"report_text\n" + "Hiatal hernia \xe9.".encode("latin-1"),
+            "not a readable CSV",
+        ),
+    }
+    for name, (content, message) in cases.items():
+        path = tmp_path / name
+        if isinstance(content, bytes):
+            path.write_bytes(content)
+        elif content is not None:
+            path.write_text(content)
+        assert main(["labels", str(path), "--out", str(out)]) == 2
+        assert message in capsys.readouterr().err, name
+    # a gold label that is not 0/1 stops --score before anything is written
+    bad_gold = tmp_path / "gold.csv"
+    _write(bad_gold, ["report_text", *CTRATE_LABELS], [["Hiatal hernia.", *(["yes"] + ["0"] * 17)]])
+    assert main(["labels", str(bad_gold), "--score", "--out", str(out)]) == 2
+    assert "'Medical material': 'yes' is not a 0/1 label" in capsys.readouterr().err
+    assert not out.exists()
 
 
 @pytest.mark.parametrize(

@@ -8,10 +8,10 @@ sentences are written for these tests in CT-RATE style.
 
 from __future__ import annotations
 
+import csv
 import json
 import warnings
 
-import pandas as pd
 import pytest
 
 from fvlm_core.anatomy import EXTENDED_CATALOG
@@ -60,11 +60,15 @@ WRITTEN_SENTENCES = [
 ]
 
 
+def _rows(path) -> list[dict[str, str]]:
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
 @pytest.fixture(scope="module")
 def report_sentences(reports_csv):
     """AccessionNo -> the report's sentences (split_sentences of report_text)."""
-    df = pd.read_csv(reports_csv)
-    return {acc: split_sentences(str(text)) for acc, text in zip(df["AccessionNo"], df["report_text"])}
+    return {row["AccessionNo"]: split_sentences(row["report_text"]) for row in _rows(reports_csv)}
 
 
 @pytest.mark.parametrize(("ref", "anatomies", "abnormal"), REAL_SENTENCE_REFS)
@@ -264,7 +268,7 @@ def test_load_fvlm_decomposition_files(tmp_path):
 
 
 def test_real_reports_are_english(reports_csv):
-    texts = pd.read_csv(reports_csv)["report_text"]
+    texts = [row["report_text"] for row in _rows(reports_csv)]
     assert all(looks_english(t) for t in texts)
     impressions = [t[t.find('"') :] for t in texts if '"' in t]
     assert all(looks_english(t) for t in impressions)
@@ -274,15 +278,14 @@ def test_real_reports_decomposition(reports_csv):
     """Whole real reports: the negation-aware flag agrees with the manual labels of each anatomy."""
     from fvlm_core.findings import CTRATE_LABEL_ANATOMY
 
-    df = pd.read_csv(reports_csv).iloc[:120]
     hits = total = missed = 0
-    for _, row in df.iterrows():
+    for row in _rows(reports_csv)[:120]:
         text = row["report_text"]
         k = text.find('"')  # CT-RATE's impression items start at the first quote
         findings, impression = (text[:k], text[k:]) if k >= 0 else (text, "")
         r = decompose_report(findings, impression)
         for a in CT4:
-            gold = any(row[lbl] == 1 for lbl, an in CTRATE_LABEL_ANATOMY.items() if an == a)
+            gold = any(row[lbl] == "1" for lbl, an in CTRATE_LABEL_ANATOMY.items() if an == a)
             total += 1
             hits += gold == r.abnormal_findings[a]
             missed += gold and not r.abnormal_findings[a]

@@ -16,7 +16,9 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import csv
 import json
+import os
 import sys
 
 CTRATE_TEXT_COLUMNS = ("Findings_EN", "Impressions_EN")
@@ -61,35 +63,87 @@ def _text_columns(columns, requested) -> list[str]:
     )
 
 
-def label_table(df, text_columns, id_column):
-    """DataFrame: ``id_column`` + the 18 labels (0/1) for every row of ``df``; also counts of
-    empty and non-English reports."""
-    import warnings
+def read_csv_table(path: str | os.PathLike) -> tuple[list[str], list[dict[str, str]]]:
+    """Column names and rows (column -> cell text) of a CSV file.
 
-    import pandas as pd
+    Blank lines are skipped; short rows are padded with ``""``; a header cell left empty (a
+    saved index) is named ``Unnamed: <position>``.
+
+    Raises:
+        DataError: the file is missing or unreadable, has no header, repeats a column name, or
+            holds a row with more cells than the header.
+    """
+    from fvlm_core.errors import DataError
+
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.reader(f)
+            header = next((r for r in reader if r), None)
+            if header is None:
+                raise DataError(f"{path}: the CSV has no columns")
+            columns = [c or f"Unnamed: {i}" for i, c in enumerate(header)]
+            rows = []
+            for cells in reader:
+                if not cells:
+                    continue
+                if len(cells) > len(columns):
+                    raise DataError(
+                        f"{path}: line {reader.line_num} has {len(cells)} cells but the header names "
+                        f"{len(columns)} columns; quote cells that hold commas"
+                    )
+                rows.append(dict(zip(columns, cells + [""] * (len(columns) - len(cells)))))
+    except FileNotFoundError:
+        raise DataError(f"reports CSV {path} does not exist") from None
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise DataError(f"{path}: not a readable CSV ({exc})") from exc
+    repeated = sorted({c for c in columns if columns.count(c) > 1})
+    if repeated:
+        raise DataError(f"{path}: column name(s) {', '.join(repeated)} appear more than once")
+    return columns, rows
+
+
+def label_table(
+    rows: list[dict[str, str]], text_columns: list[str], id_column: str
+) -> tuple[list[list[str | int]], int, int]:
+    """``[id, 18 labels (0/1)]`` for every row; also counts of empty and non-English reports."""
+    import warnings
 
     from fvlm_core.findings import CTRATE_LABELS
     from fvlm_core.reports.labels import extract_labels
     from fvlm_core.reports.sentences import looks_english
 
-    texts = df[text_columns].fillna("").astype(str).agg(" ".join, axis=1).str.strip()
-    rows, empty, non_english = [], 0, 0
+    table, empty, non_english = [], 0, 0
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # counted and reported once below
-        for text in texts:
+        for row in rows:
+            text = " ".join(row[c] for c in text_columns).strip()
             if not text:
                 empty += 1
             elif not looks_english(text):
                 non_english += 1
-            rows.append(extract_labels(text, on_bad_report="ignore"))
-    out = pd.DataFrame(rows, columns=list(CTRATE_LABELS), index=df.index).astype(int)
-    out.insert(0, id_column, df[id_column].values)
-    return out, empty, non_english
+            labels = extract_labels(text, on_bad_report="ignore")
+            table.append([row[id_column], *(int(labels[lbl]) for lbl in CTRATE_LABELS)])
+    return table, empty, non_english
+
+
+def gold_labels(rows: list[dict[str, str]], path: str | os.PathLike) -> dict[str, list[int]]:
+    """The input's 18 label columns as 0/1 (an empty cell is 0); :class:`DataError` on other values."""
+    from fvlm_core.errors import DataError
+    from fvlm_core.findings import CTRATE_LABELS
+
+    def value(cell: str, label: str, row: int) -> int:
+        try:
+            number = float(cell) if cell.strip() else 0.0
+        except ValueError:
+            number = -1.0
+        if number not in (0.0, 1.0):
+            raise DataError(f"{path}: row {row}, column {label!r}: {cell!r} is not a 0/1 label")
+        return int(number)
+
+    return {lbl: [value(r[lbl], lbl, i) for i, r in enumerate(rows, start=1)] for lbl in CTRATE_LABELS}
 
 
 def run(args: argparse.Namespace) -> int:
-    import pandas as pd
-
     from fvlm_core.atomic import atomic_path
     from fvlm_core.errors import DataError, InputError
     from fvlm_core.findings import CTRATE_LABELS
@@ -97,39 +151,33 @@ def run(args: argparse.Namespace) -> int:
 
     if not args.out and not args.score:
         raise InputError("nothing to do: pass --out LABELS.csv and/or --score")
-    try:
-        df = pd.read_csv(args.reports)
-    except FileNotFoundError:
-        raise DataError(f"reports CSV {args.reports} does not exist") from None
-    except (OSError, ValueError, pd.errors.ParserError) as exc:
-        raise DataError(f"{args.reports}: not a readable CSV ({exc})") from exc
-    if df.columns.empty:
-        raise DataError(f"{args.reports}: the CSV has no columns")
-    id_column = args.id_column or str(df.columns[0])
-    if id_column not in df.columns:
-        raise DataError(
-            f"id column {id_column!r} not in {args.reports} (columns: {', '.join(map(str, df.columns))})"
-        )
-    text_columns = _text_columns(list(df.columns), args.text_column)
+    columns, rows = read_csv_table(args.reports)
+    id_column = args.id_column or columns[0]
+    if id_column not in columns:
+        raise DataError(f"id column {id_column!r} not in {args.reports} (columns: {', '.join(columns)})")
+    text_columns = _text_columns(columns, args.text_column)
     if args.score:
-        missing = [c for c in CTRATE_LABELS if c not in df.columns]
+        missing = [c for c in CTRATE_LABELS if c not in columns]
         if missing:
             raise DataError(
                 f"--score needs the 18 CT-RATE label columns in {args.reports}; missing: {', '.join(missing)}"
             )
-    table, empty, non_english = label_table(df, text_columns, id_column)
+    gold = gold_labels(rows, args.reports) if args.score else None
+    table, empty, non_english = label_table(rows, text_columns, id_column)
     if empty or non_english:
         print(
             f"fvlm labels: warning: {empty} empty and {non_english} non-English report(s) got all-0 labels",
             file=sys.stderr,
         )
     if args.out:
-        with atomic_path(args.out) as tmp:
-            table.to_csv(tmp, index=False)
+        with atomic_path(args.out) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
+            writer = csv.writer(f, lineterminator="\n")
+            writer.writerow([id_column, *CTRATE_LABELS])
+            writer.writerows(table)
         print(f"wrote {len(table)} rows x {len(CTRATE_LABELS)} labels to {args.out}", file=sys.stderr)
-    if args.score:
-        gold = df[list(CTRATE_LABELS)].fillna(0).astype(int)
-        scores = score_labels(gold, table)
+    if gold is not None:
+        pred = {lbl: [r[i + 1] for r in table] for i, lbl in enumerate(CTRATE_LABELS)}
+        scores = score_labels(gold, pred)
         scores["text_columns"] = text_columns
         print(json.dumps(scores, indent=2))
     return 0

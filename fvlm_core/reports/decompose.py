@@ -233,7 +233,7 @@ def _as_text(value) -> str:
         return ""
     if isinstance(value, str):
         return value
-    if isinstance(value, float) and value != value:  # pandas NaN for an empty CSV cell
+    if isinstance(value, float) and value != value:  # NaN: an empty cell of a table read with pandas
         return ""
     raise InputError(f"report text must be a string, got {type(value).__name__}")
 

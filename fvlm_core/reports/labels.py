@@ -277,7 +277,8 @@ def score_labels(gold, pred, labels: Sequence[str] = CTRATE_LABELS) -> dict:
     """Per-label F1 / precision / recall / support and the macro F1 (sklearn ``f1_score``).
 
     Args:
-        gold, pred: tables (pandas DataFrames or ``{label: sequence of 0/1}``) holding ``labels``.
+        gold, pred: ``{label: sequence of 0/1}`` (or any table indexed by column name) holding
+            ``labels``, rows in the same order.
 
     Returns:
         ``{"n": rows, "per_label": {label: {"f1", "precision", "recall", "support"}},

@@ -146,7 +146,7 @@ def test_prevalence_and_normal_reports():
     pairs = np.mean([("Emphysema" in d) and ("Cardiomegaly" in d) for d in draws])
     assert abs(pairs - 0.9 * 0.25 * 0.25) < 0.02  # independent draws
     normal = synth.make_phantom(0, 0, size_zyx=(24, 24, 24), findings=())
-    assert normal.report["Impressions_EN"] in synth._NORMAL_IMPRESSIONS
+    assert normal.report["Impressions_EN"] in synth.NORMAL_IMPRESSIONS
 
 
 def test_bad_arguments(tmp_path):
@@ -156,6 +156,11 @@ def test_bad_arguments(tmp_path):
         synth.generate_cohort(tmp_path, 0, seed=0)
     with pytest.raises(InputError, match="prevalence"):
         synth.generate_cohort(tmp_path, 2, seed=0, prevalence={"Bronchiectasis": 0.5})
+    with pytest.raises(InputError, match="Bronchiectasis"):
+        synth.make_phantom(0, 0, size_zyx=(16, 16, 16), findings=["Bronchiectasis"])
+    with pytest.raises(InputError, match="split 'test'"):
+        synth.make_phantom(0, 0, "test", size_zyx=(16, 16, 16))
+    assert not list(tmp_path.iterdir())
 
 
 def test_reports_are_understood_by_the_report_rules():
@@ -180,14 +185,91 @@ def test_abnormal_lung_reports_also_rule_out_absent_lung_findings():
     negated (the text side then learns what "no X" means), and the label rules read them as 0."""
     from fvlm_core.reports import extract_labels
 
+    ruled_out = {spec.name: spec.absent for spec in synth.FINDINGS if spec.absent}
+    assert set(ruled_out) == {"Emphysema", "Lung nodule", "Consolidation", "Lung opacity", "Atelectasis"}
     rng = np.random.default_rng(4)
     negated = set()
     for _ in range(40):
         report = synth.write_report(frozenset({"Emphysema"}), {}, rng)
         text = report["Findings_EN"] + " " + report["Impressions_EN"]
-        for finding, options in synth._LUNG_NEGATIONS.items():
+        for finding, options in ruled_out.items():
             if any(o in text for o in options):
                 negated.add(finding)
         labels = extract_labels(text)
-        assert [k for k in synth._LUNG_NEGATIONS if labels[k]] == ["Emphysema"], text
-    assert negated == set(synth._LUNG_NEGATIONS) - {"Emphysema"}
+        assert [k for k in ruled_out if labels[k]] == ["Emphysema"], text
+    assert negated == set(ruled_out) - {"Emphysema"}
+
+
+# ---------------------------------------------------------------- the table of findings
+SPECS = {spec.name: spec for spec in synth.FINDINGS}
+SECTIONS = [section.name for section in synth._SECTIONS]
+
+
+def test_finding_table_is_complete_and_consistent():
+    """One row per drawn finding; each names a known section, anatomy and draw slot."""
+    assert sorted(synth.RENDERED_FINDINGS) == sorted(SPECS) and len(SPECS) == len(synth.FINDINGS)
+    assert list(synth.DEFAULT_PREVALENCE) == list(synth.RENDERED_FINDINGS)
+    order = [SECTIONS.index(spec.section) for spec in synth.FINDINGS]  # raises on an unknown section
+    runs = [s for i, s in enumerate(order) if i == 0 or order[i - 1] != s]
+    assert len(runs) == len(set(runs)), "a section's findings must be adjacent rows (the report groups them)"
+    for spec in synth.FINDINGS:
+        assert spec.anatomy in (*synth.MASK_VALUES, synth.BACKGROUND, None), spec.name
+        assert spec.anatomy == CTRATE_LABEL_ANATOMY.get(spec.name, spec.anatomy), spec.name
+        assert spec.present and spec.impression and 0.0 < spec.prevalence <= 1.0, spec.name
+        assert spec.paint is not None or spec.shape is not None, f"{spec.name} is never drawn"
+        section = synth._SECTIONS[SECTIONS.index(spec.section)]
+        assert not spec.absent or section.rules_out, f"{spec.name}: its section never rules findings out"
+
+
+def _render(seed: int, size: int, findings=()):
+    grid = synth._Grid((size,) * 3, synth.default_spacing_zyx((size,) * 3))
+    params = synth.sample_params(np.random.default_rng(seed), grid)
+    return synth.render_phantom(params, frozenset(findings), grid.shape, grid.spacing)
+
+
+@pytest.mark.parametrize("name", list(SPECS))
+def test_each_finding_paints_only_on_its_anatomy(name):
+    """The same phantom with and without one finding differs only on that finding's anatomy
+    (the label value it lives on, after any change of shape), and a finding that does not change
+    the anatomy's shape leaves the label map alone."""
+    spec = SPECS[name]
+    drawn = 0
+    for seed, size in ((1, 32), (2, 48)):
+        hu0, lab0, _ = _render(seed, size)
+        hu1, lab1, extras = _render(seed, size, {name})
+        changed = (hu1 != hu0) | (lab1 != lab0)
+        drawn += int(changed.sum())
+        if spec.shape is None:
+            np.testing.assert_array_equal(lab1, lab0, err_msg=f"{name}: a painter changed the label map")
+        if spec.anatomy is not None:
+            value = 0 if spec.anatomy == synth.BACKGROUND else synth.MASK_VALUES[spec.anatomy]
+            assert (lab1[changed] == value).all(), f"{name}: drawn outside {spec.anatomy}"
+        report = synth.write_report(frozenset({name}), extras, np.random.default_rng(seed))
+        assert list(extras) >= ["heart_center", "heart_axes", "aorta_segments"]
+        words = spec.words(extras) if spec.words else {}
+        assert any(p.format(**words) in report["Findings_EN"] for p in spec.present), report
+    # (enlarged nodes may fall wholly on other anatomy in one phantom: the pair must show them)
+    assert drawn > 0, f"{name}: nothing drawn"
+
+
+def test_report_states_a_finding_iff_it_is_drawn():
+    """Each finding's sentence and impression appear exactly when it is drawn; its ruling-out
+    sentence never does then."""
+    rng = np.random.default_rng(0)
+    seen = set()
+    for k in range(60):
+        drawn = frozenset(n for n in SPECS if rng.random() < 0.3)
+        _, _, extras = _render(k, 16, drawn)
+        report = synth.write_report(drawn, extras, np.random.default_rng(k))
+        for spec in synth.FINDINGS:
+            words = spec.words(extras) if spec.words else {}
+            stated = any(p.format(**words) in report["Findings_EN"] for p in spec.present)
+            impressed = any(p.format(**words) in report["Impressions_EN"] for p in spec.impression)
+            assert stated == impressed == (spec.name in drawn), (spec.name, report)
+            if spec.name in drawn:
+                seen.add(spec.name)
+                assert not any(p in report["Findings_EN"] for p in spec.absent), (spec.name, report)
+        for section in synth._SECTIONS:  # a section with no drawn finding gets a normal sentence
+            if not any(SPECS[n].section == section.name for n in drawn):
+                assert any(p in report["Findings_EN"] for p in section.normal), (section.name, report)
+    assert seen == set(SPECS)

@@ -23,41 +23,25 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import json
 import math
 import multiprocessing as mp
 import os
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from fvlm_core.data.layout import SPLITS, scan_id_of, volume_relpath
 from fvlm_core.findings import CTRATE_LABELS
 from fvlm_core.io import Geometry
 
 #: Label values written in the anatomy masks (extended catalog order; see module docstring).
 MASK_VALUES: dict[str, int] = {"lung": 1, "heart": 2, "esophagus": 3, "aorta": 4, "trachea": 5}
 
-#: Findings drawn in the image, with their default prevalence (independent per phantom).
-DEFAULT_PREVALENCE: dict[str, float] = {
-    "Pleural effusion": 0.25,
-    "Emphysema": 0.25,
-    "Lung nodule": 0.25,
-    "Consolidation": 0.25,
-    "Atelectasis": 0.25,
-    "Cardiomegaly": 0.25,
-    "Pericardial effusion": 0.25,
-    "Arterial wall calcification": 0.25,
-    "Coronary artery wall calcification": 0.25,
-    "Hiatal hernia": 0.25,
-    # Extras (also drawn): ground glass, enlarged mediastinal nodes, a central venous catheter.
-    "Lung opacity": 0.15,
-    "Lymphadenopathy": 0.15,
-    "Medical material": 0.15,
-}
-RENDERED_FINDINGS: tuple[str, ...] = tuple(DEFAULT_PREVALENCE)
 #: Fraction of scans drawn fully normal before the independent per-finding draws (so normal
 #: reports are common, as in CT-RATE); a finding's overall rate is ``prevalence * (1 - this)``.
 DEFAULT_NORMAL_FRACTION = 0.1
@@ -80,11 +64,6 @@ METADATA_COLUMNS = (
 )
 #: Stored NIfTI value = HU - RESCALE_INTERCEPT (as CT scanners store it); the metadata CSV has the intercept.
 RESCALE_INTERCEPT = -1024
-#: split -> (dataset folder, metadata/report CSV prefix, label CSV prefix), as named in CT-RATE.
-SPLITS: dict[str, tuple[str, str, str]] = {
-    "train": ("train", "train", "train"),
-    "valid": ("valid", "validation", "valid"),
-}
 
 
 def default_spacing_zyx(size_zyx: Sequence[int]) -> tuple[float, float, float]:
@@ -261,93 +240,147 @@ def sample_params(rng: np.random.Generator, grid: _Grid) -> PhantomParams:
 
 
 # ------------------------------------------------------------------------------------------------
-# Rendering
+# Normal anatomy
 # ------------------------------------------------------------------------------------------------
 
 
-def _lung_point(u: np.ndarray, lung: dict) -> np.ndarray:
-    """Map u in [0,1]^3 (z, y, x fractions) into a lung's bounding box (mm)."""
-    lo, hi = lung["lo"], lung["hi"]
-    return lo + u * (hi - lo)
+@dataclass
+class _Shape:
+    """How the drawn findings change the normal anatomy (from the findings' ``shape`` hooks)."""
+
+    heart_scale: float = 1.0  # multiplies the phantom's own heart size
+    pericardial_mm: float = 0.0  # width of the fluid-filled pericardial space (0: none)
+    hernia_radius_mm: float = 0.0  # stomach above the hiatus, part of the esophagus mask (0: none)
 
 
-def render_phantom(
-    params: PhantomParams,
-    findings: frozenset[str] | set[str],
-    size_zyx: Sequence[int],
-    spacing_zyx: Sequence[float],
-) -> tuple[np.ndarray, np.ndarray, dict]:
-    """Draw one noise-free phantom.
+class _Scene:
+    """A phantom being drawn: grid, coordinates (mm), landmarks, anatomy masks, HU and labels.
 
-    Returns:
-        ``(hu, labels, extras)``: hu float32 ``(Z, Y, X)`` without noise, labels uint8 ``(Z, Y, X)``
-        (:data:`MASK_VALUES`), and descriptive extras (sides, sizes) used by the report writer.
+    Built by :func:`_draw_anatomy`; the tissue and the findings are then painted into ``hu``
+    (float32 ``(Z, Y, X)``). ``labels`` (uint8 ``(Z, Y, X)``, :data:`MASK_VALUES`) is final once
+    built: painters read it to stay inside their anatomy.
     """
-    grid = _Grid(tuple(int(s) for s in size_zyx), tuple(float(s) for s in spacing_zyx))
-    voxel = min(grid.spacing)
-    z, y, x = grid.coords
-    Z = z[:, None, None]
-    Y2 = y[None, :, None]
-    X2 = x[None, None, :]
-    extras: dict[str, Any] = {}
-    by, bx = params.body_center
-    b, a = params.body_axes
 
-    def ellipse_q(cy, cx, sb, sa):  # (1, Y, X)
-        return ((Y2 - cy) / sb) ** 2 + ((X2 - cx) / sa) ** 2
+    hu: np.ndarray  # float32 (Z, Y, X)
+    # chest wall (mm): body centre (by, bx), semi-axes of the thoracic cavity, spine
+    by: float
+    bx: float
+    cav_b: float
+    cav_a: float
+    spine_y: float
+    spine_q: np.ndarray  # (1, Y, X)
+    # lungs: side (-1 right, 1 left) -> mask, bounding box lo/hi, centre, axes, hilum, zb/zt
+    lungs: dict[int, dict[str, Any]]
+    # heart: centre, semi-axes, box, normalised radius q (in the box), pericardial sac
+    h_c: np.ndarray
+    h_ax: np.ndarray
+    h_sl: tuple[slice, slice, slice]
+    hq: np.ndarray
+    sac: np.ndarray
+    # tubes: aorta and esophagus centrelines ((p0, p1, radius) per segment), trachea
+    zarch: float
+    ant_y: float
+    aorta_pts: list[tuple[tuple[float, float, float], tuple[float, float, float], float]]
+    eso_pts: list[tuple[Any, Any, float]]
+    hernia_c: np.ndarray
+    z_top: float
+    tr_y: float
+    carina: np.ndarray
+    # label map and its masks
+    labels: np.ndarray
+    lung: np.ndarray  # labels == lung
+    lungf: np.ndarray  # the same as float32 (a painting weight)
+    heart_only: np.ndarray  # labels == heart
+    eso: np.ndarray  # labels == esophagus
 
-    body_q = ellipse_q(by, bx, b, a)
-    fat_in = ellipse_q(by, bx, b - params.fat, a - params.fat)
-    cav_b, cav_a = b - params.fat - params.muscle, a - params.fat - params.muscle
-    cav_q = ellipse_q(by, bx, cav_b, cav_a)
+    def __init__(self, params: PhantomParams, grid: _Grid) -> None:
+        self.params = params
+        self.grid = grid
+        z, y, x = grid.coords
+        self.Z = z[:, None, None]
+        self.Y2 = y[None, :, None]
+        self.X2 = x[None, None, :]
+        self.extras: dict[str, Any] = {}
+
+    def ellipse_q(self, cy, cx, sb, sa) -> np.ndarray:
+        """Normalised squared radius of an axial ellipse, ``(1, Y, X)`` (<= 1 inside)."""
+        return ((self.Y2 - cy) / sb) ** 2 + ((self.X2 - cx) / sa) ** 2
+
+    def heart_q(self, scale: float = 1.0, sl=None) -> np.ndarray:
+        """Normalised squared radius of the heart ellipsoid (``scale`` times its axes), in box ``sl``."""
+        zz, yy, xx = (self.Z, self.Y2, self.X2) if sl is None else self.grid.sub(sl)
+        h_c, h_ax = self.h_c, self.h_ax
+        return (
+            ((zz - h_c[0]) / (h_ax[0] * scale)) ** 2
+            + ((yy - h_c[1]) / (h_ax[1] * scale)) ** 2
+            + ((xx - h_c[2]) / (h_ax[2] * scale)) ** 2
+        )
+
+    def lung_point(self, side: int, u: np.ndarray) -> np.ndarray:
+        """Map u in [0,1]^3 (z, y, x fractions) into the bounding box (mm) of lung ``side``."""
+        lo, hi = self.lungs[side]["lo"], self.lungs[side]["hi"]
+        return lo + u * (hi - lo)
+
+
+def _draw_chest_wall(s: _Scene) -> None:
+    """Body (fat, muscle, mediastinal tissue), upper abdomen, ribs, sternum and spine into ``s.hu``."""
+    p, grid = s.params, s.grid
+    Z, Y2, X2 = s.Z, s.Y2, s.X2
+    by, bx = p.body_center
+    b, a = p.body_axes
+    s.by, s.bx = by, bx
+    body_q = s.ellipse_q(by, bx, b, a)
+    fat_in = s.ellipse_q(by, bx, b - p.fat, a - p.fat)
+    cav_b, cav_a = b - p.fat - p.muscle, a - p.fat - p.muscle
+    s.cav_b, s.cav_a = cav_b, cav_a
+    cav_q = s.ellipse_q(by, bx, cav_b, cav_a)
     hu2 = np.full((1, grid.shape[1], grid.shape[2]), -1000.0, dtype=np.float32)
     hu2[body_q <= 1] = -95.0
     hu2[fat_in <= 1] = 45.0
     hu2[cav_q <= 1] = -40.0  # mediastinal fat / connective tissue
     hu = np.repeat(hu2, grid.shape[0], axis=0)
+    s.hu = hu
 
     # Upper abdomen under the domed diaphragm (liver on the right is higher).
-    z_dia_r = params.z_base + params.dome * (1 - np.clip(cav_q, 0, 1))
-    z_dia = z_dia_r - params.left_drop * (bx < X2)
-    abdomen = (z_dia > Z) & (cav_q <= 1)
-    hu[abdomen] = 55.0
+    z_dia_r = p.z_base + p.dome * (1 - np.clip(cav_q, 0, 1))
+    z_dia = z_dia_r - p.left_drop * (bx < X2)
+    hu[(z_dia > Z) & (cav_q <= 1)] = 55.0
 
     # Ribs: a shell just inside the chest wall, banded along z, sloping down anteriorly.
-    rib_q = ellipse_q(by, bx, cav_b + 9, cav_a + 9)
+    rib_q = s.ellipse_q(by, bx, cav_b + 9, cav_a + 9)
     shell2 = (rib_q <= 1) & (cav_q > 1)
-    phase = (Z + 0.35 * (Y2 - by)) / params.rib_period + params.rib_phase
+    phase = (Z + 0.35 * (Y2 - by)) / p.rib_period + p.rib_phase
     band = np.cos(2 * np.pi * phase) > 0.55
-    ribs = band & shell2 & ~((by > Y2) & (np.abs(X2 - bx) < 25))
-    hu[ribs] = 650.0
+    hu[band & shell2 & ~((by > Y2) & (np.abs(X2 - bx) < 25))] = 650.0
     # Sternum and spine (vertebral bodies with discs, posterior elements).
-    sternum = (
-        (np.abs(X2 - bx) < 14) & (by - b + params.fat < Y2) & (by - cav_b + 2 > Y2) & (params.z_base < Z)
-    )
+    sternum = (np.abs(X2 - bx) < 14) & (by - b + p.fat < Y2) & (by - cav_b + 2 > Y2) & (p.z_base < Z)
     hu[np.broadcast_to(sternum, hu.shape)] = 450.0
     spine_y = by + cav_b - 22.0
     spine_q = ((Y2 - spine_y) / 20.0) ** 2 + ((X2 - bx) / 22.0) ** 2
+    s.spine_y, s.spine_q = spine_y, spine_q
     disc = np.cos(2 * np.pi * Z / 28.0) > 0.8
     hu[np.broadcast_to(spine_q <= 1, hu.shape)] = 700.0
     hu[(spine_q <= 0.7) & ~disc] = 260.0
     hu[(spine_q <= 0.7) & disc] = 80.0
-    post = (np.abs(X2 - bx) < 7) & (spine_y + 20 < Y2) & (by + b - params.fat - 3 > Y2)
+    post = (np.abs(X2 - bx) < 7) & (spine_y + 20 < Y2) & (by + b - p.fat - 3 > Y2)
     hu[np.broadcast_to(post, hu.shape)] = 500.0
 
-    # Lungs.
-    lungs: dict[int, dict] = {}
-    lung_mask = np.zeros(grid.shape, dtype=bool)
+
+def _draw_lungs(s: _Scene) -> None:
+    """Both lungs: masks (domed bases, the left lower), bounding boxes and hila."""
+    p = s.params
+    s.lungs = {}
     for side in (-1, 1):  # -1: right (patient right = -x), 1: left
-        la, lb = cav_a * 0.46, cav_b * 0.86
-        cx = bx + side * cav_a * 0.47
-        cy = by + cav_b * 0.05
-        zb = params.z_base - (params.left_drop if side == 1 else 0.0)
-        zt = params.z_apex
+        la, lb = s.cav_a * 0.46, s.cav_b * 0.86
+        cx = s.bx + side * s.cav_a * 0.47
+        cy = s.by + s.cav_b * 0.05
+        zb = p.z_base - (p.left_drop if side == 1 else 0.0)
+        zt = p.z_apex
         zmid = zb + 0.45 * (zt - zb)
-        q = ellipse_q(cy, cx, lb, la)
-        t = np.clip((Z - zmid) / (zt - zmid), 0, None)
-        m = (q + t**2 <= 1) & (zb + params.dome * (1 - np.clip(q, 0, 1)) <= Z) & (spine_q > 1.3)
-        lung_mask |= m
-        lungs[side] = {
+        q = s.ellipse_q(cy, cx, lb, la)
+        t = np.clip((s.Z - zmid) / (zt - zmid), 0, None)
+        m = (q + t**2 <= 1) & (zb + p.dome * (1 - np.clip(q, 0, 1)) <= s.Z) & (s.spine_q > 1.3)
+        s.lungs[side] = {
             "mask": m,
             "lo": np.array([zb, cy - lb, cx - la], dtype=np.float32),
             "hi": np.array([zt, cy + lb, cx + la], dtype=np.float32),
@@ -360,207 +393,680 @@ def render_phantom(
             "zt": zt,
         }
 
-    # Heart (with epicardial fat rim) and its pericardial sac.
-    hs = params.heart_scale * (params.f["cardio_scale"] if "Cardiomegaly" in findings else 1.0)
-    hz, hy, hx = params.heart_offset
-    h_c = np.array([params.z_base + 50 + hz, by - 0.3 * cav_b + hy, bx + 0.18 * cav_a + hx], dtype=np.float32)
-    h_ax = np.array([48 * min(hs, 1.15), 42 * hs, 55 * hs], dtype=np.float32)
-    extras["heart_center"] = h_c
-    extras["heart_axes"] = h_ax
 
-    def heart_q(scale=1.0, sl=None):
-        zz, yy, xx = (Z, Y2, X2) if sl is None else grid.sub(sl)
-        return (
-            ((zz - h_c[0]) / (h_ax[0] * scale)) ** 2
-            + ((yy - h_c[1]) / (h_ax[1] * scale)) ** 2
-            + ((xx - h_c[2]) / (h_ax[2] * scale)) ** 2
-        )
-
-    peri = "Pericardial effusion" in findings
-    outer = 1.0 + (params.f["peri_thickness"] / float(h_ax.min()) if peri else 0.0)
-    h_sl = grid.box(h_c - h_ax * outer - voxel, h_c + h_ax * outer + voxel)
-    hq = heart_q(1.0, h_sl)
+def _draw_heart(s: _Scene, shape: _Shape) -> np.ndarray:
+    """The heart ellipsoid (bool ``(Z, Y, X)``); sets its landmarks and the pericardial sac."""
+    p, grid = s.params, s.grid
+    hs = p.heart_scale * shape.heart_scale
+    hz, hy, hx = p.heart_offset
+    s.h_c = np.array(
+        [p.z_base + 50 + hz, s.by - 0.3 * s.cav_b + hy, s.bx + 0.18 * s.cav_a + hx], dtype=np.float32
+    )
+    s.h_ax = np.array([48 * min(hs, 1.15), 42 * hs, 55 * hs], dtype=np.float32)
+    s.extras["heart_center"] = s.h_c
+    s.extras["heart_axes"] = s.h_ax
+    outer = 1.0 + shape.pericardial_mm / float(s.h_ax.min())
+    voxel = min(grid.spacing)
+    s.h_sl = grid.box(s.h_c - s.h_ax * outer - voxel, s.h_c + s.h_ax * outer + voxel)
+    s.hq = s.heart_q(1.0, s.h_sl)
     heart = np.zeros(grid.shape, dtype=bool)
-    heart[h_sl] = hq <= 1
-    sac = np.zeros(grid.shape, dtype=bool)
-    if peri:
-        sac[h_sl] = (hq > 1) & (heart_q(outer, h_sl) <= 1)
+    heart[s.h_sl] = s.hq <= 1
+    s.sac = np.zeros(grid.shape, dtype=bool)
+    if shape.pericardial_mm > 0:
+        s.sac[s.h_sl] = (s.hq > 1) & (s.heart_q(outer, s.h_sl) <= 1)
+    return heart
 
-    # Aorta: ascending, arch, descending (centreline polyline, radius per segment).
-    zarch = params.z_apex - 0.3 * (params.z_apex - params.z_base)
-    ant_y = h_c[1] + 5
-    desc_y = spine_y - 26
+
+def _draw_tubes(s: _Scene, shape: _Shape) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Aorta (ascending, arch, descending), esophagus (with any hernia) and trachea: bool masks."""
+    p, grid, bx = s.params, s.grid, s.bx
+    # Aorta: centreline polyline, radius per segment.
+    zarch = p.z_apex - 0.3 * (p.z_apex - p.z_base)
+    ant_y = s.h_c[1] + 5
+    s.zarch, s.ant_y = zarch, ant_y
+    desc_y = s.spine_y - 26
     desc_x = bx + 22
-    aorta_pts = [
-        ((h_c[0] + 15, ant_y, bx + 5), (zarch, ant_y - 3, bx - 8), 15.0),
+    s.aorta_pts = [
+        ((s.h_c[0] + 15, ant_y, bx + 5), (zarch, ant_y - 3, bx - 8), 15.0),
         ((zarch, ant_y - 3, bx - 8), (zarch + 18, (ant_y + desc_y) / 2, bx + 5), 14.0),
         ((zarch + 18, (ant_y + desc_y) / 2, bx + 5), (zarch, desc_y, desc_x), 13.0),
         ((zarch, desc_y, desc_x), (-grid.shape[0] * grid.spacing[0], desc_y + 4, desc_x - 6), 12.0),
     ]
     aorta = np.zeros(grid.shape, dtype=bool)
-    for p0, p1, r in aorta_pts:
+    for p0, p1, r in s.aorta_pts:
         _capsule_mask(aorta, grid, p0, p1, r)
-    extras["aorta_segments"] = aorta_pts
+    s.extras["aorta_segments"] = s.aorta_pts
 
     # Esophagus (behind the trachea, right of the descending aorta) to the gastro-esophageal junction.
-    eso_y = spine_y - 28
+    eso_y = s.spine_y - 28
     z_top = grid.shape[0] * grid.spacing[0]
-    gej = (params.z_base - 25, eso_y - 20, bx + 35)
-    eso_pts = [
-        ((z_top, eso_y, bx + 2), (params.z_base + 15, eso_y - 4, bx + 8), 8.0),
-        ((params.z_base + 15, eso_y - 4, bx + 8), gej, 8.0),
+    s.z_top = z_top
+    gej = (p.z_base - 25, eso_y - 20, bx + 35)
+    s.eso_pts = [
+        ((z_top, eso_y, bx + 2), (p.z_base + 15, eso_y - 4, bx + 8), 8.0),
+        ((p.z_base + 15, eso_y - 4, bx + 8), gej, 8.0),
     ]
     esophagus = np.zeros(grid.shape, dtype=bool)
-    for p0, p1, r in eso_pts:
+    for p0, p1, r in s.eso_pts:
         _capsule_mask(esophagus, grid, p0, p1, r)
-    hernia_c = np.array([params.z_base + 12, eso_y - 8, bx + 14], dtype=np.float32)
-    if "Hiatal hernia" in findings:
-        _capsule_mask(esophagus, grid, hernia_c, hernia_c, params.f["hernia_radius"])
+    s.hernia_c = np.array([p.z_base + 12, eso_y - 8, bx + 14], dtype=np.float32)
+    if shape.hernia_radius_mm > 0:
+        _capsule_mask(esophagus, grid, s.hernia_c, s.hernia_c, shape.hernia_radius_mm)
 
-    # Trachea and main bronchi (air with a soft-tissue wall).
-    tr_y = eso_y - 22
-    carina = np.array([zarch - 12, tr_y + 4, bx], dtype=np.float32)
+    # Trachea down to the carina.
+    s.tr_y = eso_y - 22
+    s.carina = np.array([zarch - 12, s.tr_y + 4, bx], dtype=np.float32)
     trachea = np.zeros(grid.shape, dtype=bool)
-    _capsule_mask(trachea, grid, (z_top, tr_y, bx), carina, 9.0)
+    _capsule_mask(trachea, grid, (z_top, s.tr_y, bx), s.carina, 9.0)
+    return aorta, esophagus, trachea
 
+
+def _draw_anatomy(params: PhantomParams, grid: _Grid, shape: _Shape) -> _Scene:
+    """The normal anatomy as ``shape`` changes it: chest wall HU, landmarks and the label map."""
+    s = _Scene(params, grid)
+    _draw_chest_wall(s)
+    _draw_lungs(s)
+    heart = _draw_heart(s, shape)
+    aorta, esophagus, trachea = _draw_tubes(s, shape)
     # Label map: later structures win.
+    lung_mask = s.lungs[-1]["mask"] | s.lungs[1]["mask"]
     labels = np.zeros(grid.shape, dtype=np.uint8)
     labels[lung_mask] = MASK_VALUES["lung"]
-    labels[heart | sac] = MASK_VALUES["heart"]
+    labels[heart | s.sac] = MASK_VALUES["heart"]
     labels[aorta] = MASK_VALUES["aorta"]
     labels[esophagus] = MASK_VALUES["esophagus"]
     labels[trachea] = MASK_VALUES["trachea"]
-    lung = labels == MASK_VALUES["lung"]
-    lungf = lung.astype(np.float32)
+    s.labels = labels
+    s.lung = labels == MASK_VALUES["lung"]
+    s.lungf = s.lung.astype(np.float32)
+    s.heart_only = labels == MASK_VALUES["heart"]
+    s.eso = labels == MASK_VALUES["esophagus"]
+    return s
 
+
+def _paint_tissue(s: _Scene) -> None:
+    """Normal tissue HU on the label map: lung parenchyma and vessels, blood, walls, air in the tubes."""
+    p, grid, hu, labels = s.params, s.grid, s.hu, s.labels
     # Lung parenchyma: slightly denser posteriorly (gravity), vessels radiating from the hila.
-    grad = 40.0 * np.clip((Y2 - by) / cav_b, -1, 1)
-    hu[lung] = (-860.0 + np.broadcast_to(grad, hu.shape))[lung]
-    for side, direction, length, radius in params.vessels:
-        h = lungs[side]["hilum"]
+    grad = 40.0 * np.clip((s.Y2 - s.by) / s.cav_b, -1, 1)
+    hu[s.lung] = (-860.0 + np.broadcast_to(grad, hu.shape))[s.lung]
+    for side, direction, length, radius in p.vessels:
+        h = s.lungs[side]["hilum"]
         end = h + direction.astype(np.float32) * length
-        _paint_capsule(hu, grid, h, end, radius, params.blood_hu, within=lungf)
+        _paint_capsule(hu, grid, h, end, radius, p.blood_hu, within=s.lungf)
         mid = h + direction.astype(np.float32) * length * 0.55
         branch = mid + np.roll(direction.astype(np.float32), 1) * length * 0.35
-        _paint_capsule(hu, grid, mid, branch, radius * 0.7, params.blood_hu, within=lungf)
+        _paint_capsule(hu, grid, mid, branch, radius * 0.7, p.blood_hu, within=s.lungf)
     for side in (-1, 1):  # main bronchi, drawn in the lung's own mask too
-        _paint_capsule(hu, grid, carina, lungs[side]["hilum"], 6.0, -950.0)
+        _paint_capsule(hu, grid, s.carina, s.lungs[side]["hilum"], 6.0, -950.0)
 
-    heart_only = labels == MASK_VALUES["heart"]
-    hu[heart_only] = params.blood_hu
+    hu[s.heart_only] = p.blood_hu
     rim = np.zeros(grid.shape, dtype=bool)
-    rim[h_sl] = (hq > 0.8) & (hq <= 1)
-    hu[rim & heart_only] = -90.0  # epicardial fat
-    hu[sac] = 12.0  # pericardial fluid
-    hu[labels == MASK_VALUES["aorta"]] = params.blood_hu
-    eso = labels == MASK_VALUES["esophagus"]
-    hu[eso] = 42.0
-    for p0, p1, _ in eso_pts:
-        _paint_capsule(hu, grid, p0, p1, 2.5, -900.0, within=eso.astype(np.float32))
-    tr = labels == MASK_VALUES["trachea"]
-    hu[tr] = 30.0
-    _paint_capsule(hu, grid, (z_top, tr_y, bx), carina, 7.0, -1000.0)
+    rim[s.h_sl] = (s.hq > 0.8) & (s.hq <= 1)
+    hu[rim & s.heart_only] = -90.0  # epicardial fat
+    hu[s.sac] = 12.0  # pericardial fluid (the sac is empty without a pericardial effusion)
+    hu[labels == MASK_VALUES["aorta"]] = p.blood_hu
+    hu[s.eso] = 42.0
+    for p0, p1, _ in s.eso_pts:
+        _paint_capsule(hu, grid, p0, p1, 2.5, -900.0, within=s.eso.astype(np.float32))
+    hu[labels == MASK_VALUES["trachea"]] = 30.0
+    _paint_capsule(hu, grid, (s.z_top, s.tr_y, s.bx), s.carina, 7.0, -1000.0)
 
-    # ---- findings drawn on tissue ----------------------------------------------------------
-    f = params.f
-    if "Hiatal hernia" in findings:
-        r = f["hernia_radius"]
-        sl = grid.box(hernia_c - r, hernia_c + r)
-        zz, yy, xx = grid.sub(sl)
-        d = np.sqrt((zz - hernia_c[0]) ** 2 + (yy - hernia_c[1]) ** 2 + (xx - hernia_c[2]) ** 2)
-        inside = (d <= r - 3) & eso[sl]
-        content = np.where(yy < hernia_c[1] - 0.1 * r, -950.0, 20.0)  # air anterior, fluid dependent
-        region = hu[sl]
-        region[inside] = np.broadcast_to(content, inside.shape)[inside]
-    if "Pleural effusion" in findings:
-        sides = (-1, 1) if f["effusion_side"] == 0 else (f["effusion_side"],)
-        for side in sides:
-            cy, _ = lungs[side]["center"]
-            lb, _ = lungs[side]["axes"]
-            level = cy + lb * (1 - 2 * f["effusion_depth"])
-            zb, zt = lungs[side]["zb"], lungs[side]["zt"]
-            z_lim = zb + 0.5 * (zt - zb)
-            # Meniscus: the level rises towards the base.
-            m = lungs[side]["mask"] & lung & (level - 0.2 * np.clip(z_lim - Z, 0, None) < Y2) & (z_lim > Z)
-            hu[m] = 15.0
-        extras["effusion_sides"] = sides
-    if "Emphysema" in findings:
-        for side in (-1, 1):
-            for u, r in f["emph_blobs"]:
-                c = _lung_point(np.array([0.5 + 0.5 * u[0], u[1], u[2]], dtype=np.float32), lungs[side])
-                _paint_sphere(hu, grid, c, r, -975.0, within=lungf)
-    if "Consolidation" in findings:
-        side = f["consol_side"]
-        for u, r in f["consol"]:
-            c = _lung_point(
-                np.array([0.1 + 0.35 * u[0], 0.4 + 0.5 * u[1], u[2]], dtype=np.float32), lungs[side]
-            )
-            _paint_sphere(hu, grid, c, r, 35.0, within=lungs[side]["mask"] & lung)
-        extras["consol_side"] = side
-    if "Lung opacity" in findings:
-        side = f["ggo_side"]
-        for u, r in f["ggo"]:
-            c = _lung_point(
-                np.array([0.35 + 0.5 * u[0], 0.2 + 0.6 * u[1], u[2]], dtype=np.float32), lungs[side]
-            )
-            _paint_sphere(hu, grid, c, r, -600.0, within=lungs[side]["mask"] & lung)
-        extras["ggo_side"] = side
-    if "Atelectasis" in findings:
-        side = f["atel_side"]
-        lm = lungs[side]["mask"] & lung
-        zb, zt = lungs[side]["zb"], lungs[side]["zt"]
-        cy, _ = lungs[side]["center"]
-        plane = (Z - (zb + 0.2 * (zt - zb))) - f["atel_tilt"] * (Y2 - cy)
-        band = np.abs(plane) < f["atel_thickness"] / 2
-        hu[band & lm] = 30.0
-        extras["atel_side"] = side
-    if "Lung nodule" in findings:
-        sides = []
-        for i, (u, r) in enumerate(f["nodules"]):
-            side = -1 if i % 2 == 0 else 1
-            c = _lung_point(
-                np.array([0.2 + 0.6 * u[0], 0.25 + 0.5 * u[1], 0.25 + 0.5 * u[2]], dtype=np.float32),
-                lungs[side],
-            )
-            _paint_sphere(hu, grid, c, r, 40.0, within=lungf)
-            sides.append(side)
-        extras["nodule_sides"] = sides
-        extras["nodule_size_mm"] = 2 * max(r for _, r in f["nodules"])
-    if "Arterial wall calcification" in findings:
-        aorta_voxels = labels == MASK_VALUES["aorta"]  # plaques only where the label map says aorta
-        for t, ang, val in f["aortic_calc"]:
-            p0, p1, r = aorta_pts[3] if t > 0.45 else aorta_pts[int(t / 0.15) % 3]
-            p0, p1 = np.asarray(p0, np.float32), np.asarray(p1, np.float32)
-            tt = (t % 0.45) / 0.45 if t > 0.45 else 0.5
-            c0 = p0 + (p1 - p0) * (0.1 + 0.6 * tt)
-            axis = (p1 - p0) / (np.linalg.norm(p1 - p0) + 1e-6)
-            u = np.cross(axis, [1.0, 0.0, 0.0]) if abs(axis[0]) < 0.9 else np.cross(axis, [0.0, 1.0, 0.0])
-            u /= np.linalg.norm(u) + 1e-6
-            v = np.cross(axis, u)
-            c = c0 + (r - 1.5) * (math.cos(ang) * u + math.sin(ang) * v)
-            _paint_sphere(hu, grid, c, CALCIFICATION_RADIUS_MM, val, within=aorta_voxels)
-    if "Coronary artery wall calcification" in findings:
-        for du, ang, val in f["coronary_calc"]:
-            # Points on the upper/anterior heart surface (the coronary grooves), inside the fat rim.
-            dz = du
-            ring = math.sqrt(max(1 - dz * dz, 0.0))
-            c = (
-                h_c
-                + h_ax * np.array([dz, -ring * math.sin(ang), ring * math.cos(ang)], dtype=np.float32) * 0.93
-            )
-            _paint_sphere(hu, grid, c, CALCIFICATION_RADIUS_MM, val, within=heart_only)
-    if "Lymphadenopathy" in findings:
-        for u, r in f["nodes"]:
-            c = carina + np.array([10 * u[0], 15 * u[1] - 5, 25 * u[2]], dtype=np.float32)
-            _paint_sphere(hu, grid, c, r, 40.0, within=(labels == 0).astype(np.float32))
-    if "Medical material" in findings:
-        side = f["catheter_side"]
-        p0 = np.array([z_top, by - 0.2 * cav_b, bx + side * 40], dtype=np.float32)
-        p1 = np.array([zarch + 10, ant_y - 8, bx - 12], dtype=np.float32)
-        p2 = np.array([h_c[0] + 20, ant_y, bx - 18], dtype=np.float32)
-        _paint_capsule(hu, grid, p0, p1, 2.0, 1500.0)
-        _paint_capsule(hu, grid, p1, p2, 2.0, 1500.0)
-    return hu, labels, extras
+
+# ------------------------------------------------------------------------------------------------
+# Finding painters: paint(scene, params.f) -> extras for the report (what side, how large)
+# ------------------------------------------------------------------------------------------------
+
+
+def _paint_hiatal_hernia(s: _Scene, f: Mapping[str, Any]) -> dict[str, Any]:
+    """Stomach above the hiatus (inside the esophagus mask): air anterior, fluid dependent."""
+    r = f["hernia_radius"]
+    c = s.hernia_c
+    sl = s.grid.box(c - r, c + r)
+    zz, yy, xx = s.grid.sub(sl)
+    d = np.sqrt((zz - c[0]) ** 2 + (yy - c[1]) ** 2 + (xx - c[2]) ** 2)
+    inside = (d <= r - 3) & s.eso[sl]
+    content = np.where(yy < c[1] - 0.1 * r, -950.0, 20.0)
+    region = s.hu[sl]
+    region[inside] = np.broadcast_to(content, inside.shape)[inside]
+    return {}
+
+
+def _paint_pleural_effusion(s: _Scene, f: Mapping[str, Any]) -> dict[str, Any]:
+    """Fluid in the dependent part of one or both hemithoraces (inside the lung mask)."""
+    sides = (-1, 1) if f["effusion_side"] == 0 else (f["effusion_side"],)
+    for side in sides:
+        lung = s.lungs[side]
+        cy, _ = lung["center"]
+        lb, _ = lung["axes"]
+        level = cy + lb * (1 - 2 * f["effusion_depth"])
+        zb, zt = lung["zb"], lung["zt"]
+        z_lim = zb + 0.5 * (zt - zb)
+        # Meniscus: the level rises towards the base.
+        m = lung["mask"] & s.lung & (level - 0.2 * np.clip(z_lim - s.Z, 0, None) < s.Y2) & (z_lim > s.Z)
+        s.hu[m] = 15.0
+    return {"effusion_sides": sides}
+
+
+def _paint_emphysema(s: _Scene, f: Mapping[str, Any]) -> dict[str, Any]:
+    """Near-air blobs in the upper halves of both lungs."""
+    for side in (-1, 1):
+        for u, r in f["emph_blobs"]:
+            c = s.lung_point(side, np.array([0.5 + 0.5 * u[0], u[1], u[2]], dtype=np.float32))
+            _paint_sphere(s.hu, s.grid, c, r, -975.0, within=s.lungf)
+    return {}
+
+
+def _paint_consolidation(s: _Scene, f: Mapping[str, Any]) -> dict[str, Any]:
+    """Soft-tissue density in the lower posterior part of one lung."""
+    side = f["consol_side"]
+    for u, r in f["consol"]:
+        c = s.lung_point(side, np.array([0.1 + 0.35 * u[0], 0.4 + 0.5 * u[1], u[2]], dtype=np.float32))
+        _paint_sphere(s.hu, s.grid, c, r, 35.0, within=s.lungs[side]["mask"] & s.lung)
+    return {"consol_side": side}
+
+
+def _paint_ground_glass(s: _Scene, f: Mapping[str, Any]) -> dict[str, Any]:
+    """Ground-glass density (-600 HU) in the upper part of one lung."""
+    side = f["ggo_side"]
+    for u, r in f["ggo"]:
+        c = s.lung_point(side, np.array([0.35 + 0.5 * u[0], 0.2 + 0.6 * u[1], u[2]], dtype=np.float32))
+        _paint_sphere(s.hu, s.grid, c, r, -600.0, within=s.lungs[side]["mask"] & s.lung)
+    return {"ggo_side": side}
+
+
+def _paint_atelectasis(s: _Scene, f: Mapping[str, Any]) -> dict[str, Any]:
+    """A tilted band of collapsed lung near the base of one lung."""
+    side = f["atel_side"]
+    lung = s.lungs[side]
+    zb, zt = lung["zb"], lung["zt"]
+    cy, _ = lung["center"]
+    plane = (s.Z - (zb + 0.2 * (zt - zb))) - f["atel_tilt"] * (s.Y2 - cy)
+    band = np.abs(plane) < f["atel_thickness"] / 2
+    s.hu[band & lung["mask"] & s.lung] = 30.0
+    return {"atel_side": side}
+
+
+def _paint_nodules(s: _Scene, f: Mapping[str, Any]) -> dict[str, Any]:
+    """One to three solid nodules, alternating right and left lung."""
+    sides = []
+    for i, (u, r) in enumerate(f["nodules"]):
+        side = -1 if i % 2 == 0 else 1
+        c = s.lung_point(
+            side, np.array([0.2 + 0.6 * u[0], 0.25 + 0.5 * u[1], 0.25 + 0.5 * u[2]], dtype=np.float32)
+        )
+        _paint_sphere(s.hu, s.grid, c, r, 40.0, within=s.lungf)
+        sides.append(side)
+    return {"nodule_sides": sides, "nodule_size_mm": 2 * max(r for _, r in f["nodules"])}
+
+
+def _paint_aortic_calcification(s: _Scene, f: Mapping[str, Any]) -> dict[str, Any]:
+    """Calcified plaques in the aortic wall, only where the label map says aorta."""
+    aorta_voxels = s.labels == MASK_VALUES["aorta"]
+    for t, ang, val in f["aortic_calc"]:
+        p0, p1, r = s.aorta_pts[3] if t > 0.45 else s.aorta_pts[int(t / 0.15) % 3]
+        p0, p1 = np.asarray(p0, np.float32), np.asarray(p1, np.float32)
+        tt = (t % 0.45) / 0.45 if t > 0.45 else 0.5
+        c0 = p0 + (p1 - p0) * (0.1 + 0.6 * tt)
+        axis = (p1 - p0) / (np.linalg.norm(p1 - p0) + 1e-6)
+        u = np.cross(axis, [1.0, 0.0, 0.0]) if abs(axis[0]) < 0.9 else np.cross(axis, [0.0, 1.0, 0.0])
+        u /= np.linalg.norm(u) + 1e-6
+        v = np.cross(axis, u)
+        c = c0 + (r - 1.5) * (math.cos(ang) * u + math.sin(ang) * v)
+        _paint_sphere(s.hu, s.grid, c, CALCIFICATION_RADIUS_MM, val, within=aorta_voxels)
+    return {}
+
+
+def _paint_coronary_calcification(s: _Scene, f: Mapping[str, Any]) -> dict[str, Any]:
+    """Plaques on the upper/anterior heart surface (the coronary grooves), inside the fat rim."""
+    for dz, ang, val in f["coronary_calc"]:
+        ring = math.sqrt(max(1 - dz * dz, 0.0))
+        c = (
+            s.h_c
+            + s.h_ax * np.array([dz, -ring * math.sin(ang), ring * math.cos(ang)], dtype=np.float32) * 0.93
+        )
+        _paint_sphere(s.hu, s.grid, c, CALCIFICATION_RADIUS_MM, val, within=s.heart_only)
+    return {}
+
+
+def _paint_lymph_nodes(s: _Scene, f: Mapping[str, Any]) -> dict[str, Any]:
+    """Enlarged nodes around the carina, in the tissue no anatomy mask covers."""
+    for u, r in f["nodes"]:
+        c = s.carina + np.array([10 * u[0], 15 * u[1] - 5, 25 * u[2]], dtype=np.float32)
+        _paint_sphere(s.hu, s.grid, c, r, 40.0, within=(s.labels == 0).astype(np.float32))
+    return {}
+
+
+def _paint_catheter(s: _Scene, f: Mapping[str, Any]) -> dict[str, Any]:
+    """A central venous catheter from the subclavian region to the superior vena cava."""
+    side = f["catheter_side"]
+    p0 = np.array([s.z_top, s.by - 0.2 * s.cav_b, s.bx + side * 40], dtype=np.float32)
+    p1 = np.array([s.zarch + 10, s.ant_y - 8, s.bx - 12], dtype=np.float32)
+    p2 = np.array([s.h_c[0] + 20, s.ant_y, s.bx - 18], dtype=np.float32)
+    _paint_capsule(s.hu, s.grid, p0, p1, 2.0, 1500.0)
+    _paint_capsule(s.hu, s.grid, p1, p2, 2.0, 1500.0)
+    return {}
+
+
+# ------------------------------------------------------------------------------------------------
+# Reports (CT-RATE style): sections, each with normal phrasings
+# ------------------------------------------------------------------------------------------------
+
+_SIDE = {-1: "right", 1: "left", 0: "bilateral"}
+
+
+@dataclass(frozen=True)
+class _Section:
+    """One part of the Findings text: its findings' sentences, else one of ``normal``.
+
+    ``heading`` opens the section when it holds findings; with ``rules_out`` an abnormal section
+    also states absent findings (each with probability 1/2), as CT-RATE readers of an abnormal
+    lung list what they ruled out.
+    """
+
+    name: str
+    normal: tuple[str, ...]
+    heading: str = ""
+    rules_out: bool = False
+
+
+#: Report sections in the order the Findings text lists them.
+_SECTIONS: tuple[_Section, ...] = (
+    _Section(
+        "airway",
+        (
+            "Trachea and main bronchi are patent.",
+            "Both main bronchi and the trachea are open.",
+            "The trachea and main bronchi are patent. No occlusive pathology was observed in the lumen.",
+        ),
+    ),
+    _Section(
+        "mediastinum",
+        (
+            "Heart contour and size and the main mediastinal vessels are normal.",
+            "Heart contour and size are normal. Mediastinal main vascular structures are normal.",
+            "The heart size is within normal limits.",
+        ),
+    ),
+    _Section(
+        "aorta",
+        (
+            "The thoracic aorta is of normal diameter.",
+            "The thoracic aorta has a normal calibre and no calcific plaque was observed.",
+            "No calcified atherosclerotic plaque was detected in the thoracic aorta.",
+        ),
+    ),
+    _Section(
+        "pericardium",
+        (
+            "No pericardial effusion or thickening was seen.",
+            "There is no pericardial effusion or pericardial thickening.",
+            "Pericardial effusion or thickening was not detected.",
+        ),
+    ),
+    _Section(
+        "coronary",
+        (
+            "No calcification was observed in the coronary arteries.",
+            "No coronary artery calcification was detected.",
+        ),
+    ),
+    _Section(
+        "esophagus",
+        (
+            "The thoracic esophagus has a normal calibre without significant wall thickening.",
+            "Calibre of the thoracic esophagus is normal, with no pathological wall thickening.",
+            "The esophagus is of normal calibre.",
+        ),
+    ),
+    _Section(
+        "nodes",
+        (
+            "No lymph nodes of pathological size were detected in the prevascular, paratracheal, subcarinal or hilar regions.",
+            "No lymph node was observed in the mediastinum and hilar regions in pathological size and appearance.",
+        ),
+    ),
+    _Section(
+        "lung",
+        (
+            "In the lung window, aeration of both lung parenchyma is normal and no nodular or infiltrative lesion is detected in the lung parenchyma.",
+            "In the lung window, no mass or infiltrative lesion was detected in both lungs.",
+            "Both lungs are clear; no focal nodule, consolidation or emphysematous change was observed.",
+            "No consolidation, ground-glass opacity, atelectasis or emphysema was observed in either lung.",
+        ),
+        heading="Lung window evaluation:",
+        rules_out=True,
+    ),
+    _Section(
+        "pleura",
+        (
+            "No pleural effusion or thickening was detected.",
+            "No pleural fluid was seen.",
+            "There is no pleural effusion or pneumothorax.",
+        ),
+    ),
+    _Section(
+        "abdomen",
+        (
+            "The upper abdominal organs within the scan range are unremarkable.",
+            "As far as can be seen, within the sections; upper abdominal organs are normal.",
+        ),
+    ),
+    _Section(
+        "bone",
+        (
+            "Bony structures in the scanned area are normal. Vertebral body heights are maintained.",
+            "No lytic or destructive lesion was detected in the bone structures within the study area.",
+        ),
+    ),
+)
+
+NORMAL_IMPRESSIONS: tuple[str, ...] = (
+    "Thoracic CT examination within normal limits.",
+    "No significant pathology was detected in the thorax.",
+    "Normal chest CT.",
+)
+_CLINICAL = ("Not given.", "Cough and dyspnea.", "Follow-up.", "Chest pain.", "Fever, suspected infection.")
+_TECHNIQUE = (
+    "Non-contrast thin-section axial images of the chest were obtained.",
+    "Thorax CT was performed without contrast; axial sections with multiplanar reconstructions.",
+    "Contrast-enhanced axial images of the thorax were obtained.",
+)
+
+
+def _side_words(key: str) -> Callable[[Mapping[str, Any]], dict[str, str]]:
+    """Report words for a one-sided finding whose painter put its side in extras[key]."""
+    return lambda extras: {"side": _SIDE[extras.get(key, 0)]}
+
+
+def _nodule_words(extras: Mapping[str, Any]) -> dict[str, Any]:
+    sides = {_SIDE[s] for s in extras.get("nodule_sides", [-1])}
+    where = "both lungs" if len(sides) == 2 else f"the {sides.pop()} lung"
+    return {"where": where, "size": round(extras.get("nodule_size_mm", 8))}
+
+
+def _effusion_words(extras: Mapping[str, Any]) -> dict[str, str]:
+    sides = extras.get("effusion_sides", (0,))
+    side = "bilateral" if len(sides) == 2 else _SIDE[sides[0]]
+    return {"side": side, "Side": side.capitalize()}
+
+
+# ------------------------------------------------------------------------------------------------
+# The findings: one row each
+# ------------------------------------------------------------------------------------------------
+
+#: Background of the label map (tissue no anatomy mask covers), as a ``FindingSpec.anatomy``.
+BACKGROUND = "background"
+
+
+@dataclass(frozen=True)
+class FindingSpec:
+    """One finding the generator draws: where, how, how often, and how a reader words it.
+
+    Attributes:
+        name: its CT-RATE label.
+        anatomy: the mask whose voxels it may change (a :data:`MASK_VALUES` name; :data:`BACKGROUND`
+            for label 0; ``None`` when it crosses anatomies, as a catheter does). A finding that
+            changes an anatomy's shape makes the new voxels that anatomy.
+        section: the report section that describes it (a ``_SECTIONS`` name).
+        present: its sentences in the findings text; ``{name}`` fields come from ``words``.
+        impression: its phrasings in the impression.
+        prevalence: default probability of drawing it (independent per phantom).
+        absent: sentences ruling it out, stated when its section ``rules_out``.
+        paint: draws it into the HU of a :class:`_Scene`: ``paint(scene, params.f) -> extras``
+            (what the report words need, e.g. the side).
+        shape: how it changes the normal anatomy: ``shape(params.f) -> {_Shape field: value}``.
+        words: the ``{name}`` fields of its phrasings from the render extras.
+        layer: painting order (low first; in table order within a layer); where two findings
+            overlap the later one wins. Findings on disjoint masks may share a layer.
+    """
+
+    name: str
+    anatomy: str | None
+    section: str
+    present: tuple[str, ...]
+    impression: tuple[str, ...]
+    prevalence: float = 0.25
+    absent: tuple[str, ...] = ()
+    paint: Callable[[_Scene, Mapping[str, Any]], dict[str, Any]] | None = None
+    shape: Callable[[Mapping[str, Any]], dict[str, float]] | None = None
+    words: Callable[[Mapping[str, Any]], Mapping[str, Any]] | None = None
+    layer: int = 0
+
+
+#: Every finding the generator draws, in the order reports state them (and draw their phrasings).
+#: Core CT-RATE findings are drawn at 25%; extras (ground glass, enlarged mediastinal nodes, a
+#: central venous catheter) at 15%.
+FINDINGS: tuple[FindingSpec, ...] = (
+    FindingSpec(
+        "Medical material",
+        None,
+        "airway",
+        (
+            "A central venous catheter is observed with its tip in the superior vena cava.",
+            "A port catheter extending from the subclavian vein to the superior vena cava is observed.",
+        ),
+        ("Central venous catheter.",),
+        prevalence=0.15,
+        paint=_paint_catheter,
+        layer=5,  # a device crosses every tissue
+    ),
+    FindingSpec(
+        "Cardiomegaly",
+        "heart",
+        "mediastinum",
+        (
+            "The heart size is increased (cardiomegaly).",
+            "Cardiomegaly was observed.",
+            "The heart is enlarged.",
+        ),
+        ("Cardiomegaly.", "Enlarged heart (cardiomegaly)."),
+        shape=lambda f: {"heart_scale": f["cardio_scale"]},
+    ),
+    FindingSpec(
+        "Arterial wall calcification",
+        "aorta",
+        "aorta",
+        (
+            "Calcified atherosclerotic plaques are observed in the wall of the thoracic aorta.",
+            "Atheromatous calcifications were observed in the aortic arch and descending aorta.",
+            "There are calcific plaques in the thoracic aorta wall.",
+        ),
+        ("Atherosclerotic changes in the thoracic aorta.", "Calcified plaques in the thoracic aorta."),
+        paint=_paint_aortic_calcification,
+    ),
+    FindingSpec(
+        "Coronary artery wall calcification",
+        "heart",
+        "coronary",
+        (
+            "Calcified plaques are observed in the coronary arteries.",
+            "Coronary artery calcification is present.",
+            "Atherosclerotic calcifications were observed in the coronary arteries.",
+        ),
+        ("Coronary artery calcification.", "Calcified plaques in the coronary arteries."),
+        paint=_paint_coronary_calcification,
+    ),
+    FindingSpec(
+        "Pericardial effusion",
+        "heart",
+        "pericardium",
+        (
+            "Pericardial effusion reaching 12 mm in its thickest part was observed.",
+            "There is a pericardial effusion surrounding the heart.",
+            "Fluid is observed in the pericardial space (pericardial effusion).",
+        ),
+        ("Pericardial effusion.", "Pericardial fluid."),
+        shape=lambda f: {"pericardial_mm": f["peri_thickness"]},  # the sac's fluid is normal tissue
+    ),
+    FindingSpec(
+        "Hiatal hernia",
+        "esophagus",
+        "esophagus",
+        (
+            "A hiatal hernia is observed at the lower end of the esophagus.",
+            "A sliding hiatal hernia is present.",
+            "Hiatal hernia is present at the esophagogastric junction.",
+        ),
+        ("Hiatal hernia.", "Sliding hiatal hernia."),
+        shape=lambda f: {"hernia_radius_mm": f["hernia_radius"]},
+        paint=_paint_hiatal_hernia,
+    ),
+    FindingSpec(
+        "Lymphadenopathy",
+        BACKGROUND,
+        "nodes",
+        (
+            "Lymph nodes reaching 22 mm in short axis are observed in the subcarinal and right paratracheal regions.",
+            "Enlarged mediastinal lymph nodes were observed.",
+        ),
+        ("Mediastinal lymphadenopathy.",),
+        prevalence=0.15,
+        paint=_paint_lymph_nodes,
+    ),
+    FindingSpec(
+        "Emphysema",
+        "lung",
+        "lung",
+        (
+            "Centriacinar emphysematous changes are observed in both lungs, predominantly in the upper lobes.",
+            "Emphysema is seen in both lungs.",
+            "Paraseptal and centrilobular emphysema are observed in the upper lobes of both lungs.",
+        ),
+        ("Emphysema in both lungs.", "Emphysematous changes in the lungs."),
+        absent=("No emphysematous change was observed.", "There is no emphysema."),
+        paint=_paint_emphysema,
+        layer=1,
+    ),
+    FindingSpec(
+        "Lung nodule",
+        "lung",
+        "lung",
+        (
+            "A nodule measuring {size} mm was observed in {where}.",
+            "Solid nodules up to {size} mm in diameter are observed in {where}.",
+            "There is a pulmonary nodule of {size} mm in {where}.",
+        ),
+        ("Pulmonary nodule in {where}.", "Lung nodule in {where}."),
+        absent=("No pulmonary nodule was detected.", "No nodular lesion was observed in either lung."),
+        paint=_paint_nodules,
+        words=_nodule_words,
+        layer=4,  # solid nodules lie over any other lung change
+    ),
+    FindingSpec(
+        "Consolidation",
+        "lung",
+        "lung",
+        (
+            "Consolidation areas are observed in the lower lobe of the {side} lung.",
+            "Patchy consolidation with air bronchograms in the {side} lung lower lobe.",
+            "There is a consolidation in the posterobasal segment of the {side} lung.",
+        ),
+        ("Consolidation in the {side} lung.", "Pneumonic consolidation in the {side} lung lower lobe."),
+        absent=("No consolidation was observed.", "There is no pneumonic consolidation."),
+        paint=_paint_consolidation,
+        words=_side_words("consol_side"),
+        layer=2,
+    ),
+    FindingSpec(
+        "Lung opacity",
+        "lung",
+        "lung",
+        (
+            "Ground glass opacities are observed in the {side} lung.",
+            "Patchy ground-glass densities were seen in the upper lobe of the {side} lung.",
+        ),
+        ("Ground glass opacity in the {side} lung.",),
+        prevalence=0.15,
+        absent=("No ground-glass opacity was seen.", "No ground glass density was observed in the lungs."),
+        paint=_paint_ground_glass,
+        words=_side_words("ggo_side"),
+        layer=2,
+    ),
+    FindingSpec(
+        "Atelectasis",
+        "lung",
+        "lung",
+        (
+            "Linear atelectasis is observed in the lower lobe of the {side} lung.",
+            "Subsegmental atelectasis was observed in the {side} lung base.",
+            "Atelectatic changes are observed in the {side} lung lower lobe.",
+        ),
+        ("Atelectasis in the {side} lung.", "Atelectatic changes in the {side} lung base."),
+        absent=("No atelectasis was observed.", "There is no atelectatic change."),
+        paint=_paint_atelectasis,
+        words=_side_words("atel_side"),
+        layer=3,
+    ),
+    FindingSpec(
+        "Pleural effusion",
+        "lung",  # the pleural space of each hemithorax lies in its lung mask
+        "pleura",
+        (
+            "Pleural effusion is observed on the {side} side, measuring 25 mm in its thickest part.",
+            "{Side} pleural effusion was detected.",
+            "There is a {side} pleural effusion with adjacent compression of the lung.",
+        ),
+        ("{Side} pleural effusion.", "Pleural effusion on the {side} side."),
+        paint=_paint_pleural_effusion,
+        words=_effusion_words,
+        layer=0,  # under every other lung change
+    ),
+)
+FINDING_SPECS: dict[str, FindingSpec] = {spec.name: spec for spec in FINDINGS}
+#: The order of the per-finding random draws, fixed so that a seed keeps its cohort; a finding
+#: added to the table draws after these (which, like any change to the draws, changes every cohort).
+_DRAW_ORDER = (
+    "Pleural effusion",
+    "Emphysema",
+    "Lung nodule",
+    "Consolidation",
+    "Atelectasis",
+    "Cardiomegaly",
+    "Pericardial effusion",
+    "Arterial wall calcification",
+    "Coronary artery wall calcification",
+    "Hiatal hernia",
+    "Lung opacity",
+    "Lymphadenopathy",
+    "Medical material",
+)
+RENDERED_FINDINGS: tuple[str, ...] = (*_DRAW_ORDER, *(s.name for s in FINDINGS if s.name not in _DRAW_ORDER))
+#: Findings drawn in the image, with their default prevalence (independent per phantom).
+DEFAULT_PREVALENCE: dict[str, float] = {name: FINDING_SPECS[name].prevalence for name in RENDERED_FINDINGS}
+_PAINT_ORDER: tuple[FindingSpec, ...] = tuple(sorted(FINDINGS, key=lambda spec: spec.layer))
+
+
+# ------------------------------------------------------------------------------------------------
+# Rendering and reporting one phantom
+# ------------------------------------------------------------------------------------------------
+
+
+def render_phantom(
+    params: PhantomParams,
+    findings: frozenset[str] | set[str],
+    size_zyx: Sequence[int],
+    spacing_zyx: Sequence[float],
+) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Draw one noise-free phantom: the normal anatomy as the findings shape it, its tissue, then
+    each finding's painter (:data:`FINDINGS`, in layer order).
+
+    Returns:
+        ``(hu, labels, extras)``: hu float32 ``(Z, Y, X)`` without noise, labels uint8 ``(Z, Y, X)``
+        (:data:`MASK_VALUES`), and descriptive extras (sides, sizes) used by the report writer.
+    """
+    grid = _Grid(tuple(int(s) for s in size_zyx), tuple(float(s) for s in spacing_zyx))
+    drawn = [spec for spec in _PAINT_ORDER if spec.name in findings]
+    shape = _Shape()
+    for spec in drawn:
+        if spec.shape is not None:
+            shape = replace(shape, **spec.shape(params.f))
+    scene = _draw_anatomy(params, grid, shape)
+    _paint_tissue(scene)
+    for spec in drawn:
+        if spec.paint is not None:
+            scene.extras.update(spec.paint(scene, params.f))
+    return scene.hu, scene.labels, scene.extras
 
 
 def add_noise(hu: np.ndarray, rng: np.random.Generator, sigma: float, smooth: float = 0.0) -> np.ndarray:
@@ -574,305 +1080,43 @@ def add_noise(hu: np.ndarray, rng: np.random.Generator, sigma: float, smooth: fl
     return np.clip(np.rint(out), -1024, 3071).astype(np.int16)
 
 
-# ------------------------------------------------------------------------------------------------
-# Reports (CT-RATE style)
-# ------------------------------------------------------------------------------------------------
-
-_SIDE = {-1: "right", 1: "left", 0: "bilateral"}
-
-_NORMAL = {
-    "airway": [
-        "Trachea and main bronchi are patent.",
-        "Both main bronchi and the trachea are open.",
-        "The trachea and main bronchi are patent. No occlusive pathology was observed in the lumen.",
-    ],
-    "mediastinum": [
-        "Heart contour and size and the main mediastinal vessels are normal.",
-        "Heart contour and size are normal. Mediastinal main vascular structures are normal.",
-        "The heart size is within normal limits.",
-    ],
-    "aorta": [
-        "The thoracic aorta is of normal diameter.",
-        "The thoracic aorta has a normal calibre and no calcific plaque was observed.",
-        "No calcified atherosclerotic plaque was detected in the thoracic aorta.",
-    ],
-    "pericardium": [
-        "No pericardial effusion or thickening was seen.",
-        "There is no pericardial effusion or pericardial thickening.",
-        "Pericardial effusion or thickening was not detected.",
-    ],
-    "coronary": [
-        "No calcification was observed in the coronary arteries.",
-        "No coronary artery calcification was detected.",
-    ],
-    "esophagus": [
-        "The thoracic esophagus has a normal calibre without significant wall thickening.",
-        "Calibre of the thoracic esophagus is normal, with no pathological wall thickening.",
-        "The esophagus is of normal calibre.",
-    ],
-    "nodes": [
-        "No lymph nodes of pathological size were detected in the prevascular, paratracheal, subcarinal or hilar regions.",
-        "No lymph node was observed in the mediastinum and hilar regions in pathological size and appearance.",
-    ],
-    "lung": [
-        "In the lung window, aeration of both lung parenchyma is normal and no nodular or infiltrative lesion is detected in the lung parenchyma.",
-        "In the lung window, no mass or infiltrative lesion was detected in both lungs.",
-        "Both lungs are clear; no focal nodule, consolidation or emphysematous change was observed.",
-        "No consolidation, ground-glass opacity, atelectasis or emphysema was observed in either lung.",
-    ],
-    "pleura": [
-        "No pleural effusion or thickening was detected.",
-        "No pleural fluid was seen.",
-        "There is no pleural effusion or pneumothorax.",
-    ],
-    "abdomen": [
-        "The upper abdominal organs within the scan range are unremarkable.",
-        "As far as can be seen, within the sections; upper abdominal organs are normal.",
-    ],
-    "bone": [
-        "Bony structures in the scanned area are normal. Vertebral body heights are maintained.",
-        "No lytic or destructive lesion was detected in the bone structures within the study area.",
-    ],
-}
-
-#: negations a reader adds for lung findings that are absent when others are present (CT-RATE
-#: reports of abnormal lungs often list what was ruled out); each absent finding is stated with
-#: probability 1/2.
-_LUNG_NEGATIONS = {
-    "Emphysema": ["No emphysematous change was observed.", "There is no emphysema."],
-    "Lung nodule": ["No pulmonary nodule was detected.", "No nodular lesion was observed in either lung."],
-    "Consolidation": ["No consolidation was observed.", "There is no pneumonic consolidation."],
-    "Lung opacity": [
-        "No ground-glass opacity was seen.",
-        "No ground glass density was observed in the lungs.",
-    ],
-    "Atelectasis": ["No atelectasis was observed.", "There is no atelectatic change."],
-}
-
-_NORMAL_IMPRESSIONS = [
-    "Thoracic CT examination within normal limits.",
-    "No significant pathology was detected in the thorax.",
-    "Normal chest CT.",
-]
-
-
 def _pick(rng: np.random.Generator, options: Sequence[str]) -> str:
-    return options[int(rng.integers(len(options)))]
+    """One of ``options`` at random (a single option draws nothing from ``rng``)."""
+    return options[0] if len(options) == 1 else options[int(rng.integers(len(options)))]
 
 
 def write_report(
     findings: frozenset[str] | set[str], extras: Mapping[str, Any], rng: np.random.Generator
 ) -> dict[str, str]:
-    """CT-RATE-style report sections for a phantom (several phrasings per finding)."""
-    sent: dict[str, list[str]] = {k: [] for k in _NORMAL}
-    imp: list[str] = []
-    ab = set(findings)
+    """CT-RATE-style report columns for a phantom (several phrasings per finding and section).
 
-    def side_of(key, default=0):
-        return _SIDE[extras.get(key, default)]
-
-    if "Medical material" in ab:
-        s = _pick(
-            rng,
-            [
-                "A central venous catheter is observed with its tip in the superior vena cava.",
-                "A port catheter extending from the subclavian vein to the superior vena cava is observed.",
-            ],
-        )
-        sent["airway"].append(s)
-        imp.append("Central venous catheter.")
-    if "Cardiomegaly" in ab:
-        sent["mediastinum"].append(
-            _pick(
-                rng,
-                [
-                    "The heart size is increased (cardiomegaly).",
-                    "Cardiomegaly was observed.",
-                    "The heart is enlarged.",
-                ],
-            )
-        )
-        imp.append(_pick(rng, ["Cardiomegaly.", "Enlarged heart (cardiomegaly)."]))
-    if "Arterial wall calcification" in ab:
-        sent["aorta"].append(
-            _pick(
-                rng,
-                [
-                    "Calcified atherosclerotic plaques are observed in the wall of the thoracic aorta.",
-                    "Atheromatous calcifications were observed in the aortic arch and descending aorta.",
-                    "There are calcific plaques in the thoracic aorta wall.",
-                ],
-            )
-        )
-        imp.append(
-            _pick(
-                rng,
-                [
-                    "Atherosclerotic changes in the thoracic aorta.",
-                    "Calcified plaques in the thoracic aorta.",
-                ],
-            )
-        )
-    if "Coronary artery wall calcification" in ab:
-        sent["coronary"].append(
-            _pick(
-                rng,
-                [
-                    "Calcified plaques are observed in the coronary arteries.",
-                    "Coronary artery calcification is present.",
-                    "Atherosclerotic calcifications were observed in the coronary arteries.",
-                ],
-            )
-        )
-        imp.append(
-            _pick(rng, ["Coronary artery calcification.", "Calcified plaques in the coronary arteries."])
-        )
-    if "Pericardial effusion" in ab:
-        sent["pericardium"].append(
-            _pick(
-                rng,
-                [
-                    "Pericardial effusion reaching 12 mm in its thickest part was observed.",
-                    "There is a pericardial effusion surrounding the heart.",
-                    "Fluid is observed in the pericardial space (pericardial effusion).",
-                ],
-            )
-        )
-        imp.append(_pick(rng, ["Pericardial effusion.", "Pericardial fluid."]))
-    if "Hiatal hernia" in ab:
-        sent["esophagus"].append(
-            _pick(
-                rng,
-                [
-                    "A hiatal hernia is observed at the lower end of the esophagus.",
-                    "A sliding hiatal hernia is present.",
-                    "Hiatal hernia is present at the esophagogastric junction.",
-                ],
-            )
-        )
-        imp.append(_pick(rng, ["Hiatal hernia.", "Sliding hiatal hernia."]))
-    if "Lymphadenopathy" in ab:
-        sent["nodes"].append(
-            _pick(
-                rng,
-                [
-                    "Lymph nodes reaching 22 mm in short axis are observed in the subcarinal and right paratracheal regions.",
-                    "Enlarged mediastinal lymph nodes were observed.",
-                ],
-            )
-        )
-        imp.append("Mediastinal lymphadenopathy.")
-    lung_sent: list[str] = []
-    if "Emphysema" in ab:
-        lung_sent.append(
-            _pick(
-                rng,
-                [
-                    "Centriacinar emphysematous changes are observed in both lungs, predominantly in the upper lobes.",
-                    "Emphysema is seen in both lungs.",
-                    "Paraseptal and centrilobular emphysema are observed in the upper lobes of both lungs.",
-                ],
-            )
-        )
-        imp.append(_pick(rng, ["Emphysema in both lungs.", "Emphysematous changes in the lungs."]))
-    if "Lung nodule" in ab:
-        sides = {_SIDE[s] for s in extras.get("nodule_sides", [-1])}
-        where = "both lungs" if len(sides) == 2 else f"the {sides.pop()} lung"
-        size = round(extras.get("nodule_size_mm", 8))
-        lung_sent.append(
-            _pick(
-                rng,
-                [
-                    f"A nodule measuring {size} mm was observed in {where}.",
-                    f"Solid nodules up to {size} mm in diameter are observed in {where}.",
-                    f"There is a pulmonary nodule of {size} mm in {where}.",
-                ],
-            )
-        )
-        imp.append(_pick(rng, [f"Pulmonary nodule in {where}.", f"Lung nodule in {where}."]))
-    if "Consolidation" in ab:
-        s = side_of("consol_side")
-        lung_sent.append(
-            _pick(
-                rng,
-                [
-                    f"Consolidation areas are observed in the lower lobe of the {s} lung.",
-                    f"Patchy consolidation with air bronchograms in the {s} lung lower lobe.",
-                    f"There is a consolidation in the posterobasal segment of the {s} lung.",
-                ],
-            )
-        )
-        imp.append(
-            _pick(
-                rng,
-                [f"Consolidation in the {s} lung.", f"Pneumonic consolidation in the {s} lung lower lobe."],
-            )
-        )
-    if "Lung opacity" in ab:
-        s = side_of("ggo_side")
-        lung_sent.append(
-            _pick(
-                rng,
-                [
-                    f"Ground glass opacities are observed in the {s} lung.",
-                    f"Patchy ground-glass densities were seen in the upper lobe of the {s} lung.",
-                ],
-            )
-        )
-        imp.append(f"Ground glass opacity in the {s} lung.")
-    if "Atelectasis" in ab:
-        s = side_of("atel_side")
-        lung_sent.append(
-            _pick(
-                rng,
-                [
-                    f"Linear atelectasis is observed in the lower lobe of the {s} lung.",
-                    f"Subsegmental atelectasis was observed in the {s} lung base.",
-                    f"Atelectatic changes are observed in the {s} lung lower lobe.",
-                ],
-            )
-        )
-        imp.append(
-            _pick(rng, [f"Atelectasis in the {s} lung.", f"Atelectatic changes in the {s} lung base."])
-        )
-    if lung_sent:
-        for finding, options in _LUNG_NEGATIONS.items():
-            if finding not in ab and rng.random() < 0.5:
-                lung_sent.append(_pick(rng, options))
-        sent["lung"] = ["Lung window evaluation:", *lung_sent]
-    if "Pleural effusion" in ab:
-        sides = extras.get("effusion_sides", (0,))
-        s = "bilateral" if len(sides) == 2 else _SIDE[sides[0]]
-        sent["pleura"].append(
-            _pick(
-                rng,
-                [
-                    f"Pleural effusion is observed on the {s} side, measuring 25 mm in its thickest part.",
-                    f"{s.capitalize()} pleural effusion was detected.",
-                    f"There is a {s} pleural effusion with adjacent compression of the lung.",
-                ],
-            )
-        )
-        imp.append(_pick(rng, [f"{s.capitalize()} pleural effusion.", f"Pleural effusion on the {s} side."]))
-
+    Findings are stated in :data:`FINDINGS` order, each a sentence in its section and a phrase in
+    the impression; sections without findings get a normal sentence.
+    """
+    sentences: dict[str, list[str]] = {}
+    impressions: list[str] = []
+    sections = {section.name: section for section in _SECTIONS}
+    for name, group in itertools.groupby(FINDINGS, key=lambda spec: spec.section):
+        specs = list(group)
+        said = []
+        for spec in specs:
+            if spec.name in findings:
+                words = spec.words(extras) if spec.words is not None else {}
+                said.append(_pick(rng, spec.present).format(**words))
+                impressions.append(_pick(rng, spec.impression).format(**words))
+        if said and sections[name].rules_out:  # each absent finding ruled out with probability 1/2
+            for spec in specs:
+                if spec.absent and spec.name not in findings and rng.random() < 0.5:
+                    said.append(_pick(rng, spec.absent))
+        if said:
+            sentences[name] = [sections[name].heading, *said] if sections[name].heading else said
     parts = []
-    for key in _NORMAL:
-        parts.extend(sent[key] if sent[key] else [_pick(rng, _NORMAL[key])])
-    impression = " ".join(imp) if imp else _pick(rng, _NORMAL_IMPRESSIONS)
-    clinical = _pick(
-        rng, ["Not given.", "Cough and dyspnea.", "Follow-up.", "Chest pain.", "Fever, suspected infection."]
-    )
-    technique = _pick(
-        rng,
-        [
-            "Non-contrast thin-section axial images of the chest were obtained.",
-            "Thorax CT was performed without contrast; axial sections with multiplanar reconstructions.",
-            "Contrast-enhanced axial images of the thorax were obtained.",
-        ],
-    )
+    for section in _SECTIONS:
+        parts.extend(sentences.get(section.name) or [_pick(rng, section.normal)])
+    impression = " ".join(impressions) if impressions else _pick(rng, NORMAL_IMPRESSIONS)
     return {
-        "ClinicalInformation_EN": clinical,
-        "Technique_EN": technique,
+        "ClinicalInformation_EN": _pick(rng, _CLINICAL),
+        "Technique_EN": _pick(rng, _TECHNIQUE),
         "Findings_EN": " ".join(parts),
         "Impressions_EN": impression,
     }
@@ -912,7 +1156,7 @@ class SynthSample:
 
     @property
     def scan_id(self) -> str:
-        return self.name.rsplit("_", 1)[0]
+        return scan_id_of(self.name)
 
     def metadata_row(self) -> dict[str, str]:
         g = self.geometry
@@ -942,16 +1186,12 @@ def to_cached_sample(sample: SynthSample, catalog: Any = None, config: Any = Non
     from fvlm_core.io import CTVolume
 
     catalog = catalog or CTRATE_CATALOG
-    lut = np.zeros(256, dtype=np.uint8)
-    for anatomy, value in MASK_VALUES.items():
-        if anatomy in catalog:
-            lut[value] = catalog.label(anatomy)
     findings, impression = sample.report["Findings_EN"], sample.report["Impressions_EN"]
     texts, abnormal, extra = decompose_texts(findings, impression, catalog.names, sample.name)
     return model_space_sample(
         sample.name,
         CTVolume(sample.hu.astype(np.float32), sample.geometry, source=f"<phantom {sample.name}>"),
-        lut[sample.labels],
+        catalog.relabel(sample.labels, {value: name for name, value in MASK_VALUES.items()}),
         texts=texts,
         abnormal=abnormal,
         finding_labels=sample.label_row,
@@ -989,6 +1229,13 @@ def make_phantom(
 
     ``findings`` overrides the drawn finding set (e.g. to render one phantom with and without a finding).
     """
+    from fvlm_core.errors import InputError
+
+    if split not in SPLITS:
+        raise InputError(f"split {split!r}: a phantom belongs to one of {list(SPLITS)}.")
+    unknown = sorted(set(findings or ()) - set(RENDERED_FINDINGS))
+    if unknown:
+        raise InputError(f"findings {unknown} cannot be drawn; known: {list(RENDERED_FINDINGS)}")
     split_id = 0 if split == "train" else 1
     ss = np.random.SeedSequence([int(seed), split_id, int(index)])
     r_params, r_findings, r_report, r_origin, _r_noise = (np.random.default_rng(s) for s in ss.spawn(5))
@@ -1017,9 +1264,8 @@ def make_phantom(
         origin=tuple(round(o, 3) for o in origin),
         direction=(1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0),
     )
-    prefix = "train" if split == "train" else "valid"
     return SynthSample(
-        name=f"{prefix}_{index + 1}_a_{recon}",
+        name=f"{split}_{index + 1}_a_{recon}",
         hu=hu_n,
         labels=labels,
         geometry=geometry,
@@ -1075,12 +1321,6 @@ def _run_job(job: _Job) -> SynthSample | dict[str, Any]:
     }
 
 
-def volume_relpath(name: str) -> Path:
-    """``train_1_a_1`` -> ``train_1/train_1_a/train_1_a_1.nii.gz`` (CT-RATE folder nesting)."""
-    parts = name.split("_")
-    return Path("_".join(parts[:2])) / "_".join(parts[:3]) / f"{name}.nii.gz"
-
-
 def write_sample_files(sample: SynthSample, out_dir: Path, write_masks: bool = True) -> None:
     """Write the volume (stored int16 = HU + 1024, header geometry deliberately generic) and its mask.
 
@@ -1092,7 +1332,7 @@ def write_sample_files(sample: SynthSample, out_dir: Path, write_masks: bool = T
     from fvlm_core.atomic import atomic_path
 
     rel = volume_relpath(sample.name)
-    split_dir = "train" if sample.split == "train" else "valid"
+    split_dir = SPLITS[sample.split][0]
     stored = (sample.hu.astype(np.int32) - RESCALE_INTERCEPT).astype(np.int16)
     img = sitk.GetImageFromArray(stored)  # spacing 1, origin 0, identity: not the real geometry
     target = out_dir / "dataset" / split_dir / rel
@@ -1219,8 +1459,6 @@ def iter_cohort(
         normal_fraction,
     )
     if as_cached:
-        from dataclasses import replace
-
         from fvlm_core.anatomy import CTRATE_CATALOG
 
         spec = (
@@ -1274,23 +1512,9 @@ def generate_cohort(
     """
     import time
 
-    from fvlm_core.atomic import atomic_write_text
-    from fvlm_core.errors import InputError
-
-    if n < 1:
-        raise InputError(f"--n must be at least 1 (got {n}).")
-    if len(size_zyx) != 3 or min(size_zyx) < 16:
-        raise InputError(f"--size must give 3 sizes of at least 16 voxels (got {tuple(size_zyx)}).")
-    prev = dict(DEFAULT_PREVALENCE if prevalence is None else prevalence)
-    unknown = sorted(set(prev) - set(RENDERED_FINDINGS))
-    if unknown:
-        raise InputError(
-            f"prevalence names findings the generator cannot draw: {unknown}. Known: {list(RENDERED_FINDINGS)}"
-        )
     t0 = time.perf_counter()
+    prev = _check_cohort_arguments(n, size_zyx, prevalence, normal_fraction)
     out = None if out_dir is None else Path(out_dir)
-    if not 0.0 <= normal_fraction <= 1.0:
-        raise InputError(f"--normal-fraction must be within 0..1 (got {normal_fraction}).")
     jobs = _jobs(
         n,
         seed,
@@ -1311,6 +1535,36 @@ def generate_cohort(
     if out is None:
         samples = list(results)
         return CohortSummary(None, n, len(samples), time.perf_counter() - t0, prev, samples)
+    _write_tables(out, results)
+    _write_readme(out, seed, n, len(jobs), size_zyx, write_masks)
+    return CohortSummary(out, n, len(jobs), time.perf_counter() - t0, prev)
+
+
+def _check_cohort_arguments(
+    n: int, size_zyx: Sequence[int], prevalence: Mapping[str, float] | None, normal_fraction: float
+) -> dict[str, float]:
+    """The prevalence to draw with, after refusing arguments no cohort can be made from."""
+    from fvlm_core.errors import InputError
+
+    if n < 1:
+        raise InputError(f"--n must be at least 1 (got {n}).")
+    if len(size_zyx) != 3 or min(size_zyx) < 16:
+        raise InputError(f"--size must give 3 sizes of at least 16 voxels (got {tuple(size_zyx)}).")
+    prev = dict(DEFAULT_PREVALENCE if prevalence is None else prevalence)
+    unknown = sorted(set(prev) - set(RENDERED_FINDINGS))
+    if unknown:
+        raise InputError(
+            f"prevalence names findings the generator cannot draw: {unknown}. Known: {list(RENDERED_FINDINGS)}"
+        )
+    if not 0.0 <= normal_fraction <= 1.0:
+        raise InputError(f"--normal-fraction must be within 0..1 (got {normal_fraction}).")
+    return prev
+
+
+def _write_tables(out: Path, results: Iterator[dict[str, Any]]) -> None:
+    """The metadata, report and label CSVs of both splits, rows in job order."""
+    from fvlm_core.atomic import atomic_write_text
+
     rows: dict[str, dict[str, list]] = {s: {"metadata": [], "report": [], "labels": []} for s in SPLITS}
     for r in results:
         for k in ("metadata", "report", "labels"):
@@ -1328,9 +1582,17 @@ def generate_cohort(
             out / "multi_abnormality_labels" / f"{lab_name}_predicted_labels.csv",
             _csv_text(rows[split]["labels"], ("VolumeName", *CTRATE_LABELS)),
         )
+
+
+def _write_readme(
+    out: Path, seed: int, n: int, n_volumes: int, size_zyx: Sequence[int], write_masks: bool
+) -> None:
+    """README.txt (how to read the cohort) and, with masks, anatomy_masks/class_map.json."""
+    from fvlm_core.atomic import atomic_write_text
+
     readme = (
         "Synthetic chest CT cohort (fvlm synth) in the CT-RATE layout.\n"
-        f"seed={seed} n_scans={n} volumes={len(jobs)} size_zyx={tuple(size_zyx)}\n"
+        f"seed={seed} n_scans={n} volumes={n_volumes} size_zyx={tuple(size_zyx)}\n"
         "Volumes: int16 stored values; HU = stored + RescaleIntercept (metadata CSV). NIfTI headers\n"
         "carry no geometry (unit spacing): use the metadata CSV, as for CT-RATE.\n"
         "anatomy_masks: lung 1, heart 2, esophagus 3, aorta 4, trachea 5 (extended catalog order),\n"
@@ -1343,4 +1605,3 @@ def generate_cohort(
             out / "anatomy_masks" / "class_map.json",
             json.dumps({str(v): k for k, v in MASK_VALUES.items()}, indent=1) + "\n",
         )
-    return CohortSummary(out, n, len(jobs), time.perf_counter() - t0, prev)

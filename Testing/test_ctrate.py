@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from fvlm_core.data import synth
 from fvlm_core.data.ctrate import CTRATEReader, make_segmenter
@@ -140,35 +141,30 @@ def test_corrupt_volume_raises_input_error(copy):
         reader.read_ct(rec)
 
 
-def test_dataset_one_item_per_scan_cached_and_robust(copy, tmp_path):
-    import torch
-
-    from fvlm_core.data.cache import is_complete
-    from fvlm_core.data.ctrate import CTRATEDataset
+def test_prepared_cache_one_item_per_scan_and_robust(copy, tmp_path):
+    """The layout -> `fvlm prepare` -> the cache reader: one item per scan; a corrupt
+    reconstruction fails alone and its scan is read from the other one."""
+    from fvlm_core.anatomy import CTRATE_CATALOG
+    from fvlm_core.data.cache import CacheSamples
+    from fvlm_core.data.prepare import prepare_dataset
+    from fvlm_core.data.samples import AugmentConfig, TrainingSamples
     from fvlm_core.preprocess import ModelSpaceConfig
 
     cfg = ModelSpaceConfig(
         spacing_zyx=synth.default_spacing_zyx(SIZE), window_size_zyx=SIZE, multiple_zyx=(8, 8, 8)
     )
-    cache = tmp_path / "cache"
-    ds = CTRATEDataset(copy, "train", reconstruction="first", config=cfg, cache_dir=cache)
-    reader = ds.reader
-    assert len(ds) == len(reader.scans) < len(reader.records)  # scans, not reconstructions
-    item = ds[0]
-    first = reader.scans[ds.scan_ids[0]][0]
-    assert item["name"] == first.name and item["image"].shape == (1, *SIZE)
-    assert item["labels"].dtype == torch.uint8 and len(item["texts"]) == 4
-    assert is_complete(cache, first.name)  # cached on first use...
-    mtime = (cache / f"{first.name}.safetensors").stat().st_mtime_ns
-    assert ds[0]["name"] == first.name
-    assert (cache / f"{first.name}.safetensors").stat().st_mtime_ns == mtime  # ...and read back, not rebuilt
-
-    # A corrupt reconstruction: the other reconstruction of the scan is used, the failure recorded.
-    sid = next(
-        s for s, recs in reader.scans.items() if len(recs) == 2 and not is_complete(cache, recs[0].name)
-    )
+    reader = CTRATEReader(copy, "train")
+    sid = next(s for s, recs in reader.scans.items() if len(recs) == 2)
     bad, good = reader.scans[sid]
     bad.path.write_bytes(bad.path.read_bytes()[:100])
-    idx = ds.scan_ids.index(sid)
-    assert ds[idx]["name"] == good.name
-    assert bad.name in ds.failures and bad.path.name in ds.failures[bad.name]
+    cache = tmp_path / "cache"
+    summary = prepare_dataset(copy, cache, config=cfg, progress=False)
+    assert [f["name"] for f in summary.failed] == [bad.name] and bad.path.name in summary.failed[0]["error"]
+    samples = CacheSamples(cache, reconstruction="first")
+    assert len(samples) == len(reader.scans) < len(reader.records)  # scans, not reconstructions
+    firsts = [samples[i].name for i in range(len(samples))]
+    assert good.name in firsts and bad.name not in firsts
+    items = TrainingSamples(samples, CTRATE_CATALOG.names, {}, AugmentConfig(crop_size=SIZE), seed=0)
+    item = items[(firsts.index(good.name), 0, 0)]
+    assert item["name"] == good.name and item["image"].shape == (1, *SIZE)
+    assert item["labels"].dtype == torch.uint8 and len(item["texts"]) == 4

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import csv
 import json
 
 import numpy as np
-import pandas as pd
 import pytest
 
 from fvlm_training import evaluate as ev
@@ -17,17 +17,33 @@ S = [0.1, 0.4, 0.35, 0.8, 0.7, 0.3, 0.6, 0.9]
 NAMES = [f"valid_{i}_a_1.nii.gz" for i in range(1, 9)]
 
 
+def _write_csv(path, columns: dict) -> None:
+    with open(path, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(list(columns))
+        w.writerows(zip(*columns.values()))
+
+
+def _read_csv(path) -> list[dict]:
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
 def _tables(tmp_path):
-    # Cardiomegaly: one volume not scored (NaN). Its label is 1, so counting it as 0 (reference)
+    # Cardiomegaly: one volume not scored (empty cell). Its label is 1, so counting it as 0 (reference)
     # or leaving it out (strict) changes the numbers in a way we can compute by hand.
-    card_s = [0.2, 0.3, 0.1, 0.9, 0.8, np.nan, 0.4, 0.7]
+    card_s = [0.2, 0.3, 0.1, 0.9, 0.8, "", 0.4, 0.7]
     card_y = [0, 0, 0, 1, 1, 1, 0, 1]
-    scores = pd.DataFrame({"VolumeName": NAMES, "Emphysema": S, "Cardiomegaly": card_s})
-    labels = pd.DataFrame(
-        {"VolumeName": NAMES[::-1], "AccessionNo": "x", "Emphysema": Y[::-1], "Cardiomegaly": card_y[::-1]}
+    _write_csv(tmp_path / "scores.csv", {"VolumeName": NAMES, "Emphysema": S, "Cardiomegaly": card_s})
+    _write_csv(
+        tmp_path / "labels.csv",
+        {
+            "VolumeName": NAMES[::-1],
+            "AccessionNo": ["x"] * 8,
+            "Emphysema": Y[::-1],
+            "Cardiomegaly": card_y[::-1],
+        },
     )
-    scores.to_csv(tmp_path / "scores.csv", index=False)
-    labels.to_csv(tmp_path / "labels.csv", index=False)
     return tmp_path / "scores.csv", tmp_path / "labels.csv"
 
 
@@ -108,7 +124,7 @@ def test_split_description():
     d = ev.describe_split(vols)
     assert (d["n_volumes"], d["n_scans"]) == (6, 3)
     assert ev.one_per_scan(vols) == ["valid_1_a_1", "valid_2_a_1", "valid_3_a_1"]
-    assert ev.scan_id("valid_12_b_2.nii.gz") == "valid_12_b"
+    assert ev.describe_split(["valid_12_b_2.nii.gz", "valid_12_b_1.nii.gz"])["n_scans"] == 1
 
 
 # ---------------------------------------------------------------- scoring a dataset with a model
@@ -127,6 +143,7 @@ def tiny_model_dir(tmp_path_factory):
 
 
 def test_evaluate_ctrate_layout_then_analyze_uses_stored_thresholds(tiny_model_dir, tmp_path):
+    from fvlm_core.data.layout import volume_relpath
     from fvlm_core.data.synth import generate_cohort
     from fvlm_core.findings import FVLM_LABELS
     from fvlm_core.io import read_ct
@@ -142,19 +159,25 @@ def test_evaluate_ctrate_layout_then_analyze_uses_stored_thresholds(tiny_model_d
     argv += ["--n-bootstrap", "20", "--device", "cpu", "--store-thresholds", "--no-plots"]
     assert main(argv) == 0
     rep = json.loads((out / "metrics.json").read_text())
-    scores = pd.read_csv(out / "scores.csv")
-    n_valid = len(pd.read_csv(data / "multi_abnormality_labels" / "valid_predicted_labels.csv"))
-    assert rep["split"]["n_volumes"] == n_valid == len(scores)
+    rows = _read_csv(out / "scores.csv")
+    n_valid = len(_read_csv(data / "multi_abnormality_labels" / "valid_predicted_labels.csv"))
+    assert rep["split"]["n_volumes"] == n_valid == len(rows)
     assert set(rep["labels"]) == set(FVLM_LABELS)
-    assert scores[list(FVLM_LABELS)].to_numpy().min() > 0 and scores[list(FVLM_LABELS)].to_numpy().max() < 1
+    probs = np.array([[float(r[lbl]) for lbl in FVLM_LABELS] for r in rows])
+    assert probs.min() > 0 and probs.max() < 1
+    # the written table reads back unchanged (the --scores path)
+    names, back = ev.read_score_table(out / "scores.csv")
+    assert names == [r["VolumeName"] for r in rows]
+    assert back["Pleural effusion"].tolist() == [float(r["Pleural effusion"]) for r in rows]
     # the stored thresholds are what analyze then uses
     an = Analyzer.from_pretrained(tiny_model_dir, device="cpu")
     chosen = {k: v["threshold"] for k, v in rep["labels"].items() if v["threshold_source"] == "roc-corner"}
     assert "Pleural effusion" in chosen and an.config.thresholds == pytest.approx(chosen)
-    name = scores["VolumeName"][0]  # as in the CT-RATE CSVs: valid_1_a_1.nii.gz
-    meta = pd.read_csv(data / "metadata" / "validation_metadata.csv").set_index("VolumeName")
-    rel = ev._volume_relpath(name.removesuffix(".nii.gz"))
-    ct = read_ct(data / "dataset" / "valid" / rel, metadata=meta.loc[name].to_dict())
+    name = rows[0]["VolumeName"]  # as in the CT-RATE CSVs: valid_1_a_1.nii.gz
+    assert name.endswith(".nii.gz")
+    meta = {r["VolumeName"]: r for r in _read_csv(data / "metadata" / "validation_metadata.csv")}
+    rel = volume_relpath(name)
+    ct = read_ct(data / "dataset" / "valid" / rel, metadata=meta[name])
     seg = get_backend("labelmap", path=data / "anatomy_masks" / "valid" / rel, class_map="anatomy")
     from fvlm_core.anatomy import EXTENDED_CATALOG
 
@@ -166,7 +189,7 @@ def test_evaluate_ctrate_layout_then_analyze_uses_stored_thresholds(tiny_model_d
         rep["labels"]["Pleural effusion"]["threshold"]
     )
     # reference windows (evaluate) and shared windows (analyze) see the same anatomy: scores agree closely
-    assert f.probability == pytest.approx(scores["Pleural effusion"][0], abs=0.05)
+    assert f.probability == pytest.approx(float(rows[0]["Pleural effusion"]), abs=0.05)
 
 
 def test_evaluate_prepare_cache(tiny_model_dir, tmp_path):
@@ -197,3 +220,46 @@ def test_evaluate_prepare_cache(tiny_model_dir, tmp_path):
     rep = json.loads((out / "metrics.json").read_text())
     card = rep["labels"]["Cardiomegaly"]
     assert card["n"] == 6 and card["n_positive"] == 3 and card["n_missing"] == 0
+
+
+def test_layout_masks_are_read_as_prepare_reads_them(tmp_path):
+    """Evaluate reads a CT-RATE layout's masks as `fvlm prepare` does: the class_map.json beside
+    them names their values (here in another order than the anatomy catalogue's)."""
+    import SimpleITK as sitk
+
+    from fvlm_core.anatomy import CTRATE_CATALOG
+    from fvlm_core.data.ctrate import CTRATEReader, make_segmenter
+    from fvlm_core.data.layout import volume_stem
+    from fvlm_core.data.synth import MASK_VALUES, generate_cohort, iter_cohort
+
+    data = tmp_path / "cohort"
+    kw = dict(size_zyx=(24, 24, 24), valid_fraction=0.5, recon_fraction=0.0)
+    generate_cohort(data, 4, 7, **kw)
+    lut = np.arange(256, dtype=np.uint8)
+    lut[1:6] = [5, 4, 3, 2, 1]  # lung 1 -> 5, ..., trachea 5 -> 1
+    for path in (data / "anatomy_masks").rglob("*.nii.gz"):
+        img = sitk.ReadImage(str(path))
+        permuted = sitk.GetImageFromArray(lut[sitk.GetArrayFromImage(img)])
+        permuted.CopyInformation(img)
+        sitk.WriteImage(permuted, str(path), useCompression=True)
+    class_map = {str(lut[v]): name for name, v in MASK_VALUES.items()}
+    (data / "anatomy_masks" / "class_map.json").write_text(json.dumps(class_map))
+
+    source = ev.VolumeSource(data, CTRATE_CATALOG.names)
+    truth = {s.name: s for s in iter_cohort(4, 7, **kw)}
+    reader = CTRATEReader(data, "valid")
+    prepare_reads = make_segmenter("labelmap", CTRATE_CATALOG, masks_dir=reader.masks_dir)
+    assert source.names and len(source) == len(reader.records)
+    for name in source.names:
+        _, labels, found = source.load(name)
+        want = truth[volume_stem(name)]
+        np.testing.assert_array_equal(labels.array, np.where(want.labels == 5, 0, want.labels))
+        record = reader.get(name)
+        np.testing.assert_array_equal(labels.array, prepare_reads(reader.read_ct(record), record))
+        assert found == want.label_row
+
+    # a listed volume missing on disk stops the evaluation before it starts, naming the volume
+    missing = reader.records[0]
+    missing.path.unlink()
+    with pytest.raises(Exception, match=f"{missing.name}: listed in the metadata but no file"):
+        ev.VolumeSource(data, CTRATE_CATALOG.names)

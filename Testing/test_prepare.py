@@ -17,8 +17,9 @@ import pytest
 
 from fvlm_core.anatomy import CTRATE_CATALOG
 from fvlm_core.data import synth
-from fvlm_core.data.cache import CachedDataset, is_complete, list_samples, load_sample, sample_paths
+from fvlm_core.data.cache import CacheSamples, is_complete, list_samples, load_sample, sample_paths
 from fvlm_core.data.prepare import parse_shard, prepare_dataset, select_shard, shard_of
+from fvlm_core.data.samples import AugmentConfig, TrainingSamples
 from fvlm_core.errors import ConfigError
 from fvlm_core.findings import CTRATE_LABEL_ANATOMY
 from fvlm_core.preprocess import ModelSpaceConfig
@@ -69,7 +70,10 @@ def test_prepare_writes_faithful_samples(cohort, truth, tmp_path):
         assert want.report["Impressions_EN"] in s.report
     summary_file = out / "_prepare" / "summary-train-0of1.json"
     assert json.loads(summary_file.read_text())["processed"] == len(train)
-    item = CachedDataset(out, reconstruction="first")[0]
+    items = TrainingSamples(
+        CacheSamples(out), CTRATE_CATALOG.names, {}, AugmentConfig(crop_size=SIZE), seed=0
+    )
+    item = items[(0, 0, 0)]
     assert item["image"].shape == (1, *SIZE) and item["labels"].shape == SIZE
 
 

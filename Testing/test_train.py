@@ -3,6 +3,7 @@ sampler, exact resume (kill and SIGTERM), failed samples, atomic checkpoints, th
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import signal
@@ -15,9 +16,10 @@ import numpy as np
 import pytest
 import torch
 
+from fvlm_core.data.cache import CachedSample
+from fvlm_core.data.samples import AugmentConfig, GlobalBatchSampler, crop_flip
 from fvlm_core.errors import CheckpointError, ConfigError
 from fvlm_training import checkpointing as ckpt
-from fvlm_training.augment import AugmentConfig, GlobalBatchSampler, crop_flip
 from fvlm_training.schedule import WarmupCosineLR, warmup_cosine_lr
 from fvlm_training.train import load_train_config, train
 
@@ -61,9 +63,10 @@ def tiny_model_config(window: int = 32, dropout: float = 0.0) -> dict:
     )
 
 
-def phantom_samples(n: int, size: int = 32, seed: int = 0) -> list[dict]:
-    """Sample dicts (the cache's fields) from synthetic phantoms with per-anatomy texts."""
-    from fvlm_core.data.synth import make_phantom
+def phantom_samples(n: int, size: int = 32, seed: int = 0) -> list[CachedSample]:
+    """Samples (what a prepare cache holds) of synthetic phantoms with per-anatomy texts; the
+    labels keep the phantom values (trachea too), named by ``anatomies``."""
+    from fvlm_core.data.synth import MASK_VALUES, make_phantom
     from fvlm_core.findings import CTRATE_LABEL_ANATOMY, CTRATE_LABELS
 
     out = []
@@ -77,10 +80,12 @@ def phantom_samples(n: int, size: int = 32, seed: int = 0) -> list[dict]:
                 " ".join(f"{f}." for f in found) if found else f"{a} shows no significant abnormalities."
             )
         out.append(
-            dict(
+            CachedSample(
                 name=s.name,
                 hu=s.hu,
                 labels=s.labels,
+                geometry=s.geometry,
+                anatomies=sorted(MASK_VALUES, key=MASK_VALUES.get),
                 texts=texts,
                 abnormal=abnormal,
                 finding_labels={lbl: int(lbl in s.findings) for lbl in CTRATE_LABELS},
@@ -112,7 +117,7 @@ def assert_same_weights(a: dict, b: dict, atol: float) -> None:
 
 
 @pytest.fixture(scope="module")
-def samples() -> list[dict]:
+def samples() -> list[CachedSample]:
     torch.set_num_threads(1)
     return phantom_samples(12, size=28)  # 28^3 volumes randomly placed in 32^3 windows, flipped
 
@@ -295,7 +300,7 @@ def test_resume_with_different_options_is_refused(samples, tmp_path):
 
 
 def test_failed_sample_is_logged_skipped_and_counted(samples, tmp_path, caplog):
-    broken = dict(samples[0], name="broken_1", labels=np.zeros((3, 3), np.uint8))
+    broken = dataclasses.replace(samples[0], name="broken_1", labels=np.zeros((3, 3), np.uint8))
     data = [*samples[:7], broken]
     res = train(train_config(epochs=1, batch_size=4), tmp_path, dataset=data)
     assert res["status"] == "completed" and res["steps"] == 2

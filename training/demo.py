@@ -104,34 +104,100 @@ class DemoResult:
 
 @dataclass
 class DemoData:
-    """Arrays of one split. ``hu`` (N, Z, Y, X) int16; ``labels`` (N, Z, Y, X) uint8 (model anatomies
-    only); ``texts`` per anatomy; ``reports``; ``abnormal`` (N, A); ``finding_labels`` (labels
-    extracted from each report, as a real dataset would have them);
-    ``truth`` {finding: (N,) 0/1} from the rendered findings."""
+    """The phantoms of one split, as arrays; also the dataset the trainer reads (``data[i]`` is a
+    :class:`~fvlm_core.data.cache.CachedSample`, the sample type of a prepare cache).
+
+    ``hu`` (N, Z, Y, X) int16; ``labels`` (N, Z, Y, X) uint8 in ``anatomies`` order (value i + 1);
+    ``anatomy_texts`` per phantom, one per anatomy; ``reports``; ``abnormal`` (N, A);
+    ``finding_labels`` (labels extracted from each report, as a real dataset would have them);
+    ``truth`` {finding: (N,) 0/1} from the rendered findings.
+    """
 
     names: list[str]
+    anatomies: list[str]
     hu: np.ndarray
     labels: np.ndarray
     geometry: list[Any]
-    texts: list[list[str]]
+    anatomy_texts: list[list[str]]
     reports: list[str]
     abnormal: np.ndarray
     finding_labels: list[dict[str, int]]
     truth: dict[str, np.ndarray]
 
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __getitem__(self, i: int) -> Any:
+        from fvlm_core.data.cache import CachedSample
+
+        a = self.anatomies
+        return CachedSample(
+            name=self.names[i],
+            hu=np.asarray(self.hu[i]),
+            labels=np.asarray(self.labels[i]),
+            geometry=self.geometry[i],
+            anatomies=list(a),
+            texts=dict(zip(a, self.anatomy_texts[i])),
+            abnormal={k: bool(v) for k, v in zip(a, self.abnormal[i])},
+            finding_labels=dict(self.finding_labels[i]),
+            report=self.reports[i],
+        )
+
+    def texts(self, reports: bool = False) -> list[str]:
+        """Every text the text encoder will see (the trainer encodes them once, up front)."""
+        if reports:
+            return list(self.reports)
+        return [t for row in self.anatomy_texts for t in row]
+
+    def save(self, folder: Path) -> None:
+        """Write the split to ``folder`` (arrays as ``.npy``, the rest as JSON) for :meth:`load`."""
+        np.save(folder / "hu.npy", self.hu)
+        np.save(folder / "labels.npy", self.labels)
+        meta = {
+            "names": self.names,
+            "anatomies": self.anatomies,
+            "geometry": [g.to_dict() for g in self.geometry],
+            "anatomy_texts": self.anatomy_texts,
+            "reports": self.reports,
+            "abnormal": self.abnormal.tolist(),
+            "finding_labels": self.finding_labels,
+            "truth": {k: v.tolist() for k, v in self.truth.items()},
+        }
+        (folder / "meta.json").write_text(json.dumps(meta))
+
+    @classmethod
+    def load(cls, folder: str | os.PathLike) -> DemoData:
+        """A split written by :meth:`save`, its arrays memory-mapped (both training processes
+        share one copy)."""
+        from fvlm_core.io import Geometry
+
+        d = Path(folder)
+        meta = json.loads((d / "meta.json").read_text())
+        return cls(
+            names=meta["names"],
+            anatomies=meta["anatomies"],
+            hu=np.load(d / "hu.npy", mmap_mode="r"),
+            labels=np.load(d / "labels.npy", mmap_mode="r"),
+            geometry=[Geometry.from_dict(g) for g in meta["geometry"]],
+            anatomy_texts=meta["anatomy_texts"],
+            reports=meta["reports"],
+            abnormal=np.asarray(meta["abnormal"], dtype=bool),
+            finding_labels=meta["finding_labels"],
+            truth={k: np.asarray(v, dtype=np.int64) for k, v in meta["truth"].items()},
+        )
+
 
 def _make_split(samples: Sequence[Any], anatomies: Sequence[str]) -> DemoData:
+    from fvlm_core.anatomy import get_catalog
     from fvlm_core.data.synth import MASK_VALUES
     from fvlm_core.reports import decompose_report, extract_labels
 
     n, a = len(samples), len(anatomies)
-    # Map the phantom mask values onto the model's anatomy order (anything else -> background).
-    lut = np.zeros(256, dtype=np.uint8)
-    for i, name in enumerate(anatomies):
-        if name in MASK_VALUES:
-            lut[MASK_VALUES[name]] = i + 1
+    # The phantom mask values in the model's anatomy order (anything else -> background).
+    catalog = get_catalog(list(anatomies))
+    phantom_values = {v: name for name, v in MASK_VALUES.items()}
     hu = np.stack([s.hu for s in samples]).astype(np.int16)
-    labels = np.stack([lut[s.labels] for s in samples])
+    labels = np.stack([catalog.relabel(s.labels, phantom_values) for s in samples])
     texts, reports = [], []
     abnormal = np.zeros((n, a), dtype=bool)
     finding_labels = []
@@ -147,10 +213,11 @@ def _make_split(samples: Sequence[Any], anatomies: Sequence[str]) -> DemoData:
     truth = {f: np.array([int(f in s.findings) for s in samples], dtype=np.int64) for f in DEMO_FINDINGS}
     return DemoData(
         names=[s.name for s in samples],
+        anatomies=list(anatomies),
         hu=hu,
         labels=labels,
         geometry=[s.geometry for s in samples],
-        texts=texts,
+        anatomy_texts=texts,
         reports=reports,
         abnormal=abnormal,
         finding_labels=finding_labels,
@@ -158,58 +225,11 @@ def _make_split(samples: Sequence[Any], anatomies: Sequence[str]) -> DemoData:
     )
 
 
-class DemoSamples:
-    """The training phantoms as :func:`fvlm_training.train.train` samples, read from memory-mapped
-    arrays so both training processes share one copy (``hu``, ``labels``) plus a JSON of texts."""
-
-    def __init__(self, data_dir: str | os.PathLike) -> None:
-        d = Path(data_dir)
-        self.hu = np.load(d / "hu.npy", mmap_mode="r")
-        self.labels = np.load(d / "labels.npy", mmap_mode="r")
-        self.meta = json.loads((d / "meta.json").read_text())
-
-    @staticmethod
-    def write(data: DemoData, anatomies: Sequence[str], data_dir: Path) -> None:
-        np.save(data_dir / "hu.npy", data.hu)
-        np.save(data_dir / "labels.npy", data.labels)
-        meta = {
-            "anatomies": list(anatomies),
-            "names": data.names,
-            "texts": data.texts,
-            "abnormal": data.abnormal.tolist(),
-            "finding_labels": data.finding_labels,
-            "reports": data.reports,
-        }
-        (data_dir / "meta.json").write_text(json.dumps(meta))
-
-    def __len__(self) -> int:
-        return len(self.meta["names"])
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        m, a = self.meta, self.meta["anatomies"]
-        return {
-            "name": m["names"][i],
-            "hu": np.asarray(self.hu[i]),
-            "labels": np.asarray(self.labels[i]),
-            "texts": dict(zip(a, m["texts"][i])),
-            "abnormal": dict(zip(a, m["abnormal"][i])),
-            "finding_labels": m["finding_labels"][i],
-            "report": m["reports"][i],
-            "anatomies": a,
-        }
-
-    def texts(self, reports: bool = False) -> list[str]:
-        """Every text the text encoder will see (the trainer encodes them once, up front)."""
-        if reports:
-            return list(self.meta["reports"])
-        return [t for row in self.meta["texts"] for t in row]
-
-
 @dataclass
 class _TrainJob:
     kind: str  # "fvlm" or "clip"
     recipe: dict[str, Any]  # a training recipe (fvlm_training.train.load_train_config mapping)
-    data_dir: str  # DemoSamples folder written by the parent
+    data_dir: str  # DemoData.save folder written by the parent
     run_dir: str  # training run folder (checkpoint, TensorBoard, summary)
     out_dir: str  # where the final model is saved
     budget_seconds: float
@@ -259,7 +279,7 @@ def _train_worker(job: _TrainJob, progress: Any) -> None:
     summary = train(
         job.recipe,
         job.run_dir,
-        dataset=DemoSamples(job.data_dir),
+        dataset=DemoData.load(job.data_dir),
         resume=False,
         progress=on_step,
         should_stop=lambda: os.getppid() != parent,  # the demo was killed: stop, do not linger
@@ -541,32 +561,14 @@ def _log(msg: str) -> None:
     print(f"[fvlm demo] {msg}", flush=True)
 
 
-def run_demo(cfg: DemoConfig, log: Callable[[str], None] = _log) -> DemoResult:
-    """Run the whole demo (see the module docstring) and return where everything went."""
-    import shutil
-    import tempfile
-
-    import torch.multiprocessing as mp
+def _phantom_splits(cfg: DemoConfig, model_cfg: Any) -> dict[str, DemoData]:
+    """Stage 1: the train, calibration and test phantoms (disjoint streams: different seeds)."""
     from tqdm import tqdm
 
-    from fvlm_core.atomic import atomic_write_text
     from fvlm_core.data.synth import iter_cohort
-    from fvlm_core.io import write_image
-    from fvlm_core.metrics import roc_corner_threshold
-    from fvlm_core.model import FVLM
 
-    t_start = time.perf_counter()
-    deadline = t_start + cfg.minutes * 60.0
-    out = Path(cfg.out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    seconds: dict[str, float] = {}
-    model_cfg = demo_model_config(cfg.model_config, cfg.size)
-    anatomies = list(model_cfg.anatomies)
     size = (cfg.size, cfg.size, cfg.size)
     spacing = tuple(model_cfg.model_space().spacing_zyx)
-
-    # 1. phantoms (train / calibration / test are disjoint streams: different seeds)
-    t = time.perf_counter()
     splits: dict[str, DemoData] = {}
     plan = [
         ("train", cfg.n_train, cfg.seed),
@@ -581,28 +583,48 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = _log) -> DemoResult:
             ):
                 samples.append(s)
                 bar.update(1)
-            splits[name] = _make_split(samples, anatomies)
-    seconds["phantoms"] = time.perf_counter() - t
+            splits[name] = _make_split(samples, list(model_cfg.anatomies))
+    return splits
 
-    train = splits["train"]
-    n = len(train.names)
-    log(
-        f"{n} training phantoms, {len({t for row in train.texts for t in row})} distinct anatomy texts; "
-        + ", ".join(
-            f"{name} {int(train.abnormal[:, i].sum())}/{n} abnormal" for i, name in enumerate(anatomies)
-        )
-    )
 
-    precision = demo_precision(cfg.precision, model_cfg)
-    cfg = replace(cfg, precision=precision)
-    log(
-        f"training precision: {precision}" + (" (measured faster on this CPU)" if precision == "bf16" else "")
-    )
+def _watch_training(procs: dict[str, Any], progress: dict[str, Any], seconds: float) -> None:
+    """Show the training processes' steps and losses until all have ended."""
+    from tqdm import tqdm
 
-    # 2. train fVLM and the CLIP baseline side by side with the project's trainer, one core each.
-    # Each first encodes its texts once with the frozen MiniLM (the baseline has more: one report
-    # per phantom), then trains for the same wall-clock budget.
-    t = time.perf_counter()
+    fmt = "{l_bar}{bar}| {n_fmt}/{total_fmt} s {postfix}"
+    with tqdm(total=int(seconds), desc="training", unit="s", bar_format=fmt) as bar:
+        t_train = time.perf_counter()
+        while any(p.is_alive() for p in procs.values()):
+            time.sleep(1.0)
+            bar.n = min(bar.total, int(time.perf_counter() - t_train))
+            bar.set_postfix_str(
+                "  ".join(f"{k}: step {int(v[0])} loss {v[2]:.3f}" for k, v in progress.items()),
+                refresh=False,
+            )
+            bar.refresh()
+
+
+def _train_models(
+    cfg: DemoConfig,
+    model_cfg: Any,
+    train: DemoData,
+    out: Path,
+    deadline: float,
+    log: Callable[[str], None],
+) -> tuple[Path, Path | None]:
+    """Stage 2: train fVLM and the CLIP baseline side by side with the project's trainer, one core
+    each, until ``deadline`` less the reserve; returns the model folders (fVLM, baseline or None).
+
+    Each first encodes its texts once with the frozen MiniLM (the baseline has more: one report
+    per phantom), then trains for the same wall-clock budget.
+    """
+    import shutil
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    from fvlm_core.errors import FVLMError
+
     kinds = ["fvlm"] + (["clip"] if cfg.baseline else [])
     text_seconds = _TEXT_SECONDS_PER_REPORT * len(set(train.reports)) if cfg.baseline else 0.0
     budget = max(10.0, deadline - time.perf_counter() - cfg.reserve_seconds - text_seconds)
@@ -610,7 +632,7 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = _log) -> DemoResult:
     procs: dict[str, Any] = {}
     model_dir, baseline_dir = out / "model", (out / "baseline" if cfg.baseline else None)
     try:
-        DemoSamples.write(train, anatomies, data_dir)
+        train.save(data_dir)
         ctx = mp.get_context("spawn")
         progress = {}
         for i, kind in enumerate(kinds):
@@ -626,21 +648,9 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = _log) -> DemoResult:
             procs[kind] = ctx.Process(target=_train_worker, args=(job, progress[kind]), daemon=True)
             procs[kind].start()
         log(f"training {' and '.join(kinds)} for {budget:.0f} s each (one core each), after text encoding")
-        fmt = "{l_bar}{bar}| {n_fmt}/{total_fmt} s {postfix}"
-        with tqdm(total=int(budget + text_seconds), desc="training", unit="s", bar_format=fmt) as bar:
-            t_train = time.perf_counter()
-            while any(p.is_alive() for p in procs.values()):
-                time.sleep(1.0)
-                bar.n = min(bar.total, int(time.perf_counter() - t_train))
-                bar.set_postfix_str(
-                    "  ".join(f"{k}: step {int(v[0])} loss {v[2]:.3f}" for k, v in progress.items()),
-                    refresh=False,
-                )
-                bar.refresh()
+        _watch_training(procs, progress, budget + text_seconds)
         failed = [k for k, p in procs.items() if p.exitcode != 0]
         if failed:
-            from fvlm_core.errors import FVLMError
-
             raise FVLMError(f"demo training of {', '.join(failed)} failed (see the messages above).")
     finally:
         for p in procs.values():  # interrupted (Ctrl-C, an error): no training process outlives the demo
@@ -648,10 +658,17 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = _log) -> DemoResult:
                 p.terminate()
                 p.join(timeout=10)
         shutil.rmtree(data_dir, ignore_errors=True)
-    seconds["training"] = time.perf_counter() - t
+    return model_dir, baseline_dir
 
-    # 3. zero-shot evaluation; thresholds from the calibration set go into the model folder
-    t = time.perf_counter()
+
+def _evaluate_models(
+    cfg: DemoConfig, splits: dict[str, DemoData], model_dir: Path, baseline_dir: Path | None
+) -> tuple[dict[str, Any], dict[str, _Scores]]:
+    """Stage 3: zero-shot scores of the test phantoms and the AUC table; thresholds calibrated on
+    the calibration phantoms (headline protocol) are saved into the fVLM model folder."""
+    from fvlm_core.metrics import roc_corner_threshold
+    from fvlm_core.model import FVLM
+
     models = {"fVLM": FVLM.from_pretrained(model_dir)}
     if baseline_dir is not None:
         models["CLIP baseline"] = FVLM.from_pretrained(baseline_dir)
@@ -676,19 +693,22 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = _log) -> DemoResult:
         for k, d in (("fVLM", model_dir), ("CLIP baseline", baseline_dir))
         if d is not None
     }
-    seconds["evaluation"] = time.perf_counter() - t
+    return table, scores
 
-    # 4. outputs
-    files: dict[str, str] = {}
+
+def _example_phantom(
+    test: DemoData, scores: dict[str, _Scores], thresholds: dict[str, float]
+) -> tuple[int, list[str]]:
+    """A test phantom with several findings (a better picture) and the lines listing its scores."""
+    from fvlm_core.findings import CTRATE_LABEL_ANATOMY
+
     example = 0
-    for i in range(len(test.names)):  # a test phantom with several findings makes a better picture
+    for i in range(len(test.names)):
         if sum(int(test.truth[f][i]) for f in DEMO_FINDINGS) >= 2:
             example = i
             break
     fvlm_scores = scores["fVLM"].scores[HEADLINE_PROTOCOL]
     lines = [f"test phantom {test.names[example]}", "", "finding (anatomy)      p     thr  flag truth"]
-    from fvlm_core.findings import CTRATE_LABEL_ANATOMY
-
     for f in DEMO_FINDINGS:
         p = float(fvlm_scores[f][example])
         thr = thresholds.get(f, 0.5)
@@ -696,8 +716,27 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = _log) -> DemoResult:
             f"{f[:22]:<22} {p:.2f}  {thr:.2f}  {'YES' if p >= thr else ' - '}  {'+' if test.truth[f][example] else '-'}"
             f"   ({CTRATE_LABEL_ANATOMY[f]})"
         )
+    return example, lines
+
+
+def _write_outputs(
+    cfg: DemoConfig,
+    test: DemoData,
+    scores: dict[str, _Scores],
+    table: dict[str, Any],
+    seconds: dict[str, float],
+    t_start: float,
+    out: Path,
+) -> dict[str, str]:
+    """Stage 4: the pictures, the example phantom as NIfTI, results.json and results.md; fills
+    ``seconds["total"]`` and the table's ``seconds`` and ``config``."""
+    from fvlm_core.atomic import atomic_write_text
+    from fvlm_core.io import write_image
+
+    files: dict[str, str] = {}
+    example, lines = _example_phantom(test, scores, table["thresholds"])
     files["phantom_png"] = str(
-        plot_phantom(test.hu[example], test.labels[example], anatomies, lines, out / "phantom.png")
+        plot_phantom(test.hu[example], test.labels[example], test.anatomies, lines, out / "phantom.png")
     )
     files["roc_png"] = str(plot_roc(test.truth, scores, out / "roc.png"))
     geom = test.geometry[example]
@@ -713,9 +752,49 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = _log) -> DemoResult:
         f"# fVLM demo: zero-shot AUC on {cfg.n_test} held-out phantoms\n\n"
         f"Trained {table['training']['fVLM']['steps']} steps ({seconds['training']:.0f} s, "
         f"{table['training']['fVLM']['samples_per_s']:.1f} samples/s) on {cfg.n_train} phantoms; "
-        f"{precision}; end to end {seconds['total']:.0f} s. Headline protocol: `{HEADLINE_PROTOCOL}`.\n"
+        f"{cfg.precision}; end to end {seconds['total']:.0f} s. Headline protocol: `{HEADLINE_PROTOCOL}`.\n"
     )
     files["results_md"] = str(atomic_write_text(out / "results.md", table_markdown(table, header)))
+    return files
+
+
+def run_demo(cfg: DemoConfig, log: Callable[[str], None] = _log) -> DemoResult:
+    """Run the whole demo (see the module docstring) and return where everything went."""
+    from fvlm_core.atomic import atomic_write_text
+
+    t_start = time.perf_counter()
+    deadline = t_start + cfg.minutes * 60.0
+    out = Path(cfg.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    seconds: dict[str, float] = {}
+    model_cfg = demo_model_config(cfg.model_config, cfg.size)
+
+    t = time.perf_counter()
+    splits = _phantom_splits(cfg, model_cfg)
+    seconds["phantoms"] = time.perf_counter() - t
+    train = splits["train"]
+    n = len(train.names)
+    log(
+        f"{n} training phantoms, {len({t for row in train.anatomy_texts for t in row})} distinct anatomy texts; "
+        + ", ".join(
+            f"{name} {int(train.abnormal[:, i].sum())}/{n} abnormal" for i, name in enumerate(train.anatomies)
+        )
+    )
+    precision = demo_precision(cfg.precision, model_cfg)
+    cfg = replace(cfg, precision=precision)
+    log(
+        f"training precision: {precision}" + (" (measured faster on this CPU)" if precision == "bf16" else "")
+    )
+
+    t = time.perf_counter()
+    model_dir, baseline_dir = _train_models(cfg, model_cfg, train, out, deadline, log)
+    seconds["training"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    table, scores = _evaluate_models(cfg, splits, model_dir, baseline_dir)
+    seconds["evaluation"] = time.perf_counter() - t
+
+    files = _write_outputs(cfg, splits["test"], scores, table, seconds, t_start, out)
     files["model"] = str(model_dir)
     if baseline_dir is not None:
         files["baseline"] = str(baseline_dir)

@@ -19,6 +19,8 @@ that ``fvlm analyze`` uses them.
 from __future__ import annotations
 
 import argparse
+import csv
+import io
 import json
 import math
 import os
@@ -30,10 +32,11 @@ from typing import Any
 
 import numpy as np
 
+from fvlm_core.data.layout import scan_id_of, volume_stem
 from fvlm_core.errors import ConfigError, DataError
 from fvlm_core.findings import CTRATE_LABELS, FVLM_LABELS
 
-#: Sizes of the CT-RATE validation split (DESIGN.md section 3).
+#: Sizes of the CT-RATE validation split as released: 3,039 volumes (reconstructions) of 1,564 scans.
 CTRATE_VALID_VOLUMES = 3039
 CTRATE_VALID_SCANS = 1564
 
@@ -43,20 +46,10 @@ CTRATE_VALID_SCANS = 1564
 # --------------------------------------------------------------------------------------------
 
 
-def scan_id(volume_name: str) -> str:
-    """CT-RATE scan of a volume: ``valid_12_a_2.nii.gz`` -> ``valid_12_a`` (reconstructions share it)."""
-    stem = Path(str(volume_name)).name
-    for suffix in (".nii.gz", ".nii", ".nrrd", ".mha"):
-        if stem.endswith(suffix):
-            stem = stem[: -len(suffix)]
-    parts = stem.split("_")
-    return "_".join(parts[:-1]) if len(parts) >= 4 else stem
-
-
 def describe_split(volume_names: Sequence[str]) -> dict[str, Any]:
     """How many volumes and scans the numbers are on, and whether that is a full CT-RATE split."""
     n_vol = len(volume_names)
-    n_scan = len({scan_id(v) for v in volume_names})
+    n_scan = len({scan_id_of(v) for v in volume_names})
     if n_vol == CTRATE_VALID_VOLUMES and n_scan == CTRATE_VALID_SCANS:
         what = f"CT-RATE validation split, all {n_vol:,} volumes ({n_scan:,} scans)"
     elif n_vol == n_scan == CTRATE_VALID_SCANS:
@@ -70,7 +63,7 @@ def one_per_scan(volume_names: Sequence[str]) -> list[str]:
     """The first volume (sorted by name) of each scan: the 1,564-scan view of CT-RATE validation."""
     seen: dict[str, str] = {}
     for v in sorted(volume_names):
-        seen.setdefault(scan_id(v), v)
+        seen.setdefault(scan_id_of(v), v)
     return sorted(seen.values())
 
 
@@ -337,11 +330,7 @@ def write_report(
         "markdown": atomic_write_text(out_dir / "report.md", render_markdown(report)),
     }
     if scores is not None and volume_names is not None:
-        import pandas as pd
-
-        df = pd.DataFrame({k: np.asarray(v, dtype=float) for k, v in scores.items()})
-        df.insert(0, "VolumeName", list(volume_names))
-        written["scores"] = atomic_write_text(out_dir / "scores.csv", df.to_csv(index=False))
+        written["scores"] = atomic_write_text(out_dir / "scores.csv", score_table_csv(scores, volume_names))
     if plots:
         written["roc"] = out_dir / "roc_all.png"
         plot_rocs(report, out_dir)
@@ -374,38 +363,73 @@ def store_thresholds(model_dir: str | os.PathLike, thresholds: Mapping[str, floa
 # --------------------------------------------------------------------------------------------
 
 
+def score_table_csv(scores: Mapping[str, Sequence[float]], volume_names: Sequence[str]) -> str:
+    """A score table as CSV text: ``VolumeName`` and one column per label (empty = not scored)."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["VolumeName", *scores])
+    columns = [np.asarray(v, dtype=float) for v in scores.values()]
+    for i, name in enumerate(volume_names):
+        writer.writerow([name, *("" if math.isnan(c[i]) else repr(float(c[i])) for c in columns)])
+    return buf.getvalue()
+
+
+def _read_csv(path: str | os.PathLike, what: str) -> tuple[list[str], list[dict[str, str]]]:
+    """The columns and rows of a CSV with a ``VolumeName`` column (cells stripped)."""
+    try:
+        with open(path, newline="", encoding="utf-8") as fh:
+            reader = csv.DictReader(fh)
+            rows = [{k.strip(): (v or "").strip() for k, v in row.items() if k is not None} for row in reader]
+            columns = [c.strip() for c in reader.fieldnames or []]
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise DataError(f"{path}: not a readable CSV {what} ({exc})") from exc
+    if "VolumeName" not in columns:
+        raise DataError(f"{path}: a {what} needs a VolumeName column, found {columns}")
+    return [c for c in columns if c != "VolumeName"], rows
+
+
+def _number(cell: str) -> float:
+    """A CSV cell as a float: empty or ``nan`` -> NaN; raises ValueError for text."""
+    return float("nan") if cell == "" or cell.lower() == "nan" else float(cell)
+
+
 def read_score_table(path: str | os.PathLike) -> tuple[list[str], dict[str, np.ndarray]]:
     """A CSV with ``VolumeName`` and one probability column per label (empty / NaN = not scored)."""
-    import pandas as pd
-
-    try:
-        df = pd.read_csv(path)
-    except (OSError, ValueError) as exc:
-        raise DataError(f"{path}: not a readable CSV score table ({exc})") from exc
-    if "VolumeName" not in df.columns:
-        raise DataError(f"{path}: a score table needs a VolumeName column, found {list(df.columns)}")
-    names = df["VolumeName"].astype(str).tolist()
-    return names, {c: df[c].to_numpy(dtype=float) for c in df.columns if c != "VolumeName"}
+    labels, rows = _read_csv(path, "score table")
+    scores: dict[str, np.ndarray] = {}
+    for lbl in labels:
+        try:
+            scores[lbl] = np.asarray([_number(r[lbl]) for r in rows], dtype=float)
+        except ValueError as exc:
+            raise DataError(
+                f"{path}: column {lbl!r} holds a value that is not a probability ({exc})"
+            ) from exc
+    return [r["VolumeName"] for r in rows], scores
 
 
 def read_label_table(path: str | os.PathLike, volume_names: Sequence[str]) -> dict[str, np.ndarray]:
-    """Ground truth for ``volume_names`` from a CT-RATE multi-abnormality label CSV."""
-    import pandas as pd
+    """Ground truth for ``volume_names`` from a CT-RATE multi-abnormality label CSV.
 
-    try:
-        df = pd.read_csv(path)
-    except (OSError, ValueError) as exc:
-        raise DataError(f"{path}: not a readable CSV label table ({exc})") from exc
-    if "VolumeName" not in df.columns:
-        raise DataError(f"{path}: a label table needs a VolumeName column")
-    df = df.drop_duplicates("VolumeName")
-    df.index = df["VolumeName"].astype(str)
-    absent = [v for v in volume_names if v not in df.index]
+    Volumes match by name with or without ``.nii.gz``; a volume listed twice counts once (its
+    first row). Columns holding a number in every row are the labels (text columns are left out).
+    """
+    columns, rows = _read_csv(path, "label table")
+    by_name: dict[str, dict[str, str]] = {}
+    for r in rows:
+        by_name.setdefault(volume_stem(r["VolumeName"]), r)
+    absent = [v for v in volume_names if volume_stem(v) not in by_name]
     if absent:
         raise DataError(f"{path}: no labels for {len(absent)} scored volume(s), e.g. {absent[:3]}")
-    sub = df.loc[list(volume_names)]
-    numeric = [c for c in sub.columns if c != "VolumeName" and pd.api.types.is_numeric_dtype(sub[c])]
-    return {c: sub[c].to_numpy(dtype=int) for c in numeric}
+
+    def numeric(column: str) -> bool:
+        try:
+            return all(not np.isnan(_number(r[column])) for r in rows)
+        except ValueError:
+            return False
+
+    columns = [c for c in columns if numeric(c)]
+    chosen = [by_name[volume_stem(v)] for v in volume_names]
+    return {c: np.asarray([int(float(r[c])) for r in chosen], dtype=int) for c in columns}
 
 
 # --------------------------------------------------------------------------------------------
@@ -413,50 +437,17 @@ def read_label_table(path: str | os.PathLike, volume_names: Sequence[str]) -> di
 # --------------------------------------------------------------------------------------------
 
 
-def _is_cache(data_dir: Path) -> bool:
-    from fvlm_core.data.cache import SIDECAR_SUFFIX, TENSOR_SUFFIX
-
-    return any(p.with_suffix(SIDECAR_SUFFIX).exists() for p in data_dir.glob(f"*{TENSOR_SUFFIX}"))
-
-
-def _ctrate_split_files(data_dir: Path, split: str) -> tuple[Path, Path, Path]:
-    """(volume folder, metadata CSV, label CSV) of a CT-RATE split (``valid`` or ``train``)."""
-    meta_name = {"valid": "validation", "train": "train"}.get(split, split)
-    vol_dir = data_dir / "dataset" / split
-    meta = data_dir / "metadata" / f"{meta_name}_metadata.csv"
-    labels = data_dir / "multi_abnormality_labels" / f"{split}_predicted_labels.csv"
-    for p, what in ((vol_dir, "volume folder"), (meta, "metadata CSV"), (labels, "label CSV")):
-        if not p.exists():
-            raise DataError(
-                f"{data_dir}: not a CT-RATE layout (no {what} {p.relative_to(data_dir)}) and not a "
-                "`fvlm prepare` cache. Point --data to one of them (see --split)."
-            )
-    return vol_dir, meta, labels
-
-
-def _volume_relpath(name: str) -> Path:
-    parts = name.split("_")
-    return Path("_".join(parts[:2])) / "_".join(parts[:3]) / f"{name}.nii.gz"
-
-
-def _to_model_order(labels: np.ndarray, names: Sequence[str], model_anatomies: Sequence[str]) -> np.ndarray:
-    """Relabel a label map whose value ``i + 1`` is ``names[i]`` into the model's anatomy order."""
-    lut = np.zeros(max(len(names), int(labels.max(initial=0))) + 1, dtype=np.uint8)
-    for i, n in enumerate(names):
-        if n in model_anatomies:
-            lut[i + 1] = list(model_anatomies).index(n) + 1
-    return lut[labels]
-
-
 class VolumeSource:
     """Volumes of a CT-RATE layout or a ``fvlm prepare`` cache, loaded one at a time.
 
-    ``load(name)`` gives ``(ct, labels, truth)``: ``ct`` a :class:`~fvlm_core.io.CTVolume`
+    ``names`` are the volumes to score, sorted (CT-RATE: as its CSVs name them; a cache: sample
+    names). ``load(name)`` gives ``(ct, labels, truth)``: ``ct`` a :class:`~fvlm_core.io.CTVolume`
     (original grid for CT-RATE, model space for a cache), ``labels`` a
     :class:`~fvlm_core.io.LabelVolume` in the model's anatomy order on the same grid, ``truth``
-    the CT-RATE labels as 0/1. CT-RATE volumes take geometry and HU scaling from the metadata CSV
-    and anatomy masks from ``masks_dir`` (default ``DATA/anatomy_masks/SPLIT``; values = the
-    extended catalog, lung 1 .. aorta 4 as in the fVLM release).
+    the CT-RATE labels as 0/1. CT-RATE volumes are read as ``fvlm prepare`` reads them: with
+    :class:`~fvlm_core.data.ctrate.CTRATEReader` (geometry and HU scaling from the metadata CSV)
+    and the anatomy masks of ``masks_dir`` (default ``DATA/anatomy_masks``) through the same
+    label-map segmenter, so a ``class_map.json`` beside the masks names their values.
     """
 
     def __init__(
@@ -468,59 +459,75 @@ class VolumeSource:
         dedupe_scans: bool = False,
         limit: int | None = None,
     ) -> None:
-        import pandas as pd
+        from fvlm_core.anatomy import get_catalog
+        from fvlm_core.data.cache import CacheSamples, is_cache_folder
 
         self.data_dir = Path(data_dir)
-        self.model_anatomies = list(model_anatomies)
         if not self.data_dir.is_dir():
             raise DataError(f"--data {self.data_dir}: no such folder")
-        self.is_cache = _is_cache(self.data_dir)
+        self.catalog = get_catalog(list(model_anatomies))
+        self.is_cache = is_cache_folder(self.data_dir)
         if self.is_cache:
-            from fvlm_core.data.cache import list_samples
-
-            names = list_samples(self.data_dir)
+            cache = CacheSamples(self.data_dir, reconstruction="first" if dedupe_scans else "all")
+            names = [volumes[0] for volumes in cache.items]
         else:
-            self.vol_dir, meta_csv, label_csv = _ctrate_split_files(self.data_dir, split)
-            self.meta_csv = meta_csv
-            self.masks = Path(masks_dir) if masks_dir else self.data_dir / "anatomy_masks" / split
-            self.meta = pd.read_csv(meta_csv).drop_duplicates("VolumeName")
-            self.meta.index = self.meta["VolumeName"].astype(str)
-            self.labels_df = pd.read_csv(label_csv).drop_duplicates("VolumeName")
-            self.labels_df.index = self.labels_df["VolumeName"].astype(str)
-            names = sorted(self.labels_df.index)
-        names = one_per_scan(names) if dedupe_scans else sorted(names)
+            names = self._open_layout(split, masks_dir)
+            names = one_per_scan(names) if dedupe_scans else names
         self.names: list[str] = names[:limit]
+
+    def _open_layout(self, split: str, masks_dir: str | os.PathLike | None) -> list[str]:
+        """Read the CT-RATE tables; the labelled volumes' names, sorted."""
+        from fvlm_core.data.ctrate import CTRATEReader, make_segmenter
+
+        try:
+            self.reader = CTRATEReader(
+                self.data_dir, split, Path(masks_dir) if masks_dir else None, require_reports=False
+            )
+        except DataError as exc:
+            raise DataError(
+                f"{exc} --data must be a CT-RATE layout folder or a `fvlm prepare` cache (see --split)."
+            ) from exc
+        if not self.reader.has_labels:
+            raise DataError(
+                f"{self.data_dir}: no multi_abnormality_labels CSV for split {split!r}; evaluation needs "
+                "the ground-truth labels."
+            )
+        if self.reader.skipped:
+            name, reason = self.reader.skipped[0]
+            raise DataError(
+                f"{self.data_dir} ({split}): {len(self.reader.skipped)} listed volume(s) cannot be "
+                f"evaluated, e.g. {name}: {reason}. Complete the dataset or evaluate a `fvlm prepare` cache."
+            )
+        self.records = {
+            r.metadata["VolumeName"].strip(): r for r in self.reader.records if r.labels is not None
+        }
+        self.segment = make_segmenter("labelmap", self.catalog, masks_dir=self.reader.masks_dir)
+        return sorted(self.records)
 
     def __len__(self) -> int:
         return len(self.names)
 
     def load(self, name: str):
-        from fvlm_core.anatomy import EXTENDED_CATALOG
-        from fvlm_core.io import CTVolume, LabelVolume, read_ct, read_label_map
+        from fvlm_core.io import CTVolume, LabelVolume
 
         if self.is_cache:
             from fvlm_core.data.cache import load_sample
 
             s = load_sample(self.data_dir, name)
-            lab = _to_model_order(s.labels, s.anatomies, self.model_anatomies)
+            lab = self.catalog.relabel(s.labels, s.anatomies)
             ct = CTVolume(s.hu.astype(np.float32), s.geometry, source=f"{self.data_dir}/{name}")
             truth = {k: int(v) for k, v in s.finding_labels.items()}
             return ct, LabelVolume(lab, s.geometry, source=ct.source), truth
-        stem = name.removesuffix(".nii.gz").removesuffix(".nii")
-        rel = _volume_relpath(stem)
-        if name not in self.meta.index:
-            raise DataError(f"{self.meta_csv}: no metadata row for {name}")
-        ct = read_ct(self.vol_dir / rel, metadata=self.meta.loc[name].to_dict())
-        mask_path = self.masks / rel
-        if not mask_path.exists():
+        record = self.records[name]
+        if record.mask_path is None:
             raise DataError(
-                f"{mask_path}: no anatomy mask for {name}. Give --masks DIR (anatomy label maps in the "
-                "CT-RATE folder nesting) or evaluate a `fvlm prepare` cache instead."
+                f"{name}: no anatomy mask under {self.reader.masks_dir or self.data_dir / 'anatomy_masks'}. "
+                "Give --masks DIR (anatomy label maps in the CT-RATE folder nesting) or evaluate a "
+                "`fvlm prepare` cache instead."
             )
-        lab = read_label_map(mask_path, reference=ct.geometry).array
-        lab = _to_model_order(lab, EXTENDED_CATALOG.names, self.model_anatomies)
-        truth = {c: int(self.labels_df.loc[name, c]) for c in CTRATE_LABELS if c in self.labels_df.columns}
-        return ct, LabelVolume(lab, ct.geometry, source=str(mask_path)), truth
+        ct = self.reader.read_ct(record)
+        lab = self.segment(ct, record)
+        return ct, LabelVolume(lab, ct.geometry, source=str(record.mask_path)), dict(record.labels)
 
 
 def score_dataset(
@@ -598,7 +605,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--one-per-scan", action="store_true", help="score one reconstruction per scan (1,564-scan view)"
     )
     parser.add_argument(
-        "--masks", help="CT-RATE layout: anatomy mask folder (default DATA/anatomy_masks/SPLIT)"
+        "--masks",
+        help="CT-RATE layout: anatomy mask folder, as for `fvlm prepare` (default DATA/anatomy_masks; "
+        "a class_map.json there names the mask values)",
     )
     parser.add_argument("--limit", type=int, default=None, help="score only the first N volumes")
     parser.add_argument(

@@ -17,7 +17,7 @@ checkpoint and exits cleanly.
 Python API: :func:`train` (a config dict / YAML path, a progress callback, a wall-clock budget).
 
 Distributed semantics: each of the ``W`` ranks takes ``train.batch_size`` samples of every
-global batch (see :class:`fvlm_training.augment.GlobalBatchSampler`); the loss gathers all ranks'
+global batch (see :class:`fvlm_core.data.samples.GlobalBatchSampler`); the loss gathers all ranks'
 embeddings (global negatives) and every rank computes the global loss; DDP's gradient average
 then equals the single-process gradient of the global batch (``fvlm_core.distributed``).
 Gradient accumulation sums ``train.grad_accum`` micro-batch gradients (scaled by 1/accum) before
@@ -68,7 +68,7 @@ DEFAULTS: dict[str, Any] = {
         "crop_size": None,  # (z, y, x); default: the model's preprocessing.window_size_zyx
         "random_crop": True,
         "flip_prob": 0.2,
-        "intact_rule": "interior",  # "interior" or "strict" (fvlm_training.augment.AugmentConfig)
+        "intact_rule": "interior",  # "interior" or "strict" (fvlm_core.data.samples.AugmentConfig)
         "num_workers": 0,
     },
     "train": {
@@ -327,7 +327,7 @@ def _warm_text_cache(objective, base_ds, reports: bool) -> None:
     multi-process run sees exactly the same features as an uninterrupted single-process one.
     Also what makes CPU training fast: the frozen part costs nothing per step afterwards.
     """
-    from fvlm_training.augment import dataset_texts
+    from fvlm_core.data.samples import dataset_texts
 
     for m in objective.models():
         if not m.text_frozen and m.text_split is None:
@@ -405,7 +405,7 @@ def _load_dataset(cfg: dict[str, Any]):
         )
     if not Path(cache).is_dir():
         raise DataError(f"data.cache={cache!r} is not a folder; run `fvlm prepare ... --out {cache}` first")
-    from fvlm_training.augment import CacheSamples
+    from fvlm_core.data.cache import CacheSamples
 
     return CacheSamples(cache, reconstruction=cfg["data"]["reconstruction"])
 
@@ -429,8 +429,8 @@ def train(
         config: recipe name, YAML path or mapping (:func:`load_train_config`).
         out_dir: run folder (checkpoints, TensorBoard, summary, final model).
         overrides: ``"key.sub=value"`` strings applied on top of ``config``.
-        dataset: samples to train on (a sequence of sample dicts / ``CachedSample``s; see
-            ``fvlm_training.augment``) instead of ``data.cache``.
+        dataset: samples to train on (a sequence of ``CachedSample`` s; see
+            ``fvlm_core.data.samples``) instead of ``data.cache``.
         resume: ``"auto"`` (resume when OUT has a checkpoint), ``True`` (must resume),
             ``False`` (start over), or a checkpoint path.
         progress: called on rank 0 after every optimizer step with a dict (``step``,
@@ -451,10 +451,10 @@ def train(
 
     from fvlm_core import distributed as fdist
     from fvlm_core.atomic import atomic_write_text
+    from fvlm_core.data.samples import AugmentConfig, GlobalBatchSampler, TrainingSamples, collate
     from fvlm_core.loss import FineGrainedContrastiveLoss, PeerEmbeddings
     from fvlm_core.model import FVLMConfig, load_config
     from fvlm_training import checkpointing as ckpt
-    from fvlm_training.augment import AugmentConfig, GlobalBatchSampler, TrainingSamples, collate
     from fvlm_training.schedule import WarmupCosineLR
 
     cfg = load_train_config(config, overrides)

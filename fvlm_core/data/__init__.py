@@ -1,12 +1,14 @@
-"""Datasets: a synthetic chest CT cohort in the CT-RATE layout, the CT-RATE reader, and the
-model-space sample cache written by ``fvlm prepare``.
+"""Datasets: a synthetic chest CT cohort in the CT-RATE layout, the CT-RATE reader, the
+model-space sample cache written by ``fvlm prepare``, and training items and batches.
 
+- :mod:`fvlm_core.data.layout` — CT-RATE split names, volume paths, scan ids.
 - :mod:`fvlm_core.data.synth` — phantoms with findings and CT-RATE-style reports:
   :func:`generate_cohort` (files), :func:`iter_cohort` (in memory), :func:`to_cached_sample`.
-- :mod:`fvlm_core.data.ctrate` — :class:`CTRATEReader` (tables + files), :class:`CTRATEDataset`
-  (torch, one item per scan), :func:`build_sample`.
+- :mod:`fvlm_core.data.ctrate` — :class:`CTRATEReader` (tables + files), :func:`build_sample`.
 - :mod:`fvlm_core.data.cache` — :class:`CachedSample`, :func:`save_sample` / :func:`load_sample`,
-  :class:`CachedDataset` (torch), :func:`collate_samples`.
+  :class:`CacheSamples` (the reader of a cache).
+- :mod:`fvlm_core.data.samples` — samples -> training items (:func:`make_item`: crop, flips,
+  intact anatomies) -> batches (:func:`collate`); :class:`TrainingSamples`, :class:`GlobalBatchSampler`.
 - :mod:`fvlm_core.data.prepare` — :func:`prepare_dataset` (``fvlm prepare``).
 
 Names are imported lazily so ``import fvlm_core.data`` does not pull in torch.
@@ -24,16 +26,18 @@ _EXPORTS = {
     "to_cached_sample": "synth",
     "SynthSample": "synth",
     "CTRATEReader": "ctrate",
-    "CTRATEDataset": "ctrate",
     "VolumeRecord": "ctrate",
     "build_sample": "ctrate",
     "make_segmenter": "ctrate",
     "CachedSample": "cache",
-    "CachedDataset": "cache",
+    "CacheSamples": "cache",
     "save_sample": "cache",
     "load_sample": "cache",
-    "item_from_sample": "cache",
-    "collate_samples": "cache",
+    "AugmentConfig": "samples",
+    "TrainingSamples": "samples",
+    "make_item": "samples",
+    "collate": "samples",
+    "GlobalBatchSampler": "samples",
     "prepare_dataset": "prepare",
 }
 

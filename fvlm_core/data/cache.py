@@ -14,17 +14,15 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from torch.utils.data import Dataset
 
 from fvlm_core.atomic import atomic_path, atomic_write_text
+from fvlm_core.data.layout import scan_id_of
 from fvlm_core.errors import ConfigError, DataError
-from fvlm_core.findings import CTRATE_LABELS
 from fvlm_core.io import Geometry
 
 CACHE_FORMAT = 1
@@ -80,13 +78,6 @@ class CachedSample:
             "report": self.report,
             "meta": self.meta,
         }
-
-
-def scan_id_of(name: str) -> str:
-    """``train_1_a_1`` -> ``train_1_a`` (the scan; the last part numbers its reconstructions)."""
-    name = name.removesuffix(".nii.gz").removesuffix(".nii")
-    parts = name.split("_")
-    return "_".join(parts[:-1]) if len(parts) >= 4 else name
 
 
 def sample_paths(cache_dir: str | os.PathLike, name: str) -> tuple[Path, Path]:
@@ -180,150 +171,66 @@ def list_samples(cache_dir: str | os.PathLike) -> list[str]:
     return sorted(names)
 
 
-def center_crop_or_pad(
-    hu: np.ndarray, labels: np.ndarray, size_zyx: Sequence[int], pad_hu: float = -1024.0
-) -> tuple[np.ndarray, np.ndarray]:
-    """Crop/pad ``(Z, Y, X)`` arrays to ``size_zyx`` around the centre of the labelled anatomies."""
-    from fvlm_core.preprocess import bbox_zyx
-
-    box = bbox_zyx(labels > 0)
-    shape = np.asarray(hu.shape)
-    size = np.asarray(size_zyx, dtype=int)
-    center = (np.asarray(box[0]) + np.asarray(box[1])) / 2.0 if box else (shape - 1) / 2.0
-    start = np.round(center - (size - 1) / 2.0).astype(int)
-    out_hu = np.full(tuple(size), pad_hu, dtype=hu.dtype)
-    out_lab = np.zeros(tuple(size), dtype=labels.dtype)
-    src = tuple(slice(max(s, 0), min(s + n, m)) for s, n, m in zip(start, size, shape))
-    dst = tuple(slice(sl.start - s, sl.stop - s) for sl, s in zip(src, start))
-    out_hu[dst] = hu[src]
-    out_lab[dst] = labels[src]
-    return out_hu, out_lab
-
-
-class CachedDataset(Dataset):
-    """A ``torch.utils.data.Dataset`` over a prepare cache.
+class CacheSamples:
+    """The reader of a prepare cache: its complete samples, one item per scan or per volume.
 
     Args:
         cache_dir: folder written by ``fvlm prepare``.
-        reconstruction: ``"all"`` (one item per volume), ``"first"`` or ``"random"`` (one item per
-            scan: its first / a random reconstruction, as fVLM trains).
-        size_zyx: crop/pad every item to this size around its anatomies (needed to batch
-            volumes of different sizes); ``None`` keeps each volume's own size.
-        hu_window: HU mapped to [0, 1]; default from the cache's model-space config.
-        anatomies: anatomy order of the returned arrays (default: the cache's).
-        names: restrict to these volume names.
+        reconstruction: ``"random"`` (one item per scan; :meth:`load` draws one of its
+            reconstructions, as fVLM trains), ``"first"`` (one item per scan: its first
+            reconstruction by name) or ``"all"`` (one item per volume).
 
-    The random reconstruction is drawn with torch's generator, so ``torch.manual_seed`` and
-    DataLoader worker seeding make it reproducible.
-
-    Items are dicts: ``image`` float32 ``(1, Z, Y, X)`` in [0, 1], ``labels`` uint8 ``(Z, Y, X)``,
-    ``present`` bool ``(A,)``, ``abnormal`` bool ``(A,)``, ``finding_labels`` float32 ``(18,)``,
-    ``texts`` list of A str, ``report`` str, ``name`` str, ``scan_id`` str. Batch them with
-    :func:`collate_samples`.
+    Items are :class:`CachedSample` s (numpy arrays); :mod:`fvlm_core.data.samples` turns them into
+    training items. ``items[i]`` lists the volume names of item ``i``.
     """
 
-    def __init__(
-        self,
-        cache_dir: str | os.PathLike,
-        reconstruction: str = "random",
-        size_zyx: Sequence[int] | None = None,
-        hu_window: Sequence[float] | None = None,
-        anatomies: Sequence[str] | None = None,
-        names: Sequence[str] | None = None,
-    ) -> None:
-        if reconstruction not in ("all", "first", "random"):
-            raise DataError(f"reconstruction={reconstruction!r}: choose 'all', 'first' or 'random'.")
+    def __init__(self, cache_dir: str | os.PathLike, reconstruction: str = "random") -> None:
+        if reconstruction not in ("random", "first", "all"):
+            raise DataError(f"data.reconstruction={reconstruction!r}: choose random, first or all")
         self.cache_dir = Path(cache_dir)
-        found = list_samples(self.cache_dir)
-        if names is not None:
-            missing = sorted(set(names) - set(found))
-            if missing:
-                raise DataError(
-                    f"{self.cache_dir}: no cached sample for {missing[:5]} ({len(missing)} missing)."
-                )
-            found = [n for n in found if n in set(names)]
-        if not found:
+        names = list_samples(self.cache_dir)
+        if not names:
             raise DataError(
-                f"{self.cache_dir}: holds no cached samples. Run `fvlm prepare --out {self.cache_dir}`."
+                f"{self.cache_dir}: holds no cached samples. Run `fvlm prepare --out {self.cache_dir}` first."
             )
-        self.reconstruction = reconstruction
         groups: dict[str, list[str]] = {}
-        for n in found:
+        for n in names:
             groups.setdefault(scan_id_of(n), []).append(n)
         self.items: list[list[str]] = (
-            [[n] for n in found] if reconstruction == "all" else list(groups.values())
+            [[n] for n in names] if reconstruction == "all" else list(groups.values())
         )
-        first = read_sidecar(self.cache_dir / f"{found[0]}{SIDECAR_SUFFIX}")
-        self.anatomies = list(anatomies or first["anatomies"])
-        cfg = dict(first.get("meta", {}).get("model_space") or {})
-        self.hu_window = tuple(hu_window or cfg.get("hu_window", (-1150.0, 350.0)))
-        self.size_zyx = None if size_zyx is None else tuple(int(s) for s in size_zyx)
+        self.reconstruction = reconstruction
 
     def __len__(self) -> int:
         return len(self.items)
 
-    def _choose(self, idx: int) -> str:
-        names = self.items[idx]
-        if self.reconstruction == "random" and len(names) > 1:
-            import torch
+    def load(self, index: int, rng: np.random.Generator | None = None) -> CachedSample:
+        """Item ``index``: with ``reconstruction="random"`` and a generator, a reconstruction drawn
+        from ``rng`` (one draw, only for scans with several); otherwise the first."""
+        names = self.items[index]
+        pick = 0
+        if self.reconstruction == "random" and len(names) > 1 and rng is not None:
+            pick = int(rng.integers(len(names)))
+        return load_sample(self.cache_dir, names[pick])
 
-            return names[int(torch.randint(len(names), (1,)).item())]
-        return names[0]
+    def __getitem__(self, index: int) -> CachedSample:
+        return self.load(index)
 
-    def __getitem__(self, idx: int) -> dict[str, Any]:
-        sample = load_sample(self.cache_dir, self._choose(idx))
-        return item_from_sample(sample, self.anatomies, self.hu_window, self.size_zyx)
-
-
-def item_from_sample(
-    sample: CachedSample,
-    anatomies: Sequence[str] | None = None,
-    hu_window: Sequence[float] | None = None,
-    size_zyx: Sequence[int] | None = None,
-) -> dict[str, Any]:
-    """A training item: tensors + texts (keys as in :class:`CachedDataset`).
-
-    Labels are relabelled into ``anatomies`` order (anatomies the sample lacks are absent).
-    """
-    import torch
-
-    from fvlm_core.preprocess import window_hu
-
-    anatomies = list(anatomies or sample.anatomies)
-    hu_window = tuple(hu_window or (sample.meta.get("model_space") or {}).get("hu_window", (-1150.0, 350.0)))
-    hu, labels = sample.hu, sample.labels
-    if list(sample.anatomies) != anatomies:
-        lut = np.zeros(256, dtype=np.uint8)
-        for i, a in enumerate(sample.anatomies):
-            if a in anatomies:
-                lut[i + 1] = anatomies.index(a) + 1
-        labels = lut[labels]
-    if size_zyx is not None:
-        hu, labels = center_crop_or_pad(hu, labels, size_zyx)
-    image = window_hu(hu.astype(np.float32), hu_window)
-    counts = np.bincount(labels.reshape(-1), minlength=len(anatomies) + 1)
-    return {
-        "name": sample.name,
-        "scan_id": sample.scan_id,
-        "image": torch.from_numpy(np.ascontiguousarray(image))[None],
-        "labels": torch.from_numpy(np.ascontiguousarray(labels)),
-        "present": torch.from_numpy(counts[1 : len(anatomies) + 1] > 0),
-        "abnormal": torch.tensor([bool(sample.abnormal.get(a, False)) for a in anatomies]),
-        "finding_labels": torch.tensor([float(sample.finding_labels.get(lbl, 0)) for lbl in CTRATE_LABELS]),
-        "texts": [sample.texts.get(a, "") for a in anatomies],
-        "report": sample.report,
-    }
+    def texts(self, reports: bool = False) -> list[str]:
+        """Every anatomy text (or whole report) of the cache, read from the JSON sidecars only."""
+        out: list[str] = []
+        for names in self.items:
+            for n in names:
+                info = read_sidecar(self.cache_dir / f"{n}{SIDECAR_SUFFIX}")
+                out.extend(
+                    [str(info.get("report", ""))] if reports else [str(t) for t in info["texts"].values()]
+                )
+        return out
 
 
-def collate_samples(batch: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """Stack tensors of :class:`CachedDataset` items; texts stay ``list[list[str]]`` ``(B, A)``."""
-    import torch
-
-    out: dict[str, Any] = {}
-    for key in batch[0]:
-        values = [b[key] for b in batch]
-        out[key] = torch.stack(values) if isinstance(values[0], torch.Tensor) else values
-    return out
+def is_cache_folder(path: str | os.PathLike) -> bool:
+    """True when ``path`` holds at least one sample of a prepare cache (a tensor file and its JSON)."""
+    return any(p.with_suffix(SIDECAR_SUFFIX).exists() for p in Path(path).glob(f"*{TENSOR_SUFFIX}"))
 
 
 def check_cache_settings(out: Path, settings: dict[str, Any]) -> None:

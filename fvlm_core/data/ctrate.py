@@ -1,6 +1,7 @@
-"""Reader for the CT-RATE layout (DESIGN.md section 3), and the model-space sample builder.
+"""Reader for the CT-RATE layout (the folders and CSVs of the CT-RATE release), and the
+model-space sample builder.
 
-Layout (``root``)::
+Layout (``root``; names and nesting in :mod:`fvlm_core.data.layout`)::
 
     dataset/{train,valid}/train_1/train_1_a/train_1_a_1.nii.gz
     metadata/{train,validation}_metadata.csv                 geometry + HU rescale (headers are unreliable)
@@ -25,33 +26,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from torch.utils.data import Dataset
 
 from fvlm_core.anatomy import CTRATE_CATALOG, AnatomyCatalog
-from fvlm_core.data.cache import (
-    CachedSample,
-    check_cache_settings,
-    is_complete,
-    load_sample,
-    save_sample,
-    scan_id_of,
-)
-from fvlm_core.errors import DataError, FVLMError
+from fvlm_core.data.cache import CachedSample
+from fvlm_core.data.layout import SPLITS, scan_id_of, volume_relpath, volume_stem
+from fvlm_core.errors import DataError
 from fvlm_core.findings import CTRATE_LABELS
 from fvlm_core.io import CTVolume, LabelVolume, read_ct
 
-#: split -> (dataset folder, metadata/report CSV prefix, label CSV prefix), as named in CT-RATE.
-SPLIT_NAMES: dict[str, tuple[str, str, str]] = {
-    "train": ("train", "train", "train"),
-    "valid": ("valid", "validation", "valid"),
-}
 METADATA_REQUIRED = ("VolumeName", "XYSpacing", "ZSpacing", "ImagePositionPatient", "ImageOrientationPatient")
 REPORT_REQUIRED = ("VolumeName", "Findings_EN", "Impressions_EN")
 LABELS_REQUIRED = ("VolumeName", *CTRATE_LABELS)
-
-
-def _volume_key(name: str) -> str:
-    return name.strip().removesuffix(".gz").removesuffix(".nii")
 
 
 def read_table(path: Path, required: Sequence[str], what: str) -> dict[str, dict[str, str]]:
@@ -62,7 +47,8 @@ def read_table(path: Path, required: Sequence[str], what: str) -> dict[str, dict
     """
     if not path.is_file():
         raise DataError(
-            f"{path}: {what} CSV not found. Expected the CT-RATE layout (see DESIGN.md section 3)."
+            f"{path}: {what} CSV not found. Expected the CT-RATE layout: dataset/, metadata/, "
+            "radiology_text_reports/ and multi_abnormality_labels/ under the dataset root."
         )
     with open(path, newline="", encoding="utf-8") as fh:
         reader = csv.DictReader(fh)
@@ -76,7 +62,7 @@ def read_table(path: Path, required: Sequence[str], what: str) -> dict[str, dict
         dupes: list[str] = []
         for row in reader:
             row = {(k or "").strip(): (v if v is not None else "") for k, v in row.items()}
-            key = _volume_key(row["VolumeName"])
+            key = volume_stem(row["VolumeName"])
             if key in rows:
                 dupes.append(key)
             rows[key] = row
@@ -86,14 +72,6 @@ def read_table(path: Path, required: Sequence[str], what: str) -> dict[str, dict
             f"{' ...' if len(set(dupes)) > 5 else ''} ({len(dupes)} duplicate rows). Keep one row per volume."
         )
     return rows
-
-
-def volume_relpath(name: str) -> Path:
-    """``train_1_a_1`` -> ``train_1/train_1_a/train_1_a_1.nii.gz`` (CT-RATE folder nesting)."""
-    parts = name.split("_")
-    if len(parts) < 4:
-        return Path(f"{name}.nii.gz")
-    return Path("_".join(parts[:2])) / "_".join(parts[:3]) / f"{name}.nii.gz"
 
 
 @dataclass
@@ -148,11 +126,11 @@ class CTRATEReader:
 
     def __post_init__(self) -> None:
         self.root = Path(self.root)
-        if self.split not in SPLIT_NAMES:
-            raise DataError(f"split {self.split!r}: choose one of {', '.join(SPLIT_NAMES)}.")
+        if self.split not in SPLITS:
+            raise DataError(f"split {self.split!r}: choose one of {', '.join(SPLITS)}.")
         if not self.root.is_dir():
             raise DataError(f"{self.root}: dataset folder not found.")
-        folder, prefix, label_prefix = SPLIT_NAMES[self.split]
+        folder, prefix, label_prefix = SPLITS[self.split]
         meta = read_table(self.root / "metadata" / f"{prefix}_metadata.csv", METADATA_REQUIRED, "metadata")
         reports_path = self.root / "radiology_text_reports" / f"{prefix}_reports.csv"
         reports = (
@@ -197,7 +175,7 @@ class CTRATEReader:
     def _find_mask(self, name: str) -> Path | None:
         if self.masks_dir is None:
             return None
-        base = self.masks_dir / SPLIT_NAMES[self.split][0]
+        base = self.masks_dir / SPLITS[self.split][0]
         for b in (base, self.masks_dir):
             found = self._find(b, name)
             if found is not None:
@@ -216,7 +194,7 @@ class CTRATEReader:
 
     def get(self, name: str) -> VolumeRecord:
         for r in self.records:
-            if r.name == _volume_key(name):
+            if r.name == volume_stem(name):
                 return r
         raise DataError(f"{name}: not a usable volume of {self.root} ({self.split}).")
 
@@ -410,119 +388,3 @@ def model_space_sample(
         report=report,
         meta=full_meta,
     )
-
-
-def sample_to_item(
-    sample: CachedSample,
-    anatomies: Sequence[str] | None = None,
-    hu_window: Sequence[float] | None = None,
-    size_zyx: Sequence[int] | None = None,
-) -> dict[str, Any]:
-    """A training item (see :class:`~fvlm_core.data.cache.CachedDataset`) from a sample."""
-    from fvlm_core.data.cache import item_from_sample
-
-    return item_from_sample(sample, anatomies, hu_window, size_zyx)
-
-
-class CTRATEDataset(Dataset):
-    """A torch Dataset over a CT-RATE-layout folder: one item per scan.
-
-    Each item reads the chosen reconstruction, applies the metadata's geometry and HU scaling,
-    gets anatomy masks from ``backend``, resamples to model space and decomposes the report; with
-    ``cache_dir`` the result is cached (``fvlm prepare`` format) and later reads are fast.
-
-    Args:
-        root, split, masks_dir: see :class:`CTRATEReader`.
-        reconstruction: ``"random"`` (torch RNG) or ``"first"`` reconstruction of each scan.
-        backend: ``"labelmap"`` (the layout's anatomy masks), ``"builtin"`` or ``"totalsegmentator"``.
-        catalog: anatomies (label value = index + 1).
-        config: ``ModelSpaceConfig`` (default: the reference's).
-        cache_dir: optional cache folder.
-        size_zyx: crop/pad items to this size (for batching).
-
-    A volume that fails to load (corrupt file, bad mask, empty report) is recorded in
-    :attr:`failures` and another reconstruction, then the next scan, is used instead.
-    """
-
-    def __init__(
-        self,
-        root: str | os.PathLike,
-        split: str = "train",
-        *,
-        reconstruction: str = "random",
-        backend: str = "labelmap",
-        masks_dir: str | os.PathLike | None = None,
-        class_map: Any = None,
-        catalog: AnatomyCatalog = CTRATE_CATALOG,
-        config: Any = None,
-        cache_dir: str | os.PathLike | None = None,
-        size_zyx: Sequence[int] | None = None,
-    ) -> None:
-        if reconstruction not in ("random", "first"):
-            raise DataError(f"reconstruction={reconstruction!r}: choose 'random' or 'first'.")
-        self.reader = CTRATEReader(Path(root), split, Path(masks_dir) if masks_dir else None)
-        self.scan_ids = sorted(self.reader.scans)
-        if not self.scan_ids:
-            raise DataError(
-                f"{root} ({split}): no usable volumes ({len(self.reader.skipped)} listed but skipped)."
-            )
-        self._scans = self.reader.scans
-        self.reconstruction = reconstruction
-        self.catalog = catalog
-        from fvlm_core.preprocess import ModelSpaceConfig
-
-        self.config = config or ModelSpaceConfig()
-        self.cache_dir = Path(cache_dir) if cache_dir else None
-        self.size_zyx = size_zyx
-        self.segmenter = make_segmenter(backend, catalog, class_map, self.reader.masks_dir)
-        self.failures: dict[str, str] = {}
-        if self.cache_dir is not None:  # same settings record as `fvlm prepare`: never mix model spaces
-            check_cache_settings(
-                self.cache_dir,
-                {
-                    "model_space": self.config.to_dict(),
-                    "catalog": catalog.names,
-                    "backend": backend,
-                    "masks": (
-                        str(Path(self.reader.masks_dir).resolve())
-                        if backend == "labelmap" and self.reader.masks_dir
-                        else None
-                    ),
-                },
-            )
-
-    def __len__(self) -> int:
-        return len(self.scan_ids)
-
-    def load(self, record: VolumeRecord) -> CachedSample:
-        """The cached sample of ``record`` (built and cached on first use)."""
-        if self.cache_dir is not None and is_complete(self.cache_dir, record.name):
-            return load_sample(self.cache_dir, record.name)
-        sample = build_sample(self.reader, record, self.segmenter, self.catalog, self.config)
-        if self.cache_dir is not None:
-            save_sample(sample, self.cache_dir)
-        return sample
-
-    def _candidates(self, scan_id: str) -> list[VolumeRecord]:
-        recs = [r for r in self._scans[scan_id] if r.name not in self.failures]
-        if self.reconstruction == "random" and len(recs) > 1:
-            import torch
-
-            k = int(torch.randint(len(recs), (1,)).item())
-            recs = recs[k:] + recs[:k]
-        return recs
-
-    def __getitem__(self, idx: int) -> dict[str, Any]:
-        for step in range(min(len(self.scan_ids), 20)):
-            scan_id = self.scan_ids[(idx + step) % len(self.scan_ids)]
-            for record in self._candidates(scan_id):
-                try:
-                    sample = self.load(record)
-                except FVLMError as exc:
-                    self.failures[record.name] = str(exc)
-                    continue
-                return sample_to_item(sample, self.catalog.names, self.config.hu_window, self.size_zyx)
-        raise DataError(
-            f"{self.reader.root}: could not load scan {self.scan_ids[idx]} nor the following ones "
-            f"({len(self.failures)} volumes failed so far, e.g. {next(iter(self.failures.items()), None)})."
-        )

@@ -19,7 +19,7 @@ from fvlm_core.anatomy import EXTENDED_CATALOG
 from fvlm_core.errors import ConfigError, InputError
 from fvlm_core.findings import Finding, FindingSet
 from fvlm_core.io import CTVolume, Geometry, read_image, write_image
-from fvlm_core.zeroshot.analyzer import Analyzer, load_findings_file, resolve_device
+from fvlm_core.zeroshot.analyzer import Analyzer, load_findings_file
 
 SIZE = (48, 48, 48)
 
@@ -160,15 +160,16 @@ def test_reference_windows_one_per_anatomy(analyzer):
     assert [w.anatomies for w in result.windows] == [("lung",), ("heart",), ("esophagus",), ("aorta",)]
 
 
-def test_device_errors():
-    assert resolve_device("cpu").type == "cpu"
-    if torch.cuda.is_available():
-        assert resolve_device("cuda").type == "cuda"
-    else:
-        with pytest.raises(ConfigError, match="no CUDA GPU"):
-            resolve_device("cuda")
-    with pytest.raises(ConfigError, match="--device"):
-        resolve_device("tpu")
+def test_device_errors(analyzer):
+    """The analyzer takes the library's device rule (fvlm_core.devices): names are trimmed and
+    case-blind, ``gpu`` means CUDA, and an absent or unknown device is refused by name."""
+    assert Analyzer(analyzer.model, device=" CPU ").device == torch.device("cpu")
+    if not torch.cuda.is_available():
+        for name in ("cuda", "gpu"):
+            with pytest.raises(ConfigError, match="no CUDA GPU"):
+                Analyzer(analyzer.model, device=name)
+    with pytest.raises(ConfigError, match="'tpu'"):
+        Analyzer(analyzer.model, device="tpu")
 
 
 def test_model_folder_without_config(tmp_path):

@@ -18,7 +18,6 @@ _EXPORTS = {
     "AnatomyResult": "fvlm_core.zeroshot.analyzer",
     "FindingResult": "fvlm_core.zeroshot.analyzer",
     "load_findings_file": "fvlm_core.zeroshot.analyzer",
-    "resolve_device": "fvlm_core.zeroshot.analyzer",
     "PromptCache": "fvlm_core.zeroshot.prompts",
     "prompt_cache_for": "fvlm_core.zeroshot.prompts",
     "WindowPlan": "fvlm_core.zeroshot.windows",

@@ -22,7 +22,8 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from fvlm_core.devices import resolve_device
 from fvlm_core.errors import CancelledError, ConfigError, InputError
 from fvlm_core.findings import Finding, FindingSet
 from fvlm_core.io import CTVolume, Geometry, LabelVolume
@@ -193,41 +195,6 @@ class ModelSpaceEncoding:
 
 
 # --------------------------------------------------------------------------------------------
-# Device
-# --------------------------------------------------------------------------------------------
-
-
-def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
-    """``auto`` -> CUDA, else Apple MPS, else CPU. A requested device that is absent is an error."""
-    name = str(device or "auto").lower()
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        mps = getattr(torch.backends, "mps", None)
-        if mps is not None and mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            built = "a CUDA build" if torch.version.cuda else f"a CPU-only build ({torch.__version__})"
-            raise ConfigError(
-                f"--device {name}: no CUDA GPU is available to PyTorch (this is {built}). "
-                "Use --device cpu (or auto), or install a CUDA build of torch on a machine with an NVIDIA GPU."
-            )
-        return torch.device(name)
-    if name == "mps":
-        mps = getattr(torch.backends, "mps", None)
-        if mps is None or not mps.is_available():
-            raise ConfigError(
-                "--device mps: Apple Metal (MPS) is not available here. Use --device cpu or auto."
-            )
-        return torch.device("mps")
-    if name == "cpu":
-        return torch.device("cpu")
-    raise ConfigError(f"--device {device!r}: use auto, cpu, cuda, cuda:N or mps.")
-
-
-# --------------------------------------------------------------------------------------------
 # Analyzer
 # --------------------------------------------------------------------------------------------
 
@@ -237,7 +204,8 @@ class Analyzer:
 
     Args:
         model: an :class:`fvlm_core.model.FVLM` (moved to ``device``, put in eval mode).
-        device: ``auto | cpu | cuda | mps`` or a torch device.
+        device: ``auto | cpu | cuda | cuda:N | mps | gpu`` or a torch device
+            (:func:`fvlm_core.devices.resolve_device`; an absent device is a :class:`ConfigError`).
         name: label for outputs (the model folder).
     """
 
@@ -290,16 +258,14 @@ class Analyzer:
 
     # ------------------------------------------------------------------ model space
     def labels_in_model_order(self, segmentation) -> LabelVolume:
-        """The segmentation's label map with anatomy ``i`` of the *model* as value ``i + 1``."""
-        catalog = segmentation.catalog
-        lut = np.zeros(len(catalog) + 1, dtype=np.uint8)
-        for i, name in enumerate(self.anatomies):
-            if name in catalog:
-                lut[catalog.label(name)] = i + 1
-        arr = np.asarray(segmentation.labelmap)
-        if arr.size and int(arr.max()) >= lut.size:
-            lut = np.concatenate([lut, np.zeros(int(arr.max()) + 1 - lut.size, np.uint8)])
-        return LabelVolume(lut[arr], segmentation.geometry, source=f"segmentation ({segmentation.backend})")
+        """The segmentation's label map with anatomy ``i`` of the *model* as value ``i + 1``
+        (anatomies the model lacks become background)."""
+        from fvlm_core.anatomy import get_catalog
+
+        labels = get_catalog(self.anatomies).relabel(
+            np.asarray(segmentation.labelmap), segmentation.catalog.names
+        )
+        return LabelVolume(labels, segmentation.geometry, source=f"segmentation ({segmentation.backend})")
 
     @torch.inference_mode()
     def encode_model_space(
@@ -396,6 +362,11 @@ class Analyzer:
     ) -> AnalysisResult:
         """Score findings on one CT.
 
+        Stages, each timed in ``result.timings``: ``preprocess`` (the segmentation relabelled to
+        the model's anatomies, CT and labels resampled to model space), ``embed`` (one encoder
+        forward per window), ``score`` (prompt embeddings against anatomy embeddings) and, with
+        maps, ``localize``.
+
         Args:
             ct: the CT in HU on its own grid.
             segmentation: an :class:`fvlm_core.segmentation.AnatomySegmentation` of ``ct``
@@ -412,6 +383,8 @@ class Analyzer:
             max_window_zyx: cap on window size in model-space voxels (low-memory use); an
                 anatomy keeping under 90% of its voxels inside its capped window is not scored.
         """
+        from fvlm_core.preprocess import resample_to_model_space
+
         timings: dict[str, float] = {}
         notes: list[str] = []
 
@@ -423,126 +396,42 @@ class Analyzer:
 
         fs = self.check_findings(findings if findings is not None else self.default_findings())
         step("preparing", 0.0)
-        t = time.perf_counter()
-        labels = self.labels_in_model_order(segmentation)
-        facts = getattr(segmentation, "facts", {}) or {}
-        counts = windows.voxel_counts(labels.array, len(self.anatomies))
-        vox_ml = segmentation.geometry.voxel_volume_ml
-        if not counts.any():
-            seg_has = [n for n, f in facts.items() if getattr(f, "present", False)]
-            msg = (
-                f"{ct.source}: the segmentation holds none of this model's anatomies "
-                f"({', '.join(self.anatomies)}); found: {', '.join(seg_has) or 'nothing'}. "
-                "Nothing can be scored: check that the CT covers the chest and that the segmentation "
-                "belongs to it (or choose another model / segmentation backend)."
-            )
-            if require_anatomy:
-                raise InputError(msg)
-            notes.append(msg)
-        from fvlm_core.preprocess import resample_to_model_space
-
-        ct_ms, labels_ms = resample_to_model_space(ct, labels, self.model_space)
-        timings["preprocess"] = time.perf_counter() - t
+        with _timed(timings, "preprocess"):
+            labels = self.labels_in_model_order(segmentation)
+            counts = windows.voxel_counts(labels.array, len(self.anatomies))
+            if not counts.any():
+                msg = self._no_anatomy_message(ct, segmentation)
+                if require_anatomy:
+                    raise InputError(msg)
+                notes.append(msg)
+            ct_ms, labels_ms = resample_to_model_space(ct, labels, self.model_space)
 
         step("encoding anatomies", 0.15)
-        t = time.perf_counter()
-        want_maps = bool(similarity_maps)
-        enc = self.encode_model_space(
-            ct_ms,
-            labels_ms,
-            strategy=strategy,
-            return_tokens=want_maps,
-            max_size_zyx=max_window_zyx,
-            progress=(lambda m, f: progress(m, 0.15 + 0.6 * f)) if progress else None,
-            should_cancel=should_cancel,
-        )
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-        timings["embed"] = time.perf_counter() - t
+        with _timed(timings, "embed"):
+            enc = self.encode_model_space(
+                ct_ms,
+                labels_ms,
+                strategy=strategy,
+                return_tokens=bool(similarity_maps),
+                max_size_zyx=max_window_zyx,
+                progress=(lambda m, f: progress(m, 0.15 + 0.6 * f)) if progress else None,
+                should_cancel=should_cancel,
+            )
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()
 
         step("scoring findings", 0.8)
-        t = time.perf_counter()
-        emb = self.finding_embeddings(fs)
-        probs = self.score(enc, emb)
-        timings["score"] = time.perf_counter() - t
-
-        results: list[AnatomyResult] = []
-        uncalibrated = []
-        by_anat = fs.by_anatomy()
-        for i, name in enumerate(self.anatomies):
-            fact = facts.get(name)
-            voxels = int(counts[i])
-            cut = bool(getattr(fact, "cut_by_fov", False)) if fact is not None else False
-            status = "absent" if voxels == 0 else ("partial" if cut else "present")
-            e = enc.anatomies.get(name)
-            note = ""
-            if status == "absent":
-                note = "not in the segmentation: not scored"
-            elif e is None:
-                frac = enc.dropped.get(name)
-                note = (
-                    f"not scored: its window holds only {frac:.0%} of it (reference rule: >= 90%)"
-                    if frac is not None
-                    else "not scored: no encoder token touches it in model space (too small)"
-                )
-            elif status == "partial":
-                note = "cut by the field of view: scored on the visible part"
-            ar = AnatomyResult(
-                name=name,
-                status=status,
-                volume_ml=voxels * vox_ml,
-                voxels=voxels,
-                scored=e is not None,
-                window=e.window if e is not None else None,
-                note=note,
-            )
-            for f in by_anat.get(name, []):
-                thr, src = self.threshold(f)
-                if src == "default":
-                    uncalibrated.append(f.name)
-                p = probs.get((name, f.name))
-                ar.findings.append(
-                    FindingResult(
-                        name=f.name,
-                        probability=p,
-                        threshold=thr,
-                        threshold_source=src,
-                        flagged=p is not None and p > thr,
-                        source=f.source,
-                        positive=f.positive,
-                        negative=f.negative,
-                    )
-                )
-            results.append(ar)
-        if uncalibrated:
-            notes.append(
-                f"No calibrated threshold in the model config for {len(uncalibrated)} finding(s) "
-                f"({', '.join(sorted(set(uncalibrated)))}): {DEFAULT_THRESHOLD} used. Calibrate with "
-                "`fvlm evaluate --store-thresholds` on a labelled calibration set."
-            )
-        for a in results:
-            if a.status != "absent" and not a.scored:
-                notes.append(f"{a.name}: {a.note}")
+        with _timed(timings, "score"):
+            emb = self.finding_embeddings(fs)
+            probs = self.score(enc, emb)
+        results = self._anatomy_results(fs, counts, segmentation, enc, probs)
+        notes += _result_notes(results)
 
         maps: dict[tuple[str, str], np.ndarray] = {}
-        if want_maps:
+        if similarity_maps:
             step("localising", 0.85)
-            t = time.perf_counter()
-            tau = float(self.model.temperature.detach())
-            for a in results:
-                e = enc.anatomies.get(a.name)
-                if e is None or e.tokens is None:
-                    continue
-                for fr in a.findings:
-                    if not (fr.flagged or similarity_maps == "all"):
-                        continue
-                    k = emb.index(fr.name, a.name)
-                    vals = similarity.token_scores(
-                        e.tokens, e.membership, emb.positive[k], emb.negative[k], tau
-                    )
-                    vox = similarity.tokens_to_voxels(vals, e.grid, e.patch)
-                    maps[(a.name, fr.name)] = similarity.map_to_ct(enc.crops[e.window], vox, ct.geometry)
-            timings["localize"] = time.perf_counter() - t
+            with _timed(timings, "localize"):
+                maps = self._similarity_maps(results, enc, emb, ct.geometry, every=similarity_maps == "all")
         step("done", 1.0)
         return AnalysisResult(
             anatomies=results,
@@ -554,6 +443,125 @@ class Analyzer:
             model=self.name,
             device=str(self.device),
         )
+
+    def _no_anatomy_message(self, ct: CTVolume, segmentation) -> str:
+        facts = getattr(segmentation, "facts", {}) or {}
+        seg_has = [n for n, f in facts.items() if getattr(f, "present", False)]
+        return (
+            f"{ct.source}: the segmentation holds none of this model's anatomies "
+            f"({', '.join(self.anatomies)}); found: {', '.join(seg_has) or 'nothing'}. "
+            "Nothing can be scored: check that the CT covers the chest and that the segmentation "
+            "belongs to it (or choose another model / segmentation backend)."
+        )
+
+    def _anatomy_results(
+        self,
+        fs: FindingSet,
+        counts: np.ndarray,
+        segmentation,
+        enc: ModelSpaceEncoding,
+        probs: Mapping[tuple[str, str], float],
+    ) -> list[AnatomyResult]:
+        """One :class:`AnatomyResult` per model anatomy (``counts``: voxels per label value)."""
+        facts = getattr(segmentation, "facts", {}) or {}
+        vox_ml = segmentation.geometry.voxel_volume_ml
+        by_anat = fs.by_anatomy()
+        results = []
+        for i, name in enumerate(self.anatomies):
+            voxels = int(counts[i])
+            e = enc.anatomies.get(name)
+            status, note = _status(voxels, facts.get(name), e is not None, enc.dropped.get(name))
+            results.append(
+                AnatomyResult(
+                    name=name,
+                    status=status,
+                    volume_ml=voxels * vox_ml,
+                    voxels=voxels,
+                    scored=e is not None,
+                    window=e.window if e is not None else None,
+                    note=note,
+                    findings=[
+                        self._finding_result(f, probs.get((name, f.name))) for f in by_anat.get(name, [])
+                    ],
+                )
+            )
+        return results
+
+    def _finding_result(self, finding: Finding, p: float | None) -> FindingResult:
+        thr, src = self.threshold(finding)
+        return FindingResult(
+            name=finding.name,
+            probability=p,
+            threshold=thr,
+            threshold_source=src,
+            flagged=p is not None and p > thr,
+            source=finding.source,
+            positive=finding.positive,
+            negative=finding.negative,
+        )
+
+    def _similarity_maps(
+        self,
+        results: list[AnatomyResult],
+        enc: ModelSpaceEncoding,
+        emb: FindingEmbeddings,
+        geometry: Geometry,
+        every: bool = False,
+    ) -> dict[tuple[str, str], np.ndarray]:
+        """``(anatomy, finding) -> (Z, Y, X)`` float32 on ``geometry``: flagged findings (``every``: all scored)."""
+        tau = float(self.model.temperature.detach())
+        maps = {}
+        for a in results:
+            e = enc.anatomies.get(a.name)
+            if e is None or e.tokens is None:
+                continue
+            for fr in a.findings:
+                if not (fr.flagged or every):
+                    continue
+                k = emb.index(fr.name, a.name)
+                vals = similarity.token_scores(e.tokens, e.membership, emb.positive[k], emb.negative[k], tau)
+                vox = similarity.tokens_to_voxels(vals, e.grid, e.patch)
+                maps[(a.name, fr.name)] = similarity.map_to_ct(enc.crops[e.window], vox, geometry)
+        return maps
+
+
+@contextmanager
+def _timed(timings: dict[str, float], key: str) -> Iterator[None]:
+    """Record the seconds the ``with`` body took as ``timings[key]``."""
+    t = time.perf_counter()
+    yield
+    timings[key] = time.perf_counter() - t
+
+
+def _status(voxels: int, fact: Any, scored: bool, dropped_fraction: float | None) -> tuple[str, str]:
+    """``(status, note)`` of one anatomy: present / partial (cut by the field of view) / absent."""
+    cut = bool(getattr(fact, "cut_by_fov", False))
+    status = "absent" if voxels == 0 else ("partial" if cut else "present")
+    if status == "absent":
+        return status, "not in the segmentation: not scored"
+    if not scored:
+        return status, (
+            f"not scored: its window holds only {dropped_fraction:.0%} of it (reference rule: >= 90%)"
+            if dropped_fraction is not None
+            else "not scored: no encoder token touches it in model space (too small)"
+        )
+    if status == "partial":
+        return status, "cut by the field of view: scored on the visible part"
+    return status, ""
+
+
+def _result_notes(results: list[AnatomyResult]) -> list[str]:
+    """Notes for the user: findings scored against the default threshold, anatomies not scored."""
+    notes = []
+    uncalibrated = [f.name for a in results for f in a.findings if f.threshold_source == "default"]
+    if uncalibrated:
+        notes.append(
+            f"No calibrated threshold in the model config for {len(uncalibrated)} finding(s) "
+            f"({', '.join(sorted(set(uncalibrated)))}): {DEFAULT_THRESHOLD} used. Calibrate with "
+            "`fvlm evaluate --store-thresholds` on a labelled calibration set."
+        )
+    notes += [f"{a.name}: {a.note}" for a in results if a.status != "absent" and not a.scored]
+    return notes
 
 
 def load_findings_file(path: str | os.PathLike) -> FindingSet:

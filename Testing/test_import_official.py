@@ -228,3 +228,16 @@ def test_unreadable_or_foreign_files_are_refused(tmp_path):
     torch.save({"state_dict": {"a": torch.zeros(1)}}, other)
     with pytest.raises(CheckpointError, match=r"\['model'\]"):
         read_official_state(other)
+
+
+def test_anatomies_option_is_a_list_of_names(capsys):
+    from fvlm_core.cli import build_parser
+
+    base = ["import-checkpoint", "x.pth", "--text-encoder", "bert", "--out", "out"]
+    parser = build_parser()
+    assert parser.parse_args(base).anatomies is None  # the CT-RATE four, chosen by the import
+    args = parser.parse_args([*base, "--anatomies", " lung, heart,esophagus ,aorta,"])
+    assert args.anatomies == ["lung", "heart", "esophagus", "aorta"]
+    with pytest.raises(SystemExit) as exc:
+        parser.parse_args([*base, "--anatomies", " , "])
+    assert exc.value.code == 2 and "at least one anatomy name" in capsys.readouterr().err

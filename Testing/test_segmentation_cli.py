@@ -33,23 +33,17 @@ def test_segment_builtin_writes_labelmap_on_ct_grid(tmp_path, ts_dir, capsys):
     assert not list((tmp_path / "out").glob(".*"))  # no temporary files left
 
 
+def segment_chest_ct(tmp_path, ts_dir, labelmap: str, mapping: dict, out) -> int:
+    """``fvlm segment chest_ct.nii.gz --backend labelmap`` with ``labelmap`` read through ``mapping``."""
+    p = tmp_path / "classes.json"
+    p.write_text(json.dumps(mapping))
+    args = ["--backend", "labelmap", "--labelmap", str(ts_dir / labelmap), "--class-map", str(p)]
+    return main(["segment", str(ts_dir / "chest_ct.nii.gz"), *args, "--out", str(out)])
+
+
 def test_segment_labelmap_backend_with_resampling(tmp_path, ts_dir):
     out = tmp_path / "a.nrrd"
-    rc = main(
-        [
-            "segment",
-            str(ts_dir / "chest_ct.nii.gz"),
-            "--backend",
-            "labelmap",
-            "--labelmap",
-            str(ts_dir / "chest_aorta_cropped.nii.gz"),
-            "--class-map",
-            json_map(tmp_path, {"1": "aorta"}),
-            "--out",
-            str(out),
-        ]
-    )
-    assert rc == 0
+    assert segment_chest_ct(tmp_path, ts_dir, "chest_aorta_cropped.nii.gz", {"1": "aorta"}, out) == 0
     lab = sitk.ReadImage(str(out))
     ct = sitk.ReadImage(str(ts_dir / "chest_ct.nii.gz"))
     assert lab.GetSize() == ct.GetSize()
@@ -62,30 +56,10 @@ def test_segment_labelmap_backend_with_resampling(tmp_path, ts_dir):
     assert abs(ml_out - ml_crop) < 0.02 * ml_crop
 
 
-def json_map(tmp_path, mapping) -> str:
-    p = tmp_path / "classes.json"
-    p.write_text(json.dumps(mapping))
-    return str(p)
-
-
 def test_segment_fails_when_no_catalog_anatomy_is_found(tmp_path, ts_dir, capsys):
     out = tmp_path / "none.nii.gz"
     # the heart mask named as a class the CT-RATE catalog does not hold
-    rc = main(
-        [
-            "segment",
-            str(ts_dir / "chest_ct.nii.gz"),
-            "--backend",
-            "labelmap",
-            "--labelmap",
-            str(ts_dir / "chest_heart.nii.gz"),
-            "--class-map",
-            json_map(tmp_path, {"1": "spleen"}),
-            "--out",
-            str(out),
-        ]
-    )
-    assert rc == 2
+    assert segment_chest_ct(tmp_path, ts_dir, "chest_heart.nii.gz", {"1": "spleen"}, out) == 2
     err = capsys.readouterr().err
     assert "none of the 'ctrate' catalog's anatomies" in err and "chest_ct.nii.gz" in err
     assert not out.exists()

@@ -16,6 +16,14 @@ from __future__ import annotations
 import argparse
 
 
+def _names(text: str) -> list[str]:
+    """``"lung, heart,"`` -> ``["lung", "heart"]``; argparse reports a list with no name."""
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError("give at least one anatomy name, e.g. lung,heart,esophagus,aorta")
+    return names
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", help="official fVLM checkpoint (.pth with a ['model'] dict)")
     parser.add_argument(
@@ -26,6 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output checkpoint folder")
     parser.add_argument(
         "--anatomies",
+        type=_names,
+        metavar="A,B,...",
         help="comma-separated anatomy names in label order (default: lung,heart,esophagus,aorta)",
     )
     parser.add_argument(
@@ -40,12 +50,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from fvlm_core.model.official import import_official
 
-    anatomies = [a.strip() for a in args.anatomies.split(",") if a.strip()] if args.anatomies else None
     _, report = import_official(
         args.checkpoint,
         args.text_encoder,
         out_dir=args.out,
-        anatomies=anatomies,
+        anatomies=args.anatomies,
         img_size=tuple(args.img_size) if args.img_size else None,
     )
     print(report.summary())

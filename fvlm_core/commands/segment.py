@@ -36,11 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output anatomy label map (.nii.gz, .nrrd, ...)")
     parser.add_argument("--json", help="also write the per-anatomy summary to this JSON file")
     parser.add_argument("--fast", action="store_true", help="totalsegmentator: use the 3 mm --fast model")
-    parser.add_argument(
-        "--device",
-        default="auto",
-        help="totalsegmentator: auto (CUDA, else MPS, else CPU) | cpu | cuda | cuda:N | gpu | mps",
-    )
+    parser.add_argument("--device", default="auto", help="totalsegmentator: auto | cpu | cuda[:N] | mps")
     parser.add_argument(
         "--allow-download",
         action="store_true",

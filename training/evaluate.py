@@ -628,56 +628,64 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="report folder")
 
 
-def run(args: argparse.Namespace) -> int:
-    t0 = time.perf_counter()
+def _scores_from_table(args: argparse.Namespace, meta: dict[str, Any]):
+    """``(names, scores, truth, thresholds)`` of ``--scores`` and ``--labels`` (thresholds: the
+    ``--model`` folder's, if given)."""
+    if not args.labels:
+        raise ConfigError("--scores needs --labels (the ground-truth CSV)")
+    names, scores = read_score_table(args.scores)
+    truth = read_label_table(args.labels, names)
+    meta["scores"] = str(args.scores)
     thresholds: dict[str, float] = {}
-    meta: dict[str, Any] = {}
-    if args.scores:
-        if not args.labels:
-            raise ConfigError("--scores needs --labels (the ground-truth CSV)")
-        names, scores = read_score_table(args.scores)
-        truth = read_label_table(args.labels, names)
-        meta["scores"] = str(args.scores)
-        if args.model:
-            from fvlm_core.model.config import load_config
+    if args.model:
+        from fvlm_core.model.config import load_config
 
-            thresholds = dict(load_config(args.model).thresholds)
-    else:
-        if not args.data or not args.model:
-            raise ConfigError("give --data DIR and --model DIR (or --scores CSV --labels CSV)")
-        from fvlm_core.zeroshot.analyzer import Analyzer
+        thresholds = dict(load_config(args.model).thresholds)
+    return names, scores, truth, thresholds
 
-        analyzer = Analyzer.from_pretrained(args.model, device=args.device)
-        meta.update({"model": str(args.model), "windows": args.windows, "device": str(analyzer.device)})
-        if args.protocol == "strict" and args.calibration:
-            _, cal_scores, cal_truth = score_dataset(
-                analyzer,
-                args.calibration,
-                split=args.split,
-                windows=args.windows,
-                masks_dir=args.masks,
-                progress=_print_progress,
-            )
-            from fvlm_core.metrics import roc_corner_threshold
 
-            thresholds = {}
-            for lbl, s in cal_scores.items():
-                s = np.asarray(s, dtype=float)
-                keep = ~np.isnan(s)
-                thresholds[lbl] = roc_corner_threshold(np.asarray(cal_truth[lbl])[keep], s[keep])
-            meta["calibration"] = str(args.calibration)
-        else:
-            thresholds = dict(analyzer.config.thresholds)
-        names, scores, truth = score_dataset(
+def _scores_from_model(args: argparse.Namespace, meta: dict[str, Any]):
+    """``(names, scores, truth, thresholds)`` of ``--model`` on ``--data``; thresholds from the
+    ``--calibration`` split (strict protocol) or the model folder."""
+    if not args.data or not args.model:
+        raise ConfigError("give --data DIR and --model DIR (or --scores CSV --labels CSV)")
+    from fvlm_core.zeroshot.analyzer import Analyzer
+
+    analyzer = Analyzer.from_pretrained(args.model, device=args.device)
+    meta.update({"model": str(args.model), "windows": args.windows, "device": str(analyzer.device)})
+
+    def score(data: str, **options: Any):
+        return score_dataset(
             analyzer,
-            args.data,
+            data,
             split=args.split,
             windows=args.windows,
-            dedupe_scans=args.one_per_scan,
             masks_dir=args.masks,
-            limit=args.limit,
             progress=_print_progress,
+            **options,
         )
+
+    if args.protocol == "strict" and args.calibration:
+        from fvlm_core.metrics import roc_corner_threshold
+
+        _, cal_scores, cal_truth = score(args.calibration)
+        thresholds = {}
+        for lbl, s in cal_scores.items():
+            s = np.asarray(s, dtype=float)
+            keep = ~np.isnan(s)
+            thresholds[lbl] = roc_corner_threshold(np.asarray(cal_truth[lbl])[keep], s[keep])
+        meta["calibration"] = str(args.calibration)
+    else:
+        thresholds = dict(analyzer.config.thresholds)
+    names, scores, truth = score(args.data, dedupe_scans=args.one_per_scan, limit=args.limit)
+    return names, scores, truth, thresholds
+
+
+def run(args: argparse.Namespace) -> int:
+    t0 = time.perf_counter()
+    meta: dict[str, Any] = {}
+    collect = _scores_from_table if args.scores else _scores_from_model
+    names, scores, truth, thresholds = collect(args, meta)
     report = evaluate_scores(
         scores, truth, names, args.protocol, thresholds, n_bootstrap=args.n_bootstrap, seed=args.seed
     )

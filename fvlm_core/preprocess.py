@@ -371,20 +371,3 @@ def crop_window(
     return ModelSpaceWindow(
         hu=hu, labels=labels, geometry=geometry, start_zyx=tuple(int(s) for s in start), valid_zyx=valid
     )
-
-
-def crop_for_label(
-    ct_ms: CTVolume,
-    labels_ms: LabelVolume,
-    label: int,
-    config: ModelSpaceConfig | None = None,
-    min_size_zyx: Sequence[int] | None = None,
-    pad_hu: float = PAD_HU,
-) -> ModelSpaceWindow | None:
-    """The window centred on one label's bounding box (the reference evaluation's per-anatomy
-    crop, with ``min_size_zyx=(112, 288, 352)``), or None when the label is absent."""
-    box = bbox_zyx(labels_ms.array == label)
-    if box is None:
-        return None
-    center, size = window_for_bbox(box[0], box[1], config, min_size_zyx)
-    return crop_window(ct_ms, labels_ms, center, size, pad_hu=pad_hu)

@@ -53,9 +53,6 @@ def _rx(s: str) -> re.Pattern:
     return re.compile(s)
 
 
-_LUNG_SITE = (
-    r"lung|lobe|lobar|pulmonary|parenchym|segment|lingula|subpleural|fissur|apical|apex|basal|bronch|pleura"
-)
 _NON_LUNG_ORGAN = (
     r"\b(?:thyroid|adrenal|liver|hepatic|kidney|renal|spleen|splenic|pancrea|breast|axilla|gland|lymph|"
     r"mediastin|bone|vertebra|ribs?\b|gallbladder|stomach|gastric|soft tissue|muscle|esophag|skin)"

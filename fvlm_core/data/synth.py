@@ -15,6 +15,9 @@ catalog reader drops it). Finding-related tissue belongs to its anatomy's mask, 
 pools over the mask sees it: pleural effusion is inside "lung" (the pleural space of that
 hemithorax), the pericardial sac inside "heart", a hiatal hernia inside "esophagus".
 
+Findings: one :class:`FindingSpec` row each in :data:`FINDINGS` (its anatomy, how it changes the
+anatomy's shape and/or paints the tissue, its prevalence, its report section and phrasings).
+
 Determinism: each phantom's random stream is ``SeedSequence([seed, split_id, index])``; the
 cohort is byte-identical for a seed whatever the number of worker processes.
 """
@@ -1013,7 +1016,6 @@ FINDINGS: tuple[FindingSpec, ...] = (
         layer=0,  # under every other lung change
     ),
 )
-FINDING_SPECS: dict[str, FindingSpec] = {spec.name: spec for spec in FINDINGS}
 #: The order of the per-finding random draws, fixed so that a seed keeps its cohort; a finding
 #: added to the table draws after these (which, like any change to the draws, changes every cohort).
 _DRAW_ORDER = (
@@ -1033,7 +1035,9 @@ _DRAW_ORDER = (
 )
 RENDERED_FINDINGS: tuple[str, ...] = (*_DRAW_ORDER, *(s.name for s in FINDINGS if s.name not in _DRAW_ORDER))
 #: Findings drawn in the image, with their default prevalence (independent per phantom).
-DEFAULT_PREVALENCE: dict[str, float] = {name: FINDING_SPECS[name].prevalence for name in RENDERED_FINDINGS}
+DEFAULT_PREVALENCE: dict[str, float] = {
+    name: next(s.prevalence for s in FINDINGS if s.name == name) for name in RENDERED_FINDINGS
+}
 _PAINT_ORDER: tuple[FindingSpec, ...] = tuple(sorted(FINDINGS, key=lambda spec: spec.layer))
 
 
@@ -1443,8 +1447,8 @@ def iter_cohort(
 
     With ``as_cached=True`` the workers also run :func:`to_cached_sample` (report decomposition,
     relabelling to ``anatomies`` (default CT-RATE's 4), optional resampling to ``model_space``, a
-    ``ModelSpaceConfig``) and yield :class:`~fvlm_core.data.cache.CachedSample` objects, ready
-    for :func:`fvlm_core.data.cache.item_from_sample`.
+    ``ModelSpaceConfig``) and yield :class:`~fvlm_core.data.cache.CachedSample` objects, what
+    ``fvlm prepare`` writes, so they are used as samples read from a prepare cache are.
     """
     jobs = _jobs(
         n,

@@ -30,17 +30,10 @@ def _pair(**over):
     torch.manual_seed(0)
     cfg = VisionConfig(**{**SMALL, **over})
     ours = ViTEncoder(cfg).eval()
-    ref = ViT(
-        in_channels=1,
-        img_size=cfg.img_size,
-        patch_size=cfg.patch_size,
-        hidden_size=cfg.hidden_size,
-        mlp_dim=cfg.mlp_dim,
-        num_layers=cfg.num_layers,
-        num_heads=cfg.num_heads,
-        dropout_rate=cfg.dropout,
-        qkv_bias=True,
-    ).eval()
+    # the reference: MONAI's ViT with its defaults, the config's sizes and the reference's qkv bias
+    sizes = ("img_size", "patch_size", "hidden_size", "mlp_dim", "num_layers", "num_heads")
+    ref = ViT(in_channels=1, dropout_rate=cfg.dropout, qkv_bias=True, **{k: getattr(cfg, k) for k in sizes})
+    ref.eval()
     ref.load_state_dict(ours.state_dict())  # same names: a plain MONAI ViT loads our weights
     return cfg, ours, ref
 

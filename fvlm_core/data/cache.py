@@ -1,4 +1,5 @@
-"""The model-space sample cache written by ``fvlm prepare`` and read by training.
+"""The model-space sample cache written by ``fvlm prepare``, and its reader :class:`CacheSamples`
+(used by training and evaluation).
 
 One sample per volume, two files in the cache folder::
 

@@ -3,13 +3,16 @@ for corrupt or truncated weights, a wrong config and wrong shapes."""
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
+import stat
 
 import pytest
 import torch
 import yaml
 
-from fvlm_core.errors import CheckpointError, ConfigError
+from fvlm_core.errors import CheckpointError, ConfigError, FVLMWarning
 from fvlm_core.model import FVLM, from_pretrained, load_config
 
 torch.set_num_threads(1)
@@ -130,19 +133,113 @@ def test_wrong_config_raises_checkpoint_error(saved, tmp_path):
         from_pretrained(dst)
 
 
+def _without_metadata(folder):
+    """Rewrite the weights as a folder saved before the anatomy/architecture record existed."""
+    from safetensors.torch import load_file, save_file
+
+    w = folder / "model.safetensors"
+    save_file(load_file(str(w)), str(w), metadata={"format": "pt"})
+
+
 def test_wrong_shapes_raise_checkpoint_error(saved, tmp_path):
     dst = _copy(saved[1], tmp_path)
     cfg = yaml.safe_load((dst / "config.yaml").read_text())
     cfg["embed_dim"] = 64  # config from another model than the weights
     (dst / "config.yaml").write_text(yaml.safe_dump(cfg))
-    with pytest.raises(CheckpointError, match=r"wrong shape.*text_proj\.weight"):
+    # the recorded architecture names the field before any tensor is compared
+    with pytest.raises(CheckpointError, match=r"embed_dim: saved 128, config\.yaml 64"):
+        from_pretrained(dst)
+    _without_metadata(dst)  # an older folder: the tensor shapes still catch it
+    with (
+        pytest.warns(FVLMWarning, match="older fvlm"),
+        pytest.raises(CheckpointError, match=r"wrong shape.*text_proj\.weight"),
+    ):
         from_pretrained(dst)
     cfg["embed_dim"] = 128
     cfg["anatomies"] = ["lung", "heart", "esophagus"]
     cfg["findings"] = None
     (dst / "config.yaml").write_text(yaml.safe_dump(cfg))
-    with pytest.raises(CheckpointError, match=r"unexpected tensor.*vision_projs\.3"):
+    with (
+        pytest.warns(FVLMWarning),
+        pytest.raises(CheckpointError, match=r"unexpected tensor.*vision_projs\.3"),
+    ):
         from_pretrained(dst)
+
+
+def test_weights_record_anatomies_and_architecture(saved, tmp_path):
+    """A reordered anatomy list (same tensor shapes) would score each anatomy with another's
+    weights: refused, naming both lists; so is an architecture field that changes no shape."""
+    from safetensors import safe_open
+
+    from fvlm_core.model.checkpoint import architecture_signature
+
+    model, folder = saved
+    with safe_open(str(folder / "model.safetensors"), framework="pt") as f:
+        meta = f.metadata()
+    assert json.loads(meta["fvlm_anatomies"]) == ["lung", "heart", "esophagus", "aorta"]
+    assert json.loads(meta["fvlm_architecture"]) == architecture_signature(model.config)
+    assert {"embed_dim", "vision.hidden_size", "text.pooling"} <= set(json.loads(meta["fvlm_architecture"]))
+    dst = _copy(folder, tmp_path)
+    cfg = yaml.safe_load((dst / "config.yaml").read_text())
+    (dst / "config.yaml").write_text(
+        yaml.safe_dump({**cfg, "anatomies": ["heart", "lung", "esophagus", "aorta"]})
+    )
+    with pytest.raises(CheckpointError) as err:
+        from_pretrained(dst)
+    assert "[lung, heart, esophagus, aorta]" in str(err.value) and "[heart, lung, esophagus, aorta]" in str(
+        err.value
+    )
+    assert "Restore" in str(err.value)
+    text = {**cfg["text"], "pooling": "cls"}  # same shapes, another embedding
+    (dst / "config.yaml").write_text(yaml.safe_dump({**cfg, "text": text}))
+    with pytest.raises(CheckpointError, match=r"text\.pooling: saved 'mean', config\.yaml 'cls'"):
+        from_pretrained(dst)
+    # fields that do not change what the weights mean may be edited
+    (dst / "config.yaml").write_text(
+        yaml.safe_dump({**cfg, "name": "renamed", "thresholds": {"Emphysema": 0.3}})
+    )
+    assert from_pretrained(dst).config.name == "renamed"
+
+
+def test_old_folder_without_record_loads_with_a_warning(saved, tmp_path):
+    model, folder = saved
+    dst = _copy(folder, tmp_path)
+    _without_metadata(dst)
+    with pytest.warns(FVLMWarning, match=r"lung, heart, esophagus, aorta"):
+        loaded = from_pretrained(dst)
+    a, b = model.state_dict(), loaded.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_failed_save_leaves_the_previous_checkpoint(saved, tmp_path, monkeypatch):
+    """Weights, config and text/ are written all or none."""
+    import fvlm_core.model.checkpoint as ckpt
+
+    model, folder = saved
+    dst = _copy(folder, tmp_path)
+    (dst / "notes.txt").write_text("mine")
+    before = {p.relative_to(dst): p.read_bytes() for p in dst.rglob("*") if p.is_file()}
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ckpt, "_unshared_state_dict", disk_full)  # fails after text/ was staged
+    with pytest.raises(OSError, match="No space"):
+        model.save_pretrained(dst, thresholds={"Emphysema": 0.1})
+    after = {p.relative_to(dst): p.read_bytes() for p in dst.rglob("*") if p.is_file()}
+    assert after == before
+
+
+def test_saved_files_follow_the_umask(saved, tmp_path):
+    model, _ = saved
+    old = os.umask(0o027)
+    try:
+        folder = model.save_pretrained(tmp_path / "m")
+    finally:
+        os.umask(old)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in [folder, *folder.rglob("*")]}
+    assert modes["model.safetensors"] == modes["config.yaml"] == 0o640
+    assert modes["m"] == modes["text"] == 0o750
 
 
 def test_save_overwrites_atomically(saved, tmp_path):

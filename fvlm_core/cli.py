@@ -2,8 +2,10 @@
 
 Each subcommand lives in its own module exposing ``add_arguments(parser)`` and ``run(args) -> int``
 (its docstring's first line is the help text). Modules import heavy dependencies inside ``run``
-so ``--help`` stays fast. Errors meant for the user (:class:`~fvlm_core.errors.FVLMError`)
-are printed without a traceback.
+so ``--help`` stays fast. Errors meant for the user (:class:`~fvlm_core.errors.FVLMError`) and
+operating-system errors (a full disk, a permission) are printed without a traceback, exit
+status 2; warnings for the user (:class:`~fvlm_core.errors.FVLMWarning`) as
+``fvlm <command>: warning: ...``.
 
 The installed ``fvlm`` command is :mod:`fvlm_training.cli`, which adds the training commands
 (``demo``, ``train``, ``evaluate``) to these; ``python -m fvlm_core.cli`` works without them.
@@ -14,10 +16,11 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import warnings
 from collections.abc import Mapping, Sequence
 
 from fvlm_core import __version__
-from fvlm_core.errors import FVLMError
+from fvlm_core.errors import FVLMError, FVLMWarning
 
 #: subcommand -> module implementing it (in data-flow order).
 COMMANDS: dict[str, str] = {
@@ -57,13 +60,38 @@ def main(argv: Sequence[str] | None = None, commands: Mapping[str, str] = COMMAN
         parser.print_help()
         return 1
     try:
-        return int(args._run(args) or 0)
+        with warnings.catch_warnings():
+            _show_user_warnings(args._name)
+            return int(args._run(args) or 0)
     except FVLMError as exc:
         print(f"fvlm {args._name}: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # the environment (disk full, permissions), not a bug: no traceback
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(
+            f"fvlm {args._name}: error: {exc.strerror or exc}{where}. Check the path, its permissions and "
+            "the free disk space, then run the command again.",
+            file=sys.stderr,
+        )
         return 2
     except KeyboardInterrupt:
         print(f"fvlm {args._name}: interrupted.", file=sys.stderr)
         return 130
+
+
+def _show_user_warnings(command: str) -> None:
+    """Print :class:`FVLMWarning` as ``fvlm <command>: warning: ...`` (every time, no source line);
+    other warnings keep Python's format. Call inside ``warnings.catch_warnings()``."""
+    warnings.simplefilter("always", FVLMWarning)
+    default = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, FVLMWarning):
+            print(f"fvlm {command}: warning: {message}", file=file or sys.stderr, flush=True)
+        else:
+            default(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
 
 
 if __name__ == "__main__":

@@ -7,6 +7,10 @@ without a traceback.
 
 from __future__ import annotations
 
+import contextlib
+import warnings
+from collections.abc import Iterator
+
 
 class FVLMError(Exception):
     """Base class: the message is meant for the user (what is wrong and what to do)."""
@@ -38,3 +42,44 @@ class DataError(FVLMError):
 
 class CancelledError(FVLMError):
     """Long-running work was cancelled by the user."""
+
+
+class OutputError(FVLMError, OSError):
+    """An output path cannot be written (it is an input, a folder where a file goes, read-only, ...).
+
+    Also an :class:`OSError`, so callers that guard file writes with ``except OSError`` see it.
+    """
+
+
+class FVLMWarning(UserWarning):
+    """Something unusual the user should know (the command goes on); the message says what to do.
+
+    The command line prints it as ``fvlm <command>: warning: ...``; commands that write a JSON
+    result also record it there (see :func:`recorded_warnings`).
+    """
+
+
+def warn(message: str) -> None:
+    """Issue ``message`` as an :class:`FVLMWarning` (shown every time, not once per place)."""
+    warnings.warn(message, FVLMWarning, stacklevel=2)
+
+
+@contextlib.contextmanager
+def recorded_warnings() -> Iterator[list[str]]:
+    """Collect the messages of the :class:`FVLMWarning` issued inside the block.
+
+    They are still shown as usual (the command line prints them as they happen); the list lets
+    a command record them in its output.
+    """
+    messages: list[str] = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", FVLMWarning)
+        shown = warnings.showwarning
+
+        def show(message, category, filename, lineno, file=None, line=None):
+            if issubclass(category, FVLMWarning):
+                messages.append(str(message))
+            shown(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = show
+        yield messages

@@ -10,6 +10,11 @@ Conventions used across the project:
 
 No axis is ever flipped or permuted silently: the array is the file's voxel order and the
 geometry says where each voxel is.
+
+Voxels that are not numbers (NaN) or infinite are refused by every reader (NIfTI, NRRD, MHA,
+DICOM, label maps) and by :func:`ct_from_array` (the 3D Slicer path), with the count and where
+they are: a CT holds a number in every voxel, and any value put in their place (ITK's NIfTI
+reader silently makes them 0 HU, water) would change what the model sees.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from fvlm_core.atomic import atomic_path
-from fvlm_core.errors import GeometryError, InputError
+from fvlm_core.errors import GeometryError, InputError, warn
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
 
@@ -197,11 +202,13 @@ class CTVolume:
         array: float32 HU values, shape ``(Z, Y, X)``.
         geometry: where the voxels are.
         source: where it was read from (for messages).
+        dicom_series: the Series Instance UID read, when ``source`` is a DICOM folder.
     """
 
     array: np.ndarray
     geometry: Geometry
     source: str = "<array>"
+    dicom_series: str | None = None
 
     def to_sitk(self) -> sitk.Image:
         return array_to_sitk(self.array, self.geometry)
@@ -211,7 +218,8 @@ def ct_from_array(
     array: np.ndarray, geometry: Geometry, source: str = "<array>", *, allow_non_hu: bool = False
 ) -> CTVolume:
     """A :class:`CTVolume` from an in-memory ``(Z, Y, X)`` array in HU (e.g. a Slicer volume node),
-    with the same checks as :func:`read_ct`: 3D, matching shape, valid geometry, HU-like values.
+    with the same checks as :func:`read_ct`: 3D, matching shape, valid geometry, every voxel a
+    finite number (always, even with ``allow_non_hu``), HU-like values.
     """
     array = np.asarray(array)
     if array.ndim != 3:
@@ -224,9 +232,35 @@ def ct_from_array(
         )
     geometry.validate(source)
     array = np.ascontiguousarray(array, dtype=np.float32)
-    if not allow_non_hu:
-        check_hu(array, source)
+    if allow_non_hu:
+        check_finite(array, source)
+    else:
+        check_hu(array, source)  # checks finiteness first
     return CTVolume(array=array, geometry=geometry, source=source)
+
+
+def check_finite(array: np.ndarray, source: str) -> None:
+    """Raise :class:`InputError` when any voxel of ``array`` is NaN or infinite.
+
+    The message gives the count and the first such voxel ``(z, y, x)``, and says what to do:
+    fvlm does not guess values for voxels that hold none.
+    """
+    if array.dtype.kind not in "fc":
+        return  # integers are always finite
+    bad = ~np.isfinite(array)
+    n = int(np.count_nonzero(bad))
+    if n:
+        first = tuple(int(i) for i in np.argwhere(bad)[0]) if array.ndim else ()
+        raise InputError(_nonfinite_message(source, n, int(array.size), first))
+
+
+def _nonfinite_message(source: str, n: int, total: int, first: tuple[int, ...] | None) -> str:
+    at = f", the first at voxel (z, y, x) = {first}" if first else ""
+    return (
+        f"{source}: {n} of {total} voxels are NaN or infinite{at}. A CT holds a number in every "
+        "voxel and fvlm does not guess one: replace them in the program that made the volume (e.g. "
+        "with -1024 HU, air, if they lie outside the body) and save it again, or export the scan again."
+    )
 
 
 def array_to_sitk(array: np.ndarray, geometry: Geometry) -> sitk.Image:
@@ -241,16 +275,74 @@ def array_to_sitk(array: np.ndarray, geometry: Geometry) -> sitk.Image:
 # --------------------------------------------------------------------------------------------
 
 
-def _read_dicom_series(path: Path) -> sitk.Image:
-    series_ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(path))
-    if not series_ids:
+@dataclass(frozen=True)
+class DicomSeries:
+    """One series of a DICOM folder: its Series Instance UID, slice files and description."""
+
+    uid: str
+    files: tuple[str, ...]
+    description: str = ""
+
+    def label(self) -> str:
+        """``UID (N slices, "description")`` for messages."""
+        what = f', "{self.description}"' if self.description else ""
+        return f"{self.uid} ({len(self.files)} slices{what})"
+
+
+def dicom_series(path: str | os.PathLike) -> list[DicomSeries]:
+    """The series of a DICOM folder, most slices first (empty when it holds none)."""
+    folder = str(path)
+    found = []
+    for uid in sitk.ImageSeriesReader.GetGDCMSeriesIDs(folder):
+        files = tuple(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(folder, uid))
+        found.append(DicomSeries(uid, files, _dicom_tag(files[0], "0008|103e") if files else ""))
+    return sorted(found, key=lambda s: -len(s.files))
+
+
+def _dicom_tag(file: str, tag: str) -> str:
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(file)
+    try:
+        reader.ReadImageInformation()
+        return reader.GetMetaData(tag).strip() if reader.HasMetaDataKey(tag) else ""
+    except RuntimeError:
+        return ""
+
+
+def choose_dicom_series(path: Path, series: str | None = None) -> DicomSeries:
+    """The series of DICOM folder ``path`` to read: ``series`` (a Series Instance UID), else the
+    one with most slices; when the folder holds several, an :class:`FVLMWarning` names the
+    chosen one and the others.
+
+    Raises:
+        InputError: no series in the folder, or ``series`` is not one of them.
+    """
+    found = dicom_series(path)
+    if not found:
         raise InputError(
             f"{path}: folder holds no readable DICOM series. Point to the folder of one CT series "
             "(the .dcm files of one acquisition), or to a NIfTI/NRRD/MHA file."
         )
-    # Several series in one folder: take the one with most slices (the volume), say so in source.
-    best = max(series_ids, key=lambda s: len(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(path), s)))
-    files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(path), best)
+    if series is not None:
+        chosen = [s for s in found if s.uid == series.strip()]
+        if not chosen:
+            raise InputError(
+                f"{path}: holds no DICOM series {series}; its series are: "
+                + "; ".join(s.label() for s in found)
+                + ". Pass one of these UIDs with --series."
+            )
+        return chosen[0]
+    if len(found) > 1:
+        warn(
+            f"{path} holds {len(found)} DICOM series; reading {found[0].label()}, the one with most "
+            f"slices. Others: {'; '.join(s.label() for s in found[1:])}. Pass --series UID to read another."
+        )
+    return found[0]
+
+
+def _read_dicom_series(path: Path, series: str | None = None) -> sitk.Image:
+    chosen = choose_dicom_series(path, series)
+    best, files = chosen.uid, chosen.files
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files)
     reader.SetOutputPixelType(sitk.sitkFloat32)  # GDCM applies RescaleSlope/Intercept per slice
@@ -268,6 +360,7 @@ def _read_dicom_series(path: Path) -> sitk.Image:
         if reader.HasMetaDataKey(0, tag):
             image.SetMetaData(tag, reader.GetMetaData(0, tag).strip())
     image.SetMetaData(_DICOM_MARK, "1")
+    image.SetMetaData(_DICOM_SERIES, best)
     return image
 
 
@@ -296,6 +389,7 @@ def _check_dicom_slices(path: Path, reader: sitk.ImageSeriesReader, n: int, imag
 
 
 _DICOM_SLOPE, _DICOM_INTERCEPT, _DICOM_MARK = "0028|1053", "0028|1052", "fvlm_dicom_series"
+_DICOM_SERIES = "0020|000e"  # Series Instance UID
 _NIFTI_INTEGER_TYPES = {2, 4, 8, 256, 512, 768, 1024, 1280}
 
 
@@ -428,16 +522,69 @@ def _first_line(exc: BaseException) -> str:
     return lines[-1] if lines else type(exc).__name__
 
 
-def read_image(path: str | os.PathLike) -> sitk.Image:
-    """Read any image SimpleITK can read (file or DICOM series folder) with clear errors."""
+def read_image(path: str | os.PathLike, series: str | None = None) -> sitk.Image:
+    """Read any image SimpleITK can read (file or DICOM series folder) with clear errors.
+
+    Args:
+        path: image file or DICOM folder.
+        series: Series Instance UID to read from a DICOM folder holding several (default: the
+            one with most slices, with a warning naming the others).
+
+    Raises:
+        InputError: unreadable, damaged, ``series`` given for a file or absent from the folder,
+            or voxels that are NaN or infinite.
+    """
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: no such file or folder.")
     if path.is_dir():  # a folder can only be a DICOM series; the reader says so when it holds none
-        return _read_dicom_series(path)
+        image = _read_dicom_series(path, series)
+        _check_image_finite(image, str(path))
+        return image
+    if series is not None:
+        raise InputError(
+            f"{path}: a series (--series {series}) can only be chosen in a DICOM folder; this is a file. "
+            "Leave --series out, or give the folder of the DICOM series."
+        )
     if path.stat().st_size == 0:
         raise InputError(f"{path}: file is empty.")
     _validate_file(path)
+    _check_nifti_finite(path)
+    image = _read_file(path)
+    _check_image_finite(image, str(path))
+    return image
+
+
+def _check_image_finite(image: sitk.Image, source: str) -> None:
+    if image.GetPixelIDValue() in (sitk.sitkFloat32, sitk.sitkFloat64):
+        check_finite(sitk.GetArrayViewFromImage(image), source)
+
+
+def _check_nifti_finite(path: Path) -> None:
+    """ITK's NIfTI reader turns NaN and infinite voxels into 0 (water): find them before it does.
+    Only floating-point NIfTI can hold them (integer voxels are read as they are)."""
+    if not path.name.lower().endswith((".nii", ".nii.gz")):
+        return
+    import nibabel as nib
+
+    try:
+        img = nib.load(str(path))
+        if img.get_data_dtype().kind not in "fc":
+            return
+        data = np.asanyarray(img.dataobj)
+    except Exception:
+        return
+    bad = ~np.isfinite(data)
+    n = int(np.count_nonzero(bad))
+    if n:
+        first = None
+        if bad.ndim >= 3:  # nibabel's (i, j, k, ...) -> ITK's (z, y, x), first in the same order
+            zyx = bad.reshape(*bad.shape[:3], -1).any(axis=-1).transpose(2, 1, 0)
+            first = tuple(int(i) for i in np.argwhere(zyx)[0])
+        raise InputError(_nonfinite_message(str(path), n, int(data.size), first))
+
+
+def _read_file(path: Path) -> sitk.Image:
     try:
         return sitk.ReadImage(str(path))
     except RuntimeError as exc:
@@ -550,13 +697,13 @@ def check_hu(array: np.ndarray, source: str) -> None:
     bone in the hundreds. MR, PET, or an already normalised array look different; so does a CT
     stored without its rescale intercept (air near 0, everything positive).
     """
+    if array.size == 0:
+        raise InputError(f"{source}: holds no voxels; give the whole CT volume.")
+    check_finite(array, source)  # every voxel: a sample could miss a few
     flat = array.reshape(-1)
     if flat.size > 2_000_000:  # a strided sample is plenty for percentiles
         flat = flat[:: flat.size // 2_000_000]
-    finite = flat[np.isfinite(flat)]
-    if finite.size == 0:
-        raise InputError(f"{source}: holds no finite values.")
-    lo, hi = np.percentile(finite, [0.5, 99.5])
+    lo, hi = np.percentile(flat, [0.5, 99.5])
     hint = " If you are sure this is a CT in HU, pass allow_non_hu=True (command line: --allow-non-hu)."
     if hi - lo < 50:
         raise InputError(
@@ -581,6 +728,7 @@ def read_ct(
     *,
     metadata: Mapping[str, Any] | None = None,
     allow_non_hu: bool = False,
+    series: str | None = None,
 ) -> CTVolume:
     """Read a CT volume (NIfTI, NRRD, MHA, or a DICOM series folder) in Hounsfield units.
 
@@ -590,16 +738,22 @@ def read_ct(
             ImagePositionPatient, ImageOrientationPatient) replaces the header's, and its
             RescaleSlope / RescaleIntercept are applied to the stored values (CT-RATE NIfTI
             headers are unreliable). Missing rescale columns leave the header's scaling.
-        allow_non_hu: skip the check that the intensities look like CT in HU.
+        allow_non_hu: skip the check that the intensities look like CT in HU (voxels that are
+            NaN or infinite are refused all the same).
+        series: Series Instance UID to read from a DICOM folder holding several (default: the
+            one with most slices; a warning names the others).
 
     Returns:
-        :class:`CTVolume` with a float32 ``(Z, Y, X)`` array and its :class:`Geometry`.
+        :class:`CTVolume` with a float32 ``(Z, Y, X)`` array and its :class:`Geometry`
+        (``dicom_series`` set for a DICOM folder).
 
     Raises:
-        InputError: unreadable file, not 3D, bad geometry, or intensities that are not CT.
+        InputError: unreadable file, not 3D, bad geometry, NaN or infinite voxels, or
+            intensities that are not CT.
     """
     source = str(path)
-    image = _squeeze_to_3d(read_image(path), source)
+    image = _squeeze_to_3d(read_image(path, series), source)
+    dicom_uid = image.GetMetaData(_DICOM_SERIES) if image.HasMetaDataKey(_DICOM_MARK) else None
     array = sitk.GetArrayFromImage(image).astype(np.float32, copy=False)
     geometry = Geometry.from_sitk(image)
 
@@ -628,9 +782,11 @@ def read_ct(
 
     geometry.validate(source)
     array = np.ascontiguousarray(array, dtype=np.float32)
-    if not allow_non_hu:
-        check_hu(array, source)
-    return CTVolume(array=array, geometry=geometry, source=source)
+    if allow_non_hu:
+        check_finite(array, source)
+    else:
+        check_hu(array, source)  # checks finiteness first
+    return CTVolume(array=array, geometry=geometry, source=source, dicom_series=dicom_uid)
 
 
 def _volume_stem(name: str) -> str:

@@ -162,6 +162,43 @@ def model_space_geometry(geometry: Geometry, config: ModelSpaceConfig) -> Geomet
     )
 
 
+#: a CT voxel more than this many times the expected size along an axis gets a warning.
+COARSE_FACTOR = 3.0
+
+
+def patient_spacing_zyx(geometry: Geometry) -> tuple[float, float, float]:
+    """Voxel size in mm along the patient's superior, posterior and left axes ``(z, y, x)``
+    (the model space's axes), whatever the order of the array's axes."""
+    cosines = np.abs(geometry.direction_matrix)  # rows: L, P, S; columns: the array's x, y, z axes
+    lps = [float(geometry.spacing[int(np.argmax(cosines[row]))]) for row in range(3)]
+    return (lps[2], lps[1], lps[0])
+
+
+def spacing_warning(
+    geometry: Geometry, expected_zyx: Sequence[float], what: str, source: str, factor: float = COARSE_FACTOR
+) -> str | None:
+    """A message when the voxels of ``geometry`` are more than ``factor`` times coarser than
+    ``expected_zyx`` (mm, the spacing ``what`` works at) along some axis, else ``None``.
+
+    Resampling such a volume (e.g. 5 slices 60 mm apart) invents the detail between its slices,
+    so segmentation and scores may be unreliable; the caller warns and records the message.
+    """
+    have = patient_spacing_zyx(geometry)
+    coarse = [
+        name for name, h, e in zip(("z (slice)", "y", "x"), have, expected_zyx) if h > factor * float(e)
+    ]
+    if not coarse:
+        return None
+    fmt = " x ".join(f"{v:g}" for v in have)
+    exp = " x ".join(f"{float(v):g}" for v in expected_zyx)
+    return (
+        f"{source}: its voxels are {fmt} mm (z, y, x), more than {factor:g}x coarser along "
+        f"{', '.join(coarse)} than the {exp} mm {what} works at: the detail between its voxels is "
+        "missing, so the results may be unreliable. Use a thinner-slice reconstruction of the scan "
+        "if there is one."
+    )
+
+
 def _resample(image: sitk.Image, grid: Geometry, interpolator: int, default: float, pixel: int) -> sitk.Image:
     ref = grid.apply_to(sitk.Image(list(grid.size), pixel))
     return sitk.Resample(image, ref, sitk.Transform(), interpolator, default, pixel)

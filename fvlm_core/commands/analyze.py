@@ -4,7 +4,12 @@ Reads the CT (NIfTI, NRRD, MHA or a DICOM series folder), segments it (built-in 
 lungs only; TotalSegmentator; or a given label map), embeds every anatomy of the model and scores
 the model's findings (the 16 CT-RATE findings by default) plus any given with --prompts.
 Per anatomy: present / partial (cut by the field of view) / absent, volume; per finding:
-probability, the threshold used (calibrated or default 0.5) and flagged yes/no.
+probability, the threshold used (calibrated or default 0.5) and flagged yes/no. Warnings (a
+DICOM folder holding several series, voxels much coarser than the model's, default prompt
+wordings, a prompt replacing a built-in finding, ...) are printed and listed in the JSON.
+
+Every output is checked before the work (none may be an input or another output; --out a
+file, --maps-dir a folder) and written all or none.
 
 Examples::
 
@@ -23,6 +28,9 @@ import time
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("ct", help="CT volume: NIfTI/NRRD/MHA file or DICOM series folder")
+    parser.add_argument(
+        "--series", metavar="UID", help="DICOM folder with several series: the Series Instance UID to read"
+    )
     seg = parser.add_mutually_exclusive_group()
     seg.add_argument(
         "--segmentation",
@@ -66,31 +74,66 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from fvlm_core.errors import ConfigError, recorded_warnings
+
+    if args.only_prompts and not args.prompts:
+        raise ConfigError("--only-prompts scores only the --prompts findings: give --prompts FILE too")
+    if args.all_maps and not args.maps_dir:
+        raise ConfigError("--all-maps chooses which similarity maps to write: give --maps-dir FOLDER too")
+    plan = output_plan(args)
+    plan.check()  # before the minutes of work
+    with recorded_warnings() as warned:
+        result, out = analyze(args)
+    with plan.writing() as staged:
+        if args.maps_dir:
+            written = result.write_maps(staged.path("--maps-dir"))
+            result.map_files = {k: str(staged.final(v)) for k, v in written.items()}
+        out = {**result.to_dict(), **out, "warnings": warned}
+        staged.path("--out").write_text(json.dumps(out, indent=2), encoding="utf-8")
+    say = _say(args.quiet)
+    for anat, f in result.flagged:
+        p, t = distinct_numbers(f.probability, f.threshold)
+        say(f"flagged: {f.name} on {anat} (p = {p} > {t}, {f.threshold_source})")
+    for note in result.notes:
+        if note not in warned:  # already printed as a warning
+            say(f"note: {note}")
+    say(f"results: {args.out}")
+    return 0
+
+
+def output_plan(args: argparse.Namespace):
+    """The inputs and outputs of ``fvlm analyze`` (:class:`fvlm_core.outputs.OutputPlan`)."""
+    from fvlm_core.outputs import OutputPlan
+
+    plan = OutputPlan()
+    for option in ("ct", "segmentation", "class_map", "model", "prompts"):
+        plan.input("CT" if option == "ct" else f"--{option.replace('_', '-')}", getattr(args, option))
+    plan.file("--out", args.out, example="results.json")
+    plan.folder("--maps-dir", args.maps_dir)
+    return plan
+
+
+def analyze(args: argparse.Namespace):
+    """Read, segment and score; returns ``(AnalysisResult, extra JSON fields)``."""
     import torch
 
-    from fvlm_core.atomic import atomic_write_text
-    from fvlm_core.findings import FindingSet
     from fvlm_core.io import read_ct
-    from fvlm_core.zeroshot.analyzer import Analyzer, load_findings_file
+    from fvlm_core.zeroshot.analyzer import Analyzer, load_findings_file, merge_findings
 
-    def say(msg: str) -> None:
-        if not args.quiet:
-            print(msg, file=sys.stderr, flush=True)
-
+    say = _say(args.quiet)
+    user = load_findings_file(args.prompts) if args.prompts else None  # seconds before the model
     timings = {}
+    t = time.perf_counter()
+    ct = read_ct(args.ct, allow_non_hu=args.allow_non_hu, series=args.series)
+    timings["read"] = time.perf_counter() - t
+    say(f"read {args.ct}: {ct.array.shape[::-1]} voxels")
     t = time.perf_counter()
     analyzer = Analyzer.from_pretrained(args.model, device=args.device)
     timings["load_model"] = time.perf_counter() - t
     findings = analyzer.default_findings()
-    if args.prompts:
-        user = load_findings_file(args.prompts)
-        findings = user if args.only_prompts else FindingSet([*findings, *user])
+    if user is not None:
+        findings = user if args.only_prompts else merge_findings(findings, user)
     analyzer.check_findings(findings)  # fail before the slow steps
-
-    t = time.perf_counter()
-    ct = read_ct(args.ct, allow_non_hu=args.allow_non_hu)
-    timings["read"] = time.perf_counter() - t
-    say(f"read {args.ct}: {ct.array.shape[::-1]} voxels")
 
     t = time.perf_counter()
     segmentation = segment(ct, analyzer, args.segmentation, args.backend, args.class_map)
@@ -107,21 +150,33 @@ def run(args: argparse.Namespace) -> int:
             max_window_zyx=args.max_window,
             progress=(lambda m, f: say(f"[{f * 100:5.1f}%] {m}")),
         )
-    if args.maps_dir:
-        result.write_maps(args.maps_dir)
     result.timings = {**timings, **result.timings}
-    out = result.to_dict()
-    out["ct"] = str(args.ct)
-    out["segmentation"] = {"source": args.segmentation or args.backend}
-    atomic_write_text(args.out, json.dumps(out, indent=2))
-    for anat, f in result.flagged:
-        say(
-            f"flagged: {f.name} on {anat} (p = {f.probability:.3f} > {f.threshold:.3f}, {f.threshold_source})"
-        )
-    for note in result.notes:
-        say(f"note: {note}")
-    say(f"results: {args.out}")
-    return 0
+    extra = {
+        "ct": str(args.ct),
+        "ct_spacing_mm": list(ct.geometry.spacing),
+        "segmentation": {"source": args.segmentation or args.backend},
+    }
+    if ct.dicom_series:
+        extra["dicom_series"] = ct.dicom_series
+    return result, extra
+
+
+def distinct_numbers(a: float, b: float) -> tuple[str, str]:
+    """``a`` and ``b`` with the fewest decimals (at least 3) that tell them apart, so
+    ``p > threshold`` never prints as ``0.500 > 0.500``."""
+    for digits in range(3, 10):
+        x, y = f"{a:.{digits}f}", f"{b:.{digits}f}"
+        if x != y:
+            return x, y
+    return repr(float(a)), repr(float(b))
+
+
+def _say(quiet: bool):
+    def say(msg: str) -> None:
+        if not quiet:
+            print(msg, file=sys.stderr, flush=True)
+
+    return say
 
 
 def segment(ct, analyzer, segmentation_path: str | None, backend: str, class_map: str | None):

@@ -5,6 +5,8 @@ that are not needed (position_ids, the tied MLM head) and any other unused tenso
 Missing or mis-shaped vision, text or head weights are refused. The text encoder's tokenizer and
 config come from --text-encoder (the CXR-BERT the checkpoint was trained with: a local folder, or
 a hub name already in the local Hugging Face cache); they are copied into the output folder.
+An existing --out folder is refused unless --force, which replaces it as a whole (no file of the
+old folder is left mixed in); the folder is written all or none.
 
 Example::
 
@@ -31,7 +33,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         required=True,
         help="CXR-BERT folder or hub name (microsoft/BiomedVLP-CXR-BERT-specialized) for tokenizer and config",
     )
-    parser.add_argument("--out", required=True, help="output checkpoint folder")
+    parser.add_argument("--out", required=True, help="output checkpoint folder (must not exist, see --force)")
+    parser.add_argument(
+        "--force", action="store_true", help="replace an existing --out folder (all its files are removed)"
+    )
     parser.add_argument(
         "--anatomies",
         type=_names,
@@ -48,15 +53,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from fvlm_core.model.official import import_official
+    from pathlib import Path
 
-    _, report = import_official(
+    from fvlm_core.outputs import OutputPlan
+
+    plan = OutputPlan()
+    plan.input("CHECKPOINT", args.checkpoint)
+    if Path(args.text_encoder).exists():  # else a hub name
+        plan.input("--text-encoder", args.text_encoder)
+    plan.folder("--out", args.out, replace=True, force=args.force)
+    plan.check()  # before reading gigabytes
+    from fvlm_core.model.official import import_official  # torch and transformers: seconds to import
+
+    model, report = import_official(
         args.checkpoint,
         args.text_encoder,
-        out_dir=args.out,
         anatomies=args.anatomies,
         img_size=tuple(args.img_size) if args.img_size else None,
     )
+    with plan.writing() as staged:
+        model.save_pretrained(staged.path("--out"))
     print(report.summary())
     print(f"wrote {args.out}")
     return 0

@@ -70,8 +70,8 @@ def read_csv_table(path: str | os.PathLike) -> tuple[list[str], list[dict[str, s
     saved index) is named ``Unnamed: <position>``.
 
     Raises:
-        DataError: the file is missing or unreadable, has no header, repeats a column name, or
-            holds a row with more cells than the header.
+        DataError: the file is missing or unreadable, has no header or no rows, repeats a column
+            name, or holds a row with more cells than the header.
     """
     from fvlm_core.errors import DataError
 
@@ -99,6 +99,11 @@ def read_csv_table(path: str | os.PathLike) -> tuple[list[str], list[dict[str, s
     repeated = sorted({c for c in columns if columns.count(c) > 1})
     if repeated:
         raise DataError(f"{path}: column name(s) {', '.join(repeated)} appear more than once")
+    if not rows:
+        raise DataError(
+            f"{path}: has a header ({', '.join(columns)}) but no rows, so there are no reports to label. "
+            "Check that it is the right file: one report per row below the header"
+        )
     return columns, rows
 
 
@@ -144,13 +149,17 @@ def gold_labels(rows: list[dict[str, str]], path: str | os.PathLike) -> dict[str
 
 
 def run(args: argparse.Namespace) -> int:
-    from fvlm_core.atomic import atomic_path
     from fvlm_core.errors import DataError, InputError
     from fvlm_core.findings import CTRATE_LABELS
+    from fvlm_core.outputs import OutputPlan
     from fvlm_core.reports.labels import score_labels
 
     if not args.out and not args.score:
         raise InputError("nothing to do: pass --out LABELS.csv and/or --score")
+    plan = OutputPlan()
+    plan.input("REPORTS", args.reports)
+    plan.file("--out", args.out, example="labels.csv")
+    plan.check()
     columns, rows = read_csv_table(args.reports)
     id_column = args.id_column or columns[0]
     if id_column not in columns:
@@ -170,7 +179,7 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     if args.out:
-        with atomic_path(args.out) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
+        with plan.writing() as staged, open(staged.path("--out"), "w", newline="", encoding="utf-8") as f:
             writer = csv.writer(f, lineterminator="\n")
             writer.writerow([id_column, *CTRATE_LABELS])
             writer.writerows(table)

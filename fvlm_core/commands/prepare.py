@@ -51,6 +51,7 @@ def run(args: argparse.Namespace) -> int:
     from fvlm_core.data.prepare import parse_shard, prepare_dataset
     from fvlm_core.preprocess import ModelSpaceConfig
 
+    output_plan(args).check()  # before the first volume
     config = ModelSpaceConfig()
     catalog = CTRATE_CATALOG
     if args.config:
@@ -90,6 +91,32 @@ def run(args: argparse.Namespace) -> int:
     if summary.failed and (args.strict or summary.processed + summary.already_done == 0):
         return 1
     return 0
+
+
+def output_plan(args: argparse.Namespace):
+    """The inputs and the output folder of ``fvlm prepare`` (checked only: the cache is written
+    sample by sample, so a crash keeps the finished ones)."""
+    from pathlib import Path
+
+    from fvlm_core.outputs import OutputPlan
+
+    plan = OutputPlan()
+    root = Path(args.dataset)
+    plan.input("--dataset", root, contents=False)  # the cache may live beside its input folders
+    for part in (
+        "dataset",
+        "metadata",
+        "radiology_text_reports",
+        "multi_abnormality_labels",
+        "anatomy_masks",
+    ):
+        plan.input("--dataset", root / part)
+    plan.input("--masks", args.masks)
+    plan.input("--class-map", args.class_map)
+    if args.config and Path(args.config).exists():  # else a bundled config name
+        plan.input("--config", args.config)
+    plan.folder("--out", args.out)
+    return plan
 
 
 def _model_space_of(name_or_path: str):

@@ -174,6 +174,12 @@ def fetch_sample_data(
 
 
 def run(args: argparse.Namespace) -> int:
+    from fvlm_core.outputs import OutputPlan
+
+    plan = OutputPlan()
+    plan.input("--sdist", args.sdist)
+    plan.folder("--dest", args.dest or default_dest())
+    plan.check()  # before a download
     dest = fetch_sample_data(args.dest, args.sdist, args.version_pin, args.force)
     for p in sorted(dest.iterdir()):
         print(f"  {p.name}{'/' if p.is_dir() else ''}")

@@ -4,7 +4,9 @@ Backends: ``builtin`` (offline, classical: lungs and bone), ``totalsegmentator``
 optional ``totalsegmentator`` package and its weights), ``labelmap`` (reuse a segmentation: a
 TotalSegmentator multilabel file, a folder of ``<class>.nii.gz`` masks, or any label map with
 ``--class-map``). Anatomies not found are reported as absent; if none of the catalog's
-anatomies is found the command fails.
+anatomies is found the command fails. Both outputs are checked before the work (neither may be
+an input or the other output) and written both or neither; warnings (several DICOM series,
+voxels much coarser than the segmenter works at) are printed and listed in the --json summary.
 
 Examples::
 
@@ -20,6 +22,9 @@ import sys
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("ct", help="CT volume: NIfTI/NRRD/MHA file or DICOM series folder")
+    parser.add_argument(
+        "--series", metavar="UID", help="DICOM folder with several series: the Series Instance UID to read"
+    )
     parser.add_argument(
         "--backend",
         default="builtin",
@@ -55,13 +60,39 @@ def format_table(summary: dict) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
 
 
+#: voxel size (z, y, x mm) each backend works at, for the warning about much coarser CTs; the
+#: builtin segmenter is tuned on diagnostic chest CT, i.e. the reference model space.
+BACKEND_SPACING_ZYX = {
+    "builtin": (3.0, 1.0, 1.0),
+    "totalsegmentator": (1.5, 1.5, 1.5),
+    "totalsegmentator --fast": (3.0, 3.0, 3.0),
+}
+
+
+def output_plan(args: argparse.Namespace):
+    """The inputs and outputs of ``fvlm segment`` (:class:`fvlm_core.outputs.OutputPlan`)."""
+    from pathlib import Path
+
+    from fvlm_core.io import IMAGE_SUFFIXES
+    from fvlm_core.outputs import OutputPlan
+
+    plan = OutputPlan()
+    plan.input("CT", args.ct)
+    plan.input("--labelmap", args.labelmap)
+    if args.class_map and Path(args.class_map).exists():  # else a word: total, anatomy, auto
+        plan.input("--class-map", args.class_map)
+    plan.file("--out", args.out, suffixes=IMAGE_SUFFIXES, example="anatomy.nii.gz")
+    plan.file("--json", args.json, example="anatomy.json")
+    return plan
+
+
 def run(args: argparse.Namespace) -> int:
     import json
 
     from fvlm_core.anatomy import get_catalog
-    from fvlm_core.atomic import atomic_write_text
-    from fvlm_core.errors import ConfigError, InputError
+    from fvlm_core.errors import ConfigError, InputError, recorded_warnings, warn
     from fvlm_core.io import read_ct
+    from fvlm_core.preprocess import spacing_warning
     from fvlm_core.segmentation import get_backend
 
     if args.backend == "labelmap" and not args.labelmap:
@@ -69,22 +100,33 @@ def run(args: argparse.Namespace) -> int:
     if args.labelmap and args.backend != "labelmap":
         raise ConfigError("--labelmap is only used with --backend labelmap")
     catalog = get_catalog(args.catalog)
-    ct = read_ct(args.ct, allow_non_hu=args.allow_non_hu)
-    if args.backend == "labelmap":
-        backend = get_backend("labelmap", path=args.labelmap, class_map=args.class_map)
-    elif args.backend == "totalsegmentator":
-        backend = get_backend(
-            "totalsegmentator", fast=args.fast, device=args.device, allow_download=args.allow_download
-        )
-    else:
-        backend = get_backend("builtin")
+    plan = output_plan(args)
+    plan.check()  # before the work
+    with recorded_warnings() as warned:
+        ct = read_ct(args.ct, allow_non_hu=args.allow_non_hu, series=args.series)
+        if args.backend == "labelmap":
+            backend = get_backend("labelmap", path=args.labelmap, class_map=args.class_map)
+        elif args.backend == "totalsegmentator":
+            backend = get_backend(
+                "totalsegmentator", fast=args.fast, device=args.device, allow_download=args.allow_download
+            )
+        else:
+            backend = get_backend("builtin")
+        kind = args.backend + (" --fast" if args.fast and args.backend == "totalsegmentator" else "")
+        if kind in BACKEND_SPACING_ZYX:  # a given label map is used as it is
+            coarse = spacing_warning(ct.geometry, BACKEND_SPACING_ZYX[kind], f"the {kind} segmenter", args.ct)
+            if coarse:
+                warn(coarse)
 
-    def progress(step: str, frac: float) -> None:
-        print(f"[{frac * 100:3.0f}%] {step}", file=sys.stderr)
+        def progress(step: str, frac: float) -> None:
+            print(f"[{frac * 100:3.0f}%] {step}", file=sys.stderr)
 
-    seg = backend.segment(ct, catalog, progress=progress)
+        seg = backend.segment(ct, catalog, progress=progress)
     summary = seg.summary()
     summary["ct"] = str(args.ct)
+    if ct.dicom_series:
+        summary["dicom_series"] = ct.dicom_series
+    summary["warnings"] = warned
     print(format_table(summary))
     if not seg.present:
         raise InputError(
@@ -102,10 +144,12 @@ def run(args: argparse.Namespace) -> int:
                 else ""
             )
         )
-    out = seg.save(args.out)
-    summary["output"] = str(out)
-    print(f"wrote {out}")
+    summary["output"] = str(args.out)
+    with plan.writing() as staged:
+        seg.save(staged.path("--out"))
+        if args.json:
+            staged.path("--json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    print(f"wrote {args.out}")
     if args.json:
-        atomic_write_text(args.json, json.dumps(summary, indent=2) + "\n")
         print(f"wrote {args.json}")
     return 0

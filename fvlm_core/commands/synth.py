@@ -3,7 +3,9 @@
 Writes dataset/{train,valid}/..., metadata/, radiology_text_reports/, multi_abnormality_labels/ and
 anatomy_masks/ (lung 1, heart 2, esophagus 3, aorta 4, trachea 5). Volumes are stored as int16
 with RescaleIntercept -1024 in the metadata CSV (NIfTI headers carry no geometry, as in CT-RATE).
-The same --seed gives byte-identical files whatever --workers is.
+The same --seed gives byte-identical files whatever --workers is. The cohort is written all or
+none; an existing --out folder is refused unless --force, which replaces it as a whole (a cohort
+mixed with files of an earlier one would not match its own tables).
 """
 
 from __future__ import annotations
@@ -12,7 +14,10 @@ import argparse
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", required=True, help="output folder (created)")
+    parser.add_argument("--out", required=True, help="output folder (created; see --force)")
+    parser.add_argument(
+        "--force", action="store_true", help="replace an existing --out folder (all its files are removed)"
+    )
     parser.add_argument("--n", type=int, required=True, help="number of scans (train + valid)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.add_argument(
@@ -66,14 +71,31 @@ def _three(values, name: str):
 
 
 def run(args: argparse.Namespace) -> int:
-    from fvlm_core.data.synth import DEFAULT_PREVALENCE, generate_cohort
+    from fvlm_core.data.synth import DEFAULT_PREVALENCE
     from fvlm_core.errors import InputError
+    from fvlm_core.outputs import OutputPlan
 
     if args.prevalence is not None and not 0.0 <= args.prevalence <= 1.0:
         raise InputError(f"--prevalence must be within 0..1 (got {args.prevalence}).")
     prevalence = None if args.prevalence is None else dict.fromkeys(DEFAULT_PREVALENCE, args.prevalence)
-    summary = generate_cohort(
-        args.out,
+    plan = OutputPlan()
+    plan.folder("--out", args.out, replace=True, force=args.force)
+    plan.check()
+    with plan.writing() as staged:
+        summary = _generate(args, staged.path("--out"), prevalence)
+    print(
+        f"wrote {summary.n_volumes} volumes ({summary.n_scans} scans) to {args.out} in "
+        f"{summary.seconds:.1f} s ({summary.volumes_per_second:.1f} volumes/s)"
+    )
+    return 0
+
+
+def _generate(args: argparse.Namespace, out, prevalence: dict | None):
+    """The cohort of ``args`` written into ``out``; returns its ``CohortSummary``."""
+    from fvlm_core.data.synth import generate_cohort
+
+    return generate_cohort(
+        out,
         args.n,
         args.seed,
         size_zyx=_three(args.size, "--size"),
@@ -86,8 +108,3 @@ def run(args: argparse.Namespace) -> int:
         write_masks=not args.no_masks,
         progress=True,
     )
-    print(
-        f"wrote {summary.n_volumes} volumes ({summary.n_scans} scans) to {summary.out_dir} in "
-        f"{summary.seconds:.1f} s ({summary.volumes_per_second:.1f} volumes/s)"
-    )
-    return 0

@@ -2,21 +2,77 @@
 
 ``text/`` holds the text encoder's ``config.json`` and tokenizer files, so loading needs nothing
 but the folder (no hub, no pickles). Weights are read with safetensors only.
+
+The weights file's metadata records the anatomy names in order and the architecture signature
+(:func:`architecture_signature`) of the config they were saved with. Loading refuses a
+``config.yaml`` that disagrees (a reordered anatomy list would score each anatomy with another's
+weights, and tensors of equal shape would not catch it); a folder saved before the metadata
+existed loads with a warning.
 """
 
 from __future__ import annotations
 
+import json
 import os
-import shutil
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from fvlm_core.errors import CheckpointError, ConfigError
+from fvlm_core.errors import CheckpointError, ConfigError, warn
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.yaml"
 TEXT_DIR = "text"
+
+#: safetensors metadata keys (values are JSON text).
+ANATOMIES_KEY = "fvlm_anatomies"
+ARCHITECTURE_KEY = "fvlm_architecture"
+
+#: config fields that do not change what the weights mean (training options, labels, runtime
+#: switches); every other field, including any added later, is part of the signature.
+NOT_ARCHITECTURE = frozenset(
+    {
+        "name",
+        "anatomies",  # recorded on its own, in order
+        "findings",
+        "thresholds",
+        "versions",
+        "temperature_init",
+        "temperature_range",
+        "pool_dropout",
+        "vision.dropout",
+        "vision.flash_attention",
+        "text.name_or_path",  # the tokenizer and config come from the folder's text/
+        "text.freeze",
+        "text.train_top_layers",
+        "text.max_length",
+        "preprocessing.window_size_zyx",
+        "preprocessing.multiple_zyx",
+    }
+)
+
+
+def architecture_signature(config) -> dict[str, Any]:
+    """The config fields that define what the weights mean, flattened (``"vision.hidden_size"``).
+
+    Derived from the config itself (every field not in :data:`NOT_ARCHITECTURE`), not from a
+    list of tensors, so a change to the model's modules does not change how it is computed.
+    """
+
+    def flat(d: dict, prefix: str = "") -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, value in d.items():
+            name = f"{prefix}{key}"
+            if name in NOT_ARCHITECTURE:
+                continue
+            if isinstance(value, dict):
+                out.update(flat(value, f"{name}."))
+            else:
+                out[name] = value
+        return out
+
+    return flat(config.to_dict())
 
 
 def library_versions() -> dict[str, str]:
@@ -58,41 +114,45 @@ def save_text_files(model, directory: Path) -> None:
 def save_pretrained(model, directory: str | os.PathLike, **config_updates) -> Path:
     """Save ``model`` (an :class:`~fvlm_core.model.FVLM`) to ``directory``.
 
+    The weights, ``config.yaml`` and ``text/`` are written all or none
+    (:class:`fvlm_core.outputs.OutputPlan`): a failure leaves a previous checkpoint in the
+    folder as it was. Other files in the folder are left alone.
+
     Args:
         model: the model.
-        directory: output folder (created). Existing files are replaced atomically.
+        directory: output folder (created).
         **config_updates: config fields to set before saving (e.g. ``thresholds={...}``).
 
     Returns:
         The folder.
+
+    Raises:
+        OutputError: the folder cannot be written (a file in its place, read-only, ...).
     """
     from safetensors.torch import save_file
 
-    from fvlm_core.atomic import atomic_path
     from fvlm_core.model.config import FVLMConfig
+    from fvlm_core.outputs import OutputPlan
 
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     cfg_dict = model.config.to_dict()
     cfg_dict.update(config_updates)
     cfg_dict["versions"] = library_versions()
     config = FVLMConfig.from_dict(cfg_dict)
-    # the text folder first, written next to its final place and swapped in
-    tmp_text = directory / f".{TEXT_DIR}.tmp"
-    shutil.rmtree(tmp_text, ignore_errors=True)
-    save_text_files(model, tmp_text)
-    final_text = directory / TEXT_DIR
-    old = directory / f".{TEXT_DIR}.old"
-    shutil.rmtree(old, ignore_errors=True)
-    if final_text.exists():
-        final_text.rename(old)
-    tmp_text.rename(final_text)
-    shutil.rmtree(old, ignore_errors=True)
-    with atomic_path(directory / WEIGHTS_NAME) as tmp:
-        save_file(
-            _unshared_state_dict(model), str(tmp), metadata={"format": "pt", "fvlm": config.versions["fvlm"]}
-        )
-    config.save(directory / CONFIG_NAME)
+    metadata = {
+        "format": "pt",
+        "fvlm": config.versions["fvlm"],
+        ANATOMIES_KEY: json.dumps(list(config.anatomies)),
+        ARCHITECTURE_KEY: json.dumps(architecture_signature(config), sort_keys=True),
+    }
+    plan = OutputPlan()
+    plan.file(WEIGHTS_NAME, directory / WEIGHTS_NAME)
+    plan.file(CONFIG_NAME, directory / CONFIG_NAME)
+    plan.folder(TEXT_DIR, directory / TEXT_DIR, replace=True, force=True)
+    with plan.writing() as staged:
+        save_text_files(model, staged.path(TEXT_DIR))
+        save_file(_unshared_state_dict(model), str(staged.path(WEIGHTS_NAME)), metadata=metadata)
+        staged.path(CONFIG_NAME).write_text(config.to_yaml(), encoding="utf-8")
     model.config = config
     return directory
 
@@ -111,6 +171,61 @@ def read_safetensors(path: Path, device: str = "cpu") -> dict[str, torch.Tensor]
             f"{path}: not a readable safetensors file (corrupt or truncated: {exc}); "
             "copy or download the checkpoint again"
         ) from exc
+
+
+def read_metadata(path: Path) -> dict[str, str]:
+    """The metadata of a safetensors file (``{}`` when it has none)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(
+            f"{path}: not a readable safetensors file (corrupt or truncated: {exc}); "
+            "copy or download the checkpoint again"
+        ) from exc
+
+
+def check_saved_with(config, metadata: dict[str, str], source: str) -> None:
+    """Refuse a config whose anatomies or architecture differ from those the weights were saved
+    with (recorded in ``metadata``); warn when the weights record neither (an older folder).
+
+    Raises:
+        CheckpointError: naming both anatomy lists, or each differing field with both values.
+    """
+    if ANATOMIES_KEY not in metadata and ARCHITECTURE_KEY not in metadata:
+        warn(
+            f"{source} records no anatomy list or architecture (saved by an older fvlm), so config.yaml "
+            f"cannot be checked against it: make sure its anatomies ({', '.join(config.anatomies)}) are "
+            "in the order the model was trained with. Load and save the model once to add the record: "
+            "python -c \"from fvlm_core.model import from_pretrained as f; f('DIR').save_pretrained('DIR')\""
+        )
+        return
+    try:
+        saved_anatomies = json.loads(metadata.get(ANATOMIES_KEY, "null"))
+        saved_arch = json.loads(metadata.get(ARCHITECTURE_KEY, "{}"))
+    except ValueError as exc:
+        raise CheckpointError(
+            f"{source}: its metadata is damaged ({exc}); copy the checkpoint again"
+        ) from exc
+    if saved_anatomies is not None and list(saved_anatomies) != list(config.anatomies):
+        raise CheckpointError(
+            f"{source} was saved for the anatomies [{', '.join(saved_anatomies)}] (in this order), but "
+            f"config.yaml lists [{', '.join(config.anatomies)}]: each anatomy would be scored with "
+            f"another's weights. Restore `anatomies: [{', '.join(saved_anatomies)}]` in config.yaml."
+        )
+    now = architecture_signature(config)
+    differ = [
+        k for k in sorted(set(saved_arch) & set(now)) if saved_arch[k] != json.loads(json.dumps(now[k]))
+    ]
+    if differ:
+        details = "; ".join(f"{k}: saved {saved_arch[k]!r}, config.yaml {now[k]!r}" for k in differ)
+        raise CheckpointError(
+            f"{source} was saved with another architecture than config.yaml describes ({details}). "
+            "The weights would be used in a model they were not trained for: restore the saved values "
+            "in config.yaml."
+        )
 
 
 def check_state_dict(
@@ -154,7 +269,8 @@ def from_pretrained(directory: str | os.PathLike, device: str | torch.device = "
         The model in eval mode on ``device``.
 
     Raises:
-        CheckpointError: the folder is missing, incomplete, or its weights do not fit its config.
+        CheckpointError: the folder is missing or incomplete, its weights do not fit its config,
+            or the config's anatomies or architecture differ from those the weights were saved with.
         ConfigError: the device is unknown or not available here.
     """
     from fvlm_core.devices import resolve_device
@@ -172,7 +288,10 @@ def from_pretrained(directory: str | os.PathLike, device: str | torch.device = "
         config = load_config(cfg_path)
     except ConfigError as exc:
         raise CheckpointError(f"{directory}: invalid model config: {exc}") from exc
-    tensors = read_safetensors(directory / WEIGHTS_NAME)
+    weights = directory / WEIGHTS_NAME
+    if weights.is_file():
+        check_saved_with(config, read_metadata(weights), str(weights))
+    tensors = read_safetensors(weights)
     text_dir = directory / TEXT_DIR
     model = FVLM(config, text_source=text_dir if text_dir.is_dir() else None, load_text_weights=False)
     check_state_dict(model, tensors, str(directory / WEIGHTS_NAME))

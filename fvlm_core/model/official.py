@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -75,11 +76,15 @@ def read_official_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint file not found")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's notes on pickle protocols: the error says enough
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # unpickling errors come in many types
         raise CheckpointError(
-            f"{path}: cannot be read as a torch checkpoint with weights_only=True ({type(exc).__name__}: {exc}). "
-            "Give the official fVLM .pth file; files that need arbitrary code to unpickle are refused"
+            f"{path}: not a checkpoint fvlm can read safely ({_unpickling_reason(exc)}). It is not a torch "
+            "file, or it holds Python objects besides tensors, and loading those could run code from the "
+            "file: fvlm never does. Give the official fVLM checkpoint (a .pth whose ['model'] holds only "
+            "tensors), or ask whoever made this file for a plain-tensor or safetensors copy"
         ) from exc
     state = obj.get("model") if isinstance(obj, dict) else None
     if not isinstance(state, dict):
@@ -87,6 +92,21 @@ def read_official_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             f"{path}: no ['model'] dict of tensors; not an official fVLM (LAVIS) checkpoint"
         )
     return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+
+
+def _unpickling_reason(exc: Exception) -> str:
+    """The cause of a failed ``torch.load``, without PyTorch's advice to load it unsafely
+    (``weights_only=False``, allow-listing globals), which a command-line user must not follow."""
+    text = str(exc)
+    found = re.search(
+        r"WeightsUnpickler error:\s*(.+?)(?:\s+Please use|\n\s*\n|\s*Check the documentation|$)", text, re.S
+    )
+    if found:
+        reason = " ".join(found.group(1).split())
+        reason = re.sub(r"\s*was not an allowed global by default\.?", "", reason)
+        return reason.rstrip(".")
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and "weights_only" not in ln]
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
 
 
 def config_from_official(

@@ -10,7 +10,8 @@
 Per anatomy the result says present / partial (cut by the field of view) / absent and its
 volume; per finding on it the probability ``softmax([v.t_neg, v.t_pos] / tau)[1]``, the
 threshold used (the model config's calibrated one, else 0.5, and which) and whether it is
-flagged (``p > threshold``, the reference's rule).
+flagged (``p > threshold``, the reference's rule). A calibrated threshold applies only to the
+wordings it was calibrated with: a finding of that name worded otherwise gets 0.5.
 
 Cost: the CT is resampled to model space once; anatomies whose joint box fits in the model
 window share one encoder forward (``windows.plan_shared``); prompt embeddings are cached per
@@ -32,9 +33,9 @@ import numpy as np
 import torch
 
 from fvlm_core.devices import resolve_device
-from fvlm_core.errors import CancelledError, ConfigError, InputError
+from fvlm_core.errors import CancelledError, ConfigError, InputError, warn
 from fvlm_core.findings import Finding, FindingSet
-from fvlm_core.io import CTVolume, Geometry, LabelVolume
+from fvlm_core.io import CTVolume, Geometry, LabelVolume, check_finite
 from fvlm_core.zeroshot import similarity, windows
 from fvlm_core.zeroshot.prompts import FindingEmbeddings, probability, prompt_cache_for
 
@@ -251,8 +252,13 @@ class Analyzer:
         return self.prompts.findings(findings)
 
     def threshold(self, finding: Finding) -> tuple[float, str]:
+        """``(threshold, "calibrated" | "default")``: the config's calibrated threshold when the
+        finding is the config's finding of that name (same anatomy and wordings), else 0.5."""
         t = self.config.thresholds.get(finding.name)
         if t is None or (isinstance(t, float) and math.isnan(t)):
+            return DEFAULT_THRESHOLD, "default"
+        calibrated_on = {f.name: f for f in self.default_findings()}.get(finding.name)
+        if calibrated_on is not None and _wording(calibrated_on) != _wording(finding):
             return DEFAULT_THRESHOLD, "default"
         return float(t), "calibrated"
 
@@ -383,7 +389,7 @@ class Analyzer:
             max_window_zyx: cap on window size in model-space voxels (low-memory use); an
                 anatomy keeping under 90% of its voxels inside its capped window is not scored.
         """
-        from fvlm_core.preprocess import resample_to_model_space
+        from fvlm_core.preprocess import resample_to_model_space, spacing_warning
 
         timings: dict[str, float] = {}
         notes: list[str] = []
@@ -395,6 +401,11 @@ class Analyzer:
                 progress(msg, frac)
 
         fs = self.check_findings(findings if findings is not None else self.default_findings())
+        check_finite(ct.array, ct.source)  # NaN would spread through resampling and pooling
+        coarse = spacing_warning(ct.geometry, self.model_space.spacing_zyx, "the model", ct.source)
+        if coarse:
+            warn(coarse)
+            notes.append(coarse)
         step("preparing", 0.0)
         with _timed(timings, "preprocess"):
             labels = self.labels_in_model_order(segmentation)
@@ -564,9 +575,80 @@ def _result_notes(results: list[AnatomyResult]) -> list[str]:
     return notes
 
 
+def _wording(f: Finding) -> tuple[str, tuple[str, ...], tuple[str, ...]]:
+    return (f.anatomy, tuple(f.positive), tuple(f.negative))
+
+
+_FINDING_KEYS = ("name", "anatomy", "positive", "negative")
+
+
+def _user_finding(d: Any, i: int, path: Path) -> Finding:
+    """Entry ``i`` (1-based) of a prompts file as a user :class:`Finding`; wordings left out get
+    the defaults, with a warning."""
+    where = f"--prompts {path}: entry {i}"
+    if not isinstance(d, Mapping):
+        raise ConfigError(f"{where} is not a mapping with name and anatomy")
+    unknown = sorted(set(map(str, d)) - set(_FINDING_KEYS))
+    if unknown:
+        raise ConfigError(
+            f"{where} has unknown key(s) {', '.join(unknown)} (known: {', '.join(_FINDING_KEYS)}); "
+            "check their spelling"
+        )
+    for key in ("name", "anatomy"):
+        if not isinstance(d.get(key), str) or not d[key].strip():
+            raise ConfigError(f"{where} needs a {key} (text), got {d.get(key)!r}")
+    for key in ("positive", "negative"):
+        value = d.get(key)
+        if value is not None and not (
+            isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value))
+        ):
+            raise ConfigError(f"{where}: {key} must be a text or a list of texts, got {value!r}")
+    finding = Finding.from_dict({**d, "source": "user"})
+    missing = [k for k in ("positive", "negative") if not d.get(k)]
+    if missing:
+        defaults = [repr(w) for k in missing for w in getattr(finding, k)]
+        warn(
+            f"{where} ({finding.name!r} on {finding.anatomy}) gives no {' or '.join(missing)} wording, so "
+            f"the default {' / '.join(defaults)} {'is' if len(defaults) == 1 else 'are'} used. Add "
+            f"{' and '.join(missing)}: [...] to the entry to choose the wording."
+        )
+    return finding
+
+
+def merge_findings(defaults: FindingSet, user: FindingSet) -> FindingSet:
+    """The model's findings with the user's added; a user finding named like a built-in one
+    replaces it (in its place), with a warning saying so."""
+    by_name = {f.name: f for f in user}
+    out, replaced = [], []
+    for f in defaults:
+        mine = by_name.pop(f.name, None)
+        if mine is None:
+            out.append(f)
+            continue
+        out.append(mine)
+        replaced.append((f, mine))
+    for old, new in replaced:
+        same = _wording(old) == _wording(new)
+        warn(
+            f"--prompts: {new.name!r} replaces the model's finding of that name "
+            f"({old.anatomy}: {' / '.join(old.positive + old.negative)})"
+            + ("" if same else f" with yours ({new.anatomy}: {' / '.join(new.positive + new.negative)})")
+            + ". Rename yours to score both."
+        )
+    return FindingSet(out + [f for f in user if f.name in by_name])
+
+
 def load_findings_file(path: str | os.PathLike) -> FindingSet:
     """Read user findings from JSON or YAML: a list of Finding dicts (name, anatomy, optional
-    positive / negative wordings), or ``{"findings": [...]}``."""
+    positive / negative wordings), or ``{"findings": [...]}``.
+
+    Wordings left out get the defaults (``"{X}."`` / ``"Not {X}."``) with an
+    :class:`~fvlm_core.errors.FVLMWarning`.
+
+    Raises:
+        InputError: the file cannot be read or is not UTF-8 text.
+        ConfigError: not JSON/YAML, not a list of findings, an unknown key, or a name given twice.
+    """
     import json
 
     import yaml
@@ -574,8 +656,13 @@ def load_findings_file(path: str | os.PathLike) -> FindingSet:
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputError(
+            f"--prompts {path}: not UTF-8 text (byte {exc.start} cannot be decoded). Save the file as UTF-8 "
+            "(in most editors: Save as... > Encoding: UTF-8) and retry."
+        ) from exc
     except OSError as exc:
-        raise InputError(f"--prompts {path}: cannot read the file ({exc})") from exc
+        raise InputError(f"--prompts {path}: cannot read the file ({exc.strerror or exc})") from exc
     try:
         data = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
     except (ValueError, yaml.YAMLError) as exc:
@@ -588,9 +675,14 @@ def load_findings_file(path: str | os.PathLike) -> FindingSet:
             '[{"name": "Pleural effusion", "anatomy": "lung", "positive": ["Pleural effusion."], '
             '"negative": ["No pleural effusion."]}]'
         )
-    out = []
-    for i, d in enumerate(data):
-        if not isinstance(d, Mapping):
-            raise ConfigError(f"--prompts {path}: entry {i + 1} is not a mapping with name and anatomy")
-        out.append(Finding.from_dict({"source": "user", **d}))
+    out: list[Finding] = []
+    for i, d in enumerate(data, start=1):
+        finding = _user_finding(d, i, path)
+        first = next((k for k, f in enumerate(out, start=1) if f.name == finding.name), None)
+        if first is not None:
+            raise ConfigError(
+                f"--prompts {path}: entries {first} and {i} are both named {finding.name!r}; "
+                "give each finding its own name"
+            )
+        out.append(finding)
     return FindingSet(out)

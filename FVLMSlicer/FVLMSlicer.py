@@ -2,22 +2,28 @@
 
 Thin layer: module metadata, the panel (widget), the logic facade and a self-test. The work
 is in ``FVLMSlicerLib`` (no Qt) and ``fvlm_core``.
+
+The panel's Qt calls are written for PythonQt, Slicer's binding, which differs from PySide/PyQt:
+a name that is a Qt property of the object is read as that property *before* any method of the
+same name (PythonQtClassInfo::member), so ``widget.rowCount`` is an int and
+``selectionModel().selectedIndexes`` is a list (calling it fails). Methods are used only where
+no property of that name exists (``selectedItems()``, ``item(row, column)``); properties are
+read and written as attributes. ``Testing/test_slicer_widget.py`` runs this widget on a layer
+over PySide6 that applies the same lookup rule.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import pathlib
-import shutil
 import sys
-from typing import Annotated
 
-import ctk
+import ctk  # noqa: F401  (Slicer's CTK widgets are created from the .ui)
 import qt
 import slicer
 import vtk
-from slicer.parameterNodeWrapper import Choice, parameterNodeWrapper
 from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModule,
     ScriptedLoadableModuleLogic,
@@ -26,6 +32,18 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 
+#: The oldest Python fvlm_core runs on, and the first Slicer release that ships one (Slicer
+#: 5.10 ships Python 3.12; 5.0-5.8 ship Python 3.9: Slicer's CMakeLists.txt,
+#: Slicer_REQUIRED_PYTHON_VERSION).
+MINIMUM_PYTHON = (3, 10)
+MINIMUM_SLICER = "5.10"
+SUPPORTED = tuple(sys.version_info[:2]) >= MINIMUM_PYTHON
+UNSUPPORTED_TEXT = (
+    f"FVLM needs 3D Slicer {MINIMUM_SLICER} or newer (Python {MINIMUM_PYTHON[0]}.{MINIMUM_PYTHON[1]}+). "
+    f"This Slicer runs Python {sys.version_info[0]}.{sys.version_info[1]}: install a current Slicer "
+    "from download.slicer.org."
+)
+
 # fvlm_core lives next to this file in a built extension and one folder up in a source checkout.
 _HERE = os.path.dirname(os.path.abspath(__file__))
 for _candidate in (_HERE, os.path.dirname(_HERE)):
@@ -33,9 +51,14 @@ for _candidate in (_HERE, os.path.dirname(_HERE)):
         sys.path.insert(0, _candidate)
         break
 
-from FVLMSlicerLib.logic import AnalysisLogic
+if SUPPORTED:
+    from FVLMSlicerLib.logic import AnalysisLogic
+    from FVLMSlicerLib.panel import AnatomySource, Device
+    from slicer.parameterNodeWrapper import parameterNodeWrapper
+else:  # an old Slicer: the module loads only to say what it needs
+    AnalysisLogic = object
 
-README_URL = "https://github.com/fvlm-slicer/fvlm-slicer#3d-slicer-extension"
+README_URL = "https://github.com/fvlm-slicer/fvlm-slicer#3d-slicer"
 
 
 class FVLMSlicer(ScriptedLoadableModule):
@@ -45,7 +68,7 @@ class FVLMSlicer(ScriptedLoadableModule):
         self.parent.categories = ["Segmentation", "Quantification"]
         self.parent.dependencies = []
         self.parent.contributors = ["fVLM for 3D Slicer contributors"]
-        self.parent.helpText = (
+        self.parent.helpText = ("" if SUPPORTED else f"<b>{UNSUPPORTED_TEXT}</b><br>") + (
             "Flags findings per anatomy on a CT with fVLM (Shui et al., ICLR 2025): the CT is segmented "
             "into anatomies (or an existing segmentation, e.g. from TotalSegmentator, is reused), each "
             "anatomy is embedded by the model and compared with text prompts of findings. Flagged "
@@ -59,16 +82,29 @@ class FVLMSlicer(ScriptedLoadableModule):
         )
 
 
-@parameterNodeWrapper
-class FVLMSlicerParameterNode:
-    """Panel state, saved with the scene. Names match the .ui's SlicerParameterName properties."""
+if SUPPORTED:
 
-    inputVolume: slicer.vtkMRMLScalarVolumeNode
-    anatomySource: Annotated[str, Choice(["builtin", "segmentation", "totalsegmentator"])] = "builtin"
-    inputSegmentation: slicer.vtkMRMLSegmentationNode
-    modelDir: pathlib.Path
-    device: Annotated[str, Choice(["auto", "cuda", "cpu"])] = "auto"
-    similarityMaps: bool = True
+    @parameterNodeWrapper
+    class FVLMSlicerParameterNode:
+        """Panel state, saved with the scene. Names match the .ui's SlicerParameterName properties.
+
+        ``findings`` (no widget): JSON ``{"model": folder, "rows": [[finding, anatomy], ...]}``,
+        the findings table as the user left it for that model.
+        """
+
+        inputVolume: slicer.vtkMRMLScalarVolumeNode
+        anatomySource: AnatomySource = AnatomySource.BUILTIN
+        inputSegmentation: slicer.vtkMRMLSegmentationNode
+        modelDir: pathlib.Path
+        device: Device = Device.AUTO
+        similarityMaps: bool = True
+        findings: str = ""
+
+
+def _modelPath(path) -> str:
+    """The model folder as text ('' for an unset pathlib.Path parameter, which reads '.')."""
+    text = str(path or "").strip()
+    return "" if text in ("", ".") else text
 
 
 class FVLMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
@@ -82,59 +118,105 @@ class FVLMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNodeGuiTag = None
         self._job = None
         self._context = None
+        self._applier = None
+        self._importJob = None
+        self._doneStatus = None
         self._results = None
         self._modelAnatomies: list[str] = []
-        self._layoutTableView = None
+        self._modelFindings: list[dict] = []  # the model's findings, with its prompts
+        self._modelDirShown = None  # the model folder onModelChanged last read
+        self._updatingFindings = False
+        self._logLength = 0
         self._pollTimer = qt.QTimer()
         self._pollTimer.setInterval(self.POLL_MS)
         self._pollTimer.connect("timeout()", self.onPoll)
+        self._stepTimer = qt.QTimer()
+        self._stepTimer.setInterval(0)  # one result step per event-loop turn
+        self._stepTimer.connect("timeout()", self.onApplyStep)
 
     # --- setup -------------------------------------------------------------------------------
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
+        if not SUPPORTED:
+            label = qt.QLabel(UNSUPPORTED_TEXT)
+            label.wordWrap = True
+            self.layout.addWidget(label)
+            return
         uiWidget = slicer.util.loadUI(self.resourcePath("UI/FVLMSlicer.ui"))
         self.layout.addWidget(uiWidget)
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
         self.logic = FVLMSlicerLogic()
-
-        self.ui.findingsTable.horizontalHeader().setSectionResizeMode(0, qt.QHeaderView.Stretch)
-        self.ui.addFindingButton.connect("clicked(bool)", self.onAddFinding)
-        self.ui.newFindingLineEdit.connect("returnPressed()", self.onAddFinding)
-        self.ui.removeFindingButton.connect("clicked(bool)", self.onRemoveFindings)
-        self.ui.resetFindingsButton.connect("clicked(bool)", self.onResetFindings)
-        self.ui.analyzeButton.connect("clicked(bool)", self.onAnalyze)
-        self.ui.cancelButton.connect("clicked(bool)", self.onCancel)
-        self.ui.modelPathLineEdit.connect("currentPathChanged(QString)", self.onModelChanged)
-        self.ui.resultsTableView.connect("selectionChanged()", lambda: self.onResultRowSelected())
-
+        self._setupTables()
+        self._connect()
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
         self.initializeParameterNode()
-        if not str(self._parameterNode.modelDir or "").strip(". "):
+        if not _modelPath(self._parameterNode.modelDir):
             remembered = self.logic.resolve_model_dir_or_empty()
             if remembered:
                 self._parameterNode.modelDir = pathlib.Path(remembered)
         self.onModelChanged()
 
+    def _setupTables(self) -> None:
+        header = self.ui.findingsTable.horizontalHeader()
+        header.setSectionResizeMode(0, qt.QHeaderView.Stretch)
+        header = self.ui.resultsTable.horizontalHeader()
+        header.setSectionResizeMode(qt.QHeaderView.ResizeToContents)
+        header.setSectionResizeMode(1, qt.QHeaderView.Stretch)  # the finding's name takes the rest
+
+    def _connect(self) -> None:
+        ui = self.ui
+        ui.addFindingButton.connect("clicked(bool)", self.onAddFinding)
+        ui.newFindingLineEdit.connect("returnPressed()", self.onAddFinding)
+        ui.removeFindingButton.connect("clicked(bool)", self.onRemoveFindings)
+        ui.resetFindingsButton.connect("clicked(bool)", self.onResetFindings)
+        ui.findingsTable.connect("itemChanged(QTableWidgetItem*)", self._storeFindings)
+        ui.analyzeButton.connect("clicked(bool)", self.onAnalyze)
+        ui.cancelButton.connect("clicked(bool)", self.onCancel)
+        ui.importWeightsButton.connect("clicked(bool)", self.onImportWeights)
+        ui.chooseModelButton.connect("clicked(bool)", self.onChooseModel)
+        ui.installDependenciesButton.connect("clicked(bool)", self.onInstallDependencies)
+        ui.resultsTable.connect("itemSelectionChanged()", self.onResultRowSelected)
+        ui.show3DButton.connect("toggled(bool)", self.onShow3D)
+
     def cleanup(self) -> None:
         self.onCancel()
         self._pollTimer.stop()
+        self._stepTimer.stop()
         self.removeObservers()
         if self._parameterNode and self._parameterNodeGuiTag:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
 
+    def onReload(self) -> None:
+        """Reload FVLMSlicerLib too: Slicer's Reload re-imports only this file."""
+        import importlib
+
+        import FVLMSlicerLib
+
+        self.onCancel()
+        FVLMSlicerLib = importlib.reload(FVLMSlicerLib)
+        for name in FVLMSlicerLib.LIB_MODULES:
+            module = sys.modules.get(f"FVLMSlicerLib.{name}")
+            if module is not None:
+                importlib.reload(module)
+        ScriptedLoadableModuleWidget.onReload(self)
+
     def enter(self) -> None:
-        self.initializeParameterNode()
+        if SUPPORTED:
+            self.initializeParameterNode()
 
     def exit(self) -> None:
         if self._parameterNode and self._parameterNodeGuiTag:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
             self._parameterNodeGuiTag = None
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons)
+            self.removeObserver(
+                self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified
+            )
 
     def onSceneStartClose(self, caller, event) -> None:
         self.onCancel()
+        self._clearResults()
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event) -> None:
@@ -151,59 +233,134 @@ class FVLMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def setParameterNode(self, node) -> None:
         if self._parameterNode and self._parameterNodeGuiTag:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons)
+            self.removeObserver(
+                self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified
+            )
         self._parameterNode = node
         if self._parameterNode:
             self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
-            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
+            self._restoreFindings()
+        self._updateButtons()
+
+    def _onParameterNodeModified(self, caller=None, event=None) -> None:
+        # the model folder is read from the parameter node once it holds the new value (a slot on
+        # the path editor would run before the parameter node wrapper's own slot has stored it)
+        if self._parameterNode and _modelPath(self._parameterNode.modelDir) != self._modelDirShown:
+            self.onModelChanged()
+            return
+        self._restoreFindings()
         self._updateButtons()
 
     def _updateButtons(self, caller=None, event=None) -> None:
         p = self._parameterNode
-        running = self._job is not None
-        ready = bool(p and p.inputVolume) and not running
-        if p and p.anatomySource == "segmentation":
+        running = self._job is not None or self._applier is not None or self._importJob is not None
+        ready = bool(p and p.inputVolume) and not running and bool(self._modelAnatomies)
+        useSegmentation = bool(p and p.anatomySource == AnatomySource.SEGMENTATION)
+        if useSegmentation:
             ready = ready and bool(p.inputSegmentation)
         self.ui.analyzeButton.enabled = ready
         self.ui.cancelButton.enabled = running
-        self.ui.inputSegmentationSelector.enabled = bool(p and p.anatomySource == "segmentation")
+        self.ui.inputSegmentationSelector.enabled = useSegmentation
+        self.ui.show3DButton.enabled = self._results is not None
 
-    # --- findings table ----------------------------------------------------------------------
+    # --- model -------------------------------------------------------------------------------
+    def _showModelHelp(self, text: str, needsDependencies: bool = False) -> None:
+        self.ui.modelHelpLabel.text = text
+        self.ui.installDependenciesButton.visible = needsDependencies
+        self.ui.importWeightsButton.visible = not needsDependencies
+        self.ui.chooseModelButton.visible = not needsDependencies
+        self.ui.modelHelpFrame.visible = bool(text)
+
     def onModelChanged(self, *args) -> None:
-        """Pre-fill the findings table and anatomy list from the model's configuration."""
+        """Read the model's anatomies and findings; without a model, offer to import or choose one."""
         from FVLMSlicerLib.settings import read_model_info
 
-        path = self.ui.modelPathLineEdit.currentPath
+        from fvlm_core.errors import DependencyError, FVLMError
+
+        self._modelAnatomies = []
+        self._modelDirShown = _modelPath(self._parameterNode.modelDir) if self._parameterNode else ""
         try:
-            info = read_model_info(self.logic.resolve_model_dir(path))
-        except Exception as exc:  # no model yet: keep the table, say why
-            self.ui.statusLabel.text = str(exc)
+            info = read_model_info(self.logic.resolve_model_dir(self._modelDirShown))
+        except DependencyError as exc:
+            self._showModelHelp(str(exc), needsDependencies=True)
+            self._updateButtons()
             return
-        self._modelAnatomies = info.anatomies
+        except FVLMError as exc:  # no model yet, or not a model folder: the message says what to do
+            self._showModelHelp(str(exc))
+            self._updateButtons()
+            return
+        self._showModelHelp("")
+        self._modelAnatomies = list(info.anatomies)
+        self._modelFindings = list(info.findings)
         self.ui.newFindingAnatomyComboBox.clear()
         for name in info.anatomies:
             self.ui.newFindingAnatomyComboBox.addItem(name)
-        self._setFindingRows([(f["name"], f["anatomy"]) for f in info.findings])
+        if not self._restoreFindings(force=True):
+            self._setFindingRows([(f["name"], f["anatomy"]) for f in info.findings])
         self.ui.statusLabel.text = (
             f"Model {info.name}: {len(info.findings)} findings on {', '.join(info.anatomies)}."
         )
+        self._updateButtons()
 
+    def onChooseModel(self, *args) -> None:
+        folder = qt.QFileDialog.getExistingDirectory(
+            slicer.util.mainWindow(), "Choose an FVLM model folder (holds config.yaml)"
+        )
+        if folder:
+            self.ui.modelPathLineEdit.currentPath = folder
+
+    def onInstallDependencies(self, *args) -> None:
+        from FVLMSlicerLib import dependencies
+
+        with slicer.util.tryWithErrorDisplay("Installing FVLM's dependencies failed.", waitCursor=True):
+            if dependencies.ensure_dependencies(ask=True):
+                self.onModelChanged()
+
+    def onImportWeights(self, *args) -> None:
+        """Ask for the official checkpoint and its text encoder folder; convert them in the background."""
+        from FVLMSlicerLib.jobs import ImportJob
+        from FVLMSlicerLib.settings import default_import_dir
+
+        parent = slicer.util.mainWindow()
+        checkpoint = qt.QFileDialog.getOpenFileName(
+            parent, "Official fVLM checkpoint", "", "PyTorch checkpoint (*.pth *.pt);;All files (*)"
+        )
+        if not checkpoint:
+            return
+        textEncoder = qt.QFileDialog.getExistingDirectory(
+            parent, "CXR-BERT text encoder folder (BiomedVLP-CXR-BERT-specialized: config + tokenizer files)"
+        )
+        if not textEncoder:
+            return
+        out = default_import_dir()
+        if out.exists() and any(out.iterdir()):
+            out = out.with_name(f"{out.name}-{len(list(out.parent.glob(out.name + '*')))}")
+        self._importJob = ImportJob(checkpoint, textEncoder, str(out)).start()
+        self._startPolling(f"Importing the official weights into {out}...")
+
+    # --- findings table ----------------------------------------------------------------------
     def _setFindingRows(self, rows) -> None:
-        table = self.ui.findingsTable
-        table.setRowCount(0)
-        for name, anatomy in rows:
-            self._appendFindingRow(name, anatomy)
+        self._updatingFindings = True
+        try:
+            self.ui.findingsTable.setRowCount(0)
+            for name, anatomy in rows:
+                self._appendFindingRow(name, anatomy)
+        finally:
+            self._updatingFindings = False
+        self._storeFindings()
 
     def _appendFindingRow(self, name: str, anatomy: str) -> None:
         table = self.ui.findingsTable
-        r = table.rowCount
-        table.insertRow(r)
-        table.setItem(r, 0, qt.QTableWidgetItem(name))
+        row = table.rowCount
+        table.insertRow(row)
+        table.setItem(row, 0, qt.QTableWidgetItem(name))
         combo = qt.QComboBox()
         for a in self._modelAnatomies or [anatomy]:
             combo.addItem(a)
-        combo.setCurrentText(anatomy)
-        table.setCellWidget(r, 1, combo)
+        combo.currentText = anatomy
+        combo.connect("currentIndexChanged(int)", self._storeFindings)
+        table.setCellWidget(row, 1, combo)
 
     def _findingRows(self) -> list[tuple[str, str]]:
         table = self.ui.findingsTable
@@ -215,6 +372,32 @@ class FVLMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 rows.append((item.text().strip(), combo.currentText))
         return rows
 
+    def _storeFindings(self, *args) -> None:
+        """Keep the table in the parameter node (saved with the scene)."""
+        if self._updatingFindings or not self._parameterNode:
+            return
+        model = _modelPath(self._parameterNode.modelDir)
+        self._parameterNode.findings = json.dumps({"model": model, "rows": self._findingRows()})
+
+    def _restoreFindings(self, force: bool = False) -> bool:
+        """Fill the table from the parameter node when it holds rows for the current model."""
+        p = self._parameterNode
+        if not p or not p.findings or not self._modelAnatomies:
+            return False
+        saved = json.loads(p.findings)
+        if saved.get("model") != _modelPath(p.modelDir):
+            return False
+        rows = [tuple(r) for r in saved.get("rows", [])]
+        if force or rows != self._findingRows():
+            self._updatingFindings = True
+            try:
+                self.ui.findingsTable.setRowCount(0)
+                for name, anatomy in rows:
+                    self._appendFindingRow(name, anatomy)
+            finally:
+                self._updatingFindings = False
+        return True
+
     def onAddFinding(self, *args) -> None:
         name = self.ui.newFindingLineEdit.text.strip()
         anatomy = self.ui.newFindingAnatomyComboBox.currentText
@@ -223,45 +406,46 @@ class FVLMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         self._appendFindingRow(name, anatomy)
         self.ui.newFindingLineEdit.clear()
+        self._storeFindings()
 
     def onRemoveFindings(self, *args) -> None:
         table = self.ui.findingsTable
-        rows = sorted({index.row() for index in table.selectedIndexes()}, reverse=True)
-        for r in rows:
-            table.removeRow(r)
+        for row in sorted({item.row() for item in table.selectedItems()}, reverse=True):
+            table.removeRow(row)
+        self._storeFindings()
 
     def onResetFindings(self, *args) -> None:
+        if self._parameterNode:
+            self._parameterNode.findings = ""
         self.onModelChanged()
 
     # --- running -----------------------------------------------------------------------------
     def onAnalyze(self, *args) -> None:
         from FVLMSlicerLib import dependencies
+        from FVLMSlicerLib.runner import findings_from_rows
 
         p = self._parameterNode
+        source = p.anatomySource
         try:
-            if p.anatomySource == "totalsegmentator" and not dependencies.totalsegmentator_available():
+            if source == AnatomySource.TOTALSEGMENTATOR and not dependencies.totalsegmentator_available():
                 slicer.util.errorDisplay(
                     "TotalSegmentator is not installed in Slicer. Install the TotalSegmentator extension "
-                    "(Extensions Manager) and run it once, or choose the 'builtin' anatomy source, or select "
-                    "an existing segmentation."
+                    "(Extensions Manager) and run it once, or choose the built-in segmenter, or select an "
+                    "existing segmentation."
                 )
                 return
             if not dependencies.ensure_dependencies(ask=True):
                 self.ui.statusLabel.text = "Dependencies not installed: analysis not started."
                 return
-            from FVLMSlicerLib.runner import findings_from_rows
-
-            findings = findings_from_rows(self._findingRows()) or None
             self._job, self._context = self.logic.start(
                 p.inputVolume,
-                p.inputSegmentation if p.anatomySource == "segmentation" else None,
-                model_dir=str(p.modelDir or ""),
-                anatomy_source=p.anatomySource,
-                findings=findings,
-                device=p.device,
+                p.inputSegmentation if source == AnatomySource.SEGMENTATION else None,
+                model_dir=_modelPath(p.modelDir),
+                anatomy_source=source.value,
+                findings=findings_from_rows(self._findingRows(), self._modelFindings) or None,
+                device=p.device.value,
                 similarity_maps=p.similarityMaps,
                 background="process",
-                python=pythonSlicerExecutable(),
             )
         except Exception as exc:
             self._job = None
@@ -269,107 +453,186 @@ class FVLMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             logging.exception("FVLM: analysis could not start")
             self._updateButtons()
             return
+        self._startPolling("Starting...")
+
+    def _startPolling(self, text: str) -> None:
         self.ui.progressBar.visible = True
         self.ui.progressBar.value = 0
-        self.ui.statusLabel.text = "Starting..."
+        self.ui.statusLabel.text = text
+        self.ui.logTextEdit.clear()
+        self._logLength = 0
         self._updateButtons()
         self._pollTimer.start()
 
     def onCancel(self, *args) -> None:
-        if self._job is not None:
-            self._job.cancel()
-            self.ui.statusLabel.text = "Cancelling..."
+        for job in (self._job, self._importJob):
+            if job is not None:
+                job.cancel()
+                self.ui.statusLabel.text = "Cancelling..."
+
+    def _showLog(self, lines: list[str]) -> None:
+        if len(lines) != self._logLength:
+            self.ui.logTextEdit.setPlainText("\n".join(lines))
+            self._logLength = len(lines)
 
     def onPoll(self) -> None:
-        if self._job is None:
+        job = self._job or self._importJob
+        if job is None:
             self._pollTimer.stop()
             return
-        status = self._job.poll()
+        status = job.poll()
         self.ui.progressBar.value = int(100 * status.fraction)
         self.ui.statusLabel.text = f"{status.stage} ({status.elapsed_s:.0f} s)"
+        self._showLog(status.log)
         if not status.finished:
             return
         self._pollTimer.stop()
-        job, context, self._job = self._job, self._context, None
         self.ui.progressBar.visible = False
-        self._updateButtons()
+        if job is self._importJob:
+            self._importJob = None
+            self._onImportFinished(status)
+            return
+        self._job = None
         if status.state == "cancelled":
             self.ui.statusLabel.text = "Cancelled."
-            return
-        if status.state == "failed":
-            self.ui.statusLabel.text = (
-                "Failed: " + status.error.splitlines()[-1] if status.error else "Failed."
-            )
+        elif status.state == "failed":
+            self.ui.statusLabel.text = "Failed: " + (status.error.splitlines() or ["see the log"])[-1]
             slicer.util.errorDisplay(f"FVLM analysis failed:\n\n{status.error}")
+        else:
+            self.ui.statusLabel.text = "Showing the results..."
+            self._applier = self.logic.applier(status, self._context)
+            self._doneStatus = status
+            self._stepTimer.start()
+        self._updateButtons()
+
+    def _onImportFinished(self, status) -> None:
+        if status.state == "done":
+            self.ui.modelPathLineEdit.currentPath = status.output
+            self.ui.modelPathLineEdit.addCurrentPathToHistory()
+            self.ui.statusLabel.text = f"Imported the official weights into {status.output}."
+        elif status.state == "cancelled":
+            self.ui.statusLabel.text = "Import cancelled."
+        else:
+            self.ui.statusLabel.text = "Import failed: " + status.error
+            slicer.util.errorDisplay(f"Importing the official fVLM weights failed:\n\n{status.error}")
+        self._updateButtons()
+
+    def onApplyStep(self) -> None:
+        """One bounded step of putting the results into the scene (a timer tick each)."""
+        try:
+            done = self._applier.step()
+        except Exception as exc:
+            self._stepTimer.stop()
+            self._applier = None
+            slicer.util.errorDisplay(f"Could not show the FVLM results: {exc}")
+            logging.exception("FVLM: could not show the results")
+            self._updateButtons()
             return
-        if hasattr(job, "cleanup"):
-            job.cleanup()  # the results are in memory now (status.output)
-        with slicer.util.tryWithErrorDisplay("Could not show the FVLM results.", waitCursor=True):
-            self._results = self.logic.finish(status, context)
-            self.showResults(self._results)
-        rows = self._results.summary_rows if self._results else []
-        flagged = [r for r in rows if r.flagged]
-        self.ui.statusLabel.text = (
-            f"Done in {status.elapsed_s:.1f} s on {status.output.summary.device}: "
-            f"{len(flagged)} of {len(rows)} findings flagged in "
-            f"{len({r.anatomy for r in flagged})} anatomies."
-        )
+        if not done:
+            return
+        self._stepTimer.stop()
+        nodes, self._applier = self._applier.nodes, None
+        self.ui.modelPathLineEdit.addCurrentPathToHistory()
+        self.showResults(nodes)
+        from FVLMSlicerLib.panel import absent_text, done_text
+
+        self.ui.statusLabel.text = done_text(nodes.summary, self._doneStatus.elapsed_s)
+        self.ui.resultsNoteLabel.text = absent_text(nodes.summary, self._context.anatomy_source)
+        self._updateButtons()
 
     # --- results -----------------------------------------------------------------------------
-    def showResults(self, nodes) -> None:
-        nodes.segmentation.GetDisplayNode().SetVisibility(True)
-        self.ui.resultsTableView.setMRMLTableNode(nodes.table)
-        layoutManager = slicer.app.layoutManager()
-        layoutManager.setLayout(slicer.vtkMRMLLayoutNode.SlicerLayoutFourUpTableView)
-        slicer.app.applicationLogic().GetSelectionNode().SetActiveTableID(nodes.table.GetID())
-        slicer.app.applicationLogic().PropagateTableSelection()
-        # clicking a row in the layout's table view also jumps to the anatomy
-        tableWidget = layoutManager.tableWidget(0)
-        view = tableWidget.tableView() if tableWidget else None
-        if view is not None and view is not self._layoutTableView:
-            view.connect("selectionChanged()", lambda v=view: self.onResultRowSelected(v))
-            self._layoutTableView = view
-        volume = self._parameterNode.inputVolume
-        best = max(nodes.similarity_volumes, key=lambda k: nodes.probability(k), default=None)
-        overlay = nodes.similarity_volumes.get(best) if best else None
-        slicer.util.setSliceViewerLayers(
-            background=volume, foreground=overlay, foregroundOpacity=0.4 if overlay else 0.0
-        )
+    def _clearResults(self) -> None:
+        self._results = None
+        if hasattr(self, "ui"):
+            self.ui.resultsTable.setRowCount(0)
+            self.ui.resultsNoteLabel.text = ""
+            self.ui.show3DButton.checked = False
 
-    def onResultRowSelected(self, tableView=None) -> None:
+    def showResults(self, nodes) -> None:
+        """Fill the results table; show the CT, the anatomies and the strongest similarity map."""
+        self._results = nodes
+        nodes.segmentation.GetDisplayNode().SetVisibility(True)
+        self._fillResultsTable(nodes.summary)
+        volume = slicer.mrmlScene.GetNodeByID(self._context.volume_node_id)
+        best = max(nodes.similarity_volumes, key=nodes.probability, default=None)
+        slicer.util.setSliceViewerLayers(background=volume)
+        self._showOverlay(best)
+        self.ui.show3DButton.checked = False
+
+    def _fillResultsTable(self, summary) -> None:
+        from FVLMSlicerLib.panel import FLAGGED_COLORS, flagged_text, result_order
+        from FVLMSlicerLib.results import percent
+
+        table = self.ui.resultsTable
+        table.sortingEnabled = False  # rows move while sorting is on: fill first
+        table.setRowCount(0)
+        for row in result_order(summary.rows()):
+            r = table.rowCount
+            table.insertRow(r)
+            values = (row.anatomy, row.finding, percent(row.probability), percent(row.threshold))
+            for column, value in enumerate(values):
+                item = qt.QTableWidgetItem()
+                if value == value:  # NaN (not scored) stays an empty cell, sorted below any number
+                    item.setData(qt.Qt.DisplayRole, value)  # numbers sort as numbers
+                item.setData(qt.Qt.UserRole, f"{row.anatomy}|{row.finding}")
+                table.setItem(r, column, item)
+            flag = flagged_text(row)
+            item = qt.QTableWidgetItem(flag)
+            item.setForeground(qt.QBrush(qt.QColor(FLAGGED_COLORS[flag])))
+            item.setData(qt.Qt.UserRole, f"{row.anatomy}|{row.finding}")
+            table.setItem(r, 4, item)
+        # keep this order (flagged first) until the user clicks a column header
+        table.horizontalHeader().setSortIndicator(-1, qt.Qt.AscendingOrder)
+        table.sortingEnabled = True
+
+    def _selectedResult(self):
+        """``(anatomy, finding)`` of the selected results row, or None."""
+        items = self.ui.resultsTable.selectedItems()
+        if not items:
+            return None
+        key = str(items[0].data(qt.Qt.UserRole) or "")
+        anatomy, _, finding = key.partition("|")
+        return (anatomy, finding) if anatomy else None
+
+    def onResultRowSelected(self, *args) -> None:
         """Center the slice views on the selected row's anatomy; show its similarity map."""
         if self._results is None:
             return
-        view = self.ui.resultsTableView if tableView is None else tableView
-        rows = view.selectionModel().selectedIndexes() if view.selectionModel() else []
-        if not rows:
+        selected = self._selectedResult()
+        if selected is None:
             return
-        # read the row through the view's (possibly sorted) model: columns 0/1 are anatomy/finding
-        model = view.model()
-        row = rows[0].row()
-        anatomy = str(model.index(row, 0).data())
-        finding = str(model.index(row, 1).data())
         from FVLMSlicerLib.results import anatomy_center_ras
 
-        center = anatomy_center_ras(self._results.segmentation, anatomy)
+        center = anatomy_center_ras(self._results.segmentation, selected[0])
         if center is not None:
-            slicer.modules.markups.logic().JumpSlicesToLocation(center[0], center[1], center[2], True)
-        overlay = self._results.similarity_volumes.get((anatomy, finding))
-        if overlay is not None:
-            slicer.util.setSliceViewerLayers(foreground=overlay, foregroundOpacity=0.4)
+            slicer.vtkMRMLSliceNode.JumpAllSlices(
+                slicer.mrmlScene, *center, slicer.vtkMRMLSliceNode.CenteredJumpSlice
+            )
+        if selected in self._results.similarity_volumes:
+            self._showOverlay(selected)
 
+    def _showOverlay(self, key) -> None:
+        """Show one similarity map (and only its legend) over the CT; None hides the overlay."""
+        from FVLMSlicerLib.overlay import set_legend_visible
+        from FVLMSlicerLib.results import outline_only
 
-def pythonSlicerExecutable() -> str:
-    """Slicer's command-line Python (runs the background worker with Slicer's packages)."""
-    exe = shutil.which("PythonSlicer")
-    if exe:
-        return exe
-    bindir = os.path.join(os.path.dirname(slicer.app.applicationFilePath()), "..", "bin")
-    for name in ("PythonSlicer", "PythonSlicer.exe"):
-        candidate = os.path.normpath(os.path.join(bindir, name))
-        if os.path.isfile(candidate):
-            return candidate
-    return sys.executable
+        node = self._results.similarity_volumes.get(key) if key else None
+        slicer.util.setSliceViewerLayers(foreground=node, foregroundOpacity=0.6 if node else 0.0)
+        outline_only(self._results.segmentation, self._results.summary, key[0] if node else None)
+        # after the layers: a legend is shown only where its volume is in a view, and the views
+        # re-check that when the legend node changes (not when layers are set from code)
+        for other, volume in self._results.similarity_volumes.items():
+            set_legend_visible(volume, other == key)
+
+    def onShow3D(self, checked) -> None:
+        if self._results is None:
+            return
+        segmentation = self._results.segmentation
+        if checked:
+            segmentation.CreateClosedSurfaceRepresentation()
+        else:
+            segmentation.RemoveClosedSurfaceRepresentation()
+        segmentation.GetDisplayNode().SetVisibility3D(bool(checked))
 
 
 class FVLMSlicerLogic(ScriptedLoadableModuleLogic, AnalysisLogic):
@@ -391,6 +654,11 @@ class FVLMSlicerLogic(ScriptedLoadableModuleLogic, AnalysisLogic):
 
         return remembered_model_dir()
 
+    def applier(self, status, context):
+        from FVLMSlicerLib.logic import ResultApplier
+
+        return ResultApplier(self, status, context)
+
     def analyze(self, volumeNode, segmentationNode=None, modelDir=None, **kwargs):
         """Blocking analysis (Python console); see ``FVLMSlicerLib.logic.AnalysisLogic.analyze``."""
         from FVLMSlicerLib import dependencies
@@ -403,12 +671,18 @@ class FVLMSlicerLogic(ScriptedLoadableModuleLogic, AnalysisLogic):
 
 
 class FVLMSlicerTest(ScriptedLoadableModuleTest):
-    """Runs inside Slicer on a phantom it builds itself (no downloads; a random tiny model)."""
+    """Runs inside Slicer on a phantom it builds itself (no downloads; a random tiny model).
+
+    In Slicer's testing mode nothing is installed: without FVLM's dependencies the analysis
+    test skips (``ensure_dependencies`` returns False, as ``pip_ensure`` skips there).
+    """
 
     def setUp(self):
         slicer.mrmlScene.Clear()
 
     def runTest(self):
+        if not SUPPORTED:
+            self.skipTest(UNSUPPORTED_TEXT)
         self.setUp()
         self.test_geometry_roundtrip()
         self.test_analyze_phantom()
@@ -453,10 +727,9 @@ class FVLMSlicerTest(ScriptedLoadableModuleTest):
 
         from FVLMSlicerLib import dependencies, mrml_io
 
-        from fvlm_core.anatomy import CTRATE_CATALOG
-
         if not dependencies.ensure_dependencies(ask=False):
-            self.skipTest("FVLM dependencies not installed")
+            self.skipTest("FVLM dependencies are not installed (Slicer's testing mode installs nothing)")
+        from fvlm_core.anatomy import CTRATE_CATALOG
         from fvlm_core.model import FVLM
 
         ct, labels = self._phantom()
@@ -470,6 +743,3 @@ class FVLMSlicerTest(ScriptedLoadableModuleTest):
         self.assertGreater(nodes.table.GetNumberOfRows(), 0)
         self.assertIsNotNone(nodes.segmentation.GetSegmentation().GetSegment("lung"))
         self.delayDisplay("Analysis on a phantom OK")
-
-
-__all__ = ["FVLMSlicer", "FVLMSlicerLogic", "FVLMSlicerTest", "FVLMSlicerWidget", "ctk"]

@@ -23,9 +23,10 @@ import nibabel as nib  # noqa: E402
 import vtk  # noqa: E402
 from FVLMSlicerLib import mrml_io  # noqa: E402
 from FVLMSlicerLib.headless import load_scene_mrb, new_scene, save_scene_mrb  # noqa: E402
+from FVLMSlicerLib.jobs import ProcessJob, ThreadJob  # noqa: E402
 from FVLMSlicerLib.logic import AnalysisLogic  # noqa: E402
 from FVLMSlicerLib.results import ATTR_ROLE, dimmed_color, highlight_color, probability_tag, table_rows  # noqa: E402
-from FVLMSlicerLib.runner import AnalysisRequest, ProcessJob, ThreadJob  # noqa: E402
+from FVLMSlicerLib.runner import AnalysisRequest  # noqa: E402
 
 from fvlm_core.anatomy import CTRATE_CATALOG  # noqa: E402
 from fvlm_core.io import read_ct, read_label_map  # noqa: E402
@@ -40,6 +41,12 @@ def _load_volume(scene, path: Path, name: str):
     assert storage.ReadData(node), f"Slicer could not read {path}"
     node.SetAndObserveStorageNodeID(storage.GetID())
     return node
+
+
+def _rgba(color_node, index: int) -> list[float]:
+    rgba = [0.0] * 4
+    color_node.GetColor(index, rgba)
+    return rgba
 
 
 def _ijk_to_ras(node) -> np.ndarray:
@@ -185,15 +192,17 @@ def test_results_table_rows_match_the_analysis(analysed):
     rows = table_rows(analysed.table)
     expected = analysed.summary.rows()
     assert len(rows) == len(expected) == 16  # the CT-RATE findings of the 4 anatomies
-    assert [c for c in rows[0]][:5] == ["anatomy", "finding", "probability", "threshold", "flagged"]
+    assert [c for c in rows[0]][:5] == ["anatomy", "finding", "probability (%)", "threshold (%)", "flagged"]
     for row, want in zip(rows, expected):
         assert (row["anatomy"], row["finding"]) == (want.anatomy, want.finding)
         if math.isnan(want.probability):
-            assert row["probability"].lower() == "nan"
-        else:
-            assert float(row["probability"]) == pytest.approx(want.probability, abs=1e-6)
-        assert int(row["flagged"]) == int(want.flagged)
-        assert float(row["threshold"]) == pytest.approx(want.threshold)
+            assert row["probability (%)"].lower() == "nan" and row["flagged"] == "n/a"
+        else:  # percent with one decimal
+            assert float(row["probability (%)"]) == pytest.approx(100 * want.probability, abs=0.051)
+            assert row["flagged"] == ("Yes" if want.flagged else "No")
+        assert float(row["threshold (%)"]) == pytest.approx(100 * want.threshold, abs=0.051)
+    notes = {r["anatomy"]: r["note"] for r in rows}
+    assert "not scored" in notes["esophagus"]  # the analyzer's reason, in the table
     present = {r.anatomy for r in expected if not math.isnan(r.probability)}
     assert present == {"lung", "heart", "aorta"}  # esophagus was not given: not scored
 
@@ -239,15 +248,28 @@ def test_table_row_jumps_to_the_anatomy_centre(analysed, chest):
     assert anatomy_center_ras(analysed.segmentation, "esophagus") is None
 
 
-def test_similarity_maps_lie_on_the_ct_geometry(analysed, chest):
-    flagged = {(r.anatomy, r.finding) for r in analysed.summary.rows() if r.flagged}
-    assert set(analysed.similarity_volumes) == flagged & set(analysed.summary.similarity_maps)
+def test_similarity_maps_lie_on_the_ct_grid_inside_their_anatomy(analysed, chest):
+    """Maps are percent volumes on the CT grid, cropped to the anatomy and 0 outside it."""
+    from FVLMSlicerLib.overlay import ATTR_COLOR_TABLE
+
+    flagged = {(r.anatomy, r.finding): r for r in analysed.summary.rows() if r.flagged}
+    assert set(analysed.similarity_volumes) == set(flagged) & set(analysed.summary.similarity_maps)
     assert analysed.similarity_volumes, "the random tiny model flags something on the chest CT"
+    ct = chest["ct"]
     for key, node in analysed.similarity_volumes.items():
-        np.testing.assert_allclose(_ijk_to_ras(node), _ijk_to_ras(chest["volume"]), atol=1e-6)
-        assert node.GetImageData().GetDimensions() == chest["volume"].GetImageData().GetDimensions()
+        anatomy = mrml_io.segment_mask(analysed.segmentation, key[0], ct.geometry)
+        box = tuple(slice(int(i.min()), int(i.max()) + 1) for i in np.nonzero(anatomy))
+        m_node, m_ct = _ijk_to_ras(node), _ijk_to_ras(chest["volume"])
+        np.testing.assert_allclose(m_node[:3, :3], m_ct[:3, :3], atol=1e-6)  # same axes and spacing
+        start = [box[2].start, box[1].start, box[0].start, 1.0]
+        np.testing.assert_allclose(m_node[:3, 3], (m_ct @ start)[:3], atol=1e-4)  # origin at the box
         array = mrml_io.volume_node_to_ct(node).array
-        np.testing.assert_allclose(array, analysed.summary.similarity_maps[key], atol=1e-6)
+        want = np.where(anatomy[box], 100.0 * analysed.summary.similarity_maps[key][box], 0.0)
+        np.testing.assert_allclose(array, want, atol=1e-4)
+        display = node.GetDisplayNode()
+        threshold = 100.0 * flagged[key].threshold
+        assert display.GetApplyThreshold() and display.GetLowerThreshold() == pytest.approx(threshold)
+        assert display.GetColorNode().GetAttribute(ATTR_COLOR_TABLE) == "1"
 
 
 def test_segmentation_table_and_scene_survive_save_and_reload(analysed, chest, tmp_path):
@@ -296,12 +318,19 @@ def test_segmentation_table_and_scene_survive_save_and_reload(analysed, chest, t
     assert mrml_io.get_segment_tag(lung, "FVLM.flagged") == mrml_io.get_segment_tag(
         analysed.segmentation.GetSegmentation().GetSegment("lung"), "FVLM.flagged"
     )
-    for key, node in analysed.similarity_volumes.items():
+    for node in analysed.similarity_volumes.values():
         node3 = loaded.GetNodeByID(node.GetID())
         np.testing.assert_allclose(_ijk_to_ras(node3), _ijk_to_ras(node), atol=1e-4)
         np.testing.assert_allclose(
-            mrml_io.volume_node_to_ct(node3).array, analysed.summary.similarity_maps[key], atol=1e-5
+            mrml_io.volume_node_to_ct(node3).array, mrml_io.volume_node_to_ct(node).array, atol=1e-5
         )
+        display, display3 = node.GetDisplayNode(), node3.GetDisplayNode()  # the overlay's look survives
+        assert display3.GetApplyThreshold() and display3.GetLowerThreshold() == display.GetLowerThreshold()
+        colors3 = display3.GetColorNode()
+        assert (
+            colors3 is not None and colors3.GetNumberOfColors() == display.GetColorNode().GetNumberOfColors()
+        )
+        assert _rgba(colors3, 0)[3] == 0.0  # the transparent low end
 
 
 def test_rerun_reuses_result_nodes(analysed, chest, tiny_model):
@@ -367,37 +396,21 @@ def test_thread_job_reports_stages_and_cancels(chest, tiny_model):
 def test_process_job_runs_the_worker_and_returns_the_same_summary(chest, tiny_model, tmp_path):
     heart_slices = np.flatnonzero(chest["heart"].any(axis=(1, 2)))
     request = _small_request(chest, tiny_model, slice(int(heart_slices[0]), int(heart_slices[0]) + 48))
-    job = ProcessJob(request, job_dir=str(tmp_path / "job")).start()
+    job = ProcessJob(request).start()
     status = job.wait(240)
     assert status.state == "done", status.error
+    assert not job.job_dir.exists()  # it held a copy of the CT
+    assert any("analyze" in line for line in status.log)  # the worker's stages, for the panel's log
     np.testing.assert_array_equal(status.output.labelmap, request.labelmap)
     thread = ThreadJob(request).start().wait(120)
     for a, b in zip(status.output.summary.rows(), thread.output.summary.rows()):
         assert (a.anatomy, a.finding, a.flagged) == (b.anatomy, b.finding, b.flagged)
         assert a.probability == pytest.approx(b.probability, abs=1e-5, nan_ok=True)
-    # a cancelled worker stops with state "cancelled"
+    # a cancelled worker stops with state "cancelled" and leaves nothing behind
     job = ProcessJob(request).start()
     job.cancel()
     assert job.wait(120).state == "cancelled"
-    job.cleanup()
     assert not job.job_dir.exists()
-
-
-def test_result_picture_renders_from_the_nodes(analysed, chest, tmp_path):
-    sys.path.insert(0, str(ROOT / "FVLMSlicer" / "Testing"))
-    from PIL import Image
-    from render_result import render
-
-    path = render(chest["volume"], analysed, tmp_path / "result.png", "test")
-    assert path.stat().st_size < 300_000
-    image = np.asarray(Image.open(path).convert("RGB"), dtype=float)
-    left = image[:, : image.shape[1] // 2]
-    assert left.std() > 20  # a CT slice, not a blank canvas
-    if any(
-        a.flagged for a in analysed.summary.anatomies
-    ):  # highlighted anatomies show as red-dominant pixels
-        red = (left[..., 0] > left[..., 1] + 60) & (left[..., 0] > left[..., 2] + 60)
-        assert red.mean() > 0.01
 
 
 def test_model_folder_defaults_to_the_demo_model(tmp_path, monkeypatch, tiny_model):
@@ -453,8 +466,9 @@ def test_a_volume_that_is_not_ct_is_refused_with_a_clear_message(chest, tiny_mod
     scene = new_scene()
     ct = chest["ct"]
     mr_like = mrml_io.ct_to_volume_node(CTVolume((ct.array + 1024.0) / 4.0, ct.geometry), scene, "T1")
+    request, _ = AnalysisLogic(scene).make_request(mr_like, None, str(tiny_model))  # GUI thread: views only
     with pytest.raises(InputError, match="T1"):
-        AnalysisLogic(scene).make_request(mr_like, None, str(tiny_model))
+        request.materialize()  # the background thread checks the intensities
 
 
 def test_the_modules_in_slicer_self_test_phantom_analyses_headless(tiny_model):

@@ -1,8 +1,11 @@
-"""The Slicer module's panel and build files, checked without Slicer.
+"""The module's panel and build files, checked without Slicer.
 
-* The .ui loads offscreen with PySide6 (Slicer's custom widgets replaced by their Qt bases),
-  every ``self.ui.<name>`` FVLMSlicer.py uses is a widget of it, and every SlicerParameterName
-  binding names a field of the module's parameter node.
+* The .ui loads offscreen through the PythonQt-like layer (``FVLMSlicer/Testing/pythonqt.py``:
+  Slicer's custom widgets replaced by stand-ins declaring the real classes' properties), every
+  ``self.ui.<name>`` FVLMSlicer.py uses is a widget of it, and every SlicerParameterName binding
+  names a field of the module's parameter node.
+* FVLMSlicer.py parses as Python 3.9 (so an old Slicer can load it to say it is too old), and
+  no Qt call in it calls a name that PythonQt resolves to a property.
 * FVLMSlicer/CMakeLists.txt lists exactly the module's scripts and resources.
 """
 
@@ -11,6 +14,7 @@ from __future__ import annotations
 import ast
 import os
 import re
+import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -20,15 +24,8 @@ ROOT = Path(__file__).resolve().parents[1]
 MODULE = ROOT / "FVLMSlicer"
 UI_FILE = MODULE / "Resources" / "UI" / "FVLMSlicer.ui"
 MODULE_PY = MODULE / "FVLMSlicer.py"
-
-#: Slicer/CTK widget classes -> the Qt class each derives from (stand-ins for loading offscreen).
-STAND_INS = {
-    "qMRMLWidget": "QWidget",
-    "ctkCollapsibleButton": "QGroupBox",
-    "ctkPathLineEdit": "QLineEdit",
-    "qMRMLNodeComboBox": "QComboBox",
-    "qMRMLTableView": "QTableView",
-}
+sys.path.insert(0, str(MODULE / "Testing"))
+sys.path.insert(0, str(MODULE))
 
 
 def _ui_xml() -> ET.Element:
@@ -82,25 +79,16 @@ def loaded_ui():
     QtWidgets = pytest.importorskip(
         "PySide6.QtWidgets", reason="needs PySide6 (pip install PySide6-Essentials)"
     )
-    from PySide6.QtCore import QBuffer, QByteArray, QIODevice, QObject
-    from PySide6.QtUiTools import QUiLoader
+    import pythonqt
+    from PySide6.QtCore import QFile, QIODevice, QObject
 
     app = QtWidgets.QApplication.instance() or QtWidgets.QApplication([])
-    text = UI_FILE.read_text()
     declared = {c.findtext("class") for c in _ui_xml().iter("customwidget")}
-    assert declared == set(STAND_INS), (
-        "every custom widget class needs a stand-in (and a <customwidget> entry)"
-    )
-    for cls, base in STAND_INS.items():
-        text = text.replace(f'class="{cls}"', f'class="{base}"')
-    # Slicer-only signal/slot connections (mrmlSceneChanged -> setMRMLScene) are checked by name below
-    text = re.sub(r"<customwidgets>.*?</customwidgets>|<connections>.*?</connections>", "", text, flags=re.S)
-    buffer = QBuffer()
-    buffer.setData(QByteArray(text.encode()))
-    buffer.open(QIODevice.ReadOnly)
-    loader = QUiLoader()
-    widget = loader.load(buffer)
-    assert widget is not None, loader.errorString()
+    assert declared <= set(pythonqt.STAND_INS), "every custom widget class needs a stand-in"
+    qfile = QFile(str(UI_FILE))
+    assert qfile.open(QIODevice.ReadOnly)
+    widget = pythonqt.unwrap(pythonqt.UiLoader().load(qfile))
+    assert widget is not None
     yield widget, {w.objectName(): w for w in widget.findChildren(QObject)}
     widget.deleteLater()
     app.processEvents()
@@ -113,7 +101,9 @@ def test_ui_loads_and_has_every_widget_the_module_uses(loaded_ui):
     missing = used - set(children)
     assert not missing, f"FVLMSlicer.py uses widgets the .ui does not define: {sorted(missing)}"
     assert children["findingsTable"].columnCount() == 2
-    assert type(children["inputVolumeSelector"]).__name__ == "QComboBox"  # stand-in for qMRMLNodeComboBox
+    assert children["resultsTable"].columnCount() == 5 and children["resultsTable"].isSortingEnabled()
+    assert type(children["inputVolumeSelector"]).__name__ == "qMRMLNodeComboBox"
+    assert children["logCollapsibleButton"].property("collapsed") is True  # the log starts folded
 
 
 def test_ui_connections_name_real_widgets():
@@ -122,32 +112,72 @@ def test_ui_connections_name_real_widgets():
         assert c.findtext("sender") in names and c.findtext("receiver") in names
 
 
-def test_every_binding_names_a_parameter_and_choices_match_the_combo_items(loaded_ui):
+def test_every_binding_names_a_parameter_and_enums_are_bound_to_combo_boxes(loaded_ui):
     _, children = loaded_ui
     fields = _parameter_fields()
     bindings = _bindings()
-    assert set(bindings.values()) == set(fields), "each parameter is bound to exactly one widget"
+    assert len(set(bindings.values())) == len(bindings), "each parameter is bound to one widget at most"
+    assert set(fields) - set(bindings.values()) == {"findings"}  # the findings table is kept by hand
     for widget_name, parameter in bindings.items():
-        annotation = ast.unparse(fields[parameter])
-        choices = re.search(r"Choice\((\[.*?\])\)", annotation)
-        if choices:
-            combo = children[widget_name]
-            items = [combo.itemText(i) for i in range(combo.count())]
-            assert items == ast.literal_eval(choices.group(1)), (
-                f"{widget_name} items differ from {parameter}'s Choice"
-            )
+        if ast.unparse(fields[parameter]) in ("AnatomySource", "Device"):  # items are the enum labels
+            assert type(children[widget_name]).__name__ == "QComboBox"
+            assert children[widget_name].count() == 0, "items come from the enum, not the .ui"
 
 
-def test_anatomy_source_choices_match_the_runner():
-    import sys
-
-    sys.path.insert(0, str(MODULE))
+def test_anatomy_sources_and_devices_are_names_the_library_accepts():
+    from FVLMSlicerLib.panel import AnatomySource, Device
     from FVLMSlicerLib.runner import ANATOMY_SOURCES
 
-    fields = {k: ast.unparse(v) for k, v in _parameter_fields().items()}
-    assert set(ast.literal_eval(re.search(r"Choice\((\[.*?\])\)", fields["anatomySource"]).group(1))) == set(
-        ANATOMY_SOURCES
-    )
+    from fvlm_core.devices import DEVICE_CHOICES
+
+    assert {s.value for s in AnatomySource} == set(ANATOMY_SOURCES)
+    assert {d.value for d in Device} <= set(DEVICE_CHOICES)
+    members = (*AnatomySource, *Device)
+    labels = [m.label() for m in members]
+    assert len(set(labels)) == len(labels) and not {m.value for m in members} & set(labels)
+
+
+def test_module_file_parses_as_python_3_9():
+    """Slicer <= 5.8 runs Python 3.9: the module must load there to say that it needs 5.10."""
+    ast.parse(MODULE_PY.read_text(), feature_version=(3, 9))
+
+
+def _qt_property_names() -> dict[str, set[str]]:
+    """Qt property names of the Qt classes the panel's widgets are (and return)."""
+    from PySide6 import QtCore, QtWidgets
+
+    classes = (
+        QtWidgets.QTableWidget, QtWidgets.QComboBox, QtWidgets.QLineEdit, QtWidgets.QLabel,
+        QtWidgets.QPushButton, QtWidgets.QProgressBar, QtWidgets.QPlainTextEdit, QtWidgets.QCheckBox,
+        QtWidgets.QHeaderView, QtWidgets.QFrame, QtCore.QItemSelectionModel, QtCore.QTimer,
+    )  # fmt: skip
+    out: dict[str, set[str]] = {}
+    for cls in classes:
+        mo = cls.staticMetaObject
+        for i in range(mo.propertyCount()):
+            out.setdefault(mo.property(i).name(), set()).add(cls.__name__)
+    return out
+
+
+#: Calls whose name is a Qt property somewhere, made on objects that have no such property.
+NOT_PROPERTY_CALLS = {
+    "text": "QTableWidgetItem.text(): a QTableWidgetItem is not a QObject (PythonQt: no properties)",
+}
+
+
+def test_no_qt_call_names_a_property():
+    """PythonQt reads a property before a method of the same name (issue 18: the results row
+    click called ``selectionModel().selectedIndexes()``, a list): no ``x.<property>(...)``."""
+    properties = _qt_property_names()
+    tree = ast.parse(MODULE_PY.read_text())
+    widget = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "FVLMSlicerWidget")
+    called = {
+        node.func.attr
+        for node in ast.walk(widget)
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+    }
+    clashes = {n: sorted(properties[n]) for n in called & set(properties) if n not in NOT_PROPERTY_CALLS}
+    assert not clashes, f"called as methods but PythonQt returns these Qt properties: {clashes}"
 
 
 def _cmake_list(text: str, variable: str) -> list[str]:
@@ -197,7 +227,7 @@ def test_top_level_cmake_is_a_slicer_extension():
     ):
         assert re.search(rf"set\(EXTENSION_{field}\s", text), f"EXTENSION_{field} missing"
     # the screenshot and icon it advertises exist in the repository
-    assert (ROOT / "docs" / "images" / "slicer_result.png").exists()
+    assert 0 < (ROOT / "docs" / "images" / "slicer_result.png").stat().st_size < 1_000_000
     assert (MODULE / "Resources" / "Icons" / "FVLMSlicer.png").exists()
 
 

@@ -8,8 +8,10 @@
   is present (it picks the CUDA build for the machine); otherwise the user is told to install
   the PyTorch extension.
 * Slicer 5.12+: ``slicer.packaging.pip_ensure`` (checks, asks, shows progress, offers a
-  restart). Older Slicer: ``slicer.util.pip_install`` after a confirmation dialog, then a
-  restart prompt when an already-imported package changed.
+  restart). Slicer 5.10/5.11: ``slicer.util.pip_install`` with a list of arguments after a
+  confirmation dialog, then a restart prompt when an already-imported package changed.
+* In Slicer's testing mode nothing is installed (``pip_ensure`` skips there too): the caller
+  learns that something is missing and the self-test skips.
 
 The pure-Python parts (requirement parsing, missing-package check, constraints) have no Slicer
 or Qt dependency; the ``ensure_*`` functions import ``slicer`` only when called.
@@ -143,10 +145,25 @@ def status() -> dict[str, list[str] | bool]:
 # ------------------------------------------------------------------------------------------
 
 
+def testing_mode() -> bool:
+    """Whether Slicer runs its tests (``slicer.app.testingEnabled()``): nothing is installed then."""
+    try:
+        import slicer
+    except ImportError:
+        return False
+    app = getattr(slicer, "app", None)
+    return bool(app is not None and app.testingEnabled())
+
+
 def ensure_torch(ask: bool = True) -> bool:
-    """Make PyTorch importable, through the PyTorch extension when it is installed."""
+    """Make PyTorch importable, through the PyTorch extension when it is installed.
+
+    Returns ``False`` in Slicer's testing mode when PyTorch is missing: a test never downloads it.
+    """
     if torch_available():
         return True
+    if testing_mode():
+        return False
     try:
         import PyTorchUtils  # the "PyTorch" Slicer extension
     except ImportError as exc:
@@ -162,26 +179,35 @@ def ensure_torch(ask: bool = True) -> bool:
     return True
 
 
-def ensure_dependencies(ask: bool = True) -> bool:
-    """Install missing requirements into Slicer's Python; ``True`` when everything is importable.
+def _pip_ensure(packaging, missing: list[str], constraints: Path, ask: bool) -> bool:
+    """Slicer 5.12+: ``slicer.packaging.pip_ensure`` (asks, shows progress, offers a restart).
 
-    Returns ``False`` when the user declined. Raises :class:`DependencyError` when an install
-    failed. May prompt for a restart (when a package that was already imported changed).
+    It returns None whatever happened (installed, nothing to do, skipped in testing mode) and
+    raises RuntimeError when the user declines: the caller checks the packages again.
     """
-    import slicer
+    from subprocess import CalledProcessError
 
-    ensure_torch(ask)
-    missing = installable(missing_requirements(read_requirements()))
-    if not missing:
-        return True
-    constraints = write_constraints()
-    packaging = getattr(slicer, "packaging", None)
-    if packaging is not None and hasattr(packaging, "pip_ensure"):  # Slicer 5.12+
-        try:
-            result = packaging.pip_ensure(missing, requester="FVLM", constraints=str(constraints))
-        except TypeError:  # an early 5.12 preview without the constraints keyword
-            result = packaging.pip_ensure(missing, requester="FVLM")
-        return result is not False
+    try:
+        packaging.pip_ensure(missing, constraints=constraints, prompt_install=ask, requester="FVLM")
+    except RuntimeError as exc:
+        if "declined" in str(exc).lower():
+            return False
+        raise DependencyError(f"installing {', '.join(missing)} failed ({exc}).") from exc
+    except CalledProcessError as exc:
+        raise DependencyError(
+            f"installing {', '.join(missing)} failed (pip exited with code {exc.returncode}). See the "
+            "Python console for pip's output and check the network connection."
+        ) from exc
+    return True
+
+
+def _pip_install(slicer, missing: list[str], constraints: Path, ask: bool) -> bool:
+    """Slicer before 5.12: ``slicer.util.pip_install`` after a confirmation, then a restart prompt.
+
+    The arguments go as a list (one item per argument): given one string, ``pip_install``
+    splits it with ``shlex``, which breaks a constraints path holding a space (a Windows user
+    folder) or a backslash.
+    """
     if ask and not slicer.util.confirmOkCancelDisplay(
         "FVLM needs these Python packages, which will be installed into Slicer now "
         f"(Slicer's own numpy/SimpleITK/VTK are kept):\n\n{chr(10).join(missing)}",
@@ -190,7 +216,7 @@ def ensure_dependencies(ask: bool = True) -> bool:
         return False
     already_imported = [r for r in missing if requirement_name(r).replace("-", "_").lower() in sys.modules]
     try:
-        slicer.util.pip_install(" ".join(f'"{r}"' if " " in r else r for r in missing) + f" -c {constraints}")
+        slicer.util.pip_install(["-c", str(constraints), *missing])
     except Exception as exc:
         raise DependencyError(
             f"installing {', '.join(missing)} failed ({exc}). See the Python console for pip's output; "
@@ -201,4 +227,37 @@ def ensure_dependencies(ask: bool = True) -> bool:
         "FVLM: restart needed",
     ):
         slicer.util.restart()
+    return True
+
+
+def ensure_dependencies(ask: bool = True) -> bool:
+    """Install missing requirements into Slicer's Python; ``True`` when everything is importable.
+
+    Returns ``False`` when the user declined, and in Slicer's testing mode when something is
+    missing (tests never install packages or download PyTorch; the self-test then skips).
+    Raises :class:`DependencyError` when an install failed or left something missing.
+    """
+    import slicer
+
+    if not ensure_torch(ask):
+        return False
+    missing = installable(missing_requirements(read_requirements()))
+    if not missing:
+        return True
+    if testing_mode():
+        return False
+    constraints = write_constraints()
+    packaging = getattr(slicer, "packaging", None)
+    if packaging is not None and hasattr(packaging, "pip_ensure"):  # Slicer 5.12+
+        installed = _pip_ensure(packaging, missing, constraints, ask)
+    else:
+        installed = _pip_install(slicer, missing, constraints, ask)
+    if not installed:
+        return False
+    still = installable(missing_requirements(read_requirements()))
+    if still:
+        raise DependencyError(
+            f"after installing, these packages are still missing: {', '.join(still)}. See the Python "
+            "console for pip's output; restart Slicer and try again."
+        )
     return True

@@ -38,8 +38,12 @@ def new_scene(cache_dir: str | os.PathLike | None = None) -> Any:
     io.SetCacheManager(cache)
     scene.SetCacheManager(cache)
     scene.SetDataIOManager(io)
+    # default colour tables (Labels, GenericAnatomyColors, ...) and, as Slicer's Colors module
+    # registers it at startup, the colour legend display node class
     colors = slicer.vtkMRMLColorLogic()
-    colors.SetMRMLScene(scene)  # adds the default colour tables (Labels, GenericAnatomyColors, ...)
+    colors.SetMRMLScene(scene)
+    if not scene.IsNodeClassRegistered("vtkMRMLColorLegendDisplayNode"):
+        scene.RegisterNodeClass(slicer.vtkMRMLColorLegendDisplayNode())
     scene._fvlm_color_logic = colors  # keep the logic alive with the scene
     return scene
 

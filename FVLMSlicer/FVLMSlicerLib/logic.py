@@ -7,34 +7,59 @@
     nodes = logic.analyze(volume_node, segmentation_node=None, model_dir="~/fvlm-demo/model")
     nodes.table, nodes.segmentation, nodes.similarity_volumes
 
-For the GUI the same work is split into :meth:`start` (main thread: nodes -> arrays, launch a
-background job) and :meth:`finish` (main thread: summary -> nodes).
+For the GUI the same work is split so that the GUI thread never does voxel work:
+
+* :meth:`start` (GUI thread): views of the volume and segmentation layers
+  (:class:`~FVLMSlicerLib.snapshot.InputSnapshot`), then a background job that converts them,
+  runs the analysis and prepares the results as VTK objects (:meth:`prepare`);
+* :class:`ResultApplier` (GUI thread, one small step per timer tick): attaches the prepared
+  objects to the scene: segments, table, one similarity volume per step.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from fvlm_core.errors import CheckpointError, FVLMError, InputError
-from fvlm_core.io import check_hu
+from fvlm_core.io import Geometry
 
-from .mrml_io import labelmap_to_segmentation_node, segmentation_node_to_labelmap, volume_node_to_ct
-from .results import ATTR_ROLE, ATTR_SOURCE_VOLUME, ResultNodes, apply_summary
-from .runner import AnalysisRequest, JobStatus, ProcessJob, ThreadJob, run_analysis
+from .jobs import JobStatus, ProcessJob, ThreadJob
+from .mrml_io import map_segmentation, segmentation_layers, set_anatomy_segments, volume_view
+from .results import (
+    ATTR_ROLE,
+    ATTR_SIMILARITY,
+    ATTR_SOURCE_VOLUME,
+    PreparedResults,
+    ResultNodes,
+    apply_to_segmentation,
+    fill_table,
+    prepare_results,
+    set_similarity_volume,
+)
+from .runner import AnalysisOutput, AnalysisRequest, run_analysis
 from .settings import read_model_info, remembered_model_dir
+from .snapshot import InputSnapshot
 
 
 @dataclass
 class JobContext:
-    """What :meth:`AnalysisLogic.finish` needs to put a job's results into the scene."""
+    """What the results of a job need: the analysed volume, its grid, the model's anatomies.
+
+    Attributes:
+        geometry: the CT's world geometry when the analysis started.
+    """
 
     volume_node_id: str
     model_dir: str
     anatomies: list[str]
     segment_mapping: dict[str, str]
+    geometry: Geometry
+    anatomy_source: str = "builtin"
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class AnalysisLogic:
@@ -58,8 +83,9 @@ class AnalysisLogic:
             path = remembered_model_dir()
         if not path:
             raise CheckpointError(
-                "no model folder given and no demo model remembered. Run `fvlm demo` (it trains a small "
-                "model and records its folder) or choose a model folder."
+                "no model folder given and no demo model remembered. Import the official fVLM weights or "
+                "choose a model folder (a folder written by `fvlm demo`, `fvlm train` or "
+                "`fvlm import-checkpoint`)."
             )
         return str(Path(path).expanduser())
 
@@ -75,95 +101,92 @@ class AnalysisLogic:
         segment_overrides: dict[str, str] | None = None,
         allow_non_hu: bool = False,
     ) -> tuple[AnalysisRequest, JobContext]:
-        """Read the nodes into an :class:`AnalysisRequest` (main thread only: touches MRML).
+        """Take views of the nodes for a background analysis (GUI thread; no voxel copies).
+
+        The intensities are checked (CT in HU unless ``allow_non_hu``) when the job converts
+        the snapshot, off the GUI thread.
 
         Raises:
-            InputError: no volume, a volume that is not CT in HU (unless ``allow_non_hu``), or a
-                segmentation none of whose segments is a model anatomy.
+            InputError: no volume, or a segmentation none of whose segments is a model anatomy.
         """
         if volume_node is None:
             raise InputError("no input volume: select the CT to analyze.")
         model_dir = self.resolve_model_dir(model_dir)
-        info = read_model_info(model_dir)
-        catalog = info.catalog()
-        ct = volume_node_to_ct(volume_node)
-        if not allow_non_hu:
-            check_hu(ct.array, volume_node.GetName())
+        catalog = read_model_info(model_dir).catalog()
+        view, geometry = volume_view(volume_node)
         source = anatomy_source or ("segmentation" if segmentation_node is not None else "builtin")
-        labelmap, mapping = None, {}
+        layers, mapping = None, {}
         if source == "segmentation":
             if segmentation_node is None:
                 raise InputError("anatomy source is 'segmentation' but no segmentation node was selected.")
-            labelmap, mapping = segmentation_node_to_labelmap(
-                segmentation_node, ct.geometry, catalog, overrides=segment_overrides
-            )
+            mapping = map_segmentation(segmentation_node, catalog, segment_overrides)
+            layers = segmentation_layers(segmentation_node, catalog, mapping)
+        snapshot = InputSnapshot(view, geometry, volume_node.GetName(), layers, not allow_non_hu)
         request = AnalysisRequest(
-            ct=ct,
             model_dir=model_dir,
-            labelmap=labelmap,
+            snapshot=snapshot,
             anatomy_source=source,
             findings=findings,
             device=device,
             similarity_maps=similarity_maps,
         )
-        return request, JobContext(volume_node.GetID(), model_dir, catalog.names, mapping)
+        context = JobContext(volume_node.GetID(), model_dir, catalog.names, mapping, geometry, source)
+        return request, context
 
     # --- outputs -----------------------------------------------------------------------------
-    def _output_node(self, class_name: str, role: str, volume_node: Any, name: str) -> Any:
+    @staticmethod
+    def prepare(output: AnalysisOutput, context: JobContext) -> PreparedResults:
+        """Results as VTK objects ready for the scene (any thread: touches no scene)."""
+        from fvlm_core.anatomy import get_catalog
+
+        catalog = get_catalog(output.anatomies or context.anatomies)
+        return prepare_results(output.summary, output.labelmap, context.geometry, catalog)
+
+    def output_node(self, class_name: str, role: str, volume_node: Any, name: str) -> Any:
         """The result node of this role made for this volume before, or a new one."""
-        for i in range(self.scene.GetNumberOfNodesByClass(class_name)):
-            node = self.scene.GetNthNodeByClass(i, class_name)
-            if (
-                node.GetAttribute(ATTR_ROLE) == role
-                and node.GetAttribute(ATTR_SOURCE_VOLUME) == volume_node.GetID()
-            ):
+        for node in self.result_nodes(class_name, volume_node):
+            if node.GetAttribute(ATTR_ROLE) == role:
                 return node
         node = self.scene.AddNewNodeByClass(class_name, name)
         node.SetAttribute(ATTR_ROLE, role)
         node.SetAttribute(ATTR_SOURCE_VOLUME, volume_node.GetID())
         return node
 
-    def finish(self, status: JobStatus, context: JobContext) -> ResultNodes:
-        """Put a finished job's results into the scene (main thread)."""
-        if status.state != "done" or status.output is None:
-            raise FVLMError(status.error or f"analysis {status.state}")
-        from fvlm_core.anatomy import get_catalog
+    def result_nodes(self, class_name: str, volume_node: Any) -> list[Any]:
+        """Nodes of ``class_name`` this module made for ``volume_node``."""
+        out = []
+        for i in range(self.scene.GetNumberOfNodesByClass(class_name)):
+            node = self.scene.GetNthNodeByClass(i, class_name)
+            if node.GetAttribute(ATTR_SOURCE_VOLUME) == volume_node.GetID():
+                out.append(node)
+        return out
 
-        output = status.output
-        volume_node = self.scene.GetNodeByID(context.volume_node_id)
-        if volume_node is None:
-            raise InputError("the analysed volume was removed from the scene before the results arrived.")
-        ct_geometry = volume_node_to_ct(volume_node).geometry
-        catalog = get_catalog(output.anatomies or context.anatomies)
-        seg_node = self._output_node(
-            "vtkMRMLSegmentationNode", "anatomies", volume_node, f"{volume_node.GetName()} FVLM anatomies"
-        )
-        labelmap_to_segmentation_node(
-            output.labelmap,
-            ct_geometry,
-            catalog,
-            self.scene,
-            node=seg_node,
-            reference_volume_node=volume_node,
-        )
-        table = self._output_node(
-            "vtkMRMLTableNode", "findings", volume_node, f"{volume_node.GetName()} FVLM findings"
-        )
-        nodes = apply_summary(self.scene, output.summary, seg_node, ct_geometry, table_node=table)
-        for node in nodes.similarity_volumes.values():
-            node.SetAttribute(ATTR_SOURCE_VOLUME, volume_node.GetID())
-        return nodes
+    def finish(self, status: JobStatus, context: JobContext) -> ResultNodes:
+        """Put a finished job's results into the scene in one go (console, tests)."""
+        applier = ResultApplier(self, status, context)
+        while not applier.step():
+            pass
+        return applier.nodes
 
     # --- running -----------------------------------------------------------------------------
     def start(
-        self, *args: Any, background: str = "process", python: str | None = None, env=None, **kwargs: Any
+        self,
+        *args: Any,
+        background: str = "process",
+        python: str | None = None,
+        env_update: dict[str, str] | None = None,
+        **kwargs: Any,
     ):
         """Start a background analysis; returns ``(job, context)``; poll ``job.poll()``."""
         request, context = self.make_request(*args, **kwargs)
+
+        def prepare(output: AnalysisOutput) -> PreparedResults:
+            return self.prepare(output, context)
+
         if background == "thread":
-            job = ThreadJob(request)
+            job = ThreadJob(request, prepare=prepare)
         elif background == "process":
-            job = ProcessJob(request, python=python, env=env)
+            job = ProcessJob(request, python=python, env_update=env_update, prepare=prepare)
         else:
             raise FVLMError(f"background={background!r}: use 'process' or 'thread'")
         return job.start(), context
@@ -188,7 +211,7 @@ class AnalysisLogic:
                 ``None`` runs the built-in segmenter (or ``anatomy_source="totalsegmentator"``).
             model_dir: saved model folder; empty = the model ``fvlm demo`` trained last.
             findings: ``Finding`` dicts; ``None`` = the model's default findings.
-            device: ``"auto"``, ``"cuda"`` or ``"cpu"``.
+            device: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:N"``, ``"gpu"`` or ``"mps"``.
         """
         request, context = self.make_request(
             volume_node,
@@ -202,3 +225,62 @@ class AnalysisLogic:
         )
         output = run_analysis(request, progress)
         return self.finish(JobStatus("done", "finish", 1.0, "", output), context)
+
+
+class ResultApplier:
+    """Attaches a finished job's prepared results to the scene, one small step per call.
+
+    Each :meth:`step` does bounded MRML work (the voxels were copied off the GUI thread by
+    :meth:`AnalysisLogic.prepare`): the segments, then the table, then one similarity volume
+    per step, then the removal of similarity volumes an earlier run left for this volume.
+    """
+
+    def __init__(self, logic: AnalysisLogic, status: JobStatus, context: JobContext) -> None:
+        if status.state != "done" or status.output is None:
+            raise FVLMError(status.error or f"analysis {status.state}")
+        self.logic, self.status, self.context = logic, status, context
+        self.nodes: ResultNodes | None = None
+        self._steps = self._generate()
+
+    def step(self) -> bool:
+        """Do the next step; True once everything is in the scene (then :attr:`nodes` is set)."""
+        try:
+            next(self._steps)
+            return False
+        except StopIteration:
+            return True
+
+    def _generate(self) -> Iterator[None]:
+        logic, context = self.logic, self.context
+        volume = logic.scene.GetNodeByID(context.volume_node_id)
+        if volume is None:
+            raise InputError("the analysed volume was removed from the scene before the results arrived.")
+        prepared = self.status.prepared or logic.prepare(self.status.output, context)
+        yield
+        seg = logic.output_node(
+            "vtkMRMLSegmentationNode", "anatomies", volume, f"{volume.GetName()} FVLM anatomies"
+        )
+        seg.SetReferenceImageGeometryParameterFromVolumeNode(volume)
+        set_anatomy_segments(seg, prepared.layer, prepared.catalog)
+        apply_to_segmentation(seg, prepared.summary)
+        yield
+        table = logic.output_node("vtkMRMLTableNode", "findings", volume, f"{volume.GetName()} FVLM findings")
+        fill_table(table, prepared.summary)
+        table.SetAttribute("FVLM.SegmentationNodeID", seg.GetID())
+        yield
+        existing = {
+            tuple(node.GetAttribute(ATTR_SIMILARITY).split("|", 1)): node
+            for node in logic.result_nodes("vtkMRMLScalarVolumeNode", volume)
+            if node.GetAttribute(ATTR_SIMILARITY)
+        }
+        volumes = {}
+        for key, overlay in prepared.overlays.items():
+            node = set_similarity_volume(logic.scene, existing.pop(key, None), key, overlay, seg)
+            node.SetAttribute(ATTR_SOURCE_VOLUME, volume.GetID())
+            volumes[key] = node
+            yield
+        for stale in existing.values():  # maps of findings this run did not flag
+            for i in reversed(range(stale.GetNumberOfDisplayNodes())):
+                logic.scene.RemoveNode(stale.GetNthDisplayNode(i))
+            logic.scene.RemoveNode(stale)
+        self.nodes = ResultNodes(seg, table, volumes, prepared.summary)

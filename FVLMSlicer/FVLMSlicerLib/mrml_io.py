@@ -11,7 +11,8 @@ Works inside 3D Slicer and headless with the ``slicer-core`` package (see ``head
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -23,6 +24,7 @@ from fvlm_core.anatomy import AnatomyCatalog
 from fvlm_core.errors import GeometryError, InputError
 from fvlm_core.io import CTVolume, Geometry, array_to_sitk, resample_to
 
+from .snapshot import InputSnapshot, LayerSnapshot
 from .terminology import anatomy_terminology, map_segments
 
 #: Segment tag prefix for everything this module writes on segments.
@@ -94,6 +96,18 @@ def volume_node_to_ct(volume_node: Any) -> CTVolume:
         InputError: no image data, or a colour / vector volume.
         GeometryError: a non-linear parent transform.
     """
+    view, geometry = volume_view(volume_node)
+    return CTVolume(array=np.array(view, dtype=np.float32), geometry=geometry, source=volume_node.GetName())
+
+
+def volume_view(volume_node: Any) -> tuple[np.ndarray, Geometry]:
+    """``(Z, Y, X)`` numpy *view* of a scalar volume (stored type, no copy) and its world geometry.
+
+    Cheap enough for the GUI thread; the view keeps the VTK array alive.
+
+    Raises:
+        InputError / GeometryError: as :func:`volume_node_to_ct`.
+    """
     image = volume_node.GetImageData()
     if image is None:
         raise InputError(f"{volume_node.GetName()}: volume node holds no image data. Load a CT first.")
@@ -104,11 +118,11 @@ def volume_node_to_ct(volume_node: Any) -> CTVolume:
         )
     geometry = volume_geometry(volume_node)
     geometry.validate(volume_node.GetName())
-    array = np.ascontiguousarray(_image_to_array(image)[..., 0], dtype=np.float32)
-    return CTVolume(array=array, geometry=geometry, source=volume_node.GetName())
+    return _image_to_array(image)[..., 0], geometry
 
 
-def _array_to_image(array: np.ndarray) -> vtk.vtkImageData:
+def array_to_image(array: np.ndarray) -> vtk.vtkImageData:
+    """A ``(Z, Y, X)`` array copied into VTK image data (any thread, before it joins a scene)."""
     array = np.ascontiguousarray(array)
     z, y, x = array.shape
     image = vtk.vtkImageData()
@@ -123,8 +137,16 @@ def update_volume_node(volume_node: Any, array: np.ndarray, geometry: Geometry) 
     """Put a ``(Z, Y, X)`` array with ``geometry`` into an existing volume node."""
     if tuple(array.shape) != geometry.shape_zyx:
         raise GeometryError(f"array shape {array.shape} does not match geometry shape {geometry.shape_zyx}")
+    return set_volume_image(volume_node, array_to_image(array), geometry)
+
+
+def set_volume_image(volume_node: Any, image: vtk.vtkImageData, geometry: Geometry) -> Any:
+    """Give a volume node prepared image data placed on ``geometry`` (no voxel copy)."""
+    x, y, z = image.GetDimensions()
+    if (z, y, x) != geometry.shape_zyx:
+        raise GeometryError(f"image shape {(z, y, x)} does not match geometry shape {geometry.shape_zyx}")
     volume_node.SetIJKToRASMatrix(numpy_to_matrix(geometry.affine_ras))
-    volume_node.SetAndObserveImageData(_array_to_image(array))
+    volume_node.SetAndObserveImageData(image)
     return volume_node
 
 
@@ -175,14 +197,8 @@ def segment_mask(segmentation_node: Any, segment_id: str, reference: Geometry) -
     Segments stored only as closed surfaces are converted to binary labelmaps first; the
     segmentation's (linear) parent transform is applied.
     """
+    _require_labelmaps(segmentation_node)
     segmentation = segmentation_node.GetSegmentation()
-    if not segmentation.ContainsRepresentation(BINARY_LABELMAP) and not segmentation.CreateRepresentation(
-        BINARY_LABELMAP
-    ):
-        raise InputError(
-            f"{segmentation_node.GetName()}: could not make a binary labelmap from its segments. "
-            "Open the Segmentations module and create the 'Binary labelmap' representation."
-        )
     _parent_to_world(segmentation_node)  # raises for a non-linear transform
     image = slicer.vtkOrientedImageData()
     if not slicer.vtkSlicerSegmentationsModuleLogic.GetSegmentBinaryLabelmapRepresentation(
@@ -219,20 +235,53 @@ def segments(segmentation_node: Any) -> list[tuple[str, str, str]]:
     return out
 
 
-def segmentation_node_to_labelmap(
-    segmentation_node: Any,
-    reference: Geometry,
-    catalog: AnatomyCatalog,
-    overrides: Mapping[str, str] | None = None,
-) -> tuple[np.ndarray, dict[str, str]]:
-    """An anatomy label map (anatomy ``i`` = ``i + 1``) on ``reference`` from a segmentation node.
+def _require_labelmaps(segmentation_node: Any) -> None:
+    segmentation = segmentation_node.GetSegmentation()
+    if not segmentation.ContainsRepresentation(BINARY_LABELMAP) and not segmentation.CreateRepresentation(
+        BINARY_LABELMAP
+    ):
+        raise InputError(
+            f"{segmentation_node.GetName()}: could not make a binary labelmap from its segments. "
+            "Open the Segmentations module and create the 'Binary labelmap' representation."
+        )
+
+
+def segmentation_layers(
+    segmentation_node: Any, catalog: AnatomyCatalog, mapping: Mapping[str, str]
+) -> list[LayerSnapshot]:
+    """The labelmap layers holding the mapped segments, as views (GUI thread, no voxel loops).
+
+    Args:
+        mapping: ``{segment_id: anatomy}`` (from :func:`~FVLMSlicerLib.terminology.map_segments`).
+    """
+    _require_labelmaps(segmentation_node)
+    to_world = _parent_to_world(segmentation_node)  # raises for a non-linear transform
+    segmentation = segmentation_node.GetSegmentation()
+    order = {segmentation.GetNthSegmentID(i): i + 1 for i in range(segmentation.GetNumberOfSegments())}
+    layers: dict[int, LayerSnapshot] = {}
+    for segment_id, anatomy in mapping.items():
+        index = segmentation.GetLayerIndex(segment_id)
+        if index not in layers:
+            image = segmentation.GetLayerDataObject(index)
+            array, geometry = _oriented_image_to_array(image)
+            if geometry is None:
+                continue  # an empty layer
+            if not np.allclose(to_world, np.eye(4)):
+                geometry = Geometry.from_affine_ras(to_world @ geometry.affine_ras, array.shape)
+            layers[index] = LayerSnapshot(array, geometry)
+        label_value = int(segmentation.GetSegment(segment_id).GetLabelValue())
+        layers[index].labels[label_value] = (catalog.label(anatomy), order[segment_id])
+    return [layers[i] for i in sorted(layers)]
+
+
+def map_segmentation(
+    segmentation_node: Any, catalog: AnatomyCatalog, overrides: Mapping[str, str] | None = None
+) -> dict[str, str]:
+    """``{segment_id: anatomy}`` for the segments holding model anatomies.
 
     Segment names and terminology are mapped to the catalog's anatomies
     (:func:`~FVLMSlicerLib.terminology.match_segment`); several segments may form one anatomy
-    (the five lung lobes of TotalSegmentator). Where anatomies overlap, the later one wins.
-
-    Returns:
-        ``(labelmap uint8 (Z, Y, X), {segment_id: anatomy})``.
+    (the five lung lobes of TotalSegmentator).
 
     Raises:
         InputError: no segment maps to any anatomy of the catalog.
@@ -245,10 +294,29 @@ def segmentation_node_to_labelmap(
             f"({', '.join(catalog.names)}). Rename the segments (e.g. 'lung', 'heart') or choose another "
             "anatomy source (built-in or TotalSegmentator)."
         )
-    labelmap = np.zeros(reference.shape_zyx, dtype=np.uint8)
-    for segment_id, anatomy in mapping.items():
-        labelmap[segment_mask(segmentation_node, segment_id, reference)] = catalog.label(anatomy)
-    return labelmap, mapping
+    return mapping
+
+
+def segmentation_node_to_labelmap(
+    segmentation_node: Any,
+    reference: Geometry,
+    catalog: AnatomyCatalog,
+    overrides: Mapping[str, str] | None = None,
+) -> tuple[np.ndarray, dict[str, str]]:
+    """An anatomy label map (anatomy ``i`` = ``i + 1``) on ``reference`` from a segmentation node.
+
+    Where anatomies overlap, the segment later in the segmentation wins.
+
+    Returns:
+        ``(labelmap uint8 (Z, Y, X), {segment_id: anatomy})``.
+
+    Raises:
+        InputError: no segment maps to any anatomy of the catalog.
+    """
+    mapping = map_segmentation(segmentation_node, catalog, overrides)
+    layers = segmentation_layers(segmentation_node, catalog, mapping)
+    snapshot = InputSnapshot(np.zeros((0, 0, 0)), reference, segmentation_node.GetName(), layers)
+    return snapshot.labelmap(), mapping
 
 
 def _mask_to_oriented_image(mask: np.ndarray, geometry: Geometry) -> Any:
@@ -278,6 +346,59 @@ def set_segment_mask(segmentation_node: Any, segment_id: str, mask: np.ndarray, 
         )
 
 
+@dataclass
+class AnatomyLayer:
+    """An anatomy label map ready to become segments: built off the GUI thread.
+
+    Attributes:
+        image: the label map as one vtkOrientedImageData (label value = anatomy label).
+        present: the catalog anatomies that have voxels in it, in catalog order.
+    """
+
+    image: Any
+    present: list[str]
+
+
+def anatomy_layer(labelmap: np.ndarray, geometry: Geometry, catalog: AnatomyCatalog) -> AnatomyLayer:
+    """Copy an anatomy label map into VTK (any thread: the image is not in a scene yet)."""
+    if tuple(labelmap.shape) != geometry.shape_zyx:
+        raise GeometryError(
+            f"label map shape {labelmap.shape} does not match its geometry {geometry.shape_zyx}"
+        )
+    counts = np.bincount(np.asarray(labelmap, dtype=np.uint8).reshape(-1), minlength=len(catalog) + 1)
+    present = [a.name for a in catalog if counts[catalog.label(a.name)] > 0]
+    return AnatomyLayer(_mask_to_oriented_image(labelmap, geometry), present)
+
+
+def set_anatomy_segments(node: Any, layer: AnatomyLayer, catalog: AnatomyCatalog) -> Any:
+    """One segment per present anatomy, all sharing ``layer.image`` (GUI thread, no voxel work).
+
+    Segment IDs are the anatomy names (so results find them again); names are the anatomy
+    titles, colours the catalog's, and the terminology is the anatomy's SNOMED CT code. The
+    node's earlier segments of the catalog's anatomies are replaced.
+    """
+    if node.GetDisplayNode() is None:
+        node.CreateDefaultDisplayNodes()
+    segmentation = node.GetSegmentation()
+    segmentation.SetSourceRepresentationName(BINARY_LABELMAP)
+    for anatomy in catalog:
+        if segmentation.GetSegment(anatomy.name) is not None:
+            segmentation.RemoveSegment(anatomy.name)
+    for name in layer.present:
+        anatomy = catalog[name]
+        segment = slicer.vtkSegment()
+        segment.SetName(anatomy.title)
+        segment.SetColor(*(c / 255.0 for c in anatomy.color))
+        segment.SetLabelValue(catalog.label(name))
+        terminology = anatomy_terminology(anatomy)
+        if terminology:
+            segment.SetTag(segment.GetTerminologyEntryTagName(), terminology)
+        segment.SetTag(TAG_PREFIX + "anatomy", name)
+        segment.AddRepresentation(BINARY_LABELMAP, layer.image)  # shared: one layer, no copies
+        segmentation.AddSegment(segment, name)
+    return node
+
+
 def labelmap_to_segmentation_node(
     labelmap: np.ndarray,
     geometry: Geometry,
@@ -286,52 +407,20 @@ def labelmap_to_segmentation_node(
     name: str = "FVLM anatomies",
     node: Any = None,
     reference_volume_node: Any = None,
-    include_empty: bool = False,
 ) -> Any:
-    """A segmentation node with one segment per anatomy of an anatomy label map.
+    """A segmentation node with one segment per anatomy of an anatomy label map (blocking).
 
-    Segment IDs are the anatomy names (so results find them again); names are the anatomy
-    titles, colours the catalog's, and the terminology is the anatomy's SNOMED CT code.
-    An existing ``node`` is updated: its segments of these anatomies are replaced.
+    See :func:`set_anatomy_segments`; an existing ``node`` is updated.
     """
-    if tuple(labelmap.shape) != geometry.shape_zyx:
-        raise GeometryError(
-            f"label map shape {labelmap.shape} does not match its geometry {geometry.shape_zyx}"
-        )
+    layer = anatomy_layer(labelmap, geometry, catalog)
     if node is None:
         node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
-    if node.GetDisplayNode() is None:
-        node.CreateDefaultDisplayNodes()
     if reference_volume_node is not None:
         node.SetReferenceImageGeometryParameterFromVolumeNode(reference_volume_node)
-    segmentation = node.GetSegmentation()
-    for anatomy in catalog:
-        mask = labelmap == catalog.label(anatomy.name)
-        if not include_empty and not mask.any():
-            continue
-        if segmentation.GetSegment(anatomy.name) is not None:
-            segmentation.RemoveSegment(anatomy.name)
-        color = [c / 255.0 for c in anatomy.color]
-        segmentation.AddEmptySegment(anatomy.name, anatomy.title, color)
-        segment = segmentation.GetSegment(anatomy.name)
-        terminology = anatomy_terminology(anatomy)
-        if terminology:
-            segment.SetTag(segment.GetTerminologyEntryTagName(), terminology)
-        segment.SetTag(TAG_PREFIX + "anatomy", anatomy.name)
-        if mask.any():
-            set_segment_mask(node, anatomy.name, mask, geometry)
-    segmentation.CollapseBinaryLabelmaps(False)  # anatomies do not overlap: one shared layer
-    return node
+    return set_anatomy_segments(node, layer, catalog)
 
 
 def get_segment_tag(segment: Any, tag: str, default: str | None = None) -> str | None:
     """A segment tag's value (``default`` when the segment has no such tag)."""
     value = vtk.reference("")
     return str(value) if segment.GetTag(tag, value) else default
-
-
-def masks_from_labelmap(
-    labelmap: np.ndarray, catalog: AnatomyCatalog, names: Sequence[str]
-) -> dict[str, np.ndarray]:
-    """``{anatomy: bool mask}`` for the given anatomy names."""
-    return {n: labelmap == catalog.label(n) for n in names}

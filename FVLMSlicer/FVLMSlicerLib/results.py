@@ -7,26 +7,34 @@
 * Each segment carries tags ``FVLM.probability.<finding>`` (``"0.7342"``), ``FVLM.flagged``
   (``"; "``-separated names), ``FVLM.findings`` (all scored names), ``FVLM.maxProbability``,
   ``FVLM.status``.
-* A table node lists anatomy, finding, probability, threshold, flagged (+ threshold source,
-  status), one row per scored finding.
-* Similarity maps of flagged findings become scalar volumes on the CT's grid.
+* A table node lists anatomy, finding, probability (%), threshold (%), flagged (Yes/No),
+  threshold source, status and note, one row per finding.
+* Similarity maps of flagged findings become percentage volumes over their anatomy's box,
+  displayed as overlays (``overlay.py``).
 
-All of it is ordinary MRML content, so it is saved with the scene (.mrml/.mrb) and by the
-segmentation (.seg.nrrd) and table (.tsv) storage nodes. No Qt.
+The voxel work (label map and maps into VTK objects) is :func:`prepare_results`, which runs in a
+background thread; what touches the scene is small (:func:`apply_to_segmentation`,
+:func:`fill_table`, :func:`set_similarity_volume`). All of it is ordinary MRML content, so it is
+saved with the scene (.mrml/.mrb) and by the segmentation (.seg.nrrd) and table (.tsv) storage
+nodes. No Qt.
 """
 
 from __future__ import annotations
 
 import colorsys
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import vtk
 
+from fvlm_core.anatomy import AnatomyCatalog
 from fvlm_core.io import Geometry
 
-from .mrml_io import TAG_PREFIX, add_volume_node, get_segment_tag
+from .mrml_io import TAG_PREFIX, AnatomyLayer, anatomy_layer, get_segment_tag, set_volume_image
+from .overlay import PreparedOverlay, prepare_overlay, show_overlay
+from .panel import flagged_text
 from .summary import AnalysisSummary
 
 HIGHLIGHT_RGB = (1.0, 0.12, 0.08)
@@ -34,23 +42,19 @@ DIM_OPACITY = 0.15
 TABLE_COLUMNS = (
     ("anatomy", "string"),
     ("finding", "string"),
-    ("probability", "double"),
-    ("threshold", "double"),
-    ("flagged", "int"),
+    ("probability (%)", "double"),
+    ("threshold (%)", "double"),
+    ("flagged", "string"),
     ("threshold source", "string"),
     ("status", "string"),
+    ("note", "string"),
 )
+
 #: Node attribute linking result nodes to the analysis (value: the segmentation node ID).
 ATTR_SEGMENTATION = "FVLM.SegmentationNodeID"
 ATTR_SIMILARITY = "FVLM.SimilarityMap"  # value: "anatomy|finding"
 ATTR_ROLE = "FVLM.Role"
 ATTR_SOURCE_VOLUME = "FVLM.SourceVolumeNodeID"
-#: Colour tables for similarity maps, first one present wins (the first is Slicer's, file-based).
-SIMILARITY_COLOR_IDS = (
-    "vtkMRMLColorTableNodeFileColdToHotRainbow.txt",
-    "vtkMRMLPETProceduralColorNodePET-Heat",
-    "vtkMRMLColorTableNodeRainbow",
-)
 
 
 @dataclass
@@ -132,31 +136,52 @@ def apply_to_segmentation(segmentation_node: Any, summary: AnalysisSummary) -> N
             for f in result.findings:
                 segment.SetTag(probability_tag(f.finding), f"{f.probability:.4f}")
             if display is not None:
-                opacity = 0.5 + 0.5 * p_max if flagged else DIM_OPACITY
-                display.SetSegmentOpacity2DFill(segment_id, opacity)
+                display.SetSegmentOpacity2DFill(segment_id, fill_opacity(result))
                 display.SetSegmentOpacity2DOutline(segment_id, 1.0 if flagged else 0.3)
                 display.SetSegmentOpacity3D(segment_id, 1.0 if flagged else 0.1)
 
 
+def percent(value: float) -> float:
+    """A probability as a percentage with one decimal (NaN stays NaN: not scored)."""
+    return float("nan") if math.isnan(value) else round(100.0 * float(value), 1)
+
+
+def fill_opacity(result) -> float:
+    """2D fill opacity of an anatomy: flagged ones opaque in proportion to the probability."""
+    return 0.5 + 0.5 * result.max_probability if result.flagged else DIM_OPACITY
+
+
+def outline_only(segmentation_node: Any, summary: AnalysisSummary, anatomy: str | None) -> None:
+    """Draw ``anatomy`` as an outline (its similarity map is shown under it), the others filled."""
+    display = segmentation_node.GetDisplayNode()
+    segmentation = segmentation_node.GetSegmentation()
+    for result in summary.anatomies:
+        if segmentation.GetSegment(result.name) is not None:
+            opacity = 0.0 if result.name == anatomy else fill_opacity(result)
+            display.SetSegmentOpacity2DFill(result.name, opacity)
+
+
 def fill_table(table_node: Any, summary: AnalysisSummary) -> Any:
-    """Replace the table's content by one row per scored finding."""
+    """Replace the table's content by one row per finding (probabilities in percent)."""
     table_node.RemoveAllColumns()
-    arrays = {"string": vtk.vtkStringArray, "double": vtk.vtkDoubleArray, "int": vtk.vtkIntArray}
+    arrays = {"string": vtk.vtkStringArray, "double": vtk.vtkDoubleArray}
     columns = []
     for name, kind in TABLE_COLUMNS:
         column = arrays[kind]()
         column.SetName(name)
         table_node.AddColumn(column)
         columns.append(column)
+    notes = {a.name: a.note for a in summary.anatomies}
     for row in summary.rows():
         values = (
             row.anatomy,
             row.finding,
-            row.probability,
-            row.threshold,
-            int(row.flagged),
+            percent(row.probability),
+            percent(row.threshold),
+            flagged_text(row),
             row.threshold_source,
             row.status,
+            notes.get(row.anatomy, ""),
         )
         for column, value in zip(columns, values):
             column.InsertNextValue(value)
@@ -175,59 +200,60 @@ def table_rows(table_node: Any) -> list[dict[str, str]]:
     ]
 
 
-def add_similarity_volumes(
-    scene: Any,
-    summary: AnalysisSummary,
-    geometry: Geometry,
-    segmentation_node: Any,
-    only_flagged: bool = True,
-    existing: dict[tuple[str, str], Any] | None = None,
-) -> dict[tuple[str, str], Any]:
-    """Scalar volumes of the similarity maps (on the CT grid) for flagged findings."""
-    flagged = {(r.anatomy, r.finding) for r in summary.rows() if r.flagged}
-    out: dict[tuple[str, str], Any] = {}
+@dataclass
+class PreparedResults:
+    """A finished analysis converted for MRML off the GUI thread (see :func:`prepare_results`).
+
+    Attributes:
+        summary: the analysis summary.
+        layer: the anatomy label map as a VTK image plus the anatomies present in it.
+        overlays: ``{(anatomy, finding): PreparedOverlay}`` for flagged findings with a map.
+        catalog: the model's anatomies.
+    """
+
+    summary: AnalysisSummary
+    layer: AnatomyLayer
+    overlays: dict[tuple[str, str], PreparedOverlay]
+    catalog: AnatomyCatalog
+
+
+def prepare_results(
+    summary: AnalysisSummary, labelmap: np.ndarray, geometry: Geometry, catalog: AnatomyCatalog
+) -> PreparedResults:
+    """Array work for showing an analysis: safe in a background thread (no scene access).
+
+    Args:
+        labelmap: ``(Z, Y, X)`` anatomy labels on the CT grid ``geometry``.
+    """
+    overlays = {}
+    flagged = {(r.anatomy, r.finding): r for r in summary.rows() if r.flagged}
     for key, array in summary.similarity_maps.items():
-        if only_flagged and key not in flagged:
+        row = flagged.get(key)
+        if row is None:
             continue
-        anatomy, finding = key
-        node = (existing or {}).get(key)
-        node = add_volume_node(
-            scene, array.astype(np.float32), geometry, f"FVLM similarity {anatomy}: {finding}", node=node
-        )
-        node.SetAttribute(ATTR_SIMILARITY, f"{anatomy}|{finding}")
-        node.SetAttribute(ATTR_SEGMENTATION, segmentation_node.GetID())
-        display = node.GetDisplayNode()
-        if display is not None:
-            for color_id in SIMILARITY_COLOR_IDS:
-                if scene.GetNodeByID(color_id) is not None:
-                    display.SetAndObserveColorNodeID(color_id)
-                    break
-            lo, hi = float(np.min(array)), float(np.max(array))
-            display.SetAutoWindowLevel(False)
-            display.SetWindowLevelMinMax(lo, hi if hi > lo else lo + 1e-6)
-        out[key] = node
-    return out
+        mask = labelmap == catalog.label(key[0])
+        prepared = prepare_overlay(np.asarray(array, dtype=np.float32), mask, geometry, row.threshold)
+        if prepared is not None:
+            overlays[key] = prepared
+    return PreparedResults(summary, anatomy_layer(labelmap, geometry, catalog), overlays, catalog)
 
 
-def apply_summary(
-    scene: Any,
-    summary: AnalysisSummary,
-    segmentation_node: Any,
-    geometry: Geometry,
-    table_node: Any = None,
-    similarity_maps: bool = True,
-) -> ResultNodes:
-    """Show an analysis in MRML: segment colours and tags, the table, the similarity maps."""
-    apply_to_segmentation(segmentation_node, summary)
-    if table_node is None:
-        table_node = scene.AddNewNodeByClass("vtkMRMLTableNode", f"{segmentation_node.GetName()} findings")
-    fill_table(table_node, summary)
-    table_node.SetAttribute(ATTR_SEGMENTATION, segmentation_node.GetID())
-    table_node.SetAttribute(ATTR_ROLE, "findings")
-    volumes = add_similarity_volumes(scene, summary, geometry, segmentation_node) if similarity_maps else {}
-    return ResultNodes(
-        segmentation=segmentation_node, table=table_node, similarity_volumes=volumes, summary=summary
-    )
+def set_similarity_volume(
+    scene: Any, node: Any, key: tuple[str, str], prepared: PreparedOverlay, segmentation_node: Any
+) -> Any:
+    """Put one prepared overlay into a scalar volume node and display it (GUI thread).
+
+    Args:
+        node: the volume node to fill (``None``: a new one).
+    """
+    anatomy, finding = key
+    if node is None:
+        node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", f"FVLM similarity {anatomy}: {finding}")
+    set_volume_image(node, prepared.image, prepared.geometry)
+    node.SetAttribute(ATTR_SIMILARITY, f"{anatomy}|{finding}")
+    node.SetAttribute(ATTR_SEGMENTATION, segmentation_node.GetID())
+    show_overlay(node, prepared.threshold_percent, scene, prepared.top_percent)
+    return node
 
 
 def anatomy_center_ras(segmentation_node: Any, anatomy: str) -> tuple[float, float, float] | None:

@@ -8,13 +8,15 @@ that folder as the default model. No Slicer, no Qt.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from fvlm_core.atomic import atomic_write_text
-from fvlm_core.errors import CheckpointError, ConfigError
+from fvlm_core.errors import CheckpointError, ConfigError, DependencyError
 
 
 def cache_dir() -> Path:
@@ -31,6 +33,11 @@ def last_demo_model_file() -> Path:
 LAST_DEMO_MODEL_FILE = "~/.cache/fvlm/last_demo_model.txt"
 
 
+def default_import_dir() -> Path:
+    """Where the panel puts imported official weights: ``<cache>/models/fvlm-ctrate``."""
+    return cache_dir() / "models" / "fvlm-ctrate"
+
+
 def remember_model_dir(model_dir: str | os.PathLike) -> Path:
     """Record ``model_dir`` as the last demo model (what ``fvlm demo`` does when it finishes)."""
     return atomic_write_text(last_demo_model_file(), str(Path(model_dir).resolve()) + "\n")
@@ -44,6 +51,29 @@ def remembered_model_dir() -> str:
         return ""
     path = Path(text.splitlines()[0]) if text else None
     return str(path) if path is not None and (path / "config.yaml").is_file() else ""
+
+
+_READER_IMPORT: threading.Thread | None = None
+
+
+def _import_reader() -> None:
+    with contextlib.suppress(ImportError):  # read_model_info says what is missing
+        import fvlm_core.model.config  # noqa: F401
+
+
+def model_reader_ready() -> bool:
+    """Whether :func:`read_model_info` can run without a long import on the calling thread.
+
+    Reading a model's configuration imports ``fvlm_core.model``, which imports PyTorch and
+    transformers (seconds; tens of seconds on a busy machine). The first call starts that import
+    in a background thread and returns False until it has finished (or failed: then
+    ``read_model_info`` raises its clear DependencyError at once).
+    """
+    global _READER_IMPORT
+    if _READER_IMPORT is None:
+        _READER_IMPORT = threading.Thread(target=_import_reader, name="fvlm-import-torch", daemon=True)
+        _READER_IMPORT.start()
+    return not _READER_IMPORT.is_alive()
 
 
 @dataclass
@@ -67,6 +97,7 @@ def read_model_info(model_dir: str | os.PathLike) -> ModelInfo:
 
     Raises:
         CheckpointError: the folder holds no model configuration.
+        DependencyError: a Python package that reading needs is not installed (yet).
     """
     path = Path(model_dir).expanduser()
     if not (path / "config.yaml").is_file():
@@ -74,8 +105,15 @@ def read_model_info(model_dir: str | os.PathLike) -> ModelInfo:
             f"{path}: not a model folder (no config.yaml). Choose the folder written by `fvlm demo`, "
             "`fvlm train` or `fvlm import-checkpoint`."
         )
-    from fvlm_core.model.config import load_config
-
+    try:
+        from fvlm_core.model.config import load_config  # imports fvlm_core.model: torch, yaml, ...
+    except ImportError as exc:
+        missing = getattr(exc, "name", None) or str(exc)
+        raise DependencyError(
+            f"reading the model needs the Python package '{missing}', which is not installed in Slicer yet. "
+            "Click 'Install dependencies' (or Analyze, which installs them first): FVLM installs its "
+            "requirements into Slicer's Python and PyTorch through the PyTorch extension."
+        ) from exc
     try:
         cfg = load_config(path)
     except ConfigError as exc:

@@ -1,0 +1,110 @@
+"""What the panel says, in words a radiologist reads: choices, numbers, status lines (no Qt).
+
+The anatomy source and device are enums whose ``label`` Slicer's parameter node wrapper shows
+in the combo boxes (``QComboBoxToEnumConnector`` uses ``label`` when the enum defines it) while
+the value saved with the scene stays the member name.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+
+from .summary import AnalysisSummary, FindingRow
+
+
+class AnatomySource(enum.Enum):
+    """Where the anatomies come from."""
+
+    BUILTIN = "builtin"
+    TOTALSEGMENTATOR = "totalsegmentator"
+    SEGMENTATION = "segmentation"
+
+    def label(self) -> str:
+        return {
+            AnatomySource.BUILTIN: "Built-in segmenter (lungs; offline)",
+            AnatomySource.TOTALSEGMENTATOR: "TotalSegmentator (all anatomies)",
+            AnatomySource.SEGMENTATION: "Existing segmentation",
+        }[self]
+
+
+class Device(enum.Enum):
+    """Where the model runs (values are ``fvlm_core.devices.resolve_device`` names)."""
+
+    AUTO = "auto"
+    GPU = "cuda"
+    CPU = "cpu"
+
+    def label(self) -> str:
+        return {
+            Device.AUTO: "Automatic (GPU if available)",
+            Device.GPU: "GPU (NVIDIA CUDA)",
+            Device.CPU: "CPU",
+        }[self]
+
+
+#: Colours of the "Flagged" column (flagged, not flagged, not scored).
+FLAGGED_COLORS = {"Yes": "#c62828", "No": "#2e7d32", "n/a": "#757575"}
+
+
+def device_name(device: str) -> str:
+    """A resolved torch device as words: ``cuda:0`` -> ``GPU (cuda:0)``, ``cpu`` -> ``CPU``."""
+    if device.startswith("cuda"):
+        return f"GPU ({device})"
+    return {"cpu": "CPU", "mps": "Apple GPU (MPS)"}.get(device, device)
+
+
+def percent_text(probability: float) -> str:
+    """``0.8312`` -> ``83.1 %``; NaN (not scored) -> ``n/a``."""
+    return "n/a" if math.isnan(probability) else f"{100.0 * probability:.1f} %"
+
+
+def flagged_text(row: FindingRow) -> str:
+    """``Yes`` / ``No``, or ``n/a`` for a finding that could not be scored."""
+    if math.isnan(row.probability):
+        return "n/a"
+    return "Yes" if row.flagged else "No"
+
+
+def result_order(rows: list[FindingRow]) -> list[FindingRow]:
+    """Flagged findings first, then by probability (highest first); unscored ones last."""
+
+    def key(row: FindingRow):
+        scored = not math.isnan(row.probability)
+        return (not (scored and row.flagged), not scored, -(row.probability if scored else 0.0))
+
+    return sorted(rows, key=key)
+
+
+def absent_text(summary: AnalysisSummary, source: str) -> str:
+    """Why anatomies have no result, e.g. "heart, aorta: not segmented by the built-in segmenter"."""
+    absent = [a.name for a in summary.anatomies if a.status == "absent"]
+    lines = []
+    if absent:
+        names = ", ".join(absent)
+        if source == AnatomySource.BUILTIN.value:
+            lines.append(
+                f"{names}: not segmented by the built-in segmenter (it finds the lungs) - choose "
+                "TotalSegmentator or a segmentation to score them."
+            )
+        elif source == AnatomySource.TOTALSEGMENTATOR.value:
+            lines.append(f"{names}: not found by TotalSegmentator in this CT (outside the field of view?).")
+        else:
+            lines.append(
+                f"{names}: no segment of the chosen segmentation maps to them - add or rename segments "
+                "(e.g. 'heart') or choose another anatomy source."
+            )
+    lines += [f"{a.name}: {a.note}" for a in summary.anatomies if a.status != "absent" and a.note]
+    return "\n".join(lines)
+
+
+def done_text(summary: AnalysisSummary, elapsed_s: float) -> str:
+    """The status line after an analysis."""
+    rows = [r for r in summary.rows() if not math.isnan(r.probability)]
+    flagged = [r for r in rows if r.flagged]
+    where = sorted({r.anatomy for r in flagged})
+    text = (
+        f"Done in {elapsed_s:.0f} s on {device_name(summary.device)}: {len(flagged)} of {len(rows)} scored "
+        f"findings flagged" + (f" ({', '.join(where)})." if where else ".")
+    )
+    return text

@@ -1,0 +1,373 @@
+"""Slicer's application around a scripted module's widget, outside Slicer, for tests.
+
+:func:`install` makes ``import qt``, ``import ctk`` and ``import slicer`` inside a module behave
+as in 3D Slicer as far as a module widget needs:
+
+* ``qt`` / ``ctk``: the PythonQt-like layer over PySide6 (``pythonqt.py``);
+* ``slicer``: the real ``slicer-core`` package (real MRML, and Slicer's own ``slicer/util.py``:
+  ``loadUI``, ``childWidgetVariables``, ``setSliceViewerLayers``, ``errorDisplay``,
+  ``tryWithErrorDisplay``, ``VTKObservationMixin`` run unchanged on the layer), plus
+  ``slicer.mrmlScene`` (a headless scene with Red/Yellow/Green slice views rendered offscreen
+  by ``render_views.py``), ``slicer.app``
+  (:class:`Application`), and stand-ins for two pure-Python Slicer packages that slicer-core
+  does not ship:
+
+  - ``slicer.ScriptedLoadableModule``: the base classes, as in Slicer's
+    ``Base/Python/slicer/ScriptedLoadableModule.py`` (module name from the class name,
+    ``resourcePath``, singleton parameter node with the ``ModuleName`` attribute);
+  - ``slicer.parameterNodeWrapper``: typed fields stored in the parameter node (nodes as node
+    references, enums by member name, paths and strings as text, as Slicer's serializers do)
+    and ``connectGui`` binding the widgets that carry a ``SlicerParameterName`` property, with
+    the connectors Slicer uses for them: node combo box, combo box from an enum (items = the
+    enum's ``label``), path line edit, check box. Other field types and widgets raise.
+
+Not reproduced: the module manager, layouts and the Qt view widgets, the 3D view, Slicer's
+settings and dialogs (message boxes only log, as Slicer's util does without a main window).
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import os
+import pathlib
+import sys
+import types
+import typing
+import unittest
+
+import pythonqt
+import slicer
+import vtk
+from PySide6 import QtCore, QtWidgets
+from render_views import SliceView
+
+SLICER_PARAMETER_NAME = "SlicerParameterName"
+
+
+class qSlicerScriptedLoadableModuleWidget(pythonqt.qMRMLWidget):
+    """The panel a module widget is built into (``isEntered``, as qSlicerAbstractModuleWidget)."""
+
+    def _get_entered(self) -> bool:
+        return getattr(self, "_entered", True)
+
+    isEntered = QtCore.Property(bool, _get_entered)
+
+
+class Application:
+    """``slicer.app``: what the module and Slicer's util functions call on it."""
+
+    applicationName = "Slicer"
+
+    def __init__(self, scene, testing: bool = False) -> None:
+        self.scene = scene
+        self.testing = testing
+        self.logic = slicer.vtkSlicerApplicationLogic()
+        self.logic.SetMRMLScene(scene)
+
+    def testingEnabled(self) -> bool:
+        return self.testing
+
+    def startupEnvironment(self):
+        return pythonqt.wrap(QtCore.QProcessEnvironment.systemEnvironment())
+
+    def topLevelWidgets(self) -> list:
+        return []  # no main window: Slicer's message boxes only log (slicer.util._messageDisplay)
+
+    def applicationLogic(self):
+        return self.logic
+
+    def processEvents(self) -> None:
+        QtWidgets.QApplication.processEvents()
+
+    def setOverrideCursor(self, cursor) -> None:
+        pass
+
+    def restoreOverrideCursor(self) -> None:
+        pass
+
+    def applicationFilePath(self) -> str:
+        return sys.executable
+
+
+# ------------------------------------------------------------------------------------------
+# slicer.ScriptedLoadableModule
+# ------------------------------------------------------------------------------------------
+
+
+class ScriptedLoadableModule:
+    def __init__(self, parent) -> None:
+        self.parent = parent
+        self.moduleName = self.__class__.__name__
+        parent.title = self.moduleName
+        parent.categories, parent.dependencies, parent.contributors = [], [], []
+        parent.helpText = parent.acknowledgementText = ""
+
+
+class ScriptedLoadableModuleWidget:
+    def __init__(self, parent=None) -> None:
+        super().__init__()
+        self.moduleName = self.__class__.__name__.removesuffix("Widget")
+        self.developerMode = False
+        if parent is None:
+            parent = pythonqt.wrap(qSlicerScriptedLoadableModuleWidget())
+            parent.setLayout(pythonqt.wrap(QtWidgets.QVBoxLayout()))
+            parent.setMRMLScene(slicer.mrmlScene)
+        self.parent = parent
+        self.layout = self.parent.layout()
+
+    def resourcePath(self, filename: str) -> str:
+        module = sys.modules[self.__class__.__module__]
+        return os.path.join(os.path.dirname(os.path.abspath(module.__file__)), "Resources", filename)
+
+    def setup(self) -> None:
+        pass
+
+    def cleanup(self) -> None:
+        pass
+
+    def onReload(self) -> None:
+        slicer.util.reloadScriptedModule(self.moduleName)
+
+
+class ScriptedLoadableModuleLogic:
+    def __init__(self, parent=None) -> None:
+        super().__init__()
+        self.moduleName = self.__class__.__name__.removesuffix("Logic")
+        self.isSingletonParameterNode = True
+
+    def getParameterNode(self):
+        node = slicer.mrmlScene.GetSingletonNode(self.moduleName, "vtkMRMLScriptedModuleNode")
+        if node is not None:
+            if node.GetAttribute("ModuleName") != self.moduleName:
+                node.SetAttribute("ModuleName", self.moduleName)
+            return node
+        node = slicer.mrmlScene.CreateNodeByClass("vtkMRMLScriptedModuleNode")
+        node.UnRegister(None)
+        node.SetSingletonTag(self.moduleName)
+        node.SetAttribute("ModuleName", self.moduleName)
+        node.SetName(slicer.mrmlScene.GenerateUniqueName(self.moduleName))
+        return slicer.mrmlScene.AddNode(node)
+
+
+class ScriptedLoadableModuleTest(unittest.TestCase):
+    def delayDisplay(self, message, msec=None) -> None:
+        logging.info(message)
+
+
+# ------------------------------------------------------------------------------------------
+# slicer.parameterNodeWrapper
+# ------------------------------------------------------------------------------------------
+
+
+class Choice:
+    def __init__(self, choices) -> None:
+        self.choices = list(choices)
+
+
+def _is_node_type(kind) -> bool:
+    return isinstance(kind, type) and issubclass(kind, slicer.vtkMRMLNode)
+
+
+class _Field:
+    """One typed parameter, serialized as Slicer's serializers do."""
+
+    def __init__(self, name: str, kind, default) -> None:
+        self.name, self.kind, self.default = name, kind, default
+
+    def is_in(self, node) -> bool:
+        if _is_node_type(self.kind):
+            return node.GetNodeReferenceID(self.name) is not None
+        return node.GetParameterNames() is not None and self.name in node.GetParameterNames()
+
+    def write(self, node, value) -> None:
+        if _is_node_type(self.kind):
+            node.SetNodeReferenceID(self.name, value.GetID() if value is not None else None)
+        elif isinstance(self.kind, type) and issubclass(self.kind, enum.Enum):
+            node.SetParameter(self.name, value.name)
+        else:
+            node.SetParameter(self.name, str(value))
+
+    def read(self, node):
+        if _is_node_type(self.kind):
+            return node.GetNodeReference(self.name)
+        text = node.GetParameter(self.name)
+        if isinstance(self.kind, type) and issubclass(self.kind, enum.Enum):
+            return self.kind[text]
+        if self.kind is bool:
+            return text == "True"
+        return self.kind(text)
+
+
+def _default(kind):
+    if _is_node_type(kind):
+        return None
+    if isinstance(kind, type) and issubclass(kind, enum.Enum):
+        return next(iter(kind))
+    return kind()
+
+
+class _Connector:
+    """A widget <-> value binding (Slicer's GuiConnector classes, for four widget types)."""
+
+    def __init__(self, widget, kind) -> None:
+        self.widget, self.kind = widget, kind
+        qt_widget = pythonqt.unwrap(widget)
+        if isinstance(qt_widget, pythonqt.qMRMLNodeComboBox) and _is_node_type(kind):
+            widget.nodeTypes = [kind.__name__]
+            self.signal, self.read, self.write = (
+                "currentNodeChanged",
+                widget.currentNode,
+                widget.setCurrentNode,
+            )
+        elif type(qt_widget) is QtWidgets.QComboBox and issubclass(kind, enum.Enum):
+            label = getattr(kind, "label", lambda member: member.name)
+            self.members = list(kind)
+            widget.clear()
+            for member in self.members:
+                widget.addItem(label(member))
+            self.signal = "currentIndexChanged"
+            self.read = lambda: self.members[widget.currentIndex]
+            self.write = lambda value: setattr(widget, "currentIndex", self.members.index(value))
+        elif isinstance(qt_widget, pythonqt.ctkPathLineEdit) and kind is pathlib.Path:
+            self.signal = "currentPathChanged"
+            self.read = lambda: pathlib.Path(widget.currentPath)
+            self.write = lambda value: setattr(widget, "currentPath", str(value))
+        elif type(qt_widget) is QtWidgets.QCheckBox and kind is bool:
+            self.signal = "stateChanged"
+            self.read = lambda: widget.checked
+            self.write = lambda value: setattr(widget, "checked", bool(value))
+        else:
+            raise RuntimeError(f"no GUI connector for a {type(qt_widget).__name__} and {kind}")
+
+
+def parameterNodeWrapper(cls):
+    """Typed properties over a vtkMRMLScriptedModuleNode, and ``connectGui`` (see module docstring)."""
+    hints = typing.get_type_hints(cls, globalns=vars(sys.modules[cls.__module__]), include_extras=True)
+    fields = {}
+    for name, hint in hints.items():
+        kind = typing.get_args(hint)[0] if typing.get_origin(hint) is typing.Annotated else hint
+        fields[name] = _Field(name, kind, getattr(cls, name, _default(kind)))
+
+    def __init__(self, parameterNode) -> None:
+        self.parameterNode, self._guis, self._updating = parameterNode, {}, False
+        for f in fields.values():
+            if not f.is_in(parameterNode):
+                f.write(parameterNode, f.default)
+
+    def make_property(f: _Field):
+        return property(
+            lambda self: f.read(self.parameterNode), lambda self, v: f.write(self.parameterNode, v)
+        )
+
+    namespace = {name: make_property(f) for name, f in fields.items()}
+    namespace.update(
+        __init__=__init__,
+        allParameters=fields,
+        getValue=lambda self, name: getattr(self, name),
+        setValue=lambda self, name, value: setattr(self, name, value),
+        connectGui=_connect_gui,
+        disconnectGui=_disconnect_gui,
+        AddObserver=lambda self, event, cb, priority=0.0: self.parameterNode.AddObserver(event, cb, priority),
+        RemoveObserver=lambda self, tag: self.parameterNode.RemoveObserver(tag),
+        StartModify=lambda self: self.parameterNode.StartModify(),
+        EndModify=lambda self, was: self.parameterNode.EndModify(was),
+        Modified=lambda self: self.parameterNode.Modified(),
+    )
+    return type(cls.__name__, (), {**{"__module__": cls.__module__, "__doc__": cls.__doc__}, **namespace})
+
+
+def _connect_gui(self, gui) -> int:
+    """Bind every widget of ``gui`` (a ``childWidgetVariables`` object) named by SlicerParameterName."""
+    connectors = {}
+    for widget in vars(gui).values():
+        name = widget.property(SLICER_PARAMETER_NAME)
+        if name:
+            connector = _Connector(widget, self.allParameters[name].kind)
+            connector.write(getattr(self, name))
+
+            def changed(*args, name=name, connector=connector):
+                if not self._updating:
+                    setattr(self, name, connector.read())
+
+            getattr(widget, connector.signal).connect(changed)
+            connector.changed = changed
+            connectors[name] = connector
+    tag = len(self._guis) + 1
+    self._guis[tag] = connectors
+
+    def update_gui(caller, event):
+        if self._updating:
+            return
+        self._updating = True
+        try:
+            for guimap in self._guis.values():
+                for param, connector in guimap.items():
+                    connector.write(getattr(self, param))
+        finally:
+            self._updating = False
+
+    self.parameterNode.AddObserver(vtk.vtkCommand.ModifiedEvent, update_gui)
+    return tag
+
+
+def _disconnect_gui(self, tag) -> None:
+    for connector in self._guis.pop(tag, {}).values():
+        getattr(connector.widget, connector.signal).disconnect(connector.changed)
+
+
+# ------------------------------------------------------------------------------------------
+# installing it
+# ------------------------------------------------------------------------------------------
+
+
+def _settings_in(folder: str) -> None:
+    """QSettings (path histories) go to ``folder``, never to the user's real settings."""
+    QtCore.QCoreApplication.setOrganizationName("fvlm-tests")
+    QtCore.QCoreApplication.setApplicationName("slicer-app")
+    QtCore.QSettings.setDefaultFormat(QtCore.QSettings.IniFormat)
+    QtCore.QSettings.setPath(QtCore.QSettings.IniFormat, QtCore.QSettings.UserScope, folder)
+
+
+def install(scene, settings_dir: str, testing: bool = False, view_size=(400, 400)) -> Application:
+    """Make ``qt``, ``ctk`` and ``slicer`` look like Slicer's for module code (see module docstring).
+
+    ``app.views`` holds the Red, Yellow and Green slice views (``render_views.SliceView``).
+    """
+    os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+    if QtWidgets.QApplication.instance() is None:
+        QtWidgets.QApplication([])
+    _settings_in(settings_dir)
+    sys.modules["qt"] = pythonqt.qt_module()
+    sys.modules["ctk"] = pythonqt.ctk_module()
+    loadable = types.ModuleType("slicer.ScriptedLoadableModule")
+    for cls in (
+        ScriptedLoadableModule,
+        ScriptedLoadableModuleWidget,
+        ScriptedLoadableModuleLogic,
+        ScriptedLoadableModuleTest,
+    ):
+        setattr(loadable, cls.__name__, cls)
+    wrapper = types.ModuleType("slicer.parameterNodeWrapper")
+    wrapper.parameterNodeWrapper, wrapper.Choice = parameterNodeWrapper, Choice
+    sys.modules[loadable.__name__], sys.modules[wrapper.__name__] = loadable, wrapper
+    app = Application(scene, testing)
+    slicer.app, slicer.mrmlScene = app, scene
+    slicer.ScriptedLoadableModule, slicer.parameterNodeWrapper = loadable, wrapper
+    slicer.qMRMLWidget = pythonqt.ClassWrapper(pythonqt.qMRMLWidget)
+    slicer.qMRMLNodeComboBox = pythonqt.ClassWrapper(pythonqt.qMRMLNodeComboBox)
+    slicer.modules = types.SimpleNamespace()
+    # the slice views of Slicer's default layout, rendered offscreen by Slicer's own pipeline
+    app.views = {name: SliceView(scene, app.logic, name, view_size) for name in ("Red", "Yellow", "Green")}
+    for name, orientation in (("Red", "Axial"), ("Yellow", "Sagittal"), ("Green", "Coronal")):
+        app.views[name].node.SetOrientation(orientation)
+    return app
+
+
+def uninstall() -> None:
+    """Undo :func:`install` (other tests import the plain slicer-core package)."""
+    for name in ("qt", "ctk", "slicer.ScriptedLoadableModule", "slicer.parameterNodeWrapper"):
+        sys.modules.pop(name, None)
+    for attr in ("app", "mrmlScene", "ScriptedLoadableModule", "parameterNodeWrapper", "modules"):
+        if hasattr(slicer, attr):
+            delattr(slicer, attr)

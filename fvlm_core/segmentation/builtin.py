@@ -1,11 +1,17 @@
 """Built-in classical CT segmenter: body, left/right lung, airways and bone, with no weights.
 
-Everything here is thresholds and morphology (numpy / scipy.ndimage / scikit-image), so it runs
-offline in a few seconds on a CPU. It is meant as a dependable fallback and a test fixture, not a
+Everything here is thresholds and morphology (numpy / scipy.ndimage), so it runs offline in well
+under a second on a CPU. It is meant as a dependable fallback and a test fixture, not a
 replacement for TotalSegmentator: it knows only the lungs and bone (plus body and airways).
 
 How it works (all distances in mm, so any voxel size works):
 
+0. **Coarse grid, then refine.** A scan finer than ``coarse_mm`` is cut into blocks of at most
+   ``coarse_mm`` a side; steps 1-7 run once on the blocks' mean HU (bone and its seeds on the
+   blocks' peak HU, so a thin cortex is not averaged away). Then only the blocks next to another
+   structure are decided again, voxel by voxel, from each voxel's own HU and the structures
+   around its block (:func:`_refine`). A scan at ``coarse_mm`` or coarser runs steps 1-7 on its
+   own grid, unchanged.
 1. **Orientation.** The array axis closest to the patient's superior-inferior direction is found
    from the geometry; slice-wise steps run on axial slices of that axis, and left/right is decided
    in RAS coordinates (``Geometry.index_zyx_to_ras``), never from the array order.
@@ -23,7 +29,8 @@ How it works (all distances in mm, so any voxel size works):
    and removed.
 5. **Left / right**: the remaining components are assigned to a side by the RAS x of their centre
    relative to the body's centre; one component that holds both lungs (joined at the anterior
-   junction) is split by eroding it until it falls apart, then growing the two cores back.
+   junction) is split at the first depth where its core falls apart into two, each voxel going
+   to the nearer core.
 6. **Vessels** inside each lung are added back by a closing (``lung_close_mm``) and slice-wise
    hole filling, as TotalSegmentator's lung masks include them.
 7. **Bone**: voxels above ``bone_hu`` in pieces holding some dense bone (above ``seed_hu``),
@@ -45,14 +52,36 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from fvlm_core.io import Geometry
+from fvlm_core.segmentation.morphology import (
+    ball,
+    box_mean,
+    box_or,
+    closing,
+    dilate,
+    disk,
+    erode,
+    fill_slices,
+    opening,
+    slice_holes,
+)
 
 Progress = Callable[[str, float], None]
+
+# Values of the label map the steps build: one structure per voxel, the body is every non-zero.
+OUTSIDE, BODY, LUNG_LEFT, LUNG_RIGHT, AIRWAYS, BONE = range(6)
 
 
 @dataclass(frozen=True)
 class BuiltinParams:
-    """Thresholds (HU) and sizes (mm, ml) of the built-in segmenter."""
+    """Thresholds (HU) and sizes (mm, ml) of the built-in segmenter.
 
+    ``coarse_mm``: the largest block side the steps run on (0: always the scan's own grid);
+    ``marrow_reach_mm``: how far (in-plane) a bone block's voxel below the bone threshold looks
+    for cortex on both sides to count as marrow when the grid is refined.
+    """
+
+    coarse_mm: float = 3.0
+    marrow_reach_mm: float = 4.5
     body_hu: float = -500.0
     table_open_mm: float = 3.0
     body_min_fraction: float = 0.02
@@ -93,28 +122,6 @@ class BuiltinParams:
 # --------------------------------------------------------------------------------------------
 
 
-def _ball(radius_mm: float, spacing: tuple[float, float, float]) -> np.ndarray:
-    """Ellipsoidal structuring element of ``radius_mm`` on a grid of ``spacing`` (canonical order)."""
-    r = np.maximum(np.floor(radius_mm / np.asarray(spacing, dtype=float)), 0).astype(int)
-    grids = np.ogrid[tuple(slice(-k, k + 1) for k in r)]
-    dist = sum((g * s / max(radius_mm, 1e-6)) ** 2 for g, s in zip(grids, spacing))
-    return dist <= 1.0
-
-
-def _disk(radius_mm: float, spacing: tuple[float, float, float]) -> np.ndarray:
-    """In-plane (one slice thick) structuring element of ``radius_mm``."""
-    b = _ball(radius_mm, (1e9, spacing[1], spacing[2]))
-    return b
-
-
-def _fill_slices(mask: np.ndarray) -> np.ndarray:
-    """Fill holes in every slice along axis 0."""
-    out = np.empty_like(mask)
-    for k in range(mask.shape[0]):
-        out[k] = ndi.binary_fill_holes(mask[k]) if mask[k].any() else mask[k]
-    return out
-
-
 def _largest_component(mask: np.ndarray) -> np.ndarray:
     lab, n = ndi.label(mask)
     if n == 0:
@@ -125,10 +132,12 @@ def _largest_component(mask: np.ndarray) -> np.ndarray:
 
 
 def _bbox(mask: np.ndarray, pad: int, shape: tuple[int, ...]) -> tuple[slice, ...]:
-    idx = np.nonzero(mask)
-    return tuple(
-        slice(max(int(i.min()) - pad, 0), min(int(i.max()) + pad + 1, n)) for i, n in zip(idx, shape)
-    )
+    """Bounding box of a non-empty ``mask`` grown by ``pad`` voxels (from its projections)."""
+    out = []
+    for axis, n in enumerate(shape):
+        idx = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
+        out.append(slice(max(int(idx[0]) - pad, 0), min(int(idx[-1]) + pad + 1, n)))
+    return tuple(out)
 
 
 def _remove_small(mask: np.ndarray, min_voxels: int) -> np.ndarray:
@@ -139,6 +148,16 @@ def _remove_small(mask: np.ndarray, min_voxels: int) -> np.ndarray:
     keep = sizes >= min_voxels
     keep[0] = False
     return keep[lab]
+
+
+def _centroid(mask: np.ndarray) -> np.ndarray:
+    """``(ndim,)`` mean index of a non-empty ``mask`` (from its projections: no index arrays)."""
+    total = float(np.count_nonzero(mask))
+    out = np.empty(mask.ndim)
+    for axis in range(mask.ndim):
+        counts = np.count_nonzero(mask, axis=tuple(a for a in range(mask.ndim) if a != axis))
+        out[axis] = float(counts @ np.arange(mask.shape[axis])) / total
+    return out
 
 
 @dataclass(frozen=True)
@@ -181,6 +200,61 @@ class _Canonical:
         return geometry.index_zyx_to_ras(zyx)[..., 0]
 
 
+@dataclass(frozen=True)
+class _CoarseGrid:
+    """Blocks of ``factor`` voxels (array order) of a fine grid, at most ``coarse_mm`` a side.
+
+    The last block along an axis may be partial (the fine size need not be a multiple).
+    """
+
+    factor: tuple[int, int, int]
+    fine_shape: tuple[int, int, int]
+    geometry: Geometry  # the coarse grid: block centres, block spacing
+
+    @classmethod
+    def for_geometry(cls, geometry: Geometry, coarse_mm: float) -> _CoarseGrid:
+        shape = geometry.shape_zyx
+        f = tuple(
+            max(1, min(int(coarse_mm / s + 1e-6), n)) if coarse_mm > 0 else 1
+            for s, n in zip(geometry.spacing_zyx, shape)
+        )
+        f_xyz = np.asarray(f[::-1], dtype=float)
+        spacing = np.asarray(geometry.spacing, dtype=float)
+        origin = np.asarray(geometry.origin) + geometry.direction_matrix @ (spacing * (f_xyz - 1) / 2)
+        size = tuple(-(-n // k) for n, k in zip(geometry.size, f[::-1]))
+        coarse = Geometry(size, tuple(spacing * f_xyz), tuple(origin), geometry.direction)
+        return cls(f, shape, coarse)  # type: ignore[arg-type]
+
+    @property
+    def trivial(self) -> bool:
+        return self.factor == (1, 1, 1)
+
+    def reduce(self, a: np.ndarray, op: np.ufunc) -> np.ndarray:
+        """Blockwise mean (``op=np.add``) or maximum (``np.maximum``) of a fine ``(Z, Y, X)`` array."""
+        for axis, k in enumerate(self.factor):
+            if k == 1:
+                continue
+            at = (slice(None),) * axis
+            out = np.array(a[(*at, slice(0, None, k))], dtype=np.float32)
+            for j in range(1, k):
+                part = a[(*at, slice(j, None, k))]
+                head = out[(*at, slice(0, part.shape[axis]))]
+                op(head, part, out=head)
+            if op is np.add:
+                n = a.shape[axis]
+                count = np.minimum(k, n - np.arange(0, n, k)).astype(np.float32)
+                out /= count.reshape([-1 if i == axis else 1 for i in range(3)])
+            a = out
+        return np.asarray(a, dtype=np.float32)
+
+    def expand(self, a: np.ndarray) -> np.ndarray:
+        """Coarse ``a`` repeated onto the fine grid (each voxel takes its block's value), C-contiguous."""
+        for axis, k in enumerate(self.factor):
+            if k > 1:
+                a = np.repeat(a, k, axis=axis)[(slice(None),) * axis + (slice(0, self.fine_shape[axis]),)]
+        return np.ascontiguousarray(a)
+
+
 # --------------------------------------------------------------------------------------------
 # steps
 # --------------------------------------------------------------------------------------------
@@ -195,90 +269,106 @@ def body_mask(hu: np.ndarray, p: BuiltinParams, sp: tuple[float, float, float] |
     """
     fg = hu > p.body_hu
     if sp is None or not fg.any():
-        return _fill_slices(_largest_component(fg))
-    opened = ndi.binary_opening(fg, structure=_disk(p.table_open_mm, sp))
+        return fill_slices(_largest_component(fg))
+    opened = opening(fg, disk(p.table_open_mm, sp))
     lab, n = ndi.label(opened)
     if n == 0:
-        return _fill_slices(_largest_component(fg))
+        return fill_slices(_largest_component(fg))
     sizes = np.bincount(lab.ravel())
     sizes[0] = 0
     keep = sizes >= p.body_min_fraction * sizes.max()
     keep[0] = False
     big = keep[lab]
     # give back the surface that the opening shaved off the kept pieces
-    body = fg & ndi.binary_dilation(big, structure=_disk(p.table_open_mm, sp))
-    return _fill_slices(body)
+    return fill_slices(fg & dilate(big, disk(p.table_open_mm, sp)))
 
 
 def _lung_air(hu: np.ndarray, body: np.ndarray, sp, vox_ml: float, p: BuiltinParams) -> np.ndarray:
-    rim = body & ~ndi.binary_erosion(body, structure=_disk(p.rim_mm, sp))
+    rim = body & ~erode(body, disk(p.rim_mm, sp))
     air = (hu < p.air_hu) & body
     lab, n = ndi.label(air)
     if n == 0:
         return air
     sizes = np.bincount(lab.ravel())
     on_rim = np.bincount(lab[rim], minlength=n + 1)
-    min_vox = p.min_lung_ml / vox_ml
+    big = (sizes >= p.min_lung_ml / vox_ml) & (on_rim <= 0.02 * sizes)
+    big[0] = False
     keep = np.zeros(n + 1, dtype=bool)
-    objects = ndi.find_objects(lab)
-    for i in np.nonzero(sizes >= min_vox)[0]:
-        if i == 0 or on_rim[i] > 0.02 * sizes[i]:
-            continue
-        sl = objects[i - 1]
-        med = float(np.median(hu[sl][lab[sl] == i]))
-        keep[i] = p.lung_median_hu[0] <= med <= p.lung_median_hu[1]
+    if big.any():
+        objects = ndi.find_objects(np.where(big[lab], lab, 0))
+        for i in np.flatnonzero(big):
+            sl = objects[i - 1]
+            med = float(np.median(hu[sl][lab[sl] == i]))
+            keep[i] = p.lung_median_hu[0] <= med <= p.lung_median_hu[1]
     return keep[lab]
 
 
+def _trachea_start(
+    lung_air: np.ndarray, body: np.ndarray, max_vox: float, p: BuiltinParams, lateral: Callable
+) -> tuple[int, np.ndarray | None]:
+    """``(top, blob)``: the tube-sized air blob nearest the body's centre (left-right) in the top
+    slice of the lung air, or ``(top, None)``."""
+    top = int(np.flatnonzero(lung_air.any(axis=(1, 2)))[-1])
+    lab2, n2 = ndi.label(lung_air[top])
+    areas = np.bincount(lab2.ravel())
+    body_c = _centroid(body[top]) if body[top].any() else np.array(lung_air.shape[1:]) / 2
+    best, best_d = 0, p.airway_max_offset_mm
+    for i, c in enumerate(ndi.center_of_mass(lung_air[top], lab2, range(1, n2 + 1)), start=1):
+        d = abs(lateral(np.array([top, *c])) - lateral(np.array([top, *body_c])))  # left-right mm
+        if areas[i] <= max_vox and d < best_d:
+            best, best_d = i, d
+    return top, (lab2 == best if best else None)
+
+
+def _tube_blobs(air: np.ndarray, current: np.ndarray, max_vox: float) -> tuple[np.ndarray, np.ndarray]:
+    """In-plane blobs of ``air`` that overlap ``current``: ``(tube-sized ones, the bigger ones)``."""
+    lab2, n2 = ndi.label(air)
+    hit = np.unique(lab2[current & (lab2 > 0)])
+    areas = np.bincount(lab2.ravel(), minlength=n2 + 1)
+    return np.isin(lab2, hit[areas[hit] <= max_vox]), np.isin(lab2, hit[areas[hit] > max_vox])
+
+
 def _airways(
-    hu: np.ndarray, lung_air: np.ndarray, body: np.ndarray, sp, vox_ml, p, lateral: Callable
+    lung_air: np.ndarray,
+    body: np.ndarray,
+    sp,
+    vox_ml: float,
+    p: BuiltinParams,
+    lateral: Callable,
+    pure_air: np.ndarray | None = None,
 ) -> np.ndarray:
     """Trachea + main bronchi inside ``lung_air`` (empty when not in the field of view).
 
     The trachea is the small air blob nearest the body's centre in the top slice of the lung air;
     it is followed down slice by slice through overlapping blobs that stay tube-sized (at most
     ``airway_max_cm2``), which follows both main bronchi after the carina and stops where a
-    bronchus enters the lung (its blob merges with lung parenchyma in the slice).
+    bronchus enters the lung (its blob merges with lung parenchyma in the slice). On a coarse
+    grid a thin bronchial wall can vanish in the block means: ``pure_air`` (blocks that are air
+    throughout) then tells the tube from the lung it touches before the bronchus is given up.
     """
     out = np.zeros_like(lung_air)
     if not lung_air.any():
         return out
-    zs = np.nonzero(lung_air.any(axis=(1, 2)))[0]
-    top = int(zs.max())
     max_vox = p.airway_max_cm2 * 100.0 / (sp[1] * sp[2])
-    lab2, n2 = ndi.label(lung_air[top])
-    if n2 == 0:
+    top, current = _trachea_start(lung_air, body, max_vox, p, lateral)
+    if current is None:
         return out
-    areas = np.bincount(lab2.ravel())
-    body_c = np.array(ndi.center_of_mass(body[top])) if body[top].any() else np.array(lung_air.shape[1:]) / 2
-    best, best_d = 0, p.airway_max_offset_mm
-    for i, c in enumerate(ndi.center_of_mass(lung_air[top], lab2, range(1, n2 + 1)), start=1):
-        d = abs(lateral(np.array([top, *c])) - lateral(np.array([top, *body_c])))  # left-right mm
-        if areas[i] <= max_vox and d < best_d:
-            best, best_d = i, d
-    if best == 0:
-        return out
-    current = lab2 == best
     out[top] = current
     max_len = int(p.airway_max_length_mm / sp[0])
     # A tube may touch the lung in a slice or two (partial volume); carry its footprint through
     # such contacts for at most ``airway_bridge_mm`` before giving that branch up.
     bridge_left = max_bridge = max(int(np.ceil(p.airway_bridge_mm / sp[0])), 0)
     for k in range(top - 1, max(top - max_len, -1), -1):
-        lab2, n2 = ndi.label(lung_air[k])
-        if n2 == 0:
-            break
-        hit = np.unique(lab2[current & (lab2 > 0)])
-        if hit.size == 0:
-            break
-        areas = np.bincount(lab2.ravel(), minlength=n2 + 1)
-        ok = hit[areas[hit] <= max_vox]
-        nxt = np.isin(lab2, ok)
-        big = hit[areas[hit] > max_vox]
-        if big.size and bridge_left > 0:
-            nxt |= np.isin(lab2, big) & ndi.binary_dilation(current)
+        nxt, big = _tube_blobs(lung_air[k], current, max_vox)
+        if big.any() and pure_air is not None:
+            tube, _ = _tube_blobs(pure_air[k] & big, current, max_vox)
+            if tube.any():  # the wall shows in the blocks' peaks: the tube goes on
+                nxt |= tube
+                big = np.zeros_like(big)
+        if big.any() and bridge_left > 0:
+            nxt |= big & dilate(current, ndi.generate_binary_structure(2, 1))
             bridge_left -= 1
-        elif not big.size:
+        elif not big.any():
             bridge_left = max_bridge
         if not nxt.any():
             break
@@ -286,7 +376,7 @@ def _airways(
         out[k] = current
     if out.sum() * vox_ml < p.airway_min_ml:
         return np.zeros_like(out)
-    return ndi.binary_dilation(out, structure=_ball(p.airway_wall_mm, sp)) & lung_air
+    return out
 
 
 def contrast_pools(hu: np.ndarray, body: np.ndarray, sp, vox_ml: float, p: BuiltinParams) -> np.ndarray:
@@ -295,7 +385,7 @@ def contrast_pools(hu: np.ndarray, body: np.ndarray, sp, vox_ml: float, p: Built
     if not dense.any():
         return dense
     sl = _bbox(dense, 1, dense.shape)
-    thick = ndi.binary_opening(dense[sl], structure=_ball(p.pool_open_mm, sp))
+    thick = opening(dense[sl], ball(p.pool_open_mm, sp))
     lab, n = ndi.label(thick)
     out = np.zeros_like(dense)
     if n == 0:
@@ -314,17 +404,15 @@ def contrast_pools(hu: np.ndarray, body: np.ndarray, sp, vox_ml: float, p: Built
 
 def _fill_small_holes(mask: np.ndarray, hu: np.ndarray, sp, max_cm2: float, min_hu: float) -> np.ndarray:
     """Fill in-plane holes up to ``max_cm2`` (marrow) whose mean HU is at least ``min_hu``."""
-    holes = _fill_slices(mask) & ~mask
-    plane = np.zeros((3, 3, 3), dtype=bool)
-    plane[1] = ndi.generate_binary_structure(2, 1)
-    lab, n = ndi.label(holes, structure=plane)
+    holes, n = slice_holes(mask)
     if n == 0:
         return mask
-    area_cm2 = np.bincount(lab.ravel()) * sp[1] * sp[2] / 100.0
-    mean_hu = ndi.mean(hu, lab, index=np.arange(n + 1)) if min_hu > -1000 else np.zeros(n + 1)
-    keep = (area_cm2 <= max_cm2) & (np.asarray(mean_hu) >= min_hu if min_hu > -1000 else True)
+    area_cm2 = np.bincount(holes.ravel(), minlength=n + 1) * sp[1] * sp[2] / 100.0
+    keep = area_cm2 <= max_cm2
+    if min_hu > -1000:
+        keep &= np.asarray(ndi.mean(hu, holes, index=np.arange(n + 1))) >= min_hu
     keep[0] = False
-    return mask | keep[lab]
+    return mask | keep[holes]
 
 
 def smooth_enhanced(hu: np.ndarray, dense: np.ndarray, sp, vox_ml: float, p: BuiltinParams) -> np.ndarray:
@@ -340,73 +428,301 @@ def smooth_enhanced(hu: np.ndarray, dense: np.ndarray, sp, vox_ml: float, p: Bui
     sl = _bbox(dense, 2, dense.shape)
     h = hu[sl].astype(np.float32)
     size = [max(1, round(p.smooth_box_mm / s)) | 1 for s in sp]  # odd box sizes
-    mean = ndi.uniform_filter(h, size)
-    sd = np.sqrt(np.maximum(ndi.uniform_filter(h * h, size) - mean * mean, 0.0))
-    smooth = dense[sl] & (sd < p.smooth_sd_hu)
-    smooth = ndi.binary_opening(smooth, structure=_ball(p.smooth_open_mm, sp))
+    mean = box_mean(h, size)
+    sd = np.sqrt(np.maximum(box_mean(h * h, size) - mean * mean, 0.0))
+    smooth = opening(dense[sl] & (sd < p.smooth_sd_hu), ball(p.smooth_open_mm, sp))
     smooth = _remove_small(smooth, int(np.ceil(p.smooth_min_ml / vox_ml)))
     out = np.zeros_like(dense)
     if smooth.any():
-        out[sl] = ndi.binary_dilation(smooth, structure=_ball(p.smooth_margin_mm, sp)) & dense[sl]
+        out[sl] = dilate(smooth, ball(p.smooth_margin_mm, sp)) & dense[sl]
     return out
 
 
-def bone_mask(hu: np.ndarray, body: np.ndarray, sp, vox_ml: float, p: BuiltinParams) -> np.ndarray:
-    """Bone (canonical array): dense voxels outside contrast pools, marrow holes filled."""
+def bone_mask(
+    hu: np.ndarray, body: np.ndarray, sp, vox_ml: float, p: BuiltinParams, peak_hu: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """Bone (canonical array): dense voxels outside contrast pools, marrow holes filled.
+
+    ``peak_hu`` (default ``hu``) is what the bone and seed thresholds compare: the block peaks on
+    a coarse grid. Returns ``(bone, excluded, threshold)``: ``excluded`` marks the contrast pools
+    and smooth enhanced regions (never bone), ``threshold`` is the bone HU threshold used.
+    """
+    peak = hu if peak_hu is None else peak_hu
     pools = contrast_pools(hu, body, sp, vox_ml, p)
     if pools.any():
-        pools = ndi.binary_dilation(pools, structure=_ball(p.pool_margin_mm, sp))
+        pools = dilate(pools, ball(p.pool_margin_mm, sp))
     # Contrast-enhanced scans: enhanced myocardium and vessel walls exceed the plain threshold.
     threshold = p.bone_hu_contrast if pools.sum() * vox_ml >= p.pool_min_ml else p.bone_hu
-    bone = (hu > threshold) & body & ~pools
+    bone = (peak > threshold) & body & ~pools
+    excluded = pools
     if p.smooth_sd_hu > 0:
-        bone &= ~smooth_enhanced(hu, bone, sp, vox_ml, p)
-    bone = _remove_small(bone, int(np.ceil(p.min_bone_ml / vox_ml)))
-    if p.seed_hu is not None:  # hysteresis: keep pieces holding some dense (cortical) voxels
-        lab, n = ndi.label(bone)
+        smooth = smooth_enhanced(hu, bone, sp, vox_ml, p)
+        bone &= ~smooth
+        excluded = pools | smooth
+    # pieces of at least min_bone_ml that (hysteresis) hold some dense, cortical voxels
+    lab, n = ndi.label(bone)
+    keep = np.bincount(lab.ravel(), minlength=n + 1) >= np.ceil(p.min_bone_ml / vox_ml)
+    if p.seed_hu is not None:
         seeded = np.zeros(n + 1, dtype=bool)
-        seeded[np.unique(lab[(hu > p.seed_hu) & bone])] = True
-        seeded[0] = False
-        bone = seeded[lab]
-    if p.bone_close_mm > 0:  # close cortical rings that partial volume left open, then fill marrow
-        sl = _bbox(bone, int(np.ceil(p.bone_close_mm / min(sp))) + 1, bone.shape) if bone.any() else None
-        if sl is not None:
-            closed = (
-                ndi.binary_closing(bone[sl], structure=_ball(p.bone_close_mm, sp)) & body[sl] & ~pools[sl]
-            )
-            bone[sl] |= closed
-    return _fill_small_holes(bone, hu, sp, p.max_marrow_cm2, p.min_marrow_hu)
+        seeded[lab[(peak > p.seed_hu) & bone]] = True
+        keep &= seeded
+    keep[0] = False
+    bone = keep[lab]
+    if p.bone_close_mm > 0 and bone.any():  # close cortical rings that partial volume left open
+        sl = _bbox(bone, int(np.ceil(p.bone_close_mm / min(sp))) + 1, bone.shape)
+        bone[sl] |= closing(bone[sl], ball(p.bone_close_mm, sp)) & body[sl] & ~pools[sl]
+    return _fill_small_holes(bone, hu, sp, p.max_marrow_cm2, p.min_marrow_hu), excluded, float(threshold)
 
 
-def _split_two(comp: np.ndarray, sp) -> list[np.ndarray]:
-    """Split one mask holding both lungs into two by erosion + regrowth (or return it whole)."""
+def _split_two(comp: np.ndarray) -> list[np.ndarray]:
+    """Split one mask holding both lungs into two (or return it whole).
+
+    The cores are the voxels more than ``t`` 6-connected steps inside the mask, for the first
+    ``t`` (up to 12) at which two cores of comparable size appear; every voxel then goes to the
+    nearer core (ties to the larger one, so the result does not depend on the array order).
+    """
     sl = _bbox(comp, 1, comp.shape)
     m = comp[sl]
-    total = m.sum()
-    core = m
-    st = _ball(1.5 * min(sp), sp) if min(sp) < 1.5 else ndi.generate_binary_structure(3, 1)
-    for _ in range(12):
-        core = ndi.binary_erosion(core, structure=st)
-        lab, n = ndi.label(core)
+    depth = ndi.distance_transform_cdt(m, metric="taxicab")
+    for t in range(1, 13):
+        lab, n = ndi.label(depth > t)
+        if n == 0:
+            break
         if n < 2:
-            if n == 0:
-                break
             continue
         sizes = np.bincount(lab.ravel())
         sizes[0] = 0
-        a, b = np.argsort(sizes)[-2:][::-1]
+        a, b = np.argsort(sizes, kind="stable")[-2:][::-1]
         if sizes[b] >= 0.1 * sizes[a]:
-            markers = np.where(lab == a, 1, np.where(lab == b, 2, 0)).astype(np.int8)
-            _, inds = ndi.distance_transform_edt(markers == 0, sampling=sp, return_indices=True)
-            assigned = markers[tuple(inds)] * m
+            dist_a = ndi.distance_transform_cdt(lab != a, metric="taxicab")
+            dist_b = ndi.distance_transform_cdt(lab != b, metric="taxicab")
+            nearer_a = m & (dist_a <= dist_b)
             out = []
-            for v in (1, 2):
+            for part in (nearer_a, m & ~nearer_a):
                 full = np.zeros_like(comp)
-                full[sl] = assigned == v
+                full[sl] = part
                 out.append(full)
             return out
-    del total
     return [comp]
+
+
+def _left_right(
+    lungs: np.ndarray, body: np.ndarray, vox_ml: float, p: BuiltinParams, ras_x: Callable
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(left, right)`` lungs: pieces sided by the RAS x of their centre against the body's.
+
+    ``ras_x(index (..., 3)) -> (...)`` maps canonical indices to RAS x (mm).
+    """
+    lab, n = ndi.label(lungs)
+    sizes = np.bincount(lab.ravel(), minlength=n + 1)
+    comps = [lab == i for i in np.argsort(sizes[1:])[::-1] + 1 if sizes[i] * vox_ml >= p.min_lung_ml]
+    body_x = float(ras_x(_centroid(body)))
+    if comps:
+        pts = np.argwhere(comps[0][:, ::2, ::2]) * [1, 2, 2]  # a sample is enough for a fraction
+        side = ras_x(pts[:: max(len(pts) // 20000, 1)]) > body_x
+        if 0.2 < side.mean() < 0.8:  # the largest piece holds both lungs
+            comps = _split_two(comps[0]) + comps[1:]
+    left = np.zeros_like(lungs)
+    right = np.zeros_like(lungs)
+    for c in comps:
+        # RAS x grows towards the patient's right.
+        (right if float(ras_x(_centroid(c))) > body_x else left)[...] |= c
+    return left, right
+
+
+def _fill_vessels(
+    lung: np.ndarray, body: np.ndarray, airways: np.ndarray, sp, p: BuiltinParams
+) -> np.ndarray:
+    """One lung with its vessels: closed by ``lung_close_mm``, holes filled slice by slice."""
+    if not lung.any():
+        return lung
+    pad = int(np.ceil(p.lung_close_mm / min(sp))) + 2
+    sl = _bbox(lung, pad, lung.shape)
+    closed = closing(lung[sl], ball(p.lung_close_mm, sp))
+    out = np.zeros_like(lung)
+    out[sl] = fill_slices(closed | lung[sl]) & body[sl] & ~airways[sl]
+    return out
+
+
+def _segment_grid(
+    hu: np.ndarray, geometry: Geometry, p: BuiltinParams, say: Progress, peak_hu: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """Steps 1-7 on one grid: ``(labels, excluded, bone_threshold)``, ``(Z, Y, X)`` arrays on it.
+
+    ``labels`` is uint8 (``OUTSIDE``, ``BODY``, ``LUNG_LEFT``, ``LUNG_RIGHT``, ``AIRWAYS``,
+    ``BONE``); ``excluded`` marks contrast pools and smooth enhanced regions (see
+    :func:`bone_mask`). ``peak_hu`` (a coarse grid's block peaks) is what the bone threshold
+    compares and what tells a bronchus from the lung it touches; ``None`` on a scan's own grid.
+    """
+    can = _Canonical.from_geometry(geometry)
+    h = can.to(hu)
+    peak = None if peak_hu is None else can.to(peak_hu)
+    sp, vox_ml = can.spacing, geometry.voxel_volume_ml
+
+    def ras_x(idx: np.ndarray) -> np.ndarray:
+        return can.ras_x(geometry, idx)
+
+    say("body", 0.0)
+    body = body_mask(h, p, sp)
+    say("lung air", 0.2)
+    lung_air = _lung_air(h, body, sp, vox_ml, p)
+    say("airways", 0.35)
+    pure_air = None if peak is None else lung_air & (peak < p.air_hu)
+    airways = _airways(lung_air, body, sp, vox_ml, p, lambda idx: float(ras_x(idx)), pure_air)
+    airways = dilate(airways, ball(p.airway_wall_mm, sp)) & lung_air
+    say("left / right lungs", 0.5)
+    left, right = _left_right(lung_air & ~airways, body, vox_ml, p, ras_x)
+    say("lung vessels", 0.65)
+    left = _fill_vessels(left, body, airways, sp, p)
+    right = _fill_vessels(right, body, airways, sp, p)
+    overlap = left & right  # closing can make them meet at the junction line
+    left &= ~overlap
+    right &= ~overlap
+    say("bone", 0.8)
+    bone, excluded, threshold = bone_mask(h, body, sp, vox_ml, p, peak)
+    labels = body.astype(np.uint8)  # BODY where body
+    for value, m in ((BONE, bone), (AIRWAYS, airways), (LUNG_LEFT, left), (LUNG_RIGHT, right)):
+        labels[m] = value  # later ones win: bone never overlaps a lung or an airway
+    return can.back(labels), can.back(excluded), threshold
+
+
+# --------------------------------------------------------------------------------------------
+# refinement to the scan's grid
+# --------------------------------------------------------------------------------------------
+
+
+def _bit(label: int) -> int:
+    return 1 << label
+
+
+def _block_voxels(
+    block: np.ndarray, coarse_shape: tuple[int, ...], factor: tuple[int, ...], fine_shape: tuple[int, ...]
+) -> np.ndarray:
+    """``(len(block), prod(factor))`` flat fine indices of the voxels of the coarse flat ``block``s.
+
+    A partial last block repeats its last voxel (the same voxel, decided alike, twice).
+    """
+    coords = np.unravel_index(block, coarse_shape)
+    strides = (fine_shape[1] * fine_shape[2], fine_shape[2], 1)
+    base = sum(c.astype(np.int64) * (k * s) for c, k, s in zip(coords, factor, strides))
+    grids = [g.ravel() for g in np.meshgrid(*(np.arange(k) for k in factor), indexing="ij")]
+    flat = base[:, None] + sum(g * s for g, s in zip(grids, strides))[None, :]
+    partial = np.zeros(len(block), dtype=bool)
+    for c, k, n in zip(coords, factor, fine_shape):
+        partial |= (c + 1) * k > n
+    if partial.any():  # clip the voxels of partial blocks to the grid, axis by axis
+        fine = [
+            np.minimum(c[partial, None] * k + g[None, :], n - 1)
+            for c, k, n, g in zip(coords, factor, fine_shape, grids)
+        ]
+        flat[partial] = sum(f * s for f, s in zip(fine, strides))
+    return flat
+
+
+def _enclosed(idx: np.ndarray, hu: np.ndarray, threshold: float, reach: dict[int, int]) -> np.ndarray:
+    """Whether the fine flat ``idx`` voxels have a voxel above ``threshold`` on both sides, within
+    ``reach[axis]`` voxels, along one of the in-plane array axes (the keys of ``reach``)."""
+    flat_hu = hu.reshape(-1)
+    strides = (hu.shape[1] * hu.shape[2], hu.shape[2], 1)
+    out = np.zeros(idx.shape, dtype=bool)
+    for axis, r in reach.items():
+        coord = (idx // strides[axis]) % hu.shape[axis]
+        sides = []
+        for sign in (-1, 1):
+            hit = np.zeros(idx.shape, dtype=bool)
+            for d in range(1, r + 1):
+                c = coord + sign * d
+                ok = (c >= 0) & (c < hu.shape[axis])
+                hit |= ok & (flat_hu[np.where(ok, idx + sign * d * strides[axis], idx)] > threshold)
+            sides.append(hit)
+        out |= sides[0] & sides[1]
+    return out
+
+
+def _refine(
+    labels: np.ndarray,
+    excluded: np.ndarray,
+    hu: np.ndarray,
+    grid: _CoarseGrid,
+    p: BuiltinParams,
+    bone_hu: float,
+    reach: dict[int, int],
+) -> np.ndarray:
+    """Fine ``(Z, Y, X)`` uint8 label map from the coarse ``labels``.
+
+    Blocks whose 3x3x3 neighbourhood is one structure keep it. In the others every voxel is
+    decided by its own HU and the structures around its block:
+
+    * air (below ``air_hu``) inside the body joins an adjacent lung (else an adjacent airway);
+      tissue in a lung or airway block leaves it;
+    * at the body's edge, voxels at or below ``body_hu`` next to outside blocks are outside, and
+      voxels above it in outside blocks are body;
+    * voxels above the bone threshold next to bone join it (never in a contrast pool or smooth
+      enhanced block); voxels of a bone block at or below it leave it unless they are marrow,
+      i.e. have cortex on both sides in-plane within ``reach`` (:func:`_enclosed`).
+    """
+    bits = np.left_shift(1, labels, dtype=np.uint8)
+    near = box_or(bits)
+    block = np.flatnonzero(near != bits)  # blocks next to another structure
+    out = grid.expand(labels)
+    if block.size == 0:
+        return out
+    own, near, excl = labels.ravel()[block], near.ravel()[block], excluded.ravel()[block]
+    flat = _block_voxels(block, labels.shape, grid.factor, hu.shape)  # (blocks, voxels per block)
+    v = hu.reshape(-1)[flat]
+    new = np.repeat(own[:, None], flat.shape[1], axis=1)
+    air = v < p.air_hu
+    tube = np.isin(own, (LUNG_LEFT, LUNG_RIGHT, AIRWAYS))[:, None]
+    new[tube & ~air] = BODY
+    lung_side = np.where(near & _bit(LUNG_RIGHT), LUNG_RIGHT, LUNG_LEFT)
+    air_to = np.where(
+        near & (_bit(LUNG_LEFT) | _bit(LUNG_RIGHT)), lung_side, np.where(near & _bit(AIRWAYS), AIRWAYS, BODY)
+    )
+    joins = air & ((own != OUTSIDE)[:, None] & ~tube)
+    new = np.where(joins, air_to.astype(np.uint8)[:, None], new)
+    new[(v <= p.body_hu) & (new == BODY) & ((near & _bit(OUTSIDE)) > 0)[:, None]] = OUTSIDE
+    new[(v > p.body_hu) & (own == OUTSIDE)[:, None]] = BODY
+    dense = v > bone_hu
+    leaves = (own == BONE)[:, None] & ~dense & (new == BONE)
+    if leaves.any():
+        leaves[leaves] = ~_enclosed(flat[leaves], hu, bone_hu, reach)
+    new[leaves] = BODY
+    new[dense & (new == BODY) & (((near & _bit(BONE)) > 0) & ~excl)[:, None]] = BONE
+    out.reshape(-1)[flat] = new
+    return out
+
+
+def segment_labels(
+    hu: np.ndarray, geometry: Geometry, params: BuiltinParams | None = None, progress: Progress | None = None
+) -> np.ndarray:
+    """``(Z, Y, X)`` uint8 label map of a CT in HU: ``OUTSIDE`` (0), ``BODY``, ``LUNG_LEFT``,
+    ``LUNG_RIGHT``, ``AIRWAYS``, ``BONE`` (1-5); see :func:`segment_masks`."""
+    p = params or BuiltinParams()
+    say = progress or (lambda step, frac: None)
+    hu = np.ascontiguousarray(hu)
+    grid = _CoarseGrid.for_geometry(geometry, p.coarse_mm)
+    if grid.trivial:
+        labels, _, _ = _segment_grid(np.asarray(hu, dtype=np.float32), geometry, p, say)
+    else:
+        mean, peak = grid.reduce(hu, np.add), grid.reduce(hu, np.maximum)
+        coarse, excluded, threshold = _segment_grid(mean, grid.geometry, p, say, peak)
+        say("refine", 0.9)
+        slice_axis = _Canonical.from_geometry(geometry).axis
+        sp = geometry.spacing_zyx
+        reach = {a: max(1, round(p.marrow_reach_mm / sp[a])) for a in range(3) if a != slice_axis}
+        labels = _refine(coarse, excluded, hu, grid, p, threshold, reach)
+    say("done", 1.0)
+    return labels
+
+
+def _masks(labels: np.ndarray) -> dict[str, np.ndarray]:
+    return {
+        "body": labels != OUTSIDE,
+        "lung_left": labels == LUNG_LEFT,
+        "lung_right": labels == LUNG_RIGHT,
+        "airways": labels == AIRWAYS,
+        "bone": labels == BONE,
+    }
 
 
 def segment_masks(
@@ -425,68 +741,9 @@ def segment_masks(
 
     Returns:
         ``{"body", "lung_left", "lung_right", "airways", "bone"}``: bool ``(Z, Y, X)`` masks on the
-        input grid.
+        input grid (lungs, airways and bone never overlap; all lie in the body).
     """
-    p = params or BuiltinParams()
-    say = progress or (lambda step, frac: None)
-    can = _Canonical.from_geometry(geometry)
-    h = can.to(np.asarray(hu, dtype=np.float32))
-    sp = can.spacing
-    vox_ml = geometry.voxel_volume_ml
-
-    say("body", 0.0)
-    body = body_mask(h, p, sp)
-    say("lung air", 0.2)
-    lung_air = _lung_air(h, body, sp, vox_ml, p)
-    say("airways", 0.35)
-    airways = _airways(h, lung_air, body, sp, vox_ml, p, lambda idx: float(can.ras_x(geometry, idx)))
-    lungs = lung_air & ~airways
-
-    say("left / right lungs", 0.5)
-    lab, n = ndi.label(lungs)
-    sizes = np.bincount(lab.ravel(), minlength=n + 1)
-    comps = [lab == i for i in np.argsort(sizes[1:])[::-1] + 1 if sizes[i] * vox_ml >= p.min_lung_ml]
-    body_x = float(can.ras_x(geometry, np.array(ndi.center_of_mass(body))))
-    if comps:
-        pts = np.argwhere(comps[0])
-        side = can.ras_x(geometry, pts[:: max(len(pts) // 20000, 1)]) > body_x
-        if 0.2 < side.mean() < 0.8:  # the largest piece holds both lungs
-            comps = _split_two(comps[0], sp) + comps[1:]
-    left = np.zeros_like(lungs)
-    right = np.zeros_like(lungs)
-    for c in comps:
-        x = float(can.ras_x(geometry, np.array(ndi.center_of_mass(c))))
-        # RAS x grows towards the patient's right.
-        (right if x > body_x else left)[...] |= c
-
-    say("lung vessels", 0.65)
-    filled = []
-    for m in (left, right):
-        if not m.any():
-            filled.append(m)
-            continue
-        pad = int(np.ceil(p.lung_close_mm / min(sp))) + 2
-        sl = _bbox(m, pad, m.shape)
-        closed = ndi.binary_closing(m[sl], structure=_ball(p.lung_close_mm, sp))
-        closed = _fill_slices(closed | m[sl]) & body[sl] & ~airways[sl]
-        out = np.zeros_like(m)
-        out[sl] = closed
-        filled.append(out)
-    left, right = filled
-    overlap = left & right  # closing can make them meet at the junction line
-    left &= ~overlap
-    right &= ~overlap
-
-    say("bone", 0.8)
-    bone = bone_mask(h, body, sp, vox_ml, p) & ~(left | right)
-    say("done", 1.0)
-    return {
-        "body": can.back(body),
-        "lung_left": can.back(left),
-        "lung_right": can.back(right),
-        "airways": can.back(airways),
-        "bone": can.back(bone),
-    }
+    return _masks(segment_labels(hu, geometry, params, progress))
 
 
 class BuiltinBackend:
@@ -506,11 +763,13 @@ class BuiltinBackend:
         from fvlm_core.segmentation.base import AnatomySegmentation
 
         catalog = catalog or CTRATE_CATALOG
-        masks = segment_masks(ct.array, ct.geometry, self.params, progress)
-        labelmap = np.zeros(ct.geometry.shape_zyx, dtype=np.uint8)
-        # catalog anatomy -> builtin mask (lung = both lungs)
-        provided = {"lung": masks["lung_left"] | masks["lung_right"], "bone": masks["bone"]}
-        for name, m in provided.items():
+        labels = segment_labels(ct.array, ct.geometry, self.params, progress)
+        # builtin label -> catalog label (lung = both lungs); one lookup instead of a pass per mask
+        lut = np.zeros(BONE + 1, dtype=np.uint8)
+        for name, values in (("lung", (LUNG_LEFT, LUNG_RIGHT)), ("bone", (BONE,))):
             if name in catalog:
-                labelmap[m & (labelmap == 0)] = catalog.label(name)
-        return AnatomySegmentation.from_labelmap(labelmap, ct.geometry, catalog, self.name, classes=masks)
+                lut[list(values)] = catalog.label(name)
+        labelmap = lut[labels]
+        return AnatomySegmentation.from_labelmap(
+            labelmap, ct.geometry, catalog, self.name, classes=_masks(labels)
+        )

@@ -272,3 +272,51 @@ def test_write_image_failure_leaves_no_partial_file(tmp_path: Path) -> None:
     leftovers = sorted(p.name for p in tmp_path.rglob("*") if p.is_file() and p != good)
     assert leftovers == [], leftovers
     assert read_label_map(good).array.max() == 7
+
+
+def _with_nonfinite(shape_zyx=(16, 16, 16)) -> np.ndarray:
+    """(Z, Y, X) float32 CT-like HU with one NaN inside the lung-like air and one +Inf."""
+    a = np.full(shape_zyx, -1000.0, np.float32)
+    a[4:12, 4:12, 4:12] = 40.0
+    a[6, 7, 8] = np.nan
+    a[9, 9, 9] = np.inf
+    return a
+
+
+@pytest.mark.parametrize("name", ["ct.mha", "ct.nrrd", "ct.nii.gz", "ct.nii", "ct64.nii.gz"])
+def test_nan_and_inf_voxels_are_refused_by_every_reader(tmp_path: Path, name: str) -> None:
+    """One policy for every format: refuse, with the count, the first voxel and what to do.
+    (ITK's NIfTI reader alone would return them as 0 HU, water.)"""
+    import SimpleITK as sitk
+
+    a = _with_nonfinite()
+    path = tmp_path / name
+    if name == "ct64.nii.gz":  # float64 written by nibabel, (i, j, k) = (x, y, z) order
+        _nifti(path, a.transpose(2, 1, 0).astype(np.float64))
+    else:
+        sitk.WriteImage(sitk.GetImageFromArray(a), str(path))
+    for allow_non_hu in (False, True):  # not an intensity check: --allow-non-hu does not skip it
+        with pytest.raises(InputError) as err:
+            read_ct(path, allow_non_hu=allow_non_hu)
+        msg = str(err.value)
+        assert msg.startswith(f"{path}: 2 of 4096 voxels are NaN or infinite"), msg
+        assert "(z, y, x) = (6, 7, 8)" in msg and "replace them" in msg and "save it again" in msg
+    with pytest.raises(InputError, match="NaN or infinite"):
+        read_label_map(path)
+    a[6, 7, 8] = a[9, 9, 9] = -1000.0  # the same file without them reads
+    sitk.WriteImage(sitk.GetImageFromArray(a), str(tmp_path / "ok.mha"))
+    assert np.isfinite(read_ct(tmp_path / "ok.mha").array).all()
+
+
+def test_nan_in_an_array_is_refused_on_the_slicer_path() -> None:
+    from fvlm_core.io import check_hu
+
+    a = _with_nonfinite()
+    g = Geometry((16, 16, 16), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), EYE)
+    for allow_non_hu in (False, True):
+        with pytest.raises(InputError, match=r"slicer volume: 2 of 4096 voxels are NaN or infinite"):
+            ct_from_array(a, g, source="slicer volume", allow_non_hu=allow_non_hu)
+    with pytest.raises(InputError, match=r"NaN or infinite.*replace them"):
+        check_hu(np.full((4, 4, 4), np.nan, np.float32), "all nan")  # was: "holds no finite values."
+    with pytest.raises(InputError, match="holds no voxels"):
+        check_hu(np.zeros((0, 4, 4), np.float32), "empty")

@@ -57,9 +57,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--windows",
-        choices=("shared", "reference"),
+        choices=("shared", "centred", "reference"),
         default="shared",
-        help="shared: one encoder pass per window of anatomies (default); reference: one per anatomy",
+        help="shared: one encoder pass per window of anatomies (default); centred: one window per "
+        "anatomy, centred on it; reference: the public eval.py's volume preparation and windows",
     )
     parser.add_argument(
         "--max-window",
@@ -115,18 +116,22 @@ def output_plan(args: argparse.Namespace):
 
 def analyze(args: argparse.Namespace):
     """Read, segment and score; returns ``(AnalysisResult, extra JSON fields)``."""
-    import torch
-
     from fvlm_core.io import read_ct
-    from fvlm_core.zeroshot.analyzer import Analyzer, load_findings_file, merge_findings
+    from fvlm_core.zeroshot.prompt_files import load_findings_file, merge_findings
 
     say = _say(args.quiet)
-    user = load_findings_file(args.prompts) if args.prompts else None  # seconds before the model
+    # the quick checks first: a bad prompts file or CT is refused before torch is even imported
+    user = load_findings_file(args.prompts) if args.prompts else None
     timings = {}
     t = time.perf_counter()
     ct = read_ct(args.ct, allow_non_hu=args.allow_non_hu, series=args.series)
     timings["read"] = time.perf_counter() - t
     say(f"read {args.ct}: {ct.array.shape[::-1]} voxels")
+
+    import torch
+
+    from fvlm_core.zeroshot.analyzer import Analyzer
+
     t = time.perf_counter()
     analyzer = Analyzer.from_pretrained(args.model, device=args.device)
     timings["load_model"] = time.perf_counter() - t

@@ -37,7 +37,17 @@ from fvlm_core.errors import CancelledError, ConfigError, InputError, warn
 from fvlm_core.findings import Finding, FindingSet
 from fvlm_core.io import CTVolume, Geometry, LabelVolume, check_finite
 from fvlm_core.zeroshot import similarity, windows
+from fvlm_core.zeroshot.prompt_files import load_findings_file, merge_findings, wording
 from fvlm_core.zeroshot.prompts import FindingEmbeddings, probability, prompt_cache_for
+
+__all__ = [
+    "AnalysisResult",
+    "Analyzer",
+    "AnatomyResult",
+    "FindingResult",
+    "load_findings_file",
+    "merge_findings",
+]
 
 DEFAULT_THRESHOLD = 0.5
 
@@ -193,6 +203,7 @@ class ModelSpaceEncoding:
     plans: list[windows.WindowPlan]
     dropped: dict[str, float]
     crops: list[Any] = field(default_factory=list)  # ModelSpaceWindow per plan (kept for maps)
+    strategy: str = "shared"
 
 
 # --------------------------------------------------------------------------------------------
@@ -258,7 +269,7 @@ class Analyzer:
         if t is None or (isinstance(t, float) and math.isnan(t)):
             return DEFAULT_THRESHOLD, "default"
         calibrated_on = {f.name: f for f in self.default_findings()}.get(finding.name)
-        if calibrated_on is not None and _wording(calibrated_on) != _wording(finding):
+        if calibrated_on is not None and wording(calibrated_on) != wording(finding):
             return DEFAULT_THRESHOLD, "default"
         return float(t), "calibrated"
 
@@ -286,24 +297,36 @@ class Analyzer:
     ) -> ModelSpaceEncoding:
         """Embed every anatomy of a model-space volume (labels in model order).
 
-        ``strategy``: ``"shared"`` (fewest encoder forwards) or ``"reference"`` (one window per
-        anatomy, the published evaluation). Returns the embeddings, the window plans and the
-        anatomies dropped by the reference 90% rule (or a size cap).
+        ``strategy`` (:mod:`fvlm_core.zeroshot.windows`): ``"shared"`` (fewest encoder forwards),
+        ``"centred"`` (one centred window per anatomy) or ``"reference"`` (the public eval.py:
+        the volume prepared and the windows cut as the reference does, encoded in fp32). Returns
+        the embeddings, the window plans (in ``ct_ms``'s frame) and the anatomies dropped by a
+        size cap (the reference windows have none and drop nothing).
         """
         from fvlm_core.preprocess import crop_window
 
         ms = self.model_space
-        plans, dropped = windows.plan_windows(
-            labels_ms.array,
-            self.anatomies,
-            ms.window_size_zyx,
-            ms.multiple_zyx,
-            strategy=strategy,
-            max_size_zyx=max_size_zyx,
-        )
+        reference = strategy == "reference"
+        if reference:
+            if max_size_zyx is not None:
+                raise ConfigError(
+                    "the reference windows have no size cap (eval.py has none): drop the maximum "
+                    "window size or use the 'centred' or 'shared' windows"
+                )
+            cut = windows.reference_crops(ct_ms, labels_ms, self.anatomies, ms)
+            plans, dropped = [plan for plan, _ in cut], {}
+        else:
+            plans, dropped = windows.plan_windows(
+                labels_ms.array,
+                self.anatomies,
+                ms.window_size_zyx,
+                ms.multiple_zyx,
+                strategy=strategy,
+                max_size_zyx=max_size_zyx,
+            )
         out: dict[str, EncodedAnatomy] = {}
         crops = []
-        use_bf16 = self.device.type == "cuda"
+        use_bf16 = self.device.type == "cuda" and not reference  # the reference runs in fp32
         for w, plan in enumerate(plans):
             if should_cancel is not None and should_cancel():
                 raise CancelledError("analysis cancelled")
@@ -312,7 +335,7 @@ class Analyzer:
                     f"encoding window {w + 1}/{len(plans)} ({', '.join(plan.anatomies)})",
                     w / max(len(plans), 1),
                 )
-            crop = crop_window(ct_ms, labels_ms, plan.center_zyx, plan.size_zyx)
+            crop = cut[w][1] if reference else crop_window(ct_ms, labels_ms, plan.center_zyx, plan.size_zyx)
             crops.append(crop if return_tokens else None)
             image = torch.from_numpy(crop.image(ms.hu_window))[None, None].to(self.device)
             labels = torch.from_numpy(crop.labels.astype(np.int64, copy=False))[None].to(self.device)
@@ -334,11 +357,17 @@ class Analyzer:
                     grid=tuple(enc.grid) if enc.grid is not None else None,
                     patch=tuple(enc.patch_size) if enc.patch_size is not None else None,
                 )
-        return ModelSpaceEncoding(anatomies=out, plans=plans, dropped=dropped, crops=crops)
+        return ModelSpaceEncoding(anatomies=out, plans=plans, dropped=dropped, crops=crops, strategy=strategy)
 
     def score(self, encoding: ModelSpaceEncoding, emb: FindingEmbeddings) -> dict[tuple[str, str], float]:
-        """``(anatomy, finding) -> probability`` for every finding whose anatomy was encoded."""
-        tau = float(self.model.temperature.detach())
+        """``(anatomy, finding) -> probability`` for every finding whose anatomy was encoded.
+
+        Reference encodings divide by the stored temperature as eval.py does (``self.temp``,
+        which training clamps before each step, so the last step can leave it just outside the
+        range); the others by the clamped one.
+        """
+        temperature = self.model.temp if encoding.strategy == "reference" else self.model.temperature
+        tau = float(temperature.detach())
         out = {}
         by_anat: dict[str, list[int]] = {}
         for i, f in enumerate(emb.findings):
@@ -552,7 +581,7 @@ def _status(voxels: int, fact: Any, scored: bool, dropped_fraction: float | None
         return status, "not in the segmentation: not scored"
     if not scored:
         return status, (
-            f"not scored: its window holds only {dropped_fraction:.0%} of it (reference rule: >= 90%)"
+            f"not scored: its capped window holds only {dropped_fraction:.0%} of it (90% needed)"
             if dropped_fraction is not None
             else "not scored: no encoder token touches it in model space (too small)"
         )
@@ -573,116 +602,3 @@ def _result_notes(results: list[AnatomyResult]) -> list[str]:
         )
     notes += [f"{a.name}: {a.note}" for a in results if a.status != "absent" and not a.scored]
     return notes
-
-
-def _wording(f: Finding) -> tuple[str, tuple[str, ...], tuple[str, ...]]:
-    return (f.anatomy, tuple(f.positive), tuple(f.negative))
-
-
-_FINDING_KEYS = ("name", "anatomy", "positive", "negative")
-
-
-def _user_finding(d: Any, i: int, path: Path) -> Finding:
-    """Entry ``i`` (1-based) of a prompts file as a user :class:`Finding`; wordings left out get
-    the defaults, with a warning."""
-    where = f"--prompts {path}: entry {i}"
-    if not isinstance(d, Mapping):
-        raise ConfigError(f"{where} is not a mapping with name and anatomy")
-    unknown = sorted(set(map(str, d)) - set(_FINDING_KEYS))
-    if unknown:
-        raise ConfigError(
-            f"{where} has unknown key(s) {', '.join(unknown)} (known: {', '.join(_FINDING_KEYS)}); "
-            "check their spelling"
-        )
-    for key in ("name", "anatomy"):
-        if not isinstance(d.get(key), str) or not d[key].strip():
-            raise ConfigError(f"{where} needs a {key} (text), got {d.get(key)!r}")
-    for key in ("positive", "negative"):
-        value = d.get(key)
-        if value is not None and not (
-            isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value))
-        ):
-            raise ConfigError(f"{where}: {key} must be a text or a list of texts, got {value!r}")
-    finding = Finding.from_dict({**d, "source": "user"})
-    missing = [k for k in ("positive", "negative") if not d.get(k)]
-    if missing:
-        defaults = [repr(w) for k in missing for w in getattr(finding, k)]
-        warn(
-            f"{where} ({finding.name!r} on {finding.anatomy}) gives no {' or '.join(missing)} wording, so "
-            f"the default {' / '.join(defaults)} {'is' if len(defaults) == 1 else 'are'} used. Add "
-            f"{' and '.join(missing)}: [...] to the entry to choose the wording."
-        )
-    return finding
-
-
-def merge_findings(defaults: FindingSet, user: FindingSet) -> FindingSet:
-    """The model's findings with the user's added; a user finding named like a built-in one
-    replaces it (in its place), with a warning saying so."""
-    by_name = {f.name: f for f in user}
-    out, replaced = [], []
-    for f in defaults:
-        mine = by_name.pop(f.name, None)
-        if mine is None:
-            out.append(f)
-            continue
-        out.append(mine)
-        replaced.append((f, mine))
-    for old, new in replaced:
-        same = _wording(old) == _wording(new)
-        warn(
-            f"--prompts: {new.name!r} replaces the model's finding of that name "
-            f"({old.anatomy}: {' / '.join(old.positive + old.negative)})"
-            + ("" if same else f" with yours ({new.anatomy}: {' / '.join(new.positive + new.negative)})")
-            + ". Rename yours to score both."
-        )
-    return FindingSet(out + [f for f in user if f.name in by_name])
-
-
-def load_findings_file(path: str | os.PathLike) -> FindingSet:
-    """Read user findings from JSON or YAML: a list of Finding dicts (name, anatomy, optional
-    positive / negative wordings), or ``{"findings": [...]}``.
-
-    Wordings left out get the defaults (``"{X}."`` / ``"Not {X}."``) with an
-    :class:`~fvlm_core.errors.FVLMWarning`.
-
-    Raises:
-        InputError: the file cannot be read or is not UTF-8 text.
-        ConfigError: not JSON/YAML, not a list of findings, an unknown key, or a name given twice.
-    """
-    import json
-
-    import yaml
-
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise InputError(
-            f"--prompts {path}: not UTF-8 text (byte {exc.start} cannot be decoded). Save the file as UTF-8 "
-            "(in most editors: Save as... > Encoding: UTF-8) and retry."
-        ) from exc
-    except OSError as exc:
-        raise InputError(f"--prompts {path}: cannot read the file ({exc.strerror or exc})") from exc
-    try:
-        data = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
-    except (ValueError, yaml.YAMLError) as exc:
-        raise ConfigError(f"--prompts {path}: not valid JSON/YAML ({exc})") from exc
-    if isinstance(data, Mapping):
-        data = data.get("findings")
-    if not isinstance(data, list) or not data:
-        raise ConfigError(
-            f"--prompts {path}: expected a non-empty list of findings like "
-            '[{"name": "Pleural effusion", "anatomy": "lung", "positive": ["Pleural effusion."], '
-            '"negative": ["No pleural effusion."]}]'
-        )
-    out: list[Finding] = []
-    for i, d in enumerate(data, start=1):
-        finding = _user_finding(d, i, path)
-        first = next((k for k, f in enumerate(out, start=1) if f.name == finding.name), None)
-        if first is not None:
-            raise ConfigError(
-                f"--prompts {path}: entries {first} and {i} are both named {finding.name!r}; "
-                "give each finding its own name"
-            )
-        out.append(finding)
-    return FindingSet(out)

@@ -51,6 +51,16 @@ def test_lung_dice_against_totalsegmentator(case):
     assert np.count_nonzero(lungs & bowel) < 0.01 * np.count_nonzero(lungs)
 
 
+def test_lungs_refined_from_blocks_twice_the_voxel_size(case):
+    """The 3 mm references segmented on 6 mm blocks, then refined to 3 mm voxels: the refinement
+    alone must recover the lung boundary (TotalSegmentator Dice still >= 0.95)."""
+    name, ct, ref, _ = case
+    masks = segment_masks(ct.array, ct.geometry, BuiltinParams(coarse_mm=6.0))
+    lungs = masks["lung_left"] | masks["lung_right"]
+    assert dice(lungs, np.isin(ref, LEFT_LUNG + RIGHT_LUNG)) >= 0.95, name
+    assert dice(masks["lung_left"], np.isin(ref, LEFT_LUNG)) >= 0.9, name
+
+
 def test_bone_dice_against_totalsegmentator(case):
     name, _, ref, masks = case
     assert dice(masks["bone"], np.isin(ref, BONE)) >= 0.80, name

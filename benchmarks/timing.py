@@ -49,3 +49,44 @@ def alternated_median_ms(steps: dict[str, Callable[[], object]], repeats: int) -
             step()
             times[name].append((time.perf_counter() - t) * 1000)
     return {name: statistics.median(v) for name, v in times.items()}
+
+
+# --- yardsticks and process measurements (bench_builtin_segmenter, bench_train_step, bench_analyze)
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set size in MB (Linux ``ru_maxrss`` is in KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def vit_b(seed: int = 0):
+    """fvlm-base's image encoder (MONAI ViT-B, 112 x 256 x 352 input, SDPA attention), random
+    weights, in eval mode: the unit the speed targets are stated in."""
+    import torch
+
+    from fvlm_core.model import load_config
+    from fvlm_core.model.vision import ViTEncoder
+
+    torch.manual_seed(seed)
+    return ViTEncoder(load_config("fvlm-base").vision).eval()
+
+
+def vit_b_forward_s(model=None, image=None) -> float:
+    """Seconds of one bare ViT-B forward (no grad) on a ``(1, 1, 112, 256, 352)`` window."""
+    import torch
+
+    model = model if model is not None else vit_b()
+    image = image if image is not None else torch.rand(1, 1, 112, 256, 352)
+    with torch.inference_mode():
+        t = time.perf_counter()
+        model(image)
+        return time.perf_counter() - t
+
+
+def load_note() -> dict[str, object]:
+    """The machine's load averages and CPU count, to print next to any timing."""
+    import os
+
+    return {"load_average_1_5_15": [round(v, 2) for v in os.getloadavg()], "cpus": os.cpu_count()}

@@ -7,11 +7,14 @@ replacement for TotalSegmentator: it knows only the lungs and bone (plus body an
 How it works (all distances in mm, so any voxel size works):
 
 0. **Coarse grid, then refine.** A scan finer than ``coarse_mm`` is cut into blocks of at most
-   ``coarse_mm`` a side; steps 1-7 run once on the blocks' mean HU (bone and its seeds on the
-   blocks' peak HU, so a thin cortex is not averaged away). Then only the blocks next to another
-   structure are decided again, voxel by voxel, from each voxel's own HU and the structures
-   around its block (:func:`_refine`). A scan at ``coarse_mm`` or coarser runs steps 1-7 on its
-   own grid, unchanged.
+   ``coarse_mm`` a side and steps 1-7 run once on them: on the blocks' mean HU, except where
+   blending would mislead (:class:`_BlockStats`: the body is the blocks that are tissue
+   throughout, the lung test takes medians of unblended voxels, bone candidates are blocks with
+   at least two voxels above the threshold and a peak halfway to ``seed_hu``, so a thin cortex is
+   not averaged away and enhanced soft tissue is not taken for it). Then only
+   the blocks next to another structure are decided again, voxel by voxel, from each voxel's own
+   HU and the structures around its block (:func:`_refine`). A scan at ``coarse_mm`` or coarser
+   runs steps 1-7 on its own grid, unchanged.
 1. **Orientation.** The array axis closest to the patient's superior-inferior direction is found
    from the geometry; slice-wise steps run on axial slices of that axis, and left/right is decided
    in RAS coordinates (``Geometry.index_zyx_to_ras``), never from the array order.
@@ -229,23 +232,24 @@ class _CoarseGrid:
     def trivial(self) -> bool:
         return self.factor == (1, 1, 1)
 
-    def reduce(self, a: np.ndarray, op: np.ufunc) -> np.ndarray:
-        """Blockwise mean (``op=np.add``) or maximum (``np.maximum``) of a fine ``(Z, Y, X)`` array."""
+    def reduce(self, a: np.ndarray, op: np.ufunc, mean: bool = False, dtype=np.float32) -> np.ndarray:
+        """Blockwise ``op`` (``np.add``, ``np.maximum``, ``np.minimum``) of a fine ``(Z, Y, X)``
+        array, as ``dtype``; ``mean=True`` divides sums by the voxels per block."""
         for axis, k in enumerate(self.factor):
             if k == 1:
                 continue
             at = (slice(None),) * axis
-            out = np.array(a[(*at, slice(0, None, k))], dtype=np.float32)
+            out = np.array(a[(*at, slice(0, None, k))], dtype=dtype)
             for j in range(1, k):
                 part = a[(*at, slice(j, None, k))]
                 head = out[(*at, slice(0, part.shape[axis]))]
                 op(head, part, out=head)
-            if op is np.add:
+            if mean:
                 n = a.shape[axis]
-                count = np.minimum(k, n - np.arange(0, n, k)).astype(np.float32)
+                count = np.minimum(k, n - np.arange(0, n, k)).astype(dtype)
                 out /= count.reshape([-1 if i == axis else 1 for i in range(3)])
             a = out
-        return np.asarray(a, dtype=np.float32)
+        return np.asarray(a, dtype=dtype)
 
     def expand(self, a: np.ndarray) -> np.ndarray:
         """Coarse ``a`` repeated onto the fine grid (each voxel takes its block's value), C-contiguous."""
@@ -255,19 +259,62 @@ class _CoarseGrid:
         return np.ascontiguousarray(a)
 
 
+@dataclass(frozen=True)
+class _BlockStats:
+    """What the steps on a coarse grid need of each block's fine voxels (canonical arrays).
+
+    A blended block misleads in three places: a block of skin and air, or of table shell and
+    air, has a tissue mean (the body takes ``floor``: blocks that are tissue throughout); bowel
+    gas blended with its wall has a lung-like mean (the lung test takes medians of ``sample``,
+    one unblended voxel per block); a thin cortex blended with soft tissue has a soft-tissue mean
+    (bone candidates are blocks with at least ``min_dense`` voxels above the threshold, counted
+    by ``count_above``, one voxel could be noise, and with a ``peak`` well above it, as enhanced
+    soft tissue just crossing the threshold has many such voxels). ``peak`` also seeds bone and
+    finds bronchial walls.
+    """
+
+    floor: np.ndarray
+    peak: np.ndarray
+    sample: np.ndarray
+    count_above: Callable[[float], np.ndarray]
+    min_dense: int
+
+    @classmethod
+    def of(cls, hu: np.ndarray, grid: _CoarseGrid, can: _Canonical) -> _BlockStats:
+        """Statistics of the fine ``(Z, Y, X)`` ``hu`` over ``grid``'s blocks, in ``can``'s order."""
+
+        def count_above(threshold: float) -> np.ndarray:
+            return can.to(grid.reduce(hu > threshold, np.add, dtype=np.uint8))
+
+        fz, fy, fx = grid.factor
+        return cls(
+            floor=can.to(grid.reduce(hu, np.minimum)),
+            peak=can.to(grid.reduce(hu, np.maximum)),
+            sample=can.to(hu[::fz, ::fy, ::fx]),
+            count_above=count_above,
+            min_dense=2 if fz * fy * fx >= 4 else 1,
+        )
+
+
 # --------------------------------------------------------------------------------------------
 # steps
 # --------------------------------------------------------------------------------------------
 
 
-def body_mask(hu: np.ndarray, p: BuiltinParams, sp: tuple[float, float, float] | None = None) -> np.ndarray:
+def body_mask(
+    hu: np.ndarray,
+    p: BuiltinParams,
+    sp: tuple[float, float, float] | None = None,
+    floor_hu: np.ndarray | None = None,
+) -> np.ndarray:
     """Body (canonical array): tissue above ``body_hu`` in big pieces, holes filled slice-wise.
 
     An in-plane opening of ``table_open_mm`` first cuts thin things (table, cables, blanket
     folds); then every piece holding at least ``body_min_fraction`` of the largest one is kept, so
-    arms lying beside the trunk stay in the body.
+    arms lying beside the trunk stay in the body. ``floor_hu`` (block minima on a coarse grid)
+    replaces ``hu`` in the threshold.
     """
-    fg = hu > p.body_hu
+    fg = (hu if floor_hu is None else floor_hu) > p.body_hu
     if sp is None or not fg.any():
         return fill_slices(_largest_component(fg))
     opened = opening(fg, disk(p.table_open_mm, sp))
@@ -283,7 +330,12 @@ def body_mask(hu: np.ndarray, p: BuiltinParams, sp: tuple[float, float, float] |
     return fill_slices(fg & dilate(big, disk(p.table_open_mm, sp)))
 
 
-def _lung_air(hu: np.ndarray, body: np.ndarray, sp, vox_ml: float, p: BuiltinParams) -> np.ndarray:
+def _lung_air(
+    hu: np.ndarray, body: np.ndarray, sp, vox_ml: float, p: BuiltinParams, sample_hu: np.ndarray | None = None
+) -> np.ndarray:
+    """Lung air: air components inside the body, off its rim, of lung-like median HU (of
+    ``sample_hu``, unblended voxels, on a coarse grid)."""
+    sample = hu if sample_hu is None else sample_hu
     rim = body & ~erode(body, disk(p.rim_mm, sp))
     air = (hu < p.air_hu) & body
     lab, n = ndi.label(air)
@@ -298,7 +350,9 @@ def _lung_air(hu: np.ndarray, body: np.ndarray, sp, vox_ml: float, p: BuiltinPar
         objects = ndi.find_objects(np.where(big[lab], lab, 0))
         for i in np.flatnonzero(big):
             sl = objects[i - 1]
-            med = float(np.median(hu[sl][lab[sl] == i]))
+            v = sample[sl][lab[sl] == i]
+            v = v[v < p.air_hu]  # a coarse grid's edge blocks may sample tissue: air voxels only
+            med = float(np.median(v)) if v.size else p.air_hu
             keep[i] = p.lung_median_hu[0] <= med <= p.lung_median_hu[1]
     return keep[lab]
 
@@ -439,21 +493,26 @@ def smooth_enhanced(hu: np.ndarray, dense: np.ndarray, sp, vox_ml: float, p: Bui
 
 
 def bone_mask(
-    hu: np.ndarray, body: np.ndarray, sp, vox_ml: float, p: BuiltinParams, peak_hu: np.ndarray | None = None
+    hu: np.ndarray, body: np.ndarray, sp, vox_ml: float, p: BuiltinParams, stats: _BlockStats | None = None
 ) -> tuple[np.ndarray, np.ndarray, float]:
     """Bone (canonical array): dense voxels outside contrast pools, marrow holes filled.
 
-    ``peak_hu`` (default ``hu``) is what the bone and seed thresholds compare: the block peaks on
-    a coarse grid. Returns ``(bone, excluded, threshold)``: ``excluded`` marks the contrast pools
-    and smooth enhanced regions (never bone), ``threshold`` is the bone HU threshold used.
+    On a coarse grid (``stats``) a block is dense when enough of its voxels are, and seeds by its
+    peak. Returns ``(bone, excluded, threshold)``: ``excluded`` marks the contrast pools and
+    smooth enhanced regions (never bone), ``threshold`` is the bone HU threshold used.
     """
-    peak = hu if peak_hu is None else peak_hu
+    peak = hu if stats is None else stats.peak
     pools = contrast_pools(hu, body, sp, vox_ml, p)
     if pools.any():
         pools = dilate(pools, ball(p.pool_margin_mm, sp))
     # Contrast-enhanced scans: enhanced myocardium and vessel walls exceed the plain threshold.
     threshold = p.bone_hu_contrast if pools.sum() * vox_ml >= p.pool_min_ml else p.bone_hu
-    bone = (peak > threshold) & body & ~pools
+    if stats is None:
+        dense = hu > threshold
+    else:  # enough dense voxels, and a peak well above the threshold: cortex, not enhanced tissue
+        dense = stats.count_above(threshold) >= stats.min_dense
+        dense &= stats.peak > (threshold + (p.seed_hu or threshold)) / 2
+    bone = dense & body & ~pools
     excluded = pools
     if p.smooth_sd_hu > 0:
         smooth = smooth_enhanced(hu, bone, sp, vox_ml, p)
@@ -545,29 +604,34 @@ def _fill_vessels(
 
 
 def _segment_grid(
-    hu: np.ndarray, geometry: Geometry, p: BuiltinParams, say: Progress, peak_hu: np.ndarray | None = None
+    hu: np.ndarray,
+    geometry: Geometry,
+    p: BuiltinParams,
+    say: Progress,
+    fine: np.ndarray | None = None,
+    grid: _CoarseGrid | None = None,
 ) -> tuple[np.ndarray, np.ndarray, float]:
     """Steps 1-7 on one grid: ``(labels, excluded, bone_threshold)``, ``(Z, Y, X)`` arrays on it.
 
     ``labels`` is uint8 (``OUTSIDE``, ``BODY``, ``LUNG_LEFT``, ``LUNG_RIGHT``, ``AIRWAYS``,
     ``BONE``); ``excluded`` marks contrast pools and smooth enhanced regions (see
-    :func:`bone_mask`). ``peak_hu`` (a coarse grid's block peaks) is what the bone threshold
-    compares and what tells a bronchus from the lung it touches; ``None`` on a scan's own grid.
+    :func:`bone_mask`). On a coarse grid ``hu`` holds the block means and ``fine`` the scan's own
+    HU (``grid`` its blocks), for the statistics of :class:`_BlockStats`.
     """
     can = _Canonical.from_geometry(geometry)
     h = can.to(hu)
-    peak = None if peak_hu is None else can.to(peak_hu)
+    stats = None if fine is None or grid is None else _BlockStats.of(fine, grid, can)
     sp, vox_ml = can.spacing, geometry.voxel_volume_ml
 
     def ras_x(idx: np.ndarray) -> np.ndarray:
         return can.ras_x(geometry, idx)
 
     say("body", 0.0)
-    body = body_mask(h, p, sp)
+    body = body_mask(h, p, sp, None if stats is None else stats.floor)
     say("lung air", 0.2)
-    lung_air = _lung_air(h, body, sp, vox_ml, p)
+    lung_air = _lung_air(h, body, sp, vox_ml, p, None if stats is None else stats.sample)
     say("airways", 0.35)
-    pure_air = None if peak is None else lung_air & (peak < p.air_hu)
+    pure_air = None if stats is None else lung_air & (stats.peak < p.air_hu)
     airways = _airways(lung_air, body, sp, vox_ml, p, lambda idx: float(ras_x(idx)), pure_air)
     airways = dilate(airways, ball(p.airway_wall_mm, sp)) & lung_air
     say("left / right lungs", 0.5)
@@ -579,7 +643,7 @@ def _segment_grid(
     left &= ~overlap
     right &= ~overlap
     say("bone", 0.8)
-    bone, excluded, threshold = bone_mask(h, body, sp, vox_ml, p, peak)
+    bone, excluded, threshold = bone_mask(h, body, sp, vox_ml, p, stats)
     labels = body.astype(np.uint8)  # BODY where body
     for value, m in ((BONE, bone), (AIRWAYS, airways), (LUNG_LEFT, left), (LUNG_RIGHT, right)):
         labels[m] = value  # later ones win: bone never overlaps a lung or an airway
@@ -704,8 +768,9 @@ def segment_labels(
     if grid.trivial:
         labels, _, _ = _segment_grid(np.asarray(hu, dtype=np.float32), geometry, p, say)
     else:
-        mean, peak = grid.reduce(hu, np.add), grid.reduce(hu, np.maximum)
-        coarse, excluded, threshold = _segment_grid(mean, grid.geometry, p, say, peak)
+        coarse, excluded, threshold = _segment_grid(
+            grid.reduce(hu, np.add, mean=True), grid.geometry, p, say, hu, grid
+        )
         say("refine", 0.9)
         slice_axis = _Canonical.from_geometry(geometry).axis
         sp = geometry.spacing_zyx

@@ -59,9 +59,9 @@ def test_anatomy_larger_than_window_gets_a_grown_window():
     assert plans[0].contains(((2, 2, 1), (10, 10, 43)))
 
 
-def test_reference_one_window_per_anatomy_centred_min_size():
+def test_centred_one_window_per_anatomy_min_size():
     lab = _box_labels((40, 40, 40), {1: ((2, 2, 2), (12, 12, 12)), 2: ((10, 10, 10), (34, 14, 14))})
-    plans = W.plan_reference(W.anatomy_boxes(lab, NAMES), (4, 4, 8), min_size_zyx=(12, 16, 16), order=NAMES)
+    plans = W.plan_centred(W.anatomy_boxes(lab, NAMES), (4, 4, 8), min_size_zyx=(12, 16, 16), order=NAMES)
     assert [p.anatomies for p in plans] == [("lung",), ("heart",)]
     assert plans[0].size_zyx == (12, 16, 16)
     assert plans[1].size_zyx == (24, 16, 16)  # extent 24 along z exceeds the minimum 12
@@ -69,22 +69,34 @@ def test_reference_one_window_per_anatomy_centred_min_size():
     assert plans[1].start_zyx == (10, 4, 4)
 
 
-def test_reference_drops_anatomy_under_90_percent():
-    # a cap smaller than the lung's extent cuts it: 20 of 40 slices inside -> dropped
+def test_capped_window_drops_anatomy_under_90_percent():
+    # a cap smaller than the lung's extent cuts it: 20 of 40 slices inside -> not scored
     lab = _box_labels((48, 16, 16), {1: ((4, 2, 2), (44, 10, 10)), 2: ((2, 2, 11), (6, 6, 15))})
     plans, dropped = W.plan_windows(
         lab,
         NAMES,
         window_zyx=(8, 8, 8),
         multiple_zyx=(4, 4, 8),
-        strategy="reference",
+        strategy="centred",
         max_size_zyx=(20, 16, 16),
     )
     assert list(dropped) == ["lung"] and dropped["lung"] == pytest.approx(20 / 40)
     assert [p.anatomies for p in plans] == [("heart",)]
     # without the cap nothing is dropped (the window grows to the extent)
+    plans, dropped = W.plan_windows(lab, NAMES, (8, 8, 8), (4, 4, 8), strategy="centred")
+    assert dropped == {} and [p.anatomies for p in plans] == [("lung",), ("heart",)]
+
+
+def test_reference_windows_drop_nothing_and_refuse_a_cap():
+    """eval.py's window of an anatomy larger than the window keeps (nearly) all of it, and its
+    90% rule exempts the target: every anatomy present gets its window."""
+    lab = _box_labels((48, 16, 16), {1: ((4, 2, 2), (44, 10, 10)), 2: ((2, 2, 11), (6, 6, 15))})
     plans, dropped = W.plan_windows(lab, NAMES, (8, 8, 8), (4, 4, 8), strategy="reference")
     assert dropped == {} and [p.anatomies for p in plans] == [("lung",), ("heart",)]
+    lung = plans[0]
+    assert lung.data_size_zyx == (39, 8, 8) and lung.size_zyx == (40, 8, 8)  # 44 - 4 - 1, padded to 4s
+    with pytest.raises(ValueError, match="no size cap"):
+        W.plan_windows(lab, NAMES, (8, 8, 8), (4, 4, 8), strategy="reference", max_size_zyx=(20, 16, 16))
 
 
 def test_unknown_strategy():

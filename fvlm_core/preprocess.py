@@ -306,6 +306,8 @@ class ModelSpaceWindow:
         geometry: the window's own physical grid.
         start_zyx: index of the window's first voxel in the model-space volume (may be negative).
         valid_zyx: ``(start, stop)`` per axis of the part of the window inside the scan.
+        reference_scaling: :meth:`image` computes the intensities with the reference's arithmetic
+            (:func:`reference_intensity`) instead of :func:`window_hu`.
     """
 
     hu: np.ndarray
@@ -313,9 +315,12 @@ class ModelSpaceWindow:
     geometry: Geometry
     start_zyx: tuple[int, int, int] = (0, 0, 0)
     valid_zyx: tuple[tuple[int, int], ...] = ()
+    reference_scaling: bool = False
 
     def image(self, hu_window: Sequence[float] = (-1150.0, 350.0)) -> np.ndarray:
         """Windowed intensities ``(Z, Y, X)`` float32 in [0, 1] (the encoder's input)."""
+        if self.reference_scaling:
+            return reference_intensity(self.hu, hu_window)
         return window_hu(self.hu, hu_window)
 
     def to_original(self, array: np.ndarray, original: Geometry, is_label: bool) -> np.ndarray:
@@ -407,4 +412,246 @@ def crop_window(
     valid = tuple((int(a), int(b)) for a, b in zip(dst_lo, dst_hi))
     return ModelSpaceWindow(
         hu=hu, labels=labels, geometry=geometry, start_zyx=tuple(int(s) for s in start), valid_zyx=valid
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# The reference's volume preparation (public fVLM data/resize.py and data/preprocess.py)
+# --------------------------------------------------------------------------------------------
+
+#: HU of the reference's padding: 0 in its [0, 1] intensity space (the low end of its HU window).
+#: No floor at -1024 HU applies on this path.
+REFERENCE_PAD_HU = -1150.0
+#: Voxels (z, y, x) that data/preprocess.py keeps around the bounding box of all anatomy labels.
+REFERENCE_MARGIN_ZYX = (5, 20, 20)
+
+
+def reference_intensity(hu: Any, hu_window: Sequence[float] = (-1150.0, 350.0)) -> np.ndarray:
+    """The reference's intensities: MONAI ``ScaleIntensityRange(a_min, a_max, 0, 1, clip=True)``
+    on float32, i.e. ``(hu - a_min) / (a_max - a_min)`` then clipped to [0, 1].
+
+    :func:`window_hu` multiplies by the reciprocal instead, which can differ in the last bit.
+
+    Args:
+        hu: ``(Z, Y, X)`` HU.
+
+    Returns:
+        float32 array of the same shape in [0, 1].
+    """
+    lo, hi = np.float32(hu_window[0]), np.float32(hu_window[1])
+    out = (np.asarray(hu, dtype=np.float32) - lo) / np.float32(hi - lo)
+    return np.clip(out, np.float32(0.0), np.float32(1.0))
+
+
+def _spacing_as_stored(geometry: Geometry) -> tuple[float, float, float]:
+    """``|affine[i, i]|`` per array axis ``(x, y, z)`` as a NIfTI written in float32 holds it: the
+    spacing data/resize.py reads from the header."""
+    diag = np.abs(np.diag(geometry.affine_lps[:3, :3]))
+    return tuple(float(np.float32(v)) for v in diag)
+
+
+def reference_resize(
+    ct: CTVolume, labels: LabelVolume | None = None, config: ModelSpaceConfig | None = None
+) -> tuple[CTVolume, LabelVolume | None]:
+    """Resize a CT (and its label map, on the same grid) to the model spacing as the public
+    ``data/resize.py`` does: the array is resized, not reoriented or resampled by position.
+
+    Steps (as the reference): HU stored as int16 (``fix_data.py`` casts them); the spacing read
+    from the header diagonal; target size per array axis ``int(n * spacing / model_spacing)``,
+    where the x size is scaled by the *y* spacing and the y size by the *x* spacing (resize.py
+    swaps them; CT-RATE pixels are square); trilinear interpolation of the image and nearest of
+    the labels (``torch.nn.functional.interpolate``, ``align_corners=False``, no anti-aliasing:
+    MONAI ``Resized``). Oblique volumes (a direction that is not a permutation) are outside what
+    the reference handles.
+
+    Args:
+        ct: ``(Z, Y, X)`` HU on its own grid.
+        labels: optional label map on ``ct``'s grid.
+        config: model space (its ``spacing_zyx``); default :class:`ModelSpaceConfig`.
+
+    Returns:
+        ``(ct_r, labels_r)``: float32 HU and uint8/uint16 labels, each with the geometry of the
+        resized grid (same direction; origin and spacing moved as the interpolation implies).
+    """
+    import torch
+    import torch.nn.functional as F
+
+    config = config or ModelSpaceConfig()
+    if labels is not None and tuple(labels.array.shape) != tuple(ct.array.shape):
+        raise GeometryError(
+            f"reference_resize: labels shape {labels.array.shape} differs from the CT's {ct.array.shape}; "
+            "put the label map on the CT grid first."
+        )
+    g = ct.geometry
+    sx, sy, sz = _spacing_as_stored(g)
+    model_xyz = config.spacing_zyx[::-1]
+    scale = (sx / model_xyz[0], sy / model_xyz[1], sz / model_xyz[2])
+    nz, ny, nx = ct.array.shape
+    size_xyz = (int(nx * scale[1]), int(ny * scale[0]), int(nz * scale[2]))  # resize.py's order
+    if min(size_xyz) < 1:
+        raise GeometryError(f"{ct.source}: resizing {ct.array.shape} to the model spacing leaves no voxel.")
+    hu = np.clip(np.trunc(np.asarray(ct.array, dtype=np.float64)), -32768, 32767).astype(np.float32)
+    xyz = torch.from_numpy(np.ascontiguousarray(hu.transpose(2, 1, 0)))[None, None]
+    image = F.interpolate(xyz, size=size_xyz, mode="trilinear", align_corners=False)[0, 0]
+    grid = _resized_geometry(g, size_xyz)
+    ct_r = CTVolume(np.ascontiguousarray(image.numpy().transpose(2, 1, 0)), grid, source=ct.source)
+    if labels is None:
+        return ct_r, None
+    lab = np.asarray(labels.array)
+    lab_xyz = torch.from_numpy(np.ascontiguousarray(lab.transpose(2, 1, 0).astype(np.float32)))[None, None]
+    out = F.interpolate(lab_xyz, size=size_xyz, mode="nearest")[0, 0].numpy().transpose(2, 1, 0)
+    dtype = np.uint8 if lab.max(initial=0) <= 255 else np.uint16
+    return ct_r, LabelVolume(np.ascontiguousarray(out.astype(dtype)), grid, source=labels.source)
+
+
+def _resized_geometry(g: Geometry, size_xyz: Sequence[int]) -> Geometry:
+    """The grid of an array resized to ``size_xyz`` with ``align_corners=False``: voxel ``i`` of
+    the new grid sits at input index ``(i + 0.5) * n / m - 0.5``."""
+    n = np.asarray(g.size, dtype=float)
+    m = np.asarray(size_xyz, dtype=float)
+    factor = n / m
+    first = 0.5 * factor - 0.5  # input index (x, y, z) of the new first voxel
+    origin = g.affine_lps[:3, :3] @ first + g.affine_lps[:3, 3]
+    return Geometry(
+        size=tuple(int(v) for v in size_xyz),
+        spacing=tuple(float(s) * f for s, f in zip(g.spacing, factor)),
+        origin=tuple(float(o) for o in origin),
+        direction=g.direction,
+    )
+
+
+@dataclass
+class ReferenceVolume:
+    """A model-space volume prepared as the reference's data/preprocess.py prepares it.
+
+    Attributes:
+        ct: float32 HU ``(Z, Y, X)`` (padding :data:`REFERENCE_PAD_HU`) on its own grid.
+        labels: the anatomy label map on the same grid (padding 0).
+        offset_zyx: index of its first voxel in the input volume (negative where padded).
+        crop_zyx: ``(start, stop)`` of the crop in the input volume, per axis.
+        pad_zyx: ``(before, after)`` voxels of padding, per axis.
+    """
+
+    ct: CTVolume
+    labels: LabelVolume
+    offset_zyx: tuple[int, int, int]
+    crop_zyx: tuple[tuple[int, int], ...]
+    pad_zyx: tuple[tuple[int, int], ...]
+
+
+def _crop_pad(array: np.ndarray, lo, hi, before, after, value) -> np.ndarray:
+    """``array[lo:hi]`` (inside the array) with ``before`` / ``after`` voxels of ``value`` per axis."""
+    shape = tuple(int(h - lo_ + b + a) for lo_, h, b, a in zip(lo, hi, before, after))
+    out = np.full(shape, value, dtype=array.dtype)
+    dst = tuple(slice(int(b), int(b + h - lo_)) for lo_, h, b in zip(lo, hi, before))
+    out[dst] = array[tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))]
+    return out
+
+
+def reference_volume(
+    ct_ms: CTVolume,
+    labels_ms: LabelVolume,
+    min_size_zyx: Sequence[int] = (112, 256, 352),
+    margin_zyx: Sequence[int] = REFERENCE_MARGIN_ZYX,
+) -> ReferenceVolume:
+    """Crop to all anatomies plus a margin and pad to at least ``min_size_zyx``, as the public
+    ``data/preprocess.py`` does before evaluation and training.
+
+    The crop is ``[max(min - margin, 0), min(max + margin, dim))`` per axis, with ``min`` / ``max``
+    the inclusive bounds of all non-zero labels (the reference slices to ``max + margin``, so
+    the high side keeps one voxel less of margin); the padding is MONAI ``SpatialPad``'s
+    symmetric one (``(n // 2, n - n // 2)`` for ``n`` missing voxels) with
+    :data:`REFERENCE_PAD_HU` (0 after :func:`reference_intensity`) and label 0. HU are kept as
+    given: no floor at -1024.
+
+    Args:
+        ct_ms: float HU ``(Z, Y, X)`` on the model-space grid.
+        labels_ms: anatomy label map on the same grid.
+        min_size_zyx: the model window (the reference's ``(112, 256, 352)``).
+        margin_zyx: voxels kept around the anatomies.
+
+    Raises:
+        InputError: no anatomy label in ``labels_ms``.
+    """
+    from fvlm_core.errors import InputError
+
+    lab = np.asarray(labels_ms.array)
+    if tuple(lab.shape) != tuple(ct_ms.array.shape):
+        raise GeometryError(
+            f"reference_volume: labels shape {lab.shape} differs from the CT's {ct_ms.array.shape}."
+        )
+    box = bbox_zyx(lab > 0)
+    if box is None:
+        raise InputError(f"{labels_ms.source}: no anatomy label; the reference crop needs at least one.")
+    shape = np.asarray(lab.shape)
+    margin = np.asarray(margin_zyx, dtype=int)
+    lo = np.maximum(np.asarray(box[0]) - margin, 0)
+    hi = np.minimum(np.asarray(box[1]) + margin, shape)
+    need = np.maximum(np.asarray(min_size_zyx, dtype=int) - (hi - lo), 0)
+    before, after = need // 2, need - need // 2
+    hu = _crop_pad(
+        np.asarray(ct_ms.array, dtype=np.float32), lo, hi, before, after, np.float32(REFERENCE_PAD_HU)
+    )
+    labels = _crop_pad(lab, lo, hi, before, after, 0)
+    offset = lo - before
+    g = ct_ms.geometry
+    origin = g.affine_lps[:3, :3] @ offset[::-1].astype(float) + g.affine_lps[:3, 3]
+    grid = Geometry(
+        size=tuple(int(s) for s in hu.shape[::-1]),
+        spacing=g.spacing,
+        origin=tuple(float(o) for o in origin),
+        direction=g.direction,
+    )
+    return ReferenceVolume(
+        ct=CTVolume(hu, grid, source=ct_ms.source),
+        labels=LabelVolume(labels, grid, source=labels_ms.source),
+        offset_zyx=tuple(int(v) for v in offset),
+        crop_zyx=tuple((int(a), int(b)) for a, b in zip(lo, hi)),
+        pad_zyx=tuple((int(a), int(b)) for a, b in zip(before, after)),
+    )
+
+
+def reference_window(
+    volume: ReferenceVolume,
+    start_zyx: Sequence[int],
+    data_size_zyx: Sequence[int],
+    size_zyx: Sequence[int],
+    label: int,
+) -> ModelSpaceWindow:
+    """eval.py's window of one anatomy: ``data_size_zyx`` voxels of ``volume`` from
+    ``start_zyx``, padded at the end of each axis to ``size_zyx`` (the patch multiple) with
+    :data:`REFERENCE_PAD_HU`; the label map holds only ``label`` (other anatomies become 0).
+
+    Returns:
+        :class:`ModelSpaceWindow` (``image()`` gives the reference's intensities) whose
+        ``start_zyx`` is in the frame of the volume ``volume`` was prepared from.
+    """
+    start = np.asarray(start_zyx, dtype=int)
+    data = np.asarray(data_size_zyx, dtype=int)
+    size = np.asarray(size_zyx, dtype=int)
+    shape = np.asarray(volume.ct.array.shape)
+    if np.any(start < 0) or np.any(start + data > shape) or np.any(size < data):
+        raise ValueError(
+            f"reference window start {tuple(start)} / data {tuple(data)} / size {tuple(size)} does not fit "
+            f"the prepared volume {tuple(shape)}"
+        )
+    zeros = np.zeros(3, dtype=int)
+    hu = _crop_pad(volume.ct.array, start, start + data, zeros, size - data, np.float32(REFERENCE_PAD_HU))
+    labels = _crop_pad(volume.labels.array, start, start + data, zeros, size - data, 0)
+    labels[labels != label] = 0  # eval.py's window mask: torch.eq(mask, organ_id + 1) only
+    g = volume.ct.geometry
+    origin = g.affine_lps[:3, :3] @ start[::-1].astype(float) + g.affine_lps[:3, 3]
+    geometry = Geometry(
+        size=tuple(int(s) for s in size[::-1]),
+        spacing=g.spacing,
+        origin=tuple(float(o) for o in origin),
+        direction=g.direction,
+    )
+    return ModelSpaceWindow(
+        hu=hu,
+        labels=labels,
+        geometry=geometry,
+        start_zyx=tuple(int(v) for v in start + np.asarray(volume.offset_zyx)),
+        valid_zyx=tuple((0, int(d)) for d in data),
+        reference_scaling=True,
     )

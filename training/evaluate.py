@@ -11,6 +11,13 @@ sensitivity and specificity. Protocols:
 * ``strict``: thresholds fixed beforehand, from a separate calibration set (``--calibration``) or
   the model folder's stored thresholds; volumes that could not be scored are left out and counted.
 
+Windows (``--windows``; default ``reference`` under the reference protocol, ``centred`` under
+strict): ``reference`` reproduces the public fVLM pipeline on a CT-RATE layout (``data/resize.py``
+resizing, ``data/preprocess.py`` crop and -1150 HU padding, ``eval.py``'s windows, fp32): with the
+official weights it gives eval.py's probabilities. A ``fvlm prepare`` cache cannot give them (its
+HU are rounded and floored at -1024), so ``reference`` windows refuse a cache. ``centred`` and
+``shared`` are the project's own windows on its physical resampling (:mod:`fvlm_core.zeroshot.windows`).
+
 Writes ``metrics.json``, ``report.md``, ``scores.csv`` and ROC curves (``roc/*.png``) to
 ``--out``; ``--store-thresholds`` saves the chosen thresholds into the model folder's config so
 that ``fvlm analyze`` uses them.
@@ -530,6 +537,30 @@ class VolumeSource:
         return ct, LabelVolume(lab, ct.geometry, source=str(record.mask_path)), dict(record.labels)
 
 
+def _refuse_cache_for_reference(data_dir: str | os.PathLike) -> None:
+    raise ConfigError(
+        f"--data {data_dir} is a `fvlm prepare` cache: its volumes hold HU rounded to integers and "
+        "floored at -1024 after the project's resampling, so the public eval.py's probabilities cannot "
+        "be reproduced from it (the reference keeps [-1150, -1024) HU and resizes the original "
+        "array). Give the CT-RATE folder instead (--data /data/CT-RATE --split valid), or evaluate "
+        "the cache with the project's windows (--windows centred or shared)."
+    )
+
+
+def _to_model_space(ct, labels, ms, windows: str):
+    """The volume the window planner works on: eval.py's resizing (``reference``), else the
+    project's resampling (skipped for a volume already on a model-space grid, e.g. a cache)."""
+    from fvlm_core.preprocess import reference_resize, resample_to_model_space
+
+    if windows == "reference":
+        return reference_resize(ct, labels, ms)
+    g = ct.geometry
+    in_model_space = np.allclose(g.spacing_zyx, ms.spacing_zyx) and np.allclose(
+        g.direction_matrix, _direction(ms.orientation)
+    )
+    return (ct, labels) if in_model_space else resample_to_model_space(ct, labels, ms)
+
+
 def score_dataset(
     analyzer,
     data_dir: str | os.PathLike,
@@ -542,11 +573,10 @@ def score_dataset(
 ) -> tuple[list[str], dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Score the model's findings on every volume: ``(names, scores, truth)``.
 
-    ``scores[label]`` holds one probability per volume, NaN where the label's anatomy could not
-    be scored (absent, or dropped by the reference 90% rule).
+    ``windows``: ``reference`` (the public eval.py pipeline; CT-RATE layouts only), ``centred``
+    or ``shared`` (:mod:`fvlm_core.zeroshot.windows`). ``scores[label]`` holds one probability
+    per volume, NaN where the label's anatomy could not be scored (absent from the volume).
     """
-    from fvlm_core.preprocess import resample_to_model_space
-
     findings = analyzer.default_findings()
     emb = analyzer.finding_embeddings(findings)  # once for the whole dataset
     ms = analyzer.model_space
@@ -554,14 +584,11 @@ def score_dataset(
     rows: list[dict[str, float]] = []
     truths: list[dict[str, int]] = []
     source = VolumeSource(data_dir, analyzer.anatomies, split, masks_dir, dedupe_scans, limit)
+    if windows == "reference" and source.is_cache:
+        _refuse_cache_for_reference(data_dir)
     for i, name in enumerate(source.names):
         ct, labels, truth = source.load(name)
-        g = ct.geometry
-        in_model_space = np.allclose(g.spacing_zyx, ms.spacing_zyx) and np.allclose(
-            g.direction_matrix, _direction(ms.orientation)
-        )
-        if not in_model_space:
-            ct, labels = resample_to_model_space(ct, labels, ms)
+        ct, labels = _to_model_space(ct, labels, ms, windows)
         enc = analyzer.encode_model_space(ct, labels, strategy=windows)
         probs = analyzer.score(enc, emb)
         rows.append({f.name: probs.get((f.anatomy, f.name), float("nan")) for f in findings})
@@ -612,9 +639,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=int, default=None, help="score only the first N volumes")
     parser.add_argument(
         "--windows",
-        choices=("reference", "shared"),
-        default="reference",
-        help="window plan: one per anatomy (reference) or shared windows (fewer ViT passes)",
+        choices=("reference", "centred", "shared"),
+        default=None,
+        help="reference: the public eval.py pipeline (resize, crop, -1150 HU padding, its windows; "
+        "CT-RATE layout only); centred: one window per anatomy centred on it; shared: anatomies "
+        "share windows (fewer ViT passes). Default: reference with --protocol reference, else centred",
     )
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
     parser.add_argument("--n-bootstrap", type=int, default=1000)
@@ -651,15 +680,22 @@ def _scores_from_model(args: argparse.Namespace, meta: dict[str, Any]):
         raise ConfigError("give --data DIR and --model DIR (or --scores CSV --labels CSV)")
     from fvlm_core.zeroshot.analyzer import Analyzer
 
+    windows = args.windows or ("reference" if args.protocol == "reference" else "centred")
+    if windows == "reference":  # before the model loads
+        from fvlm_core.data.cache import is_cache_folder
+
+        for data in (args.data, args.calibration):
+            if data and Path(data).is_dir() and is_cache_folder(Path(data)):
+                _refuse_cache_for_reference(data)
     analyzer = Analyzer.from_pretrained(args.model, device=args.device)
-    meta.update({"model": str(args.model), "windows": args.windows, "device": str(analyzer.device)})
+    meta.update({"model": str(args.model), "windows": windows, "device": str(analyzer.device)})
 
     def score(data: str, **options: Any):
         return score_dataset(
             analyzer,
             data,
             split=args.split,
-            windows=args.windows,
+            windows=windows,
             masks_dir=args.masks,
             progress=_print_progress,
             **options,

@@ -208,6 +208,17 @@ def test_cli_unreadable_tables_are_refused_without_output(tmp_path, capsys):
         ("Calcified plaques are seen in the coronary arteries.", "Coronary artery wall calcification", 1),
         ("Plate-like atelectasis in the left lung base.", "Medical material", 0),
         ("Plate-like atelectasis in the left lung base.", "Atelectasis", 1),
+        # a negation inside the matched phrase, a denied "increase" that is the finding itself,
+        # and "negative" after the finding (issue 15); the positive forms stay positive
+        ("The heart is not enlarged.", "Cardiomegaly", 0),
+        ("The heart is enlarged.", "Cardiomegaly", 1),
+        ("No increase in heart size.", "Cardiomegaly", 0),
+        ("Increase in heart size.", "Cardiomegaly", 1),
+        ("Heart size was not increased.", "Cardiomegaly", 0),
+        ("Lung nodule negative.", "Lung nodule", 0),
+        ("Lung nodule.", "Lung nodule", 1),
+        ("Lung nodule, negative for malignancy.", "Lung nodule", 1),
+        ("No significant change in the pleural effusion.", "Pleural effusion", 1),
     ],
 )
 def test_site_rule_negation_and_plate_like(text, label, expected):

@@ -245,9 +245,12 @@ def test_llm_hook_replaces_assignment():
 
 
 def test_load_fvlm_decomposition_files(tmp_path):
+    """fVLM's files give the texts its CT-RATE dataset builds (caption_datasets.py): conclusion or
+    the normal template, then the description, each ending with a period, no space between them,
+    quotes and parentheses removed; abnormal = the text does not start with the template."""
     desc = {
         "train_1_a": {"lung": "Minimal pleural effusion (on the left)", "heart": "Heart size is normal."},
-        "train_2_a": {"aorta": "The thoracic aorta is of normal diameter."},
+        "train_2_a": {"aorta": "The thoracic aorta is of normal diameter.", "esophagus": ""},
     }
     conc = {"train_1_a": {"lung": "Left pleural effusion."}, "train_2_a": {}}
     (tmp_path / "desc_info.json").write_text(json.dumps(desc))
@@ -256,15 +259,98 @@ def test_load_fvlm_decomposition_files(tmp_path):
     assert set(out) == {"train_1_a", "train_2_a"}
     a = out["train_1_a"]
     assert a.abnormal == {"lung": True, "heart": False, "esophagus": False, "aorta": False}
-    # reference: conclusion text first, then description; quotes/parentheses dropped
-    assert a.texts["lung"] == "Left pleural effusion. Minimal pleural effusion on the left."
-    assert a.texts["heart"] == "heart shows no significant abnormalities. Heart size is normal."
-    assert out["train_2_a"].texts["aorta"].startswith("aorta shows no significant abnormalities.")
+    assert a.texts["lung"] == "Left pleural effusion.Minimal pleural effusion on the left."
+    assert a.texts["heart"] == "heart shows no significant abnormalities.Heart size is normal."
+    assert a.texts["aorta"] == "aorta shows no significant abnormalities."
+    b = out["train_2_a"]
+    assert (
+        b.texts["aorta"]
+        == "aorta shows no significant abnormalities.The thoracic aorta is of normal diameter."
+    )
+    assert b.texts["esophagus"] == "esophagus shows no significant abnormalities.."  # "" becomes "." there
+    assert not any(b.abnormal.values())
     (tmp_path / "bad.json").write_text("[1, 2]")
     with pytest.raises(DataError, match="scan id"):
         load_decomposition_files(tmp_path / "bad.json")
     with pytest.raises(DataError, match="does not exist"):
         load_decomposition_files(tmp_path / "missing.json")
+
+
+def test_sentence_naming_a_finding_but_no_organ_goes_to_the_finding_anatomy():
+    r = decompose_report(
+        "Heart size is normal. Fibrotic sequelae. Arterial wall calcification.", "Fibrotic sequelae."
+    )
+    assert r.texts["lung"] == "Fibrotic sequelae. Fibrotic sequelae."  # impression, then findings
+    assert r.abnormal["lung"] and r.abnormal_findings["lung"]
+    assert r.findings_sentences["aorta"] == ["Arterial wall calcification."] and r.abnormal_findings["aorta"]
+    assert not r.unassigned
+    # another organ named: not moved to a CT-RATE anatomy
+    other = decompose_report("Calcification in the liver. A nodule in the thyroid gland.")
+    assert len(other.unassigned) == 2 and not any(other.findings_sentences.values())
+
+
+@pytest.mark.slow
+def test_prepare_with_decomposition_files(tmp_path):
+    """`fvlm prepare --decomposition DIR`: the cache holds the files' texts and flags; a scan the
+    files lack gets the normal templates (as the reference) and is counted."""
+    from fvlm_core.data import synth
+    from fvlm_core.data.cache import load_sample
+    from fvlm_core.data.layout import scan_id_of
+    from fvlm_training.cli import main
+
+    size = (24, 32, 40)
+    data = tmp_path / "cohort"
+    synth.generate_cohort(data, 3, seed=2, size_zyx=size, recon_fraction=0.0, valid_fraction=0.0)
+    names = sorted(
+        s.name for s in synth.iter_cohort(3, seed=2, size_zyx=size, recon_fraction=0.0, valid_fraction=0.0)
+    )
+    scans = [scan_id_of(n) for n in names]
+    files = tmp_path / "decomposition"
+    files.mkdir()
+    desc = {scans[0]: {"lung": "Bilateral (minimal) effusion"}, scans[1]: {"heart": "Heart size is normal."}}
+    conc = {scans[0]: {"lung": "Pleural effusion"}, scans[1]: {}}
+    (files / "desc_info.json").write_text(json.dumps(desc))
+    (files / "conc_info.json").write_text(json.dumps(conc))
+    out = tmp_path / "cache"
+    argv = ["prepare", "--dataset", str(data), "--out", str(out), "--config", "fvlm-tiny"]
+    assert main([*argv, "--decomposition", str(files)]) == 0
+    first, second, third = (load_sample(out, n) for n in names)
+    assert first.texts["lung"] == "Pleural effusion.Bilateral minimal effusion." and first.abnormal["lung"]
+    assert first.texts["heart"] == "heart shows no significant abnormalities." and not first.abnormal["heart"]
+    assert second.texts["heart"] == "heart shows no significant abnormalities.Heart size is normal."
+    assert not any(second.abnormal.values()) and second.meta["decomposition"] == "files"
+    assert all(t == normal_template(a) for a, t in third.texts.items())
+    assert third.meta["decomposition"].startswith("files: scan absent")
+    summary = json.loads((out / "_prepare" / "summary-train-0of1.json").read_text())
+    assert summary["decomposition"]["volumes_without_entry"] == 1
+    # a folder without the files is refused before anything is prepared
+    assert main([*argv[:-4], "--out", str(tmp_path / "other"), "--decomposition", str(tmp_path)]) == 2
+    assert not (tmp_path / "other" / f"{names[0]}.json").exists()
+    # a cache prepared by rules is not mixed with one prepared from the files
+    assert main([*argv, "--decomposition", str(files)]) == 0  # resumed: same settings
+    rules = tmp_path / "rules"
+    assert (
+        main(
+            ["prepare", "--dataset", str(data), "--out", str(rules), "--config", "fvlm-tiny", "--limit", "1"]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "prepare",
+                "--dataset",
+                str(data),
+                "--out",
+                str(rules),
+                "--config",
+                "fvlm-tiny",
+                "--decomposition",
+                str(files),
+            ]
+        )
+        == 2
+    )
 
 
 def test_real_reports_are_english(reports_csv):

@@ -42,6 +42,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--catalog", default=None, help="anatomy catalog (ctrate, extended); default: the config's"
     )
+    parser.add_argument(
+        "--decomposition",
+        default=None,
+        metavar="DIR",
+        help="folder with fVLM's per-anatomy decomposition files desc_info.json and conc_info.json (the "
+        "authors' supplementary material): their texts and abnormal flags replace the rule-based "
+        "decomposition of the reports, as the reference trains on them",
+    )
     parser.add_argument("--limit", type=int, default=None, help="at most this many volumes (for a trial run)")
     parser.add_argument("--strict", action="store_true", help="exit with status 1 when any volume failed")
 
@@ -73,6 +81,7 @@ def run(args: argparse.Namespace) -> int:
         catalog=catalog,
         config=config,
         limit=args.limit,
+        decomposition=args.decomposition,
     )
     d = summary.to_dict()
     print(
@@ -80,6 +89,12 @@ def run(args: argparse.Namespace) -> int:
         f"{d['failed_count']} failed, {d['skipped_listing_count']} listed but unusable, "
         f"{d['stale_temps_removed']} stale temporary files removed ({d['seconds']:.1f} s)"
     )
+    dec = d.get("decomposition")
+    if dec and dec["volumes_without_entry"]:
+        print(
+            f"  {dec['volumes_without_entry']} volume(s) whose scan the decomposition files lack got the normal "
+            f"templates (as the reference), e.g. {', '.join(dec['examples_without_entry'][:3])}"
+        )
     for f in summary.failed[:10]:
         print(f"  failed {f['name']}: {f['error']}")
     for s in summary.skipped_listing[:10]:
@@ -113,6 +128,7 @@ def output_plan(args: argparse.Namespace):
         plan.input("--dataset", root / part)
     plan.input("--masks", args.masks)
     plan.input("--class-map", args.class_map)
+    plan.input("--decomposition", args.decomposition)
     if args.config and Path(args.config).exists():  # else a bundled config name
         plan.input("--config", args.config)
     plan.folder("--out", args.out)

@@ -243,7 +243,7 @@ def check_cache_settings(out: Path, settings: dict[str, Any]) -> None:
         except ValueError:
             old = None
         if old is not None and old != settings:
-            diff = sorted(k for k in settings if old.get(k) != settings[k])
+            diff = sorted(k for k in {*settings, *old} if old.get(k) != settings.get(k))
             raise ConfigError(
                 f"{out}: this cache was prepared with other settings ({', '.join(diff)} differ: "
                 f"{ {k: old.get(k) for k in diff} }). Use another --out folder, or delete {out} to start over."

@@ -300,18 +300,30 @@ def build_sample(
     segmenter: Segmenter,
     catalog: AnatomyCatalog = CTRATE_CATALOG,
     config: Any = None,
+    decomposition: Any = None,
 ) -> CachedSample:
     """Read, fix geometry/HU (metadata), segment, resample to model space, decompose the report.
 
     Args:
         config: a ``fvlm_core.preprocess.ModelSpaceConfig`` (default: the reference one).
+        decomposition: the scan's ``fvlm_core.reports.ReportDecomposition`` from fVLM's
+            decomposition files (``load_decomposition_files``): its texts and abnormal flags
+            replace the rule-based decomposition of the report.
 
     Returns:
         :class:`CachedSample` with int16 HU and uint8 labels on the model-space grid.
     """
     from fvlm_core.preprocess import ModelSpaceConfig
 
-    texts, abnormal, extra = decompose(record, catalog.names)  # cheap: fail early on a bad report
+    if decomposition is not None:
+        texts = {a: decomposition.texts[a] for a in catalog.names}
+        abnormal = {a: bool(decomposition.abnormal[a]) for a in catalog.names}
+        extra = {
+            "abnormal_findings": {a: bool(decomposition.abnormal_findings[a]) for a in catalog.names},
+            "decomposition": "files",
+        }
+    else:
+        texts, abnormal, extra = decompose(record, catalog.names)  # cheap: fail early on a bad report
     ct = reader.read_ct(record)
     labelmap = segmenter(ct, record)
     finding_labels, label_source = finding_labels_of(record)

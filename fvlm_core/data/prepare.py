@@ -1,5 +1,9 @@
 """Preparation at scale: CT-RATE layout -> model-space sample cache (``fvlm prepare``).
 
+Per-anatomy texts come from the rule-based decomposition of each report, or (``decomposition``)
+from fVLM's published decomposition files (``desc_info.json`` / ``conc_info.json``), as the
+reference trains on them.
+
 Re-runnable: a sample whose JSON sidecar and tensor file are complete is skipped; hidden
 temporary files left by a crash are removed (only those of this shard's volumes, so shards that
 share a cache folder never touch each other's work). Shards split the sorted volume list by a
@@ -22,6 +26,7 @@ from fvlm_core.anatomy import CTRATE_CATALOG, AnatomyCatalog
 from fvlm_core.atomic import atomic_write_text
 from fvlm_core.data.cache import check_cache_settings, is_complete, save_sample
 from fvlm_core.data.ctrate import CTRATEReader, VolumeRecord, build_sample, make_segmenter
+from fvlm_core.data.layout import scan_id_of
 from fvlm_core.errors import ConfigError, FVLMError
 
 
@@ -82,6 +87,7 @@ class PrepareSummary:
     failed: list[dict[str, str]] = field(default_factory=list)
     skipped_listing: list[dict[str, str]] = field(default_factory=list)
     seconds: float = 0.0
+    decomposition: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -99,6 +105,7 @@ class PrepareSummary:
             "seconds": round(self.seconds, 2),
             "failed": self.failed,
             "skipped_listing": self.skipped_listing,
+            "decomposition": self.decomposition,
         }
 
 
@@ -107,6 +114,30 @@ class PrepareSummary:
 # ------------------------------------------------------------------------------------------------
 
 _STATE: dict[str, Any] = {}
+_LOADED: dict[str, dict] = {}  # decomposition files already read in this process, by folder
+
+DECOMPOSITION_FILES = ("desc_info.json", "conc_info.json")
+
+
+def load_decomposition(folder: str | os.PathLike, anatomies: Sequence[str]) -> dict:
+    """``{scan_id: ReportDecomposition}`` of fVLM's decomposition files in ``folder`` (both
+    ``desc_info.json`` and ``conc_info.json`` required, as the reference reads both)."""
+    from fvlm_core.reports import load_decomposition_files
+
+    folder = Path(folder)
+    key = str(folder.resolve())
+    if key not in _LOADED:
+        missing = [n for n in DECOMPOSITION_FILES if not (folder / n).is_file()]
+        if missing:
+            raise ConfigError(
+                f"--decomposition {folder}: no {' or '.join(missing)} there. Give the folder holding fVLM's "
+                "per-anatomy decomposition files desc_info.json and conc_info.json (the authors' "
+                "supplementary material), or leave --decomposition out to decompose the reports by rules."
+            )
+        _LOADED[key] = load_decomposition_files(
+            folder / DECOMPOSITION_FILES[0], folder / DECOMPOSITION_FILES[1], list(anatomies)
+        )
+    return _LOADED[key]
 
 
 def _init_worker(options: dict[str, Any]) -> None:
@@ -128,16 +159,36 @@ def _init_worker(options: dict[str, Any]) -> None:
         config=ModelSpaceConfig.from_dict(options["model_space"]),
         segmenter=make_segmenter(options["backend"], catalog, options["class_map"], reader.masks_dir),
         out=Path(options["out"]),
+        decomposition=load_decomposition(options["decomposition"], catalog.names)
+        if options.get("decomposition")
+        else None,
     )
+
+
+def _decomposition_of(record: VolumeRecord) -> tuple[Any, str | None]:
+    """``(decomposition, note)`` of a record's scan when decomposition files are in use: a scan
+    the files lack gets the normal templates, as the reference gives it."""
+    files = _STATE.get("decomposition")
+    if files is None:
+        return None, None
+    found = files.get(record.scan_id)
+    if found is not None:
+        return found, None
+    from fvlm_core.reports import reference_decomposition
+
+    return reference_decomposition({}, {}, _STATE["catalog"].names), "files: scan absent, normal templates"
 
 
 def _process(name: str) -> tuple[str, str | None, float]:
     t0 = time.perf_counter()
     try:
         record: VolumeRecord = _STATE["records"][name]
+        decomposition, note = _decomposition_of(record)
         sample = build_sample(
-            _STATE["reader"], record, _STATE["segmenter"], _STATE["catalog"], _STATE["config"]
+            _STATE["reader"], record, _STATE["segmenter"], _STATE["catalog"], _STATE["config"], decomposition
         )
+        if note:
+            sample.meta["decomposition"] = note
         save_sample(sample, _STATE["out"])
         return name, None, time.perf_counter() - t0
     except FVLMError as exc:
@@ -172,8 +223,13 @@ def prepare_dataset(
     config: Any = None,
     limit: int | None = None,
     progress: bool = True,
+    decomposition: str | os.PathLike | None = None,
 ) -> PrepareSummary:
     """Write one cached sample per volume of ``split`` (this shard) into ``out``; see module docstring.
+
+    ``decomposition``: folder of fVLM's ``desc_info.json`` and ``conc_info.json``; their texts and
+    abnormal flags replace the rule-based decomposition (a scan they lack gets the normal
+    templates, as in the reference; the summary counts them).
 
     Returns a :class:`PrepareSummary` (also written to ``out/_prepare/summary-{split}-{i}of{n}.json``).
     """
@@ -194,6 +250,9 @@ def prepare_dataset(
         "backend": backend,
         "masks": str(Path(reader.masks_dir).resolve()) if backend == "labelmap" else None,
     }
+    files = load_decomposition(decomposition, catalog.names) if decomposition else None
+    if decomposition:  # only then: caches prepared by rules keep their settings
+        settings["decomposition"] = str(Path(decomposition).resolve())
     check_cache_settings(out, settings)
 
     names = [r.name for r in reader.records]
@@ -205,6 +264,14 @@ def prepare_dataset(
     summary.skipped_listing = [
         {"name": n, "reason": r} for n, r in reader.skipped if shard_of(n, shard[1]) == shard[0]
     ]
+    if files is not None:
+        absent = [n for n in mine if scan_id_of(n) not in files]
+        summary.decomposition = {
+            "folder": str(decomposition),
+            "scans_in_files": len(files),
+            "volumes_without_entry": len(absent),
+            "examples_without_entry": absent[:10],
+        }
     summary.stale_temps_removed = remove_stale_temps(out, mine)
     todo = [n for n in mine if not is_complete(out, n)]
     summary.already_done = len(mine) - len(todo)
@@ -217,6 +284,7 @@ def prepare_dataset(
         "backend": backend,
         "class_map": str(class_map) if isinstance(class_map, os.PathLike) else class_map,
         "out": str(out),
+        "decomposition": str(decomposition) if decomposition else None,
     }
     results = _run(todo, options, max(1, workers))
     if progress:

@@ -15,6 +15,8 @@ from fvlm_core.reports.decompose import (
     decomposition_from_texts,
     load_decomposition_files,
     normal_template,
+    reference_caption,
+    reference_decomposition,
     sentence_is_abnormal,
     training_text,
 )
@@ -40,6 +42,8 @@ __all__ = [
     "load_decomposition_files",
     "looks_english",
     "normal_template",
+    "reference_caption",
+    "reference_decomposition",
     "score_labels",
     "sentence_is_abnormal",
     "split_sections",

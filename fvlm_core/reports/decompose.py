@@ -1,8 +1,10 @@
 """Anatomy-level decomposition of a CT report (fVLM's per-anatomy training texts).
 
 ``decompose_report(findings, impression)`` splits both sections into sentences, assigns each
-sentence to every anatomy it speaks of (:mod:`fvlm_core.reports.lexicon`), and decides per
-anatomy:
+sentence to every anatomy it speaks of (:mod:`fvlm_core.reports.lexicon`; a sentence that names
+no organ but a CT-RATE finding, e.g. "Fibrotic sequelae." or "Arterial wall calcification.", goes
+to that finding's anatomy; one that only refers back, "It ...", to the previous sentence's), and
+decides per anatomy:
 
 * ``abnormal`` — the reference rule of the public fVLM release: an anatomy is abnormal iff the
   impression mentions it. A report without an impression (no sections) has nothing to apply
@@ -47,6 +49,8 @@ __all__ = [
     "decomposition_from_texts",
     "load_decomposition_files",
     "normal_template",
+    "reference_caption",
+    "reference_decomposition",
     "sentence_is_abnormal",
     "training_text",
 ]
@@ -212,12 +216,29 @@ _ANAPHORA = re.compile(
 )
 
 
+def _finding_anatomies(sentence: str, anatomies: Sequence[str]) -> list[str]:
+    """Anatomies (of ``anatomies``, in that order) of the CT-RATE findings a sentence mentions,
+    negated or not, when it names no organ of any catalog ("Fibrotic sequelae." -> lung)."""
+    from fvlm_core.anatomy import EXTENDED_CATALOG
+    from fvlm_core.findings import CTRATE_LABEL_ANATOMY
+    from fvlm_core.reports.labels import label_mentions
+
+    if anatomies_in(prepare(sentence), EXTENDED_CATALOG.names):
+        return []
+    found = {
+        a for label, a in CTRATE_LABEL_ANATOMY.items() if a in anatomies and label_mentions(sentence, label)
+    }
+    return [a for a in anatomies if a in found]
+
+
 def _assign(text: str, anatomies: Sequence[str], unassigned: list[str]) -> dict[str, list[str]]:
     out: dict[str, list[str]] = {a: [] for a in anatomies}
     previous: list[str] = []
     for sentence in split_sentences(text):
         prepared = prepare(sentence).lstrip(" .;:,-")
         hits = anatomies_in(prepared, anatomies)
+        if not hits:
+            hits = _finding_anatomies(sentence, anatomies)
         if not hits and previous and _ANAPHORA.match(prepared):
             hits = previous
         for a in hits:
@@ -336,17 +357,37 @@ def _read_json(path: Path, what: str) -> dict:
     return data
 
 
+def reference_caption(anatomy: str, description: str | None, conclusion: str | None) -> str:
+    """An anatomy's training text as fVLM's CT-RATE dataset (``caption_datasets.py``) builds it
+    from the decomposition files: the conclusion, or the normal template when there is none,
+    then the description, each made to end with a period, concatenated without a space;
+    quotes, apostrophes and parentheses removed. ``None`` means the anatomy is not in that
+    file; an empty string in the file becomes ``"."`` there, as in the reference."""
+    desc = "" if description is None else _as_text(description)
+    if description is not None and not desc.endswith("."):
+        desc += "."
+    conc = "" if conclusion is None else _as_text(conclusion)
+    if conclusion is not None and not conc.endswith("."):
+        conc += "."
+    if not conc:
+        conc = normal_template(anatomy)
+    return (conc + desc).translate(_STRIPPED)
+
+
 def load_decomposition_files(
     desc_path: str | os.PathLike,
     conc_path: str | os.PathLike | None = None,
     anatomies: Sequence[str] | None = None,
 ) -> dict[str, ReportDecomposition]:
     """Load fVLM's published decompositions: ``desc_info.json`` (findings per anatomy) and
-    ``conc_info.json`` (impression per anatomy), both ``{scan_id: {anatomy: text}}``.
+    ``conc_info.json`` (impression per anatomy), both ``{scan_id: {anatomy: text}}`` with scan
+    ids like ``train_1_a`` (shared by the scan's reconstructions).
 
-    An anatomy is abnormal (reference rule) when its scan's ``conc_info`` entry holds text for
-    it. Without ``conc_path`` the negation-aware rule decides. ``anatomies`` defaults to the 4
-    CT-RATE anatomies.
+    With both files, texts and abnormal flags are the reference's (:func:`reference_caption`;
+    abnormal: the text does not start with the normal template, i.e. the conclusion names the
+    anatomy); a scan or anatomy missing from the files gets the normal template, as there.
+    Without ``conc_path`` the rule-based texts and the negation-aware flag are used.
+    ``anatomies`` defaults to the 4 CT-RATE anatomies.
 
     Returns:
         ``{scan_id: ReportDecomposition}`` for every scan id in either file.
@@ -356,10 +397,21 @@ def load_decomposition_files(
     anatomies = list(anatomies or CTRATE_CATALOG.names)
     out = {}
     for scan in dict.fromkeys([*desc, *(conc or {})]):
-        out[scan] = decomposition_from_texts(
-            desc.get(scan, {}),
-            (conc or {}).get(scan, {}) if conc is not None else None,
-            anatomies,
-            has_impression=conc is not None,
-        )
+        if conc is None:
+            out[scan] = decomposition_from_texts(desc.get(scan, {}), None, anatomies, has_impression=False)
+        else:
+            out[scan] = reference_decomposition(desc.get(scan, {}), conc.get(scan, {}), anatomies)
     return out
+
+
+def reference_decomposition(
+    description: Mapping[str, str], conclusion: Mapping[str, str], anatomies: Sequence[str]
+) -> ReportDecomposition:
+    """One scan's entries of fVLM's decomposition files (``{anatomy: text}`` each; empty for a
+    scan the files lack) as the reference trains on them: texts by :func:`reference_caption`,
+    abnormal when the text does not start with the normal template."""
+    dec = decomposition_from_texts(description, conclusion, anatomies, has_impression=True)
+    for a in anatomies:
+        dec.texts[a] = reference_caption(a, description.get(a), conclusion.get(a))
+        dec.abnormal[a] = not dec.texts[a].startswith(normal_template(a))
+    return dec

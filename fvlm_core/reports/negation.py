@@ -11,7 +11,10 @@ manual labels mark hedged findings ("... cannot be excluded", "... compatible wi
 present, and for training texts a hedged finding is still an abnormal description.
 
 Pseudo-negations ("no significant change", "not present in the previous examination") are
-removed before cue detection: they deny a change, not the finding.
+removed before cue detection: they deny a change, not the finding; unless the mention itself is
+the change ("No increase in heart size": the increase is the finding, and it is denied). A
+negation inside the mention negates it ("The heart is not enlarged" matched as one phrase), and
+"negative" after a finding denies it ("Lung nodule negative.").
 """
 
 from __future__ import annotations
@@ -43,8 +46,11 @@ _POST_NEG = re.compile(
     r"|\b(?:is|are|was|were) (?:absent|normal|unremarkable|natural)\b|\bwithin normal limits\b|\bnot available\b"
     r"|\b(?:completely|totally|entirely|fully) (?:regressed|resolved|disappeared)\b|\b(?:full|complete|total|significant) regression\b"
     r"|\b(?:have|has|had|appears? to be|appeared to be|is|are|was|were) (?:\w+ )?regressed\b"
-    r"|\b(?:was|were|has been|have been) removed\b|\bresolved\b|\bdisappeared\b",
+    r"|\b(?:was|were|has been|have been) removed\b|\bresolved\b|\bdisappeared\b"
+    r"|\bnegative\b(?!\s+for\b)",
 )
+# A cue inside the matched phrase itself ("heart is not enlarged", "size was not increased").
+_INNER_NEG = re.compile(r"\b(?:no|not|without)\b")
 # Hedges: the finding is possible. "cannot be excluded" is checked (and blanked) before negation
 # because it holds "not"; weak hedges ("compatible with") only apply when nothing negates.
 _STRONG_UNCERTAIN = re.compile(
@@ -75,13 +81,23 @@ class Mention:
     clause: str
 
 
+def _blank_pseudo(clause: str, start: int, end: int) -> str:
+    """The clause with its pseudo-negations blanked, except one that overlaps the mention."""
+
+    def blank(m: re.Match) -> str:
+        overlaps = m.start() < end and start < m.end()
+        return m.group(0) if overlaps else "~" * len(m.group(0))
+
+    return _PSEUDO.sub(blank, clause)
+
+
 def classify(clause: str, start: int, end: int) -> str:
     """Status of the term at ``clause[start:end]`` (``clause`` already :func:`prepare`-d)."""
-    clean = _PSEUDO.sub(lambda m: "~" * len(m.group(0)), clause)
+    clean = _blank_pseudo(clause, start, end)
     if _STRONG_UNCERTAIN.search(clean):
         return UNCERTAIN
-    before, after = clean[:start], clean[end:]
-    if _PRE_NEG.search(before) or _POST_NEG.search(after):
+    before, inside, after = clean[:start], clean[start:end], clean[end:]
+    if _PRE_NEG.search(before) or _INNER_NEG.search(inside) or _POST_NEG.search(after):
         return NEGATED
     if _UNCERTAIN.search(clean):
         return UNCERTAIN

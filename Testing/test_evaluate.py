@@ -192,7 +192,7 @@ def test_evaluate_ctrate_layout_then_analyze_uses_stored_thresholds(tiny_model_d
     assert f.probability == pytest.approx(float(rows[0]["Pleural effusion"]), abs=0.05)
 
 
-def test_evaluate_prepare_cache(tiny_model_dir, tmp_path):
+def test_evaluate_prepare_cache(tiny_model_dir, tmp_path, capsys):
     from fvlm_core.data.cache import CachedSample, save_sample
     from fvlm_core.data.synth import make_phantom
     from fvlm_core.io import CTVolume, LabelVolume
@@ -220,6 +220,20 @@ def test_evaluate_prepare_cache(tiny_model_dir, tmp_path):
     rep = json.loads((out / "metrics.json").read_text())
     card = rep["labels"]["Cardiomegaly"]
     assert card["n"] == 6 and card["n_positive"] == 3 and card["n_missing"] == 0
+    # the reference protocol's default windows are eval.py's, which a cache cannot reproduce
+    # (HU rounded and floored at -1024): refused with the reason, before anything is written
+    refused = tmp_path / "refused"
+    assert (
+        main(["evaluate", "--data", str(cache), "--model", str(tiny_model_dir), "--out", str(refused)]) == 2
+    )
+    err = capsys.readouterr().err
+    assert "prepare` cache" in err and "-1024" in err and "--windows centred" in err
+    assert not refused.exists()
+    # strict: the project's centred windows by default
+    strict = tmp_path / "strict"
+    assert main(["evaluate", "--data", str(cache), "--model", str(tiny_model_dir), "--out", str(strict),
+                 "--protocol", "strict", "--calibration", str(cache), "--n-bootstrap", "10", "--no-plots"]) == 0  # fmt: skip
+    assert json.loads((strict / "metrics.json").read_text())["meta"]["windows"] == "centred"
 
 
 def test_layout_masks_are_read_as_prepare_reads_them(tmp_path):

@@ -1,6 +1,8 @@
-"""Global negatives across processes: 2 ranks (gloo, CPU), each holding part of the batch,
-give the loss and, after DistributedDataParallel's gradient averaging, the gradients of one
-process holding the whole batch (fvlm_core.distributed docstring explains why)."""
+"""Global negatives across processes: 2 ranks (gloo, CPU), each holding part of the batch and a
+loss told its rank and the world size, give the loss and, after DistributedDataParallel's
+gradient averaging, the gradients of one process holding the whole batch (fvlm_core.distributed
+docstring explains why); a loss built for one process computes the local batch's loss even
+inside a process group."""
 
 from __future__ import annotations
 
@@ -92,7 +94,8 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
         for name, split in SPLITS.items():
             rows = slice(0, split) if rank == 0 else slice(split, B)
             model = DDP(_Tiny())
-            out, gi, gt = _step(model, rows, FineGrainedContrastiveLoss(disease_pairs=0.5))
+            loss_fn = FineGrainedContrastiveLoss(disease_pairs=0.5, rank=rank, world_size=WORLD)
+            out, gi, gt = _step(model, rows, loss_fn)
             results[name] = {
                 "loss": out.loss.detach(),
                 "per_anatomy": out.per_anatomy,
@@ -100,6 +103,9 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
                 "grad_txt": gt,
                 **{f"param.{k}": p.grad.detach().clone() for k, p in model.module.named_parameters()},
             }
+            # told nothing about the group, the loss is the local batch's (no collective is entered)
+            local = FineGrainedContrastiveLoss(disease_pairs=0.5)
+            results[name]["local_loss"] = _step(_Tiny(), rows, local)[0].loss.detach()
             # free DDP while the process group lives (a Reducer outliving it can deadlock gloo)
             del model, out, gi, gt
             gc.collect()
@@ -132,3 +138,5 @@ def test_two_ranks_equal_one_process(tmp_path):
             # ... so after DDP's averaging the parameter gradients equal the single process's
             for k, p in single_model.named_parameters():
                 torch.testing.assert_close(res[f"param.{k}"], p.grad, atol=1e-5, rtol=1e-5)
+            local = _step(_Tiny(), rows, FineGrainedContrastiveLoss(disease_pairs=0.5))[0].loss
+            assert res["local_loss"].item() == pytest.approx(local.item(), abs=1e-6)

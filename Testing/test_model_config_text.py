@@ -1,5 +1,5 @@
 """Model configs (named YAML files, validation) and the text encoder (offline MiniLM, pooling,
-padding to the longest, cached features)."""
+padding to the longest, features and states kept in a caller's TextCache)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from fvlm_core.model import FVLM, FVLMConfig, load_config
 from fvlm_core.model.config import available_configs
 from fvlm_core.model.text import (
     TextAdapter,
+    TextCache,
     encode_features,
     encode_from_layer,
     encode_layer_states,
@@ -74,6 +75,11 @@ def test_base_vision_names_and_shapes_equal_the_official_checkpoint(checkpoint_k
         ({"temperature_init": 0.9}, "temperature"),
         ({"findings": [{"name": "Cardiomegaly", "anatomy": "spleen"}]}, "spleen"),
         ({"findings": [{"anatomy": "lung"}]}, "name"),
+        # values of the wrong type are refused by name (not as a TypeError from deep inside)
+        ({"vision": {"type": "cnn", "hidden_size": "wide"}}, r"vision\.hidden_size must be an integer"),
+        ({"embed_dim": True}, "embed_dim must be an integer"),
+        ({"text": {"freeze": "yes"}}, r"text\.freeze must be true or false"),
+        ({"pool_dropout": "none"}, "pool_dropout must be a number"),
     ],
 )
 def test_invalid_configs_raise_config_error(change, match):
@@ -117,7 +123,6 @@ def test_encode_text_is_normalised_and_padding_invariant(tiny):
     together = tiny.encode_text(texts)
     assert together.shape == (3, tiny.config.embed_dim)
     torch.testing.assert_close(together.norm(dim=-1), torch.ones(3))
-    tiny.clear_text_cache()
     alone = torch.cat([tiny.encode_text([t]) for t in texts])  # no padding at all
     torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(together[0], together[1])
@@ -138,19 +143,22 @@ def test_mean_pooling_equals_sentence_transformers_recipe(tiny):
 
 
 def test_text_cache_for_frozen_encoder_and_truncation(tiny):
-    tiny.clear_text_cache()
-    first = tiny.encode_text(["Emphysema.", "Not emphysema."])
-    assert len(tiny._text_cache) == 2
     calls = []
     handle = tiny.text_encoder.register_forward_hook(lambda *a: calls.append(1))
+    cache = TextCache()
     try:
-        again = tiny.encode_text(["Not emphysema.", "Emphysema."])
-        assert not calls  # served from the cache
+        first = tiny.encode_text(["Emphysema.", "Not emphysema."], cache)
+        assert len(cache.features) == 2 and len(calls) == 1
+        again = tiny.encode_text(["Not emphysema.", "Emphysema."], cache)
+        assert len(calls) == 1  # served from the caller's cache
         torch.testing.assert_close(again, first.flip(0))
+        tiny.encode_text(["Emphysema."])
+        assert len(calls) == 2  # the model itself keeps nothing: no cache, the encoder runs
     finally:
         handle.remove()
-    tiny.train()  # a frozen encoder keeps the cache semantics but mode changes clear it
-    assert len(tiny._text_cache) == 0
+    assert not any(isinstance(v, TextCache) for v in vars(tiny).values())
+    tiny.train()
+    assert len(cache.features) == 2  # the cache belongs to its owner, not to the model's mode
     assert not tiny.text_encoder.training  # frozen encoder stays in eval (no dropout)
     tiny.eval()
     long = tiny.encode_text(["word " * 2000])  # truncated to text.max_length
@@ -162,9 +170,10 @@ def test_trainable_text_encoder_gets_gradients_and_no_cache():
     d = load_config("fvlm-tiny").to_dict()
     d["text"]["freeze"] = False
     m = FVLM(FVLMConfig.from_dict(d)).train()
-    out = m.encode_text(["Atelectatic.", "Not atelectatic."])
+    cache = TextCache()
+    out = m.encode_text(["Atelectatic.", "Not atelectatic."], cache)
     out.sum().backward()
-    assert len(m._text_cache) == 0
+    assert len(cache) == 0  # a trained encoder's features change every step: never cached
     assert m.text_encoder.embeddings.word_embeddings.weight.grad is not None
 
 
@@ -277,14 +286,15 @@ def test_text_adapter_trains_alone_over_cached_encoder_states(tmp_path, tiny):
     assert not any(p.requires_grad for p in m.text_encoder.parameters())
     assert not m.text_encoder.training and not m.text_frozen
     # a fresh adapter is the identity: the plain frozen encoder's features
+    cache = TextCache()
     torch.testing.assert_close(
-        m.encode_text_features(SPLIT_TEXTS).detach(), tiny.encode_text_features(SPLIT_TEXTS)
+        m.encode_text_features(SPLIT_TEXTS, cache).detach(), tiny.encode_text_features(SPLIT_TEXTS)
     )
-    assert len(m._text_state_cache) == 3
+    assert len(cache.states) == 3 and len(cache.features) == 0
     calls = []
     handle = m.text_encoder.register_forward_hook(lambda *a: calls.append(1))
     try:
-        out = m.encode_text(SPLIT_TEXTS)
+        out = m.encode_text(SPLIT_TEXTS, cache)
         assert not calls  # the encoder ran once; the adapter runs on its cached states
     finally:
         handle.remove()
@@ -296,8 +306,9 @@ def test_text_adapter_trains_alone_over_cached_encoder_states(tmp_path, tiny):
     trained = m.encode_text(SPLIT_TEXTS).detach()
     assert not torch.allclose(trained, out.detach())  # a changed adapter changes the features
     m.eval()
-    torch.testing.assert_close(m.encode_text(SPLIT_TEXTS), trained)  # eval: same function, cached
-    assert len(m._text_cache) == 3
+    torch.testing.assert_close(m.encode_text(SPLIT_TEXTS, cache), trained)  # eval: same function, cached
+    assert len(cache.features) == 3
+    torch.testing.assert_close(m.encode_text(SPLIT_TEXTS), trained)  # and without a cache
     m.save_pretrained(tmp_path / "ckpt")
     back = FVLM.from_pretrained(tmp_path / "ckpt")
     assert back.config.text.adapter_width == 32
@@ -308,15 +319,17 @@ def test_cache_text_fills_the_cache_training_reads():
     m = _tiny_with_text(adapter_width=32, adapter_heads=4).train()
     calls = []
     handle = m.text_adapter.register_forward_hook(lambda *a: calls.append(1))
+    cache = TextCache()
     try:
-        m.cache_text(SPLIT_TEXTS)
+        m.cache_text(SPLIT_TEXTS, cache)
     finally:
         handle.remove()
-    assert len(m._text_state_cache) == 3 and len(m._text_cache) == 0
+    assert len(cache.states) == 3 and len(cache.features) == 0
     assert not calls  # only the frozen encoder's part is encoded ahead
     plain = _tiny_with_text(adapter_width=0).train()
-    plain.cache_text(SPLIT_TEXTS)  # a plain frozen encoder caches its pooled features
-    assert len(plain._text_cache) == 3 and len(plain._text_state_cache) == 0
+    plain_cache = TextCache()
+    plain.cache_text(SPLIT_TEXTS, plain_cache)  # a plain frozen encoder caches its pooled features
+    assert len(plain_cache.features) == 3 and len(plain_cache.states) == 0
 
 
 def test_top_layer_tuning_trains_only_the_top_layer():

@@ -66,7 +66,6 @@ def profile_model(small_model_config) -> FVLM:
     model = FVLM(small_model_config(profile_bins=8, profile_hidden=16), load_text_weights=False).eval()
     with torch.no_grad():  # a trained-looking profile MLP (a fresh one outputs zeros)
         model.profile_embed.w2.normal_()
-        model.global_profile_embed.w2.normal_()
     return model
 
 
@@ -103,12 +102,17 @@ def test_model_sees_a_density_change_inside_an_anatomy_through_the_profile(profi
 
 
 def test_global_embedding_uses_the_whole_window_profile(profile_model):
-    model = profile_model
+    """The CLIP baseline (the whole-volume head around an fVLM model) adds the whole window's profile."""
+    from fvlm_training.baseline import GlobalCLIP
+
+    baseline = GlobalCLIP(profile_model).eval()
+    assert not any(k.startswith("global") for k in profile_model.state_dict())  # the head is the baseline's
     image = torch.rand(2, 1, 16, 16, 16)
     with torch.no_grad():
-        a = model.encode_image_global(image)
-        model.global_profile_embed.w2.zero_()
-        b = model.encode_image_global(image)
+        baseline.global_profile_embed.w2.normal_()
+        a = baseline.encode_volume(image)
+        baseline.global_profile_embed.w2.zero_()
+        b = baseline.encode_volume(image)
     assert a.shape == (2, 16)
     assert not torch.allclose(a, b, atol=1e-3)
 

@@ -1,11 +1,13 @@
 """`fvlm train`: schedule, augmentation (crop, flips, intact-anatomy rule), the global-batch
-sampler, exact resume (kill and SIGTERM), failed samples, atomic checkpoints, the CLI."""
+sampler, exact resume (kill and SIGTERM), failed samples, atomic checkpoints, the objectives and
+the baseline's folder, typed recipes, the CLI."""
 
 from __future__ import annotations
 
 import dataclasses
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -15,13 +17,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from fvlm_core.data.cache import CachedSample
 from fvlm_core.data.samples import AugmentConfig, GlobalBatchSampler, crop_flip
 from fvlm_core.errors import CheckpointError, ConfigError
 from fvlm_training import checkpointing as ckpt
+from fvlm_training.recipe import Recipe, available_recipes, load_recipe
 from fvlm_training.schedule import WarmupCosineLR, warmup_cosine_lr
-from fvlm_training.train import load_train_config, train
+from fvlm_training.train import train
 
 ANATOMIES = ["lung", "heart", "esophagus", "aorta"]
 PROJECT = Path(__file__).resolve().parents[1]
@@ -310,11 +314,34 @@ def test_failed_sample_is_logged_skipped_and_counted(samples, tmp_path, caplog):
 
 
 def test_global_clip_and_co_teaching_objectives_train(samples, tmp_path):
+    from fvlm_core.model import FVLM
+    from fvlm_training.baseline import GlobalCLIP
+
     cfg = train_config(epochs=1)
     cfg["objective"] = "global_clip"
+    cfg["model"]["profile_bins"] = 4  # the baseline's whole-window profile head too
     res = train(cfg, tmp_path / "clip", dataset=samples[:8])
     assert res["status"] == "completed" and set(res["last"]["per_anatomy"]) == {"global"}
     assert math.isfinite(res["final_loss"])
+    # the baseline's head lives in the baseline, not in the fVLM model it wraps ...
+    baseline = res["model"]
+    assert isinstance(baseline, GlobalCLIP) and not hasattr(baseline.fvlm, "global_proj")
+    head = baseline.head_state_dict()
+    assert set(head) == {k for k in head if k.startswith(("global_proj.", "global_profile_embed."))}
+    assert len(head) == 6
+    # ... and its folder loads whole as the baseline, and as an fVLM model (the head ignored)
+    loaded = GlobalCLIP.from_pretrained(res["model_dir"])
+    assert_same_weights(weights(loaded), weights(baseline), atol=0)
+    image = torch.rand(2, 1, 32, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.encode_volume(image), baseline.eval().encode_volume(image))
+    encoders = FVLM.from_pretrained(res["model_dir"])
+    assert_same_weights(weights(encoders), weights(baseline.fvlm), atol=0)
+    encoders.save_pretrained(tmp_path / "fvlm_only")
+    with pytest.raises(CheckpointError, match="not a CLIP-baseline folder"):
+        GlobalCLIP.from_pretrained(tmp_path / "fvlm_only")
+    fresh_head = GlobalCLIP.from_pretrained(tmp_path / "fvlm_only", require_head=False)  # init_from
+    assert_same_weights(weights(fresh_head.fvlm), weights(encoders), atol=0)
     cfg = train_config(epochs=1)
     cfg["loss"] = {"co_teaching": True}
     before = weights(train(cfg, tmp_path / "co0", dataset=samples[:8], max_steps=1)["model"])
@@ -416,31 +443,92 @@ def test_rng_state_round_trip():
 
 
 def test_recipes_and_overrides():
-    base = load_train_config("ctrate-base")
-    assert (
-        base["model"] == "fvlm-base" and base["train"]["batch_size"] == 14 and base["train"]["epochs"] == 20
-    )
-    assert (
-        base["optim"]["lr"] == 1e-4
-        and base["optim"]["min_lr"] == 1e-6
-        and base["optim"]["warmup_steps"] == 377
-    )
-    assert base["data"]["crop_size"] == [112, 256, 352] and base["data"]["flip_prob"] == 0.2
-    tiny = load_train_config("tiny-cpu", ["optim.lr=1e-4", "train.batch_size=3", "loss.co_teaching=true"])
-    assert tiny["optim"]["lr"] == 1e-4 and tiny["train"]["batch_size"] == 3 and tiny["loss"]["co_teaching"]
+    base = load_recipe("ctrate-base")
+    assert base.model == "fvlm-base" and base.train.batch_size == 14 and base.train.epochs == 20
+    assert base.optim.lr == 1e-4 and base.optim.min_lr == 1e-6 and base.optim.warmup_steps == 377
+    assert base.data.crop_size == (112, 256, 352) and base.data.flip_prob == 0.2
+    tiny = load_recipe("tiny-cpu", ["optim.lr=1e-4", "train.batch_size=3", "loss.co_teaching=true"])
+    assert tiny.optim.lr == 1e-4 and tiny.train.batch_size == 3 and tiny.loss.co_teaching
     with pytest.raises(ConfigError, match=r"optim\.lrr"):
-        load_train_config("tiny-cpu", ["optim.lrr=1"])
+        load_recipe("tiny-cpu", ["optim.lrr=1"])
     with pytest.raises(ConfigError, match="KEY=VALUE"):
-        load_train_config("tiny-cpu", ["optim.lr"])
+        load_recipe("tiny-cpu", ["optim.lr"])
     with pytest.raises(ConfigError, match="not found"):
-        load_train_config("no-such-recipe")
+        load_recipe("no-such-recipe")
+
+
+@pytest.mark.parametrize("name", available_recipes())
+def test_bundled_recipes_list_every_option_and_round_trip(name):
+    import yaml
+
+    from fvlm_training.recipe import CONFIG_DIR
+
+    on_disk = yaml.safe_load((CONFIG_DIR / f"{name}.yaml").read_text())
+    recipe = load_recipe(name)
+    # every option spelled out in the file (a reader sees the whole recipe), nothing unknown
+    assert on_disk.keys() == recipe.to_dict().keys()
+    for section in ("data", "train", "optim", "loss"):
+        assert on_disk[section].keys() == recipe.to_dict()[section].keys(), section
+    # what --print-config shows reads back as the same recipe
+    assert Recipe.from_dict(yaml.safe_load(yaml.safe_dump(recipe.to_dict()))) == recipe
+    recipe.model_config()  # its model resolves
+
+
+@pytest.mark.parametrize(
+    ("override", "named"),
+    [
+        ("train.batch_size=two", "train.batch_size"),
+        ("train.batch_size=2.5", "train.batch_size"),
+        ("train.epochs=0", "train.epochs"),
+        ("train.deterministic=maybe", "train.deterministic"),
+        ("train.precision=fp8", "train.precision"),
+        ("train.device=tpu", "train.device"),
+        ("train.max_minutes=-1", "train.max_minutes"),
+        ("optim.lr=0", "optim.lr"),
+        ("optim.betas=[0.9, 1.5]", "optim.betas"),
+        ("data.flip_prob=1.5", "data.flip_prob"),
+        ("data.crop_size=[64, 64]", "data.crop_size"),
+        ("data.reconstruction=latest", "data.reconstruction"),
+        ("loss.co_teaching_alpha=2", "loss.co_teaching_alpha"),
+        ("loss.disease_pairs=-1", "loss.disease_pairs"),
+        ("objective=clip", "objective"),
+        ("data=3", "data"),
+        ("data.cahce=cache/", "data.cahce"),
+        ("model_overrides.vision.hidden_size=wide", "hidden_size"),
+    ],
+)
+def test_a_bad_option_is_refused_by_name_before_any_work(override, named, tmp_path, capsys):
+    from fvlm_training.cli import main
+
+    with pytest.raises(ConfigError, match=re.escape(named)):
+        load_recipe("tiny-cpu", [override])
+    out = tmp_path / "run"
+    rc = main(
+        ["train", "--config", "tiny-cpu", "--set", "data.cache=.", "--set", override, "--out", str(out)]
+    )
+    assert rc == 2 and named in capsys.readouterr().err
+    assert not out.exists()  # refused before the run folder (or anything else) was made
+
+
+def test_typed_values_and_the_objectives_options():
+    recipe = load_recipe({"train": {"epochs": 3.0, "max_minutes": 2}}, ["optim.lr=3e-4"])
+    assert recipe.train.epochs == 3 and isinstance(recipe.train.epochs, int)  # YAML's 3.0 is 3
+    assert recipe.train.max_minutes == 2.0 and isinstance(recipe.train.max_minutes, float)
+    assert recipe.optim.lr == 3e-4
+    assert recipe.with_limits(max_steps=5).train.max_steps == 5 and recipe.train.max_steps is None
+    with pytest.raises(ConfigError, match=r"train\.max_steps"):
+        recipe.with_limits(max_steps=-1)
+    with pytest.raises(ConfigError, match="co_teaching"):
+        load_recipe({"objective": "global_clip", "loss": {"co_teaching": True}})
 
 
 def test_cli_errors_are_clear(tmp_path, capsys):
     from fvlm_training.cli import main
 
     assert main(["train", "--config", "tiny-cpu", "--out", str(tmp_path), "--print-config"]) == 0
-    assert "warmup_steps" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "warmup_steps" in printed
+    assert load_recipe(yaml.safe_load(printed)) == load_recipe("tiny-cpu")
     assert main(["train", "--config", "tiny-cpu", "--out", str(tmp_path)]) == 2
     assert "data.cache" in capsys.readouterr().err
     missing = tmp_path / "nope"

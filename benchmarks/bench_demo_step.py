@@ -45,6 +45,7 @@ def main() -> int:
     import torch
 
     from fvlm_core.model import FVLM, FVLMConfig, load_config
+    from fvlm_core.model.text import TextCache
 
     image, labels = demo_batch()
     texts = batch_texts()
@@ -56,13 +57,14 @@ def main() -> int:
             cfg["text"]["adapter_width"] = 0
         torch.manual_seed(0)
         model = FVLM(FVLMConfig.from_dict(cfg)).train()
-        model.cache_text(texts)  # the frozen encoder's part, cached as training does
+        cache = TextCache()
+        model.cache_text(texts, cache)  # the frozen encoder's part, cached as the trainer does
 
-        def train_step(model=model, bf16=False):
+        def train_step(model=model, cache=cache, bf16=False):
             model.zero_grad(set_to_none=True)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                 img = model.encode_image(image, labels).embeddings
-                txt = model.encode_text(texts)
+                txt = model.encode_text(texts, cache)
             (img.float().sum() + txt.float().sum()).backward()
 
         name = "adapter" if adapter else "no_adapter"

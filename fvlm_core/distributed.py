@@ -1,5 +1,11 @@
-"""Process-group helpers: who am I, start/stop torchrun's process group, and gathering of
-per-rank tensors into the global batch (embeddings WITH gradients, integer ids without).
+"""Process-group helpers: who am I, start/stop torchrun's process group, gathering of per-rank
+tensors into the global batch (embeddings WITH gradients, integer ids without), and the small
+collectives a training loop needs (sums, minimum, "does any rank say stop").
+
+The gathers take ``rank`` and ``world_size`` from their caller, as open_clip's
+``gather_features`` does: a loss is told at construction whether it runs distributed
+(``fvlm_core.loss.FineGrainedContrastiveLoss(rank=..., world_size=...)``) and does not look at
+global state on every call. They use the default process group.
 
 Gradient semantics of :func:`gather_with_grad` (as in open_clip's ``gather_features`` with
 ``gather_with_grad=True``, which uses ``torch.distributed.nn.functional.all_gather``; torch 2.9+
@@ -89,10 +95,10 @@ def cleanup_distributed() -> None:
         dist.destroy_process_group()
 
 
-def _sizes(t: torch.Tensor) -> list[int]:
+def _sizes(t: torch.Tensor, world_size: int) -> list[int]:
     """First-dimension size of ``t`` on every rank."""
     size = torch.tensor([t.shape[0]], dtype=torch.long, device=t.device)
-    sizes = [torch.zeros_like(size) for _ in range(dist.get_world_size())]
+    sizes = [torch.zeros_like(size) for _ in range(world_size)]
     dist.all_gather(sizes, size)
     return [int(s.item()) for s in sizes]
 
@@ -113,43 +119,44 @@ class _AllGatherWithGrad(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, t: torch.Tensor) -> torch.Tensor:
-        ctx.rank = dist.get_rank()
-        chunks = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    def forward(ctx, t: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
+        ctx.rank = rank
+        chunks = [torch.empty_like(t) for _ in range(world_size)]
         dist.all_gather(chunks, t.contiguous())
         return torch.stack(chunks)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
         grad = grad.contiguous().clone()
         dist.all_reduce(grad, op=dist.ReduceOp.SUM)
-        return grad[ctx.rank]
+        return grad[ctx.rank], None, None
 
 
-def gather_with_grad(t: torch.Tensor) -> torch.Tensor:
+def gather_with_grad(t: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
     """Concatenate ``t`` (N_r, ...) of every rank along dim 0, keeping the autograd graph.
 
-    Single process: returns ``t`` unchanged. The gradient semantics are in the module docstring.
+    ``world_size`` 1 returns ``t`` unchanged. The gradient semantics are in the module docstring.
     """
-    if not is_distributed():
+    if world_size == 1:
         return t
-    sizes = _sizes(t)
+    sizes = _sizes(t, world_size)
     padded = _pad_rows(t, max(sizes))
-    chunks = _AllGatherWithGrad.apply(padded)
+    chunks = _AllGatherWithGrad.apply(padded, rank, world_size)
     return torch.cat([c[:n] for c, n in zip(chunks, sizes)], dim=0)
 
 
 @torch.no_grad()
-def gather_no_grad(t: torch.Tensor) -> torch.Tensor:
+def gather_no_grad(t: torch.Tensor, world_size: int) -> torch.Tensor:
     """Concatenate ``t`` (N_r, ...) of every rank along dim 0, without gradients.
 
     For integer ids and boolean masks (bool is sent as uint8, which every backend supports).
+    ``world_size`` 1 returns ``t`` unchanged.
     """
-    if not is_distributed():
+    if world_size == 1:
         return t
     is_bool = t.dtype == torch.bool
     src = t.to(torch.uint8) if is_bool else t
-    sizes = _sizes(src)
+    sizes = _sizes(src, world_size)
     padded = _pad_rows(src.contiguous(), max(sizes))
     chunks = [torch.empty_like(padded) for _ in sizes]
     dist.all_gather(chunks, padded)
@@ -158,11 +165,38 @@ def gather_no_grad(t: torch.Tensor) -> torch.Tensor:
 
 
 def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
-    """Sum of ``value`` over ranks (a detached copy)."""
+    """Sum of ``value`` over ranks (a detached copy; the value itself in a single process)."""
     value = value.detach().clone()
     if is_distributed():
         dist.all_reduce(value, op=dist.ReduceOp.SUM)
     return value
+
+
+def min_over_ranks(value: int) -> int:
+    """The smallest of every rank's ``value``."""
+    if not is_distributed():
+        return value
+    t = torch.tensor([value], dtype=torch.long)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return int(t.item())
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when ``flag`` is True on at least one (e.g. "stop now")."""
+    if not is_distributed():
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def gather_objects(obj: object) -> list[object]:
+    """Every rank's picklable ``obj``, in rank order (``[obj]`` in a single process)."""
+    if not is_distributed():
+        return [obj]
+    out: list[object] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def barrier() -> None:

@@ -1,8 +1,8 @@
-"""The false-negative-aware fine-grained contrastive loss of fVLM (DESIGN.md section 2).
+"""The false-negative-aware fine-grained contrastive loss of fVLM (Shui et al., ICLR 2025).
 
-One contrastive problem per anatomy ``j``. Its rows are the samples of the GLOBAL batch
-(gathered over ranks, see :mod:`fvlm_core.distributed`) in which anatomy ``j`` is present
-(intact in the crop). With ``v``/``t`` the L2-normalised image/text embeddings of those rows::
+One contrastive problem per anatomy ``j``. Its rows are the samples of the GLOBAL batch (gathered
+over ranks when the loss is built with ``world_size > 1``, as open_clip's ``ClipLoss``; see
+:mod:`fvlm_core.distributed`) in which anatomy ``j`` is present (intact in the crop). With ``v``/``t`` the L2-normalised image/text embeddings of those rows::
 
     S = v t^T / tau                                   (n, n), tau passed in (the model owns it)
     Y_ii = 1
@@ -56,7 +56,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fvlm_core.distributed import gather_no_grad, gather_with_grad, is_distributed
+from fvlm_core.distributed import gather_no_grad, gather_with_grad
 
 #: id of an unknown (or empty) finding set: never paired.
 UNKNOWN_FINDING_SET = -1
@@ -133,7 +133,9 @@ class FineGrainedContrastiveLoss(nn.Module):
             1.0 or ``peer=None`` = off).
         skip_without_abnormal: skip an anatomy without any present abnormal sample in the
             global batch (reference: on).
-        gather: gather over ranks when a process group with several ranks is initialised.
+        rank, world_size: this process's place in the default process group. With
+            ``world_size > 1`` every call gathers all ranks' rows into the global batch (each
+            rank must call the loss at the same point); 1 computes the loss of the local batch.
     """
 
     def __init__(
@@ -143,32 +145,30 @@ class FineGrainedContrastiveLoss(nn.Module):
         disease_pairs: float = 1.0,
         co_teaching_alpha: float = 0.5,
         skip_without_abnormal: bool = True,
-        gather: bool = True,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
         super().__init__()
         if disease_pairs < 0:
             raise ValueError(f"disease_pairs weight must be >= 0, got {disease_pairs}")
         if not 0.0 <= co_teaching_alpha <= 1.0:
             raise ValueError(f"co_teaching_alpha must be in [0, 1], got {co_teaching_alpha}")
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"need 0 <= rank < world_size, got rank {rank} and world_size {world_size}")
         self.normal_pairs = bool(normal_pairs)
         self.same_text = bool(same_text)
         self.disease_pairs = float(disease_pairs)
         self.co_teaching_alpha = float(co_teaching_alpha)
         self.skip_without_abnormal = bool(skip_without_abnormal)
-        self.gather = bool(gather)
-
-    @classmethod
-    def from_config(cls, cfg: Mapping | None) -> FineGrainedContrastiveLoss:
-        """Build from a ``loss:`` config section (keys = constructor arguments)."""
-        cfg = dict(cfg or {})
-        cfg.pop("co_teaching", None)  # the trainer's switch (whether to train a peer)
-        return cls(**cfg)
+        self.rank = int(rank)
+        self.world_size = int(world_size)
 
     def extra_repr(self) -> str:
         return (
             f"normal_pairs={self.normal_pairs}, same_text={self.same_text}, "
             f"disease_pairs={self.disease_pairs}, co_teaching_alpha={self.co_teaching_alpha}, "
-            f"skip_without_abnormal={self.skip_without_abnormal}"
+            f"skip_without_abnormal={self.skip_without_abnormal}, rank={self.rank}, "
+            f"world_size={self.world_size}"
         )
 
     @torch.no_grad()
@@ -205,7 +205,8 @@ class FineGrainedContrastiveLoss(nn.Module):
         temperature: torch.Tensor | float,
         peer: PeerEmbeddings | None = None,
     ) -> LossOutput:
-        """Compute the loss of a (local) batch; gathers the global batch when distributed.
+        """Compute the loss of the global batch from this rank's part of it (the whole batch when
+        ``world_size`` is 1).
 
         Args:
             image, text: (B, A, D) L2-normalised anatomy image / description embeddings.
@@ -224,16 +225,10 @@ class FineGrainedContrastiveLoss(nn.Module):
         abnormal = abnormal.bool() & present
         text_ids = text_ids.long()
         finding_ids = finding_ids.long()
-        if self.gather and is_distributed():
-            image, text = gather_with_grad(image), gather_with_grad(text)
-            present, abnormal = gather_no_grad(present), gather_no_grad(abnormal)
-            text_ids, finding_ids = gather_no_grad(text_ids), gather_no_grad(finding_ids)
-            if peer is not None:
-                peer = PeerEmbeddings(
-                    gather_no_grad(peer.image.detach().float()),
-                    gather_no_grad(peer.text.detach().float()),
-                    peer.temperature,
-                )
+        if self.world_size > 1:
+            image, text, present, abnormal, text_ids, finding_ids, peer = self._gather(
+                image, text, present, abnormal, text_ids, finding_ids, peer
+            )
         image, text = image.float(), text.float()
         n_anat = image.shape[1]
         per_anatomy: list[torch.Tensor] = []
@@ -273,6 +268,20 @@ class FineGrainedContrastiveLoss(nn.Module):
         used = ~skipped
         mean = per[used].mean() if bool(used.any()) else torch.zeros(())
         return LossOutput(loss=total, per_anatomy=per, skipped=skipped, n_rows=n_rows, mean=mean)
+
+    def _gather(self, image, text, present, abnormal, text_ids, finding_ids, peer):
+        """Every rank's rows, in rank order: embeddings with gradients, the rest without."""
+        rank, world = self.rank, self.world_size
+        image, text = gather_with_grad(image, rank, world), gather_with_grad(text, rank, world)
+        present, abnormal = gather_no_grad(present, world), gather_no_grad(abnormal, world)
+        text_ids, finding_ids = gather_no_grad(text_ids, world), gather_no_grad(finding_ids, world)
+        if peer is not None:
+            peer = PeerEmbeddings(
+                gather_no_grad(peer.image.detach().float(), world),
+                gather_no_grad(peer.text.detach().float(), world),
+                peer.temperature,
+            )
+        return image, text, present, abnormal, text_ids, finding_ids, peer
 
     @torch.no_grad()
     def _co_teach(self, t_i2t, t_t2i, ab, peer: PeerEmbeddings, rows, j, tau):

@@ -230,7 +230,7 @@ def _make_split(samples: Sequence[Any], anatomies: Sequence[str]) -> DemoData:
 @dataclass
 class _TrainJob:
     kind: str  # "fvlm" or "clip"
-    recipe: dict[str, Any]  # a training recipe (fvlm_training.train.load_train_config mapping)
+    recipe: dict[str, Any]  # a training recipe mapping (fvlm_training.recipe.Recipe.from_dict)
     data_dir: str  # DemoData.save folder written by the parent
     run_dir: str  # training run folder (checkpoint, TensorBoard, summary)
     out_dir: str  # where the final model is saved
@@ -359,7 +359,7 @@ def score_split(model: Any, data: DemoData, kind: str, batch: int = 32) -> _Scor
                 lab = torch.from_numpy(data.labels[i : i + batch].astype(np.int64))
                 embs.append(model.encode_image(image, lab).embeddings)
             else:
-                embs.append(model.encode_image_global(image).unsqueeze(1))
+                embs.append(model.encode_volume(image).unsqueeze(1))
         v_all = torch.cat(embs)  # (N, A or 1, D)
         tau = model.temperature
         out: dict[str, dict[str, np.ndarray]] = {p: {} for p in PROTOCOLS}
@@ -670,10 +670,11 @@ def _evaluate_models(
     the calibration phantoms (headline protocol) are saved into the fVLM model folder."""
     from fvlm_core.metrics import roc_corner_threshold
     from fvlm_core.model import FVLM
+    from fvlm_training.baseline import GlobalCLIP
 
     models = {"fVLM": FVLM.from_pretrained(model_dir)}
     if baseline_dir is not None:
-        models["CLIP baseline"] = FVLM.from_pretrained(baseline_dir)
+        models["CLIP baseline"] = GlobalCLIP.from_pretrained(baseline_dir)
     kinds_by_name = {"fVLM": "fvlm", "CLIP baseline": "clip"}
     calib = score_split(models["fVLM"], splits["calibration"], "fvlm")
     thresholds = {

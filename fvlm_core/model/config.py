@@ -261,6 +261,30 @@ class FVLMConfig:
         return atomic_write_text(path, self.to_yaml())
 
 
+#: what a field annotated with a plain type accepts (a float holding an integer counts as an int).
+_SCALARS: dict[str, tuple[str, tuple[type, ...]]] = {
+    "int": ("an integer", (int,)),
+    "float": ("a number", (int, float)),
+    "bool": ("true or false", (bool,)),
+    "str": ("a string", (str,)),
+}
+
+
+def _typed(cls, d: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """``d`` with its plain-typed fields checked against ``cls``'s annotations (naming a bad one)."""
+    out = dict(d)
+    prefix = "" if where == "config" else f"{where}."
+    for f in dataclasses.fields(cls):
+        if f.name not in out or f.type not in _SCALARS:
+            continue
+        value, (want, kinds) = out[f.name], _SCALARS[f.type]
+        if f.type == "int" and isinstance(value, float) and value.is_integer():
+            value = out[f.name] = int(value)
+        if (isinstance(value, bool) and bool not in kinds) or not isinstance(value, kinds):
+            raise ConfigError(f"config option {prefix}{f.name} must be {want}, got {value!r}")
+    return out
+
+
 def _build(cls, d: Mapping[str, Any], where: str):
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(d) - names)
@@ -269,7 +293,7 @@ def _build(cls, d: Mapping[str, Any], where: str):
             f"{where}: unknown option(s) {', '.join(unknown)}; valid options are {', '.join(sorted(names))}"
         )
     try:
-        return cls(**dict(d))
+        return cls(**_typed(cls, d, where))
     except ConfigError:
         raise
     except (TypeError, ValueError) as exc:

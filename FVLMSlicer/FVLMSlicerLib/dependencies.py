@@ -24,6 +24,7 @@ import os
 import re
 import sys
 import tempfile
+import threading
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -230,6 +231,23 @@ def _pip_install(slicer, missing: list[str], constraints: Path, ask: bool) -> bo
     return True
 
 
+_PRESENT = threading.Event()  # set once everything was found installed (packages do not vanish)
+
+
+def _check_present() -> bool:
+    if torch_available() and not installable(missing_requirements(read_requirements())):
+        _PRESENT.set()
+    return _PRESENT.is_set()
+
+
+def check_in_background() -> threading.Thread:
+    """Look for the requirements in a background thread (reading package metadata takes a while),
+    so that the first Analyze does not do it on the GUI thread."""
+    thread = threading.Thread(target=_check_present, name="fvlm-check-dependencies", daemon=True)
+    thread.start()
+    return thread
+
+
 def ensure_dependencies(ask: bool = True) -> bool:
     """Install missing requirements into Slicer's Python; ``True`` when everything is importable.
 
@@ -239,10 +257,13 @@ def ensure_dependencies(ask: bool = True) -> bool:
     """
     import slicer
 
+    if _PRESENT.is_set() or _check_present():
+        return True
     if not ensure_torch(ask):
         return False
     missing = installable(missing_requirements(read_requirements()))
     if not missing:
+        _PRESENT.set()
         return True
     if testing_mode():
         return False
@@ -260,4 +281,5 @@ def ensure_dependencies(ask: bool = True) -> bool:
             f"after installing, these packages are still missing: {', '.join(still)}. See the Python "
             "console for pip's output; restart Slicer and try again."
         )
+    _PRESENT.set()
     return True

@@ -130,6 +130,7 @@ def array_to_image(array: np.ndarray) -> vtk.vtkImageData:
     vtk_array = numpy_support.numpy_to_vtk(array.reshape(-1), deep=True)
     vtk_array.SetNumberOfComponents(1)
     image.GetPointData().SetScalars(vtk_array)
+    image.GetScalarRange()  # computed and cached now: display nodes ask for it on the GUI thread
     return image
 
 
@@ -367,7 +368,9 @@ def anatomy_layer(labelmap: np.ndarray, geometry: Geometry, catalog: AnatomyCata
         )
     counts = np.bincount(np.asarray(labelmap, dtype=np.uint8).reshape(-1), minlength=len(catalog) + 1)
     present = [a.name for a in catalog if counts[catalog.label(a.name)] > 0]
-    return AnatomyLayer(_mask_to_oriented_image(labelmap, geometry), present)
+    image = _mask_to_oriented_image(labelmap, geometry)
+    image.GetScalarRange()  # cached now, not computed by the segmentation on the GUI thread
+    return AnatomyLayer(image, present)
 
 
 def set_anatomy_segments(node: Any, layer: AnatomyLayer, catalog: AnatomyCatalog) -> Any:

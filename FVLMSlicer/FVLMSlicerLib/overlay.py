@@ -117,12 +117,19 @@ def similarity_color_table(scene: Any) -> Any:
 
 
 def show_overlay(volume_node: Any, threshold_percent: float, scene: Any, top_percent: float = 100.0) -> Any:
-    """Display a similarity volume: colour table, threshold, window, legend (GUI thread)."""
+    """Display a similarity volume: colour table, threshold, window, legend (GUI thread).
+
+    Call it before the volume gets its image: a display node created with automatic window and
+    threshold on would compute them from the voxels (seconds for a large CT) on this thread.
+    """
     import slicer
 
-    if volume_node.GetDisplayNode() is None:
-        volume_node.CreateDefaultDisplayNodes()
     display = volume_node.GetDisplayNode()
+    if display is None:
+        display = scene.AddNewNodeByClass("vtkMRMLScalarVolumeDisplayNode")
+        display.SetAutoWindowLevel(False)
+        display.SetAutoThreshold(False)
+        volume_node.SetAndObserveDisplayNodeID(display.GetID())
     display.SetAndObserveColorNodeID(similarity_color_table(scene).GetID())
     display.SetAutoWindowLevel(False)
     lower = float(np.clip(threshold_percent, 0.0, 99.9))

@@ -66,26 +66,33 @@ def launch_console_process(
     )
 
 
-def _children_proc(pid: int) -> list[int]:
-    """All descendants of ``pid`` from Linux ``/proc`` (the fallback when psutil is absent)."""
+def _proc_stat(pid: int) -> tuple[str, int] | None:
+    """``(state, parent pid)`` from Linux ``/proc/<pid>/stat``, or None when it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return fields[0], int(fields[1])  # fields 3 and 4, after the "(comm)" field
+
+
+def _tree_proc(pid: int) -> list[int]:
+    """``pid`` and its descendants from ``/proc`` (the fallback when psutil is absent)."""
     parents: dict[int, list[int]] = collections.defaultdict(list)
+    states: dict[int, str] = {}
     for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            stat = (entry / "stat").read_text()
-            ppid = int(stat.rsplit(")", 1)[1].split()[1])  # field 4, after the "(comm)" field
-            parents[ppid].append(int(entry.name))
-    out, todo = [], [pid]
+        if entry.name.isdigit() and (stat := _proc_stat(int(entry.name))) is not None:
+            states[int(entry.name)] = stat[0]
+            parents[stat[1]].append(int(entry.name))
+    out, todo = [pid], [pid]
     while todo:
         for child in parents.get(todo.pop(), []):
             out.append(child)
             todo.append(child)
-    return out
+    return [p for p in out if states.get(p, "Z") != "Z"]
 
 
 def process_tree(pid: int) -> list[int]:
-    """``pid`` and all its descendants that are alive now (children first is not guaranteed)."""
+    """``pid`` and all its descendants that are running (zombies, already ended, are left out)."""
     try:
         import psutil
     except ImportError:
@@ -93,11 +100,17 @@ def process_tree(pid: int) -> list[int]:
     if psutil is not None:
         try:
             root = psutil.Process(pid)
-            return [root.pid] + [p.pid for p in root.children(recursive=True)]
+            tree = [root, *root.children(recursive=True)]
         except psutil.NoSuchProcess:
             return []
+        running = []
+        for p in tree:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                if p.status() != psutil.STATUS_ZOMBIE:
+                    running.append(p.pid)
+        return running
     if Path("/proc").is_dir():
-        return ([pid] if Path(f"/proc/{pid}").exists() else []) + _children_proc(pid)
+        return _tree_proc(pid)
     return [pid]
 
 

@@ -249,10 +249,10 @@ def set_similarity_volume(
     anatomy, finding = key
     if node is None:
         node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", f"FVLM similarity {anatomy}: {finding}")
-    set_volume_image(node, prepared.image, prepared.geometry)
     node.SetAttribute(ATTR_SIMILARITY, f"{anatomy}|{finding}")
     node.SetAttribute(ATTR_SEGMENTATION, segmentation_node.GetID())
-    show_overlay(node, prepared.threshold_percent, scene, prepared.top_percent)
+    show_overlay(node, prepared.threshold_percent, scene, prepared.top_percent)  # before the voxels
+    set_volume_image(node, prepared.image, prepared.geometry)
     return node
 
 

@@ -92,7 +92,31 @@ class ModelInfo:
         return get_catalog(self.anatomies)
 
 
+_INFO_CACHE: dict[tuple[str, int, int], ModelInfo] = {}
+
+
 def read_model_info(model_dir: str | os.PathLike) -> ModelInfo:
+    """:func:`load_model_info`, remembered while ``config.yaml`` is unchanged (the panel reads it
+    when the folder is chosen and again when Analyze starts: the second time is free)."""
+    config = Path(model_dir).expanduser() / "config.yaml"
+    try:
+        stat = config.stat()
+    except OSError:
+        return load_model_info(model_dir)  # says what is wrong
+    key = (str(config.resolve()), stat.st_mtime_ns, stat.st_size)
+    if key not in _INFO_CACHE:
+        _INFO_CACHE[key] = load_model_info(model_dir)
+    info = _INFO_CACHE[key]
+    return ModelInfo(
+        info.model_dir,
+        list(info.anatomies),
+        [dict(f) for f in info.findings],
+        dict(info.thresholds),
+        info.name,
+    )
+
+
+def load_model_info(model_dir: str | os.PathLike) -> ModelInfo:
     """Anatomies, default findings and thresholds of a saved model (reads ``config.yaml`` only).
 
     Raises:

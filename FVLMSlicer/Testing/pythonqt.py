@@ -150,23 +150,27 @@ def disconnect(obj, signature: str, fn=None) -> bool:
     return bool(keys)
 
 
+_SIGNAL_SLOTS: dict[tuple[int, str, int], object] = {}
+
+
 class SignalWrapper:
     """A bound signal as PythonQt exposes it: ``connect``, ``disconnect``, ``emit``."""
 
-    def __init__(self, signal) -> None:
-        self._signal = signal
-        self._slots: dict[int, object] = {}
+    def __init__(self, signal, owner, name: str) -> None:
+        self._signal, self._key = signal, (id(owner), name)
 
     def connect(self, fn) -> None:
-        self._slots[id(fn)] = _slot(fn)
-        self._signal.connect(self._slots[id(fn)])
+        slot = _slot(fn)
+        _SIGNAL_SLOTS[(*self._key, id(fn))] = slot
+        self._signal.connect(slot)
 
     def disconnect(self, fn=None) -> None:
         if fn is None:
             self._signal.disconnect()
-            self._slots.clear()
+            for key in [k for k in _SIGNAL_SLOTS if k[:2] == self._key]:
+                del _SIGNAL_SLOTS[key]
         else:
-            self._signal.disconnect(self._slots.pop(id(fn)))
+            self._signal.disconnect(_SIGNAL_SLOTS.pop((*self._key, id(fn))))
 
     def emit(self, *args) -> None:
         self._signal.emit(*unwrap(args))
@@ -203,7 +207,7 @@ def lookup(obj, name: str):
     attr = getattr(obj, name, _MISSING)
     if attr is not _MISSING:
         if isinstance(attr, QtCore.SignalInstance):
-            return SignalWrapper(attr)
+            return SignalWrapper(attr, obj, name)
         return _callable(attr, name) if callable(attr) else wrap(attr)
     if isinstance(obj, QtCore.QObject):
         if name.encode() in [bytes(n.data()) for n in obj.dynamicPropertyNames()]:

@@ -58,7 +58,8 @@ if SUPPORTED:
 else:  # an old Slicer: the module loads only to say what it needs
     AnalysisLogic = object
 
-README_URL = "https://github.com/fvlm-slicer/fvlm-slicer#3d-slicer"
+#: Where the documentation is: the project has no published web page, the README travels with it.
+README_SECTION = "3D Slicer"
 
 
 class FVLMSlicer(ScriptedLoadableModule):
@@ -73,7 +74,8 @@ class FVLMSlicer(ScriptedLoadableModule):
             "into anatomies (or an existing segmentation, e.g. from TotalSegmentator, is reused), each "
             "anatomy is embedded by the model and compared with text prompts of findings. Flagged "
             "anatomies are highlighted, probabilities are listed in a table and stored in segment tags. "
-            f'<br>Documentation: <a href="{README_URL}">README</a>. '
+            f"<br>Documentation: the section '{README_SECTION}' of README.md in the FVLM source folder "
+            "(one folder above this module). "
             "Not for clinical use."
         )
         self.parent.acknowledgementText = (

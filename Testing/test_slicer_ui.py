@@ -231,11 +231,14 @@ def test_top_level_cmake_is_a_slicer_extension():
     assert (MODULE / "Resources" / "Icons" / "FVLMSlicer.png").exists()
 
 
-def test_module_help_links_the_readme():
+def test_module_help_points_at_the_readme_section():
+    """The help names a README section that exists (no made-up web address)."""
     tree = _module_tree()
-    url = next(
+    section = next(
         n.value.value
         for n in ast.walk(tree)
-        if isinstance(n, ast.Assign) and getattr(n.targets[0], "id", "") == "README_URL"
+        if isinstance(n, ast.Assign) and getattr(n.targets[0], "id", "") == "README_SECTION"
     )
-    assert url.startswith("https://") and "README_URL" in MODULE_PY.read_text().split("helpText", 1)[1][:800]
+    assert f"\n## {section}\n" in (ROOT / "README.md").read_text()
+    assert "README_SECTION" in MODULE_PY.read_text().split("helpText", 1)[1][:1200]
+    assert "github.com" not in MODULE_PY.read_text()

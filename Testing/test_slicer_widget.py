@@ -297,6 +297,7 @@ def test_analysis_from_the_panel(widget, env, tiny_model, ts_dir, tmp_path):
     assert ui.statusLabel.text.startswith("Done in") and "on CPU:" in ui.statusLabel.text
     assert ui.resultsNoteLabel.text.startswith("esophagus, aorta: no segment of the chosen segmentation")
     assert any("analyze" in line for line in ui.logTextEdit.plainText.splitlines())
+    assert pythonqt.unwrap(ui.modelPathLineEdit).history()[0] == str(tiny_model)  # the folder box's history
     # the results table: percentages, Yes/No in colour, flagged first
     table = _table(widget)
     assert len(table) == len(summary.rows()) == 16

@@ -1,4 +1,4 @@
-"""Segmentation core: facts, cut-by-FOV rule, label-map backend inputs, grids, TotalSegmentator errors."""
+"""Segmentation core: facts, cut-by-FOV rule, label-map backend inputs, grids (TotalSegmentator: test_totalseg*.py)."""
 
 from __future__ import annotations
 
@@ -9,19 +9,17 @@ import pytest
 import SimpleITK as sitk
 
 from fvlm_core.anatomy import CTRATE_CATALOG, EXTENDED_CATALOG
-from fvlm_core.errors import ConfigError, DependencyError, GeometryError, InputError
+from fvlm_core.errors import ConfigError, GeometryError, InputError
 from fvlm_core.io import CTVolume, Geometry, read_ct, read_label_map
 from fvlm_core.segmentation import (
     TOTAL_CLASS_MAP,
     AnatomySegmentation,
     LabelMapBackend,
     SegmentationBackend,
-    TotalSegmentatorBackend,
     compute_facts,
     get_backend,
     segment_ct,
 )
-from fvlm_core.segmentation import totalseg as totalseg_module
 
 LOBES = [10, 11, 12, 13, 14]
 
@@ -169,73 +167,6 @@ def test_get_backend_errors():
         get_backend("magic")
     with pytest.raises(ConfigError, match="--labelmap"):
         get_backend("labelmap")
-
-
-def test_totalsegmentator_not_installed_says_how_to_install(monkeypatch, small_ct):
-    monkeypatch.setattr(totalseg_module, "totalsegmentator_available", lambda: False)
-    with pytest.raises(DependencyError, match=r'pip install "fvlm\[totalseg\]"'):
-        TotalSegmentatorBackend().segment(small_ct, CTRATE_CATALOG)
-
-
-def test_totalsegmentator_missing_weights_says_how_to_get_them(monkeypatch, tmp_path, small_ct):
-    # the package is reported present; the weights folder is an empty TOTALSEG_HOME_DIR
-    monkeypatch.setattr(totalseg_module, "totalsegmentator_available", lambda: True)
-    monkeypatch.setenv("TOTALSEG_HOME_DIR", str(tmp_path))
-    monkeypatch.delenv("TOTALSEG_WEIGHTS_PATH", raising=False)
-    for fast, flag in ((False, "-t total`"), (True, "-t total_fast`")):
-        with pytest.raises(DependencyError) as exc:
-            TotalSegmentatorBackend(fast=fast).segment(small_ct, CTRATE_CATALOG)
-        msg = str(exc.value)
-        assert "totalseg_download_weights" in msg and flag in msg
-        assert "TOTALSEG_HOME_DIR" in msg and "--allow-download" in msg and str(tmp_path) in msg
-    # weights present for --fast: the check passes
-    for name in (
-        "Dataset297_TotalSegmentator_total_3mm_1559subj_v204",
-        "Dataset298_TotalSegmentator_total_6mm",
-    ):
-        (tmp_path / "nnunet" / "results" / name).mkdir(parents=True)
-    TotalSegmentatorBackend(fast=True).check()
-    with pytest.raises(DependencyError):
-        TotalSegmentatorBackend(fast=False).check()
-
-
-# TotalSegmentator 2.18's python_api.validate_device_type_api accepts exactly these words (the
-# package is an optional extra and not installed here; this pattern stands in for its check).
-_TOTALSEG_DEVICE_WORD = r"(gpu|cpu|mps|gpu:\d+)"
-
-
-def test_totalsegmentator_device_follows_the_project_device_rule(monkeypatch, tmp_path):
-    import re
-
-    import torch
-
-    monkeypatch.setattr(totalseg_module, "totalsegmentator_available", lambda: True)
-    monkeypatch.setenv("TOTALSEG_HOME_DIR", str(tmp_path))
-    monkeypatch.delenv("TOTALSEG_WEIGHTS_PATH", raising=False)
-    for name in (
-        "Dataset297_TotalSegmentator_total_3mm_1559subj_v204",
-        "Dataset298_TotalSegmentator_total_6mm",
-    ):
-        (tmp_path / "nnunet" / "results" / name).mkdir(parents=True)
-    monkeypatch.setattr("fvlm_core.devices._mps_available", lambda: False)
-    assert TotalSegmentatorBackend(fast=True).device_word() == "cpu"  # auto on a CPU-only machine
-    for absent in ("cuda", "gpu", "mps"):  # an absent device is refused before anything runs
-        with pytest.raises(ConfigError, match=f"device {'cuda' if absent == 'gpu' else absent}"):
-            TotalSegmentatorBackend(fast=True, device=absent).check()
-    with pytest.raises(ConfigError, match="'tpu'"):
-        TotalSegmentatorBackend(fast=True, device="tpu").check()
-    # torch devices -> TotalSegmentator's words ("gpu" is its cuda:0)
-    words = {
-        torch.device("cuda"): "gpu",
-        torch.device("cuda", 1): "gpu:1",
-        torch.device("cpu"): "cpu",
-        torch.device("mps"): "mps",
-    }
-    for device, word in words.items():
-        assert totalseg_module.totalseg_device(device) == word
-        assert re.fullmatch(_TOTALSEG_DEVICE_WORD, word)
-    with pytest.raises(ConfigError, match="gpu, cpu or mps"):
-        totalseg_module.totalseg_device(torch.device("meta"))
 
 
 def test_labelmap_with_fractional_values_is_rejected(tmp_path, small_ct):

@@ -47,6 +47,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="totalsegmentator: let it download missing weights (internet needed)",
     )
+    parser.add_argument(
+        "--all-classes",
+        action="store_true",
+        help="totalsegmentator: predict all its classes, not only those the catalog's anatomies need",
+    )
     parser.add_argument("--allow-non-hu", action="store_true", help="skip the check that the CT is in HU")
 
 
@@ -108,7 +113,11 @@ def run(args: argparse.Namespace) -> int:
             backend = get_backend("labelmap", path=args.labelmap, class_map=args.class_map)
         elif args.backend == "totalsegmentator":
             backend = get_backend(
-                "totalsegmentator", fast=args.fast, device=args.device, allow_download=args.allow_download
+                "totalsegmentator",
+                fast=args.fast,
+                device=args.device,
+                allow_download=args.allow_download,
+                roi_subset=not args.all_classes,
             )
         else:
             backend = get_backend("builtin")
@@ -128,6 +137,8 @@ def run(args: argparse.Namespace) -> int:
         summary["dicom_series"] = ct.dicom_series
     summary["warnings"] = warned
     print(format_table(summary))
+    for note in seg.details.get("notes", []):  # e.g. TotalSegmentator: classes predicted, time per stage
+        print(f"note: {note}")
     if not seg.present:
         raise InputError(
             f"{args.ct}: none of the {catalog.name!r} catalog's anatomies ({', '.join(catalog.names)}) was found "

@@ -102,6 +102,8 @@ class AnatomySegmentation:
         backend: name of the backend that produced it.
         classes: optional extra masks (``(Z, Y, X)`` bool) a backend offers beyond the catalog,
             e.g. the built-in segmenter's ``lung_left``, ``lung_right``, ``body``, ``airways``.
+        details: JSON-ready facts about how the backend produced it (options, stage times,
+            class-to-anatomy mapping; ``details["notes"]``: human-readable lines for the user).
     """
 
     labelmap: np.ndarray
@@ -110,6 +112,7 @@ class AnatomySegmentation:
     facts: dict[str, AnatomyFacts]
     backend: str
     classes: dict[str, np.ndarray] = field(default_factory=dict)
+    details: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_labelmap(
@@ -119,6 +122,7 @@ class AnatomySegmentation:
         catalog: AnatomyCatalog,
         backend: str,
         classes: Mapping[str, np.ndarray] | None = None,
+        details: Mapping[str, Any] | None = None,
     ) -> AnatomySegmentation:
         """Wrap an anatomy label map and compute its facts."""
         lm = np.ascontiguousarray(labelmap, dtype=np.uint8)
@@ -126,7 +130,8 @@ class AnatomySegmentation:
             raise ConfigError(
                 f"label map holds value {int(lm.max())} but catalog {catalog.name!r} has only {len(catalog)} anatomies"
             )
-        return cls(lm, geometry, catalog, compute_facts(lm, geometry, catalog), backend, dict(classes or {}))
+        facts = compute_facts(lm, geometry, catalog)
+        return cls(lm, geometry, catalog, facts, backend, dict(classes or {}), dict(details or {}))
 
     def mask(self, name: str) -> np.ndarray:
         """Bool ``(Z, Y, X)`` mask of a catalog anatomy (or of an extra class in ``classes``)."""
@@ -139,8 +144,8 @@ class AnatomySegmentation:
         return [n for n, f in self.facts.items() if f.present]
 
     def summary(self) -> dict[str, Any]:
-        """JSON-ready summary: backend, catalog, grid and per-anatomy facts."""
-        return {
+        """JSON-ready summary: backend, catalog, grid, per-anatomy facts (and the backend's details)."""
+        summary = {
             "backend": self.backend,
             "catalog": self.catalog.name,
             "shape_zyx": list(self.geometry.shape_zyx),
@@ -151,6 +156,9 @@ class AnatomySegmentation:
                 for k, v in self.classes.items()
             },
         }
+        if self.details:
+            summary["details"] = self.details
+        return summary
 
     def to_label_volume(self) -> LabelVolume:
         return LabelVolume(

@@ -1,9 +1,19 @@
-"""TotalSegmentator v2 "total" task: label value -> class name (117 public class names).
+"""TotalSegmentator's class vocabulary: the "total" task's values and names, which classes a
+catalog's anatomies need, and how a segment made by 3D Slicer's TotalSegmentator extension names
+its class (segment ID, name or terminology codes).
 
 Values as TotalSegmentator writes them with ``--ml`` (``totalsegmentator.map_to_binary.class_map["total"]``).
 """
 
 from __future__ import annotations
+
+import csv
+import importlib.util
+from collections.abc import Iterable
+from functools import lru_cache
+from pathlib import Path
+
+from fvlm_core.anatomy import AnatomyCatalog
 
 TOTAL_CLASS_MAP: dict[int, str] = {
     1: "spleen",
@@ -124,3 +134,108 @@ TOTAL_CLASS_MAP: dict[int, str] = {
     116: "sternum",
     117: "costal_cartilages",
 }
+
+
+#: Terminology context the Slicer TotalSegmentator extension puts on the segments it makes.
+SLICER_TOTALSEG_CONTEXT = "Segmentation category and type - Total Segmentator"
+
+
+def total_class_anatomies(catalog: AnatomyCatalog) -> dict[str, str]:
+    """``{class: anatomy}`` for every "total" class one of ``catalog``'s anatomies takes
+    (the first anatomy whose ``ts_classes`` pattern matches, as :meth:`AnatomyCatalog.lookup_table`)."""
+    out = {}
+    for name in TOTAL_CLASS_MAP.values():
+        anatomy = next((a.name for a in catalog.anatomies if a.matches(name)), None)
+        if anatomy is not None:
+            out[name] = anatomy
+    return out
+
+
+def anatomies_without_total_class(catalog: AnatomyCatalog) -> list[str]:
+    """Anatomies of ``catalog`` the "total" task cannot produce (e.g. ``pulmonary_artery``)."""
+    covered = set(total_class_anatomies(catalog).values())
+    return [a.name for a in catalog.anatomies if a.name not in covered]
+
+
+def _package_file(relative: str) -> Path | None:
+    """A file shipped in the installed ``totalsegmentator`` package, or ``None``."""
+    spec = importlib.util.find_spec("totalsegmentator")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(next(iter(spec.submodule_search_locations))) / relative
+    return path if path.is_file() else None
+
+
+@lru_cache(maxsize=1)
+def known_class_names() -> frozenset[str]:
+    """Class names of every TotalSegmentator task (the installed package's list; else "total")."""
+    names = set(TOTAL_CLASS_MAP.values())
+    if importlib.util.find_spec("totalsegmentator") is not None:
+        from totalsegmentator.map_to_binary import class_map
+
+        names.update(n for task in class_map.values() for n in task.values())
+    return frozenset(names)
+
+
+@lru_cache(maxsize=1)
+def snomed_classes() -> dict[tuple[str, str, str], str]:
+    """``{(type code, type modifier code, region code): class}`` from the SNOMED CT mapping the
+    installed package ships (the codes the Slicer extension and its DICOM SEG files use); empty
+    when TotalSegmentator is not installed."""
+    path = _package_file("resources/totalsegmentator_snomed_mapping.csv")
+    if path is None:
+        return {}
+    out: dict[tuple[str, str, str], str] = {}
+    with open(path, newline="", encoding="utf-8") as f:
+        for row in csv.DictReader(f):
+            key = (
+                row.get("SegmentedPropertyTypeCodeSequence.CodeValue", ""),
+                row.get("SegmentedPropertyTypeModifierCodeSequence.CodeValue", ""),
+                row.get("AnatomicRegionSequence.CodeValue", ""),
+            )
+            out.setdefault(key, row["Structure"])  # first wins, as the file lists left before right
+    return out
+
+
+def _code_value(field: str) -> str:
+    parts = field.split("^")
+    return parts[1] if len(parts) > 1 else ""
+
+
+def class_of_segment(segment_id: str, name: str, terminology: str = "") -> str | None:
+    """The TotalSegmentator class a 3D Slicer segment holds, or ``None``.
+
+    The Slicer extension names each segment's ID after its class (``lung_upper_lobe_left``); its
+    display name may be the class or a terminology label ("Left upper lobe of lung"), and its
+    ``TerminologyEntry`` tag carries SNOMED CT codes
+    (``context~category~type~type modifier~region context~region~region modifier``). Checked in
+    that order: ID, name, codes.
+    """
+    known = known_class_names()
+    for text in (segment_id, name):
+        key = text.strip().lower().replace(" ", "_")
+        if key in known:
+            return key
+    fields = terminology.rstrip("|").split("~")
+    if len(fields) >= 4:
+        region = _code_value(fields[5]) if len(fields) > 5 else ""
+        key = (_code_value(fields[2]), _code_value(fields[3]), region)
+        return snomed_classes().get(key) or snomed_classes().get((key[0], key[1], ""))
+    return None
+
+
+def totalseg_segment_classes(segments: Iterable[tuple[str, str, str]]) -> dict[str, str]:
+    """``{segment ID: class}`` for the segments of a segmentation that hold TotalSegmentator classes.
+
+    Args:
+        segments: ``(segment ID, name, TerminologyEntry tag)`` per segment.
+
+    Use with :func:`fvlm_core.segmentation.labelmap.merge_labels`: export the segments to one label
+    map, name each value by its segment's class, and merge into a catalog.
+    """
+    out = {}
+    for segment_id, name, terminology in segments:
+        cls = class_of_segment(segment_id, name, terminology or "")
+        if cls is not None:
+            out[segment_id] = cls
+    return out

@@ -37,6 +37,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="reuse a label map (TotalSegmentator multilabel file or mask folder, or an anatomy label map)",
     )
     seg.add_argument("--backend", default="builtin", help="segmentation backend: builtin | totalsegmentator")
+    parser.add_argument("--fast", action="store_true", help="totalsegmentator: use the 3 mm --fast model")
+    parser.add_argument(
+        "--allow-download",
+        action="store_true",
+        help="totalsegmentator: let it download missing weights (internet needed)",
+    )
     parser.add_argument("--class-map", help="class map JSON for --segmentation (value -> class name)")
     parser.add_argument("--model", required=True, help="model folder (config.yaml + model.safetensors)")
     parser.add_argument(
@@ -141,7 +147,8 @@ def analyze(args: argparse.Namespace):
     analyzer.check_findings(findings)  # fail before the slow steps
 
     t = time.perf_counter()
-    segmentation = segment(ct, analyzer, args.segmentation, args.backend, args.class_map)
+    options = {"fast": args.fast, "device": args.device, "allow_download": args.allow_download}
+    segmentation = segment(ct, analyzer, args.segmentation, args.backend, args.class_map, options, say)
     timings["segment"] = time.perf_counter() - t
 
     maps = ("all" if args.all_maps else True) if args.maps_dir else False
@@ -161,6 +168,8 @@ def analyze(args: argparse.Namespace):
         "ct_spacing_mm": list(ct.geometry.spacing),
         "segmentation": {"source": args.segmentation or args.backend},
     }
+    if segmentation.details:  # how the backend produced it (TotalSegmentator: classes, stage times)
+        extra["segmentation"]["details"] = segmentation.details
     if ct.dicom_series:
         extra["dicom_series"] = ct.dicom_series
     return result, extra
@@ -184,14 +193,26 @@ def _say(quiet: bool):
     return say
 
 
-def segment(ct, analyzer, segmentation_path: str | None, backend: str, class_map: str | None):
-    """Segment ``ct`` (or read a given label map) into the model's anatomies."""
+def segment(
+    ct,
+    analyzer,
+    segmentation_path: str | None,
+    backend: str,
+    class_map: str | None,
+    options: dict | None = None,
+    say=None,
+):
+    """Segment ``ct`` (or read a given label map) into the model's anatomies; ``options`` go to
+    the totalsegmentator backend (fast, device, allow_download)."""
     from fvlm_core.anatomy import get_catalog
     from fvlm_core.segmentation import get_backend
 
     catalog = get_catalog(analyzer.anatomies)
     if segmentation_path:
         seg_backend = get_backend("labelmap", path=segmentation_path, class_map=class_map)
+    elif backend == "totalsegmentator":
+        seg_backend = get_backend(backend, **(options or {}))
     else:
         seg_backend = get_backend(backend)
-    return seg_backend.segment(ct, catalog)
+    progress = (lambda m, f: say(f"[{f * 100:5.1f}%] {m}")) if say is not None else None
+    return seg_backend.segment(ct, catalog, progress=progress)

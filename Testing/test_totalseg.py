@@ -5,6 +5,7 @@ the stage clock over TotalSegmentator's real messages, the offline guard, and ca
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -274,7 +275,7 @@ print(json.dumps({"blocked": blocked, "errors": errors}))
     assert out["errors"] == ["ConnectionError", "ConnectionError"]
 
 
-def _processes_mentioning(text: str) -> list[int]:
+def processes_mentioning(text: str) -> list[int]:
     """Live processes whose command line or environment contains ``text`` (Linux /proc): the
     backend's child (its request file) and nnU-Net's workers (their TMPDIR)."""
     found = []
@@ -297,7 +298,7 @@ def test_cancel_kills_the_totalsegmentator_process(empty_home, small_ct, monkeyp
     seen = []
 
     def cancel_once_started() -> bool:
-        seen.extend(_processes_mentioning(str(work)))
+        seen.extend(processes_mentioning(str(work)))
         return bool(seen)
 
     backend = TotalSegmentatorBackend(fast=True, device="cpu", should_cancel=cancel_once_started)
@@ -306,7 +307,7 @@ def test_cancel_kills_the_totalsegmentator_process(empty_home, small_ct, monkeyp
         backend.segment(small_ct, CTRATE_CATALOG)
     assert time.monotonic() - t0 < 60
     assert seen, "the TotalSegmentator process was never seen running"
-    assert not _processes_mentioning(str(work))
+    assert not processes_mentioning(str(work))
     assert not list(work.iterdir())  # its temporary folder (the CT copy) is gone
     # a progress callback that raises CancelledError (the Slicer module's way) also stops it
 
@@ -316,7 +317,7 @@ def test_cancel_kills_the_totalsegmentator_process(empty_home, small_ct, monkeyp
 
     with pytest.raises(CancelledError, match="by the user"):
         TotalSegmentatorBackend(fast=True, device="cpu").segment(small_ct, CTRATE_CATALOG, progress=progress)
-    assert not _processes_mentioning(str(work)) and not list(work.iterdir())
+    assert not processes_mentioning(str(work)) and not list(work.iterdir())
     work.rmdir()
 
 
@@ -335,3 +336,33 @@ def test_fvlm_analyze_passes_the_totalsegmentator_options(empty_home, ts_dir, tm
     err = capsys.readouterr().err
     assert "-t total_fast`" in err and "datasets 297, 298" in err  # --fast reached the backend
     assert not out.exists()
+
+
+@pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="needs Linux /proc to list processes")
+def test_totalsegmentator_process_ends_when_its_parent_dies(empty_home, ts_dir):
+    # the Slicer worker may be killed (its cancel watchdog, or the user closing Slicer) while
+    # TotalSegmentator runs: the run must not outlive it, nor leave the CT copy behind
+    _put_checkpoints(empty_home, (297, 298))
+    work = Path(tempfile.mkdtemp(prefix="fvlm-t-"))
+    code = (
+        "from fvlm_core.io import read_ct\n"
+        "from fvlm_core.segmentation import TotalSegmentatorBackend\n"
+        f"ct = read_ct({str(ts_dir / 'example_ct_sm.nii.gz')!r})\n"
+        "TotalSegmentatorBackend(fast=True, device='cpu').segment(ct)\n"
+    )
+    env = {**os.environ, "TMPDIR": str(work)}
+    parent = subprocess.Popen([sys.executable, "-c", code], env=env)
+    try:
+        deadline = time.monotonic() + 120
+        while not [p for p in processes_mentioning(str(work)) if p != parent.pid]:
+            assert time.monotonic() < deadline and parent.poll() is None, "TotalSegmentator never started"
+            time.sleep(0.2)
+        assert list(work.glob("fvlm-ts-*/ct.nii.gz"))
+    finally:
+        parent.kill()
+        parent.wait()
+    deadline = time.monotonic() + 30
+    while processes_mentioning(str(work)) or list(work.iterdir()):
+        assert time.monotonic() < deadline, (processes_mentioning(str(work)), list(work.iterdir()))
+        time.sleep(0.2)
+    work.rmdir()

@@ -15,32 +15,23 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
+from test_totalseg import CTRATE_CLASSES, processes_mentioning
 
 from fvlm_core.anatomy import CTRATE_CATALOG, EXTENDED_CATALOG
+from fvlm_core.errors import CancelledError
 from fvlm_core.io import read_ct, read_label_map
 from fvlm_core.segmentation import TotalSegmentatorBackend
 from fvlm_core.segmentation.labelmap import embedded_class_map
+from fvlm_core.segmentation.totalseg_process import STAGE_SPAN
 from fvlm_training.cli import main
 
 pytestmark = pytest.mark.slow
-
-#: CT-RATE's anatomies as the fVLM reference merges TotalSegmentator classes (fix_data.py).
-CTRATE_CLASSES = {
-    "lung_upper_lobe_left": "lung",
-    "lung_lower_lobe_left": "lung",
-    "lung_upper_lobe_right": "lung",
-    "lung_middle_lobe_right": "lung",
-    "lung_lower_lobe_right": "lung",
-    "heart": "heart",
-    "atrial_appendage_left": "heart",
-    "esophagus": "esophagus",
-    "aorta": "aorta",
-}
 
 #: Loaded by every Python started with the test's PYTHONPATH (the backend's child, nnU-Net's
 #: workers): an audit hook sees the socket module's own calls, below any patch in the code under
@@ -228,3 +219,24 @@ def test_fvlm_segment_all_classes_offline_on_chest_ct(offline, ts_dir, tmp_path,
     assert "note: time per stage: write input" in printed.out and "pulmonary_artery" in printed.out
     progress = [line for line in printed.err.splitlines() if "TotalSegmentator:" in line]
     assert any("predict" in line for line in progress) and "[100%] done" in printed.err
+
+
+@pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="needs Linux /proc to list processes")
+def test_cancel_during_prediction_kills_totalsegmentator_and_its_workers(offline, chest_ct, short_tempdir):
+    seen: list[tuple[str, float]] = []
+
+    def progress(step: str, fraction: float) -> None:
+        seen.append((step, fraction))
+        if step == "TotalSegmentator: predict" and fraction > STAGE_SPAN["predict"][0]:
+            workers.extend(processes_mentioning(str(short_tempdir)))
+            raise CancelledError("cancelled by the user")  # as the Slicer module's progress callback
+
+    workers: list[int] = []
+    t0 = time.monotonic()
+    with pytest.raises(CancelledError, match="by the user"):
+        TotalSegmentatorBackend(fast=True, device="cpu").segment(chest_ct, CTRATE_CATALOG, progress=progress)
+    cancelled_after = time.monotonic() - t0
+    assert len(workers) >= 2, "TotalSegmentator and nnU-Net's workers were running at the cancel"
+    assert not processes_mentioning(str(short_tempdir)), "a process outlived the cancel"
+    assert not list(short_tempdir.iterdir()), "the run's folder (a copy of the CT) outlived the cancel"
+    assert "TotalSegmentator: rough segmentation" in {s for s, _ in seen} and cancelled_after < 600

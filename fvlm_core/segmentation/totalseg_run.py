@@ -11,13 +11,17 @@ TotalSegmentator's own messages go to stdout, with ``[fvlm] ...`` lines marking 
 
 Offline (``offline: true``): every internet connection attempt in this process (TotalSegmentator's
 usage statistics, a weights download, a licence check) fails at once and is listed in the result.
-The process ends itself when its parent closes its stdin (the parent was cancelled or ended).
+The process ends itself, its workers and the request's folder when its parent closes its stdin
+(the parent was cancelled, or ended without cleaning up).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
+import signal
 import sys
 import threading
 import traceback
@@ -64,8 +68,9 @@ def block_network(blocked: list[str]) -> None:
     socket.socket.connect_ex = connect_ex
 
 
-def exit_with_parent() -> None:
-    """End this process (and so TotalSegmentator) when the parent closes our stdin or dies.
+def exit_with_parent(run_folder: Path) -> None:
+    """When the parent closes our stdin or dies: delete ``run_folder`` (it holds a copy of the CT)
+    and end this process with every worker TotalSegmentator started.
 
     The pipe is watched on a duplicate descriptor with ``os.read`` and stdin becomes the null
     device: a thread blocked in ``sys.stdin.read()`` would hold its lock, and the ``fork`` workers
@@ -79,9 +84,17 @@ def exit_with_parent() -> None:
     def watch() -> None:
         while os.read(watched, 4096):  # b"" at end of file only
             pass
-        os._exit(3)
+        abandon(run_folder)
 
     threading.Thread(target=watch, name="fvlm-parent-watch", daemon=True).start()
+
+
+def abandon(run_folder: Path) -> NoReturn:
+    """The parent is gone: delete the run's folder, end this process and its workers."""
+    shutil.rmtree(run_folder, ignore_errors=True)
+    if os.name == "posix" and os.getpgid(0) == os.getpid():  # our own group: us and our workers
+        os.killpg(os.getpid(), signal.SIGKILL)
+    os._exit(3)
 
 
 def run(request: dict[str, Any], blocked: list[str]) -> None:
@@ -108,7 +121,7 @@ def run(request: dict[str, Any], blocked: list[str]) -> None:
 def main(argv: list[str]) -> int:
     """Run one request; exit code 0 done, 1 failed (the reason is in the result file)."""
     request = json.loads(Path(argv[0]).read_text())
-    exit_with_parent()
+    exit_with_parent(Path(argv[0]).parent)
     blocked: list[str] = []
     if request.get("offline", True):
         block_network(blocked)
@@ -116,10 +129,13 @@ def main(argv: list[str]) -> int:
     code = 0
     try:
         run(request, blocked)
+    except BrokenPipeError:  # our output's reader, the parent, is gone
+        abandon(Path(argv[0]).parent)
     except (Exception, SystemExit) as exc:  # TotalSegmentator calls sys.exit() on some errors
-        traceback.print_exc()
         result["error"] = f"{type(exc).__name__}: {exc}"
         code = 1
+        with contextlib.suppress(OSError):
+            traceback.print_exc()
     Path(request["result"]).write_text(json.dumps(result))
     return code
 

@@ -103,8 +103,12 @@ class ViTEncoder(ViT):
         self.patch_size = tuple(config.patch_size)
         self.native_grid = tuple(config.grid_size)
         self.level_indices = tuple(config.levels)
+        # Attention-weight dropout in training. On a CPU, torch's fused SDPA kernel takes none:
+        # with p > 0 it falls back to its math path (an explicit attention matrix per block;
+        # fvlm-base at batch 2 peaks at about 10 GB instead of 4.7 GB and runs 1.2-1.3x slower,
+        # benchmarks/bench_train_step.py). 0 keeps the fused kernel; CUDA's kernels take dropout.
         self.attn_dropout = float(config.dropout)
-        self.grad_checkpointing = False
+        self.grad_checkpointing = False  # FVLM.set_grad_checkpointing: recompute blocks in backward
         self.set_flash_attention(config.flash_attention)
 
     def set_flash_attention(self, enabled: bool) -> None:

@@ -73,7 +73,9 @@ class FVLMSlicer(ScriptedLoadableModule):
             "Flags findings per anatomy on a CT with fVLM (Shui et al., ICLR 2025): the CT is segmented "
             "into anatomies (or an existing segmentation, e.g. from TotalSegmentator, is reused), each "
             "anatomy is embedded by the model and compared with text prompts of findings. Flagged "
-            "anatomies are highlighted, probabilities are listed in a table and stored in segment tags. "
+            "anatomies are highlighted; calibrated probabilities (or, for a model without calibration, "
+            "uncalibrated scores), the raw scores and the thresholds are listed in a table and stored in "
+            "segment tags. "
             f"<br>Documentation: the section '{README_SECTION}' of README.md in the FVLM source folder "
             "(one folder above this module). "
             "Not for clinical use."
@@ -561,33 +563,49 @@ class FVLMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         nodes.segmentation.GetDisplayNode().SetVisibility(True)
         self._fillResultsTable(nodes.summary)
         volume = slicer.mrmlScene.GetNodeByID(self._context.volume_node_id)
-        best = max(nodes.similarity_volumes, key=nodes.probability, default=None)
+        best = max(nodes.similarity_volumes, key=nodes.value, default=None)
         slicer.util.setSliceViewerLayers(background=volume)
         self._showOverlay(best)
         self.ui.show3DButton.checked = False
 
+    def _setResultsHeaders(self, rows) -> None:
+        """Column titles saying what the numbers are: probabilities, or uncalibrated scores."""
+        from FVLMSlicerLib.panel import RESULT_COLUMNS, header_tips, value_headers
+
+        table = self.ui.resultsTable
+        titles = list(RESULT_COLUMNS)
+        titles[2:4] = value_headers(rows)
+        table.setColumnCount(len(titles))
+        tips = header_tips(rows)
+        for column, (key, title) in enumerate(zip(RESULT_COLUMNS, titles)):
+            item = qt.QTableWidgetItem(title)
+            if key in tips:
+                item.setToolTip(tips[key])
+            table.setHorizontalHeaderItem(column, item)
+
     def _fillResultsTable(self, summary) -> None:
-        from FVLMSlicerLib.panel import FLAGGED_COLORS, flagged_text, result_order
+        from FVLMSlicerLib.panel import FLAGGED_COLORS, calibration_text, flagged_text, result_order
         from FVLMSlicerLib.results import percent
 
         table = self.ui.resultsTable
         table.sortingEnabled = False  # rows move while sorting is on: fill first
         table.setRowCount(0)
+        self._setResultsHeaders(summary.rows())
         for row in result_order(summary.rows()):
             r = table.rowCount
             table.insertRow(r)
-            values = (row.anatomy, row.finding, percent(row.probability), percent(row.threshold))
+            key = f"{row.anatomy}|{row.finding}"
+            values = (row.anatomy, row.finding, percent(row.value), percent(row.threshold))
+            values += (flagged_text(row), percent(row.raw_score, 2), calibration_text(row))
             for column, value in enumerate(values):
                 item = qt.QTableWidgetItem()
                 if value == value:  # NaN (not scored) stays an empty cell, sorted below any number
                     item.setData(qt.Qt.DisplayRole, value)  # numbers sort as numbers
-                item.setData(qt.Qt.UserRole, f"{row.anatomy}|{row.finding}")
+                item.setData(qt.Qt.UserRole, key)
                 table.setItem(r, column, item)
-            flag = flagged_text(row)
-            item = qt.QTableWidgetItem(flag)
-            item.setForeground(qt.QBrush(qt.QColor(FLAGGED_COLORS[flag])))
-            item.setData(qt.Qt.UserRole, f"{row.anatomy}|{row.finding}")
-            table.setItem(r, 4, item)
+            table.item(r, 4).setForeground(qt.QBrush(qt.QColor(FLAGGED_COLORS[values[4]])))
+            if row.calibration_note:  # why this finding's raw score was kept
+                table.item(r, 6).setToolTip(row.calibration_note)
         # keep this order (flagged first) until the user clicks a column header
         table.horizontalHeader().setSortIndicator(-1, qt.Qt.AscendingOrder)
         table.sortingEnabled = True

@@ -61,10 +61,13 @@ def test_output_schema_and_default_threshold(analyzer):
         value = EXTENDED_CATALOG.label(a["name"])
         assert a["volume_ml"] == pytest.approx(np.count_nonzero(labels == value) * vox_ml, rel=1e-3)
         for f in a["findings"]:
-            assert 0.0 < f["probability"] < 1.0
-            assert f["threshold"] == 0.5 and f["threshold_source"] == "default"
-            assert f["flagged"] == (f["probability"] > 0.5)
+            # a model without calibration: the raw score, called an uncalibrated score
+            assert 0.0 < f["raw_score"] < 1.0 and f["value"] == f["raw_score"] and f["probability"] is None
+            assert (f["scale"], f["calibration"]) == ("uncalibrated score", "none")
+            assert f["threshold"] == f["raw_threshold"] == 0.5 and f["threshold_source"] == "default"
+            assert f["flagged"] == (f["raw_score"] > 0.5)
     assert any("0.5 used" in n for n in d["notes"])
+    assert any(n.startswith("Uncalibrated scores, not probabilities, for 16 finding(s)") for n in d["notes"])
     assert len(d["windows"]) == 1  # all 4 anatomies fit in one window: one encoder forward
     assert set(d["timings_s"]) >= {"preprocess", "embed", "score"}
 
@@ -76,6 +79,50 @@ def test_calibrated_thresholds_are_used(analyzer, monkeypatch):
     f = result.finding("lung", "Emphysema")
     assert (f.threshold, f.threshold_source, f.flagged) == (0.0, "calibrated", True)
     assert result.finding("lung", "Atelectasis").threshold_source == "default"
+
+
+def _with_calibration(analyzer, monkeypatch, name: str, entry: dict, threshold: float) -> None:
+    monkeypatch.setitem(analyzer.config.thresholds, name, threshold)
+    monkeypatch.setitem(analyzer.config.calibration, name, entry)
+
+
+def test_calibrated_probability_threshold_on_the_same_scale_and_the_same_decisions(analyzer, monkeypatch):
+    from fvlm_core.calibration import Calibration
+
+    ct, labels = _phantom()
+    seg = _segmentation(labels, ct.geometry)
+    raw = analyzer.analyze(ct, seg, similarity_maps=False).finding("lung", "Emphysema").raw_score
+    platt = Calibration("platt", "test", a=0.5, b=-1.0)
+    for t in (raw - 1e-4, raw + 1e-4):  # just below and just above the raw score
+        _with_calibration(analyzer, monkeypatch, "Emphysema", platt.to_dict(), t)
+        result = analyzer.analyze(ct, seg, similarity_maps=False)
+        f = result.finding("lung", "Emphysema")
+        assert (f.scale, f.calibration, f.raw_score, f.raw_threshold) == ("probability", "platt", raw, t)
+        assert f.probability == pytest.approx(1 / (1 + math.exp(-(0.5 * math.log(raw / (1 - raw)) - 1.0))))
+        assert f.threshold == pytest.approx(platt.probability(t)) and f.value == f.probability
+        assert f.flagged == (raw > t) == (f.probability > f.threshold)
+        d = f.to_dict()
+        assert (d["scale"], d["value"], d["raw_score"]) == (
+            "probability",
+            round(f.probability, 6),
+            round(raw, 6),
+        )
+        other = result.finding("lung", "Atelectasis")  # no calibration: its raw score, not a probability
+        assert (other.scale, other.probability, other.value) == ("uncalibrated score", None, other.raw_score)
+    # a finding of that name worded otherwise keeps its raw score (the calibration is the wording's)
+    reworded = Finding.from_name("Emphysema", "lung", ["Emphysematous lung."], ["Normal lung."])
+    f = analyzer.analyze(ct, seg, FindingSet([reworded]), similarity_maps=False).finding("lung", "Emphysema")
+    assert (f.scale, f.threshold_source, f.probability) == ("uncalibrated score", "default", None)
+
+
+def test_a_finding_calibration_kept_raw_says_why(analyzer, monkeypatch):
+    kept = {"method": "none", "reason": "raw score kept: the calibration set has only 3 positives"}
+    _with_calibration(analyzer, monkeypatch, "Emphysema", kept, 0.3)
+    ct, labels = _phantom()
+    result = analyzer.analyze(ct, _segmentation(labels, ct.geometry), similarity_maps=False)
+    f = result.finding("lung", "Emphysema")
+    assert (f.scale, f.threshold, f.calibration_note) == ("uncalibrated score", 0.3, kept["reason"])
+    assert f"Emphysema: {kept['reason']}" in result.notes
 
 
 def test_absent_and_partial_anatomies(analyzer):
@@ -91,10 +138,10 @@ def test_absent_and_partial_anatomies(analyzer):
     result = analyzer.analyze(ct_cut, _segmentation(labels[:top], cut_geom), similarity_maps=False)
     eso = result.anatomy("esophagus")
     assert eso.status == "absent" and not eso.scored and eso.volume_ml == 0
-    assert [f.probability for f in eso.findings] == [None] and not eso.findings[0].flagged
+    assert [f.raw_score for f in eso.findings] == [None] and not eso.findings[0].flagged
     lung = result.anatomy("lung")
     assert lung.status == "partial" and lung.scored and "field of view" in lung.note
-    assert all(0 < f.probability < 1 for f in lung.findings)
+    assert all(0 < f.raw_score < 1 for f in lung.findings)
 
 
 def test_no_model_anatomy_is_an_error_not_zeros(analyzer):
@@ -104,7 +151,7 @@ def test_no_model_anatomy_is_an_error_not_zeros(analyzer):
         analyzer.analyze(ct, _segmentation(empty, ct.geometry))
     result = analyzer.analyze(ct, _segmentation(empty, ct.geometry), require_anatomy=False)
     assert all(a.status == "absent" and not a.scored for a in result.anatomies)
-    assert all(f.probability is None for a in result.anatomies for f in a.findings)
+    assert all(f.raw_score is None for a in result.anatomies for f in a.findings)
 
 
 def test_prompt_on_unknown_anatomy(analyzer, tmp_path):
@@ -149,7 +196,7 @@ def test_user_finding_scored_with_its_wordings(analyzer):
     emb = analyzer.finding_embeddings([user])
     assert f.source == "user" and f.positive == ("Enlarged heart.",)
     assert [a.name for a in result.anatomies if a.findings] == ["heart"]
-    assert 0 < f.probability < 1 and emb.positive.shape[0] == 1
+    assert 0 < f.raw_score < 1 and emb.positive.shape[0] == 1
 
 
 def test_reference_windows_one_per_anatomy(analyzer):
@@ -309,6 +356,47 @@ def test_cli_analyze_with_segmentation_prompts_and_maps(analyzer, tmp_path):
     )
 
 
+def test_cli_console_and_json_name_probabilities_and_uncalibrated_scores(analyzer, tmp_path, capsys):
+    """What a user reads: a calibrated finding as a probability with its threshold in percent and
+    its raw score; one without calibration as an "uncalibrated score", never a "probability"."""
+    from fvlm_core.calibration import Calibration
+    from fvlm_training.cli import main
+
+    model_dir = tmp_path / "model"
+    platt = Calibration("platt", "test", a=0.5, b=-1.0)
+    analyzer.model.save_pretrained(
+        model_dir, thresholds={"Emphysema": 0.02}, calibration={"Emphysema": platt.to_dict()}
+    )
+    ct, labels = _phantom()
+    write_image(ct.array.astype(np.int16), ct.geometry, tmp_path / "ct.nii.gz")
+    write_image(labels.astype(np.uint8) * (labels <= 4), ct.geometry, tmp_path / "seg.nii.gz")
+    out = tmp_path / "results.json"
+    argv = [
+        "analyze", str(tmp_path / "ct.nii.gz"), "--segmentation", str(tmp_path / "seg.nii.gz"),
+        "--model", str(model_dir), "--device", "cpu", "--out", str(out),
+    ]  # fmt: skip
+    assert main(argv) == 0
+    lines = capsys.readouterr().err.splitlines()
+    d = json.loads(out.read_text())
+    lung = {f["name"]: f for a in d["anatomies"] if a["name"] == "lung" for f in a["findings"]}
+    emph = lung["Emphysema"]
+    assert (emph["scale"], emph["calibration"], emph["raw_threshold"]) == ("probability", "platt", 0.02)
+    assert emph["probability"] == pytest.approx(platt.probability(emph["raw_score"]), abs=1e-6)
+    assert emph["threshold"] == pytest.approx(platt.probability(0.02))
+    p, t = f"{100 * emph['probability']:.1f}", f"{100 * emph['threshold']:.1f}"
+    sign, flag = (">", "FLAGGED") if emph["flagged"] else ("<=", "not flagged")
+    line = next(x for x in lines if x.startswith("Emphysema (lung): "))
+    assert line.startswith(f"Emphysema (lung): probability {p} % {sign} threshold {t} % (raw score ")
+    assert line.endswith(f"; Platt calibration, calibrated threshold) {flag}")
+    other = next(x for x in lines if x.startswith("Atelectasis (lung): "))
+    raw = lung["Atelectasis"]["raw_score"]
+    assert (
+        other.startswith(f"Atelectasis (lung): uncalibrated score {raw:.4f} ") and "probability" not in other
+    )
+    assert lung["Atelectasis"]["probability"] is None and lung["Atelectasis"]["value"] == raw
+    assert sum(" (lung): " in x for x in lines) == 11  # every finding is listed, flagged or not
+
+
 def test_progress_and_cancel(analyzer):
     from fvlm_core.errors import CancelledError
 
@@ -361,5 +449,5 @@ def test_window_cap_leaves_cut_anatomy_unscored(analyzer):
     result = analyzer.analyze(ct, seg, similarity_maps=False, max_window_zyx=(16, 16, 16))
     lung = result.anatomy("lung")
     assert lung.status in ("present", "partial") and not lung.scored and "90%" in lung.note
-    assert all(f.probability is None and not f.flagged for f in lung.findings)
+    assert all(f.raw_score is None and not f.flagged for f in lung.findings)
     assert any(n.startswith("lung: not scored") for n in result.notes)

@@ -119,6 +119,86 @@ def test_thresholds_stored_into_model_config(tmp_path):
         ev.store_thresholds(tmp_path / "nothing", {"Emphysema": 0.5})
 
 
+def _miscalibrated_table(tmp_path, n: int = 600, seed: int = 0):
+    """A score table whose scores rank well but are overconfident (P(finding) = sigmoid(0.3 z + 0.5)
+    for a score sigmoid(z)), and its labels; Cardiomegaly has only 6 positives."""
+    from scipy.special import expit
+
+    rng = np.random.default_rng(seed)
+    names = [f"valid_{i}_a_1.nii.gz" for i in range(1, n + 1)]
+    z = rng.normal(-2.0, 8.0, (2, n))
+    y = (rng.random((2, n)) < expit(0.3 * z + 0.5)).astype(int)
+    y[1] = 0
+    y[1, np.argsort(z[1])[-6:]] = 1
+    s = expit(z).astype(np.float32)
+    _write_csv(tmp_path / "scores.csv", {"VolumeName": names, "Emphysema": s[0], "Cardiomegaly": s[1]})
+    _write_csv(tmp_path / "labels.csv", {"VolumeName": names, "Emphysema": y[0], "Cardiomegaly": y[1]})
+    return tmp_path / "scores.csv", tmp_path / "labels.csv"
+
+
+def test_store_thresholds_fits_and_stores_calibration_checked_by_cross_fitting(tmp_path):
+    from fvlm_core.model.config import FVLMConfig, load_config
+
+    s_csv, l_csv = _miscalibrated_table(tmp_path)
+    model_dir = tmp_path / "model"
+    FVLMConfig().save(model_dir / "config.yaml")
+    out = tmp_path / "report"
+    argv = ["evaluate", "--scores", str(s_csv), "--labels", str(l_csv), "--model", str(model_dir)]
+    assert main([*argv, "--out", str(out), "--n-bootstrap", "0", "--store-thresholds"]) == 0
+    rep = json.loads((out / "metrics.json").read_text())["calibration"]
+    emph, card = rep["labels"]["Emphysema"], rep["labels"]["Cardiomegaly"]
+    assert emph["checked_on"] == "cross-fitted" and emph["method"] in ("platt", "isotonic")
+    assert emph["auc_calibrated"] == emph["auc_raw"] and emph["same_decisions"]  # the ranking is kept
+    assert (
+        emph["brier_calibrated"] < 0.9 * emph["brier_raw"] and emph["ece_calibrated"] < 0.5 * emph["ece_raw"]
+    )
+    assert card["method"] == "none" and "only 6 positives" in card["reason"]
+    assert card["brier_calibrated"] == card["brier_raw"]
+    md = (out / "report.md").read_text()
+    assert "## Calibration (raw score -> probability)" in md and "5-fold cross-fitting" in md
+    assert f"- Cardiomegaly: {card['reason']}" in md
+    assert (out / "reliability_all.png").stat().st_size > 0 and (
+        out / "reliability" / "emphysema.png"
+    ).exists()
+    # stored beside the thresholds; the calibrated threshold keeps the decisions of the raw one
+    cfg = load_config(model_dir)
+    from fvlm_core.calibration import from_config
+
+    stored = from_config(cfg.calibration)
+    assert set(stored) == {"Emphysema", "Cardiomegaly"} and stored["Emphysema"].method == emph["method"]
+    assert stored["Emphysema"].probability(cfg.thresholds["Emphysema"]) == pytest.approx(
+        emph["threshold_calibrated"]
+    )
+    # evaluated again without storing: the stored calibration is what is checked
+    assert main([*argv, "--out", str(tmp_path / "again"), "--n-bootstrap", "0", "--no-plots"]) == 0
+    again = json.loads((tmp_path / "again" / "metrics.json").read_text())["calibration"]["labels"]
+    assert again["Emphysema"]["checked_on"] == "stored calibration"
+    assert again["Emphysema"]["brier_calibrated"] <= emph["brier_calibrated"]  # in-sample now
+    assert not (tmp_path / "again" / "reliability_all.png").exists()
+
+
+def test_calibration_split_is_fitted_there_and_checked_on_the_evaluated_set(tmp_path):
+    (tmp_path / "cal").mkdir()
+    (tmp_path / "test").mkdir()
+    cal_names, cal_scores = ev.read_score_table(_miscalibrated_table(tmp_path / "cal", 600, 1)[0])
+    cal_truth = ev.read_label_table(tmp_path / "cal" / "labels.csv", cal_names)
+    names, scores = ev.read_score_table(_miscalibrated_table(tmp_path / "test", 600, 2)[0])
+    truth = ev.read_label_table(tmp_path / "test" / "labels.csv", names)
+    rep = ev.evaluate_scores(
+        scores, truth, names, "strict", {"Emphysema": 0.3, "Cardiomegaly": 0.5}, n_bootstrap=0
+    )
+    ev.calibrate_report(rep, scores, truth, ev.CalibrationSource(cal_scores, cal_truth))
+    c = rep.calibration["Emphysema"]
+    assert (
+        c.checked_on == "held-out split" and c.auc_calibrated == c.auc_raw == rep.per_label["Emphysema"].auc
+    )
+    assert c.brier_calibrated < c.brier_raw and c.ece_calibrated < c.ece_raw and c.same_decisions
+    assert c.threshold_raw == 0.3 and c.threshold_calibrated == pytest.approx(
+        rep.calibrations["Emphysema"].probability(0.3)
+    )
+    assert rep.calibrations["Emphysema"].n == 600  # fitted on the calibration split
+
+
 def test_split_description():
     vols = [f"valid_{i}_a_{r}" for i in range(1, 4) for r in (1, 2)]
     d = ev.describe_split(vols)
@@ -189,7 +269,10 @@ def test_evaluate_ctrate_layout_then_analyze_uses_stored_thresholds(tiny_model_d
         rep["labels"]["Pleural effusion"]["threshold"]
     )
     # reference windows (evaluate) and shared windows (analyze) see the same anatomy: scores agree closely
-    assert f.probability == pytest.approx(float(rows[0]["Pleural effusion"]), abs=0.05)
+    assert f.raw_score == pytest.approx(float(rows[0]["Pleural effusion"]), abs=0.05)
+    # a handful of volumes cannot be calibrated: stored as "raw score kept", shown as uncalibrated scores
+    assert an.config.calibration["Pleural effusion"]["method"] == "none"
+    assert f.scale == "uncalibrated score" and "raw score kept" in f.calibration_note
 
 
 def test_evaluate_prepare_cache(tiny_model_dir, tmp_path, capsys):

@@ -98,7 +98,7 @@ def test_demo_model_path_is_remembered(tmp_path, monkeypatch):
 
 def test_summary_save_load_keeps_rows_and_maps(tmp_path):
     rows = [
-        FindingRow("lung", "Emphysema", 0.8, 0.5, True, "calibrated", "present"),
+        FindingRow("lung", "Emphysema", 0.8, 0.5, True, "calibrated", "present", 0.03, 0.01, "platt"),
         FindingRow("lung", "Atelectasis", 0.2, 0.5, False, "default", "present"),
     ]
     summary = AnalysisSummary(
@@ -110,8 +110,10 @@ def test_summary_save_load_keeps_rows_and_maps(tmp_path):
     summary.save(tmp_path)
     back = AnalysisSummary.load(tmp_path)
     assert back.rows() == rows
-    assert back.anatomy("lung").max_probability == pytest.approx(0.8)
-    assert back.anatomy("heart").max_probability == 0.0
+    assert back.rows()[0].scale_text == "probability (Platt)" and back.rows()[0].raw_score == 0.03
+    assert back.rows()[1].scale_text == "uncalibrated score" and back.rows()[1].raw_score == 0.2
+    assert back.anatomy("lung").max_value == pytest.approx(0.8)
+    assert back.anatomy("heart").max_value == 0.0
     np.testing.assert_array_equal(
         back.similarity_maps[("lung", "Emphysema")], summary.similarity_maps[("lung", "Emphysema")]
     )
@@ -119,7 +121,8 @@ def test_summary_save_load_keeps_rows_and_maps(tmp_path):
 
 def test_unscored_finding_becomes_nan_not_an_error():
     class F:  # the attributes of fvlm_core.zeroshot.FindingResult for an anatomy that was absent
-        name, probability, threshold, threshold_source, flagged = "Cardiomegaly", None, 0.5, "default", False
+        name, value, raw_score, threshold, raw_threshold = "Cardiomegaly", None, None, 0.5, 0.5
+        threshold_source, flagged, calibration, calibration_note = "default", False, "none", ""
 
     class A:
         name, status, volume_ml, findings = "heart", "absent", 0.0, [F()]
@@ -128,7 +131,8 @@ def test_unscored_finding_becomes_nan_not_an_error():
         anatomies, similarity_maps, timings = [A()], {}, {}
 
     summary = AnalysisSummary.from_result(R())
-    assert math.isnan(summary.rows()[0].probability) and not summary.rows()[0].flagged
+    assert math.isnan(summary.rows()[0].value) and not summary.rows()[0].flagged
+    assert not summary.rows()[0].scored
 
 
 def test_findings_rows_keep_reference_wording_and_accept_free_text():
@@ -208,6 +212,28 @@ def test_panel_words_and_order():
     assert "choose TotalSegmentator or a segmentation" in text and "lung: cut by the field of view" in text
     assert "no segment of the chosen segmentation" in panel.absent_text(summary, "segmentation")
     assert panel.done_text(summary, 12.3) == "Done in 12 s on CPU: 0 of 1 scored findings flagged."
+
+
+def test_table_headers_say_probability_only_for_calibrated_findings():
+    """A model without calibration shows "uncalibrated score", never "probability"."""
+    from FVLMSlicerLib import panel
+
+    plain = [FindingRow("lung", "A", 0.02, 0.01, True), FindingRow("aorta", "C", float("nan"), 0.5, False)]
+    calibrated = [
+        FindingRow("lung", "A", 0.41, 0.33, True, raw_score=0.02, raw_threshold=0.01, calibration="platt")
+    ]
+    assert panel.value_headers(plain) == ("Uncalibrated score (x100)", "Threshold (x100)")
+    assert panel.value_headers(calibrated + plain[1:]) == ("Probability (%)", "Threshold (%)")
+    assert panel.value_headers(calibrated + plain) == (
+        "Probability (%) or uncalibrated score (x100)",
+        "Threshold (same scale)",
+    )
+    assert [panel.calibration_text(r) for r in calibrated + plain] == [
+        "probability (Platt)",
+        "uncalibrated score",
+        "uncalibrated score",
+    ]
+    assert set(panel.header_tips(plain)) <= set(panel.RESULT_COLUMNS)
 
 
 class _FakeSlicer:

@@ -8,7 +8,6 @@ after saving/reloading .seg.nrrd, .tsv and .mrb.
 
 from __future__ import annotations
 
-import math
 import sys
 from pathlib import Path
 
@@ -25,7 +24,14 @@ from FVLMSlicerLib import mrml_io  # noqa: E402
 from FVLMSlicerLib.headless import load_scene_mrb, new_scene, save_scene_mrb  # noqa: E402
 from FVLMSlicerLib.jobs import ProcessJob, ThreadJob  # noqa: E402
 from FVLMSlicerLib.logic import AnalysisLogic  # noqa: E402
-from FVLMSlicerLib.results import ATTR_ROLE, dimmed_color, highlight_color, probability_tag, table_rows  # noqa: E402
+from FVLMSlicerLib.results import (  # noqa: E402
+    ATTR_ROLE,
+    FINDING_TAGS,
+    dimmed_color,
+    finding_tag,
+    highlight_color,
+    table_rows,
+)
 from FVLMSlicerLib.runner import AnalysisRequest  # noqa: E402
 
 from fvlm_core.anatomy import CTRATE_CATALOG  # noqa: E402
@@ -59,11 +65,16 @@ def _ijk_to_ras(node) -> np.ndarray:
 def tiny_model(tmp_path_factory) -> Path:
     import torch
 
+    from fvlm_core.calibration import Calibration
     from fvlm_core.model import FVLM
 
     torch.manual_seed(0)
     out = tmp_path_factory.mktemp("fvlm-tiny")
-    FVLM.from_config("fvlm-tiny").save_pretrained(out)
+    model = FVLM.from_config("fvlm-tiny")
+    # the heart's findings calibrated, the others not: the table and tags show both kinds of rows
+    platt = Calibration("platt", "test", a=0.5, b=-1.0).to_dict()
+    heart = [f["name"] for f in model.config.findings if f["anatomy"] == "heart"]
+    model.save_pretrained(out, calibration={name: platt for name in heart}, thresholds={heart[0]: 0.3})
     return out
 
 
@@ -189,21 +200,45 @@ def test_lps_mask_lands_on_the_same_physical_voxel_in_slicer(tmp_path, chest, ts
 
 
 def test_results_table_rows_match_the_analysis(analysed):
+    """Calibrated findings in the probability column, the others in the uncalibrated score column
+    (never called probabilities); thresholds on the row's scale; raw scores beside them."""
+    from fvlm_core.calibration import Calibration
+
+    platt = Calibration("platt", "test", a=0.5, b=-1.0)
     rows = table_rows(analysed.table)
     expected = analysed.summary.rows()
     assert len(rows) == len(expected) == 16  # the CT-RATE findings of the 4 anatomies
-    assert [c for c in rows[0]][:5] == ["anatomy", "finding", "probability (%)", "threshold (%)", "flagged"]
+    assert list(rows[0])[:9] == [
+        "anatomy", "finding", "probability (%)", "uncalibrated score (x100)", "threshold (same scale)",
+        "flagged", "raw score (x100)", "raw threshold (x100)", "calibration",
+    ]  # fmt: skip
+    kinds = set()
+    first_heart = next(r.finding for r in expected if r.anatomy == "heart")
     for row, want in zip(rows, expected):
         assert (row["anatomy"], row["finding"]) == (want.anatomy, want.finding)
-        if math.isnan(want.probability):
-            assert row["probability (%)"].lower() == "nan" and row["flagged"] == "n/a"
-        else:  # percent with one decimal
-            assert float(row["probability (%)"]) == pytest.approx(100 * want.probability, abs=0.051)
-            assert row["flagged"] == ("Yes" if want.flagged else "No")
-        assert float(row["threshold (%)"]) == pytest.approx(100 * want.threshold, abs=0.051)
+        probability, score = row["probability (%)"].lower(), row["uncalibrated score (x100)"].lower()
+        if not want.scored:
+            assert (probability, score, row["flagged"]) == ("nan", "nan", "n/a")
+            continue
+        kinds.add(want.anatomy == "heart")
+        assert row["flagged"] == ("Yes" if want.flagged else "No")
+        assert float(row["raw score (x100)"]) == pytest.approx(100 * want.raw_score, abs=0.0051)
+        if want.anatomy == "heart":  # calibrated: percent with one decimal
+            assert score == "nan" and row["calibration"] == "probability (Platt)"
+            assert float(probability) == pytest.approx(100 * platt.probability(want.raw_score), abs=0.051)
+            raw_t = 0.3 if want.finding == first_heart else 0.5  # the one stored threshold
+            assert float(row["raw threshold (x100)"]) == pytest.approx(100 * raw_t)
+            assert float(row["threshold (same scale)"]) == pytest.approx(
+                100 * platt.probability(raw_t), abs=0.051
+            )
+        else:
+            assert probability == "nan" and row["calibration"].startswith("uncalibrated score: ")
+            assert float(score) == pytest.approx(100 * want.raw_score, abs=0.051)
+            assert float(row["threshold (same scale)"]) == float(row["raw threshold (x100)"]) == 50.0
+    assert kinds == {True, False}
     notes = {r["anatomy"]: r["note"] for r in rows}
     assert "not scored" in notes["esophagus"]  # the analyzer's reason, in the table
-    present = {r.anatomy for r in expected if not math.isnan(r.probability)}
+    present = {r.anatomy for r in expected if r.scored}
     assert present == {"lung", "heart", "aorta"}  # esophagus was not given: not scored
 
 
@@ -215,16 +250,26 @@ def test_segments_are_highlighted_or_dimmed_and_tagged(analysed):
         if segment is None:
             continue
         base = tuple(CTRATE_CATALOG[anatomy.name].color[i] / 255.0 for i in range(3))
-        want = highlight_color(base, anatomy.max_probability) if anatomy.flagged else dimmed_color(base)
+        want = highlight_color(base, anatomy.max_value) if anatomy.flagged else dimmed_color(base)
         np.testing.assert_allclose(segment.GetColor(), want, atol=1e-6)
         if anatomy.flagged:  # flagged: redder than the anatomy colour
             assert segment.GetColor()[0] - segment.GetColor()[2] > base[0] - base[2]
         terminology = mrml_io.get_segment_tag(segment, "TerminologyEntry")
         assert CTRATE_CATALOG[anatomy.name].snomed[0] in terminology
         for f in anatomy.findings:
-            tag = mrml_io.get_segment_tag(segment, probability_tag(f.finding))
-            assert tag is not None and (
-                math.isnan(f.probability) or float(tag) == pytest.approx(f.probability, abs=1e-4)
+            tags = {
+                kind: mrml_io.get_segment_tag(segment, finding_tag(kind, f.finding)) for kind in FINDING_TAGS
+            }
+            if not f.scored:
+                assert set(tags.values()) == {None}
+                continue
+            value = tags["probability" if f.calibrated else "uncalibratedScore"]
+            assert tags["uncalibratedScore" if f.calibrated else "probability"] is None  # one or the other
+            assert float(value) == pytest.approx(f.value, abs=1e-4)
+            assert float(tags["threshold"]) == pytest.approx(f.threshold, abs=1e-4)
+            assert float(tags["rawScore"]) == pytest.approx(f.raw_score, abs=1e-4)
+            assert tags["scale"] == (
+                "probability (Platt)" if anatomy.name == "heart" else "uncalibrated score"
             )
     assert any(a.flagged for a in analysed.summary.anatomies) or not analysed.similarity_volumes
     display = analysed.segmentation.GetDisplayNode()
@@ -267,7 +312,7 @@ def test_similarity_maps_lie_on_the_ct_grid_inside_their_anatomy(analysed, chest
         want = np.where(anatomy[box], 100.0 * analysed.summary.similarity_maps[key][box], 0.0)
         np.testing.assert_allclose(array, want, atol=1e-4)
         display = node.GetDisplayNode()
-        threshold = 100.0 * flagged[key].threshold
+        threshold = 100.0 * flagged[key].raw_threshold  # the maps are raw scores, as the raw threshold
         assert display.GetApplyThreshold() and display.GetLowerThreshold() == pytest.approx(threshold)
         assert display.GetColorNode().GetAttribute(ATTR_COLOR_TABLE) == "1"
 
@@ -291,9 +336,9 @@ def test_segmentation_table_and_scene_survive_save_and_reload(analysed, chest, t
         )
         np.testing.assert_allclose(a.GetColor(), b.GetColor(), atol=1e-3)
         for f in analysed.summary.anatomy(name).findings:
-            assert mrml_io.get_segment_tag(a, probability_tag(f.finding)) == mrml_io.get_segment_tag(
-                b, probability_tag(f.finding)
-            )
+            for kind in FINDING_TAGS:
+                tag = finding_tag(kind, f.finding)
+                assert mrml_io.get_segment_tag(a, tag) == mrml_io.get_segment_tag(b, tag)
         np.testing.assert_array_equal(
             mrml_io.segment_mask(seg2, name, geometry),
             mrml_io.segment_mask(analysed.segmentation, name, geometry),
@@ -333,7 +378,7 @@ def test_segmentation_table_and_scene_survive_save_and_reload(analysed, chest, t
         assert _rgba(colors3, 0)[3] == 0.0  # the transparent low end
 
 
-def test_rerun_reuses_result_nodes(analysed, chest, tiny_model):
+def test_rerun_reuses_result_nodes(analysed, chest, tiny_model, tmp_path):
     logic = AnalysisLogic(chest["scene"])
     again = logic.analyze(
         chest["volume"], chest["seg"], model_dir=str(tiny_model), device="cpu", similarity_maps=False
@@ -343,8 +388,29 @@ def test_rerun_reuses_result_nodes(analysed, chest, tiny_model):
     lung = again.segmentation.GetSegmentation().GetSegment("lung")
     base = tuple(c / 255.0 for c in CTRATE_CATALOG["lung"].color)
     s = again.summary.anatomy("lung")
-    want = highlight_color(base, s.max_probability) if s.flagged else dimmed_color(base)
+    want = highlight_color(base, s.max_value) if s.flagged else dimmed_color(base)
     np.testing.assert_allclose(lung.GetColor(), want, atol=1e-6)
+    # the same weights without calibration: the heart's probabilities become uncalibrated scores,
+    # and no probability tag of the calibrated run is left on its segment
+    import shutil
+
+    from fvlm_core.model.config import load_config
+
+    plain = tmp_path / "uncalibrated"
+    shutil.copytree(tiny_model, plain)
+    cfg = load_config(plain)
+    cfg.calibration = {}
+    cfg.save(plain / "config.yaml")
+    third = logic.analyze(
+        chest["volume"], chest["seg"], model_dir=str(plain), device="cpu", similarity_maps=False
+    )
+    heart = third.segmentation.GetSegmentation().GetSegment("heart")
+    for f in third.summary.anatomy("heart").findings:
+        assert f.scale == "uncalibrated score"
+        assert mrml_io.get_segment_tag(heart, finding_tag("probability", f.finding)) is None
+        assert float(
+            mrml_io.get_segment_tag(heart, finding_tag("uncalibratedScore", f.finding))
+        ) == pytest.approx(f.raw_score, abs=1e-4)
 
 
 def _small_request(chest, tiny_model, slices: slice | None = None) -> AnalysisRequest:
@@ -405,7 +471,8 @@ def test_process_job_runs_the_worker_and_returns_the_same_summary(chest, tiny_mo
     thread = ThreadJob(request).start().wait(120)
     for a, b in zip(status.output.summary.rows(), thread.output.summary.rows()):
         assert (a.anatomy, a.finding, a.flagged) == (b.anatomy, b.finding, b.flagged)
-        assert a.probability == pytest.approx(b.probability, abs=1e-5, nan_ok=True)
+        assert a.value == pytest.approx(b.value, abs=1e-5, nan_ok=True)
+        assert a.raw_score == pytest.approx(b.raw_score, abs=1e-5, nan_ok=True)
     # a cancelled worker stops with state "cancelled" and leaves nothing behind
     job = ProcessJob(request).start()
     job.cancel()

@@ -101,7 +101,7 @@ def test_ui_loads_and_has_every_widget_the_module_uses(loaded_ui):
     missing = used - set(children)
     assert not missing, f"FVLMSlicer.py uses widgets the .ui does not define: {sorted(missing)}"
     assert children["findingsTable"].columnCount() == 2
-    assert children["resultsTable"].columnCount() == 5 and children["resultsTable"].isSortingEnabled()
+    assert children["resultsTable"].columnCount() == 7 and children["resultsTable"].isSortingEnabled()
     assert type(children["inputVolumeSelector"]).__name__ == "qMRMLNodeComboBox"
     assert children["logCollapsibleButton"].property("collapsed") is True  # the log starts folded
 

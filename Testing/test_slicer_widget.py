@@ -119,6 +119,11 @@ def _table(w) -> list[list[str]]:
     return [[t.item(r, c).text() for c in range(t.columnCount)] for r in range(t.rowCount)]
 
 
+def _headers(w) -> list[str]:
+    t = w.ui.resultsTable
+    return [t.horizontalHeaderItem(c).text() for c in range(t.columnCount)]
+
+
 def _chest_slab(scene, ts_dir):
     """A slab of the chest CT (Slicer's reader) and an input segmentation: heart and lungs."""
     from fvlm_core.io import CTVolume, Geometry, read_ct, read_label_map
@@ -298,18 +303,21 @@ def test_analysis_from_the_panel(widget, env, tiny_model, ts_dir, tmp_path):
     assert ui.resultsNoteLabel.text.startswith("esophagus, aorta: no segment of the chosen segmentation")
     assert any("analyze" in line for line in ui.logTextEdit.plainText.splitlines())
     assert pythonqt.unwrap(ui.modelPathLineEdit).history()[0] == str(tiny_model)  # the folder box's history
-    # the results table: percentages, Yes/No in colour, flagged first
+    # the results table: a model without calibration shows uncalibrated scores, never "probability";
+    # Yes/No in colour, flagged first
+    assert _headers(widget)[2:4] == ["Uncalibrated score (x100)", "Threshold (x100)"]
     table = _table(widget)
     assert len(table) == len(summary.rows()) == 16
-    for anatomy, finding, p, thr, flag in table:
+    for anatomy, finding, p, thr, flag, raw, scale in table:
         row = next(r for r in summary.rows() if (r.anatomy, r.finding) == (anatomy, finding))
-        if np.isnan(row.probability):
-            assert (p, flag) == ("", "n/a")
+        if np.isnan(row.value):
+            assert (p, flag, raw) == ("", "n/a", "")
         else:
-            assert float(p) == pytest.approx(round(100 * row.probability, 1)) and flag == (
+            assert float(p) == pytest.approx(round(100 * row.raw_score, 1)) and flag == (
                 "Yes" if row.flagged else "No"
             )
-        assert float(thr) == pytest.approx(round(100 * row.threshold, 1))
+            assert float(raw) == pytest.approx(round(100 * row.raw_score, 2))
+        assert float(thr) == pytest.approx(round(100 * row.threshold, 1)) and scale == "uncalibrated score"
     flags = [r[4] for r in table]
     assert flags == sorted(flags, key=["Yes", "No", "n/a"].index)
     colors = {
@@ -351,6 +359,34 @@ def test_analysis_from_the_panel(widget, env, tiny_model, ts_dir, tmp_path):
     # nothing left running, no copy of the CT left on disk
     assert not list(env.tmp.glob("fvlm-job-*"))
     assert not [p for p in process_tree(os.getpid()) if p != os.getpid()]
+
+
+def test_results_table_shows_probabilities_thresholds_and_raw_scores_of_a_calibrated_model(widget):
+    """What a reader sees for a calibrated finding (probability and threshold in percent, raw score,
+    Platt), beside one the model holds no calibration of (called an uncalibrated score)."""
+    from FVLMSlicerLib.summary import AnalysisSummary, AnatomySummary, FindingRow
+
+    note = "raw score kept: the calibration set has only 4 positives (10 of each class needed)"
+    rows = [
+        FindingRow("lung", "Emphysema", 0.412, 0.331, True, "calibrated", "present", 0.0213, 0.01, "platt"),
+        FindingRow("lung", "Lung nodule", 0.07, 0.12, False, "calibrated", calibration_note=note),
+    ]
+    widget._fillResultsTable(AnalysisSummary([AnatomySummary("lung", "present", 5000.0, rows)]))
+    headers = _headers(widget)
+    assert headers == [
+        "Anatomy", "Finding", "Probability (%) or uncalibrated score (x100)", "Threshold (same scale)",
+        "Flagged", "Raw score", "Calibration",
+    ]  # fmt: skip
+    assert _table(widget) == [
+        ["lung", "Emphysema", "41.2", "33.1", "Yes", "2.13", "probability (Platt)"],
+        ["lung", "Lung nodule", "7", "12", "No", "7", "uncalibrated score"],  # Qt shows 7.0 as 7
+    ]
+    table = widget.ui.resultsTable
+    assert (
+        table.item(1, 6).toolTip() == note and "uncalibrated score" in table.horizontalHeaderItem(2).toolTip()
+    )
+    widget._fillResultsTable(AnalysisSummary([AnatomySummary("lung", "present", 5000.0, rows[:1])]))
+    assert _headers(widget)[2:4] == ["Probability (%)", "Threshold (%)"]
 
 
 @pytest.mark.slow

@@ -9,6 +9,11 @@ the threshold whose operating point (predictions ``score > t``) is closest to th
 (FPR 0, TPR 1); on ties the *largest* such threshold wins (the scripts compare with ``<=``).
 A threshold chosen on the evaluated set flatters the numbers, so the report also supports
 thresholds fixed beforehand (``threshold_source="fixed"``).
+
+Calibration (is a score of 0.3 right 30% of the time?): the Brier score and the expected
+calibration error over :data:`ECE_BINS` equal-width bins, with the bins themselves for a
+reliability diagram (:func:`reliability_bins`, the bins of ``sklearn.calibration.calibration_curve``
+with ``strategy="uniform"``).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 from sklearn.metrics import (
     accuracy_score,
+    brier_score_loss,
     confusion_matrix,
     f1_score,
     precision_score,
@@ -262,3 +268,71 @@ def macro_mean(
                 vals.append(v)
         out[key] = float(np.mean(vals)) if vals else None
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# Calibration
+# --------------------------------------------------------------------------------------------
+
+#: Bins of the expected calibration error and of the reliability diagrams (equal width on [0, 1]).
+ECE_BINS = 10
+
+
+def _finite(y_true: Sequence, y_prob: Sequence) -> tuple[np.ndarray, np.ndarray]:
+    y, p = _as_arrays(y_true, y_prob)
+    if np.any(~np.isfinite(p)) or np.any((p < 0) | (p > 1)):
+        raise ValueError("calibration metrics need probabilities in [0, 1] (no NaN)")
+    return y, p
+
+
+def brier_score(y_true: Sequence, y_prob: Sequence) -> float:
+    """Mean squared difference of the probabilities and the 0/1 labels (lower is better;
+    ``sklearn.metrics.brier_score_loss``). NaN for an empty set."""
+    y, p = _finite(y_true, y_prob)
+    if y.size == 0:
+        return float("nan")
+    return float(brier_score_loss(y, p, pos_label=1))
+
+
+@dataclass
+class ReliabilityBins:
+    """Samples of ``(N,)`` probabilities grouped into ``B`` equal-width bins on [0, 1].
+
+    Bin ``i`` holds ``edges[i] < p <= edges[i + 1]`` (the first also ``p = 0``), as
+    ``sklearn.calibration.calibration_curve(strategy="uniform")`` assigns them. ``mean_predicted``
+    and ``fraction_positive`` are NaN for empty bins.
+    """
+
+    edges: np.ndarray  # (B + 1,)
+    count: np.ndarray  # (B,) int
+    mean_predicted: np.ndarray  # (B,)
+    fraction_positive: np.ndarray  # (B,)
+
+    @property
+    def nonempty(self) -> np.ndarray:
+        return self.count > 0
+
+
+def reliability_bins(y_true: Sequence, y_prob: Sequence, n_bins: int = ECE_BINS) -> ReliabilityBins:
+    """Group ``y_prob`` into ``n_bins`` equal-width bins: per bin the count, the mean probability
+    and the observed fraction of positives (the points of a reliability diagram)."""
+    y, p = _finite(y_true, y_prob)
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    ids = np.searchsorted(edges[1:-1], p)  # sklearn's assignment: (lo, hi], the first [0, hi]
+    count = np.bincount(ids, minlength=n_bins)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean_p = np.bincount(ids, weights=p, minlength=n_bins) / count
+        frac = np.bincount(ids, weights=y, minlength=n_bins) / count
+    return ReliabilityBins(edges, count, mean_p, frac)
+
+
+def expected_calibration_error(y_true: Sequence, y_prob: Sequence, n_bins: int = ECE_BINS) -> float:
+    """``sum_b (n_b / N) * |fraction_positive_b - mean_predicted_b|`` over ``n_bins`` equal-width
+    bins (0 for perfectly calibrated probabilities; NaN for an empty set)."""
+    bins = reliability_bins(y_true, y_prob, n_bins)
+    n = int(bins.count.sum())
+    if n == 0:
+        return float("nan")
+    keep = bins.nonempty
+    gap = np.abs(bins.fraction_positive[keep] - bins.mean_predicted[keep])
+    return float(np.sum(bins.count[keep] / n * gap))

@@ -18,9 +18,19 @@ official weights it gives eval.py's probabilities. A ``fvlm prepare`` cache cann
 HU are rounded and floored at -1024), so ``reference`` windows refuse a cache. ``centred`` and
 ``shared`` are the project's own windows on its physical resampling (:mod:`fvlm_core.zeroshot.windows`).
 
-Writes ``metrics.json``, ``report.md``, ``scores.csv`` and ROC curves (``roc/*.png``) to
-``--out``; ``--store-thresholds`` saves the chosen thresholds into the model folder's config so
-that ``fvlm analyze`` uses them.
+Calibration (:mod:`fvlm_core.calibration`): per label, a strictly increasing map from the raw
+score to a probability (Platt or isotonic, chosen by cross-validated log-loss; the raw score is
+kept with too few positives or negatives), checked on data not used to fit it: fitted on the
+``--calibration`` split and checked on ``--data``; else the model's stored calibration checked on
+``--data``; else (or with ``--store-thresholds``) fitted on ``--data`` and checked by 5-fold
+cross-fitting (every volume calibrated by a map fitted on the other folds). The report gives the
+Brier score and expected calibration error before and after, the AUC before and after (equal),
+and the threshold on both scales.
+
+Writes ``metrics.json``, ``report.md``, ``scores.csv``, ROC curves (``roc/*.png``, ``roc_all.png``)
+and reliability diagrams (``reliability/*.png``, ``reliability_all.png``) to ``--out``;
+``--store-thresholds`` saves the chosen thresholds and the fitted calibrations into the model
+folder's config so that ``fvlm analyze`` uses them.
 """
 
 from __future__ import annotations
@@ -91,6 +101,10 @@ class EvaluationReport:
     macro_fixed: dict[str, dict] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     meta: dict[str, Any] = field(default_factory=dict)
+    #: label -> fvlm_core.calibration.CalibrationCheck (before/after on data not used to fit)
+    calibration: dict[str, Any] = field(default_factory=dict)
+    #: label -> fvlm_core.calibration.Calibration fitted here (what --store-thresholds saves)
+    calibrations: dict[str, Any] = field(default_factory=dict)
 
     @property
     def thresholds(self) -> dict[str, float]:
@@ -114,8 +128,18 @@ class EvaluationReport:
             }
             if self.fixed
             else None,
+            "calibration": self.calibration_dict() if self.calibration else None,
             "notes": self.notes,
             "meta": self.meta,
+        }
+
+    def calibration_dict(self) -> dict[str, Any]:
+        from fvlm_core.metrics import ECE_BINS
+
+        return {
+            "ece_bins": ECE_BINS,
+            "macro": calibration_macro(self.calibration),
+            "labels": {k: v.to_dict() for k, v in self.calibration.items()},
         }
 
 
@@ -218,6 +242,111 @@ def evaluate_scores(
 
 
 # --------------------------------------------------------------------------------------------
+# Calibration
+# --------------------------------------------------------------------------------------------
+
+#: How each label's calibration was checked, in words for the report.
+CHECKED_ON = {
+    "held-out split": "fitted on the --calibration split, checked on the evaluated set (held out)",
+    "stored calibration": "the model folder's stored calibration, checked on the evaluated set",
+    "cross-fitted": "fitted on the evaluated set; checked by 5-fold cross-fitting (each volume "
+    "calibrated by a map fitted on the other four folds)",
+}
+
+
+@dataclass
+class CalibrationSource:
+    """What the report's calibrations come from (see :func:`calibrate_report`)."""
+
+    fit_scores: Mapping[str, np.ndarray] | None = None  # a separate calibration split's scores
+    fit_truth: Mapping[str, np.ndarray] | None = None
+    stored: Mapping[str, Any] = field(default_factory=dict)  # label -> the model's Calibration
+    refit: bool = False  # --store-thresholds: fit on the evaluated set unless a split is given
+
+
+def calibrate_report(
+    report: EvaluationReport,
+    scores: Mapping[str, Sequence[float]],
+    truth: Mapping[str, Sequence[int]],
+    source: CalibrationSource,
+    seed: int = 0,
+) -> None:
+    """Fill ``report.calibration`` (before/after per label) and ``report.calibrations`` (maps
+    fitted here). Per label: fitted on the calibration split and checked on this set; else the
+    model's stored calibration checked on this set (unless ``source.refit``); else fitted on this
+    set and checked by cross-fitting. Volumes whose anatomy was not scored are left out."""
+    from fvlm_core.calibration import check_calibration, cross_fit, fit_calibration
+
+    for lbl, r in report.per_label.items():
+        y, s = np.asarray(truth[lbl], dtype=int), np.asarray(scores[lbl], dtype=float)
+        t = float(r.at_threshold.threshold)
+        if source.fit_scores is not None and lbl in source.fit_scores:
+            cal = report.calibrations[lbl] = fit_calibration(
+                source.fit_truth[lbl], source.fit_scores[lbl], seed
+            )
+            report.calibration[lbl] = check_calibration(y, s, cal, t, checked_on="held-out split")
+        elif lbl in source.stored and not source.refit:
+            report.calibration[lbl] = check_calibration(
+                y, s, source.stored[lbl], t, checked_on="stored calibration"
+            )
+        else:
+            cal = report.calibrations[lbl] = fit_calibration(y, s, seed)
+            held_out = cross_fit(y, s, seed)
+            report.calibration[lbl] = check_calibration(y, s, cal, t, held_out, checked_on="cross-fitted")
+
+
+def calibration_macro(checks: Mapping[str, Any]) -> dict[str, float | None]:
+    """Unweighted means over labels of the Brier score and ECE before and after calibration."""
+    out: dict[str, float | None] = {"n_labels": len(checks)}
+    for key in ("brier_raw", "brier_calibrated", "ece_raw", "ece_calibrated"):
+        vals = [getattr(c, key) for c in checks.values() if not math.isnan(getattr(c, key))]
+        out[key] = float(np.mean(vals)) if vals else None
+    return out
+
+
+def calibration_table(checks: Mapping[str, Any]) -> list[str]:
+    """Markdown rows: per label the method, AUC raw / calibrated, Brier and ECE raw -> calibrated
+    and the threshold on both scales; then the means."""
+    head = "| label | n | pos | method | AUC raw / calibrated | Brier raw -> cal. | ECE raw -> cal. | threshold raw -> cal. |"
+    lines = [head, "|" + "---|" * 8]
+    for lbl, c in checks.items():
+        thr = f"{_fmt(c.threshold_raw, 4)} -> {_fmt(c.threshold_calibrated, 4)}"
+        lines.append(
+            f"| {lbl} | {c.n} | {c.n_positive} | {c.method} | {_fmt(c.auc_raw, 4)} / {_fmt(c.auc_calibrated, 4)} | "
+            f"{_fmt(c.brier_raw, 4)} -> {_fmt(c.brier_calibrated, 4)} | {_fmt(c.ece_raw, 4)} -> "
+            f"{_fmt(c.ece_calibrated, 4)} | {thr} |"
+        )
+    m = calibration_macro(checks)
+    lines.append(
+        f"| **mean** ({m['n_labels']} labels) | | | | | {_fmt(m['brier_raw'], 4)} -> {_fmt(m['brier_calibrated'], 4)} "
+        f"| {_fmt(m['ece_raw'], 4)} -> {_fmt(m['ece_calibrated'], 4)} | |"
+    )
+    return lines
+
+
+def _calibration_markdown(report: EvaluationReport) -> list[str]:
+    from fvlm_core.metrics import ECE_BINS
+
+    how = sorted({c.checked_on for c in report.calibration.values()})
+    lines = [
+        "",
+        "## Calibration (raw score -> probability)",
+        "",
+        "Brier score (mean squared error of the probability) and expected calibration error "
+        f"({ECE_BINS} equal-width bins) before and after calibration, on volumes not used to fit it: "
+        + "; ".join(CHECKED_ON[h] for h in how)
+        + ". The AUC is unchanged by construction (strictly increasing maps), and so are the "
+        "decisions at the threshold, shown on both scales. Reliability diagrams: `reliability_all.png`.",
+        "",
+        *calibration_table(report.calibration),
+        "",
+        "Method per label (chosen by cross-validated log-loss on the data it was fitted on):",
+        "",
+    ]
+    return lines + [f"- {lbl}: {c.reason}" for lbl, c in report.calibration.items()]
+
+
+# --------------------------------------------------------------------------------------------
 # Report files
 # --------------------------------------------------------------------------------------------
 
@@ -264,6 +393,8 @@ def render_markdown(report: EvaluationReport, title: str = "Zero-shot evaluation
     lines += ["", "## Per label", "", *_table(report.per_label, report.macro)]
     if report.fixed:
         lines += ["", "## At thresholds fixed beforehand", "", *_table(report.fixed, report.macro_fixed)]
+    if report.calibration:
+        lines += _calibration_markdown(report)
     if report.notes:
         lines += ["", "## Notes", "", *[f"- {n}" for n in report.notes]]
     return "\n".join(lines) + "\n"
@@ -320,6 +451,77 @@ def plot_rocs(report: EvaluationReport, out_dir: str | os.PathLike) -> list[Path
     return paths
 
 
+def _reliability_axes(ax, check, title: str, fontsize: int = 8) -> None:
+    """One reliability diagram: observed fraction of positives against the mean score per bin,
+    raw and calibrated (marker area ~ volumes in the bin), and the diagonal."""
+    from fvlm_core.metrics import reliability_bins
+
+    ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=0.8)
+    for values, name, ece, color in (
+        (check.raw, "raw score", check.ece_raw, "tab:orange"),
+        (check.calibrated, f"calibrated ({check.method})", check.ece_calibrated, "tab:blue"),
+    ):
+        if check.method == "none" and name != "raw score":
+            continue
+        b = reliability_bins(check.y, values)
+        keep = b.nonempty
+        size = 8 + 60 * b.count[keep] / max(1, int(b.count.max()))
+        ax.plot(b.mean_predicted[keep], b.fraction_positive[keep], "-", c=color, lw=1.0)
+        ax.scatter(
+            b.mean_predicted[keep],
+            b.fraction_positive[keep],
+            s=size,
+            c=color,
+            label=f"{name}, ECE {_fmt(ece)}",
+        )
+    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="predicted", ylabel="observed fraction")
+    ax.set_title(title + (" (raw score kept)" if check.method == "none" else ""), fontsize=fontsize)
+    ax.legend(loc="upper left", fontsize=fontsize - 2)
+
+
+def plot_reliability(
+    checks: Mapping[str, Any],
+    path: str | os.PathLike,
+    per_label_dir: str | os.PathLike | None = None,
+    title: str = "",
+) -> list[Path]:
+    """Reliability diagrams of :class:`~fvlm_core.calibration.CalibrationCheck`\\ s: all labels in
+    one PNG at ``path`` and, with ``per_label_dir``, one PNG per label there."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from fvlm_core.atomic import atomic_path
+
+    paths = []
+    items = [(k, c) for k, c in checks.items() if c.n]
+    for lbl, c in items if per_label_dir is not None else []:
+        fig, ax = plt.subplots(figsize=(4, 4), dpi=80)
+        _reliability_axes(ax, c, lbl, 9)
+        fig.tight_layout()
+        paths.append(Path(per_label_dir) / f"{_slug(lbl)}.png")
+        with atomic_path(paths[-1]) as tmp:
+            fig.savefig(tmp, format="png")
+        plt.close(fig)
+    if items:
+        cols = 4
+        rows = -(-len(items) // cols)
+        fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.2 * rows), dpi=70, squeeze=False)
+        for ax, (lbl, c) in zip(axes.ravel(), items):
+            _reliability_axes(ax, c, lbl, 8)
+        for ax in axes.ravel()[len(items) :]:
+            ax.axis("off")
+        if title:
+            fig.suptitle(title)
+        fig.tight_layout()
+        paths.append(Path(path))
+        with atomic_path(paths[-1]) as tmp:
+            fig.savefig(tmp, format="png")
+        plt.close(fig)
+    return paths
+
+
 def write_report(
     report: EvaluationReport,
     out_dir: str | os.PathLike,
@@ -341,14 +543,29 @@ def write_report(
     if plots:
         written["roc"] = out_dir / "roc_all.png"
         plot_rocs(report, out_dir)
+        if report.calibration:
+            written["reliability"] = out_dir / "reliability_all.png"
+            plot_reliability(
+                report.calibration,
+                written["reliability"],
+                out_dir / "reliability",
+                "Reliability (before/after calibration)",
+            )
     return written
 
 
-def store_thresholds(model_dir: str | os.PathLike, thresholds: Mapping[str, float], source: str = "") -> Path:
-    """Save ``thresholds`` (finding name -> value) into ``model_dir/config.yaml`` (atomically).
+def store_thresholds(
+    model_dir: str | os.PathLike,
+    thresholds: Mapping[str, float],
+    source: str = "",
+    calibration: Mapping[str, Any] | None = None,
+) -> Path:
+    """Save ``thresholds`` (finding name -> value on the raw scale) and ``calibration`` (finding
+    name -> :class:`~fvlm_core.calibration.Calibration`) into ``model_dir/config.yaml``
+    (atomically; only that file: the weights' record of the architecture stays as it was).
 
-    Existing thresholds of other findings are kept. ``fvlm analyze`` then reports them as
-    ``threshold_source: calibrated``.
+    Existing thresholds and calibrations of other findings are kept. ``fvlm analyze`` then
+    reports them as ``threshold_source: calibrated`` and gives calibrated probabilities.
     """
     from fvlm_core.model.config import load_config
 
@@ -359,6 +576,7 @@ def store_thresholds(model_dir: str | os.PathLike, thresholds: Mapping[str, floa
     cfg = load_config(model_dir)
     clean = {k: float(v) for k, v in thresholds.items() if v is not None and not math.isnan(float(v))}
     cfg.thresholds = {**cfg.thresholds, **clean}
+    cfg.calibration = {**cfg.calibration, **{k: c.to_dict() for k, c in (calibration or {}).items()}}
     if source:
         cfg.versions = {**cfg.versions, "thresholds_from": source}
     cfg.save(cfg_path)
@@ -651,31 +869,41 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--store-thresholds",
         action="store_true",
-        help="save the chosen thresholds into the model folder's config",
+        help="save the chosen thresholds and the fitted calibrations (raw score -> probability) into "
+        "the model folder's config; run it on a calibration split",
     )
-    parser.add_argument("--no-plots", action="store_true", help="skip the ROC PNGs")
+    parser.add_argument("--no-plots", action="store_true", help="skip the ROC and reliability PNGs")
     parser.add_argument("--out", required=True, help="report folder")
 
 
+def _stored_calibrations(config) -> dict[str, Any]:
+    from fvlm_core.calibration import from_config
+
+    return from_config(config.calibration)
+
+
 def _scores_from_table(args: argparse.Namespace, meta: dict[str, Any]):
-    """``(names, scores, truth, thresholds)`` of ``--scores`` and ``--labels`` (thresholds: the
-    ``--model`` folder's, if given)."""
+    """``(names, scores, truth, thresholds, calibration source)`` of ``--scores`` and ``--labels``
+    (thresholds and stored calibrations: the ``--model`` folder's, if given)."""
     if not args.labels:
         raise ConfigError("--scores needs --labels (the ground-truth CSV)")
     names, scores = read_score_table(args.scores)
     truth = read_label_table(args.labels, names)
     meta["scores"] = str(args.scores)
     thresholds: dict[str, float] = {}
+    source = CalibrationSource(refit=args.store_thresholds)
     if args.model:
         from fvlm_core.model.config import load_config
 
-        thresholds = dict(load_config(args.model).thresholds)
-    return names, scores, truth, thresholds
+        config = load_config(args.model)
+        thresholds, source.stored = dict(config.thresholds), _stored_calibrations(config)
+    return names, scores, truth, thresholds, source
 
 
 def _scores_from_model(args: argparse.Namespace, meta: dict[str, Any]):
-    """``(names, scores, truth, thresholds)`` of ``--model`` on ``--data``; thresholds from the
-    ``--calibration`` split (strict protocol) or the model folder."""
+    """``(names, scores, truth, thresholds, calibration source)`` of ``--model`` on ``--data``;
+    thresholds and calibrations from the ``--calibration`` split (strict protocol) or the model
+    folder."""
     if not args.data or not args.model:
         raise ConfigError("give --data DIR and --model DIR (or --scores CSV --labels CSV)")
     from fvlm_core.zeroshot.analyzer import Analyzer
@@ -701,10 +929,12 @@ def _scores_from_model(args: argparse.Namespace, meta: dict[str, Any]):
             **options,
         )
 
+    source = CalibrationSource(stored=_stored_calibrations(analyzer.config), refit=args.store_thresholds)
     if args.protocol == "strict" and args.calibration:
         from fvlm_core.metrics import roc_corner_threshold
 
         _, cal_scores, cal_truth = score(args.calibration)
+        source.fit_scores, source.fit_truth = cal_scores, cal_truth
         thresholds = {}
         for lbl, s in cal_scores.items():
             s = np.asarray(s, dtype=float)
@@ -714,32 +944,42 @@ def _scores_from_model(args: argparse.Namespace, meta: dict[str, Any]):
     else:
         thresholds = dict(analyzer.config.thresholds)
     names, scores, truth = score(args.data, dedupe_scans=args.one_per_scan, limit=args.limit)
-    return names, scores, truth, thresholds
+    return names, scores, truth, thresholds, source
 
 
 def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     meta: dict[str, Any] = {}
+    if args.store_thresholds and not args.model:
+        raise ConfigError("--store-thresholds needs --model DIR")
     collect = _scores_from_table if args.scores else _scores_from_model
-    names, scores, truth, thresholds = collect(args, meta)
+    names, scores, truth, thresholds, source = collect(args, meta)
     report = evaluate_scores(
         scores, truth, names, args.protocol, thresholds, n_bootstrap=args.n_bootstrap, seed=args.seed
     )
+    calibrate_report(report, scores, truth, source, seed=args.seed)
     report.meta.update(meta)
     report.meta["seconds"] = round(time.perf_counter() - t0, 1)
     write_report(report, args.out, scores, names, plots=not args.no_plots)
     if args.store_thresholds:
-        if not args.model:
-            raise ConfigError("--store-thresholds needs --model DIR")
         path = store_thresholds(
-            args.model, report.thresholds, source=f"{args.protocol}: {report.split['description']}"
+            args.model,
+            report.thresholds,
+            source=f"{args.protocol}: {report.split['description']}",
+            calibration=report.calibrations,
         )
-        print(f"thresholds stored in {path}")
+        print(f"thresholds and calibrations stored in {path}")
     m = report.macro["fvlm16"]
     print(
         f"{report.split['description']}: macro AUC {_fmt(m['auc'])}, ACC {_fmt(m['accuracy'])}, "
         f"wF1 {_fmt(m['f1_weighted'])}, precision {_fmt(m['precision'])} over {m['n_labels']} labels "
         f"({report.protocol} protocol). Report: {Path(args.out) / 'report.md'}"
+    )
+    c = calibration_macro(report.calibration)
+    print(
+        f"calibration (mean over {c['n_labels']} labels, on volumes not used to fit it): Brier "
+        f"{_fmt(c['brier_raw'], 4)} -> {_fmt(c['brier_calibrated'], 4)}, ECE {_fmt(c['ece_raw'], 4)} -> "
+        f"{_fmt(c['ece_calibrated'], 4)}"
     )
     return 0
 

@@ -61,19 +61,56 @@ def percent_text(probability: float) -> str:
 
 def flagged_text(row: FindingRow) -> str:
     """``Yes`` / ``No``, or ``n/a`` for a finding that could not be scored."""
-    if math.isnan(row.probability):
+    if not row.scored:
         return "n/a"
     return "Yes" if row.flagged else "No"
 
 
 def result_order(rows: list[FindingRow]) -> list[FindingRow]:
-    """Flagged findings first, then by probability (highest first); unscored ones last."""
+    """Flagged findings first, then by value (highest first); unscored ones last."""
 
     def key(row: FindingRow):
-        scored = not math.isnan(row.probability)
-        return (not (scored and row.flagged), not scored, -(row.probability if scored else 0.0))
+        return (not (row.scored and row.flagged), not row.scored, -(row.value if row.scored else 0.0))
 
     return sorted(rows, key=key)
+
+
+#: The results table's columns after Anatomy and Finding (the value and threshold headers depend
+#: on whether the findings are calibrated: :func:`value_headers`).
+RESULT_COLUMNS = ("Anatomy", "Finding", "value", "threshold", "Flagged", "Raw score", "Calibration")
+
+
+def value_headers(rows: list[FindingRow]) -> tuple[str, str]:
+    """Headers of the value and threshold columns: ``Probability (%)`` when every scored finding
+    is calibrated, ``Uncalibrated score (x100)`` when none is (its numbers are not
+    probabilities), and both names when the table mixes them."""
+    kinds = {r.calibrated for r in rows if r.scored} or {r.calibrated for r in rows}
+    if kinds == {True}:
+        return "Probability (%)", "Threshold (%)"
+    if kinds == {False}:
+        return "Uncalibrated score (x100)", "Threshold (x100)"
+    return "Probability (%) or uncalibrated score (x100)", "Threshold (same scale)"
+
+
+def header_tips(rows: list[FindingRow]) -> dict[str, str]:
+    """Tooltips of the results table's headers."""
+    return {
+        "value": "The calibrated probability that the finding is present in this anatomy, in percent, "
+        "where the model holds a calibration of the finding (see the Calibration column); otherwise "
+        "the model's raw score x100: an uncalibrated score, not a probability. Empty: not scored.",
+        "threshold": "Decision threshold on the same scale as the value: the model's own (calibrated on a "
+        "labelled set) for its findings, the raw score 0.5 otherwise.",
+        "Flagged": "Yes: the value is above the threshold. n/a: the anatomy could not be scored.",
+        "Raw score": "The model's raw score x100 (softmax of the two prompt similarities), before calibration.",
+        "Calibration": "How the raw score became a probability (Platt scaling or isotonic regression, fitted "
+        "on a labelled calibration set), or 'uncalibrated score' and why.",
+    }
+
+
+def calibration_text(row: FindingRow) -> str:
+    """The Calibration column: ``probability (Platt)`` / ``probability (isotonic)`` /
+    ``uncalibrated score``."""
+    return row.scale_text
 
 
 def absent_text(summary: AnalysisSummary, source: str) -> str:
@@ -100,7 +137,7 @@ def absent_text(summary: AnalysisSummary, source: str) -> str:
 
 def done_text(summary: AnalysisSummary, elapsed_s: float) -> str:
     """The status line after an analysis."""
-    rows = [r for r in summary.rows() if not math.isnan(r.probability)]
+    rows = [r for r in summary.rows() if r.scored]
     flagged = [r for r in rows if r.flagged]
     where = sorted({r.anatomy for r in flagged})
     text = (

@@ -1,16 +1,21 @@
 """Analysis results -> MRML: highlighted segments, segment tags, a table node, similarity maps.
 
 * Segments of anatomies with a flagged finding are recoloured from the anatomy's colour toward
-  a highlight red in proportion to the highest flagged probability and drawn opaque; the other
+  a highlight red in proportion to the highest flagged value and drawn opaque; the other
   segments are dimmed (greyed, low opacity). The original colour is kept in a tag so repeated
   runs do not compound.
-* Each segment carries tags ``FVLM.probability.<finding>`` (``"0.7342"``), ``FVLM.flagged``
-  (``"; "``-separated names), ``FVLM.findings`` (all scored names), ``FVLM.maxProbability``,
-  ``FVLM.status``.
-* A table node lists anatomy, finding, probability (%), threshold (%), flagged (Yes/No),
-  threshold source, status and note, one row per finding.
+* Each segment carries, per finding, ``FVLM.probability.<finding>`` (``"0.7342"``, the calibrated
+  probability) or, for a finding the model has no calibration of,
+  ``FVLM.uncalibratedScore.<finding>`` (never called a probability); ``FVLM.threshold.<finding>``
+  on that same scale; ``FVLM.rawScore.<finding>``; ``FVLM.scale.<finding>`` (``probability
+  (Platt)`` / ``uncalibrated score``); and ``FVLM.flagged`` (``"; "``-separated names),
+  ``FVLM.findings`` (all scored names), ``FVLM.maxProbability`` (or ``FVLM.maxUncalibratedScore``
+  when a flagged finding is uncalibrated), ``FVLM.status``.
+* A table node lists anatomy, finding, probability (%) or uncalibrated score (x100), the
+  threshold on that scale, flagged (Yes/No), the raw score and raw threshold (x100), the
+  calibration, threshold source, status and note, one row per finding.
 * Similarity maps of flagged findings become percentage volumes over their anatomy's box,
-  displayed as overlays (``overlay.py``).
+  displayed as overlays (``overlay.py``) above the raw threshold (the maps are raw scores).
 
 The voxel work (label map and maps into VTK objects) is :func:`prepare_results`, which runs in a
 background thread; what touches the scene is small (:func:`apply_to_segmentation`,
@@ -42,13 +47,19 @@ DIM_OPACITY = 0.15
 TABLE_COLUMNS = (
     ("anatomy", "string"),
     ("finding", "string"),
-    ("probability (%)", "double"),
-    ("threshold (%)", "double"),
+    ("probability (%)", "double"),  # calibrated; empty where uncalibrated or not scored
+    ("uncalibrated score (x100)", "double"),  # the raw score where the finding has no calibration
+    ("threshold (same scale)", "double"),  # on the scale of the row's probability or score
     ("flagged", "string"),
+    ("raw score (x100)", "double"),
+    ("raw threshold (x100)", "double"),
+    ("calibration", "string"),
     ("threshold source", "string"),
     ("status", "string"),
     ("note", "string"),
 )
+#: Per-finding segment tags (``FVLM.<kind>.<finding>``), removed before a new analysis writes its own.
+FINDING_TAGS = ("probability", "uncalibratedScore", "threshold", "rawScore", "scale")
 
 #: Node attribute linking result nodes to the analysis (value: the segmentation node ID).
 ATTR_SEGMENTATION = "FVLM.SegmentationNodeID"
@@ -70,9 +81,9 @@ class ResultNodes:
     def summary_rows(self) -> list:
         return self.summary.rows() if self.summary is not None else []
 
-    def probability(self, key: tuple[str, str]) -> float:
-        """Probability of ``(anatomy, finding)`` (0 when it was not scored)."""
-        return next((r.probability for r in self.summary_rows if (r.anatomy, r.finding) == key), 0.0)
+    def value(self, key: tuple[str, str]) -> float:
+        """Probability (or uncalibrated score) of ``(anatomy, finding)`` (0 when it was not scored)."""
+        return next((r.value for r in self.summary_rows if (r.anatomy, r.finding) == key), 0.0)
 
 
 def _clean_tag(text: str) -> str:
@@ -80,8 +91,33 @@ def _clean_tag(text: str) -> str:
     return text.replace("|", "/").replace(":", "-")
 
 
+def finding_tag(kind: str, finding: str) -> str:
+    """``FVLM.<kind>.<finding>`` (``kind`` one of :data:`FINDING_TAGS`)."""
+    return f"{TAG_PREFIX}{kind}.{_clean_tag(finding)}"
+
+
 def probability_tag(finding: str) -> str:
-    return f"{TAG_PREFIX}probability.{_clean_tag(finding)}"
+    return finding_tag("probability", finding)
+
+
+def finding_tags(row) -> dict[str, str]:
+    """The per-finding segment tags of one :class:`FindingRow` (a not-scored finding has none)."""
+    if not row.scored:
+        return {}
+    kind = "probability" if row.calibrated else "uncalibratedScore"
+    return {
+        finding_tag(kind, row.finding): f"{row.value:.4f}",
+        finding_tag("threshold", row.finding): f"{row.threshold:.4f}",
+        finding_tag("rawScore", row.finding): f"{row.raw_score:.4f}",
+        finding_tag("scale", row.finding): row.scale_text,
+    }
+
+
+def _remove_finding_tags(segment: Any) -> None:
+    """Remove the per-finding tags an earlier analysis left (its findings are in FVLM.findings)."""
+    for name in (get_segment_tag(segment, TAG_PREFIX + "findings") or "").split("; "):
+        for kind in FINDING_TAGS:
+            segment.RemoveTag(f"{TAG_PREFIX}{kind}.{name}")
 
 
 def highlight_color(base_rgb: tuple[float, float, float], probability: float) -> tuple[float, float, float]:
@@ -127,28 +163,34 @@ def apply_to_segmentation(segmentation_node: Any, summary: AnalysisSummary) -> N
                 base = tuple(segment.GetColor())
                 segment.SetTag(TAG_PREFIX + "originalColor", ",".join(f"{c:.4f}" for c in base))
             flagged = result.flagged
-            p_max = result.max_probability
+            p_max = result.max_value
             segment.SetColor(*(highlight_color(base, p_max) if flagged else dimmed_color(base)))
+            _remove_finding_tags(segment)
             segment.SetTag(TAG_PREFIX + "status", result.status)
             segment.SetTag(TAG_PREFIX + "findings", "; ".join(_clean_tag(f.finding) for f in result.findings))
             segment.SetTag(TAG_PREFIX + "flagged", "; ".join(_clean_tag(f.finding) for f in flagged))
-            segment.SetTag(TAG_PREFIX + "maxProbability", f"{p_max:.4f}")
+            calibrated = all(f.calibrated for f in flagged)
+            segment.RemoveTag(TAG_PREFIX + ("maxUncalibratedScore" if calibrated else "maxProbability"))
+            segment.SetTag(
+                TAG_PREFIX + ("maxProbability" if calibrated else "maxUncalibratedScore"), f"{p_max:.4f}"
+            )
             for f in result.findings:
-                segment.SetTag(probability_tag(f.finding), f"{f.probability:.4f}")
+                for tag, text in finding_tags(f).items():
+                    segment.SetTag(tag, text)
             if display is not None:
                 display.SetSegmentOpacity2DFill(segment_id, fill_opacity(result))
                 display.SetSegmentOpacity2DOutline(segment_id, 1.0 if flagged else 0.3)
                 display.SetSegmentOpacity3D(segment_id, 1.0 if flagged else 0.1)
 
 
-def percent(value: float) -> float:
-    """A probability as a percentage with one decimal (NaN stays NaN: not scored)."""
-    return float("nan") if math.isnan(value) else round(100.0 * float(value), 1)
+def percent(value: float, digits: int = 1) -> float:
+    """A probability (or score) x100 with ``digits`` decimals (NaN stays NaN: not scored)."""
+    return float("nan") if math.isnan(value) else round(100.0 * float(value), digits)
 
 
 def fill_opacity(result) -> float:
-    """2D fill opacity of an anatomy: flagged ones opaque in proportion to the probability."""
-    return 0.5 + 0.5 * result.max_probability if result.flagged else DIM_OPACITY
+    """2D fill opacity of an anatomy: flagged ones opaque in proportion to the value."""
+    return 0.5 + 0.5 * result.max_value if result.flagged else DIM_OPACITY
 
 
 def outline_only(segmentation_node: Any, summary: AnalysisSummary, anatomy: str | None) -> None:
@@ -161,8 +203,27 @@ def outline_only(segmentation_node: Any, summary: AnalysisSummary, anatomy: str 
             display.SetSegmentOpacity2DFill(result.name, opacity)
 
 
+def table_values(row, note: str) -> tuple:
+    """One row of the table node, in :data:`TABLE_COLUMNS` order."""
+    nan = float("nan")
+    return (
+        row.anatomy,
+        row.finding,
+        percent(row.value) if row.calibrated else nan,
+        nan if row.calibrated else percent(row.value),
+        percent(row.threshold),
+        flagged_text(row),
+        percent(row.raw_score, 2),
+        percent(row.raw_threshold, 2),
+        row.scale_text + (f": {row.calibration_note}" if row.calibration_note else ""),
+        row.threshold_source,
+        row.status,
+        note,
+    )
+
+
 def fill_table(table_node: Any, summary: AnalysisSummary) -> Any:
-    """Replace the table's content by one row per finding (probabilities in percent)."""
+    """Replace the table's content by one row per finding (values x100)."""
     table_node.RemoveAllColumns()
     arrays = {"string": vtk.vtkStringArray, "double": vtk.vtkDoubleArray}
     columns = []
@@ -173,17 +234,7 @@ def fill_table(table_node: Any, summary: AnalysisSummary) -> Any:
         columns.append(column)
     notes = {a.name: a.note for a in summary.anatomies}
     for row in summary.rows():
-        values = (
-            row.anatomy,
-            row.finding,
-            percent(row.probability),
-            percent(row.threshold),
-            flagged_text(row),
-            row.threshold_source,
-            row.status,
-            notes.get(row.anatomy, ""),
-        )
-        for column, value in zip(columns, values):
+        for column, value in zip(columns, table_values(row, notes.get(row.anatomy, ""))):
             column.InsertNextValue(value)
     table_node.GetTable().Modified()
     table_node.SetUseColumnTitleAsColumnHeader(True)
@@ -232,7 +283,8 @@ def prepare_results(
         if row is None:
             continue
         mask = labelmap == catalog.label(key[0])
-        prepared = prepare_overlay(np.asarray(array, dtype=np.float32), mask, geometry, row.threshold)
+        # the maps are per-token raw scores: shown above the raw threshold
+        prepared = prepare_overlay(np.asarray(array, dtype=np.float32), mask, geometry, row.raw_threshold)
         if prepared is not None:
             overlays[key] = prepared
     return PreparedResults(summary, anatomy_layer(labelmap, geometry, catalog), overlays, catalog)

@@ -9,6 +9,7 @@ back through a JSON file plus one ``.npy`` file per similarity map.
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -18,18 +19,57 @@ import numpy as np
 
 from fvlm_core.atomic import atomic_path, atomic_write_text
 
+#: What an uncalibrated raw score is called (as ``fvlm_core.zeroshot.analyzer.UNCALIBRATED``).
+UNCALIBRATED = "uncalibrated score"
+_METHODS = {"platt": "Platt", "isotonic": "isotonic"}
+
 
 @dataclass(frozen=True)
 class FindingRow:
-    """One row of the results table."""
+    """One row of the results table.
+
+    ``value`` is what the user reads: the calibrated probability where the model holds a
+    calibration of the finding (``calibration`` platt / isotonic), else the raw score, an
+    uncalibrated score (NaN: not scored). ``threshold`` is on the scale of ``value``;
+    ``raw_score`` and ``raw_threshold`` on the raw scale (similarity maps are on that scale).
+    """
 
     anatomy: str
     finding: str
-    probability: float
+    value: float
     threshold: float
     flagged: bool
     threshold_source: str = "default"
     status: str = "present"
+    raw_score: float = math.nan
+    raw_threshold: float = math.nan
+    calibration: str = "none"  # "platt" | "isotonic" | "none"
+    calibration_note: str = ""  # why the raw score is kept
+
+    def __post_init__(self) -> None:
+        if not self.calibrated:  # the value is the raw score: the raw fields default to it
+            if math.isnan(self.raw_score):
+                object.__setattr__(self, "raw_score", float(self.value))
+            if math.isnan(self.raw_threshold):
+                object.__setattr__(self, "raw_threshold", float(self.threshold))
+
+    @property
+    def calibrated(self) -> bool:
+        return self.calibration != "none"
+
+    @property
+    def scale(self) -> str:
+        """``"probability"`` or ``"uncalibrated score"``: what :attr:`value` is."""
+        return "probability" if self.calibrated else UNCALIBRATED
+
+    @property
+    def scale_text(self) -> str:
+        """``probability (Platt)`` / ``probability (isotonic)`` / ``uncalibrated score``."""
+        return f"probability ({_METHODS[self.calibration]})" if self.calibrated else UNCALIBRATED
+
+    @property
+    def scored(self) -> bool:
+        return not math.isnan(self.value)
 
 
 @dataclass
@@ -45,9 +85,10 @@ class AnatomySummary:
         return [f for f in self.findings if f.flagged]
 
     @property
-    def max_probability(self) -> float:
-        """Highest probability over the anatomy's flagged findings (0 when none is flagged)."""
-        return max((f.probability for f in self.flagged), default=0.0)
+    def max_value(self) -> float:
+        """Highest value (probability or uncalibrated score) over the anatomy's flagged findings
+        (0 when none is flagged)."""
+        return max((f.value for f in self.flagged), default=0.0)
 
 
 @dataclass
@@ -73,19 +114,7 @@ class AnalysisSummary:
         """Summarise a ``fvlm_core.zeroshot.AnalysisResult`` (``anatomies`` of ``AnatomyResult``)."""
         anatomies = []
         for a in result.anatomies:
-            rows = [
-                FindingRow(
-                    anatomy=a.name,
-                    finding=f.name,
-                    # None: the anatomy could not be scored (absent, or cut by the field of view)
-                    probability=float("nan") if f.probability is None else float(f.probability),
-                    threshold=float(f.threshold),
-                    flagged=bool(f.flagged),
-                    threshold_source=str(getattr(f, "threshold_source", "default")),
-                    status=str(a.status),
-                )
-                for f in a.findings
-            ]
+            rows = [_row(a, f) for f in a.findings]
             note = str(getattr(a, "note", "") or "")
             anatomies.append(AnatomySummary(a.name, str(a.status), float(a.volume_ml or 0.0), rows, note))
         maps = {
@@ -162,6 +191,28 @@ class AnalysisSummary:
             doc.get("model_dir", ""),
             doc.get("notes", []),
         )
+
+
+def _number(v: float | None) -> float:
+    # None: the anatomy could not be scored (absent, or cut by the field of view)
+    return math.nan if v is None else float(v)
+
+
+def _row(anatomy: Any, f: Any) -> FindingRow:
+    """A ``fvlm_core.zeroshot.FindingResult`` of ``anatomy`` as a table row."""
+    return FindingRow(
+        anatomy=anatomy.name,
+        finding=f.name,
+        value=_number(f.value),
+        threshold=float(f.threshold),
+        flagged=bool(f.flagged),
+        threshold_source=str(f.threshold_source),
+        status=str(anatomy.status),
+        raw_score=_number(f.raw_score),
+        raw_threshold=float(f.raw_threshold),
+        calibration=str(f.calibration),
+        calibration_note=str(f.calibration_note),
+    )
 
 
 def _nonzero_box(array: np.ndarray) -> tuple[list[int], np.ndarray]:

@@ -3,8 +3,10 @@
 Reads the CT (NIfTI, NRRD, MHA or a DICOM series folder), segments it (built-in backend:
 lungs only; TotalSegmentator; or a given label map), embeds every anatomy of the model and scores
 the model's findings (the 16 CT-RATE findings by default) plus any given with --prompts.
-Per anatomy: present / partial (cut by the field of view) / absent, volume; per finding:
-probability, the threshold used (calibrated or default 0.5) and flagged yes/no. Warnings (a
+Per anatomy: present / partial (cut by the field of view) / absent, volume; per finding: the
+calibrated probability where the model holds a calibration of it (else the raw score, called an
+"uncalibrated score"), the raw score, the threshold used on both scales (calibrated or default
+0.5) and flagged yes/no; the console lists every finding the same way. Warnings (a
 DICOM folder holding several series, voxels much coarser than the model's, default prompt
 wordings, a prompt replacing a built-in finding, ...) are printed and listed in the JSON.
 
@@ -98,9 +100,9 @@ def run(args: argparse.Namespace) -> int:
         out = {**result.to_dict(), **out, "warnings": warned}
         staged.path("--out").write_text(json.dumps(out, indent=2), encoding="utf-8")
     say = _say(args.quiet)
-    for anat, f in result.flagged:
-        p, t = distinct_numbers(f.probability, f.threshold)
-        say(f"flagged: {f.name} on {anat} (p = {p} > {t}, {f.threshold_source})")
+    for anat in result.anatomies:
+        for f in anat.findings:
+            say(finding_line(anat.name, f))
     for note in result.notes:
         if note not in warned:  # already printed as a warning
             say(f"note: {note}")
@@ -175,11 +177,36 @@ def analyze(args: argparse.Namespace):
     return result, extra
 
 
-def distinct_numbers(a: float, b: float) -> tuple[str, str]:
-    """``a`` and ``b`` with the fewest decimals (at least 3) that tell them apart, so
+_METHOD = {"platt": "Platt calibration", "isotonic": "isotonic calibration"}
+
+
+def finding_line(anatomy: str, f) -> str:
+    """One finding as the console shows it: the calibrated probability (in percent) with its
+    threshold on the same scale and the raw score, or the raw score called an uncalibrated score.
+
+    ``Emphysema (lung): probability 41.2 % > threshold 33.1 % (raw score 0.0213 > 0.0100; Platt
+    calibration, calibrated threshold) FLAGGED``
+    """
+    head = f"{f.name} ({anatomy}): "
+    if f.raw_score is None:
+        return head + "not scored (its anatomy was not scored: see the notes)"
+    flag = "FLAGGED" if f.flagged else "not flagged"
+    sign = ">" if f.flagged else "<="
+    raw, raw_t = distinct_numbers(f.raw_score, f.raw_threshold, digits=4)
+    if f.calibrated:
+        p, t = distinct_numbers(100 * f.probability, 100 * f.threshold, digits=1)
+        return (
+            f"{head}probability {p} % {sign} threshold {t} % "
+            f"(raw score {raw} {sign} {raw_t}; {_METHOD[f.calibration]}, {f.threshold_source} threshold) {flag}"
+        )
+    return f"{head}uncalibrated score {raw} {sign} threshold {raw_t} ({f.threshold_source} threshold) {flag}"
+
+
+def distinct_numbers(a: float, b: float, digits: int = 3) -> tuple[str, str]:
+    """``a`` and ``b`` with the fewest decimals (at least ``digits``) that tell them apart, so
     ``p > threshold`` never prints as ``0.500 > 0.500``."""
-    for digits in range(3, 10):
-        x, y = f"{a:.{digits}f}", f"{b:.{digits}f}"
+    for d in range(digits, max(digits, 10)):
+        x, y = f"{a:.{d}f}", f"{b:.{d}f}"
         if x != y:
             return x, y
     return repr(float(a)), repr(float(b))

@@ -1,9 +1,9 @@
 """Model configuration: one plain YAML file holds everything inference needs.
 
 Architecture (vision / text / pooling), the anatomy list, model-space preprocessing, the
-findings and their prompts, calibrated thresholds and the library versions that produced the
-weights. ``load_config("fvlm-tiny")`` reads ``fvlm_core/configs/fvlm-tiny.yaml``;
-``load_config(path)`` reads a user's copy.
+findings and their prompts, calibrated thresholds and calibrations (raw score -> probability)
+and the library versions that produced the weights. ``load_config("fvlm-tiny")`` reads
+``fvlm_core/configs/fvlm-tiny.yaml``; ``load_config(path)`` reads a user's copy.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from fvlm_core.calibration import from_config, to_config
 from fvlm_core.errors import ConfigError
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
@@ -181,8 +182,11 @@ class FVLMConfig:
     preprocessing: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_PREPROCESSING))
     #: ``fvlm_core.findings.Finding`` dicts; ``None`` -> the CT-RATE findings on this model's anatomies.
     findings: list[dict[str, Any]] | None = None
-    #: calibrated decision thresholds per finding name.
+    #: calibrated decision thresholds per finding name, on the raw score's scale.
     thresholds: dict[str, float] = field(default_factory=dict)
+    #: per finding name, how its raw score becomes a probability (``fvlm_core.calibration.Calibration``
+    #: as a dict: method platt with a, b; isotonic with knots; none with the reason).
+    calibration: dict[str, dict[str, Any]] = field(default_factory=dict)
     #: library versions that produced the weights (filled by ``save_pretrained``).
     versions: dict[str, str] = field(default_factory=dict)
 
@@ -217,6 +221,7 @@ class FVLMConfig:
         self.findings = [dict(f) for f in self.findings]
         self.finding_set()  # validate
         self.thresholds = {str(k): float(v) for k, v in (self.thresholds or {}).items()}
+        self.calibration = to_config(from_config(self.calibration))  # validated, plain data
         self.versions = {str(k): str(v) for k, v in (self.versions or {}).items()}
 
     # ------------------------------------------------------------------ helpers

@@ -8,10 +8,14 @@
     result.write_maps("maps/")                             # NIfTI similarity maps of flagged findings
 
 Per anatomy the result says present / partial (cut by the field of view) / absent and its
-volume; per finding on it the probability ``softmax([v.t_neg, v.t_pos] / tau)[1]``, the
-threshold used (the model config's calibrated one, else 0.5, and which) and whether it is
-flagged (``p > threshold``, the reference's rule). A calibrated threshold applies only to the
-wordings it was calibrated with: a finding of that name worded otherwise gets 0.5.
+volume; per finding on it the raw score ``softmax([v.t_neg, v.t_pos] / tau)[1]``, the threshold
+used (the model config's calibrated one, else 0.5, and which) and whether it is flagged
+(``raw score > threshold``, the reference's rule). Where the model config holds a calibration of
+the finding (:mod:`fvlm_core.calibration`), the raw score becomes a probability and the threshold
+is shown on that scale (a strictly increasing map: the same findings are flagged); otherwise the
+raw score is reported as an "uncalibrated score", not a probability. A calibrated threshold and a
+calibration apply only to the wordings they were fitted with: a finding of that name worded
+otherwise gets 0.5 and its raw score.
 
 Cost: the CT is resampled to model space once; anatomies whose joint box fits in the model
 window share one encoder forward (``windows.plan_shared``); prompt embeddings are cached per
@@ -32,6 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from fvlm_core.calibration import Calibration
 from fvlm_core.devices import resolve_device
 from fvlm_core.errors import CancelledError, ConfigError, InputError, warn
 from fvlm_core.findings import Finding, FindingSet
@@ -59,30 +64,68 @@ Progress = Callable[[str, float], None]
 # --------------------------------------------------------------------------------------------
 
 
+#: What an uncalibrated raw score is called wherever it is shown (never "probability").
+UNCALIBRATED = "uncalibrated score"
+
+
 @dataclass
 class FindingResult:
-    """One finding scored on one anatomy (``probability`` None: the anatomy was not scored)."""
+    """One finding scored on one anatomy (``raw_score`` None: the anatomy was not scored).
+
+    ``probability`` is the calibrated probability (None when the finding has no calibration, or
+    was not scored); ``threshold`` is on the scale of :attr:`value` (calibrated probability, else
+    raw score) and ``raw_threshold`` on the raw scale; ``flagged`` is ``raw_score > raw_threshold``,
+    which equals ``probability > threshold`` (the calibration is strictly increasing).
+    """
 
     name: str
-    probability: float | None
+    raw_score: float | None
     threshold: float
     threshold_source: str  # "calibrated" (model config) | "default" (0.5)
     flagged: bool
     source: str = "ctrate"  # "ctrate" | "user"
     positive: tuple[str, ...] = ()
     negative: tuple[str, ...] = ()
+    raw_threshold: float = DEFAULT_THRESHOLD
+    probability: float | None = None
+    calibration: str = "none"  # "platt" | "isotonic" | "none"
+    calibration_note: str = ""  # why the raw score is kept (empty when calibrated)
+
+    @property
+    def calibrated(self) -> bool:
+        return self.calibration != "none"
+
+    @property
+    def value(self) -> float | None:
+        """The number to read: the calibrated probability, else the raw score."""
+        return self.probability if self.calibrated else self.raw_score
+
+    @property
+    def scale(self) -> str:
+        """``"probability"`` or ``"uncalibrated score"``: what :attr:`value` is."""
+        return "probability" if self.calibrated else UNCALIBRATED
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "name": self.name,
-            "probability": None if self.probability is None else round(float(self.probability), 6),
+            "scale": self.scale,
+            "value": _rounded(self.value),
+            "probability": _rounded(self.probability),
+            "raw_score": _rounded(self.raw_score),
             "threshold": float(self.threshold),
+            "raw_threshold": float(self.raw_threshold),
             "threshold_source": self.threshold_source,
             "flagged": bool(self.flagged),
+            "calibration": self.calibration,
+            "calibration_note": self.calibration_note,
             "source": self.source,
             "positive": list(self.positive),
             "negative": list(self.negative),
         }
+
+
+def _rounded(v: float | None) -> float | None:
+    return None if v is None else round(float(v), 6)
 
 
 @dataclass
@@ -171,7 +214,8 @@ class AnalysisResult:
             "device": self.device,
             "anatomies": [a.to_dict() for a in self.anatomies],
             "flagged": [
-                {"anatomy": a, "finding": f.name, "probability": f.probability} for a, f in self.flagged
+                {"anatomy": a, "finding": f.name, "scale": f.scale, "value": _rounded(f.value)}
+                for a, f in self.flagged
             ],
             "similarity_maps": [
                 {"anatomy": a, "finding": n, "file": self.map_files.get((a, n))}
@@ -262,16 +306,28 @@ class Analyzer:
         """Prompt embeddings (cached per model: a repeated call does no text-encoder work)."""
         return self.prompts.findings(findings)
 
-    def threshold(self, finding: Finding) -> tuple[float, str]:
-        """``(threshold, "calibrated" | "default")``: the config's calibrated threshold when the
-        finding is the config's finding of that name (same anatomy and wordings), else 0.5."""
-        t = self.config.thresholds.get(finding.name)
-        if t is None or (isinstance(t, float) and math.isnan(t)):
-            return DEFAULT_THRESHOLD, "default"
+    def _fitted_on(self, finding: Finding) -> bool:
+        """Whether what the config stores for ``finding.name`` belongs to ``finding``: it is the
+        config's finding of that name (same anatomy and wordings), or the config has none."""
         calibrated_on = {f.name: f for f in self.default_findings()}.get(finding.name)
-        if calibrated_on is not None and wording(calibrated_on) != wording(finding):
+        return calibrated_on is None or wording(calibrated_on) == wording(finding)
+
+    def threshold(self, finding: Finding) -> tuple[float, str]:
+        """``(threshold on the raw scale, "calibrated" | "default")``: the config's calibrated
+        threshold when the finding is the config's finding of that name (same anatomy and
+        wordings), else 0.5."""
+        t = self.config.thresholds.get(finding.name)
+        if t is None or (isinstance(t, float) and math.isnan(t)) or not self._fitted_on(finding):
             return DEFAULT_THRESHOLD, "default"
         return float(t), "calibrated"
+
+    def calibration(self, finding: Finding) -> Calibration | None:
+        """The config's calibration of ``finding`` (the same rule as :meth:`threshold`: a finding
+        worded otherwise has none); None when there is none."""
+        entry = self.config.calibration.get(finding.name)
+        if entry is None or not self._fitted_on(finding):
+            return None
+        return Calibration.from_dict(entry, finding.name)
 
     # ------------------------------------------------------------------ model space
     def labels_in_model_order(self, segmentation) -> LabelVolume:
@@ -529,15 +585,25 @@ class Analyzer:
 
     def _finding_result(self, finding: Finding, p: float | None) -> FindingResult:
         thr, src = self.threshold(finding)
+        cal = self.calibration(finding)
+        if cal is None:
+            note = "the model config has no calibration for this finding (and wording)"
+        else:
+            note = "" if cal.calibrated else cal.reason
+        calibrated = cal is not None and cal.calibrated
         return FindingResult(
             name=finding.name,
-            probability=p,
-            threshold=thr,
+            raw_score=p,
+            threshold=cal.probability(thr) if calibrated else thr,
             threshold_source=src,
-            flagged=p is not None and p > thr,
+            flagged=p is not None and p > thr,  # the reference's rule, on the raw scale
             source=finding.source,
             positive=finding.positive,
             negative=finding.negative,
+            raw_threshold=thr,
+            probability=cal.probability(p) if calibrated and p is not None else None,
+            calibration=cal.method if cal is not None else "none",
+            calibration_note=note,
         )
 
     def _similarity_maps(
@@ -600,5 +666,13 @@ def _result_notes(results: list[AnatomyResult]) -> list[str]:
             f"({', '.join(sorted(set(uncalibrated)))}): {DEFAULT_THRESHOLD} used. Calibrate with "
             "`fvlm evaluate --store-thresholds` on a labelled calibration set."
         )
+    plain = sorted({f.name for a in results for f in a.findings if not f.calibrated})
+    if plain:
+        notes.append(
+            f"Uncalibrated scores, not probabilities, for {len(plain)} finding(s) ({', '.join(plain)}): "
+            "calibrate the model with `fvlm evaluate --store-thresholds` on a labelled calibration set."
+        )
+    kept = {f.name: f.calibration_note for a in results for f in a.findings if f.calibration_note}
+    notes += [f"{name}: {why}" for name, why in kept.items() if why.startswith("raw score kept")]
     notes += [f"{a.name}: {a.note}" for a in results if a.status != "absent" and not a.scored]
     return notes

@@ -62,6 +62,7 @@ def test_demo_writes_all_outputs(demo_run):
     for key in (
         "phantom_png",
         "roc_png",
+        "reliability_png",
         "example_ct",
         "example_anatomy",
         "results_json",
@@ -98,6 +99,34 @@ def test_demo_model_loads_with_calibrated_thresholds_and_example_ct(demo_run):
     labels = read_label_map(demo_run.files["example_anatomy"], reference=ct.geometry)
     assert np.allclose(ct.geometry.spacing_zyx, model.config.model_space().spacing_zyx)
     assert set(np.unique(labels.array)) >= {1, 2, 3, 4}
+
+
+@pytest.mark.slow
+def test_demo_calibrates_on_calibration_phantoms_and_checks_on_test_phantoms(demo_run):
+    """Calibration fitted on the calibration phantoms is stored with the model and checked on the
+    test phantoms: AUC unchanged, the same decisions at the threshold, Brier/ECE before and after;
+    a finding with too few positives keeps its raw score and says so."""
+    from fvlm_core.calibration import from_config
+    from fvlm_core.model.config import load_config
+
+    block = demo_run.table["calibration"]
+    assert set(block["findings"]) == set(demo.DEMO_FINDINGS)
+    stored = load_config(demo_run.model_dir).calibration
+    for name, c in block["findings"].items():
+        assert c["auc_calibrated"] == c["auc_raw"] and c["same_decisions"], name
+        assert c["checked_on"] == "held-out split" and c["n"] == demo_run.table["n"]["test"]
+        assert stored[name] == c["map"]  # what results.json shows is what the model carries
+        if c["method"] == "none":
+            assert c["reason"].startswith("raw score kept") and c["brier_calibrated"] == c["brier_raw"]
+        else:
+            assert c["threshold_calibrated"] == pytest.approx(
+                from_config({name: c["map"]})[name].probability(demo_run.table["thresholds"][name])
+            )
+    assert any(c["method"] != "none" for c in block["findings"].values())
+    assert block["mean"]["n_labels"] == len(demo.DEMO_FINDINGS)
+    assert (demo_run.out / "reliability.png").stat().st_size > 0
+    md = (demo_run.out / "results.md").read_text()
+    assert "## Calibration (fVLM" in md and "Brier raw -> cal." in md
 
 
 @pytest.mark.slow

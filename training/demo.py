@@ -12,8 +12,10 @@ budget (default 9 minutes end to end on 2 cores):
    same encoders and the same time budget, a global CLIP baseline (whole-volume embedding vs
    whole report) -- one process and one core each, in bf16 where this CPU runs it faster;
 4. score the test phantoms zero-shot from text prompts and write, into ``--out``: the fVLM
-   model folder (loadable by ``fvlm analyze`` and the Slicer module, with thresholds calibrated
-   on the calibration set), the baseline, a per-finding AUC table (JSON + Markdown), ROC curves,
+   model folder (loadable by ``fvlm analyze`` and the Slicer module, with thresholds and
+   per-finding probability calibrations fitted on the calibration set), the baseline, a
+   per-finding AUC table and Brier/ECE before and after calibration (JSON + Markdown), ROC curves,
+   reliability diagrams,
    a picture of one test phantom with its anatomies and flagged findings, and that phantom as
    NIfTI (CT + anatomy label map) to try ``fvlm analyze`` or Slicer on.
 
@@ -685,12 +687,16 @@ def _evaluate_models(
     models["fVLM"].save_pretrained(
         model_dir, thresholds=thresholds, findings=headline_findings(models["fVLM"].config)
     )
+    calibration = _fit_calibration(splits["calibration"], calib, thresholds, model_dir)
     test = splits["test"]
     scores = {name: score_split(m, test, kinds_by_name[name]) for name, m in models.items()}
     table = auc_table(test.truth, scores)
     table["protocol_headline"] = HEADLINE_PROTOCOL
     table["n"] = {"train": cfg.n_train, "calibration": cfg.n_calibration, "test": cfg.n_test}
     table["thresholds"] = thresholds
+    table["calibration"] = calibration_summary(
+        _calibration_checks(test, scores, calibration, thresholds), calibration
+    )
     table["training"] = {
         k: json.loads((d / "train_summary.json").read_text())
         for k, d in (("fVLM", model_dir), ("CLIP baseline", baseline_dir))
@@ -699,10 +705,46 @@ def _evaluate_models(
     return table, scores
 
 
+def _fit_calibration(
+    data: DemoData, calib: _Scores, thresholds: dict[str, float], model_dir: Path
+) -> dict[str, Any]:
+    """Fit each demo finding's calibration on the calibration phantoms (headline protocol) and
+    store it beside the thresholds in the model folder's config.yaml (only that file)."""
+    from fvlm_core.calibration import fit_all
+    from fvlm_training.evaluate import store_thresholds
+
+    raw = {f: calib.scores[HEADLINE_PROTOCOL][f] for f in DEMO_FINDINGS}
+    calibration = fit_all(raw, data.truth)
+    store_thresholds(model_dir, thresholds, "fvlm demo: calibration phantoms", calibration)
+    return calibration
+
+
+def _calibration_checks(
+    test: DemoData, scores: dict[str, _Scores], calibration: dict[str, Any], thresholds: dict[str, float]
+) -> dict[str, Any]:
+    """Brier score, ECE and AUC of fVLM's headline scores before/after calibration on the test phantoms."""
+    from fvlm_core.calibration import check_all
+
+    return check_all(test.truth, scores["fVLM"].scores[HEADLINE_PROTOCOL], calibration, thresholds)
+
+
+def calibration_summary(checks: dict[str, Any], calibration: dict[str, Any]) -> dict[str, Any]:
+    """The results.json block: per finding the before/after numbers and the fitted map."""
+    from fvlm_training.evaluate import calibration_macro
+
+    return {
+        "fitted_on": "calibration phantoms",
+        "checked_on": "test phantoms",
+        "mean": calibration_macro(checks),
+        "findings": {f: {**c.to_dict(), "map": calibration[f].to_dict()} for f, c in checks.items()},
+    }
+
+
 def _example_phantom(
-    test: DemoData, scores: dict[str, _Scores], thresholds: dict[str, float]
+    test: DemoData, scores: dict[str, _Scores], thresholds: dict[str, float], calibration: dict[str, Any]
 ) -> tuple[int, list[str]]:
-    """A test phantom with several findings (a better picture) and the lines listing its scores."""
+    """A test phantom with several findings (a better picture) and the lines listing its scores:
+    the calibrated probability and threshold (the raw score where a finding keeps it, marked *)."""
     from fvlm_core.findings import CTRATE_LABEL_ANATOMY
 
     example = 0
@@ -711,14 +753,22 @@ def _example_phantom(
             example = i
             break
     fvlm_scores = scores["fVLM"].scores[HEADLINE_PROTOCOL]
-    lines = [f"test phantom {test.names[example]}", "", "finding (anatomy)      p     thr  flag truth"]
+    lines = [
+        f"test phantom {test.names[example]}",
+        "",
+        f"{'finding':<22} {'P':<5} {'thr':<5} {'raw':<6} flag truth",
+    ]
     for f in DEMO_FINDINGS:
-        p = float(fvlm_scores[f][example])
-        thr = thresholds.get(f, 0.5)
+        raw, raw_thr = float(fvlm_scores[f][example]), thresholds.get(f, 0.5)
+        c = calibration[f]
+        p, thr = c.probability(raw), c.probability(raw_thr)
         lines.append(
-            f"{f[:22]:<22} {p:.2f}  {thr:.2f}  {'YES' if p >= thr else ' - '}  {'+' if test.truth[f][example] else '-'}"
-            f"   ({CTRATE_LABEL_ANATOMY[f]})"
+            f"{f[:22]:<22} {p:.2f}{' ' if c.calibrated else '*'} {thr:.2f}  {raw:.3f}  "
+            f"{'YES' if raw > raw_thr else ' - '}  {'+' if test.truth[f][example] else '-'}   ({CTRATE_LABEL_ANATOMY[f]})"
         )
+    lines += ["", "P: calibrated probability, thr on the same scale; raw: the model's score"]
+    if not all(calibration[f].calibrated for f in DEMO_FINDINGS):
+        lines.append("*: uncalibrated score (too few positives to calibrate: raw score kept)")
     return example, lines
 
 
@@ -734,14 +784,21 @@ def _write_outputs(
     """Stage 4: the pictures, the example phantom as NIfTI, results.json and results.md; fills
     ``seconds["total"]`` and the table's ``seconds`` and ``config``."""
     from fvlm_core.atomic import atomic_write_text
+    from fvlm_core.calibration import from_config
     from fvlm_core.io import write_image
+    from fvlm_training.evaluate import calibration_table, plot_reliability
 
     files: dict[str, str] = {}
-    example, lines = _example_phantom(test, scores, table["thresholds"])
+    calibration = from_config({f: c["map"] for f, c in table["calibration"]["findings"].items()})
+    example, lines = _example_phantom(test, scores, table["thresholds"], calibration)
     files["phantom_png"] = str(
         plot_phantom(test.hu[example], test.labels[example], test.anatomies, lines, out / "phantom.png")
     )
     files["roc_png"] = str(plot_roc(test.truth, scores, out / "roc.png"))
+    checks = _calibration_checks(test, scores, calibration, table["thresholds"])
+    title = f"Reliability on {len(test.names)} held-out phantoms (calibrated on the calibration phantoms)"
+    plot_reliability(checks, out / "reliability.png", title=title)
+    files["reliability_png"] = str(out / "reliability.png")
     geom = test.geometry[example]
     files["example_ct"] = str(write_image(test.hu[example].astype(np.int16), geom, out / "example_ct.nii.gz"))
     files["example_anatomy"] = str(write_image(test.labels[example], geom, out / "example_anatomy.nii.gz"))
@@ -757,7 +814,14 @@ def _write_outputs(
         f"{table['training']['fVLM']['samples_per_s']:.1f} samples/s) on {cfg.n_train} phantoms; "
         f"{cfg.precision}; end to end {seconds['total']:.0f} s. Headline protocol: `{HEADLINE_PROTOCOL}`.\n"
     )
-    files["results_md"] = str(atomic_write_text(out / "results.md", table_markdown(table, header)))
+    calibrated = (
+        f"\n## Calibration (fVLM, `{HEADLINE_PROTOCOL}` prompts)\n\nFitted on the {cfg.n_calibration} calibration "
+        f"phantoms, checked on the {cfg.n_test} test phantoms (Brier score; ECE over 10 equal-width bins; "
+        "`reliability.png`):\n\n" + "\n".join(calibration_table(checks)) + "\n"
+    )
+    files["results_md"] = str(
+        atomic_write_text(out / "results.md", table_markdown(table, header) + calibrated)
+    )
     return files
 
 

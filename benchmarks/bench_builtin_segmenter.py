@@ -77,7 +77,7 @@ def reference_dice(data: Path) -> dict[str, dict[str, float]]:
 
 def timed_run(ct) -> tuple[dict[str, np.ndarray], float, float, dict[str, float]]:
     """``(masks, wall_s, cpu_s, cpu_s per step)``; a step runs from its progress call to the next."""
-    marks: list[tuple[str, float]] = [("coarse grid (block means, peaks)", time.process_time())]
+    marks: list[tuple[str, float]] = [("coarse grid (block statistics)", time.process_time())]
     w, c = time.perf_counter(), time.process_time()
     m = segment_masks(
         ct.array, ct.geometry, progress=lambda step, _: marks.append((step, time.process_time()))

@@ -5,6 +5,7 @@ the baseline's folder, typed recipes, the CLI."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import re
@@ -12,6 +13,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
@@ -536,20 +538,25 @@ def test_cli_errors_are_clear(tmp_path, capsys):
     assert rc == 2 and "fvlm prepare" in capsys.readouterr().err
 
 
-def test_trains_on_a_prepare_cache(tmp_path, caplog):
+@pytest.fixture(scope="module")
+def prepared_cache(tmp_path_factory) -> Path:
+    """A `fvlm prepare` cache of 8 synthetic scans (32^3 at 12 mm)."""
     from fvlm_core.data.prepare import prepare_dataset
     from fvlm_core.data.synth import generate_cohort
     from fvlm_core.preprocess import ModelSpaceConfig
 
-    generate_cohort(
-        tmp_path / "synth", n=8, seed=0, size_zyx=(32, 32, 32), recon_fraction=0.5, valid_fraction=0
-    )
+    root = tmp_path_factory.mktemp("prepared")
+    generate_cohort(root / "synth", n=8, seed=0, size_zyx=(32, 32, 32), recon_fraction=0.5, valid_fraction=0)
     space = ModelSpaceConfig(
         spacing_zyx=(12.0, 12.0, 12.0), window_size_zyx=(32, 32, 32), multiple_zyx=(8, 8, 8)
     )
-    prepare_dataset(tmp_path / "synth", tmp_path / "cache", config=space, progress=False)
+    prepare_dataset(root / "synth", root / "cache", config=space, progress=False)
+    return root / "cache"
+
+
+def test_trains_on_a_prepare_cache(prepared_cache, tmp_path, caplog):
     cfg = train_config(epochs=1, batch_size=2)
-    cfg["data"]["cache"] = str(tmp_path / "cache")
+    cfg["data"]["cache"] = str(prepared_cache)
     res = train(cfg, tmp_path / "run")
     assert res["status"] == "completed" and res["steps"] == 4  # 8 scans (one reconstruction each) / 2
     assert res["failed_samples"] == 0 and math.isfinite(res["final_loss"]) and res["final_loss"] > 0
@@ -572,3 +579,88 @@ def test_gradient_accumulation_counts_optimizer_steps(samples, tmp_path):
     # 12 samples / 2 = 6 micro-batches -> steps after micro-batches 4 and 6 (the epoch's rest)
     assert res["steps"] == 2 and seen == [1, 2] and res["samples_seen"] == 12
     assert math.isfinite(res["final_loss"])
+
+
+def test_run_folder_is_checked_before_any_work(samples, tmp_path, capsys):
+    from fvlm_core.errors import OutputError
+    from fvlm_training.cli import main
+
+    occupied = tmp_path / "a_file"
+    occupied.write_text("not a folder")
+    for out in (occupied, occupied / "run"):
+        with pytest.raises(OutputError, match="file"):
+            train(train_config(), out, dataset=samples)
+    # a folder where the summary goes would only fail at the end of training: refused at the start
+    run = tmp_path / "run"
+    (run / "summary.json").mkdir(parents=True)
+    with pytest.raises(OutputError, match=r"summary\.json"):
+        train(train_config(), run, dataset=samples)
+    assert sorted(p.name for p in run.iterdir()) == ["summary.json"]  # nothing was written
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    rc = main(["train", "--config", "tiny-cpu", "--set", f"data.cache={cache}", "--out", str(cache)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "is the input data.cache" in err and not list(cache.iterdir())
+
+
+@pytest.mark.slow
+def test_preemption_exit_status_resume_and_a_finished_rerun(prepared_cache, tmp_path, capsys):
+    """`fvlm train` in a subprocess: SIGTERM saves a checkpoint and exits with the documented
+    status 75 (not 0: a scheduler must not read success); running it again resumes and completes
+    (0); running a finished run again takes no step and says so, without a made-up throughput."""
+    from fvlm_training.cli import main
+    from fvlm_training.train import PREEMPTED_EXIT
+
+    cfg = train_config(epochs=1000, batch_size=2, checkpoint_every=10**6)
+    cfg["data"]["cache"] = str(prepared_cache)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(cfg))
+    run = tmp_path / "run"
+    args = ["train", "--config", str(recipe), "--out", str(run)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(PROJECT))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fvlm_training.cli", *args],
+        cwd=PROJECT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        started = run / "train_config.yaml"  # written when the set-up is done, before the first step
+        for _ in range(600):
+            if started.exists() or proc.poll() is not None:
+                break
+            time.sleep(0.5)
+        assert started.exists(), proc.communicate()[1][-3000:]
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == PREEMPTED_EXIT == 75, err[-3000:]
+    assert "fvlm train: terminated" in out and "run the same command again to resume" in out
+    assert "checkpoint saved" in err and not (run / "model").exists()
+    steps = ckpt.load_checkpoint(run)["progress"]["global_step"]
+    assert steps >= 1
+    capsys.readouterr()
+    # resumed to a finish (the step limit may change on resume)
+    assert main([*args, "--max-steps", str(steps + 1)]) == 0
+    out = capsys.readouterr().out
+    assert f"fvlm train: completed after {steps + 1} steps" in out and "samples/s" in out
+    # a finished run, run again: nothing to do, no throughput invented from zero samples
+    assert main([*args, "--max-steps", str(steps + 1)]) == 0
+    out = capsys.readouterr().out
+    assert "no step to take" in out and "samples/s" not in out
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps_this_run"] == 0 and summary["samples_per_s"] is None
+
+
+def test_train_help_documents_the_exit_statuses(capsys):
+    from fvlm_training.cli import main
+
+    with pytest.raises(SystemExit) as done:
+        main(["train", "--help"])
+    assert done.value.code == 0
+    shown = " ".join(capsys.readouterr().out.split())
+    assert "exit status: 0 training ended" in shown and "75 preempted by SIGTERM" in shown

@@ -29,6 +29,7 @@ so ``fvlm analyze`` and Slicer score with the prompts its thresholds were calibr
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -63,8 +64,6 @@ PROTOCOLS = ("no-finding", "reference", "normal-negative", "positive-only")
 #: sentences, while a leading "Not" (the reference wording) opens 2 of 17,497; a frozen MiniLM
 #: reads "Not X." almost as "X." (see README.md).
 HEADLINE_PROTOCOL = "no-finding"
-#: Seconds one CPU thread of MiniLM takes per report (128 tokens), to plan the time budget.
-_TEXT_SECONDS_PER_REPORT = 0.04
 LAST_DEMO_MODEL = Path(os.environ.get("FVLM_CACHE", Path.home() / ".cache" / "fvlm")) / "last_demo_model.txt"
 
 
@@ -86,7 +85,7 @@ class DemoConfig:
     warmup_steps: int = 30
     model_config: str = "fvlm-tiny"
     disease_pairs: float = 0.5
-    reserve_seconds: float = 45.0  # kept for evaluation and writing outputs
+    reserve_seconds: float = 45.0  # kept for evaluation and writing outputs (quiet machine; scaled when busy)
     baseline: bool = True
     precision: str = "auto"  # fp32 | bf16 | auto (bf16 where this CPU runs it faster, else fp32)
 
@@ -236,7 +235,7 @@ class _TrainJob:
     data_dir: str  # DemoData.save folder written by the parent
     run_dir: str  # training run folder (checkpoint, TensorBoard, summary)
     out_dir: str  # where the final model is saved
-    budget_seconds: float
+    deadline: float  # time.time() at which training stops (start-up and text encoding included)
 
 
 def _recipe(kind: str, model_cfg: Any, cfg: DemoConfig, seed: int) -> dict[str, Any]:
@@ -265,14 +264,21 @@ def _recipe(kind: str, model_cfg: Any, cfg: DemoConfig, seed: int) -> dict[str, 
     }
 
 
-def _train_worker(job: _TrainJob, progress: Any) -> None:
-    """Train one model with :func:`fvlm_training.train.train` for ``job.budget_seconds`` of training
-    loop (after the frozen text encoder has encoded the texts once) and ``save_pretrained`` it."""
+def _train_worker(job: _TrainJob, progress: Any, start: Any) -> None:
+    """Train one model with :func:`fvlm_training.train.train` until ``job.deadline`` and
+    ``save_pretrained`` it. Every worker's loop starts when all have set up (``start``, a barrier:
+    the baseline encodes more texts), so each model trains for the same time."""
+    import threading
+
     import torch
 
     from fvlm_training.train import train
 
     torch.set_num_threads(1)
+
+    def ready() -> None:
+        with contextlib.suppress(threading.BrokenBarrierError):  # a worker failed: go on alone
+            start.wait(timeout=max(1.0, job.deadline - time.time()))
 
     def on_step(info: dict[str, Any]) -> None:
         progress[0] = info.get("step", 0)
@@ -287,7 +293,8 @@ def _train_worker(job: _TrainJob, progress: Any) -> None:
         resume=False,
         progress=on_step,
         should_stop=lambda: os.getppid() != parent,  # the demo was killed: stop, do not linger
-        max_minutes=job.budget_seconds / 60.0,
+        deadline=job.deadline,
+        ready=ready,
         save_model=False,
     )
     model = summary.pop("model")
@@ -342,8 +349,10 @@ class _Scores:
     scores: dict[str, dict[str, np.ndarray]]  # protocol -> finding -> (N,)
 
 
-def score_split(model: Any, data: DemoData, kind: str, batch: int = 32) -> _Scores:
-    """Zero-shot scores of every demo finding on ``data`` for each protocol."""
+def score_split(model: Any, data: DemoData, kind: str, batch: int = 32, prompts: Any = None) -> _Scores:
+    """Zero-shot scores of every demo finding on ``data`` for each protocol; ``prompts``: a
+    :class:`~fvlm_core.model.text.TextCache` of the model's prompt features (each prompt is
+    encoded once however often protocols and splits reuse it)."""
     import torch
 
     from fvlm_core.findings import CTRATE_LABEL_ANATOMY
@@ -370,11 +379,11 @@ def score_split(model: Any, data: DemoData, kind: str, batch: int = 32) -> _Scor
             v = v_all[:, model.anatomies.index(anatomy)] if kind == "fvlm" else v_all[:, 0]
             for protocol in PROTOCOLS:
                 pos, neg = _prompts(protocol, finding, anatomy)
-                t_pos = model.encode_text([pos])[0]
+                t_pos = model.encode_text([pos], prompts)[0]
                 if neg is None:
                     out[protocol][finding] = (v @ t_pos).numpy()
                 else:
-                    t_neg = model.encode_text([neg])[0]
+                    t_neg = model.encode_text([neg], prompts)[0]
                     out[protocol][finding] = probability(v, t_pos, t_neg, tau).numpy()
     return _Scores(out)
 
@@ -561,6 +570,47 @@ def demo_precision(requested: str, model_cfg: Any, batch: int = 2) -> str:
         torch.set_num_threads(threads)
 
 
+def cpu_share(seconds: float = 0.5) -> float:
+    """The fraction of one CPU core this process gets now (CPU time over wall time of a busy loop),
+    in [0.05, 1]: about 1 on an idle machine, 0.5 when another busy process shares its core."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    while time.perf_counter() - wall < seconds:
+        sum(range(1000))
+    return min(1.0, max(0.05, (time.process_time() - cpu) / (time.perf_counter() - wall)))
+
+
+#: Below this share of a core the machine counts as busy (:func:`evaluation_plan`).
+BUSY_SHARE = 0.9
+
+
+def evaluation_plan(cfg: DemoConfig, log: Callable[[str], None]) -> tuple[float, int]:
+    """Seconds to keep after training for evaluation and outputs, and the torch threads to
+    evaluate with: ``cfg.reserve_seconds`` (what they take on an idle machine) stretched by how
+    busy the machine is now (:func:`cpu_share`), so ``--minutes`` holds; one thread when busy,
+    because OpenMP threads that must wait for a core wait for each other at every operation
+    (measured: a text encoding 10-20x slower with 2 threads than with 1 on 2 loaded cores)."""
+    import torch
+
+    share = cpu_share()
+    if share >= BUSY_SHARE:
+        return cfg.reserve_seconds, torch.get_num_threads()
+    reserve = cfg.reserve_seconds / share
+    log(f"this machine is busy (the demo gets {share:.0%} of a core): keeping {reserve:.0f} s for evaluation")
+    return reserve, 1
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int):
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def _log(msg: str) -> None:
     print(f"[fvlm demo] {msg}", flush=True)
 
@@ -591,16 +641,17 @@ def _phantom_splits(cfg: DemoConfig, model_cfg: Any) -> dict[str, DemoData]:
     return splits
 
 
-def _watch_training(procs: dict[str, Any], progress: dict[str, Any], seconds: float) -> None:
-    """Show the training processes' steps and losses until all have ended."""
+def _watch_training(procs: dict[str, Any], progress: dict[str, Any], stop_at: float) -> None:
+    """Show the training processes' steps and losses until all have ended (``stop_at``: their
+    ``time.time()`` deadline)."""
     from tqdm import tqdm
 
     fmt = "{l_bar}{bar}| {n_fmt}/{total_fmt} s {postfix}"
-    with tqdm(total=int(seconds), desc="training", unit="s", bar_format=fmt) as bar:
-        t_train = time.perf_counter()
+    t_train = time.time()
+    with tqdm(total=max(1, int(stop_at - t_train)), desc="training", unit="s", bar_format=fmt) as bar:
         while any(p.is_alive() for p in procs.values()):
             time.sleep(1.0)
-            bar.n = min(bar.total, int(time.perf_counter() - t_train))
+            bar.n = min(bar.total, int(time.time() - t_train))
             bar.set_postfix_str(
                 "  ".join(f"{k}: step {int(v[0])} loss {v[2]:.3f}" for k, v in progress.items()),
                 refresh=False,
@@ -617,10 +668,12 @@ def _train_models(
     log: Callable[[str], None],
 ) -> tuple[Path, Path | None]:
     """Stage 2: train fVLM and the CLIP baseline side by side with the project's trainer, one core
-    each, until ``deadline`` less the reserve; returns the model folders (fVLM, baseline or None).
+    each, until ``deadline`` (a ``time.perf_counter()`` value); returns the model folders (fVLM,
+    baseline or None).
 
-    Each first encodes its texts once with the frozen MiniLM (the baseline has more: one report
-    per phantom), then trains for the same wall-clock budget.
+    The workers get that end as an absolute time, so their start-up and the text encoding (once,
+    with the frozen MiniLM; the baseline has more: one report per phantom) count against it however
+    long they take on a busy machine. Their loops start together, once both have set up.
     """
     import shutil
     import tempfile
@@ -630,14 +683,19 @@ def _train_models(
     from fvlm_core.errors import FVLMError
 
     kinds = ["fvlm"] + (["clip"] if cfg.baseline else [])
-    text_seconds = _TEXT_SECONDS_PER_REPORT * len(set(train.reports)) if cfg.baseline else 0.0
-    budget = max(10.0, deadline - time.perf_counter() - cfg.reserve_seconds - text_seconds)
+    stop_at = time.time() + (deadline - time.perf_counter())
+    if stop_at - time.time() < 30:
+        log(
+            f"only {max(0.0, stop_at - time.time()):.0f} s of the {cfg.minutes:g}-minute budget are left for "
+            "training: little training will happen; give more --minutes (or fewer phantoms)"
+        )
     data_dir = Path(tempfile.mkdtemp(prefix=".demo-data-", dir=out))
     procs: dict[str, Any] = {}
     model_dir, baseline_dir = out / "model", (out / "baseline" if cfg.baseline else None)
     try:
         train.save(data_dir)
         ctx = mp.get_context("spawn")
+        start = ctx.Barrier(len(kinds))
         progress = {}
         for i, kind in enumerate(kinds):
             progress[kind] = ctx.Array("d", 3)
@@ -647,12 +705,15 @@ def _train_models(
                 data_dir=str(data_dir),
                 run_dir=str(out / "runs" / kind),
                 out_dir=str(model_dir if kind == "fvlm" else baseline_dir),
-                budget_seconds=budget,
+                deadline=stop_at,
             )
-            procs[kind] = ctx.Process(target=_train_worker, args=(job, progress[kind]), daemon=True)
+            procs[kind] = ctx.Process(target=_train_worker, args=(job, progress[kind], start), daemon=True)
             procs[kind].start()
-        log(f"training {' and '.join(kinds)} for {budget:.0f} s each (one core each), after text encoding")
-        _watch_training(procs, progress, budget + text_seconds)
+        log(
+            f"training {' and '.join(kinds)} for {stop_at - time.time():.0f} s (one core each), "
+            "text encoding included"
+        )
+        _watch_training(procs, progress, stop_at)
         failed = [k for k, p in procs.items() if p.exitcode != 0]
         if failed:
             raise FVLMError(f"demo training of {', '.join(failed)} failed (see the messages above).")
@@ -678,7 +739,10 @@ def _evaluate_models(
     if baseline_dir is not None:
         models["CLIP baseline"] = GlobalCLIP.from_pretrained(baseline_dir)
     kinds_by_name = {"fVLM": "fvlm", "CLIP baseline": "clip"}
-    calib = score_split(models["fVLM"], splits["calibration"], "fvlm")
+    from fvlm_core.model.text import TextCache
+
+    prompts = {name: TextCache() for name in models}  # valid while the models are not trained further
+    calib = score_split(models["fVLM"], splits["calibration"], "fvlm", prompts=prompts["fVLM"])
     thresholds = {
         f: float(roc_corner_threshold(splits["calibration"].truth[f], calib.scores[HEADLINE_PROTOCOL][f]))
         for f in DEMO_FINDINGS
@@ -689,7 +753,9 @@ def _evaluate_models(
     )
     calibration = _fit_calibration(splits["calibration"], calib, thresholds, model_dir)
     test = splits["test"]
-    scores = {name: score_split(m, test, kinds_by_name[name]) for name, m in models.items()}
+    scores = {
+        name: score_split(m, test, kinds_by_name[name], prompts=prompts[name]) for name, m in models.items()
+    }
     table = auc_table(test.truth, scores)
     table["protocol_headline"] = HEADLINE_PROTOCOL
     table["n"] = {"train": cfg.n_train, "calibration": cfg.n_calibration, "test": cfg.n_test}
@@ -825,6 +891,35 @@ def _write_outputs(
     return files
 
 
+#: What the demo writes into ``--out`` (folders, then files).
+OUTPUT_FOLDERS = ("model", "baseline", "runs")
+OUTPUT_FILES = (
+    "results.json",
+    "results.md",
+    "phantom.png",
+    "roc.png",
+    "reliability.png",
+    "example_ct.nii.gz",
+    "example_anatomy.nii.gz",
+)
+
+
+def check_outputs(out: Path) -> None:
+    """Refuse, before any work, an ``--out`` the demo could not write (a file in its place or
+    above it, a read-only folder, a folder where one of its files goes):
+    :class:`~fvlm_core.errors.OutputError` naming each problem."""
+    from fvlm_core.outputs import OutputPlan
+
+    plan = OutputPlan()
+    plan.folder("--out", out)
+    plan.check()  # the folder first: what is wrong with it would be wrong for everything in it
+    for name in OUTPUT_FOLDERS:
+        plan.folder(f"--out ({name})", out / name)
+    for name in OUTPUT_FILES:
+        plan.file(f"--out ({name})", out / name)
+    plan.check()
+
+
 def run_demo(cfg: DemoConfig, log: Callable[[str], None] = _log) -> DemoResult:
     """Run the whole demo (see the module docstring) and return where everything went."""
     from fvlm_core.atomic import atomic_write_text
@@ -832,6 +927,7 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = _log) -> DemoResult:
     t_start = time.perf_counter()
     deadline = t_start + cfg.minutes * 60.0
     out = Path(cfg.out).resolve()
+    check_outputs(out)
     out.mkdir(parents=True, exist_ok=True)
     seconds: dict[str, float] = {}
     model_cfg = demo_model_config(cfg.model_config, cfg.size)
@@ -854,14 +950,15 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = _log) -> DemoResult:
     )
 
     t = time.perf_counter()
-    model_dir, baseline_dir = _train_models(cfg, model_cfg, train, out, deadline, log)
+    reserve, threads = evaluation_plan(cfg, log)
+    model_dir, baseline_dir = _train_models(cfg, model_cfg, train, out, deadline - reserve, log)
     seconds["training"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    table, scores = _evaluate_models(cfg, splits, model_dir, baseline_dir)
-    seconds["evaluation"] = time.perf_counter() - t
-
-    files = _write_outputs(cfg, splits["test"], scores, table, seconds, t_start, out)
+    with _torch_threads(threads):
+        table, scores = _evaluate_models(cfg, splits, model_dir, baseline_dir)
+        seconds["evaluation"] = time.perf_counter() - t
+        files = _write_outputs(cfg, splits["test"], scores, table, seconds, t_start, out)
     files["model"] = str(model_dir)
     if baseline_dir is not None:
         files["baseline"] = str(baseline_dir)

@@ -12,7 +12,14 @@ training/configs and :mod:`fvlm_training.recipe`); ``--set KEY=VALUE`` overrides
 ``train.checkpoint_every`` optimizer steps and at the end, written atomically), ``tb/``
 (TensorBoard scalars), ``summary.json`` and, at the end, the model in ``model/``
 (``save_pretrained``; loadable by ``fvlm analyze``). Launching again with the same ``--out``
-resumes from the last checkpoint (``--fresh`` starts over); SIGTERM saves a checkpoint and exits.
+resumes from the last checkpoint (``--fresh`` starts over). SIGTERM (a scheduler preempting the
+job) ends the run after the current step with a checkpoint.
+
+Exit status: 0 when training ended (all steps done, or stopped by --max-minutes / --max-steps;
+the model is in OUT/model); 75 (EX_TEMPFAIL) when SIGTERM interrupted it: preempted, checkpoint
+saved, no model written; run the same command again to resume; 2 for an error, with a message
+saying what to do (a bad recipe option, missing data or an unusable checkpoint is refused before
+training starts).
 
 Python API: :func:`train` (a recipe name, YAML path, mapping or
 :class:`~fvlm_training.recipe.Recipe`, a progress callback, a wall-clock budget). The loop is
@@ -33,6 +40,11 @@ import yaml
 
 from fvlm_training.recipe import Recipe, available_recipes, load_recipe
 
+#: Exit status of ``fvlm train`` after SIGTERM: preempted, checkpoint saved, resume by running it
+#: again (``EX_TEMPFAIL`` of sysexits.h: a temporary failure, retry later; not 0, which a
+#: scheduler would read as success, nor 2, an error that retrying does not fix).
+PREEMPTED_EXIT = 75
+
 
 def train(
     config: str | os.PathLike | Mapping[str, Any] | Recipe | None,
@@ -46,6 +58,7 @@ def train(
     max_minutes: float | None = None,
     max_steps: int | None = None,
     deadline: float | None = None,
+    ready: Callable[[], None] | None = None,
     save_model: bool = True,
 ) -> dict[str, Any]:
     """Train a model; returns the run summary (also written to ``OUT/summary.json``).
@@ -66,6 +79,8 @@ def train(
         deadline: a ``time.time()`` value: stop (with a checkpoint) after the first optimizer
             step that ends past it. Unlike ``max_minutes``, which counts from the start of the
             loop, it includes the set-up (model, data, text encoding).
+        ready: called once the set-up is done, right before the first step (e.g. to start the
+            loops of several runs together).
         save_model: write ``OUT/model`` (``save_pretrained``) when the loop ends (not on SIGTERM).
 
     Returns:
@@ -82,6 +97,7 @@ def train(
     from fvlm_training.trainer import Trainer
 
     recipe = load_recipe(config, overrides).with_limits(max_minutes, max_steps)  # checked: before any work
+    check_run_folder(recipe, out_dir)
     trainer = Trainer(
         recipe,
         out_dir,
@@ -89,9 +105,30 @@ def train(
         progress=progress,
         should_stop=should_stop,
         deadline=deadline,
+        ready=ready,
         save_model=save_model,
     )
     return trainer.run(resume)
+
+
+def check_run_folder(recipe: Recipe, out_dir: str | os.PathLike) -> None:
+    """Refuse, before any work, a run folder the run could not write (a file in its place or
+    above it, a read-only folder, the data or the initial model itself, a folder where a file
+    goes): :class:`~fvlm_core.errors.OutputError` naming each problem."""
+    from fvlm_core.outputs import OutputPlan
+    from fvlm_training import checkpointing as ckpt
+
+    out = Path(out_dir)
+    plan = OutputPlan()
+    plan.input("data.cache", recipe.data.cache, contents=False)
+    plan.input("init_from", recipe.init_from)
+    plan.folder("--out", out)
+    plan.check()  # the folder first: what is wrong with it would be wrong for everything in it
+    plan.folder("--out (checkpoints)", ckpt.checkpoint_dir(out))
+    plan.folder("--out (model)", out / "model")
+    plan.file("--out (summary)", out / "summary.json")
+    plan.file("--out (recipe)", out / "train_config.yaml")
+    plan.check()
 
 
 # =============================================================================================
@@ -129,6 +166,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
     parser.add_argument("--print-config", action="store_true", help="print the resolved recipe and exit")
+    parser.epilog = (
+        "exit status: 0 training ended (completed, or stopped by its budget; the model is in "
+        f"OUT/model); {PREEMPTED_EXIT} preempted by SIGTERM: a checkpoint was saved and no model "
+        "written, run the same command again to resume; 2 an error (the message says what to do)."
+    )
 
 
 def _report(summary: dict[str, Any], out: Path) -> None:
@@ -145,6 +187,8 @@ def _report(summary: dict[str, Any], out: Path) -> None:
     print(f"  checkpoint: {summary['checkpoint']}")
     if summary["model_dir"]:
         print(f"  model: {summary['model_dir']}")
+    if summary["status"] == "terminated":
+        print(f"  preempted (SIGTERM): run the same command again to resume (exit status {PREEMPTED_EXIT})")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -164,7 +208,7 @@ def run(args: argparse.Namespace) -> int:
     )
     if int(os.environ.get("RANK", "0")) == 0:
         _report(summary, Path(args.out))
-    return 0
+    return PREEMPTED_EXIT if summary["status"] == "terminated" else 0
 
 
 if __name__ == "__main__":

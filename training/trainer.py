@@ -157,6 +157,7 @@ class Trainer:
         progress: Callable[[dict[str, Any]], None] | None = None,
         should_stop: Callable[[], bool] | None = None,
         deadline: float | None = None,
+        ready: Callable[[], None] | None = None,
         save_model: bool = True,
     ) -> None:
         self.recipe, self.opts = recipe, recipe.train
@@ -165,6 +166,7 @@ class Trainer:
         self.progress_callback = progress
         self.should_stop = should_stop
         self.deadline = deadline
+        self.ready = ready
         self.save_model = save_model
         self.progress = Progress()
         self.failed_names: list[str] = []
@@ -318,20 +320,25 @@ class Trainer:
 
     # ================================================================================= the loop
     def run(self, resume: bool | str | os.PathLike | None = "auto") -> dict[str, Any]:
-        """Set up, restore, train, and return the summary (see :func:`fvlm_training.train.train`)."""
-        self.setup_process()
-        state = self.find_checkpoint(resume)
-        self.setup_model()
-        self.setup_data()
-        self.setup_optimizer()
-        self.restore(state)
-        self.setup_logging()
+        """Set up, restore, train, and return the summary (see :func:`fvlm_training.train.train`).
+
+        A SIGTERM from the start on (set-up included) ends the run after the step in progress (or
+        the first one) with a checkpoint, status ``terminated``."""
         self.sigterm.install()
-        self.t_start = time.perf_counter()
-        self.steps_at_start = self.progress.global_step
-        self.samples_at_start = self.progress.samples_seen
-        self.window = _LogWindow()
         try:
+            self.setup_process()
+            state = self.find_checkpoint(resume)
+            self.setup_model()
+            self.setup_data()
+            self.setup_optimizer()
+            self.restore(state)
+            self.setup_logging()
+            if self.ready is not None:
+                self.ready()
+            self.t_start = time.perf_counter()
+            self.steps_at_start = self.progress.global_step
+            self.samples_at_start = self.progress.samples_seen
+            self.window = _LogWindow()
             done = self.progress.global_step >= self.total_steps
             while not done and self.progress.epoch < self.opts.epochs:
                 done = self.run_epoch()

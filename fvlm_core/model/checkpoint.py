@@ -25,6 +25,11 @@ WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.yaml"
 TEXT_DIR = "text"
 
+#: tensors of the CLIP baseline's head (``fvlm_training.baseline.GlobalCLIP``): a baseline folder,
+#: and model folders saved while the head was part of the fVLM model, hold them; an fVLM model
+#: loads without them.
+BASELINE_HEAD = ("global_proj.", "global_profile_embed.")
+
 #: safetensors metadata keys (values are JSON text).
 ANATOMIES_KEY = "fvlm_anatomies"
 ARCHITECTURE_KEY = "fvlm_architecture"
@@ -111,7 +116,13 @@ def save_text_files(model, directory: Path) -> None:
     model.tokenizer.save_pretrained(str(directory))
 
 
-def save_pretrained(model, directory: str | os.PathLike, **config_updates) -> Path:
+def save_pretrained(
+    model,
+    directory: str | os.PathLike,
+    *,
+    extra_tensors: dict[str, torch.Tensor] | None = None,
+    **config_updates,
+) -> Path:
     """Save ``model`` (an :class:`~fvlm_core.model.FVLM`) to ``directory``.
 
     The weights, ``config.yaml`` and ``text/`` are written all or none
@@ -121,6 +132,7 @@ def save_pretrained(model, directory: str | os.PathLike, **config_updates) -> Pa
     Args:
         model: the model.
         directory: output folder (created).
+        extra_tensors: more tensors for the weights file (the CLIP baseline's head).
         **config_updates: config fields to set before saving (e.g. ``thresholds={...}``).
 
     Returns:
@@ -151,7 +163,11 @@ def save_pretrained(model, directory: str | os.PathLike, **config_updates) -> Pa
     plan.folder(TEXT_DIR, directory / TEXT_DIR, replace=True, force=True)
     with plan.writing() as staged:
         save_text_files(model, staged.path(TEXT_DIR))
-        save_file(_unshared_state_dict(model), str(staged.path(WEIGHTS_NAME)), metadata=metadata)
+        tensors = {
+            **_unshared_state_dict(model),
+            **{k: v.detach().cpu().contiguous() for k, v in (extra_tensors or {}).items()},
+        }
+        save_file(tensors, str(staged.path(WEIGHTS_NAME)), metadata=metadata)
         staged.path(CONFIG_NAME).write_text(config.to_yaml(), encoding="utf-8")
     model.config = config
     return directory
@@ -291,7 +307,8 @@ def from_pretrained(directory: str | os.PathLike, device: str | torch.device = "
     weights = directory / WEIGHTS_NAME
     if weights.is_file():
         check_saved_with(config, read_metadata(weights), str(weights))
-    tensors = read_safetensors(weights)
+    # the baseline's head, if the folder holds one, is not part of the fVLM model
+    tensors = {k: v for k, v in read_safetensors(weights).items() if not k.startswith(BASELINE_HEAD)}
     text_dir = directory / TEXT_DIR
     model = FVLM(config, text_source=text_dir if text_dir.is_dir() else None, load_text_weights=False)
     check_state_dict(model, tensors, str(directory / WEIGHTS_NAME))

@@ -26,7 +26,7 @@ import re
 import struct
 import zlib
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -780,13 +780,8 @@ def read_ct(
                 )
             array = _stored_values(image, array) * slope + intercept
 
-    geometry.validate(source)
-    array = np.ascontiguousarray(array, dtype=np.float32)
-    if allow_non_hu:
-        check_finite(array, source)
-    else:
-        check_hu(array, source)  # checks finiteness first
-    return CTVolume(array=array, geometry=geometry, source=source, dicom_series=dicom_uid)
+    ct = ct_from_array(array, geometry, source, allow_non_hu=allow_non_hu)
+    return replace(ct, dicom_series=dicom_uid) if dicom_uid else ct
 
 
 def _volume_stem(name: str) -> str:

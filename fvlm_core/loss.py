@@ -204,6 +204,7 @@ class FineGrainedContrastiveLoss(nn.Module):
         finding_ids: torch.Tensor,
         temperature: torch.Tensor | float,
         peer: PeerEmbeddings | None = None,
+        alpha: float | None = None,
     ) -> LossOutput:
         """Compute the loss of the global batch from this rank's part of it (the whole batch when
         ``world_size`` is 1).
@@ -216,7 +217,12 @@ class FineGrainedContrastiveLoss(nn.Module):
             finding_ids: (B, A) int64 ``finding_set_id`` of the anatomy's finding labels.
             temperature: scalar tensor (learned, already clamped) or float.
             peer: co-teaching peer embeddings of the same batch, or None.
+            alpha: the own targets' weight for this call instead of ``co_teaching_alpha``
+                (a ramp: 1.0 = no calibration yet).
         """
+        alpha = self.co_teaching_alpha if alpha is None else float(alpha)
+        if not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"alpha must be in [0, 1], got {alpha}")
         if image.shape != text.shape or image.dim() != 3:
             raise ValueError(
                 f"image and text must both be (B, A, D); got {tuple(image.shape)}, {tuple(text.shape)}"
@@ -252,8 +258,8 @@ class FineGrainedContrastiveLoss(nn.Module):
                 continue
             # text -> image rows use Y^T normalised (equal to t: every term of Y is symmetric)
             t_i2t, t_t2i = t, y.T / y.T.sum(dim=1, keepdim=True)
-            if peer is not None and self.co_teaching_alpha < 1.0 and bool(ab.any()):
-                t_i2t, t_t2i = self._co_teach(t_i2t, t_t2i, ab, peer, rows, j, tau)
+            if peer is not None and alpha < 1.0 and bool(ab.any()):
+                t_i2t, t_t2i = self._co_teach(t_i2t, t_t2i, ab, peer, rows, j, tau, alpha)
             v, w = image[rows, j], text[rows, j]
             sim = v @ w.T / tau
             loss_j = (soft_cross_entropy(sim, t_i2t) + soft_cross_entropy(sim.T, t_t2i)) / 2
@@ -284,14 +290,14 @@ class FineGrainedContrastiveLoss(nn.Module):
         return image, text, present, abnormal, text_ids, finding_ids, peer
 
     @torch.no_grad()
-    def _co_teach(self, t_i2t, t_t2i, ab, peer: PeerEmbeddings, rows, j, tau):
-        """Mix abnormal rows' targets with the peer's similarity distribution (module docstring)."""
+    def _co_teach(self, t_i2t, t_t2i, ab, peer: PeerEmbeddings, rows, j, tau, a: float):
+        """Mix abnormal rows' targets with the peer's similarity distribution (module docstring),
+        ``a`` the own targets' weight."""
         ptau = peer.temperature if peer.temperature is not None else tau
         ptau = ptau.detach() if isinstance(ptau, torch.Tensor) else ptau
         pv = peer.image[rows, j].detach().float()
         pw = peer.text[rows, j].detach().float()
         ps = pv @ pw.T / ptau
-        a = self.co_teaching_alpha
         mix_i2t = a * t_i2t + (1 - a) * F.softmax(ps, dim=1)
         mix_t2i = a * t_t2i + (1 - a) * F.softmax(ps.T, dim=1)
         m = ab[:, None]

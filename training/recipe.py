@@ -30,6 +30,7 @@ import yaml
 
 from fvlm_core.errors import ConfigError
 from fvlm_training.precision import PRECISIONS
+from fvlm_training.schedule import SCHEDULES
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
@@ -140,6 +141,10 @@ class DataOptions:
     random_crop: bool = True
     flip_prob: float = 0.2  # per axis
     intact_rule: str = "interior"  # fvlm_core.data.samples.AugmentConfig
+    #: feed the text encoder a normal anatomy's text without its leading template
+    #: "{anatomy} shows no significant abnormalities." when findings follow (the reference);
+    #: the full text still decides normality and same-text pairs
+    strip_normal_template: bool = False
     num_workers: int = 0
 
     def __post_init__(self) -> None:
@@ -153,6 +158,7 @@ class DataOptions:
         self.random_crop = _bool(self.random_crop, "data.random_crop")
         self.flip_prob = _float(self.flip_prob, "data.flip_prob", 0.0, 1.0)
         self.intact_rule = _choice(self.intact_rule, "data.intact_rule", INTACT_RULES)
+        self.strip_normal_template = _bool(self.strip_normal_template, "data.strip_normal_template")
         self.num_workers = _int(self.num_workers, "data.num_workers", minimum=0)
 
 
@@ -209,7 +215,15 @@ class OptimOptions:
     lr: float = 1e-4
     min_lr: float = 1e-6
     warmup_steps: int = 377
-    weight_decay: float = 0.05  # not on biases, norms, the temperature, queries, position embeddings
+    #: null: warm up as lr * (s + 1) / warmup_steps; a number: linearly from it (the reference: 1e-6)
+    warmup_start_lr: float | None = None
+    #: step_cosine: cosine per optimizer step; epoch_cosine: the reference's (warm-up in the first
+    #: epoch, then one cosine value per epoch); see fvlm_training.schedule
+    schedule: str = "step_cosine"
+    weight_decay: float = 0.05
+    #: false: no weight decay on biases, norms, the temperature, queries, position embeddings;
+    #: true: on every parameter (the reference's AdamW over model.parameters())
+    decay_all_parameters: bool = False
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
 
@@ -217,7 +231,10 @@ class OptimOptions:
         self.lr = _float(self.lr, "optim.lr", 0.0, low_open=True)
         self.min_lr = _float(self.min_lr, "optim.min_lr", 0.0)
         self.warmup_steps = _int(self.warmup_steps, "optim.warmup_steps", minimum=0)
+        self.warmup_start_lr = _float(self.warmup_start_lr, "optim.warmup_start_lr", 0.0, optional=True)
+        self.schedule = _choice(self.schedule, "optim.schedule", SCHEDULES)
         self.weight_decay = _float(self.weight_decay, "optim.weight_decay", 0.0)
+        self.decay_all_parameters = _bool(self.decay_all_parameters, "optim.decay_all_parameters")
         betas = self.betas
         if isinstance(betas, str) or not isinstance(betas, Sequence) or len(betas) != 2:
             raise _refuse("optim.betas", "a list of 2 numbers in [0, 1)", betas)
@@ -235,8 +252,9 @@ class LossOptions:
     normal_pairs: bool = True
     same_text: bool = True
     disease_pairs: float = 1.0
-    co_teaching: bool = False  # train a peer model side by side (twice the compute)
-    co_teaching_alpha: float = 0.5
+    co_teaching: bool = False  # train a peer model side by side (its own data stream; ~2.7x the compute)
+    co_teaching_alpha: float = 0.5  # weight of the own targets once ramped up; the peer's share is 1 - alpha
+    co_teaching_rampup_steps: int = 0  # the peer's share grows linearly from 0 over these optimizer steps
     skip_without_abnormal: bool = True
 
     def __post_init__(self) -> None:
@@ -244,6 +262,16 @@ class LossOptions:
             setattr(self, key, _bool(getattr(self, key), f"loss.{key}"))
         self.disease_pairs = _float(self.disease_pairs, "loss.disease_pairs", 0.0)
         self.co_teaching_alpha = _float(self.co_teaching_alpha, "loss.co_teaching_alpha", 0.0, 1.0)
+        self.co_teaching_rampup_steps = _int(
+            self.co_teaching_rampup_steps, "loss.co_teaching_rampup_steps", minimum=0
+        )
+
+    def co_teaching_weight(self, step: int) -> float:
+        """The own targets' weight at optimizer step ``step`` (0-based): 1 at step 0, falling
+        linearly to ``co_teaching_alpha`` at ``co_teaching_rampup_steps`` (the peer's share
+        ``1 - weight`` ramps up from 0, as ALBEF's distillation weight)."""
+        ramp = 1.0 if self.co_teaching_rampup_steps == 0 else min(1.0, step / self.co_teaching_rampup_steps)
+        return 1.0 - ramp * (1.0 - self.co_teaching_alpha)
 
 
 _SECTIONS: dict[str, type] = {
@@ -262,7 +290,9 @@ class Recipe:
     model: str | dict[str, Any] = "fvlm-tiny"
     #: deep-merged into the model config (e.g. {text: {freeze: true}})
     model_overrides: dict[str, Any] = field(default_factory=dict)
-    #: start from a save_pretrained folder (e.g. imported official weights) instead of random init
+    #: start from a save_pretrained folder (e.g. imported official weights) instead of random
+    #: init, or from an ImageNet MAE ViT checkpoint file (mae_pretrain_vit_base.pth: the ViT's
+    #: blocks and position embedding, the rest random; fvlm_training.mae_init)
     init_from: str | None = None
     #: "fvlm": per-anatomy fine-grained loss; "global_clip": whole-volume vs whole-report CLIP baseline
     objective: str = "fvlm"
@@ -329,13 +359,15 @@ class Recipe:
 
     def model_config(self):
         """The :class:`~fvlm_core.model.FVLMConfig` to train: ``model`` (a mapping wins over
-        ``init_from``'s config, which wins over a model name), with ``model_overrides`` merged in."""
+        ``init_from``'s config, which wins over a model name; a MAE checkpoint has no model
+        config), with ``model_overrides`` merged in."""
         from fvlm_core.model import FVLMConfig, load_config
+        from fvlm_training.mae_init import is_mae_checkpoint
 
         try:
             if isinstance(self.model, Mapping):
                 base = FVLMConfig.from_dict(self.model).to_dict()
-            elif self.init_from:
+            elif self.init_from and not is_mae_checkpoint(self.init_from):
                 base = load_config(self.init_from).to_dict()
             else:
                 base = load_config(self.model).to_dict()

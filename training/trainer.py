@@ -71,11 +71,14 @@ class _LogWindow:
         self.loss, self.n, self.samples, self.t = 0.0, 0, 0, time.perf_counter()
         self.per: torch.Tensor | None = None
         self.per_n: torch.Tensor | None = None
+        self.scalars: dict[str, list[float]] = {}
 
     def add(self, step_loss: StepLoss) -> None:
         lo = step_loss.logged
         self.loss += float(lo.loss.detach())
         self.n += 1
+        for k, v in step_loss.scalars.items():
+            self.scalars.setdefault(k, []).append(float(v))
         per, used = lo.per_anatomy.double(), (~lo.skipped).double()
         self.per = per if self.per is None else self.per + per
         self.per_n = used if self.per_n is None else self.per_n + used
@@ -84,6 +87,9 @@ class _LogWindow:
         if self.per is None:
             return {}
         return {n: float(self.per[j] / self.per_n[j]) for j, n in enumerate(names) if self.per_n[j] > 0}
+
+    def scalar_means(self) -> dict[str, float]:
+        return {k: sum(v) / len(v) for k, v in self.scalars.items() if v}
 
 
 class _SigtermFlag:
@@ -110,14 +116,19 @@ class _SigtermFlag:
             self.previous = None
 
 
-def param_groups(module: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+def param_groups(
+    module: torch.nn.Module, weight_decay: float, decay_all: bool = False
+) -> list[dict[str, Any]]:
     """AdamW groups: weight decay except on biases, norms, the temperature, queries and position
-    embeddings; frozen parameters left out."""
+    embeddings (``decay_all``: on every parameter, as the public code's AdamW over
+    ``model.parameters()``); frozen parameters left out."""
     decay, no_decay = [], []
     for name, p in module.named_parameters():
         if not p.requires_grad:
             continue
-        if p.ndim < 2 or name.endswith(("temp", "query_tokens", "position_embeddings")):
+        if decay_all:
+            decay.append(p)
+        elif p.ndim < 2 or name.endswith(("temp", "query_tokens", "position_embeddings")):
             no_decay.append(p)
         else:
             decay.append(p)
@@ -259,6 +270,10 @@ class Trainer:
         )
         finding_anatomy = {f["name"]: f["anatomy"] for f in mc.findings or []}
         self.samples = TrainingSamples(base, mc.anatomies, finding_anatomy, augment, self.opts.seed)
+        self.peer_samples = None  # a co-teaching peer's own stream: other order and augmentation
+        if self.objective.peer_seed is not None:
+            peer_seed = self.objective.peer_seed
+            self.peer_samples = TrainingSamples(base, mc.anatomies, finding_anatomy, augment, peer_seed)
         self.n_samples = n
         self.steps_per_epoch = n // global_batch  # micro-steps
         self.opt_steps_per_epoch = math.ceil(self.steps_per_epoch / self.opts.grad_accum)
@@ -270,10 +285,21 @@ class Trainer:
     def setup_optimizer(self) -> None:
         o = self.recipe.optim
         self.optimizer = torch.optim.AdamW(
-            param_groups(self.objective, o.weight_decay), lr=o.lr, betas=o.betas, eps=o.eps
+            param_groups(self.objective, o.weight_decay, o.decay_all_parameters),
+            lr=o.lr,
+            betas=o.betas,
+            eps=o.eps,
         )
         schedule_total = self.opt_steps_per_epoch * self.opts.epochs  # the schedule ignores budgets
-        self.scheduler = WarmupCosineLR(self.optimizer, o.warmup_steps, schedule_total, o.min_lr)
+        self.scheduler = WarmupCosineLR(
+            self.optimizer,
+            o.warmup_steps,
+            schedule_total,
+            o.min_lr,
+            schedule=o.schedule,
+            warmup_start_lr=o.warmup_start_lr,
+            steps_per_epoch=self.opt_steps_per_epoch,
+        )
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision == "fp16")
 
     def restore(self, state: dict[str, Any] | None) -> None:
@@ -348,9 +374,18 @@ class Trainer:
                 self.bar.close()
         return self.summarize()
 
-    def loader(self) -> torch.utils.data.DataLoader:
-        """This rank's batches of the current epoch, from the current position."""
-        seed, epoch = self.opts.seed, self.progress.epoch
+    def batches(self):
+        """This rank's ``(batch, peer batch or None)`` pairs of the current epoch, from the
+        current position (the peer's stream steps with the model's)."""
+        main = self.loader(self.samples, self.opts.seed)
+        if self.peer_samples is None:
+            return ((b, None) for b in main)
+        return zip(main, self.loader(self.peer_samples, self.objective.peer_seed))
+
+    def loader(self, samples: TrainingSamples, seed: int) -> torch.utils.data.DataLoader:
+        """This rank's batches of ``samples`` in the current epoch's order for ``seed``, from the
+        current position."""
+        epoch = self.progress.epoch
         sampler = GlobalBatchSampler(
             self.n_samples,
             self.opts.batch_size,
@@ -361,7 +396,7 @@ class Trainer:
             start_step=self.progress.micro_step,
         )
         return torch.utils.data.DataLoader(
-            self.samples,
+            samples,
             batch_sampler=sampler,
             collate_fn=collate,
             num_workers=self.recipe.data.num_workers,
@@ -373,11 +408,11 @@ class Trainer:
 
     def run_epoch(self) -> bool:
         """Train to the end of the epoch or until the run ends; True when the run ends."""
-        for batch in self.loader():
+        for batch, peer_batch in self.batches():
             micro = self.progress.micro_step
             last_micro = micro + 1 == self.steps_per_epoch
             boundary = (micro + 1) % self.opts.grad_accum == 0 or last_micro
-            self.micro_step(batch, boundary)
+            self.micro_step(batch, boundary, peer_batch)
             if not boundary:
                 continue
             lr = self.optimizer_step(last_micro)
@@ -387,34 +422,47 @@ class Trainer:
                 return True
         return self.progress.global_step >= self.total_steps
 
-    def micro_step(self, batch: dict[str, Any], boundary: bool) -> None:
-        """Forward and backward of one micro-batch (skipped on every rank when one rank's batch
-        is empty: its samples all failed to load), and the counts of samples and failures."""
+    def micro_step(
+        self, batch: dict[str, Any], boundary: bool, peer_batch: dict[str, Any] | None = None
+    ) -> None:
+        """Forward and backward of one micro-batch (skipped on every rank when one rank's batch,
+        or peer batch, is empty: its samples all failed to load), and the counts of samples and
+        failures (of the model's stream)."""
         local_n = int(batch["size"])
-        min_n = fdist.min_over_ranks(local_n)
+        min_n = fdist.min_over_ranks(min(local_n, int(peer_batch["size"])) if peer_batch else local_n)
         counts = fdist.all_reduce_sum(torch.tensor([local_n, int(batch["failed"])], dtype=torch.long))
         self.progress.failed += int(counts[1])
         self.failed_names.extend(batch["failed_names"])
         if local_n:
             self.present_counts += batch["present"].sum(0).long()
         if min_n > 0:
-            self.window.add(self.forward_backward(batch, boundary))
+            self.window.add(self.forward_backward(batch, boundary, peer_batch))
         self.window.samples += int(counts[0])
         self.progress.samples_seen += int(counts[0])
         self.progress.micro_step += 1
 
-    def forward_backward(self, batch: dict[str, Any], boundary: bool) -> StepLoss:
-        """The objective's loss of ``batch``, backpropagated (gradients synchronised across ranks
-        only at an optimizer-step ``boundary``)."""
+    def forward_backward(
+        self, batch: dict[str, Any], boundary: bool, peer_batch: dict[str, Any] | None = None
+    ) -> StepLoss:
+        """The objective's loss of ``batch`` (and the peer's batch), backpropagated (gradients
+        synchronised across ranks only at an optimizer-step ``boundary``)."""
         device = self.device
         image = batch["image"].to(device, non_blocking=True)
         labels = batch["labels"].to(device, non_blocking=True)
         present = batch["present"].to(device)
+        peer_in = None
+        if peer_batch is not None:
+            peer_in = {k: peer_batch[k].to(device, non_blocking=True) for k in ("image", "labels", "present")}
+            peer_in["texts"] = peer_batch["texts"]
+        self.objective.set_step(self.progress.global_step)
         sync = contextlib.nullcontext() if (self.ddp is None or boundary) else self.ddp.no_sync()
         with sync:
             with self.autocast():
-                out = self.wrapped(image, labels, present, batch["texts"], batch["reports"])
-            step_loss = self.objective.loss(out, batch, device)
+                if peer_in is None:  # the call as before co-teaching had its own stream
+                    out = self.wrapped(image, labels, present, batch["texts"], batch["reports"])
+                else:
+                    out = self.wrapped(image, labels, present, batch["texts"], batch["reports"], peer_in)
+            step_loss = self.objective.loss(out, batch, device, peer_batch)
             self.scaler.scale(step_loss.total / self.opts.grad_accum).backward()
         return step_loss
 
@@ -460,6 +508,9 @@ class Trainer:
             "per_anatomy": w.per_entry(self.objective.names),
             "failed_samples": self.progress.failed,
         }
+        scalars = w.scalar_means()
+        if scalars:  # e.g. co_teaching/agreement, co_teaching/peer_share
+            self.last_info["scalars"] = scalars
         if self.bar is not None:
             self.bar.update(1)
             self.bar.set_postfix(loss=f"{mean_loss:.4f}", sps=f"{sps:.1f}")
@@ -504,6 +555,8 @@ class Trainer:
                     self.writer.add_scalar(f"loss/{name}", v, step)
                 for key in ("temperature", "lr", "samples_per_s"):
                     self.writer.add_scalar(key, info[key], step)
+                for key, v in info.get("scalars", {}).items():
+                    self.writer.add_scalar(key, v, step)
                 self.writer.add_scalar("failed_samples", self.progress.failed, step)
         self.window.reset()
 
@@ -564,6 +617,7 @@ class Trainer:
             "precision": self.precision,
             "device": str(self.device),
             "objective": self.recipe.objective,
+            "init_from": self.objective.init_report,  # what a MAE checkpoint initialised (else None)
             "model_dir": model_dir,
             "checkpoint": str(ckpt.checkpoint_dir(self.out) / ckpt.LAST),
             "loss_history": self.history,

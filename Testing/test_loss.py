@@ -131,6 +131,15 @@ def test_co_teaching_hand_computed():
     plain = FineGrainedContrastiveLoss(normal_pairs=True, same_text=False, disease_pairs=0.0)
     inputs = _one_anatomy([False, False, True])
     assert off(**inputs, peer=peer).loss.item() == pytest.approx(plain(**inputs).loss.item(), abs=1e-7)
+    # a per-call weight (the trainer's ramp) overrides the constructor's: 0.75 own, 0.25 peer
+    tgt = [[0.5, 0.5, 0], [0.5, 0.5, 0], [0.25 * u, 0.25 * u, 0.75 + 0.25 * u]]
+    ramped = loss(**inputs, peer=peer, alpha=0.75)
+    assert ramped.loss.item() == pytest.approx(_hand_loss(S3, tgt, targets_t=tgt), abs=1e-6)
+    assert loss(**inputs, peer=peer, alpha=1.0).loss.item() == pytest.approx(
+        plain(**inputs).loss.item(), abs=1e-7
+    )
+    with pytest.raises(ValueError, match="alpha"):
+        loss(**inputs, peer=peer, alpha=1.5)
 
 
 def test_co_teaching_peer_gets_no_gradient():

@@ -664,3 +664,191 @@ def test_train_help_documents_the_exit_statuses(capsys):
     assert done.value.code == 0
     shown = " ".join(capsys.readouterr().out.split())
     assert "exit status: 0 training ended" in shown and "75 preempted by SIGTERM" in shown
+
+
+# ---------------------------------------------------------------------------------------------
+# the public recipe (ctrate-base) and co-teaching
+# ---------------------------------------------------------------------------------------------
+
+
+def lavis_linear_warmup_cosine(
+    epoch: int, i: int, lr: float, min_lr: float, start: float, warmup: int, epochs: int
+):
+    """LAVIS ``LinearWarmupCosineLRScheduler.step(cur_epoch, cur_step)`` as the public fVLM
+    runner calls it before every step (lavis/common/optims.py), written out from its source."""
+    if epoch == 0:
+        return min(lr, start + (lr - start) * i / max(warmup, 1))
+    return (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * epoch / epochs)) + min_lr
+
+
+def test_epoch_cosine_schedule_is_the_reference_runners():
+    from fvlm_training.schedule import epoch_cosine_lr
+
+    lr, lo, start, per_epoch, epochs = 1e-4, 1e-6, 1e-6, 400, 20
+    for step in (0, 1, 200, 376, 377, 399, 400, 401, 799, 800, 4000, 7999):
+        e, i = divmod(step, per_epoch)
+        want = lavis_linear_warmup_cosine(e, i, lr, lo, start, 377, epochs)
+        assert epoch_cosine_lr(step, lr, 377, per_epoch, epochs, lo, start) == pytest.approx(want, rel=1e-12)
+    assert epoch_cosine_lr(0, lr, 377, per_epoch, epochs, lo, start) == start  # warm-up from 1e-6
+    assert epoch_cosine_lr(400, lr, 377, per_epoch, epochs, lo, start) == epoch_cosine_lr(
+        799, lr, 377, 400, 20, lo, 1e-6
+    )
+    # a warm-up longer than the first epoch is cut at its end, as there
+    assert epoch_cosine_lr(9, lr, 30, 10, epochs, lo, start) < lr
+    assert epoch_cosine_lr(10, lr, 30, 10, epochs, lo, start) == pytest.approx(
+        lavis_linear_warmup_cosine(1, 0, lr, lo, start, 30, epochs)
+    )
+    # the step schedule can warm up from a given rate too
+    assert warmup_cosine_lr(0, lr, 4, 20, lo, warmup_start_lr=start) == start
+    assert warmup_cosine_lr(2, lr, 4, 20, lo, warmup_start_lr=start) == pytest.approx(
+        start + (lr - start) / 2
+    )
+    with pytest.raises(ValueError, match="steps_per_epoch"):
+        WarmupCosineLR(
+            torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))]), 4, 20, schedule="epoch_cosine"
+        )
+
+
+def test_ctrate_base_prints_the_public_recipe(tmp_path, capsys):
+    from fvlm_training.cli import main
+
+    assert main(["train", "--config", "ctrate-base", "--out", str(tmp_path / "r"), "--print-config"]) == 0
+    shown = yaml.safe_load(capsys.readouterr().out)
+    assert shown["init_from"] == "mae_pretrain_vit_base.pth" and shown["model"] == "fvlm-base"
+    assert shown["data"]["intact_rule"] == "strict" and shown["data"]["strip_normal_template"] is True
+    assert shown["data"]["crop_size"] == [112, 256, 352] and shown["data"]["flip_prob"] == 0.2
+    assert shown["train"]["batch_size"] == 14
+    assert shown["optim"] == {
+        "lr": 1e-4,
+        "min_lr": 1e-6,
+        "warmup_steps": 377,
+        "warmup_start_lr": 1e-6,
+        "schedule": "epoch_cosine",
+        "weight_decay": 0.01,
+        "decay_all_parameters": True,
+        "betas": [0.9, 0.999],
+        "eps": 1e-8,
+    }
+    assert shown["loss"]["disease_pairs"] == 0.0 and shown["loss"]["co_teaching"] is False
+    # the project's choices stay in ctrate-paper
+    paper = load_recipe("ctrate-paper")
+    assert paper.optim.schedule == "step_cosine" and paper.optim.weight_decay == 0.05
+    assert not paper.optim.decay_all_parameters and paper.data.intact_rule == "interior"
+    assert paper.loss.co_teaching and paper.loss.co_teaching_rampup_steps > 0
+    assert not (tmp_path / "r").exists()
+
+
+def test_reference_optimizer_and_schedule_in_a_run(samples, tmp_path):
+    cfg = train_config(epochs=2, log_every=1)
+    cfg["optim"] = dict(
+        lr=2e-3,
+        min_lr=1e-5,
+        warmup_steps=3,
+        warmup_start_lr=1e-6,
+        schedule="epoch_cosine",
+        weight_decay=0.01,
+        decay_all_parameters=True,
+    )
+    seen = []
+    res = train(cfg, tmp_path, dataset=samples[:8], progress=lambda info: seen.append(info["lr"]))
+    assert res["steps"] == 4  # 2 steps per epoch: the 3-step warm-up is cut at the epoch's end
+    want = [lavis_linear_warmup_cosine(s // 2, s % 2, 2e-3, 1e-5, 1e-6, 3, 2) for s in range(4)]
+    assert seen == pytest.approx(want, rel=1e-9)
+    groups = ckpt.load_checkpoint(tmp_path)["optimizer"]["param_groups"]
+    trainable = sum(p.requires_grad for p in res["model"].parameters())
+    assert groups[0]["weight_decay"] == 0.01 and len(groups[0]["params"]) == trainable  # biases, norms too
+    assert groups[1]["params"] == []
+    from fvlm_training.trainer import param_groups
+
+    decayed, kept = param_groups(res["model"], 0.05)  # the project's rule: not on biases, norms, temp
+    assert kept["params"] and len(decayed["params"]) + len(kept["params"]) == trainable
+
+
+def test_normal_template_is_stripped_at_the_text_encoder_only(samples):
+    from fvlm_core.data.samples import TrainingSamples, collate
+    from fvlm_core.model import FVLMConfig
+    from fvlm_training.objectives import build_objective
+
+    template = "lung shows no significant abnormalities."
+    data = [dataclasses.replace(s, texts=dict(s.texts), abnormal=dict(s.abnormal)) for s in samples[:4]]
+    data[0].texts["lung"], data[0].abnormal["lung"] = f"{template} Minimal atelectasis.", False
+    data[1].texts["lung"], data[1].abnormal["lung"] = "Minimal atelectasis.", True
+    data[2].texts["lung"], data[2].abnormal["lung"] = template, False
+    recipe = load_recipe({**train_config(), "data": {"crop_size": None, "strip_normal_template": True}})
+    mc = FVLMConfig.from_dict(recipe.model_config().to_dict())
+    obj = build_objective(recipe, mc, torch.device("cpu"), 0, 1)
+    assert obj.encoder_text(f"{template} Minimal atelectasis.") == "Minimal atelectasis."
+    assert obj.encoder_text(template) == template  # a template alone stays
+    assert (
+        obj.encoder_text("heart shows no significant abnormalities. Minimal atelectasis.")
+        == "Minimal atelectasis."
+    )
+    seen: list[str] = []
+    real = obj.model.cache_text
+    obj.model.cache_text = lambda texts, cache: (seen.extend(texts), real(texts, cache))
+    obj.warm_text_caches(data)
+    assert "Minimal atelectasis." in seen and not any(t.startswith(template) and t != template for t in seen)
+    # the full texts still decide pairing: the stripped normal text and the abnormal one differ
+    items = TrainingSamples(data, mc.anatomies, {}, dataclasses.replace(_augment(), random_crop=False), 0)
+    batch = collate([items[(i, 0, i)] for i in range(3)])
+    assert batch["text_ids"][0, 0] != batch["text_ids"][1, 0]
+    encoded: list[str] = []
+    real_encode = obj.model.encode_text
+    obj.model.encode_text = lambda texts, cache=None: (encoded.extend(texts), real_encode(texts, cache))[1]
+    obj(batch["image"], batch["labels"], batch["present"], batch["texts"], batch["reports"])
+    assert bool(batch["present"][0, 0])  # the lung is intact in sample 0's window
+    assert "Minimal atelectasis." in encoded and f"{template} Minimal atelectasis." not in encoded
+    # off (the default): the encoder gets the full text
+    plain = build_objective(load_recipe(train_config()), mc, torch.device("cpu"), 0, 1)
+    assert plain.encoder_text(f"{template} Minimal atelectasis.") == f"{template} Minimal atelectasis."
+
+
+def _augment():
+    return AugmentConfig(crop_size=(32, 32, 32), flip_prob=0.0, random_crop=True, intact_rule="interior")
+
+
+def test_co_teaching_peers_differ_ramp_up_and_log_agreement(samples, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from fvlm_core.model import FVLM, FVLMConfig
+    from fvlm_training.trainer import Trainer
+
+    init = tmp_path / "init"
+    torch.manual_seed(0)
+    FVLM(FVLMConfig.from_dict(tiny_model_config(window=32, dropout=0.1))).save_pretrained(init)
+    cfg = train_config(epochs=2, log_every=1)
+    cfg.pop("model")
+    cfg.update(init_from=str(init), loss={"co_teaching": True, "co_teaching_rampup_steps": 2})
+    infos = []
+    trainer = Trainer(load_recipe(cfg), tmp_path / "run", dataset=samples[:8], progress=infos.append)
+    res = trainer.run(resume=False)
+    assert res["steps"] == 4
+    # the peer's share ramps from 0 to 1 - alpha = 0.5 over 2 steps
+    shares = [i["scalars"]["co_teaching/peer_share"] for i in infos]
+    assert shares == pytest.approx([0.0, 0.25, 0.5, 0.5])
+    assert all(0.0 <= i["scalars"]["co_teaching/agreement"] <= 1.0 for i in infos)
+    events = EventAccumulator(str(tmp_path / "run" / "tb"))
+    events.Reload()
+    assert {"co_teaching/agreement", "co_teaching/peer_share", "co_teaching/peer_loss"} <= set(
+        events.Tags()["scalars"]
+    )
+    # same start (init_from), yet the peers differ: their own data order and augmentation
+    state = ckpt.load_checkpoint(tmp_path / "run")["model"]
+    own = {k[len("model.") :]: v for k, v in state.items() if k.startswith("model.")}
+    peer = {k[len("peer.") :]: v for k, v in state.items() if k.startswith("peer.")}
+    assert own.keys() == peer.keys()
+    assert any(not torch.equal(own[k], peer[k]) for k in own if k.startswith("visual_encoder."))
+    trainer.progress.epoch, trainer.progress.micro_step = 0, 0
+    pairs = list(trainer.batches())
+    assert [b["names"] for b, _ in pairs] != [p["names"] for _, p in pairs]
+    assert sorted(n for b, _ in pairs for n in b["names"]) == sorted(n for _, p in pairs for n in p["names"])
+    common = [(b, p, n) for b, p in pairs for n in set(b["names"]) & set(p["names"])]
+    assert common
+    for (
+        first_model,
+        first_peer,
+        name,
+    ) in common:  # a sample both streams drew: other crops or flips (own augmentation seeds)
+        a = first_model["image"][first_model["names"].index(name)]
+        b = first_peer["image"][first_peer["names"].index(name)]
+        assert not torch.equal(a, b)

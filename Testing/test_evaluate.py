@@ -177,6 +177,80 @@ def test_store_thresholds_fits_and_stores_calibration_checked_by_cross_fitting(t
     assert not (tmp_path / "again" / "reliability_all.png").exists()
 
 
+def _tree(root) -> dict[str, bytes | None]:
+    """Every path below ``root`` (hidden temporaries too) and its bytes (None: a folder)."""
+    return {str(p.relative_to(root)): None if p.is_dir() else p.read_bytes() for p in sorted(root.rglob("*"))}
+
+
+def test_bad_outputs_are_refused_before_any_work(tmp_path, capsys):
+    """Issue 16: the outputs are checked first (the missing model and data are never reached)."""
+    s_csv, l_csv = _tables(tmp_path)
+    (tmp_path / "afile").write_text("a file")
+    (tmp_path / "old" / "metrics.json").mkdir(parents=True)  # a folder where the report's file goes
+    from fvlm_core.model.config import FVLMConfig
+
+    FVLMConfig().save(tmp_path / "model" / "config.yaml")
+    (tmp_path / "model" / "model.safetensors").write_bytes(b"weights")
+    work = ["evaluate", "--data", str(tmp_path / "no-data"), "--model", str(tmp_path / "no-model")]
+    cases = [
+        ([*work, "--out", str(tmp_path / "afile")], "is an existing file"),
+        ([*work, "--out", str(tmp_path / "afile" / "report")], "is a file, not a folder"),
+        ([*work, "--out", str(tmp_path / "old")], "--out (metrics.json)"),
+        (["evaluate", "--scores", str(s_csv), "--labels", str(l_csv), "--out", str(s_csv)], "is the input --scores"),
+        (
+            ["evaluate", "--scores", str(s_csv), "--labels", str(l_csv), "--model", str(tmp_path / "model"),
+             "--store-thresholds", "--out", str(tmp_path / "model")],
+            "is the input --model",
+        ),
+        (
+            ["evaluate", "--scores", str(s_csv), "--labels", str(l_csv), "--model", str(tmp_path / "model"),
+             "--store-thresholds", "--out", str(tmp_path / "model" / "model.safetensors")],
+            "is the input --model",
+        ),
+        (["evaluate", *work[1:], "--store-thresholds", "--out", str(tmp_path / "r")], "no config.yaml"),
+    ]  # fmt: skip
+    before = _tree(tmp_path)
+    for argv, words in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert words in err and "Traceback" not in err, err
+    assert _tree(tmp_path) == before
+
+
+def test_report_and_stored_thresholds_are_written_all_or_none(tmp_path, capsys):
+    """A file size limit (as a full disk) stops the report's plots: neither the earlier report in
+    ``--out`` nor the model's config.yaml changes, and no temporary file is left; without the
+    limit both are written."""
+    resource = pytest.importorskip("resource")
+    import signal
+
+    from fvlm_core.model.config import FVLMConfig, load_config
+
+    s_csv, l_csv = _miscalibrated_table(tmp_path, n=200)
+    FVLMConfig().save(tmp_path / "model" / "config.yaml")
+    out = tmp_path / "report"
+    out.mkdir()
+    (out / "metrics.json").write_text("an earlier report")
+    argv = ["evaluate", "--scores", str(s_csv), "--labels", str(l_csv), "--model", str(tmp_path / "model")]
+    argv += ["--out", str(out), "--n-bootstrap", "0", "--store-thresholds"]
+    before = _tree(tmp_path)
+    limit = max(p.stat().st_size for p in tmp_path.rglob("*") if p.is_file()) + 1000  # inputs stay readable
+    old, handler = resource.getrlimit(resource.RLIMIT_FSIZE), signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, old[1]))  # metrics.json fits, a PNG does not
+    try:
+        rc = main(argv)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, old)
+        signal.signal(signal.SIGXFSZ, handler)
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err, err
+    assert _tree(tmp_path) == before
+    assert main(argv) == 0
+    assert json.loads((out / "metrics.json").read_text())["calibration"]["labels"]["Emphysema"]["n"] == 200
+    assert set(load_config(tmp_path / "model").thresholds) == {"Emphysema", "Cardiomegaly"}
+    assert not [p for p in tmp_path.rglob(".*")]  # no staging folder or temporary file left
+
+
 def test_calibration_split_is_fitted_there_and_checked_on_the_evaluated_set(tmp_path):
     (tmp_path / "cal").mkdir()
     (tmp_path / "test").mkdir()

@@ -30,7 +30,8 @@ and the threshold on both scales.
 Writes ``metrics.json``, ``report.md``, ``scores.csv``, ROC curves (``roc/*.png``, ``roc_all.png``)
 and reliability diagrams (``reliability/*.png``, ``reliability_all.png``) to ``--out``;
 ``--store-thresholds`` saves the chosen thresholds and the fitted calibrations into the model
-folder's config so that ``fvlm analyze`` uses them.
+folder's config so that ``fvlm analyze`` uses them. The outputs are checked before any work
+(:func:`output_plan`) and written all or none (the report and the stored config together).
 """
 
 from __future__ import annotations
@@ -559,10 +560,12 @@ def store_thresholds(
     thresholds: Mapping[str, float],
     source: str = "",
     calibration: Mapping[str, Any] | None = None,
+    to: str | os.PathLike | None = None,
 ) -> Path:
     """Save ``thresholds`` (finding name -> value on the raw scale) and ``calibration`` (finding
     name -> :class:`~fvlm_core.calibration.Calibration`) into ``model_dir/config.yaml``
-    (atomically; only that file: the weights' record of the architecture stays as it was).
+    (atomically; only that file: the weights' record of the architecture stays as it was), or
+    into ``to`` (a staged file that replaces it later: :func:`run` writes all outputs or none).
 
     Existing thresholds and calibrations of other findings are kept. ``fvlm analyze`` then
     reports them as ``threshold_source: calibrated`` and gives calibrated probabilities.
@@ -579,7 +582,7 @@ def store_thresholds(
     cfg.calibration = {**cfg.calibration, **{k: c.to_dict() for k, c in (calibration or {}).items()}}
     if source:
         cfg.versions = {**cfg.versions, "thresholds_from": source}
-    cfg.save(cfg_path)
+    cfg.save(Path(to) if to is not None else cfg_path)
     return cfg_path
 
 
@@ -947,11 +950,47 @@ def _scores_from_model(args: argparse.Namespace, meta: dict[str, Any]):
     return names, scores, truth, thresholds, source
 
 
+def output_plan(args: argparse.Namespace, parts: bool = True):
+    """The inputs and outputs of ``fvlm evaluate`` (:class:`fvlm_core.outputs.OutputPlan`), checked.
+
+    ``--out`` is a folder the report's files are added to (``parts``: each of those files and
+    folders is checked too); ``--store-thresholds`` also replaces the model folder's
+    ``config.yaml``, the only file of an input folder a command may change (the folder's other
+    files stay protected inputs).
+    """
+    from fvlm_core.outputs import OutputPlan
+
+    plan = OutputPlan()
+    for option in ("data", "scores", "labels", "calibration", "masks"):
+        plan.input(f"--{option}", getattr(args, option))
+    config = None
+    if args.store_thresholds:
+        if not args.model:
+            raise ConfigError("--store-thresholds needs --model DIR")
+        model = Path(args.model)
+        config = model / "config.yaml"
+        if not config.is_file():
+            raise ConfigError(f"{model}: no config.yaml; --store-thresholds needs a model folder.")
+        plan.input("--model", model, contents=False)
+        plan.inputs("--model", (p for p in model.rglob("*") if p != config))
+    else:
+        plan.input("--model", args.model)
+    plan.folder("--out", args.out)
+    plan.check()  # the folder first: what is wrong with it would be wrong for everything in it
+    plan.file("--store-thresholds", config, suffixes=(".yaml",))
+    if parts:
+        for name in ("metrics.json", "report.md", "scores.csv", "roc_all.png", "reliability_all.png"):
+            plan.file(f"--out ({name})", Path(args.out) / name)
+        for name in ("roc", "reliability"):
+            plan.folder(f"--out ({name})", Path(args.out) / name)
+    plan.check()
+    return plan
+
+
 def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     meta: dict[str, Any] = {}
-    if args.store_thresholds and not args.model:
-        raise ConfigError("--store-thresholds needs --model DIR")
+    output_plan(args)  # before any work: a bad --out is refused in a second, not after scoring
     collect = _scores_from_table if args.scores else _scores_from_model
     names, scores, truth, thresholds, source = collect(args, meta)
     report = evaluate_scores(
@@ -960,15 +999,9 @@ def run(args: argparse.Namespace) -> int:
     calibrate_report(report, scores, truth, source, seed=args.seed)
     report.meta.update(meta)
     report.meta["seconds"] = round(time.perf_counter() - t0, 1)
-    write_report(report, args.out, scores, names, plots=not args.no_plots)
+    _write_outputs(args, report, scores, names)
     if args.store_thresholds:
-        path = store_thresholds(
-            args.model,
-            report.thresholds,
-            source=f"{args.protocol}: {report.split['description']}",
-            calibration=report.calibrations,
-        )
-        print(f"thresholds and calibrations stored in {path}")
+        print(f"thresholds and calibrations stored in {Path(args.model) / 'config.yaml'}")
     m = report.macro["fvlm16"]
     print(
         f"{report.split['description']}: macro AUC {_fmt(m['auc'])}, ACC {_fmt(m['accuracy'])}, "
@@ -982,6 +1015,21 @@ def run(args: argparse.Namespace) -> int:
         f"{_fmt(c['ece_calibrated'], 4)}"
     )
     return 0
+
+
+def _write_outputs(args: argparse.Namespace, report: EvaluationReport, scores, names) -> None:
+    """The report into ``--out`` and, with ``--store-thresholds``, the model's ``config.yaml``:
+    all of them or (on any failure) none."""
+    with output_plan(args, parts=False).writing() as staged:
+        write_report(report, staged.path("--out"), scores, names, plots=not args.no_plots)
+        if args.store_thresholds:
+            store_thresholds(
+                args.model,
+                report.thresholds,
+                source=f"{args.protocol}: {report.split['description']}",
+                calibration=report.calibrations,
+                to=staged.path("--store-thresholds"),
+            )
 
 
 def _print_progress(message: str, fraction: float) -> None:

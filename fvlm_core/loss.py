@@ -44,6 +44,10 @@ Disease-aware calibration (the paper's part the public code left out), two mecha
    avoids confirming a model's own mistakes. This is our reading of the paper's description
    (the paper's method text was not available offline beyond its abstract); the mixing rule
    is the ALBEF/BLIP soft-target form the reference code base (LAVIS) already uses.
+   ``alpha`` may also be given per call (``forward(..., alpha=a)``): the trainer ramps the
+   peer's share ``1 - alpha`` up from 0 as ALBEF ramps its distillation weight, and gives each
+   peer its own data stream, passing here the other model's embeddings of this batch
+   (``fvlm_training.objectives.FVLMObjective``).
 """
 
 from __future__ import annotations

@@ -149,7 +149,7 @@ def load_mae_vit(vision: nn.Module, path: str | os.PathLike) -> MAEInitReport:
         CheckpointError: the file is missing or not MAE's layout, no ViT tensor fits, or some
             tensor has another shape than the model's (e.g. a ViT-L checkpoint for a ViT-B).
     """
-    from monai.networks.nets import ViT
+    from fvlm_core.model.vit import ViT  # the base class of ViTEncoder (MONAI's ViT, rebuilt)
 
     if not isinstance(vision, ViT):
         raise ConfigError(

@@ -2,6 +2,10 @@
 
 ``text/`` holds the text encoder's ``config.json`` and tokenizer files, so loading needs nothing
 but the folder (no hub, no pickles). Weights are read with safetensors only.
+``prompt_embeddings.safetensors`` holds the embeddings of the config's finding prompts
+(:mod:`fvlm_core.model.prompt_store`), so scoring a model's own findings needs no text encoder:
+``from_pretrained(..., lazy_text=True)`` then reads no text-encoder tensor and imports no
+``transformers`` until a new prompt must be encoded.
 
 The weights file's metadata records the anatomy names in order and the architecture signature
 (:func:`architecture_signature`) of the config they were saved with. Loading refuses a
@@ -14,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +29,7 @@ from fvlm_core.errors import CheckpointError, ConfigError, warn
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.yaml"
 TEXT_DIR = "text"
+TEXT_ENCODER = "text_encoder."
 
 #: tensors of the CLIP baseline's head (``fvlm_training.baseline.GlobalCLIP``): a baseline folder,
 #: and model folders saved while the head was part of the fVLM model, hold them; an fVLM model
@@ -125,7 +131,8 @@ def save_pretrained(
 ) -> Path:
     """Save ``model`` (an :class:`~fvlm_core.model.FVLM`) to ``directory``.
 
-    The weights, ``config.yaml`` and ``text/`` are written all or none
+    The weights, ``config.yaml``, ``text/`` and the embeddings of the config's finding prompts
+    (:mod:`~fvlm_core.model.prompt_store`; encoded now, in eval mode) are written all or none
     (:class:`fvlm_core.outputs.OutputPlan`): a failure leaves a previous checkpoint in the
     folder as it was. Other files in the folder are left alone.
 
@@ -143,9 +150,12 @@ def save_pretrained(
     """
     from safetensors.torch import save_file
 
+    from fvlm_core.model import prompt_store
     from fvlm_core.model.config import FVLMConfig
     from fvlm_core.outputs import OutputPlan
 
+    if hasattr(model, "load_text_encoder"):
+        model.load_text_encoder()  # a deferred encoder's weights belong in the file too
     directory = Path(directory)
     cfg_dict = model.config.to_dict()
     cfg_dict.update(config_updates)
@@ -157,31 +167,42 @@ def save_pretrained(
         ANATOMIES_KEY: json.dumps(list(config.anatomies)),
         ARCHITECTURE_KEY: json.dumps(architecture_signature(config), sort_keys=True),
     }
+    tensors = {
+        **_unshared_state_dict(model),
+        **{k: v.detach().cpu().contiguous() for k, v in (extra_tensors or {}).items()},
+    }
+    metadata[prompt_store.TEXT_DIGEST_KEY] = prompt_store.text_weights_digest(tensors)
+    texts = prompt_store.prompt_texts(config)
     plan = OutputPlan()
     plan.file(WEIGHTS_NAME, directory / WEIGHTS_NAME)
     plan.file(CONFIG_NAME, directory / CONFIG_NAME)
+    plan.file(prompt_store.STORE_NAME, directory / prompt_store.STORE_NAME)
     plan.folder(TEXT_DIR, directory / TEXT_DIR, replace=True, force=True)
     with plan.writing() as staged:
         save_text_files(model, staged.path(TEXT_DIR))
-        tensors = {
-            **_unshared_state_dict(model),
-            **{k: v.detach().cpu().contiguous() for k, v in (extra_tensors or {}).items()},
-        }
         save_file(tensors, str(staged.path(WEIGHTS_NAME)), metadata=metadata)
         staged.path(CONFIG_NAME).write_text(config.to_yaml(), encoding="utf-8")
+        identity = prompt_store.text_identity(
+            metadata[prompt_store.TEXT_DIGEST_KEY], staged.path(TEXT_DIR), config
+        )
+        embeddings = prompt_store.encode_prompts(model, texts)
+        prompt_store.write_store(staged.path(prompt_store.STORE_NAME), texts, embeddings, identity)
     model.config = config
     return directory
 
 
-def read_safetensors(path: Path, device: str = "cpu") -> dict[str, torch.Tensor]:
-    """All tensors of a safetensors file; :class:`CheckpointError` if it is missing, truncated or corrupt."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+def read_safetensors(
+    path: Path, device: str = "cpu", keep: Callable[[str], bool] | None = None
+) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file (those whose name ``keep`` accepts, default all);
+    :class:`CheckpointError` if it is missing, truncated or corrupt."""
+    from safetensors import SafetensorError, safe_open
 
     if not path.is_file():
         raise CheckpointError(f"{path}: weights file not found; the checkpoint folder is incomplete")
     try:
-        return load_file(str(path), device=device)
+        with safe_open(str(path), framework="pt", device=device) as f:
+            return {k: f.get_tensor(k) for k in f.keys() if keep is None or keep(k)}  # noqa: SIM118 (not iterable)
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise CheckpointError(
             f"{path}: not a readable safetensors file (corrupt or truncated: {exc}); "
@@ -273,13 +294,24 @@ def check_state_dict(
         )
 
 
-def from_pretrained(directory: str | os.PathLike, device: str | torch.device = "cpu"):
+def _text_encoder_tensors(weights: Path) -> dict[str, torch.Tensor]:
+    """The ``text_encoder.*`` tensors of a weights file, names without the prefix."""
+    tensors = read_safetensors(weights, keep=lambda k: k.startswith(TEXT_ENCODER))
+    return {k[len(TEXT_ENCODER) :]: v for k, v in tensors.items()}
+
+
+def from_pretrained(
+    directory: str | os.PathLike, device: str | torch.device = "cpu", lazy_text: bool = False
+):
     """Load a checkpoint folder written by :func:`save_pretrained`.
 
     Args:
         directory: folder with ``config.yaml``, ``model.safetensors`` and ``text/``.
         device: a ``torch.device`` or a name :func:`fvlm_core.devices.resolve_device` takes
             (``auto``, ``cpu``, ``cuda``, ``cuda:N``, ``gpu``, ``mps``).
+        lazy_text: defer the text encoder (its tensors are read, and checked, when it is first
+            used; see :class:`~fvlm_core.model.fvlm.FVLM`'s ``text_weights``): for scoring with
+            stored prompt embeddings. Folders without ``text/`` load it now.
 
     Returns:
         The model in eval mode on ``device``.
@@ -307,10 +339,15 @@ def from_pretrained(directory: str | os.PathLike, device: str | torch.device = "
     weights = directory / WEIGHTS_NAME
     if weights.is_file():
         check_saved_with(config, read_metadata(weights), str(weights))
-    # the baseline's head, if the folder holds one, is not part of the fVLM model
-    tensors = {k: v for k, v in read_safetensors(weights).items() if not k.startswith(BASELINE_HEAD)}
     text_dir = directory / TEXT_DIR
-    model = FVLM(config, text_source=text_dir if text_dir.is_dir() else None, load_text_weights=False)
+    text_source = text_dir if text_dir.is_dir() else None
+    text_weights = None
+    if lazy_text and text_source is not None:
+        text_weights = lambda: _text_encoder_tensors(weights)  # noqa: E731
+    model = FVLM(config, text_source=text_source, load_text_weights=False, text_weights=text_weights)
+    # the baseline's head, if the folder holds one, is not part of the fVLM model
+    skip = BASELINE_HEAD if model.text_loaded else (*BASELINE_HEAD, TEXT_ENCODER)
+    tensors = read_safetensors(weights, keep=lambda k: not k.startswith(skip))
     check_state_dict(model, tensors, str(directory / WEIGHTS_NAME))
     model.load_state_dict(tensors, strict=True)
     return model.to(device).eval()

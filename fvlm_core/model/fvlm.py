@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +40,7 @@ from fvlm_core.model.text import (
     encode_features,
     encode_from_layer,
     encode_layer_states,
+    folder_hidden_size,
     transformer_layers,
 )
 from fvlm_core.model.vision import TokenGrid, build_vision_encoder
@@ -54,6 +55,12 @@ class FVLM(nn.Module):
             (a checkpoint's ``text/`` folder).
         load_text_weights: load the text encoder's pretrained weights (False when a checkpoint
             provides them).
+        text_weights: defer the text encoder (and ``transformers``) until it is first used:
+            ``text_weights()`` then returns its state dict (names without ``text_encoder.``).
+            Needs ``text_source`` to be a folder whose ``config.json`` gives ``hidden_size``
+            (else the encoder is built now and ``text_weights`` is ignored). Until then the
+            model's ``state_dict()`` and parameters lack the encoder; :meth:`load_text_encoder`
+            builds it (``text_encoder``, ``tokenizer`` and every text method do so on access).
     """
 
     def __init__(
@@ -61,6 +68,7 @@ class FVLM(nn.Module):
         config: FVLMConfig,
         text_source: str | os.PathLike | None = None,
         load_text_weights: bool = True,
+        text_weights: Callable[[], dict[str, torch.Tensor]] | None = None,
     ) -> None:
         super().__init__()
         self.config = config
@@ -68,10 +76,15 @@ class FVLM(nn.Module):
         c = config.vision.hidden_size
         d = config.embed_dim
         self.visual_encoder = build_vision_encoder(config.vision)
-        self.text_encoder, self.tokenizer = build_text_encoder(
-            config.text, source=text_source, weights=load_text_weights
-        )
-        self.text_proj = nn.Linear(self.text_encoder.config.hidden_size, d)
+        text_hidden = folder_hidden_size(text_source) if text_weights is not None else None
+        if text_hidden is None:
+            self.text_encoder, self.tokenizer = build_text_encoder(
+                config.text, source=text_source, weights=load_text_weights
+            )
+            text_hidden = self.text_encoder.config.hidden_size
+        else:  # built by load_text_encoder on first use (see _DEFERRED)
+            self._pending_text = (text_source, text_weights)
+        self.text_proj = nn.Linear(text_hidden, d)
         self.attention = nn.MultiheadAttention(
             c, config.pool_heads, dropout=config.pool_dropout, batch_first=True
         )
@@ -84,11 +97,61 @@ class FVLM(nn.Module):
             self.profile_embed = ProfileEmbedding(len(self.anatomies), n_feat, hid, c)
         self.text_adapter: TextAdapter | None = None
         if config.text.adapter_width:
-            self.text_adapter = TextAdapter(
-                self.text_encoder.config.hidden_size, config.text.adapter_width, config.text.adapter_heads
-            )
-        if config.text.freeze:
+            self.text_adapter = TextAdapter(text_hidden, config.text.adapter_width, config.text.adapter_heads)
+        if config.text.freeze and self.text_loaded:
             self.freeze_text(config.text.train_top_layers)
+
+    # ------------------------------------------------------------------ deferred text encoder
+    #: attributes that exist once the text encoder is built
+    _DEFERRED = frozenset({"text_encoder", "tokenizer"})
+
+    def __getattr__(self, name: str):
+        # only reached when normal lookup fails: submodules, and the text encoder not built yet
+        if name in FVLM._DEFERRED and self.__dict__.get("_pending_text") is not None:
+            self.load_text_encoder()
+        return super().__getattr__(name)
+
+    @property
+    def text_loaded(self) -> bool:
+        """False while the text encoder is deferred (``text_weights``) and not yet built."""
+        return self.__dict__.get("_pending_text") is None
+
+    def load_text_encoder(self) -> None:
+        """Build a deferred text encoder now from its folder and weights (no-op when built), on
+        the model's device, frozen and in the mode the config and the model say.
+
+        Raises:
+            CheckpointError: its weights do not match the encoder its folder describes.
+        """
+        pending = self.__dict__.pop("_pending_text", None)
+        if pending is None:
+            return
+        from fvlm_core.model.checkpoint import check_state_dict
+
+        source, read_weights = pending
+        try:
+            # parameters made inside inference mode (e.g. the first prompt encoded under it) could
+            # never be trained or version-tracked: build them as ordinary tensors
+            with torch.inference_mode(False), torch.no_grad():
+                encoder, tokenizer = build_text_encoder(self.config.text, source=source, weights=False)
+                state = read_weights()
+                check_state_dict(encoder, state, f"{source} (text encoder weights)")
+                encoder.load_state_dict(state, strict=True)
+                encoder.to(self.text_proj.weight.device, self.text_proj.weight.dtype)
+        except BaseException:
+            self._pending_text = pending  # still deferred: a later access reports it again
+            raise
+        self.text_encoder = encoder
+        self.tokenizer = tokenizer
+        # keep the registration order of a model built whole (state_dict and parameter order)
+        order = ["visual_encoder", "text_encoder"]
+        self._modules = {
+            **{k: self._modules[k] for k in order if k in self._modules},
+            **{k: v for k, v in self._modules.items() if k not in order},
+        }
+        if self.config.text.freeze:
+            self.freeze_text(self.config.text.train_top_layers)
+        self.train(self.training)
 
     # ------------------------------------------------------------------ construction / io
     @classmethod
@@ -103,11 +166,14 @@ class FVLM(nn.Module):
         return save_pretrained(self, directory, **config_updates)
 
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike, device: str | torch.device = "cpu") -> FVLM:
-        """Load a folder written by :meth:`save_pretrained` (never unpickles)."""
+    def from_pretrained(
+        cls, directory: str | os.PathLike, device: str | torch.device = "cpu", lazy_text: bool = False
+    ) -> FVLM:
+        """Load a folder written by :meth:`save_pretrained` (never unpickles); ``lazy_text``
+        defers the text encoder until it is used (:func:`~fvlm_core.model.checkpoint.from_pretrained`)."""
         from fvlm_core.model.checkpoint import from_pretrained
 
-        return from_pretrained(directory, device=device)
+        return from_pretrained(directory, device=device, lazy_text=lazy_text)
 
     @property
     def device(self) -> torch.device:
@@ -132,6 +198,8 @@ class FVLM(nn.Module):
 
     def train(self, mode: bool = True) -> FVLM:
         super().train(mode)
+        if not self.text_loaded:  # load_text_encoder applies the mode when it builds it
+            return self
         split = self.text_split
         if self.text_frozen or split is not None:
             # a frozen encoder (or its cached frozen part) is a fixed function: no dropout

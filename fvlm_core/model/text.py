@@ -64,6 +64,18 @@ def resolve_text_source(name_or_path: str | os.PathLike) -> str:
     return name
 
 
+def folder_hidden_size(folder: str | os.PathLike | None) -> int | None:
+    """The encoder's hidden size from a local folder's ``config.json`` without importing
+    ``transformers`` (None when there is no such folder or the config does not say)."""
+    if folder is None:
+        return None
+    try:
+        size = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8")).get("hidden_size")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return size if isinstance(size, int) and size > 0 else None
+
+
 def _hint(name: str) -> str:
     return (
         f"text encoder {name!r} is not available offline. Download it once "

@@ -20,12 +20,12 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from monai.networks.nets import ViT
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from fvlm_core.errors import InputError
 from fvlm_core.model.config import VisionConfig
+from fvlm_core.model.vit import ViT  # MONAI's ViT without importing all of MONAI
 
 
 @dataclass

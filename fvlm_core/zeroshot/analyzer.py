@@ -276,8 +276,14 @@ class Analyzer:
 
     @classmethod
     def from_pretrained(cls, model_dir: str | os.PathLike, device: str | torch.device = "auto") -> Analyzer:
-        """Load a model folder (``config.yaml`` + weights) written by ``FVLM.save_pretrained``."""
-        from fvlm_core.model import FVLM
+        """Load a model folder (``config.yaml`` + weights) written by ``FVLM.save_pretrained``.
+
+        The folder's stored prompt embeddings (:mod:`fvlm_core.model.prompt_store`) fill the
+        prompt cache when their text identity is the folder's own; the text encoder is built
+        only when a prompt they lack is scored.
+        """
+        from fvlm_core.model.checkpoint import WEIGHTS_NAME, from_pretrained, read_metadata
+        from fvlm_core.model.prompt_store import STORE_NAME, folder_identity, read_store
 
         model_dir = Path(model_dir)
         if not model_dir.is_dir():
@@ -290,7 +296,13 @@ class Analyzer:
                 "Give a folder written by `fvlm train` / `fvlm import-checkpoint` (config.yaml + model.safetensors)."
             )
         dev = resolve_device(device)
-        return cls(FVLM.from_pretrained(model_dir, device=dev), device=dev, name=str(model_dir))
+        analyzer = cls(
+            from_pretrained(model_dir, device=dev, lazy_text=True), device=dev, name=str(model_dir)
+        )
+        metadata = read_metadata(model_dir / WEIGHTS_NAME)
+        identity = folder_identity(model_dir, analyzer.config, metadata)
+        analyzer.prompts.preload(read_store(model_dir / STORE_NAME, identity))
+        return analyzer
 
     # ------------------------------------------------------------------ findings / prompts
     def default_findings(self) -> FindingSet:

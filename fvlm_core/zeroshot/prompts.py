@@ -9,7 +9,9 @@ anatomy embedding ``v`` is ``p = softmax([v.t_neg, v.t_pos] / tau)[1]``
 Text encoding is the slow part of zero-shot inference on CPU (the reference padded every
 prompt to 384 tokens and re-encoded them for every volume): :class:`PromptCache` keeps one
 embedding per distinct text per model, so a second analysis, or another finding reusing a
-wording, does no text-encoder work.
+wording, does no text-encoder work. A model folder's own findings come encoded with it
+(:mod:`fvlm_core.model.prompt_store`): :meth:`PromptCache.preload` takes them, and the text
+encoder is built only for a text the store lacks.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from fvlm_core.findings import Finding, FindingSet
+from fvlm_core.model.prompt_store import encode_prompts
 
 
 @dataclass
@@ -81,6 +84,7 @@ class PromptCache:
     Attributes:
         encoder_calls: number of calls made to ``encode`` (tests and benchmarks read it).
         texts_encoded: number of texts sent to ``encode``.
+        texts_preloaded: number of texts taken from a store (:meth:`preload`).
     """
 
     def __init__(
@@ -94,9 +98,10 @@ class PromptCache:
         self._fingerprint = fingerprint
         self._seen = fingerprint() if fingerprint is not None else None
         self._cache: dict[str, torch.Tensor] = {}
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # reentrant: encode may call rebase
         self.encoder_calls = 0
         self.texts_encoded = 0
+        self.texts_preloaded = 0
 
     def __len__(self) -> int:
         return len(self._cache)
@@ -105,6 +110,24 @@ class PromptCache:
         """Forget all embeddings (call after the text encoder's weights change)."""
         with self._lock:
             self._cache.clear()
+
+    def preload(self, embeddings: dict[str, torch.Tensor]) -> None:
+        """Take ``text -> (D,)`` embeddings computed with the current text weights (a model
+        folder's stored prompt embeddings, checked against its text identity by the caller)."""
+        with self._lock:
+            if self._fingerprint is not None:
+                self._seen = self._fingerprint()
+            for text, vec in embeddings.items():
+                self._cache[text] = vec.detach().float().cpu()
+            self.texts_preloaded += len(embeddings)
+
+    def rebase(self) -> None:
+        """Accept the current weights fingerprint without forgetting anything: for a change that
+        is not a change of the text weights (a deferred text encoder built from the checkpoint
+        the cached embeddings were computed from)."""
+        with self._lock:
+            if self._fingerprint is not None:
+                self._seen = self._fingerprint()
 
     @torch.no_grad()
     def embed(self, texts: Sequence[str]) -> torch.Tensor:
@@ -163,13 +186,11 @@ def prompt_cache_for(model: torch.nn.Module) -> PromptCache:
 
             def encode(texts: list[str]) -> torch.Tensor:
                 m = ref()
-                was_training = m.training
-                m.eval()
-                try:
-                    with torch.inference_mode():
-                        return m.encode_text(texts)
-                finally:
-                    m.train(was_training)
+                deferred = not getattr(m, "text_loaded", True)
+                out = encode_prompts(m, texts)
+                if deferred:  # built now from the same checkpoint: what is cached stays valid
+                    cache.rebase()
+                return out
 
             def fingerprint() -> tuple[int, int]:
                 # In-place updates (optimizer steps, load_state_dict) bump a tensor's _version.

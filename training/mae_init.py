@@ -140,9 +140,12 @@ def read_mae_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_mae_vit(vision: nn.Module, path: str | os.PathLike) -> MAEInitReport:
+def load_mae_vit(
+    vision: nn.Module, path: str | os.PathLike, state: dict[str, torch.Tensor] | None = None
+) -> MAEInitReport:
     """Load a MAE checkpoint into ``vision`` (a MONAI ViT: :class:`fvlm_core.model.vision.ViTEncoder`)
     by the reference's rule (module docstring); returns what was loaded, skipped and left.
+    ``state``: the file's tensors when already read (:func:`read_mae_checkpoint`).
 
     Raises:
         ConfigError: the model's vision encoder is not a ViT.
@@ -156,7 +159,8 @@ def load_mae_vit(vision: nn.Module, path: str | os.PathLike) -> MAEInitReport:
             f"init_from {path}: a MAE checkpoint initialises a ViT, but the model's vision encoder is "
             f"{type(vision).__name__} (vision.type: vit, e.g. model: fvlm-base)"
         )
-    state = read_mae_checkpoint(path)
+    if state is None:
+        state = read_mae_checkpoint(path)
     mapped, skipped = map_mae_state(state, tuple(vision.native_grid))
     own = vision.state_dict()
     bad = [k for k in mapped if k in own and mapped[k].shape != own[k].shape]

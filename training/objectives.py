@@ -33,7 +33,7 @@ from fvlm_core.model import FVLM
 from fvlm_core.model.text import TextCache
 from fvlm_core.reports.decompose import normal_template
 from fvlm_training.baseline import GlobalCLIP
-from fvlm_training.mae_init import MAEInitReport, is_mae_checkpoint, load_mae_vit
+from fvlm_training.mae_init import MAEInitReport, is_mae_checkpoint, load_mae_vit, read_mae_checkpoint
 from fvlm_training.recipe import LossOptions, Recipe
 
 log = logging.getLogger("fvlm.train")
@@ -321,6 +321,8 @@ def build_objective(recipe: Recipe, model_cfg, device: torch.device, rank: int, 
     checkpoint then initialises each model's ViT (``objective.init_report`` says what loaded)."""
     baseline = recipe.objective == "global_clip"
     mae = bool(recipe.init_from) and is_mae_checkpoint(recipe.init_from)
+    # read (and checked) once, before any model is built (a text encoder may take long to load)
+    mae_state = read_mae_checkpoint(recipe.init_from) if mae else None
     reports: list[MAEInitReport] = []
 
     def make(seed: int):
@@ -328,7 +330,7 @@ def build_objective(recipe: Recipe, model_cfg, device: torch.device, rank: int, 
         if mae:
             m = GlobalCLIP(FVLM(model_cfg)) if baseline else FVLM(model_cfg)
             fvlm = m.fvlm if baseline else m
-            reports.append(load_mae_vit(fvlm.visual_encoder, recipe.init_from))
+            reports.append(load_mae_vit(fvlm.visual_encoder, recipe.init_from, mae_state))
             return m
         if recipe.init_from:
             if baseline:

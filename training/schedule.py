@@ -17,7 +17,8 @@ as its runner calls it, before every step with the epoch ``e`` and the step ``i`
     e >= 1:  min_lr + (lr - min_lr) * (1 + cos(pi * e / epochs)) / 2
 
 The warm-up lives in the first epoch only (a longer one is cut at its end); after it the rate
-changes once per epoch, and never reaches ``min_lr`` (the last epoch is ``epochs - 1``).
+changes once per epoch, and never reaches ``min_lr`` (the last epoch is ``epochs - 1``). Steps
+are optimizer steps here; the reference counts batches, the same without gradient accumulation.
 """
 
 from __future__ import annotations

@@ -863,3 +863,18 @@ def test_co_teaching_peers_differ_ramp_up_and_log_agreement(samples, tmp_path):
     assert ckpt.load_checkpoint(tmp_path / "resumed")["progress"]["global_step"] == 2
     train(cfg, tmp_path / "resumed", dataset=samples[:8])
     assert_same_weights(ckpt.load_checkpoint(tmp_path / "resumed")["model"], state, atol=1e-6)
+
+
+def test_peer_agreement_counts_rows_whose_best_text_is_the_same():
+    from fvlm_training.objectives import peer_agreement
+
+    eye = torch.eye(3)[:, None, :].repeat(1, 2, 1)  # (3 samples, 2 anatomies, 3 dims)
+    present = torch.tensor([[True, True], [True, True], [True, False]])
+    assert peer_agreement(eye, eye, eye, eye, present) == 1.0  # the same model: 5 of 5 rows
+    swapped = eye[[1, 0, 2]]  # the peer's texts of samples 0 and 1 exchanged
+    # anatomy 0: rows 0 and 1 now pick each other's text, row 2 agrees; anatomy 1: both rows differ
+    assert peer_agreement(eye, eye, eye, swapped, present) == pytest.approx(1 / 5)
+    assert (
+        peer_agreement(eye, eye, eye, eye, torch.tensor([[True, False], [False, True], [False, False]]))
+        is None
+    )

@@ -14,6 +14,8 @@ The installed ``fvlm`` command is :mod:`fvlm_training.cli`, which adds the train
 from __future__ import annotations
 
 import argparse
+import atexit
+import gc
 import importlib
 import sys
 import warnings
@@ -54,6 +56,7 @@ def build_parser(commands: Mapping[str, str] = COMMANDS) -> argparse.ArgumentPar
 
 def main(argv: Sequence[str] | None = None, commands: Mapping[str, str] = COMMANDS) -> int:
     """Parse ``argv`` and run the chosen command; returns the exit status."""
+    _freeze_at_exit()
     parser = build_parser(commands)
     args = parser.parse_args(argv)
     if not getattr(args, "command", None):
@@ -77,6 +80,24 @@ def main(argv: Sequence[str] | None = None, commands: Mapping[str, str] = COMMAN
     except KeyboardInterrupt:
         print(f"fvlm {args._name}: interrupted.", file=sys.stderr)
         return 130
+
+
+_exit_hook: list[bool] = []
+
+
+def _freeze_at_exit() -> None:
+    """At interpreter exit, move every object into the garbage collector's permanent generation.
+
+    Python's shutdown runs several full collections while it tears the modules down; with torch
+    loaded each walks some 200,000 objects, and ``fvlm analyze`` spent ~10% of its wall time
+    (about 2 s on a loaded 2-core machine, 0.5 s with the hook) in them, to free memory the
+    operating system takes back anyway. Registered once per process and run only at exit (not
+    when ``main`` returns), so a process that calls ``main`` and lives on still collects; the
+    commands have written and closed their outputs before ``main`` returns.
+    """
+    if not _exit_hook:
+        atexit.register(gc.freeze)
+        _exit_hook.append(True)
 
 
 def _show_user_warnings(command: str) -> None:

@@ -55,7 +55,9 @@ class PatchEmbeddingBlock(nn.Module):
         self.patch_embeddings = nn.Conv3d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size)
         self.position_embeddings = nn.Parameter(torch.zeros(1, n_patches, hidden_size))
         self.dropout = nn.Dropout(dropout_rate)
-        trunc_normal_(self.position_embeddings, mean=0.0, std=0.02, a=-2.0, b=2.0)
+        if not self.position_embeddings.is_meta:  # a meta tensor (weights loaded later) has nothing
+            # to draw, and erfinv_ on meta would import torch's compiler stack (~800 modules, seconds)
+            trunc_normal_(self.position_embeddings, mean=0.0, std=0.02, a=-2.0, b=2.0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, C, Z, Y, X)`` -> ``(B, L, hidden)`` (native grid only, as MONAI)."""

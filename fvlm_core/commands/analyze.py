@@ -10,6 +10,10 @@ calibrated probability where the model holds a calibration of it (else the raw s
 DICOM folder holding several series, voxels much coarser than the model's, default prompt
 wordings, a prompt replacing a built-in finding, ...) are printed and listed in the JSON.
 
+The model's own findings are scored with the prompt embeddings stored in its folder (written
+when the folder was saved, checked against its text encoder); the text encoder is loaded only
+for --prompts wordings the folder lacks.
+
 Every output is checked before the work (none may be an input or another output; --out a
 file, --maps-dir a folder) and written all or none.
 

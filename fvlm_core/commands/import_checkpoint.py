@@ -4,7 +4,9 @@ The file is read with torch.load(weights_only=True); every tensor is mapped 1:1 
 that are not needed (position_ids, the tied MLM head) and any other unused tensor are listed.
 Missing or mis-shaped vision, text or head weights are refused. The text encoder's tokenizer and
 config come from --text-encoder (the CXR-BERT the checkpoint was trained with: a local folder, or
-a hub name already in the local Hugging Face cache); they are copied into the output folder.
+a hub name already in the local Hugging Face cache); they are copied into the output folder,
+with the embeddings of the model's finding prompts (prompt_embeddings.safetensors), so that
+`fvlm analyze` scores the model's own findings without loading the text encoder.
 An existing --out folder is refused unless --force, which replaces it as a whole (no file of the
 old folder is left mixed in); the folder is written all or none.
 

@@ -405,15 +405,44 @@ def _slug(label: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in label.lower()).strip("_")
 
 
-def plot_rocs(report: EvaluationReport, out_dir: str | os.PathLike) -> list[Path]:
-    """One ROC PNG per label (``roc/<label>.png``) and an overview (``roc_all.png``)."""
+def _pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _save_png(fig, path: str | os.PathLike) -> Path:
+    """Write ``fig`` to ``path`` as PNG (atomically: all of it or nothing) and free it."""
     from fvlm_core.atomic import atomic_path
 
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png")
+    finally:
+        _pyplot().close(fig)
+    return Path(path)
+
+
+def _panel_grid(n: int, cell_inches: float):
+    """A figure of ``n`` small panels, 4 a row: ``(fig, axes)`` with the ``n`` axes to draw in
+    (the grid's spare cells are blank)."""
+    cols = 4
+    rows = -(-n // cols)
+    fig, axes = _pyplot().subplots(
+        rows, cols, figsize=(cell_inches * cols, cell_inches * rows), dpi=70, squeeze=False
+    )
+    for ax in axes.ravel()[n:]:
+        ax.axis("off")
+    return fig, axes.ravel()[:n]
+
+
+def plot_rocs(report: EvaluationReport, out_dir: str | os.PathLike) -> list[Path]:
+    """One ROC PNG per label (``roc/<label>.png``) and an overview (``roc_all.png``)."""
+    plt = _pyplot()
     out_dir = Path(out_dir)
     paths = []
     items = [(k, v) for k, v in report.per_label.items() if v.roc]
@@ -427,28 +456,16 @@ def plot_rocs(report: EvaluationReport, out_dir: str | os.PathLike) -> list[Path
         ax.set(xlabel="1 - specificity", ylabel="sensitivity", title=lbl, xlim=(0, 1), ylim=(0, 1))
         ax.legend(loc="lower right", fontsize=8)
         fig.tight_layout()
-        path = out_dir / "roc" / f"{_slug(lbl)}.png"
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, format="png")
-        plt.close(fig)
-        paths.append(path)
+        paths.append(_save_png(fig, out_dir / "roc" / f"{_slug(lbl)}.png"))
     if items:
-        cols = 4
-        rows = -(-len(items) // cols)
-        fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3 * rows), dpi=70, squeeze=False)
-        for ax, (lbl, r) in zip(axes.ravel(), items):
+        fig, axes = _panel_grid(len(items), 3)
+        for ax, (lbl, r) in zip(axes, items):
             ax.plot(r.roc["fpr"], r.roc["tpr"], lw=1.2)
             ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=0.6)
             ax.set_title(f"{lbl}\nAUC {_fmt(r.auc)}", fontsize=8)
             ax.tick_params(labelsize=6)
-        for ax in axes.ravel()[len(items) :]:
-            ax.axis("off")
         fig.tight_layout()
-        path = out_dir / "roc_all.png"
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, format="png")
-        plt.close(fig)
-        paths.append(path)
+        paths.append(_save_png(fig, out_dir / "roc_all.png"))
     return paths
 
 
@@ -488,38 +505,22 @@ def plot_reliability(
 ) -> list[Path]:
     """Reliability diagrams of :class:`~fvlm_core.calibration.CalibrationCheck`\\ s: all labels in
     one PNG at ``path`` and, with ``per_label_dir``, one PNG per label there."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from fvlm_core.atomic import atomic_path
-
+    plt = _pyplot()
     paths = []
     items = [(k, c) for k, c in checks.items() if c.n]
     for lbl, c in items if per_label_dir is not None else []:
         fig, ax = plt.subplots(figsize=(4, 4), dpi=80)
         _reliability_axes(ax, c, lbl, 9)
         fig.tight_layout()
-        paths.append(Path(per_label_dir) / f"{_slug(lbl)}.png")
-        with atomic_path(paths[-1]) as tmp:
-            fig.savefig(tmp, format="png")
-        plt.close(fig)
+        paths.append(_save_png(fig, Path(per_label_dir) / f"{_slug(lbl)}.png"))
     if items:
-        cols = 4
-        rows = -(-len(items) // cols)
-        fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.2 * rows), dpi=70, squeeze=False)
-        for ax, (lbl, c) in zip(axes.ravel(), items):
+        fig, axes = _panel_grid(len(items), 3.2)
+        for ax, (lbl, c) in zip(axes, items):
             _reliability_axes(ax, c, lbl, 8)
-        for ax in axes.ravel()[len(items) :]:
-            ax.axis("off")
         if title:
             fig.suptitle(title)
         fig.tight_layout()
-        paths.append(Path(path))
-        with atomic_path(paths[-1]) as tmp:
-            fig.savefig(tmp, format="png")
-        plt.close(fig)
+        paths.append(_save_png(fig, path))
     return paths
 
 

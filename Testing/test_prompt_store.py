@@ -158,3 +158,24 @@ def test_fvlm_analyze_with_stored_prompts_imports_no_transformers(folder, tmp_pa
     assert res.returncode == 0, res.stderr
     assert "MODULES []" in res.stdout, res.stdout
     assert json.loads(out.read_text())["anatomies"]
+
+
+def test_library_help_and_model_package_import_no_torch():
+    """`python -m fvlm_core.cli --help` and `import fvlm_core.model` stay light: torch (seconds to
+    import) only when a name that needs it is used."""
+    script = (
+        "import sys, runpy\n"
+        "import fvlm_core.model\n"
+        "from fvlm_core.model import load_config\n"
+        "assert load_config('fvlm-tiny').anatomies\n"
+        "assert 'torch' not in sys.modules, 'fvlm_core.model imported torch'\n"
+        "sys.argv = ['fvlm', '--help']\n"
+        "try:\n"
+        "    runpy.run_module('fvlm_core.cli', run_name='__main__')\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "print('HEAVY', sorted(x for x in ('torch', 'transformers', 'monai', 'scipy') if x in sys.modules))\n"
+    )
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert "HEAVY []" in res.stdout and "usage: fvlm" in res.stdout, res.stdout

@@ -41,6 +41,9 @@ class SliceView:
 
     def __init__(self, scene: Any, app_logic: Any, name: str = "Red", size: tuple[int, int] = (512, 512)):
         self.size = size
+        # the slice logic and the displayable managers keep only a raw pointer to the application
+        # logic (as in Slicer, where it lives as long as the application): the view keeps it alive
+        self.app_logic = app_logic
         self.logic = slicer.vtkMRMLSliceLogic()
         self.logic.SetMRMLApplicationLogic(app_logic)
         self.logic.SetMRMLScene(scene)
@@ -71,6 +74,11 @@ class SliceView:
             if not factory.IsDisplayableManagerRegistered(manager):
                 factory.RegisterDisplayableManager(manager)
         self.managers = factory.InstantiateDisplayableManagers(self.renderer)
+        # InstantiateDisplayableManagers returns a New() object that VTK's wrapping does not know it
+        # owns (Slicer's C++ takes it into a vtkSmartPointer): hand its reference to the wrapper, or
+        # the managers would outlive the view and their application logic, still observing the
+        # scene, and crash the interpreter at exit when the scene's colour logic removes its nodes
+        self.managers.UnRegister(None)
         self.managers.SetMRMLDisplayableNode(self.node)
 
     def fit(self) -> None:

@@ -130,6 +130,8 @@ class FVLMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._modelFindings: list[dict] = []  # the model's findings, with its prompts
         self._modelDirShown = None  # the model folder onModelChanged last read
         self._updatingFindings = False
+        self._totalSegChosen = False
+        self._cleanedUp = False
         self._logLength = 0
         self._pollTimer = qt.QTimer()
         self._pollTimer.setInterval(self.POLL_MS)
@@ -137,6 +139,10 @@ class FVLMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._stepTimer = qt.QTimer()
         self._stepTimer.setInterval(0)  # one result step per event-loop turn
         self._stepTimer.connect("timeout()", self.onApplyStep)
+        self._totalSegTimer = qt.QTimer()  # looks again until TotalSegmentator's status is known
+        self._totalSegTimer.setInterval(300)
+        self._totalSegTimer.setSingleShot(True)
+        self._totalSegTimer.connect("timeout()", self._updateTotalSegmentatorInfo)
 
     # --- setup -------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -151,9 +157,10 @@ class FVLMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
         self.logic = FVLMSlicerLogic()
-        from FVLMSlicerLib import dependencies
+        from FVLMSlicerLib import dependencies, totalseg
 
         dependencies.check_in_background()  # so that Analyze need not read package metadata
+        totalseg.check_in_background()  # TotalSegmentator's package and weights (seconds of imports)
         self._setupTables()
         self._connect()
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
@@ -184,13 +191,20 @@ class FVLMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         ui.importWeightsButton.connect("clicked(bool)", self.onImportWeights)
         ui.chooseModelButton.connect("clicked(bool)", self.onChooseModel)
         ui.installDependenciesButton.connect("clicked(bool)", self.onInstallDependencies)
+        ui.installTotalSegmentatorButton.connect("clicked(bool)", self.onInstallTotalSegmentator)
         ui.resultsTable.connect("itemSelectionChanged()", self.onResultRowSelected)
         ui.show3DButton.connect("toggled(bool)", self.onShow3D)
 
     def cleanup(self) -> None:
+        self._cleanedUp = True
         self.onCancel()
+        if SUPPORTED:
+            from FVLMSlicerLib.warm import stop_shared_worker
+
+            stop_shared_worker()  # the warm worker process goes with the module
         self._pollTimer.stop()
         self._stepTimer.stop()
+        self._totalSegTimer.stop()
         self.removeObservers()
         if self._parameterNode and self._parameterNodeGuiTag:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
@@ -200,8 +214,10 @@ class FVLMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         import importlib
 
         import FVLMSlicerLib
+        from FVLMSlicerLib.warm import stop_shared_worker
 
         self.onCancel()
+        stop_shared_worker()  # a worker runs the old code: the next analysis starts a new one
         FVLMSlicerLib = importlib.reload(FVLMSlicerLib)
         for name in FVLMSlicerLib.LIB_MODULES:
             module = sys.modules.get(f"FVLMSlicerLib.{name}")
@@ -227,6 +243,7 @@ class FVLMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event) -> None:
+        self._totalSegChosen = False  # a new scene: its TotalSegmentator segmentation may be reused
         if self.parent.isEntered:
             self.initializeParameterNode()
 
@@ -271,6 +288,68 @@ class FVLMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.cancelButton.enabled = running
         self.ui.inputSegmentationSelector.enabled = useSegmentation
         self.ui.show3DButton.enabled = self._results is not None
+        self._updateTotalSegmentatorInfo()
+
+    # --- TotalSegmentator ----------------------------------------------------------------------
+    def _totalSegFound(self, node):
+        """What a TotalSegmentator segmentation ``node`` gives the model (None: not one)."""
+        from FVLMSlicerLib.mrml_io import segments
+        from FVLMSlicerLib.totalseg import totalseg_mapping
+
+        from fvlm_core.anatomy import get_catalog
+
+        if node is None or not self._modelAnatomies:
+            return None
+        return totalseg_mapping(segments(node), get_catalog(self._modelAnatomies))
+
+    def _chooseTotalSegmentation(self) -> None:
+        """Once per scene: reuse a TotalSegmentator segmentation when the user has chosen none."""
+        p = self._parameterNode
+        if self._totalSegChosen or not p or p.inputSegmentation or p.anatomySource != AnatomySource.BUILTIN:
+            return
+        self._totalSegChosen = True
+        for i in range(slicer.mrmlScene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode")):
+            node = slicer.mrmlScene.GetNthNodeByClass(i, "vtkMRMLSegmentationNode")
+            found = self._totalSegFound(node)
+            if found is not None and found.mapping and node.GetAttribute("FVLM.Role") is None:
+                p.inputSegmentation = node
+                p.anatomySource = AnatomySource.SEGMENTATION
+                return
+
+    def _updateTotalSegmentatorInfo(self) -> None:
+        """Say which anatomies a TotalSegmentator segmentation provides, or whether TotalSegmentator
+        can run here (and offer to install it)."""
+        from FVLMSlicerLib import totalseg
+
+        if self._cleanedUp:  # a timer may fire after cleanup
+            return
+        p = self._parameterNode
+        text, offerInstall = "", False
+        status = totalseg.status()
+        if status is None:  # still being computed in the background: look again shortly
+            self._totalSegTimer.start()
+        elif p and p.anatomySource == AnatomySource.TOTALSEGMENTATOR:
+            text, offerInstall = totalseg.status_text(status)
+        elif p and self._modelAnatomies:
+            self._chooseTotalSegmentation()
+            found = (
+                self._totalSegFound(p.inputSegmentation)
+                if p.anatomySource == AnatomySource.SEGMENTATION
+                else None
+            )
+            if found is not None:
+                text = totalseg.provides_text(p.inputSegmentation.GetName(), found)
+        self.ui.totalSegmentatorLabel.text = text
+        self.ui.installTotalSegmentatorButton.visible = offerInstall
+        self.ui.totalSegmentatorFrame.visible = bool(text)
+
+    def onInstallTotalSegmentator(self, *args) -> None:
+        from FVLMSlicerLib import dependencies, totalseg
+
+        with slicer.util.tryWithErrorDisplay("Installing TotalSegmentator failed.", waitCursor=True):
+            if dependencies.install_totalsegmentator(ask=True):
+                totalseg.check_in_background(refresh=True).join()
+                self._updateTotalSegmentatorInfo()
 
     # --- model -------------------------------------------------------------------------------
     def _showModelHelp(self, text: str, needsDependencies: bool = False) -> None:
@@ -436,13 +515,13 @@ class FVLMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         p = self._parameterNode
         source = p.anatomySource
         try:
-            if source == AnatomySource.TOTALSEGMENTATOR and not dependencies.totalsegmentator_available():
-                slicer.util.errorDisplay(
-                    "TotalSegmentator is not installed in Slicer. Install the TotalSegmentator extension "
-                    "(Extensions Manager) and run it once, or choose the built-in segmenter, or select an "
-                    "existing segmentation."
-                )
-                return
+            if source == AnatomySource.TOTALSEGMENTATOR:
+                from FVLMSlicerLib import totalseg
+
+                status = totalseg.status() or (totalseg.check_in_background().join() or totalseg.status())
+                if not status.get("installed") or status.get("missing_weights"):
+                    slicer.util.errorDisplay(totalseg.status_text(status)[0])
+                    return
             if not dependencies.ensure_dependencies(ask=True):
                 self.ui.statusLabel.text = "Dependencies not installed: analysis not started."
                 return
@@ -454,7 +533,7 @@ class FVLMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 findings=findings_from_rows(self._findingRows(), self._modelFindings) or None,
                 device=p.device.value,
                 similarity_maps=p.similarityMaps,
-                background="process",
+                background="warm",
             )
         except Exception as exc:
             self._job = None
@@ -545,7 +624,11 @@ class FVLMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.showResults(nodes)
         from FVLMSlicerLib.panel import absent_text, done_text
 
-        self.ui.statusLabel.text = done_text(nodes.summary, self._doneStatus.elapsed_s)
+        text = done_text(nodes.summary, self._doneStatus.elapsed_s)
+        warnings = self._doneStatus.output.warnings  # the library's warnings about this input
+        if warnings:
+            text += " Warning: " + " ".join(warnings)
+        self.ui.statusLabel.text = text
         self.ui.resultsNoteLabel.text = absent_text(nodes.summary, self._context.anatomy_source)
         self._updateButtons()
 

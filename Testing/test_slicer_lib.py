@@ -401,3 +401,41 @@ def test_the_panels_device_reaches_totalsegmentator(monkeypatch, tmp_path):
     with pytest.raises(Stop):
         runner.run_analysis(request)
     assert seen == {"name": "totalsegmentator", "device": "cpu"}
+
+
+def test_nan_or_inf_in_the_volume_is_refused_before_any_work(tmp_path):
+    """Issue 16: a CT with NaN is refused with the library's message by the job's own thread,
+    before a worker starts (also when non-HU values are allowed); an Inf that reaches a worker
+    is refused there by fvlm_core.io.ct_from_array before the model is read."""
+    import json
+
+    from FVLMSlicerLib import worker
+    from FVLMSlicerLib.jobs import ProcessJob
+    from FVLMSlicerLib.runner import AnalysisRequest
+    from FVLMSlicerLib.snapshot import InputSnapshot
+
+    from fvlm_core.io import Geometry
+
+    geometry = Geometry((8, 8, 4), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
+    volume = np.full(geometry.shape_zyx, -500.0, dtype=np.float32)
+    volume[1, 2, 3] = np.nan
+    for allow_non_hu in (False, True):
+        snapshot = InputSnapshot(volume, geometry, "scan", None, check_intensities=not allow_non_hu)
+        request = AnalysisRequest(
+            model_dir=str(tmp_path / "no-model"), snapshot=snapshot, anatomy_source="builtin"
+        )
+        job = ProcessJob(request, job_dir=str(tmp_path / f"job{allow_non_hu}")).start()
+        status = job.wait(60)
+        assert status.state == "failed" and job.process is None  # no worker was started
+        assert "scan" in status.error and "NaN" in status.error and "(1, 2, 3)" in status.error
+    job = tmp_path / "worker-job"
+    job.mkdir()
+    volume[1, 2, 3] = np.inf
+    np.save(job / "ct.npy", volume)
+    doc = {"model_dir": str(tmp_path / "no-model"), "anatomy_source": "builtin", "allow_non_hu": True}
+    (job / "request.json").write_text(
+        json.dumps({**doc, "ct_source": "scan", "geometry": geometry.to_dict()})
+    )
+    assert worker.run_job(job) == 1
+    message = json.loads((job / "error.json").read_text())["message"]
+    assert "scan" in message and "infinite" in message and "no-model" not in message

@@ -7,6 +7,7 @@ need only fvlm_core):
 * ``summary`` - serialisable analysis summary (pure Python)
 * ``snapshot`` - views of the input taken on the GUI thread, converted in the background
 * ``settings`` - remembered demo model, model info from ``config.yaml`` (pure Python)
+* ``totalseg`` - TotalSegmentator segmentations recognised and reused; its install state in words
 * ``process`` - console processes launched as Slicer does, stopped with their whole tree
 * ``dependencies`` - installing requirements into Slicer's Python safely
 * ``panel`` - the panel's words: choices with labels, percentages, status lines (pure Python)
@@ -15,6 +16,7 @@ need only fvlm_core):
 * ``overlay`` - similarity maps as overlays (inside the anatomy, above the threshold, legend)
 * ``results`` - analysis summary -> segment colours and tags, table node, similarity volumes
 * ``jobs`` - background jobs the GUI polls (thread, subprocess, model import)
+* ``warm`` - the warm worker process: torch imported, last model loaded, one job at a time
 * ``logic`` - ``AnalysisLogic``: MRML nodes in, MRML nodes out
 * ``worker`` - the subprocess entry point
 * ``headless`` - a MRML scene outside Slicer (slicer-core)
@@ -27,6 +29,7 @@ LIB_MODULES = (
     "summary",
     "snapshot",
     "settings",
+    "totalseg",
     "process",
     "dependencies",
     "panel",
@@ -35,6 +38,7 @@ LIB_MODULES = (
     "overlay",
     "results",
     "jobs",
+    "warm",
     "logic",
     "worker",
     "headless",

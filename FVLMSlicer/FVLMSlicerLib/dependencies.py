@@ -248,6 +248,62 @@ def check_in_background() -> threading.Thread:
     return thread
 
 
+#: What "Install TotalSegmentator" installs. nnU-Net 2.6.2+ needs timm and with it torchvision,
+#: which would replace a CPU PyTorch by a CUDA build from PyPI (pyproject.toml's test extra).
+TOTALSEG_REQUIREMENTS = ("totalsegmentator>=2.4", "nnunetv2<2.6.2")
+
+
+def totalseg_constraints_text() -> str:
+    """Constraints for installing TotalSegmentator: Slicer's packages and the installed PyTorch
+    pinned (never replaced), nnU-Net kept below 2.6.2."""
+    return constraints_text((*PROTECTED, *TORCH_PACKAGES)) + "nnunetv2<2.6.2\n"
+
+
+def _install(missing: list[str], constraints: Path, ask: bool) -> bool:
+    """pip-install ``missing`` with ``constraints`` the way this Slicer offers (see the module)."""
+    import slicer
+
+    packaging = getattr(slicer, "packaging", None)
+    if packaging is not None and hasattr(packaging, "pip_ensure"):  # Slicer 5.12+
+        return _pip_ensure(packaging, missing, constraints, ask)
+    return _pip_install(slicer, missing, constraints, ask)
+
+
+def install_totalsegmentator(ask: bool = True) -> bool:
+    """Install the TotalSegmentator package (only on the user's explicit request); ``True`` once
+    it is importable. Its weights are not downloaded here (TotalSegmentator does that on its
+    first run from its own module).
+
+    Returns ``False`` when the user declined, and in Slicer's testing mode (nothing is installed).
+
+    Raises:
+        DependencyError: PyTorch is missing (install FVLM's dependencies first), or the install
+            failed or left the package missing.
+    """
+    if totalsegmentator_available():
+        return True
+    if testing_mode():
+        return False
+    if not torch_available():
+        raise DependencyError(
+            "TotalSegmentator needs PyTorch: click Install dependencies (or install the PyTorch extension) first."
+        )
+    folder = Path(tempfile.mkdtemp(prefix="fvlm-pip-"))
+    constraints = folder / "constraints.txt"
+    constraints.write_text(totalseg_constraints_text(), encoding="utf-8")
+    if not _install(list(TOTALSEG_REQUIREMENTS), constraints, ask):
+        return False
+    import importlib
+
+    importlib.invalidate_caches()
+    if not totalsegmentator_available():
+        raise DependencyError(
+            "after installing, TotalSegmentator is still not importable. See the Python console for pip's "
+            "output; restart Slicer and try again."
+        )
+    return True
+
+
 def ensure_dependencies(ask: bool = True) -> bool:
     """Install missing requirements into Slicer's Python; ``True`` when everything is importable.
 
@@ -255,8 +311,6 @@ def ensure_dependencies(ask: bool = True) -> bool:
     missing (tests never install packages or download PyTorch; the self-test then skips).
     Raises :class:`DependencyError` when an install failed or left something missing.
     """
-    import slicer
-
     if _PRESENT.is_set() or _check_present():
         return True
     if not ensure_torch(ask):
@@ -267,13 +321,7 @@ def ensure_dependencies(ask: bool = True) -> bool:
         return True
     if testing_mode():
         return False
-    constraints = write_constraints()
-    packaging = getattr(slicer, "packaging", None)
-    if packaging is not None and hasattr(packaging, "pip_ensure"):  # Slicer 5.12+
-        installed = _pip_ensure(packaging, missing, constraints, ask)
-    else:
-        installed = _pip_install(slicer, missing, constraints, ask)
-    if not installed:
+    if not _install(missing, write_constraints(), ask):
         return False
     still = installable(missing_requirements(read_requirements()))
     if still:

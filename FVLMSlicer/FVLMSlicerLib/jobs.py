@@ -269,6 +269,7 @@ class ProcessJob(_ProcessRunner):
             "device": r.device,
             "similarity_maps": r.similarity_maps,
             "segmentation_options": r.segmentation_options,
+            "allow_non_hu": r.allow_non_hu,
             "ct_source": source,
             "geometry": geometry.to_dict(),
         }
@@ -297,7 +298,12 @@ class ProcessJob(_ProcessRunner):
         env = {**_python_path_update(lib_paths()), **self.env_update}
         self.process = BackgroundProcess(args, env, cwd=str(self.job_dir)).start()
         rc = self._follow(self.process, self._mirror_progress)
-        return self._read_output(rc)
+        return self._log_warnings(self._read_output(rc))
+
+    def _log_warnings(self, output: AnalysisOutput) -> AnalysisOutput:
+        for message in output.warnings:
+            self._log(f"warning: {message}")
+        return output
 
     def _read_output(self, rc: int) -> AnalysisOutput:
         out = self.job_dir / "output"
@@ -306,11 +312,18 @@ class ProcessJob(_ProcessRunner):
             summary = AnalysisSummary.load(out)
             labels = np.load(out / "labels.npy")
             meta = self._read_json("output/meta.json")
-            return AnalysisOutput(summary, labels, meta.get("anatomies", []), meta.get("backend", ""))
+            return AnalysisOutput(
+                summary,
+                labels,
+                meta.get("anatomies", []),
+                meta.get("backend", ""),
+                timings=meta.get("timings", {}),
+                warnings=meta.get("warnings", []),
+            )
         err = self._read_json("error.json")
         if err.get("cancelled"):
             raise CancelledError("cancelled")
-        tail = "\n".join(self.process.log()[-20:]) if self.process is not None else ""
+        tail = "\n".join(self.poll().log[-20:])
         raise FVLMError(err.get("message") or tail or f"the analysis process exited with code {rc}")
 
     def _cleanup(self, state: str) -> None:

@@ -43,6 +43,7 @@ from .results import (
 from .runner import AnalysisOutput, AnalysisRequest, run_analysis
 from .settings import read_model_info, remembered_model_dir
 from .snapshot import InputSnapshot
+from .warm import WarmProcessJob, shared_worker
 
 
 @dataclass
@@ -129,6 +130,7 @@ class AnalysisLogic:
             findings=findings,
             device=device,
             similarity_maps=similarity_maps,
+            allow_non_hu=allow_non_hu,
         )
         context = JobContext(volume_node.GetID(), model_dir, catalog.names, mapping, geometry, source)
         return request, context
@@ -177,7 +179,12 @@ class AnalysisLogic:
         env_update: dict[str, str] | None = None,
         **kwargs: Any,
     ):
-        """Start a background analysis; returns ``(job, context)``; poll ``job.poll()``."""
+        """Start a background analysis; returns ``(job, context)``; poll ``job.poll()``.
+
+        ``background``: ``"warm"`` (the module's warm worker process: torch and the last model
+        stay loaded between analyses; what the panel uses), ``"process"`` (a new process for
+        this analysis) or ``"thread"`` (in this process).
+        """
         request, context = self.make_request(*args, **kwargs)
 
         def prepare(output: AnalysisOutput) -> PreparedResults:
@@ -187,8 +194,10 @@ class AnalysisLogic:
             job = ThreadJob(request, prepare=prepare)
         elif background == "process":
             job = ProcessJob(request, python=python, env_update=env_update, prepare=prepare)
+        elif background == "warm":
+            job = WarmProcessJob(request, shared_worker(python, env_update), prepare=prepare)
         else:
-            raise FVLMError(f"background={background!r}: use 'process' or 'thread'")
+            raise FVLMError(f"background={background!r}: use 'warm', 'process' or 'thread'")
         return job.start(), context
 
     def analyze(

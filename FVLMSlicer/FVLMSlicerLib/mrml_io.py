@@ -26,6 +26,7 @@ from fvlm_core.io import CTVolume, Geometry, array_to_sitk, resample_to
 
 from .snapshot import InputSnapshot, LayerSnapshot
 from .terminology import anatomy_terminology, map_segments
+from .totalseg import totalseg_mapping
 
 #: Segment tag prefix for everything this module writes on segments.
 TAG_PREFIX = "FVLM."
@@ -121,16 +122,32 @@ def volume_view(volume_node: Any) -> tuple[np.ndarray, Geometry]:
     return _image_to_array(image)[..., 0], geometry
 
 
+def vtk_array_from(array: np.ndarray) -> Any:
+    """A one-component VTK array holding a copy of ``array`` (flattened in C order).
+
+    The copy is numpy's (which releases the GIL), not VTK's: a VTK call from Python holds the
+    GIL for its whole duration, so ``numpy_to_vtk(..., deep=True)`` in a background thread
+    would freeze the GUI thread while it copies a 512x512x400 volume.
+    """
+    flat = np.asarray(array).reshape(-1)
+    vtk_array = numpy_support.get_vtk_array_type(flat.dtype)
+    out = vtk.vtkDataArray.CreateDataArray(vtk_array)
+    out.SetNumberOfComponents(1)
+    out.SetNumberOfTuples(flat.size)  # allocates, does not fill
+    numpy_support.vtk_to_numpy(out)[:] = flat
+    return out
+
+
 def array_to_image(array: np.ndarray) -> vtk.vtkImageData:
     """A ``(Z, Y, X)`` array copied into VTK image data (any thread, before it joins a scene)."""
     array = np.ascontiguousarray(array)
     z, y, x = array.shape
     image = vtk.vtkImageData()
     image.SetDimensions(x, y, z)
-    vtk_array = numpy_support.numpy_to_vtk(array.reshape(-1), deep=True)
-    vtk_array.SetNumberOfComponents(1)
-    image.GetPointData().SetScalars(vtk_array)
-    image.GetScalarRange()  # computed and cached now: display nodes ask for it on the GUI thread
+    image.GetPointData().SetScalars(vtk_array_from(array))
+    # no image.GetScalarRange() here: VTK computes it holding the GIL (no VTK method but Update
+    # and Render releases it), so in a background thread it froze the GUI thread just as long
+    # (1.2-1.7 s for 512x512x400 on a busy machine); nothing in the panel's steps asks for it
     return image
 
 
@@ -280,14 +297,24 @@ def map_segmentation(
 ) -> dict[str, str]:
     """``{segment_id: anatomy}`` for the segments holding model anatomies.
 
-    Segment names and terminology are mapped to the catalog's anatomies
-    (:func:`~FVLMSlicerLib.terminology.match_segment`); several segments may form one anatomy
-    (the five lung lobes of TotalSegmentator).
+    In a segmentation made by the TotalSegmentator extension, the segments holding its classes
+    are mapped by class (:func:`~FVLMSlicerLib.totalseg.totalseg_mapping`: fvlm_core's class
+    recognition and ``merge_labels``' class rule; a class no anatomy takes is left out); other
+    segment names and terminology are mapped to the catalog's anatomies
+    (:func:`~FVLMSlicerLib.terminology.match_segment`). ``overrides`` (segment name ->
+    anatomy) win. Several segments may form one anatomy (the five lung lobes of TotalSegmentator).
 
     Raises:
         InputError: no segment maps to any anatomy of the catalog.
     """
-    mapping = map_segments(catalog, segments(segmentation_node), overrides)
+    triples = segments(segmentation_node)
+    found = totalseg_mapping(triples, catalog)
+    if found is None:
+        mapping = map_segments(catalog, triples, overrides)
+    else:  # its classes by the library's rule; segments it does not name (user-made) by theirs
+        other = [t for t in triples if t[0] not in found.classes or (overrides and t[1] in overrides)]
+        mapping = {**found.mapping, **map_segments(catalog, other, overrides)}
+        mapping = {sid: mapping[sid] for sid, _, _ in triples if sid in mapping}  # segment order
     if not mapping:
         names = ", ".join(name for _, name, _ in segments(segmentation_node)) or "(none)"
         raise InputError(
@@ -324,9 +351,7 @@ def _mask_to_oriented_image(mask: np.ndarray, geometry: Geometry) -> Any:
     image = slicer.vtkOrientedImageData()
     z, y, x = mask.shape
     image.SetDimensions(x, y, z)
-    vtk_array = numpy_support.numpy_to_vtk(np.ascontiguousarray(mask, dtype=np.uint8).reshape(-1), deep=True)
-    vtk_array.SetNumberOfComponents(1)
-    image.GetPointData().SetScalars(vtk_array)
+    image.GetPointData().SetScalars(vtk_array_from(np.asarray(mask, dtype=np.uint8)))
     image.SetImageToWorldMatrix(numpy_to_matrix(geometry.affine_ras))
     return image
 
@@ -366,10 +391,11 @@ def anatomy_layer(labelmap: np.ndarray, geometry: Geometry, catalog: AnatomyCata
         raise GeometryError(
             f"label map shape {labelmap.shape} does not match its geometry {geometry.shape_zyx}"
         )
-    counts = np.bincount(np.asarray(labelmap, dtype=np.uint8).reshape(-1), minlength=len(catalog) + 1)
-    present = [a.name for a in catalog if counts[catalog.label(a.name)] > 0]
+    labelmap = np.asarray(labelmap, dtype=np.uint8)
+    # one comparison per anatomy, not np.bincount: bincount's loop holds the GIL (0.3 s for
+    # 512x512x400, longer on a busy machine), which would stall the GUI thread meanwhile
+    present = [a.name for a in catalog if (labelmap == catalog.label(a.name)).any()]
     image = _mask_to_oriented_image(labelmap, geometry)
-    image.GetScalarRange()  # cached now, not computed by the segmentation on the GUI thread
     return AnatomyLayer(image, present)
 
 

@@ -147,6 +147,7 @@ class BackgroundProcess:
         self.env_update = dict(env_update or {})
         self.cwd = cwd
         self._lines: collections.deque[str] = collections.deque(maxlen=max_lines)
+        self._count = 0  # lines read so far, including those the buffer dropped
         self._lock = threading.Lock()
         self._proc: subprocess.Popen | None = None
         self._reader: threading.Thread | None = None
@@ -173,11 +174,23 @@ class BackgroundProcess:
                 break
             with self._lock:
                 self._lines.append(line.rstrip("\r\n"))
+                self._count += 1
 
     def log(self) -> list[str]:
         """The output lines so far (the last ``max_lines``)."""
         with self._lock:
             return list(self._lines)
+
+    def line_count(self) -> int:
+        """How many lines the process has written so far (a mark for :meth:`log_since`)."""
+        with self._lock:
+            return self._count
+
+    def log_since(self, mark: int) -> list[str]:
+        """The lines written after :meth:`line_count` returned ``mark`` (those still buffered)."""
+        with self._lock:
+            kept = len(self._lines)
+            return list(self._lines)[max(0, kept - (self._count - mark)) :]
 
     def returncode(self) -> int | None:
         """None while running; the exit code once it has ended."""

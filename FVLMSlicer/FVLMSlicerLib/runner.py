@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,6 +56,8 @@ class AnalysisRequest:
         device: a name ``fvlm_core.devices.resolve_device`` accepts (``auto``, ``cpu``,
             ``cuda``, ``cuda:N``, ``gpu``, ``mps``); TotalSegmentator runs on it too.
         similarity_maps: also compute per-finding similarity maps.
+        allow_non_hu: analyse a volume whose values do not look like HU (still refused: NaN
+            or infinite values).
     """
 
     model_dir: str
@@ -66,6 +69,7 @@ class AnalysisRequest:
     device: str = "auto"
     similarity_maps: bool = True
     segmentation_options: dict[str, Any] = field(default_factory=dict)
+    allow_non_hu: bool = False
 
     def materialize(self) -> AnalysisRequest:
         """This request with ``ct`` and ``labelmap`` read from the snapshot (background thread).
@@ -82,10 +86,22 @@ class AnalysisRequest:
 
 @dataclass
 class AnalysisOutput:
+    """What an analysis returns.
+
+    Attributes:
+        labelmap: ``(Z, Y, X)`` uint8, the anatomy label map that was analysed, on the CT grid.
+        timings: seconds per stage (``segment_s``, ``load_model_s``, ``analyze_s``) and
+            ``model_reused`` (the process's loaded model was used again); a worker process adds
+            ``worker_pid`` and ``worker_jobs`` (jobs that process has run, this one included).
+        warnings: the library's warnings about the input (``fvlm_core.io.recorded_warnings``).
+    """
+
     summary: AnalysisSummary
-    labelmap: np.ndarray  # the anatomy label map that was analysed, on the CT grid
+    labelmap: np.ndarray
     anatomies: list[str]
     segmentation_backend: str = ""
+    timings: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
 
 
 def resolve_device(device: str) -> str:
@@ -128,24 +144,38 @@ class _StageProgress:
         return report
 
 
-_ANALYZER: dict[tuple[str, str], Any] = {}  # the last model loaded in this process
+_ANALYZER: dict[tuple, Any] = {}  # the last model loaded in this process
 _ANALYZER_LOCK = threading.Lock()
 
 
-def load_analyzer(model_dir: str, device: str, cache: bool = True) -> Any:
-    """``fvlm_core.zeroshot.Analyzer.from_pretrained``; with ``cache`` the last one is kept."""
+def _model_key(model_dir: str, device: str) -> tuple:
+    """The folder, the device and its files' sizes and times: a re-saved model is loaded again."""
+    folder = Path(model_dir).resolve()
+    files = sorted(p for p in folder.iterdir() if p.is_file()) if folder.is_dir() else []
+    stamps = tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files)
+    return (str(folder), device, stamps)
+
+
+def load_analyzer_reused(model_dir: str, device: str, cache: bool = True) -> tuple[Any, bool]:
+    """:func:`load_analyzer` and whether the process's loaded model was used again."""
     from fvlm_core.zeroshot import Analyzer
 
-    key = (str(Path(model_dir).resolve()), device)
+    key = _model_key(model_dir, device)
     with _ANALYZER_LOCK:
         if cache and key in _ANALYZER:
-            return _ANALYZER[key]
+            return _ANALYZER[key], True
     analyzer = Analyzer.from_pretrained(model_dir, device=device)
     if cache:
         with _ANALYZER_LOCK:
             _ANALYZER.clear()  # one model at a time: a second would double the (GPU) memory
             _ANALYZER[key] = analyzer
-    return analyzer
+    return analyzer, False
+
+
+def load_analyzer(model_dir: str, device: str, cache: bool = True) -> Any:
+    """``fvlm_core.zeroshot.Analyzer.from_pretrained``; with ``cache`` the last one is kept
+    (and reused while the model folder's files are unchanged)."""
+    return load_analyzer_reused(model_dir, device, cache)[0]
 
 
 def _segment(request: AnalysisRequest, catalog, steps: _StageProgress, device: str):
@@ -195,11 +225,15 @@ def run_analysis(
     info = read_model_info(request.model_dir)
     catalog = info.catalog()
     device = resolve_device(request.device)
+    t = time.perf_counter()
     segmentation = _segment(request, catalog, steps, device)
+    timings: dict[str, Any] = {"segment_s": time.perf_counter() - t}
 
     steps.stage("load model", 0.0, device)
-    analyzer = load_analyzer(request.model_dir, device, cache=cache_model)
-    steps.stage("load model", 1.0, device)
+    t = time.perf_counter()
+    analyzer, reused = load_analyzer_reused(request.model_dir, device, cache=cache_model)
+    timings.update(load_model_s=time.perf_counter() - t, model_reused=reused)
+    steps.stage("load model", 1.0, "the loaded model reused" if reused else device)
 
     findings = None
     if request.findings is not None:
@@ -207,6 +241,7 @@ def run_analysis(
         findings.check_anatomies(catalog.names)
 
     steps.stage("analyze", 0.0)
+    t = time.perf_counter()
     result = analyzer.analyze(
         request.ct,
         segmentation,
@@ -215,6 +250,7 @@ def run_analysis(
         progress=steps.sub("analyze"),
         should_cancel=should_cancel,
     )
+    timings["analyze_s"] = time.perf_counter() - t
     steps.stage("finish", 0.0)
     summary = AnalysisSummary.from_result(result, device=device, model_dir=str(request.model_dir))
     steps.stage("finish", 1.0, "done")
@@ -223,6 +259,7 @@ def run_analysis(
         labelmap=np.asarray(segmentation.labelmap, dtype=np.uint8),
         anatomies=catalog.names,
         segmentation_backend=str(getattr(segmentation, "backend", request.anatomy_source)),
+        timings=timings,
     )
 
 

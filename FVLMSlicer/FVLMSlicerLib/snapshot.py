@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from fvlm_core.errors import GeometryError
-from fvlm_core.io import CTVolume, Geometry, array_to_sitk, check_hu, resample_to
+from fvlm_core.io import CTVolume, Geometry, array_to_sitk, check_finite, check_hu, ct_from_array, resample_to
 
 
 @dataclass
@@ -70,14 +70,18 @@ class InputSnapshot:
     check_intensities: bool = True
 
     def check(self) -> None:
-        """Raise :class:`~fvlm_core.errors.InputError` when the volume is not CT in HU."""
+        """Raise :class:`~fvlm_core.errors.InputError` when a voxel is NaN or infinite (always)
+        or, unless ``check_intensities`` is off, when the volume is not CT in HU."""
         if self.check_intensities:
-            check_hu(self.volume, self.name)
+            check_hu(self.volume, self.name)  # finiteness first
+        else:
+            check_finite(self.volume, self.name)
 
     def ct(self) -> CTVolume:
-        """The CT as float32 HU (a copy: the volume node may change while the job runs)."""
-        self.check()
-        return CTVolume(np.array(self.volume, dtype=np.float32), self.geometry, self.name)
+        """The CT as float32 HU (a copy: the volume node may change while the job runs), built
+        by :func:`fvlm_core.io.ct_from_array` with the library's checks."""
+        array = np.array(self.volume, dtype=np.float32)
+        return ct_from_array(array, self.geometry, self.name, allow_non_hu=not self.check_intensities)
 
     def labelmap(self) -> np.ndarray | None:
         """The anatomy label map ``(Z, Y, X)`` uint8 on the CT grid, or ``None`` without layers.

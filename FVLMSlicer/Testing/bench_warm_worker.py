@@ -1,0 +1,88 @@
+"""First vs second analysis through the panel's warm worker, against a bare ViT-B forward (issue 17).
+
+Runs what the panel runs (``AnalysisLogic.start(..., background="warm")``, headless MRML) twice on
+the chest CT with the built-in segmenter and fvlm-base in the official layout (random weights,
+built as ``benchmarks/bench_analyze.py`` builds it), then times a bare ViT-B forward in this
+process (``benchmarks/timing.py``). Wall time is from the job's start to its results. Target: the
+second analysis at most ~1.5x (one bare forward + the segmentation).
+
+    python FVLMSlicer/Testing/bench_warm_worker.py [--model DIR] [--keep-model DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path[:0] = [str(ROOT / "FVLMSlicer"), str(ROOT), str(ROOT / "benchmarks")]
+
+CT = Path("/work/shared/data/ct/totalsegmentator/chest_ct.nii.gz")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", help="an fvlm model folder (default: build fvlm-base)")
+    parser.add_argument("--keep-model", help="build fvlm-base into this folder")
+    parser.add_argument("--ct", default=str(CT))
+    args = parser.parse_args()
+
+    from bench_analyze import build_official_model
+    from FVLMSlicerLib import mrml_io, warm
+    from FVLMSlicerLib.headless import new_scene
+    from FVLMSlicerLib.logic import AnalysisLogic
+    from timing import load_note, vit_b_forward_s
+
+    from fvlm_core.io import read_ct
+
+    work = Path(tempfile.mkdtemp(prefix="fvlm-bench-warm-"))
+    model = (
+        Path(args.model)
+        if args.model
+        else build_official_model(Path(args.keep_model or work / "model"), work)
+    )
+    scene = new_scene()
+    volume = mrml_io.ct_to_volume_node(read_ct(args.ct), scene, "chest")
+    logic = AnalysisLogic(scene)
+    runs = []
+    try:
+        for _ in range(2):
+            t = time.perf_counter()
+            job, _ = logic.start(
+                volume, None, model_dir=str(model), anatomy_source="builtin", device="cpu", background="warm"
+            )
+            status = job.wait(1800)
+            wall = time.perf_counter() - t
+            if status.state != "done":
+                raise SystemExit(f"analysis {status.state}: {status.error}")
+            runs.append(
+                {
+                    "wall_s": round(wall, 2),
+                    **{
+                        k: (round(v, 2) if isinstance(v, float) else v)
+                        for k, v in status.output.timings.items()
+                    },
+                }
+            )
+    finally:
+        warm.stop_shared_worker()
+    forward = min(vit_b_forward_s() for _ in range(2))
+    second = runs[1]
+    report = {
+        "first": runs[0],
+        "second": second,
+        "bare_vit_b_forward_s": round(forward, 2),
+        "second_over_forward_plus_segment": round(second["wall_s"] / (forward + second["segment_s"]), 2),
+        "first_over_second": round(runs[0]["wall_s"] / second["wall_s"], 2),
+        **load_note(),
+    }
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -20,11 +20,29 @@ import argparse
 import sys
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
+def add_ct_arguments(parser: argparse.ArgumentParser) -> None:
+    """The CT a command reads (``ct``, ``--series``, ``--allow-non-hu``: the arguments of
+    :func:`fvlm_core.io.read_ct`); shared by ``fvlm segment`` and ``fvlm analyze``."""
     parser.add_argument("ct", help="CT volume: NIfTI/NRRD/MHA file or DICOM series folder")
     parser.add_argument(
         "--series", metavar="UID", help="DICOM folder with several series: the Series Instance UID to read"
     )
+    parser.add_argument("--allow-non-hu", action="store_true", help="skip the check that the CT is in HU")
+
+
+def add_totalsegmentator_arguments(parser: argparse.ArgumentParser) -> None:
+    """The totalsegmentator backend's ``--fast`` and ``--allow-download``; shared by ``fvlm
+    segment`` and ``fvlm analyze``."""
+    parser.add_argument("--fast", action="store_true", help="totalsegmentator: use the 3 mm --fast model")
+    parser.add_argument(
+        "--allow-download",
+        action="store_true",
+        help="totalsegmentator: let it download missing weights (internet needed)",
+    )
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_ct_arguments(parser)
     parser.add_argument(
         "--backend",
         default="builtin",
@@ -40,19 +58,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--catalog", default="ctrate", choices=("ctrate", "extended"), help="default: ctrate")
     parser.add_argument("--out", required=True, help="output anatomy label map (.nii.gz, .nrrd, ...)")
     parser.add_argument("--json", help="also write the per-anatomy summary to this JSON file")
-    parser.add_argument("--fast", action="store_true", help="totalsegmentator: use the 3 mm --fast model")
+    add_totalsegmentator_arguments(parser)
     parser.add_argument("--device", default="auto", help="totalsegmentator: auto | cpu | cuda[:N] | mps")
-    parser.add_argument(
-        "--allow-download",
-        action="store_true",
-        help="totalsegmentator: let it download missing weights (internet needed)",
-    )
     parser.add_argument(
         "--all-classes",
         action="store_true",
         help="totalsegmentator: predict all its classes, not only those the catalog's anatomies need",
     )
-    parser.add_argument("--allow-non-hu", action="store_true", help="skip the check that the CT is in HU")
 
 
 def format_table(summary: dict) -> str:

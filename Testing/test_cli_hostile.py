@@ -3,9 +3,10 @@ status 2 and a message that says what is wrong and what to do, no traceback, and
 earlier output changes (every file of the test folder is hashed before and after).
 
 The cases that matter most run the installed command in a subprocess (``python -m
-fvlm_training.cli``, the code behind the ``fvlm`` script); most fail before the heavy imports, so
-they take about a second each. The rest call the same ``main`` in-process (the real argument
-parsing, commands and error printing) so the tiny model is built once.
+fvlm_training.cli``, the code behind the ``fvlm`` script): the first case of each test, and those
+that need a process of their own (umask, exit status of plain ``fvlm``). The rest call the same
+``main`` in-process (the real argument parsing, commands and error printing): a subprocess costs
+seconds of interpreter and library start-up each, and the tiny model is built once.
 """
 
 from __future__ import annotations
@@ -94,6 +95,14 @@ def run_main(capsys, *args: str | Path) -> tuple[int, str, str]:
     return rc, out, err
 
 
+def fvlm_here(capsys, *args: str | Path) -> subprocess.CompletedProcess:
+    """:func:`fvlm` in-process (the same ``main``, argument parsing and error printing, in the
+    current folder) for the further cases of a test whose first case ran the real command: a
+    subprocess costs the interpreter's and the libraries' start-up each time."""
+    rc, out, err = run_main(capsys, *args)
+    return subprocess.CompletedProcess([str(a) for a in args], rc, out, err)
+
+
 def write_dicom_series(folder: Path, hu_zyx: np.ndarray, spacing_xyz, uid: str, prefix: str) -> None:
     """A CT series as one DICOM file per axial slice (what a scanner exports), via SimpleITK."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -164,15 +173,16 @@ def world(tmp_path_factory, small_model_config) -> Path:
 # ---------------------------------------------------------------- subprocesses: the real command
 
 
-def test_help_never_crashes(world):
+def test_help_never_crashes(world, capsys):
     for args in (["--help"], ["-h"], []):
-        r = fvlm(*args, cwd=world)
+        r = fvlm(*args, cwd=world) if args != ["-h"] else fvlm_here(capsys, *args)
         assert "Traceback" not in r.stderr, r.stderr
         assert r.returncode == (1 if not args else 0)
         assert "analyze" in r.stdout and "import-checkpoint" in r.stdout and "train" in r.stdout
 
 
-def test_an_output_that_is_an_input_is_refused(world):
+def test_an_output_that_is_an_input_is_refused(world, capsys, monkeypatch):
+    monkeypatch.chdir(world)
     with unchanged(world):
         r = fvlm("segment", "ct.nii.gz", "--out", "ct.nii.gz", cwd=world)
         refused(r.returncode, r.stderr, "--out ct.nii.gz is the input CT", "Choose another output path")
@@ -188,7 +198,8 @@ def test_an_output_that_is_an_input_is_refused(world):
             cwd=world,
         )
         refused(r.returncode, r.stderr, "--out ct.nii.gz is the input CT", "Nothing was done")
-        r = fvlm(
+        r = fvlm_here(
+            capsys,
             "analyze",
             "ct.nii.gz",
             "--segmentation",
@@ -197,49 +208,42 @@ def test_an_output_that_is_an_input_is_refused(world):
             "model",
             "--out",
             "seg.nii.gz",
-            cwd=world,
         )
         refused(r.returncode, r.stderr, "is the input --segmentation seg.nii.gz")
-        r = fvlm("segment", "ct.nii.gz", "--out", "new.nii.gz", "--json", "new.nii.gz", cwd=world)
+        r = fvlm_here(capsys, "segment", "ct.nii.gz", "--out", "new.nii.gz", "--json", "new.nii.gz")
         refused(r.returncode, r.stderr, "--out and --json are the same path", "its own path")
     assert not (world / "new.nii.gz").exists()
 
 
-def test_outputs_that_cannot_be_written_are_refused_before_the_work(world):
+def test_outputs_that_cannot_be_written_are_refused_before_the_work(world, capsys, monkeypatch):
     analyze = ["analyze", "ct.nii.gz", "--segmentation", "seg.nii.gz", "--model", "model"]
+    monkeypatch.chdir(world)
     with unchanged(world):
         r = fvlm(*analyze, "--out", "adir", cwd=world)
         refused(r.returncode, r.stderr, "--out adir is an existing folder", "adir/results.json")
-        r = fvlm(*analyze, "--out", "r.json", "--maps-dir", "afile", cwd=world)
+        r = fvlm_here(capsys, *analyze, "--out", "r.json", "--maps-dir", "afile")
         refused(r.returncode, r.stderr, "--maps-dir afile is an existing file", "give a folder path")
-        r = fvlm(*analyze, "--out", "afile/r.json", cwd=world)
+        r = fvlm_here(capsys, *analyze, "--out", "afile/r.json")
         refused(r.returncode, r.stderr, "afile is a file, not a folder")
-        r = fvlm(*analyze, "--out", "/sys/kernel/r.json", cwd=world)  # unwritable even for root
+        r = fvlm_here(capsys, *analyze, "--out", "/sys/kernel/r.json")  # unwritable even for root
         refused(r.returncode, r.stderr, "cannot write in /sys/kernel", "Choose a folder you can write to")
-        r = fvlm("segment", "ct.nii.gz", "--out", "anatomy.txt", cwd=world)
+        r = fvlm_here(capsys, "segment", "ct.nii.gz", "--out", "anatomy.txt")
         refused(r.returncode, r.stderr, "unknown file type", ".nii.gz")
 
 
-def test_nan_voxels_and_bad_text_files_are_refused(world):
+def test_nan_voxels_and_bad_text_files_are_refused(world, capsys, monkeypatch):
     (world / "header_only.csv").write_text("VolumeName,report_text\n")
+    monkeypatch.chdir(world)
     with unchanged(world):
         r = fvlm(
             "analyze", "nan.mha", "--model", "model", "--out", "r.json", cwd=world
         )  # was: bincount traceback
         refused(r.returncode, r.stderr, "nan.mha: 2 of 32768 voxels are NaN or infinite", "replace them")
-        r = fvlm(
-            "analyze",
-            "ct.nii.gz",
-            "--model",
-            "model",
-            "--prompts",
-            "latin1.yaml",
-            "--out",
-            "r.json",
-            cwd=world,
+        r = fvlm_here(
+            capsys, "analyze", "ct.nii.gz", "--model", "model", "--prompts", "latin1.yaml", "--out", "r.json"
         )
         refused(r.returncode, r.stderr, "--prompts latin1.yaml: not UTF-8 text", "Save the file as UTF-8")
-        r = fvlm("labels", "header_only.csv", "--out", "labels.csv", cwd=world)
+        r = fvlm_here(capsys, "labels", "header_only.csv", "--out", "labels.csv")
         refused(r.returncode, r.stderr, "has a header (VolumeName, report_text) but no rows", "right file")
     (world / "header_only.csv").unlink()
 
@@ -256,7 +260,7 @@ def test_import_checkpoint_refuses_an_existing_folder_and_unsafe_pickles(world, 
     with unchanged(world):
         r = fvlm(*args, "--out", world / "model", cwd=tmp_path)
         refused(r.returncode, r.stderr, "model already exists; pass --force to replace it")
-        r = fvlm(*args, "--out", tmp_path / "evil.pth", cwd=tmp_path)
+        r = fvlm_here(capsys, *args, "--out", tmp_path / "evil.pth")
         refused(r.returncode, r.stderr, "is the input CHECKPOINT")
         # in-process (torch is imported already): the file is opened and refused
         rc, _, err = run_main(capsys, *args, "--out", tmp_path / "imported", "--force")

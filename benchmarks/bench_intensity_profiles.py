@@ -20,7 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from timing import alternated_median_ms, bench_args, demo_batch, median_ms  # noqa: E402
+from timing import alternated_median_ms, bench_args, demo_batch, median_ms, overhead_fields  # noqa: E402
 
 
 def main() -> int:
@@ -58,20 +58,13 @@ def main() -> int:
 
         steps[name] = step
     step_ms = alternated_median_ms(steps, args.repeats)
-    overhead = step_ms["with_profiles"] / step_ms["without_profiles"] - 1
-    print(
-        json.dumps(
-            {
-                "threads": args.threads,
-                "profiles_ms": {k: round(v, 2) for k, v in profiles_ms.items()},
-                "train_step_ms": {k: round(v, 1) for k, v in step_ms.items()},
-                "step_overhead": round(overhead, 4),
-                "target_step_overhead_max": 0.10,
-                "meets_target": overhead <= 0.10,
-            },
-            indent=2,
-        )
-    )
+    result = {
+        "threads": args.threads,
+        "profiles_ms": {k: round(v, 2) for k, v in profiles_ms.items()},
+        "train_step_ms": {k: round(v, 1) for k, v in step_ms.items()},
+        **overhead_fields("step_overhead", step_ms, "with_profiles", "without_profiles", target_max=0.10),
+    }
+    print(json.dumps(result, indent=2))
     return 0
 
 

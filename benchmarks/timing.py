@@ -51,6 +51,19 @@ def alternated_median_ms(steps: dict[str, Callable[[], object]], repeats: int) -
     return {name: statistics.median(v) for name, v in times.items()}
 
 
+def overhead_fields(
+    name: str, ms: dict[str, float], with_step: str, without_step: str, target_max: float
+) -> dict[str, object]:
+    """How much step ``with_step`` adds to ``without_step`` (a fraction, as ``name``), the target
+    it is held to (``target_<name>_max``) and ``meets_target``, for a benchmark's JSON."""
+    overhead = ms[with_step] / ms[without_step] - 1
+    return {
+        name: round(overhead, 4),
+        f"target_{name}_max": target_max,
+        "meets_target": overhead <= target_max,
+    }
+
+
 # --- yardsticks and process measurements (bench_builtin_segmenter, bench_train_step, bench_analyze)
 
 

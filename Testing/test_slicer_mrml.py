@@ -9,6 +9,7 @@ after saving/reloading .seg.nrrd, .tsv and .mrb.
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -559,3 +560,37 @@ def test_the_modules_in_slicer_self_test_phantom_analyses_headless(tiny_model):
     assert {a.name: a.status for a in nodes.summary.anatomies}["esophagus"] == "absent"
     labelmap, _ = mrml_io.segmentation_node_to_labelmap(nodes.segmentation, ct.geometry, CTRATE_CATALOG)
     np.testing.assert_array_equal(labelmap, labels)
+
+
+@pytest.mark.slow
+def test_a_warm_job_that_does_not_stop_in_time_gets_the_worker_killed_and_a_new_one_next(
+    chest, tiny_model, tmp_path
+):
+    """The other Cancel path of the warm worker (issue 17): the job is still running when the grace
+    period ends (0 s here: the first check after cancel), so the worker's whole process tree is
+    killed; the job folder goes; the next job starts a new worker and says so."""
+    from FVLMSlicerLib.process import process_tree
+    from FVLMSlicerLib.warm import WarmProcessJob, WarmWorker
+
+    heart_slices = np.flatnonzero(chest["heart"].any(axis=(1, 2)))
+    request = _small_request(chest, tiny_model, slice(int(heart_slices[0]), int(heart_slices[0]) + 24))
+    worker = WarmWorker()
+    try:
+        job = WarmProcessJob(request, worker)
+        job.cancel_grace_s = 0.0
+        job.start()
+        deadline = time.monotonic() + 120
+        while not any("job 1:" in line for line in job.poll().log) and time.monotonic() < deadline:
+            time.sleep(0.05)  # the worker has taken the job
+        tree = process_tree(worker.process.pid)
+        assert len(tree) >= 1 and job.job_dir.exists()
+        job.cancel()
+        status = job.wait(60)
+        assert status.state == "cancelled" and job.killed_worker and not job.job_dir.exists()
+        assert not [pid for pid in tree if process_tree(pid)] and not worker.running()
+        assert "the analysis worker was stopped" in status.log[-1]
+        status = WarmProcessJob(request, worker).start().wait(240)
+        assert status.state == "done", status.error
+        assert any("had ended" in line for line in status.log) and status.output.timings["worker_jobs"] == 1
+    finally:
+        worker.stop()

@@ -400,14 +400,18 @@ def _corrupt(path: Path, what: str) -> InputError:
     )
 
 
-def _nifti_expected_bytes(head: bytes) -> int | None:
-    """File size (header + voxels) a single-file NIfTI-1 header promises, or None if unknown."""
+def _nifti1_byte_order(head: bytes) -> str | None:
+    """``"<"`` or ``">"``: the byte order in which the header's ``sizeof_hdr`` reads 348 (NIfTI-1);
+    None for a header cut short, NIfTI-2 or not NIfTI at all."""
     if len(head) < 348:
         return None
-    for endian in "<>":
-        if struct.unpack_from(endian + "i", head, 0)[0] == 348:
-            break
-    else:
+    return next((e for e in "<>" if struct.unpack_from(e + "i", head, 0)[0] == 348), None)
+
+
+def _nifti_expected_bytes(head: bytes) -> int | None:
+    """File size (header + voxels) a single-file NIfTI-1 header promises, or None if unknown."""
+    endian = _nifti1_byte_order(head)
+    if endian is None:
         return None
     dim = struct.unpack_from(endian + "8h", head, 40)
     bitpix = struct.unpack_from(endian + "h", head, 72)[0]
@@ -433,29 +437,22 @@ def _check_nifti_header(path: Path, head: bytes, data_bytes: int) -> None:
     zeros/garbage) and zero or NaN voxel sizes (it replaces them with 1 mm)."""
     if len(head) < 348:
         raise _corrupt(path, f"the NIfTI header is cut short ({len(head)} of 348 bytes)")
-    for endian in "<>":
-        if struct.unpack_from(endian + "i", head, 0)[0] == 348:
-            break
-    else:
+    endian = _nifti1_byte_order(head)
+    if endian is None:
         return  # NIfTI-2 or not NIfTI at all: let SimpleITK decide
+    expected = _nifti_expected_bytes(head)  # None: not a single file, or a header that cannot say
+    if expected is not None and data_bytes < expected:
+        raise _corrupt(
+            path, f"it is truncated: the header describes {expected} bytes but only {data_bytes} are there"
+        )
     dim = struct.unpack_from(endian + "8h", head, 40)
-    bitpix = struct.unpack_from(endian + "h", head, 72)[0]
     pixdim = struct.unpack_from(endian + "8f", head, 76)
-    vox_offset = struct.unpack_from(endian + "f", head, 108)[0]
     qform_code, sform_code = struct.unpack_from(endian + "2h", head, 252)
     srow = np.asarray(struct.unpack_from(endian + "12f", head, 280), dtype=float).reshape(3, 4)
-    magic = head[344:347]
     ndim = int(dim[0])
     if not 1 <= ndim <= 7:
         return
     dims = [max(int(d), 1) for d in dim[1 : ndim + 1]]
-    if magic == b"n+1" and bitpix > 0 and math.isfinite(vox_offset):
-        expected = int(vox_offset) + int(np.prod(dims, dtype=np.int64)) * (bitpix // 8)
-        if data_bytes < expected:
-            raise _corrupt(
-                path,
-                f"it is truncated: the header describes {expected} bytes but only {data_bytes} are there",
-            )
     axes = [i for i in range(min(ndim, 3)) if dims[i] > 1]
     if sform_code > 0:
         norms = np.linalg.norm(srow[:, :3], axis=0)

@@ -1368,10 +1368,11 @@ def _jobs(
     prevalence,
     valid_fraction: float,
     recon_fraction: float,
-    out_dir: Path | None,
-    write_masks: bool,
-    normal_fraction: float = DEFAULT_NORMAL_FRACTION,
+    normal_fraction: float,
+    out_dir: Path | None = None,
+    write_masks: bool = False,
 ) -> list[_Job]:
+    """The cohort's jobs in their fixed order; with ``out_dir``, each writes its files there."""
     n_valid = round(n * valid_fraction)
     n_train = n - n_valid
     # Which scans get a second reconstruction: its own stream, independent of workers.
@@ -1450,18 +1451,7 @@ def iter_cohort(
     ``ModelSpaceConfig``) and yield :class:`~fvlm_core.data.cache.CachedSample` objects, what
     ``fvlm prepare`` writes, so they are used as samples read from a prepare cache are.
     """
-    jobs = _jobs(
-        n,
-        seed,
-        size_zyx,
-        spacing_zyx,
-        prevalence,
-        valid_fraction,
-        recon_fraction,
-        None,
-        False,
-        normal_fraction,
-    )
+    jobs = _jobs(n, seed, size_zyx, spacing_zyx, prevalence, valid_fraction, recon_fraction, normal_fraction)
     if as_cached:
         from fvlm_core.anatomy import CTRATE_CATALOG
 
@@ -1527,9 +1517,9 @@ def generate_cohort(
         prev,
         valid_fraction,
         recon_fraction,
+        normal_fraction,
         out,
         write_masks,
-        normal_fraction,
     )
     results = _map(jobs, workers)
     if progress:

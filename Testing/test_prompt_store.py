@@ -61,6 +61,9 @@ def test_stored_embeddings_equal_freshly_encoded_ones(folder):
     fresh = FVLM.from_pretrained(folder).eval()  # the text encoder built whole
     with torch.no_grad():
         torch.testing.assert_close(stored, fresh.encode_text(texts), atol=1e-6, rtol=0)
+    assert analyzer.model.tokenizer is not None and analyzer.model.text_loaded  # any access builds it
+    a, b = analyzer.model.state_dict(), fresh.state_dict()
+    assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_stored_prompts_only_never_build_the_text_encoder_and_a_new_prompt_does(folder):

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 from collections.abc import Callable, Sequence
 
 import torch
@@ -104,11 +105,13 @@ class FVLM(nn.Module):
     # ------------------------------------------------------------------ deferred text encoder
     #: attributes that exist once the text encoder is built
     _DEFERRED = frozenset({"text_encoder", "tokenizer"})
+    _text_lock = threading.Lock()  # one build, whichever thread asks first
 
     def __getattr__(self, name: str):
         # only reached when normal lookup fails: submodules, and the text encoder not built yet
         if name in FVLM._DEFERRED and self.__dict__.get("_pending_text") is not None:
             self.load_text_encoder()
+            return getattr(self, name)  # now a submodule (text_encoder) or an attribute (tokenizer)
         return super().__getattr__(name)
 
     @property
@@ -123,13 +126,15 @@ class FVLM(nn.Module):
         Raises:
             CheckpointError: its weights do not match the encoder its folder describes.
         """
-        pending = self.__dict__.pop("_pending_text", None)
-        if pending is None:
+        if self.__dict__.get("_pending_text") is None:
             return
         from fvlm_core.model.checkpoint import check_state_dict
 
-        source, read_weights = pending
-        try:
+        with FVLM._text_lock:
+            pending = self.__dict__.get("_pending_text")
+            if pending is None:  # built by another thread meanwhile
+                return
+            source, read_weights = pending
             # parameters made inside inference mode (e.g. the first prompt encoded under it) could
             # never be trained or version-tracked: build them as ordinary tensors
             with torch.inference_mode(False), torch.no_grad():
@@ -138,20 +143,18 @@ class FVLM(nn.Module):
                 check_state_dict(encoder, state, f"{source} (text encoder weights)")
                 encoder.load_state_dict(state, strict=True)
                 encoder.to(self.text_proj.weight.device, self.text_proj.weight.dtype)
-        except BaseException:
-            self._pending_text = pending  # still deferred: a later access reports it again
-            raise
-        self.text_encoder = encoder
-        self.tokenizer = tokenizer
-        # keep the registration order of a model built whole (state_dict and parameter order)
-        order = ["visual_encoder", "text_encoder"]
-        self._modules = {
-            **{k: self._modules[k] for k in order if k in self._modules},
-            **{k: v for k, v in self._modules.items() if k not in order},
-        }
-        if self.config.text.freeze:
-            self.freeze_text(self.config.text.train_top_layers)
-        self.train(self.training)
+            self.text_encoder = encoder
+            self.tokenizer = tokenizer
+            # keep the registration order of a model built whole (state_dict and parameter order)
+            order = ["visual_encoder", "text_encoder"]
+            self._modules = {
+                **{k: self._modules[k] for k in order if k in self._modules},
+                **{k: v for k, v in self._modules.items() if k not in order},
+            }
+            del self.__dict__["_pending_text"]  # built: a failure above leaves it deferred
+            if self.config.text.freeze:
+                self.freeze_text(self.config.text.train_top_layers)
+            self.train(self.training)
 
     # ------------------------------------------------------------------ construction / io
     @classmethod

@@ -19,11 +19,14 @@ which re-import the main module.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
+import multiprocessing
 import os
 import shutil
 import sys
+import types
 from pathlib import Path
 
 import nibabel as nib
@@ -65,8 +68,26 @@ def plan(dataset_id: int) -> None:
             self.UNet_blocks_per_stage_encoder = (1,) * 14
             self.UNet_blocks_per_stage_decoder = (1,) * 13
 
-    extract_fingerprints([dataset_id], num_processes=1)
+    with _fork_workers():
+        extract_fingerprints([dataset_id], num_processes=1)
     plan_experiment_dataset(dataset_id, TinyPlanner)
+
+
+@contextlib.contextmanager
+def _fork_workers():
+    """nnU-Net's fingerprint extraction analyses the cases in a ``spawn`` pool: its worker
+    re-imports nnU-Net and torch (seconds per dataset). Here the worker is forked instead (same
+    code, same results; the process has run no torch or ITK threads yet: see :func:`main`)."""
+    from nnunetv2.experiment_planning.dataset_fingerprint import fingerprint_extractor
+
+    real = fingerprint_extractor.multiprocessing
+    fingerprint_extractor.multiprocessing = types.SimpleNamespace(
+        get_context=lambda method: multiprocessing.get_context("fork")
+    )
+    try:
+        yield
+    finally:
+        fingerprint_extractor.multiprocessing = real
 
 
 def save_random_checkpoint(dataset_id: int, trainer_name: str) -> Path:
@@ -121,11 +142,12 @@ def main(home: Path) -> dict:
         297: TASK_CONFIGS["total"]["sub_modes"]["fast"]["trainer"],
         298: "nnUNetTrainer_4000epochs_NoMirroring",
     }
-    built = {}
-    for dataset_id, spacing in DATASETS.items():
+    for dataset_id, spacing in DATASETS.items():  # every plan first: its workers fork before torch runs
         folder = TASK_ID_WEIGHTS_CONFIGS[dataset_id]["foldername"]
         write_raw_dataset(work / "raw" / folder, labels, spacing, seed=dataset_id)
         plan(dataset_id)
+    built = {}
+    for dataset_id in DATASETS:
         built[dataset_id] = str(save_random_checkpoint(dataset_id, trainers[dataset_id]).relative_to(home))
     shutil.rmtree(work)  # only the weights folder stays, as after totalseg_download_weights
     return built

@@ -69,9 +69,12 @@ def text_identity(weights_digest: str, text_dir: str | os.PathLike | None, confi
 
 
 def prompt_texts(config) -> list[str]:
-    """Every wording of the config's findings, once each, in order."""
+    """Every wording of the config's findings, once each, in order (not checked against the
+    anatomies: a save must not fail on what only the analyzer refuses)."""
+    from fvlm_core.findings import Finding
+
     texts: dict[str, None] = {}
-    for f in config.finding_set():
+    for f in (Finding.from_dict(d) for d in config.findings or []):
         for t in (*f.positive, *f.negative):
             texts.setdefault(t, None)
     return list(texts)

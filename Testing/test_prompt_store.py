@@ -64,6 +64,9 @@ def test_stored_embeddings_equal_freshly_encoded_ones(folder):
     assert analyzer.model.tokenizer is not None and analyzer.model.text_loaded  # any access builds it
     a, b = analyzer.model.state_dict(), fresh.state_dict()
     assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
+    # built without initialising its weights: every one loaded, and the buffers built as usual
+    a, b = dict(analyzer.model.named_buffers()), dict(fresh.named_buffers())
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_stored_prompts_only_never_build_the_text_encoder_and_a_new_prompt_does(folder):

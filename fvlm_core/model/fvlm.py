@@ -138,7 +138,9 @@ class FVLM(nn.Module):
             # parameters made inside inference mode (e.g. the first prompt encoded under it) could
             # never be trained or version-tracked: build them as ordinary tensors
             with torch.inference_mode(False), torch.no_grad():
-                encoder, tokenizer = build_text_encoder(self.config.text, source=source, weights=False)
+                encoder, tokenizer = build_text_encoder(
+                    self.config.text, source=source, weights=False, initialise=False
+                )  # every parameter is loaded just below (strict, names and shapes checked)
                 state = read_weights()
                 check_state_dict(encoder, state, f"{source} (text encoder weights)")
                 encoder.load_state_dict(state, strict=True)

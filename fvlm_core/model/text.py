@@ -10,6 +10,7 @@ a :class:`TextCache`, owned by whoever knows the weights stay fixed (the trainer
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -120,7 +121,12 @@ def load_tokenizer(source: str):
         raise DependencyError(f"{_hint(source)}: its tokenizer could not be loaded ({first})") from first
 
 
-def build_text_encoder(config: TextConfig, source: str | os.PathLike | None = None, weights: bool = True):
+def build_text_encoder(
+    config: TextConfig,
+    source: str | os.PathLike | None = None,
+    weights: bool = True,
+    initialise: bool = True,
+):
     """Build ``(model, tokenizer)`` for ``config`` from ``source`` (default ``config.name_or_path``).
 
     Args:
@@ -128,6 +134,10 @@ def build_text_encoder(config: TextConfig, source: str | os.PathLike | None = No
         source: folder or hub name to read from (a checkpoint's ``text/`` folder overrides the name).
         weights: load the encoder's pretrained weights; ``False`` builds it from its config only
             (weights come from a checkpoint).
+        initialise: with ``weights=False``, draw the parameters' initial values. ``False`` leaves
+            them uninitialised (``transformers.initialization.no_init_weights``; 1.8-4.7 s saved
+            for a BERT-base on the 2-core machine): only for a caller that loads every parameter
+            right after, strictly (buffers are built as usual).
 
     Returns:
         The ``transformers`` model (no pooler) and its tokenizer.
@@ -149,10 +159,11 @@ def build_text_encoder(config: TextConfig, source: str | os.PathLike | None = No
             except TypeError:
                 model = AutoModel.from_pretrained(src, config=hf_config)
         else:
-            try:
-                model = AutoModel.from_config(hf_config, add_pooling_layer=False)
-            except TypeError:
-                model = AutoModel.from_config(hf_config)
+            with contextlib.nullcontext() if initialise else _no_init_weights():
+                try:
+                    model = AutoModel.from_config(hf_config, add_pooling_layer=False)
+                except TypeError:
+                    model = AutoModel.from_config(hf_config)
     except OSError as exc:
         raise DependencyError(f"{_hint(str(src))} ({exc})") from exc
     finally:
@@ -161,6 +172,15 @@ def build_text_encoder(config: TextConfig, source: str | os.PathLike | None = No
     if config.zero_token_type:
         zero_token_type_embeddings(model)
     return model, tokenizer
+
+
+def _no_init_weights():
+    """transformers' context that skips weight initialisation (a no-op where it is missing)."""
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # older transformers: initialise (slower, same result after loading)
+        return contextlib.nullcontext()
+    return no_init_weights()
 
 
 def zero_token_type_embeddings(model: nn.Module) -> None:

@@ -31,24 +31,18 @@ import json
 import sys
 import time
 
+from fvlm_core.commands.segment import add_ct_arguments, add_totalsegmentator_arguments
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("ct", help="CT volume: NIfTI/NRRD/MHA file or DICOM series folder")
-    parser.add_argument(
-        "--series", metavar="UID", help="DICOM folder with several series: the Series Instance UID to read"
-    )
+    add_ct_arguments(parser)
     seg = parser.add_mutually_exclusive_group()
     seg.add_argument(
         "--segmentation",
         help="reuse a label map (TotalSegmentator multilabel file or mask folder, or an anatomy label map)",
     )
     seg.add_argument("--backend", default="builtin", help="segmentation backend: builtin | totalsegmentator")
-    parser.add_argument("--fast", action="store_true", help="totalsegmentator: use the 3 mm --fast model")
-    parser.add_argument(
-        "--allow-download",
-        action="store_true",
-        help="totalsegmentator: let it download missing weights (internet needed)",
-    )
+    add_totalsegmentator_arguments(parser)
     parser.add_argument("--class-map", help="class map JSON for --segmentation (value -> class name)")
     parser.add_argument("--model", required=True, help="model folder (config.yaml + model.safetensors)")
     parser.add_argument(
@@ -81,7 +75,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar=("Z", "Y", "X"),
         help="cap window size in model-space voxels (low memory); anatomies cut by the cap are not scored",
     )
-    parser.add_argument("--allow-non-hu", action="store_true", help="skip the check that the CT is in HU")
     parser.add_argument("--out", required=True, help="results JSON file")
     parser.add_argument("--quiet", action="store_true")
 

@@ -557,12 +557,29 @@ def _check_image_finite(image: sitk.Image, source: str) -> None:
         check_finite(sitk.GetArrayViewFromImage(image), source)
 
 
+#: NIfTI-1 ``datatype`` codes of floating-point and complex voxels (the only ones that hold NaN/Inf).
+_NIFTI_FLOAT_CODES = frozenset({16, 32, 64, 1536, 1792, 2048})
+
+
+def _nifti_may_hold_nonfinite(path: Path) -> bool:
+    """False when the NIfTI-1 header's ``datatype`` is an integer type (most CTs: int16), so the
+    voxel check can be skipped; True for float data and for headers this cannot read."""
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    try:
+        with opener(path, "rb") as f:
+            head = f.read(348)
+    except (OSError, EOFError):
+        return True
+    endian = _nifti1_byte_order(head)
+    return endian is None or struct.unpack_from(endian + "h", head, 70)[0] in _NIFTI_FLOAT_CODES
+
+
 def _check_nifti_finite(path: Path) -> None:
     """ITK's NIfTI reader turns NaN and infinite voxels into 0 (water): find them before it does.
     Only floating-point NIfTI can hold them (integer voxels are read as they are)."""
-    if not path.name.lower().endswith((".nii", ".nii.gz")):
+    if not path.name.lower().endswith((".nii", ".nii.gz")) or not _nifti_may_hold_nonfinite(path):
         return
-    import nibabel as nib
+    import nibabel as nib  # imported only here: it pulls pydicom, PIL, ... (~0.3 s)
 
     try:
         img = nib.load(str(path))

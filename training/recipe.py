@@ -29,6 +29,7 @@ from typing import Any
 import yaml
 
 from fvlm_core.errors import ConfigError
+from fvlm_core.model.config import plain_data
 from fvlm_training.precision import PRECISIONS
 from fvlm_training.schedule import SCHEDULES
 
@@ -338,15 +339,7 @@ class Recipe:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain YAML-able values (lists, not tuples), in the schema's order."""
-
-        def plain(x: Any) -> Any:
-            if isinstance(x, tuple | list):
-                return [plain(v) for v in x]
-            if isinstance(x, dict):
-                return {k: plain(v) for k, v in x.items()}
-            return x
-
-        return plain(dataclasses.asdict(self))
+        return plain_data(dataclasses.asdict(self))
 
     def with_limits(self, max_minutes: float | None = None, max_steps: int | None = None) -> Recipe:
         """The recipe with ``train.max_minutes`` / ``train.max_steps`` set where given (checked)."""

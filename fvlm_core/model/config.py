@@ -240,16 +240,7 @@ class FVLMConfig:
         return ModelSpaceConfig.from_dict(self.preprocessing)
 
     def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-
-        def plain(x):
-            if isinstance(x, tuple | list):
-                return [plain(v) for v in x]
-            if isinstance(x, dict):
-                return {k: plain(v) for k, v in x.items()}
-            return x
-
-        return plain(d)
+        return plain_data(dataclasses.asdict(self))
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> FVLMConfig:
@@ -273,6 +264,15 @@ _SCALARS: dict[str, tuple[str, tuple[type, ...]]] = {
     "bool": ("true or false", (bool,)),
     "str": ("a string", (str,)),
 }
+
+
+def plain_data(x: Any) -> Any:
+    """``x`` with tuples turned into lists, recursively (what YAML and JSON write plainly)."""
+    if isinstance(x, tuple | list):
+        return [plain_data(v) for v in x]
+    if isinstance(x, dict):
+        return {k: plain_data(v) for k, v in x.items()}
+    return x
 
 
 def _typed(cls, d: Mapping[str, Any], where: str) -> dict[str, Any]:

@@ -185,3 +185,23 @@ def test_library_help_and_model_package_import_no_torch():
     res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
     assert "HEAVY []" in res.stdout and "usage: fvlm" in res.stdout, res.stdout
+
+
+def test_installed_fvlm_help_imports_no_torch():
+    """The installed `fvlm` (fvlm_training.cli, which also reads the training recipes' option
+    tables) answers --help for itself and each training command without torch: every refused or
+    --help invocation would otherwise pay seconds of imports."""
+    script = (
+        "import sys\n"
+        "from fvlm_training.cli import main\n"
+        "for args in (['--help'], ['train', '--help'], ['evaluate', '--help'], ['demo', '--help']):\n"
+        "    sys.argv = ['fvlm', *args]\n"
+        "    try:\n"
+        "        main()\n"
+        "    except SystemExit:\n"
+        "        pass\n"
+        "print('HEAVY', sorted(x for x in ('torch', 'transformers', 'monai', 'scipy') if x in sys.modules))\n"
+    )
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert "HEAVY []" in res.stdout and "usage: fvlm train" in res.stdout, res.stdout

@@ -31,13 +31,15 @@ import yaml
 from fvlm_core.errors import ConfigError
 from fvlm_core.model.config import plain_data
 from fvlm_training.precision import PRECISIONS
-from fvlm_training.schedule import SCHEDULES
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
 OBJECTIVES = ("fvlm", "global_clip")
 RECONSTRUCTIONS = ("random", "first", "all")
 INTACT_RULES = ("interior", "strict")
+#: learning-rate schedules (fvlm_training.schedule builds them; defined here so that reading a
+#: recipe, and with it every `fvlm` start, needs no torch)
+SCHEDULES = ("step_cosine", "epoch_cosine")
 _DEVICE = re.compile(r"^(auto|cpu|cuda|cuda:\d+|gpu|mps)$")
 
 #: Options that may change when a run is resumed (they do not change the trajectory).

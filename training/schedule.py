@@ -28,7 +28,7 @@ import math
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
-SCHEDULES = ("step_cosine", "epoch_cosine")
+from fvlm_training.recipe import SCHEDULES
 
 
 def _warmup(step: int, base_lr: float, warmup_steps: int, start_lr: float | None) -> float:

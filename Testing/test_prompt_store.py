@@ -166,6 +166,18 @@ def test_fvlm_analyze_with_stored_prompts_imports_no_transformers(folder, tmp_pa
     assert json.loads(out.read_text())["anatomies"]
 
 
+def test_save_without_prompts_writes_no_store_and_the_analyzer_encodes(tmp_path, small_model_config):
+    """store_prompts=False (the demo's training workers, past their deadline) skips the encoding:
+    no store is written, and the analyzer then encodes the prompts itself."""
+    torch.manual_seed(0)
+    out = FVLM(small_model_config()).eval().save_pretrained(tmp_path / "model", store_prompts=False)
+    assert (out / "model.safetensors").is_file() and not (out / STORE_NAME).exists()
+    analyzer = Analyzer.from_pretrained(out, device="cpu")
+    assert analyzer.prompts.texts_preloaded == 0
+    analyzer.prompts.embed(prompt_texts(analyzer.config)[:2])
+    assert analyzer.prompts.encoder_calls == 1 and analyzer.model.text_loaded
+
+
 def test_library_help_and_model_package_import_no_torch():
     """`python -m fvlm_core.cli --help` and `import fvlm_core.model` stay light: torch (seconds to
     import) only when a name that needs it is used."""

@@ -98,11 +98,13 @@ class GlobalCLIP(nn.Module):
         """The baseline's own tensors, named as in a baseline folder."""
         return {k: v for k, v in self.state_dict().items() if not k.startswith("fvlm.")}
 
-    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+    def save_pretrained(self, directory: str | os.PathLike, *, store_prompts: bool = True) -> Path:
         """Write a baseline folder (the fVLM folder plus the head's tensors in its weights file)."""
         from fvlm_core.model.checkpoint import save_pretrained
 
-        return save_pretrained(self.fvlm, directory, extra_tensors=self.head_state_dict())
+        return save_pretrained(
+            self.fvlm, directory, extra_tensors=self.head_state_dict(), store_prompts=store_prompts
+        )
 
     @classmethod
     def from_pretrained(

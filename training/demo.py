@@ -298,7 +298,9 @@ def _train_worker(job: _TrainJob, progress: Any, start: Any) -> None:
         save_model=False,
     )
     model = summary.pop("model")
-    model.save_pretrained(job.out_dir)
+    # after the deadline: no prompt encoding here (the parent saves fVLM again, with its thresholds
+    # and the stored prompt embeddings, in the time kept for evaluation)
+    model.save_pretrained(job.out_dir, store_prompts=False)
     summary["kind"] = job.kind
     summary["temperature"] = float(model.temperature.detach())
     Path(job.out_dir, "train_summary.json").write_text(json.dumps(summary, indent=2, default=str))

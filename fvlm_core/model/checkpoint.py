@@ -128,6 +128,7 @@ def save_pretrained(
     directory: str | os.PathLike,
     *,
     extra_tensors: dict[str, torch.Tensor] | None = None,
+    store_prompts: bool = True,
     **config_updates,
 ) -> Path:
     """Save ``model`` (an :class:`~fvlm_core.model.FVLM`) to ``directory``.
@@ -141,6 +142,9 @@ def save_pretrained(
         model: the model.
         directory: output folder (created).
         extra_tensors: more tensors for the weights file (the CLIP baseline's head).
+        store_prompts: encode and store the finding prompts' embeddings (False: skip the
+            encoding, e.g. for a folder saved again with thresholds moments later; a store
+            already in the folder stays, and its text identity says whether it still applies).
         **config_updates: config fields to set before saving (e.g. ``thresholds={...}``).
 
     Returns:
@@ -177,17 +181,19 @@ def save_pretrained(
     plan = OutputPlan()
     plan.file(WEIGHTS_NAME, directory / WEIGHTS_NAME)
     plan.file(CONFIG_NAME, directory / CONFIG_NAME)
-    plan.file(prompt_store.STORE_NAME, directory / prompt_store.STORE_NAME)
+    if store_prompts:
+        plan.file(prompt_store.STORE_NAME, directory / prompt_store.STORE_NAME)
     plan.folder(TEXT_DIR, directory / TEXT_DIR, replace=True, force=True)
     with plan.writing() as staged:
         save_text_files(model, staged.path(TEXT_DIR))
         save_file(tensors, str(staged.path(WEIGHTS_NAME)), metadata=metadata)
         staged.path(CONFIG_NAME).write_text(config.to_yaml(), encoding="utf-8")
-        identity = prompt_store.text_identity(
-            metadata[prompt_store.TEXT_DIGEST_KEY], staged.path(TEXT_DIR), config
-        )
-        embeddings = prompt_store.encode_prompts(model, texts)
-        prompt_store.write_store(staged.path(prompt_store.STORE_NAME), texts, embeddings, identity)
+        if store_prompts:
+            identity = prompt_store.text_identity(
+                metadata[prompt_store.TEXT_DIGEST_KEY], staged.path(TEXT_DIR), config
+            )
+            embeddings = prompt_store.encode_prompts(model, texts)
+            prompt_store.write_store(staged.path(prompt_store.STORE_NAME), texts, embeddings, identity)
     model.config = config
     return directory
 

@@ -164,11 +164,12 @@ class FVLM(nn.Module):
         """A freshly initialised model for a config object, bundled name or YAML path."""
         return cls(load_config(config), **kwargs)
 
-    def save_pretrained(self, directory: str | os.PathLike, **config_updates):
-        """Write ``model.safetensors``, ``config.yaml`` and ``text/`` (tokenizer + encoder config)."""
+    def save_pretrained(self, directory: str | os.PathLike, *, store_prompts: bool = True, **config_updates):
+        """Write ``model.safetensors``, ``config.yaml``, ``text/`` (tokenizer + encoder config) and
+        the finding prompts' embeddings (:func:`fvlm_core.model.checkpoint.save_pretrained`)."""
         from fvlm_core.model.checkpoint import save_pretrained
 
-        return save_pretrained(self, directory, **config_updates)
+        return save_pretrained(self, directory, store_prompts=store_prompts, **config_updates)
 
     @classmethod
     def from_pretrained(

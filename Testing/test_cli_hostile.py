@@ -186,29 +186,10 @@ def test_an_output_that_is_an_input_is_refused(world, capsys, monkeypatch):
     with unchanged(world):
         r = fvlm("segment", "ct.nii.gz", "--out", "ct.nii.gz", cwd=world)
         refused(r.returncode, r.stderr, "--out ct.nii.gz is the input CT", "Choose another output path")
-        r = fvlm(
-            "analyze",
-            "ct.nii.gz",
-            "--segmentation",
-            "seg.nii.gz",
-            "--model",
-            "model",
-            "--out",
-            "ct.nii.gz",
-            cwd=world,
-        )
+        analyze = ("analyze", "ct.nii.gz", "--segmentation", "seg.nii.gz", "--model", "model", "--out")
+        r = fvlm(*analyze, "ct.nii.gz", cwd=world)
         refused(r.returncode, r.stderr, "--out ct.nii.gz is the input CT", "Nothing was done")
-        r = fvlm_here(
-            capsys,
-            "analyze",
-            "ct.nii.gz",
-            "--segmentation",
-            "seg.nii.gz",
-            "--model",
-            "model",
-            "--out",
-            "seg.nii.gz",
-        )
+        r = fvlm_here(capsys, *analyze, "seg.nii.gz")
         refused(r.returncode, r.stderr, "is the input --segmentation seg.nii.gz")
         r = fvlm_here(capsys, "segment", "ct.nii.gz", "--out", "new.nii.gz", "--json", "new.nii.gz")
         refused(r.returncode, r.stderr, "--out and --json are the same path", "its own path")

@@ -10,6 +10,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from official_checkpoint import bert_base_folder, random_official_state
 
 from fvlm_core.errors import CheckpointError
 from fvlm_core.model import from_pretrained
@@ -25,37 +26,13 @@ NATIVE = (7, 16, 11)
 @pytest.fixture(scope="module")
 def bert_dir(tmp_path_factory):
     """A local BERT-base folder like CXR-BERT's: config + WordPiece vocab of the checkpoint's size."""
-    from transformers import BertConfig, BertTokenizerFast
-
-    d = tmp_path_factory.mktemp("bert")
-    BertConfig(
-        vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_attention_heads=12
-    ).save_pretrained(d)
-    letters = list("abcdefghijklmnopqrstuvwxyz")
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", *letters, *[f"##{c}" for c in letters]]
-    vocab += [f"w{i}" for i in range(30522 - len(vocab))]
-    (d / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    BertTokenizerFast(vocab_file=str(d / "vocab.txt")).save_pretrained(d)
-    return d
+    return bert_base_folder(tmp_path_factory.mktemp("bert"))
 
 
 @pytest.fixture(scope="module")
 def official(checkpoint_keys, tmp_path_factory):
     """``(path, state)`` of a synthetic official checkpoint."""
-    shapes = json.loads(checkpoint_keys.read_text())
-    gen = torch.Generator().manual_seed(0)
-    state = {}
-    for key, shape in shapes.items():
-        if key.endswith("position_ids"):
-            state[key] = torch.arange(shape[-1]).reshape(shape)
-        elif key == "temp":
-            state[key] = torch.tensor(0.05)
-        elif "LayerNorm.weight" in key or key.endswith(("norm1.weight", "norm2.weight", "norm.weight")):
-            state[key] = 1 + 0.1 * torch.randn(shape, generator=gen)
-        elif key == "query_tokens":
-            state[key] = torch.randn(shape, generator=gen)
-        else:
-            state[key] = 0.02 * torch.randn(shape, generator=gen)
+    state = random_official_state(json.loads(checkpoint_keys.read_text()))
     path = tmp_path_factory.mktemp("official") / "fvlm_official.pth"
     torch.save({"model": state, "epoch": 19}, path)
     return path, state

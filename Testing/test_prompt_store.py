@@ -178,35 +178,28 @@ def test_save_without_prompts_writes_no_store_and_the_analyzer_encodes(tmp_path,
     assert analyzer.prompts.encoder_calls == 1 and analyzer.model.text_loaded
 
 
-def test_library_help_and_model_package_import_no_torch():
-    """`python -m fvlm_core.cli --help` and `import fvlm_core.model` stay light: torch (seconds to
-    import) only when a name that needs it is used."""
-    script = (
-        "import sys, runpy\n"
-        "import fvlm_core.model\n"
-        "from fvlm_core.model import load_config\n"
-        "assert load_config('fvlm-tiny').anatomies\n"
-        "assert 'torch' not in sys.modules, 'fvlm_core.model imported torch'\n"
-        "sys.argv = ['fvlm', '--help']\n"
-        "try:\n"
-        "    runpy.run_module('fvlm_core.cli', run_name='__main__')\n"
-        "except SystemExit:\n"
-        "    pass\n"
-        "print('HEAVY', sorted(x for x in ('torch', 'transformers', 'monai', 'scipy') if x in sys.modules))\n"
-    )
-    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr
-    assert "HEAVY []" in res.stdout and "usage: fvlm" in res.stdout, res.stdout
+_HELP_RUNS = (
+    # the library CLI (python -m fvlm_core.cli), after importing fvlm_core.model and reading a config
+    "import runpy\n"
+    "import fvlm_core.model\n"
+    "from fvlm_core.model import load_config\n"
+    "assert load_config('fvlm-tiny').anatomies\n"
+    "assert 'torch' not in sys.modules, 'fvlm_core.model imported torch'\n"
+    "main = lambda: runpy.run_module('fvlm_core.cli', run_name='__main__')\n"
+    "runs = [['--help']]\n",
+    # the installed fvlm (fvlm_training.cli, which also reads the training recipes' option tables)
+    "from fvlm_training.cli import main\n"
+    "runs = [['--help'], ['train', '--help'], ['evaluate', '--help'], ['demo', '--help']]\n",
+)
 
 
-def test_installed_fvlm_help_imports_no_torch():
-    """The installed `fvlm` (fvlm_training.cli, which also reads the training recipes' option
-    tables) answers --help for itself and each training command without torch: every refused or
-    --help invocation would otherwise pay seconds of imports."""
+@pytest.mark.parametrize("setup", _HELP_RUNS, ids=["library", "installed"])
+def test_help_and_model_package_import_no_torch(setup):
+    """`fvlm --help` (library and installed entry points, and the training commands' help) and
+    `import fvlm_core.model` stay light: torch, transformers, monai and scipy (seconds to import)
+    load only when something that needs them runs, not for every refused or --help invocation."""
     script = (
-        "import sys\n"
-        "from fvlm_training.cli import main\n"
-        "for args in (['--help'], ['train', '--help'], ['evaluate', '--help'], ['demo', '--help']):\n"
+        "import sys\n" + setup + "for args in runs:\n"
         "    sys.argv = ['fvlm', *args]\n"
         "    try:\n"
         "        main()\n"
@@ -216,4 +209,4 @@ def test_installed_fvlm_help_imports_no_torch():
     )
     res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
-    assert "HEAVY []" in res.stdout and "usage: fvlm train" in res.stdout, res.stdout
+    assert "HEAVY []" in res.stdout and "usage: fvlm" in res.stdout, res.stdout

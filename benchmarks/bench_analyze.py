@@ -45,6 +45,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "Testing"))  # the official-checkpoint stand-ins
 SHARED = Path(os.environ.get("FVLM_SHARED_DATA", ROOT.parent / "shared" / "data"))
 DEFAULT_DATA = SHARED / "ct" / "totalsegmentator"
 
@@ -90,30 +91,13 @@ INNER += (("preprocess", "resample"), ("embed", "encode"), ("score", "score"), (
 def build_official_model(out: Path, work: Path) -> Path:
     """fvlm-base in the official layout with random weights, imported by ``fvlm import-checkpoint``."""
     import torch
-    from transformers import BertConfig, BertTokenizerFast
+    from official_checkpoint import bert_base_folder, random_official_state  # Testing/
 
-    shapes = json.loads((SHARED / "fvlm_reference" / "checkpoint_keys.json").read_text())
-    gen = torch.Generator().manual_seed(0)
-    state = {}
-    for key, shape in shapes.items():
-        if key.endswith("position_ids"):
-            state[key] = torch.arange(shape[-1]).reshape(shape)
-        elif key == "temp":
-            state[key] = torch.tensor(0.05)
-        elif "LayerNorm.weight" in key or key.endswith(("norm1.weight", "norm2.weight", "norm.weight")):
-            state[key] = 1 + 0.1 * torch.randn(shape, generator=gen)
-        else:
-            state[key] = 0.02 * torch.randn(shape, generator=gen)
+    state = random_official_state(
+        json.loads((SHARED / "fvlm_reference" / "checkpoint_keys.json").read_text())
+    )
     torch.save({"model": state}, work / "fvlm_official.pth")
-    bert = work / "bert"  # CXR-BERT's size; letters in the vocabulary so words become word pieces
-    BertConfig(
-        vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_attention_heads=12
-    ).save_pretrained(bert)
-    letters = list("abcdefghijklmnopqrstuvwxyz")
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", *letters, *[f"##{c}" for c in letters]]
-    vocab += [f"w{i}" for i in range(30522 - len(vocab))]
-    (bert / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    BertTokenizerFast(vocab_file=str(bert / "vocab.txt")).save_pretrained(bert)
+    bert = bert_base_folder(work / "bert")  # CXR-BERT's size; letters in the vocabulary
     cmd = ["fvlm", "import-checkpoint", str(work / "fvlm_official.pth"), "--text-encoder", str(bert)]
     subprocess.run([*cmd, "--out", str(out)], check=True, capture_output=True, text=True)
     return out

@@ -32,17 +32,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-
-
-def _bert_base_folder(d: Path) -> Path:
-    """A BERT-base config + WordPiece vocab (no weights needed: they are random here)."""
-    from transformers import BertConfig, BertTokenizerFast
-
-    BertConfig().save_pretrained(d)
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(30517)]
-    (d / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    BertTokenizerFast(vocab_file=str(d / "vocab.txt")).save_pretrained(d)
-    return d
+sys.path.insert(0, str(ROOT / "Testing"))  # the BERT-base folder stand-in
 
 
 def _labels(size):
@@ -69,6 +59,8 @@ def _child(mode: str, repeats: int, threads: int, size) -> dict:
     import torch
 
     torch.set_num_threads(threads)
+    from official_checkpoint import bert_base_folder
+
     from fvlm_core.model import FVLM, FVLMConfig, load_config
     from fvlm_core.model.vision import ViTEncoder
 
@@ -78,7 +70,7 @@ def _child(mode: str, repeats: int, threads: int, size) -> dict:
     if mode == "fvlm":
         with tempfile.TemporaryDirectory() as tmp:
             d = cfg.to_dict()
-            d["text"]["name_or_path"] = str(_bert_base_folder(Path(tmp)))
+            d["text"]["name_or_path"] = str(bert_base_folder(Path(tmp)))
             model = FVLM(FVLMConfig.from_dict(d), load_text_weights=False).eval()
         labels = _labels(size)
         calls = []

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -21,7 +22,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT / "FVLMSlicer"), str(ROOT), str(ROOT / "benchmarks")]
 
-CT = Path("/work/shared/data/ct/totalsegmentator/chest_ct.nii.gz")
+SHARED = Path(os.environ.get("FVLM_SHARED_DATA", ROOT.parent / "shared" / "data"))
+CT = SHARED / "ct" / "totalsegmentator" / "chest_ct.nii.gz"
 
 
 def main() -> int:

@@ -581,6 +581,11 @@ def cpu_share(seconds: float = 0.5) -> float:
     return min(1.0, max(0.05, (time.process_time() - cpu) / (time.perf_counter() - wall)))
 
 
+#: Seconds the training processes need after their deadline on an idle machine (the step in
+#: progress, the checkpoint, the model folder, exiting): they stop that much before the training
+#: stage must end.
+FINISH_SECONDS = 8.0
+
 #: Below this share of a core the machine counts as busy (:func:`evaluation_plan`).
 BUSY_SHARE = 0.9
 
@@ -668,10 +673,11 @@ def _train_models(
     out: Path,
     deadline: float,
     log: Callable[[str], None],
+    finish_s: float = 0.0,
 ) -> tuple[Path, Path | None]:
     """Stage 2: train fVLM and the CLIP baseline side by side with the project's trainer, one core
-    each, until ``deadline`` (a ``time.perf_counter()`` value); returns the model folders (fVLM,
-    baseline or None).
+    each, until ``deadline`` (a ``time.perf_counter()`` value; their loops stop ``finish_s``
+    earlier, for what they do after it); returns the model folders (fVLM, baseline or None).
 
     The workers get that end as an absolute time, so their start-up and the text encoding (once,
     with the frozen MiniLM; the baseline has more: one report per phantom) count against it however
@@ -685,7 +691,7 @@ def _train_models(
     from fvlm_core.errors import FVLMError
 
     kinds = ["fvlm"] + (["clip"] if cfg.baseline else [])
-    stop_at = time.time() + (deadline - time.perf_counter())
+    stop_at = time.time() + (deadline - time.perf_counter()) - finish_s
     if stop_at - time.time() < 30:
         log(
             f"only {max(0.0, stop_at - time.time()):.0f} s of the {cfg.minutes:g}-minute budget are left for "
@@ -953,7 +959,11 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = _log) -> DemoResult:
 
     t = time.perf_counter()
     reserve, threads = evaluation_plan(cfg, log)
-    model_dir, baseline_dir = _train_models(cfg, model_cfg, train, out, deadline - reserve, log)
+    # the training processes stop this much before the stage's end: what they do after their
+    # deadline (the step in progress, the checkpoint, the model folder, exiting), stretched as
+    # the evaluation's time is on a busy machine
+    finish = FINISH_SECONDS * reserve / cfg.reserve_seconds if cfg.reserve_seconds > 0 else FINISH_SECONDS
+    model_dir, baseline_dir = _train_models(cfg, model_cfg, train, out, deadline - reserve, log, finish)
     seconds["training"] = time.perf_counter() - t
 
     t = time.perf_counter()

@@ -534,9 +534,26 @@ def test_a_volume_that_is_not_ct_is_refused_with_a_clear_message(chest, tiny_mod
     scene = new_scene()
     ct = chest["ct"]
     mr_like = mrml_io.ct_to_volume_node(CTVolume((ct.array + 1024.0) / 4.0, ct.geometry), scene, "T1")
-    request, _ = AnalysisLogic(scene).make_request(mr_like, None, str(tiny_model))  # GUI thread: views only
+    logic = AnalysisLogic(scene)
+    request, _ = logic.make_request(mr_like, None, str(tiny_model))  # GUI thread: views only
     with pytest.raises(InputError, match="T1"):
         request.materialize()  # the background thread checks the intensities
+    # the console's analyze refuses it too, and reads it with allow_non_hu (as the panel's path):
+    # stopped by its progress callback at the first stage after the volume is read
+    with pytest.raises(InputError, match="T1"):
+        logic.analyze(mr_like, None, str(tiny_model), device="cpu")
+
+    class Read(Exception):
+        pass
+
+    def stop_once_read(message: str, fraction: float) -> None:
+        if not message.startswith("prepare"):
+            raise Read(message)
+
+    with pytest.raises(Read):
+        logic.analyze(
+            mr_like, None, str(tiny_model), device="cpu", allow_non_hu=True, progress=stop_once_read
+        )
 
 
 def test_the_modules_in_slicer_self_test_phantom_analyses_headless(tiny_model):

@@ -19,7 +19,7 @@ For the GUI the same work is split so that the GUI thread never does voxel work:
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -106,6 +106,21 @@ class AnalysisLogic:
 
         The intensities are checked (CT in HU unless ``allow_non_hu``) when the job converts
         the snapshot, off the GUI thread.
+
+        Args:
+            volume_node: the CT (vtkMRMLScalarVolumeNode).
+            segmentation_node: anatomies to use (e.g. from the TotalSegmentator extension);
+                ``None`` runs the built-in segmenter (or ``anatomy_source="totalsegmentator"``).
+            model_dir: saved model folder; empty = the model ``fvlm demo`` trained last.
+            anatomy_source: ``"segmentation"``, ``"builtin"`` or ``"totalsegmentator"``; ``None``
+                = ``"segmentation"`` when a segmentation node is given, else ``"builtin"``.
+            findings: ``Finding`` dicts; ``None`` = the model's default findings.
+            device: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:N"``, ``"gpu"`` or ``"mps"``.
+            similarity_maps: also compute per-finding similarity maps.
+            segment_overrides: segment name -> model anatomy; wins over the mapping by the
+                segment's name, terminology or TotalSegmentator class.
+            allow_non_hu: analyse a volume whose values do not look like CT in HU (NaN or
+                infinite values are still refused).
 
         Raises:
             InputError: no volume, or a segmentation none of whose segments is a model anatomy.
@@ -201,37 +216,16 @@ class AnalysisLogic:
         return job.start(), context
 
     def analyze(
-        self,
-        volume_node: Any,
-        segmentation_node: Any = None,
-        model_dir: str | os.PathLike | None = None,
-        anatomy_source: str | None = None,
-        findings: list[dict[str, Any]] | None = None,
-        device: str = "auto",
-        similarity_maps: bool = True,
-        progress=None,
-        segment_overrides: dict[str, str] | None = None,
+        self, *args: Any, progress: Callable[[str, float], None] | None = None, **kwargs: Any
     ) -> ResultNodes:
         """Run the whole analysis now (blocking) and return the result nodes.
 
-        Args:
-            volume_node: the CT (vtkMRMLScalarVolumeNode).
-            segmentation_node: anatomies to use (e.g. from the TotalSegmentator extension);
-                ``None`` runs the built-in segmenter (or ``anatomy_source="totalsegmentator"``).
-            model_dir: saved model folder; empty = the model ``fvlm demo`` trained last.
-            findings: ``Finding`` dicts; ``None`` = the model's default findings.
-            device: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:N"``, ``"gpu"`` or ``"mps"``.
+        Takes the arguments of :meth:`make_request` (``volume_node, segmentation_node=None,
+        model_dir=None``, then ``anatomy_source``, ``findings``, ``device``, ``similarity_maps``,
+        ``segment_overrides``, ``allow_non_hu``), and ``progress``, called with
+        ``(message, fraction)`` as the analysis advances.
         """
-        request, context = self.make_request(
-            volume_node,
-            segmentation_node,
-            model_dir,
-            anatomy_source,
-            findings,
-            device,
-            similarity_maps,
-            segment_overrides,
-        )
+        request, context = self.make_request(*args, **kwargs)
         output = run_analysis(request, progress)
         return self.finish(JobStatus("done", "finish", 1.0, "", output), context)
 

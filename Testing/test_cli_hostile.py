@@ -37,19 +37,15 @@ PHANTOM_SPACING = (11.25, 11.25, 9.0)  # (x, y, z) mm of a 32^3 phantom
 
 
 def fvlm(*args: str | Path, cwd: Path, timeout: int = 120, umask: int | None = None):
-    """Run the installed command line in a subprocess; returns the CompletedProcess."""
-
-    def set_umask() -> None:
-        if umask is not None:
-            os.umask(umask)
-
+    """Run the installed command line in a subprocess (with ``umask``, if given, set in the child
+    by subprocess itself, not by a thread-unsafe ``preexec_fn``); returns the CompletedProcess."""
     return subprocess.run(
         [sys.executable, "-m", "fvlm_training.cli", *map(str, args)],
         cwd=cwd,
         capture_output=True,
         text=True,
         timeout=timeout,
-        preexec_fn=set_umask,
+        umask=-1 if umask is None else umask,  # -1: the parent's umask
         check=False,
     )
 

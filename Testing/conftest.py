@@ -4,6 +4,7 @@ fresh clone) and a deterministic, single-threaded torch setup."""
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
+# FVLMSlicerLib, which the project does not install, is imported as Slicer imports it: from the
+# module's folder.
+sys.path.insert(0, str(PROJECT_ROOT / "FVLMSlicer"))
 SHARED_DATA = Path(os.environ.get("FVLM_SHARED_DATA", PROJECT_ROOT.parent / "shared" / "data"))
 TS_DIR = SHARED_DATA / "ct" / "totalsegmentator"
 REPORTS_CSV = SHARED_DATA / "reports" / "ctrate_reports_labelled_800.csv"

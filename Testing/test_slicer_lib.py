@@ -10,21 +10,20 @@ import numpy as np
 import pytest
 import tomllib
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "FVLMSlicer"))
-
-from FVLMSlicerLib import dependencies, settings  # noqa: E402
-from FVLMSlicerLib.runner import findings_from_rows  # noqa: E402
-from FVLMSlicerLib.summary import AnalysisSummary, AnatomySummary, FindingRow  # noqa: E402
-from FVLMSlicerLib.terminology import (  # noqa: E402
+# FVLMSlicerLib: on sys.path by conftest.py
+from FVLMSlicerLib import dependencies, settings
+from FVLMSlicerLib.runner import findings_from_rows
+from FVLMSlicerLib.summary import AnalysisSummary, AnatomySummary, FindingRow
+from FVLMSlicerLib.terminology import (
     TerminologyEntry,
     anatomy_terminology,
     map_segments,
     match_segment,
 )
 
-from fvlm_core.anatomy import CTRATE_CATALOG, EXTENDED_CATALOG, load_class_map  # noqa: E402
+from fvlm_core.anatomy import CTRATE_CATALOG, EXTENDED_CATALOG, load_class_map
 
+ROOT = Path(__file__).resolve().parents[1]
 TS_EXT = "Segmentation category and type - Total Segmentator"
 
 

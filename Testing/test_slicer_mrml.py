@@ -8,7 +8,6 @@ after saving/reloading .seg.nrrd, .tsv and .mrb.
 
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 
@@ -16,11 +15,11 @@ import numpy as np
 import pytest
 
 slicer = pytest.importorskip("slicer", reason="needs slicer-core (pip install slicer-core)")
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "FVLMSlicer"))
 
 import nibabel as nib  # noqa: E402
 import vtk  # noqa: E402
+
+# FVLMSlicerLib: on sys.path by conftest.py
 from FVLMSlicerLib import mrml_io  # noqa: E402
 from FVLMSlicerLib.headless import load_scene_mrb, new_scene, save_scene_mrb  # noqa: E402
 from FVLMSlicerLib.jobs import ProcessJob, ThreadJob  # noqa: E402
@@ -37,6 +36,8 @@ from FVLMSlicerLib.runner import AnalysisRequest  # noqa: E402
 
 from fvlm_core.anatomy import CTRATE_CATALOG  # noqa: E402
 from fvlm_core.io import read_ct, read_label_map  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _load_volume(scene, path: Path, name: str):

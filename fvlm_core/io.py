@@ -25,7 +25,7 @@ import os
 import re
 import struct
 import zlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -142,6 +142,20 @@ class Geometry:
         )
         pts = corners @ self.affine_lps[:3, :3].T + self.affine_lps[:3, 3]
         return pts.min(axis=0), pts.max(axis=0)
+
+    def sub_grid(self, start_zyx: Sequence[int], shape_zyx: Sequence[int]) -> Geometry:
+        """The grid of ``shape_zyx`` voxels whose first voxel is this grid's index ``start_zyx``.
+
+        Same spacing and direction; ``start_zyx`` may lie outside this grid (a padded window).
+        """
+        start_xyz = np.asarray(start_zyx, dtype=float)[::-1]
+        origin = self.affine_lps[:3, :3] @ start_xyz + self.affine_lps[:3, 3]
+        return Geometry(
+            size=(int(shape_zyx[2]), int(shape_zyx[1]), int(shape_zyx[0])),
+            spacing=self.spacing,
+            origin=tuple(float(o) for o in origin),
+            direction=self.direction,
+        )
 
     def same_grid(self, other: Geometry, tol: float = 1e-3) -> bool:
         """True when both describe the same voxel grid (sizes equal, positions within ``tol`` mm)."""

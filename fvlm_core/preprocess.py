@@ -401,14 +401,7 @@ def crop_window(
         labels = np.zeros(tuple(size), dtype=labels_ms.array.dtype)
         labels[dst] = labels_ms.array[src]
 
-    g = ct_ms.geometry
-    origin = g.affine_lps[:3, :3] @ start[::-1].astype(float) + g.affine_lps[:3, 3]
-    geometry = Geometry(
-        size=(int(size[2]), int(size[1]), int(size[0])),
-        spacing=g.spacing,
-        origin=tuple(float(o) for o in origin),
-        direction=g.direction,
-    )
+    geometry = ct_ms.geometry.sub_grid(start, size)
     valid = tuple((int(a), int(b)) for a, b in zip(dst_lo, dst_hi))
     return ModelSpaceWindow(
         hu=hu, labels=labels, geometry=geometry, start_zyx=tuple(int(s) for s in start), valid_zyx=valid

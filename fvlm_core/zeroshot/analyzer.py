@@ -626,9 +626,12 @@ class Analyzer:
         geometry: Geometry,
         every: bool = False,
     ) -> dict[tuple[str, str], np.ndarray]:
-        """``(anatomy, finding) -> (Z, Y, X)`` float32 on ``geometry``: flagged findings (``every``: all scored)."""
+        """``(anatomy, finding) -> (Z, Y, X)`` float32 on ``geometry``: flagged findings (``every``: all scored).
+
+        The maps of one window are put on the CT grid together (:func:`similarity.maps_to_ct`).
+        """
         tau = float(self.model.temperature.detach())
-        maps = {}
+        per_window: dict[int, tuple[list[tuple[str, str]], list[torch.Tensor], EncodedAnatomy]] = {}
         for a in results:
             e = enc.anatomies.get(a.name)
             if e is None or e.tokens is None:
@@ -637,9 +640,15 @@ class Analyzer:
                 if not (fr.flagged or every):
                     continue
                 k = emb.index(fr.name, a.name)
-                vals = similarity.token_scores(e.tokens, e.membership, emb.positive[k], emb.negative[k], tau)
-                vox = similarity.tokens_to_voxels(vals, e.grid, e.patch)
-                maps[(a.name, fr.name)] = similarity.map_to_ct(enc.crops[e.window], vox, geometry)
+                keys, values, _ = per_window.setdefault(e.window, ([], [], e))
+                keys.append((a.name, fr.name))
+                values.append(
+                    similarity.token_scores(e.tokens, e.membership, emb.positive[k], emb.negative[k], tau)
+                )
+        maps = {}
+        for w, (keys, values, e) in per_window.items():
+            arrays = similarity.maps_to_ct(enc.crops[w], torch.stack(values), e.grid, e.patch, geometry)
+            maps.update(zip(keys, arrays))
         return maps
 
 

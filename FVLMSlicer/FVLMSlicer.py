@@ -19,6 +19,7 @@ import logging
 import os
 import pathlib
 import sys
+from typing import TYPE_CHECKING
 
 import ctk  # noqa: F401  (Slicer's CTK widgets are created from the .ui)
 import qt
@@ -57,6 +58,10 @@ if SUPPORTED:
     from slicer.parameterNodeWrapper import parameterNodeWrapper
 else:  # an old Slicer: the module loads only to say what it needs
     AnalysisLogic = object
+if TYPE_CHECKING:
+    from FVLMSlicerLib.jobs import ImportJob, JobStatus, ProcessJob, ThreadJob
+    from FVLMSlicerLib.logic import JobContext, ResultApplier
+    from FVLMSlicerLib.results import ResultNodes
 
 #: Where the documentation is: the project has no published web page, the README travels with it.
 README_SECTION = "3D Slicer"
@@ -117,15 +122,15 @@ class FVLMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def __init__(self, parent=None) -> None:
         ScriptedLoadableModuleWidget.__init__(self, parent)
         VTKObservationMixin.__init__(self)
-        self.logic = None
-        self._parameterNode = None
+        self.logic: FVLMSlicerLogic | None = None
+        self._parameterNode: FVLMSlicerParameterNode | None = None
         self._parameterNodeGuiTag = None
-        self._job = None
-        self._context = None
-        self._applier = None
-        self._importJob = None
-        self._doneStatus = None
-        self._results = None
+        self._job: ThreadJob | ProcessJob | None = None  # the running analysis
+        self._context: JobContext | None = None  # what its results need
+        self._applier: ResultApplier | None = None  # its results going into the scene
+        self._importJob: ImportJob | None = None
+        self._doneStatus: JobStatus | None = None  # the finished analysis being shown
+        self._results: ResultNodes | None = None  # the results in the table
         self._modelAnatomies: list[str] = []
         self._modelFindings: list[dict] = []  # the model's findings, with its prompts
         self._modelDirShown = None  # the model folder onModelChanged last read
@@ -181,17 +186,20 @@ class FVLMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _connect(self) -> None:
         ui = self.ui
-        ui.addFindingButton.connect("clicked(bool)", self.onAddFinding)
+        for button, slot in (
+            (ui.addFindingButton, self.onAddFinding),
+            (ui.removeFindingButton, self.onRemoveFindings),
+            (ui.resetFindingsButton, self.onResetFindings),
+            (ui.analyzeButton, self.onAnalyze),
+            (ui.cancelButton, self.onCancel),
+            (ui.importWeightsButton, self.onImportWeights),
+            (ui.chooseModelButton, self.onChooseModel),
+            (ui.installDependenciesButton, self.onInstallDependencies),
+            (ui.installTotalSegmentatorButton, self.onInstallTotalSegmentator),
+        ):
+            button.connect("clicked(bool)", slot)
         ui.newFindingLineEdit.connect("returnPressed()", self.onAddFinding)
-        ui.removeFindingButton.connect("clicked(bool)", self.onRemoveFindings)
-        ui.resetFindingsButton.connect("clicked(bool)", self.onResetFindings)
         ui.findingsTable.connect("itemChanged(QTableWidgetItem*)", self._storeFindings)
-        ui.analyzeButton.connect("clicked(bool)", self.onAnalyze)
-        ui.cancelButton.connect("clicked(bool)", self.onCancel)
-        ui.importWeightsButton.connect("clicked(bool)", self.onImportWeights)
-        ui.chooseModelButton.connect("clicked(bool)", self.onChooseModel)
-        ui.installDependenciesButton.connect("clicked(bool)", self.onInstallDependencies)
-        ui.installTotalSegmentatorButton.connect("clicked(bool)", self.onInstallTotalSegmentator)
         ui.resultsTable.connect("itemSelectionChanged()", self.onResultRowSelected)
         ui.show3DButton.connect("toggled(bool)", self.onShow3D)
 
@@ -429,6 +437,11 @@ class FVLMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # --- findings table ----------------------------------------------------------------------
     def _setFindingRows(self, rows) -> None:
+        self._fillFindingRows(rows)
+        self._storeFindings()
+
+    def _fillFindingRows(self, rows) -> None:
+        """Replace the table's rows; the parameter node is left as it is."""
         self._updatingFindings = True
         try:
             self.ui.findingsTable.setRowCount(0)
@@ -436,7 +449,6 @@ class FVLMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self._appendFindingRow(name, anatomy)
         finally:
             self._updatingFindings = False
-        self._storeFindings()
 
     def _appendFindingRow(self, name: str, anatomy: str) -> None:
         table = self.ui.findingsTable
@@ -477,13 +489,7 @@ class FVLMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return False
         rows = [tuple(r) for r in saved.get("rows", [])]
         if force or rows != self._findingRows():
-            self._updatingFindings = True
-            try:
-                self.ui.findingsTable.setRowCount(0)
-                for name, anatomy in rows:
-                    self._appendFindingRow(name, anatomy)
-            finally:
-                self._updatingFindings = False
+            self._fillFindingRows(rows)
         return True
 
     def onAddFinding(self, *args) -> None:

@@ -13,34 +13,34 @@ import math
 from .summary import AnalysisSummary, FindingRow
 
 
-class AnatomySource(enum.Enum):
+class _Labelled(enum.Enum):
+    """An enum whose members are written ``NAME = value, label``: ``value`` is the member's value,
+    ``label`` the words :meth:`label` gives the combo box."""
+
+    def __new__(cls, value: str, label: str) -> _Labelled:
+        member = object.__new__(cls)
+        member._value_ = value
+        member._label = label
+        return member
+
+    def label(self) -> str:
+        return self._label
+
+
+class AnatomySource(_Labelled):
     """Where the anatomies come from."""
 
-    BUILTIN = "builtin"
-    TOTALSEGMENTATOR = "totalsegmentator"
-    SEGMENTATION = "segmentation"
-
-    def label(self) -> str:
-        return {
-            AnatomySource.BUILTIN: "Built-in segmenter (lungs; offline)",
-            AnatomySource.TOTALSEGMENTATOR: "TotalSegmentator (all anatomies)",
-            AnatomySource.SEGMENTATION: "Existing segmentation",
-        }[self]
+    BUILTIN = "builtin", "Built-in segmenter (lungs; offline)"
+    TOTALSEGMENTATOR = "totalsegmentator", "TotalSegmentator (all anatomies)"
+    SEGMENTATION = "segmentation", "Existing segmentation"
 
 
-class Device(enum.Enum):
+class Device(_Labelled):
     """Where the model runs (values are ``fvlm_core.devices.resolve_device`` names)."""
 
-    AUTO = "auto"
-    GPU = "cuda"
-    CPU = "cpu"
-
-    def label(self) -> str:
-        return {
-            Device.AUTO: "Automatic (GPU if available)",
-            Device.GPU: "GPU (NVIDIA CUDA)",
-            Device.CPU: "CPU",
-        }[self]
+    AUTO = "auto", "Automatic (GPU if available)"
+    GPU = "cuda", "GPU (NVIDIA CUDA)"
+    CPU = "cpu", "CPU"
 
 
 #: Colours of the "Flagged" column (flagged, not flagged, not scored).

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 
+from fvlm_core.boxes import nonzero_box
 from fvlm_core.errors import ConfigError, GeometryError
 from fvlm_core.io import CTVolume, Geometry, LabelVolume, array_to_sitk, check_overlap, resample_to
 
@@ -256,15 +257,10 @@ def bbox_zyx(mask: np.ndarray) -> tuple[tuple[int, int, int], tuple[int, int, in
     mask = np.asarray(mask)
     if mask.ndim != 3:
         raise ValueError(f"bbox_zyx needs a 3D (Z, Y, X) mask, got shape {mask.shape}")
-    lo, hi = [], []
-    for axis in range(3):
-        other = tuple(a for a in range(3) if a != axis)
-        hits = np.flatnonzero(np.any(mask, axis=other))
-        if hits.size == 0:
-            return None
-        lo.append(int(hits[0]))
-        hi.append(int(hits[-1]))
-    return tuple(lo), tuple(hi)
+    box = nonzero_box(mask)
+    if box is None:
+        return None
+    return tuple(b.start for b in box), tuple(b.stop - 1 for b in box)
 
 
 def window_for_bbox(

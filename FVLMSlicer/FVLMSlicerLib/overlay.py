@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from fvlm_core.boxes import nonzero_box
 from fvlm_core.io import Geometry
 
 COLOR_TABLE_NAME = "FVLM similarity"
@@ -50,24 +51,6 @@ class PreparedOverlay:
     image: Any = None  # the array as vtkImageData, made off the GUI thread
 
 
-def _bounding_box(mask: np.ndarray) -> tuple[slice, slice, slice] | None:
-    box = []
-    for axis in range(3):
-        hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))
-        if not hit.size:
-            return None
-        box.append(slice(int(hit[0]), int(hit[-1]) + 1))
-    return tuple(box)
-
-
-def crop_geometry(geometry: Geometry, box: tuple[slice, slice, slice]) -> Geometry:
-    """The grid of ``array[box]`` (a ``(Z, Y, X)`` box) for an array on ``geometry``."""
-    z, y, x = (s.start for s in box)
-    origin = geometry.affine_lps @ np.array([x, y, z, 1.0])
-    size = (box[2].stop - x, box[1].stop - y, box[0].stop - z)
-    return Geometry(size, geometry.spacing, tuple(float(v) for v in origin[:3]), geometry.direction)
-
-
 def prepare_overlay(
     similarity: np.ndarray, anatomy_mask: np.ndarray, geometry: Geometry, threshold: float
 ) -> PreparedOverlay | None:
@@ -81,7 +64,7 @@ def prepare_overlay(
     Returns:
         ``None`` when the anatomy has no voxel.
     """
-    box = _bounding_box(anatomy_mask)
+    box = nonzero_box(anatomy_mask)
     if box is None:
         return None
     from .mrml_io import array_to_image
@@ -89,7 +72,11 @@ def prepare_overlay(
     values = np.where(anatomy_mask[box], similarity[box] * 100.0, 0.0).astype(np.float32)
     top = float(values.max())
     return PreparedOverlay(
-        values, crop_geometry(geometry, box), 100.0 * threshold, top, array_to_image(values)
+        values,
+        geometry.sub_grid([b.start for b in box], values.shape),
+        100.0 * threshold,
+        top,
+        array_to_image(values),
     )
 
 

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from fvlm_core.atomic import atomic_path, atomic_write_text
+from fvlm_core.boxes import nonzero_box
 
 #: What an uncalibrated raw score is called (as ``fvlm_core.zeroshot.analyzer.UNCALIBRATED``).
 UNCALIBRATED = "uncalibrated score"
@@ -137,7 +138,9 @@ class AnalysisSummary:
         maps = []
         for i, ((anatomy, finding), array) in enumerate(self.similarity_maps.items()):
             name = f"map_{i}.npy"
-            start, crop = _nonzero_box(np.asarray(array, dtype=np.float32))
+            array = np.asarray(array, dtype=np.float32)
+            box = nonzero_box(array) or tuple(slice(0, 0) for _ in array.shape)
+            start, crop = [b.start for b in box], array[box]
             with atomic_path(folder / name) as tmp, open(tmp, "wb") as fh:
                 np.save(fh, crop)
             maps.append(
@@ -213,19 +216,6 @@ def _row(anatomy: Any, f: Any) -> FindingRow:
         calibration=str(f.calibration),
         calibration_note=str(f.calibration_note),
     )
-
-
-def _nonzero_box(array: np.ndarray) -> tuple[list[int], np.ndarray]:
-    """``(start, array[box])`` for the smallest box holding every non-zero value."""
-    lo, hi = [], []
-    for axis in range(array.ndim):
-        others = tuple(a for a in range(array.ndim) if a != axis)
-        hit = np.flatnonzero(np.any(array != 0, axis=others))
-        if not hit.size:
-            return [0] * array.ndim, array[tuple(slice(0, 0) for _ in array.shape)]
-        lo.append(int(hit[0]))
-        hi.append(int(hit[-1]) + 1)
-    return lo, array[tuple(slice(a, b) for a, b in zip(lo, hi))]
 
 
 def _uncrop(folder: Path, entry: dict) -> np.ndarray:

@@ -54,6 +54,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage as ndi
 
+from fvlm_core.boxes import nonzero_box
 from fvlm_core.io import Geometry
 from fvlm_core.segmentation.morphology import (
     ball,
@@ -132,15 +133,6 @@ def _largest_component(mask: np.ndarray) -> np.ndarray:
     sizes = np.bincount(lab.ravel())
     sizes[0] = 0
     return lab == int(sizes.argmax())
-
-
-def _bbox(mask: np.ndarray, pad: int, shape: tuple[int, ...]) -> tuple[slice, ...]:
-    """Bounding box of a non-empty ``mask`` grown by ``pad`` voxels (from its projections)."""
-    out = []
-    for axis, n in enumerate(shape):
-        idx = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
-        out.append(slice(max(int(idx[0]) - pad, 0), min(int(idx[-1]) + pad + 1, n)))
-    return tuple(out)
 
 
 def _remove_small(mask: np.ndarray, min_voxels: int) -> np.ndarray:
@@ -438,7 +430,7 @@ def contrast_pools(hu: np.ndarray, body: np.ndarray, sp, vox_ml: float, p: Built
     dense = (hu > p.pool_hu) & body
     if not dense.any():
         return dense
-    sl = _bbox(dense, 1, dense.shape)
+    sl = nonzero_box(dense, 1)
     thick = opening(dense[sl], ball(p.pool_open_mm, sp))
     lab, n = ndi.label(thick)
     out = np.zeros_like(dense)
@@ -479,7 +471,7 @@ def smooth_enhanced(hu: np.ndarray, dense: np.ndarray, sp, vox_ml: float, p: Bui
     """
     if not dense.any():
         return dense
-    sl = _bbox(dense, 2, dense.shape)
+    sl = nonzero_box(dense, 2)
     h = hu[sl].astype(np.float32)
     size = [max(1, round(p.smooth_box_mm / s)) | 1 for s in sp]  # odd box sizes
     mean = box_mean(h, size)
@@ -528,7 +520,7 @@ def bone_mask(
     keep[0] = False
     bone = keep[lab]
     if p.bone_close_mm > 0 and bone.any():  # close cortical rings that partial volume left open
-        sl = _bbox(bone, int(np.ceil(p.bone_close_mm / min(sp))) + 1, bone.shape)
+        sl = nonzero_box(bone, int(np.ceil(p.bone_close_mm / min(sp))) + 1)
         bone[sl] |= closing(bone[sl], ball(p.bone_close_mm, sp)) & body[sl] & ~pools[sl]
     return _fill_small_holes(bone, hu, sp, p.max_marrow_cm2, p.min_marrow_hu), excluded, float(threshold)
 
@@ -540,7 +532,7 @@ def _split_two(comp: np.ndarray) -> list[np.ndarray]:
     ``t`` (up to 12) at which two cores of comparable size appear; every voxel then goes to the
     nearer core (ties to the larger one, so the result does not depend on the array order).
     """
-    sl = _bbox(comp, 1, comp.shape)
+    sl = nonzero_box(comp, 1)
     m = comp[sl]
     depth = ndi.distance_transform_cdt(m, metric="taxicab")
     for t in range(1, 13):
@@ -596,7 +588,7 @@ def _fill_vessels(
     if not lung.any():
         return lung
     pad = int(np.ceil(p.lung_close_mm / min(sp))) + 2
-    sl = _bbox(lung, pad, lung.shape)
+    sl = nonzero_box(lung, pad)
     closed = closing(lung[sl], ball(p.lung_close_mm, sp))
     out = np.zeros_like(lung)
     out[sl] = fill_slices(closed | lung[sl]) & body[sl] & ~airways[sl]

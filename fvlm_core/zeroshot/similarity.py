@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fvlm_core.boxes import nonzero_box
 from fvlm_core.io import Geometry, write_image
 
 
@@ -95,7 +96,7 @@ def maps_to_ct(
     )
     v = v.detach().float().cpu().reshape((-1, *g))
     out = [np.zeros(ct_geometry.shape_zyx, dtype=np.float32) for _ in range(v.shape[0])]
-    token_box = _nonzero_box((v != 0).any(dim=0).numpy(), margin=1)
+    token_box = nonzero_box((v != 0).any(dim=0).numpy(), margin=1)
     if token_box is None:
         return out
     # Outside the non-zero tokens and their one-token rim every map is 0: only CT voxels near them are computed.
@@ -197,17 +198,6 @@ def _sampled_maps(
         v[None], sample_at[None], mode="bilinear", padding_mode="border", align_corners=True
     )[0]
     return values * inside
-
-
-def _nonzero_box(mask: np.ndarray, margin: int = 0) -> tuple[slice, ...] | None:
-    """Slices of the smallest box holding every True of ``mask``, grown by ``margin`` (clipped)."""
-    box = []
-    for axis in range(mask.ndim):
-        hit = np.flatnonzero(np.any(mask, axis=tuple(a for a in range(mask.ndim) if a != axis)))
-        if not hit.size:
-            return None
-        box.append(slice(max(int(hit[0]) - margin, 0), min(int(hit[-1]) + 1 + margin, mask.shape[axis])))
-    return tuple(box)
 
 
 def _covered_box(source: Geometry, target: Geometry) -> tuple[slice, ...] | None:

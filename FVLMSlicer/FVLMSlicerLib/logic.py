@@ -137,10 +137,11 @@ class AnalysisLogic:
                 raise InputError("anatomy source is 'segmentation' but no segmentation node was selected.")
             mapping = map_segmentation(segmentation_node, catalog, segment_overrides)
             layers = segmentation_layers(segmentation_node, catalog, mapping)
-        snapshot = InputSnapshot(view, geometry, volume_node.GetName(), layers, not allow_non_hu)
         request = AnalysisRequest(
             model_dir=model_dir,
-            snapshot=snapshot,
+            snapshot=InputSnapshot(
+                view, geometry, volume_node.GetName(), layers, check_intensities=not allow_non_hu
+            ),
             anatomy_source=source,
             findings=findings,
             device=device,

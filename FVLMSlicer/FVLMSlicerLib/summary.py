@@ -140,7 +140,8 @@ class AnalysisSummary:
             name = f"map_{i}.npy"
             array = np.asarray(array, dtype=np.float32)
             box = nonzero_box(array) or tuple(slice(0, 0) for _ in array.shape)
-            start, crop = [b.start for b in box], array[box]
+            # contiguous: np.save writes a strided view element by element (10x slower)
+            start, crop = [b.start for b in box], np.ascontiguousarray(array[box])
             with atomic_path(folder / name) as tmp, open(tmp, "wb") as fh:
                 np.save(fh, crop)
             maps.append(

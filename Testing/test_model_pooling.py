@@ -257,3 +257,40 @@ def test_membership_equals_max_pool_for_any_number_of_anatomies(num_anatomies):
     )
     for lab in (labels, labels.to(torch.uint8), labels.float()):
         assert torch.equal(token_membership(lab, num_anatomies, PATCH), expected)
+
+
+@pytest.mark.parametrize("only", [[3], [0, 5, 9], list(range(0, 20, 2))], ids=["one", "few", "many"])
+def test_membership_of_only_some_anatomies_equals_their_rows(only):
+    # few anatomies: one mask each; many: the all-anatomy bit pass with the other rows cleared
+    gen = torch.Generator().manual_seed(len(only))
+    labels = torch.randint(0, 24, (2, 8, 16, 24), generator=gen)
+    labels[torch.rand(labels.shape, generator=gen) < 0.9] = 0
+    full = token_membership(labels, 20, PATCH)
+    expected = torch.zeros_like(full)
+    expected[:, only] = full[:, only]
+    assert expected.any()
+    for lab in (labels, labels.to(torch.uint8), labels.float()):
+        assert torch.equal(token_membership(lab, 20, PATCH, only=only), expected)
+    with pytest.raises(InputError, match="must lie in"):
+        token_membership(labels, 20, PATCH, only=[20])
+
+
+def test_pool_with_present_computes_only_present_anatomies(model):
+    # the analyzer passes present = the window's anatomies: their embeddings, membership and
+    # token embeddings are those of the full computation; the other rows are empty
+    gen = torch.Generator().manual_seed(3)
+    a = len(model.anatomies)
+    image = torch.rand(1, 1, *SHAPE, generator=gen)
+    labels = torch.randint(0, a + 1, (1, *SHAPE), generator=gen)
+    present = torch.zeros(1, a, dtype=torch.bool)
+    present[0, [0, 2]] = True
+    with torch.no_grad():
+        full = model.encode_image(image, labels, return_tokens=True)
+        some = model.encode_image(image, labels, present=present, return_tokens=True)
+    for i in range(a):
+        if i in (0, 2):
+            assert torch.equal(some.membership[0, i], full.membership[0, i])
+            torch.testing.assert_close(some.embeddings[0, i], full.embeddings[0, i], atol=1e-6, rtol=0)
+            torch.testing.assert_close(some.tokens[0, i], full.tokens[0, i], atol=1e-6, rtol=0)
+        else:
+            assert not some.membership[0, i].any() and not some.tokens[0, i].any()

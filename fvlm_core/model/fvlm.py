@@ -231,7 +231,9 @@ class FVLM(nn.Module):
         """Anatomy embeddings from already computed tokens (see :meth:`encode_image`).
 
         ``profiles (B, A, profile_bins + 1)`` (:meth:`intensity_profiles`) is required when the
-        model has the profile extension and ignored otherwise.
+        model has the profile extension and ignored otherwise. With ``present``, only the
+        anatomies present in some sample get a computed membership and token embeddings (the
+        other rows are False / 0: those anatomies are masked out of the embeddings anyway).
         """
         b = tokens.final.shape[0]
         a = len(self.anatomies)
@@ -245,7 +247,9 @@ class FVLM(nn.Module):
                 raise InputError(
                     f"labels shape {tuple(labels.shape)} does not match the image: expected (B={b}, *{expected})"
                 )
-            membership = token_membership(labels.to(tokens.final.device), a, tokens.patch_size)
+            # with present, only the anatomies present in some sample are needed (the rest are masked out)
+            only = None if present is None else present.any(0).nonzero().flatten().tolist()
+            membership = token_membership(labels.to(tokens.final.device), a, tokens.patch_size, only=only)
         elif tuple(membership.shape) != (b, a, n_tok):
             raise InputError(
                 f"membership must have shape (B, A, L) = {(b, a, n_tok)}, got {tuple(membership.shape)}"
@@ -291,7 +295,11 @@ class FVLM(nn.Module):
         )
         if return_tokens:
             out.tokens = token_embeddings(
-                tokens.levels, self.attention, self.vision_projs, offset=profile_term
+                tokens.levels,
+                self.attention,
+                self.vision_projs,
+                offset=profile_term,
+                only=is_present.any(0).nonzero().flatten().tolist(),
             )
             out.attention = weights.sum(2) if weights is not None else None
         return out

@@ -52,7 +52,11 @@ class PreparedOverlay:
 
 
 def prepare_overlay(
-    similarity: np.ndarray, anatomy_mask: np.ndarray, geometry: Geometry, threshold: float
+    similarity: np.ndarray,
+    anatomy_mask: np.ndarray,
+    geometry: Geometry,
+    threshold: float,
+    box: tuple[slice, ...] | None = None,
 ) -> PreparedOverlay | None:
     """Crop a map to its anatomy, zero it outside the anatomy, scale it to percent.
 
@@ -60,16 +64,18 @@ def prepare_overlay(
         similarity: ``(Z, Y, X)`` map in [0, 1] on the CT grid.
         anatomy_mask: ``(Z, Y, X)`` bool, the anatomy's voxels on the CT grid.
         threshold: the finding's decision threshold in [0, 1].
+        box: ``nonzero_box(anatomy_mask)`` when the caller has it (one per anatomy, not per map).
 
     Returns:
         ``None`` when the anatomy has no voxel.
     """
-    box = nonzero_box(anatomy_mask)
+    box = nonzero_box(anatomy_mask) if box is None else box
     if box is None:
         return None
     from .mrml_io import array_to_image
 
-    values = np.where(anatomy_mask[box], similarity[box] * 100.0, 0.0).astype(np.float32)
+    values = np.multiply(similarity[box], 100.0, dtype=np.float32)
+    values *= anatomy_mask[box]
     top = float(values.max())
     return PreparedOverlay(
         values,

@@ -13,7 +13,7 @@ import tomllib
 # FVLMSlicerLib: on sys.path by conftest.py
 from FVLMSlicerLib import dependencies, settings
 from FVLMSlicerLib.runner import findings_from_rows
-from FVLMSlicerLib.summary import AnalysisSummary, AnatomySummary, FindingRow
+from FVLMSlicerLib.summary import AnalysisSummary, AnatomyMap, AnatomySummary, FindingRow
 from FVLMSlicerLib.terminology import (
     TerminologyEntry,
     anatomy_terminology,
@@ -102,7 +102,11 @@ def test_summary_save_load_keeps_rows_and_maps(tmp_path):
     ]
     summary = AnalysisSummary(
         [AnatomySummary("lung", "present", 1234.5, rows), AnatomySummary("heart", "absent", 0.0, [])],
-        {("lung", "Emphysema"): np.arange(24, dtype=np.float32).reshape(2, 3, 4)},
+        {
+            ("lung", "Emphysema"): AnatomyMap(
+                (1, 0, 2), np.arange(24, dtype=np.float32).reshape(2, 3, 4), (4, 5, 6)
+            )
+        },
         {"analyze": 1.5},
         device="cpu",
     )
@@ -113,9 +117,36 @@ def test_summary_save_load_keeps_rows_and_maps(tmp_path):
     assert back.rows()[1].scale_text == "uncalibrated score" and back.rows()[1].raw_score == 0.2
     assert back.anatomy("lung").max_value == pytest.approx(0.8)
     assert back.anatomy("heart").max_value == 0.0
-    np.testing.assert_array_equal(
-        back.similarity_maps[("lung", "Emphysema")], summary.similarity_maps[("lung", "Emphysema")]
-    )
+    got, want = back.similarity_maps[("lung", "Emphysema")], summary.similarity_maps[("lung", "Emphysema")]
+    assert (got.start, got.shape) == (want.start, want.shape)
+    np.testing.assert_array_equal(got.values, want.values)
+    np.testing.assert_array_equal(got.full()[1:3, 0:3, 2:6], want.values)
+    assert got.full().sum() == want.values.sum()
+
+
+def test_summary_keeps_each_map_inside_its_anatomy():
+    # what crosses from the worker: the anatomy's bounding box, 0 outside the anatomy
+    from fvlm_core.anatomy import get_catalog
+
+    catalog = get_catalog("ctrate")
+    labelmap = np.zeros((6, 7, 8), np.uint8)
+    labelmap[1:4, 2:5, 3:7] = catalog.label("lung")
+    labelmap[2, 3, 3] = 0  # a hole in the lung
+    labelmap[5, 6, 7] = catalog.label("heart")
+    similarity = np.random.default_rng(0).uniform(0.1, 1.0, labelmap.shape).astype(np.float32)
+
+    class R:
+        anatomies, timings = [], {}
+        similarity_maps = {("lung", "Emphysema"): similarity, ("esophagus", "Hiatal hernia"): similarity}
+
+    summary = AnalysisSummary.from_result(R(), labelmap=labelmap, catalog=catalog)
+    assert set(summary.similarity_maps) == {("lung", "Emphysema")}  # the esophagus is absent: no map
+    amap = summary.similarity_maps[("lung", "Emphysema")]
+    assert amap.start == (1, 2, 3) and amap.values.shape == (3, 3, 4) and amap.shape == labelmap.shape
+    lung = labelmap == catalog.label("lung")
+    np.testing.assert_array_equal(amap.full(), np.where(lung, similarity, 0.0))
+    with pytest.raises(ValueError, match="label map"):
+        AnalysisSummary.from_result(R())
 
 
 def test_unscored_finding_becomes_nan_not_an_error():

@@ -311,7 +311,7 @@ def test_similarity_maps_lie_on_the_ct_grid_inside_their_anatomy(analysed, chest
         start = [box[2].start, box[1].start, box[0].start, 1.0]
         np.testing.assert_allclose(m_node[:3, 3], (m_ct @ start)[:3], atol=1e-4)  # origin at the box
         array = mrml_io.volume_node_to_ct(node).array
-        want = np.where(anatomy[box], 100.0 * analysed.summary.similarity_maps[key][box], 0.0)
+        want = np.where(anatomy[box], 100.0 * analysed.summary.similarity_maps[key].full()[box], 0.0)
         np.testing.assert_allclose(array, want, atol=1e-4)
         display = node.GetDisplayNode()
         threshold = 100.0 * flagged[key].raw_threshold  # the maps are raw scores, as the raw threshold

@@ -24,6 +24,7 @@ sys.path.insert(0, str(ROOT / "FVLMSlicer" / "Testing"))
 from FVLMSlicerLib import mrml_io, overlay  # noqa: E402
 from FVLMSlicerLib.headless import new_scene  # noqa: E402
 from FVLMSlicerLib.results import set_similarity_volume  # noqa: E402
+from FVLMSlicerLib.summary import AnatomyMap  # noqa: E402
 from render_views import SliceView, application_logic  # noqa: E402
 
 from fvlm_core.anatomy import CTRATE_CATALOG  # noqa: E402
@@ -79,7 +80,7 @@ def rendered(ts_dir):
     z, y, x = ct.array.shape
     window = (slice(0, z), slice(10, y - 10), slice(10, x - 10))  # wider than the lungs
     similarity = _token_map(ct.array.shape, window)
-    prepared = overlay.prepare_overlay(similarity, lung, ct.geometry, THRESHOLD)
+    prepared = overlay.prepare_overlay(AnatomyMap.inside(similarity, lung), ct.geometry, THRESHOLD)
     seg = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "anatomies")
     node = set_similarity_volume(scene, None, ("lung", "Emphysema"), prepared, seg)
     view.composite.SetBackgroundVolumeID(volume.GetID())

@@ -3,8 +3,9 @@
 A similarity map (``fvlm_core.zeroshot.similarity``) holds, per voxel, the score of the encoder
 token covering it: ``sigmoid(token . (t_pos - t_neg) / tau)``, the rule the anatomy-level
 probability uses. It is 0 outside the anatomy's window, and inside it every voxel has a value,
-so shown as-is it tints the whole slice. Here a map becomes a percentage volume cropped to its
-anatomy's bounding box, set to 0 outside the anatomy's voxels, and displayed with
+so shown as-is it tints the whole slice. A map leaves the worker cropped to its anatomy's
+bounding box and set to 0 outside the anatomy's voxels (``summary.AnatomyMap``); here it becomes
+a percentage volume on that box, displayed with
 
 * the colour table :data:`COLOR_TABLE_NAME`, whose lowest entry is fully transparent;
 * a display threshold at the finding's decision threshold: a voxel is coloured only where its
@@ -23,8 +24,9 @@ from typing import Any
 
 import numpy as np
 
-from fvlm_core.boxes import nonzero_box
 from fvlm_core.io import Geometry
+
+from .summary import AnatomyMap
 
 COLOR_TABLE_NAME = "FVLM similarity"
 ATTR_COLOR_TABLE = "FVLM.SimilarityColorTable"
@@ -51,35 +53,21 @@ class PreparedOverlay:
     image: Any = None  # the array as vtkImageData, made off the GUI thread
 
 
-def prepare_overlay(
-    similarity: np.ndarray,
-    anatomy_mask: np.ndarray,
-    geometry: Geometry,
-    threshold: float,
-    box: tuple[slice, ...] | None = None,
-) -> PreparedOverlay | None:
-    """Crop a map to its anatomy, zero it outside the anatomy, scale it to percent.
+def prepare_overlay(similarity: AnatomyMap, geometry: Geometry, threshold: float) -> PreparedOverlay:
+    """A map inside its anatomy (an :class:`~FVLMSlicerLib.summary.AnatomyMap`) in percent.
 
     Args:
-        similarity: ``(Z, Y, X)`` map in [0, 1] on the CT grid.
-        anatomy_mask: ``(Z, Y, X)`` bool, the anatomy's voxels on the CT grid.
+        similarity: raw scores in [0, 1] in the anatomy's bounding box, 0 outside the anatomy.
+        geometry: the CT grid.
         threshold: the finding's decision threshold in [0, 1].
-        box: ``nonzero_box(anatomy_mask)`` when the caller has it (one per anatomy, not per map).
-
-    Returns:
-        ``None`` when the anatomy has no voxel.
     """
-    box = nonzero_box(anatomy_mask) if box is None else box
-    if box is None:
-        return None
     from .mrml_io import array_to_image
 
-    values = np.multiply(similarity[box], 100.0, dtype=np.float32)
-    values *= anatomy_mask[box]
+    values = np.multiply(similarity.values, 100.0, dtype=np.float32)
     top = float(values.max())
     return PreparedOverlay(
         values,
-        geometry.sub_grid([b.start for b in box], values.shape),
+        geometry.sub_grid(similarity.start, values.shape),
         100.0 * threshold,
         top,
         array_to_image(values),

@@ -35,7 +35,6 @@ import numpy as np
 import vtk
 
 from fvlm_core.anatomy import AnatomyCatalog
-from fvlm_core.boxes import nonzero_box
 from fvlm_core.io import Geometry
 
 from .mrml_io import TAG_PREFIX, AnatomyLayer, anatomy_layer, get_segment_tag, set_volume_image
@@ -277,23 +276,13 @@ def prepare_results(
     Args:
         labelmap: ``(Z, Y, X)`` anatomy labels on the CT grid ``geometry``.
     """
-    overlays = {}
     flagged = {(r.anatomy, r.finding): r for r in summary.rows() if r.flagged}
-    masks: dict[str, tuple[np.ndarray, tuple[slice, ...] | None]] = {}  # an anatomy's maps share its mask
-    for key, array in summary.similarity_maps.items():
-        row = flagged.get(key)
-        if row is None:
-            continue
-        if key[0] not in masks:
-            mask = labelmap == catalog.label(key[0])
-            masks[key[0]] = (mask, nonzero_box(mask))
-        mask, box = masks[key[0]]
-        # the maps are per-token raw scores: shown above the raw threshold
-        prepared = prepare_overlay(
-            np.asarray(array, dtype=np.float32), mask, geometry, row.raw_threshold, box
-        )
-        if prepared is not None:
-            overlays[key] = prepared
+    # the maps are per-token raw scores: shown above the raw threshold
+    overlays = {
+        key: prepare_overlay(amap, geometry, flagged[key].raw_threshold)
+        for key, amap in summary.similarity_maps.items()
+        if key in flagged
+    }
     return PreparedResults(summary, anatomy_layer(labelmap, geometry, catalog), overlays, catalog)
 
 

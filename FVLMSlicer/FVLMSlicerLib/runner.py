@@ -252,11 +252,14 @@ def run_analysis(
     )
     timings["analyze_s"] = time.perf_counter() - t
     steps.stage("finish", 0.0)
-    summary = AnalysisSummary.from_result(result, device=device, model_dir=str(request.model_dir))
+    labelmap = np.asarray(segmentation.labelmap, dtype=np.uint8)
+    summary = AnalysisSummary.from_result(
+        result, device=device, model_dir=str(request.model_dir), labelmap=labelmap, catalog=catalog
+    )
     steps.stage("finish", 1.0, "done")
     return AnalysisOutput(
         summary=summary,
-        labelmap=np.asarray(segmentation.labelmap, dtype=np.uint8),
+        labelmap=labelmap,
         anatomies=catalog.names,
         segmentation_backend=str(getattr(segmentation, "backend", request.anatomy_source)),
         timings=timings,

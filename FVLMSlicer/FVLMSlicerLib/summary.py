@@ -92,12 +92,51 @@ class AnatomySummary:
         return max((f.value for f in self.flagged), default=0.0)
 
 
+@dataclass(frozen=True)
+class AnatomyMap:
+    """A similarity map as the display uses it: its raw scores inside its anatomy's bounding
+    box, 0 on the box's voxels outside the anatomy (and implicitly everywhere else).
+
+    Only this box crosses from the worker to the display, not the CT-sized map.
+
+    Attributes:
+        start: ``(z, y, x)`` CT index of ``values[0, 0, 0]``.
+        values: float32 ``(z, y, x)`` box.
+        shape: the CT grid's shape ``(Z, Y, X)``.
+    """
+
+    start: tuple[int, int, int]
+    values: np.ndarray
+    shape: tuple[int, int, int]
+
+    @classmethod
+    def inside(
+        cls, array: np.ndarray, anatomy_mask: np.ndarray, box: tuple[slice, ...] | None = None
+    ) -> AnatomyMap | None:
+        """``array`` (CT grid) inside ``anatomy_mask`` (``box``: its bounding box, if known); None if empty."""
+        box = nonzero_box(anatomy_mask) if box is None else box
+        if box is None:
+            return None
+        values = np.asarray(array, dtype=np.float32)[box] * anatomy_mask[box]
+        return cls(tuple(b.start for b in box), values.astype(np.float32, copy=False), tuple(array.shape))
+
+    @property
+    def box(self) -> tuple[slice, ...]:
+        return tuple(slice(a, a + n) for a, n in zip(self.start, self.values.shape))
+
+    def full(self) -> np.ndarray:
+        """The map on the whole CT grid (0 outside the anatomy)."""
+        out = np.zeros(self.shape, dtype=np.float32)
+        out[self.box] = self.values
+        return out
+
+
 @dataclass
 class AnalysisSummary:
     """What the display needs from an analysis."""
 
     anatomies: list[AnatomySummary]
-    similarity_maps: dict[tuple[str, str], np.ndarray] = field(default_factory=dict)
+    similarity_maps: dict[tuple[str, str], AnatomyMap] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     device: str = ""
     model_dir: str = ""
@@ -111,17 +150,36 @@ class AnalysisSummary:
 
     # --- from the analyzer ------------------------------------------------------------------
     @classmethod
-    def from_result(cls, result: Any, device: str = "", model_dir: str = "") -> AnalysisSummary:
-        """Summarise a ``fvlm_core.zeroshot.AnalysisResult`` (``anatomies`` of ``AnatomyResult``)."""
+    def from_result(
+        cls,
+        result: Any,
+        device: str = "",
+        model_dir: str = "",
+        labelmap: np.ndarray | None = None,
+        catalog: Any = None,
+    ) -> AnalysisSummary:
+        """Summarise a ``fvlm_core.zeroshot.AnalysisResult`` (``anatomies`` of ``AnatomyResult``).
+
+        Its similarity maps are kept inside their anatomies (:class:`AnatomyMap`): ``labelmap``
+        (the CT's anatomy labels, values of ``catalog``, an ``AnatomyCatalog``) is needed when
+        the result has maps.
+        """
         anatomies = []
         for a in result.anatomies:
             rows = [_row(a, f) for f in a.findings]
             note = str(getattr(a, "note", "") or "")
             anatomies.append(AnatomySummary(a.name, str(a.status), float(a.volume_ml or 0.0), rows, note))
-        maps = {
-            (str(k[0]), str(k[1])): np.asarray(v, dtype=np.float32)
-            for k, v in (getattr(result, "similarity_maps", None) or {}).items()
-        }
+        maps: dict[tuple[str, str], AnatomyMap] = {}
+        masks: dict[str, tuple[np.ndarray, tuple[slice, ...] | None]] = {}  # one per anatomy
+        for (anatomy, finding), array in (getattr(result, "similarity_maps", None) or {}).items():
+            if labelmap is None or catalog is None:
+                raise ValueError("from_result: a result with similarity maps needs the label map and catalog")
+            if anatomy not in masks:
+                mask = labelmap == catalog.label(anatomy)
+                masks[anatomy] = (mask, nonzero_box(mask))
+            amap = AnatomyMap.inside(array, *masks[anatomy]) if masks[anatomy][1] is not None else None
+            if amap is not None:
+                maps[(str(anatomy), str(finding))] = amap
         timings = {str(k): float(v) for k, v in (getattr(result, "timings", None) or {}).items()}
         notes = [str(n) for n in (getattr(result, "notes", None) or [])]
         return cls(anatomies, maps, timings, device=device, model_dir=model_dir, notes=notes)
@@ -130,27 +188,23 @@ class AnalysisSummary:
     def save(self, folder: str | os.PathLike) -> Path:
         """Write ``summary.json`` and ``map_<i>.npy`` files into ``folder`` (atomically).
 
-        A map is stored cropped to its non-zero box (it is 0 outside its anatomy's window), with
-        the box's start and the full shape in the JSON.
+        A map's file holds its :class:`AnatomyMap` box; the JSON its start and the CT grid's shape.
         """
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         maps = []
-        for i, ((anatomy, finding), array) in enumerate(self.similarity_maps.items()):
+        for i, ((anatomy, finding), amap) in enumerate(self.similarity_maps.items()):
             name = f"map_{i}.npy"
-            array = np.asarray(array, dtype=np.float32)
-            box = nonzero_box(array) or tuple(slice(0, 0) for _ in array.shape)
-            # contiguous: np.save writes a strided view element by element (10x slower)
-            start, crop = [b.start for b in box], np.ascontiguousarray(array[box])
             with atomic_path(folder / name) as tmp, open(tmp, "wb") as fh:
-                np.save(fh, crop)
+                # contiguous: np.save writes a strided view element by element (10x slower)
+                np.save(fh, np.ascontiguousarray(amap.values, dtype=np.float32))
             maps.append(
                 {
                     "anatomy": anatomy,
                     "finding": finding,
                     "file": name,
-                    "start": start,
-                    "shape": list(array.shape),
+                    "start": [int(v) for v in amap.start],
+                    "shape": [int(v) for v in amap.shape],
                 }
             )
         doc = {
@@ -186,7 +240,12 @@ class AnalysisSummary:
             )
             for a in doc["anatomies"]
         ]
-        maps = {(m["anatomy"], m["finding"]): _uncrop(folder, m) for m in doc["similarity_maps"]}
+        maps = {
+            (m["anatomy"], m["finding"]): AnatomyMap(
+                tuple(m["start"]), np.load(folder / m["file"]), tuple(m["shape"])
+            )
+            for m in doc["similarity_maps"]
+        }
         return cls(
             anatomies,
             maps,
@@ -217,12 +276,3 @@ def _row(anatomy: Any, f: Any) -> FindingRow:
         calibration=str(f.calibration),
         calibration_note=str(f.calibration_note),
     )
-
-
-def _uncrop(folder: Path, entry: dict) -> np.ndarray:
-    crop = np.load(folder / entry["file"])
-    if "shape" not in entry:  # written uncropped
-        return crop
-    out = np.zeros(entry["shape"], dtype=np.float32)
-    out[tuple(slice(a, a + n) for a, n in zip(entry["start"], crop.shape))] = crop
-    return out

@@ -1,9 +1,10 @@
-"""Similarity maps on the CT grid: the one-pass, boxed resampling equals resampling every map whole.
+"""Similarity maps on the CT grid: the one-pass computation equals resampling every map whole.
 
-``similarity.maps_to_ct`` resamples only the block of non-zero tokens (plus a token of zeros) onto
-only the part of the CT it covers, all maps of a window as one vector image. The rule it must keep
-is the plain one: each map expanded to the window's voxels and the whole window resampled linearly
-by physical position (``ModelSpaceWindow.to_original``), 0 outside.
+``similarity.maps_to_ct`` interpolates the token grid itself at warped coordinates (separable
+matrices on axis-aligned grids, ``grid_sample`` on oblique ones), for all maps of a window at once
+and only on the CT voxels near the non-zero tokens. The rule it must keep is the plain one, run
+here through ITK: each map expanded to the window's voxels and the whole window resampled
+linearly by physical position (``ModelSpaceWindow.to_original``), 0 outside.
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ def _whole_window_maps(window, values: np.ndarray, ct: Geometry) -> list[np.ndar
     ],
     ids=["oblique", "aligned", "permuted-flipped-cut", "oblique-cut"],
 )
-def test_boxed_vector_resampling_equals_whole_window_resampling(ct):
+def test_one_pass_maps_equal_whole_window_resampling(ct):
     rng = np.random.default_rng(0)
     values = np.zeros((4, *GRID), np.float32)
     values[0, 1:3, 2:4, 1:3] = rng.uniform(0.1, 1.0, (2, 2, 2))  # inside the window

@@ -75,9 +75,10 @@ def maps_to_ct(
     ``ModelSpaceWindow.to_original(..., is_label=False)`` (ITK's linear resampling) gives for
     patches of two or more voxels. It is computed without the voxel array: along each axis, linear
     interpolation of a patch-wise constant array is linear interpolation of the token grid at a
-    warped coordinate (constant inside a patch, a one-voxel ramp between patches), so one
-    ``grid_sample`` of the small ``(N, gz, gy, gx)`` token grid does it, on only the CT voxels
-    near the non-zero tokens.
+    warped coordinate (constant inside a patch, a one-voxel ramp between patches). Where each
+    window axis runs along a CT axis (the model space is the CT reoriented) that is one small
+    interpolation matrix per axis; on an oblique CT, one ``grid_sample`` of the small
+    ``(N, gz, gy, gx)`` token grid. Only the CT voxels near the non-zero tokens are computed.
 
     Args:
         window: the :class:`fvlm_core.preprocess.ModelSpaceWindow` the tokens came from.
@@ -91,10 +92,7 @@ def maps_to_ct(
     """
     g = tuple(int(s) for s in grid)
     p = np.asarray(patch, dtype=int)
-    v = torch.as_tensor(
-        np.asarray(token_values, dtype=np.float32) if not torch.is_tensor(token_values) else token_values
-    )
-    v = v.detach().float().cpu().reshape((-1, *g))
+    v = torch.as_tensor(token_values).detach().to("cpu", torch.float32).reshape((-1, *g))
     out = [np.zeros(ct_geometry.shape_zyx, dtype=np.float32) for _ in range(v.shape[0])]
     token_box = nonzero_box((v != 0).any(dim=0).numpy(), margin=1)
     if token_box is None:
@@ -173,9 +171,10 @@ def _separable_maps(
     wk, wj, wi = weights
     small = torch.einsum("nabc,Jb,Ic->naJI", v, wj, wi).flatten(2)  # (N, ga, J*I)
     plane = torch.empty(len(wk), small.shape[2])
+    box_shape = tuple(b.stop - b.start for b in ct_box)
     for arr, tokens_n in zip(out, small):
         torch.matmul(wk, tokens_n, out=plane)
-        arr[ct_box] = plane.numpy().reshape(arr[ct_box].shape)
+        arr[ct_box] = plane.numpy().reshape(box_shape)
 
 
 def _sampled_maps(

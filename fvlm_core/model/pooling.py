@@ -188,7 +188,7 @@ def _membership_of(
         return out
     values = labels.round() if labels.is_floating_point() else labels
     for a in wanted:
-        r = (values == a + 1).view(b, gz, pz, gy, py, gx, px).any(dim=6).any(dim=4).any(dim=2)
+        r = (values == a + 1).reshape(b, gz, pz, gy, py, gx, px).any(dim=6).any(dim=4).any(dim=2)
         out[:, a] = r.reshape(b, -1)
     return out
 

@@ -583,14 +583,7 @@ def reference_volume(
     )
     labels = _crop_pad(lab, lo, hi, before, after, 0)
     offset = lo - before
-    g = ct_ms.geometry
-    origin = g.affine_lps[:3, :3] @ offset[::-1].astype(float) + g.affine_lps[:3, 3]
-    grid = Geometry(
-        size=tuple(int(s) for s in hu.shape[::-1]),
-        spacing=g.spacing,
-        origin=tuple(float(o) for o in origin),
-        direction=g.direction,
-    )
+    grid = ct_ms.geometry.sub_grid(offset, hu.shape)
     return ReferenceVolume(
         ct=CTVolume(hu, grid, source=ct_ms.source),
         labels=LabelVolume(labels, grid, source=labels_ms.source),
@@ -628,14 +621,7 @@ def reference_window(
     hu = _crop_pad(volume.ct.array, start, start + data, zeros, size - data, np.float32(REFERENCE_PAD_HU))
     labels = _crop_pad(volume.labels.array, start, start + data, zeros, size - data, 0)
     labels[labels != label] = 0  # eval.py's window mask: torch.eq(mask, organ_id + 1) only
-    g = volume.ct.geometry
-    origin = g.affine_lps[:3, :3] @ start[::-1].astype(float) + g.affine_lps[:3, 3]
-    geometry = Geometry(
-        size=tuple(int(s) for s in size[::-1]),
-        spacing=g.spacing,
-        origin=tuple(float(o) for o in origin),
-        direction=g.direction,
-    )
+    geometry = volume.ct.geometry.sub_grid(start, size)
     return ModelSpaceWindow(
         hu=hu,
         labels=labels,

@@ -117,8 +117,8 @@ class AnatomyMap:
         box = nonzero_box(anatomy_mask) if box is None else box
         if box is None:
             return None
-        values = np.asarray(array, dtype=np.float32)[box] * anatomy_mask[box]
-        return cls(tuple(b.start for b in box), values.astype(np.float32, copy=False), tuple(array.shape))
+        values = np.asarray(array, dtype=np.float32)[box] * anatomy_mask[box]  # float32 stays float32
+        return cls(tuple(b.start for b in box), values, tuple(array.shape))
 
     @property
     def box(self) -> tuple[slice, ...]:
@@ -177,9 +177,9 @@ class AnalysisSummary:
             if anatomy not in masks:
                 mask = labelmap == catalog.label(anatomy)
                 masks[anatomy] = (mask, nonzero_box(mask))
-            amap = AnatomyMap.inside(array, *masks[anatomy]) if masks[anatomy][1] is not None else None
-            if amap is not None:
-                maps[(str(anatomy), str(finding))] = amap
+            mask, box = masks[anatomy]
+            if box is not None:  # an anatomy without voxels has nothing to show
+                maps[(str(anatomy), str(finding))] = AnatomyMap.inside(array, mask, box)
         timings = {str(k): float(v) for k, v in (getattr(result, "timings", None) or {}).items()}
         notes = [str(n) for n in (getattr(result, "notes", None) or [])]
         return cls(anatomies, maps, timings, device=device, model_dir=model_dir, notes=notes)

@@ -96,10 +96,17 @@ def _or_bits_numpy(labels: torch.Tensor, dtype: torch.dtype, width: int, patch: 
         arr = np.rint(arr)
     if arr.dtype != np_dtype or arr.max(initial=0) >= width or arr.min(initial=0) < 0:
         arr = np.where((arr < 0) | (arr >= width), 0, arr).astype(np_dtype)  # out of range -> ignored
-    bits = np.left_shift(np_dtype(1), arr)
-    b, z, y, x = arr.shape
+    return _or_over_patches(np.left_shift(np_dtype(1), arr), patch)
+
+
+def _or_over_patches(values, patch: tuple[int, int, int]):
+    """``(B*L,)`` OR of a ``(B, Z, Y, X)`` numpy array (integer bits or bool) over each patch:
+    z first (contiguous slabs), then y, then x."""
+    import numpy as np
+
+    b, z, y, x = values.shape
     pz, py, px = patch
-    r = np.bitwise_or.reduce(bits.reshape(b * (z // pz), pz, y * x), axis=1)
+    r = np.bitwise_or.reduce(values.reshape(b * (z // pz), pz, y * x), axis=1)
     r = np.bitwise_or.reduce(r.reshape(b * (z // pz) * (y // py), py, x), axis=1)
     return np.bitwise_or.reduce(r.reshape(-1, px), axis=1)
 
@@ -182,9 +189,7 @@ def _membership_of(
         values = labels.detach().numpy()
         values = np.rint(values) if values.dtype.kind == "f" else values
         for a in wanted:
-            r = np.logical_or.reduce((values == a + 1).reshape(b * gz, pz, y * x), axis=1)
-            r = np.logical_or.reduce(r.reshape(b * gz * gy, py, x), axis=1)
-            out[:, a] = torch.from_numpy(np.logical_or.reduce(r.reshape(-1, px), axis=1).reshape(b, -1))
+            out[:, a] = torch.from_numpy(_or_over_patches(values == a + 1, patch).reshape(b, -1))
         return out
     values = labels.round() if labels.is_floating_point() else labels
     for a in wanted:

@@ -110,6 +110,63 @@ def test_calibration_never_changes_the_ranking_auc_or_decisions(method):
         assert metrics.auc(yt, steps) != metrics.auc(yt, rt)
 
 
+def _label_set(seed: int, n: int = 3039) -> tuple[np.ndarray, np.ndarray]:
+    """One random finding at CT-RATE's validation size: float32 softmax scores (a random spread
+    and shift, some saturated) and labels of a random prevalence (3-40 %) and strength of
+    dependence on the score (from none to strong)."""
+    rng = np.random.default_rng(1000 + seed)
+    z = rng.normal(rng.uniform(-6.0, 1.0), rng.uniform(0.5, 12.0), n)
+    raw = expit(z).astype(np.float32).astype(np.float64)
+    prevalence = rng.uniform(0.03, 0.4)
+    slope = rng.uniform(0.0, 2.0) / z.std()
+    y = (rng.random(n) < expit(slope * (z - z.mean()) + logit(prevalence))).astype(int)
+    return y, raw
+
+
+def test_isotonic_fit_never_raises_at_ctrate_size():
+    """Issue 25: a fold's isotonic knots went through sigmoid(logit(...)) and two of them became
+    equal (scikit-learn's pooled means of one fraction differ in the last bit), so ``_check``
+    raised after a whole evaluation had been scored. Over 200 random label sets of n = 3,039
+    float32 scores, the per-fold fits (all of the cross-validated choice's isotonic work) and the
+    final isotonic fit give finite losses and valid, strictly increasing maps. Platt's fit cannot
+    reach ``_check`` with an invalid slope; the sets that raised before the fix are fitted end to
+    end (Platt included) below."""
+    for seed in range(200):
+        y, raw = _label_set(seed)
+        assert min(y.sum(), y.size - y.sum()) >= cal.ISOTONIC_MIN_PER_CLASS  # isotonic is a candidate
+        loss = cal.cv_log_loss(y, raw, ["isotonic"], seed)["isotonic"]
+        assert math.isfinite(loss), seed
+        iso = cal._isotonic(cal._fit_logit(raw), y)
+        if iso is not None:
+            assert np.all(np.diff(cal.logit(iso.knots_raw)) > 0), seed
+            assert np.all(np.diff(cal.logit(iso.knots_probability)) > 0), seed
+            assert np.all(np.diff(iso.apply(np.unique(raw))) >= 0), seed
+    for seed in (51, 89, 156):  # these raised ValueError before the fix
+        y, raw = _label_set(seed)
+        c = cal.fit_calibration(y, raw, seed)
+        assert c.method in ("platt", "isotonic") and set(c.cv_log_loss) == {"platt", "isotonic", "raw"}
+
+
+def test_isotonic_knots_are_one_per_fraction_of_positives():
+    """A block's value is its exact fraction of positives: pooled means that differ only by
+    rounding are one knot (before the fix, these folds gave knots at logits -2.2e-16 and 0, both
+    0.5 as probabilities), so both
+    knot sequences strictly increase and every calibrated knot is the logit of a fraction k / m."""
+    for seed in (51, 89, 156):
+        y, raw = _label_set(seed)
+        x = cal._fit_logit(raw)
+        for fit, _ in cal._folds(y, seed):
+            kx, kz = cal._fit_isotonic(x[fit], y[fit])
+            assert np.all(np.diff(kx) > 0) and np.all(np.diff(kz) > 0), seed
+            p = expit(kz)
+            # distinct fractions of at most m cases differ by >= 1 / m**2 (not 0.5 and 0.49999999999999994)
+            assert np.all(np.diff(p) >= 0.99 / fit.size**2), seed
+            eps = 1 / (2 * fit.size)  # fractions 0 and 1 are clipped to eps and 1 - eps
+            m = np.arange(1, fit.size + 1)
+            for v in p[(p > 1.01 * eps) & (p < 1 - 1.01 * eps)]:
+                assert np.min(np.abs(np.round(v * m) / m - v)) < 1e-12  # k / m for a block size m
+
+
 def test_stored_in_the_model_config_beside_the_thresholds(tmp_path):
     from fvlm_core.model.config import FVLMConfig, load_config
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -349,16 +350,16 @@ def test_evaluate_ctrate_layout_then_analyze_uses_stored_thresholds(tiny_model_d
     assert f.scale == "uncalibrated score" and "raw score kept" in f.calibration_note
 
 
-def test_evaluate_prepare_cache(tiny_model_dir, tmp_path, capsys):
+def _cache(model_dir, cache, n: int = 6):
+    """A `fvlm prepare` cache of ``n`` phantoms in the model's space (every other has Cardiomegaly)."""
     from fvlm_core.data.cache import CachedSample, save_sample
     from fvlm_core.data.synth import make_phantom
     from fvlm_core.io import CTVolume, LabelVolume
     from fvlm_core.model.config import load_config
     from fvlm_core.preprocess import resample_to_model_space
 
-    ms = load_config(tiny_model_dir).model_space()
-    cache = tmp_path / "cache"
-    for i in range(6):
+    ms = load_config(model_dir).model_space()
+    for i in range(n):
         s = make_phantom(5, i, "valid", (32, 32, 32), findings=["Cardiomegaly"] if i % 2 else [])
         ct_ms, lab_ms = resample_to_model_space(
             CTVolume(s.hu.astype(np.float32), s.geometry), LabelVolume(s.labels, s.geometry), ms
@@ -371,6 +372,11 @@ def test_evaluate_prepare_cache(tiny_model_dir, tmp_path, capsys):
             ),
             cache,
         )  # fmt: skip
+    return cache
+
+
+def test_evaluate_prepare_cache(tiny_model_dir, tmp_path, capsys):
+    cache = _cache(tiny_model_dir, tmp_path / "cache")
     out = tmp_path / "rep"
     assert main(["evaluate", "--data", str(cache), "--model", str(tiny_model_dir), "--out", str(out),
                  "--n-bootstrap", "10", "--no-plots", "--windows", "shared"]) == 0  # fmt: skip
@@ -434,3 +440,173 @@ def test_layout_masks_are_read_as_prepare_reads_them(tmp_path):
     missing.path.unlink()
     with pytest.raises(Exception, match=f"{missing.name}: listed in the metadata but no file"):
         ev.VolumeSource(data, CTRATE_CATALOG.names)
+
+
+# ---------------------------------------------------------------- keeping the scores (issue 25)
+
+#: Runs `fvlm evaluate` in another process whose third volume never finishes encoding, so that
+#: the test can kill it (SIGKILL, as the OOM killer or a scheduler does) after two volumes.
+_STALLING_EVALUATE = """
+import sys, time
+from fvlm_core.zeroshot.analyzer import Analyzer
+encode, calls = Analyzer.encode_model_space, []
+def stalling(self, *args, **kwargs):
+    calls.append(1)
+    if len(calls) > 2:
+        time.sleep(600)
+    return encode(self, *args, **kwargs)
+Analyzer.encode_model_space = stalling
+from fvlm_training.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.fixture
+def count_encodes(monkeypatch):
+    """The volumes encoded in this process (Analyzer.encode_model_space calls)."""
+    from fvlm_core.zeroshot.analyzer import Analyzer
+
+    calls: list[str] = []
+    encode = Analyzer.encode_model_space
+
+    def counted(self, ct, *args, **kwargs):
+        calls.append(ct.source)
+        return encode(self, ct, *args, **kwargs)
+
+    monkeypatch.setattr(Analyzer, "encode_model_space", counted)
+    return calls
+
+
+def _journal_lines(path) -> list[dict]:
+    if not path.exists():
+        return []
+    data = path.read_bytes()
+    return [json.loads(line) for line in data[: data.rfind(b"\n") + 1].splitlines()]
+
+
+def test_killed_evaluate_resumes_without_encoding_again(tiny_model_dir, tmp_path, count_encodes, capsys):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    cache = _cache(tiny_model_dir, tmp_path / "cache", n=4)
+    out = tmp_path / "rep"
+    argv = ["evaluate", "--data", str(cache), "--model", str(tiny_model_dir), "--windows", "shared"]
+    argv += ["--n-bootstrap", "10", "--no-plots", "--device", "cpu", "--out", str(out)]
+    journal = out / ev.JOURNAL_DIR / "data.jsonl"
+    proc = subprocess.Popen([sys.executable, "-c", _STALLING_EVALUATE, *argv], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while len(_journal_lines(journal)) < 3 and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert proc.poll() is None, proc.stdout.read().decode()
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    killed = _journal_lines(journal)
+    assert [e.get("item") for e in killed[1:]] == ["valid_1_a_1", "valid_2_a_1"]
+    assert not (out / "metrics.json").exists() and not (out / "scores.csv").exists()
+    with open(journal, "ab") as fh:  # as a kill in the middle of writing the next line leaves it
+        fh.write(b'{"item":"valid_3_a_1","record":{"scores":{"Cardiom')
+
+    assert main(argv) == 0
+    assert sorted(Path(c).name for c in count_encodes) == ["valid_3_a_1", "valid_4_a_1"]  # only these
+    assert "2 of 4 volume(s) scored earlier" in capsys.readouterr().out
+    rows = _read_csv(out / "scores.csv")
+    assert [r["VolumeName"] for r in rows] == ["valid_1_a_1", "valid_2_a_1", "valid_3_a_1", "valid_4_a_1"]
+    rep = json.loads((out / "metrics.json").read_text())
+    assert rep["labels"]["Cardiomegaly"]["n"] == 4 and rep["labels"]["Cardiomegaly"]["n_positive"] == 2
+    # the kept scores are those a run without the kill computes
+    fresh = tmp_path / "fresh"
+    assert main([*argv[:-1], str(fresh), "--limit", "2"]) == 0
+    for a, b in zip(_read_csv(fresh / "scores.csv"), rows[:2]):
+        assert a["VolumeName"] == b["VolumeName"]
+        assert {k: float(v) for k, v in a.items() if k != "VolumeName"} == pytest.approx(
+            {k: float(v) for k, v in b.items() if k != "VolumeName"}, abs=1e-6
+        )
+    # a second re-run encodes nothing at all
+    count_encodes.clear()
+    assert main(argv) == 0 and count_encodes == []
+
+
+def test_a_rerun_with_another_model_or_prompts_is_refused_before_encoding(
+    tiny_model_dir, tmp_path, count_encodes, capsys
+):
+    import shutil
+
+    import torch
+    import yaml
+
+    from fvlm_core.model import FVLM
+
+    cache = _cache(tiny_model_dir, tmp_path / "cache", n=2)
+    out = tmp_path / "rep"
+    common = ["evaluate", "--data", str(cache), "--windows", "shared", "--n-bootstrap", "0", "--no-plots"]
+    assert main([*common, "--model", str(tiny_model_dir), "--out", str(out)]) == 0
+    journal = out / ev.JOURNAL_DIR / "data.jsonl"
+    kept = journal.read_bytes()
+    count_encodes.clear()
+    # the same weights with one prompt worded otherwise
+    reworded = tmp_path / "reworded"
+    shutil.copytree(tiny_model_dir, reworded)
+    cfg = yaml.safe_load((reworded / "config.yaml").read_text())
+    from fvlm_core.model.config import load_config
+
+    findings = [
+        {"name": f.name, "anatomy": f.anatomy, "positive": list(f.positive), "negative": list(f.negative)}
+        for f in load_config(tiny_model_dir).finding_set()
+    ]
+    findings[0]["positive"] = ["a rather different wording"]
+    cfg["findings"] = findings
+    (reworded / "config.yaml").write_text(yaml.safe_dump(cfg))
+    # other weights
+    torch.manual_seed(1)
+    retrained = tmp_path / "retrained"
+    FVLM.from_config("fvlm-tiny").save_pretrained(retrained)
+    for model, differs in ((reworded, "prompts"), (retrained, "model weights (sha256)")):
+        assert main([*common, "--model", str(model), "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert f"{journal} holds per-volume scores of {cache}" in err and differs in err, err
+        assert "from another run" in err and "another output folder" in err and "Traceback" not in err
+        assert count_encodes == [] and journal.read_bytes() == kept
+    # thresholds and calibrations stored into the config do not change the scores: continued
+    assert main([*common, "--model", str(tiny_model_dir), "--out", str(out), "--store-thresholds"]) == 0
+    assert main([*common, "--model", str(tiny_model_dir), "--out", str(out)]) == 0
+    assert count_encodes == []
+
+
+def test_a_failure_after_scoring_keeps_the_scores_and_says_what_failed(
+    tiny_model_dir, tmp_path, count_encodes, capsys, monkeypatch
+):
+    cache = _cache(tiny_model_dir, tmp_path / "cache", n=3)
+    out = tmp_path / "rep"
+    argv = ["evaluate", "--data", str(cache), "--model", str(tiny_model_dir), "--windows", "shared"]
+    argv += ["--n-bootstrap", "0", "--no-plots", "--out", str(out)]
+
+    def broken(*args, **kwargs):
+        raise ValueError("isotonic knots must lie in (0, 1) and be strictly increasing")
+
+    monkeypatch.setattr(ev, "calibrate_report", broken)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "calibration failed (ValueError: isotonic knots" in err
+    assert (
+        f"scores of all 3 volumes are kept: {out / 'scores.csv'}" in err and "Re-run the same command" in err
+    )
+    assert (
+        len(_read_csv(out / "scores.csv")) == 3
+        and len(_journal_lines(out / ev.JOURNAL_DIR / "data.jsonl")) == 4
+    )
+    assert not (out / "metrics.json").exists() and len(count_encodes) == 3
+    # fixed: the same command continues from the scores
+    monkeypatch.undo()
+    count_encodes.clear()
+    from fvlm_core.zeroshot.analyzer import Analyzer
+
+    monkeypatch.setattr(Analyzer, "encode_model_space", lambda *a, **k: count_encodes.append(a) or 1 / 0)
+    assert main(argv) == 0 and count_encodes == []
+    assert json.loads((out / "metrics.json").read_text())["labels"]["Cardiomegaly"]["n"] == 3

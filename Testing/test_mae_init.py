@@ -225,3 +225,30 @@ def test_a_run_starts_from_the_mae_checkpoint_and_reports_it(mae_file, tmp_path)
     torch.testing.assert_close(
         vision.blocks[0].attn.qkv.weight.detach(), state["blocks.0.attn.qkv.weight"], rtol=0, atol=0
     )
+
+
+def test_paper_recipes_require_the_mae_file_before_any_work(tmp_path, monkeypatch, capsys):
+    """Issue 25: ctrate-paper trained the ViT from random weights (init_from: null) while the
+    paper and the public code start from ImageNet MAE. Both CT-RATE recipes now name the MAE
+    file; a missing one is refused first (no model, data or run folder touched), with where to
+    get it and how to choose random weights on purpose."""
+    from fvlm_training import trainer
+    from fvlm_training.cli import main
+    from fvlm_training.mae_init import MAE_FILE, MAE_URL, require_init_from
+
+    assert load_recipe("ctrate-paper").init_from == MAE_FILE == load_recipe("ctrate-base").init_from
+    monkeypatch.chdir(tmp_path)  # the recipes name the file relative to the working folder
+    started = []
+    monkeypatch.setattr(trainer, "Trainer", lambda *a, **k: started.append(a))
+    for recipe in ("ctrate-paper", "ctrate-base"):
+        out = tmp_path / f"run-{recipe}"
+        argv = ["train", "--config", recipe, "--set", f"data.cache={tmp_path / 'cache'}", "--out", str(out)]
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert f"init_from: {MAE_FILE} does not exist (looked for {tmp_path / MAE_FILE})" in err, err
+        assert MAE_URL in err and "--set init_from=null" in err and "Traceback" not in err
+        assert not out.exists() and started == []
+    require_init_from(None)  # random weights, chosen on purpose: nothing to check
+    (tmp_path / "not-a-model").mkdir()
+    with pytest.raises(CheckpointError, match="is not a model folder"):
+        require_init_from(str(tmp_path / "not-a-model"))

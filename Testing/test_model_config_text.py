@@ -177,6 +177,37 @@ def test_trainable_text_encoder_gets_gradients_and_no_cache():
     assert m.text_encoder.embeddings.word_embeddings.weight.grad is not None
 
 
+def test_zeroed_token_type_embeddings_stay_zero_through_training():
+    """Issue 25: the reference's BERT has no token-type embedding. ``zero_token_type`` zeroed it
+    but left it trainable: every text adds row 0, so it got a gradient and AdamW moved it. It is
+    frozen at zero now: no gradient, not in the optimizer, still zero after steps."""
+    from fvlm_training.trainer import param_groups
+
+    d = load_config("fvlm-tiny").to_dict()
+    d["text"].update(freeze=False, zero_token_type=True)
+    torch.manual_seed(0)
+    m = FVLM(FVLMConfig.from_dict(d)).train()
+    tt = m.text_encoder.embeddings.token_type_embeddings.weight
+    assert not tt.requires_grad and torch.count_nonzero(tt) == 0
+    groups = param_groups(m, 0.05)
+    assert all(p is not tt for g in groups for p in g["params"])
+    opt = torch.optim.AdamW(groups, lr=1e-3)
+    for _ in range(2):
+        opt.zero_grad()
+        m.encode_text(["Atelectatic.", "Not atelectatic."]).sum().backward()
+        opt.step()
+    assert tt.grad is None and torch.count_nonzero(tt) == 0
+    assert m.text_encoder.embeddings.word_embeddings.weight.grad is not None  # the rest trains
+    # a saved and reloaded model keeps it zero and frozen
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        m.save_pretrained(tmp)
+        back = FVLM.from_pretrained(tmp)
+    tt_back = back.text_encoder.embeddings.token_type_embeddings.weight
+    assert not tt_back.requires_grad and torch.count_nonzero(tt_back) == 0
+
+
 def test_temperature_is_clamped(tiny):
     assert float(tiny.temperature.detach()) == pytest.approx(0.07)
     with torch.no_grad():

@@ -165,7 +165,7 @@ def test_bad_arguments(tmp_path):
 
 def test_reports_are_understood_by_the_report_rules():
     """The project's own decomposition and label extraction read the synthetic reports right:
-    abnormal anatomies (reference rule) and the 18 labels match what was drawn."""
+    abnormal anatomies (impression rule) and the 18 labels match what was drawn."""
     from fvlm_core.reports import decompose_report, extract_labels
 
     for s in synth.iter_cohort(120, seed=13, size_zyx=(16, 16, 16)):

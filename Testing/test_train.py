@@ -198,6 +198,51 @@ def test_crop_intact_anatomy_rule():
             assert intact[a - 1] == whole
 
 
+def test_centred_padding_is_the_references_symmetric_pad_then_crop():
+    """Issue 25: a volume shorter than the crop went in at a random offset; the reference
+    (``data/preprocess.py``) pads it symmetrically with MONAI's ``SpatialPadd`` before its
+    ``RandSpatialCropd``, which then has no freedom along that axis. ``pad_offset: centre``
+    (ctrate-base) gives MONAI's result exactly; longer axes are still cropped at random."""
+    from monai import transforms
+
+    rng = np.random.default_rng(3)
+    labels = (rng.random((7, 30, 8)) > 0.6).astype(np.uint8)
+    hu = rng.normal(0, 300, labels.shape).astype(np.float32)
+    size = (12, 16, 14)  # z and x shorter than the crop (odd and even differences), y longer
+    ref = transforms.Compose(
+        [
+            transforms.SpatialPadd(
+                keys=["image", "label"], spatial_size=size, mode="constant", constant_values=-1024
+            ),
+            transforms.RandSpatialCropd(keys=["image", "label"], roi_size=size),
+        ]
+    )
+    centred = AugmentConfig(crop_size=size, flip_prob=0.0, pad_offset="centre")
+    assert load_recipe("ctrate-base").data.pad_offset == "centre"
+    assert load_recipe("ctrate-paper").data.pad_offset == "random"
+    z_offsets = set()
+    for seed in range(8):
+        h, lab, _ = crop_flip(hu, labels, centred, 1, np.random.default_rng(seed))
+        y0 = next(y for y in range(30 - 16 + 1) if np.array_equal(lab[2:9, :, 3:11], labels[:, y : y + 16]))
+        ref.set_random_state(seed)
+        out = ref({"image": hu[None], "label": labels[None]})
+        ref_lab = np.asarray(out["label"][0])
+        ref_y0 = next(
+            y for y in range(30 - 16 + 1) if np.array_equal(ref_lab[2:9, :, 3:11], labels[:, y : y + 16])
+        )
+        # the same placement along the padded axes; compare both at the reference's y offset
+        np.testing.assert_array_equal(np.asarray(out["image"][0]), np.pad(
+            hu[:, ref_y0 : ref_y0 + 16], ((2, 3), (0, 0), (3, 3)), constant_values=-1024))  # fmt: skip
+        np.testing.assert_array_equal(
+            h, np.pad(hu[:, y0 : y0 + 16], ((2, 3), (0, 0), (3, 3)), constant_values=-1024)
+        )
+        rnd, _, _ = crop_flip(
+            hu, labels, AugmentConfig(crop_size=size, flip_prob=0.0), 1, np.random.default_rng(seed)
+        )
+        z_offsets.add(int(np.flatnonzero((rnd != -1024).any(axis=(1, 2)))[0]))
+    assert len(z_offsets) > 1  # the default still shifts a short volume at random
+
+
 def test_flips_follow_probability_and_keep_image_and_labels_aligned():
     rng = np.random.default_rng(1)
     labels = (rng.random((8, 8, 8)) > 0.7).astype(np.uint8)

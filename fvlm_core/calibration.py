@@ -58,6 +58,8 @@ LOGIT_OF_1 = 38.0
 FIT_LIMIT = 36.0
 #: Probabilities are clipped into [EPS, 1 - EPS] for the raw score's log-loss only.
 EPS = 1e-15
+#: Isotonic fitted values closer than this times ``1 / N**2`` are one block (rounding, not data).
+_SAME_FRACTION = 0.25
 
 _LABELS = {"platt": "Platt", "isotonic": "isotonic", "none": "uncalibrated"}
 
@@ -136,14 +138,7 @@ class Calibration:
         """Calibrated logit of raw logits ``x``: strictly increasing in ``x``."""
         if self.method == "platt":
             return self.a * x + self.b
-        kx, kz = logit(self.knots_raw), logit(self.knots_probability)
-        slope = (kz[-1] - kz[0]) / (kx[-1] - kx[0])
-        inside = np.interp(x, kx, kz)
-        return np.where(
-            x < kx[0],
-            kz[0] + slope * (x - kx[0]),
-            np.where(x > kx[-1], kz[-1] + slope * (x - kx[-1]), inside),
-        )
+        return _piecewise_linear(x, logit(self.knots_raw), logit(self.knots_probability))
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data for the model config (YAML)."""
@@ -199,8 +194,31 @@ def _check(c: Calibration) -> None:
         if x.size < 2 or x.shape != y.shape:
             raise ValueError("isotonic needs at least 2 knots_raw and as many knots_probability")
         inside = np.all((x > 0) & (x < 1) & (y > 0) & (y < 1))
-        if not inside or np.any(np.diff(logit(x)) <= 0) or np.any(np.diff(logit(y)) <= 0):
+        if not inside or not _strict_knots(logit(x), logit(y)).all():
             raise ValueError("isotonic knots must lie in (0, 1) and be strictly increasing")
+
+
+def _strict_knots(kx: np.ndarray, kz: np.ndarray) -> np.ndarray:
+    """Mask of the knots to keep so that both ``kx`` and ``kz`` (``(K,)`` logits) strictly
+    increase: each kept knot lies above the last kept one in both (all True: already strict)."""
+    keep = np.zeros(kx.shape, dtype=bool)
+    last = None
+    for i in range(kx.size):
+        if last is None or (kx[i] > kx[last] and kz[i] > kz[last]):
+            keep[i], last = True, i
+    return keep
+
+
+def _piecewise_linear(x: np.ndarray, kx: np.ndarray, kz: np.ndarray) -> np.ndarray:
+    """The isotonic map on logits: linear between the knots ``(kx, kz)`` (``(K,)``, K >= 2, both
+    strictly increasing), beyond the end knots linear with the slope from the first to the last."""
+    slope = (kz[-1] - kz[0]) / (kx[-1] - kx[0])
+    inside = np.interp(x, kx, kz)
+    return np.where(
+        x < kx[0],
+        kz[0] + slope * (x - kx[0]),
+        np.where(x > kx[-1], kz[-1] + slope * (x - kx[-1]), inside),
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -225,17 +243,28 @@ def _fit_platt(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
 
 
 def _fit_isotonic(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Knots ``(raw logits, calibrated logits)`` of the strictly increasing isotonic map (one
-    per block of equal fitted values; a single knot when the fit is constant)."""
+    """Knots ``(raw logits, calibrated logits)`` of the strictly increasing isotonic map, both
+    ``(K,)`` and strictly increasing: one per block of equal fitted values (a single knot when
+    the fit is constant).
+
+    A block's value is its fraction of positives, computed here from the labels: scikit-learn's
+    pooled means of one fraction can differ in the last bit (0.25 and 0.25000000000000006), which
+    would split a block into two knots with the same logit. Distinct fractions of at most ``N``
+    cases differ by at least ``1 / N**2``, so fitted values closer than :data:`_SAME_FRACTION`
+    (times that) are one block."""
     from sklearn.isotonic import IsotonicRegression
 
     order = np.argsort(x, kind="stable")
     xs, ys = x[order], y[order].astype(np.float64)
-    eps = 1.0 / (2.0 * xs.size)
+    n = xs.size
+    eps = 1.0 / (2.0 * n)
     fitted = np.clip(IsotonicRegression(increasing=True).fit(xs, ys).predict(xs), eps, 1.0 - eps)
-    start = np.r_[0, np.flatnonzero(np.diff(fitted) != 0) + 1]
-    size = np.diff(np.r_[start, xs.size])
-    return np.add.reduceat(xs, start) / size, logit(fitted[start])
+    start = np.r_[0, np.flatnonzero(np.abs(np.diff(fitted)) > _SAME_FRACTION / n**2) + 1]
+    size = np.diff(np.r_[start, n])
+    kx = np.add.reduceat(xs, start) / size
+    kz = logit(np.clip(np.add.reduceat(ys, start) / size, eps, 1.0 - eps))
+    keep = _strict_knots(kx, kz)  # a no-op unless a block mean rounds onto its neighbour's
+    return kx[keep], kz[keep]
 
 
 def _platt(x: np.ndarray, y: np.ndarray) -> Calibration | None:
@@ -244,27 +273,30 @@ def _platt(x: np.ndarray, y: np.ndarray) -> Calibration | None:
 
 
 def _isotonic(x: np.ndarray, y: np.ndarray) -> Calibration | None:
+    """The isotonic :class:`Calibration` of raw logits ``x`` and labels ``y`` (None: the fit is
+    constant). Knots are stored as probabilities: a knot whose logit does not survive the round
+    trip through them strictly above its neighbour's is dropped (the map stays increasing)."""
     kx, kz = _fit_isotonic(x, y)
     if kx.size < 2:
         return None
     raw, prob = sigmoid(kx), sigmoid(kz)
-    keep = np.r_[True, (np.diff(raw) > 0) & (np.diff(prob) > 0)]  # float64 round trip stays strict
+    keep = _strict_knots(logit(raw), logit(prob))  # the very test Calibration's _check applies
     if keep.sum() < 2:
         return None
     return Calibration("isotonic", knots_raw=tuple(raw[keep]), knots_probability=tuple(prob[keep]))
 
 
 def _fold_predictions(method: str, x_fit: np.ndarray, y_fit: np.ndarray, x_out: np.ndarray) -> np.ndarray:
-    """Held-out probabilities of ``method`` fitted on one fold's training part (a fit that is
-    not strictly increasing there is still scored: the choice is about the method)."""
+    """Held-out probabilities of ``method`` fitted on one fold's training part. The isotonic map
+    is applied on its logit knots as fitted (no round trip through probabilities, whose rounding
+    can tie two knots: the choice is about the method, not about storing it)."""
     if method == "platt":
         a, b = _fit_platt(x_fit, y_fit)
         return sigmoid(a * x_out + b)
     kx, kz = _fit_isotonic(x_fit, y_fit)
     if kx.size < 2:
         return np.full(x_out.shape, float(sigmoid(kz[0])))
-    cal = Calibration("isotonic", knots_raw=tuple(sigmoid(kx)), knots_probability=tuple(sigmoid(kz)))
-    return sigmoid(cal._z(x_out))
+    return sigmoid(_piecewise_linear(x_out, kx, kz))
 
 
 def _folds(y: np.ndarray, seed: int, folds: int = CV_FOLDS):
@@ -280,12 +312,11 @@ def cv_log_loss(y: np.ndarray, raw: np.ndarray, methods: Sequence[str], seed: in
     from sklearn.metrics import log_loss
 
     x = _fit_logit(raw)
-    total = {m: 0.0 for m in methods}
+    held_out = {m: np.empty(y.size) for m in methods}  # every case once, from the fold that holds it out
     for fit, out in _folds(y, seed):
         for m in methods:
-            p = _fold_predictions(m, x[fit], y[fit], x[out])
-            total[m] += log_loss(y[out], p, labels=[0, 1]) * out.size
-    result = {m: v / y.size for m, v in total.items()}
+            held_out[m][out] = _fold_predictions(m, x[fit], y[fit], x[out])
+    result = {m: float(log_loss(y, p, labels=[0, 1])) for m, p in held_out.items()}
     result["raw"] = float(log_loss(y, np.clip(raw, EPS, 1 - EPS), labels=[0, 1]))
     return result
 

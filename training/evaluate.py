@@ -32,18 +32,30 @@ and reliability diagrams (``reliability/*.png``, ``reliability_all.png``) to ``-
 ``--store-thresholds`` saves the chosen thresholds and the fitted calibrations into the model
 folder's config so that ``fvlm analyze`` uses them. The outputs are checked before any work
 (:func:`output_plan`) and written all or none (the report and the stored config together).
+
+Scoring with a model keeps its work. Each volume's scores go into ``--out/volume_scores/``
+(``data.jsonl``; ``calibration.jsonl`` for the ``--calibration`` split; :mod:`fvlm_core.journal`)
+as soon as they are computed, so a crash or a kill loses at most the volume in flight, and a
+re-run with the same ``--out`` continues from them without encoding those volumes again. The
+journal records the model (SHA-256 of its weights and text encoder files, its config), the
+prompts, the windows and the dataset, and a re-run with any of them changed is refused before
+any volume is encoded. Once every volume is scored, ``scores.csv`` is written at once; a failure
+after that (metrics, calibration, the report or its plots) leaves the scores and says which step
+failed.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import io
 import json
 import math
 import os
 import time
-from collections.abc import Mapping, Sequence
+import traceback
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,7 +63,7 @@ from typing import Any
 import numpy as np
 
 from fvlm_core.data.layout import scan_id_of, volume_stem
-from fvlm_core.errors import ConfigError, DataError
+from fvlm_core.errors import ConfigError, DataError, FVLMError
 from fvlm_core.findings import CTRATE_LABELS, FVLM_LABELS
 
 #: Sizes of the CT-RATE validation split as released: 3,039 volumes (reconstructions) of 1,564 scans.
@@ -736,6 +748,15 @@ class VolumeSource:
     def __len__(self) -> int:
         return len(self.names)
 
+    def truth(self, name: str) -> dict[str, int]:
+        """The CT-RATE labels of ``name`` as 0/1, without reading its image."""
+        if self.is_cache:
+            from fvlm_core.data.cache import read_sidecar, sample_paths
+
+            info = read_sidecar(sample_paths(self.data_dir, name)[1])
+            return {k: int(v) for k, v in info["finding_labels"].items()}
+        return dict(self.records[name].labels)
+
     def load(self, name: str):
         from fvlm_core.io import CTVolume, LabelVolume
 
@@ -792,32 +813,47 @@ def score_dataset(
     limit: int | None = None,
     masks_dir: str | os.PathLike | None = None,
     progress=None,
+    journal=None,
 ) -> tuple[list[str], dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Score the model's findings on every volume: ``(names, scores, truth)``.
 
     ``windows``: ``reference`` (the public eval.py pipeline; CT-RATE layouts only), ``centred``
     or ``shared`` (:mod:`fvlm_core.zeroshot.windows`). ``scores[label]`` holds one probability
     per volume, NaN where the label's anatomy could not be scored (absent from the volume).
+    ``journal``: an :class:`~fvlm_core.journal.ItemJournal` opened with :func:`scoring_identity`:
+    each volume's scores are added to it as soon as they are computed, and a volume already in
+    it is not loaded or encoded again (its labels are read afresh: a corrected label table counts).
     """
     findings = analyzer.default_findings()
-    emb = analyzer.finding_embeddings(findings)  # once for the whole dataset
+    source = VolumeSource(data_dir, analyzer.anatomies, split, masks_dir, dedupe_scans, limit)
+    if windows == "reference" and source.is_cache:
+        _refuse_cache_for_reference(data_dir)
+    reused = [n for n in source.names if journal is not None and n in journal]
+    if reused and progress:
+        progress(f"{len(reused)} of {len(source)} volume(s) scored earlier, kept in {journal.path}", 0.0)
+    emb = analyzer.finding_embeddings(findings) if len(reused) < len(source) else None  # once
     ms = analyzer.model_space
     names: list[str] = []
     rows: list[dict[str, float]] = []
     truths: list[dict[str, int]] = []
-    source = VolumeSource(data_dir, analyzer.anatomies, split, masks_dir, dedupe_scans, limit)
-    if windows == "reference" and source.is_cache:
-        _refuse_cache_for_reference(data_dir)
     for i, name in enumerate(source.names):
-        ct, labels, truth = source.load(name)
-        ct, labels = _to_model_space(ct, labels, ms, windows)
-        enc = analyzer.encode_model_space(ct, labels, strategy=windows)
-        probs = analyzer.score(enc, emb)
-        rows.append({f.name: probs.get((f.anatomy, f.name), float("nan")) for f in findings})
+        if journal is not None and name in journal:
+            row, truth = _scores_from_record(journal[name]), source.truth(name)
+            how = "scored earlier"
+        else:
+            ct, labels, truth = source.load(name)
+            ct, labels = _to_model_space(ct, labels, ms, windows)
+            enc = analyzer.encode_model_space(ct, labels, strategy=windows)
+            probs = analyzer.score(enc, emb)
+            row = {f.name: probs.get((f.anatomy, f.name), float("nan")) for f in findings}
+            if journal is not None:
+                journal.add(name, {"scores": {k: None if math.isnan(v) else v for k, v in row.items()}})
+            how = f"{len(enc.plans)} window(s)"
+        rows.append(row)
         names.append(name)
         truths.append(truth)
         if progress:
-            progress(f"{name}: {len(enc.plans)} window(s)", (i + 1) / max(len(source), 1))
+            progress(f"{name}: {how}", (i + 1) / max(len(source), 1))
     if not names:
         raise DataError(f"--data {data_dir}: no volumes to score")
     scores = {f.name: np.asarray([r[f.name] for r in rows], dtype=float) for f in findings}
@@ -827,6 +863,68 @@ def score_dataset(
         if all(lbl in t for t in truths)
     }
     return names, scores, truth
+
+
+def _scores_from_record(record: Mapping[str, Any]) -> dict[str, float]:
+    """A volume's scores from its journal record (null: not scored, NaN)."""
+    return {k: float("nan") if v is None else float(v) for k, v in record["scores"].items()}
+
+
+#: Sub-folder of ``--out`` where the per-volume scores are kept as they are computed.
+JOURNAL_DIR = "volume_scores"
+
+
+def model_identity(model_dir: str | os.PathLike, config) -> dict[str, Any]:
+    """What a model folder's scores depend on: SHA-256 of its weights and of its text encoder's
+    files (tokenizer), its config (without what ``--store-thresholds`` changes: thresholds,
+    calibrations, provenance) and its findings' prompts."""
+    import hashlib
+
+    from fvlm_core.model.checkpoint import WEIGHTS_NAME
+
+    def digest(paths) -> str:
+        h = hashlib.sha256()
+        for path in paths:
+            h.update(path.relative_to(model_dir).as_posix().encode() + b"\0")
+            with open(path, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 22), b""):
+                    h.update(block)
+        return h.hexdigest()
+
+    model_dir = Path(model_dir)
+    cfg = config.to_dict()
+    for key in ("thresholds", "calibration", "versions", "findings"):
+        cfg.pop(key, None)
+    prompts = [[f.anatomy, f.name, list(f.negative), list(f.positive)] for f in config.finding_set()]
+    text = sorted(p for p in (model_dir / "text").rglob("*") if p.is_file())
+    return {
+        "model weights (sha256)": digest([model_dir / WEIGHTS_NAME]),
+        "text encoder files (sha256)": digest(text),
+        "model config": cfg,
+        "prompts": prompts,
+    }
+
+
+def scoring_identity(
+    model: Mapping[str, Any],
+    data_dir: str | os.PathLike,
+    split: str,
+    windows: str,
+    masks_dir: str | os.PathLike | None = None,
+) -> dict[str, Any]:
+    """The identity of a score journal (:mod:`fvlm_core.journal`): the ``model`` (its
+    :func:`model_identity`) and how the volumes are read and windowed. The choice of volumes (``--limit``,
+    ``--one-per-scan``) is not part of it: any subset reuses what was scored."""
+    from fvlm_core.data.cache import is_cache_folder
+
+    data = Path(data_dir).resolve()
+    return {
+        **model,
+        "windows": windows,
+        "dataset": str(data),
+        "split": None if is_cache_folder(data) else split,
+        "masks": None if masks_dir is None else str(Path(masks_dir).resolve()),
+    }
 
 
 def _direction(orientation: str) -> np.ndarray:
@@ -922,33 +1020,64 @@ def _scores_from_model(args: argparse.Namespace, meta: dict[str, Any]):
     analyzer = Analyzer.from_pretrained(args.model, device=args.device)
     meta.update({"model": str(args.model), "windows": windows, "device": str(analyzer.device)})
 
-    def score(data: str, **options: Any):
-        return score_dataset(
-            analyzer,
-            data,
-            split=args.split,
-            windows=windows,
-            masks_dir=args.masks,
-            progress=_print_progress,
-            **options,
-        )
-
     source = CalibrationSource(stored=_stored_calibrations(analyzer.config), refit=args.store_thresholds)
+    splits = {"data": args.data}
     if args.protocol == "strict" and args.calibration:
+        splits = {"calibration": args.calibration, **splits}
+        meta["calibration"] = str(args.calibration)
+    scored = _score_splits(args, analyzer, windows, splits)
+    names, scores, truth = scored["data"]
+    # the scoring's result, kept whatever happens to the report (which is written all or none)
+    from fvlm_core.atomic import atomic_write_text
+
+    atomic_write_text(Path(args.out) / "scores.csv", score_table_csv(scores, names))
+    if "calibration" in scored:
         from fvlm_core.metrics import roc_corner_threshold
 
-        _, cal_scores, cal_truth = score(args.calibration)
+        _, cal_scores, cal_truth = scored["calibration"]
         source.fit_scores, source.fit_truth = cal_scores, cal_truth
         thresholds = {}
-        for lbl, s in cal_scores.items():
-            s = np.asarray(s, dtype=float)
-            keep = ~np.isnan(s)
-            thresholds[lbl] = roc_corner_threshold(np.asarray(cal_truth[lbl])[keep], s[keep])
-        meta["calibration"] = str(args.calibration)
+        with _stage("choosing thresholds on the calibration split", args, len(names)):
+            for lbl, s in cal_scores.items():
+                keep = ~np.isnan(s)
+                thresholds[lbl] = roc_corner_threshold(np.asarray(cal_truth[lbl])[keep], s[keep])
     else:
         thresholds = dict(analyzer.config.thresholds)
-    names, scores, truth = score(args.data, dedupe_scans=args.one_per_scan, limit=args.limit)
     return names, scores, truth, thresholds, source
+
+
+def _score_splits(args: argparse.Namespace, analyzer, windows: str, splits: Mapping[str, str]) -> dict:
+    """:func:`score_dataset` of each split (role -> folder), each kept in its journal
+    ``--out/volume_scores/<role>.jsonl``. Every journal is checked against this run's model,
+    prompts, windows and data before any volume is encoded."""
+    from fvlm_core.journal import ItemJournal
+
+    model = model_identity(args.model, analyzer.config)
+    with contextlib.ExitStack() as stack:
+        journals = {
+            role: stack.enter_context(
+                ItemJournal(
+                    Path(args.out) / JOURNAL_DIR / f"{role}.jsonl",
+                    scoring_identity(model, data, args.split, windows, args.masks),
+                    what=f"per-volume scores of {data}",
+                )
+            )
+            for role, data in splits.items()
+        }
+        options = {"dedupe_scans": args.one_per_scan, "limit": args.limit}
+        return {
+            role: score_dataset(
+                analyzer,
+                data,
+                split=args.split,
+                windows=windows,
+                masks_dir=args.masks,
+                progress=_print_progress,
+                journal=journals[role],
+                **(options if role == "data" else {}),
+            )
+            for role, data in splits.items()
+        }
 
 
 def output_plan(args: argparse.Namespace, parts: bool = True):
@@ -982,7 +1111,7 @@ def output_plan(args: argparse.Namespace, parts: bool = True):
     if parts:
         for name in ("metrics.json", "report.md", "scores.csv", "roc_all.png", "reliability_all.png"):
             plan.file(f"--out ({name})", Path(args.out) / name)
-        for name in ("roc", "reliability"):
+        for name in ("roc", "reliability", JOURNAL_DIR):
             plan.folder(f"--out ({name})", Path(args.out) / name)
     plan.check()
     return plan
@@ -994,13 +1123,16 @@ def run(args: argparse.Namespace) -> int:
     output_plan(args)  # before any work: a bad --out is refused in a second, not after scoring
     collect = _scores_from_table if args.scores else _scores_from_model
     names, scores, truth, thresholds, source = collect(args, meta)
-    report = evaluate_scores(
-        scores, truth, names, args.protocol, thresholds, n_bootstrap=args.n_bootstrap, seed=args.seed
-    )
-    calibrate_report(report, scores, truth, source, seed=args.seed)
+    with _stage("metrics", args, len(names)):
+        report = evaluate_scores(
+            scores, truth, names, args.protocol, thresholds, n_bootstrap=args.n_bootstrap, seed=args.seed
+        )
+    with _stage("calibration", args, len(names)):
+        calibrate_report(report, scores, truth, source, seed=args.seed)
     report.meta.update(meta)
     report.meta["seconds"] = round(time.perf_counter() - t0, 1)
-    _write_outputs(args, report, scores, names)
+    with _stage("the report and plots", args, len(names)):
+        _write_outputs(args, report, None if not args.scores else scores, names)
     if args.store_thresholds:
         print(f"thresholds and calibrations stored in {Path(args.model) / 'config.yaml'}")
     m = report.macro["fvlm16"]
@@ -1016,6 +1148,30 @@ def run(args: argparse.Namespace) -> int:
         f"{_fmt(c['ece_calibrated'], 4)}"
     )
     return 0
+
+
+class EvaluationFailed(FVLMError):
+    """A step after scoring failed; the message says which, and where the scores are kept."""
+
+
+@contextlib.contextmanager
+def _stage(what: str, args: argparse.Namespace, n_volumes: int) -> Iterator[None]:
+    """Run one step after scoring; on failure say which step failed and that the scores are
+    kept (scored with ``--model``: in ``--out``, and a re-run continues from them)."""
+    try:
+        yield
+    except Exception as exc:
+        if args.scores:
+            raise  # the scores are an input: nothing to keep
+        if not isinstance(exc, FVLMError | OSError):
+            traceback.print_exc()  # not the user's doing: keep the trace for a bug report
+        out = Path(args.out)
+        raise EvaluationFailed(
+            f"{what} failed ({type(exc).__name__}: {exc}). The scores of all {n_volumes:,} volumes are "
+            f"kept: {out / 'scores.csv'} (and per volume in {out / JOURNAL_DIR}); the report was not "
+            "written. Re-run the same command to continue from them without encoding any volume "
+            f"again, or evaluate the table with --scores {out / 'scores.csv'} --labels LABELS.csv."
+        ) from exc
 
 
 def _write_outputs(args: argparse.Namespace, report: EvaluationReport, scores, names) -> None:

@@ -43,9 +43,11 @@ log = logging.getLogger("fvlm.train")
 MAE_FILE = "mae_pretrain_vit_base.pth"
 _SKIPPED_KEYS = ("mask_token", "cls_token")
 _SKIPPED_PREFIXES = ("decoder", "patch_embed")
+#: Where the MAE authors publish it (facebookresearch/mae's README; the public fVLM README links it).
+MAE_URL = "https://dl.fbaipublicfiles.com/mae/pretrain/mae_pretrain_vit_base.pth"
 _HOW_TO_GET = (
     f"download {MAE_FILE} from the MAE authors (facebookresearch/mae, 'pre-trained checkpoints', "
-    "ViT-Base) and pass its path as init_from (--set init_from=PATH)"
+    f"ViT-Base: {MAE_URL}) and pass its path as init_from (--set init_from=PATH)"
 )
 
 
@@ -117,6 +119,26 @@ def map_mae_state(
         else:
             mapped[key.replace("fc", "linear").replace("proj", "out_proj")] = value
     return mapped, skipped
+
+
+def require_init_from(init_from: str | None) -> None:
+    """Refuse, before any work, an ``init_from`` that is not there: a MAE checkpoint file (what
+    ``ctrate-base`` and ``ctrate-paper`` start from, as the paper and the public code do) or a
+    model folder. ``None`` (random weights) is the user's explicit choice and passes."""
+    if not init_from:
+        return
+    p = Path(init_from)
+    if is_mae_checkpoint(p) and not p.is_file():
+        raise CheckpointError(
+            f"init_from: {p} does not exist (looked for {p.absolute()}): the recipe starts the ViT from "
+            f"ImageNet MAE, as the paper and the public fVLM code do; {_HOW_TO_GET}. To train from "
+            "random weights instead (not the paper's start), pass --set init_from=null."
+        )
+    if not is_mae_checkpoint(p) and not (p / "config.yaml").is_file():
+        raise CheckpointError(
+            f"init_from: {p} is not a model folder (no config.yaml): give a folder written by "
+            f"`fvlm import-checkpoint` or a training run's model/, or a MAE checkpoint file ({MAE_FILE})."
+        )
 
 
 def read_mae_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:

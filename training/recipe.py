@@ -37,6 +37,7 @@ CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 OBJECTIVES = ("fvlm", "global_clip")
 RECONSTRUCTIONS = ("random", "first", "all")
 INTACT_RULES = ("interior", "strict")
+PAD_OFFSETS = ("random", "centre")
 #: learning-rate schedules (fvlm_training.schedule builds them; defined here so that reading a
 #: recipe, and with it every `fvlm` start, needs no torch)
 SCHEDULES = ("step_cosine", "epoch_cosine")
@@ -144,6 +145,9 @@ class DataOptions:
     random_crop: bool = True
     flip_prob: float = 0.2  # per axis
     intact_rule: str = "interior"  # fvlm_core.data.samples.AugmentConfig
+    #: a volume shorter than the crop: at a random offset in it (a shift augmentation) or centred
+    #: (the reference's symmetric padding)
+    pad_offset: str = "random"
     #: feed the text encoder a normal anatomy's text without its leading template
     #: "{anatomy} shows no significant abnormalities." when findings follow (the reference);
     #: the full text still decides normality and same-text pairs
@@ -161,6 +165,7 @@ class DataOptions:
         self.random_crop = _bool(self.random_crop, "data.random_crop")
         self.flip_prob = _float(self.flip_prob, "data.flip_prob", 0.0, 1.0)
         self.intact_rule = _choice(self.intact_rule, "data.intact_rule", INTACT_RULES)
+        self.pad_offset = _choice(self.pad_offset, "data.pad_offset", PAD_OFFSETS)
         self.strip_normal_template = _bool(self.strip_normal_template, "data.strip_normal_template")
         self.num_workers = _int(self.num_workers, "data.num_workers", minimum=0)
 

@@ -94,9 +94,11 @@ def train(
         ConfigError: a bad recipe key or value (before any work), or a checkpoint trained with
             other options.
     """
+    from fvlm_training.mae_init import require_init_from
     from fvlm_training.trainer import Trainer
 
     recipe = load_recipe(config, overrides).with_limits(max_minutes, max_steps)  # checked: before any work
+    require_init_from(recipe.init_from)
     check_run_folder(recipe, out_dir)
     trainer = Trainer(
         recipe,

@@ -267,6 +267,7 @@ class Trainer:
             random_crop=data.random_crop,
             intact_rule=data.intact_rule,
             hu_window=tuple(mc.preprocessing["hu_window"]),
+            pad_offset=data.pad_offset,
         )
         finding_anatomy = {f["name"]: f["anatomy"] for f in mc.findings or []}
         self.samples = TrainingSamples(base, mc.anatomies, finding_anatomy, augment, self.opts.seed)

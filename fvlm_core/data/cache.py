@@ -42,7 +42,7 @@ class CachedSample:
         geometry: the model-space grid (LPS).
         anatomies: anatomy names in label order.
         texts: training text per anatomy.
-        abnormal: per anatomy, abnormal by the reference rule (the impression mentions it).
+        abnormal: per anatomy, abnormal by the impression rule (it states an abnormality of it).
         finding_labels: the 18 CT-RATE labels as 0/1.
         report: the whole report (findings + impression), e.g. for a global CLIP baseline.
         meta: anything else (source file, split, scan id, abnormal_findings, segmentation backend,

@@ -264,7 +264,8 @@ def make_segmenter(
 def decompose_texts(
     findings: str, impression: str, anatomies: Sequence[str], name: str = "report"
 ) -> tuple[dict[str, str], dict[str, bool], dict[str, Any]]:
-    """Per-anatomy texts, abnormal flags (reference rule) and extras from a report (``fvlm_core.reports``).
+    """Per-anatomy texts, abnormal flags (the impression states an abnormality, negation-aware) and
+    extras from a report (``fvlm_core.reports``).
 
     Raises:
         DataError / InputError: empty or non-English report (it would silently read as all normal).

@@ -44,7 +44,10 @@ class AugmentConfig:
     """``crop_size``: model window (z, y, x); ``random_crop``: False = centre crop;
     ``flip_prob``: per-axis flip probability (reference 0.2); ``intact_rule``: ``interior``
     (an anatomy is dropped when a mask voxel lies on a crop face that cuts through the volume)
-    or ``strict`` (any of the 6 crop faces, even where it coincides with the volume border)."""
+    or ``strict`` (any of the 6 crop faces, even where it coincides with the volume border);
+    ``pad_offset``: where a volume shorter than the crop along an axis lies in it, ``random``
+    (a random offset: a shift augmentation) or ``centre`` (the reference: ``data/preprocess.py``
+    pads symmetrically as MONAI's ``SpatialPadd`` does, so its random crop has no freedom there)."""
 
     crop_size: tuple[int, int, int]
     flip_prob: float = 0.2
@@ -52,18 +55,25 @@ class AugmentConfig:
     intact_rule: str = "interior"
     hu_window: tuple[float, float] = (-1150.0, 350.0)
     pad_hu: float = -1024.0
+    pad_offset: str = "random"
 
     def __post_init__(self) -> None:
         if self.intact_rule not in ("interior", "strict"):
             raise ValueError(f"intact_rule must be 'interior' or 'strict', got {self.intact_rule!r}")
+        if self.pad_offset not in ("random", "centre"):
+            raise ValueError(f"pad_offset must be 'random' or 'centre', got {self.pad_offset!r}")
 
 
-def _axis_plan(dim: int, size: int, rng: np.random.Generator | None) -> tuple[int, int, int]:
-    """(source start, source end, destination start) of a crop/pad of ``dim`` to ``size``."""
+def _axis_plan(
+    dim: int, size: int, rng: np.random.Generator | None, pad_rng: np.random.Generator | None
+) -> tuple[int, int, int]:
+    """(source start, source end, destination start) of a crop/pad of ``dim`` to ``size``: a
+    random crop start drawn from ``rng`` (None: centred), a random pad offset from ``pad_rng``
+    (None: centred, ``(size - dim) // 2`` before as MONAI's symmetric padding)."""
     if dim >= size:
         start = int(rng.integers(0, dim - size + 1)) if rng is not None else (dim - size) // 2
         return start, start + size, 0
-    before = int(rng.integers(0, size - dim + 1)) if rng is not None else (size - dim) // 2
+    before = int(pad_rng.integers(0, size - dim + 1)) if pad_rng is not None else (size - dim) // 2
     return 0, dim, before
 
 
@@ -76,14 +86,17 @@ def crop_flip(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Crop (or pad) ``(Z, Y, X)`` arrays to ``cfg.crop_size``, flip, and tell which anatomies are intact.
 
-    Draws from ``rng``: one start per axis (random crop only), then one number per axis for the flips.
+    Draws from ``rng``: one start per axis (random crop; with ``pad_offset: centre`` none for
+    an axis the volume is shorter than the crop), then one number per axis for the flips.
 
     Returns:
         ``hu (Z, Y, X) float32``, ``labels (Z, Y, X) uint8`` and ``intact (A,) bool``: the
         anatomy has voxels in the crop and none on a cutting crop face (``cfg.intact_rule``).
     """
     size = tuple(int(s) for s in cfg.crop_size)
-    plans = [_axis_plan(d, s, rng if cfg.random_crop else None) for d, s in zip(hu.shape, size)]
+    crop_rng = rng if cfg.random_crop else None
+    pad_rng = crop_rng if cfg.pad_offset == "random" else None
+    plans = [_axis_plan(d, s, crop_rng, pad_rng) for d, s in zip(hu.shape, size)]
     src = tuple(slice(a, b) for a, b, _ in plans)
     dst = tuple(slice(o, o + (b - a)) for a, b, o in plans)
     out_hu = np.full(size, cfg.pad_hu, dtype=np.float32)

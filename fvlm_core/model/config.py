@@ -133,7 +133,7 @@ class TextConfig:
     #: the cheap way for a frozen encoder's text embeddings to learn negation (a project extension).
     adapter_width: int = 0
     adapter_heads: int = 4
-    #: zero BertModel's token-type embedding: the reference's BLIP BERT has none.
+    #: zero BertModel's token-type embedding and freeze it: the reference's BLIP BERT has none.
     zero_token_type: bool = False
 
     def __post_init__(self) -> None:

@@ -184,11 +184,15 @@ def _no_init_weights():
 
 
 def zero_token_type_embeddings(model: nn.Module) -> None:
-    """Zero BERT's token-type embedding (the reference's BLIP BERT has none)."""
+    """Zero BERT's token-type embedding and freeze it there: the reference's BLIP BERT has none
+    (``med.py`` builds it only when asked, and ``forward_text`` passes ``token_type_ids=None``),
+    so it must add nothing, before and after training. Left trainable, every text's row 0
+    gets a gradient and AdamW moves it away from zero."""
     emb = getattr(getattr(model, "embeddings", None), "token_type_embeddings", None)
     if emb is not None:
         with torch.no_grad():
             emb.weight.zero_()
+        emb.weight.requires_grad_(False)
 
 
 def pool_hidden(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> torch.Tensor:

@@ -6,9 +6,13 @@ no organ but a CT-RATE finding, e.g. "Fibrotic sequelae." or "Arterial wall calc
 to that finding's anatomy; one that only refers back, "It ...", to the previous sentence's), and
 decides per anatomy:
 
-* ``abnormal`` — the reference rule of the public fVLM release: an anatomy is abnormal iff the
-  impression mentions it. A report without an impression (no sections) has nothing to apply
-  the rule to; the negation-aware decision is used instead (documented deviation).
+* ``abnormal`` — the flag training uses (normal–normal pairing, the training text's head). The
+  public fVLM release reads an anatomy as abnormal when its conclusion text (extracted from the
+  impression) is present; here the impression must *state an abnormality* of the anatomy: one
+  of its impression sentences is abnormal by :func:`sentence_is_abnormal` ("Heart and aorta are
+  normal." or "No finding compatible with pneumonia." concludes nothing abnormal). A report
+  without an impression (no sections) has nothing to apply the rule to; the negation-aware
+  decision over the whole report is used instead (documented deviation).
 * ``abnormal_findings`` — negation-aware: some sentence of the anatomy (findings or impression)
   states an abnormality that is not negated ("no", "was not detected", "without", "within
   normal limits", ...); hedged statements ("cannot be excluded") count as abnormal.
@@ -101,6 +105,7 @@ _ABNORMAL = re.compile(
     r"abnormal|patholog|suspicious|infect|inflam|abscess|cavit|bronchogram|budding|crazy paving|"
     r"reticul|interstitial|hypertroph|deform|displace|eventration|elevation|herniat|diverticul|polyp|"
     r"varic|collateral|anomal|aberrant|accessory|variant|tortuous|elongat|ectopic|lobulat|heterogen|"
+    r"deviat|\bshift|"
     r"\?"
 )
 _NORMAL_STATEMENT = re.compile(
@@ -129,13 +134,14 @@ class ReportDecomposition:
     Attributes:
         anatomies: anatomy names, in order.
         texts: ``{anatomy: training text}`` (reference style).
-        abnormal: ``{anatomy: bool}`` by the reference rule (impression mentions it).
+        abnormal: ``{anatomy: bool}``: the impression states an abnormality of it (negation-aware;
+            without an impression, ``abnormal_findings``).
         abnormal_findings: ``{anatomy: bool}``, negation-aware.
         sentences: ``{anatomy: [sentence, ...]}`` findings then impression sentences.
         findings_sentences / impression_sentences: the same split by section.
         unassigned: sentences that name no anatomy of the list.
         language: ``"en"``, ``"unknown"`` (not English: nothing extracted) or ``"empty"``.
-        has_impression: whether an impression was given (the reference rule needs one).
+        has_impression: whether an impression was given (the impression rule needs one).
     """
 
     anatomies: list[str]
@@ -186,11 +192,14 @@ def _assemble(
     for a in anatomies:
         f_s, i_s = _dedupe(findings_by.get(a, [])), _dedupe(impression_by.get(a, []))
         sentences[a] = f_s + i_s
-        abnormal_findings[a] = any(sentence_is_abnormal(s) for s in f_s + i_s)
-        abnormal[a] = bool(i_s) if has_impression else abnormal_findings[a]
+        impression_abnormal = [s for s in i_s if sentence_is_abnormal(s)]
+        abnormal_findings[a] = bool(impression_abnormal) or any(sentence_is_abnormal(s) for s in f_s)
+        # the reference's rule (an anatomy is abnormal when the impression concludes something
+        # about it), negation-aware: "Heart and aorta are normal." concludes nothing abnormal
+        abnormal[a] = bool(impression_abnormal) if has_impression else abnormal_findings[a]
         # Reference order: impression (conclusion) first, then findings; a normal anatomy gets
         # the template in place of the impression.
-        head = i_s if abnormal[a] and i_s else [normal_template(a)] if not abnormal[a] else []
+        head = i_s if abnormal[a] else [normal_template(a)]
         texts[a] = training_text([*head, *f_s])
     return ReportDecomposition(
         anatomies=list(anatomies),
@@ -331,8 +340,9 @@ def decomposition_from_texts(
 ) -> ReportDecomposition:
     """Build a decomposition from per-anatomy texts (an LLM's output, fVLM's published files).
 
-    ``impression_by_anatomy`` decides the reference ``abnormal`` flag (anatomy present with
-    non-empty text); ``None`` means no impression is known (negation-aware rule instead).
+    ``impression_by_anatomy`` decides the ``abnormal`` flag (its text states an abnormality,
+    negation-aware); ``None`` means no impression is known (the whole text decides instead).
+    :func:`reference_decomposition` sets the reference's flag (any conclusion text) itself.
     """
     anatomies = list(anatomies or dict.fromkeys([*findings_by_anatomy, *(impression_by_anatomy or {})]))
     impression_by_anatomy = impression_by_anatomy or {}

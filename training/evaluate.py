@@ -174,6 +174,7 @@ def evaluate_scores(
     thresholds: Mapping[str, float] | None = None,
     n_bootstrap: int = 1000,
     seed: int = 0,
+    not_evaluated: Mapping[str, str] | None = None,
 ) -> EvaluationReport:
     """Evaluate a score table.
 
@@ -186,6 +187,8 @@ def evaluate_scores(
         thresholds: fixed thresholds per label (from a calibration split or the model config).
             With ``reference`` they add a second block of metrics at these thresholds.
         n_bootstrap, seed: bootstrap of the AUC confidence interval.
+        not_evaluated: findings the model scores that were left out before, and why (no ground
+            truth in the data, anatomy segmented nowhere: see :func:`evaluable`); noted.
 
     Returns:
         :class:`EvaluationReport`; labels are in CT-RATE order, then any others.
@@ -238,7 +241,9 @@ def evaluate_scores(
             "Thresholds were chosen on the evaluated set itself (reference protocol); this flatters "
             "accuracy/F1/precision. Use --protocol strict with a calibration split for unbiased numbers.",
         )
-    not_covered = [lbl for lbl in CTRATE_LABELS if lbl not in scores]
+    not_evaluated = dict(not_evaluated or {})
+    notes += [f"{lbl}: not evaluated ({why})." for lbl, why in not_evaluated.items()]
+    not_covered = [lbl for lbl in CTRATE_LABELS if lbl not in scores and lbl not in not_evaluated]
     if not_covered:
         notes.append("Not scored by this model (no anatomy/finding): " + ", ".join(not_covered) + ".")
     return EvaluationReport(
@@ -1081,26 +1086,24 @@ def _open_sources(args: argparse.Namespace, config, findings) -> dict[str, Volum
 
 
 def evaluable(
-    scores: Mapping[str, np.ndarray], truth: Mapping[str, np.ndarray], findings, notes: list[str]
-) -> dict[str, np.ndarray]:
-    """The scores of the findings that can be evaluated: with a ground-truth column, and scored on
-    at least one volume (their anatomy segmented somewhere). The others are named in ``notes``."""
+    scores: Mapping[str, np.ndarray], truth: Mapping[str, np.ndarray], findings
+) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """``(scores, left out)``: the scores of the findings that can be evaluated (a ground-truth
+    column, and scored on at least one volume: their anatomy segmented somewhere), and for the
+    others why not."""
     anatomy = {f.name: f.anatomy for f in findings}
-    no_truth = [lbl for lbl in scores if lbl not in truth]
-    if no_truth:
-        notes.append("No ground truth in the data for: " + ", ".join(no_truth) + " (not evaluated).")
-    out = {}
+    out, left_out = {}, {}
     for lbl, s in scores.items():
         if lbl not in truth:
-            continue
-        if np.all(np.isnan(np.asarray(s, dtype=float))):
-            notes.append(
-                f"{lbl}: its anatomy ({anatomy.get(lbl, '?')}) was found in none of the {len(s)} volumes "
-                "(see the segmentation note); not evaluated."
+            left_out[lbl] = "no ground truth for it in the data"
+        elif np.all(np.isnan(np.asarray(s, dtype=float))):
+            left_out[lbl] = (
+                f"its anatomy, {anatomy.get(lbl, '?')}, was segmented in none of the {len(s)} volumes; "
+                "see the segmentation note"
             )
-            continue
-        out[lbl] = s
-    return out
+        else:
+            out[lbl] = s
+    return out, left_out
 
 
 def _scores_from_model(args: argparse.Namespace, meta: dict[str, Any]):
@@ -1154,7 +1157,13 @@ def _scores_from_model(args: argparse.Namespace, meta: dict[str, Any]):
     else:
         thresholds = dict(analyzer.config.thresholds)
     names, scores, truth = score("data", args.data)
-    return names, evaluable(scores, truth, findings, meta["notes"]), truth, thresholds, source
+    scores, meta["not_evaluated"] = evaluable(scores, truth, findings)
+    if not scores:
+        raise DataError(
+            f"--data {args.data}: no finding can be evaluated: "
+            + "; ".join(f"{k}: {v}" for k, v in meta["not_evaluated"].items())
+        )
+    return names, scores, truth, thresholds, source
 
 
 def output_plan(args: argparse.Namespace, parts: bool = True):
@@ -1201,7 +1210,14 @@ def run(args: argparse.Namespace) -> int:
     collect = _scores_from_table if args.scores else _scores_from_model
     names, scores, truth, thresholds, source = collect(args, meta)
     report = evaluate_scores(
-        scores, truth, names, args.protocol, thresholds, n_bootstrap=args.n_bootstrap, seed=args.seed
+        scores,
+        truth,
+        names,
+        args.protocol,
+        thresholds,
+        n_bootstrap=args.n_bootstrap,
+        seed=args.seed,
+        not_evaluated=meta.pop("not_evaluated", None),
     )
     calibrate_report(report, scores, truth, source, seed=args.seed)
     report.notes.extend(meta.pop("notes", []))

@@ -114,12 +114,12 @@ NO_COUNTERPART = ("Medical material", "Mosaic attenuation pattern")
 # ------------------------------------------------------------------------------------------------
 
 
-def radchest_geometry(shape_zyx: Sequence[int]) -> Geometry:
+def radchest_geometry(shape_zyx: Sequence[int], spacing_mm: float = SPACING_MM) -> Geometry:
     """The LPS grid of a RAD-ChestCT array once its slice axis is reversed: 0.8 mm, identity
     direction, centred on the origin."""
     size = tuple(int(s) for s in reversed(tuple(shape_zyx)))
-    origin = tuple(-(n - 1) / 2 * SPACING_MM for n in size)
-    return Geometry(size, (SPACING_MM,) * 3, origin, (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0))
+    origin = tuple(-(n - 1) / 2 * spacing_mm for n in size)
+    return Geometry(size, (spacing_mm,) * 3, origin, (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0))
 
 
 def _unreadable(path: Path, why: Any) -> DataError:
@@ -142,8 +142,11 @@ def check_npz(path: str | os.PathLike) -> str | None:
     return None
 
 
-def read_radchest_npz(path: str | os.PathLike) -> CTVolume:
+def read_radchest_npz(path: str | os.PathLike, spacing_mm: float = SPACING_MM) -> CTVolume:
     """A RAD-ChestCT volume on its LPS grid (see the module docstring), float32 HU.
+
+    ``spacing_mm``: the release's 0.8 mm; another value only for arrays made by the same steps
+    with another voxel size (the tests' small phantoms).
 
     Raises:
         DataError: not an NPZ archive, truncated, no ``ct`` array, not 3D, not numbers, or
@@ -162,7 +165,7 @@ def read_radchest_npz(path: str | os.PathLike) -> CTVolume:
         raise _unreadable(path, f"'ct' is a {array.ndim}-D {array.dtype} array, not a 3-D CT volume")
     hu = np.ascontiguousarray(array[::-1], dtype=np.float32)  # slices superior -> inferior: reversed
     try:
-        return ct_from_array(hu, radchest_geometry(hu.shape), str(path))
+        return ct_from_array(hu, radchest_geometry(hu.shape, spacing_mm), str(path))
     except DataError:
         raise
     except Exception as exc:  # InputError of the HU check: reworded as a dataset problem

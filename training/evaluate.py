@@ -742,7 +742,7 @@ class VolumeSource:
                 labels=str(labels) if labels else None,
                 masks=str(masks_dir) if masks_dir else None,
                 radchest_mapping=radchest_mapping,
-                findings=tuple(dict.fromkeys([*findings, *CTRATE_LABELS])),
+                findings=tuple(findings),
             )
             names = self._open_layout(options, ignore_columns)
             self.segment = self._segmenter(backend, backend_options)
@@ -781,7 +781,7 @@ class VolumeSource:
         if unknown:
             raise DataError(
                 f"{self.reader.table.path}: column(s) {', '.join(map(repr, unknown))} match none of the findings "
-                f"this run can score ({', '.join(f for f in options.findings)}). Rename a column to its finding's "
+                f"({', '.join(self.reader.findings)}). Rename a column to its finding's "
                 "name, define a finding of that name with --prompts FILE to evaluate it, or leave it out with "
                 f"--ignore-columns {','.join(unknown)}."
             )

@@ -97,7 +97,8 @@ class DatasetOptions:
         labels: the label CSV when it is not (or not the only one) in the folder.
         masks: folder of anatomy label maps named like the scans (default CT-RATE: ``anatomy_masks``).
         radchest_mapping: ``hlip`` or ``location`` (:data:`~fvlm_core.data.radchest.RADCHEST_MAPPINGS`).
-        findings: finding names a cohort CSV's columns are matched to.
+        findings: finding names a cohort CSV's columns are matched to, besides the 18 CT-RATE
+            labels (e.g. the free-text findings of a prompts file).
         require_reports: CT-RATE: skip volumes without a report (training needs the text).
         check_files: look at every scan file's header before the work (unusable ones: ``skipped``).
     """
@@ -106,7 +107,7 @@ class DatasetOptions:
     labels: str | None = None
     masks: str | None = None
     radchest_mapping: str = "hlip"
-    findings: tuple[str, ...] = CTRATE_LABELS
+    findings: tuple[str, ...] = ()
     require_reports: bool = False
     check_files: bool = True
 
@@ -138,4 +139,5 @@ def open_dataset(root: str | os.PathLike, options: DatasetOptions | None = None)
         return RadChestReader(
             Path(root), o.labels and Path(o.labels), masks, o.radchest_mapping, o.check_files
         )
-    return CohortReader(Path(root), o.labels and Path(o.labels), masks, o.findings, o.check_files)
+    findings = tuple(dict.fromkeys([*CTRATE_LABELS, *o.findings]))
+    return CohortReader(Path(root), o.labels and Path(o.labels), masks, findings, o.check_files)

@@ -222,18 +222,6 @@ def test_unknown_column_missing_scan_and_empty_cohort_are_refused_before_any_wor
         ev.VolumeSource(data, ANATOMIES)
 
 
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    import torch
-
-    from fvlm_core.model import FVLM
-
-    torch.manual_seed(0)
-    d = tmp_path_factory.mktemp("tiny")
-    FVLM.from_config("fvlm-tiny").save_pretrained(d)
-    return d
-
-
 @pytest.mark.slow
 def test_evaluate_calibrate_and_strict_on_a_cohort(cohort, tiny_model_dir, tmp_path):
     """Reference protocol with a free-text finding scored against its own column and a missing

@@ -403,18 +403,6 @@ def radchest_dir(tmp_path_factory):
     return root, masks, positives
 
 
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    import torch
-
-    from fvlm_core.model import FVLM
-
-    torch.manual_seed(0)
-    d = tmp_path_factory.mktemp("tiny")
-    FVLM.from_config("fvlm-tiny").save_pretrained(d)
-    return d
-
-
 def test_reader_finds_scans_labels_and_masks(radchest_dir):
     from fvlm_core.data.labelled import DatasetOptions, detect_layout, open_dataset
 

@@ -1159,9 +1159,13 @@ def _scores_from_model(args: argparse.Namespace, meta: dict[str, Any]):
     names, scores, truth = score("data", args.data)
     scores, meta["not_evaluated"] = evaluable(scores, truth, findings)
     if not scores:
+        grouped: dict[str, list[str]] = {}
+        for lbl, why in meta["not_evaluated"].items():
+            grouped.setdefault(why, []).append(lbl)
         raise DataError(
-            f"--data {args.data}: no finding can be evaluated: "
-            + "; ".join(f"{k}: {v}" for k, v in meta["not_evaluated"].items())
+            f"--data {args.data}: no finding can be evaluated. "
+            + "; ".join(f"{', '.join(lbls)}: {why}" for why, lbls in grouped.items())
+            + "."
         )
     return names, scores, truth, thresholds, source
 

@@ -37,7 +37,7 @@ from pathlib import Path
 import SimpleITK as sitk
 
 from fvlm_core.data.ctrate import VolumeRecord
-from fvlm_core.data.labelled import MASK_SUFFIXES, find_mask
+from fvlm_core.data.labelled import MASK_SUFFIXES, LabelledReader, find_mask
 from fvlm_core.errors import DataError
 from fvlm_core.findings import CTRATE_LABELS
 from fvlm_core.io import CTVolume, read_ct
@@ -211,7 +211,7 @@ def scan_index(root: Path, skip: Path | None = None) -> dict[str, list[Path]]:
 
 
 @dataclass
-class CohortReader:
+class CohortReader(LabelledReader):
     """A folder of CTs and its labels CSV (see the module docstring).
 
     Args:
@@ -232,10 +232,6 @@ class CohortReader:
     findings: Sequence[str] = CTRATE_LABELS
     check_files: bool = True
     layout: str = field(default="cohort", init=False)
-    records: list[VolumeRecord] = field(default_factory=list, init=False)
-    skipped: list[tuple[str, str]] = field(default_factory=list, init=False)
-    notes: list[str] = field(default_factory=list, init=False)
-    has_labels: bool = field(default=True, init=False)
 
     def __post_init__(self) -> None:
         self.root = Path(self.root)
@@ -332,12 +328,6 @@ class CohortReader:
                 f"(e.g. {', '.join(p.name for p in unlisted[:3])})."
             )
         return lines
-
-    def get(self, name: str) -> VolumeRecord:
-        for r in self.records:
-            if r.name == name:
-                return r
-        raise DataError(f"{name}: not a usable scan of {self.root}.")
 
     def read_ct(self, record: VolumeRecord) -> CTVolume:
         """The CT in HU (``fvlm_core.io.read_ct``), in LPS axis order."""

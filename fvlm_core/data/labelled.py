@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import csv
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +47,24 @@ def find_mask(masks_dir: str | os.PathLike | None, name: str) -> Path | None:
         if (base / f"{name}{suffix}").is_file():
             return base / f"{name}{suffix}"
     return base / name if (base / name).is_dir() else None
+
+
+@dataclass
+class LabelledReader:
+    """The attributes every reader has (:class:`~fvlm_core.data.ctrate.CTRATEReader` too) and
+    ``get(name)``; the RAD-ChestCT and cohort readers derive from it."""
+
+    records: list = field(default_factory=list, init=False)
+    skipped: list[tuple[str, str]] = field(default_factory=list, init=False)
+    notes: list[str] = field(default_factory=list, init=False)
+    has_labels: bool = field(default=True, init=False)
+
+    def get(self, name: str) -> Any:
+        """The record of scan ``name``."""
+        for r in self.records:
+            if r.name == name:
+                return r
+        raise DataError(f"{name}: not a usable scan of {getattr(self, 'root', 'the dataset')}.")
 
 
 def csv_header(path: str | os.PathLike) -> list[str]:

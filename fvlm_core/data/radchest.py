@@ -53,7 +53,7 @@ from typing import Any
 import numpy as np
 
 from fvlm_core.data.ctrate import VolumeRecord
-from fvlm_core.data.labelled import find_mask
+from fvlm_core.data.labelled import LabelledReader, find_mask
 from fvlm_core.errors import DataError
 from fvlm_core.io import CTVolume, Geometry, ct_from_array
 
@@ -271,7 +271,7 @@ def _subset(csv_path: Path) -> str:
 
 
 @dataclass
-class RadChestReader:
+class RadChestReader(LabelledReader):
     """The scans and labels of a RAD-ChestCT folder (see the module docstring).
 
     Args:
@@ -296,10 +296,6 @@ class RadChestReader:
     mapping: str = "hlip"
     check_files: bool = True
     layout: str = field(default="radchest", init=False)
-    records: list[VolumeRecord] = field(default_factory=list, init=False)
-    skipped: list[tuple[str, str]] = field(default_factory=list, init=False)
-    notes: list[str] = field(default_factory=list, init=False)
-    has_labels: bool = field(default=True, init=False)
 
     def __post_init__(self) -> None:
         self.root = Path(self.root)
@@ -362,12 +358,6 @@ class RadChestReader:
                 f"{unlabelled} NPZ file(s) under {self.root} have no row in the label CSV(s): not used."
             )
         return lines
-
-    def get(self, name: str) -> VolumeRecord:
-        for r in self.records:
-            if r.name == name:
-                return r
-        raise DataError(f"{name}: not a usable scan of {self.root}.")
 
     def read_ct(self, record: VolumeRecord) -> CTVolume:
         return read_radchest_npz(record.path)

@@ -215,6 +215,17 @@ def _run(names: list[str], options: dict[str, Any], workers: int) -> Iterator[tu
         yield from pool.imap_unordered(_process, names)
 
 
+def _open_reader(dataset: str | os.PathLike, options: DatasetOptions, backend: str) -> Any:
+    """The dataset's reader; refused when the labelmap backend has no masks to read."""
+    reader = open_dataset(Path(dataset), options)
+    if backend == "labelmap" and reader.masks_dir is None:
+        where = "anatomy_masks/ folder" if reader.layout == "ctrate" else "--masks"
+        raise ConfigError(
+            f"{dataset}: no anatomy masks ({where}); pass --masks DIR or choose --backend builtin|totalsegmentator."
+        )
+    return reader
+
+
 def prepare_dataset(
     dataset: str | os.PathLike,
     out: str | os.PathLike,
@@ -258,12 +269,7 @@ def prepare_dataset(
         radchest_mapping=radchest_mapping,
         require_reports=True,
     )
-    reader = open_dataset(Path(dataset), options_in)
-    if backend == "labelmap" and reader.masks_dir is None:
-        raise ConfigError(
-            f"{dataset}: no anatomy masks ({'anatomy_masks/ folder' if reader.layout == 'ctrate' else '--masks'}); "
-            "pass --masks DIR or choose --backend builtin|totalsegmentator."
-        )
+    reader = _open_reader(dataset, options_in, backend)
     out.mkdir(parents=True, exist_ok=True)
     split = split if reader.layout == "ctrate" else reader.layout
     settings = {

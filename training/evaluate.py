@@ -1085,25 +1085,22 @@ def _open_sources(args: argparse.Namespace, config, findings) -> dict[str, Volum
     return out
 
 
-def evaluable(
+def not_evaluable(
     scores: Mapping[str, np.ndarray], truth: Mapping[str, np.ndarray], findings
-) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """``(scores, left out)``: the scores of the findings that can be evaluated (a ground-truth
-    column, and scored on at least one volume: their anatomy segmented somewhere), and for the
-    others why not."""
+) -> dict[str, str]:
+    """The scored findings that cannot be evaluated, and why: no ground-truth column, or not
+    scored on any volume (their anatomy segmented nowhere). Their scores are still written."""
     anatomy = {f.name: f.anatomy for f in findings}
-    out, left_out = {}, {}
+    out = {}
     for lbl, s in scores.items():
         if lbl not in truth:
-            left_out[lbl] = "no ground truth for it in the data"
+            out[lbl] = "no ground truth for it in the data"
         elif np.all(np.isnan(np.asarray(s, dtype=float))):
-            left_out[lbl] = (
+            out[lbl] = (
                 f"its anatomy, {anatomy.get(lbl, '?')}, was segmented in none of the {len(s)} volumes; "
                 "see the segmentation note"
             )
-        else:
-            out[lbl] = s
-    return out, left_out
+    return out
 
 
 def _scores_from_model(args: argparse.Namespace, meta: dict[str, Any]):
@@ -1157,8 +1154,8 @@ def _scores_from_model(args: argparse.Namespace, meta: dict[str, Any]):
     else:
         thresholds = dict(analyzer.config.thresholds)
     names, scores, truth = score("data", args.data)
-    scores, meta["not_evaluated"] = evaluable(scores, truth, findings)
-    if not scores:
+    meta["not_evaluated"] = not_evaluable(scores, truth, findings)
+    if len(meta["not_evaluated"]) == len(scores):
         grouped: dict[str, list[str]] = {}
         for lbl, why in meta["not_evaluated"].items():
             grouped.setdefault(why, []).append(lbl)
@@ -1213,15 +1210,16 @@ def run(args: argparse.Namespace) -> int:
     output_plan(args)  # before any work: a bad --out is refused in a second, not after scoring
     collect = _scores_from_table if args.scores else _scores_from_model
     names, scores, truth, thresholds, source = collect(args, meta)
+    not_evaluated = meta.pop("not_evaluated", {})
     report = evaluate_scores(
-        scores,
+        {k: v for k, v in scores.items() if k not in not_evaluated},
         truth,
         names,
         args.protocol,
         thresholds,
         n_bootstrap=args.n_bootstrap,
         seed=args.seed,
-        not_evaluated=meta.pop("not_evaluated", None),
+        not_evaluated=not_evaluated,
     )
     calibrate_report(report, scores, truth, source, seed=args.seed)
     report.notes.extend(meta.pop("notes", []))

@@ -1,9 +1,11 @@
 """Zero-shot evaluation with the CT-RATE protocol: per-label AUC (bootstrap 95% CI), thresholds, metrics.
 
-Scores every volume of a dataset (CT-RATE layout or a ``fvlm prepare`` cache) with a model, or
-reads a score table (``--scores``), then reports per label and as macro means: AUC with a
-bootstrap CI; at the threshold, accuracy, weighted F1, positive-class F1, precision,
-sensitivity and specificity. Protocols:
+Scores every volume of a dataset with a model (a CT-RATE layout, RAD-ChestCT, a folder of CTs with
+one labels CSV: :mod:`fvlm_core.data.labelled`; or a ``fvlm prepare`` cache), or reads a score
+table (``--scores``), then reports per label and as macro means: AUC with a bootstrap CI; at the
+threshold, accuracy, weighted F1, positive-class F1, precision, sensitivity and specificity. A
+label missing for a volume leaves that volume out of that label; findings without ground truth,
+or whose anatomy was segmented in no volume, are named in the notes. Protocols:
 
 * ``reference``: thresholds chosen on the evaluated set itself (closest ROC point to the corner
   over ``linspace(0, 1, 100)``), as the published numbers are; a volume whose anatomy could not
@@ -14,7 +16,8 @@ sensitivity and specificity. Protocols:
 Windows (``--windows``; default ``reference`` under the reference protocol, ``centred`` under
 strict): ``reference`` reproduces the public fVLM pipeline on a CT-RATE layout (``data/resize.py``
 resizing, ``data/preprocess.py`` crop and -1150 HU padding, ``eval.py``'s windows, fp32): with the
-official weights it gives eval.py's probabilities. A ``fvlm prepare`` cache cannot give them (its
+official weights it gives eval.py's probabilities. RAD-ChestCT and cohort volumes go through the
+same steps from their readers' LPS-ordered arrays (the CT-RATE volumes' axis order). A ``fvlm prepare`` cache cannot give them (its
 HU are rounded and floored at -1024), so ``reference`` windows refuse a cache. ``centred`` and
 ``shared`` are the project's own windows on its physical resampling (:mod:`fvlm_core.zeroshot.windows`).
 

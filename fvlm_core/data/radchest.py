@@ -54,7 +54,7 @@ import numpy as np
 
 from fvlm_core.data.ctrate import VolumeRecord
 from fvlm_core.data.labelled import LabelledReader, find_mask
-from fvlm_core.errors import DataError
+from fvlm_core.errors import DataError, InputError
 from fvlm_core.io import CTVolume, Geometry, ct_from_array
 
 #: The release's voxel size (mm, isotropic) and HU clipping (``preprocess_volumes.py``).
@@ -166,9 +166,7 @@ def read_radchest_npz(path: str | os.PathLike, spacing_mm: float = SPACING_MM) -
     hu = np.ascontiguousarray(array[::-1], dtype=np.float32)  # slices superior -> inferior: reversed
     try:
         return ct_from_array(hu, radchest_geometry(hu.shape, spacing_mm), str(path))
-    except DataError:
-        raise
-    except Exception as exc:  # InputError of the HU check: reworded as a dataset problem
+    except InputError as exc:  # not finite, not HU: said as a problem of this dataset file
         raise _unreadable(path, exc) from exc
 
 

@@ -68,6 +68,20 @@ def small_model_config():
     return make
 
 
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A demo-size model folder: ``fvlm-tiny`` with random weights (seed 0), for end-to-end
+    evaluation tests."""
+    import torch
+
+    from fvlm_core.model import FVLM
+
+    torch.manual_seed(0)
+    d = tmp_path_factory.mktemp("tiny")
+    FVLM.from_config("fvlm-tiny").save_pretrained(d)
+    return d
+
+
 @pytest.fixture(autouse=True)
 def _autograd_stays_enabled():
     """Fail the test that leaves autograd disabled globally (it would break every later test)."""

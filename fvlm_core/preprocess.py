@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -203,6 +203,18 @@ def spacing_warning(
 def _resample(image: sitk.Image, grid: Geometry, interpolator: int, default: float, pixel: int) -> sitk.Image:
     ref = grid.apply_to(sitk.Image(list(grid.size), pixel))
     return sitk.Resample(image, ref, sitk.Transform(), interpolator, default, pixel)
+
+
+def reorient(ct: CTVolume, orientation: str = "LPS") -> CTVolume:
+    """``ct`` with its array axes permuted and flipped to ``orientation`` (``sitk.DICOMOrient``:
+    no interpolation, the same voxels at the same physical positions); ``ct`` itself when it is
+    already so. The public fVLM pipeline resizes the array as stored, so a volume goes to its
+    reference windows in the axis order of the CT-RATE volumes it was trained on (``LPS``)."""
+    image = ct.to_sitk()
+    out = sitk.DICOMOrient(image, orientation)
+    if out.GetDirection() == image.GetDirection():
+        return ct
+    return replace(ct, array=sitk.GetArrayFromImage(out), geometry=Geometry.from_sitk(out))
 
 
 def resample_to_model_space(

@@ -1,9 +1,11 @@
 """Zero-shot evaluation with the CT-RATE protocol: per-label AUC (bootstrap 95% CI), thresholds, metrics.
 
-Scores every volume of a dataset (CT-RATE layout or a ``fvlm prepare`` cache) with a model, or
-reads a score table (``--scores``), then reports per label and as macro means: AUC with a
-bootstrap CI; at the threshold, accuracy, weighted F1, positive-class F1, precision,
-sensitivity and specificity. Protocols:
+Scores every volume of a dataset with a model (a CT-RATE layout, RAD-ChestCT, a folder of CTs with
+one labels CSV: :mod:`fvlm_core.data.labelled`; or a ``fvlm prepare`` cache), or reads a score
+table (``--scores``), then reports per label and as macro means: AUC with a bootstrap CI; at the
+threshold, accuracy, weighted F1, positive-class F1, precision, sensitivity and specificity. A
+label missing for a volume leaves that volume out of that label; findings without ground truth,
+or whose anatomy was segmented in no volume, are named in the notes. Protocols:
 
 * ``reference``: thresholds chosen on the evaluated set itself (closest ROC point to the corner
   over ``linspace(0, 1, 100)``), as the published numbers are; a volume whose anatomy could not
@@ -14,7 +16,8 @@ sensitivity and specificity. Protocols:
 Windows (``--windows``; default ``reference`` under the reference protocol, ``centred`` under
 strict): ``reference`` reproduces the public fVLM pipeline on a CT-RATE layout (``data/resize.py``
 resizing, ``data/preprocess.py`` crop and -1150 HU padding, ``eval.py``'s windows, fp32): with the
-official weights it gives eval.py's probabilities. A ``fvlm prepare`` cache cannot give them (its
+official weights it gives eval.py's probabilities. RAD-ChestCT and cohort volumes go through the
+same steps from their readers' LPS-ordered arrays (the CT-RATE volumes' axis order). A ``fvlm prepare`` cache cannot give them (its
 HU are rounded and floored at -1024), so ``reference`` windows refuse a cache. ``centred`` and
 ``shared`` are the project's own windows on its physical resampling (:mod:`fvlm_core.zeroshot.windows`).
 
@@ -62,6 +65,7 @@ from typing import Any
 
 import numpy as np
 
+from fvlm_core.data.labelled import LAYOUT_NAMES
 from fvlm_core.data.layout import scan_id_of, volume_stem
 from fvlm_core.errors import ConfigError, DataError, FVLMError
 from fvlm_core.findings import CTRATE_LABELS, FVLM_LABELS
@@ -168,6 +172,15 @@ def _macros(results: Mapping[str, Any]) -> dict[str, dict]:
     return out
 
 
+def labelled(truth: Sequence[float], scores: Sequence[float]) -> tuple[np.ndarray, np.ndarray, int]:
+    """``(truth as 0/1 ints, scores, n)`` of the volumes that have a label (a missing label is NaN
+    in the truth: that volume is left out of this finding, never counted negative); ``n``: how
+    many were left out."""
+    y, s = np.asarray(truth, dtype=float), np.asarray(scores, dtype=float)
+    known = ~np.isnan(y)
+    return y[known].astype(int), s[known], int(np.count_nonzero(~known))
+
+
 def evaluate_scores(
     scores: Mapping[str, Sequence[float]],
     labels: Mapping[str, Sequence[int]],
@@ -176,18 +189,21 @@ def evaluate_scores(
     thresholds: Mapping[str, float] | None = None,
     n_bootstrap: int = 1000,
     seed: int = 0,
+    not_evaluated: Mapping[str, str] | None = None,
 ) -> EvaluationReport:
     """Evaluate a score table.
 
     Args:
         scores: label -> probabilities, one per volume (NaN: the anatomy could not be scored).
-        labels: label -> 0/1 ground truth, same order.
+        labels: label -> 0/1 ground truth, same order (NaN: no label; left out of that label).
         volume_names: the volumes, same order (used to describe the split).
         protocol: ``"reference"`` (thresholds chosen on this set; NaN scores count as 0) or
             ``"strict"`` (``thresholds`` required; NaN scores left out).
         thresholds: fixed thresholds per label (from a calibration split or the model config).
             With ``reference`` they add a second block of metrics at these thresholds.
         n_bootstrap, seed: bootstrap of the AUC confidence interval.
+        not_evaluated: findings the model scores that were left out before, and why (no ground
+            truth in the data, anatomy segmented nowhere: see :func:`evaluable`); noted.
 
     Returns:
         :class:`EvaluationReport`; labels are in CT-RATE order, then any others.
@@ -215,8 +231,9 @@ def evaluate_scores(
     notes: list[str] = []
     per_label, fixed = {}, {}
     for lbl in order:
-        s = np.asarray(scores[lbl], dtype=float)
-        y = np.asarray(labels[lbl], dtype=int)
+        y, s, n_unlabelled = labelled(labels[lbl], scores[lbl])
+        if n_unlabelled:
+            notes.append(f"{lbl}: {n_unlabelled} volume(s) without a label (missing value) left out.")
         missing = np.isnan(s)
         n_missing = int(missing.sum())
         if protocol == "reference":
@@ -239,7 +256,9 @@ def evaluate_scores(
             "Thresholds were chosen on the evaluated set itself (reference protocol); this flatters "
             "accuracy/F1/precision. Use --protocol strict with a calibration split for unbiased numbers.",
         )
-    not_covered = [lbl for lbl in CTRATE_LABELS if lbl not in scores]
+    not_evaluated = dict(not_evaluated or {})
+    notes += [f"{lbl}: not evaluated ({why})." for lbl, why in not_evaluated.items()]
+    not_covered = [lbl for lbl in CTRATE_LABELS if lbl not in scores and lbl not in not_evaluated]
     if not_covered:
         notes.append("Not scored by this model (no anatomy/finding): " + ", ".join(not_covered) + ".")
     return EvaluationReport(
@@ -291,11 +310,11 @@ def calibrate_report(
     from fvlm_core.calibration import check_calibration, cross_fit, fit_calibration
 
     for lbl, r in report.per_label.items():
-        y, s = np.asarray(truth[lbl], dtype=int), np.asarray(scores[lbl], dtype=float)
+        y, s, _ = labelled(truth[lbl], scores[lbl])
         t = float(r.at_threshold.threshold)
-        if source.fit_scores is not None and lbl in source.fit_scores:
+        if source.fit_scores is not None and lbl in source.fit_scores and lbl in source.fit_truth:
             cal = report.calibrations[lbl] = fit_calibration(
-                source.fit_truth[lbl], source.fit_scores[lbl], seed
+                *labelled(source.fit_truth[lbl], source.fit_scores[lbl])[:2], seed
             )
             report.calibration[lbl] = check_calibration(y, s, cal, t, checked_on="held-out split")
         elif lbl in source.stored and not source.refit:
@@ -679,16 +698,26 @@ def read_label_table(path: str | os.PathLike, volume_names: Sequence[str]) -> di
 
 
 class VolumeSource:
-    """Volumes of a CT-RATE layout or a ``fvlm prepare`` cache, loaded one at a time.
+    """Volumes of a labelled dataset or a ``fvlm prepare`` cache, loaded one at a time.
 
-    ``names`` are the volumes to score, sorted (CT-RATE: as its CSVs name them; a cache: sample
-    names). ``load(name)`` gives ``(ct, labels, truth)``: ``ct`` a :class:`~fvlm_core.io.CTVolume`
-    (original grid for CT-RATE, model space for a cache), ``labels`` a
+    Datasets (:mod:`fvlm_core.data.labelled`, the layout found from the folder): a CT-RATE
+    layout, RAD-ChestCT (NPZ files and its abnormality x location CSV), or a labelled cohort
+    (CTs in any format the project reads and one CSV). ``names`` are the volumes to score,
+    sorted (CT-RATE: as its CSVs name them; otherwise scan names; a cache: sample names).
+    ``load(name)`` gives ``(ct, labels, truth)``: ``ct`` a :class:`~fvlm_core.io.CTVolume` (its
+    own grid for a dataset, model space for a cache), ``labels`` a
     :class:`~fvlm_core.io.LabelVolume` in the model's anatomy order on the same grid, ``truth``
-    the CT-RATE labels as 0/1. CT-RATE volumes are read as ``fvlm prepare`` reads them: with
-    :class:`~fvlm_core.data.ctrate.CTRATEReader` (geometry and HU scaling from the metadata CSV)
-    and the anatomy masks of ``masks_dir`` (default ``DATA/anatomy_masks``) through the same
-    label-map segmenter, so a ``class_map.json`` beside the masks names their values.
+    finding name -> 0/1, or ``None`` where the label is missing (left out of that finding).
+    CT-RATE volumes are read as ``fvlm prepare`` reads them (geometry and HU scaling from the
+    metadata CSV). Anatomies come from the segmentation ``backend`` through the same
+    :func:`~fvlm_core.data.ctrate.make_segmenter` as ``fvlm prepare``: ``labelmap`` (label maps
+    named like the volumes in ``masks_dir``, default ``DATA/anatomy_masks`` for CT-RATE; a
+    ``class_map.json`` beside them names their values; the default when there are masks),
+    ``totalsegmentator`` or ``builtin`` (lungs only).
+
+    Before any volume is read it refuses: listed volumes missing on disk or unreadable, volumes
+    without a mask for ``labelmap``, a cohort column that matches none of ``findings`` (unless
+    in ``ignore_columns``), and a dataset with no labelled volume.
     """
 
     def __init__(
@@ -699,6 +728,13 @@ class VolumeSource:
         masks_dir: str | os.PathLike | None = None,
         dedupe_scans: bool = False,
         limit: int | None = None,
+        *,
+        labels: str | os.PathLike | None = None,
+        backend: str | None = None,
+        backend_options: Mapping[str, Any] | None = None,
+        radchest_mapping: str = "hlip",
+        findings: Sequence[str] = (),
+        ignore_columns: Sequence[str] = (),
     ) -> None:
         from fvlm_core.anatomy import get_catalog
         from fvlm_core.data.cache import CacheSamples, is_cache_folder
@@ -708,42 +744,106 @@ class VolumeSource:
             raise DataError(f"--data {self.data_dir}: no such folder")
         self.catalog = get_catalog(list(model_anatomies))
         self.is_cache = is_cache_folder(self.data_dir)
+        self.notes: list[str] = []
+        self.layout = "cache"
         if self.is_cache:
             cache = CacheSamples(self.data_dir, reconstruction="first" if dedupe_scans else "all")
             names = [volumes[0] for volumes in cache.items]
         else:
-            names = self._open_layout(split, masks_dir)
-            names = one_per_scan(names) if dedupe_scans else names
+            from fvlm_core.data.labelled import DatasetOptions
+
+            options = DatasetOptions(
+                split=split,
+                labels=str(labels) if labels else None,
+                masks=str(masks_dir) if masks_dir else None,
+                radchest_mapping=radchest_mapping,
+                findings=tuple(findings),
+            )
+            names = self._open_layout(options, ignore_columns)
+            self.segment = self._segmenter(backend, backend_options)
+            names = self._one_per_scan(names) if dedupe_scans else names
         self.names: list[str] = names[:limit]
 
-    def _open_layout(self, split: str, masks_dir: str | os.PathLike | None) -> list[str]:
-        """Read the CT-RATE tables; the labelled volumes' names, sorted."""
-        from fvlm_core.data.ctrate import CTRATEReader, make_segmenter
+    def _open_layout(self, options, ignore_columns: Sequence[str]) -> list[str]:
+        """Read the dataset's tables; the labelled volumes' names, sorted."""
+        from fvlm_core.data.labelled import open_dataset
 
         try:
-            self.reader = CTRATEReader(
-                self.data_dir, split, Path(masks_dir) if masks_dir else None, require_reports=False
-            )
+            self.reader = open_dataset(self.data_dir, options)
         except DataError as exc:
             raise DataError(
-                f"{exc} --data must be a CT-RATE layout folder or a `fvlm prepare` cache (see --split)."
+                f"{exc} --data must be a CT-RATE layout folder (see --split), a RAD-ChestCT or labelled "
+                "cohort folder (see --labels), or a `fvlm prepare` cache."
             ) from exc
+        self.layout = self.reader.layout
         if not self.reader.has_labels:
             raise DataError(
-                f"{self.data_dir}: no multi_abnormality_labels CSV for split {split!r}; evaluation needs "
+                f"{self.data_dir}: no multi_abnormality_labels CSV for split {options.split!r}; evaluation needs "
                 "the ground-truth labels."
             )
         if self.reader.skipped:
             name, reason = self.reader.skipped[0]
             raise DataError(
-                f"{self.data_dir} ({split}): {len(self.reader.skipped)} listed volume(s) cannot be "
-                f"evaluated, e.g. {name}: {reason}. Complete the dataset or evaluate a `fvlm prepare` cache."
+                f"{self.data_dir}: {len(self.reader.skipped)} listed volume(s) cannot be evaluated, e.g. "
+                f"{name}: {reason}. Complete the dataset, leave those rows out of the labels, or evaluate "
+                "a `fvlm prepare` cache."
             )
+        unknown = [
+            c
+            for c in getattr(getattr(self.reader, "table", None), "unmatched", [])
+            if c not in ignore_columns
+        ]
+        if unknown:
+            raise DataError(
+                f"{self.reader.table.path}: column(s) {', '.join(map(repr, unknown))} match none of the findings "
+                f"({', '.join(self.reader.findings)}). Rename a column to its finding's "
+                "name, define a finding of that name with --prompts FILE to evaluate it, or leave it out with "
+                f"--ignore-columns {','.join(unknown)}."
+            )
+        self.notes = list(self.reader.notes)
         self.records = {
-            r.metadata["VolumeName"].strip(): r for r in self.reader.records if r.labels is not None
+            r.metadata.get("VolumeName", r.name).strip(): r
+            for r in self.reader.records
+            if r.labels is not None
         }
-        self.segment = make_segmenter("labelmap", self.catalog, masks_dir=self.reader.masks_dir)
+        if not self.records:
+            raise DataError(f"--data {self.data_dir}: no labelled volume to evaluate (the cohort is empty).")
         return sorted(self.records)
+
+    def _segmenter(self, backend: str | None, options: Mapping[str, Any] | None):
+        """The anatomy segmenter (see the class docstring), checked before the work."""
+        from fvlm_core.data.ctrate import make_segmenter
+        from fvlm_core.segmentation import get_backend
+
+        masks = self.reader.masks_dir
+        self.backend = backend or "labelmap"
+        if self.backend == "labelmap":
+            lacking = sorted(n for n, r in self.records.items() if r.mask_path is None)
+            if lacking:
+                where = masks or (self.data_dir / "anatomy_masks" if self.layout == "ctrate" else None)
+                raise DataError(
+                    f"{len(lacking)} volume(s) have no anatomy mask{f' under {where}' if where else ''}, e.g. "
+                    f"{lacking[0]}. Give --masks DIR (anatomy label maps named like the volumes), or segment "
+                    "them: --backend totalsegmentator (all four CT-RATE anatomies) or --backend builtin "
+                    "(lungs only: the lung findings)."
+                )
+        elif self.backend == "totalsegmentator":
+            get_backend(self.backend, **(options or {})).check(self.catalog)
+            self.notes.append("Anatomies segmented by TotalSegmentator.")
+        elif self.backend == "builtin":
+            self.notes.append(
+                "Anatomies segmented by the built-in segmenter, which finds the lungs only: findings on "
+                "other anatomies cannot be scored (use --backend totalsegmentator or --masks)."
+            )
+        extra = dict(options or {}) if self.backend == "totalsegmentator" else {}
+        return make_segmenter(self.backend, self.catalog, masks_dir=masks, **extra)
+
+    def _one_per_scan(self, names: Sequence[str]) -> list[str]:
+        """The first volume (by name) of each scan."""
+        seen: dict[str, str] = {}
+        for name in sorted(names):
+            seen.setdefault(self.records[name].scan_id, name)
+        return sorted(seen.values())
 
     def __len__(self) -> int:
         return len(self.names)
@@ -769,15 +869,10 @@ class VolumeSource:
             truth = {k: int(v) for k, v in s.finding_labels.items()}
             return ct, LabelVolume(lab, s.geometry, source=ct.source), truth
         record = self.records[name]
-        if record.mask_path is None:
-            raise DataError(
-                f"{name}: no anatomy mask under {self.reader.masks_dir or self.data_dir / 'anatomy_masks'}. "
-                "Give --masks DIR (anatomy label maps in the CT-RATE folder nesting) or evaluate a "
-                "`fvlm prepare` cache instead."
-            )
         ct = self.reader.read_ct(record)
         lab = self.segment(ct, record)
-        return ct, LabelVolume(lab, ct.geometry, source=str(record.mask_path)), dict(record.labels)
+        source = str(record.mask_path) if self.backend == "labelmap" else f"<{self.backend} segmentation>"
+        return ct, LabelVolume(lab, ct.geometry, source=source), dict(record.labels)
 
 
 def _refuse_cache_for_reference(data_dir: str | os.PathLike) -> None:
@@ -814,18 +909,33 @@ def score_dataset(
     masks_dir: str | os.PathLike | None = None,
     progress=None,
     journal=None,
+    *,
+    findings=None,
+    source: VolumeSource | None = None,
 ) -> tuple[list[str], dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """Score the model's findings on every volume: ``(names, scores, truth)``.
+    """Score the findings on every volume: ``(names, scores, truth)``.
 
-    ``windows``: ``reference`` (the public eval.py pipeline; CT-RATE layouts only), ``centred``
-    or ``shared`` (:mod:`fvlm_core.zeroshot.windows`). ``scores[label]`` holds one probability
-    per volume, NaN where the label's anatomy could not be scored (absent from the volume).
+    ``windows``: ``reference`` (the public eval.py pipeline), ``centred`` or ``shared``
+    (:mod:`fvlm_core.zeroshot.windows`). ``findings``: default the model's. ``source``: the
+    volumes, opened already (a RAD-ChestCT or cohort folder with its options); default a
+    :class:`VolumeSource` of ``data_dir``. ``scores[label]`` holds one probability per volume,
+    NaN where the label's anatomy could not be scored (absent from the volume);
+    ``truth[label]`` 0/1 per volume, NaN where the label is missing.
     ``journal``: an :class:`~fvlm_core.journal.ItemJournal` opened with :func:`scoring_identity`:
     each volume's scores are added to it as soon as they are computed, and a volume already in
     it is not loaded or encoded again (its labels are read afresh: a corrected label table counts).
     """
-    findings = analyzer.default_findings()
-    source = VolumeSource(data_dir, analyzer.anatomies, split, masks_dir, dedupe_scans, limit)
+    findings = list(findings if findings is not None else analyzer.default_findings())
+    if source is None:
+        source = VolumeSource(
+            data_dir,
+            analyzer.anatomies,
+            split,
+            masks_dir,
+            dedupe_scans,
+            limit,
+            findings=[f.name for f in findings],
+        )
     if windows == "reference" and source.is_cache:
         _refuse_cache_for_reference(data_dir)
     reused = [n for n in source.names if journal is not None and n in journal]
@@ -835,7 +945,7 @@ def score_dataset(
     ms = analyzer.model_space
     names: list[str] = []
     rows: list[dict[str, float]] = []
-    truths: list[dict[str, int]] = []
+    truths: list[dict[str, int | None]] = []
     for i, name in enumerate(source.names):
         if journal is not None and name in journal:
             row, truth = _scores_from_record(journal[name]), source.truth(name)
@@ -857,12 +967,16 @@ def score_dataset(
     if not names:
         raise DataError(f"--data {data_dir}: no volumes to score")
     scores = {f.name: np.asarray([r[f.name] for r in rows], dtype=float) for f in findings}
-    truth = {
-        lbl: np.asarray([t.get(lbl, 0) for t in truths], dtype=int)
-        for lbl in scores
-        if all(lbl in t for t in truths)
+    return names, scores, truth_table(truths, scores)
+
+
+def truth_table(truths: Sequence[Mapping[str, int | None]], labels: Sequence[str]) -> dict[str, np.ndarray]:
+    """Per label of ``labels`` that some volume has, its 0/1 per volume (NaN: missing)."""
+    return {
+        lbl: np.asarray([np.nan if t.get(lbl) is None else float(t[lbl]) for t in truths], dtype=float)
+        for lbl in labels
+        if any(t.get(lbl) is not None for t in truths)
     }
-    return names, scores, truth
 
 
 def _scores_from_record(record: Mapping[str, Any]) -> dict[str, float]:
@@ -939,12 +1053,49 @@ def _direction(orientation: str) -> np.ndarray:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", help="dataset: CT-RATE layout folder or a `fvlm prepare` cache folder")
+    from fvlm_core.commands.segment import add_totalsegmentator_arguments
+    from fvlm_core.data.radchest import RADCHEST_MAPPINGS
+
+    parser.add_argument(
+        "--data",
+        help="dataset: a CT-RATE layout folder, a RAD-ChestCT folder (NPZ files + its abnormality x location "
+        "CSV), a folder of CTs with one labels CSV (your cohort), or a `fvlm prepare` cache folder",
+    )
     parser.add_argument("--model", help="model folder (config.yaml + weights)")
     parser.add_argument(
         "--scores", help="evaluate a score table CSV (VolumeName + one column per label) instead of a model"
     )
-    parser.add_argument("--labels", help="ground-truth CSV for --scores (CT-RATE multi_abnormality_labels)")
+    parser.add_argument(
+        "--labels",
+        help="with --data: the label CSV of a RAD-ChestCT or cohort folder (default: the one in the folder); "
+        "with --scores: the ground-truth CSV (CT-RATE multi_abnormality_labels)",
+    )
+    parser.add_argument(
+        "--prompts",
+        metavar="FILE",
+        help="YAML/JSON findings to score besides the model's (name, anatomy, positive, negative); a cohort "
+        "CSV column of the same name is their ground truth",
+    )
+    parser.add_argument(
+        "--ignore-columns",
+        metavar="A,B",
+        help="cohort CSV columns to leave out (a column that matches no finding is refused otherwise)",
+    )
+    parser.add_argument(
+        "--radchest-mapping",
+        choices=tuple(RADCHEST_MAPPINGS),
+        default="hlip",
+        help="RAD-ChestCT labels -> CT-RATE findings: hlip (HLIP's public mapping, any location; default) or "
+        "location (calcification of the heart/aorta, hiatal hernias only)",
+    )
+    parser.add_argument(
+        "--backend",
+        choices=("labelmap", "totalsegmentator", "builtin"),
+        default=None,
+        help="anatomy segmentation: labelmap (the label maps of --masks or CT-RATE's anatomy_masks; the "
+        "default), totalsegmentator, or builtin (lungs only: only lung findings can be scored)",
+    )
+    add_totalsegmentator_arguments(parser)
     parser.add_argument("--protocol", choices=("reference", "strict"), default="reference")
     parser.add_argument("--calibration", help="strict protocol: calibration split (same kinds as --data)")
     parser.add_argument("--split", default="valid", help="CT-RATE split folder to score (default: valid)")
@@ -953,8 +1104,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--masks",
-        help="CT-RATE layout: anatomy mask folder, as for `fvlm prepare` (default DATA/anatomy_masks; "
-        "a class_map.json there names the mask values)",
+        help="anatomy label maps named like the volumes, as for `fvlm prepare` (CT-RATE default: "
+        "DATA/anatomy_masks in its folder nesting; a class_map.json there names the mask values)",
     )
     parser.add_argument("--limit", type=int, default=None, help="score only the first N volumes")
     parser.add_argument(
@@ -962,7 +1113,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=("reference", "centred", "shared"),
         default=None,
         help="reference: the public eval.py pipeline (resize, crop, -1150 HU padding, its windows; "
-        "CT-RATE layout only); centred: one window per anatomy centred on it; shared: anatomies "
+        "not a cache); centred: one window per anatomy centred on it; shared: anatomies "
         "share windows (fewer ViT passes). Default: reference with --protocol reference, else centred",
     )
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
@@ -1002,13 +1153,64 @@ def _scores_from_table(args: argparse.Namespace, meta: dict[str, Any]):
     return names, scores, truth, thresholds, source
 
 
+def _findings_of(args: argparse.Namespace, config):
+    """The findings to score: the model's, with the ``--prompts`` file's added (a finding named
+    like one of the model's replaces it)."""
+    from fvlm_core.zeroshot.prompt_files import load_findings_file, merge_findings
+
+    findings = config.finding_set()
+    if args.prompts:
+        findings = merge_findings(findings, load_findings_file(args.prompts))
+    findings.check_anatomies(list(config.anatomies))
+    return findings
+
+
+def _open_sources(args: argparse.Namespace, config, findings) -> dict[str, VolumeSource]:
+    """The volumes of ``--data`` (and ``--calibration``), opened and checked before the model loads."""
+    options: dict[str, Any] = {
+        "backend": args.backend,
+        "backend_options": {"fast": args.fast, "device": args.device, "allow_download": args.allow_download},
+        "radchest_mapping": args.radchest_mapping,
+        "findings": [f.name for f in findings],
+        "ignore_columns": [c.strip() for c in (args.ignore_columns or "").split(",") if c.strip()],
+    }
+    out = {}
+    if args.protocol == "strict" and args.calibration:
+        out["calibration"] = VolumeSource(
+            args.calibration, config.anatomies, args.split, args.masks, **options
+        )
+    out["data"] = VolumeSource(
+        args.data, config.anatomies, args.split, args.masks, args.one_per_scan, args.limit,
+        labels=args.labels, **options,
+    )  # fmt: skip
+    return out
+
+
+def not_evaluable(
+    scores: Mapping[str, np.ndarray], truth: Mapping[str, np.ndarray], findings
+) -> dict[str, str]:
+    """The scored findings that cannot be evaluated, and why: no ground-truth column, or not
+    scored on any volume (their anatomy segmented nowhere). Their scores are still written."""
+    anatomy = {f.name: f.anatomy for f in findings}
+    out = {}
+    for lbl, s in scores.items():
+        if lbl not in truth:
+            out[lbl] = "no ground truth for it in the data"
+        elif np.all(np.isnan(np.asarray(s, dtype=float))):
+            out[lbl] = (
+                f"its anatomy, {anatomy.get(lbl, '?')}, was segmented in none of the {len(s)} volumes; "
+                "see the segmentation note"
+            )
+    return out
+
+
 def _scores_from_model(args: argparse.Namespace, meta: dict[str, Any]):
     """``(names, scores, truth, thresholds, calibration source)`` of ``--model`` on ``--data``;
     thresholds and calibrations from the ``--calibration`` split (strict protocol) or the model
     folder."""
     if not args.data or not args.model:
         raise ConfigError("give --data DIR and --model DIR (or --scores CSV --labels CSV)")
-    from fvlm_core.zeroshot.analyzer import Analyzer
+    from fvlm_core.model.config import load_config
 
     windows = args.windows or ("reference" if args.protocol == "reference" else "centred")
     if windows == "reference":  # before the model loads
@@ -1017,15 +1219,20 @@ def _scores_from_model(args: argparse.Namespace, meta: dict[str, Any]):
         for data in (args.data, args.calibration):
             if data and Path(data).is_dir() and is_cache_folder(Path(data)):
                 _refuse_cache_for_reference(data)
+    config = load_config(args.model)
+    findings = _findings_of(args, config)
+    sources = _open_sources(args, config, findings)  # bad data is refused before the model loads
+    from fvlm_core.zeroshot.analyzer import Analyzer
+
     analyzer = Analyzer.from_pretrained(args.model, device=args.device)
+    data = sources["data"]
     meta.update({"model": str(args.model), "windows": windows, "device": str(analyzer.device)})
+    meta.update({"layout": data.layout, "notes": list(data.notes)})
+    if "calibration" in sources:
+        meta["calibration"] = str(args.calibration)
 
     source = CalibrationSource(stored=_stored_calibrations(analyzer.config), refit=args.store_thresholds)
-    splits = {"data": args.data}
-    if args.protocol == "strict" and args.calibration:
-        splits = {"calibration": args.calibration, **splits}
-        meta["calibration"] = str(args.calibration)
-    scored = _score_splits(args, analyzer, windows, splits)
+    scored = _score_splits(args, analyzer, windows, sources, findings)
     names, scores, truth = scored["data"]
     # the scoring's result, kept whatever happens to the report (which is written all or none)
     from fvlm_core.atomic import atomic_write_text
@@ -1038,45 +1245,62 @@ def _scores_from_model(args: argparse.Namespace, meta: dict[str, Any]):
         source.fit_scores, source.fit_truth = cal_scores, cal_truth
         thresholds = {}
         with _stage("choosing thresholds on the calibration split", args, len(names)):
-            for lbl, s in cal_scores.items():
+            for lbl in set(cal_scores) & set(cal_truth):
+                y, s, _ = labelled(cal_truth[lbl], cal_scores[lbl])
                 keep = ~np.isnan(s)
-                thresholds[lbl] = roc_corner_threshold(np.asarray(cal_truth[lbl])[keep], s[keep])
+                if keep.any():
+                    thresholds[lbl] = roc_corner_threshold(y[keep], s[keep])
     else:
         thresholds = dict(analyzer.config.thresholds)
+    meta["not_evaluated"] = not_evaluable(scores, truth, findings)
+    if len(meta["not_evaluated"]) == len(scores):
+        grouped: dict[str, list[str]] = {}
+        for lbl, why in meta["not_evaluated"].items():
+            grouped.setdefault(why, []).append(lbl)
+        raise DataError(
+            f"--data {args.data}: no finding can be evaluated (its scores are in {Path(args.out) / 'scores.csv'}). "
+            + "; ".join(f"{', '.join(lbls)}: {why}" for why, lbls in grouped.items())
+            + "."
+        )
     return names, scores, truth, thresholds, source
 
 
-def _score_splits(args: argparse.Namespace, analyzer, windows: str, splits: Mapping[str, str]) -> dict:
-    """:func:`score_dataset` of each split (role -> folder), each kept in its journal
-    ``--out/volume_scores/<role>.jsonl``. Every journal is checked against this run's model,
-    prompts, windows and data before any volume is encoded."""
+def _score_splits(args: argparse.Namespace, analyzer, windows: str, sources: Mapping, findings) -> dict:
+    """:func:`score_dataset` of each opened source (role -> :class:`VolumeSource`), each kept in
+    its journal ``--out/volume_scores/<role>.jsonl``. Every journal is checked against this run's
+    model, prompts (``findings``, ``--prompts`` included), windows, data and segmentation before any
+    volume is encoded."""
     from fvlm_core.journal import ItemJournal
 
     model = model_identity(args.model, analyzer.config)
+    model["prompts"] = [[f.anatomy, f.name, list(f.negative), list(f.positive)] for f in findings]
+    paths = {"calibration": args.calibration, "data": args.data}
+    segmentation = {"backend": args.backend, "fast": bool(args.fast)}
     with contextlib.ExitStack() as stack:
         journals = {
             role: stack.enter_context(
                 ItemJournal(
                     Path(args.out) / JOURNAL_DIR / f"{role}.jsonl",
-                    scoring_identity(model, data, args.split, windows, args.masks),
-                    what=f"per-volume scores of {data}",
+                    {
+                        **scoring_identity(model, paths[role], args.split, windows, args.masks),
+                        "segmentation": segmentation,
+                    },
+                    what=f"per-volume scores of {paths[role]}",
                 )
             )
-            for role, data in splits.items()
+            for role in sources
         }
-        options = {"dedupe_scans": args.one_per_scan, "limit": args.limit}
         return {
             role: score_dataset(
                 analyzer,
-                data,
-                split=args.split,
+                paths[role],
                 windows=windows,
-                masks_dir=args.masks,
                 progress=_print_progress,
                 journal=journals[role],
-                **(options if role == "data" else {}),
+                findings=findings,
+                source=source,
             )
-            for role, data in splits.items()
+            for role, source in sources.items()
         }
 
 
@@ -1091,7 +1315,7 @@ def output_plan(args: argparse.Namespace, parts: bool = True):
     from fvlm_core.outputs import OutputPlan
 
     plan = OutputPlan()
-    for option in ("data", "scores", "labels", "calibration", "masks"):
+    for option in ("data", "scores", "labels", "calibration", "masks", "prompts"):
         plan.input(f"--{option}", getattr(args, option))
     config = None
     if args.store_thresholds:
@@ -1123,12 +1347,24 @@ def run(args: argparse.Namespace) -> int:
     output_plan(args)  # before any work: a bad --out is refused in a second, not after scoring
     collect = _scores_from_table if args.scores else _scores_from_model
     names, scores, truth, thresholds, source = collect(args, meta)
+    not_evaluated = meta.pop("not_evaluated", {})
     with _stage("metrics", args, len(names)):
         report = evaluate_scores(
-            scores, truth, names, args.protocol, thresholds, n_bootstrap=args.n_bootstrap, seed=args.seed
+            {k: v for k, v in scores.items() if k not in not_evaluated},
+            truth,
+            names,
+            args.protocol,
+            thresholds,
+            n_bootstrap=args.n_bootstrap,
+            seed=args.seed,
+            not_evaluated=not_evaluated,
         )
     with _stage("calibration", args, len(names)):
         calibrate_report(report, scores, truth, source, seed=args.seed)
+    report.notes.extend(meta.pop("notes", []))
+    layout = meta.get("layout")
+    if layout in LAYOUT_NAMES and layout != "ctrate":
+        report.split["description"] = f"{LAYOUT_NAMES[layout]}, {len(names):,} volumes"
     report.meta.update(meta)
     report.meta["seconds"] = round(time.perf_counter() - t0, 1)
     with _stage("the report and plots", args, len(names)):

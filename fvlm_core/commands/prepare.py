@@ -1,9 +1,12 @@
-"""Prepare a CT-RATE-layout dataset for training: one model-space sample per volume in a cache.
+"""Prepare a labelled dataset for training or calibration: one model-space sample per volume in a cache.
 
-Reads each volume with the metadata CSV's geometry and HU rescale, gets its anatomy masks
-(--backend labelmap: the dataset's anatomy_masks/ or --masks; builtin; totalsegmentator), merges
-them into the anatomy catalog, resamples to the model space of --config, decomposes the report
-into per-anatomy texts, and writes {name}.safetensors + {name}.json into --out. Re-running skips
+Datasets (the layout is found from the folder): CT-RATE (each volume read with the metadata
+CSV's geometry and HU rescale), RAD-ChestCT (its NPZ files and abnormality x location CSV, on
+the grid its preprocessing code implies), or a folder of CTs with one labels CSV (--labels may
+name it elsewhere). Gets each volume's anatomy masks (--backend labelmap: CT-RATE's
+anatomy_masks/ or --masks; builtin; totalsegmentator), merges them into the anatomy catalog,
+resamples to the model space of --config, decomposes the report (when there is one) into
+per-anatomy texts, and writes {name}.safetensors + {name}.json into --out. Re-running skips
 finished samples (safe after a crash). --shard i/n splits the volumes for SLURM arrays or
 torchrun ranks (--shard auto reads SLURM_ARRAY_TASK_ID/COUNT or RANK/WORLD_SIZE). Volumes that
 are missing or fail are skipped, counted, and listed in out/_prepare/summary-*.json.
@@ -15,9 +18,29 @@ import argparse
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--dataset", required=True, help="CT-RATE-layout root (dataset/, metadata/, ...)")
+    from fvlm_core.data.radchest import RADCHEST_MAPPINGS
+
+    parser.add_argument(
+        "--dataset",
+        required=True,
+        help="CT-RATE-layout root (dataset/, metadata/, ...), a RAD-ChestCT folder, or a folder of CTs with "
+        "one labels CSV",
+    )
     parser.add_argument("--out", required=True, help="cache folder for this split")
-    parser.add_argument("--split", choices=("train", "valid"), default="train", help="split (default train)")
+    parser.add_argument(
+        "--split", choices=("train", "valid"), default="train", help="CT-RATE split (default train)"
+    )
+    parser.add_argument(
+        "--labels",
+        default=None,
+        help="the label CSV of a RAD-ChestCT or cohort folder (default: the one in it)",
+    )
+    parser.add_argument(
+        "--radchest-mapping",
+        choices=tuple(RADCHEST_MAPPINGS),
+        default="hlip",
+        help="RAD-ChestCT labels -> CT-RATE findings (as `fvlm evaluate`; default hlip)",
+    )
     parser.add_argument("--shard", default=None, help="i/n (0 <= i < n) or 'auto'; default: everything")
     parser.add_argument("--workers", type=int, default=1, help="processes (default 1)")
     parser.add_argument(
@@ -82,6 +105,8 @@ def run(args: argparse.Namespace) -> int:
         config=config,
         limit=args.limit,
         decomposition=args.decomposition,
+        labels=args.labels,
+        radchest_mapping=args.radchest_mapping,
     )
     d = summary.to_dict()
     print(
@@ -95,6 +120,8 @@ def run(args: argparse.Namespace) -> int:
             f"  {dec['volumes_without_entry']} volume(s) whose scan the decomposition files lack got the normal "
             f"templates (as the reference), e.g. {', '.join(dec['examples_without_entry'][:3])}"
         )
+    for note in summary.notes:
+        print(f"  note: {note}")
     for f in summary.failed[:10]:
         print(f"  failed {f['name']}: {f['error']}")
     for s in summary.skipped_listing[:10]:
@@ -113,19 +140,23 @@ def output_plan(args: argparse.Namespace):
     sample by sample, so a crash keeps the finished ones)."""
     from pathlib import Path
 
+    from fvlm_core.data.labelled import detect_layout
+    from fvlm_core.errors import FVLMError
     from fvlm_core.outputs import OutputPlan
 
     plan = OutputPlan()
     root = Path(args.dataset)
     plan.input("--dataset", root, contents=False)  # the cache may live beside its input folders
-    for part in (
-        "dataset",
-        "metadata",
-        "radiology_text_reports",
-        "multi_abnormality_labels",
-        "anatomy_masks",
-    ):
+    parts = ("dataset", "metadata", "radiology_text_reports", "multi_abnormality_labels", "anatomy_masks")
+    try:
+        layout = detect_layout(root, args.labels)
+    except FVLMError:  # said when the dataset is read, after the outputs are checked
+        layout = "ctrate"
+    if layout != "ctrate":  # its label CSVs (the scans are read only)
+        parts = tuple(p.name for p in root.glob("*.csv"))
+    for part in parts:
         plan.input("--dataset", root / part)
+    plan.input("--labels", args.labels)
     plan.input("--masks", args.masks)
     plan.input("--class-map", args.class_map)
     plan.input("--decomposition", args.decomposition)

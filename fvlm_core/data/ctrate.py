@@ -76,19 +76,26 @@ def read_table(path: Path, required: Sequence[str], what: str) -> dict[str, dict
 
 @dataclass
 class VolumeRecord:
-    """One listed volume and its table rows."""
+    """One listed volume and its table rows (any layout of :mod:`fvlm_core.data.labelled`).
+
+    ``report``: the report columns (``Findings_EN``, ``Impressions_EN``), ``None`` when the
+    dataset has no report for it. ``labels``: finding name -> 0/1, or ``None`` where the value
+    is missing (left out of that finding's evaluation). ``scan``: the scan it belongs to, when
+    the name does not say it in the CT-RATE way (``train_1_a_1`` -> ``train_1_a``).
+    """
 
     name: str
     split: str
     path: Path
     metadata: dict[str, str]
     report: dict[str, str] | None = None
-    labels: dict[str, int] | None = None
+    labels: dict[str, int | None] | None = None
     mask_path: Path | None = None
+    scan: str | None = None
 
     @property
     def scan_id(self) -> str:
-        return scan_id_of(self.name)
+        return self.scan or scan_id_of(self.name)
 
     @property
     def findings_text(self) -> str:
@@ -123,6 +130,8 @@ class CTRATEReader:
     records: list[VolumeRecord] = field(default_factory=list, init=False)
     skipped: list[tuple[str, str]] = field(default_factory=list, init=False)
     has_labels: bool = field(default=False, init=False)
+    layout: str = field(default="ctrate", init=False)
+    notes: list[str] = field(default_factory=list, init=False)
 
     def __post_init__(self) -> None:
         self.root = Path(self.root)
@@ -286,9 +295,10 @@ def decompose(record: VolumeRecord, anatomies: Sequence[str]) -> tuple[dict[str,
 
 
 def finding_labels_of(record: VolumeRecord) -> tuple[dict[str, int], str]:
-    """The 18 labels: from the labels CSV when it lists the volume, else extracted from the report."""
+    """The finding labels: from the labels CSV when it lists the volume (missing values left
+    out), else the 18 CT-RATE labels extracted from the report."""
     if record.labels is not None:
-        return dict(record.labels), "labels_csv"
+        return {k: int(v) for k, v in record.labels.items() if v is not None}, "labels_csv"
     from fvlm_core.reports import extract_labels
 
     text = f"{record.findings_text} {record.impression_text}"
@@ -305,6 +315,10 @@ def build_sample(
 ) -> CachedSample:
     """Read, fix geometry/HU (metadata), segment, resample to model space, decompose the report.
 
+    ``reader``: any reader of :mod:`fvlm_core.data.labelled` (its ``read_ct``). A record without
+    a report (``record.report is None``: RAD-ChestCT, a cohort CSV without a report column) gets
+    no texts, so the sample serves evaluation and calibration; training skips its anatomies.
+
     Args:
         config: a ``fvlm_core.preprocess.ModelSpaceConfig`` (default: the reference one).
         decomposition: the scan's ``fvlm_core.reports.ReportDecomposition`` from fVLM's
@@ -316,7 +330,9 @@ def build_sample(
     """
     from fvlm_core.preprocess import ModelSpaceConfig
 
-    if decomposition is not None:
+    if record.report is None:  # a dataset without reports: labels only (evaluation, calibration)
+        texts, abnormal, extra = {}, {}, {"texts": "none: no report"}
+    elif decomposition is not None:
         texts = {a: decomposition.texts[a] for a in catalog.names}
         abnormal = {a: bool(decomposition.abnormal[a]) for a in catalog.names}
         extra = {

@@ -1,8 +1,10 @@
-"""Preparation at scale: CT-RATE layout -> model-space sample cache (``fvlm prepare``).
+"""Preparation at scale: a labelled dataset -> model-space sample cache (``fvlm prepare``).
 
-Per-anatomy texts come from the rule-based decomposition of each report, or (``decomposition``)
-from fVLM's published decomposition files (``desc_info.json`` / ``conc_info.json``), as the
-reference trains on them.
+Datasets: any layout of :mod:`fvlm_core.data.labelled` (CT-RATE, RAD-ChestCT, a folder of CTs
+with a labels CSV). Per-anatomy texts come from the rule-based decomposition of each report, or
+(``decomposition``) from fVLM's published decomposition files (``desc_info.json`` /
+``conc_info.json``), as the reference trains on them; a scan without a report (RAD-ChestCT, a
+cohort CSV without a report column) gets its labels only, for evaluation and calibration.
 
 Re-runnable: a sample whose JSON sidecar and tensor file are complete is skipped; hidden
 temporary files left by a crash are removed (only those of this shard's volumes, so shards that
@@ -25,7 +27,8 @@ from typing import Any
 from fvlm_core.anatomy import CTRATE_CATALOG, AnatomyCatalog
 from fvlm_core.atomic import atomic_write_text
 from fvlm_core.data.cache import check_cache_settings, is_complete, save_sample
-from fvlm_core.data.ctrate import CTRATEReader, VolumeRecord, build_sample, make_segmenter
+from fvlm_core.data.ctrate import VolumeRecord, build_sample, make_segmenter
+from fvlm_core.data.labelled import DatasetOptions, open_dataset
 from fvlm_core.data.layout import scan_id_of
 from fvlm_core.errors import ConfigError, FVLMError
 
@@ -88,6 +91,7 @@ class PrepareSummary:
     skipped_listing: list[dict[str, str]] = field(default_factory=list)
     seconds: float = 0.0
     decomposition: dict[str, Any] | None = None
+    notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -106,6 +110,7 @@ class PrepareSummary:
             "failed": self.failed,
             "skipped_listing": self.skipped_listing,
             "decomposition": self.decomposition,
+            "notes": self.notes,
         }
 
 
@@ -151,7 +156,8 @@ def _init_worker(options: dict[str, Any]) -> None:
     from fvlm_core.preprocess import ModelSpaceConfig
 
     catalog = AnatomyCatalog.from_dict(options["catalog"])
-    reader = CTRATEReader(Path(options["dataset"]), options["split"], options["masks_dir"])
+    dataset = DatasetOptions.from_dict({**options["dataset_options"], "check_files": False})
+    reader = open_dataset(Path(options["dataset"]), dataset)
     _STATE.update(
         reader=reader,
         records={r.name: r for r in reader.records},
@@ -209,6 +215,17 @@ def _run(names: list[str], options: dict[str, Any], workers: int) -> Iterator[tu
         yield from pool.imap_unordered(_process, names)
 
 
+def _open_reader(dataset: str | os.PathLike, options: DatasetOptions, backend: str) -> Any:
+    """The dataset's reader; refused when the labelmap backend has no masks to read."""
+    reader = open_dataset(Path(dataset), options)
+    if backend == "labelmap" and reader.masks_dir is None:
+        where = "anatomy_masks/ folder" if reader.layout == "ctrate" else "--masks"
+        raise ConfigError(
+            f"{dataset}: no anatomy masks ({where}); pass --masks DIR or choose --backend builtin|totalsegmentator."
+        )
+    return reader
+
+
 def prepare_dataset(
     dataset: str | os.PathLike,
     out: str | os.PathLike,
@@ -224,32 +241,45 @@ def prepare_dataset(
     limit: int | None = None,
     progress: bool = True,
     decomposition: str | os.PathLike | None = None,
+    labels: str | os.PathLike | None = None,
+    radchest_mapping: str = "hlip",
 ) -> PrepareSummary:
-    """Write one cached sample per volume of ``split`` (this shard) into ``out``; see module docstring.
+    """Write one cached sample per volume of ``dataset`` (CT-RATE: of ``split``; this shard)
+    into ``out``; see module docstring.
 
     ``decomposition``: folder of fVLM's ``desc_info.json`` and ``conc_info.json``; their texts and
     abnormal flags replace the rule-based decomposition (a scan they lack gets the normal
-    templates, as in the reference; the summary counts them).
+    templates, as in the reference; the summary counts them). ``labels``, ``radchest_mapping``:
+    the label CSV of a RAD-ChestCT or cohort folder and how RAD-ChestCT labels become CT-RATE
+    findings (:mod:`fvlm_core.data.labelled`); a cohort's columns that match no CT-RATE finding
+    are kept as labels of their own name (and listed in the summary's notes).
 
-    Returns a :class:`PrepareSummary` (also written to ``out/_prepare/summary-{split}-{i}of{n}.json``).
+    Returns a :class:`PrepareSummary` (also written to
+    ``out/_prepare/summary-{split}-{i}of{n}.json``; ``split`` is the layout for non-CT-RATE data).
     """
     from fvlm_core.preprocess import ModelSpaceConfig
 
     t0 = time.perf_counter()
     config = config or ModelSpaceConfig()
     out = Path(out)
+    options_in = DatasetOptions(
+        split=split,
+        labels=str(labels) if labels else None,
+        masks=str(masks_dir) if masks_dir else None,
+        radchest_mapping=radchest_mapping,
+        require_reports=True,
+    )
+    reader = _open_reader(dataset, options_in, backend)
     out.mkdir(parents=True, exist_ok=True)
-    reader = CTRATEReader(Path(dataset), split, Path(masks_dir) if masks_dir else None)
-    if backend == "labelmap" and reader.masks_dir is None:
-        raise ConfigError(
-            f"{dataset}: no anatomy_masks/ folder; pass --masks DIR or choose --backend builtin|totalsegmentator."
-        )
+    split = split if reader.layout == "ctrate" else reader.layout
     settings = {
         "model_space": config.to_dict(),
         "catalog": catalog.names,
         "backend": backend,
         "masks": str(Path(reader.masks_dir).resolve()) if backend == "labelmap" else None,
     }
+    if reader.layout != "ctrate":  # only then: CT-RATE caches keep their settings
+        settings["dataset"] = {"layout": reader.layout, "radchest_mapping": radchest_mapping}
     files = load_decomposition(decomposition, catalog.names) if decomposition else None
     if decomposition:  # only then: caches prepared by rules keep their settings
         settings["decomposition"] = str(Path(decomposition).resolve())
@@ -260,6 +290,7 @@ def prepare_dataset(
     if limit is not None:
         mine = mine[:limit]
     summary = PrepareSummary(str(dataset), str(out), split, shard, listed=len(names) + len(reader.skipped))
+    summary.notes = list(reader.notes)
     summary.in_shard = len(mine)
     summary.skipped_listing = [
         {"name": n, "reason": r} for n, r in reader.skipped if shard_of(n, shard[1]) == shard[0]
@@ -277,8 +308,7 @@ def prepare_dataset(
     summary.already_done = len(mine) - len(todo)
     options = {
         "dataset": str(dataset),
-        "split": split,
-        "masks_dir": str(masks_dir) if masks_dir else None,
+        "dataset_options": options_in.to_dict(),
         "catalog": catalog.to_dict(),
         "model_space": config.to_dict(),
         "backend": backend,

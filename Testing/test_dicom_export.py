@@ -30,6 +30,7 @@ from dicom_study import Study, restore_identifiers, write_ct_series
 
 from fvlm_core.anatomy import EXTENDED_CATALOG
 from fvlm_core.calibration import Calibration
+from fvlm_core.errors import OutputError
 from fvlm_core.io import Geometry, write_image
 from fvlm_training.cli import main
 
@@ -463,3 +464,56 @@ def test_all_or_nothing_and_the_umask(study, model_dir, tmp_path, monkeypatch, c
         os.umask(old)
     assert (tmp_path / "dicom").stat().st_mode & 0o777 == 0o750
     assert {p.stat().st_mode & 0o777 for p in (tmp_path / "dicom").iterdir()} == {0o640}
+
+
+def test_export_analysis_is_the_whole_export_in_one_call(study, model_dir, tmp_path):
+    """What 3D Slicer's "Export to DICOM" calls: the series' files (from its DICOM database, any
+    order), the CT grid, the label map, the results JSON; a new folder, all at once."""
+    from fvlm_core.anatomy import get_catalog
+    from fvlm_core.dicom import Algorithm, export_analysis
+    from fvlm_core.io import read_ct, read_label_map
+
+    root = study["root"]
+    argv = [str(root / "study"), "--series", study["coarse"], "--segmentation", str(root / "coarse_seg.nii.gz"),
+            "--model", str(model_dir), "--dicom-out", str(tmp_path / "cli"), "--out", str(tmp_path / "r.json")]  # fmt: skip
+    assert analyze(*argv) == 0
+    results = json.loads((tmp_path / "r.json").read_text())
+    files = sorted((root / "study").glob("coarse_*"), reverse=True)
+    ct = read_ct(root / "study", series=study["coarse"])
+    labels = read_label_map(root / "coarse_seg.nii.gz", ct.geometry).array
+    call = dict(
+        model_dir=model_dir,
+        model_name="fvlm-tiny",
+        segmenter=Algorithm("label map", "unknown", "SEMIAUTOMATIC", "manual"),
+    )
+    written = export_analysis(
+        files, ct.geometry, results, labels, get_catalog(ANATOMIES), tmp_path / "lib", **call
+    )
+    assert written["seg"]["segments"] == results["dicom"]["seg"]["segments"]
+    assert written["model"] == results["dicom"]["model"]
+    cli, lib = (pydicom.dcmread(tmp_path / d / "seg.dcm") for d in ("cli", "lib"))
+    assert lib.PixelData == cli.PixelData and lib.SOPInstanceUID != cli.SOPInstanceUID
+    numbers = [[i.MeasuredValueSequence[0].FloatingPointValue for i in sr_tree(pydicom.dcmread(tmp_path / d / "sr.dcm"))
+                if i.ValueType == "NUM"] for d in ("cli", "lib")]  # fmt: skip
+    assert numbers[0] == numbers[1] and len(numbers[0]) > 4
+    with pytest.raises(OutputError, match="already exists"):
+        export_analysis(files, ct.geometry, results, labels, get_catalog(ANATOMIES), tmp_path / "lib", **call)
+
+
+def test_a_series_off_the_ct_grid_is_refused(study):
+    """The files must lie on the grid the CT was read on (e.g. the folder changed meanwhile)."""
+    from fvlm_core.dicom import read_source_series
+    from fvlm_core.errors import InputError
+
+    source = read_source_series(study["root"] / "study", study["coarse"])
+    g = study["geometry"]
+    assert [float(d.ImagePositionPatient[2]) for d in source.on_grid(g).datasets] == sorted(
+        float(d.ImagePositionPatient[2]) for d in source.datasets
+    )
+    shifted = Geometry(
+        g.size, g.spacing, (g.origin[0], g.origin[1], g.origin[2] + g.spacing[2] / 2), g.direction
+    )
+    with pytest.raises(InputError, match="lies off the CT's slices"):
+        source.on_grid(shifted)
+    with pytest.raises(InputError, match="has 16 files, the CT read from it 15 slices"):
+        source.on_grid(Geometry((32, 32, 15), g.spacing, g.origin, g.direction))

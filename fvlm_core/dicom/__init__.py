@@ -6,12 +6,14 @@
 * :mod:`~fvlm_core.dicom.seg`, :mod:`~fvlm_core.dicom.sr`, :mod:`~fvlm_core.dicom.pmap`: the
   DICOM Segmentation of the anatomies, the TID 1500 Comprehensive 3D SR of the findings, the
   similarity maps as Parametric Maps (highdicom).
-* :func:`write_dicom`: all of them into one folder.
+* :func:`write_dicom`: all of them into one (staged) folder; :func:`export_analysis`: the whole
+  export in one call from the source files, label map and results (what 3D Slicer's "Export to
+  DICOM" calls), written as a new folder all at once.
 
 Importing this package imports highdicom; ``fvlm_core`` imports it only when DICOM is written.
 """
 
-from fvlm_core.dicom.export import write_dicom
+from fvlm_core.dicom.export import export_analysis, write_dicom
 from fvlm_core.dicom.records import (
     Algorithm,
     AnatomyRecord,
@@ -21,7 +23,7 @@ from fvlm_core.dicom.records import (
     content_from_results,
     weights_sha256,
 )
-from fvlm_core.dicom.source import SourceSeries, read_source_series
+from fvlm_core.dicom.source import SourceSeries, read_source_files, read_source_series
 
 __all__ = [
     "Algorithm",
@@ -31,6 +33,8 @@ __all__ = [
     "MapRecord",
     "SourceSeries",
     "content_from_results",
+    "export_analysis",
+    "read_source_files",
     "read_source_series",
     "weights_sha256",
     "write_dicom",

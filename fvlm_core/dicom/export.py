@@ -5,29 +5,34 @@
     source = read_source_series("ct_dicom/")                 # before the work: refuses what cannot be referenced
     ...                                                      # the analysis
     content = content_from_results(results, labels, catalog, model=..., segmenter=..., software_version=...)
-    written = write_dicom(content, source.on_grid(ct.geometry), folder)
+    written = write_dicom(content, source.on_grid(ct.geometry), staged_folder)
 
-``folder`` receives ``seg.dcm``, ``sr.dcm`` and ``maps/<anatomy>__<finding>.dcm``; every object
-gets new Study-level-unchanged, Series and SOP Instance UIDs (the study is the source's, its
-patient and study attributes are copied, never made up). The caller makes it all-or-nothing
-(:class:`fvlm_core.outputs.OutputPlan` stages the folder).
+``write_dicom`` fills a folder with ``seg.dcm``, ``sr.dcm`` and ``maps/<anatomy>__<finding>.dcm``;
+every object gets new Series and SOP Instance UIDs in the source's study (its patient and study
+attributes copied, never made up); the caller stages the folder (``fvlm analyze`` with its other
+outputs). :func:`export_analysis` is the whole export in one call, for a caller that holds the
+source files, the label map and the results (the 3D Slicer module): it checks everything first
+and writes a new folder all at once, or nothing.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from pydicom.uid import generate_uid
 
+from fvlm_core.anatomy import AnatomyCatalog
 from fvlm_core.dicom.pmap import build_map
-from fvlm_core.dicom.records import ExportContent, check_content, present_anatomies
+from fvlm_core.dicom.records import Algorithm, ExportContent, check_content, present_anatomies
 from fvlm_core.dicom.seg import build_segmentation
 from fvlm_core.dicom.source import SourceSeries
 from fvlm_core.dicom.sr import build_report
 from fvlm_core.errors import InputError
-from fvlm_core.zeroshot.similarity import map_filename
+from fvlm_core.io import Geometry
 
 SEG_FILE, SR_FILE, MAPS_FOLDER = "seg.dcm", "sr.dcm", "maps"
 
@@ -62,12 +67,66 @@ def write_dicom(content: ExportContent, source: SourceSeries, folder: str | os.P
         "maps": [],
     }
     series_uid = generate_uid()
+    if content.maps:
+        from fvlm_core.zeroshot.similarity import map_filename  # (imports torch: only with maps)
     for number, record in enumerate(content.maps, 1):
         name = f"{MAPS_FOLDER}/{map_filename(record.anatomy, record.finding, '.dcm')}"
         pm = build_map(record, content, source, series_uid, number)
         _save(pm, folder / name)
         written["maps"].append({**_identity(pm, name), "anatomy": record.anatomy, "finding": record.finding})
     return written
+
+
+def export_analysis(
+    source_files: Sequence[str | os.PathLike],
+    geometry: Geometry,
+    results: Mapping,
+    labels: np.ndarray,
+    catalog: AnatomyCatalog,
+    folder: str | os.PathLike,
+    *,
+    model_dir: str | os.PathLike,
+    model_name: str,
+    segmenter: Algorithm,
+    maps: Mapping[tuple[str, str], np.ndarray] | None = None,
+) -> dict[str, Any]:
+    """Write the DICOM objects of one analysis into the new folder ``folder`` (all or nothing).
+
+    Args:
+        source_files: the files of the analysed series (3D Slicer: the DICOM database's files of
+            the volume's ``DICOM.instanceUIDs``), in any order.
+        geometry: the CT grid ``labels`` and ``maps`` lie on (the volume read from those files).
+        results: the analysis results as JSON (``fvlm analyze --out``).
+        labels, catalog: the anatomy label map on ``geometry`` and its anatomies.
+        folder: a folder that does not exist yet.
+        model_dir, model_name: the model folder (its weights are hashed) and its name.
+        segmenter: what made ``labels``.
+        maps: ``(anatomy, finding) -> (Z, Y, X)`` similarity maps to write as Parametric Maps.
+
+    Returns:
+        :func:`write_dicom`'s record, with ``folder`` and ``model`` (name, weights SHA-256).
+
+    Raises:
+        InputError, OutputError: the series cannot be referenced or does not lie on
+            ``geometry``, or ``folder`` exists or cannot be written; nothing is written then.
+    """
+    from fvlm_core import __version__
+    from fvlm_core.dicom.records import content_from_results, weights_sha256
+    from fvlm_core.dicom.source import read_source_files
+    from fvlm_core.outputs import OutputPlan
+
+    plan = OutputPlan()
+    plan.inputs("source", source_files)
+    plan.folder("DICOM folder", folder, replace=True, new=True)
+    plan.check()
+    source = read_source_files(source_files).on_grid(geometry)
+    model = Algorithm(model_name, weights_sha256(model_dir))
+    content = content_from_results(
+        results, labels, catalog, model=model, segmenter=segmenter, software_version=__version__, maps=maps
+    )
+    with plan.writing() as staged:
+        written = write_dicom(content, source, staged.path("DICOM folder"))
+    return {**written, "folder": str(folder), "model": {"name": model.name, "weights_sha256": model.version}}
 
 
 def _save(dataset, path: Path) -> None:

@@ -57,6 +57,7 @@ def build_map(
         derived_pixel_contrast="NONE",  # as dcmqi writes it; dciodvfy does not know "QUANTITY"
         content_description=what[:64],
         series_description="fVLM similarity maps",
+        content_creator_name="",  # Type 2: no person made it (DCMTK warns when it is absent)
         **equipment(content),
     )
     pm.SharedFunctionalGroupsSequence[0].FrameAnatomySequence = [_frame_anatomy(anatomy)]

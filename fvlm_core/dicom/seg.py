@@ -81,5 +81,6 @@ def build_segmentation(content: ExportContent, source: SourceSeries, names: list
         series_description="fVLM anatomies",
         content_label="FVLM_ANATOMY",
         content_description=f"Anatomies analysed by fVLM ({content.segmenter.name})"[:64],
+        content_creator_name="",  # Type 2: no person made it (DCMTK warns when it is absent)
         **equipment(content),
     )

@@ -122,13 +122,11 @@ class SourceSeries:
                 raise InputError(f"{where}: {_name(ds)} is not oriented as the CT read from the series.")
             if not np.allclose(pixel[::-1], spacing[:2], atol=1e-4):
                 raise InputError(f"{where}: {_name(ds)} has a pixel spacing other than the CT's.")
-            offset = np.linalg.solve(
-                direction * spacing, np.asarray([float(v) for v in ds.ImagePositionPatient]) - origin
-            )
-            k = round(float(offset[2]))
-            if np.abs(
-                offset - [0.0, 0.0, k]
-            ).max() * spacing.max() > 0.01 * spacing.min() + _TOLERANCE_MM or not (0 <= k < size_z):
+            position = np.asarray([float(v) for v in ds.ImagePositionPatient])
+            index = np.linalg.solve(direction * spacing, position - origin)  # (i, j, k) on the grid
+            k = round(float(index[2]))
+            off_mm = np.abs((index - [0.0, 0.0, k]) * spacing).max()
+            if off_mm > _TOLERANCE_MM + 0.01 * spacing.min() or not 0 <= k < size_z:
                 raise InputError(
                     f"{where}: {_name(ds)} lies off the CT's slices (position {list(ds.ImagePositionPatient)})."
                 )
@@ -179,16 +177,33 @@ def read_source_series(folder: str | os.PathLike, series: str | None = None) -> 
     with warnings.catch_warnings():  # the CT reader warns about several series itself
         warnings.simplefilter("ignore", FVLMWarning)
         chosen = choose_dicom_series(folder, series)
+    return read_source_files(chosen.files, folder)
+
+
+def read_source_files(
+    files: Sequence[str | os.PathLike], folder: str | os.PathLike | None = None
+) -> SourceSeries:
+    """Read and check the headers of the files of one series (e.g. those 3D Slicer's DICOM
+    database lists for a volume); ``folder`` names them in messages (default: the first's folder).
+
+    Raises:
+        InputError: no files, an unreadable file, or headers the derived objects cannot
+            reference (every problem listed, with what to do).
+    """
+    if not files:
+        raise InputError("no DICOM files given for the source series")
+    folder = Path(folder) if folder is not None else Path(files[0]).parent
     datasets = []
-    for file in chosen.files:
+    for file in files:
         try:
             datasets.append(pydicom.dcmread(file, stop_before_pixels=True))
         except (OSError, pydicom.errors.InvalidDicomError) as exc:
             raise InputError(f"{file}: not readable as DICOM ({exc}). Copy the series again.") from exc
     problems = series_problems(datasets)
     if problems:
+        uid = str(datasets[0].get("SeriesInstanceUID", "") or "") or "(no Series Instance UID)"
         raise InputError(
-            f"{folder}: DICOM series {chosen.uid or '(no Series Instance UID)'} cannot be referenced by "
+            f"{folder}: DICOM series {uid} cannot be referenced by "
             f"DICOM objects: {'; '.join(problems)}. Nothing was done. The derived objects must name "
             "the study, series and images they belong to, as in the archive: export the series "
             "again from the archive (PACS), or, for a de-identified copy, give it identifiers with a "

@@ -1,7 +1,7 @@
 """Synthetic DICOM studies written with pydicom, as a scanner exports them (for the DICOM tests).
 
 ``write_ct_series`` writes one CT Image Storage file per axial slice with every attribute the
-CT Image IOD requires (dciodvfy finds no error in them), the patient and study of a
+CT Image IOD requires (dciodvfy reports neither error nor warning on them), the patient and study of a
 :class:`Study`, and positions that put slice ``k`` of the array at ``geometry``'s slice ``k``.
 ``restore_identifiers`` gives a de-identified copy of a series (empty UIDs, as the shared
 TotalSegmentator example series has) the identifiers an archive export would carry.
@@ -68,12 +68,9 @@ def write_ct_series(
         ds.SeriesInstanceUID, ds.SeriesNumber, ds.SeriesDescription = series_uid, series_number, description
         ds.FrameOfReferenceUID, ds.PositionReferenceIndicator = study.frame_of_reference_uid, ""
         ds.InstanceNumber, ds.AcquisitionNumber = k + 1, 1
-        ds.PatientPosition, ds.KVP, ds.ContentDate, ds.ContentTime = (
-            "HFS",
-            120,
-            study.study_date,
-            study.study_time,
-        )
+        ds.PatientPosition, ds.KVP = "HFS", 120
+        ds.ContentDate, ds.ContentTime = study.study_date, study.study_time
+        ds.BodyPartExamined, ds.ImageLaterality = "CHEST", "U"  # unpaired: no series Laterality needed
         ds.ImagePositionPatient = [round(float(v), 4) for v in position]
         ds.ImageOrientationPatient = [float(v) for v in (*direction[:, 0], *direction[:, 1])]
         ds.PixelSpacing, ds.SliceThickness = [float(sy), float(sx)], float(sz)

@@ -169,25 +169,21 @@ def dicom_source(args: argparse.Namespace):
 def write_dicom_objects(args, results: dict, result, done: Analysed, source, staged) -> dict:
     """Write the DICOM objects into the staged --dicom-out folder; returns the record of them
     for the results JSON (final paths)."""
-    from fvlm_core import __version__
-    from fvlm_core.dicom import Algorithm, content_from_results, weights_sha256, write_dicom
+    from fvlm_core.dicom import content_from_results, write_dicom
+    from fvlm_core.dicom.export import model_record
 
     content = content_from_results(
         results,
         done.labels,
         done.catalog,
-        model=Algorithm(done.model_name, weights_sha256(args.model)),
+        model_dir=args.model,
+        model_name=done.model_name,
         segmenter=segmenter_identity(args),
-        software_version=__version__,
         maps=result.similarity_maps if args.dicom_maps else None,
     )
     folder = staged.path("--dicom-out")
     written = write_dicom(content, source.on_grid(done.geometry), folder)
-    return {
-        **written,
-        "folder": str(staged.final(folder)),
-        "model": {"name": content.model.name, "weights_sha256": content.model.version},
-    }
+    return {**written, "folder": str(staged.final(folder)), "model": model_record(content)}
 
 
 def segmenter_identity(args: argparse.Namespace):

@@ -4,7 +4,7 @@
 
     source = read_source_series("ct_dicom/")                 # before the work: refuses what cannot be referenced
     ...                                                      # the analysis
-    content = content_from_results(results, labels, catalog, model=..., segmenter=..., software_version=...)
+    content = content_from_results(results, labels, catalog, model_dir=..., model_name=..., segmenter=...)
     written = write_dicom(content, source.on_grid(ct.geometry), staged_folder)
 
 ``write_dicom`` fills a folder with ``seg.dcm``, ``sr.dcm`` and ``maps/<anatomy>__<finding>.dcm``;
@@ -110,8 +110,7 @@ def export_analysis(
         InputError, OutputError: the series cannot be referenced or does not lie on
             ``geometry``, or ``folder`` exists or cannot be written; nothing is written then.
     """
-    from fvlm_core import __version__
-    from fvlm_core.dicom.records import content_from_results, weights_sha256
+    from fvlm_core.dicom.records import content_from_results
     from fvlm_core.dicom.source import read_source_files
     from fvlm_core.outputs import OutputPlan
 
@@ -120,13 +119,17 @@ def export_analysis(
     plan.folder("DICOM folder", folder, replace=True, new=True)
     plan.check()
     source = read_source_files(source_files).on_grid(geometry)
-    model = Algorithm(model_name, weights_sha256(model_dir))
     content = content_from_results(
-        results, labels, catalog, model=model, segmenter=segmenter, software_version=__version__, maps=maps
+        results, labels, catalog, model_dir=model_dir, model_name=model_name, segmenter=segmenter, maps=maps
     )
     with plan.writing() as staged:
         written = write_dicom(content, source, staged.path("DICOM folder"))
-    return {**written, "folder": str(folder), "model": {"name": model.name, "weights_sha256": model.version}}
+    return {**written, "folder": str(folder), "model": model_record(content)}
+
+
+def model_record(content: ExportContent) -> dict[str, str]:
+    """The model as the results JSON records it beside the objects."""
+    return {"name": content.model.name, "weights_sha256": content.model.version}
 
 
 def _save(dataset, path: Path) -> None:

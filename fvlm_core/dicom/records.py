@@ -114,9 +114,9 @@ def content_from_results(
     labels: np.ndarray,
     catalog: AnatomyCatalog,
     *,
-    model: Algorithm,
+    model_dir: str | os.PathLike,
+    model_name: str,
     segmenter: Algorithm,
-    software_version: str,
     maps: Mapping[tuple[str, str], np.ndarray] | None = None,
 ) -> ExportContent:
     """The export content of one analysis, from its results JSON (``fvlm analyze --out``).
@@ -126,12 +126,16 @@ def content_from_results(
             ``value``, ``scale``, ``threshold``, ``flagged``; ``volume_ml``).
         labels: the anatomy label map on the CT grid, in ``catalog``'s values.
         catalog: the anatomies of ``labels``.
-        model, segmenter, software_version: see :class:`ExportContent`.
+        model_dir, model_name: the model folder (its weights are hashed: the model's version)
+            and its name.
+        segmenter: what made ``labels``.
         maps: ``(anatomy, finding) -> (Z, Y, X)`` similarity maps to write, or None.
 
     Findings that were not scored (their anatomy was absent or cut by a window cap) are left
     out: the SR reports what the model said, nothing else.
     """
+    from fvlm_core import __version__
+
     anatomies = []
     for a in results.get("anatomies", []):
         if a["name"] not in catalog:
@@ -148,15 +152,14 @@ def content_from_results(
             if f.get("value") is not None
         )
         anatomies.append(AnatomyRecord(str(a["name"]), float(a["volume_ml"]), findings))
-    records = tuple(MapRecord(anat, name, arr) for (anat, name), arr in (maps or {}).items())
     return ExportContent(
         labels=np.asarray(labels),
         catalog=catalog,
         anatomies=tuple(anatomies),
-        model=model,
+        model=Algorithm(model_name, weights_sha256(model_dir)),
         segmenter=segmenter,
-        software_version=software_version,
-        maps=records,
+        software_version=__version__,
+        maps=tuple(MapRecord(anat, name, arr) for (anat, name), arr in (maps or {}).items()),
     )
 
 

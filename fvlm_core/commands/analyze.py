@@ -139,6 +139,8 @@ def run(args: argparse.Namespace) -> int:
     for note in result.notes:
         if note not in warned:  # already printed as a warning
             say(f"note: {note}")
+    if args.dicom_out:
+        say(f"DICOM: {args.dicom_out} (seg.dcm, sr.dcm{', maps/' if args.dicom_maps else ''})")
     say(f"results: {args.out}")
     return 0
 
@@ -182,7 +184,9 @@ def write_dicom_objects(args, results: dict, result, done: Analysed, source, sta
         maps=result.similarity_maps if args.dicom_maps else None,
     )
     folder = staged.path("--dicom-out")
-    written = write_dicom(content, source.on_grid(done.geometry), folder)
+    say = _say(args.quiet)
+    progress = lambda m, f: say(f"[{f * 100:5.1f}%] {m}")  # noqa: E731
+    written = write_dicom(content, source.on_grid(done.geometry), folder, progress=progress)
     return {**written, "folder": str(staged.final(folder)), "model": model_record(content)}
 
 

@@ -18,7 +18,7 @@ and writes a new folder all at once, or nothing.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +37,14 @@ from fvlm_core.io import Geometry
 SEG_FILE, SR_FILE, MAPS_FOLDER = "seg.dcm", "sr.dcm", "maps"
 
 
-def write_dicom(content: ExportContent, source: SourceSeries, folder: str | os.PathLike) -> dict[str, Any]:
-    """Write the objects of ``content`` (``source``: the CT's series, on the label map's grid).
+def write_dicom(
+    content: ExportContent,
+    source: SourceSeries,
+    folder: str | os.PathLike,
+    progress: Callable[[str, float], None] | None = None,
+) -> dict[str, Any]:
+    """Write the objects of ``content`` (``source``: the CT's series, on the label map's grid);
+    ``progress(message, fraction)`` hears of each object.
 
     Returns:
         JSON-ready record of what was written: per object its file (relative to ``folder``),
@@ -55,8 +61,12 @@ def write_dicom(content: ExportContent, source: SourceSeries, folder: str | os.P
             "no analysed anatomy has voxels in the segmentation: there is nothing to write as DICOM"
         )
     check_content(content, names)
+    say = progress or (lambda message, fraction: None)
+    steps = 2 + len(content.maps)
+    say("DICOM: segmentation", 0.0)
     seg = build_segmentation(content, source, names)
     _save(seg, folder / SEG_FILE)
+    say("DICOM: structured report", 1 / steps)
     sr = build_report(content, source, seg, names)
     _save(sr, folder / SR_FILE)
     written = {
@@ -70,10 +80,12 @@ def write_dicom(content: ExportContent, source: SourceSeries, folder: str | os.P
     if content.maps:
         from fvlm_core.zeroshot.similarity import map_filename  # (imports torch: only with maps)
     for number, record in enumerate(content.maps, 1):
+        say(f"DICOM: parametric map {number}/{len(content.maps)}", (1 + number) / steps)
         name = f"{MAPS_FOLDER}/{map_filename(record.anatomy, record.finding, '.dcm')}"
         pm = build_map(record, content, source, series_uid, number)
         _save(pm, folder / name)
         written["maps"].append({**_identity(pm, name), "anatomy": record.anatomy, "finding": record.finding})
+    say("DICOM: done", 1.0)
     return written
 
 

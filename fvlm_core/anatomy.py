@@ -20,6 +20,8 @@ from fvlm_core.errors import ConfigError, InputError
 
 #: Slicer terminology category for anatomical structures (SNOMED CT).
 ANATOMICAL_STRUCTURE = ("SCT", "123037004", "Anatomical Structure")
+#: The category Slicer's terminology and DICOM's CID 7150 put bone in (not "Anatomical Structure").
+TISSUE = ("SCT", "85756007", "Tissue")
 
 
 @dataclass(frozen=True)
@@ -33,6 +35,10 @@ class Anatomy:
         color: display colour, RGB in 0..255.
         snomed: ``(code, meaning)`` of the SNOMED CT anatomic structure, or ``None``.
         display_name: human-readable name used in reports and prompts (``"Lung"``).
+        category: ``(scheme, code, meaning)`` of the segmentation category the anatomy belongs
+            to (Slicer's terminology, DICOM CID 7150): Anatomical Structure, Tissue for bone.
+        bilateral: the anatomy merges a left and a right structure (both lungs, both kidneys),
+            DICOM laterality ``B``; ``False``: an unpaired structure (``U``).
     """
 
     name: str
@@ -40,6 +46,8 @@ class Anatomy:
     color: tuple[int, int, int]
     snomed: tuple[str, str] | None = None
     display_name: str = ""
+    category: tuple[str, str, str] = ANATOMICAL_STRUCTURE
+    bilateral: bool = False
 
     @property
     def title(self) -> str:
@@ -59,7 +67,13 @@ _LUNG_LOBES = (
 
 # The 4 anatomies of the public CT-RATE release, in its order (mask value = index + 1).
 _CTRATE = (
-    Anatomy("lung", (*_LUNG_LOBES, "lung", "lung_left", "lung_right"), (197, 165, 145), ("39607008", "Lung")),
+    Anatomy(
+        "lung",
+        (*_LUNG_LOBES, "lung", "lung_left", "lung_right"),
+        (197, 165, 145),
+        ("39607008", "Lung"),
+        bilateral=True,
+    ),
     Anatomy("heart", ("heart", "atrial_appendage_left"), (206, 110, 84), ("80891009", "Heart")),
     Anatomy("esophagus", ("esophagus",), (211, 171, 143), ("32849002", "Esophagus")),
     Anatomy("aorta", ("aorta",), (224, 97, 76), ("15825003", "Aorta")),
@@ -78,12 +92,14 @@ _EXTENDED_MORE = (
         ("kidney_left", "kidney_right", "kidney_cyst_left", "kidney_cyst_right"),
         (185, 102, 83),
         ("64033007", "Kidney"),
+        bilateral=True,
     ),
     Anatomy(
         "adrenal_gland",
         ("adrenal_gland_left", "adrenal_gland_right"),
         (244, 208, 140),
         ("23451007", "Adrenal gland"),
+        bilateral=True,
     ),
     Anatomy(
         "small_bowel",
@@ -113,8 +129,10 @@ _EXTENDED_MORE = (
             "bone",
         ),
         (241, 214, 145),
-        ("272673000", "Bone structure"),
+        ("272673000", "Bone"),  # DICOM's and Slicer's meaning of SNOMED "Bone structure"
         "Bone",
+        category=TISSUE,
+        bilateral=True,
     ),
 )
 
@@ -230,6 +248,8 @@ class AnatomyCatalog:
                     "color": list(a.color),
                     "snomed": list(a.snomed) if a.snomed else None,
                     "display_name": a.display_name,
+                    "category": list(a.category),
+                    "bilateral": a.bilateral,
                 }
                 for a in self.anatomies
             ],
@@ -247,6 +267,8 @@ class AnatomyCatalog:
                         color=tuple(int(c) for c in a.get("color", (128, 128, 128))),
                         snomed=tuple(a["snomed"]) if a.get("snomed") else None,
                         display_name=a.get("display_name", ""),
+                        category=tuple(a.get("category") or ANATOMICAL_STRUCTURE),
+                        bilateral=bool(a.get("bilateral", False)),
                     )
                     for a in d["anatomies"]
                 ),

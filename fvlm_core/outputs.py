@@ -55,6 +55,7 @@ class _Output:
     example: str = ""
     replace: bool = False  # folder: the whole folder is replaced (a model folder), not added to
     force: bool = False  # replace an existing folder (else refused)
+    new: bool = False  # folder: refused when it exists at all (written only as a new folder)
 
 
 def _real(path: Path) -> Path:
@@ -134,17 +135,25 @@ class OutputPlan:
             )
 
     def folder(
-        self, option: str, path: str | os.PathLike | None, *, replace: bool = False, force: bool = False
+        self,
+        option: str,
+        path: str | os.PathLike | None,
+        *,
+        replace: bool = False,
+        force: bool = False,
+        new: bool = False,
     ) -> None:
         """Declare an output folder (``None``: not requested).
 
         ``replace=False``: the command adds files to it (created if missing; files of the same
         name are replaced). ``replace=True``: the folder is the output as a whole (a model
         folder): an existing one that is not empty is refused unless ``force``, and then
-        replaced entirely.
+        replaced entirely. ``new=True`` (with ``replace``): an existing folder is refused even
+        when empty, and there is no ``force`` (outputs that must never mix with earlier ones,
+        such as DICOM objects with their own UIDs).
         """
         if path is not None:
-            self._outputs.append(_Output(option, Path(path), True, replace=replace, force=force))
+            self._outputs.append(_Output(option, Path(path), True, replace=replace, force=force, new=new))
 
     def declared(self, option: str) -> bool:
         return any(o.option == option for o in self._outputs)
@@ -225,6 +234,11 @@ class OutputPlan:
                 return [f"{what}: unknown file type; name it with one of {', '.join(out.suffixes)}."]
         elif os.path.lexists(out.path) and not out.path.is_dir():
             return [f"{what} is an existing file; give a folder path (it is created if missing)."]
+        elif out.new and os.path.lexists(out.path):
+            return [
+                f"{what} already exists; give a folder that does not exist yet (it is created with all "
+                "of its files at once, and an existing folder is never added to or replaced)."
+            ]
         elif out.replace and out.path.is_dir() and not out.force and any(out.path.iterdir()):
             return [
                 f"{what} already exists; pass --force to replace it (its current files are removed), "

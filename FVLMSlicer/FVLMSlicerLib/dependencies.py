@@ -37,6 +37,7 @@ PROTECTED = (
     "numpy",
     "SimpleITK",
     "vtk",
+    "pydicom",
     "scipy",
     "Pillow",
     "packaging",

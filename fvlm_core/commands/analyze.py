@@ -14,14 +14,22 @@ The model's own findings are scored with the prompt embeddings stored in its fol
 when the folder was saved, checked against its text encoder); the text encoder is loaded only
 for --prompts wordings the folder lacks.
 
+With --dicom-out (a DICOM series folder only): a new folder with the results as DICOM objects
+that reference the source series (``fvlm_core.dicom``): the anatomies as a DICOM Segmentation,
+the findings as a Comprehensive 3D SR measurement report (TID 1500) and, with --dicom-maps, the
+similarity maps as Parametric Maps. The series is checked before the work (identifiers present,
+one study, frame of reference, size and orientation).
+
 Every output is checked before the work (none may be an input or another output; --out a
-file, --maps-dir a folder) and written all or none.
+file, --maps-dir a folder, --dicom-out a folder that does not exist yet) and written all or none.
 
 Examples::
 
     fvlm analyze chest.nii.gz --model models/fvlm-tiny --out results.json
     fvlm analyze chest.nii.gz --segmentation seg.nii.gz --model M --prompts my_findings.yaml \\
         --maps-dir maps/ --out results.json
+    fvlm analyze dicom/series01 --backend totalsegmentator --model M --dicom-out dicom-results \\
+        --dicom-maps --out results.json
 """
 
 from __future__ import annotations
@@ -30,8 +38,16 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from fvlm_core.commands.segment import add_ct_arguments, add_totalsegmentator_arguments
+
+if TYPE_CHECKING:  # imported when used: `fvlm analyze --help` and bad input stay fast
+    import numpy as np
+
+    from fvlm_core.anatomy import AnatomyCatalog
+    from fvlm_core.io import Geometry
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -59,7 +75,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--all-maps",
         action="store_true",
-        help="with --maps-dir: maps of every finding, not only flagged ones",
+        help="with --maps-dir or --dicom-maps: maps of every finding, not only flagged ones",
+    )
+    parser.add_argument(
+        "--dicom-out",
+        help="new folder for DICOM objects referencing the source series (a DICOM folder CT only): "
+        "seg.dcm (DICOM Segmentation of the anatomies), sr.dcm (Comprehensive 3D SR, TID 1500, of "
+        "the findings)",
+    )
+    parser.add_argument(
+        "--dicom-maps",
+        action="store_true",
+        help="with --dicom-out: the similarity maps too, as DICOM Parametric Maps (maps/*.dcm)",
     )
     parser.add_argument(
         "--windows",
@@ -84,18 +111,27 @@ def run(args: argparse.Namespace) -> int:
 
     if args.only_prompts and not args.prompts:
         raise ConfigError("--only-prompts scores only the --prompts findings: give --prompts FILE too")
-    if args.all_maps and not args.maps_dir:
-        raise ConfigError("--all-maps chooses which similarity maps to write: give --maps-dir FOLDER too")
+    if args.all_maps and not (args.maps_dir or args.dicom_maps):
+        raise ConfigError(
+            "--all-maps chooses which similarity maps to write: give --maps-dir FOLDER too "
+            "(or --dicom-maps with --dicom-out)"
+        )
+    if args.dicom_maps and not args.dicom_out:
+        raise ConfigError("--dicom-maps adds the maps to the DICOM objects: give --dicom-out FOLDER too")
     plan = output_plan(args)
     plan.check()  # before the minutes of work
+    source = dicom_source(args)  # a series DICOM objects cannot reference is refused before the work too
     with recorded_warnings() as warned:
-        result, out = analyze(args)
+        result, out, done = analyze(args)
     with plan.writing() as staged:
         if args.maps_dir:
             written = result.write_maps(staged.path("--maps-dir"))
             result.map_files = {k: str(staged.final(v)) for k, v in written.items()}
-        out = {**result.to_dict(), **out, "warnings": warned}
-        staged.path("--out").write_text(json.dumps(out, indent=2), encoding="utf-8")
+        results = {**result.to_dict(), **out}
+        if source is not None:
+            results["dicom"] = write_dicom_objects(args, results, result, done, source, staged)
+        results["warnings"] = warned
+        staged.path("--out").write_text(json.dumps(results, indent=2), encoding="utf-8")
     say = _say(args.quiet)
     for anat in result.anatomies:
         for f in anat.findings:
@@ -103,6 +139,8 @@ def run(args: argparse.Namespace) -> int:
     for note in result.notes:
         if note not in warned:  # already printed as a warning
             say(f"note: {note}")
+    if args.dicom_out:
+        say(f"DICOM: {args.dicom_out} (seg.dcm, sr.dcm{', maps/' if args.dicom_maps else ''})")
     say(f"results: {args.out}")
     return 0
 
@@ -116,11 +154,77 @@ def output_plan(args: argparse.Namespace):
         plan.input("CT" if option == "ct" else f"--{option.replace('_', '-')}", getattr(args, option))
     plan.file("--out", args.out, example="results.json")
     plan.folder("--maps-dir", args.maps_dir)
+    plan.folder("--dicom-out", args.dicom_out, replace=True, new=True)
     return plan
 
 
+def dicom_source(args: argparse.Namespace):
+    """The checked source series for --dicom-out (None without it): a file CT, a series
+    without its identifiers or mixing studies, sizes, ... is refused here, before the work."""
+    if not args.dicom_out:
+        return None
+    from fvlm_core.dicom import read_source_series
+
+    return read_source_series(args.ct, args.series)
+
+
+def write_dicom_objects(args, results: dict, result, done: Analysed, source, staged) -> dict:
+    """Write the DICOM objects into the staged --dicom-out folder; returns the record of them
+    for the results JSON (final paths)."""
+    from fvlm_core.dicom import content_from_results, write_dicom
+    from fvlm_core.dicom.export import model_record
+
+    content = content_from_results(
+        results,
+        done.labels,
+        done.catalog,
+        model_dir=args.model,
+        model_name=done.model_name,
+        segmenter=segmenter_identity(args),
+        maps=result.similarity_maps if args.dicom_maps else None,
+    )
+    folder = staged.path("--dicom-out")
+    say = _say(args.quiet)
+    progress = lambda m, f: say(f"[{f * 100:5.1f}%] {m}")  # noqa: E731
+    written = write_dicom(content, source.on_grid(done.geometry), folder, progress=progress)
+    return {**written, "folder": str(staged.final(folder)), "model": model_record(content)}
+
+
+def segmenter_identity(args: argparse.Namespace):
+    """What made the anatomy label map, as the SEG records it: a given label map (how it was
+    made is not known: SEMIAUTOMATIC), the built-in segmenter or TotalSegmentator (AUTOMATIC)."""
+    from pathlib import Path
+
+    from fvlm_core import __version__
+    from fvlm_core.dicom import Algorithm
+
+    if args.segmentation:
+        return Algorithm(f"label map {Path(args.segmentation).name}", "unknown", "SEMIAUTOMATIC", "manual")
+    if args.backend == "totalsegmentator":
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            ts_version = version("TotalSegmentator")
+        except PackageNotFoundError:
+            ts_version = "unknown"
+        return Algorithm("TotalSegmentator", f"{ts_version} (total task{', fast' if args.fast else ''})")
+    return Algorithm("fVLM built-in segmenter", __version__, "AUTOMATIC", "morphology")
+
+
+@dataclass
+class Analysed:
+    """What --dicom-out needs of an analysis besides its results: the anatomy label map on the
+    CT grid in the model's anatomies, the CT grid, the model's name."""
+
+    labels: np.ndarray
+    catalog: AnatomyCatalog
+    geometry: Geometry
+    model_name: str
+
+
 def analyze(args: argparse.Namespace):
-    """Read, segment and score; returns ``(AnalysisResult, extra JSON fields)``."""
+    """Read, segment and score; returns ``(AnalysisResult, extra JSON fields, Analysed)``."""
+    from fvlm_core.anatomy import get_catalog
     from fvlm_core.io import read_ct
     from fvlm_core.zeroshot.prompt_files import load_findings_file, merge_findings
 
@@ -150,7 +254,7 @@ def analyze(args: argparse.Namespace):
     segmentation = segment(ct, analyzer, args.segmentation, args.backend, args.class_map, options, say)
     timings["segment"] = time.perf_counter() - t
 
-    maps = ("all" if args.all_maps else True) if args.maps_dir else False
+    maps = ("all" if args.all_maps else True) if (args.maps_dir or args.dicom_maps) else False
     with torch.no_grad():  # scoped: `fvlm analyze` may run inside a longer-lived process
         result = analyzer.analyze(
             ct,
@@ -171,7 +275,9 @@ def analyze(args: argparse.Namespace):
         extra["segmentation"]["details"] = segmentation.details
     if ct.dicom_series:
         extra["dicom_series"] = ct.dicom_series
-    return result, extra
+    labels = analyzer.labels_in_model_order(segmentation).array
+    done = Analysed(labels, get_catalog(analyzer.anatomies), ct.geometry, analyzer.config.name)
+    return result, extra, done
 
 
 _METHOD = {"platt": "Platt calibration", "isotonic": "isotonic calibration"}

@@ -717,7 +717,8 @@ class VolumeSource:
 
     Before any volume is read it refuses: listed volumes missing on disk or unreadable, volumes
     without a mask for ``labelmap``, a cohort column that matches none of ``findings`` (unless
-    in ``ignore_columns``), and a dataset with no labelled volume.
+    in ``ignore_columns``; ``ignore_columns=None`` keeps every column as a label of its own
+    name, as ``fvlm embed`` does), and a dataset with no labelled volume.
     """
 
     def __init__(
@@ -734,7 +735,7 @@ class VolumeSource:
         backend_options: Mapping[str, Any] | None = None,
         radchest_mapping: str = "hlip",
         findings: Sequence[str] = (),
-        ignore_columns: Sequence[str] = (),
+        ignore_columns: Sequence[str] | None = (),
     ) -> None:
         from fvlm_core.anatomy import get_catalog
         from fvlm_core.data.cache import CacheSamples, is_cache_folder
@@ -791,7 +792,7 @@ class VolumeSource:
         unknown = [
             c
             for c in getattr(getattr(self.reader, "table", None), "unmatched", [])
-            if c not in ignore_columns
+            if ignore_columns is not None and c not in ignore_columns
         ]
         if unknown:
             raise DataError(

@@ -455,6 +455,22 @@ class EmbeddingStore:
         self._tables[key] = table
         return table
 
+    def require_scans(self) -> list[str]:
+        """The finished scans; :class:`DataError` when there is none yet."""
+        scans = self.scans()
+        if not scans:
+            pending = self.journals()
+            raise DataError(
+                f"{self.path}: the store holds no finished scan yet"
+                + (
+                    f" ({len(pending)} journal(s) of an interrupted `fvlm embed` run in {JOURNAL_DIR}/: "
+                    "re-run that command to finish them)."
+                    if pending
+                    else ". Fill it with `fvlm embed DATA --model M --out STORE`."
+                )
+            )
+        return scans
+
     def scans(self) -> list[str]:
         """The finished scans' ids, sorted."""
         import pyarrow.compute as pc

@@ -201,7 +201,8 @@ def store_retrieval(
     text_of: dict[str, list[str | None]] = {a: [None] * n for a in anatomies}
     truth: list[dict[str, Any]] = [{} for _ in range(n)]
     emb = table.column("embedding").combine_chunks()
-    flat = emb.flatten().to_numpy(zero_copy_only=False).reshape(len(emb), d) if len(emb) else np.zeros((0, d))
+    # .values keeps the slots of null (not scored) rows, which flatten() would drop
+    flat = emb.values.slice(emb.offset * d, len(emb) * d).to_numpy(zero_copy_only=False).reshape(len(emb), d)
     for r, (scan, anatomy, scored, text, lab) in enumerate(
         zip(*(table.column(c).to_pylist() for c in ("scan", "anatomy", "scored", "text", "labels")))
     ):

@@ -179,6 +179,7 @@ def search_vectors(
     if not np.isfinite(norm) or norm == 0:
         raise DataError("the query embedding is zero or not finite: nothing to compare with.")
     q = q / norm
+    store.require_scans()
     ids, matrix = store.vectors(anatomy)
     if not len(ids):
         raise DataError(f"{store.path}: no scan of the store has its {anatomy} scored; nothing to search.")
@@ -254,6 +255,7 @@ def search_like(
         :class:`Match` es, best first, with each match's volume path and whether it is reachable.
     """
     store.check_anatomy(anatomy)
+    store.require_scans()
     vectors = getattr(query, "vectors", query)
     if isinstance(vectors, Mapping):
         if anatomy not in vectors:

@@ -88,7 +88,8 @@ def test_store_rows_and_other_readers(store_dir, cohort):
     assert heart["status"] == "absent" and not heart["scored"] and heart["embedding"] is None
     lung = rows[("p000", "lung")]
     assert lung["status"] in ("present", "partial") and lung["scored"] and lung["voxels"] > 0
-    assert np.linalg.norm(lung["embedding"]) == pytest.approx(1.0, abs=1e-5)
+    vec = np.frombuffer(lung["embedding"], "<f4")  # D float32 as little-endian bytes
+    assert vec.shape == (128,) and np.linalg.norm(vec) == pytest.approx(1.0, abs=1e-5)
     assert lung["volume_ml"] > 0 and len(lung["window_size_zyx"]) == 3
     assert lung["source"] == str((cohort[0] / "p000.nii.gz").resolve())
     assert lung["text"] and dict(lung["labels"]).keys() >= {"Pleural effusion", "Cardiomegaly"}
@@ -100,6 +101,13 @@ def test_store_rows_and_other_readers(store_dir, cohort):
     glob = str(store_dir / "parts" / "*.parquet")
     n = duckdb.sql(f"SELECT count(*) FROM '{glob}' WHERE anatomy = 'heart' AND scored").fetchall()[0][0]
     assert n == N_SCANS - 1
+    blob = duckdb.sql(f"SELECT embedding FROM '{glob}' WHERE scan = 'p000' AND anatomy = 'lung'").fetchall()[
+        0
+    ][0]
+    assert np.array_equal(np.frombuffer(blob, "<f4"), vec)
+    assert np.array_equal(
+        np.frombuffer(df[(df.scan == "p000") & (df.anatomy == "lung")].embedding.iloc[0], "<f4"), vec
+    )
 
 
 @pytest.mark.parametrize("strategy", ["shared", "centred", "reference"])
@@ -272,7 +280,9 @@ def _same_rows(a: dict, b: dict) -> bool:
         rb = b[key]
         for col, va in ra.items():
             if col == "embedding" and va is not None:
-                np.testing.assert_allclose(va, rb[col], atol=1e-6, err_msg=str(key))
+                np.testing.assert_allclose(
+                    np.frombuffer(va, "<f4"), np.frombuffer(rb[col], "<f4"), atol=1e-6, err_msg=str(key)
+                )
             else:
                 assert va == rb[col], (key, col)
     return True

@@ -195,6 +195,7 @@ class EmbedSummary:
     parts: list[str] = field(default_factory=list)
     seconds: float = 0.0
     encode_seconds: float = 0.0
+    read_seconds: float = 0.0  # in the data-loader workers: read, resample, cut (overlapped)
     notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -210,6 +211,7 @@ class EmbedSummary:
             "parts_written": self.parts,
             "seconds": round(self.seconds, 2),
             "encode_seconds": round(self.encode_seconds, 2),
+            "read_seconds": round(self.read_seconds, 2),
             "notes": self.notes,
         }
 
@@ -302,6 +304,7 @@ def embed_scans(
                 scans, total=len(todo), desc=f"embed {shard[0]}/{shard[1]}", unit="scan", smoothing=0.1
             )
         for item in scans:
+            summary.read_seconds += item.seconds
             if item.error is not None:
                 summary.failed.append({"name": item.name, "error": item.error})
                 continue
@@ -387,10 +390,11 @@ def run(args: argparse.Namespace) -> int:
     summary.notes[:0] = list(source.notes)
     _write_summary(store, summary)
     d = summary.to_dict()
-    per_scan = summary.encode_seconds / max(summary.embedded, 1)
+    n = max(summary.embedded, 1)
     print(
         f"embed shard {d['shard']}: {d['embedded']} embedded, {d['already_stored']} already stored, "
-        f"{d['failed_count']} failed ({d['seconds']:.1f} s; encoder {per_scan:.3f} s/scan on {analyzer.device})"
+        f"{d['failed_count']} failed ({d['seconds']:.1f} s; per scan: encoder {summary.encode_seconds / n:.3f} s "
+        f"on {analyzer.device}, reading and cutting {summary.read_seconds / n:.3f} s in {args.workers} worker(s))"
     )
     for note in summary.notes:
         print(f"  note: {note}")

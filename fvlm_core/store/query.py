@@ -67,14 +67,14 @@ def temperature_for(analyzer, windows: str) -> float:
 def _probabilities(
     vectors: np.ndarray, positive: torch.Tensor, negative: torch.Tensor, tau: float
 ) -> np.ndarray:
-    """``(n, F)``: ``softmax([v.t_neg, v.t_pos] / tau)[1]`` for every row of ``vectors``."""
+    """``(n, F)``: ``softmax([v.t_neg, v.t_pos] / tau)[1]`` for every row of ``vectors``, as
+    ``sigmoid((v.t_pos - v.t_neg) / tau)`` (the same number; one product with both prompt sets)."""
     with warnings.catch_warnings():  # a memory-mapped store is read-only; nothing writes to it here
         warnings.simplefilter("ignore", UserWarning)
         v = torch.from_numpy(np.ascontiguousarray(vectors, dtype=np.float32))
-    logits = torch.stack([v @ negative.float().T, v @ positive.float().T], dim=-1) / torch.tensor(
-        tau, dtype=torch.float32
-    )
-    return torch.softmax(logits, dim=-1)[..., 1].numpy()
+    f = positive.shape[0]
+    logits = (v @ torch.cat([negative, positive]).float().T) / torch.tensor(tau, dtype=torch.float32)
+    return torch.sigmoid(logits[:, f:] - logits[:, :f]).numpy()
 
 
 def query_store(store, analyzer, findings=None) -> QueryResult:
@@ -87,6 +87,7 @@ def query_store(store, analyzer, findings=None) -> QueryResult:
         findings: a :class:`~fvlm_core.findings.FindingSet` or sequence of findings.
     """
     import pyarrow as pa
+    import pyarrow.compute as pc
 
     from fvlm_core.zeroshot.analyzer import AnatomyResult, _result_notes
 
@@ -95,25 +96,27 @@ def query_store(store, analyzer, findings=None) -> QueryResult:
     ordered = [f for a in analyzer.anatomies for f in by_anat.get(a, [])]
     emb = analyzer.finding_embeddings(ordered)
     tau = temperature_for(analyzer, store.info.windows)
-    table = store.table(["source"])
+    table = store.table(["scored", "embedding", "source"])  # one read: vectors() and scans() reuse it
     scans = store.require_scans()
     n, nf = len(scans), len(ordered)
-    where = {s: i for i, s in enumerate(scans)}
-    sources = dict(zip(table.column("scan").to_pylist(), table.column("source").to_pylist()))
+    sorted_ids = pa.array(scans, pa.string())
+    first = table.filter(pc.equal(table.column("anatomy"), analyzer.anatomies[0]))
+    order = np.argsort(
+        np.asarray(first.column("scan").to_numpy(zero_copy_only=False), dtype=str), kind="stable"
+    )
+    sources = first.column("source").take(pa.array(order)).to_pylist()  # one row per scan and anatomy
     raw = np.full((n, nf), np.nan)
     for anatomy in {f.anatomy for f in ordered}:
-        ids, vectors = store.vectors(anatomy)
         cols = [j for j, f in enumerate(ordered) if f.anatomy == anatomy]
-        if len(ids):
+        for ids, vectors in store.vector_blocks(anatomy):
             p = _probabilities(vectors, emb.positive[cols], emb.negative[cols], tau)
-            raw[np.asarray([where[s] for s in ids])[:, None], np.asarray(cols)[None, :]] = p
+            rows = pc.index_in(ids, value_set=sorted_ids).to_numpy(zero_copy_only=False)
+            raw[rows[:, None], np.asarray(cols)[None, :]] = p
     info = [analyzer._finding_result(f, None) for f in ordered]  # thresholds, calibrations as analyze
     columns = _columns(analyzer, ordered, info, raw)
     per_scan = np.repeat(np.arange(n, dtype=np.int32), nf)
     columns["scan"] = pa.DictionaryArray.from_arrays(per_scan, pa.array(scans, pa.string()))
-    columns["source"] = pa.DictionaryArray.from_arrays(
-        per_scan, pa.array([sources.get(s) for s in scans], pa.string())
-    )
+    columns["source"] = pa.DictionaryArray.from_arrays(per_scan, pa.array(sources, pa.string()))
     out = pa.table({c: columns[c] for c in COLUMNS})
     pseudo = [
         AnatomyResult(a, "absent", 0.0, findings=[r for f, r in zip(ordered, info) if f.anatomy == a])

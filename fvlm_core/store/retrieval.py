@@ -200,9 +200,9 @@ def store_retrieval(
     images = {a: np.zeros((n, d), dtype=np.float32) for a in anatomies}
     text_of: dict[str, list[str | None]] = {a: [None] * n for a in anatomies}
     truth: list[dict[str, Any]] = [{} for _ in range(n)]
-    emb = table.column("embedding").combine_chunks()
-    # .values keeps the slots of null (not scored) rows, which flatten() would drop
-    flat = emb.values.slice(emb.offset * d, len(emb) * d).to_numpy(zero_copy_only=False).reshape(len(emb), d)
+    from fvlm_core.store.format import embedding_matrix
+
+    flat = embedding_matrix(table.column("embedding"), d)
     for r, (scan, anatomy, scored, text, lab) in enumerate(
         zip(*(table.column(c).to_pylist() for c in ("scan", "anatomy", "scored", "text", "labels")))
     ):

@@ -331,7 +331,11 @@ class EmbeddingStore:
         if path.exists() and not path.is_dir():
             raise ConfigError(f"--out {path} is a file; an embedding store is a folder.")
         if not (path / INFO_NAME).exists():
-            if path.is_dir() and any(p.name != JOURNAL_DIR for p in path.iterdir()):
+            own = {JOURNAL_DIR, PARTS_DIR, "_embed", "index"}
+            # a rank starting at the same time may have a hidden temporary store.json there already
+            if path.is_dir() and any(
+                p.name not in own and not p.name.startswith(".") for p in path.iterdir()
+            ):
                 raise ConfigError(
                     f"--out {path}: the folder holds other files and no {INFO_NAME}; give a new folder "
                     "(or an existing embedding store) for the store."

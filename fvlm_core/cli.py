@@ -33,6 +33,8 @@ COMMANDS: dict[str, str] = {
     "prepare": "fvlm_core.commands.prepare",
     "import-checkpoint": "fvlm_core.commands.import_checkpoint",
     "analyze": "fvlm_core.commands.analyze",
+    "query": "fvlm_core.commands.query",
+    "search": "fvlm_core.commands.search",
 }
 
 

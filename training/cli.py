@@ -14,10 +14,17 @@ from fvlm_core import cli as core_cli
 #: subcommand -> module implementing it (in data-flow order).
 COMMANDS: dict[str, str] = {
     "demo": "fvlm_training.demo",
-    **{k: v for k, v in core_cli.COMMANDS.items() if k != "analyze" and k != "import-checkpoint"},
+    **{
+        k: v
+        for k, v in core_cli.COMMANDS.items()
+        if k not in ("analyze", "import-checkpoint", "query", "search")
+    },
     "train": "fvlm_training.train",
     "import-checkpoint": core_cli.COMMANDS["import-checkpoint"],
     "analyze": core_cli.COMMANDS["analyze"],
+    "embed": "fvlm_training.embed",
+    "query": core_cli.COMMANDS["query"],
+    "search": core_cli.COMMANDS["search"],
     "evaluate": "fvlm_training.evaluate",
 }
 

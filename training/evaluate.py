@@ -122,6 +122,8 @@ class EvaluationReport:
     calibration: dict[str, Any] = field(default_factory=dict)
     #: label -> fvlm_core.calibration.Calibration fitted here (what --store-thresholds saves)
     calibrations: dict[str, Any] = field(default_factory=dict)
+    #: CT-CLIP's retrieval metrics (``fvlm_core.store.retrieval``), with ``--embeddings``
+    retrieval: dict[str, Any] | None = None
 
     @property
     def thresholds(self) -> dict[str, float]:
@@ -148,6 +150,7 @@ class EvaluationReport:
             "calibration": self.calibration_dict() if self.calibration else None,
             "notes": self.notes,
             "meta": self.meta,
+            **({"retrieval": self.retrieval} if self.retrieval is not None else {}),
         }
 
     def calibration_dict(self) -> dict[str, Any]:
@@ -427,6 +430,8 @@ def render_markdown(report: EvaluationReport, title: str = "Zero-shot evaluation
         lines += ["", "## At thresholds fixed beforehand", "", *_table(report.fixed, report.macro_fixed)]
     if report.calibration:
         lines += _calibration_markdown(report)
+    if report.retrieval is not None:
+        lines += retrieval_markdown(report.retrieval)
     if report.notes:
         lines += ["", "## Notes", "", *[f"- {n}" for n in report.notes]]
     return "\n".join(lines) + "\n"
@@ -717,7 +722,8 @@ class VolumeSource:
 
     Before any volume is read it refuses: listed volumes missing on disk or unreadable, volumes
     without a mask for ``labelmap``, a cohort column that matches none of ``findings`` (unless
-    in ``ignore_columns``), and a dataset with no labelled volume.
+    in ``ignore_columns``; ``ignore_columns=None`` keeps every column as a label of its own
+    name, as ``fvlm embed`` does), and a dataset with no labelled volume.
     """
 
     def __init__(
@@ -734,7 +740,7 @@ class VolumeSource:
         backend_options: Mapping[str, Any] | None = None,
         radchest_mapping: str = "hlip",
         findings: Sequence[str] = (),
-        ignore_columns: Sequence[str] = (),
+        ignore_columns: Sequence[str] | None = (),
     ) -> None:
         from fvlm_core.anatomy import get_catalog
         from fvlm_core.data.cache import CacheSamples, is_cache_folder
@@ -791,7 +797,7 @@ class VolumeSource:
         unknown = [
             c
             for c in getattr(getattr(self.reader, "table", None), "unmatched", [])
-            if c not in ignore_columns
+            if ignore_columns is not None and c not in ignore_columns
         ]
         if unknown:
             raise DataError(
@@ -1066,6 +1072,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--scores", help="evaluate a score table CSV (VolumeName + one column per label) instead of a model"
     )
     parser.add_argument(
+        "--embeddings",
+        metavar="STORE",
+        help="evaluate from an embedding store (`fvlm embed`) without reading a volume: its scans' labels "
+        "(or --labels CSV), the model's findings and --prompts scored from the stored embeddings; adds "
+        "CT-CLIP's retrieval metrics (report -> volume recall@k, volume -> volume MAP@k), per anatomy and "
+        "whole-scan; --model defaults to the store's",
+    )
+    parser.add_argument(
         "--labels",
         help="with --data: the label CSV of a RAD-ChestCT or cohort folder (default: the one in the folder); "
         "with --scores: the ground-truth CSV (CT-RATE multi_abnormality_labels)",
@@ -1209,7 +1223,9 @@ def _scores_from_model(args: argparse.Namespace, meta: dict[str, Any]):
     thresholds and calibrations from the ``--calibration`` split (strict protocol) or the model
     folder."""
     if not args.data or not args.model:
-        raise ConfigError("give --data DIR and --model DIR (or --scores CSV --labels CSV)")
+        raise ConfigError(
+            "give --data DIR and --model DIR (or --scores CSV --labels CSV, or --embeddings STORE)"
+        )
     from fvlm_core.model.config import load_config
 
     windows = args.windows or ("reference" if args.protocol == "reference" else "centred")
@@ -1304,6 +1320,80 @@ def _score_splits(args: argparse.Namespace, analyzer, windows: str, sources: Map
         }
 
 
+def _scores_from_store(args: argparse.Namespace, meta: dict[str, Any]):
+    """``(names, scores, truth, thresholds, calibration source)`` of the scans of an embedding
+    store: the model's findings and ``--prompts`` scored from the stored embeddings (no volume is
+    read), the truth from the store's labels (or ``--labels`` CSV); thresholds and calibrations
+    from the model folder. Adds the retrieval metrics to ``meta["retrieval"]``."""
+    from fvlm_core.atomic import atomic_write_text
+    from fvlm_core.commands.query import open_store_and_model
+    from fvlm_core.store.query import query_store
+    from fvlm_core.store.retrieval import store_retrieval
+
+    if args.calibration:
+        raise ConfigError(
+            "--calibration with --embeddings: fix thresholds on a calibration split with `fvlm evaluate "
+            "--embeddings CAL.store --store-thresholds` first, then evaluate with --protocol strict."
+        )
+    store, analyzer = open_store_and_model(args.embeddings, args.model, args.device, what="evaluate it")
+    findings = _findings_of(args, analyzer.config)
+    result = query_store(store, analyzer, findings)
+    names, scores = result.raw_scores()
+    if not names:
+        raise DataError(f"--embeddings {args.embeddings}: the store holds no scan yet (run `fvlm embed`).")
+    if args.labels:
+        truth = {k: v.astype(float) for k, v in read_label_table(args.labels, names).items()}
+    else:
+        table = store.table(["labels"])
+        labels = dict(zip(table.column("scan").to_pylist(), table.column("labels").to_pylist()))
+        truth = truth_table([dict(labels.get(n) or []) for n in names], list(scores))
+    atomic_write_text(Path(args.out) / "scores.csv", score_table_csv(scores, names))
+    meta.update(
+        {
+            "embeddings": str(args.embeddings),
+            "model": str(analyzer.name),
+            "windows": store.info.windows,
+            "layout": "embedding store",
+        }
+    )
+    meta["retrieval"] = store_retrieval(store, analyzer)
+    meta["not_evaluated"] = not_evaluable(scores, truth, findings)
+    thresholds = dict(analyzer.config.thresholds)
+    source = CalibrationSource(stored=_stored_calibrations(analyzer.config), refit=args.store_thresholds)
+    return names, scores, truth, thresholds, source
+
+
+def retrieval_markdown(retrieval: Mapping[str, Any]) -> list[str]:
+    """The report's section on CT-CLIP's retrieval metrics (:mod:`fvlm_core.store.retrieval`)."""
+    lines = [
+        "",
+        "## Retrieval (CT-CLIP's metrics)",
+        "",
+        "Report -> volume recall@k (a hit: the report's own volume in the top k; chance k/N) and volume -> "
+        "volume MAP@k (mean Jaccard index of the positive labels of the top k; candidates: volumes with a "
+        "positive label, the query included as in CT-CLIP's script; also without the query itself). "
+        "Whole-scan: the mean over anatomies of the per-anatomy similarities.",
+        "",
+        "| report -> volume | N | " + " | ".join(f"R@{k}" for k in (5, 10, 50, 100)) + " |",
+        "|---|---|---|---|---|---|",
+    ]
+    for key, r in retrieval.get("report_to_volume", {}).items():
+        cells = " | ".join(f"{_fmt(r['recall'][k])} ({_fmt(r['chance'][k])})" for k in r["recall"])
+        lines.append(f"| {key} | {r['n']} | {cells} |")
+    lines += [
+        "",
+        "| volume -> volume | queries | candidates | MAP@1 / 5 / 10 / 50 | without the query itself | CT-CLIP script's printout |",
+        "|---|---|---|---|---|---|",
+    ]
+    for key, r in retrieval.get("volume_to_volume", {}).items():
+        row = [
+            " / ".join(_fmt(v) for v in r[m].values()) or "n/a"
+            for m in ("map", "map_excluding_self", "map_ctclip_script")
+        ]
+        lines.append(f"| {key} | {r['n_queries']} | {r['n_candidates']} | " + " | ".join(row) + " |")
+    return lines
+
+
 def output_plan(args: argparse.Namespace, parts: bool = True):
     """The inputs and outputs of ``fvlm evaluate`` (:class:`fvlm_core.outputs.OutputPlan`), checked.
 
@@ -1315,7 +1405,7 @@ def output_plan(args: argparse.Namespace, parts: bool = True):
     from fvlm_core.outputs import OutputPlan
 
     plan = OutputPlan()
-    for option in ("data", "scores", "labels", "calibration", "masks", "prompts"):
+    for option in ("data", "scores", "embeddings", "labels", "calibration", "masks", "prompts"):
         plan.input(f"--{option}", getattr(args, option))
     config = None
     if args.store_thresholds:
@@ -1345,7 +1435,11 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     meta: dict[str, Any] = {}
     output_plan(args)  # before any work: a bad --out is refused in a second, not after scoring
+    if sum(bool(x) for x in (args.data, args.scores, args.embeddings)) > 1:
+        raise ConfigError("give one of --data DIR, --scores CSV or --embeddings STORE")
     collect = _scores_from_table if args.scores else _scores_from_model
+    if args.embeddings:
+        collect = _scores_from_store
     names, scores, truth, thresholds, source = collect(args, meta)
     not_evaluated = meta.pop("not_evaluated", {})
     with _stage("metrics", args, len(names)):
@@ -1365,6 +1459,7 @@ def run(args: argparse.Namespace) -> int:
     layout = meta.get("layout")
     if layout in LAYOUT_NAMES and layout != "ctrate":
         report.split["description"] = f"{LAYOUT_NAMES[layout]}, {len(names):,} volumes"
+    report.retrieval = meta.pop("retrieval", None)
     report.meta.update(meta)
     report.meta["seconds"] = round(time.perf_counter() - t0, 1)
     with _stage("the report and plots", args, len(names)):

@@ -1,0 +1,44 @@
+"""Embed once, ask anything: a cohort's anatomy embeddings on disk, scored and searched later.
+
+* :mod:`~fvlm_core.store.format`: the store (Parquet parts + ``store.json``), one model per store.
+* :mod:`~fvlm_core.store.encode`: a scan's windows (CPU) and their embeddings (encoder), equal to
+  the analyzer's.
+* :mod:`~fvlm_core.store.query`: zero-shot findings over a whole store (only the text side runs).
+* :mod:`~fvlm_core.store.search`: ranked scans for a text or a scan, exact or with a FAISS index.
+* :mod:`~fvlm_core.store.retrieval`: CT-CLIP's retrieval metrics (report -> volume recall@k,
+  volume -> volume MAP@k), per anatomy and whole-scan.
+
+>>> from fvlm_core.store import EmbeddingStore, search_like
+>>> store = EmbeddingStore.open("ctrate-valid.store")
+>>> for m in search_like(store, "valid_1_a_1.nii.gz", "lung", k=5):
+...     print(m.rank, m.scan, round(m.score, 3), m.source)
+
+Submodules are imported lazily (pyarrow and faiss only when used).
+"""
+
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "EmbeddingStore": "fvlm_core.store.format",
+    "ModelIdentity": "fvlm_core.store.format",
+    "StoreInfo": "fvlm_core.store.format",
+    "StoreModelMismatch": "fvlm_core.store.format",
+    "embed_ct": "fvlm_core.store.encode",
+    "prepare_windows": "fvlm_core.store.encode",
+    "encode_windows": "fvlm_core.store.encode",
+    "query_store": "fvlm_core.store.query",
+    "Match": "fvlm_core.store.search",
+    "search_like": "fvlm_core.store.search",
+    "search_text": "fvlm_core.store.search",
+    "retrieval_metrics": "fvlm_core.store.retrieval",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'fvlm_core.store' has no attribute {name!r}")

@@ -11,7 +11,7 @@ Target (issue 17): chest_ct in at most 1 s; lung Dice >= 0.95 on both references
 ``--full`` adds one run with every step on the scan's 1.5 mm grid (``coarse_mm=0``) and the
 Dice of the default result against it.
 
-    python benchmarks/bench_builtin_segmenter.py [--data DIR] [--repeats 5] [--threads 2] [--full]
+    python benchmarks/bench_builtin_segmenter.py [--data DIR] [--repeats 5] [--threads 2] [--full] [--smoke]
 """
 
 from __future__ import annotations
@@ -30,7 +30,16 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from timing import load_note, vit_b, vit_b_forward_s  # noqa: E402
+from timing import (  # noqa: E402
+    SHARED,
+    WINDOW,
+    add_smoke_argument,
+    load_note,
+    set_smoke,
+    smoke,
+    vit_b,
+    vit_b_forward_s,
+)
 
 from fvlm_core.io import read_ct, read_label_map  # noqa: E402
 from fvlm_core.segmentation import TOTAL_CLASS_MAP, BuiltinParams, segment_masks  # noqa: E402
@@ -64,7 +73,7 @@ def ours(m: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 def reference_dice(data: Path) -> dict[str, dict[str, float]]:
     """``{case: {structure: dice}}`` for every case whose reference holds the structure."""
     out: dict[str, dict[str, float]] = {}
-    for ct_name, seg_name in CASES:
+    for ct_name, seg_name in CASES[:1] if smoke() else CASES:  # the smallest case at the smoke size
         ct = read_ct(data / ct_name)
         ref = read_label_map(data / seg_name, reference=ct.geometry).array
         m = ours(segment_masks(ct.array, ct.geometry))
@@ -92,7 +101,7 @@ def chest_timing(data: Path, repeats: int, full: bool) -> dict:
     import torch
 
     ct = read_ct(data / "chest_ct.nii.gz")
-    model, image = vit_b(), torch.rand(1, 1, 112, 256, 352)
+    model, image = vit_b(), torch.rand(1, 1, *WINDOW)
     vit_b_forward_s(model, image)  # warm-up
     timed_run(ct)
     walls, cpus, vits, steps = [], [], [], []
@@ -131,14 +140,16 @@ def chest_timing(data: Path, repeats: int, full: bool) -> dict:
     return out
 
 
-def main() -> None:
-    default = ROOT.parent / "shared" / "data" / "ct" / "totalsegmentator"
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=default)
+    parser.add_argument("--data", type=Path, default=SHARED / "ct" / "totalsegmentator")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2, help="torch threads of the ViT-B yardstick")
     parser.add_argument("--full", action="store_true", help="also run chest_ct on its own grid and compare")
-    args = parser.parse_args()
+    add_smoke_argument(parser)
+    args = parser.parse_args(argv)
+    if set_smoke(args.smoke):
+        args.repeats = 1
     import torch
 
     torch.set_num_threads(args.threads)

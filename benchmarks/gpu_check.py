@@ -752,11 +752,27 @@ def _dig(d, keys):
     return d
 
 
+def recompress_wheel(whl: Path) -> bool:
+    """Rewrite a wheel with LZMA inside its zip (pip installs it as it is, at about half the size:
+    SimpleITK's 53 MB become 29 MB); False when it already was."""
+    import zipfile
+
+    with zipfile.ZipFile(whl) as z:
+        if all(i.compress_type == zipfile.ZIP_LZMA for i in z.infolist()):
+            return False
+        print(f"recompressing {whl.name} (a minute or two)", file=sys.stderr)
+        tmp = whl.with_name(whl.name + ".tmp")
+        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_LZMA) as zout:
+            for info in z.infolist():
+                zout.writestr(info, z.read(info), compress_type=zipfile.ZIP_LZMA)
+    os.replace(tmp, whl)
+    return True
+
+
 def prepare(out: Path) -> int:
     """Here, with network: wheels of what the device lacks (for its Python 3.12, x86-64; the
     versions installed here) and the shared data the check reads, into ``out``."""
     import importlib.metadata as md
-    import zipfile
 
     wheels, data = out / "wheels", out / "data"
     wheels.mkdir(parents=True, exist_ok=True)
@@ -786,16 +802,8 @@ def prepare(out: Path) -> int:
             *(a for p in platforms for a in ("--platform", p)),
         ]
         subprocess.run([*cmd, f"{name}=={md.version(name)}"], check=True)
-    for whl in wheels.glob("*.whl"):  # LZMA inside the zip: pip installs it as it is, ~half the size
-        with zipfile.ZipFile(whl) as z:
-            if all(i.compress_type == zipfile.ZIP_LZMA for i in z.infolist()):
-                continue
-            print(f"recompressing {whl.name} (a minute or two)", file=sys.stderr)
-            tmp = whl.with_suffix(".tmp")
-            with zipfile.ZipFile(tmp, "w", zipfile.ZIP_LZMA) as zout:
-                for info in z.infolist():
-                    zout.writestr(info, z.read(info), compress_type=zipfile.ZIP_LZMA)
-        os.replace(tmp, whl)
+    for whl in wheels.glob("*.whl"):
+        recompress_wheel(whl)
     for rel in (CT_NAME, KEYS_NAME):
         (data / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(SHARED / rel, data / rel)
@@ -842,6 +850,33 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def _skip(report: Report, name: str, why: str) -> None:
+    for n in INFERENCE_STAGES if name == "inference" else (name,):
+        report.stage(n, {"status": "skipped", "seconds": 0, "error": why})
+
+
+def run_plan(args: argparse.Namespace, report: Report, env: dict, deadline: float) -> None:
+    """Every stage of ``PLAN`` that has its time (leaving the least of the later ones theirs)
+    and the stages it needs."""
+    ctx = {"model": args.model}
+    with tempfile.TemporaryDirectory(prefix="fvlm-gpu-check-") as tmp:
+        work = Path(tmp)
+        for i, (name, cap, least) in enumerate(PLAN):
+            later = sum(m for _, _, m in PLAN[i + 1 :])
+            budget = min(cap, deadline - time.monotonic() - later)
+            needs = [n for n in NEEDS.get(name, ()) if report.data["stages"].get(n, {}).get("status") != "ok"]
+            if name == "install" and args.no_install:
+                _skip(report, name, "--no-install")
+            elif needs:
+                _skip(report, name, f"needs stage {', '.join(needs)}")
+            elif budget < least:
+                _skip(report, name, f"no time left ({max(budget, 0):.0f} s)")
+            elif name == "install":
+                report.stage(name, stage_install(args, work, env, budget))
+            else:
+                STAGES[name](args, work, env, budget, report, ctx)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.prepare:
@@ -864,27 +899,7 @@ def main(argv=None) -> int:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     env["FVLM_SHARED_DATA"] = str(args.data.resolve())
     args.data = args.data.resolve()
-    ctx = {"model": args.model}
-    with tempfile.TemporaryDirectory(prefix="fvlm-gpu-check-") as tmp:
-        work = Path(tmp)
-        for i, (name, cap, least) in enumerate(PLAN):
-            later = sum(m for _, _, m in PLAN[i + 1 :])
-            budget = min(cap, deadline - time.monotonic() - later)
-            needs = [n for n in NEEDS.get(name, ()) if report.data["stages"].get(n, {}).get("status") != "ok"]
-            if name == "install" and args.no_install:
-                report.stage(name, {"status": "skipped", "seconds": 0, "error": "--no-install"})
-            elif needs:
-                report.stage(
-                    name, {"status": "skipped", "seconds": 0, "error": f"needs stage {', '.join(needs)}"}
-                )
-            elif budget < least:
-                report.stage(
-                    name, {"status": "skipped", "seconds": 0, "error": f"no time left ({budget:.0f} s)"}
-                )
-            elif name == "install":
-                report.stage(name, stage_install(args, work, env, budget))
-            else:
-                STAGES[name](args, work, env, budget, report, ctx)
+    run_plan(args, report, env, deadline)
     stages = report.data["stages"]
     bad = {
         k: v["status"]

@@ -108,7 +108,7 @@ def official_model(out: Path, work: Path) -> Path:
     return out
 
 
-def bench_args(description: str, repeats: int) -> argparse.Namespace:
+def bench_args(description: str, repeats: int, argv: list[str] | None = None) -> argparse.Namespace:
     """The benchmarks' ``--repeats`` and ``--threads`` (default 1: the demo trains each model on
     one core) and ``--smoke`` (one repeat), parsed, with torch's thread count set."""
     import torch
@@ -117,7 +117,7 @@ def bench_args(description: str, repeats: int) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=repeats)
     parser.add_argument("--threads", type=int, default=1)
     add_smoke_argument(parser)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if set_smoke(args.smoke):
         args.repeats = 1
     torch.set_num_threads(args.threads)
@@ -126,12 +126,13 @@ def bench_args(description: str, repeats: int) -> argparse.Namespace:
 
 def demo_batch(seed: int = 0):
     """A demo training batch: ``image (16, 1, 64, 64, 64)`` in [0, 1] and ``labels (16, 64, 64, 64)``
-    uint8 with 4 anatomies (values 0-4)."""
+    uint8 with 4 anatomies (values 0-4); 2 windows at the smoke size."""
     import torch
 
+    n = 2 if smoke() else 16
     gen = torch.Generator().manual_seed(seed)
-    image = torch.rand(16, 1, 64, 64, 64, generator=gen)
-    labels = torch.randint(0, 5, (16, 64, 64, 64), generator=gen, dtype=torch.uint8)
+    image = torch.rand(n, 1, 64, 64, 64, generator=gen)
+    labels = torch.randint(0, 5, (n, 64, 64, 64), generator=gen, dtype=torch.uint8)
     return image, labels
 
 

@@ -200,6 +200,7 @@ def test_bench_builtin_segmenter(runs):
     assert out["dice"]["example_ct_sm.nii.gz"]["lungs"] > 0.9
     chest = out["chest_ct"]
     assert chest["ratio_wall_over_vit_forward_median"] > 0 and chest["lung_litres"]["lung_left"] > 0.5
+    assert chest["target_wall_in_bare_forwards_max"] == 0.73 and isinstance(chest["meets_target"], bool)
     _smoke_note(out)
 
 

@@ -41,6 +41,21 @@ def test_gpu_check_out_of_time_skips_and_says_so(tmp_path):
     assert stages["torchrun"]["error"] == "needs stage model, train_data"
 
 
+def test_gpu_check_skip_leaves_a_stage_out_by_name(tmp_path, capsys):
+    """``--skip`` (a rerun of the other stages within a lease): the stage is skipped, said to
+    be, and not counted as a failure; an unknown stage name is refused."""
+    out = tmp_path / "gc.json"
+    argv = ["--small", "--no-install", "--time-limit", "1", "--out", str(out)]
+    gpu_check.main([*argv, "--skip", "train_step,inference"])
+    data = json.loads(out.read_text())
+    assert data["stages"]["train_step"]["error"] == "--skip" and data["stages"]["model"]["error"] == "--skip"
+    assert "train_step" not in data["not_ok"] and "model" not in data["not_ok"]
+    assert data["not_ok"] == {"analyze_cli": "skipped", "torchrun": "skipped"}  # they need the model
+    with pytest.raises(SystemExit):
+        gpu_check.main([*argv, "--skip", "trainstep"])
+    assert "not a stage" in capsys.readouterr().err
+
+
 def test_gpu_check_without_data_fails_before_any_work(tmp_path):
     out = tmp_path / "gc.json"
     rc = gpu_check.main(["--small", "--data", str(tmp_path / "nowhere"), "--out", str(out)])

@@ -7,7 +7,9 @@ ViT-B forwards (fvlm-base's image encoder, ``--threads`` torch threads) so that 
 on a loaded machine; CPU seconds of each step (from the progress callback); the chest's lung
 volumes, overlap with the reference heart mask, airway and bone volumes.
 
-Target (issue 17): chest_ct in at most 1 s; lung Dice >= 0.95 on both references.
+Target (issue 17): chest_ct in at most 1 s on the development machine, where a quiet bare forward
+takes 1.37 s: at most 0.73 bare forwards (the unit that travels); lung Dice >= 0.95 on both
+references.
 ``--full`` adds one run with every step on the scan's 1.5 mm grid (``coarse_mm=0``) and the
 Dice of the default result against it.
 
@@ -54,6 +56,8 @@ REFS = {
     "bone": BONE,
     "bone+costal_cartilages": [*BONE, 117],
 }
+#: issue 17's 1 s for chest_ct, stated on a machine whose quiet bare forward takes 1.37 s
+TARGET_IN_FORWARDS = round(1.0 / 1.37, 2)
 CASES = (
     ("example_ct_sm.nii.gz", "example_seg.nii.gz"),
     ("example_ct.nii.gz", "example_seg_fast_force_split.nii.gz"),
@@ -118,7 +122,8 @@ def chest_timing(data: Path, repeats: int, full: bool) -> dict:
         "cpu_s_per_step_median": {k: round(statistics.median(s[k] for s in steps), 4) for k in steps[0]},
         "vit_b_forward_s": {"min": round(min(vits), 3), "median": round(statistics.median(vits), 3)},
         "ratio_wall_over_vit_forward_median": round(statistics.median(w / v for w, v in zip(walls, vits)), 3),
-        "target_wall_le_1s": min(walls) <= 1.0,
+        "target_wall_in_bare_forwards_max": TARGET_IN_FORWARDS,
+        "meets_target": statistics.median(w / v for w, v in zip(walls, vits)) <= TARGET_IN_FORWARDS,
         "lung_litres": {
             s: round(np.count_nonzero(m[s]) * vml / 1000, 3) for s in ("lung_left", "lung_right")
         },

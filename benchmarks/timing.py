@@ -57,9 +57,9 @@ def set_smoke(on: bool) -> bool:
     return smoke()
 
 
-def base_config(text_folder: str | os.PathLike | None = None) -> dict:
+def base_config(text_dir: str | os.PathLike | None = None) -> dict:
     """fvlm-base's config as a dict (narrowed at the smoke size), its text encoder read from
-    ``text_folder`` when given (a :func:`text_folder`)."""
+    ``text_dir`` when given (a :func:`text_folder`)."""
     from fvlm_core.model import load_config
 
     d = load_config("fvlm-base").to_dict()
@@ -68,18 +68,25 @@ def base_config(text_folder: str | os.PathLike | None = None) -> dict:
         d["vision"].update(hidden_size=hidden, mlp_dim=4 * hidden)
         d["embed_dim"] = embed
         d["text"]["max_length"] = 64  # texts padded to 384 cost GBs in a backward whatever the width
-    if text_folder is not None:
-        d["text"]["name_or_path"] = str(text_folder)
+    if text_dir is not None:
+        d["text"]["name_or_path"] = str(text_dir)
     return d
+
+
+def _stand_ins():
+    """``Testing/official_checkpoint.py``: the official checkpoint's and CXR-BERT's stand-ins."""
+    testing = str(ROOT / "Testing")
+    if testing not in sys.path:
+        sys.path.insert(0, testing)
+    import official_checkpoint
+
+    return official_checkpoint
 
 
 def text_folder(folder: Path) -> Path:
     """A local BERT-base folder (CXR-BERT's size; narrowed at the smoke size): config and
     tokenizer, no weights (build the model with ``load_text_weights=False``)."""
-    sys.path.insert(0, str(ROOT / "Testing"))
-    from official_checkpoint import bert_base_folder
-
-    return bert_base_folder(folder, hidden=(SMOKE_WIDTH if smoke() else BASE_WIDTH)[0])
+    return _stand_ins().bert_base_folder(folder, hidden=(SMOKE_WIDTH if smoke() else BASE_WIDTH)[0])
 
 
 def official_model(out: Path, work: Path) -> Path:
@@ -91,14 +98,12 @@ def official_model(out: Path, work: Path) -> Path:
 
     import torch
 
-    sys.path.insert(0, str(ROOT / "Testing"))
-    from official_checkpoint import narrow_official_shapes, random_official_state
-
+    stand_ins = _stand_ins()
     shapes = json.loads((SHARED / "fvlm_reference" / "checkpoint_keys.json").read_text())
     if smoke():
-        shapes = narrow_official_shapes(shapes, *SMOKE_WIDTH)
+        shapes = stand_ins.narrow_official_shapes(shapes, *SMOKE_WIDTH)
     work.mkdir(parents=True, exist_ok=True)
-    torch.save({"model": random_official_state(shapes)}, work / "fvlm_official.pth")
+    torch.save({"model": stand_ins.random_official_state(shapes)}, work / "fvlm_official.pth")
     bert = text_folder(work / "bert")  # letters in the vocabulary: any word tokenizes
     cmd = ["fvlm", "import-checkpoint", str(work / "fvlm_official.pth"), "--text-encoder", str(bert)]
     proc = subprocess.run([*cmd, "--out", str(out)], capture_output=True, text=True)

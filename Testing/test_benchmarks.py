@@ -3,8 +3,8 @@
 Each script runs as a user runs it (``python benchmarks/X.py --smoke ...``, in its own process)
 at the smoke size of ``benchmarks/timing.py``: fvlm-base's layout narrowed to width 48, one
 repeat. The figures measure nothing; the tests check that nothing is broken: an import error, a
-renamed field, a stage that no longer runs. The runs go two at a time (each on one thread) in a
-pool shared by the tests of this file; one fvlm-base model folder in the official layout, built
+renamed field, a stage that no longer runs. The runs go one per core (two on the 2-core CI, each on one
+thread) in a pool shared by the tests of this file; one fvlm-base model folder in the official layout, built
 by ``bench_analyze.py --keep-model`` (the benchmarks' own path), serves the benchmarks that
 take ``--model``. ``benchmarks/gpu_check.py --small`` is the GPU check run end to end on the
 CPU: install, analysis in fp32 and bf16, throughput, the CLI, torchrun and the train step.
@@ -42,11 +42,12 @@ def _json(stdout: str) -> dict:
 
 
 class SmokeRuns:
-    """Benchmark processes, two at a time (a 2-core machine; each runs one thread)."""
+    """Benchmark processes, one per core (at least two; each runs one thread)."""
 
     def __init__(self, work: Path) -> None:
         self.work = work
-        self.pool = ThreadPoolExecutor(max_workers=2)
+        self.model = work / "model"  # the fvlm-base folder bench_analyze keeps for the others
+        self.pool = ThreadPoolExecutor(max_workers=min(max(os.cpu_count() or 2, 2), 4))
         self.env = {**os.environ, "FVLM_BENCH_SMOKE": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
         self.jobs: dict[str, Future] = {}
 
@@ -71,58 +72,63 @@ class SmokeRuns:
         return proc
 
 
+#: the benchmarks' smoke runs: name -> (script, arguments, the run it needs, whether it reads ../shared)
+JOBS = {
+    "analyze": ("bench_analyze.py", ["--smoke", "--threads", "1", "--keep-model", "{model}"], None, True),
+    "train_step": (
+        "bench_train_step.py",
+        ["--smoke", "--threads", "1", "--configs", "fused_ckpt,reference_like"],
+        None,
+        False,
+    ),
+    "anatomy": ("bench_anatomy_embeddings.py", ["--smoke", "--threads", "1"], None, False),
+    "gpu_check": (
+        "gpu_check.py",
+        ["--small", "--model", "{model}", "--out", "{work}/gc.json"],
+        "analyze",
+        True,
+    ),
+    "warm_worker": (
+        "../FVLMSlicer/Testing/bench_warm_worker.py",
+        ["--model", "{model}", "--runs", "2"],
+        "analyze",
+        True,
+    ),
+    "compare_windows": ("bench_analyze.py", ["--smoke", "--threads", "1", "--compare-windows"], None, True),
+    "segmenter": ("bench_builtin_segmenter.py", ["--smoke", "--threads", "1"], None, True),
+    "demo_step": ("bench_demo_step.py", ["--smoke"], None, False),
+    "profiles": ("bench_intensity_profiles.py", ["--smoke"], None, False),
+    "train_gpu_no_cuda": ("bench_train_gpu.py", ["--smoke"], None, False),
+}
+
+
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, ts_dir, checkpoint_keys):
-    """Every benchmark's smoke run, started at once; the model folder first (others need it)."""
+def runs(tmp_path_factory):
+    """Every benchmark's smoke run, started at once (those reading ../shared only where it is);
+    the model folder first (others need it)."""
     work = tmp_path_factory.mktemp("bench")
-    model = work / "model"
     r = SmokeRuns(work)
-    r.model = model
-    r.start("analyze", BENCH / "bench_analyze.py", "--smoke", "--threads", "1", "--keep-model", str(model))
-    r.start(
-        "train_step",
-        BENCH / "bench_train_step.py",
-        "--smoke",
-        "--threads",
-        "1",
-        "--configs",
-        "fused_ckpt,reference_like",
-    )
-    r.start("anatomy", BENCH / "bench_anatomy_embeddings.py", "--smoke", "--threads", "1")
-    r.start(
-        "gpu_check",
-        BENCH / "gpu_check.py",
-        "--small",
-        "--model",
-        str(model),
-        "--out",
-        str(work / "gc.json"),
-        after="analyze",
-    )
-    r.start(
-        "warm_worker",
-        PROJECT / "FVLMSlicer" / "Testing" / "bench_warm_worker.py",
-        "--model",
-        str(model),
-        "--runs",
-        "2",
-        after="analyze",
-    )
-    r.start("compare_windows", BENCH / "bench_analyze.py", "--smoke", "--threads", "1", "--compare-windows")
-    r.start("segmenter", BENCH / "bench_builtin_segmenter.py", "--smoke", "--threads", "1")
-    r.start("demo_step", BENCH / "bench_demo_step.py", "--smoke")
-    r.start("profiles", BENCH / "bench_intensity_profiles.py", "--smoke")
-    r.start("train_gpu_no_cuda", BENCH / "bench_train_gpu.py", "--smoke")
+    shared = all((gpu_check.SHARED / rel).is_file() for rel in (gpu_check.CT_NAME, gpu_check.KEYS_NAME))
+    for name, (script, args, after, needs_data) in JOBS.items():
+        if shared or not needs_data:
+            args = [a.format(model=r.model, work=work) for a in args]
+            r.start(name, BENCH / script, *args, after=after)
     yield r
     r.pool.shutdown(wait=True, cancel_futures=True)
+
+
+@pytest.fixture
+def shared_runs(runs, ts_dir, checkpoint_keys):
+    """``runs``, for the tests of benchmarks that read ../shared (skipped without it)."""
+    return runs
 
 
 def _smoke_note(out: dict) -> None:
     assert out["smoke"] is True and out["cpus"] >= 1 and out["cpu_model"]
 
 
-def test_bench_analyze_end_to_end(runs):
-    out = _json(runs.result("analyze").stdout)
+def test_bench_analyze_end_to_end(shared_runs):
+    out = _json(shared_runs.result("analyze").stdout)
     stages = ["python start", "imports: cli", "read", "imports: torch + model code", "load model"]
     stages += ["segment", "resample", "encode", "score", "write", "exit"]
     assert list(out["stages_s_median"]) == stages
@@ -139,13 +145,13 @@ def test_bench_analyze_end_to_end(runs):
     }
     _smoke_note(out)
     # the model it built and kept: fvlm-base's official layout at width 48, imported
-    cfg = (runs.model / "config.yaml").read_text()
+    cfg = (shared_runs.model / "config.yaml").read_text()
     assert "hidden_size: 48" in cfg and "num_layers: 12" in cfg
-    assert (runs.model / "prompt_embeddings.safetensors").is_file()
+    assert (shared_runs.model / "prompt_embeddings.safetensors").is_file()
 
 
-def test_bench_analyze_compare_windows(runs):
-    out = _json(runs.result("compare_windows").stdout)
+def test_bench_analyze_compare_windows(shared_runs):
+    out = _json(shared_runs.result("compare_windows").stdout)
     assert out["vit_forwards"]["shared"] == 1 and out["vit_forwards"]["reference"] >= 1
     for key in ("ratio_shared_over_bare_interleaved", "ratio_reference_over_bare_interleaved"):
         assert out[key] > 0
@@ -195,8 +201,8 @@ def test_bench_train_gpu_says_why_it_cannot_run_without_cuda(runs):
     assert "no CUDA GPU is available here" in proc.stderr and "--device cpu" in proc.stderr
 
 
-def test_bench_builtin_segmenter(runs):
-    out = _json(runs.result("segmenter").stdout)
+def test_bench_builtin_segmenter(shared_runs):
+    out = _json(shared_runs.result("segmenter").stdout)
     assert out["dice"]["example_ct_sm.nii.gz"]["lungs"] > 0.9
     chest = out["chest_ct"]
     assert chest["ratio_wall_over_vit_forward_median"] > 0 and chest["lung_litres"]["lung_left"] > 0.5
@@ -219,9 +225,9 @@ def test_bench_intensity_profiles(runs):
     _smoke_note(out)
 
 
-def test_bench_warm_worker(runs):
+def test_bench_warm_worker(shared_runs):
     """FVLMSlicer/Testing/bench_warm_worker.py (issue 24's) through the panel's warm worker."""
-    out = _json(runs.result("warm_worker").stdout)
+    out = _json(shared_runs.result("warm_worker").stdout)
     assert out["warm_runs"] == 1 and out["second"]["wall_s"] > 0
     assert out["warm_over_forward_plus_segment"] > 0 and out["first_over_warm"] > 0
     _smoke_note(out)
@@ -230,10 +236,10 @@ def test_bench_warm_worker(runs):
 # ------------------------------------------------------------------ the GPU check, on the CPU
 
 
-def test_gpu_check_runs_end_to_end_on_the_cpu_at_small_size(runs):
+def test_gpu_check_runs_end_to_end_on_the_cpu_at_small_size(shared_runs):
     """Every stage of the GPU check passes on the CPU at the small size, into one JSON file."""
-    runs.result("gpu_check")
-    out = json.loads((runs.work / "gc.json").read_text())
+    shared_runs.result("gpu_check")
+    out = json.loads((shared_runs.work / "gc.json").read_text())
     assert out["status"] == "ok" and out["not_ok"] == {}
     order = ["install", "environment", "model", "analysis", "throughput", "train_data"]
     assert list(out["stages"]) == [*order, "analyze_cli", "torchrun", "train_step"]

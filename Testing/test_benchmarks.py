@@ -3,11 +3,12 @@
 Each script runs as a user runs it (``python benchmarks/X.py --smoke ...``, in its own process)
 at the smoke size of ``benchmarks/timing.py``: fvlm-base's layout narrowed to width 48, one
 repeat. The figures measure nothing; the tests check that nothing is broken: an import error, a
-renamed field, a stage that no longer runs. The runs go one per core (two on the 2-core CI, each on one
-thread) in a pool shared by the tests of this file; one fvlm-base model folder in the official layout, built
-by ``bench_analyze.py --keep-model`` (the benchmarks' own path), serves the benchmarks that
-take ``--model``. ``benchmarks/gpu_check.py --small`` is the GPU check run end to end on the
-CPU: install, analysis in fp32 and bf16, throughput, the CLI, torchrun and the train step.
+renamed field, a stage that no longer runs. The runs go one per core (two on the 2-core CI, each
+on one thread) in a pool shared by the tests of this file; one fvlm-base model folder in the
+official layout, built by ``bench_analyze.py --keep-model`` (the benchmarks' own path), serves
+the benchmarks that take ``--model``. ``benchmarks/gpu_check.py --small`` is the GPU check run
+end to end on the CPU: install, analysis in fp32 and bf16, throughput, the CLI, torchrun and the
+train step.
 """
 
 from __future__ import annotations

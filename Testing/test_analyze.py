@@ -207,6 +207,32 @@ def test_reference_windows_one_per_anatomy(analyzer):
     assert [w.anatomies for w in result.windows] == [("lung",), ("heart",), ("esophagus",), ("aorta",)]
 
 
+def test_precision_switches_bf16_autocast_and_the_reference_windows_stay_fp32(analyzer):
+    """``precision``: ``auto`` is fp32 on the CPU; ``bf16`` autocasts the image encoder (scores
+    close to fp32's, not equal: the switch is real); the reference windows ignore it (eval.py
+    runs in fp32); an unknown precision is refused."""
+    ct, labels = _phantom()
+    seg = _segmentation(labels, ct.geometry)
+
+    def raw(precision: str, strategy: str) -> np.ndarray:
+        result = Analyzer(analyzer.model, "cpu", precision=precision).analyze(
+            ct, seg, similarity_maps=False, strategy=strategy
+        )
+        return np.array([f.raw_score for a in result.anatomies for f in a.findings])
+
+    fp32 = raw("fp32", "shared")
+    assert np.array_equal(raw("auto", "shared"), fp32)
+    bf16 = raw("bf16", "shared")
+    assert 0 < np.abs(bf16 - fp32).max() < 0.02
+    assert np.array_equal(raw("bf16", "reference"), raw("fp32", "reference"))
+    assert (
+        Analyzer(analyzer.model, "cpu").bf16 is False
+        and Analyzer(analyzer.model, "cpu", precision="bf16").bf16
+    )
+    with pytest.raises(ConfigError, match="precision 'fp16'"):
+        Analyzer(analyzer.model, "cpu", precision="fp16")
+
+
 def test_device_errors(analyzer):
     """The analyzer takes the library's device rule (fvlm_core.devices): names are trimmed and
     case-blind, ``gpu`` means CUDA, and an absent or unknown device is refused by name."""

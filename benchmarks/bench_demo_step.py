@@ -10,7 +10,7 @@ Targets: the adapter adds at most 15% to an fp32 step. bf16 is reported, not tar
 depends on the CPU (``fvlm demo --precision auto`` measures it and uses bf16 only where it is
 at least 1.15x faster).
 
-    python benchmarks/bench_demo_step.py [--repeats 8] [--threads 1]
+    python benchmarks/bench_demo_step.py [--repeats 8] [--threads 1] [--smoke]
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from timing import alternated_median_ms, bench_args, demo_batch, overhead_fields  # noqa: E402
+from timing import alternated_median_ms, bench_args, demo_batch, load_note, overhead_fields  # noqa: E402
 
 
 def batch_texts(n: int = 16, seed: int = 0) -> list[str]:
@@ -39,8 +39,8 @@ def batch_texts(n: int = 16, seed: int = 0) -> list[str]:
     return sorted(texts)
 
 
-def main() -> int:
-    args = bench_args(__doc__.splitlines()[0], repeats=8)
+def main(argv=None) -> int:
+    args = bench_args(__doc__.splitlines()[0], repeats=8, argv=argv)
 
     import torch
 
@@ -48,7 +48,7 @@ def main() -> int:
     from fvlm_core.model.text import TextCache
 
     image, labels = demo_batch()
-    texts = batch_texts()
+    texts = batch_texts(len(image))
 
     steps = {}
     for adapter in (True, False):
@@ -79,6 +79,7 @@ def main() -> int:
         **overhead_fields("adapter_overhead_fp32", ms, "fp32_adapter", "fp32_no_adapter", target_max=0.15),
         "bf16_speedup": round(ms["fp32_adapter"] / ms["bf16_adapter"], 3),
     }
+    result.update(load_note())
     print(json.dumps(result, indent=2))
     return 0
 

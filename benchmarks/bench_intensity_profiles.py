@@ -8,7 +8,7 @@
 Target: the profiles add at most 10% to a demo training step. One thread by default (the demo
 trains each model on one core).
 
-    python benchmarks/bench_intensity_profiles.py [--repeats 10] [--threads 1]
+    python benchmarks/bench_intensity_profiles.py [--repeats 10] [--threads 1] [--smoke]
 """
 
 from __future__ import annotations
@@ -20,11 +20,18 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from timing import alternated_median_ms, bench_args, demo_batch, median_ms, overhead_fields  # noqa: E402
+from timing import (  # noqa: E402
+    alternated_median_ms,
+    bench_args,
+    demo_batch,
+    load_note,
+    median_ms,
+    overhead_fields,
+)
 
 
-def main() -> int:
-    args = bench_args(__doc__.splitlines()[0], repeats=10)
+def main(argv=None) -> int:
+    args = bench_args(__doc__.splitlines()[0], repeats=10, argv=argv)
 
     import torch
 
@@ -64,6 +71,7 @@ def main() -> int:
         "train_step_ms": {k: round(v, 1) for k, v in step_ms.items()},
         **overhead_fields("step_overhead", step_ms, "with_profiles", "without_profiles", target_max=0.10),
     }
+    result.update(load_note())
     print(json.dumps(result, indent=2))
     return 0
 

@@ -16,15 +16,20 @@ Configurations, each in a fresh process so that its peak RSS is its own:
   ``FVLM.set_grad_checkpointing``): ViT blocks are recomputed in the backward.
 * ``fused`` / ``fused_ckpt``: attention dropout off (``visual_encoder.attn_dropout = 0``; the
   MLP and projection dropouts stay), so training uses the fused CPU kernel.
-* ``explicit`` (only with ``--configs``): MONAI's explicit attention, as the public code runs.
+* ``reference_like``: the public code's way, measured in the same run: MONAI's explicit
+  attention and every text padded to 384 tokens (the public code's ``max_length`` padding).
+* ``explicit`` (only with ``--configs``): explicit attention, texts padded to the longest.
 
 Every process alternates its steps with bare ViT-B forwards (fvlm-base's image encoder, one
-112 x 256 x 352 window, eval, no grad) so that the step is also stated as a ratio that holds on a
-loaded machine. Reference (public code, this kind of machine, quiet): 39.8 s and 14.3 GB RSS,
-fp32, no checkpointing. Target (issue 17): at least 1.5x faster (26.5 s) and at most 8 GB peak.
-On a quiet machine a bare forward takes about 1.37 s (2 threads), so 26.5 s is about 19 forwards.
+112 x 256 x 352 window, eval, no grad): a step is stated in bare forwards, a unit that holds on
+a loaded machine and travels between machines. Reference (the public code, measured on a 2-core
+AMD EPYC, quiet, fp32, no checkpointing): 39.8 s and 14.3 GB RSS per step, with a bare forward
+at 1.37 s there: **29.1 bare forwards**. Target (issue 17): at least 1.5x faster (at most 19.4
+bare forwards) and at most 8 GB peak. ``reference_like`` gives the same comparison within this
+run (``speedup_vs_reference_like``); seconds from two machines are never compared.
 
     python benchmarks/bench_train_step.py [--repeats 2] [--threads 2] [--configs sdpa,sdpa_ckpt,...]
+    python benchmarks/bench_train_step.py --smoke   # every configuration once, tiny widths
 """
 
 from __future__ import annotations
@@ -42,19 +47,38 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench_anatomy_embeddings import _bert_base_folder, _labels  # noqa: E402
-from timing import load_note, peak_rss_mb  # noqa: E402
+from bench_anatomy_embeddings import _labels  # noqa: E402
+from timing import (  # noqa: E402
+    add_smoke_argument,
+    base_config,
+    load_note,
+    peak_rss_mb,
+    set_smoke,
+    text_folder,
+    train_crop,
+)
 
+_PROJECT = {"flash": True, "attn_dropout": True, "pad_to_max_length": False}
 CONFIGS = {
-    "sdpa": {"flash": True, "ckpt": False, "attn_dropout": True},
-    "sdpa_ckpt": {"flash": True, "ckpt": True, "attn_dropout": True},
-    "fused": {"flash": True, "ckpt": False, "attn_dropout": False},
-    "fused_ckpt": {"flash": True, "ckpt": True, "attn_dropout": False},
-    "explicit": {"flash": False, "ckpt": False, "attn_dropout": True},
+    "sdpa": {**_PROJECT, "ckpt": False},
+    "sdpa_ckpt": {**_PROJECT, "ckpt": True},
+    "fused": {**_PROJECT, "ckpt": False, "attn_dropout": False},
+    "fused_ckpt": {**_PROJECT, "ckpt": True, "attn_dropout": False},
+    "reference_like": {**_PROJECT, "ckpt": False, "flash": False, "pad_to_max_length": True},
+    "explicit": {**_PROJECT, "ckpt": False, "flash": False},
 }
-DEFAULT_CONFIGS = ("sdpa", "sdpa_ckpt", "fused", "fused_ckpt")
-REFERENCE = {"step_s": 39.8, "peak_rss_gb": 14.3, "bare_forward_quiet_s": 1.37}
+#: stand-ins for the public code, left out of the choice of the fastest configuration
+REFERENCE_LIKE = ("reference_like", "explicit")
+DEFAULT_CONFIGS = ("sdpa", "sdpa_ckpt", "fused", "fused_ckpt", "reference_like")
+# The public code's step, measured elsewhere, in bare forwards of that machine (39.8 s / 1.37 s).
+REFERENCE = {
+    "step_in_bare_forwards": round(39.8 / 1.37, 1),
+    "peak_rss_gb": 14.3,
+    "measured_as": "public fVLM code, fp32, batch 2, no checkpointing, 2-core AMD EPYC, quiet: "
+    "39.8 s per step with a bare ViT-B forward at 1.37 s (2 threads) on the same machine",
+}
 TARGET = {"speedup": 1.5, "peak_rss_gb": 8.0}
+TARGET["step_in_bare_forwards_max"] = round(REFERENCE["step_in_bare_forwards"] / TARGET["speedup"], 1)
 
 # Anatomy descriptions of two reports, in the style of CT-RATE's (lengths matter, words do not:
 # the random-vocabulary tokenizer splits them into [UNK]s, one per word).
@@ -75,27 +99,41 @@ TEXTS = [
 ]
 
 
-def fvlm_base(text_folder: Path, config: dict):
-    """fvlm-base with a random BERT-base text encoder, in training mode, switched per ``config``."""
-    from fvlm_core.model import FVLM, FVLMConfig, load_config
+class _PaddedToMaxLength:
+    """A tokenizer that pads every text to ``max_length`` (384), as the public code trains."""
 
-    d = load_config("fvlm-base").to_dict()
-    d["text"]["name_or_path"] = str(text_folder)
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+
+    def __call__(self, texts, **kwargs):
+        return self.tokenizer(texts, **{**kwargs, "padding": "max_length"})
+
+
+def fvlm_base(folder: Path, config: dict):
+    """fvlm-base with a random BERT-base text encoder read from ``folder``, in training mode,
+    switched per ``config``."""
+    from fvlm_core.model import FVLM, FVLMConfig
+
+    d = base_config(folder)
     d["vision"]["flash_attention"] = config["flash"]
     model = FVLM(FVLMConfig.from_dict(d), load_text_weights=False).train()
     model.set_grad_checkpointing(config["ckpt"])
     if not config["attn_dropout"]:
         model.visual_encoder.attn_dropout = 0.0  # the MLP and projection dropouts stay
+    if config.get("pad_to_max_length"):
+        model.tokenizer = _PaddedToMaxLength(model.tokenizer)
     return model
 
 
-def step_inputs(batch: int, size=(112, 256, 352), seed: int = 0) -> dict:
-    """A batch as the trainer sees it: ``image (B, 1, Z, Y, X)``, ``labels (B, Z, Y, X)``, every
-    anatomy present, sample 0 abnormal and sample 1 normal (so no anatomy is skipped)."""
+def step_inputs(batch: int, size=None, seed: int = 0) -> dict:
+    """A batch as the trainer sees it: ``image (B, 1, Z, Y, X)`` (``size``, default
+    :func:`timing.train_crop`), ``labels (B, Z, Y, X)``, every anatomy present, sample 0 abnormal
+    and sample 1 normal (so no anatomy is skipped)."""
     import torch
 
     from fvlm_core.loss import finding_set_id, stable_text_id
 
+    size = tuple(size or train_crop())
     gen = torch.Generator().manual_seed(seed)
     # distinct descriptions per sample, as in a real batch (the text encoder runs once per text)
     texts = [
@@ -147,7 +185,7 @@ def child(name: str, repeats: int, threads: int, batch: int) -> dict:
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
-        model = fvlm_base(_bert_base_folder(Path(tmp)), CONFIGS[name])
+        model = fvlm_base(text_folder(Path(tmp)), CONFIGS[name])
     loss_fn = FineGrainedContrastiveLoss(disease_pairs=0.0, co_teaching_alpha=1.0)
     b = step_inputs(batch)
     rss_model = peak_rss_mb()
@@ -199,23 +237,30 @@ def gpu_recipes() -> dict:
 
 
 def summarise(results: dict, threads: int, batch: int) -> dict:
-    best = min(results.values(), key=lambda r: r["step_s"]["median"])
-    ratio_quiet_s = best["step_over_bare_forward_median"] * REFERENCE["bare_forward_quiet_s"]
-    return {
+    """The configurations' results with the comparisons, all in bare forwards of this run."""
+    ours = {k: v for k, v in results.items() if k not in REFERENCE_LIKE} or results
+    best = min(ours.values(), key=lambda r: r["step_over_bare_forward_median"])
+    ratio = best["step_over_bare_forward_median"]
+    out = {
         "benchmark": f"fvlm-base forward + backward, batch {batch}, 112x256x352, fp32 CPU, {threads} threads",
         "reference_public_code": REFERENCE,
         "target": TARGET,
         "configs": results,
         "fastest": best["config"],
         "fastest_step_s_median": best["step_s"]["median"],
-        "fastest_step_in_bare_forwards": best["step_over_bare_forward_median"],
-        # the same step on a quiet machine, from the paired ratio and the quiet bare forward
-        "fastest_step_s_at_quiet_forward": round(ratio_quiet_s, 1),
-        "speedup_vs_reference_at_quiet_forward": round(REFERENCE["step_s"] / ratio_quiet_s, 2),
-        "lowest_peak_rss_gb": min(r["peak_rss_gb"] for r in results.values()),
-        "gpu_recipes": gpu_recipes(),
-        **load_note(),
+        "fastest_step_in_bare_forwards": ratio,
+        "speedup_vs_reference": round(REFERENCE["step_in_bare_forwards"] / ratio, 2),
+        "lowest_peak_rss_gb": min(r["peak_rss_gb"] for r in ours.values()),
     }
+    if "reference_like" in results:  # the public code's way, measured in this run
+        like = results["reference_like"]["step_over_bare_forward_median"]
+        out["reference_like_step_in_bare_forwards"] = like
+        out["speedup_vs_reference_like"] = round(like / ratio, 2)
+    out["meets_target"] = {
+        "speed": ratio <= TARGET["step_in_bare_forwards_max"],
+        "memory": out["lowest_peak_rss_gb"] <= TARGET["peak_rss_gb"],
+    }
+    return {**out, "gpu_recipes": gpu_recipes(), **load_note()}
 
 
 def main(argv=None) -> int:
@@ -227,7 +272,10 @@ def main(argv=None) -> int:
         "--configs", default=",".join(DEFAULT_CONFIGS), help=f"comma-separated of {', '.join(CONFIGS)}"
     )
     p.add_argument("--child", choices=tuple(CONFIGS), help=argparse.SUPPRESS)
+    add_smoke_argument(p)
     args = p.parse_args(argv)
+    if set_smoke(args.smoke):
+        args.repeats = 1
     if args.child:
         print(json.dumps(child(args.child, args.repeats, args.threads, args.batch)))
         return 0

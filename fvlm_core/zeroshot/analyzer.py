@@ -19,7 +19,8 @@ otherwise gets 0.5 and its raw score.
 
 Cost: the CT is resampled to model space once; anatomies whose joint box fits in the model
 window share one encoder forward (``windows.plan_shared``); prompt embeddings are cached per
-model (``prompts.prompt_cache_for``). On CUDA the encoder runs under bf16 autocast.
+model (``prompts.prompt_cache_for``). On CUDA the encoder runs under bf16 autocast (``precision``;
+``benchmarks/gpu_check.py`` measures its agreement with fp32).
 """
 
 from __future__ import annotations
@@ -263,9 +264,23 @@ class Analyzer:
         device: ``auto | cpu | cuda | cuda:N | mps | gpu`` or a torch device
             (:func:`fvlm_core.devices.resolve_device`; an absent device is a :class:`ConfigError`).
         name: label for outputs (the model folder).
+        precision: the image encoder's arithmetic: ``auto`` (bf16 autocast on CUDA, fp32
+            elsewhere), ``fp32`` or ``bf16`` (autocast on any device). The ``reference`` windows
+            always run in fp32, as eval.py does.
     """
 
-    def __init__(self, model: torch.nn.Module, device: str | torch.device = "auto", name: str = "") -> None:
+    PRECISIONS = ("auto", "fp32", "bf16")
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        device: str | torch.device = "auto",
+        name: str = "",
+        precision: str = "auto",
+    ) -> None:
+        if precision not in self.PRECISIONS:
+            raise ConfigError(f"precision {precision!r}: use one of {', '.join(self.PRECISIONS)}")
+        self.precision = precision
         self.device = resolve_device(device)
         self.model = model.to(self.device).eval()
         self.config = model.config
@@ -275,8 +290,11 @@ class Analyzer:
         self.prompts = prompt_cache_for(self.model)
 
     @classmethod
-    def from_pretrained(cls, model_dir: str | os.PathLike, device: str | torch.device = "auto") -> Analyzer:
-        """Load a model folder (``config.yaml`` + weights) written by ``FVLM.save_pretrained``.
+    def from_pretrained(
+        cls, model_dir: str | os.PathLike, device: str | torch.device = "auto", precision: str = "auto"
+    ) -> Analyzer:
+        """Load a model folder (``config.yaml`` + weights) written by ``FVLM.save_pretrained``
+        (``precision``: as the constructor's).
 
         The folder's stored prompt embeddings (:mod:`fvlm_core.model.prompt_store`) fill the
         prompt cache when their text identity is the folder's own; the text encoder is built
@@ -297,12 +315,20 @@ class Analyzer:
             )
         dev = resolve_device(device)
         analyzer = cls(
-            from_pretrained(model_dir, device=dev, lazy_text=True), device=dev, name=str(model_dir)
+            from_pretrained(model_dir, device=dev, lazy_text=True),
+            device=dev,
+            name=str(model_dir),
+            precision=precision,
         )
         metadata = read_metadata(model_dir / WEIGHTS_NAME)
         identity = folder_identity(model_dir, analyzer.config, metadata)
         analyzer.prompts.preload(read_store(model_dir / STORE_NAME, identity))
         return analyzer
+
+    @property
+    def bf16(self) -> bool:
+        """Whether the image encoder runs under bf16 autocast (``precision``, ``auto`` on CUDA)."""
+        return self.precision == "bf16" or (self.precision == "auto" and self.device.type == "cuda")
 
     # ------------------------------------------------------------------ findings / prompts
     def default_findings(self) -> FindingSet:
@@ -394,7 +420,7 @@ class Analyzer:
             )
         out: dict[str, EncodedAnatomy] = {}
         crops = []
-        use_bf16 = self.device.type == "cuda" and not reference  # the reference runs in fp32
+        use_bf16 = self.bf16 and not reference  # the reference runs in fp32
         for w, plan in enumerate(plans):
             if should_cancel is not None and should_cancel():
                 raise CancelledError("analysis cancelled")
@@ -413,7 +439,8 @@ class Analyzer:
             present = torch.zeros(1, len(self.anatomies), dtype=torch.bool, device=self.device)
             for name in plan.anatomies:
                 present[0, self.anatomies.index(name)] = True
-            with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=use_bf16):
+            autocast = self.device.type if use_bf16 else "cuda"  # a disabled "cuda" autocast runs anywhere
+            with torch.autocast(device_type=autocast, dtype=torch.bfloat16, enabled=use_bf16):
                 enc = self.model.encode_image(image, labels, present=present, return_tokens=return_tokens)
             for name in plan.anatomies:
                 a = self.anatomies.index(name)

@@ -148,7 +148,7 @@ def _new_processes(before: set[int], keep: set[int] = frozenset(), timeout_s: fl
 
 
 def _idle(w) -> bool:
-    return w._job is None and w._applier is None and w._importJob is None
+    return w._job is None and w._importJob is None
 
 
 def _table(w) -> list[list[str]]:
@@ -203,9 +203,12 @@ def _choose(w, volume, segmentation, model: Path) -> None:
 
 def test_without_a_model_the_panel_offers_import_or_a_folder(widget, env, tiny_model, monkeypatch):
     ui = widget.ui
+    assert ui.modelPathLineEdit.currentPath == ""  # not "." (an unset pathlib.Path)
+    texts = [ui.modelHelpLabel.text, ui.modelPathLineEdit.toolTip, env.module.FVLMSlicer.__doc__ or ""]
+    assert not any("fvlm demo" in t or "fvlm train" in t for t in texts), texts  # not in the extension
     assert ui.modelHelpFrame.visible and ui.importWeightsButton.visible and ui.chooseModelButton.visible
     assert not ui.installDependenciesButton.visible and not ui.analyzeButton.enabled
-    assert "Import the official fVLM weights" in ui.modelHelpLabel.text
+    assert "Import official fVLM weights" in ui.modelHelpLabel.text
     mrml_io.ct_to_volume_node(_phantom(), env.scene, "phantom")
     monkeypatch.setattr(
         QtWidgets.QFileDialog, "getExistingDirectory", staticmethod(lambda *a, **k: str(tiny_model))
@@ -213,7 +216,7 @@ def test_without_a_model_the_panel_offers_import_or_a_folder(widget, env, tiny_m
     ui.chooseModelButton.click()
     _run_until(lambda: ui.findingsTable.rowCount > 0, 60)
     assert not ui.modelHelpFrame.visible and ui.analyzeButton.enabled
-    assert widget._parameterNode.modelDir == Path(tiny_model)
+    assert widget._parameterNode.modelDir == str(tiny_model)
     assert ui.findingsTable.rowCount == 16  # the model's CT-RATE findings on its four anatomies
     combo = ui.newFindingAnatomyComboBox
     assert [combo.itemText(i) for i in range(combo.count)] == ["lung", "heart", "esophagus", "aorta"]
@@ -333,7 +336,8 @@ def test_analysis_from_the_panel(widget, env, tiny_model, ts_dir, tmp_path):
         "the GUI thread did a long step (the 200 ms rule is tested at full size)"
     )
     assert widget._results is not None, ui.statusLabel.text
-    summary = widget._results.summary
+    result = widget._results.result
+    rows = [(a, f) for a in result.anatomies for f in a.findings]
     # the status lines: device in words, and why two anatomies have no result
     assert ui.statusLabel.text.startswith("Done in") and "on CPU:" in ui.statusLabel.text
     assert ui.resultsNoteLabel.text.startswith("esophagus, aorta: no segment of the chosen segmentation")
@@ -341,12 +345,12 @@ def test_analysis_from_the_panel(widget, env, tiny_model, ts_dir, tmp_path):
     assert pythonqt.unwrap(ui.modelPathLineEdit).history()[0] == str(tiny_model)  # the folder box's history
     # the results table: a model without calibration shows uncalibrated scores, never "probability";
     # Yes/No in colour, flagged first
-    assert _headers(widget)[2:4] == ["Uncalibrated score (x100)", "Threshold (x100)"]
+    assert _headers(widget)[2:5] == ["Flagged", "Uncalibrated score (x100)", "Threshold (x100)"]
     table = _table(widget)
-    assert len(table) == len(summary.rows()) == 16
-    for anatomy, finding, p, thr, flag, raw, scale in table:
-        row = next(r for r in summary.rows() if (r.anatomy, r.finding) == (anatomy, finding))
-        if np.isnan(row.value):
+    assert len(table) == len(rows) == 16
+    for anatomy, finding, flag, p, thr, raw, scale in table:
+        row = next(f for a, f in rows if (a.name, f.name) == (anatomy, finding))
+        if row.value is None:
             assert (p, flag, raw) == ("", "n/a", "")
         else:
             assert float(p) == pytest.approx(round(100 * row.raw_score, 1)) and flag == (
@@ -354,16 +358,16 @@ def test_analysis_from_the_panel(widget, env, tiny_model, ts_dir, tmp_path):
             )
             assert float(raw) == pytest.approx(round(100 * row.raw_score, 2))
         assert float(thr) == pytest.approx(round(100 * row.threshold, 1)) and scale == "uncalibrated score"
-    flags = [r[4] for r in table]
+    flags = [r[2] for r in table]
     assert flags == sorted(flags, key=["Yes", "No", "n/a"].index)
     colors = {
-        ui.resultsTable.item(r, 4).text(): ui.resultsTable.item(r, 4).foreground().color().name()
+        ui.resultsTable.item(r, 2).text(): ui.resultsTable.item(r, 2).foreground().color().name()
         for r in range(16)
     }
     assert colors.get("Yes", "#c62828") == "#c62828" and colors["n/a"] == "#757575"
     # segments in their result colours: flagged anatomies redder than their own colour
     segmentation = widget._results.segmentation.GetSegmentation()
-    for anatomy in summary.anatomies:
+    for anatomy in result.anatomies:
         segment = segmentation.GetSegment(anatomy.name)
         if segment is not None and anatomy.flagged:
             base = [c / 255 for c in CTRATE_CATALOG[anatomy.name].color]
@@ -383,15 +387,11 @@ def test_analysis_from_the_panel(widget, env, tiny_model, ts_dir, tmp_path):
     # Show 3D builds the closed surfaces
     ui.show3DButton.click()
     assert segmentation.ContainsRepresentation("Closed surface") and ui.show3DButton.checked
-    # saved and reloaded, the results and the overlays' look are back
+    # saved and reloaded, the panel shows the results again
     assert env.scene.WriteToMRB(str(tmp_path / "analysed.mrb"))
     env.scene.Clear(0)
     assert env.scene.ReadFromMRB(str(tmp_path / "analysed.mrb"))
-    tables = [
-        env.scene.GetNthNodeByClass(i, "vtkMRMLTableNode")
-        for i in range(env.scene.GetNumberOfNodesByClass("vtkMRMLTableNode"))
-    ]
-    assert [t.GetNumberOfRows() for t in tables if t.GetAttribute("FVLM.Role") == "findings"] == [16]
+    assert _table(widget) == table and ui.show3DButton.enabled and ui.show3DButton.checked
     # nothing left running, no copy of the CT left on disk
     assert not list(env.tmp.glob("fvlm-job-*"))
     worker = set(process_tree(warm.shared_worker().process.pid))
@@ -400,30 +400,50 @@ def test_analysis_from_the_panel(widget, env, tiny_model, ts_dir, tmp_path):
 
 def test_results_table_shows_probabilities_thresholds_and_raw_scores_of_a_calibrated_model(widget):
     """What a reader sees for a calibrated finding (probability and threshold in percent, raw score,
-    Platt), beside one the model holds no calibration of (called an uncalibrated score)."""
-    from FVLMSlicerLib.summary import AnalysisSummary, AnatomySummary, FindingRow
+    Platt), beside one the model holds no calibration of (called an uncalibrated score); Flagged
+    in view at the panel's default width."""
+    from fvlm_core.zeroshot.results import AnalysisResult, AnatomyResult, FindingResult
 
     note = "raw score kept: the calibration set has only 4 positives (10 of each class needed)"
-    rows = [
-        FindingRow("lung", "Emphysema", 0.412, 0.331, True, "calibrated", "present", 0.0213, 0.01, "platt"),
-        FindingRow("lung", "Lung nodule", 0.07, 0.12, False, "calibrated", calibration_note=note),
-    ]
-    widget._fillResultsTable(AnalysisSummary([AnatomySummary("lung", "present", 5000.0, rows)]))
+    emphysema = FindingResult(
+        "Emphysema",
+        0.0213,
+        0.331,
+        "calibrated",
+        True,
+        raw_threshold=0.01,
+        probability=0.412,
+        calibration="platt",
+    )
+    nodule = FindingResult(
+        "Lung nodule", 0.07, 0.12, "calibrated", False, raw_threshold=0.12, calibration_note=note
+    )
+    lung = AnatomyResult("lung", "present", 5000.0, 100, True, 0, "", [emphysema, nodule])
+    widget._fillResultsTable(AnalysisResult([lung]))
     headers = _headers(widget)
     assert headers == [
-        "Anatomy", "Finding", "Probability (%) or uncalibrated score (x100)", "Threshold (same scale)",
-        "Flagged", "Raw score", "Calibration",
+        "Anatomy", "Finding", "Flagged", "Probability (%) or uncalibrated score (x100)", "Threshold (same scale)",
+        "Raw score", "Calibration",
     ]  # fmt: skip
     assert _table(widget) == [
-        ["lung", "Emphysema", "41.2", "33.1", "Yes", "2.13", "probability (Platt)"],
-        ["lung", "Lung nodule", "7", "12", "No", "7", "uncalibrated score"],  # Qt shows 7.0 as 7
+        ["lung", "Emphysema", "Yes", "41.2", "33.1", "2.13", "probability (Platt)"],
+        ["lung", "Lung nodule", "No", "7", "12", "7", "uncalibrated score"],  # Qt shows 7.0 as 7
     ]
     table = widget.ui.resultsTable
     assert (
-        table.item(1, 6).toolTip() == note and "uncalibrated score" in table.horizontalHeaderItem(2).toolTip()
+        table.item(1, 6).toolTip() == note and "uncalibrated score" in table.horizontalHeaderItem(3).toolTip()
     )
-    widget._fillResultsTable(AnalysisSummary([AnatomySummary("lung", "present", 5000.0, rows[:1])]))
-    assert _headers(widget)[2:4] == ["Probability (%)", "Threshold (%)"]
+    # at the panel's default width the Flagged column is on screen
+    panel = pythonqt.unwrap(widget.parent)
+    panel.resize(440, panel.sizeHint().height())
+    QtWidgets.QApplication.processEvents()
+    view = pythonqt.unwrap(table)
+    flagged_right = view.columnViewportPosition(2) + view.columnWidth(2)
+    assert view.columnViewportPosition(2) >= 0 and flagged_right <= view.viewport().width()
+    widget._fillResultsTable(
+        AnalysisResult([AnatomyResult("lung", "present", 5000.0, 100, True, 0, "", [emphysema])])
+    )
+    assert _headers(widget)[3:5] == ["Probability (%)", "Threshold (%)"]
 
 
 @pytest.mark.slow
@@ -434,9 +454,9 @@ def test_cancel_mid_run_leaves_no_process_behind_and_the_next_analysis_works(wid
     _choose(widget, volume, None, tiny_model)  # the built-in segmenter: the worker does more
     ui.analyzeButton.click()
     job = widget._job
-    _run_until(lambda: any("segment" in line for line in job.poll().log), 180)  # the worker is on it
+    _run_until(lambda: any("segment" in line for line in job.status.log), 180)  # the worker is on it
     tree = set(process_tree(job.worker.process.pid))  # PythonSlicer (the launcher) and its Python
-    assert len(tree) >= 2 and job.job_dir.exists() and (job.job_dir / "ct.npy").exists()
+    assert len(tree) >= 2 and job.job_dir.exists() and (job.job_dir / "chest.nrrd").exists()
     ui.cancelButton.click()
     assert ui.statusLabel.text == "Cancelling..."
     _run_until(lambda: _idle(widget), 60)
@@ -473,7 +493,7 @@ def _analyze(widget) -> tuple[dict, str]:
     widget.ui.analyzeButton.click()
     _run_until(lambda: _idle(widget), 300)
     assert widget._results is not None, widget.ui.statusLabel.text
-    return dict(widget._doneStatus.output.timings), widget.ui.logTextEdit.plainText
+    return dict(widget._doneJob.finished_info), widget.ui.logTextEdit.plainText
 
 
 @pytest.mark.slow
@@ -498,8 +518,8 @@ def test_the_warm_worker_keeps_the_model_restarts_when_killed_and_stops_with_the
     assert "is warm" in log and "job 2: the loaded model reused" in log
     # the library's warning about this input reaches the log and the status line (issue 16)
     status = widget.ui.statusLabel.text
-    assert status.startswith("Done in") and "Warning: small CT: its voxels are 20 x 1.5 x 1.5 mm" in status
-    assert any(line.startswith("warning: small CT: its voxels are") for line in log.splitlines())
+    assert status.startswith("Done in") and "Warning: 'small CT': its voxels are 20 x 1.5 x 1.5 mm" in status
+    assert any(line.startswith("warning: 'small CT': its voxels are") for line in log.splitlines())
     os.kill(first["worker_pid"], signal.SIGKILL)  # the worker dies outside the panel's control
     _run_until(lambda: not warm.shared_worker().running(), 20)
     third, log = _analyze(widget)
@@ -698,7 +718,9 @@ def test_a_totalsegmentator_segmentation_is_recognised_reused_and_merged(widget,
     _run_until(lambda: _idle(widget), 300)
     assert widget._results is not None, ui.statusLabel.text
     # what was analysed: the two lobes form the lung, the spleen nothing (merge_labels' rule)
-    analysed = widget._doneStatus.output.labelmap
+    analysed, _ = mrml_io.segmentation_node_to_labelmap(
+        widget._results.segmentation, geometry, CTRATE_CATALOG
+    )
     expected = np.zeros(geometry.shape_zyx, dtype=np.uint8)
     for cls, anatomy in (("lung_upper_lobe_left", "lung"), ("lung_lower_lobe_left", "lung"), ("heart", "heart"), ("esophagus", "esophagus")):  # fmt: skip
         expected[masks[cls]] = CTRATE_CATALOG.label(anatomy)
@@ -709,49 +731,43 @@ def test_totalsegmentator_as_source_says_what_is_missing_and_installs_only_when_
     widget, env, tiny_model, monkeypatch, tmp_path
 ):
     """Weights missing: said before any work (FVLM never downloads). Package missing: the Install
-    button installs it with Slicer's packages and PyTorch pinned and nnU-Net below 2.6.2
-    (``slicer.util.pip_install`` stands in for pip: no network in tests)."""
-    import importlib.metadata
-
+    button installs it on the click only (how: Testing/test_slicer_install.py)."""
     from FVLMSlicerLib import dependencies, totalseg
 
-    import fvlm_core.segmentation.totalseg as core_totalseg
-
-    monkeypatch.setenv("TOTALSEG_WEIGHTS_PATH", str(tmp_path / "no-weights"))
-    totalseg.check_in_background(refresh=True).join()
+    monkeypatch.setenv("TOTALSEG_WEIGHTS_PATH", str(tmp_path / "no-weights"))  # the status process sees it
+    totalseg.check_in_background(refresh=True)
     ui = widget.ui
     ui.modelPathLineEdit.currentPath = str(tiny_model)
     ui.inputVolumeSelector.setCurrentNode(mrml_io.ct_to_volume_node(_phantom(), env.scene, "phantom"))
     _run_until(lambda: ui.findingsTable.rowCount > 0, 60)
     labels = [ui.anatomySourceComboBox.itemText(i) for i in range(ui.anatomySourceComboBox.count)]
     ui.anatomySourceComboBox.currentIndex = labels.index("TotalSegmentator (all anatomies)")
+    _run_until(lambda: ui.totalSegmentatorFrame.visible, 120)
     text = ui.totalSegmentatorLabel.text
-    assert ui.totalSegmentatorFrame.visible and not ui.installTotalSegmentatorButton.visible
+    assert not ui.installTotalSegmentatorButton.visible
     assert "is installed" in text and str(tmp_path / "no-weights") in text and "will not download" in text
     shown = []
     monkeypatch.setattr(slicer.util, "errorDisplay", lambda message, *a, **k: shown.append(message))
     ui.analyzeButton.click()
     assert shown == [text] and widget._job is None  # refused before any work
-    # the package missing: offered, installed on the click only
-    installed = {"now": False}
-    monkeypatch.setattr(core_totalseg, "totalsegmentator_available", lambda: installed["now"])
-    monkeypatch.setattr(dependencies, "totalsegmentator_available", lambda: installed["now"])
-    totalseg.check_in_background(refresh=True).join()
-    widget._updateTotalSegmentatorInfo()
-    assert ui.installTotalSegmentatorButton.visible and "not installed" in ui.totalSegmentatorLabel.text
+    # the package missing (the status process stands in for a Python without it): offered, and
+    # installed on the click only
+    real_script = totalseg.STATUS_SCRIPT
+    monkeypatch.setattr(totalseg, "STATUS_SCRIPT", "import json; print(json.dumps({'installed': False}))")
+    totalseg.check_in_background(refresh=True)
+    widget._updateTotalSegmentatorInfo()  # the panel looks again until the new status is known
+    _run_until(lambda: ui.installTotalSegmentatorButton.visible, 60)
+    assert "not installed" in ui.totalSegmentatorLabel.text
     calls = []
 
-    def pip_install(args):
-        calls.append((list(args), Path(args[1]).read_text()))
-        installed["now"] = True
+    def install(python, run, pip_options=(), nnunet=None):
+        calls.append(python)
+        monkeypatch.setattr(totalseg, "STATUS_SCRIPT", real_script)
+        monkeypatch.setattr(dependencies, "totalsegmentator_available", lambda: True)
 
-    monkeypatch.setattr(slicer.util, "pip_install", pip_install)
+    monkeypatch.setattr(dependencies, "totalsegmentator_available", lambda: False)
+    monkeypatch.setattr(dependencies, "install_totalsegmentator_into", install)
     monkeypatch.setattr(slicer.util, "confirmOkCancelDisplay", lambda *a, **k: True)
-    monkeypatch.setattr(slicer.util, "confirmYesNoDisplay", lambda *a, **k: False)  # no restart now
     ui.installTotalSegmentatorButton.click()
-    ((args, constraints),) = calls
-    assert args[0] == "-c" and args[2:] == ["totalsegmentator>=2.4", "nnunetv2<2.6.2"]
-    for name in ("numpy", "SimpleITK", "torch"):  # Slicer's packages and the installed PyTorch stay
-        assert f"{name}=={importlib.metadata.version(name)}" in constraints.splitlines()
-    assert "nnunetv2<2.6.2" in constraints.splitlines()
+    assert len(calls) == 1
     assert not ui.installTotalSegmentatorButton.visible and "is installed" in ui.totalSegmentatorLabel.text

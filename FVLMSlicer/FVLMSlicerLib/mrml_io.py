@@ -11,7 +11,7 @@ Works inside 3D Slicer and headless with the ``slicer-core`` package (see ``head
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Generator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,7 +24,6 @@ from fvlm_core.anatomy import AnatomyCatalog
 from fvlm_core.errors import GeometryError, InputError
 from fvlm_core.io import CTVolume, Geometry, array_to_sitk, resample_to
 
-from .snapshot import InputSnapshot, LayerSnapshot
 from .terminology import anatomy_terminology, map_segments
 from .totalseg import totalseg_mapping
 
@@ -136,6 +135,32 @@ def vtk_array_from(array: np.ndarray) -> Any:
     out.SetNumberOfTuples(flat.size)  # allocates, does not fill
     numpy_support.vtk_to_numpy(out)[:] = flat
     return out
+
+
+def image_steps(
+    shape_zyx: tuple[int, int, int], dtype: Any, fill: Callable[[int, int], np.ndarray], image: Any = None
+) -> Generator[float, None, Any]:
+    """A new VTK image filled a slab of about ``CHUNK_BYTES`` per step (GUI thread, short steps).
+
+    ``fill(z0, z1)`` gives slices ``z0:z1`` (e.g. from a memory-mapped file); ``image``: the
+    (empty) image object to fill (default a ``vtkImageData``). Yields 0 between steps, returns
+    the image.
+    """
+    from .job import CHUNK_BYTES
+
+    z, y, x = (int(v) for v in shape_zyx)
+    image = vtk.vtkImageData() if image is None else image
+    image.SetDimensions(x, y, z)
+    data = vtk.vtkDataArray.CreateDataArray(numpy_support.get_vtk_array_type(np.dtype(dtype)))
+    data.SetNumberOfComponents(1)
+    data.SetNumberOfTuples(x * y * z)  # allocates, does not fill
+    view = numpy_support.vtk_to_numpy(data).reshape(z, y, x)
+    slab = max(1, CHUNK_BYTES // max(view[:1].nbytes, 1))
+    for z0 in range(0, z, slab):
+        view[z0 : z0 + slab] = fill(z0, min(z, z0 + slab))
+        yield 0.0
+    image.GetPointData().SetScalars(data)
+    return image
 
 
 def array_to_image(array: np.ndarray) -> vtk.vtkImageData:
@@ -265,31 +290,41 @@ def _require_labelmaps(segmentation_node: Any) -> None:
 
 
 def segmentation_layers(
-    segmentation_node: Any, catalog: AnatomyCatalog, mapping: Mapping[str, str]
-) -> list[LayerSnapshot]:
-    """The labelmap layers holding the mapped segments, as views (GUI thread, no voxel loops).
+    segmentation_node: Any, mapping: Mapping[str, str]
+) -> tuple[list[tuple[np.ndarray, Geometry]], list[tuple[int, int, str]]]:
+    """Views of the labelmap layers holding the mapped segments (GUI thread, no voxel copies).
 
     Args:
-        mapping: ``{segment_id: anatomy}`` (from :func:`~FVLMSlicerLib.terminology.map_segments`).
+        mapping: ``{segment_id: anatomy}`` (:func:`map_segmentation`).
+
+    Returns:
+        ``(layers, segments)`` as :class:`~FVLMSlicerLib.job.JobInputs` takes them: each layer as
+        ``(view (Z, Y, X), world geometry)``, and ``(layer index, label value, anatomy)`` of every
+        mapped segment in the segmentation's order.
     """
     _require_labelmaps(segmentation_node)
     to_world = _parent_to_world(segmentation_node)  # raises for a non-linear transform
     segmentation = segmentation_node.GetSegmentation()
-    order = {segmentation.GetNthSegmentID(i): i + 1 for i in range(segmentation.GetNumberOfSegments())}
-    layers: dict[int, LayerSnapshot] = {}
-    for segment_id, anatomy in mapping.items():
-        index = segmentation.GetLayerIndex(segment_id)
-        if index not in layers:
-            image = segmentation.GetLayerDataObject(index)
-            array, geometry = _oriented_image_to_array(image)
-            if geometry is None:
-                continue  # an empty layer
-            if not np.allclose(to_world, np.eye(4)):
-                geometry = Geometry.from_affine_ras(to_world @ geometry.affine_ras, array.shape)
-            layers[index] = LayerSnapshot(array, geometry)
-        label_value = int(segmentation.GetSegment(segment_id).GetLabelValue())
-        layers[index].labels[label_value] = (catalog.label(anatomy), order[segment_id])
-    return [layers[i] for i in sorted(layers)]
+    layers: list[tuple[np.ndarray, Geometry]] = []
+    index_of: dict[int, int | None] = {}
+    segments = []
+    for i in range(segmentation.GetNumberOfSegments()):
+        segment_id = segmentation.GetNthSegmentID(i)
+        if segment_id not in mapping:
+            continue
+        layer = segmentation.GetLayerIndex(segment_id)
+        if layer not in index_of:
+            array, geometry = _oriented_image_to_array(segmentation.GetLayerDataObject(layer))
+            index_of[layer] = None
+            if geometry is not None:  # not an empty layer
+                if not np.allclose(to_world, np.eye(4)):
+                    geometry = Geometry.from_affine_ras(to_world @ geometry.affine_ras, array.shape)
+                index_of[layer] = len(layers)
+                layers.append((array, geometry))
+        if index_of[layer] is not None:
+            value = int(segmentation.GetSegment(segment_id).GetLabelValue())
+            segments.append((index_of[layer], value, mapping[segment_id]))
+    return layers, segments
 
 
 def map_segmentation(
@@ -331,20 +366,19 @@ def segmentation_node_to_labelmap(
     catalog: AnatomyCatalog,
     overrides: Mapping[str, str] | None = None,
 ) -> tuple[np.ndarray, dict[str, str]]:
-    """An anatomy label map (anatomy ``i`` = ``i + 1``) on ``reference`` from a segmentation node.
+    """An anatomy label map (anatomy ``i`` = ``i + 1``) on ``reference`` from a segmentation node
+    (blocking: the console and tests; the panel's analyses paint it in the worker).
 
-    Where anatomies overlap, the segment later in the segmentation wins.
+    Segments are painted in the segmentation's order: where anatomies overlap the later wins.
 
     Returns:
         ``(labelmap uint8 (Z, Y, X), {segment_id: anatomy})``.
-
-    Raises:
-        InputError: no segment maps to any anatomy of the catalog.
     """
     mapping = map_segmentation(segmentation_node, catalog, overrides)
-    layers = segmentation_layers(segmentation_node, catalog, mapping)
-    snapshot = InputSnapshot(np.zeros((0, 0, 0)), reference, segmentation_node.GetName(), layers)
-    return snapshot.labelmap(), mapping
+    out = np.zeros(reference.shape_zyx, dtype=np.uint8)
+    for segment_id, anatomy in mapping.items():
+        out[segment_mask(segmentation_node, segment_id, reference)] = catalog.label(anatomy)
+    return out, mapping
 
 
 def _mask_to_oriented_image(mask: np.ndarray, geometry: Geometry) -> Any:
@@ -386,17 +420,14 @@ class AnatomyLayer:
 
 
 def anatomy_layer(labelmap: np.ndarray, geometry: Geometry, catalog: AnatomyCatalog) -> AnatomyLayer:
-    """Copy an anatomy label map into VTK (any thread: the image is not in a scene yet)."""
+    """An anatomy label map as an :class:`AnatomyLayer` in one go (the console and tests)."""
     if tuple(labelmap.shape) != geometry.shape_zyx:
         raise GeometryError(
             f"label map shape {labelmap.shape} does not match its geometry {geometry.shape_zyx}"
         )
     labelmap = np.asarray(labelmap, dtype=np.uint8)
-    # one comparison per anatomy, not np.bincount: bincount's loop holds the GIL (0.3 s for
-    # 512x512x400, longer on a busy machine), which would stall the GUI thread meanwhile
     present = [a.name for a in catalog if (labelmap == catalog.label(a.name)).any()]
-    image = _mask_to_oriented_image(labelmap, geometry)
-    return AnatomyLayer(image, present)
+    return AnatomyLayer(_mask_to_oriented_image(labelmap, geometry), present)
 
 
 def set_anatomy_segments(node: Any, layer: AnatomyLayer, catalog: AnatomyCatalog) -> Any:

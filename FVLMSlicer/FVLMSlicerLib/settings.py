@@ -8,9 +8,7 @@ that folder as the default model. No Slicer, no Qt.
 
 from __future__ import annotations
 
-import contextlib
 import os
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,29 +49,6 @@ def remembered_model_dir() -> str:
         return ""
     path = Path(text.splitlines()[0]) if text else None
     return str(path) if path is not None and (path / "config.yaml").is_file() else ""
-
-
-_READER_IMPORT: threading.Thread | None = None
-
-
-def _import_reader() -> None:
-    with contextlib.suppress(ImportError):  # read_model_info says what is missing
-        import fvlm_core.model.config  # noqa: F401
-
-
-def model_reader_ready() -> bool:
-    """Whether :func:`read_model_info` can run without a long import on the calling thread.
-
-    Reading a model's configuration imports ``fvlm_core.model``, which imports PyTorch and
-    transformers (seconds; tens of seconds on a busy machine). The first call starts that import
-    in a background thread and returns False until it has finished (or failed: then
-    ``read_model_info`` raises its clear DependencyError at once).
-    """
-    global _READER_IMPORT
-    if _READER_IMPORT is None:
-        _READER_IMPORT = threading.Thread(target=_import_reader, name="fvlm-import-torch", daemon=True)
-        _READER_IMPORT.start()
-    return not _READER_IMPORT.is_alive()
 
 
 @dataclass
@@ -126,11 +101,11 @@ def load_model_info(model_dir: str | os.PathLike) -> ModelInfo:
     path = Path(model_dir).expanduser()
     if not (path / "config.yaml").is_file():
         raise CheckpointError(
-            f"{path}: not a model folder (no config.yaml). Choose the folder written by `fvlm demo`, "
-            "`fvlm train` or `fvlm import-checkpoint`."
+            f"{path}: not a model folder (no config.yaml). Choose a folder holding config.yaml and "
+            "model.safetensors, or click 'Import official fVLM weights...'."
         )
     try:
-        from fvlm_core.model.config import load_config  # imports fvlm_core.model: torch, yaml, ...
+        from fvlm_core.model.config import load_config  # yaml and numpy, not torch
     except ImportError as exc:
         missing = getattr(exc, "name", None) or str(exc)
         raise DependencyError(

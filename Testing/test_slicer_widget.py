@@ -771,3 +771,124 @@ def test_totalsegmentator_as_source_says_what_is_missing_and_installs_only_when_
     ui.installTotalSegmentatorButton.click()
     assert len(calls) == 1
     assert not ui.installTotalSegmentatorButton.visible and "is installed" in ui.totalSegmentatorLabel.text
+
+
+def _fvlm_nodes(scene) -> list[str]:
+    """Names of the nodes the module made (results, overlays, colour table)."""
+    out = []
+    for i in range(scene.GetNumberOfNodes()):
+        node = scene.GetNthNode(i)
+        if node.GetClassName() == "vtkMRMLScriptedModuleNode":  # the panel's parameter node
+            continue
+        if (
+            node.GetAttribute("FVLM.Role")
+            or node.GetAttribute("FVLM.SimilarityMap")
+            or "FVLM" in (node.GetName() or "")
+        ):
+            out.append(node.GetName())
+    return out
+
+
+def test_a_saved_scene_comes_back_whole_and_closing_while_results_are_shown_leaves_nothing(
+    widget, env, tiny_model, tmp_path
+):
+    """Issue 24: after an .mrb is loaded the panel shows its results (table, overlays, Show 3D)
+    from the scene alone; closing the scene while a result is being put into it stops the job's
+    timer and adds no node to the next scene."""
+    ui = widget.ui
+    volume, seg = _small_ct_and_segmentation(env.scene)
+    _choose(widget, volume, seg, tiny_model)
+    _analyze(widget)
+    table, result = _table(widget), widget._results.result
+    ui.show3DButton.click()
+    views = {name: env.app.views[name].composite.GetForegroundVolumeID() for name in ("Red",)}
+    assert env.scene.WriteToMRB(str(tmp_path / "analysed.mrb"))
+    env.scene.Clear(0)  # File > Close scene
+    assert _table(widget) == [] and not ui.show3DButton.enabled and widget._results is None
+    assert env.scene.ReadFromMRB(str(tmp_path / "analysed.mrb"))  # File > Load scene
+    assert _table(widget) == table and ui.show3DButton.enabled and ui.show3DButton.checked
+    assert widget._results.result.to_dict() == result.to_dict()
+    assert {name: env.app.views[name].composite.GetForegroundVolumeID() for name in views} == views
+    if widget._results.similarity_volumes:  # a row click shows its map again
+        key = next(iter(widget._results.similarity_volumes))
+        row = next(i for i, r in enumerate(_table(widget)) if (r[0], r[1]) == key)
+        ui.resultsTable.selectRow(row)
+        assert (
+            env.app.views["Red"].composite.GetForegroundVolumeID()
+            == widget._results.similarity_volumes[key].GetID()
+        )
+
+    # close the scene while a new analysis is putting its results into it
+    env.scene.Clear(0)
+    volume, seg = _small_ct_and_segmentation(env.scene)
+    _choose(widget, volume, seg, tiny_model)
+    ui.analyzeButton.click()
+    job = widget._job
+    while not job.status.stage.startswith("finish: showing"):
+        time.sleep(job.step() or 0.0)  # the panel's timer would do these steps
+    job.step()  # the label map copied: the segments come next
+    assert job.job_dir.exists() and not job.status.finished
+    env.scene.Clear(0)
+    for _ in range(20):  # the timer's interval and more
+        QtWidgets.QApplication.processEvents()
+        time.sleep(0.01)
+    assert widget._job is None and not widget._jobTimer.active and job.status.finished
+    assert _fvlm_nodes(env.scene) == [] and not job.job_dir.exists()
+    assert ui.analyzeButton.enabled is False  # no volume in the new scene
+
+
+def test_the_warm_worker_gives_its_memory_back_after_the_idle_time_and_restarts_transparently(
+    widget, env, tiny_model, monkeypatch
+):
+    """Issue 24: the idle time is a setting (minutes, 0 = until Slicer closes); after it the
+    worker ends by itself; the next analysis starts a new one and says why; a worker that ends
+    before it takes a job is replaced and the job handed to the new one."""
+    from FVLMSlicerLib.process import kill_process_tree
+
+    ui = widget.ui
+    assert ui.workerIdleSpinBox.value == 10 and widget._idleMinutes() == 10.0  # the default
+    ui.workerIdleSpinBox.value = 0
+    assert widget._idleMinutes() is None and ui.workerIdleSpinBox.text == "until Slicer closes"
+    ui.workerIdleSpinBox.value = 25
+    from PySide6 import QtCore
+
+    assert int(QtCore.QSettings().value(widget.IDLE_SETTING)) == 25  # kept as a Slicer setting
+    monkeypatch.setattr(widget, "_idleMinutes", lambda: 1.0 / 60)  # one second, for the test
+    volume, seg = _small_ct_and_segmentation(env.scene)
+    _choose(widget, volume, seg, tiny_model)
+    first, _ = _analyze(widget)
+    worker = warm.shared_worker()
+    assert worker.process.pid and "--idle-timeout" in worker.process.args
+    _run_until(lambda: not worker.running(), 60)  # it ends by itself
+    second, log = _analyze(widget)
+    assert second["worker_pid"] != first["worker_pid"] and second["worker_jobs"] == 1
+    assert "without an analysis, giving its memory back" in log
+    # a worker that ends before it takes the job: the job goes to a new one, nothing to do for the user
+    _run_until(lambda: not worker.running(), 60)
+    ui.analyzeButton.click()
+    job = widget._job
+    while worker.process is None or "starting the analysis worker" not in "\n".join(job.status.log):
+        time.sleep(job.step() or 0.0)
+    while not job.status.stage.startswith("prepare") or not (job.job_dir / "request.json").exists():
+        time.sleep(job.step() or 0.0)
+    assert not (job.job_dir / "taken").exists()
+    kill_process_tree(worker.process.pid)  # before it has taken the job (it is still importing torch)
+    _run_until(lambda: _idle(widget), 300)
+    assert widget._results is not None and ui.statusLabel.text.startswith("Done in"), ui.statusLabel.text
+    assert sum("starting the analysis worker" in line or "had ended" in line for line in job.status.log) >= 2
+
+
+def test_reload_and_test_reports_a_skip_as_a_skip_not_an_error(env, monkeypatch):
+    """Slicer's Reload and Test shows any exception of runTest as a failure: without FVLM's
+    dependencies (Slicer's testing mode installs nothing) the analysis test is reported skipped."""
+    from FVLMSlicerLib import dependencies
+
+    monkeypatch.setattr(dependencies, "ensure_dependencies", lambda ask=True: False)
+    test = env.module.FVLMSlicerTest()
+    shown = []
+    monkeypatch.setattr(test, "delayDisplay", lambda message, *a, **k: shown.append(message))
+    test.runTest()  # raises nothing
+    assert "Geometry round trip OK" in shown
+    assert any(
+        m.startswith("Skipped test_analyze_phantom: FVLM dependencies are not installed") for m in shown
+    )

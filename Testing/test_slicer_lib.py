@@ -255,9 +255,7 @@ def missing_monai(monkeypatch, tmp_path):
         ),
     )
     monkeypatch.setattr(dependencies, "installed_versions", lambda python: {"numpy": np.__version__})
-    monkeypatch.setattr(
-        dependencies, "check_step", lambda python, args, *rest: state["checked"].append(args)
-    )
+    monkeypatch.setattr(dependencies, "check_step", lambda python, args, *rest: state["checked"].append(args))
     folder = tmp_path / "Documents and Settings"
     folder.mkdir()
     path = folder / "constraints.txt"

@@ -285,9 +285,8 @@ class AnalysisJob(Job):
         if rc != 0:
             error = _read_json(self.job_dir / "error.json")
             self.error_type = error.get("type", "")
-            raise FVLMError(
-                error.get("message") or f"the analysis failed (worker exit code {rc}); see the log"
-            )
+            message = error.get("message") or f"the analysis failed (worker exit code {rc}); see the log"
+            raise FVLMError(self._named(message))
         from fvlm_core.zeroshot.results import AnalysisResult
 
         self._stage("finish: reading the results", 0.98)

@@ -64,29 +64,9 @@ def _parent_to_world(node: Any) -> np.ndarray:
     return matrix_to_numpy(m)
 
 
-def volume_geometry(volume_node: Any) -> Geometry:
-    """Geometry (ITK/LPS) of a volume node in world coordinates (parent transform applied)."""
-    image = volume_node.GetImageData()
-    if image is None:
-        raise InputError(f"{volume_node.GetName()}: volume node holds no image data. Load a CT first.")
-    ijk_to_ras = vtk.vtkMatrix4x4()
-    volume_node.GetIJKToRASMatrix(ijk_to_ras)
-    affine = _parent_to_world(volume_node) @ matrix_to_numpy(ijk_to_ras)
-    x, y, z = image.GetDimensions()
-    return Geometry.from_affine_ras(affine, (z, y, x))
-
-
 # ------------------------------------------------------------------------------------------
 # volumes
 # ------------------------------------------------------------------------------------------
-
-
-def _image_to_array(image: vtk.vtkImageData) -> np.ndarray:
-    x, y, z = image.GetDimensions()
-    scalars = image.GetPointData().GetScalars()
-    if scalars is None:
-        raise InputError("image data holds no scalars")
-    return numpy_support.vtk_to_numpy(scalars).reshape(z, y, x, -1)
 
 
 def volume_node_to_ct(volume_node: Any) -> CTVolume:
@@ -101,40 +81,28 @@ def volume_node_to_ct(volume_node: Any) -> CTVolume:
 
 
 def volume_view(volume_node: Any) -> tuple[np.ndarray, Geometry]:
-    """``(Z, Y, X)`` numpy *view* of a scalar volume (stored type, no copy) and its world geometry.
-
-    Cheap enough for the GUI thread; the view keeps the VTK array alive.
+    """``(Z, Y, X)`` numpy *view* of a scalar volume (stored type, no copy) and its world
+    geometry (ITK/LPS, parent transform applied). Cheap enough for the GUI thread.
 
     Raises:
         InputError / GeometryError: as :func:`volume_node_to_ct`.
     """
-    image = volume_node.GetImageData()
-    if image is None:
-        raise InputError(f"{volume_node.GetName()}: volume node holds no image data. Load a CT first.")
+    name, image = volume_node.GetName(), volume_node.GetImageData()
+    if image is None or image.GetPointData().GetScalars() is None:
+        raise InputError(f"{name}: volume node holds no image data. Load a CT first.")
     if image.GetNumberOfScalarComponents() != 1:
         raise InputError(
-            f"{volume_node.GetName()}: has {image.GetNumberOfScalarComponents()} components per voxel; "
+            f"{name}: has {image.GetNumberOfScalarComponents()} components per voxel; "
             "pick a CT (one intensity per voxel), not a colour or vector volume."
         )
-    geometry = volume_geometry(volume_node)
-    geometry.validate(volume_node.GetName())
-    return _image_to_array(image)[..., 0], geometry
-
-
-def vtk_array_from(array: np.ndarray) -> Any:
-    """A one-component VTK array holding a copy of ``array`` (flattened in C order).
-
-    The copy is numpy's (which releases the GIL), not VTK's: a VTK call from Python holds the
-    GIL for its whole duration, so ``numpy_to_vtk(..., deep=True)`` in a background thread
-    would freeze the GUI thread while it copies a 512x512x400 volume.
-    """
-    flat = np.asarray(array).reshape(-1)
-    vtk_array = numpy_support.get_vtk_array_type(flat.dtype)
-    out = vtk.vtkDataArray.CreateDataArray(vtk_array)
-    out.SetNumberOfComponents(1)
-    out.SetNumberOfTuples(flat.size)  # allocates, does not fill
-    numpy_support.vtk_to_numpy(out)[:] = flat
-    return out
+    ijk_to_ras = vtk.vtkMatrix4x4()
+    volume_node.GetIJKToRASMatrix(ijk_to_ras)
+    x, y, z = image.GetDimensions()
+    geometry = Geometry.from_affine_ras(
+        _parent_to_world(volume_node) @ matrix_to_numpy(ijk_to_ras), (z, y, x)
+    )
+    geometry.validate(name)
+    return numpy_support.vtk_to_numpy(image.GetPointData().GetScalars()).reshape(z, y, x), geometry
 
 
 def image_steps(
@@ -144,7 +112,7 @@ def image_steps(
 
     ``fill(z0, z1)`` gives slices ``z0:z1`` (e.g. from a memory-mapped file); ``image``: the
     (empty) image object to fill (default a ``vtkImageData``). Yields 0 between steps, returns
-    the image.
+    the image. No scalar range is computed (VTK would scan every voxel in one call).
     """
     from .job import CHUNK_BYTES
 
@@ -163,50 +131,24 @@ def image_steps(
     return image
 
 
-def array_to_image(array: np.ndarray) -> vtk.vtkImageData:
-    """A ``(Z, Y, X)`` array copied into VTK image data (any thread, before it joins a scene)."""
-    array = np.ascontiguousarray(array)
-    z, y, x = array.shape
-    image = vtk.vtkImageData()
-    image.SetDimensions(x, y, z)
-    image.GetPointData().SetScalars(vtk_array_from(array))
-    # no image.GetScalarRange() here: VTK computes it holding the GIL (no VTK method but Update
-    # and Render releases it), so in a background thread it froze the GUI thread just as long
-    # (1.2-1.7 s for 512x512x400 on a busy machine); nothing in the panel's steps asks for it
-    return image
+def array_to_image(array: np.ndarray, image: Any = None) -> Any:
+    """A ``(Z, Y, X)`` array copied into VTK image data in one go (:func:`image_steps` run through)."""
+    steps = image_steps(array.shape, array.dtype, lambda z0, z1: array[z0:z1], image)
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value
 
 
-def update_volume_node(volume_node: Any, array: np.ndarray, geometry: Geometry) -> Any:
-    """Put a ``(Z, Y, X)`` array with ``geometry`` into an existing volume node."""
+def add_volume_node(scene: Any, array: np.ndarray, geometry: Geometry, name: str) -> Any:
+    """A new scalar volume node holding ``array`` (``(Z, Y, X)``) on ``geometry``, displayed."""
     if tuple(array.shape) != geometry.shape_zyx:
         raise GeometryError(f"array shape {array.shape} does not match geometry shape {geometry.shape_zyx}")
-    return set_volume_image(volume_node, array_to_image(array), geometry)
-
-
-def set_volume_image(volume_node: Any, image: vtk.vtkImageData, geometry: Geometry) -> Any:
-    """Give a volume node prepared image data placed on ``geometry`` (no voxel copy)."""
-    x, y, z = image.GetDimensions()
-    if (z, y, x) != geometry.shape_zyx:
-        raise GeometryError(f"image shape {(z, y, x)} does not match geometry shape {geometry.shape_zyx}")
-    volume_node.SetIJKToRASMatrix(numpy_to_matrix(geometry.affine_ras))
-    volume_node.SetAndObserveImageData(image)
-    return volume_node
-
-
-def add_volume_node(
-    scene: Any,
-    array: np.ndarray,
-    geometry: Geometry,
-    name: str,
-    class_name: str = "vtkMRMLScalarVolumeNode",
-    node: Any = None,
-) -> Any:
-    """A (new, or the given) volume node holding ``array`` on ``geometry``, with display nodes."""
-    if node is None:
-        node = scene.AddNewNodeByClass(class_name, name)
-    update_volume_node(node, array, geometry)
-    if node.GetDisplayNode() is None:
-        node.CreateDefaultDisplayNodes()
+    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
+    node.SetIJKToRASMatrix(numpy_to_matrix(geometry.affine_ras))
+    node.SetAndObserveImageData(array_to_image(np.ascontiguousarray(array)))
+    node.CreateDefaultDisplayNodes()
     return node
 
 
@@ -230,7 +172,8 @@ def _oriented_image_to_array(image: Any) -> tuple[np.ndarray, Geometry]:
     affine = matrix_to_numpy(m)
     start = np.array([extent[0], extent[2], extent[4], 1.0])
     affine[:, 3] = affine @ start
-    array = _image_to_array(image)[..., 0]
+    x, y, z = image.GetDimensions()
+    array = numpy_support.vtk_to_numpy(image.GetPointData().GetScalars()).reshape(z, y, x)
     return array, Geometry.from_affine_ras(affine, array.shape)
 
 
@@ -382,10 +325,7 @@ def segmentation_node_to_labelmap(
 
 
 def _mask_to_oriented_image(mask: np.ndarray, geometry: Geometry) -> Any:
-    image = slicer.vtkOrientedImageData()
-    z, y, x = mask.shape
-    image.SetDimensions(x, y, z)
-    image.GetPointData().SetScalars(vtk_array_from(np.asarray(mask, dtype=np.uint8)))
+    image = array_to_image(np.asarray(mask, dtype=np.uint8), slicer.vtkOrientedImageData())
     image.SetImageToWorldMatrix(numpy_to_matrix(geometry.affine_ras))
     return image
 
@@ -417,17 +357,6 @@ class AnatomyLayer:
 
     image: Any
     present: list[str]
-
-
-def anatomy_layer(labelmap: np.ndarray, geometry: Geometry, catalog: AnatomyCatalog) -> AnatomyLayer:
-    """An anatomy label map as an :class:`AnatomyLayer` in one go (the console and tests)."""
-    if tuple(labelmap.shape) != geometry.shape_zyx:
-        raise GeometryError(
-            f"label map shape {labelmap.shape} does not match its geometry {geometry.shape_zyx}"
-        )
-    labelmap = np.asarray(labelmap, dtype=np.uint8)
-    present = [a.name for a in catalog if (labelmap == catalog.label(a.name)).any()]
-    return AnatomyLayer(_mask_to_oriented_image(labelmap, geometry), present)
 
 
 def set_anatomy_segments(node: Any, layer: AnatomyLayer, catalog: AnatomyCatalog) -> Any:
@@ -472,7 +401,13 @@ def labelmap_to_segmentation_node(
 
     See :func:`set_anatomy_segments`; an existing ``node`` is updated.
     """
-    layer = anatomy_layer(labelmap, geometry, catalog)
+    if tuple(labelmap.shape) != geometry.shape_zyx:
+        raise GeometryError(
+            f"label map shape {labelmap.shape} does not match its geometry {geometry.shape_zyx}"
+        )
+    labelmap = np.asarray(labelmap, dtype=np.uint8)
+    present = [a.name for a in catalog if (labelmap == catalog.label(a.name)).any()]
+    layer = AnatomyLayer(_mask_to_oriented_image(labelmap, geometry), present)
     if node is None:
         node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
     if reference_volume_node is not None:

@@ -88,8 +88,9 @@ def test_demo_model_path_is_remembered(tmp_path, monkeypatch):
     assert settings.remembered_model_dir() == ""
     model = tmp_path / "model"
     model.mkdir()
-    settings.remember_model_dir(model)
     assert settings.last_demo_model_file() == tmp_path / "cache" / "last_demo_model.txt"
+    settings.last_demo_model_file().parent.mkdir(parents=True)
+    settings.last_demo_model_file().write_text(str(model.resolve()) + "\n")  # what training/demo.py writes
     assert settings.remembered_model_dir() == ""  # no config.yaml yet: not a model
     (model / "config.yaml").write_text("name: x\n")
     assert settings.remembered_model_dir() == str(model.resolve())
@@ -376,7 +377,7 @@ def test_process_output_is_read_without_a_thread_and_without_blocking():
         time.sleep(0.02)
         assert len(reads) < 1000
     assert lines == ["line 0 é", "line 1 é", "line 2 é", "partial end"]
-    assert max(reads) < 0.05 and process.log() == lines and process.log_since(2) == lines[2:]
+    assert max(reads) < 0.05 and process.log() == lines
     process.stop()
 
 

@@ -79,11 +79,9 @@ def requirement_name(requirement: str) -> str:
 
 
 def _satisfies(installed: str, requirement: str) -> bool:
-    try:
-        from packaging.requirements import Requirement
-        from packaging.version import Version
-    except ImportError:  # no 'packaging': presence is all we can check
-        return True
+    from packaging.requirements import Requirement  # Slicer ships packaging
+    from packaging.version import Version
+
     spec = Requirement(requirement).specifier
     return not spec or spec.contains(Version(installed), prereleases=True)
 
@@ -121,11 +119,6 @@ def totalsegmentator_available() -> bool:
     return importlib.util.find_spec("totalsegmentator") is not None
 
 
-def status() -> dict[str, list[str] | bool]:
-    """What is missing: ``{"missing": [...], "torch": bool}`` (no installs; milliseconds)."""
-    return {"missing": installable(missing_requirements(read_requirements())), "torch": torch_available()}
-
-
 # ------------------------------------------------------------------------------------------
 # an environment as pip sees it (Slicer's Python, or a stand-in's)
 # ------------------------------------------------------------------------------------------
@@ -157,16 +150,14 @@ def requires(python: str, distribution: str) -> list[str]:
 
 def constraints_text(installed: dict[str, str], free: Iterable[str] = ()) -> str:
     """pip constraints pinning every installed distribution but those in ``free`` to its version."""
-    try:
-        from packaging.version import InvalidVersion, Version
-    except ImportError:
-        Version, InvalidVersion = str, ValueError
+    from packaging.version import InvalidVersion, Version
+
     free = {canonical(n) for n in free}
     lines = []
     for name, version in sorted(installed.items()):
         try:
-            Version(version)
-        except InvalidVersion:  # pip could not read the pin
+            Version(version)  # pip could not read a pin it cannot parse
+        except InvalidVersion:
             continue
         if name not in free:
             lines.append(f"{name}=={version}")

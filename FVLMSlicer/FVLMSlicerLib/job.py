@@ -46,18 +46,11 @@ from .warm import WarmWorker, python_env, python_executable
 CHUNK_BYTES = 8 << 20
 #: Seconds between polls of the worker.
 POLL_S = 0.1
-_NRRD_TYPES = {
-    "int8": "int8",
-    "uint8": "uint8",
-    "int16": "short",
-    "uint16": "ushort",
-    "int32": "int",
-    "uint32": "uint",
-    "int64": "longlong",
-    "uint64": "ulonglong",
-    "float32": "float",
-    "float64": "double",
-}
+#: numpy type -> NRRD type (what a scalar volume node can hold)
+_NRRD_TYPES = dict(zip(
+    ("int8", "uint8", "int16", "uint16", "int32", "uint32", "int64", "uint64", "float32", "float64"),
+    ("int8", "uint8", "short", "ushort", "int", "uint", "longlong", "ulonglong", "float", "double"),
+))  # fmt: skip
 
 
 @dataclass

@@ -141,12 +141,10 @@ class BackgroundProcess:
         self.env_update = dict(env_update or {})
         self.cwd = cwd
         self._lines: collections.deque[str] = collections.deque(maxlen=max_lines)
-        self._count = 0  # lines read so far, including those the buffer dropped
         self._partial = ""
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._proc: subprocess.Popen | None = None
         self._eof = False
-        self.killed: list[int] = []
 
     @property
     def pid(self) -> int | None:
@@ -183,21 +181,11 @@ class BackgroundProcess:
             lines, self._partial = [*lines, self._partial], ""
         lines = [line.rstrip("\r") for line in lines]
         self._lines.extend(lines)
-        self._count += len(lines)
         return lines
 
     def log(self) -> list[str]:
         """The output lines read so far (the last ``max_lines``)."""
         return list(self._lines)
-
-    def line_count(self) -> int:
-        """How many lines have been read so far (a mark for :meth:`log_since`)."""
-        return self._count
-
-    def log_since(self, mark: int) -> list[str]:
-        """The lines read after :meth:`line_count` returned ``mark`` (those still buffered)."""
-        kept = len(self._lines)
-        return list(self._lines)[max(0, kept - (self._count - mark)) :]
 
     def returncode(self) -> int | None:
         """None while running; the exit code once it has ended."""
@@ -216,7 +204,7 @@ class BackgroundProcess:
     def stop(self) -> None:
         """Kill the process and all its descendants (a no-op when it has ended)."""
         if self._proc is not None and self._proc.poll() is None:
-            self.killed = kill_process_tree(self._proc.pid)
+            kill_process_tree(self._proc.pid)
             self.wait(10)
         if self._proc is not None and self._proc.stdout is not None:
             self._proc.stdout.close()

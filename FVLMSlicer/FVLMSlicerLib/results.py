@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import slicer
 import vtk
 
 from fvlm_core.zeroshot.results import AnalysisResult, AnatomyResult, FindingResult
@@ -308,7 +309,8 @@ def show_steps(
         raise InputError("the analysed volume was removed from the scene before the results arrived.")
     catalog = get_catalog(result.anatomy_names)
     labels = result.labelmap
-    image = yield from image_steps(labels.shape, np.uint8, lambda z0, z1: labels[z0:z1], _oriented_image())
+    image = slicer.vtkOrientedImageData()  # a segmentation's labelmap layer
+    image = yield from image_steps(labels.shape, np.uint8, lambda z0, z1: labels[z0:z1], image)
     image.SetImageToWorldMatrix(numpy_to_matrix(result.geometry.affine_ras))
     seg = output_node(
         scene, "vtkMRMLSegmentationNode", "anatomies", volume, f"{volume.GetName()} FVLM anatomies"
@@ -346,12 +348,6 @@ def show_steps(
             scene.RemoveNode(stale.GetNthDisplayNode(i))
         scene.RemoveNode(stale)
     return ResultNodes(seg, table, volumes, result)
-
-
-def _oriented_image() -> Any:
-    import slicer
-
-    return slicer.vtkOrientedImageData()
 
 
 def find_results(scene: Any, volume_node: Any = None) -> ResultNodes | None:

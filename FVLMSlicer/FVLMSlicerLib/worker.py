@@ -155,20 +155,15 @@ class Server:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import argparse
-
-    parser = argparse.ArgumentParser(
-        prog="python -m FVLMSlicerLib.worker", description=__doc__.splitlines()[0]
-    )
-    parser.add_argument("control", help="control folder (next.json, stop)")
-    parser.add_argument(
-        "--owner", type=int, required=True, help="process id of Slicer: the worker ends with it"
-    )
-    parser.add_argument(
-        "--idle-timeout", type=float, default=None, help="seconds without a job before it ends"
-    )
-    args = parser.parse_args(argv)
-    return Server(Path(args.control), args.owner, args.idle_timeout).serve()
+    """``CONTROL_DIR --owner PID [--idle-timeout SECONDS]`` (see the module docstring)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if len(args) not in (3, 5) or args[1] != "--owner" or (len(args) == 5 and args[3] != "--idle-timeout"):
+        print(
+            f"usage: python -m FVLMSlicerLib.worker {__doc__.split('``')[3].split(' ', 3)[-1]}",
+            file=sys.stderr,
+        )
+        return 2
+    return Server(Path(args[0]), int(args[2]), float(args[4]) if len(args) == 5 else None).serve()
 
 
 if __name__ == "__main__":

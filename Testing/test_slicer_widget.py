@@ -36,6 +36,7 @@ TESTING = ROOT / "FVLMSlicer" / "Testing"
 for _p in (TESTING, ROOT / "FVLMSlicer"):
     sys.path.insert(0, str(_p))
 
+import bench_gil_loop  # noqa: E402
 import pythonqt  # noqa: E402
 import render_result  # noqa: E402
 import slicer_app  # noqa: E402
@@ -612,26 +613,6 @@ def test_a_slicer_with_python_3_9_gets_a_clear_message(tmp_path):
     assert "needs 3D Slicer 5.10 or newer" in seen["help"]
 
 
-def _large_ct(shape=(400, 512, 512)):
-    """A 512x512x400 chest-like CT (int16, as scanners store it) and its lungs + heart label map."""
-    from fvlm_core.io import Geometry
-
-    z, y, x = shape
-    zz = np.linspace(-1, 1, z, dtype=np.float32)[:, None, None]
-    yy = np.linspace(-1, 1, y, dtype=np.float32)[None, :, None]
-    xx = np.linspace(-1, 1, x, dtype=np.float32)[None, None, :]
-    hu = np.full(shape, -1000, dtype=np.int16)
-    hu[np.broadcast_to((yy / 0.8) ** 2 + (xx / 0.9) ** 2 < 1, shape)] = 30
-    labels = np.zeros(shape, dtype=np.uint8)
-    for cx in (-0.4, 0.4):
-        lung = ((yy + 0.05) / 0.5) ** 2 + ((xx - cx) / 0.3) ** 2 + (zz / 0.8) ** 2 < 1
-        hu[lung], labels[lung] = -850, CTRATE_CATALOG.label("lung")
-    heart = ((yy - 0.3) / 0.25) ** 2 + (xx / 0.22) ** 2 + ((zz + 0.1) / 0.3) ** 2 < 1
-    hu[heart], labels[heart] = 40, CTRATE_CATALOG.label("heart")
-    geometry = Geometry((x, y, z), (0.7, 0.7, 1.0), (-180.0, -180.0, -200.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
-    return hu, labels, geometry
-
-
 @pytest.mark.slow
 def test_no_gui_thread_step_over_200_ms_for_a_512x512x400_ct(widget, env, tiny_model):
     """Issue 18: writing the input and reading the results happen off the GUI thread.
@@ -643,7 +624,7 @@ def test_no_gui_thread_step_over_200_ms_for_a_512x512x400_ct(widget, env, tiny_m
     the 512x512x400 label map computed there once froze the panel for 1.2 s), not the time the
     kernel kept the thread waiting for a CPU (:func:`_gui_step`).
     """
-    hu, labels, geometry = _large_ct()
+    hu, labels, geometry = bench_gil_loop.chest_like((400, 512, 512), (0.7, 0.7, 1.0))  # 512x512x400
     volume = mrml_io.add_volume_node(env.scene, hu, geometry, "large CT")
     seg = mrml_io.labelmap_to_segmentation_node(labels, geometry, CTRATE_CATALOG, env.scene, "input")
     del hu, labels

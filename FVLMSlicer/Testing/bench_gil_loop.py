@@ -30,8 +30,9 @@ ROOT = HERE.parents[1]
 sys.path[:0] = [str(HERE), str(ROOT / "FVLMSlicer"), str(ROOT)]
 
 
-def chest_like(shape: tuple[int, int, int]):
-    """An int16 chest-like CT (body, two lungs, a heart) and its anatomy label map."""
+def chest_like(shape: tuple[int, int, int], spacing: tuple[float, float, float] | None = None):
+    """An int16 chest-like CT (body, two lungs, a heart, as scanners store it), its anatomy label
+    map and geometry (``spacing`` x, y, z mm; default: 360 x 360 x 180 mm in all)."""
     import numpy as np
 
     from fvlm_core.anatomy import CTRATE_CATALOG
@@ -49,7 +50,7 @@ def chest_like(shape: tuple[int, int, int]):
         hu[lung], labels[lung] = -850, CTRATE_CATALOG.label("lung")
     heart = ((yy - 0.3) / 0.25) ** 2 + (xx / 0.22) ** 2 + ((zz + 0.1) / 0.3) ** 2 < 1
     hu[heart], labels[heart] = 40, CTRATE_CATALOG.label("heart")
-    spacing = (360.0 / x, 360.0 / y, 180.0 / z)
+    spacing = spacing or (360.0 / x, 360.0 / y, 180.0 / z)
     return hu, labels, Geometry((x, y, z), spacing, (-180.0, -180.0, -90.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
 
 

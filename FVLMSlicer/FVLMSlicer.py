@@ -244,16 +244,11 @@ class FVLMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             )
 
     def _abandonJobs(self) -> None:
-        """Stop the running jobs now: no further step, their files removed (the analysis worker
-        is killed when it is in the middle of one)."""
+        """Stop the running jobs now: no further step, their files removed (the worker gives
+        up a job whose folder is gone at its next progress report and stays warm)."""
         self._jobTimer.stop()
         for job in (self._job, self._importJob):
-            if job is not None and not job.status.finished:
-                if getattr(job, "worker", None) is not None and job.status.stage.split(":")[0] not in (
-                    "finish",
-                    "done",
-                ):
-                    job.worker.kill()  # it may be in a stage that would not stop for seconds
+            if job is not None:
                 job.abandon()
         self._job = self._importJob = None
 

@@ -779,7 +779,7 @@ def test_a_saved_scene_comes_back_whole_and_closing_while_results_are_shown_leav
     ui = widget.ui
     volume, seg = _small_ct_and_segmentation(env.scene)
     _choose(widget, volume, seg, tiny_model)
-    _analyze(widget)
+    first, _ = _analyze(widget)
     table, result = _table(widget), widget._results.result
     ui.show3DButton.click()
     views = {name: env.app.views[name].composite.GetForegroundVolumeID() for name in ("Red",)}
@@ -816,6 +816,19 @@ def test_a_saved_scene_comes_back_whole_and_closing_while_results_are_shown_leav
     assert widget._job is None and not widget._jobTimer.active and job.status.finished
     assert _fvlm_nodes(env.scene) == [] and not job.job_dir.exists()
     assert ui.analyzeButton.enabled is False  # no volume in the new scene
+    # closed while the worker analyses: it gives the job up and stays warm for the next one
+    volume, seg = _small_ct_and_segmentation(env.scene)
+    _choose(widget, volume, seg, tiny_model)
+    ui.analyzeButton.click()
+    job, worker = widget._job, warm.shared_worker()
+    while not any(line.startswith("job ") for line in job.status.log):
+        time.sleep(job.step() or 0.0)
+    env.scene.Clear(0)
+    assert widget._job is None and not job.job_dir.exists() and worker.running()
+    volume, seg = _small_ct_and_segmentation(env.scene)
+    _choose(widget, volume, seg, tiny_model)
+    info, log = _analyze(widget)
+    assert info["worker_pid"] == first["worker_pid"] and "is warm" in log
 
 
 def test_the_warm_worker_gives_its_memory_back_after_the_idle_time_and_restarts_transparently(

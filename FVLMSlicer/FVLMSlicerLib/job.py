@@ -244,13 +244,14 @@ class AnalysisJob(Job):
         self.nodes = None
         self.killed_worker = False
         self.error_type = ""  # the worker's error class (fvlm_core.errors), when it failed
+        self._claimed = False
         self._ct_file = ""
 
     def _run(self) -> Iterator[float]:
         self._stage("prepare: starting the analysis worker", 0.0)
-        if getattr(self.worker, "busy", False):
+        if self.worker.busy:
             raise FVLMError("the analysis worker is busy with another analysis: wait for it or cancel it.")
-        self.worker.busy = True
+        self.worker.busy = self._claimed = True
         self.job_dir = Path(tempfile.mkdtemp(prefix="fvlm-job-"))
         self._log(self.worker.ensure_started())
         yield 0.0
@@ -341,7 +342,8 @@ class AnalysisJob(Job):
             yield POLL_S
 
     def _cleanup(self, state: str) -> None:
-        self.worker.busy = False
+        if self._claimed:
+            self.worker.busy = False
         if self.result is not None:  # let go of the memory-mapped files before they are deleted
             self.result.labelmap = None
             for amap in self.result.similarity_maps.values():

@@ -67,9 +67,13 @@ def run_job(job: Path, analyzers) -> int:
             print(f"{time.monotonic() - t0:6.1f} s  {stage}", flush=True)
             last[0] = stage.split(":")[0]
 
+    def cancelled() -> bool:  # asked, or the panel has gone and deleted the folder
+        return (job / "cancel").exists() or not job.is_dir()
+
+    error = None
     try:
         request = AnalysisRequest.load(job / "request.json")
-        result = run(request, progress, lambda: (job / "cancel").exists(), analyzers)
+        result = run(request, progress, cancelled, analyzers)
         for message in result.warnings:
             print(f"warning: {message}", flush=True)
         result.save(job / "output")
@@ -79,12 +83,15 @@ def run_job(job: Path, analyzers) -> int:
         return 2
     except FVLMError as exc:
         print(f"error: {exc}", flush=True)
-        atomic_write_text(job / "error.json", json.dumps({"message": str(exc), "type": type(exc).__name__}))
-        return 1
+        error = {"message": str(exc), "type": type(exc).__name__}
     except Exception as exc:  # a bug or a library error: report it, keep serving
+        if cancelled():  # e.g. a progress report into the folder the panel deleted
+            return 2
         traceback.print_exc()
-        atomic_write_text(job / "error.json", json.dumps({"message": f"{type(exc).__name__}: {exc}"}))
-        return 1
+        error = {"message": f"{type(exc).__name__}: {exc}"}
+    with contextlib.suppress(OSError):
+        atomic_write_text(job / "error.json", json.dumps(error))
+    return 1
 
 
 class Server:

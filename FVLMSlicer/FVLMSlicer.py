@@ -178,9 +178,9 @@ class FVLMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _setupTables(self) -> None:
         header = self.ui.findingsTable.horizontalHeader()
         header.setSectionResizeMode(0, qt.QHeaderView.Stretch)
-        header = self.ui.resultsTable.horizontalHeader()
-        header.setSectionResizeMode(qt.QHeaderView.ResizeToContents)
-        header.setSectionResizeMode(1, qt.QHeaderView.Stretch)  # the finding's name takes the rest
+        # every column as wide as its contents: anatomy, finding and Flagged (first) in view at the
+        # panel's default width, the numbers beside them (scrolled to where the panel is narrow)
+        self.ui.resultsTable.horizontalHeader().setSectionResizeMode(qt.QHeaderView.ResizeToContents)
 
     def _connect(self) -> None:
         ui = self.ui
@@ -698,6 +698,11 @@ class FVLMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         table.setColumnCount(len(titles))
         tips = header_tips()
         for column, (key, title) in enumerate(zip(RESULT_COLUMNS, titles)):
+            if len(title) > 16:  # on two lines: the finding's name keeps the width
+                middle = min(
+                    (i for i, c in enumerate(title) if c == " "), key=lambda i: abs(i - len(title) / 2)
+                )
+                title = title[:middle] + "\n" + title[middle + 1 :]
             item = qt.QTableWidgetItem(title)
             if key in tips:
                 item.setToolTip(tips[key])

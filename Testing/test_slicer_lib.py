@@ -193,7 +193,7 @@ def test_table_headers_say_probability_only_for_calibrated_findings():
     assert panel.value_headers(plain) == ("Uncalibrated score (x100)", "Threshold (x100)")
     assert panel.value_headers(calibrated + plain[1:]) == ("Probability (%)", "Threshold (%)")
     assert panel.value_headers(calibrated + plain) == (
-        "Probability (%) or uncalibrated score (x100)",
+        "Probability (%) or score (x100)",
         "Threshold (same scale)",
     )
     assert [f.scale_text for f in calibrated + plain] == [

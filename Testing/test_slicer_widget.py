@@ -158,8 +158,9 @@ def _table(w) -> list[list[str]]:
 
 
 def _headers(w) -> list[str]:
+    """The results table's column titles (a long one is shown on two lines)."""
     t = w.ui.resultsTable
-    return [t.horizontalHeaderItem(c).text() for c in range(t.columnCount)]
+    return [" ".join(t.horizontalHeaderItem(c).text().split()) for c in range(t.columnCount)]
 
 
 def _chest_slab(scene, ts_dir):
@@ -423,7 +424,7 @@ def test_results_table_shows_probabilities_thresholds_and_raw_scores_of_a_calibr
     widget._fillResultsTable(AnalysisResult([lung]))
     headers = _headers(widget)
     assert headers == [
-        "Anatomy", "Finding", "Flagged", "Probability (%) or uncalibrated score (x100)", "Threshold (same scale)",
+        "Anatomy", "Finding", "Flagged", "Probability (%) or score (x100)", "Threshold (same scale)",
         "Raw score", "Calibration",
     ]  # fmt: skip
     assert _table(widget) == [

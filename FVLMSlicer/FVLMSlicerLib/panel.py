@@ -79,13 +79,14 @@ RESULT_COLUMNS = ("Anatomy", "Finding", "Flagged", "value", "threshold", "Raw sc
 def value_headers(findings: list[FindingResult]) -> tuple[str, str]:
     """Headers of the value and threshold columns: ``Probability (%)`` when every scored finding
     is calibrated, ``Uncalibrated score (x100)`` when none is (its numbers are not
-    probabilities), and both names when the table mixes them."""
+    probabilities), and both when the table mixes them (short: the Calibration column and the
+    tooltip say which row is which)."""
     kinds = {f.calibrated for f in findings if f.scored} or {f.calibrated for f in findings}
     if kinds == {True}:
         return "Probability (%)", "Threshold (%)"
     if kinds == {False}:
         return "Uncalibrated score (x100)", "Threshold (x100)"
-    return "Probability (%) or uncalibrated score (x100)", "Threshold (same scale)"
+    return "Probability (%) or score (x100)", "Threshold (same scale)"
 
 
 def header_tips() -> dict[str, str]:

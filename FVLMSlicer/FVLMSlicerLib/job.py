@@ -151,7 +151,8 @@ class Job:
     def _stage(self, stage: str, fraction: float, log: bool = True) -> None:
         if log and stage.split(":")[0] != self.status.stage.split(":")[0]:
             self._log(f"{time.monotonic() - self._t0:6.1f} s  {stage}")
-        self.status.stage, self.status.fraction = stage, float(fraction)
+        self.status.stage = stage
+        self.status.fraction = max(self.status.fraction, float(fraction))  # the bar never goes back
 
     def _check_cancel(self) -> None:
         if self._cancel:

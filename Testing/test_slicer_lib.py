@@ -432,3 +432,50 @@ def test_a_ct_with_nan_is_refused_by_the_worker_before_any_work(tmp_path):
         assert "(1, 2, 3)" in error["message"]
         progress = json.loads((job / "progress.json").read_text())
         assert progress["stage"].startswith("prepare")  # nothing after reading the CT
+
+
+def test_totalsegmentator_comes_from_its_extension_when_that_is_installed(monkeypatch):
+    """With the TotalSegmentator extension in Slicer, its own installer runs (SlicerTotalSegmentator's
+    ``TotalSegmentatorLogic.setupPythonRequirements``); without it, FVLM's steps, with the NNUNet
+    extension's installer for nnU-Net when that extension is there."""
+    import types
+
+    calls, state = [], {"installed": False}
+    monkeypatch.setattr(dependencies, "totalsegmentator_available", lambda: state["installed"])
+    monkeypatch.setattr(dependencies, "torch_available", lambda: True)
+
+    class TotalSegmentatorLogic:  # the extension's logic (TotalSegmentator/TotalSegmentator.py)
+        def setupPythonRequirements(self, upgrade=False):
+            calls.append("extension")
+            state["installed"] = True
+
+    class InstallLogic:  # SlicerNNUNetLib's
+        def __init__(self, doAskConfirmation=True):
+            calls.append(("nnunet ask", doAskConfirmation))
+
+        def setupPythonRequirements(self, requirement):
+            calls.append(("nnunet", requirement))
+
+    fake = _FakeSlicer("5.12")
+    module = types.ModuleType("slicer")
+    module.app, module.util = fake.app, fake.util
+    module.modules = types.SimpleNamespace(totalsegmentator=object())
+    monkeypatch.setitem(sys.modules, "slicer", module)
+    monkeypatch.setitem(
+        sys.modules, "TotalSegmentator", types.SimpleNamespace(TotalSegmentatorLogic=TotalSegmentatorLogic)
+    )
+    monkeypatch.setitem(sys.modules, "SlicerNNUNetLib", types.SimpleNamespace(InstallLogic=InstallLogic))
+    assert dependencies.install_totalsegmentator(ask=True) and calls == ["extension"]
+
+    calls.clear()
+    state["installed"] = False
+    module.modules = types.SimpleNamespace()  # no TotalSegmentator extension
+
+    def steps(python, run, pip_options=(), nnunet=None):
+        calls.append("fvlm steps")
+        nnunet()
+        state["installed"] = True
+
+    monkeypatch.setattr(dependencies, "install_totalsegmentator_into", steps)
+    assert dependencies.install_totalsegmentator(ask=True)
+    assert calls == ["fvlm steps", ("nnunet ask", False), ("nnunet", "nnunetv2>=2.3.1")]

@@ -102,11 +102,7 @@ def test_calibrated_probability_threshold_on_the_same_scale_and_the_same_decisio
         assert f.threshold == pytest.approx(platt.probability(t)) and f.value == f.probability
         assert f.flagged == (raw > t) == (f.probability > f.threshold)
         d = f.to_dict()
-        assert (d["scale"], d["value"], d["raw_score"]) == (
-            "probability",
-            round(f.probability, 6),
-            round(raw, 6),
-        )
+        assert (d["scale"], d["value"], d["raw_score"]) == ("probability", f.probability, raw)  # not rounded
         other = result.finding("lung", "Atelectasis")  # no calibration: its raw score, not a probability
         assert (other.scale, other.probability, other.value) == ("uncalibrated score", None, other.raw_score)
     # a finding of that name worded otherwise keeps its raw score (the calibration is the wording's)
@@ -327,7 +323,7 @@ def test_similarity_map_on_ct_grid_peaks_at_rendered_finding(ras, tmp_path):
     maps = {}
     for key, ct, lab in (("with", with_f, labels), ("without", without, labels0)):
         res = an.analyze(ct, _segmentation(lab, ct.geometry), FindingSet([finding]), similarity_maps="all")
-        m = res.similarity_maps[("lung", "Pleural effusion")]
+        m = res.similarity_maps[("lung", "Pleural effusion")].full()
         assert m.shape == ct.array.shape and m.dtype == np.float32
         maps[key] = m
         paths = res.write_maps(tmp_path / key)
@@ -457,7 +453,7 @@ def test_real_chest_ct_with_reference_heart_mask(analyzer, ts_dir, tmp_path):
     heart = res.anatomy("heart")
     assert heart.volume_ml == pytest.approx(np.count_nonzero(seg.labelmap == 2) * ct.geometry.voxel_volume_ml)
     assert 300 < heart.volume_ml < 1500  # an adult heart
-    m = res.similarity_maps[("heart", "Cardiomegaly")]
+    m = res.similarity_maps[("heart", "Cardiomegaly")].full()
     assert m.shape == ct.array.shape
     # the map covers the heart and stays within about one token (8 x 6 mm) of it
     mask = seg.labelmap == 2

@@ -1,8 +1,8 @@
-"""FVLMSlicerLib parts that need neither Slicer nor Qt: terminology, settings, summary, deps."""
+"""FVLMSlicerLib parts that need neither Slicer nor Qt: terminology, settings, panel words,
+dependencies, processes read without a thread, the job folder's files."""
 
 from __future__ import annotations
 
-import math
 import sys
 from pathlib import Path
 
@@ -12,8 +12,7 @@ import tomllib
 
 # FVLMSlicerLib: on sys.path by conftest.py
 from FVLMSlicerLib import dependencies, settings
-from FVLMSlicerLib.runner import findings_from_rows
-from FVLMSlicerLib.summary import AnalysisSummary, AnatomyMap, AnatomySummary, FindingRow
+from FVLMSlicerLib.panel import findings_from_rows
 from FVLMSlicerLib.terminology import (
     TerminologyEntry,
     anatomy_terminology,
@@ -22,6 +21,7 @@ from FVLMSlicerLib.terminology import (
 )
 
 from fvlm_core.anatomy import CTRATE_CATALOG, EXTENDED_CATALOG, load_class_map
+from fvlm_core.zeroshot.results import AnalysisResult, AnatomyResult, FindingResult
 
 ROOT = Path(__file__).resolve().parents[1]
 TS_EXT = "Segmentation category and type - Total Segmentator"
@@ -88,81 +88,19 @@ def test_demo_model_path_is_remembered(tmp_path, monkeypatch):
     assert settings.remembered_model_dir() == ""
     model = tmp_path / "model"
     model.mkdir()
-    settings.remember_model_dir(model)
     assert settings.last_demo_model_file() == tmp_path / "cache" / "last_demo_model.txt"
+    settings.last_demo_model_file().parent.mkdir(parents=True)
+    settings.last_demo_model_file().write_text(str(model.resolve()) + "\n")  # what training/demo.py writes
     assert settings.remembered_model_dir() == ""  # no config.yaml yet: not a model
     (model / "config.yaml").write_text("name: x\n")
     assert settings.remembered_model_dir() == str(model.resolve())
 
 
-def test_summary_save_load_keeps_rows_and_maps(tmp_path):
-    rows = [
-        FindingRow("lung", "Emphysema", 0.8, 0.5, True, "calibrated", "present", 0.03, 0.01, "platt"),
-        FindingRow("lung", "Atelectasis", 0.2, 0.5, False, "default", "present"),
-    ]
-    summary = AnalysisSummary(
-        [AnatomySummary("lung", "present", 1234.5, rows), AnatomySummary("heart", "absent", 0.0, [])],
-        {
-            ("lung", "Emphysema"): AnatomyMap(
-                (1, 0, 2), np.arange(24, dtype=np.float32).reshape(2, 3, 4), (4, 5, 6)
-            )
-        },
-        {"analyze": 1.5},
-        device="cpu",
-    )
-    summary.save(tmp_path)
-    back = AnalysisSummary.load(tmp_path)
-    assert back.rows() == rows
-    assert back.rows()[0].scale_text == "probability (Platt)" and back.rows()[0].raw_score == 0.03
-    assert back.rows()[1].scale_text == "uncalibrated score" and back.rows()[1].raw_score == 0.2
-    assert back.anatomy("lung").max_value == pytest.approx(0.8)
-    assert back.anatomy("heart").max_value == 0.0
-    got, want = back.similarity_maps[("lung", "Emphysema")], summary.similarity_maps[("lung", "Emphysema")]
-    assert (got.start, got.shape) == (want.start, want.shape)
-    np.testing.assert_array_equal(got.values, want.values)
-    np.testing.assert_array_equal(got.full()[1:3, 0:3, 2:6], want.values)
-    assert got.full().sum() == want.values.sum()
-
-
-def test_summary_keeps_each_map_inside_its_anatomy():
-    # what crosses from the worker: the anatomy's bounding box, 0 outside the anatomy
-    from fvlm_core.anatomy import get_catalog
-
-    catalog = get_catalog("ctrate")
-    labelmap = np.zeros((6, 7, 8), np.uint8)
-    labelmap[1:4, 2:5, 3:7] = catalog.label("lung")
-    labelmap[2, 3, 3] = 0  # a hole in the lung
-    labelmap[5, 6, 7] = catalog.label("heart")
-    similarity = np.random.default_rng(0).uniform(0.1, 1.0, labelmap.shape).astype(np.float32)
-
-    class R:
-        anatomies, timings = [], {}
-        similarity_maps = {("lung", "Emphysema"): similarity, ("esophagus", "Hiatal hernia"): similarity}
-
-    summary = AnalysisSummary.from_result(R(), labelmap=labelmap, catalog=catalog)
-    assert set(summary.similarity_maps) == {("lung", "Emphysema")}  # the esophagus is absent: no map
-    amap = summary.similarity_maps[("lung", "Emphysema")]
-    assert amap.start == (1, 2, 3) and amap.values.shape == (3, 3, 4) and amap.shape == labelmap.shape
-    lung = labelmap == catalog.label("lung")
-    np.testing.assert_array_equal(amap.full(), np.where(lung, similarity, 0.0))
-    with pytest.raises(ValueError, match="label map"):
-        AnalysisSummary.from_result(R())
-
-
-def test_unscored_finding_becomes_nan_not_an_error():
-    class F:  # the attributes of fvlm_core.zeroshot.FindingResult for an anatomy that was absent
-        name, value, raw_score, threshold, raw_threshold = "Cardiomegaly", None, None, 0.5, 0.5
-        threshold_source, flagged, calibration, calibration_note = "default", False, "none", ""
-
-    class A:
-        name, status, volume_ml, findings = "heart", "absent", 0.0, [F()]
-
-    class R:
-        anatomies, similarity_maps, timings = [A()], {}, {}
-
-    summary = AnalysisSummary.from_result(R())
-    assert math.isnan(summary.rows()[0].value) and not summary.rows()[0].flagged
-    assert not summary.rows()[0].scored
+def _finding(name, raw, threshold, flagged, calibration="none", probability=None, note=""):
+    return FindingResult(
+        name, raw, threshold, "calibrated", flagged, calibration=calibration, probability=probability,
+        raw_threshold=threshold, calibration_note=note,
+    )  # fmt: skip
 
 
 def test_findings_rows_keep_reference_wording_and_accept_free_text():
@@ -180,20 +118,26 @@ def test_requirements_cover_fvlm_core_without_touching_slicer_packages():
     listed = {
         dependencies.canonical(dependencies.requirement_name(r)) for r in dependencies.read_requirements()
     }
-    protected = {dependencies.canonical(p) for p in (*dependencies.PROTECTED, *dependencies.TORCH_PACKAGES)}
+    slicers = {
+        dependencies.canonical(p) for p in (*dependencies.SLICER_PACKAGES, *dependencies.TORCH_PACKAGES)
+    }
     training_only = {"matplotlib", "tensorboard"}
-    assert not listed & protected, "requirements.txt must not (re)install packages Slicer ships"
-    assert wanted - protected - training_only <= listed
-    assert dependencies.installable(["numpy>=2", "torch", "monai>=1.4", "SimpleITK"]) == ["monai>=1.4"]
+    assert not listed & slicers, "requirements.txt must not (re)install packages Slicer ships"
+    assert wanted - slicers - training_only <= listed
+    assert dependencies.installable(["torch", "monai>=1.4", "torchvision<1"]) == ["monai>=1.4"]
 
 
-def test_constraints_pin_installed_protected_packages():
-    text = dependencies.constraints_text()
-    assert f"numpy=={np.__version__}" in text.splitlines()
+def test_constraints_pin_every_installed_distribution_but_the_ones_being_installed():
+    installed = {"numpy": "1.26.4", "torch": "2.4.1+cpu", "monai": "1.3.0", "broken": "not a version"}
+    lines = dependencies.constraints_text(installed, free=["MONAI"]).splitlines()
+    assert lines == ["numpy==1.26.4", "torch==2.4.1+cpu"]  # monai may move to >=1.4; nothing else
     assert dependencies.missing_requirements(["numpy>=1.0", "surely-not-installed-pkg-fvlm"]) == [
         "surely-not-installed-pkg-fvlm"
     ]
     assert dependencies.missing_requirements(["numpy<1.0"]) == ["numpy<1.0"]
+    reqs = ["torch>=2.1.2", "numpy", "SimpleITK", "nibabel (>=2.3.0)", "requests", "dicom2nifti"]
+    reqs += ["nnunetv2>=2.3.1", "rt_utils", "pyarrow", 'mcp; extra == "mcp"']
+    assert dependencies.totalseg_dependencies(reqs) == ["numpy", "nibabel>=2.3.0", "pyarrow"]
 
 
 def test_model_findings_keep_the_models_prompts_and_free_text_follows_their_wording():
@@ -217,62 +161,59 @@ def test_model_findings_keep_the_models_prompts_and_free_text_follows_their_word
 def test_panel_words_and_order():
     from FVLMSlicerLib import panel
 
-    rows = [
-        FindingRow("lung", "A", 0.30, 0.5, False),
-        FindingRow("heart", "B", 0.20, 0.1, True),
-        FindingRow("aorta", "C", float("nan"), 0.5, False, status="absent"),
-        FindingRow("lung", "D", 0.90, 0.5, True),
-    ]
-    assert [r.finding for r in panel.result_order(rows)] == ["D", "B", "A", "C"]
-    assert [panel.flagged_text(r) for r in rows] == ["No", "Yes", "n/a", "Yes"]
-    assert panel.percent_text(0.8312) == "83.1 %" and panel.percent_text(float("nan")) == "n/a"
-    assert panel.device_name("cuda:1") == "GPU (cuda:1)" and panel.device_name("cpu") == "CPU"
-    summary = AnalysisSummary(
-        [
-            AnatomySummary(
-                "lung", "partial", 10.0, rows[:1], "cut by the field of view: scored on the visible part"
-            ),
-            AnatomySummary("heart", "absent", 0.0, []),
-            AnatomySummary("aorta", "absent", 0.0, []),
-        ],
-        device="cpu",
+    a, b, c, d = (
+        _finding("A", 0.30, 0.5, False),
+        _finding("B", 0.20, 0.1, True),
+        _finding("C", None, 0.5, False),
+        _finding("D", 0.90, 0.5, True),
     )
-    text = panel.absent_text(summary, "builtin")
-    assert text.splitlines()[0].startswith("heart, aorta: not segmented by the built-in segmenter")
+    lung = AnatomyResult(
+        "lung", "partial", 10.0, 5, True, 0, "cut by the field of view: scored on the visible part", [a, d]
+    )
+    heart = AnatomyResult("heart", "present", 5.0, 3, True, 0, "", [b])
+    aorta = AnatomyResult("aorta", "absent", 0.0, 0, False, None, "", [c])
+    rows = [(lung, a), (heart, b), (aorta, c), (lung, d)]
+    assert [f.name for _, f in panel.result_order(rows)] == ["D", "B", "A", "C"]
+    assert [panel.flagged_text(f) for _, f in rows] == ["No", "Yes", "n/a", "Yes"]
+    assert panel.device_name("cuda:1") == "GPU (cuda:1)" and panel.device_name("cpu") == "CPU"
+    result = AnalysisResult([lung, AnatomyResult("esophagus", "absent", 0.0), aorta], device="cpu")
+    text = panel.absent_text(result, "builtin")
+    assert text.splitlines()[0].startswith("esophagus, aorta: not segmented by the built-in segmenter")
     assert "choose TotalSegmentator or a segmentation" in text and "lung: cut by the field of view" in text
-    assert "no segment of the chosen segmentation" in panel.absent_text(summary, "segmentation")
-    assert panel.done_text(summary, 12.3) == "Done in 12 s on CPU: 0 of 1 scored findings flagged."
+    assert "no segment of the chosen segmentation" in panel.absent_text(result, "segmentation")
+    assert panel.done_text(result, 12.3) == "Done in 12 s on CPU: 1 of 2 scored findings flagged (lung)."
 
 
 def test_table_headers_say_probability_only_for_calibrated_findings():
     """A model without calibration shows "uncalibrated score", never "probability"."""
     from FVLMSlicerLib import panel
 
-    plain = [FindingRow("lung", "A", 0.02, 0.01, True), FindingRow("aorta", "C", float("nan"), 0.5, False)]
-    calibrated = [
-        FindingRow("lung", "A", 0.41, 0.33, True, raw_score=0.02, raw_threshold=0.01, calibration="platt")
-    ]
+    plain = [_finding("A", 0.02, 0.01, True), _finding("C", None, 0.5, False)]
+    calibrated = [_finding("A", 0.02, 0.01, True, "platt", 0.41)]
     assert panel.value_headers(plain) == ("Uncalibrated score (x100)", "Threshold (x100)")
     assert panel.value_headers(calibrated + plain[1:]) == ("Probability (%)", "Threshold (%)")
     assert panel.value_headers(calibrated + plain) == (
-        "Probability (%) or uncalibrated score (x100)",
+        "Probability (%) or score (x100)",
         "Threshold (same scale)",
     )
-    assert [panel.calibration_text(r) for r in calibrated + plain] == [
+    assert [f.scale_text for f in calibrated + plain] == [
         "probability (Platt)",
         "uncalibrated score",
         "uncalibrated score",
     ]
-    assert set(panel.header_tips(plain)) <= set(panel.RESULT_COLUMNS)
+    assert set(panel.header_tips()) <= set(panel.RESULT_COLUMNS)
+    assert panel.RESULT_COLUMNS.index("Flagged") == 2  # in view at the panel's default width
 
 
 class _FakeSlicer:
-    """Stands in for the ``slicer`` module's installer entry points of one Slicer version.
+    """Stands in for the ``slicer`` package's installer entry points of one Slicer version.
 
     Reproduces what could break: Slicer < 5.12's ``slicer.util.pip_install`` splits a *string*
-    with ``shlex`` (Base/Python/slicer/util.py), and 5.12's ``slicer.packaging.pip_ensure``
-    returns None whether it installed, had nothing to do, or skipped in testing mode
-    (Base/Python/slicer/packaging.py), and raises RuntimeError when the user declines.
+    with ``shlex`` (Base/Python/slicer/util.py); 5.12's ``slicer.packaging`` is a submodule that
+    ``slicer/__init__`` does not import (so ``slicer.packaging`` is not an attribute until it is
+    imported), and its ``pip_ensure`` returns None whether it installed, had nothing to do, or
+    skipped in testing mode (Base/Python/slicer/packaging.py), and raises RuntimeError when the
+    user declines.
     """
 
     def __init__(self, version: str, testing: bool = False, decline: bool = False):
@@ -281,6 +222,7 @@ class _FakeSlicer:
 
         self.calls: list = []
         self.app = types.SimpleNamespace(testingEnabled=lambda: testing)
+        self.decline = decline
 
         def pip_install(requirements):
             args = shlex.split(requirements) if isinstance(requirements, str) else list(requirements)
@@ -297,15 +239,15 @@ class _FakeSlicer:
             confirmOkCancelDisplay=lambda *a, **k: not decline,
             confirmYesNoDisplay=lambda *a, **k: False,
         )
-        if version >= "5.12":
-            self.packaging = types.SimpleNamespace(pip_ensure=pip_ensure)
+        self.packaging = types.SimpleNamespace(pip_ensure=pip_ensure) if version >= "5.12" else None
 
 
 @pytest.fixture
 def missing_monai(monkeypatch, tmp_path):
-    """As in a fresh Slicer: ``monai`` missing, the constraints file under a folder with a space."""
+    """As in a fresh Slicer: ``monai`` missing, the constraints file under a folder with a space.
+    The environment is read and pip's dry run answered here (no network in tests)."""
     real = dependencies.missing_requirements
-    state = {"installed": False}
+    state = {"installed": False, "checked": []}
     monkeypatch.setattr(
         dependencies,
         "missing_requirements",
@@ -313,17 +255,28 @@ def missing_monai(monkeypatch, tmp_path):
             ([] if state["installed"] else ["monai>=1.4"]) + [r for r in real(reqs) if "monai" not in r]
         ),
     )
-    import threading
-
-    monkeypatch.setattr(dependencies, "_PRESENT", threading.Event())  # nothing found present yet
+    monkeypatch.setattr(dependencies, "installed_versions", lambda python: {"numpy": np.__version__})
+    monkeypatch.setattr(dependencies, "check_step", lambda python, args, *rest: state["checked"].append(args))
     folder = tmp_path / "Documents and Settings"
     folder.mkdir()
-    monkeypatch.setattr(dependencies, "write_constraints", lambda: folder / "constraints.txt")
+    path = folder / "constraints.txt"
+    monkeypatch.setattr(
+        dependencies, "write_constraints", lambda text: (path.write_text(text) and path) or path
+    )
+    state["constraints"] = path
     return state
 
 
 def _install_with(monkeypatch, fake):
-    monkeypatch.setitem(sys.modules, "slicer", fake)
+    import types
+
+    module = types.ModuleType("slicer")
+    module.app, module.util = fake.app, fake.util
+    monkeypatch.setitem(sys.modules, "slicer", module)
+    if fake.packaging is not None:  # importable, but not an attribute of the package until imported
+        monkeypatch.setitem(sys.modules, "slicer.packaging", fake.packaging)
+    else:
+        monkeypatch.setitem(sys.modules, "slicer.packaging", None)
     return dependencies.ensure_dependencies(ask=True)
 
 
@@ -334,16 +287,18 @@ def test_slicer_before_5_12_gets_pip_arguments_as_a_list(monkeypatch, missing_mo
     )
     assert _install_with(monkeypatch, fake)
     ((name, args),) = fake.calls
-    constraints = str(dependencies.write_constraints())
+    constraints = str(missing_monai["constraints"])
     assert name == "pip_install" and args[:2] == ["-c", constraints] and " " in constraints  # one argument
-    assert args[2:] == ["monai>=1.4"]
+    assert args[2:] == ["monai>=1.4"] and missing_monai["checked"] == [args]  # checked before installing
+    assert f"numpy=={np.__version__}" in missing_monai["constraints"].read_text().splitlines()
 
 
-def test_pip_ensure_returning_none_is_not_taken_for_success(monkeypatch, missing_monai):
+def test_slicer_5_12_imports_slicer_packaging_and_pip_ensure_none_is_not_success(monkeypatch, missing_monai):
     fake = _FakeSlicer("5.12")  # pip_ensure returns None but installs nothing
     with pytest.raises(dependencies.DependencyError, match="still missing: monai"):
         _install_with(monkeypatch, fake)
-    assert fake.calls[0][:2] == ("pip_ensure", ["monai>=1.4"])
+    assert fake.calls[0][:2] == ("pip_ensure", ["monai>=1.4"])  # slicer.packaging was imported and used
+    assert fake.calls[0][2] == str(missing_monai["constraints"])
     assert not _install_with(monkeypatch, _FakeSlicer("5.12", decline=True))  # declined: not started
 
 
@@ -401,71 +356,126 @@ def test_stopping_kills_the_launchers_child_too(with_psutil, monkeypatch):
     assert not process_tree(child) and not process_tree(launcher.pid)
 
 
-def test_the_panels_device_reaches_totalsegmentator(monkeypatch, tmp_path):
-    """Device "CPU" in the panel runs TotalSegmentator on the CPU too (not only the model)."""
-    from FVLMSlicerLib import runner
+def test_process_output_is_read_without_a_thread_and_without_blocking():
+    """The panel reads a process's output when it polls: no reader thread (one would barely run in
+    Slicer's process), a read never waits for the process, and no line is lost or split."""
+    import threading
+    import time
 
-    import fvlm_core.segmentation as segmentation
-    from fvlm_core.io import CTVolume, Geometry
+    from FVLMSlicerLib.process import BackgroundProcess
 
-    seen = {}
-
-    class Stop(Exception):
-        pass
-
-    def get_backend(name, **options):  # records the call the real get_backend would receive
-        seen.update(name=name, **options)
-        raise Stop
-
-    monkeypatch.setattr(segmentation, "get_backend", get_backend)
-    model = tmp_path / "model"
-    model.mkdir()
-    (model / "config.yaml").write_text("name: m\nanatomies: [lung, heart, esophagus, aorta]\n")
-    ct = CTVolume(
-        np.zeros((4, 4, 4), np.float32),
-        Geometry((4, 4, 4), (1, 1, 1), (0, 0, 0), (1, 0, 0, 0, 1, 0, 0, 0, 1)),
-    )
-    request = runner.AnalysisRequest(
-        model_dir=str(model), ct=ct, anatomy_source="totalsegmentator", device="cpu"
-    )
-    with pytest.raises(Stop):
-        runner.run_analysis(request)
-    assert seen == {"name": "totalsegmentator", "device": "cpu"}
+    script = "import sys, time\nfor i in range(3):\n    print(f'line {i} é', flush=True); time.sleep(0.3)\n"
+    script += "sys.stdout.write('partial'); sys.stdout.flush(); time.sleep(0.3); print(' end')"
+    threads = threading.active_count()
+    process = BackgroundProcess([sys.executable, "-c", script]).start()
+    assert threading.active_count() == threads
+    reads, lines = [], []
+    while process.returncode() is None or not lines or lines[-1] != "partial end":
+        t = time.perf_counter()
+        lines += process.read()
+        reads.append(time.perf_counter() - t)
+        time.sleep(0.02)
+        assert len(reads) < 1000
+    assert lines == ["line 0 é", "line 1 é", "line 2 é", "partial end"]
+    assert max(reads) < 0.05 and process.log() == lines
+    process.stop()
 
 
-def test_nan_or_inf_in_the_volume_is_refused_before_any_work(tmp_path):
-    """Issue 16: a CT with NaN is refused with the library's message by the job's own thread,
-    before a worker starts (also when non-HU values are allowed); an Inf that reaches a worker
-    is refused there by fvlm_core.io.ct_from_array before the model is read."""
+def test_the_ct_goes_to_the_worker_as_nrrd_that_the_librarys_reader_reads_back(tmp_path):
+    """The job folder's CT (raw NRRD written a slab per step) is what ``fvlm_core.io.read_ct``
+    reads: same voxels, same oblique LPS geometry, for the stored types of CT volumes."""
+    from FVLMSlicerLib.job import write_nrrd_steps
+
+    from fvlm_core.io import Geometry, read_ct
+
+    c, s_ = np.cos(0.3), np.sin(0.3)
+    geometry = Geometry((7, 6, 5), (0.7, 0.8, 2.5), (-40.5, 60.25, 100.0), (c, -s_, 0, s_, c, 0, 0, 0, 1))
+    rng = np.random.default_rng(0)
+    for dtype in (np.int16, np.float32, np.uint16):
+        array = rng.integers(0, 1000, geometry.shape_zyx).astype(dtype) - (0 if dtype == np.uint16 else 900)
+        steps = list(write_nrrd_steps(tmp_path / "ct.nrrd", array, geometry))
+        assert steps[-1] == 1.0
+        back = read_ct(tmp_path / "ct.nrrd", allow_non_hu=True)
+        np.testing.assert_array_equal(back.array, array.astype(np.float32))
+        np.testing.assert_allclose(back.geometry.affine_lps, geometry.affine_lps, atol=1e-9)
+
+
+def test_a_ct_with_nan_is_refused_by_the_worker_before_any_work(tmp_path):
+    """A NaN voxel is refused with the library's message (count, first voxel, the volume's name)
+    before the model or a segmenter is touched; so is an infinite one with non-HU values allowed."""
     import json
 
     from FVLMSlicerLib import worker
-    from FVLMSlicerLib.jobs import ProcessJob
-    from FVLMSlicerLib.runner import AnalysisRequest
-    from FVLMSlicerLib.snapshot import InputSnapshot
+    from FVLMSlicerLib.job import write_nrrd_steps
 
     from fvlm_core.io import Geometry
+    from fvlm_core.zeroshot.pipeline import AnalysisRequest, AnalyzerCache
 
     geometry = Geometry((8, 8, 4), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
-    volume = np.full(geometry.shape_zyx, -500.0, dtype=np.float32)
-    volume[1, 2, 3] = np.nan
-    for allow_non_hu in (False, True):
-        snapshot = InputSnapshot(volume, geometry, "scan", None, check_intensities=not allow_non_hu)
-        request = AnalysisRequest(
-            model_dir=str(tmp_path / "no-model"), snapshot=snapshot, anatomy_source="builtin"
+    for bad, allow_non_hu in ((np.nan, False), (np.inf, True)):
+        job = tmp_path / f"job-{allow_non_hu}"
+        job.mkdir()
+        volume = np.full(geometry.shape_zyx, -500.0, dtype=np.float32)
+        volume[1, 2, 3] = bad
+        list(write_nrrd_steps(job / "scan.nrrd", volume, geometry))
+        request = AnalysisRequest(ct=str(job / "scan.nrrd"), model=str(tmp_path / "no-model"))
+        request.allow_non_hu = allow_non_hu
+        request.save(job / "request.json")
+        assert worker.run_job(job, AnalyzerCache()) == 1
+        error = json.loads((job / "error.json").read_text())
+        assert (
+            error["type"] == "InputError"
+            and "scan" in error["message"]
+            and "no-model" not in error["message"]
         )
-        job = ProcessJob(request, job_dir=str(tmp_path / f"job{allow_non_hu}")).start()
-        status = job.wait(60)
-        assert status.state == "failed" and job.process is None  # no worker was started
-        assert "scan" in status.error and "NaN" in status.error and "(1, 2, 3)" in status.error
-    job = tmp_path / "worker-job"
-    job.mkdir()
-    volume[1, 2, 3] = np.inf
-    np.save(job / "ct.npy", volume)
-    doc = {"model_dir": str(tmp_path / "no-model"), "anatomy_source": "builtin", "allow_non_hu": True}
-    (job / "request.json").write_text(
-        json.dumps({**doc, "ct_source": "scan", "geometry": geometry.to_dict()})
+        assert ("NaN" if allow_non_hu is False else "infinite") in error["message"]
+        assert "(1, 2, 3)" in error["message"]
+        progress = json.loads((job / "progress.json").read_text())
+        assert progress["stage"].startswith("prepare")  # nothing after reading the CT
+
+
+def test_totalsegmentator_comes_from_its_extension_when_that_is_installed(monkeypatch):
+    """With the TotalSegmentator extension in Slicer, its own installer runs (SlicerTotalSegmentator's
+    ``TotalSegmentatorLogic.setupPythonRequirements``); without it, FVLM's steps, with the NNUNet
+    extension's installer for nnU-Net when that extension is there."""
+    import types
+
+    calls, state = [], {"installed": False}
+    monkeypatch.setattr(dependencies, "totalsegmentator_available", lambda: state["installed"])
+    monkeypatch.setattr(dependencies, "torch_available", lambda: True)
+
+    class TotalSegmentatorLogic:  # the extension's logic (TotalSegmentator/TotalSegmentator.py)
+        def setupPythonRequirements(self, upgrade=False):
+            calls.append("extension")
+            state["installed"] = True
+
+    class InstallLogic:  # SlicerNNUNetLib's
+        def __init__(self, doAskConfirmation=True):
+            calls.append(("nnunet ask", doAskConfirmation))
+
+        def setupPythonRequirements(self, requirement):
+            calls.append(("nnunet", requirement))
+
+    fake = _FakeSlicer("5.12")
+    module = types.ModuleType("slicer")
+    module.app, module.util = fake.app, fake.util
+    module.modules = types.SimpleNamespace(totalsegmentator=object())
+    monkeypatch.setitem(sys.modules, "slicer", module)
+    monkeypatch.setitem(
+        sys.modules, "TotalSegmentator", types.SimpleNamespace(TotalSegmentatorLogic=TotalSegmentatorLogic)
     )
-    assert worker.run_job(job) == 1
-    message = json.loads((job / "error.json").read_text())["message"]
-    assert "scan" in message and "infinite" in message and "no-model" not in message
+    monkeypatch.setitem(sys.modules, "SlicerNNUNetLib", types.SimpleNamespace(InstallLogic=InstallLogic))
+    assert dependencies.install_totalsegmentator(ask=True) and calls == ["extension"]
+
+    calls.clear()
+    state["installed"] = False
+    module.modules = types.SimpleNamespace()  # no TotalSegmentator extension
+
+    def steps(python, run, pip_options=(), nnunet=None):
+        calls.append("fvlm steps")
+        nnunet()
+        state["installed"] = True
+
+    monkeypatch.setattr(dependencies, "install_totalsegmentator_into", steps)
+    assert dependencies.install_totalsegmentator(ask=True)
+    assert calls == ["fvlm steps", ("nnunet ask", False), ("nnunet", "nnunetv2>=2.3.1")]

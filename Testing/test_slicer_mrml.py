@@ -22,17 +22,17 @@ import vtk  # noqa: E402
 # FVLMSlicerLib: on sys.path by conftest.py
 from FVLMSlicerLib import mrml_io  # noqa: E402
 from FVLMSlicerLib.headless import load_scene_mrb, new_scene, save_scene_mrb  # noqa: E402
-from FVLMSlicerLib.jobs import ProcessJob, ThreadJob  # noqa: E402
 from FVLMSlicerLib.logic import AnalysisLogic  # noqa: E402
 from FVLMSlicerLib.results import (  # noqa: E402
     ATTR_ROLE,
     FINDING_TAGS,
     dimmed_color,
+    find_results,
     finding_tag,
     highlight_color,
+    rows,
     table_rows,
 )
-from FVLMSlicerLib.runner import AnalysisRequest  # noqa: E402
 
 from fvlm_core.anatomy import CTRATE_CATALOG  # noqa: E402
 from fvlm_core.io import read_ct, read_label_map  # noqa: E402
@@ -115,12 +115,21 @@ def chest(ts_dir):
 
 @pytest.fixture(scope="module")
 def analysed(chest, tiny_model):
-    import torch
-
-    torch.set_num_threads(1)
+    """The chest analysed as the panel does it (the warm worker, the results shown in steps);
+    the maps' voxels are copied on their way into the scene (the job lets go of them after)."""
     logic = AnalysisLogic(chest["scene"])
-    nodes = logic.analyze(chest["volume"], chest["seg"], model_dir=str(tiny_model), device="cpu")
-    return nodes
+    job = logic.start(chest["volume"], chest["seg"], model_dir=str(tiny_model), device="cpu")
+    show, maps = job.show, {}
+
+    def keep_maps(result):
+        maps.update({key: amap.full() for key, amap in result.similarity_maps.items()})
+        return (yield from show(result))
+
+    job.show = keep_maps
+    status = job.wait(600)
+    assert status.state == "done", status.error
+    job.nodes.maps = maps
+    return job.nodes
 
 
 def test_volume_node_matches_fvlm_core_reader(chest, ts_dir):
@@ -207,28 +216,28 @@ def test_results_table_rows_match_the_analysis(analysed):
     from fvlm_core.calibration import Calibration
 
     platt = Calibration("platt", "test", a=0.5, b=-1.0)
-    rows = table_rows(analysed.table)
-    expected = analysed.summary.rows()
-    assert len(rows) == len(expected) == 16  # the CT-RATE findings of the 4 anatomies
-    assert list(rows[0])[:9] == [
+    rows_ = table_rows(analysed.table)
+    expected = rows(analysed.result)
+    assert len(rows_) == len(expected) == 16  # the CT-RATE findings of the 4 anatomies
+    assert list(rows_[0])[:9] == [
         "anatomy", "finding", "probability (%)", "uncalibrated score (x100)", "threshold (same scale)",
         "flagged", "raw score (x100)", "raw threshold (x100)", "calibration",
     ]  # fmt: skip
     kinds = set()
-    first_heart = next(r.finding for r in expected if r.anatomy == "heart")
-    for row, want in zip(rows, expected):
-        assert (row["anatomy"], row["finding"]) == (want.anatomy, want.finding)
+    first_heart = next(f.name for a, f in expected if a.name == "heart")
+    for row, (anatomy, want) in zip(rows_, expected):
+        assert (row["anatomy"], row["finding"]) == (anatomy.name, want.name)
         probability, score = row["probability (%)"].lower(), row["uncalibrated score (x100)"].lower()
         if not want.scored:
             assert (probability, score, row["flagged"]) == ("nan", "nan", "n/a")
             continue
-        kinds.add(want.anatomy == "heart")
+        kinds.add(anatomy.name == "heart")
         assert row["flagged"] == ("Yes" if want.flagged else "No")
         assert float(row["raw score (x100)"]) == pytest.approx(100 * want.raw_score, abs=0.0051)
-        if want.anatomy == "heart":  # calibrated: percent with one decimal
+        if anatomy.name == "heart":  # calibrated: percent with one decimal
             assert score == "nan" and row["calibration"] == "probability (Platt)"
             assert float(probability) == pytest.approx(100 * platt.probability(want.raw_score), abs=0.051)
-            raw_t = 0.3 if want.finding == first_heart else 0.5  # the one stored threshold
+            raw_t = 0.3 if want.name == first_heart else 0.5  # the one stored threshold
             assert float(row["raw threshold (x100)"]) == pytest.approx(100 * raw_t)
             assert float(row["threshold (same scale)"]) == pytest.approx(
                 100 * platt.probability(raw_t), abs=0.051
@@ -238,21 +247,21 @@ def test_results_table_rows_match_the_analysis(analysed):
             assert float(score) == pytest.approx(100 * want.raw_score, abs=0.051)
             assert float(row["threshold (same scale)"]) == float(row["raw threshold (x100)"]) == 50.0
     assert kinds == {True, False}
-    notes = {r["anatomy"]: r["note"] for r in rows}
+    notes = {r["anatomy"]: r["note"] for r in rows_}
     assert "not scored" in notes["esophagus"]  # the analyzer's reason, in the table
-    present = {r.anatomy for r in expected if r.scored}
+    present = {a.name for a, f in expected if f.scored}
     assert present == {"lung", "heart", "aorta"}  # esophagus was not given: not scored
 
 
 def test_segments_are_highlighted_or_dimmed_and_tagged(analysed):
     seg = analysed.segmentation.GetSegmentation()
     assert {seg.GetNthSegmentID(i) for i in range(seg.GetNumberOfSegments())} == {"lung", "heart", "aorta"}
-    for anatomy in analysed.summary.anatomies:
+    for anatomy in analysed.result.anatomies:
         segment = seg.GetSegment(anatomy.name)
         if segment is None:
             continue
         base = tuple(CTRATE_CATALOG[anatomy.name].color[i] / 255.0 for i in range(3))
-        want = highlight_color(base, anatomy.max_value) if anatomy.flagged else dimmed_color(base)
+        want = highlight_color(base, anatomy.max_flagged_value) if anatomy.flagged else dimmed_color(base)
         np.testing.assert_allclose(segment.GetColor(), want, atol=1e-6)
         if anatomy.flagged:  # flagged: redder than the anatomy colour
             assert segment.GetColor()[0] - segment.GetColor()[2] > base[0] - base[2]
@@ -260,7 +269,7 @@ def test_segments_are_highlighted_or_dimmed_and_tagged(analysed):
         assert CTRATE_CATALOG[anatomy.name].snomed[0] in terminology
         for f in anatomy.findings:
             tags = {
-                kind: mrml_io.get_segment_tag(segment, finding_tag(kind, f.finding)) for kind in FINDING_TAGS
+                kind: mrml_io.get_segment_tag(segment, finding_tag(kind, f.name)) for kind in FINDING_TAGS
             }
             if not f.scored:
                 assert set(tags.values()) == {None}
@@ -273,9 +282,9 @@ def test_segments_are_highlighted_or_dimmed_and_tagged(analysed):
             assert tags["scale"] == (
                 "probability (Platt)" if anatomy.name == "heart" else "uncalibrated score"
             )
-    assert any(a.flagged for a in analysed.summary.anatomies) or not analysed.similarity_volumes
+    assert any(a.flagged for a in analysed.result.anatomies) or not analysed.similarity_volumes
     display = analysed.segmentation.GetDisplayNode()
-    for anatomy in analysed.summary.anatomies:
+    for anatomy in analysed.result.anatomies:
         if seg.GetSegment(anatomy.name) is not None:  # flagged drawn opaque, others faint
             opacity = display.GetSegmentOpacity2DFill(anatomy.name)
             assert opacity >= 0.5 if anatomy.flagged else opacity < 0.2
@@ -299,8 +308,8 @@ def test_similarity_maps_lie_on_the_ct_grid_inside_their_anatomy(analysed, chest
     """Maps are percent volumes on the CT grid, cropped to the anatomy and 0 outside it."""
     from FVLMSlicerLib.overlay import ATTR_COLOR_TABLE
 
-    flagged = {(r.anatomy, r.finding): r for r in analysed.summary.rows() if r.flagged}
-    assert set(analysed.similarity_volumes) == set(flagged) & set(analysed.summary.similarity_maps)
+    flagged = {(a.name, f.name): f for a, f in rows(analysed.result) if f.flagged}
+    assert set(analysed.similarity_volumes) == set(flagged) & set(analysed.result.similarity_maps)
     assert analysed.similarity_volumes, "the random tiny model flags something on the chest CT"
     ct = chest["ct"]
     for key, node in analysed.similarity_volumes.items():
@@ -311,7 +320,7 @@ def test_similarity_maps_lie_on_the_ct_grid_inside_their_anatomy(analysed, chest
         start = [box[2].start, box[1].start, box[0].start, 1.0]
         np.testing.assert_allclose(m_node[:3, 3], (m_ct @ start)[:3], atol=1e-4)  # origin at the box
         array = mrml_io.volume_node_to_ct(node).array
-        want = np.where(anatomy[box], 100.0 * analysed.summary.similarity_maps[key].full()[box], 0.0)
+        want = np.where(anatomy[box], 100.0 * analysed.maps[key][box], 0.0)
         np.testing.assert_allclose(array, want, atol=1e-4)
         display = node.GetDisplayNode()
         threshold = 100.0 * flagged[key].raw_threshold  # the maps are raw scores, as the raw threshold
@@ -337,9 +346,9 @@ def test_segmentation_table_and_scene_survive_save_and_reload(analysed, chest, t
             analysed.segmentation.GetSegmentation().GetSegment(name),
         )
         np.testing.assert_allclose(a.GetColor(), b.GetColor(), atol=1e-3)
-        for f in analysed.summary.anatomy(name).findings:
+        for f in analysed.result.anatomy(name).findings:
             for kind in FINDING_TAGS:
-                tag = finding_tag(kind, f.finding)
+                tag = finding_tag(kind, f.name)
                 assert mrml_io.get_segment_tag(a, tag) == mrml_io.get_segment_tag(b, tag)
         np.testing.assert_array_equal(
             mrml_io.segment_mask(seg2, name, geometry),
@@ -365,6 +374,15 @@ def test_segmentation_table_and_scene_survive_save_and_reload(analysed, chest, t
     assert mrml_io.get_segment_tag(lung, "FVLM.flagged") == mrml_io.get_segment_tag(
         analysed.segmentation.GetSegmentation().GetSegment("lung"), "FVLM.flagged"
     )
+    # the analysis comes back whole from the scene (its JSON on the table node) with its nodes
+    found = find_results(loaded)
+    assert found.result.to_dict() == analysed.result.to_dict()
+    assert (
+        found.segmentation.GetID() == analysed.segmentation.GetID() and found.table.GetID() == table3.GetID()
+    )
+    assert {k: v.GetID() for k, v in found.similarity_volumes.items()} == {
+        k: v.GetID() for k, v in analysed.similarity_volumes.items()
+    }
     for node in analysed.similarity_volumes.values():
         node3 = loaded.GetNodeByID(node.GetID())
         np.testing.assert_allclose(_ijk_to_ras(node3), _ijk_to_ras(node), atol=1e-4)
@@ -389,8 +407,8 @@ def test_rerun_reuses_result_nodes(analysed, chest, tiny_model, tmp_path):
     # colours are recomputed from the original colour, not compounded
     lung = again.segmentation.GetSegmentation().GetSegment("lung")
     base = tuple(c / 255.0 for c in CTRATE_CATALOG["lung"].color)
-    s = again.summary.anatomy("lung")
-    want = highlight_color(base, s.max_value) if s.flagged else dimmed_color(base)
+    s = again.result.anatomy("lung")
+    want = highlight_color(base, s.max_flagged_value) if s.flagged else dimmed_color(base)
     np.testing.assert_allclose(lung.GetColor(), want, atol=1e-6)
     # the same weights without calibration: the heart's probabilities become uncalibrated scores,
     # and no probability tag of the calibrated run is left on its segment
@@ -407,87 +425,61 @@ def test_rerun_reuses_result_nodes(analysed, chest, tiny_model, tmp_path):
         chest["volume"], chest["seg"], model_dir=str(plain), device="cpu", similarity_maps=False
     )
     heart = third.segmentation.GetSegmentation().GetSegment("heart")
-    for f in third.summary.anatomy("heart").findings:
+    for f in third.result.anatomy("heart").findings:
         assert f.scale == "uncalibrated score"
-        assert mrml_io.get_segment_tag(heart, finding_tag("probability", f.finding)) is None
+        assert mrml_io.get_segment_tag(heart, finding_tag("probability", f.name)) is None
         assert float(
-            mrml_io.get_segment_tag(heart, finding_tag("uncalibratedScore", f.finding))
+            mrml_io.get_segment_tag(heart, finding_tag("uncalibratedScore", f.name))
         ) == pytest.approx(f.raw_score, abs=1e-4)
 
 
-def _small_request(chest, tiny_model, slices: slice | None = None) -> AnalysisRequest:
-    """The chest CT (optionally a slab of it, with its geometry moved to match) and its anatomies."""
+def _slab(chest, n: int):
+    """A scene with ``n`` slices of the chest CT through the heart (its geometry moved to match)."""
     from fvlm_core.io import CTVolume, Geometry
 
-    ct = chest["ct"]
-    labelmap, _ = mrml_io.segmentation_node_to_labelmap(chest["seg"], ct.geometry, CTRATE_CATALOG)
-    array, geometry = ct.array, ct.geometry
-    if slices is not None:
-        g = geometry
-        array, labelmap = array[slices].copy(), labelmap[slices].copy()
-        origin = g.affine_lps @ [0, 0, slices.start, 1]
-        geometry = Geometry((g.size[0], g.size[1], array.shape[0]), g.spacing, tuple(origin[:3]), g.direction)
-    return AnalysisRequest(
-        ct=CTVolume(array, geometry, "chest"), model_dir=str(tiny_model), labelmap=labelmap, device="cpu"
-    )
+    ct, g = chest["ct"], chest["ct"].geometry
+    start = int(np.flatnonzero(chest["heart"].any(axis=(1, 2)))[0])
+    origin = g.affine_lps @ [0, 0, start, 1]
+    geometry = Geometry((g.size[0], g.size[1], n), g.spacing, tuple(origin[:3]), g.direction)
+    slab = CTVolume(ct.array[start : start + n].copy(), geometry, "chest slab")
+    scene = new_scene()
+    return scene, slab, mrml_io.ct_to_volume_node(slab, scene, "chest slab")
 
 
-def test_thread_job_reports_stages_and_cancels(chest, tiny_model):
-    job = ThreadJob(_small_request(chest, tiny_model))
-    job.cancel()  # cancelled before the first stage: must stop at the first check
-    status = job.start().wait(60)
-    assert status.state == "cancelled" and status.output is None
-
-    # built-in segmentation inside the job, on a slab of the CT
-    seen = []
-    heart_slices = np.flatnonzero(chest["heart"].any(axis=(1, 2)))
-    request = _small_request(chest, tiny_model, slice(int(heart_slices[0]), int(heart_slices[0]) + 40))
-    request.labelmap, request.anatomy_source = None, "builtin"
-    job = ThreadJob(request)
-    job._progress = lambda stage, fraction, _orig=job._progress: (
-        seen.append((stage, fraction)),
-        _orig(stage, fraction),
-    )
-    status = job.start().wait(120)
-    assert status.state == "done", status.error
-    fractions = [f for _, f in seen]
-    assert fractions == sorted(fractions) and fractions[-1] == 1.0
-    assert {s.split(":")[0] for s, _ in seen} >= {"prepare", "segment", "load model", "analyze", "finish"}
+def test_a_job_reports_its_stages_in_short_steps_and_cancels(chest, tiny_model):
+    """The built-in segmenter in the worker on a slab; the job's steps on this side stay short."""
     from fvlm_core.segmentation.builtin import BuiltinBackend
 
-    expected = BuiltinBackend().segment(request.ct, CTRATE_CATALOG).labelmap
-    np.testing.assert_array_equal(status.output.labelmap, expected)
-    assert status.output.segmentation_backend == "builtin"
-
-
-@pytest.mark.slow
-def test_process_job_runs_the_worker_and_returns_the_same_summary(chest, tiny_model, tmp_path):
-    heart_slices = np.flatnonzero(chest["heart"].any(axis=(1, 2)))
-    request = _small_request(chest, tiny_model, slice(int(heart_slices[0]), int(heart_slices[0]) + 48))
-    job = ProcessJob(request).start()
-    status = job.wait(240)
-    assert status.state == "done", status.error
-    assert not job.job_dir.exists()  # it held a copy of the CT
-    assert any("analyze" in line for line in status.log)  # the worker's stages, for the panel's log
-    np.testing.assert_array_equal(status.output.labelmap, request.labelmap)
-    thread = ThreadJob(request).start().wait(120)
-    for a, b in zip(status.output.summary.rows(), thread.output.summary.rows()):
-        assert (a.anatomy, a.finding, a.flagged) == (b.anatomy, b.finding, b.flagged)
-        assert a.value == pytest.approx(b.value, abs=1e-5, nan_ok=True)
-        assert a.raw_score == pytest.approx(b.raw_score, abs=1e-5, nan_ok=True)
-    # a cancelled worker stops with state "cancelled" and leaves nothing behind
-    job = ProcessJob(request).start()
-    job.cancel()
-    assert job.wait(120).state == "cancelled"
-    assert not job.job_dir.exists()
+    scene, slab, volume = _slab(chest, 40)
+    logic = AnalysisLogic(scene)
+    job = logic.start(volume, None, model_dir=str(tiny_model), device="cpu")
+    job.cancel()  # before the first step: stops there, starts nothing
+    status = job.wait(60)
+    assert status.state == "cancelled" and job.nodes is None and not job.job_dir.exists()
+    seen = []
+    job = logic.start(volume, None, model_dir=str(tiny_model), device="cpu")
+    while (delay := job.step()) is not None:
+        seen.append(job.status.fraction)
+        time.sleep(delay)
+    assert job.status.state == "done", job.status.error
+    assert seen == sorted(seen) and job.status.fraction == 1.0
+    log = "\n".join(job.status.log)
+    for stage in ("prepare", "load model", "segment: builtin", "analyze", "finish"):
+        assert f"s  {stage}" in log, stage
+    assert job.status.longest_step_s < 1.0  # short steps (the 200 ms rule is measured at full size)
+    expected = BuiltinBackend().segment(slab, CTRATE_CATALOG).labelmap
+    got, _ = mrml_io.segmentation_node_to_labelmap(job.nodes.segmentation, slab.geometry, CTRATE_CATALOG)
+    np.testing.assert_array_equal(got, expected)
+    assert job.nodes.result.segmentation["source"] == "builtin" and not job.job_dir.exists()
 
 
 def test_model_folder_defaults_to_the_demo_model(tmp_path, monkeypatch, tiny_model):
     from fvlm_core.errors import CheckpointError
 
     monkeypatch.setenv("FVLM_CACHE", str(tmp_path))
-    with pytest.raises(CheckpointError, match="fvlm demo"):
+    with pytest.raises(CheckpointError, match="Import official fVLM weights") as refused:
         AnalysisLogic.resolve_model_dir(".")  # an unset pathlib.Path parameter
+    assert "fvlm demo" not in str(refused.value) and "fvlm train" not in str(refused.value)
     (tmp_path / "last_demo_model.txt").write_text(str(tiny_model))  # what training/demo.py writes
     assert AnalysisLogic.resolve_model_dir("") == str(tiny_model)
     assert AnalysisLogic.resolve_model_dir(str(tmp_path)) == str(tmp_path)  # an explicit folder wins
@@ -529,32 +521,22 @@ def test_parent_transforms_are_applied_or_refused(chest):
 
 
 def test_a_volume_that_is_not_ct_is_refused_with_a_clear_message(chest, tiny_model):
+    """The worker reads the volume with the library's reader and checks; the error names the node
+    and reaches the console as the library's InputError; ``allow_non_hu`` lets it through."""
     from fvlm_core.errors import InputError
+
+    scene, slab, _ = _slab(chest, 24)
     from fvlm_core.io import CTVolume
 
-    scene = new_scene()
-    ct = chest["ct"]
-    mr_like = mrml_io.ct_to_volume_node(CTVolume((ct.array + 1024.0) / 4.0, ct.geometry), scene, "T1")
+    mr_like = mrml_io.ct_to_volume_node(CTVolume((slab.array + 1024.0) / 4.0, slab.geometry), scene, "T1")
     logic = AnalysisLogic(scene)
-    request, _ = logic.make_request(mr_like, None, str(tiny_model))  # GUI thread: views only
-    with pytest.raises(InputError, match="T1"):
-        request.materialize()  # the background thread checks the intensities
-    # the console's analyze refuses it too, and reads it with allow_non_hu (as the panel's path):
-    # stopped by its progress callback at the first stage after the volume is read
-    with pytest.raises(InputError, match="T1"):
+    with pytest.raises(InputError, match="'T1'") as refused:
         logic.analyze(mr_like, None, str(tiny_model), device="cpu")
-
-    class Read(Exception):
-        pass
-
-    def stop_once_read(message: str, fraction: float) -> None:
-        if not message.startswith("prepare"):
-            raise Read(message)
-
-    with pytest.raises(Read):
-        logic.analyze(
-            mr_like, None, str(tiny_model), device="cpu", allow_non_hu=True, progress=stop_once_read
-        )
+    assert "HU" in str(refused.value) and "fvlm-job" not in str(refused.value)
+    try:
+        logic.analyze(mr_like, None, str(tiny_model), device="cpu", allow_non_hu=True)
+    except InputError as exc:  # e.g. nothing segmented in it: not the intensity check
+        assert "HU" not in str(exc)
 
 
 def test_the_modules_in_slicer_self_test_phantom_analyses_headless(tiny_model):
@@ -575,31 +557,28 @@ def test_the_modules_in_slicer_self_test_phantom_analyses_headless(tiny_model):
     seg = mrml_io.labelmap_to_segmentation_node(labels, ct.geometry, CTRATE_CATALOG, scene, "input")
     nodes = AnalysisLogic(scene).analyze(volume, seg, model_dir=str(tiny_model), device="cpu")
     assert nodes.table.GetNumberOfRows() == 16
-    assert {a.name: a.status for a in nodes.summary.anatomies}["esophagus"] == "absent"
+    assert {a.name: a.status for a in nodes.result.anatomies}["esophagus"] == "absent"
     labelmap, _ = mrml_io.segmentation_node_to_labelmap(nodes.segmentation, ct.geometry, CTRATE_CATALOG)
     np.testing.assert_array_equal(labelmap, labels)
 
 
 @pytest.mark.slow
-def test_a_warm_job_that_does_not_stop_in_time_gets_the_worker_killed_and_a_new_one_next(
-    chest, tiny_model, tmp_path
-):
+def test_a_warm_job_that_does_not_stop_in_time_gets_the_worker_killed_and_a_new_one_next(chest, tiny_model):
     """The other Cancel path of the warm worker (issue 17): the job is still running when the grace
     period ends (0 s here: the first check after cancel), so the worker's whole process tree is
     killed; the job folder goes; the next job starts a new worker and says so."""
     from FVLMSlicerLib.process import process_tree
-    from FVLMSlicerLib.warm import WarmProcessJob, WarmWorker
+    from FVLMSlicerLib.warm import WarmWorker
 
-    heart_slices = np.flatnonzero(chest["heart"].any(axis=(1, 2)))
-    request = _small_request(chest, tiny_model, slice(int(heart_slices[0]), int(heart_slices[0]) + 24))
+    scene, _, volume = _slab(chest, 24)
     worker = WarmWorker()
+    logic = AnalysisLogic(scene)
     try:
-        job = WarmProcessJob(request, worker)
+        job = logic.start(volume, None, model_dir=str(tiny_model), device="cpu", worker=worker)
         job.cancel_grace_s = 0.0
-        job.start()
         deadline = time.monotonic() + 120
-        while not any("job 1:" in line for line in job.poll().log) and time.monotonic() < deadline:
-            time.sleep(0.05)  # the worker has taken the job
+        while not any("job 1:" in line for line in job.status.log) and time.monotonic() < deadline:
+            time.sleep(job.step() or 0.0)  # until the worker has taken the job
         tree = process_tree(worker.process.pid)
         assert len(tree) >= 1 and job.job_dir.exists()
         job.cancel()
@@ -607,8 +586,9 @@ def test_a_warm_job_that_does_not_stop_in_time_gets_the_worker_killed_and_a_new_
         assert status.state == "cancelled" and job.killed_worker and not job.job_dir.exists()
         assert not [pid for pid in tree if process_tree(pid)] and not worker.running()
         assert "the analysis worker was stopped" in status.log[-1]
-        status = WarmProcessJob(request, worker).start().wait(240)
+        job = logic.start(volume, None, model_dir=str(tiny_model), device="cpu", worker=worker)
+        status = job.wait(240)
         assert status.state == "done", status.error
-        assert any("had ended" in line for line in status.log) and status.output.timings["worker_jobs"] == 1
+        assert any("had ended" in line for line in status.log) and job.finished_info["worker_jobs"] == 1
     finally:
         worker.stop()

@@ -1,55 +1,64 @@
-"""Installing what fvlm_core needs into Slicer's Python without breaking Slicer.
+"""Installing what FVLM needs into Slicer's Python without replacing anything that is there.
 
-* Requirements come from ``Resources/requirements.txt`` (fvlm_core's dependencies minus what
-  Slicer ships or what the analysis does not need).
-* Packages Slicer ships (numpy, SimpleITK, VTK, ...) are never upgraded or replaced: their
-  installed versions are pinned in a constraints file given to pip.
-* PyTorch is installed by the PyTorch extension's ``PyTorchUtils`` helper when that extension
-  is present (it picks the CUDA build for the machine); otherwise the user is told to install
-  the PyTorch extension.
-* Slicer 5.12+: ``slicer.packaging.pip_ensure`` (checks, asks, shows progress, offers a
-  restart). Slicer 5.10/5.11: ``slicer.util.pip_install`` with a list of arguments after a
-  confirmation dialog, then a restart prompt when an already-imported package changed.
-* In Slicer's testing mode nothing is installed (``pip_ensure`` skips there too): the caller
-  learns that something is missing and the self-test skips.
+The rules, as the anchors do it (read from their sources):
 
-The pure-Python parts (requirement parsing, missing-package check, constraints) have no Slicer
-or Qt dependency; the ``ensure_*`` functions import ``slicer`` only when called.
+* PyTorch comes from the PyTorch extension (``PyTorchUtils.PyTorchUtilsLogic().installTorch``,
+  which picks the build for the machine's GPU or CPU); the user is told to install that
+  extension when it is missing.
+* Every distribution already installed (Slicer's numpy, SimpleITK, VTK, pydicom, requests, ...;
+  the torch and torchvision the PyTorch extension installed; the nnU-Net of the NNUNet
+  extension) is pinned at its installed version in the pip constraints file. FVLM's own
+  requirements are the only ones pip may upgrade, and only when they are below their
+  specifier; so ``monai>=1.4`` resolves to a monai that runs on the installed torch instead of
+  replacing it.
+* Before anything is installed, pip resolves each step with ``--dry-run --report``: a step that
+  would replace an installed distribution (or that pip cannot resolve without doing so) is
+  refused with the names, and nothing is installed.
+* TotalSegmentator: the TotalSegmentator extension's own installer when that extension is
+  present; otherwise the way it installs the package (SlicerTotalSegmentator's
+  ``setupPythonRequirements`` / ``pipInstallSelective``): ``dicom2nifti<=2.5.1`` first (2.6
+  needs pydicom 3, replacing Slicer's), the package with ``--no-deps``, then its requirements
+  except :data:`TOTALSEG_SKIP`; nnU-Net from the NNUNet extension when present.
+* Slicer 5.12+: ``slicer.packaging.pip_ensure`` (imported explicitly: ``slicer/__init__`` does
+  not import that submodule) for FVLM's requirements; 5.10/5.11: ``slicer.util.pip_install``
+  with a list of arguments. In Slicer's testing mode nothing is installed.
+
+The environment is queried through the Python that pip installs into (``python -c``), so the
+same code runs against Slicer's Python and, in the tests, against a stand-in environment.
 """
 
 from __future__ import annotations
 
 import importlib.metadata as metadata
+import json
 import os
 import re
+import subprocess
 import sys
 import tempfile
-import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 from fvlm_core.errors import DependencyError
 
 REQUIREMENTS_FILE = Path(__file__).resolve().parent.parent / "Resources" / "requirements.txt"
 
-#: Distributions Slicer ships: never installed, upgraded or downgraded by this module.
-PROTECTED = (
-    "numpy",
-    "SimpleITK",
-    "vtk",
-    "pydicom",
-    "scipy",
-    "Pillow",
-    "packaging",
-    "requests",
-    "pip",
-    "setuptools",
-    "wheel",
-)
-#: Installed by the PyTorch extension (or by the user), not by pip here.
-TORCH_PACKAGES = ("torch",)
+#: Installed by the PyTorch extension (PyTorchUtils installs both), never by pip here.
+TORCH_PACKAGES = ("torch", "torchvision")
+#: Distributions Slicer ships; never in FVLM's requirements (installed ones are pinned anyway).
+SLICER_PACKAGES = ("numpy", "SimpleITK", "vtk", "scipy", "Pillow", "packaging", "requests", "pydicom")
+TOTALSEG_REQUIREMENT = "totalsegmentator>=2.4"
+#: SlicerTotalSegmentator's ``packagesToSkip``: what stays out of TotalSegmentator's requirements.
+TOTALSEG_SKIP = ("SimpleITK", "torch", "nnunetv2", "requests", "rt_utils", "dicom2nifti")
+#: SlicerTotalSegmentator's dicom2nifti: 2.6 needs pydicom>=3, which would replace Slicer's.
+DICOM2NIFTI_REQUIREMENT = "dicom2nifti<=2.5.1"
+#: nnU-Net when no NNUNet extension installs it: 2.6.2+ needs timm and with it torchvision,
+#: which pip would fetch from PyPI (a CUDA build) where the PyTorch extension installed none.
+NNUNET_REQUIREMENT = "nnunetv2>=2.3.1,<2.6.2"
 
 _NAME_RE = re.compile(r"^\s*([A-Za-z0-9][A-Za-z0-9._-]*)")
+
+PipRun = Callable[[list[str]], None]  # runs ``pip install ARGS`` in the target environment
 
 
 def canonical(name: str) -> str:
@@ -58,12 +67,8 @@ def canonical(name: str) -> str:
 
 def read_requirements(path: str | os.PathLike = REQUIREMENTS_FILE) -> list[str]:
     """Requirement lines of a requirements.txt (comments and blanks dropped)."""
-    lines = []
-    for raw in Path(path).read_text(encoding="utf-8").splitlines():
-        line = raw.split("#", 1)[0].strip()
-        if line:
-            lines.append(line)
-    return lines
+    lines = (raw.split("#", 1)[0].strip() for raw in Path(path).read_text(encoding="utf-8").splitlines())
+    return [line for line in lines if line]
 
 
 def requirement_name(requirement: str) -> str:
@@ -74,52 +79,29 @@ def requirement_name(requirement: str) -> str:
 
 
 def _satisfies(installed: str, requirement: str) -> bool:
-    try:
-        from packaging.requirements import Requirement
-        from packaging.version import Version
-    except ImportError:  # no 'packaging': presence is all we can check
-        return True
+    from packaging.requirements import Requirement  # Slicer ships packaging
+    from packaging.version import Version
+
     spec = Requirement(requirement).specifier
     return not spec or spec.contains(Version(installed), prereleases=True)
 
 
 def missing_requirements(requirements: Iterable[str]) -> list[str]:
-    """Requirements not installed, or installed at a version outside their specifier."""
+    """Requirements not installed in this Python, or installed outside their specifier."""
     missing = []
     for req in requirements:
-        name = requirement_name(req)
         try:
-            version = metadata.version(name)
+            if not _satisfies(metadata.version(requirement_name(req)), req):
+                missing.append(req)
         except metadata.PackageNotFoundError:
-            missing.append(req)
-            continue
-        if not _satisfies(version, req):
             missing.append(req)
     return missing
 
 
 def installable(requirements: Iterable[str]) -> list[str]:
-    """``requirements`` without protected (Slicer-shipped) packages and PyTorch."""
-    skip = {canonical(n) for n in (*PROTECTED, *TORCH_PACKAGES)}
+    """``requirements`` without PyTorch (the PyTorch extension's)."""
+    skip = {canonical(n) for n in TORCH_PACKAGES}
     return [r for r in requirements if canonical(requirement_name(r)) not in skip]
-
-
-def constraints_text(packages: Iterable[str] = PROTECTED) -> str:
-    """pip constraints pinning every installed protected package to its current version."""
-    lines = []
-    for name in packages:
-        try:
-            lines.append(f"{name}=={metadata.version(name)}")
-        except metadata.PackageNotFoundError:
-            continue
-    return "\n".join(lines) + "\n"
-
-
-def write_constraints(folder: str | os.PathLike | None = None) -> Path:
-    folder = Path(folder or tempfile.mkdtemp(prefix="fvlm-pip-"))
-    path = folder / "constraints.txt"
-    path.write_text(constraints_text(), encoding="utf-8")
-    return path
 
 
 def torch_available() -> bool:
@@ -131,15 +113,159 @@ def torch_available() -> bool:
 
 
 def totalsegmentator_available() -> bool:
-    """Whether the ``totalsegmentator`` package (installed by the TotalSegmentator extension) is importable."""
+    """Whether the ``totalsegmentator`` package is importable here."""
     import importlib.util
 
     return importlib.util.find_spec("totalsegmentator") is not None
 
 
-def status() -> dict[str, list[str] | bool]:
-    """What is missing: ``{"missing": [...], "torch": bool}`` (no installs)."""
-    return {"missing": installable(missing_requirements(read_requirements())), "torch": torch_available()}
+# ------------------------------------------------------------------------------------------
+# an environment as pip sees it (Slicer's Python, or a stand-in's)
+# ------------------------------------------------------------------------------------------
+
+
+def _python_json(python: str, script: str) -> object:
+    run = subprocess.run([python, "-c", script], capture_output=True, text=True, check=False)
+    if run.returncode != 0:
+        raise DependencyError(
+            f"could not read the Python environment of {python}: {run.stderr.strip()[-500:]}"
+        )
+    return json.loads(run.stdout)
+
+
+def installed_versions(python: str) -> dict[str, str]:
+    """``{canonical name: version}`` of every distribution installed in ``python``'s environment."""
+    script = (
+        "import json, importlib.metadata as m; "
+        "print(json.dumps({d.metadata['Name']: d.version for d in m.distributions() if d.metadata['Name']}))"
+    )
+    return {canonical(k): v for k, v in _python_json(python, script).items()}
+
+
+def requires(python: str, distribution: str) -> list[str]:
+    """The ``Requires-Dist`` entries of an installed distribution of ``python``'s environment."""
+    script = f"import json, importlib.metadata as m; print(json.dumps(m.requires({distribution!r}) or []))"
+    return list(_python_json(python, script))
+
+
+def constraints_text(installed: dict[str, str], free: Iterable[str] = ()) -> str:
+    """pip constraints pinning every installed distribution but those in ``free`` to its version."""
+    from packaging.version import InvalidVersion, Version
+
+    free = {canonical(n) for n in free}
+    lines = []
+    for name, version in sorted(installed.items()):
+        try:
+            Version(version)  # pip could not read a pin it cannot parse
+        except InvalidVersion:
+            continue
+        if name not in free:
+            lines.append(f"{name}=={version}")
+    return "\n".join(lines) + "\n"
+
+
+def write_constraints(text: str) -> Path:
+    path = Path(tempfile.mkdtemp(prefix="fvlm-pip-")) / "constraints.txt"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def dry_run(python: str, args: Sequence[str], pip_options: Sequence[str] = ()) -> dict[str, str]:
+    """What ``pip install ARGS`` would install in ``python``'s environment: ``{name: version}``.
+
+    Raises:
+        DependencyError: pip cannot resolve it (e.g. only by changing a pinned distribution).
+    """
+    cmd = [python, "-m", "pip", "install", "--dry-run", "--quiet", "--report", "-", *pip_options, *args]
+    run = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if run.returncode != 0:
+        lines = [line for line in (run.stderr or run.stdout).splitlines() if line.strip()]
+        raise DependencyError(
+            f"pip cannot install {' '.join(a for a in args if not a.startswith('-'))} without replacing "
+            f"packages Slicer or its extensions installed; nothing was installed. pip said: {' '.join(lines[-6:])}"
+        )
+    report = json.loads(run.stdout)
+    return {canonical(i["metadata"]["name"]): i["metadata"]["version"] for i in report.get("install", [])}
+
+
+def check_step(
+    python: str, args: Sequence[str], installed: dict[str, str], pip_options: Sequence[str] = ()
+) -> None:
+    """Refuse a pip step that would replace an installed distribution (nothing is installed).
+
+    ``installed``: the distributions that must stay as they are (``{canonical name: version}``).
+    """
+    changes = {
+        name: (installed[name], version)
+        for name, version in dry_run(python, args, pip_options).items()
+        if name in installed and installed[name] != version
+    }
+    if changes:
+        what = ", ".join(f"{n} {old} by {new}" for n, (old, new) in sorted(changes.items()))
+        raise DependencyError(
+            f"installing {' '.join(a for a in args if not a.startswith('-'))} would replace {what}, which "
+            "Slicer or one of its extensions installed; nothing was installed."
+        )
+
+
+def _rewrite(requirement: str) -> str | None:
+    """A ``Requires-Dist`` entry as pip takes it, or None for an extra's (SlicerTotalSegmentator's rule)."""
+    if "extra ==" in requirement:
+        return None
+    return requirement.replace(" (", "").replace(")", "").strip()
+
+
+def totalseg_dependencies(requirements: Iterable[str]) -> list[str]:
+    """TotalSegmentator's requirements without :data:`TOTALSEG_SKIP` and extras."""
+    skip = {canonical(n) for n in TOTALSEG_SKIP}
+    out = []
+    for req in requirements:
+        req = _rewrite(req)
+        if req and canonical(requirement_name(req)) not in skip:
+            out.append(req)
+    return out
+
+
+def install_requirements_into(
+    python: str, requirements: Sequence[str], run: PipRun, pip_options: Sequence[str] = ()
+) -> None:
+    """FVLM's ``requirements`` into ``python``'s environment, everything installed pinned but them."""
+    installed = installed_versions(python)
+    constraints = write_constraints(constraints_text(installed, (requirement_name(r) for r in requirements)))
+    args = ["-c", str(constraints), *requirements]
+    pinned = {
+        n: v for n, v in installed.items() if n not in {canonical(requirement_name(r)) for r in requirements}
+    }
+    check_step(python, args, pinned, pip_options)
+    run(args)
+
+
+def install_totalsegmentator_into(
+    python: str, run: PipRun, pip_options: Sequence[str] = (), nnunet: Callable[[], None] | None = None
+) -> None:
+    """TotalSegmentator into ``python``'s environment, SlicerTotalSegmentator's way (module
+    docstring), every step checked first; ``nnunet``: the NNUNet extension's installer."""
+    installed = installed_versions(python)
+    constraints = str(write_constraints(constraints_text(installed)))
+    steps: list[list[str]] = []
+    if "dicom2nifti" not in installed:
+        steps.append(["-c", constraints, DICOM2NIFTI_REQUIREMENT])
+    steps.append(["--no-deps", "-c", constraints, TOTALSEG_REQUIREMENT])
+    for args in steps:
+        check_step(python, args, installed, pip_options)
+        run(args)
+    deps = totalseg_dependencies(requires(python, "TotalSegmentator"))
+    if deps:
+        args = ["-c", constraints, *deps]
+        check_step(python, args, installed, pip_options)
+        run(args)
+    if "nnunetv2" not in installed:
+        if nnunet is not None:
+            nnunet()
+        else:
+            args = ["-c", constraints, NNUNET_REQUIREMENT]
+            check_step(python, args, installed, pip_options)
+            run(args)
 
 
 # ------------------------------------------------------------------------------------------
@@ -158,10 +284,7 @@ def testing_mode() -> bool:
 
 
 def ensure_torch(ask: bool = True) -> bool:
-    """Make PyTorch importable, through the PyTorch extension when it is installed.
-
-    Returns ``False`` in Slicer's testing mode when PyTorch is missing: a test never downloads it.
-    """
+    """Make PyTorch importable through the PyTorch extension; False in testing mode without it."""
     if torch_available():
         return True
     if testing_mode():
@@ -174,100 +297,114 @@ def ensure_torch(ask: bool = True) -> bool:
             "restart Slicer, and click Analyze again; it installs the PyTorch build that fits your GPU/CPU."
         ) from exc
     logic = PyTorchUtils.PyTorchUtilsLogic()
-    if not logic.torchInstalled():
-        torch = logic.installTorch(askConfirmation=ask)
-        if torch is None:
-            raise DependencyError("PyTorch installation was cancelled or failed; FVLM needs PyTorch to run.")
+    if not logic.torchInstalled() and logic.installTorch(askConfirmation=ask) is None:
+        raise DependencyError("PyTorch installation was cancelled or failed; FVLM needs PyTorch to run.")
     return True
 
 
-def _pip_ensure(packaging, missing: list[str], constraints: Path, ask: bool) -> bool:
-    """Slicer 5.12+: ``slicer.packaging.pip_ensure`` (asks, shows progress, offers a restart).
+def _slicer_pip(slicer) -> PipRun:
+    """``slicer.util.pip_install`` with a list of arguments (a string would be split with shlex,
+    breaking a constraints path holding a space or a backslash)."""
 
-    It returns None whatever happened (installed, nothing to do, skipped in testing mode) and
-    raises RuntimeError when the user declines: the caller checks the packages again.
-    """
+    def run(args: list[str]) -> None:
+        try:
+            slicer.util.pip_install(list(args))
+        except Exception as exc:
+            raise DependencyError(
+                f"installing {' '.join(a for a in args if not a.startswith('-'))} failed ({exc}). See the "
+                "Python console for pip's output and check the network connection."
+            ) from exc
+
+    return run
+
+
+def _pip_ensure_run(packaging, requirements: list[str]) -> PipRun:
+    """Slicer 5.12+: ``slicer.packaging.pip_ensure`` (progress dialog, restart offer) for ``run``."""
     from subprocess import CalledProcessError
 
+    def run(args: list[str]) -> None:
+        try:
+            packaging.pip_ensure(requirements, constraints=args[1], prompt_install=False, requester="FVLM")
+        except (RuntimeError, CalledProcessError) as exc:
+            raise DependencyError(f"installing {', '.join(requirements)} failed ({exc}).") from exc
+
+    return run
+
+
+def _slicer_packaging():
+    """``slicer.packaging`` (Slicer 5.12+), imported explicitly, or None."""
     try:
-        packaging.pip_ensure(missing, constraints=constraints, prompt_install=ask, requester="FVLM")
-    except RuntimeError as exc:
-        if "declined" in str(exc).lower():
-            return False
-        raise DependencyError(f"installing {', '.join(missing)} failed ({exc}).") from exc
-    except CalledProcessError as exc:
-        raise DependencyError(
-            f"installing {', '.join(missing)} failed (pip exited with code {exc.returncode}). See the "
-            "Python console for pip's output and check the network connection."
-        ) from exc
-    return True
+        import slicer.packaging as packaging
+    except ImportError:
+        return None
+    return packaging if hasattr(packaging, "pip_ensure") else None
 
 
-def _pip_install(slicer, missing: list[str], constraints: Path, ask: bool) -> bool:
-    """Slicer before 5.12: ``slicer.util.pip_install`` after a confirmation, then a restart prompt.
+def _confirm(slicer, text: str, title: str) -> bool:
+    return bool(slicer.util.confirmOkCancelDisplay(text, title))
 
-    The arguments go as a list (one item per argument): given one string, ``pip_install``
-    splits it with ``shlex``, which breaks a constraints path holding a space (a Windows user
-    folder) or a backslash.
-    """
-    if ask and not slicer.util.confirmOkCancelDisplay(
-        "FVLM needs these Python packages, which will be installed into Slicer now "
-        f"(Slicer's own numpy/SimpleITK/VTK are kept):\n\n{chr(10).join(missing)}",
-        "FVLM: install dependencies",
-    ):
-        return False
-    already_imported = [r for r in missing if requirement_name(r).replace("-", "_").lower() in sys.modules]
-    try:
-        slicer.util.pip_install(["-c", str(constraints), *missing])
-    except Exception as exc:
-        raise DependencyError(
-            f"installing {', '.join(missing)} failed ({exc}). See the Python console for pip's output; "
-            "check the network connection or install them with Slicer's PythonSlicer -m pip."
-        ) from exc
-    if already_imported and slicer.util.confirmYesNoDisplay(
+
+def _offer_restart(slicer, requirements: Sequence[str]) -> None:
+    loaded = [r for r in requirements if requirement_name(r).replace("-", "_").lower() in sys.modules]
+    if loaded and slicer.util.confirmYesNoDisplay(
         "Updated packages were already loaded; Slicer must restart to use them. Restart now?",
         "FVLM: restart needed",
     ):
         slicer.util.restart()
+
+
+def ensure_dependencies(ask: bool = True) -> bool:
+    """Install missing requirements into Slicer's Python; ``True`` when everything is importable.
+
+    Returns ``False`` when the user declined, and in Slicer's testing mode when something is
+    missing (tests never install packages or download PyTorch; the self-test then skips).
+
+    Raises:
+        DependencyError: an install failed, would have replaced an installed package, or left
+            something missing.
+    """
+    if torch_available() and not installable(missing_requirements(read_requirements())):
+        return True
+    if not ensure_torch(ask):
+        return False
+    missing = installable(missing_requirements(read_requirements()))
+    if not missing:
+        return True
+    if testing_mode():
+        return False
+    import slicer
+
+    from .warm import python_executable
+
+    if ask and not _confirm(
+        slicer,
+        "FVLM needs these Python packages, which will be installed into Slicer now (what is installed "
+        f"already, Slicer's numpy/SimpleITK/VTK and PyTorch included, is kept):\n\n{chr(10).join(missing)}",
+        "FVLM: install dependencies",
+    ):
+        return False
+    packaging = _slicer_packaging()
+    run = _pip_ensure_run(packaging, missing) if packaging is not None else _slicer_pip(slicer)
+    install_requirements_into(python_executable(), missing, run)
+    if packaging is None:
+        _offer_restart(slicer, missing)
+    still = installable(missing_requirements(read_requirements()))
+    if still:
+        raise DependencyError(
+            f"after installing, these packages are still missing: {', '.join(still)}. See the Python "
+            "console for pip's output; restart Slicer and try again."
+        )
     return True
 
 
-_PRESENT = threading.Event()  # set once everything was found installed (packages do not vanish)
+def _extension_logic(module: str, logic: str):
+    """The logic class of an installed Slicer extension's module (e.g. TotalSegmentator), or None."""
+    try:
+        import importlib
 
-
-def _check_present() -> bool:
-    if torch_available() and not installable(missing_requirements(read_requirements())):
-        _PRESENT.set()
-    return _PRESENT.is_set()
-
-
-def check_in_background() -> threading.Thread:
-    """Look for the requirements in a background thread (reading package metadata takes a while),
-    so that the first Analyze does not do it on the GUI thread."""
-    thread = threading.Thread(target=_check_present, name="fvlm-check-dependencies", daemon=True)
-    thread.start()
-    return thread
-
-
-#: What "Install TotalSegmentator" installs. nnU-Net 2.6.2+ needs timm and with it torchvision,
-#: which would replace a CPU PyTorch by a CUDA build from PyPI (pyproject.toml's test extra).
-TOTALSEG_REQUIREMENTS = ("totalsegmentator>=2.4", "nnunetv2<2.6.2")
-
-
-def totalseg_constraints_text() -> str:
-    """Constraints for installing TotalSegmentator: Slicer's packages and the installed PyTorch
-    pinned (never replaced), nnU-Net kept below 2.6.2."""
-    return constraints_text((*PROTECTED, *TORCH_PACKAGES)) + "nnunetv2<2.6.2\n"
-
-
-def _install(missing: list[str], constraints: Path, ask: bool) -> bool:
-    """pip-install ``missing`` with ``constraints`` the way this Slicer offers (see the module)."""
-    import slicer
-
-    packaging = getattr(slicer, "packaging", None)
-    if packaging is not None and hasattr(packaging, "pip_ensure"):  # Slicer 5.12+
-        return _pip_ensure(packaging, missing, constraints, ask)
-    return _pip_install(slicer, missing, constraints, ask)
+        return getattr(importlib.import_module(module), logic)
+    except (ImportError, AttributeError):
+        return None
 
 
 def install_totalsegmentator(ask: bool = True) -> bool:
@@ -278,8 +415,8 @@ def install_totalsegmentator(ask: bool = True) -> bool:
     Returns ``False`` when the user declined, and in Slicer's testing mode (nothing is installed).
 
     Raises:
-        DependencyError: PyTorch is missing (install FVLM's dependencies first), or the install
-            failed or left the package missing.
+        DependencyError: PyTorch is missing, or the install failed, would have replaced an
+            installed package, or left the package missing.
     """
     if totalsegmentator_available():
         return True
@@ -289,11 +426,36 @@ def install_totalsegmentator(ask: bool = True) -> bool:
         raise DependencyError(
             "TotalSegmentator needs PyTorch: click Install dependencies (or install the PyTorch extension) first."
         )
-    folder = Path(tempfile.mkdtemp(prefix="fvlm-pip-"))
-    constraints = folder / "constraints.txt"
-    constraints.write_text(totalseg_constraints_text(), encoding="utf-8")
-    if not _install(list(TOTALSEG_REQUIREMENTS), constraints, ask):
+    import slicer
+
+    from .warm import python_executable
+
+    if ask and not _confirm(
+        slicer,
+        "Install the TotalSegmentator Python package into Slicer now? What is installed already "
+        "(Slicer's packages, PyTorch, nnU-Net) is kept; its weights are downloaded later by "
+        "TotalSegmentator's own module.",
+        "FVLM: install TotalSegmentator",
+    ):
         return False
+    has_extension = hasattr(getattr(slicer, "modules", None), "totalsegmentator")
+    extension = _extension_logic("TotalSegmentator", "TotalSegmentatorLogic") if has_extension else None
+    if extension is not None:  # the TotalSegmentator extension installs it its way
+        try:
+            extension().setupPythonRequirements()
+        except Exception as exc:
+            raise DependencyError(
+                f"the TotalSegmentator extension could not install its package ({exc})."
+            ) from exc
+    else:
+        nnunet = _extension_logic("SlicerNNUNetLib", "InstallLogic")
+        install_totalsegmentator_into(
+            python_executable(),
+            _slicer_pip(slicer),
+            nnunet=(lambda: nnunet(doAskConfirmation=False).setupPythonRequirements("nnunetv2>=2.3.1"))
+            if nnunet is not None
+            else None,
+        )
     import importlib
 
     importlib.invalidate_caches()
@@ -302,33 +464,4 @@ def install_totalsegmentator(ask: bool = True) -> bool:
             "after installing, TotalSegmentator is still not importable. See the Python console for pip's "
             "output; restart Slicer and try again."
         )
-    return True
-
-
-def ensure_dependencies(ask: bool = True) -> bool:
-    """Install missing requirements into Slicer's Python; ``True`` when everything is importable.
-
-    Returns ``False`` when the user declined, and in Slicer's testing mode when something is
-    missing (tests never install packages or download PyTorch; the self-test then skips).
-    Raises :class:`DependencyError` when an install failed or left something missing.
-    """
-    if _PRESENT.is_set() or _check_present():
-        return True
-    if not ensure_torch(ask):
-        return False
-    missing = installable(missing_requirements(read_requirements()))
-    if not missing:
-        _PRESENT.set()
-        return True
-    if testing_mode():
-        return False
-    if not _install(missing, write_constraints(), ask):
-        return False
-    still = installable(missing_requirements(read_requirements()))
-    if still:
-        raise DependencyError(
-            f"after installing, these packages are still missing: {', '.join(still)}. See the Python "
-            "console for pip's output; restart Slicer and try again."
-        )
-    _PRESENT.set()
     return True

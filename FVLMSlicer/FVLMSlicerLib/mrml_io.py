@@ -11,7 +11,7 @@ Works inside 3D Slicer and headless with the ``slicer-core`` package (see ``head
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Generator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,7 +24,6 @@ from fvlm_core.anatomy import AnatomyCatalog
 from fvlm_core.errors import GeometryError, InputError
 from fvlm_core.io import CTVolume, Geometry, array_to_sitk, resample_to
 
-from .snapshot import InputSnapshot, LayerSnapshot
 from .terminology import anatomy_terminology, map_segments
 from .totalseg import totalseg_mapping
 
@@ -65,29 +64,9 @@ def _parent_to_world(node: Any) -> np.ndarray:
     return matrix_to_numpy(m)
 
 
-def volume_geometry(volume_node: Any) -> Geometry:
-    """Geometry (ITK/LPS) of a volume node in world coordinates (parent transform applied)."""
-    image = volume_node.GetImageData()
-    if image is None:
-        raise InputError(f"{volume_node.GetName()}: volume node holds no image data. Load a CT first.")
-    ijk_to_ras = vtk.vtkMatrix4x4()
-    volume_node.GetIJKToRASMatrix(ijk_to_ras)
-    affine = _parent_to_world(volume_node) @ matrix_to_numpy(ijk_to_ras)
-    x, y, z = image.GetDimensions()
-    return Geometry.from_affine_ras(affine, (z, y, x))
-
-
 # ------------------------------------------------------------------------------------------
 # volumes
 # ------------------------------------------------------------------------------------------
-
-
-def _image_to_array(image: vtk.vtkImageData) -> np.ndarray:
-    x, y, z = image.GetDimensions()
-    scalars = image.GetPointData().GetScalars()
-    if scalars is None:
-        raise InputError("image data holds no scalars")
-    return numpy_support.vtk_to_numpy(scalars).reshape(z, y, x, -1)
 
 
 def volume_node_to_ct(volume_node: Any) -> CTVolume:
@@ -102,86 +81,74 @@ def volume_node_to_ct(volume_node: Any) -> CTVolume:
 
 
 def volume_view(volume_node: Any) -> tuple[np.ndarray, Geometry]:
-    """``(Z, Y, X)`` numpy *view* of a scalar volume (stored type, no copy) and its world geometry.
-
-    Cheap enough for the GUI thread; the view keeps the VTK array alive.
+    """``(Z, Y, X)`` numpy *view* of a scalar volume (stored type, no copy) and its world
+    geometry (ITK/LPS, parent transform applied). Cheap enough for the GUI thread.
 
     Raises:
         InputError / GeometryError: as :func:`volume_node_to_ct`.
     """
-    image = volume_node.GetImageData()
-    if image is None:
-        raise InputError(f"{volume_node.GetName()}: volume node holds no image data. Load a CT first.")
+    name, image = volume_node.GetName(), volume_node.GetImageData()
+    if image is None or image.GetPointData().GetScalars() is None:
+        raise InputError(f"{name}: volume node holds no image data. Load a CT first.")
     if image.GetNumberOfScalarComponents() != 1:
         raise InputError(
-            f"{volume_node.GetName()}: has {image.GetNumberOfScalarComponents()} components per voxel; "
+            f"{name}: has {image.GetNumberOfScalarComponents()} components per voxel; "
             "pick a CT (one intensity per voxel), not a colour or vector volume."
         )
-    geometry = volume_geometry(volume_node)
-    geometry.validate(volume_node.GetName())
-    return _image_to_array(image)[..., 0], geometry
+    ijk_to_ras = vtk.vtkMatrix4x4()
+    volume_node.GetIJKToRASMatrix(ijk_to_ras)
+    x, y, z = image.GetDimensions()
+    geometry = Geometry.from_affine_ras(
+        _parent_to_world(volume_node) @ matrix_to_numpy(ijk_to_ras), (z, y, x)
+    )
+    geometry.validate(name)
+    return numpy_support.vtk_to_numpy(image.GetPointData().GetScalars()).reshape(z, y, x), geometry
 
 
-def vtk_array_from(array: np.ndarray) -> Any:
-    """A one-component VTK array holding a copy of ``array`` (flattened in C order).
+def image_steps(
+    shape_zyx: tuple[int, int, int], dtype: Any, fill: Callable[[int, int], np.ndarray], image: Any = None
+) -> Generator[float, None, Any]:
+    """A new VTK image filled a slab of about ``CHUNK_BYTES`` per step (GUI thread, short steps).
 
-    The copy is numpy's (which releases the GIL), not VTK's: a VTK call from Python holds the
-    GIL for its whole duration, so ``numpy_to_vtk(..., deep=True)`` in a background thread
-    would freeze the GUI thread while it copies a 512x512x400 volume.
+    ``fill(z0, z1)`` gives slices ``z0:z1`` (e.g. from a memory-mapped file); ``image``: the
+    (empty) image object to fill (default a ``vtkImageData``). Yields 0 between steps, returns
+    the image. No scalar range is computed (VTK would scan every voxel in one call).
     """
-    flat = np.asarray(array).reshape(-1)
-    vtk_array = numpy_support.get_vtk_array_type(flat.dtype)
-    out = vtk.vtkDataArray.CreateDataArray(vtk_array)
-    out.SetNumberOfComponents(1)
-    out.SetNumberOfTuples(flat.size)  # allocates, does not fill
-    numpy_support.vtk_to_numpy(out)[:] = flat
-    return out
+    from .job import CHUNK_BYTES
 
-
-def array_to_image(array: np.ndarray) -> vtk.vtkImageData:
-    """A ``(Z, Y, X)`` array copied into VTK image data (any thread, before it joins a scene)."""
-    array = np.ascontiguousarray(array)
-    z, y, x = array.shape
-    image = vtk.vtkImageData()
+    z, y, x = (int(v) for v in shape_zyx)
+    image = vtk.vtkImageData() if image is None else image
     image.SetDimensions(x, y, z)
-    image.GetPointData().SetScalars(vtk_array_from(array))
-    # no image.GetScalarRange() here: VTK computes it holding the GIL (no VTK method but Update
-    # and Render releases it), so in a background thread it froze the GUI thread just as long
-    # (1.2-1.7 s for 512x512x400 on a busy machine); nothing in the panel's steps asks for it
+    data = vtk.vtkDataArray.CreateDataArray(numpy_support.get_vtk_array_type(np.dtype(dtype)))
+    data.SetNumberOfComponents(1)
+    data.SetNumberOfTuples(x * y * z)  # allocates, does not fill
+    view = numpy_support.vtk_to_numpy(data).reshape(z, y, x)
+    slab = max(1, CHUNK_BYTES // max(view[:1].nbytes, 1))
+    for z0 in range(0, z, slab):
+        view[z0 : z0 + slab] = fill(z0, min(z, z0 + slab))
+        yield 0.0
+    image.GetPointData().SetScalars(data)
     return image
 
 
-def update_volume_node(volume_node: Any, array: np.ndarray, geometry: Geometry) -> Any:
-    """Put a ``(Z, Y, X)`` array with ``geometry`` into an existing volume node."""
+def array_to_image(array: np.ndarray, image: Any = None) -> Any:
+    """A ``(Z, Y, X)`` array copied into VTK image data in one go (:func:`image_steps` run through)."""
+    steps = image_steps(array.shape, array.dtype, lambda z0, z1: array[z0:z1], image)
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value
+
+
+def add_volume_node(scene: Any, array: np.ndarray, geometry: Geometry, name: str) -> Any:
+    """A new scalar volume node holding ``array`` (``(Z, Y, X)``) on ``geometry``, displayed."""
     if tuple(array.shape) != geometry.shape_zyx:
         raise GeometryError(f"array shape {array.shape} does not match geometry shape {geometry.shape_zyx}")
-    return set_volume_image(volume_node, array_to_image(array), geometry)
-
-
-def set_volume_image(volume_node: Any, image: vtk.vtkImageData, geometry: Geometry) -> Any:
-    """Give a volume node prepared image data placed on ``geometry`` (no voxel copy)."""
-    x, y, z = image.GetDimensions()
-    if (z, y, x) != geometry.shape_zyx:
-        raise GeometryError(f"image shape {(z, y, x)} does not match geometry shape {geometry.shape_zyx}")
-    volume_node.SetIJKToRASMatrix(numpy_to_matrix(geometry.affine_ras))
-    volume_node.SetAndObserveImageData(image)
-    return volume_node
-
-
-def add_volume_node(
-    scene: Any,
-    array: np.ndarray,
-    geometry: Geometry,
-    name: str,
-    class_name: str = "vtkMRMLScalarVolumeNode",
-    node: Any = None,
-) -> Any:
-    """A (new, or the given) volume node holding ``array`` on ``geometry``, with display nodes."""
-    if node is None:
-        node = scene.AddNewNodeByClass(class_name, name)
-    update_volume_node(node, array, geometry)
-    if node.GetDisplayNode() is None:
-        node.CreateDefaultDisplayNodes()
+    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
+    node.SetIJKToRASMatrix(numpy_to_matrix(geometry.affine_ras))
+    node.SetAndObserveImageData(array_to_image(np.ascontiguousarray(array)))
+    node.CreateDefaultDisplayNodes()
     return node
 
 
@@ -205,7 +172,8 @@ def _oriented_image_to_array(image: Any) -> tuple[np.ndarray, Geometry]:
     affine = matrix_to_numpy(m)
     start = np.array([extent[0], extent[2], extent[4], 1.0])
     affine[:, 3] = affine @ start
-    array = _image_to_array(image)[..., 0]
+    x, y, z = image.GetDimensions()
+    array = numpy_support.vtk_to_numpy(image.GetPointData().GetScalars()).reshape(z, y, x)
     return array, Geometry.from_affine_ras(affine, array.shape)
 
 
@@ -265,31 +233,41 @@ def _require_labelmaps(segmentation_node: Any) -> None:
 
 
 def segmentation_layers(
-    segmentation_node: Any, catalog: AnatomyCatalog, mapping: Mapping[str, str]
-) -> list[LayerSnapshot]:
-    """The labelmap layers holding the mapped segments, as views (GUI thread, no voxel loops).
+    segmentation_node: Any, mapping: Mapping[str, str]
+) -> tuple[list[tuple[np.ndarray, Geometry]], list[tuple[int, int, str]]]:
+    """Views of the labelmap layers holding the mapped segments (GUI thread, no voxel copies).
 
     Args:
-        mapping: ``{segment_id: anatomy}`` (from :func:`~FVLMSlicerLib.terminology.map_segments`).
+        mapping: ``{segment_id: anatomy}`` (:func:`map_segmentation`).
+
+    Returns:
+        ``(layers, segments)`` as :class:`~FVLMSlicerLib.job.JobInputs` takes them: each layer as
+        ``(view (Z, Y, X), world geometry)``, and ``(layer index, label value, anatomy)`` of every
+        mapped segment in the segmentation's order.
     """
     _require_labelmaps(segmentation_node)
     to_world = _parent_to_world(segmentation_node)  # raises for a non-linear transform
     segmentation = segmentation_node.GetSegmentation()
-    order = {segmentation.GetNthSegmentID(i): i + 1 for i in range(segmentation.GetNumberOfSegments())}
-    layers: dict[int, LayerSnapshot] = {}
-    for segment_id, anatomy in mapping.items():
-        index = segmentation.GetLayerIndex(segment_id)
-        if index not in layers:
-            image = segmentation.GetLayerDataObject(index)
-            array, geometry = _oriented_image_to_array(image)
-            if geometry is None:
-                continue  # an empty layer
-            if not np.allclose(to_world, np.eye(4)):
-                geometry = Geometry.from_affine_ras(to_world @ geometry.affine_ras, array.shape)
-            layers[index] = LayerSnapshot(array, geometry)
-        label_value = int(segmentation.GetSegment(segment_id).GetLabelValue())
-        layers[index].labels[label_value] = (catalog.label(anatomy), order[segment_id])
-    return [layers[i] for i in sorted(layers)]
+    layers: list[tuple[np.ndarray, Geometry]] = []
+    index_of: dict[int, int | None] = {}
+    segments = []
+    for i in range(segmentation.GetNumberOfSegments()):
+        segment_id = segmentation.GetNthSegmentID(i)
+        if segment_id not in mapping:
+            continue
+        layer = segmentation.GetLayerIndex(segment_id)
+        if layer not in index_of:
+            array, geometry = _oriented_image_to_array(segmentation.GetLayerDataObject(layer))
+            index_of[layer] = None
+            if geometry is not None:  # not an empty layer
+                if not np.allclose(to_world, np.eye(4)):
+                    geometry = Geometry.from_affine_ras(to_world @ geometry.affine_ras, array.shape)
+                index_of[layer] = len(layers)
+                layers.append((array, geometry))
+        if index_of[layer] is not None:
+            value = int(segmentation.GetSegment(segment_id).GetLabelValue())
+            segments.append((index_of[layer], value, mapping[segment_id]))
+    return layers, segments
 
 
 def map_segmentation(
@@ -331,27 +309,23 @@ def segmentation_node_to_labelmap(
     catalog: AnatomyCatalog,
     overrides: Mapping[str, str] | None = None,
 ) -> tuple[np.ndarray, dict[str, str]]:
-    """An anatomy label map (anatomy ``i`` = ``i + 1``) on ``reference`` from a segmentation node.
+    """An anatomy label map (anatomy ``i`` = ``i + 1``) on ``reference`` from a segmentation node
+    (blocking: the console and tests; the panel's analyses paint it in the worker).
 
-    Where anatomies overlap, the segment later in the segmentation wins.
+    Segments are painted in the segmentation's order: where anatomies overlap the later wins.
 
     Returns:
         ``(labelmap uint8 (Z, Y, X), {segment_id: anatomy})``.
-
-    Raises:
-        InputError: no segment maps to any anatomy of the catalog.
     """
     mapping = map_segmentation(segmentation_node, catalog, overrides)
-    layers = segmentation_layers(segmentation_node, catalog, mapping)
-    snapshot = InputSnapshot(np.zeros((0, 0, 0)), reference, segmentation_node.GetName(), layers)
-    return snapshot.labelmap(), mapping
+    out = np.zeros(reference.shape_zyx, dtype=np.uint8)
+    for segment_id, anatomy in mapping.items():
+        out[segment_mask(segmentation_node, segment_id, reference)] = catalog.label(anatomy)
+    return out, mapping
 
 
 def _mask_to_oriented_image(mask: np.ndarray, geometry: Geometry) -> Any:
-    image = slicer.vtkOrientedImageData()
-    z, y, x = mask.shape
-    image.SetDimensions(x, y, z)
-    image.GetPointData().SetScalars(vtk_array_from(np.asarray(mask, dtype=np.uint8)))
+    image = array_to_image(np.asarray(mask, dtype=np.uint8), slicer.vtkOrientedImageData())
     image.SetImageToWorldMatrix(numpy_to_matrix(geometry.affine_ras))
     return image
 
@@ -383,20 +357,6 @@ class AnatomyLayer:
 
     image: Any
     present: list[str]
-
-
-def anatomy_layer(labelmap: np.ndarray, geometry: Geometry, catalog: AnatomyCatalog) -> AnatomyLayer:
-    """Copy an anatomy label map into VTK (any thread: the image is not in a scene yet)."""
-    if tuple(labelmap.shape) != geometry.shape_zyx:
-        raise GeometryError(
-            f"label map shape {labelmap.shape} does not match its geometry {geometry.shape_zyx}"
-        )
-    labelmap = np.asarray(labelmap, dtype=np.uint8)
-    # one comparison per anatomy, not np.bincount: bincount's loop holds the GIL (0.3 s for
-    # 512x512x400, longer on a busy machine), which would stall the GUI thread meanwhile
-    present = [a.name for a in catalog if (labelmap == catalog.label(a.name)).any()]
-    image = _mask_to_oriented_image(labelmap, geometry)
-    return AnatomyLayer(image, present)
 
 
 def set_anatomy_segments(node: Any, layer: AnatomyLayer, catalog: AnatomyCatalog) -> Any:
@@ -441,7 +401,13 @@ def labelmap_to_segmentation_node(
 
     See :func:`set_anatomy_segments`; an existing ``node`` is updated.
     """
-    layer = anatomy_layer(labelmap, geometry, catalog)
+    if tuple(labelmap.shape) != geometry.shape_zyx:
+        raise GeometryError(
+            f"label map shape {labelmap.shape} does not match its geometry {geometry.shape_zyx}"
+        )
+    labelmap = np.asarray(labelmap, dtype=np.uint8)
+    present = [a.name for a in catalog if (labelmap == catalog.label(a.name)).any()]
+    layer = AnatomyLayer(_mask_to_oriented_image(labelmap, geometry), present)
     if node is None:
         node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
     if reference_volume_node is not None:

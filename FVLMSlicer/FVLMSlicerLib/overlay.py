@@ -1,77 +1,53 @@
-"""Similarity maps shown so that a reader can trust them: inside the anatomy, above a real level.
+"""Similarity maps shown so that a reader can trust them: inside the anatomy, above a real level,
+on a fixed colour scale.
 
 A similarity map (``fvlm_core.zeroshot.similarity``) holds, per voxel, the score of the encoder
 token covering it: ``sigmoid(token . (t_pos - t_neg) / tau)``, the rule the anatomy-level
-probability uses. It is 0 outside the anatomy's window, and inside it every voxel has a value,
-so shown as-is it tints the whole slice. A map leaves the worker cropped to its anatomy's
-bounding box and set to 0 outside the anatomy's voxels (``summary.AnatomyMap``); here it becomes
-a percentage volume on that box, displayed with
+probability uses. The result keeps it around the tokens that touch the anatomy
+(``fvlm_core.zeroshot.results.AnatomyMap``); here it becomes a percentage volume on the
+anatomy's bounding box, 0 outside the anatomy's voxels, displayed with
 
 * the colour table :data:`COLOR_TABLE_NAME`, whose lowest entry is fully transparent;
 * a display threshold at the finding's decision threshold: a voxel is coloured only where its
   token alone would be called positive, every other voxel is transparent;
-* the window spanning the threshold to the map's highest value inside the anatomy (the colours
-  use their whole range), and a colour legend (title and % labels).
+* a fixed window, 0 to 100 %, the same for every map: a map whose tokens spread over 13-18 %
+  stays dark red instead of filling the whole red-to-yellow ramp (which would look like a focal
+  finding); and a colour legend (title and % labels).
 
-:func:`prepare_overlay` is array work for a background thread; :func:`show_overlay` only sets
-MRML display properties (GUI thread). No Qt.
+:func:`overlay_image_steps` fills the volume's image a slab per step; :func:`show_overlay` only
+sets MRML display properties. No Qt.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Generator
 from typing import Any
 
 import numpy as np
 
-from fvlm_core.io import Geometry
-
-from .summary import AnatomyMap
+from .mrml_io import image_steps
 
 COLOR_TABLE_NAME = "FVLM similarity"
 ATTR_COLOR_TABLE = "FVLM.SimilarityColorTable"
 LEGEND_TITLE = "FVLM similarity (%)"
 LEVELS = 256
+#: The colour window of every overlay, in percent (fixed: see the module docstring).
+WINDOW_PERCENT = (0.0, 100.0)
 
 
-@dataclass
-class PreparedOverlay:
-    """A similarity map ready for a volume node.
+def overlay_image_steps(
+    amap: Any, labelmap: np.ndarray, label: int, box: tuple[slice, ...]
+) -> Generator[float, None, Any]:
+    """The map in percent on ``box`` (the anatomy's bounding box), 0 outside the anatomy's voxels
+    (``labelmap == label``), as VTK image data filled a slab per step; returns the image."""
+    (bz, by, bx) = box
 
-    Attributes:
-        array: ``(Z, Y, X)`` float32 percentages on ``geometry`` (0 outside the anatomy).
-        geometry: the anatomy's bounding box on the CT grid.
-        threshold_percent: the finding's decision threshold, in percent.
-        top_percent: the map's highest value inside the anatomy, in percent.
-        image: ``array`` copied into VTK image data (by :func:`prepare_overlay`).
-    """
+    def fill(z0: int, z1: int) -> np.ndarray:
+        sub = (slice(bz.start + z0, bz.start + z1), by, bx)
+        return np.where(labelmap[sub] == label, 100.0 * amap.crop(sub), 0.0).astype(np.float32)
 
-    array: np.ndarray
-    geometry: Geometry
-    threshold_percent: float
-    top_percent: float = 100.0
-    image: Any = None  # the array as vtkImageData, made off the GUI thread
-
-
-def prepare_overlay(similarity: AnatomyMap, geometry: Geometry, threshold: float) -> PreparedOverlay:
-    """A map inside its anatomy (an :class:`~FVLMSlicerLib.summary.AnatomyMap`) in percent.
-
-    Args:
-        similarity: raw scores in [0, 1] in the anatomy's bounding box, 0 outside the anatomy.
-        geometry: the CT grid.
-        threshold: the finding's decision threshold in [0, 1].
-    """
-    from .mrml_io import array_to_image
-
-    values = np.multiply(similarity.values, 100.0, dtype=np.float32)
-    top = float(values.max())
-    return PreparedOverlay(
-        values,
-        geometry.sub_grid(similarity.start, values.shape),
-        100.0 * threshold,
-        top,
-        array_to_image(values),
-    )
+    shape = tuple(b.stop - b.start for b in box)
+    return (yield from image_steps(shape, np.float32, fill))
 
 
 def overlay_rgba(level: float) -> tuple[float, float, float, float]:
@@ -97,8 +73,8 @@ def similarity_color_table(scene: Any) -> Any:
     return node
 
 
-def show_overlay(volume_node: Any, threshold_percent: float, scene: Any, top_percent: float = 100.0) -> Any:
-    """Display a similarity volume: colour table, threshold, window, legend (GUI thread).
+def show_overlay(volume_node: Any, threshold_percent: float, scene: Any) -> Any:
+    """Display a similarity volume: colour table, fixed window, threshold, legend (GUI thread).
 
     Call it before the volume gets its image: a display node created with automatic window and
     threshold on would compute them from the voxels (seconds for a large CT) on this thread.
@@ -113,11 +89,10 @@ def show_overlay(volume_node: Any, threshold_percent: float, scene: Any, top_per
         volume_node.SetAndObserveDisplayNodeID(display.GetID())
     display.SetAndObserveColorNodeID(similarity_color_table(scene).GetID())
     display.SetAutoWindowLevel(False)
-    lower = float(np.clip(threshold_percent, 0.0, 99.9))
-    display.SetWindowLevelMinMax(lower, max(float(top_percent), lower + 1.0))
+    display.SetWindowLevelMinMax(*WINDOW_PERCENT)
     display.SetAutoThreshold(False)
     display.SetApplyThreshold(True)
-    display.SetThreshold(lower, 100.0)
+    display.SetThreshold(float(np.clip(threshold_percent, 0.0, 99.9)), 100.0)
     display.SetInterpolate(False)  # one token per patch: show the blocks, not a blur across them
     legend = slicer.vtkSlicerColorLogic.GetColorLegendDisplayNode(volume_node)
     if legend is None:

@@ -8,9 +8,13 @@ the value saved with the scene stays the member name.
 from __future__ import annotations
 
 import enum
-import math
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
-from .summary import AnalysisSummary, FindingRow
+if TYPE_CHECKING:  # the panel's words load before fvlm_core's dependencies are installed
+    from fvlm_core.zeroshot.results import AnalysisResult, AnatomyResult, FindingResult
+
+Row = tuple["AnatomyResult", "FindingResult"]
 
 
 class _Labelled(enum.Enum):
@@ -54,45 +58,38 @@ def device_name(device: str) -> str:
     return {"cpu": "CPU", "mps": "Apple GPU (MPS)"}.get(device, device)
 
 
-def percent_text(probability: float) -> str:
-    """``0.8312`` -> ``83.1 %``; NaN (not scored) -> ``n/a``."""
-    return "n/a" if math.isnan(probability) else f"{100.0 * probability:.1f} %"
-
-
-def flagged_text(row: FindingRow) -> str:
+def flagged_text(f: FindingResult) -> str:
     """``Yes`` / ``No``, or ``n/a`` for a finding that could not be scored."""
-    if not row.scored:
+    if not f.scored:
         return "n/a"
-    return "Yes" if row.flagged else "No"
+    return "Yes" if f.flagged else "No"
 
 
-def result_order(rows: list[FindingRow]) -> list[FindingRow]:
+def result_order(rows: list[Row]) -> list[Row]:
     """Flagged findings first, then by value (highest first); unscored ones last."""
-
-    def key(row: FindingRow):
-        return (not (row.scored and row.flagged), not row.scored, -(row.value if row.scored else 0.0))
-
-    return sorted(rows, key=key)
+    return sorted(rows, key=lambda r: (not r[1].flagged, not r[1].scored, -(r[1].value or 0.0)))
 
 
-#: The results table's columns after Anatomy and Finding (the value and threshold headers depend
-#: on whether the findings are calibrated: :func:`value_headers`).
-RESULT_COLUMNS = ("Anatomy", "Finding", "value", "threshold", "Flagged", "Raw score", "Calibration")
+#: The results table's columns; the value and threshold headers depend on whether the findings
+#: are calibrated (:func:`value_headers`). Flagged comes third so that it is in view at the
+#: panel's default width.
+RESULT_COLUMNS = ("Anatomy", "Finding", "Flagged", "value", "threshold", "Raw score", "Calibration")
 
 
-def value_headers(rows: list[FindingRow]) -> tuple[str, str]:
+def value_headers(findings: list[FindingResult]) -> tuple[str, str]:
     """Headers of the value and threshold columns: ``Probability (%)`` when every scored finding
     is calibrated, ``Uncalibrated score (x100)`` when none is (its numbers are not
-    probabilities), and both names when the table mixes them."""
-    kinds = {r.calibrated for r in rows if r.scored} or {r.calibrated for r in rows}
+    probabilities), and both when the table mixes them (short: the Calibration column and the
+    tooltip say which row is which)."""
+    kinds = {f.calibrated for f in findings if f.scored} or {f.calibrated for f in findings}
     if kinds == {True}:
         return "Probability (%)", "Threshold (%)"
     if kinds == {False}:
         return "Uncalibrated score (x100)", "Threshold (x100)"
-    return "Probability (%) or uncalibrated score (x100)", "Threshold (same scale)"
+    return "Probability (%) or score (x100)", "Threshold (same scale)"
 
 
-def header_tips(rows: list[FindingRow]) -> dict[str, str]:
+def header_tips() -> dict[str, str]:
     """Tooltips of the results table's headers."""
     return {
         "value": "The calibrated probability that the finding is present in this anatomy, in percent, "
@@ -107,15 +104,9 @@ def header_tips(rows: list[FindingRow]) -> dict[str, str]:
     }
 
 
-def calibration_text(row: FindingRow) -> str:
-    """The Calibration column: ``probability (Platt)`` / ``probability (isotonic)`` /
-    ``uncalibrated score``."""
-    return row.scale_text
-
-
-def absent_text(summary: AnalysisSummary, source: str) -> str:
+def absent_text(result: AnalysisResult, source: str) -> str:
     """Why anatomies have no result, e.g. "heart, aorta: not segmented by the built-in segmenter"."""
-    absent = [a.name for a in summary.anatomies if a.status == "absent"]
+    absent = [a.name for a in result.anatomies if a.status == "absent"]
     lines = []
     if absent:
         names = ", ".join(absent)
@@ -131,17 +122,50 @@ def absent_text(summary: AnalysisSummary, source: str) -> str:
                 f"{names}: no segment of the chosen segmentation maps to them - add or rename segments "
                 "(e.g. 'heart') or choose another anatomy source."
             )
-    lines += [f"{a.name}: {a.note}" for a in summary.anatomies if a.status != "absent" and a.note]
+    lines += [f"{a.name}: {a.note}" for a in result.anatomies if a.status != "absent" and a.note]
     return "\n".join(lines)
 
 
-def done_text(summary: AnalysisSummary, elapsed_s: float) -> str:
+def done_text(result: AnalysisResult, elapsed_s: float) -> str:
     """The status line after an analysis."""
-    rows = [r for r in summary.rows() if r.scored]
-    flagged = [r for r in rows if r.flagged]
-    where = sorted({r.anatomy for r in flagged})
-    text = (
-        f"Done in {elapsed_s:.0f} s on {device_name(summary.device)}: {len(flagged)} of {len(rows)} scored "
+    scored = [(a, f) for a in result.anatomies for f in a.findings if f.scored]
+    flagged = [(a, f) for a, f in scored if f.flagged]
+    where = sorted({a.name for a, _ in flagged})
+    return (
+        f"Done in {elapsed_s:.0f} s on {device_name(result.device)}: {len(flagged)} of {len(scored)} scored "
         f"findings flagged" + (f" ({', '.join(where)})." if where else ".")
     )
-    return text
+
+
+def _no_finding_wording(model_findings: Sequence[dict[str, Any]]) -> bool:
+    """Whether the model's findings are worded "{Finding}." vs "No {finding}." (fvlm demo's protocol)."""
+    negatives = [n for f in model_findings for n in f.get("negative", [])]
+    return bool(negatives) and all(n.startswith("No ") for n in negatives)
+
+
+def findings_from_rows(
+    rows: Sequence[tuple[str, str]], model_findings: Sequence[dict[str, Any]] = ()
+) -> list[dict[str, Any]]:
+    """``(finding name, anatomy)`` rows (the panel's findings table) as ``Finding`` dicts.
+
+    A row that is one of the model's findings keeps the model's prompts (its calibrated
+    threshold was fitted on them). Other known CT-RATE findings keep the reference wordings;
+    anything else is a free-text finding worded like the model's findings: "{X}." / "No {x}."
+    when the model uses that form, else "{X}." / "Not {X}.".
+    """
+    from fvlm_core.findings import CTRATE_LABEL_ANATOMY, Finding
+
+    known = {(f["name"], f["anatomy"]): dict(f) for f in model_findings}
+    no_form = _no_finding_wording(model_findings)
+    out = []
+    for name, anatomy in rows:
+        name, anatomy = name.strip(), anatomy.strip()
+        if not name:
+            continue
+        if (name, anatomy) in known:
+            out.append(known[(name, anatomy)])
+            continue
+        source = "ctrate" if CTRATE_LABEL_ANATOMY.get(name) == anatomy else "user"
+        negative = f"No {name[0].lower()}{name[1:]}." if no_form and source == "user" else None
+        out.append(Finding.from_name(name, anatomy, negative=negative, source=source).to_dict())
+    return out

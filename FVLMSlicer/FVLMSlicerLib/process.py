@@ -1,69 +1,70 @@
-"""A background process the GUI can poll and stop: launched as Slicer launches console processes.
+"""A console process the panel starts, reads and stops, with no Python thread in Slicer's process.
+
+Slicer's GUI thread holds Python's GIL while Qt's event loop idles: PythonQt releases it only
+with thread support (``PythonQt::setEnableThreadSupport``, compiled in with
+``PYTHONQT_FULL_THREAD_SUPPORT``), which neither CTK nor Slicer enables. A Python thread in
+Slicer's process therefore runs only while the GUI thread itself runs Python. So the output of
+a process is read here without a reader thread: the pipe is made non-blocking and
+:meth:`BackgroundProcess.read` takes what is there whenever the owner polls.
 
 Inside Slicer the command is started by ``slicer.util.launchConsoleProcess`` (the environment
-Slicer itself was started with, so no Slicer library paths leak in; on Windows no console
-window); outside Slicer by the same ``Popen`` call on this process's environment. Output
-(stdout + stderr) is read by a daemon thread into a bounded buffer, so the pipe never fills and
-the panel can show a processing log.
-
-Stopping kills the whole process tree: Slicer's ``PythonSlicer`` is a launcher that starts
+Slicer was started with; no console window on Windows); outside Slicer by the same ``Popen``
+call. Stopping kills the whole process tree: Slicer's ``PythonSlicer`` is a launcher that starts
 ``python-real``, so killing the launcher alone leaves the computation running (the rule
-SlicerMONAIAuto3DSeg's ``BackgroundProcess._killProcess`` handles with psutil). psutil is used
-when importable (it is in ``Resources/requirements.txt``); without it, Linux children are found
-through ``/proc``. No Qt here.
+SlicerMONAIAuto3DSeg's ``BackgroundProcess._killProcess`` handles with psutil; without psutil,
+Linux children are found through ``/proc``). No Qt here.
 """
 
 from __future__ import annotations
 
+import codecs
 import collections
 import contextlib
 import os
+import signal
 import subprocess
-import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-
-
-def _slicer_launch(args: list[str], env_update: dict[str, str], cwd: str | None) -> subprocess.Popen | None:
-    """``slicer.util.launchConsoleProcess`` when running inside the Slicer application, else None."""
-    try:
-        import slicer
-
-        if getattr(slicer, "app", None) is None:
-            return None
-        return slicer.util.launchConsoleProcess(
-            args, useStartupEnvironment=True, updateEnvironment=env_update, cwd=cwd
-        )
-    except ImportError:
-        return None
 
 
 def launch_console_process(
     args: Sequence[str], env_update: Mapping[str, str] | None = None, cwd: str | os.PathLike | None = None
 ) -> subprocess.Popen:
-    """Start ``args`` with output piped as text, the way ``slicer.util.launchConsoleProcess`` does."""
+    """Start ``args`` with stdout + stderr on one pipe, as ``slicer.util.launchConsoleProcess`` does."""
     args = [str(a) for a in args]
     update = {str(k): str(v) for k, v in (env_update or {}).items()}
     cwd = None if cwd is None else str(cwd)
-    proc = _slicer_launch(args, update, cwd)
-    if proc is not None:
-        return proc
-    env = {**os.environ, **update}
+    try:
+        import slicer
+
+        if getattr(slicer, "app", None) is not None:
+            return slicer.util.launchConsoleProcess(
+                args, useStartupEnvironment=True, updateEnvironment=update, cwd=cwd
+            )
+    except ImportError:
+        pass
     kwargs: dict = {}
     if os.name == "nt":  # no console window (what launchConsoleProcess does on Windows)
         info = subprocess.STARTUPINFO()
-        info.dwFlags = 1
-        info.wShowWindow = 0
+        info.dwFlags, info.wShowWindow = 1, 0
         kwargs["startupinfo"] = info
+    env = {**os.environ, **update}
     return subprocess.Popen(
-        args,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        universal_newlines=True,
-        cwd=cwd,
-        **kwargs,
+        args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=cwd, **kwargs
     )
+
+
+def _readable_now(fd: int) -> int | None:
+    """Bytes waiting in pipe ``fd`` (Windows: PeekNamedPipe); None where the pipe is non-blocking."""
+    if os.name != "nt":
+        return None
+    import _winapi
+    import msvcrt
+
+    try:
+        return _winapi.PeekNamedPipe(msvcrt.get_osfhandle(fd), 0)[0]
+    except OSError:  # the writer closed the pipe: read() sees the end
+        return 1
 
 
 def _proc_stat(pid: int) -> tuple[str, int] | None:
@@ -72,23 +73,7 @@ def _proc_stat(pid: int) -> tuple[str, int] | None:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except (OSError, IndexError):
         return None
-    return fields[0], int(fields[1])  # fields 3 and 4, after the "(comm)" field
-
-
-def _tree_proc(pid: int) -> list[int]:
-    """``pid`` and its descendants from ``/proc`` (the fallback when psutil is absent)."""
-    parents: dict[int, list[int]] = collections.defaultdict(list)
-    states: dict[int, str] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and (stat := _proc_stat(int(entry.name))) is not None:
-            states[int(entry.name)] = stat[0]
-            parents[stat[1]].append(int(entry.name))
-    out, todo = [pid], [pid]
-    while todo:
-        for child in parents.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return [p for p in out if states.get(p, "Z") != "Z"]
+    return fields[0], int(fields[1])
 
 
 def process_tree(pid: int) -> list[int]:
@@ -109,49 +94,57 @@ def process_tree(pid: int) -> list[int]:
                 if p.status() != psutil.STATUS_ZOMBIE:
                     running.append(p.pid)
         return running
-    if Path("/proc").is_dir():
-        return _tree_proc(pid)
-    return [pid]
+    if not Path("/proc").is_dir():
+        return [pid]
+    children: dict[int, list[int]] = collections.defaultdict(list)
+    states: dict[int, str] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and (stat := _proc_stat(int(entry.name))) is not None:
+            states[int(entry.name)] = stat[0]
+            children[stat[1]].append(int(entry.name))
+    out, todo = [pid], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return [p for p in out if states.get(p, "Z") != "Z"]
 
 
 def kill_process_tree(pid: int) -> list[int]:
-    """Kill ``pid`` and every descendant (children before the parent, so none is re-parented alive).
-
-    Returns:
-        The process ids a kill was sent to.
-    """
+    """Kill ``pid`` and every descendant (children first, so none is re-parented alive); the pids."""
     tree = process_tree(pid)
     try:
         import psutil
     except ImportError:
         psutil = None
-    for target in reversed(tree):  # descendants first
+    for target in reversed(tree):
         if psutil is not None:
             with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
                 psutil.Process(target).kill()
         else:
-            import signal
-
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(target, getattr(signal, "SIGKILL", signal.SIGTERM))
     return tree
 
 
 class BackgroundProcess:
-    """One console process: start, read its output in a thread, poll, stop (with its children)."""
+    """One console process: start, :meth:`read` its output when polled, stop it with its children."""
 
     def __init__(
-        self, args: Sequence[str], env_update: Mapping[str, str] | None = None, cwd=None, max_lines=2000
-    ):
+        self,
+        args: Sequence[str],
+        env_update: Mapping[str, str] | None = None,
+        cwd=None,
+        max_lines: int = 2000,
+    ) -> None:
         self.args = [str(a) for a in args]
         self.env_update = dict(env_update or {})
         self.cwd = cwd
         self._lines: collections.deque[str] = collections.deque(maxlen=max_lines)
-        self._count = 0  # lines read so far, including those the buffer dropped
-        self._lock = threading.Lock()
+        self._partial = ""
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._proc: subprocess.Popen | None = None
-        self._reader: threading.Thread | None = None
-        self.killed: list[int] = []
+        self._eof = False
 
     @property
     def pid(self) -> int | None:
@@ -159,54 +152,59 @@ class BackgroundProcess:
 
     def start(self) -> BackgroundProcess:
         self._proc = launch_console_process(self.args, self.env_update, self.cwd)
-        self._reader = threading.Thread(target=self._read, name="fvlm-process-output", daemon=True)
-        self._reader.start()
+        if os.name != "nt":
+            os.set_blocking(self._proc.stdout.fileno(), False)
         return self
 
-    def _read(self) -> None:
-        stream = self._proc.stdout
+    def read(self) -> list[str]:
+        """The complete lines written since the last call (never blocks)."""
+        if self._proc is None or self._eof or self._proc.stdout.closed:
+            return []
+        fd, chunks = self._proc.stdout.fileno(), []
         while True:
-            try:
-                line = stream.readline()
-            except (UnicodeDecodeError, ValueError):  # an undecodable line, or the pipe closed under us
-                continue
-            if not line:
+            waiting = _readable_now(fd)
+            if waiting == 0:
                 break
-            with self._lock:
-                self._lines.append(line.rstrip("\r\n"))
-                self._count += 1
+            try:
+                data = os.read(fd, 1 << 16)
+            except BlockingIOError:
+                break
+            except OSError:  # a closed pipe on Windows
+                data = b""
+            if not data:
+                self._eof = True
+                break
+            chunks.append(data)
+        text = self._partial + self._decoder.decode(b"".join(chunks), final=self._eof)
+        *lines, self._partial = text.split("\n")
+        if self._eof and self._partial:
+            lines, self._partial = [*lines, self._partial], ""
+        lines = [line.rstrip("\r") for line in lines]
+        self._lines.extend(lines)
+        return lines
 
     def log(self) -> list[str]:
-        """The output lines so far (the last ``max_lines``)."""
-        with self._lock:
-            return list(self._lines)
-
-    def line_count(self) -> int:
-        """How many lines the process has written so far (a mark for :meth:`log_since`)."""
-        with self._lock:
-            return self._count
-
-    def log_since(self, mark: int) -> list[str]:
-        """The lines written after :meth:`line_count` returned ``mark`` (those still buffered)."""
-        with self._lock:
-            kept = len(self._lines)
-            return list(self._lines)[max(0, kept - (self._count - mark)) :]
+        """The output lines read so far (the last ``max_lines``)."""
+        return list(self._lines)
 
     def returncode(self) -> int | None:
         """None while running; the exit code once it has ended."""
         return None if self._proc is None else self._proc.poll()
 
     def wait(self, timeout: float | None = None) -> int | None:
+        """Wait for the end (not for the GUI thread: tests, console, stopping), then read the rest."""
         if self._proc is None:
             return None
         with contextlib.suppress(subprocess.TimeoutExpired):
             self._proc.wait(timeout)
-        if self._proc.poll() is not None and self._reader is not None:
-            self._reader.join(5)
+        if self._proc.poll() is not None:
+            self.read()
         return self._proc.poll()
 
     def stop(self) -> None:
         """Kill the process and all its descendants (a no-op when it has ended)."""
         if self._proc is not None and self._proc.poll() is None:
-            self.killed = kill_process_tree(self._proc.pid)
+            kill_process_tree(self._proc.pid)
             self.wait(10)
+        if self._proc is not None and self._proc.stdout is not None:
+            self._proc.stdout.close()

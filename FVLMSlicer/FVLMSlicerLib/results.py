@@ -16,31 +16,40 @@
   calibration, threshold source, status and note, one row per finding.
 * Similarity maps of flagged findings become percentage volumes over their anatomy's box,
   displayed as overlays (``overlay.py``) above the raw threshold (the maps are raw scores).
+* ``FVLM.Result`` on the table node: the analysis result's JSON
+  (:meth:`fvlm_core.zeroshot.results.AnalysisResult.to_json`).
 
-The voxel work (label map and maps into VTK objects) is :func:`prepare_results`, which runs in a
-background thread; what touches the scene is small (:func:`apply_to_segmentation`,
-:func:`fill_table`, :func:`set_similarity_volume`). All of it is ordinary MRML content, so it is
-saved with the scene (.mrml/.mrb) and by the segmentation (.seg.nrrd) and table (.tsv) storage
-nodes. No Qt.
+:func:`show_steps` puts a result into the scene in short steps on the GUI thread (the label map
+and the maps are copied into VTK a slab per step); the table node keeps the result's JSON
+(``FVLM.Result``), so :func:`find_results` finds everything again in a reloaded scene. All of it
+is ordinary MRML content, saved with the scene (.mrml/.mrb) and by the segmentation (.seg.nrrd)
+and table (.tsv) storage nodes. No Qt.
 """
 
 from __future__ import annotations
 
 import colorsys
 import math
+from collections.abc import Generator
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import slicer
 import vtk
 
-from fvlm_core.anatomy import AnatomyCatalog
-from fvlm_core.io import Geometry
+from fvlm_core.zeroshot.results import AnalysisResult, AnatomyResult, FindingResult
 
-from .mrml_io import TAG_PREFIX, AnatomyLayer, anatomy_layer, get_segment_tag, set_volume_image
-from .overlay import PreparedOverlay, prepare_overlay, show_overlay
+from .mrml_io import (
+    TAG_PREFIX,
+    AnatomyLayer,
+    get_segment_tag,
+    image_steps,
+    numpy_to_matrix,
+    set_anatomy_segments,
+)
+from .overlay import overlay_image_steps, show_overlay
 from .panel import flagged_text
-from .summary import AnalysisSummary
 
 HIGHLIGHT_RGB = (1.0, 0.12, 0.08)
 DIM_OPACITY = 0.15
@@ -66,24 +75,36 @@ ATTR_SEGMENTATION = "FVLM.SegmentationNodeID"
 ATTR_SIMILARITY = "FVLM.SimilarityMap"  # value: "anatomy|finding"
 ATTR_ROLE = "FVLM.Role"
 ATTR_SOURCE_VOLUME = "FVLM.SourceVolumeNodeID"
+ATTR_RESULT = "FVLM.Result"  # on the table node: the result's JSON
+
+Row = tuple[AnatomyResult, FindingResult]
+
+
+def rows(result: AnalysisResult) -> list[Row]:
+    """``(anatomy, finding)`` of every finding, anatomy by anatomy."""
+    return [(a, f) for a in result.anatomies for f in a.findings]
+
+
+def number(value: float | None) -> float:
+    """A value of the result as a table number (None, not scored: NaN, an empty cell)."""
+    return math.nan if value is None else float(value)
 
 
 @dataclass
 class ResultNodes:
-    """The MRML nodes holding one analysis."""
+    """The MRML nodes holding one analysis, and the analysis."""
 
     segmentation: Any
     table: Any
     similarity_volumes: dict[tuple[str, str], Any] = field(default_factory=dict)
-    summary: AnalysisSummary | None = None
-
-    @property
-    def summary_rows(self) -> list:
-        return self.summary.rows() if self.summary is not None else []
+    result: AnalysisResult | None = None
 
     def value(self, key: tuple[str, str]) -> float:
         """Probability (or uncalibrated score) of ``(anatomy, finding)`` (0 when it was not scored)."""
-        return next((r.value for r in self.summary_rows if (r.anatomy, r.finding) == key), 0.0)
+        for a, f in rows(self.result) if self.result is not None else []:
+            if (a.name, f.name) == key:
+                return f.value or 0.0
+        return 0.0
 
 
 def _clean_tag(text: str) -> str:
@@ -96,20 +117,16 @@ def finding_tag(kind: str, finding: str) -> str:
     return f"{TAG_PREFIX}{kind}.{_clean_tag(finding)}"
 
 
-def probability_tag(finding: str) -> str:
-    return finding_tag("probability", finding)
-
-
-def finding_tags(row) -> dict[str, str]:
-    """The per-finding segment tags of one :class:`FindingRow` (a not-scored finding has none)."""
-    if not row.scored:
+def finding_tags(f: FindingResult) -> dict[str, str]:
+    """The per-finding segment tags of one finding (a not-scored finding has none)."""
+    if not f.scored:
         return {}
-    kind = "probability" if row.calibrated else "uncalibratedScore"
+    kind = "probability" if f.calibrated else "uncalibratedScore"
     return {
-        finding_tag(kind, row.finding): f"{row.value:.4f}",
-        finding_tag("threshold", row.finding): f"{row.threshold:.4f}",
-        finding_tag("rawScore", row.finding): f"{row.raw_score:.4f}",
-        finding_tag("scale", row.finding): row.scale_text,
+        finding_tag(kind, f.name): f"{f.value:.4f}",
+        finding_tag("threshold", f.name): f"{f.threshold:.4f}",
+        finding_tag("rawScore", f.name): f"{f.raw_score:.4f}",
+        finding_tag("scale", f.name): f.scale_text,
     }
 
 
@@ -140,90 +157,87 @@ def _parse_rgb(text: str | None) -> tuple[float, float, float] | None:
         return None
 
 
-def apply_to_segmentation(segmentation_node: Any, summary: AnalysisSummary) -> None:
-    """Recolour segments and write tags for every anatomy of ``summary``.
+def apply_to_segmentation(segmentation_node: Any, result: AnalysisResult) -> None:
+    """Recolour segments and write tags for every anatomy of ``result``.
 
-    Segments are found by ID (the anatomy name, as :func:`labelmap_to_segmentation_node`
-    creates them) or by the ``FVLM.anatomy`` tag.
+    Segments are found by ID (the anatomy name, as :func:`set_anatomy_segments` creates them)
+    or by the ``FVLM.anatomy`` tag.
     """
     segmentation = segmentation_node.GetSegmentation()
     display = segmentation_node.GetDisplayNode()
     by_anatomy: dict[str, list[str]] = {}
     for i in range(segmentation.GetNumberOfSegments()):
         segment_id = segmentation.GetNthSegmentID(i)
-        segment = segmentation.GetSegment(segment_id)
-        anatomy = get_segment_tag(segment, TAG_PREFIX + "anatomy", segment_id)
+        anatomy = get_segment_tag(segmentation.GetSegment(segment_id), TAG_PREFIX + "anatomy", segment_id)
         by_anatomy.setdefault(anatomy, []).append(segment_id)
-
-    for result in summary.anatomies:
-        for segment_id in by_anatomy.get(result.name, []):
+    for a in result.anatomies:
+        flagged, top = a.flagged, a.max_flagged_value
+        for segment_id in by_anatomy.get(a.name, []):
             segment = segmentation.GetSegment(segment_id)
             base = _parse_rgb(get_segment_tag(segment, TAG_PREFIX + "originalColor"))
             if base is None:
                 base = tuple(segment.GetColor())
                 segment.SetTag(TAG_PREFIX + "originalColor", ",".join(f"{c:.4f}" for c in base))
-            flagged = result.flagged
-            p_max = result.max_value
-            segment.SetColor(*(highlight_color(base, p_max) if flagged else dimmed_color(base)))
+            segment.SetColor(*(highlight_color(base, top) if flagged else dimmed_color(base)))
             _remove_finding_tags(segment)
-            segment.SetTag(TAG_PREFIX + "status", result.status)
-            segment.SetTag(TAG_PREFIX + "findings", "; ".join(_clean_tag(f.finding) for f in result.findings))
-            segment.SetTag(TAG_PREFIX + "flagged", "; ".join(_clean_tag(f.finding) for f in flagged))
+            segment.SetTag(TAG_PREFIX + "status", a.status)
+            segment.SetTag(TAG_PREFIX + "findings", "; ".join(_clean_tag(f.name) for f in a.findings))
+            segment.SetTag(TAG_PREFIX + "flagged", "; ".join(_clean_tag(f.name) for f in flagged))
             calibrated = all(f.calibrated for f in flagged)
             segment.RemoveTag(TAG_PREFIX + ("maxUncalibratedScore" if calibrated else "maxProbability"))
             segment.SetTag(
-                TAG_PREFIX + ("maxProbability" if calibrated else "maxUncalibratedScore"), f"{p_max:.4f}"
+                TAG_PREFIX + ("maxProbability" if calibrated else "maxUncalibratedScore"), f"{top:.4f}"
             )
-            for f in result.findings:
+            for f in a.findings:
                 for tag, text in finding_tags(f).items():
                     segment.SetTag(tag, text)
             if display is not None:
-                display.SetSegmentOpacity2DFill(segment_id, fill_opacity(result))
+                display.SetSegmentOpacity2DFill(segment_id, fill_opacity(a))
                 display.SetSegmentOpacity2DOutline(segment_id, 1.0 if flagged else 0.3)
                 display.SetSegmentOpacity3D(segment_id, 1.0 if flagged else 0.1)
 
 
-def percent(value: float, digits: int = 1) -> float:
-    """A probability (or score) x100 with ``digits`` decimals (NaN stays NaN: not scored)."""
-    return float("nan") if math.isnan(value) else round(100.0 * float(value), digits)
+def percent(value: float | None, digits: int = 1) -> float:
+    """A probability (or score) x100 with ``digits`` decimals (None or NaN: NaN, not scored)."""
+    value = number(value)
+    return value if math.isnan(value) else round(100.0 * value, digits)
 
 
-def fill_opacity(result) -> float:
+def fill_opacity(a: AnatomyResult) -> float:
     """2D fill opacity of an anatomy: flagged ones opaque in proportion to the value."""
-    return 0.5 + 0.5 * result.max_value if result.flagged else DIM_OPACITY
+    return 0.5 + 0.5 * a.max_flagged_value if a.flagged else DIM_OPACITY
 
 
-def outline_only(segmentation_node: Any, summary: AnalysisSummary, anatomy: str | None) -> None:
+def outline_only(segmentation_node: Any, result: AnalysisResult, anatomy: str | None) -> None:
     """Draw ``anatomy`` as an outline (its similarity map is shown under it), the others filled."""
     display = segmentation_node.GetDisplayNode()
     segmentation = segmentation_node.GetSegmentation()
-    for result in summary.anatomies:
-        if segmentation.GetSegment(result.name) is not None:
-            opacity = 0.0 if result.name == anatomy else fill_opacity(result)
-            display.SetSegmentOpacity2DFill(result.name, opacity)
+    for a in result.anatomies:
+        if segmentation.GetSegment(a.name) is not None:
+            display.SetSegmentOpacity2DFill(a.name, 0.0 if a.name == anatomy else fill_opacity(a))
 
 
-def table_values(row, note: str) -> tuple:
+def table_values(a: AnatomyResult, f: FindingResult) -> tuple:
     """One row of the table node, in :data:`TABLE_COLUMNS` order."""
-    nan = float("nan")
+    nan = math.nan
     return (
-        row.anatomy,
-        row.finding,
-        percent(row.value) if row.calibrated else nan,
-        nan if row.calibrated else percent(row.value),
-        percent(row.threshold),
-        flagged_text(row),
-        percent(row.raw_score, 2),
-        percent(row.raw_threshold, 2),
-        row.scale_text + (f": {row.calibration_note}" if row.calibration_note else ""),
-        row.threshold_source,
-        row.status,
-        note,
+        a.name,
+        f.name,
+        percent(f.value) if f.calibrated else nan,
+        nan if f.calibrated else percent(f.value),
+        percent(f.threshold),
+        flagged_text(f),
+        percent(f.raw_score, 2),
+        percent(f.raw_threshold, 2),
+        f.scale_text + (f": {f.calibration_note}" if f.calibration_note else ""),
+        f.threshold_source,
+        a.status,
+        a.note,
     )
 
 
-def fill_table(table_node: Any, summary: AnalysisSummary) -> Any:
-    """Replace the table's content by one row per finding (values x100)."""
+def fill_table(table_node: Any, result: AnalysisResult) -> Any:
+    """Replace the table's content by one row per finding (values x100) and keep the result's JSON."""
     table_node.RemoveAllColumns()
     arrays = {"string": vtk.vtkStringArray, "double": vtk.vtkDoubleArray}
     columns = []
@@ -232,13 +246,13 @@ def fill_table(table_node: Any, summary: AnalysisSummary) -> Any:
         column.SetName(name)
         table_node.AddColumn(column)
         columns.append(column)
-    notes = {a.name: a.note for a in summary.anatomies}
-    for row in summary.rows():
-        for column, value in zip(columns, table_values(row, notes.get(row.anatomy, ""))):
+    for a, f in rows(result):
+        for column, value in zip(columns, table_values(a, f)):
             column.InsertNextValue(value)
     table_node.GetTable().Modified()
     table_node.SetUseColumnTitleAsColumnHeader(True)
     table_node.SetLocked(True)  # results are read-only in the table view
+    table_node.SetAttribute(ATTR_RESULT, result.to_json())
     return table_node
 
 
@@ -251,57 +265,109 @@ def table_rows(table_node: Any) -> list[dict[str, str]]:
     ]
 
 
-@dataclass
-class PreparedResults:
-    """A finished analysis converted for MRML off the GUI thread (see :func:`prepare_results`).
-
-    Attributes:
-        summary: the analysis summary.
-        layer: the anatomy label map as a VTK image plus the anatomies present in it.
-        overlays: ``{(anatomy, finding): PreparedOverlay}`` for flagged findings with a map.
-        catalog: the model's anatomies.
-    """
-
-    summary: AnalysisSummary
-    layer: AnatomyLayer
-    overlays: dict[tuple[str, str], PreparedOverlay]
-    catalog: AnatomyCatalog
+def result_nodes(scene: Any, class_name: str, volume_node: Any) -> list[Any]:
+    """Nodes of ``class_name`` this module made for ``volume_node``."""
+    out = []
+    for i in range(scene.GetNumberOfNodesByClass(class_name)):
+        node = scene.GetNthNodeByClass(i, class_name)
+        if node.GetAttribute(ATTR_SOURCE_VOLUME) == volume_node.GetID():
+            out.append(node)
+    return out
 
 
-def prepare_results(
-    summary: AnalysisSummary, labelmap: np.ndarray, geometry: Geometry, catalog: AnatomyCatalog
-) -> PreparedResults:
-    """Array work for showing an analysis: safe in a background thread (no scene access).
-
-    Args:
-        labelmap: ``(Z, Y, X)`` anatomy labels on the CT grid ``geometry``.
-    """
-    flagged = {(r.anatomy, r.finding): r for r in summary.rows() if r.flagged}
-    # the maps are per-token raw scores: shown above the raw threshold
-    overlays = {
-        key: prepare_overlay(amap, geometry, flagged[key].raw_threshold)
-        for key, amap in summary.similarity_maps.items()
-        if key in flagged
-    }
-    return PreparedResults(summary, anatomy_layer(labelmap, geometry, catalog), overlays, catalog)
-
-
-def set_similarity_volume(
-    scene: Any, node: Any, key: tuple[str, str], prepared: PreparedOverlay, segmentation_node: Any
-) -> Any:
-    """Put one prepared overlay into a scalar volume node and display it (GUI thread).
-
-    Args:
-        node: the volume node to fill (``None``: a new one).
-    """
-    anatomy, finding = key
-    if node is None:
-        node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", f"FVLM similarity {anatomy}: {finding}")
-    node.SetAttribute(ATTR_SIMILARITY, f"{anatomy}|{finding}")
-    node.SetAttribute(ATTR_SEGMENTATION, segmentation_node.GetID())
-    show_overlay(node, prepared.threshold_percent, scene, prepared.top_percent)  # before the voxels
-    set_volume_image(node, prepared.image, prepared.geometry)
+def output_node(scene: Any, class_name: str, role: str, volume_node: Any, name: str) -> Any:
+    """The result node of this role made for this volume before, or a new one."""
+    for node in result_nodes(scene, class_name, volume_node):
+        if node.GetAttribute(ATTR_ROLE) == role:
+            return node
+    node = scene.AddNewNodeByClass(class_name, name)
+    node.SetAttribute(ATTR_ROLE, role)
+    node.SetAttribute(ATTR_SOURCE_VOLUME, volume_node.GetID())
     return node
+
+
+def _similarity_volumes(scene: Any, volume_node: Any) -> dict[tuple[str, str], Any]:
+    return {
+        tuple(node.GetAttribute(ATTR_SIMILARITY).split("|", 1)): node
+        for node in result_nodes(scene, "vtkMRMLScalarVolumeNode", volume_node)
+        if node.GetAttribute(ATTR_SIMILARITY)
+    }
+
+
+def show_steps(
+    scene: Any, volume_node_id: str, result: AnalysisResult
+) -> Generator[float, None, ResultNodes]:
+    """Put a result (label map and maps memory-mapped) into the scene in short GUI-thread steps:
+    the label map into VTK a slab per step, the segments, the table, each similarity map a slab
+    per step, then the removal of maps an earlier run left for this volume."""
+    from fvlm_core.anatomy import get_catalog
+
+    volume = scene.GetNodeByID(volume_node_id)
+    if volume is None:
+        from fvlm_core.errors import InputError
+
+        raise InputError("the analysed volume was removed from the scene before the results arrived.")
+    catalog = get_catalog(result.anatomy_names)
+    labels = result.labelmap
+    image = slicer.vtkOrientedImageData()  # a segmentation's labelmap layer
+    image = yield from image_steps(labels.shape, np.uint8, lambda z0, z1: labels[z0:z1], image)
+    image.SetImageToWorldMatrix(numpy_to_matrix(result.geometry.affine_ras))
+    seg = output_node(
+        scene, "vtkMRMLSegmentationNode", "anatomies", volume, f"{volume.GetName()} FVLM anatomies"
+    )
+    seg.SetReferenceImageGeometryParameterFromVolumeNode(volume)
+    present = [a.name for a in result.anatomies if a.voxels > 0]
+    set_anatomy_segments(seg, AnatomyLayer(image, present), catalog)
+    apply_to_segmentation(seg, result)
+    yield 0.0
+    table = output_node(scene, "vtkMRMLTableNode", "findings", volume, f"{volume.GetName()} FVLM findings")
+    fill_table(table, result)
+    table.SetAttribute(ATTR_SEGMENTATION, seg.GetID())
+    yield 0.0
+    existing = _similarity_volumes(scene, volume)
+    volumes = {}
+    for a, f in rows(result):
+        amap = result.similarity_maps.get((a.name, f.name))
+        if not f.flagged or amap is None or a.box is None:
+            continue
+        overlay = yield from overlay_image_steps(amap, labels, catalog.label(a.name), a.box)
+        node = existing.pop((a.name, f.name), None)
+        if node is None:
+            node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", f"FVLM similarity {a.name}: {f.name}")
+        node.SetAttribute(ATTR_SIMILARITY, f"{a.name}|{f.name}")
+        node.SetAttribute(ATTR_SEGMENTATION, seg.GetID())
+        node.SetAttribute(ATTR_SOURCE_VOLUME, volume.GetID())
+        show_overlay(node, 100.0 * f.raw_threshold, scene)  # before the voxels: the maps are raw scores
+        grid = result.geometry.sub_grid([b.start for b in a.box], [b.stop - b.start for b in a.box])
+        node.SetIJKToRASMatrix(numpy_to_matrix(grid.affine_ras))
+        node.SetAndObserveImageData(overlay)
+        volumes[(a.name, f.name)] = node
+        yield 0.0
+    for stale in existing.values():  # maps of findings this run did not flag
+        for i in reversed(range(stale.GetNumberOfDisplayNodes())):
+            scene.RemoveNode(stale.GetNthDisplayNode(i))
+        scene.RemoveNode(stale)
+    return ResultNodes(seg, table, volumes, result)
+
+
+def find_results(scene: Any, volume_node: Any = None) -> ResultNodes | None:
+    """The results this module left in ``scene`` (for ``volume_node``, or the last analysed), e.g.
+    after a saved scene was loaded; None when there are none (or their nodes are gone)."""
+    tables = [
+        scene.GetNthNodeByClass(i, "vtkMRMLTableNode")
+        for i in range(scene.GetNumberOfNodesByClass("vtkMRMLTableNode"))
+    ]
+    tables = [t for t in tables if t.GetAttribute(ATTR_ROLE) == "findings" and t.GetAttribute(ATTR_RESULT)]
+    if volume_node is not None:
+        tables = [t for t in tables if t.GetAttribute(ATTR_SOURCE_VOLUME) == volume_node.GetID()]
+    for table in reversed(tables):
+        volume = scene.GetNodeByID(table.GetAttribute(ATTR_SOURCE_VOLUME) or "")
+        seg = scene.GetNodeByID(table.GetAttribute(ATTR_SEGMENTATION) or "")
+        if volume is None or seg is None:
+            continue
+        result = AnalysisResult.from_json(table.GetAttribute(ATTR_RESULT))
+        return ResultNodes(seg, table, _similarity_volumes(scene, volume), result)
+    return None
 
 
 def anatomy_center_ras(segmentation_node: Any, anatomy: str) -> tuple[float, float, float] | None:

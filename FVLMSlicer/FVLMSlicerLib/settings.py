@@ -1,21 +1,17 @@
 """Where the module finds things: the remembered demo model, the model's anatomies and findings.
 
-``fvlm demo`` writes the folder of the model it trained into the text file
-:data:`LAST_DEMO_MODEL_FILE` (``$FVLM_CACHE/last_demo_model.txt``, by default
-``~/.cache/fvlm/last_demo_model.txt``): one line, an absolute path (``training/demo.py``). The Slicer module offers
-that folder as the default model. No Slicer, no Qt.
+``fvlm demo`` (a source checkout's) writes the folder of the model it trained into
+``$FVLM_CACHE/last_demo_model.txt`` (by default ``~/.cache/fvlm/``): one line, an absolute path
+(``training/demo.py``); the panel offers that folder when none is chosen. No Slicer, no Qt.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fvlm_core.atomic import atomic_write_text
 from fvlm_core.errors import CheckpointError, ConfigError, DependencyError
 
 
@@ -29,18 +25,9 @@ def last_demo_model_file() -> Path:
     return cache_dir() / "last_demo_model.txt"
 
 
-#: Documented name; call :func:`last_demo_model_file` for the path under the current environment.
-LAST_DEMO_MODEL_FILE = "~/.cache/fvlm/last_demo_model.txt"
-
-
 def default_import_dir() -> Path:
     """Where the panel puts imported official weights: ``<cache>/models/fvlm-ctrate``."""
     return cache_dir() / "models" / "fvlm-ctrate"
-
-
-def remember_model_dir(model_dir: str | os.PathLike) -> Path:
-    """Record ``model_dir`` as the last demo model (what ``fvlm demo`` does when it finishes)."""
-    return atomic_write_text(last_demo_model_file(), str(Path(model_dir).resolve()) + "\n")
 
 
 def remembered_model_dir() -> str:
@@ -51,29 +38,6 @@ def remembered_model_dir() -> str:
         return ""
     path = Path(text.splitlines()[0]) if text else None
     return str(path) if path is not None and (path / "config.yaml").is_file() else ""
-
-
-_READER_IMPORT: threading.Thread | None = None
-
-
-def _import_reader() -> None:
-    with contextlib.suppress(ImportError):  # read_model_info says what is missing
-        import fvlm_core.model.config  # noqa: F401
-
-
-def model_reader_ready() -> bool:
-    """Whether :func:`read_model_info` can run without a long import on the calling thread.
-
-    Reading a model's configuration imports ``fvlm_core.model``, which imports PyTorch and
-    transformers (seconds; tens of seconds on a busy machine). The first call starts that import
-    in a background thread and returns False until it has finished (or failed: then
-    ``read_model_info`` raises its clear DependencyError at once).
-    """
-    global _READER_IMPORT
-    if _READER_IMPORT is None:
-        _READER_IMPORT = threading.Thread(target=_import_reader, name="fvlm-import-torch", daemon=True)
-        _READER_IMPORT.start()
-    return not _READER_IMPORT.is_alive()
 
 
 @dataclass
@@ -92,32 +56,9 @@ class ModelInfo:
         return get_catalog(self.anatomies)
 
 
-_INFO_CACHE: dict[tuple[str, int, int], ModelInfo] = {}
-
-
 def read_model_info(model_dir: str | os.PathLike) -> ModelInfo:
-    """:func:`load_model_info`, remembered while ``config.yaml`` is unchanged (the panel reads it
-    when the folder is chosen and again when Analyze starts: the second time is free)."""
-    config = Path(model_dir).expanduser() / "config.yaml"
-    try:
-        stat = config.stat()
-    except OSError:
-        return load_model_info(model_dir)  # says what is wrong
-    key = (str(config.resolve()), stat.st_mtime_ns, stat.st_size)
-    if key not in _INFO_CACHE:
-        _INFO_CACHE[key] = load_model_info(model_dir)
-    info = _INFO_CACHE[key]
-    return ModelInfo(
-        info.model_dir,
-        list(info.anatomies),
-        [dict(f) for f in info.findings],
-        dict(info.thresholds),
-        info.name,
-    )
-
-
-def load_model_info(model_dir: str | os.PathLike) -> ModelInfo:
-    """Anatomies, default findings and thresholds of a saved model (reads ``config.yaml`` only).
+    """Anatomies, default findings and thresholds of a saved model (reads ``config.yaml`` only:
+    yaml and numpy, not torch; milliseconds).
 
     Raises:
         CheckpointError: the folder holds no model configuration.
@@ -126,11 +67,11 @@ def load_model_info(model_dir: str | os.PathLike) -> ModelInfo:
     path = Path(model_dir).expanduser()
     if not (path / "config.yaml").is_file():
         raise CheckpointError(
-            f"{path}: not a model folder (no config.yaml). Choose the folder written by `fvlm demo`, "
-            "`fvlm train` or `fvlm import-checkpoint`."
+            f"{path}: not a model folder (no config.yaml). Choose a folder holding config.yaml and "
+            "model.safetensors, or click 'Import official fVLM weights...'."
         )
     try:
-        from fvlm_core.model.config import load_config  # imports fvlm_core.model: torch, yaml, ...
+        from fvlm_core.model.config import load_config
     except ImportError as exc:
         missing = getattr(exc, "name", None) or str(exc)
         raise DependencyError(
@@ -142,10 +83,5 @@ def load_model_info(model_dir: str | os.PathLike) -> ModelInfo:
         cfg = load_config(path)
     except ConfigError as exc:
         raise CheckpointError(f"{path}: {exc}") from exc
-    return ModelInfo(
-        model_dir=str(path),
-        anatomies=list(cfg.anatomies),
-        findings=[dict(f) for f in (cfg.findings or [])],
-        thresholds=dict(cfg.thresholds or {}),
-        name=str(cfg.name),
-    )
+    findings = [dict(f) for f in (cfg.findings or [])]
+    return ModelInfo(str(path), list(cfg.anatomies), findings, dict(cfg.thresholds or {}), str(cfg.name))

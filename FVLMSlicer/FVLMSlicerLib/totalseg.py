@@ -8,15 +8,16 @@
   the model's anatomies with the rule ``fvlm_core.segmentation.labelmap.merge_labels`` applies
   to TotalSegmentator label maps (``class_lookup``: the catalog's class patterns).
 * :func:`status` is ``fvlm_core.segmentation.totalseg.totalsegmentator_status()`` (package,
-  version, weights), computed in a background thread (importing fvlm_core.segmentation takes
-  seconds) and put in words for the panel by :func:`status_text`.
+  version, weights), computed by a small separate Python (importing fvlm_core.segmentation
+  takes seconds; a thread of Slicer's process would barely run, see ``process.py``) whose
+  output :func:`status` reads when polled, and put in words for the panel by :func:`status_text`.
 
 No Qt, no MRML here (segments come as ``(segment ID, name, terminology)`` triples).
 """
 
 from __future__ import annotations
 
-import threading
+import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -99,36 +100,52 @@ def provides_text(name: str, found: TotalSegSegmentation) -> str:
 
 # --- the package and its weights --------------------------------------------------------------
 
+#: What the status process runs (``totalsegmentator_status()`` as one JSON line).
+STATUS_SCRIPT = (
+    "import json; from fvlm_core.segmentation.totalseg import totalsegmentator_status as s; "
+    "print(json.dumps(s(fast=False)))"  # the panel runs the 1.5 mm models
+)
 _STATUS: dict[str, Any] = {}
-_STATUS_LOCK = threading.Lock()
-_THREAD: threading.Thread | None = None
+_PROBE: Any = None
 
 
-def _compute_status() -> None:
-    try:
-        from fvlm_core.segmentation.totalseg import totalsegmentator_status
+def check_in_background(refresh: bool = False) -> None:
+    """Start computing :func:`status` in a separate Python (once; again with ``refresh``)."""
+    global _PROBE
+    from .process import BackgroundProcess
+    from .warm import python_env, python_executable
 
-        result = totalsegmentator_status(fast=False)  # the panel runs the 1.5 mm models
-    except Exception as exc:  # fvlm_core's own dependencies missing: say so, keep the panel alive
-        result = {"installed": False, "error": f"{type(exc).__name__}: {exc}"}
-    with _STATUS_LOCK:
+    if _PROBE is None or refresh:
         _STATUS.clear()
-        _STATUS.update(result)
-
-
-def check_in_background(refresh: bool = False) -> threading.Thread:
-    """Compute :func:`status` in a background thread (once; again with ``refresh``)."""
-    global _THREAD
-    if _THREAD is None or refresh:
-        _THREAD = threading.Thread(target=_compute_status, name="fvlm-totalseg-status", daemon=True)
-        _THREAD.start()
-    return _THREAD
+        _PROBE = BackgroundProcess([python_executable(), "-c", STATUS_SCRIPT], python_env()).start()
 
 
 def status() -> dict[str, Any] | None:
-    """``totalsegmentator_status()`` as last computed, or ``None`` while it is being computed."""
-    with _STATUS_LOCK:
-        return dict(_STATUS) if _STATUS else None
+    """``totalsegmentator_status()`` as last computed, or ``None`` while it is being computed
+    (starts the computation when none has been)."""
+    if _PROBE is None:
+        check_in_background()
+    if not _STATUS and _PROBE.returncode() is not None:
+        _PROBE.read()
+        lines = _PROBE.log()
+        try:
+            _STATUS.update(json.loads(lines[-1]))
+        except (IndexError, ValueError):  # fvlm_core's own dependencies missing: say so
+            _STATUS.update(installed=False, error=(lines or ["the status check failed"])[-1])
+        _PROBE.stop()
+    else:
+        _PROBE.read()  # keep its pipe from filling
+    return dict(_STATUS) if _STATUS else None
+
+
+def wait_for_status(timeout_s: float = 120.0) -> dict[str, Any]:
+    """:func:`status`, waiting for it (Analyze with TotalSegmentator, Install: a user's click)."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while (found := status()) is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return found or {"installed": False, "error": "the TotalSegmentator status check did not finish"}
 
 
 def status_text(found: Mapping[str, Any]) -> tuple[str, bool]:

@@ -24,7 +24,6 @@ import importlib.util
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -71,31 +70,31 @@ def load_inputs(scene, ct_path: Path, anatomy_path: Path):
     return volume, seg
 
 
-def run_panel(widget, volume, segmentation, model_dir: str, timeout_s: float = 600.0) -> None:
-    """Choose the inputs in the panel's widgets, click Analyze, let its timers run until done."""
-    from PySide6 import QtWidgets
-
+def choose_inputs(widget, volume, segmentation, model_dir: str) -> None:
+    """Choose the CT, the segmentation, the model and the CPU in the panel's widgets."""
     ui = widget.ui
     ui.modelPathLineEdit.currentPath = str(model_dir)
     ui.inputVolumeSelector.setCurrentNode(volume)
     ui.anatomySourceComboBox.currentIndex = 2  # "Existing segmentation"
     ui.inputSegmentationSelector.setCurrentNode(segmentation)
     ui.deviceComboBox.currentIndex = 2  # "CPU"
-    ui.analyzeButton.click()
-    t0 = time.monotonic()
-    while widget._job is not None or widget._applier is not None:
-        QtWidgets.QApplication.processEvents()
-        time.sleep(0.02)
-        if time.monotonic() - t0 > timeout_s:
-            raise TimeoutError("the analysis did not finish")
+
+
+def run_panel(widget, volume, segmentation, model_dir: str, timeout_s: float = 600.0) -> None:
+    """Choose the inputs in the panel's widgets, click Analyze, let its timers run until done."""
+    from slicer_app import EventLoop
+
+    choose_inputs(widget, volume, segmentation, model_dir)
+    widget.ui.analyzeButton.click()
+    EventLoop(holds_gil=True).run_until(lambda: widget._job is None, timeout_s)  # as in Slicer
     if widget._results is None:
-        raise RuntimeError(f"no results: {ui.statusLabel.text}")
+        raise RuntimeError(f"no results: {widget.ui.statusLabel.text}")
 
 
 def click_flagged_row(widget, prefer: str | None = None) -> tuple[str, str] | None:
     """Select a flagged row of the results table (``prefer``: a finding name), as a user would."""
     table = widget.ui.resultsTable
-    flagged = [row for row in range(table.rowCount) if table.item(row, 4).text() == "Yes"]
+    flagged = [row for row in range(table.rowCount) if table.item(row, 2).text() == "Yes"]
     named = [row for row in flagged if table.item(row, 1).text() == prefer]
     if not (named or flagged):
         return None

@@ -23,15 +23,26 @@ as in 3D Slicer as far as a module widget needs:
 
 Not reproduced: the module manager, layouts and the Qt view widgets, the 3D view, Slicer's
 settings and dialogs (message boxes only log, as Slicer's util does without a main window).
+
+:class:`EventLoop` is Slicer's main loop as far as Python's GIL goes: Slicer's GUI thread holds
+the GIL while Qt waits for and dispatches events (PythonQt releases it only with thread
+support, ``PythonQt::setEnableThreadSupport`` built with ``PYTHONQT_FULL_THREAD_SUPPORT``, which
+neither CTK nor Slicer enables; neither calls ``PyEval_SaveThread``), so a Python thread in
+Slicer's process runs only while the GUI thread itself runs Python. PySide6, unlike PythonQt,
+releases the GIL in ``processEvents``; the loop calls Qt's ``QCoreApplication::processEvents``
+through ``ctypes.PyDLL`` instead, which keeps the GIL for the whole call, as Slicer does.
 """
 
 from __future__ import annotations
 
+import ctypes
 import enum
+import glob
 import logging
 import os
 import pathlib
 import sys
+import time
 import types
 import typing
 import unittest
@@ -314,6 +325,68 @@ def _connect_gui(self, gui) -> int:
 def _disconnect_gui(self, tag) -> None:
     for connector in self._guis.pop(tag, {}).values():
         getattr(connector.widget, connector.signal).disconnect(connector.changed)
+
+
+# ------------------------------------------------------------------------------------------
+# the main loop
+# ------------------------------------------------------------------------------------------
+
+#: ``QCoreApplication::processEvents(QEventLoop::ProcessEventsFlags)`` (Itanium C++ ABI name).
+_PROCESS_EVENTS = "_ZN16QCoreApplication13processEventsE6QFlagsIN10QEventLoop17ProcessEventsFlagEE"
+_WAIT_FOR_MORE_EVENTS = 0x04  # QEventLoop::WaitForMoreEvents
+
+
+def _qt_process_events_holding_gil():
+    """Qt's own processEvents, called so that the GIL stays held (``ctypes.PyDLL``), or None
+    where the symbol is not found (then :class:`EventLoop` sleeps in C holding the GIL)."""
+    import PySide6
+
+    for path in glob.glob(os.path.join(os.path.dirname(PySide6.__file__), "Qt", "lib", "libQt6Core.so*")):
+        function = getattr(ctypes.PyDLL(path), _PROCESS_EVENTS, None)
+        if function is not None:
+            function.argtypes, function.restype = [ctypes.c_int], None
+            return function
+    return None
+
+
+class EventLoop:
+    """The application's main loop, run until a condition holds (see the module docstring).
+
+    ``holds_gil=True``: like Slicer's, the loop keeps the GIL while it waits for events and
+    dispatches them (a Python slot runs when its event comes, as in Slicer). ``holds_gil=False``:
+    a free loop, whose waits release the GIL (what PySide6 and ``time.sleep`` do).
+    """
+
+    #: The loop wakes at least this often (ms) to look at its condition, as Slicer's many timers do.
+    HEARTBEAT_MS = 50
+
+    def __init__(self, holds_gil: bool) -> None:
+        self.holds_gil = holds_gil
+        self._process = _qt_process_events_holding_gil() if holds_gil else None
+        self._heartbeat = QtCore.QTimer()  # no slot: a C++ event that only wakes the loop
+
+    def _turn(self) -> None:
+        if not self.holds_gil:
+            QtWidgets.QApplication.processEvents()
+            time.sleep(0.005)  # releases the GIL
+        elif self._process is not None:
+            self._process(_WAIT_FOR_MORE_EVENTS)  # blocks for the next event, GIL held
+        else:  # no Qt symbol: dispatch, then wait in C with the GIL held
+            QtWidgets.QApplication.processEvents()
+            ctypes.PyDLL(None).usleep(5000)
+
+    def run_until(self, condition, timeout_s: float) -> float:
+        """Run until ``condition()``; the seconds it took (TimeoutError after ``timeout_s``)."""
+        t0 = time.monotonic()
+        self._heartbeat.start(self.HEARTBEAT_MS)
+        try:
+            while not condition():
+                self._turn()
+                if time.monotonic() - t0 > timeout_s:
+                    raise TimeoutError(f"not done within {timeout_s:g} s")
+        finally:
+            self._heartbeat.stop()
+        return time.monotonic() - t0
 
 
 # ------------------------------------------------------------------------------------------

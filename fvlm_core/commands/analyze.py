@@ -37,17 +37,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from fvlm_core.commands.segment import add_ct_arguments, add_totalsegmentator_arguments
-
-if TYPE_CHECKING:  # imported when used: `fvlm analyze --help` and bad input stay fast
-    import numpy as np
-
-    from fvlm_core.anatomy import AnatomyCatalog
-    from fvlm_core.io import Geometry
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -122,22 +113,22 @@ def run(args: argparse.Namespace) -> int:
     plan.check()  # before the minutes of work
     source = dicom_source(args)  # a series DICOM objects cannot reference is refused before the work too
     with recorded_warnings() as warned:
-        result, out, done = analyze(args)
+        result = analyze(args)
+    result.warnings = list(dict.fromkeys([*warned, *result.warnings]))
     with plan.writing() as staged:
         if args.maps_dir:
             written = result.write_maps(staged.path("--maps-dir"))
             result.map_files = {k: str(staged.final(v)) for k, v in written.items()}
-        results = {**result.to_dict(), **out}
+        results = result.to_dict()
         if source is not None:
-            results["dicom"] = write_dicom_objects(args, results, result, done, source, staged)
-        results["warnings"] = warned
+            results["dicom"] = write_dicom_objects(args, result, source, staged)
         staged.path("--out").write_text(json.dumps(results, indent=2), encoding="utf-8")
     say = _say(args.quiet)
     for anat in result.anatomies:
         for f in anat.findings:
             say(finding_line(anat.name, f))
     for note in result.notes:
-        if note not in warned:  # already printed as a warning
+        if note not in result.warnings:  # already printed as a warning
             say(f"note: {note}")
     if args.dicom_out:
         say(f"DICOM: {args.dicom_out} (seg.dcm, sr.dcm{', maps/' if args.dicom_maps else ''})")
@@ -168,25 +159,28 @@ def dicom_source(args: argparse.Namespace):
     return read_source_series(args.ct, args.series)
 
 
-def write_dicom_objects(args, results: dict, result, done: Analysed, source, staged) -> dict:
-    """Write the DICOM objects into the staged --dicom-out folder; returns the record of them
-    for the results JSON (final paths)."""
+def write_dicom_objects(args: argparse.Namespace, result, source, staged) -> dict:
+    """Write the DICOM objects of ``result`` (an ``AnalysisResult`` with its label map) into the
+    staged --dicom-out folder; returns the record of them for the results JSON (final paths)."""
+    from fvlm_core.anatomy import get_catalog
     from fvlm_core.dicom import content_from_results, write_dicom
     from fvlm_core.dicom.export import model_record
+    from fvlm_core.model.config import load_config
 
+    maps = {k: m.full() for k, m in result.similarity_maps.items()} if args.dicom_maps else None
     content = content_from_results(
-        results,
-        done.labels,
-        done.catalog,
+        result.to_dict(),
+        result.labelmap,
+        get_catalog([a.name for a in result.anatomies]),
         model_dir=args.model,
-        model_name=done.model_name,
+        model_name=load_config(args.model).name,
         segmenter=segmenter_identity(args),
-        maps=result.similarity_maps if args.dicom_maps else None,
+        maps=maps,
     )
     folder = staged.path("--dicom-out")
     say = _say(args.quiet)
     progress = lambda m, f: say(f"[{f * 100:5.1f}%] {m}")  # noqa: E731
-    written = write_dicom(content, source.on_grid(done.geometry), folder, progress=progress)
+    written = write_dicom(content, source.on_grid(result.geometry), folder, progress=progress)
     return {**written, "folder": str(staged.final(folder)), "model": model_record(content)}
 
 
@@ -211,73 +205,40 @@ def segmenter_identity(args: argparse.Namespace):
     return Algorithm("fVLM built-in segmenter", __version__, "AUTOMATIC", "morphology")
 
 
-@dataclass
-class Analysed:
-    """What --dicom-out needs of an analysis besides its results: the anatomy label map on the
-    CT grid in the model's anatomies, the CT grid, the model's name."""
+def request_from(args: argparse.Namespace):
+    """The :class:`~fvlm_core.zeroshot.pipeline.AnalysisRequest` the options describe (the
+    --prompts file is read here: a bad one is refused before torch is even imported)."""
+    from fvlm_core.zeroshot.pipeline import AnalysisRequest
+    from fvlm_core.zeroshot.prompt_files import load_findings_file
 
-    labels: np.ndarray
-    catalog: AnatomyCatalog
-    geometry: Geometry
-    model_name: str
+    user = [f.to_dict() for f in load_findings_file(args.prompts)] if args.prompts else []
+    return AnalysisRequest(
+        ct=str(args.ct),
+        model=str(args.model),
+        segmentation="labelmap" if args.segmentation else args.backend,
+        labelmap=args.segmentation,
+        class_map=args.class_map,
+        fast=args.fast,
+        allow_download=args.allow_download,
+        series=args.series,
+        allow_non_hu=args.allow_non_hu,
+        findings=user if args.only_prompts else None,
+        extra_findings=[] if args.only_prompts else user,
+        device=args.device,
+        similarity_maps=("all" if args.all_maps else True) if (args.maps_dir or args.dicom_maps) else False,
+        keep_labelmap=bool(args.dicom_out),
+        windows=args.windows,
+        max_window=args.max_window,
+    )
 
 
 def analyze(args: argparse.Namespace):
-    """Read, segment and score; returns ``(AnalysisResult, extra JSON fields, Analysed)``."""
-    from fvlm_core.anatomy import get_catalog
-    from fvlm_core.io import read_ct
-    from fvlm_core.zeroshot.prompt_files import load_findings_file, merge_findings
+    """Read, segment and score (:func:`fvlm_core.zeroshot.pipeline.run`); the ``AnalysisResult``."""
+    from fvlm_core.zeroshot.pipeline import run
 
     say = _say(args.quiet)
-    # the quick checks first: a bad prompts file or CT is refused before torch is even imported
-    user = load_findings_file(args.prompts) if args.prompts else None
-    timings = {}
-    t = time.perf_counter()
-    ct = read_ct(args.ct, allow_non_hu=args.allow_non_hu, series=args.series)
-    timings["read"] = time.perf_counter() - t
-    say(f"read {args.ct}: {ct.array.shape[::-1]} voxels")
-
-    import torch
-
-    from fvlm_core.zeroshot.analyzer import Analyzer
-
-    t = time.perf_counter()
-    analyzer = Analyzer.from_pretrained(args.model, device=args.device)
-    timings["load_model"] = time.perf_counter() - t
-    findings = analyzer.default_findings()
-    if user is not None:
-        findings = user if args.only_prompts else merge_findings(findings, user)
-    analyzer.check_findings(findings)  # fail before the slow steps
-
-    t = time.perf_counter()
-    options = {"fast": args.fast, "device": args.device, "allow_download": args.allow_download}
-    segmentation = segment(ct, analyzer, args.segmentation, args.backend, args.class_map, options, say)
-    timings["segment"] = time.perf_counter() - t
-
-    maps = ("all" if args.all_maps else True) if (args.maps_dir or args.dicom_maps) else False
-    with torch.no_grad():  # scoped: `fvlm analyze` may run inside a longer-lived process
-        result = analyzer.analyze(
-            ct,
-            segmentation,
-            findings,
-            similarity_maps=maps,
-            strategy=args.windows,
-            max_window_zyx=args.max_window,
-            progress=(lambda m, f: say(f"[{f * 100:5.1f}%] {m}")),
-        )
-    result.timings = {**timings, **result.timings}
-    extra = {
-        "ct": str(args.ct),
-        "ct_spacing_mm": list(ct.geometry.spacing),
-        "segmentation": {"source": args.segmentation or args.backend},
-    }
-    if segmentation.details:  # how the backend produced it (TotalSegmentator: classes, stage times)
-        extra["segmentation"]["details"] = segmentation.details
-    if ct.dicom_series:
-        extra["dicom_series"] = ct.dicom_series
-    labels = analyzer.labels_in_model_order(segmentation).array
-    done = Analysed(labels, get_catalog(analyzer.anatomies), ct.geometry, analyzer.config.name)
-    return result, extra, done
+    request = request_from(args)
+    return run(request, progress=lambda m, f: say(f"[{f * 100:5.1f}%] {m}"))
 
 
 _METHOD = {"platt": "Platt calibration", "isotonic": "isotonic calibration"}
@@ -321,28 +282,3 @@ def _say(quiet: bool):
             print(msg, file=sys.stderr, flush=True)
 
     return say
-
-
-def segment(
-    ct,
-    analyzer,
-    segmentation_path: str | None,
-    backend: str,
-    class_map: str | None,
-    options: dict | None = None,
-    say=None,
-):
-    """Segment ``ct`` (or read a given label map) into the model's anatomies; ``options`` go to
-    the totalsegmentator backend (fast, device, allow_download)."""
-    from fvlm_core.anatomy import get_catalog
-    from fvlm_core.segmentation import get_backend
-
-    catalog = get_catalog(analyzer.anatomies)
-    if segmentation_path:
-        seg_backend = get_backend("labelmap", path=segmentation_path, class_map=class_map)
-    elif backend == "totalsegmentator":
-        seg_backend = get_backend(backend, **(options or {}))
-    else:
-        seg_backend = get_backend(backend)
-    progress = (lambda m, f: say(f"[{f * 100:5.1f}%] {m}")) if say is not None else None
-    return seg_backend.segment(ct, catalog, progress=progress)

@@ -77,15 +77,6 @@ def format_table(summary: dict) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
 
 
-#: voxel size (z, y, x mm) each backend works at, for the warning about much coarser CTs; the
-#: builtin segmenter is tuned on diagnostic chest CT, i.e. the reference model space.
-BACKEND_SPACING_ZYX = {
-    "builtin": (3.0, 1.0, 1.0),
-    "totalsegmentator": (1.5, 1.5, 1.5),
-    "totalsegmentator --fast": (3.0, 3.0, 3.0),
-}
-
-
 def output_plan(args: argparse.Namespace):
     """The inputs and outputs of ``fvlm segment`` (:class:`fvlm_core.outputs.OutputPlan`)."""
     from pathlib import Path
@@ -107,10 +98,9 @@ def run(args: argparse.Namespace) -> int:
     import json
 
     from fvlm_core.anatomy import get_catalog
-    from fvlm_core.errors import ConfigError, InputError, recorded_warnings, warn
+    from fvlm_core.errors import ConfigError, InputError, recorded_warnings
     from fvlm_core.io import read_ct
-    from fvlm_core.preprocess import spacing_warning
-    from fvlm_core.segmentation import get_backend
+    from fvlm_core.segmentation.choice import choose_backend, segment
 
     if args.backend == "labelmap" and not args.labelmap:
         raise ConfigError("--backend labelmap needs --labelmap FILE (a label map or a folder of masks)")
@@ -121,28 +111,20 @@ def run(args: argparse.Namespace) -> int:
     plan.check()  # before the work
     with recorded_warnings() as warned:
         ct = read_ct(args.ct, allow_non_hu=args.allow_non_hu, series=args.series)
-        if args.backend == "labelmap":
-            backend = get_backend("labelmap", path=args.labelmap, class_map=args.class_map)
-        elif args.backend == "totalsegmentator":
-            backend = get_backend(
-                "totalsegmentator",
-                fast=args.fast,
-                device=args.device,
-                allow_download=args.allow_download,
-                roi_subset=not args.all_classes,
-            )
-        else:
-            backend = get_backend("builtin")
-        kind = args.backend + (" --fast" if args.fast and args.backend == "totalsegmentator" else "")
-        if kind in BACKEND_SPACING_ZYX:  # a given label map is used as it is
-            coarse = spacing_warning(ct.geometry, BACKEND_SPACING_ZYX[kind], f"the {kind} segmenter", args.ct)
-            if coarse:
-                warn(coarse)
+        backend = choose_backend(
+            args.backend,
+            labelmap=args.labelmap,
+            class_map=args.class_map,
+            fast=args.fast,
+            device=args.device,
+            allow_download=args.allow_download,
+            roi_subset=not args.all_classes,
+        )
 
         def progress(step: str, frac: float) -> None:
             print(f"[{frac * 100:3.0f}%] {step}", file=sys.stderr)
 
-        seg = backend.segment(ct, catalog, progress=progress)
+        seg = segment(ct, catalog, backend, progress=progress)
     summary = seg.summary()
     summary["ct"] = str(args.ct)
     if ct.dicom_series:

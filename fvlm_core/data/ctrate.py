@@ -241,7 +241,7 @@ def make_segmenter(
     read with :class:`fvlm_core.segmentation.LabelMapBackend`; ``class_map`` defaults to the mask
     folder's ``class_map.json`` when present. ``builtin`` / ``totalsegmentator``: segment the CT.
     """
-    from fvlm_core.segmentation import LabelMapBackend, get_backend
+    from fvlm_core.segmentation.choice import choose_backend, segment
 
     if backend == "labelmap":
         cmap = class_map
@@ -257,17 +257,19 @@ def make_segmenter(
             cm = cmap
             if cm is None and (record.mask_path.parent / "class_map.json").is_file():
                 cm = record.mask_path.parent / "class_map.json"
-            return LabelMapBackend(record.mask_path, class_map=cm).segment(ct, catalog).labelmap
+            return segment(
+                ct, catalog, choose_backend("labelmap", labelmap=record.mask_path, class_map=cm)
+            ).labelmap
 
         from_masks.backend = "labelmap"  # type: ignore[attr-defined]
         return from_masks
-    be = get_backend(backend, **options)
+    be = choose_backend(backend, **options)
 
-    def segment(ct: CTVolume, record: VolumeRecord) -> np.ndarray:
-        return be.segment(ct, catalog).labelmap
+    def segment_one(ct: CTVolume, record: VolumeRecord) -> np.ndarray:
+        return segment(ct, catalog, be).labelmap
 
-    segment.backend = backend  # type: ignore[attr-defined]
-    return segment
+    segment_one.backend = backend  # type: ignore[attr-defined]
+    return segment_one
 
 
 def decompose_texts(

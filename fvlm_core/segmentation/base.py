@@ -182,11 +182,16 @@ class SegmentationBackend(abc.ABC):
         """Segment ``ct`` into the anatomies of ``catalog`` on the CT's own grid."""
 
 
-BACKENDS = ("builtin", "totalsegmentator", "labelmap")
+BACKENDS = ("builtin", "totalsegmentator", "labelmap", "segments")
 
 
 def get_backend(name: str, **options: Any) -> SegmentationBackend:
-    """Backend by name: ``"builtin"``, ``"totalsegmentator"`` or ``"labelmap"`` (needs ``path=``)."""
+    """Backend by name, built with its constructor's options: ``"builtin"``,
+    ``"totalsegmentator"``, ``"labelmap"`` (needs ``path=``) or ``"segments"`` (``segments=``).
+
+    Applications choose theirs from user options with
+    :func:`fvlm_core.segmentation.choice.choose_backend`, which builds it here.
+    """
     if name == "builtin":
         from fvlm_core.segmentation.builtin import BuiltinBackend
 
@@ -201,6 +206,10 @@ def get_backend(name: str, **options: Any) -> SegmentationBackend:
         if options.get("path") is None:
             raise ConfigError("the labelmap backend needs a label map: pass --labelmap FILE (or path=...)")
         return LabelMapBackend(**options)
+    if name == "segments":
+        from fvlm_core.segmentation.labelmap import SegmentsBackend
+
+        return SegmentsBackend(**options)
     raise ConfigError(f"unknown segmentation backend {name!r} (choose from: {', '.join(BACKENDS)})")
 
 

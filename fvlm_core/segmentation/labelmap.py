@@ -154,3 +154,49 @@ class LabelMapBackend:
             m = read_label_map(f, reference=ct.geometry).array > 0
             labelmap[m & (labelmap == 0)] = lbl
         return labelmap
+
+
+class SegmentsBackend:
+    """A segmentation stored as label-map layers, its segments painted one after the other.
+
+    The layout of a 3D Slicer segmentation: segments share label-map layers (each layer a file
+    with its own grid), a segment is one value of one layer, and where segments of different
+    layers overlap the later segment wins. The 3D Slicer module writes the layers of the chosen
+    segmentation this way for its worker.
+
+    Args:
+        segments: ``[{"file": layer path, "value": label value in it, "anatomy": catalog name}]``
+            in the segmentation's order (later ones win where they overlap).
+
+    A layer on another grid is resampled to the CT (nearest neighbour); a layer entirely
+    outside the CT contributes nothing.
+    """
+
+    name = "segments"
+
+    def __init__(self, segments: list[Mapping[str, object]]) -> None:
+        if not segments:
+            raise InputError("no segment of the segmentation is an anatomy of the model: nothing to analyse.")
+        self.segments = [dict(s) for s in segments]
+
+    def segment(
+        self, ct: CTVolume, catalog: AnatomyCatalog = CTRATE_CATALOG, progress: Progress | None = None
+    ) -> AnatomySegmentation:
+        from fvlm_core.errors import GeometryError
+
+        labelmap = np.zeros(ct.geometry.shape_zyx, dtype=np.uint8)
+        layers: dict[str, np.ndarray | None] = {}
+        for k, s in enumerate(self.segments):
+            path = str(s["file"])
+            if path not in layers:
+                if progress:
+                    progress(f"reading {Path(path).name}", k / len(self.segments))
+                try:
+                    layers[path] = read_label_map(path, reference=ct.geometry).array
+                except GeometryError:
+                    layers[path] = None  # the layer lies outside the CT
+            if layers[path] is not None:
+                labelmap[layers[path] == int(s["value"])] = catalog.label(str(s["anatomy"]))
+        if progress:
+            progress("done", 1.0)
+        return AnatomySegmentation.from_labelmap(labelmap, ct.geometry, catalog, self.name)

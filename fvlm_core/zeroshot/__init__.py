@@ -4,6 +4,8 @@
 >>> analyzer = Analyzer.from_pretrained("models/fvlm-tiny", device="auto")
 >>> result = analyzer.analyze(ct, segmentation)          # fvlm_core.segmentation.AnatomySegmentation
 >>> result.to_dict()["anatomies"][0]["findings"][0]      # name, probability, threshold, flagged, ...
+>>> from fvlm_core.zeroshot import AnalysisRequest, run    # the whole pipeline for one CT file
+>>> result = run(AnalysisRequest(ct="chest.nii.gz", model="models/fvlm-tiny"))
 
 Submodules are imported lazily (``windows`` needs only numpy/scipy).
 """
@@ -14,9 +16,12 @@ import importlib
 
 _EXPORTS = {
     "Analyzer": "fvlm_core.zeroshot.analyzer",
-    "AnalysisResult": "fvlm_core.zeroshot.analyzer",
-    "AnatomyResult": "fvlm_core.zeroshot.analyzer",
-    "FindingResult": "fvlm_core.zeroshot.analyzer",
+    "AnalysisResult": "fvlm_core.zeroshot.results",
+    "AnatomyMap": "fvlm_core.zeroshot.results",
+    "AnatomyResult": "fvlm_core.zeroshot.results",
+    "FindingResult": "fvlm_core.zeroshot.results",
+    "AnalysisRequest": "fvlm_core.zeroshot.pipeline",
+    "run": "fvlm_core.zeroshot.pipeline",
     "load_findings_file": "fvlm_core.zeroshot.prompt_files",
     "merge_findings": "fvlm_core.zeroshot.prompt_files",
     "PromptCache": "fvlm_core.zeroshot.prompts",

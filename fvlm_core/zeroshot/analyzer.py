@@ -45,10 +45,13 @@ from fvlm_core.io import CTVolume, Geometry, LabelVolume, check_finite
 from fvlm_core.zeroshot import similarity, windows
 from fvlm_core.zeroshot.prompt_files import load_findings_file, merge_findings, wording
 from fvlm_core.zeroshot.prompts import FindingEmbeddings, probability, prompt_cache_for
+from fvlm_core.zeroshot.results import UNCALIBRATED, AnalysisResult, AnatomyMap, AnatomyResult, FindingResult
 
 __all__ = [
+    "UNCALIBRATED",
     "AnalysisResult",
     "Analyzer",
+    "AnatomyMap",
     "AnatomyResult",
     "FindingResult",
     "load_findings_file",
@@ -58,174 +61,6 @@ __all__ = [
 DEFAULT_THRESHOLD = 0.5
 
 Progress = Callable[[str, float], None]
-
-
-# --------------------------------------------------------------------------------------------
-# Results
-# --------------------------------------------------------------------------------------------
-
-
-#: What an uncalibrated raw score is called wherever it is shown (never "probability").
-UNCALIBRATED = "uncalibrated score"
-
-
-@dataclass
-class FindingResult:
-    """One finding scored on one anatomy (``raw_score`` None: the anatomy was not scored).
-
-    ``probability`` is the calibrated probability (None when the finding has no calibration, or
-    was not scored); ``threshold`` is on the scale of :attr:`value` (calibrated probability, else
-    raw score) and ``raw_threshold`` on the raw scale; ``flagged`` is ``raw_score > raw_threshold``,
-    which equals ``probability > threshold`` (the calibration is strictly increasing).
-    """
-
-    name: str
-    raw_score: float | None
-    threshold: float
-    threshold_source: str  # "calibrated" (model config) | "default" (0.5)
-    flagged: bool
-    source: str = "ctrate"  # "ctrate" | "user"
-    positive: tuple[str, ...] = ()
-    negative: tuple[str, ...] = ()
-    raw_threshold: float = DEFAULT_THRESHOLD
-    probability: float | None = None
-    calibration: str = "none"  # "platt" | "isotonic" | "none"
-    calibration_note: str = ""  # why the raw score is kept (empty when calibrated)
-
-    @property
-    def calibrated(self) -> bool:
-        return self.calibration != "none"
-
-    @property
-    def value(self) -> float | None:
-        """The number to read: the calibrated probability, else the raw score."""
-        return self.probability if self.calibrated else self.raw_score
-
-    @property
-    def scale(self) -> str:
-        """``"probability"`` or ``"uncalibrated score"``: what :attr:`value` is."""
-        return "probability" if self.calibrated else UNCALIBRATED
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "scale": self.scale,
-            "value": _rounded(self.value),
-            "probability": _rounded(self.probability),
-            "raw_score": _rounded(self.raw_score),
-            "threshold": float(self.threshold),
-            "raw_threshold": float(self.raw_threshold),
-            "threshold_source": self.threshold_source,
-            "flagged": bool(self.flagged),
-            "calibration": self.calibration,
-            "calibration_note": self.calibration_note,
-            "source": self.source,
-            "positive": list(self.positive),
-            "negative": list(self.negative),
-        }
-
-
-def _rounded(v: float | None) -> float | None:
-    return None if v is None else round(float(v), 6)
-
-
-@dataclass
-class AnatomyResult:
-    """One anatomy of the model."""
-
-    name: str
-    status: str  # "present" | "partial" (cut by the field of view) | "absent"
-    volume_ml: float
-    voxels: int = 0
-    scored: bool = False
-    window: int | None = None  # index into AnalysisResult.windows
-    note: str = ""
-    findings: list[FindingResult] = field(default_factory=list)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "status": self.status,
-            "volume_ml": round(float(self.volume_ml), 3),
-            "voxels": int(self.voxels),
-            "scored": self.scored,
-            "window": self.window,
-            "note": self.note,
-            "findings": [f.to_dict() for f in self.findings],
-        }
-
-
-@dataclass
-class AnalysisResult:
-    """What :meth:`Analyzer.analyze` returns.
-
-    Attributes:
-        anatomies: one :class:`AnatomyResult` per model anatomy, in the model's order.
-        similarity_maps: ``(anatomy, finding) -> (Z, Y, X)`` float32 on the CT grid.
-        geometry: the CT grid (for writing the maps).
-        windows: the model-space windows encoded (one encoder forward each).
-        timings: seconds per stage.
-        notes: messages for the user (default thresholds, anatomies not scored, ...).
-    """
-
-    anatomies: list[AnatomyResult]
-    similarity_maps: dict[tuple[str, str], np.ndarray] = field(default_factory=dict)
-    geometry: Geometry | None = None
-    windows: list[windows.WindowPlan] = field(default_factory=list)
-    timings: dict[str, float] = field(default_factory=dict)
-    notes: list[str] = field(default_factory=list)
-    model: str = ""
-    device: str = ""
-    map_files: dict[tuple[str, str], str] = field(default_factory=dict)
-
-    def anatomy(self, name: str) -> AnatomyResult:
-        for a in self.anatomies:
-            if a.name == name:
-                return a
-        raise KeyError(name)
-
-    def finding(self, anatomy: str, name: str) -> FindingResult:
-        for f in self.anatomy(anatomy).findings:
-            if f.name == name:
-                return f
-        raise KeyError(f"{name!r} on {anatomy!r}")
-
-    @property
-    def flagged(self) -> list[tuple[str, FindingResult]]:
-        return [(a.name, f) for a in self.anatomies for f in a.findings if f.flagged]
-
-    def write_maps(
-        self, directory: str | os.PathLike, suffix: str = ".nii.gz"
-    ) -> dict[tuple[str, str], Path]:
-        """Write every similarity map as a NIfTI (float32, CT geometry) into ``directory``."""
-        if self.geometry is None:
-            raise InputError("this result has no CT geometry; similarity maps cannot be written")
-        out = {}
-        for (anat, name), arr in self.similarity_maps.items():
-            path = similarity.write_map(
-                arr, self.geometry, Path(directory) / similarity.map_filename(anat, name, suffix)
-            )
-            out[(anat, name)] = path
-            self.map_files[(anat, name)] = str(path)
-        return out
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "model": self.model,
-            "device": self.device,
-            "anatomies": [a.to_dict() for a in self.anatomies],
-            "flagged": [
-                {"anatomy": a, "finding": f.name, "scale": f.scale, "value": _rounded(f.value)}
-                for a, f in self.flagged
-            ],
-            "similarity_maps": [
-                {"anatomy": a, "finding": n, "file": self.map_files.get((a, n))}
-                for a, n in self.similarity_maps
-            ],
-            "windows": [w.to_dict() for w in self.windows],
-            "timings_s": {k: round(v, 4) for k, v in self.timings.items()},
-            "notes": list(self.notes),
-        }
 
 
 @dataclass
@@ -254,6 +89,23 @@ class ModelSpaceEncoding:
 # --------------------------------------------------------------------------------------------
 # Analyzer
 # --------------------------------------------------------------------------------------------
+
+
+def check_model_folder(model_dir: str | os.PathLike) -> Path:
+    """``model_dir`` as a Path when it is a model folder (holds ``config.yaml``).
+
+    Raises:
+        ConfigError: no such folder, or no ``config.yaml`` in it (the message says what to give).
+    """
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise ConfigError(f"--model {model_dir}: no such folder. Give the folder written by `fvlm train`.")
+    if not (model_dir / "config.yaml").exists():
+        raise ConfigError(
+            f"--model {model_dir}: the folder has no config.yaml, so the model cannot be built. "
+            "Give a folder written by `fvlm train` / `fvlm import-checkpoint` (config.yaml + model.safetensors)."
+        )
+    return model_dir
 
 
 class Analyzer:
@@ -303,16 +155,7 @@ class Analyzer:
         from fvlm_core.model.checkpoint import WEIGHTS_NAME, from_pretrained, read_metadata
         from fvlm_core.model.prompt_store import STORE_NAME, folder_identity, read_store
 
-        model_dir = Path(model_dir)
-        if not model_dir.is_dir():
-            raise ConfigError(
-                f"--model {model_dir}: no such folder. Give the folder written by `fvlm train`."
-            )
-        if not (model_dir / "config.yaml").exists():
-            raise ConfigError(
-                f"--model {model_dir}: the folder has no config.yaml, so the model cannot be built. "
-                "Give a folder written by `fvlm train` / `fvlm import-checkpoint` (config.yaml + model.safetensors)."
-            )
+        model_dir = check_model_folder(model_dir)
         dev = resolve_device(device)
         analyzer = cls(
             from_pretrained(model_dir, device=dev, lazy_text=True),
@@ -562,13 +405,17 @@ class Analyzer:
             emb = self.finding_embeddings(fs)
             probs = self.score(enc, emb)
         results = self._anatomy_results(fs, counts, segmentation, enc, probs)
+        boxes = windows.anatomy_boxes(labels.array, self.anatomies)
+        for a in results:
+            a.box_zyx = boxes.get(a.name)
         notes += _result_notes(results)
 
-        maps: dict[tuple[str, str], np.ndarray] = {}
+        maps: dict[tuple[str, str], AnatomyMap] = {}
         if similarity_maps:
             step("localising", 0.85)
             with _timed(timings, "localize"):
-                maps = self._similarity_maps(results, enc, emb, ct.geometry, every=similarity_maps == "all")
+                full = self._similarity_maps(results, enc, emb, ct.geometry, every=similarity_maps == "all")
+                maps = {key: AnatomyMap.from_full(array) for key, array in full.items()}
         step("done", 1.0)
         return AnalysisResult(
             anatomies=results,
@@ -579,6 +426,9 @@ class Analyzer:
             notes=notes,
             model=self.name,
             device=str(self.device),
+            ct=str(ct.source),
+            dicom_series=ct.dicom_series,
+            segmentation={"source": str(getattr(segmentation, "backend", ""))},
         )
 
     def _no_anatomy_message(self, ct: CTVolume, segmentation) -> str:

@@ -90,6 +90,17 @@ class WindowPlan:
             out["data_size_zyx"] = list(self.data_size_zyx)
         return out
 
+    @classmethod
+    def from_dict(cls, d: dict) -> WindowPlan:
+        """The inverse of :meth:`to_dict`."""
+        data = d.get("data_size_zyx")
+        return cls(
+            tuple(int(v) for v in d["start_zyx"]),
+            tuple(int(v) for v in d["size_zyx"]),
+            tuple(d["anatomies"]),
+            None if data is None else tuple(int(v) for v in data),
+        )
+
 
 def round_up(value: int, multiple: int) -> int:
     return int(-(-int(value) // int(multiple)) * int(multiple))

@@ -444,14 +444,15 @@ def inf_analysis(args: argparse.Namespace, ctx: dict) -> dict:
     """The chest CT analysed in fp32 and bf16 on the device: times, bare forwards, agreement."""
     import torch
 
-    from fvlm_core.commands.analyze import segment
+    from fvlm_core.anatomy import get_catalog
     from fvlm_core.io import read_ct
+    from fvlm_core.segmentation.choice import choose_backend, segment
     from fvlm_core.preprocess import resample_to_model_space
     from fvlm_core.zeroshot.analyzer import Analyzer
 
     ct = read_ct(Path(args.data) / CT_NAME)
     base = Analyzer.from_pretrained(ctx["model"], device=args.device, precision="fp32")
-    seg = segment(ct, base, None, "builtin", None)
+    seg = segment(ct, get_catalog(list(base.anatomies)), choose_backend("builtin"))
     ct_ms, labels_ms = resample_to_model_space(ct, base.labels_in_model_order(seg), base.model_space)
     ctx.update(analyzer=base, ct=ct, seg=seg, ct_ms=ct_ms, labels_ms=labels_ms)
     repeats = 1 if args.small else 3

@@ -923,3 +923,34 @@ def test_peer_agreement_counts_rows_whose_best_text_is_the_same():
         peer_agreement(eye, eye, eye, eye, torch.tensor([[True, False], [False, True], [False, False]]))
         is None
     )
+
+
+def test_train_into_a_folder_in_use_is_refused_and_a_run_holds_its_folder(
+    prepared_cache, samples, tmp_path, capsys
+):
+    """Two `fvlm train` into one --out: the second is refused before any work, naming the first
+    (pid, host, start time); a run holds its folder's lock from set-up to its summary."""
+    from test_locks import Holder
+
+    from fvlm_core.locks import FolderInUse, FolderLock
+    from fvlm_training.cli import main
+
+    out = tmp_path / "run"
+    with Holder(out, command="fvlm train") as first:
+        rc = main(
+            ["train", "--config", "tiny-cpu", "--set", f"data.cache={prepared_cache}", "--out", str(out)]
+        )
+        err = capsys.readouterr().err
+        assert rc == 2 and f"is in use by fvlm train (pid {first.pid} on host" in err
+        assert sorted(p.name for p in out.iterdir()) == [".fvlm-lock"]  # nothing of the second run
+    refused = []
+
+    def second_run_meanwhile(info):
+        try:
+            FolderLock(out, command="fvlm train").acquire().release()
+        except FolderInUse as exc:
+            refused.append(str(exc))
+
+    res = train(train_config(epochs=1), out, dataset=samples, progress=second_run_meanwhile)
+    assert res["status"] == "completed" and len(refused) == res["steps"] > 0
+    assert not (out / ".fvlm-lock").exists()  # given up at the end

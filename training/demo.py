@@ -929,14 +929,21 @@ def check_outputs(out: Path) -> None:
 
 
 def run_demo(cfg: DemoConfig, log: Callable[[str], None] = _log) -> DemoResult:
-    """Run the whole demo (see the module docstring) and return where everything went."""
-    from fvlm_core.atomic import atomic_write_text
+    """Run the whole demo (see the module docstring) and return where everything went. A second
+    demo into the same ``--out`` while this one runs is refused (:mod:`fvlm_core.locks`)."""
+    from fvlm_core.locks import lock_folder
 
     t_start = time.perf_counter()
-    deadline = t_start + cfg.minutes * 60.0
     out = Path(cfg.out).resolve()
     check_outputs(out)
-    out.mkdir(parents=True, exist_ok=True)
+    with lock_folder(out, "--out", command="fvlm demo"):  # a second demo into it is refused
+        return _run_demo(cfg, out, t_start, log)
+
+
+def _run_demo(cfg: DemoConfig, out: Path, t_start: float, log: Callable[[str], None]) -> DemoResult:
+    from fvlm_core.atomic import atomic_write_text
+
+    deadline = t_start + cfg.minutes * 60.0
     seconds: dict[str, float] = {}
     model_cfg = demo_model_config(cfg.model_config, cfg.size)
 

@@ -1342,9 +1342,17 @@ def output_plan(args: argparse.Namespace, parts: bool = True):
 
 
 def run(args: argparse.Namespace) -> int:
+    from fvlm_core.locks import lock_folders
+
+    output_plan(args)  # before any work: a bad --out is refused in a second, not after scoring
+    written = [(args.out, "--out")] + ([(args.model, "--model")] if args.store_thresholds else [])
+    with lock_folders(written, command="fvlm evaluate"):  # a second run into them is refused
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     meta: dict[str, Any] = {}
-    output_plan(args)  # before any work: a bad --out is refused in a second, not after scoring
     collect = _scores_from_table if args.scores else _scores_from_model
     names, scores, truth, thresholds, source = collect(args, meta)
     not_evaluated = meta.pop("not_evaluated", {})

@@ -31,6 +31,7 @@ import os
 import shutil
 import stat
 import tempfile
+import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -328,7 +329,17 @@ class Staging:
                     )
 
     def commit(self) -> None:
-        """Move every staged output into place; on any failure put everything back."""
+        """Move every staged output into place, in the order they were declared; on any failure
+        put everything back.
+
+        Each file goes into place by one atomic rename over the one it replaces, so at every
+        moment each output path holds its old or its new file, never none (a replaced folder is
+        swapped atomically where the OS can: Linux ``renameat2``, macOS ``renamex_np``). A run
+        killed during the commit therefore leaves the outputs declared before the one in flight
+        new and the rest old: declare last the output that completes the set (a model folder's
+        ``config.yaml``). Replaced files are kept as hard links (or copies) until the end, to be
+        put back after a failure.
+        """
         moves = self._moves()
         self._refuse_inputs(moves)
         for src, dst in moves:
@@ -337,28 +348,15 @@ class Staging:
                 os.chmod(src, stat.S_IMODE(old) if old is not None else new_dir_mode())
             else:
                 os.chmod(src, final_mode(dst))
-        done: list[tuple[Path, Path, Path | None]] = []
+        done: list[tuple[Path, Path, Path | None]] = []  # (staged, final, the old output kept)
         try:
             for src, dst in moves:
                 dst.parent.mkdir(parents=True, exist_ok=True)
-                backup = None
-                if os.path.lexists(dst):
-                    if dst.is_dir() != src.is_dir():
-                        kind = "folder" if dst.is_dir() else "file"
-                        raise OutputError(
-                            f"{dst} became a {kind} while the command ran; nothing was written."
-                        )
-                    backup = temporary_sibling(dst, folder=dst.is_dir())
-                    os.replace(dst, backup)
-                done.append((src, dst, backup))
-                os.replace(src, dst)
+                done.append((src, dst, _move_over(src, dst)))
         except BaseException:
             for src, dst, backup in reversed(done):
                 with contextlib.suppress(OSError):
-                    if os.path.lexists(dst) and not os.path.lexists(src):
-                        os.replace(dst, src)
-                    if backup is not None:
-                        os.replace(backup, dst)
+                    _put_back(src, dst, backup)
             raise
         for _, _, backup in done:
             if backup is not None:
@@ -374,6 +372,81 @@ class Staging:
         for folder in reversed(self._created):
             with contextlib.suppress(OSError):
                 folder.rmdir()  # only if still empty
+
+
+def _move_over(src: Path, dst: Path) -> Path | None:
+    """Put ``src`` in place of ``dst`` (see :meth:`Staging.commit`); returns where the output it
+    replaced is kept (None: there was none)."""
+    if not os.path.lexists(dst):
+        os.replace(src, dst)
+        return None
+    if dst.is_dir() != src.is_dir():
+        kind = "folder" if dst.is_dir() else "file"
+        raise OutputError(f"{dst} became a {kind} while the command ran; nothing was written.")
+    if src.is_dir():
+        if _exchange(src, dst):  # the old folder is now at src
+            return src
+        backup = temporary_sibling(dst, folder=True)
+        os.replace(dst, backup)  # no atomic swap here: a moment without the folder
+        os.replace(src, dst)
+        return backup
+    backup = _keep(dst)
+    os.replace(src, dst)  # one atomic rename over the old file
+    return backup
+
+
+def _keep(path: Path) -> Path:
+    """A second name for the file at ``path`` (a hard link; a copy where links are not possible)."""
+    backup = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.old")
+    try:
+        os.link(path, backup, follow_symlinks=False)
+    except OSError:
+        shutil.copy2(path, backup, follow_symlinks=False)
+    return backup
+
+
+def _put_back(src: Path, dst: Path, backup: Path | None) -> None:
+    """Undo :func:`_move_over`: the new output goes back to ``src``, the old one (if any) to ``dst``."""
+    if backup is None:
+        if os.path.lexists(dst) and not os.path.lexists(src):
+            os.replace(dst, src)
+    elif backup == src:  # folders swapped: swap again
+        if not _exchange(src, dst):
+            _swap_by_renames(src, dst)
+    elif backup.is_dir() and not backup.is_symlink():
+        os.replace(dst, src)
+        os.replace(backup, dst)
+    else:
+        os.replace(backup, dst)  # one atomic rename: the old file is back
+
+
+def _swap_by_renames(a: Path, b: Path) -> None:
+    tmp = temporary_sibling(b, folder=True)
+    os.rmdir(tmp)
+    os.replace(b, tmp)
+    os.replace(a, b)
+    os.replace(tmp, a)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (Linux ``renameat2(RENAME_EXCHANGE)``, macOS ``renamex_np(RENAME_SWAP)``);
+    False where the OS or file system cannot."""
+    import ctypes
+    import ctypes.util
+    import sys
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+        if sys.platform.startswith("linux") and hasattr(libc, "renameat2"):
+            at_fdcwd, rename_exchange = -100, 2
+            rc = libc.renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange)
+        elif sys.platform == "darwin" and hasattr(libc, "renamex_np"):
+            rc = libc.renamex_np(os.fsencode(a), os.fsencode(b), 0x2)  # RENAME_SWAP
+        else:
+            return False
+    except OSError:
+        return False
+    return rc == 0
 
 
 def _remove(path: Path) -> None:

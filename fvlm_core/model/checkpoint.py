@@ -136,7 +136,10 @@ def save_pretrained(
     The weights, ``config.yaml``, ``text/`` and the embeddings of the config's finding prompts
     (:mod:`~fvlm_core.model.prompt_store`; encoded now, in eval mode) are written all or none
     (:class:`fvlm_core.outputs.OutputPlan`): a failure leaves a previous checkpoint in the
-    folder as it was. Other files in the folder are left alone.
+    folder as it was. Each file is put in place by one atomic rename, ``config.yaml`` last, so
+    even a process killed while they are moved leaves a folder that loads (each file the old or
+    the new one; a first save killed there leaves no ``config.yaml``: not yet a model). Other
+    files in the folder are left alone.
 
     Args:
         model: the model.
@@ -178,12 +181,12 @@ def save_pretrained(
     }
     metadata[prompt_store.TEXT_DIGEST_KEY] = prompt_store.text_weights_digest(tensors)
     texts = prompt_store.prompt_texts(config)
-    plan = OutputPlan()
+    plan = OutputPlan()  # committed in this order: config.yaml, which makes the folder a model, last
+    plan.folder(TEXT_DIR, directory / TEXT_DIR, replace=True, force=True)
     plan.file(WEIGHTS_NAME, directory / WEIGHTS_NAME)
-    plan.file(CONFIG_NAME, directory / CONFIG_NAME)
     if store_prompts:
         plan.file(prompt_store.STORE_NAME, directory / prompt_store.STORE_NAME)
-    plan.folder(TEXT_DIR, directory / TEXT_DIR, replace=True, force=True)
+    plan.file(CONFIG_NAME, directory / CONFIG_NAME)
     with plan.writing() as staged:
         save_text_files(model, staged.path(TEXT_DIR))
         save_file(tensors, str(staged.path(WEIGHTS_NAME)), metadata=metadata)

@@ -36,7 +36,14 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from fvlm_core.atomic import final_mode, make_parents, new_dir_mode, temporary_sibling
+from fvlm_core.atomic import (
+    disk_full_error,
+    final_mode,
+    is_disk_full,
+    make_parents,
+    new_dir_mode,
+    temporary_sibling,
+)
 from fvlm_core.errors import OutputError
 
 
@@ -264,8 +271,17 @@ class OutputPlan:
             staging.open()
             yield staging
             staging.commit()
-        except BaseException:
+        except BaseException as exc:
+            where = self._outputs[0].path.parent if self._outputs else Path(".")
+            full = (
+                isinstance(exc, Exception) and not isinstance(exc, OutputError) and is_disk_full(exc, where)
+            )
             staging.discard()
+            if full:
+                names = ", ".join(str(o.path) for o in self._outputs)
+                raise disk_full_error(
+                    where, names, "Nothing was written: the previous files are kept."
+                ) from exc
             raise
 
 

@@ -60,7 +60,7 @@ def test_columns_values_missing_labels_and_reports(tmp_path):
     bad = [
         (
             [["scan", "Emphysema"], ["a", "maybe"]],
-            r"line 2, column 'Emphysema': value 'maybe' is not a label",
+            r"1 cell\(s\) are not labels, in column\(s\) 'Emphysema' \(1\): line 2 \(a\), column 'Emphysema': 'maybe'",
         ),
         ([["scan", "Emphysema"], ["a", "1"], ["a", "0"]], "scan 'a' is on lines 2 and 3"),
         ([["scan", "Emphysema", "emphysema"], ["a", "1", "1"]], "both the finding 'Emphysema'"),

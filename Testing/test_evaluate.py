@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -610,3 +611,69 @@ def test_a_failure_after_scoring_keeps_the_scores_and_says_what_failed(
     monkeypatch.setattr(Analyzer, "encode_model_space", lambda *a, **k: count_encodes.append(a) or 1 / 0)
     assert main(argv) == 0 and count_encodes == []
     assert json.loads((out / "metrics.json").read_text())["labels"]["Cardiomegaly"]["n"] == 3
+
+
+def test_labels_are_checked_before_any_work_by_one_rule_for_every_layout(tmp_path, monkeypatch):
+    """A label of 2, -1 or 0.5 (or text) is refused before anything is scored, naming each row
+    and column; an empty cell or NA is a missing label: that volume is left out of that finding,
+    never counted as a negative. The same rule for a CT-RATE layout and a --labels score table
+    (the cohort and RAD-ChestCT readers: test_cohort.py, test_radchest.py)."""
+    from fvlm_core.data.synth import generate_cohort
+    from fvlm_core.errors import DataError
+    from fvlm_core.zeroshot import analyzer
+
+    # --scores with --labels: Emphysema's row 3 unknown (empty), row 5 NA
+    y = [str(v) for v in Y]
+    y[2], y[4] = "", "NA"
+    _write_csv(tmp_path / "scores.csv", {"VolumeName": NAMES, "Emphysema": S})
+    _write_csv(tmp_path / "labels.csv", {"VolumeName": NAMES, "Emphysema": y, "Note": ["free text"] * 8})
+    names, scores = ev.read_score_table(tmp_path / "scores.csv")
+    truth = ev.read_label_table(tmp_path / "labels.csv", names)
+    assert np.isnan(truth["Emphysema"][[2, 4]]).all() and list(truth) == ["Emphysema"]
+    rep = ev.evaluate_scores(scores, truth, names, n_bootstrap=0)
+    kept = [i for i in range(8) if i not in (2, 4)]
+    from fvlm_core.metrics import auc
+
+    assert rep.per_label["Emphysema"].n == 6  # left out, not counted as 0
+    assert rep.per_label["Emphysema"].auc == pytest.approx(auc(np.array(Y)[kept], np.array(S)[kept]))
+    assert any("2 volume(s) without a label" in n for n in rep.notes)
+    for bad, read in (
+        ("2", None),
+        ("-1", None),
+        ("0.5", None),
+        ("yes?", ["Emphysema"]),
+    ):  # fvlm evaluate reads the scored columns
+        y_bad = [str(v) for v in Y]
+        y_bad[3], y_bad[6] = bad, "-1"
+        _write_csv(tmp_path / "labels.csv", {"VolumeName": NAMES, "Emphysema": y_bad})
+        with pytest.raises(
+            DataError,
+            match=rf"2 cell\(s\) are not labels, in column\(s\) 'Emphysema' \(2\): line 5 \({NAMES[3]}\), column 'Emphysema': '{re.escape(bad)}'",
+        ):
+            ev.read_label_table(tmp_path / "labels.csv", names, read)
+
+    # a CT-RATE layout: refused when the dataset is opened, before the model is loaded
+    data = tmp_path / "ctrate"
+    generate_cohort(data, 6, 3, size_zyx=(32, 32, 32), valid_fraction=0.5)
+    labels_csv = data / "multi_abnormality_labels" / "valid_predicted_labels.csv"
+    rows = _read_csv(labels_csv)
+    rows[0]["Emphysema"], rows[1]["Cardiomegaly"], rows[1]["Atelectasis"] = "2", "0.5", ""
+    with open(labels_csv, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    monkeypatch.setattr(analyzer.Analyzer, "from_pretrained", lambda *a, **k: pytest.fail("model loaded"))
+    with pytest.raises(DataError) as err:
+        ev.VolumeSource(data, ["lung", "heart", "esophagus", "aorta"], "valid")
+    msg = str(err.value)
+    assert f"{rows[0]['VolumeName'].removesuffix('.nii.gz')}, column 'Emphysema': '2'" in msg
+    assert "--split" not in msg  # not taken for another kind of folder
+    assert "column 'Cardiomegaly': '0.5'" in msg and "Atelectasis" not in msg
+    rows[0]["Emphysema"], rows[1]["Cardiomegaly"] = "1", "0"
+    with open(labels_csv, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    source = ev.VolumeSource(data, ["lung", "heart", "esophagus", "aorta"], "valid")
+    missing = source.truth(source.names[1])
+    assert missing["Atelectasis"] is None and missing["Cardiomegaly"] == 0  # missing, not 0

@@ -667,29 +667,47 @@ def read_score_table(path: str | os.PathLike) -> tuple[list[str], dict[str, np.n
     return [r["VolumeName"] for r in rows], scores
 
 
-def read_label_table(path: str | os.PathLike, volume_names: Sequence[str]) -> dict[str, np.ndarray]:
-    """Ground truth for ``volume_names`` from a CT-RATE multi-abnormality label CSV.
+def read_label_table(
+    path: str | os.PathLike, volume_names: Sequence[str], labels: Sequence[str] | None = None
+) -> dict[str, np.ndarray]:
+    """Ground truth for ``volume_names`` from a label CSV (``VolumeName`` + one column per label,
+    e.g. CT-RATE's multi_abnormality_labels): label -> ``(N,)`` 0/1, NaN where missing.
 
     Volumes match by name with or without ``.nii.gz``; a volume listed twice counts once (its
-    first row). Columns holding a number in every row are the labels (text columns are left out).
+    first row). ``labels``: the columns to read (the score table's; those the CSV lacks are left
+    out); None: every column of numbers (text columns are left out). Cells follow
+    the rule of every layout (:func:`fvlm_core.data.labelled.label_value`): 1, 0, or missing
+    (left out of that label); any other value in a column read is an error naming each row and
+    column, raised before any work.
     """
+    from fvlm_core.data.labelled import MISSING_VALUES, LabelCells
+
     columns, rows = _read_csv(path, "label table")
-    by_name: dict[str, dict[str, str]] = {}
-    for r in rows:
-        by_name.setdefault(volume_stem(r["VolumeName"]), r)
+    by_name: dict[str, tuple[int, dict[str, str]]] = {}
+    for line, r in enumerate(rows, start=2):
+        by_name.setdefault(volume_stem(r["VolumeName"]), (line, r))
     absent = [v for v in volume_names if volume_stem(v) not in by_name]
     if absent:
         raise DataError(f"{path}: no labels for {len(absent)} scored volume(s), e.g. {absent[:3]}")
 
-    def numeric(column: str) -> bool:
+    def numeric(column: str) -> bool:  # numbers (labels or not) and missing cells: not a text column
         try:
-            return all(not np.isnan(_number(r[column])) for r in rows)
+            for r in rows:
+                if r[column].strip().lower() not in MISSING_VALUES:
+                    float(r[column])
         except ValueError:
             return False
+        return True
 
-    columns = [c for c in columns if numeric(c)]
+    wanted = [c for c in columns if numeric(c)] if labels is None else [c for c in labels if c in columns]
+    cells = LabelCells(path)
     chosen = [by_name[volume_stem(v)] for v in volume_names]
-    return {c: np.asarray([int(float(r[c])) for r in chosen], dtype=int) for c in columns}
+    out = {}
+    for c in wanted:
+        values = [cells.value(r[c], r["VolumeName"], c, line) for line, r in chosen]
+        out[c] = np.asarray([np.nan if v is None else float(v) for v in values], dtype=float)
+    cells.check()
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -766,10 +784,12 @@ class VolumeSource:
 
     def _open_layout(self, options, ignore_columns: Sequence[str]) -> list[str]:
         """Read the dataset's tables; the labelled volumes' names, sorted."""
-        from fvlm_core.data.labelled import open_dataset
+        from fvlm_core.data.labelled import LabelValueError, open_dataset
 
         try:
             self.reader = open_dataset(self.data_dir, options)
+        except LabelValueError:
+            raise  # the folder is a dataset: its label cells are what is wrong
         except DataError as exc:
             raise DataError(
                 f"{exc} --data must be a CT-RATE layout folder (see --split), a RAD-ChestCT or labelled "
@@ -1141,7 +1161,7 @@ def _scores_from_table(args: argparse.Namespace, meta: dict[str, Any]):
     if not args.labels:
         raise ConfigError("--scores needs --labels (the ground-truth CSV)")
     names, scores = read_score_table(args.scores)
-    truth = read_label_table(args.labels, names)
+    truth = read_label_table(args.labels, names, list(scores))
     meta["scores"] = str(args.scores)
     thresholds: dict[str, float] = {}
     source = CalibrationSource(refit=args.store_thresholds)

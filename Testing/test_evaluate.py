@@ -677,3 +677,13 @@ def test_labels_are_checked_before_any_work_by_one_rule_for_every_layout(tmp_pat
     source = ev.VolumeSource(data, ["lung", "heart", "esophagus", "aorta"], "valid")
     missing = source.truth(source.names[1])
     assert missing["Atelectasis"] is None and missing["Cardiomegaly"] == 0  # missing, not 0
+
+
+def test_a_header_only_score_table_is_refused_clearly(tmp_path, capsys):
+    _, l_csv = _tables(tmp_path)
+    (tmp_path / "empty.csv").write_text("VolumeName,Emphysema\n")
+    argv = ["evaluate", "--scores", str(tmp_path / "empty.csv"), "--labels", str(l_csv)]
+    assert main([*argv, "--out", str(tmp_path / "rep")]) == 2
+    err = capsys.readouterr().err
+    assert "empty.csv: the score table has a header but no rows" in err and "Traceback" not in err
+    assert not (tmp_path / "rep").exists()

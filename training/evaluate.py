@@ -645,6 +645,8 @@ def _read_csv(path: str | os.PathLike, what: str) -> tuple[list[str], list[dict[
         raise DataError(f"{path}: not a readable CSV {what} ({exc})") from exc
     if "VolumeName" not in columns:
         raise DataError(f"{path}: a {what} needs a VolumeName column, found {columns}")
+    if not rows:
+        raise DataError(f"{path}: the {what} has a header but no rows: there is nothing to evaluate.")
     return [c for c in columns if c != "VolumeName"], rows
 
 

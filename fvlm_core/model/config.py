@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from fvlm_core.calibration import from_config, to_config
+from fvlm_core.calibration import check_thresholds, from_config, to_config
 from fvlm_core.errors import ConfigError
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
@@ -220,7 +220,7 @@ class FVLMConfig:
             self.findings = _default_findings(self.anatomies)
         self.findings = [dict(f) for f in self.findings]
         self.finding_set()  # validate
-        self.thresholds = {str(k): float(v) for k, v in (self.thresholds or {}).items()}
+        self.thresholds = check_thresholds(self.thresholds)
         self.calibration = to_config(from_config(self.calibration))  # validated, plain data
         self.versions = {str(k): str(v) for k, v in (self.versions or {}).items()}
 

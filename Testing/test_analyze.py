@@ -451,3 +451,67 @@ def test_window_cap_leaves_cut_anatomy_unscored(analyzer):
     assert lung.status in ("present", "partial") and not lung.scored and "90%" in lung.note
     assert all(f.raw_score is None and not f.flagged for f in lung.findings)
     assert any(n.startswith("lung: not scored") for n in result.notes)
+
+
+def test_a_calibration_applies_only_to_the_wording_and_text_side_it_was_fitted_with(analyzer, tmp_path):
+    """Bound to the finding's wording and the model's text identity (the prompt store's): a
+    wording edited in config.yaml, another text.max_length, or a --prompts finding worded
+    otherwise get the raw score and 0.5 (and a note why); the same wording, also through
+    --prompts, gets the calibration. Before, the first two kept the old Platt map."""
+    import yaml
+
+    from fvlm_core.calibration import Calibration
+    from fvlm_core.findings import Finding
+    from fvlm_core.zeroshot.analyzer import Analyzer
+
+    model_dir = tmp_path / "model"
+    platt = Calibration("platt", "test", a=0.5, b=-1.0)
+    analyzer.model.save_pretrained(
+        model_dir,
+        thresholds={"Emphysema": 0.02},
+        calibration={"Emphysema": platt.to_dict()},
+        store_prompts=False,
+    )
+    ct, labels = _phantom()
+    seg = _segmentation(labels, ct.geometry)
+
+    def emphysema(findings=None):
+        an = Analyzer.from_pretrained(model_dir, device="cpu")
+        res = an.analyze(ct, seg, findings, similarity_maps=False)
+        return res.finding("lung", "Emphysema"), res.notes
+
+    f, _ = emphysema()
+    assert (f.calibration, f.threshold_source, f.raw_threshold) == ("platt", "calibrated", 0.02)
+    config = yaml.safe_load((model_dir / "config.yaml").read_text())
+    original = dict(config)
+    # the same wording given through --prompts: the calibration applies
+    same = Finding.from_name("Emphysema", "lung")
+    assert emphysema([same])[0].calibration == "platt"
+    # another wording through --prompts: it does not
+    other = Finding.from_name("Emphysema", "lung", positive="Emphysema is present.")
+    f, notes = emphysema([other])
+    assert (f.calibration, f.threshold_source, f.raw_threshold, f.probability) == (
+        "none",
+        "default",
+        0.5,
+        None,
+    )
+    assert "fitted on another wording (lung: Emphysema. / Not Emphysema.)" in f.calibration_note
+    assert any(n.startswith("Emphysema: the threshold and calibration were fitted on another") for n in notes)
+    # the wording edited in config.yaml
+    config["findings"] = [
+        {**d, "positive": ["Emphysema is present."]} if d["name"] == "Emphysema" else d
+        for d in config["findings"]
+    ]
+    (model_dir / "config.yaml").write_text(yaml.safe_dump(config))
+    f, _ = emphysema()
+    assert (f.calibration, f.threshold_source, f.scale) == ("none", "default", "uncalibrated score")
+    # the text side changed: another max_length (what the encoder sees of a prompt)
+    config = {**original, "text": {**original["text"], "max_length": 8}}
+    (model_dir / "config.yaml").write_text(yaml.safe_dump(config))
+    f, _ = emphysema()
+    assert (f.calibration, f.threshold_source) == ("none", "default")
+    assert "another text encoder, tokenizer or text settings" in f.calibration_note
+    (model_dir / "config.yaml").write_text(yaml.safe_dump(original))
+    assert emphysema()[0].calibration == "platt"
+    assert original["calibrated_with"]["Emphysema"]["positive"] == ["Emphysema."]  # what it records

@@ -254,8 +254,12 @@ def test_evaluate_calibrate_and_strict_on_a_cohort(cohort, tiny_model_dir, tmp_p
     assert rep["split"]["description"] == "labelled cohort, 8 volumes"
     from fvlm_core.model.config import load_config
 
-    stored = load_config(model).thresholds
-    assert stored["Dense lung spot"] == pytest.approx(spot["threshold"])
+    stored = load_config(model)
+    assert stored.thresholds["Dense lung spot"] == pytest.approx(spot["threshold"])
+    # stored with the --prompts wording it was fitted on: used only for that wording
+    fitted = stored.calibrated_with["Dense lung spot"]
+    assert (fitted["positive"], fitted["negative"]) == (["Dense spot."], ["No spot."])
+    assert fitted["text_identity"]
 
     out = tmp_path / "strict"
     argv = [

@@ -687,3 +687,41 @@ def test_a_header_only_score_table_is_refused_clearly(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "empty.csv: the score table has a header but no rows" in err and "Traceback" not in err
     assert not (tmp_path / "rep").exists()
+
+
+def test_the_macro_auc_says_how_many_labels_it_averages(tmp_path, capsys):
+    """Cardiomegaly has one class only: no AUC. The macro AUC is Emphysema's, and the report,
+    metrics.json and the console say it is over 1 of the 2 labels."""
+    _write_csv(tmp_path / "scores.csv", {"VolumeName": NAMES, "Emphysema": S, "Cardiomegaly": S})
+    _write_csv(tmp_path / "labels.csv", {"VolumeName": NAMES, "Emphysema": Y, "Cardiomegaly": [0] * 8})
+    out = tmp_path / "rep"
+    argv = ["evaluate", "--scores", str(tmp_path / "scores.csv"), "--labels", str(tmp_path / "labels.csv")]
+    assert main([*argv, "--out", str(out), "--n-bootstrap", "10", "--no-plots"]) == 0
+    macro = json.loads((out / "metrics.json").read_text())["macro"]["fvlm16"]
+    assert (
+        macro["auc"] == pytest.approx(13 / 16) and macro["n_labels"] == 2 and macro["n_defined"]["auc"] == 1
+    )
+    assert "| **macro fvlm16** (2 labels) | | | 0.812 over 1 |" in (out / "report.md").read_text()
+    printed = capsys.readouterr().out
+    assert "macro AUC 0.812 over 1 of 2 labels (AUC undefined for 1: a single class in the data)" in printed
+
+
+def test_strict_without_thresholds_is_refused_before_any_volume_is_scored(
+    tiny_model_dir, tmp_path, count_encodes, capsys
+):
+    import shutil
+
+    from fvlm_core.model.config import load_config
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    config = load_config(model)
+    config.thresholds, config.calibration, config.calibrated_with = {}, {}, {}
+    config.save(model / "config.yaml")
+    cache = _cache(model, tmp_path / "cache", n=4)
+    argv = ["evaluate", "--data", str(cache), "--model", str(model), "--protocol", "strict"]
+    assert main([*argv, "--out", str(tmp_path / "rep"), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "--protocol strict needs a threshold fixed beforehand" in err and "Cardiomegaly" in err
+    assert "stores none that was fitted on them" in err and "Nothing was scored" in err
+    assert count_encodes == [] and not (tmp_path / "rep" / "scores.csv").exists()

@@ -411,6 +411,7 @@ def auc_table(truth: dict[str, np.ndarray], scores: dict[str, _Scores]) -> dict[
             per_protocol[protocol] = {
                 "per_finding": rows,
                 "macro_auc": float(np.mean(aucs)) if aucs else None,
+                "macro_auc_over": len(aucs),  # findings with a defined AUC (both classes present)
             }
         table["models"][model_name] = per_protocol
     return table
@@ -430,8 +431,11 @@ def table_markdown(table: dict[str, Any], header: str = "") -> str:
         lines.append(f"| {finding} | " + " | ".join(cells) + " |")
     macro = []
     for m, p in cols:
-        v = table["models"][m][p]["macro_auc"]
-        macro.append("n/a" if v is None else f"**{v:.3f}**")
+        v, k = table["models"][m][p]["macro_auc"], table["models"][m][p].get("macro_auc_over")
+        over = (
+            f" (over {k} of {len(table['findings'])})" if k is not None and k < len(table["findings"]) else ""
+        )
+        macro.append("n/a" if v is None else f"**{v:.3f}**{over}")
     lines.append("| **macro AUC** | " + " | ".join(macro) + " |")
     return "\n".join(lines) + "\n"
 

@@ -403,8 +403,10 @@ def _table(results: Mapping[str, Any], macro: Mapping[str, dict]) -> list[str]:
             f"{_fmt(m.sensitivity)} | {_fmt(m.specificity)} |"
         )
     for name, mm in macro.items():
+        n_auc = mm.get("n_defined", {}).get("auc", mm["n_labels"])
+        auc_over = "" if n_auc == mm["n_labels"] else f" over {n_auc}"
         lines.append(
-            f"| **macro {name}** ({mm['n_labels']} labels) | | | {_fmt(mm['auc'])} | | {_fmt(mm['accuracy'])} | "
+            f"| **macro {name}** ({mm['n_labels']} labels) | | | {_fmt(mm['auc'])}{auc_over} | | {_fmt(mm['accuracy'])} | "
             f"{_fmt(mm['f1_weighted'])} | {_fmt(mm['f1_positive'])} | {_fmt(mm['precision'])} | "
             f"{_fmt(mm['sensitivity'])} | {_fmt(mm['specificity'])} |"
         )
@@ -593,15 +595,22 @@ def store_thresholds(
     source: str = "",
     calibration: Mapping[str, Any] | None = None,
     to: str | os.PathLike | None = None,
+    findings: Sequence[Any] | None = None,
 ) -> Path:
     """Save ``thresholds`` (finding name -> value on the raw scale) and ``calibration`` (finding
     name -> :class:`~fvlm_core.calibration.Calibration`) into ``model_dir/config.yaml``
     (atomically; only that file: the weights' record of the architecture stays as it was), or
     into ``to`` (a staged file that replaces it later: :func:`run` writes all outputs or none).
 
-    Existing thresholds and calibrations of other findings are kept. ``fvlm analyze`` then
-    reports them as ``threshold_source: calibrated`` and gives calibrated probabilities.
+    Each is stored with what it was fitted with (``calibrated_with``: the finding's anatomy and
+    wordings, from ``findings`` (the scored ones, ``--prompts`` included) or else the config's
+    finding of that name, and the folder's text identity; :mod:`fvlm_core.model.calibrated_with`),
+    so that it is used only for that finding as worded then, with that text side. A name with no
+    known wording is not stored. Existing thresholds and calibrations of other findings are kept.
+    ``fvlm analyze`` then reports them as ``threshold_source: calibrated`` and gives calibrated
+    probabilities.
     """
+    from fvlm_core.model.calibrated_with import fitted_with, folder_text_identity
     from fvlm_core.model.config import load_config
 
     model_dir = Path(model_dir)
@@ -609,9 +618,19 @@ def store_thresholds(
     if not cfg_path.exists():
         raise ConfigError(f"{model_dir}: no config.yaml; --store-thresholds needs a model folder.")
     cfg = load_config(model_dir)
-    clean = {k: float(v) for k, v in thresholds.items() if v is not None and not math.isnan(float(v))}
+    scored = {f.name: f for f in (findings if findings is not None else cfg.finding_set())}
+    known = {**{f.name: f for f in cfg.finding_set()}, **scored}
+    identity = folder_text_identity(model_dir, cfg)
+    clean = {
+        k: float(v)
+        for k, v in thresholds.items()
+        if v is not None and not math.isnan(float(v)) and k in known
+    }
+    fitted = {k: c for k, c in (calibration or {}).items() if k in known}
     cfg.thresholds = {**cfg.thresholds, **clean}
-    cfg.calibration = {**cfg.calibration, **{k: c.to_dict() for k, c in (calibration or {}).items()}}
+    cfg.calibration = {**cfg.calibration, **{k: c.to_dict() for k, c in fitted.items()}}
+    for name in {*clean, *fitted}:
+        cfg.calibrated_with[name] = fitted_with(known[name], identity)
     if source:
         cfg.versions = {**cfg.versions, "thresholds_from": source}
     cfg.save(Path(to) if to is not None else cfg_path)
@@ -869,6 +888,15 @@ class VolumeSource:
 
     def __len__(self) -> int:
         return len(self.names)
+
+    def labelled_findings(self) -> set[str]:
+        """The findings with a label (not missing) for at least one of :attr:`names`."""
+        return {k for name in self.names for k, v in self.truth(name).items() if v is not None}
+
+    def may_segment(self, anatomy: str) -> bool:
+        """Whether the segmentation can give ``anatomy`` (the built-in one finds lungs and bone
+        only; masks and TotalSegmentator: yes, as far as is known before reading them)."""
+        return self.is_cache or self.backend != "builtin" or anatomy in ("lung", "bone")
 
     def truth(self, name: str) -> dict[str, int]:
         """The CT-RATE labels of ``name`` as 0/1, without reading its image."""
@@ -1151,15 +1179,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="report folder")
 
 
-def _stored_calibrations(config) -> dict[str, Any]:
-    from fvlm_core.calibration import from_config
-
-    return from_config(config.calibration)
-
-
 def _scores_from_table(args: argparse.Namespace, meta: dict[str, Any]):
-    """``(names, scores, truth, thresholds, calibration source)`` of ``--scores`` and ``--labels``
-    (thresholds and stored calibrations: the ``--model`` folder's, if given)."""
+    """``(names, scores, truth, thresholds, calibration source, findings)`` of ``--scores`` and
+    ``--labels``: thresholds and stored calibrations of the ``--model`` folder, if given (those
+    that apply to its findings: :mod:`fvlm_core.model.calibrated_with`; the table is taken as
+    scored with the model's own findings), and its findings (None without ``--model``)."""
     if not args.labels:
         raise ConfigError("--scores needs --labels (the ground-truth CSV)")
     names, scores = read_score_table(args.scores)
@@ -1167,12 +1191,16 @@ def _scores_from_table(args: argparse.Namespace, meta: dict[str, Any]):
     meta["scores"] = str(args.scores)
     thresholds: dict[str, float] = {}
     source = CalibrationSource(refit=args.store_thresholds)
+    findings = None
     if args.model:
+        from fvlm_core.model.calibrated_with import StoredCalibration, folder_text_identity
         from fvlm_core.model.config import load_config
 
         config = load_config(args.model)
-        thresholds, source.stored = dict(config.thresholds), _stored_calibrations(config)
-    return names, scores, truth, thresholds, source
+        findings = list(config.finding_set())
+        stored = StoredCalibration(config, folder_text_identity(args.model, config))
+        thresholds, source.stored = stored.thresholds(findings), stored.calibrations(findings)
+    return names, scores, truth, thresholds, source, findings
 
 
 def _findings_of(args: argparse.Namespace, config):
@@ -1244,6 +1272,8 @@ def _scores_from_model(args: argparse.Namespace, meta: dict[str, Any]):
     config = load_config(args.model)
     findings = _findings_of(args, config)
     sources = _open_sources(args, config, findings)  # bad data is refused before the model loads
+    if args.protocol == "strict":
+        _check_strict_thresholds(args, config, findings, sources)  # before any volume is scored
     from fvlm_core.zeroshot.analyzer import Analyzer
 
     analyzer = Analyzer.from_pretrained(args.model, device=args.device)
@@ -1253,7 +1283,8 @@ def _scores_from_model(args: argparse.Namespace, meta: dict[str, Any]):
     if "calibration" in sources:
         meta["calibration"] = str(args.calibration)
 
-    source = CalibrationSource(stored=_stored_calibrations(analyzer.config), refit=args.store_thresholds)
+    stored = analyzer.stored  # what applies to these findings as worded, with this text side
+    source = CalibrationSource(stored=stored.calibrations(findings), refit=args.store_thresholds)
     scored = _score_splits(args, analyzer, windows, sources, findings)
     names, scores, truth = scored["data"]
     # the scoring's result, kept whatever happens to the report (which is written all or none)
@@ -1273,7 +1304,7 @@ def _scores_from_model(args: argparse.Namespace, meta: dict[str, Any]):
                 if keep.any():
                     thresholds[lbl] = roc_corner_threshold(y[keep], s[keep])
     else:
-        thresholds = dict(analyzer.config.thresholds)
+        thresholds = stored.thresholds(findings)
     meta["not_evaluated"] = not_evaluable(scores, truth, findings)
     if len(meta["not_evaluated"]) == len(scores):
         grouped: dict[str, list[str]] = {}
@@ -1284,7 +1315,36 @@ def _scores_from_model(args: argparse.Namespace, meta: dict[str, Any]):
             + "; ".join(f"{', '.join(lbls)}: {why}" for why, lbls in grouped.items())
             + "."
         )
-    return names, scores, truth, thresholds, source
+    return names, scores, truth, thresholds, source, list(findings)
+
+
+def _check_strict_thresholds(args: argparse.Namespace, config, findings, sources: Mapping) -> None:
+    """The strict protocol's thresholds are fixed beforehand: refuse, before any volume is scored,
+    a finding with labels in ``--data`` (on an anatomy the segmentation can give) that has none,
+    neither labels to choose one on in the ``--calibration`` split nor a stored one in the model
+    folder (one fitted on this wording, with this text side)."""
+    from fvlm_core.model.calibrated_with import StoredCalibration, folder_text_identity
+
+    data = sources["data"]
+    labelled_now = data.labelled_findings()
+    needed = [f.name for f in findings if f.name in labelled_now and data.may_segment(f.anatomy)]
+    if "calibration" in sources:
+        have = sources["calibration"].labelled_findings()
+        where = f"the --calibration split {args.calibration} has no labels for them to choose one on"
+    else:
+        have = set(StoredCalibration(config, folder_text_identity(args.model, config)).thresholds(findings))
+        where = (
+            f"the model folder {args.model} stores none that was fitted on them as worded now (with "
+            "this text encoder)"
+        )
+    lacking = [name for name in needed if name not in have]
+    if lacking:
+        raise ConfigError(
+            "--protocol strict needs a threshold fixed beforehand for every label; none for: "
+            + ", ".join(lacking)
+            + f" ({where}). Give --calibration DIR (a separate labelled calibration split) or store "
+            "thresholds first (fvlm evaluate ... --store-thresholds on a calibration split). Nothing was scored."
+        )
 
 
 def _score_splits(args: argparse.Namespace, analyzer, windows: str, sources: Mapping, findings) -> dict:
@@ -1376,7 +1436,7 @@ def _run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     meta: dict[str, Any] = {}
     collect = _scores_from_table if args.scores else _scores_from_model
-    names, scores, truth, thresholds, source = collect(args, meta)
+    names, scores, truth, thresholds, source, findings = collect(args, meta)
     not_evaluated = meta.pop("not_evaluated", {})
     with _stage("metrics", args, len(names)):
         report = evaluate_scores(
@@ -1398,14 +1458,16 @@ def _run(args: argparse.Namespace) -> int:
     report.meta.update(meta)
     report.meta["seconds"] = round(time.perf_counter() - t0, 1)
     with _stage("the report and plots", args, len(names)):
-        _write_outputs(args, report, None if not args.scores else scores, names)
+        _write_outputs(args, report, None if not args.scores else scores, names, findings)
     if args.store_thresholds:
         print(f"thresholds and calibrations stored in {Path(args.model) / 'config.yaml'}")
+    from fvlm_core.metrics import macro_label_count
+
     m = report.macro["fvlm16"]
     print(
-        f"{report.split['description']}: macro AUC {_fmt(m['auc'])}, ACC {_fmt(m['accuracy'])}, "
-        f"wF1 {_fmt(m['f1_weighted'])}, precision {_fmt(m['precision'])} over {m['n_labels']} labels "
-        f"({report.protocol} protocol). Report: {Path(args.out) / 'report.md'}"
+        f"{report.split['description']}: macro AUC {_fmt(m['auc'])} over {macro_label_count(m)}; ACC "
+        f"{_fmt(m['accuracy'])}, wF1 {_fmt(m['f1_weighted'])}, precision {_fmt(m['precision'])} over "
+        f"{macro_label_count(m, 'precision')} ({report.protocol} protocol). Report: {Path(args.out) / 'report.md'}"
     )
     c = calibration_macro(report.calibration)
     print(
@@ -1440,9 +1502,9 @@ def _stage(what: str, args: argparse.Namespace, n_volumes: int) -> Iterator[None
         ) from exc
 
 
-def _write_outputs(args: argparse.Namespace, report: EvaluationReport, scores, names) -> None:
-    """The report into ``--out`` and, with ``--store-thresholds``, the model's ``config.yaml``:
-    all of them or (on any failure) none."""
+def _write_outputs(args: argparse.Namespace, report: EvaluationReport, scores, names, findings) -> None:
+    """The report into ``--out`` and, with ``--store-thresholds``, the model's ``config.yaml``
+    (each threshold with the ``findings`` wording it was fitted on): all of them or none."""
     with output_plan(args, parts=False).writing() as staged:
         write_report(report, staged.path("--out"), scores, names, plots=not args.no_plots)
         if args.store_thresholds:
@@ -1452,6 +1514,7 @@ def _write_outputs(args: argparse.Namespace, report: EvaluationReport, scores, n
                 source=f"{args.protocol}: {report.split['description']}",
                 calibration=report.calibrations,
                 to=staged.path("--store-thresholds"),
+                findings=findings,
             )
 
 

@@ -49,6 +49,8 @@ NOT_ARCHITECTURE = frozenset(
         "anatomies",  # recorded on its own, in order
         "findings",
         "thresholds",
+        "calibration",
+        "calibrated_with",
         "versions",
         "temperature_init",
         "temperature_range",
@@ -190,15 +192,41 @@ def save_pretrained(
     with plan.writing() as staged:
         save_text_files(model, staged.path(TEXT_DIR))
         save_file(tensors, str(staged.path(WEIGHTS_NAME)), metadata=metadata)
+        identity = prompt_store.text_identity(
+            metadata[prompt_store.TEXT_DIGEST_KEY], staged.path(TEXT_DIR), config
+        )
+        bind_new_entries(config, config_updates, identity, before=model.config)
         staged.path(CONFIG_NAME).write_text(config.to_yaml(), encoding="utf-8")
         if store_prompts:
-            identity = prompt_store.text_identity(
-                metadata[prompt_store.TEXT_DIGEST_KEY], staged.path(TEXT_DIR), config
-            )
             embeddings = prompt_store.encode_prompts(model, texts)
             prompt_store.write_store(staged.path(prompt_store.STORE_NAME), texts, embeddings, identity)
     model.config = config
     return directory
+
+
+def bind_new_entries(config, updates: dict, identity: str, before=None) -> None:
+    """Record in ``config.calibrated_with`` what the stored thresholds and calibrations were
+    fitted with (:mod:`fvlm_core.model.calibrated_with`): those given to :func:`save_pretrained`
+    on the config's findings of their names, with the text side ``identity``; those carried over
+    from ``before`` (the config the model had) without a record, on ``before``'s wording (the
+    only one they can have been fitted on), text side unknown. Recorded entries are kept (and
+    checked against the text side when used)."""
+    from fvlm_core.model.calibrated_with import fitted_with
+
+    given = set(updates.get("thresholds") or {}) | set(updates.get("calibration") or {})
+    own = {f.name: f for f in config.finding_set()}
+    old = {f.name: f for f in before.finding_set()} if before is not None else {}
+    for name in set(config.thresholds) | set(config.calibration):
+        if name in given:
+            found, text = own.get(name), identity
+        elif name not in config.calibrated_with:
+            found, text = old.get(name), None
+        else:
+            continue
+        if found is not None:
+            config.calibrated_with[name] = fitted_with(found, text)
+        else:  # fitted on a wording this folder does not know: never applied
+            config.calibrated_with.pop(name, None)
 
 
 def read_safetensors(

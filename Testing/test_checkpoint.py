@@ -341,3 +341,33 @@ def test_a_save_killed_between_any_two_steps_of_its_commit_leaves_a_loadable_fol
         loaded = from_pretrained(dst)  # the folder loads
         assert loaded.config.thresholds["Emphysema"] in (0.42, 0.7)
     assert mixed, "some kill should have fallen between two outputs"
+
+
+def test_the_loaded_model_is_keyed_on_every_file_that_defines_it(saved, tmp_path):
+    """The warm Slicer worker keeps the model it loaded while the folder's state is unchanged
+    (FVLMSlicerLib.runner): an edit of text/config.json must load it again, even one that keeps
+    the file's size and modification time. Before, only top-level files were looked at."""
+    from FVLMSlicerLib import runner
+
+    from fvlm_core.model.checkpoint import folder_state
+
+    _, folder = saved
+    dst = _copy(folder, tmp_path)
+    runner._ANALYZER.clear()
+    first, reused = runner.load_analyzer_reused(str(dst), "cpu")
+    assert not reused and runner.load_analyzer_reused(str(dst), "cpu") == (first, True)
+    before = folder_state(dst)
+    text_config = dst / "text" / "config.json"
+    st = text_config.stat()
+    text = text_config.read_text()
+    assert '"layer_norm_eps": 1e-12' in text
+    text_config.write_text(text.replace('"layer_norm_eps": 1e-12', '"layer_norm_eps": 1e-03'))  # same size
+    os.utime(text_config, ns=(st.st_atime_ns, st.st_mtime_ns))  # and the same modification time
+    assert text_config.stat().st_size == st.st_size
+    assert folder_state(dst) != before
+    with pytest.warns(FVLMWarning, match="another text encoder"):  # its stored prompts no longer apply
+        second, reused = runner.load_analyzer_reused(str(dst), "cpu")
+    assert not reused and second is not first
+    (dst / ".fvlm-lock").write_text("a lock, or a temporary file")  # not part of the model
+    assert runner.load_analyzer_reused(str(dst), "cpu") == (second, True)
+    runner._ANALYZER.clear()

@@ -149,11 +149,12 @@ _ANALYZER_LOCK = threading.Lock()
 
 
 def _model_key(model_dir: str, device: str) -> tuple:
-    """The folder, the device and its files' sizes and times: a re-saved model is loaded again."""
+    """The folder, the device and the state of every file that defines the model (``text/``
+    included: :func:`fvlm_core.model.checkpoint.folder_state`): a changed model is loaded again."""
+    from fvlm_core.model.checkpoint import folder_state
+
     folder = Path(model_dir).resolve()
-    files = sorted(p for p in folder.iterdir() if p.is_file()) if folder.is_dir() else []
-    stamps = tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files)
-    return (str(folder), device, stamps)
+    return (str(folder), device, folder_state(folder))
 
 
 def load_analyzer_reused(model_dir: str, device: str, cache: bool = True) -> tuple[Any, bool]:

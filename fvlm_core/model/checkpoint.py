@@ -229,6 +229,35 @@ def bind_new_entries(config, updates: dict, identity: str, before=None) -> None:
             config.calibrated_with.pop(name, None)
 
 
+#: files up to this size are hashed by :func:`folder_state` (configs, tokenizer files); larger ones
+#: (the weights) are known by their size, times and inode: hashing them would cost seconds
+HASHED_UP_TO = 8 << 20
+
+
+def folder_state(directory: str | os.PathLike) -> str:
+    """A digest of everything that defines the model a folder loads as: every file at any depth
+    (``text/`` included): its path, size, modification and status-change times and inode, and
+    the SHA-256 of the small ones (``config.yaml``, ``text/*.json``, the tokenizer), so an edit
+    that keeps a file's size and time still counts. Hidden files (locks, temporary files) are
+    left out. Equal digests: the same model; a process that keeps a loaded model (the Slicer
+    worker) keys it on this."""
+    import hashlib
+
+    root = Path(directory)
+    h = hashlib.sha256()
+    files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else []
+    for path in files:
+        rel = path.relative_to(root)
+        if any(part.startswith(".") for part in rel.parts):
+            continue
+        st = path.stat()
+        h.update(json.dumps([rel.as_posix(), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]).encode())
+        if st.st_size <= HASHED_UP_TO:
+            with contextlib.suppress(OSError):
+                h.update(hashlib.sha256(path.read_bytes()).digest())
+    return h.hexdigest()
+
+
 def read_safetensors(
     path: Path, device: str = "cpu", keep: Callable[[str], bool] | None = None
 ) -> dict[str, torch.Tensor]:

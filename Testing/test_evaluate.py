@@ -725,3 +725,51 @@ def test_strict_without_thresholds_is_refused_before_any_volume_is_scored(
     assert "--protocol strict needs a threshold fixed beforehand" in err and "Cardiomegaly" in err
     assert "stores none that was fitted on them" in err and "Nothing was scored" in err
     assert count_encodes == [] and not (tmp_path / "rep" / "scores.csv").exists()
+
+
+def test_evaluate_never_writes_through_a_link_inside_out(tmp_path, capsys):
+    """--out/roc is a link to a folder elsewhere: refused before any work, that folder untouched.
+    A link made inside --out while the command runs is refused when the outputs are moved in."""
+    from fvlm_core.errors import OutputError
+    from fvlm_core.journal import ItemJournal
+    from fvlm_core.outputs import OutputPlan
+
+    s_csv, l_csv = _tables(tmp_path)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "emphysema.png").write_text("not a plot: someone's file")
+    out = tmp_path / "rep"
+    out.mkdir()
+    (out / "roc").symlink_to(elsewhere, target_is_directory=True)
+    argv = [
+        "evaluate",
+        "--scores",
+        str(s_csv),
+        "--labels",
+        str(l_csv),
+        "--out",
+        str(out),
+        "--n-bootstrap",
+        "5",
+    ]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"{out / 'roc'} is a symbolic link (to {elsewhere})" in err and "never writes through" in err
+    assert [p.name for p in elsewhere.iterdir()] == ["emphysema.png"]
+    assert (elsewhere / "emphysema.png").read_text() == "not a plot: someone's file"
+    assert sorted(p.name for p in out.iterdir()) == ["roc"]  # nothing written
+
+    plan = OutputPlan()
+    plan.folder("--out", out / "maps")
+    (out / "maps").mkdir()
+    with pytest.raises(OutputError, match="through the symbolic link"), plan.writing() as staged:
+        (staged.path("--out") / "sub").mkdir()
+        (staged.path("--out") / "sub" / "emphysema.png").write_text("new")
+        (out / "maps" / "sub").symlink_to(elsewhere, target_is_directory=True)  # meanwhile
+    assert [p.name for p in elsewhere.iterdir()] == ["emphysema.png"]
+
+    (out / "volume_scores").mkdir()
+    (out / "volume_scores" / "data.jsonl").symlink_to(elsewhere / "emphysema.png")
+    with pytest.raises(OutputError, match="is a symbolic link"):
+        ItemJournal(out / "volume_scores" / "data.jsonl", {"model": "x"})
+    assert (elsewhere / "emphysema.png").read_text() == "not a plot: someone's file"

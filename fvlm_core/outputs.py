@@ -83,6 +83,26 @@ def _inside(path: Path, folder: Path) -> bool:
     return _real(folder) in _real(path).parents
 
 
+def _lexically_inside(path: Path, folder: Path) -> bool:
+    return Path(os.path.abspath(folder)) in Path(os.path.abspath(path)).parents
+
+
+def link_below(root: Path, path: Path) -> Path | None:
+    """The first symbolic link among the existing folders from below ``root`` down to ``path``
+    (``path`` included); None when there is none."""
+    root, path = Path(os.path.abspath(root)), Path(os.path.abspath(path))
+    if root != path and root not in path.parents:
+        return None
+    for p in [*reversed(path.parents[: len(path.parents) - len(root.parents) - 1]), path]:
+        if p == root:
+            continue
+        if p.is_symlink():
+            return p
+        if not p.exists():
+            return None
+    return None
+
+
 def _nearest_existing(path: Path) -> Path:
     for p in (path, *path.parents):
         if os.path.lexists(p):
@@ -174,7 +194,23 @@ class OutputPlan:
             found += self._against_inputs(out)
             found += self._against_outputs(out, self._outputs[:i])
             found += self._kind(out)
+            found += self._links(out)
         return list(dict.fromkeys(found))
+
+    def _links(self, out: _Output) -> list[str]:
+        """A symbolic link inside a declared output folder, on the way to ``out`` (or ``out``
+        itself when a folder): writing there would write elsewhere. The output folder itself may
+        be a link (the user named it)."""
+        for other in self._outputs:
+            if other is out or not other.is_folder or not _lexically_inside(out.path, other.path):
+                continue
+            link = link_below(other.path, out.path if out.is_folder else out.path.parent)
+            if link is not None:
+                return [
+                    f"{out.option} {out.path}: {link} is a symbolic link (to {os.readlink(link)}); fvlm never "
+                    f"writes through a link it did not create. Remove the link, or choose another {other.option}."
+                ]
+        return []
 
     def check(self) -> None:
         """Raise :class:`OutputError` listing every problem; call it before any work."""
@@ -344,6 +380,20 @@ class Staging:
                         "Choose another output folder."
                     )
 
+    def _refuse_links(self, moves: Sequence[tuple[Path, Path]]) -> None:
+        """A file added to an existing folder would go through a symbolic link inside it (made by
+        someone else, maybe while the command ran): refused, nothing is written."""
+        for out in self._outputs:
+            if not self._merge[out.option]:
+                continue
+            for _, dst in moves:
+                link = link_below(out.path, dst.parent)
+                if link is not None:
+                    raise OutputError(
+                        f"{dst} would be written through the symbolic link {link} (to {os.readlink(link)}); "
+                        "fvlm never writes through a link it did not create. Remove the link; nothing was written."
+                    )
+
     def commit(self) -> None:
         """Move every staged output into place, in the order they were declared; on any failure
         put everything back.
@@ -358,6 +408,7 @@ class Staging:
         """
         moves = self._moves()
         self._refuse_inputs(moves)
+        self._refuse_links(moves)
         for src, dst in moves:
             if src.is_dir():
                 old = dst.stat().st_mode if dst.is_dir() else None

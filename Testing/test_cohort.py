@@ -262,12 +262,14 @@ def test_evaluate_calibrate_and_strict_on_a_cohort(cohort, tiny_model_dir, tmp_p
     assert fitted["text_identity"]
 
     out = tmp_path / "strict"
+    calibration = tmp_path / "calibration"  # stands in for a split of other scans: the same ones copied
+    shutil.copytree(root, calibration)
     argv = [
         *base,
         "--protocol",
         "strict",
         "--calibration",
-        str(root),
+        str(calibration),
         "--backend",
         "builtin",
         "--out",

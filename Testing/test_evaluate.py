@@ -393,10 +393,20 @@ def test_evaluate_prepare_cache(tiny_model_dir, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "prepare` cache" in err and "-1024" in err and "--windows centred" in err
     assert not refused.exists()
-    # strict: the project's centred windows by default
+    # strict: a calibration split that is the evaluated set is in-sample: refused before any work
+    # (the report would call the calibration "checked on the evaluated set (held out)")
     strict = tmp_path / "strict"
-    assert main(["evaluate", "--data", str(cache), "--model", str(tiny_model_dir), "--out", str(strict),
-                 "--protocol", "strict", "--calibration", str(cache), "--n-bootstrap", "10", "--no-plots"]) == 0  # fmt: skip
+    argv = ["evaluate", "--data", str(cache), "--model", str(tiny_model_dir), "--out", str(strict),
+            "--protocol", "strict", "--n-bootstrap", "10", "--no-plots"]  # fmt: skip
+    assert main([*argv, "--calibration", str(cache)]) == 2
+    err = capsys.readouterr().err
+    assert f"--calibration {cache} and --data {cache} share 6 volume(s)" in err and "in-sample" in err
+    assert not strict.exists()
+    # with another split (here the same phantoms copied: a stand-in): the project's centred windows
+    import shutil
+
+    shutil.copytree(cache, tmp_path / "calibration")
+    assert main([*argv, "--calibration", str(tmp_path / "calibration")]) == 0
     assert json.loads((strict / "metrics.json").read_text())["meta"]["windows"] == "centred"
 
 

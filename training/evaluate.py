@@ -889,6 +889,14 @@ class VolumeSource:
     def __len__(self) -> int:
         return len(self.names)
 
+    def files(self) -> set[str]:
+        """The files of :attr:`names` (real paths): two sources sharing one share a volume."""
+        if self.is_cache:
+            from fvlm_core.data.cache import sample_paths
+
+            return {os.path.realpath(sample_paths(self.data_dir, n)[0]) for n in self.names}
+        return {os.path.realpath(self.records[n].path) for n in self.names}
+
     def labelled_findings(self) -> set[str]:
         """The findings with a label (not missing) for at least one of :attr:`names`."""
         return {k for name in self.names for k, v in self.truth(name).items() if v is not None}
@@ -1233,6 +1241,14 @@ def _open_sources(args: argparse.Namespace, config, findings) -> dict[str, Volum
         args.data, config.anatomies, args.split, args.masks, args.one_per_scan, args.limit,
         labels=args.labels, **options,
     )  # fmt: skip
+    if "calibration" in out:
+        shared = sorted(out["calibration"].files() & out["data"].files())
+        if shared:
+            raise ConfigError(
+                f"--calibration {args.calibration} and --data {args.data} share {len(shared)} volume(s) (e.g. "
+                f"{shared[0]}): a calibration fitted on the volumes it is checked on is in-sample, not held out. "
+                "Give a calibration split of other volumes (e.g. a labelled set kept apart from the evaluated one)."
+            )
     return out
 
 

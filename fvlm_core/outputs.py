@@ -32,9 +32,10 @@ import shutil
 import stat
 import tempfile
 import uuid
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from fvlm_core.atomic import (
     disk_full_error,
@@ -64,6 +65,35 @@ class _Output:
     replace: bool = False  # folder: the whole folder is replaced (a model folder), not added to
     force: bool = False  # replace an existing folder (else refused)
     new: bool = False  # folder: refused when it exists at all (written only as a new folder)
+
+
+def slug(name: str) -> str:
+    """A portable file stem of ``name``: lower case, other characters than letters and digits as
+    ``_``, none at the ends (``Pleural effusion`` -> ``pleural_effusion``)."""
+    return "".join(c if c.isalnum() else "_" for c in name.lower()).strip("_") or "unnamed"
+
+
+def distinct_stems(stems: Mapping[Any, str]) -> dict[Any, str]:
+    """``stems`` (key -> file stem) made distinct: stems that are equal, ignoring case (a
+    case-insensitive disk holds one file for them), each get the first 8 hex digits of the
+    SHA-256 of their key appended, so no file is written twice and a key always gets the same one."""
+    import hashlib
+
+    count: dict[str, int] = {}
+    for stem in stems.values():
+        count[stem.casefold()] = count.get(stem.casefold(), 0) + 1
+    return {
+        key: stem
+        if count[stem.casefold()] == 1
+        else f"{stem}_{hashlib.sha256(repr(key).encode()).hexdigest()[:8]}"
+        for key, stem in stems.items()
+    }
+
+
+def file_stems(names: Sequence[str]) -> dict[str, str]:
+    """A distinct portable file stem per name (:func:`slug`, :func:`distinct_stems`): ``Lung
+    mass`` and ``lung mass!`` get two files."""
+    return distinct_stems({n: slug(n) for n in dict.fromkeys(names)})
 
 
 def _real(path: Path) -> Path:

@@ -434,10 +434,6 @@ def render_markdown(report: EvaluationReport, title: str = "Zero-shot evaluation
     return "\n".join(lines) + "\n"
 
 
-def _slug(label: str) -> str:
-    return "".join(c if c.isalnum() else "_" for c in label.lower()).strip("_")
-
-
 def _pyplot():
     """matplotlib's pyplot on the file-only Agg backend (no display needed)."""
     import matplotlib
@@ -475,10 +471,13 @@ def _panel_grid(n: int, cell_inches: float):
 
 def plot_rocs(report: EvaluationReport, out_dir: str | os.PathLike) -> list[Path]:
     """One ROC PNG per label (``roc/<label>.png``) and an overview (``roc_all.png``)."""
+    from fvlm_core.outputs import file_stems
+
     plt = _pyplot()
     out_dir = Path(out_dir)
     paths = []
     items = [(k, v) for k, v in report.per_label.items() if v.roc]
+    stems = file_stems([k for k, _ in items])  # distinct files even for labels named alike
     for lbl, r in items:
         fig, ax = plt.subplots(figsize=(4, 4), dpi=80)
         ax.plot(r.roc["fpr"], r.roc["tpr"], lw=1.5, label=f"AUC {_fmt(r.auc)}")
@@ -489,7 +488,7 @@ def plot_rocs(report: EvaluationReport, out_dir: str | os.PathLike) -> list[Path
         ax.set(xlabel="1 - specificity", ylabel="sensitivity", title=lbl, xlim=(0, 1), ylim=(0, 1))
         ax.legend(loc="lower right", fontsize=8)
         fig.tight_layout()
-        paths.append(_save_png(fig, out_dir / "roc" / f"{_slug(lbl)}.png"))
+        paths.append(_save_png(fig, out_dir / "roc" / f"{stems[lbl]}.png"))
     if items:
         fig, axes = _panel_grid(len(items), 3)
         for ax, (lbl, r) in zip(axes, items):
@@ -538,14 +537,17 @@ def plot_reliability(
 ) -> list[Path]:
     """Reliability diagrams of :class:`~fvlm_core.calibration.CalibrationCheck`\\ s: all labels in
     one PNG at ``path`` and, with ``per_label_dir``, one PNG per label there."""
+    from fvlm_core.outputs import file_stems
+
     plt = _pyplot()
     paths = []
     items = [(k, c) for k, c in checks.items() if c.n]
+    stems = file_stems([k for k, _ in items])
     for lbl, c in items if per_label_dir is not None else []:
         fig, ax = plt.subplots(figsize=(4, 4), dpi=80)
         _reliability_axes(ax, c, lbl, 9)
         fig.tight_layout()
-        paths.append(_save_png(fig, Path(per_label_dir) / f"{_slug(lbl)}.png"))
+        paths.append(_save_png(fig, Path(per_label_dir) / f"{stems[lbl]}.png"))
     if items:
         fig, axes = _panel_grid(len(items), 3.2)
         for ax, (lbl, c) in zip(axes, items):
@@ -676,7 +678,16 @@ def _number(cell: str) -> float:
 
 def read_score_table(path: str | os.PathLike) -> tuple[list[str], dict[str, np.ndarray]]:
     """A CSV with ``VolumeName`` and one probability column per label (empty / NaN = not scored)."""
+    from fvlm_core.findings import same_name_groups
+
     labels, rows = _read_csv(path, "score table")
+    clash = same_name_groups(labels)
+    if clash:
+        raise DataError(
+            f"{path}: columns named alike ({'; '.join(' and '.join(map(repr, g)) for g in clash)}): labels that "
+            "differ only in case, spaces or punctuation would share their report entries and files. Rename or "
+            "merge them."
+        )
     scores: dict[str, np.ndarray] = {}
     for lbl in labels:
         try:

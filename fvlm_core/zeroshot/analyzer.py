@@ -201,10 +201,9 @@ class AnalysisResult:
         if self.geometry is None:
             raise InputError("this result has no CT geometry; similarity maps cannot be written")
         out = {}
+        names = similarity.map_filenames(list(self.similarity_maps), suffix)  # distinct, even for alike names
         for (anat, name), arr in self.similarity_maps.items():
-            path = similarity.write_map(
-                arr, self.geometry, Path(directory) / similarity.map_filename(anat, name, suffix)
-            )
+            path = similarity.write_map(arr, self.geometry, Path(directory) / names[(anat, name)])
             out[(anat, name)] = path
             self.map_files[(anat, name)] = str(path)
         return out

@@ -783,3 +783,27 @@ def test_evaluate_never_writes_through_a_link_inside_out(tmp_path, capsys):
     with pytest.raises(OutputError, match="is a symbolic link"):
         ItemJournal(out / "volume_scores" / "data.jsonl", {"model": "x"})
     assert (elsewhere / "emphysema.png").read_text() == "not a plot: someone's file"
+
+
+def test_evaluate_names_volumes_whose_masks_do_not_fit_their_ct(tiny_model_dir, tmp_path, capsys):
+    """A mask of another scan (here a volume's own mask moved by half the volume: heart and aorta
+    over the lungs) is named in the report's notes, with the anatomy and its intensities."""
+    import SimpleITK as sitk
+
+    from fvlm_core.data.synth import generate_cohort
+
+    data = tmp_path / "ctrate"
+    generate_cohort(data, 6, 3, size_zyx=(32, 32, 32), valid_fraction=0.5)
+    masks = sorted((data / "anatomy_masks" / "valid").rglob("*.nii.gz"))
+    image = sitk.ReadImage(str(masks[0]))
+    moved = sitk.GetImageFromArray(np.roll(sitk.GetArrayFromImage(image), 16, axis=2))
+    moved.CopyInformation(image)
+    sitk.WriteImage(moved, str(masks[0]))
+    out = tmp_path / "rep"
+    argv = ["evaluate", "--data", str(data), "--model", str(tiny_model_dir), "--out", str(out)]
+    assert main([*argv, "--n-bootstrap", "5", "--no-plots", "--device", "cpu"]) == 0
+    assert "do not fit its anatomies" in capsys.readouterr().err  # the warning, as it happens
+    notes = " ".join(json.loads((out / "metrics.json").read_text())["notes"])
+    volume = masks[0].name.removesuffix(".nii.gz")
+    assert "1 volume(s) have a segmentation whose intensities do not fit its anatomies" in notes
+    assert f"check the masks of: {volume}" in notes and "of its voxels are below -400 HU (air)" in notes

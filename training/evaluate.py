@@ -67,7 +67,7 @@ import numpy as np
 
 from fvlm_core.data.labelled import LAYOUT_NAMES
 from fvlm_core.data.layout import scan_id_of, volume_stem
-from fvlm_core.errors import ConfigError, DataError, FVLMError
+from fvlm_core.errors import ConfigError, DataError, FVLMError, warn
 from fvlm_core.findings import CTRATE_LABELS, FVLM_LABELS
 
 #: Sizes of the CT-RATE validation split as released: 3,039 volumes (reconstructions) of 1,564 scans.
@@ -1012,9 +1012,12 @@ def score_dataset(
         progress(f"{len(reused)} of {len(source)} volume(s) scored earlier, kept in {journal.path}", 0.0)
     emb = analyzer.finding_embeddings(findings) if len(reused) < len(source) else None  # once
     ms = analyzer.model_space
+    from fvlm_core.segmentation.plausibility import check_intensities
+
     names: list[str] = []
     rows: list[dict[str, float]] = []
     truths: list[dict[str, int | None]] = []
+    misfit: list[tuple[str, Any]] = []  # (volume, anatomy whose intensities do not fit its tissue)
     for i, name in enumerate(source.names):
         if journal is not None and name in journal:
             row, truth = _scores_from_record(journal[name]), source.truth(name)
@@ -1022,6 +1025,7 @@ def score_dataset(
         else:
             ct, labels, truth = source.load(name)
             ct, labels = _to_model_space(ct, labels, ms, windows)
+            misfit += [(name, f) for f in check_intensities(ct.array, labels.array, analyzer.anatomies)]
             enc = analyzer.encode_model_space(ct, labels, strategy=windows)
             probs = analyzer.score(enc, emb)
             row = {f.name: probs.get((f.anatomy, f.name), float("nan")) for f in findings}
@@ -1035,8 +1039,22 @@ def score_dataset(
             progress(f"{name}: {how}", (i + 1) / max(len(source), 1))
     if not names:
         raise DataError(f"--data {data_dir}: no volumes to score")
+    if misfit:  # a mask of another scan, or misaligned: named in the report's notes
+        source.notes.append(_misfit_note(misfit))
+        warn(source.notes[-1])
     scores = {f.name: np.asarray([r[f.name] for r in rows], dtype=float) for f in findings}
     return names, scores, truth_table(truths, scores)
+
+
+def _misfit_note(misfit: Sequence[tuple[str, Any]]) -> str:
+    """The note on volumes whose segmentation does not fit their CT (:mod:`fvlm_core.segmentation.plausibility`)."""
+    volumes = sorted({name for name, _ in misfit})
+    name, first = misfit[0]
+    return (
+        f"{len(volumes)} volume(s) have a segmentation whose intensities do not fit its anatomies (a mask of "
+        f"another scan, or misaligned?), e.g. {name}: {first.describe()}. Their scores are kept; check the masks "
+        f"of: {', '.join(volumes[:10])}{' ...' if len(volumes) > 10 else ''}."
+    )
 
 
 def truth_table(truths: Sequence[Mapping[str, int | None]], labels: Sequence[str]) -> dict[str, np.ndarray]:
@@ -1306,7 +1324,7 @@ def _scores_from_model(args: argparse.Namespace, meta: dict[str, Any]):
     analyzer = Analyzer.from_pretrained(args.model, device=args.device)
     data = sources["data"]
     meta.update({"model": str(args.model), "windows": windows, "device": str(analyzer.device)})
-    meta.update({"layout": data.layout, "notes": list(data.notes)})
+    meta["layout"] = data.layout
     if "calibration" in sources:
         meta["calibration"] = str(args.calibration)
 
@@ -1314,6 +1332,7 @@ def _scores_from_model(args: argparse.Namespace, meta: dict[str, Any]):
     source = CalibrationSource(stored=stored.calibrations(findings), refit=args.store_thresholds)
     scored = _score_splits(args, analyzer, windows, sources, findings)
     names, scores, truth = scored["data"]
+    meta["notes"] = list(data.notes)  # the reader's, and the scoring's (masks that do not fit)
     # the scoring's result, kept whatever happens to the report (which is written all or none)
     from fvlm_core.atomic import atomic_write_text
 

@@ -60,6 +60,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     seg.add_argument("--backend", default="builtin", help="segmentation backend: builtin | totalsegmentator")
     add_totalsegmentator_arguments(parser)
     parser.add_argument("--class-map", help="class map JSON for --segmentation (value -> class name)")
+    parser.add_argument(
+        "--strict-segmentation",
+        action="store_true",
+        help="refuse a segmentation whose anatomies' intensities do not fit their tissue (a lung that is "
+        "not mostly air, ...: made from another scan, or misaligned); default: a warning",
+    )
     parser.add_argument("--model", required=True, help="model folder (config.yaml + model.safetensors)")
     parser.add_argument(
         "--prompts",
@@ -263,6 +269,9 @@ def analyze(args: argparse.Namespace):
             similarity_maps=maps,
             strategy=args.windows,
             max_window_zyx=args.max_window,
+            segmentation_check="off"
+            if args.allow_non_hu
+            else ("strict" if args.strict_segmentation else "warn"),
             progress=(lambda m, f: say(f"[{f * 100:5.1f}%] {m}")),
         )
     result.timings = {**timings, **result.timings}

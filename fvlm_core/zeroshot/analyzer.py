@@ -462,6 +462,7 @@ class Analyzer:
         strategy: str = "shared",
         require_anatomy: bool = True,
         max_window_zyx: Sequence[int] | None = None,
+        segmentation_check: str = "warn",
     ) -> AnalysisResult:
         """Score findings on one CT.
 
@@ -485,7 +486,13 @@ class Analyzer:
                 anatomies (instead of returning a result with every anatomy absent).
             max_window_zyx: cap on window size in model-space voxels (low-memory use); an
                 anatomy keeping under 90% of its voxels inside its capped window is not scored.
+            segmentation_check: whether each anatomy's intensities look like its tissue (a
+                segmentation of another scan does not: :mod:`fvlm_core.segmentation.plausibility`):
+                ``"warn"`` (a warning and a note), ``"strict"`` (:class:`InputError`, before the
+                encoding) or ``"off"`` (a CT not in HU).
         """
+        if segmentation_check not in ("warn", "strict", "off"):
+            raise ConfigError(f"segmentation_check {segmentation_check!r}: use 'warn', 'strict' or 'off'")
         from fvlm_core.preprocess import resample_to_model_space, spacing_warning
 
         timings: dict[str, float] = {}
@@ -513,6 +520,9 @@ class Analyzer:
                     raise InputError(msg)
                 notes.append(msg)
             ct_ms, labels_ms = resample_to_model_space(ct, labels, self.model_space)
+            if segmentation_check != "off":
+                implausible = self._implausible(ct_ms, labels_ms, ct.source, segmentation_check == "strict")
+                notes += implausible
 
         step("encoding anatomies", 0.15)
         with _timed(timings, "embed"):
@@ -551,6 +561,20 @@ class Analyzer:
             model=self.name,
             device=str(self.device),
         )
+
+    def _implausible(self, ct_ms: CTVolume, labels_ms: LabelVolume, source: str, strict: bool) -> list[str]:
+        """The segmentation's anatomies whose intensities do not fit their tissue, as a warning
+        (``strict``: an :class:`InputError`), on the model-space volume (what is encoded)."""
+        from fvlm_core.segmentation.plausibility import check_intensities, implausible_message
+
+        found = check_intensities(ct_ms.array, labels_ms.array, self.anatomies)
+        if not found:
+            return []
+        msg = implausible_message(found, source)
+        if strict:
+            raise InputError(msg + " Refused (strict segmentation check); nothing was scored.")
+        warn(msg)
+        return [msg]
 
     def _no_anatomy_message(self, ct: CTVolume, segmentation) -> str:
         facts = getattr(segmentation, "facts", {}) or {}

@@ -121,9 +121,13 @@ def train(
 def run_folder_lock(out_dir: str | os.PathLike) -> contextlib.AbstractContextManager:
     """The run folder's lock (:mod:`fvlm_core.locks`), held by the process that writes the folder:
     rank 0 of a torchrun launch (the other ranks write nothing there)."""
+    import torch.distributed as dist
+
     from fvlm_core.locks import lock_folder
 
-    if int(os.environ.get("RANK", "0")) != 0:
+    started = dist.is_available() and dist.is_initialized()  # by the caller: its rank, else torchrun's
+    rank = dist.get_rank() if started else int(os.environ.get("RANK", "0"))
+    if rank != 0:
         return contextlib.nullcontext()
     return lock_folder(out_dir, "--out", command="fvlm train")
 

@@ -102,10 +102,9 @@ def check_intensities(hu: np.ndarray, labels: np.ndarray, names: Sequence[str]) 
     ``i + 1``) whose voxels in ``hu`` (same shape, HU) break their tissue's rule (:data:`RULES`).
     A few passes over the volume (counts per label), no per-anatomy masks."""
     lab = np.asarray(labels).ravel()
-    values = np.asarray(hu).ravel()
     n = len(names) + 1
-    inside = lab < n
-    lab, values = lab[inside].astype(np.intp, copy=False), values[inside]
+    where = np.flatnonzero((lab > 0) & (lab < n))  # the labelled voxels only (a fraction of a CT)
+    lab, values = lab[where].astype(np.intp), np.asarray(hu).ravel()[where]
     total = np.bincount(lab, minlength=n)
     sums = np.bincount(lab, weights=values, minlength=n)
     counts = {

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -473,3 +474,134 @@ def test_window_cap_leaves_cut_anatomy_unscored(analyzer):
     assert lung.status in ("present", "partial") and not lung.scored and "90%" in lung.note
     assert all(f.raw_score is None and not f.flagged for f in lung.findings)
     assert any(n.startswith("lung: not scored") for n in result.notes)
+
+
+def test_a_calibration_applies_only_to_the_wording_and_text_side_it_was_fitted_with(analyzer, tmp_path):
+    """Bound to the finding's wording and the model's text identity (the prompt store's): a
+    wording edited in config.yaml, another text.max_length, or a --prompts finding worded
+    otherwise get the raw score and 0.5 (and a note why); the same wording, also through
+    --prompts, gets the calibration. Before, the first two kept the old Platt map."""
+    import yaml
+
+    from fvlm_core.calibration import Calibration
+    from fvlm_core.findings import Finding
+    from fvlm_core.zeroshot.analyzer import Analyzer
+
+    model_dir = tmp_path / "model"
+    platt = Calibration("platt", "test", a=0.5, b=-1.0)
+    analyzer.model.save_pretrained(
+        model_dir,
+        thresholds={"Emphysema": 0.02},
+        calibration={"Emphysema": platt.to_dict()},
+        store_prompts=False,
+    )
+    ct, labels = _phantom()
+    seg = _segmentation(labels, ct.geometry)
+
+    def emphysema(findings=None):
+        an = Analyzer.from_pretrained(model_dir, device="cpu")
+        res = an.analyze(ct, seg, findings, similarity_maps=False)
+        return res.finding("lung", "Emphysema"), res.notes
+
+    f, _ = emphysema()
+    assert (f.calibration, f.threshold_source, f.raw_threshold) == ("platt", "calibrated", 0.02)
+    config = yaml.safe_load((model_dir / "config.yaml").read_text())
+    original = dict(config)
+    # the same wording given through --prompts: the calibration applies
+    same = Finding.from_name("Emphysema", "lung")
+    assert emphysema([same])[0].calibration == "platt"
+    # another wording through --prompts: it does not
+    other = Finding.from_name("Emphysema", "lung", positive="Emphysema is present.")
+    f, notes = emphysema([other])
+    assert (f.calibration, f.threshold_source, f.raw_threshold, f.probability) == (
+        "none",
+        "default",
+        0.5,
+        None,
+    )
+    assert "fitted on another wording (lung: Emphysema. / Not Emphysema.)" in f.calibration_note
+    assert any(n.startswith("Emphysema: the threshold and calibration were fitted on another") for n in notes)
+    # the wording edited in config.yaml
+    config["findings"] = [
+        {**d, "positive": ["Emphysema is present."]} if d["name"] == "Emphysema" else d
+        for d in config["findings"]
+    ]
+    (model_dir / "config.yaml").write_text(yaml.safe_dump(config))
+    f, _ = emphysema()
+    assert (f.calibration, f.threshold_source, f.scale) == ("none", "default", "uncalibrated score")
+    # the text side changed: another max_length (what the encoder sees of a prompt)
+    config = {**original, "text": {**original["text"], "max_length": 8}}
+    (model_dir / "config.yaml").write_text(yaml.safe_dump(config))
+    f, _ = emphysema()
+    assert (f.calibration, f.threshold_source) == ("none", "default")
+    assert "another text encoder, tokenizer or text settings" in f.calibration_note
+    (model_dir / "config.yaml").write_text(yaml.safe_dump(original))
+    assert emphysema()[0].calibration == "platt"
+    assert original["calibrated_with"]["Emphysema"]["positive"] == ["Emphysema."]  # what it records
+
+
+def test_a_segmentation_of_another_scan_is_detected_by_its_intensities(
+    analyzer, tmp_path, monkeypatch, capsys
+):
+    """The phantom's own segmentation passes; the same label map moved by half the volume (a
+    segmentation that does not belong to this CT: its lung over soft tissue) gets a warning and
+    a note, and is refused before any encoding with --strict-segmentation."""
+    from fvlm_core.errors import FVLMWarning, InputError
+    from fvlm_training.cli import main
+
+    ct, labels = _phantom()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FVLMWarning)
+        ok = analyzer.analyze(ct, _segmentation(labels, ct.geometry), similarity_maps=False)
+    assert not any("does not look like it belongs" in n for n in ok.notes)
+    moved = np.roll(labels, labels.shape[2] // 2, axis=2)  # lung, heart and aorta land on other tissue
+    with pytest.warns(
+        FVLMWarning, match=r"does not look like it belongs to this CT: \w+: \d+% of its voxels"
+    ):
+        res = analyzer.analyze(ct, _segmentation(moved, ct.geometry), similarity_maps=False)
+    assert any("does not look like it belongs" in n and "(air)" in n for n in res.notes)
+    encoded = []
+    monkeypatch.setattr(analyzer, "encode_model_space", lambda *a, **k: encoded.append(1))
+    with pytest.raises(InputError, match="Refused"):
+        analyzer.analyze(
+            ct, _segmentation(moved, ct.geometry), similarity_maps=False, segmentation_check="strict"
+        )
+    assert encoded == []
+    monkeypatch.undo()
+    # the command line: --strict-segmentation refuses, with the anatomy and its intensities named
+    model_dir = tmp_path / "model"
+    analyzer.model.save_pretrained(model_dir, store_prompts=False)
+    write_image(ct.array.astype(np.int16), ct.geometry, tmp_path / "ct.nii.gz")
+    write_image((moved * (moved <= 4)).astype(np.uint8), ct.geometry, tmp_path / "seg.nii.gz")
+    argv = ["analyze", str(tmp_path / "ct.nii.gz"), "--segmentation", str(tmp_path / "seg.nii.gz")]
+    argv += [
+        "--model",
+        str(model_dir),
+        "--device",
+        "cpu",
+        "--out",
+        str(tmp_path / "r.json"),
+        "--strict-segmentation",
+    ]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "of its voxels are below -400 HU (air)" in err and "strict segmentation check" in err
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_the_issue_case_another_scans_multilabel_on_a_112_slice_ct(ts_dir):
+    """The reported case, on the real files: TotalSegmentator's segmentation of the 30-slice
+    example CT put on the 112-slice one (its lung voxels average -78 HU, against -744 HU on the
+    CT it belongs to)."""
+    from fvlm_core.io import read_ct
+    from fvlm_core.segmentation import get_backend
+    from fvlm_core.segmentation.plausibility import check_intensities
+
+    names = list(EXTENDED_CATALOG.names)
+    for ct_file, expect in (("example_ct_sm.nii.gz", []), ("example_ct.nii.gz", ["lung", "bone"])):
+        ct = read_ct(ts_dir / ct_file)
+        seg = get_backend("labelmap", path=ts_dir / "example_seg.nii.gz").segment(ct, EXTENDED_CATALOG)
+        found = check_intensities(ct.array, np.asarray(seg.labelmap), names)
+        assert [f.anatomy for f in found] == expect, ct_file
+    lung = found[0]
+    assert lung.mean_hu == pytest.approx(-78, abs=1) and lung.fraction < 0.1

@@ -194,6 +194,21 @@ def test_stored_in_the_model_config_beside_the_thresholds(tmp_path):
         ({"method": "isotonic", "knots_raw": [0.1], "knots_probability": [0.3]}, "at least 2 knots"),
         ({"method": "magic"}, "method must be one of platt, isotonic, none"),
         ({"method": "platt", "slope": 2}, "unknown key"),
+        # each of these raised AttributeError or was accepted before
+        ({"method": "platt", "a": 0.5, "cv_log_loss": [0.3, 0.4]}, "cv_log_loss must map a method"),
+        ({"method": "platt", "a": 0.5, "cv_log_loss": "low"}, "cv_log_loss must map a method"),
+        (
+            {"method": "platt", "a": 0.5, "cv_log_loss": {"platt": "low"}},
+            "cv_log_loss 'platt' must be a finite",
+        ),
+        ({"method": "platt", "a": True}, "a must be a finite number, got True"),
+        ({"method": "platt", "a": "2"}, "a must be a finite number, got '2'"),
+        ({"method": "platt", "a": 1.0, "b": float("inf")}, "b must be a finite number, got inf"),
+        ({"method": "isotonic", "knots_raw": "0.1 0.2", "knots_probability": [0.3, 0.4]}, "list of numbers"),
+        ({"method": "platt", "a": 1.0, "n": 5, "n_positive": 9}, "n_positive .9. exceeds n .5."),
+        ({"method": "platt", "a": 1.0, "n": -1}, "n must be a count"),
+        ({"method": ["platt"]}, "method must be one of"),
+        ({"method": "none", "reason": ["why"]}, "reason must be text"),
     ],
 )
 def test_a_bad_calibration_in_the_config_is_refused_by_name(entry, message):
@@ -202,6 +217,31 @@ def test_a_bad_calibration_in_the_config_is_refused_by_name(entry, message):
     with pytest.raises(ConfigError, match=message) as err:
         FVLMConfig(calibration={"Emphysema": entry})
     assert "'Emphysema'" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("thresholds", "message"),
+    [
+        ([0.3, 0.4], "must map finding names to thresholds"),  # AttributeError before
+        ("0.3", "must map finding names to thresholds"),
+        ({"Emphysema": 2}, r"threshold of 'Emphysema' is 2; .* lies in \[0, 1\]"),
+        ({"Emphysema": -1}, r"threshold of 'Emphysema' is -1"),
+        ({"Emphysema": float("inf")}, "must be a finite number, got inf"),
+        ({"Emphysema": True}, "must be a finite number, got True"),
+        ({"Emphysema": "high"}, "must be a finite number, got 'high'"),
+    ],
+)
+def test_bad_thresholds_in_the_config_are_refused_by_name(thresholds, message, tmp_path):
+    import yaml
+
+    from fvlm_core.model.config import FVLMConfig, load_config
+
+    with pytest.raises(ConfigError, match=message):
+        FVLMConfig(thresholds=thresholds)
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({"thresholds": thresholds}))
+    with pytest.raises(ConfigError, match=r"config\.yaml: "):  # as a model folder's file says it
+        load_config(tmp_path)
+    assert FVLMConfig(thresholds={"Emphysema": 0, "Atelectasis": 1.0}).thresholds["Emphysema"] == 0.0
 
 
 def test_cross_fitting_scores_each_fold_with_a_map_fitted_on_the_others():

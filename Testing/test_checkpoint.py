@@ -248,3 +248,125 @@ def test_save_overwrites_atomically(saved, tmp_path):
     model.save_pretrained(dst)
     assert not [p for p in dst.iterdir() if p.name.startswith(".")]  # no temporaries left
     assert load_config(dst).thresholds == {"Emphysema": 0.42}
+
+
+class _Killed(BaseException):
+    """The process dies here: nothing after it runs (no clean-up, no putting back)."""
+
+
+def _content(path) -> bytes:
+    """A file's bytes; a safetensors file's with its header's keys sorted (its metadata's order
+    varies from one save to the next)."""
+    data = path.read_bytes()
+    if path.suffix != ".safetensors":
+        return data
+    n = int.from_bytes(data[:8], "little")
+    return json.dumps(json.loads(data[8 : 8 + n]), sort_keys=True).encode() + data[8 + n :]
+
+
+def _files(folder, hidden: bool = True) -> dict:
+    """Relative path -> content of every file (``hidden=False``: not those in or under a dot
+    name: temporary files)."""
+    return {
+        p.relative_to(folder).as_posix(): _content(p)
+        for p in folder.rglob("*")
+        if p.is_file() and (hidden or not any(part.startswith(".") for part in p.relative_to(folder).parts))
+    }
+
+
+def test_a_save_killed_between_any_two_steps_of_its_commit_leaves_a_loadable_folder(
+    saved, tmp_path, monkeypatch
+):
+    """The kill is simulated between every two renames of the commit (the steps a dying process
+    can stop between); the folder then always has its config.yaml, every file is the old or the
+    new one, and it loads. Before the fix, a kill between a file's "old -> backup" and "new ->
+    in place" renames left the folder without its config.yaml. (The saves store no prompt
+    embeddings, which take seconds to encode: that file is committed as the others are.)"""
+    import fvlm_core.outputs as outputs
+
+    _, folder = saved
+    changed = FVLM.from_config("fvlm-tiny")  # other weights, other thresholds: every file differs
+    (tmp_path / "new").mkdir()
+    shutil.copytree(folder, tmp_path / "new" / "m")
+    for _ in range(2):  # the first use of the tokenizer sets its truncation, which it then saves
+        changed.save_pretrained(tmp_path / "new" / "m", thresholds={"Emphysema": 0.7}, store_prompts=False)
+    old, new = _files(folder), _files(tmp_path / "new" / "m")
+    assert old.keys() == new.keys() and old["model.safetensors"] != new["model.safetensors"]
+    monkeypatch.setattr(outputs.Staging, "discard", lambda self: None)  # a dead process removes nothing
+    real = {"replace": os.replace, "link": os.link, "exchange": getattr(outputs, "_exchange", None)}
+    mixed = 0
+    for k in range(1, 50):
+        dst = tmp_path / f"k{k}"
+        shutil.copytree(folder, dst)
+        steps = [0]
+
+        def step(fn, k=k, steps=steps):
+            def dying(*args, **kwargs):
+                steps[0] += 1
+                if steps[0] >= k:  # dead from step k on: nothing is put back either
+                    raise _Killed
+                return fn(*args, **kwargs)
+
+            return dying
+
+        real_commit = outputs.Staging.commit
+
+        def commit(self, step=step, real_commit=real_commit):
+            monkeypatch.setattr(os, "replace", step(real["replace"]))
+            monkeypatch.setattr(os, "link", step(real["link"]))
+            monkeypatch.setattr(outputs, "_exchange", step(real["exchange"]), raising=False)
+            try:
+                real_commit(self)
+            finally:
+                monkeypatch.setattr(os, "replace", real["replace"])
+                monkeypatch.setattr(os, "link", real["link"])
+                monkeypatch.setattr(outputs, "_exchange", real["exchange"], raising=False)
+
+        monkeypatch.setattr(outputs.Staging, "commit", commit)
+        try:
+            changed.save_pretrained(dst, thresholds={"Emphysema": 0.7}, store_prompts=False)
+        except _Killed:
+            pass
+        else:
+            assert k > 5, "the commit should have taken several steps"
+            assert _files(dst, hidden=False) == new
+            break
+        finally:
+            monkeypatch.setattr(outputs.Staging, "commit", real_commit)
+        now = _files(dst, hidden=False)
+        assert now.keys() == old.keys(), f"killed at step {k}: files missing: {old.keys() - now.keys()}"
+        for name, content in now.items():
+            assert content in (old[name], new[name]), f"killed at step {k}: {name} is neither old nor new"
+        mixed += now != old and now != new
+        loaded = from_pretrained(dst)  # the folder loads
+        assert loaded.config.thresholds["Emphysema"] in (0.42, 0.7)
+    assert mixed, "some kill should have fallen between two outputs"
+
+
+def test_the_loaded_model_is_keyed_on_every_file_that_defines_it(saved, tmp_path):
+    """The warm Slicer worker keeps the model it loaded while the folder's state is unchanged
+    (``fvlm_core.zeroshot.pipeline.AnalyzerCache``, which the worker holds): an edit of
+    text/config.json must load it again, even one that keeps the file's size and modification
+    time. Before, only top-level files were looked at."""
+    from fvlm_core.model.checkpoint import folder_state
+    from fvlm_core.zeroshot.pipeline import AnalyzerCache
+
+    _, folder = saved
+    dst = _copy(folder, tmp_path)
+    cache = AnalyzerCache()
+    first = cache.get(str(dst), "cpu")
+    assert not cache.reused and cache.get(str(dst), "cpu") is first and cache.reused
+    before = folder_state(dst)
+    text_config = dst / "text" / "config.json"
+    st = text_config.stat()
+    text = text_config.read_text()
+    assert '"layer_norm_eps": 1e-12' in text
+    text_config.write_text(text.replace('"layer_norm_eps": 1e-12', '"layer_norm_eps": 1e-03'))  # same size
+    os.utime(text_config, ns=(st.st_atime_ns, st.st_mtime_ns))  # and the same modification time
+    assert text_config.stat().st_size == st.st_size
+    assert folder_state(dst) != before
+    with pytest.warns(FVLMWarning, match="another text encoder"):  # its stored prompts no longer apply
+        second = cache.get(str(dst), "cpu")
+    assert not cache.reused and second is not first
+    (dst / ".fvlm-lock").write_text("a lock, or a temporary file")  # not part of the model
+    assert cache.get(str(dst), "cpu") is second and cache.reused

@@ -60,7 +60,7 @@ def test_columns_values_missing_labels_and_reports(tmp_path):
     bad = [
         (
             [["scan", "Emphysema"], ["a", "maybe"]],
-            r"line 2, column 'Emphysema': value 'maybe' is not a label",
+            r"1 cell\(s\) are not labels, in column\(s\) 'Emphysema' \(1\): line 2 \(a\), column 'Emphysema': 'maybe'",
         ),
         ([["scan", "Emphysema"], ["a", "1"], ["a", "0"]], "scan 'a' is on lines 2 and 3"),
         ([["scan", "Emphysema", "emphysema"], ["a", "1", "1"]], "both the finding 'Emphysema'"),
@@ -254,16 +254,22 @@ def test_evaluate_calibrate_and_strict_on_a_cohort(cohort, tiny_model_dir, tmp_p
     assert rep["split"]["description"] == "labelled cohort, 8 volumes"
     from fvlm_core.model.config import load_config
 
-    stored = load_config(model).thresholds
-    assert stored["Dense lung spot"] == pytest.approx(spot["threshold"])
+    stored = load_config(model)
+    assert stored.thresholds["Dense lung spot"] == pytest.approx(spot["threshold"])
+    # stored with the --prompts wording it was fitted on: used only for that wording
+    fitted = stored.calibrated_with["Dense lung spot"]
+    assert (fitted["positive"], fitted["negative"]) == (["Dense spot."], ["No spot."])
+    assert fitted["text_identity"]
 
     out = tmp_path / "strict"
+    calibration = tmp_path / "calibration"  # stands in for a split of other scans: the same ones copied
+    shutil.copytree(root, calibration)
     argv = [
         *base,
         "--protocol",
         "strict",
         "--calibration",
-        str(root),
+        str(calibration),
         "--backend",
         "builtin",
         "--out",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -392,10 +393,20 @@ def test_evaluate_prepare_cache(tiny_model_dir, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "prepare` cache" in err and "-1024" in err and "--windows centred" in err
     assert not refused.exists()
-    # strict: the project's centred windows by default
+    # strict: a calibration split that is the evaluated set is in-sample: refused before any work
+    # (the report would call the calibration "checked on the evaluated set (held out)")
     strict = tmp_path / "strict"
-    assert main(["evaluate", "--data", str(cache), "--model", str(tiny_model_dir), "--out", str(strict),
-                 "--protocol", "strict", "--calibration", str(cache), "--n-bootstrap", "10", "--no-plots"]) == 0  # fmt: skip
+    argv = ["evaluate", "--data", str(cache), "--model", str(tiny_model_dir), "--out", str(strict),
+            "--protocol", "strict", "--n-bootstrap", "10", "--no-plots"]  # fmt: skip
+    assert main([*argv, "--calibration", str(cache)]) == 2
+    err = capsys.readouterr().err
+    assert f"--calibration {cache} and --data {cache} share 6 volume(s)" in err and "in-sample" in err
+    assert not strict.exists()
+    # with another split (here the same phantoms copied: a stand-in): the project's centred windows
+    import shutil
+
+    shutil.copytree(cache, tmp_path / "calibration")
+    assert main([*argv, "--calibration", str(tmp_path / "calibration")]) == 0
     assert json.loads((strict / "metrics.json").read_text())["meta"]["windows"] == "centred"
 
 
@@ -610,3 +621,178 @@ def test_a_failure_after_scoring_keeps_the_scores_and_says_what_failed(
     monkeypatch.setattr(Analyzer, "encode_model_space", lambda *a, **k: count_encodes.append(a) or 1 / 0)
     assert main(argv) == 0 and count_encodes == []
     assert json.loads((out / "metrics.json").read_text())["labels"]["Cardiomegaly"]["n"] == 3
+
+
+def test_labels_are_checked_before_any_work_by_one_rule_for_every_layout(tmp_path, monkeypatch):
+    """A label of 2, -1 or 0.5 (or text) is refused before anything is scored, naming each row
+    and column; an empty cell or NA is a missing label: that volume is left out of that finding,
+    never counted as a negative. The same rule for a CT-RATE layout and a --labels score table
+    (the cohort and RAD-ChestCT readers: test_cohort.py, test_radchest.py)."""
+    from fvlm_core.data.synth import generate_cohort
+    from fvlm_core.errors import DataError
+    from fvlm_core.zeroshot import analyzer
+
+    # --scores with --labels: Emphysema's row 3 unknown (empty), row 5 NA
+    y = [str(v) for v in Y]
+    y[2], y[4] = "", "NA"
+    _write_csv(tmp_path / "scores.csv", {"VolumeName": NAMES, "Emphysema": S})
+    _write_csv(tmp_path / "labels.csv", {"VolumeName": NAMES, "Emphysema": y, "Note": ["free text"] * 8})
+    names, scores = ev.read_score_table(tmp_path / "scores.csv")
+    truth = ev.read_label_table(tmp_path / "labels.csv", names)
+    assert np.isnan(truth["Emphysema"][[2, 4]]).all() and list(truth) == ["Emphysema"]
+    rep = ev.evaluate_scores(scores, truth, names, n_bootstrap=0)
+    kept = [i for i in range(8) if i not in (2, 4)]
+    from fvlm_core.metrics import auc
+
+    assert rep.per_label["Emphysema"].n == 6  # left out, not counted as 0
+    assert rep.per_label["Emphysema"].auc == pytest.approx(auc(np.array(Y)[kept], np.array(S)[kept]))
+    assert any("2 volume(s) without a label" in n for n in rep.notes)
+    for bad, read in (
+        ("2", None),
+        ("-1", None),
+        ("0.5", None),
+        ("yes?", ["Emphysema"]),
+    ):  # fvlm evaluate reads the scored columns
+        y_bad = [str(v) for v in Y]
+        y_bad[3], y_bad[6] = bad, "-1"
+        _write_csv(tmp_path / "labels.csv", {"VolumeName": NAMES, "Emphysema": y_bad})
+        with pytest.raises(
+            DataError,
+            match=rf"2 cell\(s\) are not labels, in column\(s\) 'Emphysema' \(2\): line 5 \({NAMES[3]}\), column 'Emphysema': '{re.escape(bad)}'",
+        ):
+            ev.read_label_table(tmp_path / "labels.csv", names, read)
+
+    # a CT-RATE layout: refused when the dataset is opened, before the model is loaded
+    data = tmp_path / "ctrate"
+    generate_cohort(data, 6, 3, size_zyx=(32, 32, 32), valid_fraction=0.5)
+    labels_csv = data / "multi_abnormality_labels" / "valid_predicted_labels.csv"
+    rows = _read_csv(labels_csv)
+    rows[0]["Emphysema"], rows[1]["Cardiomegaly"], rows[1]["Atelectasis"] = "2", "0.5", ""
+    with open(labels_csv, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    monkeypatch.setattr(analyzer.Analyzer, "from_pretrained", lambda *a, **k: pytest.fail("model loaded"))
+    with pytest.raises(DataError) as err:
+        ev.VolumeSource(data, ["lung", "heart", "esophagus", "aorta"], "valid")
+    msg = str(err.value)
+    assert f"{rows[0]['VolumeName'].removesuffix('.nii.gz')}, column 'Emphysema': '2'" in msg
+    assert "--split" not in msg  # not taken for another kind of folder
+    assert "column 'Cardiomegaly': '0.5'" in msg and "Atelectasis" not in msg
+    rows[0]["Emphysema"], rows[1]["Cardiomegaly"] = "1", "0"
+    with open(labels_csv, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    source = ev.VolumeSource(data, ["lung", "heart", "esophagus", "aorta"], "valid")
+    missing = source.truth(source.names[1])
+    assert missing["Atelectasis"] is None and missing["Cardiomegaly"] == 0  # missing, not 0
+
+
+def test_a_header_only_score_table_is_refused_clearly(tmp_path, capsys):
+    _, l_csv = _tables(tmp_path)
+    (tmp_path / "empty.csv").write_text("VolumeName,Emphysema\n")
+    argv = ["evaluate", "--scores", str(tmp_path / "empty.csv"), "--labels", str(l_csv)]
+    assert main([*argv, "--out", str(tmp_path / "rep")]) == 2
+    err = capsys.readouterr().err
+    assert "empty.csv: the score table has a header but no rows" in err and "Traceback" not in err
+    assert not (tmp_path / "rep").exists()
+
+
+def test_the_macro_auc_says_how_many_labels_it_averages(tmp_path, capsys):
+    """Cardiomegaly has one class only: no AUC. The macro AUC is Emphysema's, and the report,
+    metrics.json and the console say it is over 1 of the 2 labels."""
+    _write_csv(tmp_path / "scores.csv", {"VolumeName": NAMES, "Emphysema": S, "Cardiomegaly": S})
+    _write_csv(tmp_path / "labels.csv", {"VolumeName": NAMES, "Emphysema": Y, "Cardiomegaly": [0] * 8})
+    out = tmp_path / "rep"
+    argv = ["evaluate", "--scores", str(tmp_path / "scores.csv"), "--labels", str(tmp_path / "labels.csv")]
+    assert main([*argv, "--out", str(out), "--n-bootstrap", "10", "--no-plots"]) == 0
+    macro = json.loads((out / "metrics.json").read_text())["macro"]["fvlm16"]
+    assert (
+        macro["auc"] == pytest.approx(13 / 16) and macro["n_labels"] == 2 and macro["n_defined"]["auc"] == 1
+    )
+    assert "| **macro fvlm16** (2 labels) | | | 0.812 over 1 |" in (out / "report.md").read_text()
+    printed = capsys.readouterr().out
+    assert "macro AUC 0.812 over 1 of 2 labels (AUC undefined for 1: a single class in the data)" in printed
+
+
+def test_strict_without_thresholds_is_refused_before_any_volume_is_scored(
+    tiny_model_dir, tmp_path, count_encodes, capsys
+):
+    import shutil
+
+    from fvlm_core.model.config import load_config
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    config = load_config(model)
+    config.thresholds, config.calibration, config.calibrated_with = {}, {}, {}
+    config.save(model / "config.yaml")
+    cache = _cache(model, tmp_path / "cache", n=4)
+    argv = ["evaluate", "--data", str(cache), "--model", str(model), "--protocol", "strict"]
+    assert main([*argv, "--out", str(tmp_path / "rep"), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "--protocol strict needs a threshold fixed beforehand" in err and "Cardiomegaly" in err
+    assert "stores none that was fitted on them" in err and "Nothing was scored" in err
+    assert count_encodes == [] and not (tmp_path / "rep" / "scores.csv").exists()
+
+
+def test_evaluate_never_writes_through_a_link_inside_out(tmp_path, capsys):
+    """--out/roc is a link to a folder elsewhere: refused before any work, that folder untouched.
+    A link made inside --out while the command runs is refused when the outputs are moved in."""
+    from fvlm_core.errors import OutputError
+    from fvlm_core.journal import ItemJournal
+    from fvlm_core.outputs import OutputPlan
+
+    s_csv, l_csv = _tables(tmp_path)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "emphysema.png").write_text("not a plot: someone's file")
+    out = tmp_path / "rep"
+    out.mkdir()
+    (out / "roc").symlink_to(elsewhere, target_is_directory=True)
+    assert main(["evaluate", "--scores", str(s_csv), "--labels", str(l_csv), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"{out / 'roc'} is a symbolic link (to {elsewhere})" in err and "never writes through" in err
+    assert [p.name for p in elsewhere.iterdir()] == ["emphysema.png"]
+    assert (elsewhere / "emphysema.png").read_text() == "not a plot: someone's file"
+    assert sorted(p.name for p in out.iterdir()) == ["roc"]  # nothing written
+
+    plan = OutputPlan()
+    plan.folder("--out", out / "maps")
+    (out / "maps").mkdir()
+    with pytest.raises(OutputError, match="through the symbolic link"), plan.writing() as staged:
+        (staged.path("--out") / "sub").mkdir()
+        (staged.path("--out") / "sub" / "emphysema.png").write_text("new")
+        (out / "maps" / "sub").symlink_to(elsewhere, target_is_directory=True)  # meanwhile
+    assert [p.name for p in elsewhere.iterdir()] == ["emphysema.png"]
+
+    (out / "volume_scores").mkdir()
+    (out / "volume_scores" / "data.jsonl").symlink_to(elsewhere / "emphysema.png")
+    with pytest.raises(OutputError, match="is a symbolic link"):
+        ItemJournal(out / "volume_scores" / "data.jsonl", {"model": "x"})
+    assert (elsewhere / "emphysema.png").read_text() == "not a plot: someone's file"
+
+
+def test_evaluate_names_volumes_whose_masks_do_not_fit_their_ct(tiny_model_dir, tmp_path, capsys):
+    """A mask of another scan (here a volume's own mask moved by half the volume: heart and aorta
+    over the lungs) is named in the report's notes, with the anatomy and its intensities."""
+    import SimpleITK as sitk
+
+    from fvlm_core.data.synth import generate_cohort
+
+    data = tmp_path / "ctrate"
+    generate_cohort(data, 6, 3, size_zyx=(32, 32, 32), valid_fraction=0.5)
+    masks = sorted((data / "anatomy_masks" / "valid").rglob("*.nii.gz"))
+    image = sitk.ReadImage(str(masks[0]))
+    moved = sitk.GetImageFromArray(np.roll(sitk.GetArrayFromImage(image), 16, axis=2))
+    moved.CopyInformation(image)
+    sitk.WriteImage(moved, str(masks[0]))
+    out = tmp_path / "rep"
+    argv = ["evaluate", "--data", str(data), "--model", str(tiny_model_dir), "--out", str(out)]
+    assert main([*argv, "--n-bootstrap", "5", "--no-plots", "--device", "cpu"]) == 0
+    assert "do not fit its anatomies" in capsys.readouterr().err  # the warning, as it happens
+    notes = " ".join(json.loads((out / "metrics.json").read_text())["notes"])
+    volume = masks[0].name.removesuffix(".nii.gz")
+    assert "1 volume(s) have a segmentation whose intensities do not fit its anatomies" in notes
+    assert f"check the masks of: {volume}" in notes and "of its voxels are below -400 HU (air)" in notes

@@ -71,3 +71,55 @@ def test_project_citations_point_at_what_they_name():
             assert m.group(3) in line, f"{cells[0]}: {current}:{m.group(2)} is not {m.group(3)}: {line!r}"
             named += 1
     assert checked >= 40 and named >= 10
+
+
+def _line_of(path: Path, name: str, near: int) -> int | None:
+    """The line that defines ``name`` in ``path`` (``def``/``class``/assignment), else the line
+    holding ``name`` nearest to ``near``; 1-based, None when no line holds it."""
+    lines = path.read_text(encoding="utf-8").splitlines()
+    defining = re.compile(rf"^\s*(?:(?:async\s+)?def|class)\s+{re.escape(name)}\b|^\s*{re.escape(name)}\s*[:=]")
+    for i, line in enumerate(lines, 1):
+        if defining.search(line):
+            return i
+    holding = [i for i, line in enumerate(lines, 1) if name in line]
+    return min(holding, key=lambda i: abs(i - near)) if holding else None
+
+
+def fix_named_citations(readme: Path = PROJECT_ROOT / "README.md") -> list[str]:
+    """Move each named citation of this project's code in the differences table (`file.py:N`
+    (`name`)) to the line that now defines ``name``; returns what moved. Unnamed citations are
+    left for a person to check. Run ``python Testing/test_readme_differences.py --fix`` after a
+    change that shifts the cited files."""
+    text = readme.read_text(encoding="utf-8")
+    start = text.index("## Differences from the public code")
+    end = text.index("\n## ", start + 1)
+    moved: list[str] = []
+    rows = []
+    for line in text[start:end].splitlines(keepends=True):
+        cells = line.split(" | ")
+        if line.startswith("| ") and len(cells) >= 5:
+            current: list[Path | None] = [None]
+
+            def move(m: re.Match, current=current) -> str:
+                current[0] = _project_file(m.group(1)) if m.group(1) else current[0]
+                if current[0] is None:
+                    return m.group(0)
+                new = _line_of(current[0], m.group(3), int(m.group(2)))
+                if new is None or new == int(m.group(2)):
+                    return m.group(0)
+                moved.append(f"{m.group(1) or current[0].name}:{m.group(2)} -> {new} ({m.group(3)})")
+                return f"`{m.group(1)}:{new}` (`{m.group(3)}`)"
+
+            cells[2] = NAMED.sub(move, cells[2])
+            line = " | ".join(cells)
+        rows.append(line)
+    readme.write_text(text[:start] + "".join(rows) + text[end:], encoding="utf-8")
+    return moved
+
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:] != ["--fix"]:
+        sys.exit("usage: python Testing/test_readme_differences.py --fix")
+    print("\n".join(fix_named_citations()) or "nothing moved")

@@ -98,3 +98,39 @@ def test_all_zero_or_disjoint_maps_are_zero():
     )
     ones = similarity.maps_to_ct(window, np.ones((1, int(np.prod(GRID))), np.float32), GRID, PATCH, far)
     assert not ones[0].any()
+
+
+def test_maps_of_findings_named_alike_get_distinct_files_and_alike_findings_are_refused(tmp_path):
+    """ "Lung mass" and "lung mass!" (or "Emphysema" and "emphysema") used to write one file,
+    both JSON entries pointing at it. A finding set refuses such names (case, spaces and
+    punctuation aside they are one name); were maps named alike anyway, each gets its own file."""
+    import SimpleITK as sitk
+
+    from fvlm_core.errors import ConfigError
+    from fvlm_core.findings import Finding, FindingSet
+    from fvlm_core.io import read_image
+    from fvlm_core.zeroshot.analyzer import AnalysisResult
+    from fvlm_core.zeroshot.prompt_files import merge_findings
+
+    geometry = Geometry(
+        size=(4, 3, 2), spacing=(1.0, 1.0, 1.0), origin=(0.0, 0.0, 0.0), direction=_rotation(0.0)
+    )
+    keys = [("lung", "Lung mass"), ("lung", "lung mass!"), ("lung", "Emphysema"), ("lung", "emphysema")]
+    maps = {k: np.full((2, 3, 4), i, np.float32) for i, k in enumerate(keys)}
+    maps[("heart", "Lung mass")] = np.full((2, 3, 4), 9, np.float32)  # another anatomy: its own name
+    result = AnalysisResult(anatomies=[], similarity_maps=maps, geometry=geometry)
+    written = result.write_maps(tmp_path)
+    assert len({p.name for p in written.values()}) == len(maps) == len(list(tmp_path.iterdir()))
+    assert written[("heart", "Lung mass")].name == "heart__lung_mass.nii.gz"  # unchanged where unique
+    for key, path in written.items():
+        assert sitk.GetArrayFromImage(read_image(path)).max() == maps[key].max()  # its own map
+    files = [m["file"] for m in result.to_dict()["similarity_maps"]]
+    assert len(set(files)) == len(files)
+    again = AnalysisResult(anatomies=[], similarity_maps=maps, geometry=geometry).write_maps(tmp_path / "b")
+    assert {k: p.name for k, p in again.items()} == {k: p.name for k, p in written.items()}  # stable
+
+    with pytest.raises(ConfigError, match=r"named alike: 'Lung mass' and 'lung mass!'"):
+        FindingSet([Finding.from_name("Lung mass", "lung"), Finding.from_name("lung mass!", "lung")])
+    model = FindingSet()
+    with pytest.raises(ConfigError, match=r"'emphysema' \(the model's 'Emphysema'\) differ .* only in case"):
+        merge_findings(model, FindingSet([Finding.from_name("emphysema", "lung")]))

@@ -923,3 +923,110 @@ def test_peer_agreement_counts_rows_whose_best_text_is_the_same():
         peer_agreement(eye, eye, eye, eye, torch.tensor([[True, False], [False, True], [False, False]]))
         is None
     )
+
+
+def test_train_into_a_folder_in_use_is_refused_and_a_run_holds_its_folder(
+    prepared_cache, samples, tmp_path, capsys
+):
+    """Two `fvlm train` into one --out: the second is refused before any work, naming the first
+    (pid, host, start time); a run holds its folder's lock from set-up to its summary."""
+    from test_locks import Holder
+
+    from fvlm_core.locks import FolderInUse, FolderLock
+    from fvlm_training.cli import main
+
+    out = tmp_path / "run"
+    with Holder(out, command="fvlm train") as first:
+        rc = main(
+            ["train", "--config", "tiny-cpu", "--set", f"data.cache={prepared_cache}", "--out", str(out)]
+        )
+        err = capsys.readouterr().err
+        assert rc == 2 and f"is in use by fvlm train (pid {first.pid} on host" in err
+        assert sorted(p.name for p in out.iterdir()) == [".fvlm-lock"]  # nothing of the second run
+    refused = []
+
+    def second_run_meanwhile(info):
+        try:
+            FolderLock(out, command="fvlm train").acquire().release()
+        except FolderInUse as exc:
+            refused.append(str(exc))
+
+    res = train(train_config(epochs=1), out, dataset=samples, progress=second_run_meanwhile)
+    assert res["status"] == "completed" and len(refused) == res["steps"] > 0
+    assert not (out / ".fvlm-lock").exists()  # given up at the end
+
+
+def _full_disk_at(save_number: int, monkeypatch) -> list[int]:
+    """From the ``save_number``-th checkpoint save on, its temporary file is /dev/full (every write:
+    the kernel's ENOSPC), where that device exists; elsewhere a file whose writes raise ENOSPC."""
+    import errno
+    import tempfile
+
+    real = tempfile.mkstemp
+    count = [0]
+
+    def mkstemp(*args, **kwargs):
+        fd, path = real(*args, **kwargs)
+        if not path.endswith(".tmp.pt"):  # not a checkpoint
+            return fd, path
+        count[0] += 1
+        if count[0] < save_number:
+            return fd, path
+        os.close(fd)
+        if os.path.exists("/dev/full"):
+            return os.open("/dev/full", os.O_WRONLY), path
+        monkeypatch.setattr(
+            os,
+            "fdopen",
+            lambda *a, **k: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left on device")),
+        )
+        return os.open(path, os.O_WRONLY), path
+
+    monkeypatch.setattr(ckpt.tempfile, "mkstemp", mkstemp)
+    return count
+
+
+def test_a_full_disk_says_so_keeps_the_last_good_checkpoint_and_training_resumes(
+    samples, tmp_path, monkeypatch
+):
+    from fvlm_core.errors import OutputError
+
+    cfg = train_config(epochs=1, batch_size=2, checkpoint_every=2)  # 6 steps: saves at 2, 4, 6
+    _full_disk_at(2, monkeypatch)
+    with pytest.raises(OutputError) as err:
+        train(cfg, tmp_path, dataset=samples)
+    msg = str(err.value)
+    assert "No space left on the disk" in msg and "the checkpoint of step 4" in msg
+    assert "last good checkpoint" in msg and "kept unchanged" in msg and "run the same command again" in msg
+    assert ckpt.load_checkpoint(tmp_path)["progress"]["global_step"] == 2  # the step-2 checkpoint, whole
+    assert not list((tmp_path / "checkpoints").glob(".*"))  # no temporary file left
+    monkeypatch.undo()
+    res = train(cfg, tmp_path, dataset=samples)  # space again: it resumes from step 2
+    assert res["status"] == "completed" and res["steps"] == 6 and res["steps_this_run"] == 4
+
+
+def test_a_full_disk_while_the_model_is_saved_says_so(samples, tmp_path, monkeypatch):
+    """safetensors reports a full disk as a SafetensorError with the OS's words (as measured on a
+    full tmpfs: "Error while serializing: I/O error: No space left on device (os error 28)")."""
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    from fvlm_core.errors import OutputError
+
+    def full(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    with pytest.raises(OutputError, match=r"No space left on the disk .* previous files are kept"):
+        train(train_config(epochs=1, batch_size=4), tmp_path, dataset=samples)
+    assert ckpt.load_checkpoint(tmp_path)["progress"]["global_step"] == 3  # the final checkpoint
+
+
+def test_checkpoints_follow_the_umask(samples, tmp_path):
+    old = os.umask(0o027)
+    try:
+        train(train_config(epochs=1, batch_size=4, keep_checkpoints=2), tmp_path, dataset=samples)
+    finally:
+        os.umask(old)
+    files = [tmp_path / "checkpoints" / "last.pt", *(tmp_path / "checkpoints").glob("step_*.pt")]
+    assert len(files) == 2 and {p.stat().st_mode & 0o777 for p in files} == {0o640}

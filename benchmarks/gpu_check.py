@@ -446,8 +446,8 @@ def inf_analysis(args: argparse.Namespace, ctx: dict) -> dict:
 
     from fvlm_core.anatomy import get_catalog
     from fvlm_core.io import read_ct
-    from fvlm_core.segmentation.choice import choose_backend, segment
     from fvlm_core.preprocess import resample_to_model_space
+    from fvlm_core.segmentation.choice import choose_backend, segment
     from fvlm_core.zeroshot.analyzer import Analyzer
 
     ct = read_ct(Path(args.data) / CT_NAME)

@@ -8,7 +8,9 @@ replaced file keeps its mode (the private temporary file's ``0o600`` never reach
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import shutil
 import stat
 import tempfile
 import threading
@@ -50,6 +52,49 @@ def final_mode(target: Path) -> int:
     except OSError:
         return new_file_mode()
     return stat.S_IMODE(st.st_mode) if stat.S_ISREG(st.st_mode) else new_file_mode()
+
+
+#: errno values of a full disk or an exhausted quota
+_NO_SPACE = {errno.ENOSPC, errno.EDQUOT}
+#: how libraries that do not raise an OSError say it (torch's zip writer, safetensors' Rust I/O)
+_NO_SPACE_TEXT = ("no space left on device", "os error 28", "disk quota exceeded", "os error 122")
+
+
+def _free_bytes(path: Path) -> int | None:
+    for p in (path, *path.parents):
+        with contextlib.suppress(OSError):
+            return shutil.disk_usage(p).free
+    return None
+
+
+def is_disk_full(exc: BaseException, where: str | os.PathLike) -> bool:
+    """Whether writing under ``where`` failed for want of space: an ``ENOSPC`` / ``EDQUOT`` in the
+    exception or the ones it came from (torch raises a RuntimeError from the OSError), their
+    words in the message, or (a library that says neither) under 1 MiB free there now."""
+    seen = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in _NO_SPACE:
+            return True
+        if any(t in str(e).lower() for t in _NO_SPACE_TEXT):
+            return True
+        e = e.__cause__ or e.__context__
+    if isinstance(exc, OSError | RuntimeError):
+        free = _free_bytes(Path(where))
+        return free is not None and free < (1 << 20)
+    return False
+
+
+def disk_full_error(where: str | os.PathLike, what: str, kept: str) -> OutputError:
+    """The error to raise when :func:`is_disk_full`: where, what was being written, the space
+    left, what was kept and what to do."""
+    free = _free_bytes(Path(where))
+    left = f"{free / 2**20:.1f} MiB free there now" if free is not None else "free space unknown"
+    return OutputError(
+        f"No space left on the disk of {where} while writing {what} ({left}). {kept} Free some space "
+        "on that disk (or choose a folder on another disk) and run the same command again."
+    )
 
 
 def _split_suffix(name: str) -> tuple[str, str]:
@@ -109,7 +154,8 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
 
     Raises:
         OutputError: ``target`` is an existing folder, or a path above it is a file (checked
-            before the caller's work inside the ``with`` block).
+            before the caller's work inside the ``with`` block); the disk is full (the previous
+            ``target`` is kept).
     """
     target = Path(target)
     if target.is_dir():
@@ -120,9 +166,17 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
         yield tmp_path
         os.chmod(tmp_path, final_mode(target))
         os.replace(tmp_path, target)
-    except BaseException:
+    except BaseException as exc:
+        full = (
+            isinstance(exc, Exception)
+            and not isinstance(exc, OutputError)
+            and is_disk_full(exc, target.parent)
+        )
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()
+        if full:
+            kept = "The previous file is kept." if target.exists() else "Nothing was written."
+            raise disk_full_error(target.parent, target.name, kept) from exc
         raise
 
 

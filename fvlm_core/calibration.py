@@ -157,7 +157,8 @@ class Calibration:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], name: str = "") -> Calibration:
-        """Read :meth:`to_dict`'s data; :class:`ConfigError` naming ``name`` when it is invalid."""
+        """Read :meth:`to_dict`'s data; :class:`ConfigError` naming ``name`` and the key when it
+        is invalid (a wrong type, a number that is not finite, an unknown key)."""
         where = f"calibration of {name!r}" if name else "calibration"
         if not isinstance(d, Mapping):
             raise ConfigError(f"{where} must be a mapping with a method, got {d!r}")
@@ -167,20 +168,73 @@ class Calibration:
             raise ConfigError(
                 f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
             )
+        method = d.get("method")
+        if method not in METHODS:
+            raise ConfigError(f"{where}: method must be one of {', '.join(METHODS)}, got {method!r}")
+        reason = d.get("reason", "")
+        if not isinstance(reason, str):
+            raise ConfigError(f"{where}: reason must be text, got {reason!r}")
+        losses = d.get("cv_log_loss") or {}
+        if not isinstance(losses, Mapping):
+            raise ConfigError(f"{where}: cv_log_loss must map a method to its log-loss, got {losses!r}")
+        n, n_pos = _count(d, "n", where), _count(d, "n_positive", where)
+        if n_pos > n:
+            raise ConfigError(f"{where}: n_positive ({n_pos}) exceeds n ({n})")
         try:
             return cls(
-                method=str(d.get("method")),
-                reason=str(d.get("reason", "")),
-                a=float(d.get("a", 1.0)),
-                b=float(d.get("b", 0.0)),
-                knots_raw=tuple(float(v) for v in d.get("knots_raw", ())),
-                knots_probability=tuple(float(v) for v in d.get("knots_probability", ())),
-                n=int(d.get("n", 0)),
-                n_positive=int(d.get("n_positive", 0)),
-                cv_log_loss={str(k): float(v) for k, v in (d.get("cv_log_loss") or {}).items()},
+                method=method,
+                reason=reason,
+                a=_number(d.get("a", 1.0), f"{where}: a"),
+                b=_number(d.get("b", 0.0), f"{where}: b"),
+                knots_raw=_numbers(d.get("knots_raw", ()), f"{where}: knots_raw"),
+                knots_probability=_numbers(d.get("knots_probability", ()), f"{where}: knots_probability"),
+                n=n,
+                n_positive=n_pos,
+                cv_log_loss={str(k): _number(v, f"{where}: cv_log_loss {k!r}") for k, v in losses.items()},
             )
-        except (TypeError, ValueError) as exc:
+        except ValueError as exc:  # _check's: not a strictly increasing map
             raise ConfigError(f"{where}: {exc}") from exc
+
+
+def _number(value: Any, where: str) -> float:
+    """A finite real number from a config (YAML: not a bool, not text)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ConfigError(f"{where} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def _numbers(values: Any, where: str) -> tuple[float, ...]:
+    if isinstance(values, str | Mapping) or not isinstance(values, Sequence):
+        raise ConfigError(f"{where} must be a list of numbers, got {values!r}")
+    return tuple(_number(v, where) for v in values)
+
+
+def _count(d: Mapping[str, Any], key: str, where: str) -> int:
+    value = d.get(key, 0)
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"{where}: {key} must be a count (an integer >= 0), got {value!r}")
+    return value
+
+
+def check_thresholds(thresholds: Any, where: str = "config option thresholds") -> dict[str, float]:
+    """A config's ``thresholds`` (finding name -> decision threshold on the raw score, a
+    probability in [0, 1]), checked: :class:`ConfigError` naming the finding and its value."""
+    if thresholds is None:
+        return {}
+    if not isinstance(thresholds, Mapping):
+        raise ConfigError(f"{where} must map finding names to thresholds in [0, 1], got {thresholds!r}")
+    out = {}
+    for name, value in thresholds.items():
+        v = _number(value, f"{where}: the threshold of {name!r}")
+        if not 0.0 <= v <= 1.0:
+            raise ConfigError(
+                f"{where}: the threshold of {name!r} is {value!r}; a threshold on the raw score (a "
+                "probability) lies in [0, 1]. Store thresholds with `fvlm evaluate --store-thresholds`."
+            )
+        out[str(name)] = v
+    return out
 
 
 def _check(c: Calibration) -> None:

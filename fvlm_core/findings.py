@@ -120,11 +120,37 @@ def ctrate_findings() -> list[Finding]:
     return [Finding.from_name(lbl, CTRATE_LABEL_ANATOMY[lbl], source="ctrate") for lbl in FVLM_LABELS]
 
 
+def name_key(name: str) -> str:
+    """What tells finding names apart: their letters and digits, case-folded. Names equal under
+    it ("Lung mass" and "lung mass!", "Emphysema" and "emphysema") would share result entries,
+    calibrations and similarity-map files."""
+    return "".join(c for c in name.casefold() if c.isalnum())
+
+
+def same_name_groups(names: Sequence[str]) -> list[list[str]]:
+    """Groups of two or more ``names`` equal by :func:`name_key` (an exact repeat too)."""
+    groups: dict[str, list[str]] = {}
+    for n in names:
+        groups.setdefault(name_key(n), []).append(n)
+    return [g for g in groups.values() if len(g) > 1]
+
+
 @dataclass
 class FindingSet:
-    """An ordered set of findings (default: the 16 CT-RATE ones)."""
+    """An ordered set of findings (default: the 16 CT-RATE ones), each named distinctly: names
+    that differ only in case, spaces or punctuation are refused (:func:`name_key`)."""
 
     findings: list[Finding] = field(default_factory=ctrate_findings)
+
+    def __post_init__(self) -> None:
+        clash = same_name_groups([f.name for f in self.findings])
+        if clash:
+            shown = "; ".join(" and ".join(repr(n) for n in g) for g in clash)
+            raise ConfigError(
+                f"findings named alike: {shown}. Names that differ only in case, spaces or punctuation "
+                "would share their results, calibrations and similarity-map files: give each finding a "
+                "name that differs in its letters or digits (or keep one of them)."
+            )
 
     def __iter__(self):
         return iter(self.findings)

@@ -27,6 +27,7 @@ Usage (any dataset, any per-item result that is plain JSON)::
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 from collections.abc import Iterator, Mapping
@@ -34,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from fvlm_core.atomic import make_parents
-from fvlm_core.errors import ConfigError, DataError
+from fvlm_core.errors import ConfigError, DataError, OutputError
 
 FORMAT = "fvlm-journal/1"
 
@@ -89,7 +90,7 @@ class ItemJournal:
         """Open the file (``flags``: ``os.O_RDWR``, or with ``O_CREAT | O_EXCL`` for a new one,
         which follows the umask) and lock it against a second writer."""
         try:
-            fd = os.open(self.path, flags, 0o666)
+            fd = os.open(self.path, flags | getattr(os, "O_NOFOLLOW", 0), 0o666)
         except FileExistsError as exc:
             raise ConfigError(
                 f"{self.path}: another run has just started writing these {self.what}. Wait for it "
@@ -97,6 +98,13 @@ class ItemJournal:
             ) from exc
         except IsADirectoryError as exc:
             raise DataError(f"{self.path} is a folder, not a results journal. Move it away.") from exc
+        except OSError as exc:
+            if exc.errno != errno.ELOOP:
+                raise
+            raise OutputError(
+                f"{self.path} is a symbolic link; fvlm never writes through a link it did not create. "
+                "Remove it, or give another output folder."
+            ) from exc
         self._fh = os.fdopen(fd, "r+b", buffering=0)
         try:
             import fcntl

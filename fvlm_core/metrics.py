@@ -254,11 +254,14 @@ def macro_mean(
 ) -> dict:
     """Unweighted mean of each metric over ``labels`` (default: all), ignoring undefined (NaN) values.
 
-    Returns ``{metric: mean, ..., "n_labels": k, "labels": [...]}``.
+    Returns ``{metric: mean, ..., "n_labels": k, "labels": [...], "n_defined": {metric: how
+    many labels it is defined for, hence averaged over}}``: an AUC is undefined for a label with
+    a single class in the data, so a "macro AUC over 16 labels" may average fewer; ``n_defined``
+    says how many.
     """
     by_name = dict(results) if isinstance(results, Mapping) else {r.label: r for r in results}
     names = [n for n in (labels if labels is not None else list(by_name)) if n in by_name]
-    out: dict = {"n_labels": len(names), "labels": names}
+    out: dict = {"n_labels": len(names), "labels": names, "n_defined": {}}
     for key in MACRO_KEYS:
         vals = []
         for n in names:
@@ -267,7 +270,18 @@ def macro_mean(
             if v is not None and not math.isnan(v):
                 vals.append(v)
         out[key] = float(np.mean(vals)) if vals else None
+        out["n_defined"][key] = len(vals)
     return out
+
+
+def macro_label_count(macro: Mapping, key: str = "auc") -> str:
+    """How many labels a macro mean of ``key`` is over, in words: ``16 labels`` when defined for
+    all, else ``11 of 16 labels (AUC undefined for 5: a single class in the data)``."""
+    n, k = macro["n_labels"], macro.get("n_defined", {}).get(key, macro["n_labels"])
+    if k == n:
+        return f"{n} labels"
+    what = "AUC" if key == "auc" else key
+    return f"{k} of {n} labels ({what} undefined for {n - k}: a single class in the data)"
 
 
 # --------------------------------------------------------------------------------------------

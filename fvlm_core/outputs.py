@@ -31,11 +31,20 @@ import os
 import shutil
 import stat
 import tempfile
-from collections.abc import Iterable, Iterator, Sequence
+import uuid
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from fvlm_core.atomic import final_mode, make_parents, new_dir_mode, temporary_sibling
+from fvlm_core.atomic import (
+    disk_full_error,
+    final_mode,
+    is_disk_full,
+    make_parents,
+    new_dir_mode,
+    temporary_sibling,
+)
 from fvlm_core.errors import OutputError
 
 
@@ -58,6 +67,35 @@ class _Output:
     new: bool = False  # folder: refused when it exists at all (written only as a new folder)
 
 
+def slug(name: str) -> str:
+    """A portable file stem of ``name``: lower case, other characters than letters and digits as
+    ``_``, none at the ends (``Pleural effusion`` -> ``pleural_effusion``)."""
+    return "".join(c if c.isalnum() else "_" for c in name.lower()).strip("_") or "unnamed"
+
+
+def distinct_stems(stems: Mapping[Any, str]) -> dict[Any, str]:
+    """``stems`` (key -> file stem) made distinct: stems that are equal, ignoring case (a
+    case-insensitive disk holds one file for them), each get the first 8 hex digits of the
+    SHA-256 of their key appended, so no file is written twice and a key always gets the same one."""
+    import hashlib
+
+    count: dict[str, int] = {}
+    for stem in stems.values():
+        count[stem.casefold()] = count.get(stem.casefold(), 0) + 1
+    return {
+        key: stem
+        if count[stem.casefold()] == 1
+        else f"{stem}_{hashlib.sha256(repr(key).encode()).hexdigest()[:8]}"
+        for key, stem in stems.items()
+    }
+
+
+def file_stems(names: Sequence[str]) -> dict[str, str]:
+    """A distinct portable file stem per name (:func:`slug`, :func:`distinct_stems`): ``Lung
+    mass`` and ``lung mass!`` get two files."""
+    return distinct_stems({n: slug(n) for n in dict.fromkeys(names)})
+
+
 def _real(path: Path) -> Path:
     return Path(os.path.realpath(path))
 
@@ -73,6 +111,26 @@ def _same(a: Path, b: Path) -> bool:
 
 def _inside(path: Path, folder: Path) -> bool:
     return _real(folder) in _real(path).parents
+
+
+def _lexically_inside(path: Path, folder: Path) -> bool:
+    return Path(os.path.abspath(folder)) in Path(os.path.abspath(path)).parents
+
+
+def link_below(root: Path, path: Path) -> Path | None:
+    """The first symbolic link among the existing folders from below ``root`` down to ``path``
+    (``path`` included); None when there is none."""
+    root, path = Path(os.path.abspath(root)), Path(os.path.abspath(path))
+    if root != path and root not in path.parents:
+        return None
+    for p in [*reversed(path.parents[: len(path.parents) - len(root.parents) - 1]), path]:
+        if p == root:
+            continue
+        if p.is_symlink():
+            return p
+        if not p.exists():
+            return None
+    return None
 
 
 def _nearest_existing(path: Path) -> Path:
@@ -166,7 +224,23 @@ class OutputPlan:
             found += self._against_inputs(out)
             found += self._against_outputs(out, self._outputs[:i])
             found += self._kind(out)
+            found += self._links(out)
         return list(dict.fromkeys(found))
+
+    def _links(self, out: _Output) -> list[str]:
+        """A symbolic link inside a declared output folder, on the way to ``out`` (or ``out``
+        itself when a folder): writing there would write elsewhere. The output folder itself may
+        be a link (the user named it)."""
+        for other in self._outputs:
+            if other is out or not other.is_folder or not _lexically_inside(out.path, other.path):
+                continue
+            link = link_below(other.path, out.path if out.is_folder else out.path.parent)
+            if link is not None:
+                return [
+                    f"{out.option} {out.path}: {link} is a symbolic link (to {os.readlink(link)}); fvlm never "
+                    f"writes through a link it did not create. Remove the link, or choose another {other.option}."
+                ]
+        return []
 
     def check(self) -> None:
         """Raise :class:`OutputError` listing every problem; call it before any work."""
@@ -263,8 +337,17 @@ class OutputPlan:
             staging.open()
             yield staging
             staging.commit()
-        except BaseException:
+        except BaseException as exc:
+            where = self._outputs[0].path.parent if self._outputs else Path(".")
+            full = (
+                isinstance(exc, Exception) and not isinstance(exc, OutputError) and is_disk_full(exc, where)
+            )
             staging.discard()
+            if full:
+                names = ", ".join(str(o.path) for o in self._outputs)
+                raise disk_full_error(
+                    where, names, "Nothing was written: the previous files are kept."
+                ) from exc
             raise
 
 
@@ -327,38 +410,50 @@ class Staging:
                         "Choose another output folder."
                     )
 
+    def _refuse_links(self, moves: Sequence[tuple[Path, Path]]) -> None:
+        """A file added to an existing folder would go through a symbolic link inside it (made by
+        someone else, maybe while the command ran): refused, nothing is written."""
+        for out in self._outputs:
+            if not self._merge[out.option]:
+                continue
+            for _, dst in moves:
+                link = link_below(out.path, dst.parent)
+                if link is not None:
+                    raise OutputError(
+                        f"{dst} would be written through the symbolic link {link} (to {os.readlink(link)}); "
+                        "fvlm never writes through a link it did not create. Remove the link; nothing was written."
+                    )
+
     def commit(self) -> None:
-        """Move every staged output into place; on any failure put everything back."""
+        """Move every staged output into place, in the order they were declared; on any failure
+        put everything back.
+
+        Each file goes into place by one atomic rename over the one it replaces, so at every
+        moment each output path holds its old or its new file, never none (a replaced folder is
+        swapped atomically where the OS can: Linux ``renameat2``, macOS ``renamex_np``). A run
+        killed during the commit therefore leaves the outputs declared before the one in flight
+        new and the rest old: declare last the output that completes the set (a model folder's
+        ``config.yaml``). Replaced files are kept as hard links (or copies) until the end, to be
+        put back after a failure.
+        """
         moves = self._moves()
         self._refuse_inputs(moves)
+        self._refuse_links(moves)
         for src, dst in moves:
             if src.is_dir():
                 old = dst.stat().st_mode if dst.is_dir() else None
                 os.chmod(src, stat.S_IMODE(old) if old is not None else new_dir_mode())
             else:
                 os.chmod(src, final_mode(dst))
-        done: list[tuple[Path, Path, Path | None]] = []
+        done: list[tuple[Path, Path, Path | None]] = []  # (staged, final, the old output kept)
         try:
             for src, dst in moves:
                 dst.parent.mkdir(parents=True, exist_ok=True)
-                backup = None
-                if os.path.lexists(dst):
-                    if dst.is_dir() != src.is_dir():
-                        kind = "folder" if dst.is_dir() else "file"
-                        raise OutputError(
-                            f"{dst} became a {kind} while the command ran; nothing was written."
-                        )
-                    backup = temporary_sibling(dst, folder=dst.is_dir())
-                    os.replace(dst, backup)
-                done.append((src, dst, backup))
-                os.replace(src, dst)
+                done.append((src, dst, _move_over(src, dst)))
         except BaseException:
             for src, dst, backup in reversed(done):
                 with contextlib.suppress(OSError):
-                    if os.path.lexists(dst) and not os.path.lexists(src):
-                        os.replace(dst, src)
-                    if backup is not None:
-                        os.replace(backup, dst)
+                    _put_back(src, dst, backup)
             raise
         for _, _, backup in done:
             if backup is not None:
@@ -374,6 +469,81 @@ class Staging:
         for folder in reversed(self._created):
             with contextlib.suppress(OSError):
                 folder.rmdir()  # only if still empty
+
+
+def _move_over(src: Path, dst: Path) -> Path | None:
+    """Put ``src`` in place of ``dst`` (see :meth:`Staging.commit`); returns where the output it
+    replaced is kept (None: there was none)."""
+    if not os.path.lexists(dst):
+        os.replace(src, dst)
+        return None
+    if dst.is_dir() != src.is_dir():
+        kind = "folder" if dst.is_dir() else "file"
+        raise OutputError(f"{dst} became a {kind} while the command ran; nothing was written.")
+    if src.is_dir():
+        if _exchange(src, dst):  # the old folder is now at src
+            return src
+        backup = temporary_sibling(dst, folder=True)
+        os.replace(dst, backup)  # no atomic swap here: a moment without the folder
+        os.replace(src, dst)
+        return backup
+    backup = _keep(dst)
+    os.replace(src, dst)  # one atomic rename over the old file
+    return backup
+
+
+def _keep(path: Path) -> Path:
+    """A second name for the file at ``path`` (a hard link; a copy where links are not possible)."""
+    backup = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.old")
+    try:
+        os.link(path, backup, follow_symlinks=False)
+    except OSError:
+        shutil.copy2(path, backup, follow_symlinks=False)
+    return backup
+
+
+def _put_back(src: Path, dst: Path, backup: Path | None) -> None:
+    """Undo :func:`_move_over`: the new output goes back to ``src``, the old one (if any) to ``dst``."""
+    if backup is None:
+        if os.path.lexists(dst) and not os.path.lexists(src):
+            os.replace(dst, src)
+    elif backup == src:  # folders swapped: swap again
+        if not _exchange(src, dst):
+            _swap_by_renames(src, dst)
+    elif backup.is_dir() and not backup.is_symlink():
+        os.replace(dst, src)
+        os.replace(backup, dst)
+    else:
+        os.replace(backup, dst)  # one atomic rename: the old file is back
+
+
+def _swap_by_renames(a: Path, b: Path) -> None:
+    tmp = temporary_sibling(b, folder=True)
+    os.rmdir(tmp)
+    os.replace(b, tmp)
+    os.replace(a, b)
+    os.replace(tmp, a)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (Linux ``renameat2(RENAME_EXCHANGE)``, macOS ``renamex_np(RENAME_SWAP)``);
+    False where the OS or file system cannot."""
+    import ctypes
+    import ctypes.util
+    import sys
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+        if sys.platform.startswith("linux") and hasattr(libc, "renameat2"):
+            at_fdcwd, rename_exchange = -100, 2
+            rc = libc.renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange)
+        elif sys.platform == "darwin" and hasattr(libc, "renamex_np"):
+            rc = libc.renamex_np(os.fsencode(a), os.fsencode(b), 0x2)  # RENAME_SWAP
+        else:
+            return False
+    except OSError:
+        return False
+    return rc == 0
 
 
 def _remove(path: Path) -> None:

@@ -7,7 +7,10 @@ the data position and the run's config), so it loads with ``torch.load(weights_o
 Atomicity: the file is written to a temporary name in the same folder, flushed and fsynced,
 then renamed over the target (``os.replace`` is atomic on POSIX and Windows) and the folder is
 fsynced. A process that dies while writing leaves the previous checkpoint untouched; stale
-temporary files (``.checkpoint.*.tmp.pt``) are removed by the next successful save.
+temporary files (``.checkpoint.*.tmp.pt``) are removed by the next successful save (one run
+writes a run folder at a time: ``fvlm train`` holds its lock). A full disk is an
+:class:`~fvlm_core.errors.OutputError` that says so and that the last good checkpoint is kept.
+Checkpoints follow the umask, as every file the project writes.
 
 Layout in a run folder: ``checkpoints/last.pt`` (always the newest) plus, with ``keep > 1``,
 ``checkpoints/step_00001234.pt`` copies of the most recent ``keep - 1`` saves.
@@ -51,8 +54,17 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def atomic_torch_save(obj: Any, target: str | os.PathLike) -> Path:
-    """``torch.save(obj)`` to ``target`` via temp file + fsync + rename (see module docstring)."""
+def atomic_torch_save(
+    obj: Any, target: str | os.PathLike, what: str = "a checkpoint", kept: str | None = None
+) -> Path:
+    """``torch.save(obj)`` to ``target`` via temp file + fsync + rename (see module docstring).
+    The file follows the umask (or keeps the mode of the one it replaces).
+
+    Raises:
+        OutputError: the disk is full (the previous ``target`` is kept; the message says so).
+    """
+    from fvlm_core.atomic import disk_full_error, final_mode, is_disk_full
+
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.stem}.", suffix=".tmp.pt", dir=target.parent)
@@ -62,10 +74,20 @@ def atomic_torch_save(obj: Any, target: str | os.PathLike) -> Path:
             torch.save(obj, fh)
             fh.flush()
             os.fsync(fh.fileno())
+        os.chmod(tmp_path, final_mode(target))  # mkstemp's 0600 is not the user's choice
         os.replace(tmp_path, target)
-    except BaseException:
+    except BaseException as exc:
+        full = isinstance(exc, OSError | RuntimeError) and is_disk_full(exc, target.parent)
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()
+        if full:
+            if kept is None:
+                kept = (
+                    f"The last good checkpoint, {target}, is kept unchanged: training continues from it."
+                    if target.exists()
+                    else "No earlier checkpoint was there."
+                )
+            raise disk_full_error(target.parent, f"{what} ({target.name})", kept) from exc
         raise
     _fsync_dir(target.parent)
     return target
@@ -78,9 +100,12 @@ def save_checkpoint(state: dict[str, Any], run_dir: str | os.PathLike, step: int
     temporary files are removed afterwards.
     """
     folder = checkpoint_dir(run_dir)
-    last = atomic_torch_save(state, folder / LAST)
+    what = f"the checkpoint of step {int(step)}"
+    last = atomic_torch_save(state, folder / LAST, what)
     if keep > 1:
-        atomic_torch_save(state, folder / f"step_{int(step):08d}.pt")
+        atomic_torch_save(
+            state, folder / f"step_{int(step):08d}.pt", what, kept=f"{last} holds this step's checkpoint."
+        )
         copies = sorted(folder.glob("step_*.pt"))
         for old in copies[: max(0, len(copies) - (keep - 1))]:
             with contextlib.suppress(FileNotFoundError):

@@ -411,6 +411,7 @@ def auc_table(truth: dict[str, np.ndarray], scores: dict[str, _Scores]) -> dict[
             per_protocol[protocol] = {
                 "per_finding": rows,
                 "macro_auc": float(np.mean(aucs)) if aucs else None,
+                "macro_auc_over": len(aucs),  # findings with a defined AUC (both classes present)
             }
         table["models"][model_name] = per_protocol
     return table
@@ -430,8 +431,11 @@ def table_markdown(table: dict[str, Any], header: str = "") -> str:
         lines.append(f"| {finding} | " + " | ".join(cells) + " |")
     macro = []
     for m, p in cols:
-        v = table["models"][m][p]["macro_auc"]
-        macro.append("n/a" if v is None else f"**{v:.3f}**")
+        v, k = table["models"][m][p]["macro_auc"], table["models"][m][p].get("macro_auc_over")
+        over = (
+            f" (over {k} of {len(table['findings'])})" if k is not None and k < len(table["findings"]) else ""
+        )
+        macro.append("n/a" if v is None else f"**{v:.3f}**{over}")
     lines.append("| **macro AUC** | " + " | ".join(macro) + " |")
     return "\n".join(lines) + "\n"
 
@@ -929,14 +933,21 @@ def check_outputs(out: Path) -> None:
 
 
 def run_demo(cfg: DemoConfig, log: Callable[[str], None] = _log) -> DemoResult:
-    """Run the whole demo (see the module docstring) and return where everything went."""
-    from fvlm_core.atomic import atomic_write_text
+    """Run the whole demo (see the module docstring) and return where everything went. A second
+    demo into the same ``--out`` while this one runs is refused (:mod:`fvlm_core.locks`)."""
+    from fvlm_core.locks import lock_folder
 
     t_start = time.perf_counter()
-    deadline = t_start + cfg.minutes * 60.0
     out = Path(cfg.out).resolve()
     check_outputs(out)
-    out.mkdir(parents=True, exist_ok=True)
+    with lock_folder(out, "--out", command="fvlm demo"):  # a second demo into it is refused
+        return _run_demo(cfg, out, t_start, log)
+
+
+def _run_demo(cfg: DemoConfig, out: Path, t_start: float, log: Callable[[str], None]) -> DemoResult:
+    from fvlm_core.atomic import atomic_write_text
+
+    deadline = t_start + cfg.minutes * 60.0
     seconds: dict[str, float] = {}
     model_cfg = demo_model_config(cfg.model_config, cfg.size)
 

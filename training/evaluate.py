@@ -67,7 +67,7 @@ import numpy as np
 
 from fvlm_core.data.labelled import LAYOUT_NAMES
 from fvlm_core.data.layout import scan_id_of, volume_stem
-from fvlm_core.errors import ConfigError, DataError, FVLMError
+from fvlm_core.errors import ConfigError, DataError, FVLMError, warn
 from fvlm_core.findings import CTRATE_LABELS, FVLM_LABELS
 
 #: Sizes of the CT-RATE validation split as released: 3,039 volumes (reconstructions) of 1,564 scans.
@@ -406,8 +406,10 @@ def _table(results: Mapping[str, Any], macro: Mapping[str, dict]) -> list[str]:
             f"{_fmt(m.sensitivity)} | {_fmt(m.specificity)} |"
         )
     for name, mm in macro.items():
+        n_auc = mm.get("n_defined", {}).get("auc", mm["n_labels"])
+        auc_over = "" if n_auc == mm["n_labels"] else f" over {n_auc}"
         lines.append(
-            f"| **macro {name}** ({mm['n_labels']} labels) | | | {_fmt(mm['auc'])} | | {_fmt(mm['accuracy'])} | "
+            f"| **macro {name}** ({mm['n_labels']} labels) | | | {_fmt(mm['auc'])}{auc_over} | | {_fmt(mm['accuracy'])} | "
             f"{_fmt(mm['f1_weighted'])} | {_fmt(mm['f1_positive'])} | {_fmt(mm['precision'])} | "
             f"{_fmt(mm['sensitivity'])} | {_fmt(mm['specificity'])} |"
         )
@@ -435,10 +437,6 @@ def render_markdown(report: EvaluationReport, title: str = "Zero-shot evaluation
     if report.notes:
         lines += ["", "## Notes", "", *[f"- {n}" for n in report.notes]]
     return "\n".join(lines) + "\n"
-
-
-def _slug(label: str) -> str:
-    return "".join(c if c.isalnum() else "_" for c in label.lower()).strip("_")
 
 
 def _pyplot():
@@ -478,10 +476,13 @@ def _panel_grid(n: int, cell_inches: float):
 
 def plot_rocs(report: EvaluationReport, out_dir: str | os.PathLike) -> list[Path]:
     """One ROC PNG per label (``roc/<label>.png``) and an overview (``roc_all.png``)."""
+    from fvlm_core.outputs import file_stems
+
     plt = _pyplot()
     out_dir = Path(out_dir)
     paths = []
     items = [(k, v) for k, v in report.per_label.items() if v.roc]
+    stems = file_stems([k for k, _ in items])  # distinct files even for labels named alike
     for lbl, r in items:
         fig, ax = plt.subplots(figsize=(4, 4), dpi=80)
         ax.plot(r.roc["fpr"], r.roc["tpr"], lw=1.5, label=f"AUC {_fmt(r.auc)}")
@@ -492,7 +493,7 @@ def plot_rocs(report: EvaluationReport, out_dir: str | os.PathLike) -> list[Path
         ax.set(xlabel="1 - specificity", ylabel="sensitivity", title=lbl, xlim=(0, 1), ylim=(0, 1))
         ax.legend(loc="lower right", fontsize=8)
         fig.tight_layout()
-        paths.append(_save_png(fig, out_dir / "roc" / f"{_slug(lbl)}.png"))
+        paths.append(_save_png(fig, out_dir / "roc" / f"{stems[lbl]}.png"))
     if items:
         fig, axes = _panel_grid(len(items), 3)
         for ax, (lbl, r) in zip(axes, items):
@@ -541,14 +542,17 @@ def plot_reliability(
 ) -> list[Path]:
     """Reliability diagrams of :class:`~fvlm_core.calibration.CalibrationCheck`\\ s: all labels in
     one PNG at ``path`` and, with ``per_label_dir``, one PNG per label there."""
+    from fvlm_core.outputs import file_stems
+
     plt = _pyplot()
     paths = []
     items = [(k, c) for k, c in checks.items() if c.n]
+    stems = file_stems([k for k, _ in items])
     for lbl, c in items if per_label_dir is not None else []:
         fig, ax = plt.subplots(figsize=(4, 4), dpi=80)
         _reliability_axes(ax, c, lbl, 9)
         fig.tight_layout()
-        paths.append(_save_png(fig, Path(per_label_dir) / f"{_slug(lbl)}.png"))
+        paths.append(_save_png(fig, Path(per_label_dir) / f"{stems[lbl]}.png"))
     if items:
         fig, axes = _panel_grid(len(items), 3.2)
         for ax, (lbl, c) in zip(axes, items):
@@ -598,15 +602,22 @@ def store_thresholds(
     source: str = "",
     calibration: Mapping[str, Any] | None = None,
     to: str | os.PathLike | None = None,
+    findings: Sequence[Any] | None = None,
 ) -> Path:
     """Save ``thresholds`` (finding name -> value on the raw scale) and ``calibration`` (finding
     name -> :class:`~fvlm_core.calibration.Calibration`) into ``model_dir/config.yaml``
     (atomically; only that file: the weights' record of the architecture stays as it was), or
     into ``to`` (a staged file that replaces it later: :func:`run` writes all outputs or none).
 
-    Existing thresholds and calibrations of other findings are kept. ``fvlm analyze`` then
-    reports them as ``threshold_source: calibrated`` and gives calibrated probabilities.
+    Each is stored with what it was fitted with (``calibrated_with``: the finding's anatomy and
+    wordings, from ``findings`` (the scored ones, ``--prompts`` included) or else the config's
+    finding of that name, and the folder's text identity; :mod:`fvlm_core.model.calibrated_with`),
+    so that it is used only for that finding as worded then, with that text side. A name with no
+    known wording is not stored. Existing thresholds and calibrations of other findings are kept.
+    ``fvlm analyze`` then reports them as ``threshold_source: calibrated`` and gives calibrated
+    probabilities.
     """
+    from fvlm_core.model.calibrated_with import fitted_with, folder_text_identity
     from fvlm_core.model.config import load_config
 
     model_dir = Path(model_dir)
@@ -614,9 +625,19 @@ def store_thresholds(
     if not cfg_path.exists():
         raise ConfigError(f"{model_dir}: no config.yaml; --store-thresholds needs a model folder.")
     cfg = load_config(model_dir)
-    clean = {k: float(v) for k, v in thresholds.items() if v is not None and not math.isnan(float(v))}
+    scored = {f.name: f for f in (findings if findings is not None else cfg.finding_set())}
+    known = {**{f.name: f for f in cfg.finding_set()}, **scored}
+    identity = folder_text_identity(model_dir, cfg)
+    clean = {
+        k: float(v)
+        for k, v in thresholds.items()
+        if v is not None and not math.isnan(float(v)) and k in known
+    }
+    fitted = {k: c for k, c in (calibration or {}).items() if k in known}
     cfg.thresholds = {**cfg.thresholds, **clean}
-    cfg.calibration = {**cfg.calibration, **{k: c.to_dict() for k, c in (calibration or {}).items()}}
+    cfg.calibration = {**cfg.calibration, **{k: c.to_dict() for k, c in fitted.items()}}
+    for name in {*clean, *fitted}:
+        cfg.calibrated_with[name] = fitted_with(known[name], identity)
     if source:
         cfg.versions = {**cfg.versions, "thresholds_from": source}
     cfg.save(Path(to) if to is not None else cfg_path)
@@ -650,6 +671,8 @@ def _read_csv(path: str | os.PathLike, what: str) -> tuple[list[str], list[dict[
         raise DataError(f"{path}: not a readable CSV {what} ({exc})") from exc
     if "VolumeName" not in columns:
         raise DataError(f"{path}: a {what} needs a VolumeName column, found {columns}")
+    if not rows:
+        raise DataError(f"{path}: the {what} has a header but no rows: there is nothing to evaluate.")
     return [c for c in columns if c != "VolumeName"], rows
 
 
@@ -660,7 +683,16 @@ def _number(cell: str) -> float:
 
 def read_score_table(path: str | os.PathLike) -> tuple[list[str], dict[str, np.ndarray]]:
     """A CSV with ``VolumeName`` and one probability column per label (empty / NaN = not scored)."""
+    from fvlm_core.findings import same_name_groups
+
     labels, rows = _read_csv(path, "score table")
+    clash = same_name_groups(labels)
+    if clash:
+        raise DataError(
+            f"{path}: columns named alike ({'; '.join(' and '.join(map(repr, g)) for g in clash)}): labels that "
+            "differ only in case, spaces or punctuation would share their report entries and files. Rename or "
+            "merge them."
+        )
     scores: dict[str, np.ndarray] = {}
     for lbl in labels:
         try:
@@ -672,29 +704,47 @@ def read_score_table(path: str | os.PathLike) -> tuple[list[str], dict[str, np.n
     return [r["VolumeName"] for r in rows], scores
 
 
-def read_label_table(path: str | os.PathLike, volume_names: Sequence[str]) -> dict[str, np.ndarray]:
-    """Ground truth for ``volume_names`` from a CT-RATE multi-abnormality label CSV.
+def read_label_table(
+    path: str | os.PathLike, volume_names: Sequence[str], labels: Sequence[str] | None = None
+) -> dict[str, np.ndarray]:
+    """Ground truth for ``volume_names`` from a label CSV (``VolumeName`` + one column per label,
+    e.g. CT-RATE's multi_abnormality_labels): label -> ``(N,)`` 0/1, NaN where missing.
 
     Volumes match by name with or without ``.nii.gz``; a volume listed twice counts once (its
-    first row). Columns holding a number in every row are the labels (text columns are left out).
+    first row). ``labels``: the columns to read (the score table's; those the CSV lacks are left
+    out); None: every column of numbers (text columns are left out). Cells follow
+    the rule of every layout (:func:`fvlm_core.data.labelled.label_value`): 1, 0, or missing
+    (left out of that label); any other value in a column read is an error naming each row and
+    column, raised before any work.
     """
+    from fvlm_core.data.labelled import MISSING_VALUES, LabelCells
+
     columns, rows = _read_csv(path, "label table")
-    by_name: dict[str, dict[str, str]] = {}
-    for r in rows:
-        by_name.setdefault(volume_stem(r["VolumeName"]), r)
+    by_name: dict[str, tuple[int, dict[str, str]]] = {}
+    for line, r in enumerate(rows, start=2):
+        by_name.setdefault(volume_stem(r["VolumeName"]), (line, r))
     absent = [v for v in volume_names if volume_stem(v) not in by_name]
     if absent:
         raise DataError(f"{path}: no labels for {len(absent)} scored volume(s), e.g. {absent[:3]}")
 
-    def numeric(column: str) -> bool:
+    def numeric(column: str) -> bool:  # numbers (labels or not) and missing cells: not a text column
         try:
-            return all(not np.isnan(_number(r[column])) for r in rows)
+            for r in rows:
+                if r[column].strip().lower() not in MISSING_VALUES:
+                    float(r[column])
         except ValueError:
             return False
+        return True
 
-    columns = [c for c in columns if numeric(c)]
+    wanted = [c for c in columns if numeric(c)] if labels is None else [c for c in labels if c in columns]
+    cells = LabelCells(path)
     chosen = [by_name[volume_stem(v)] for v in volume_names]
-    return {c: np.asarray([int(float(r[c])) for r in chosen], dtype=int) for c in columns}
+    out = {}
+    for c in wanted:
+        values = [cells.value(r[c], r["VolumeName"], c, line) for line, r in chosen]
+        out[c] = np.asarray([np.nan if v is None else float(v) for v in values], dtype=float)
+    cells.check()
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -772,10 +822,12 @@ class VolumeSource:
 
     def _open_layout(self, options, ignore_columns: Sequence[str]) -> list[str]:
         """Read the dataset's tables; the labelled volumes' names, sorted."""
-        from fvlm_core.data.labelled import open_dataset
+        from fvlm_core.data.labelled import LabelValueError, open_dataset
 
         try:
             self.reader = open_dataset(self.data_dir, options)
+        except LabelValueError:
+            raise  # the folder is a dataset: its label cells are what is wrong
         except DataError as exc:
             raise DataError(
                 f"{exc} --data must be a CT-RATE layout folder (see --split), a RAD-ChestCT or labelled "
@@ -853,6 +905,23 @@ class VolumeSource:
 
     def __len__(self) -> int:
         return len(self.names)
+
+    def files(self) -> set[str]:
+        """The files of :attr:`names` (real paths): two sources sharing one share a volume."""
+        if self.is_cache:
+            from fvlm_core.data.cache import sample_paths
+
+            return {os.path.realpath(sample_paths(self.data_dir, n)[0]) for n in self.names}
+        return {os.path.realpath(self.records[n].path) for n in self.names}
+
+    def labelled_findings(self) -> set[str]:
+        """The findings with a label (not missing) for at least one of :attr:`names`."""
+        return {k for name in self.names for k, v in self.truth(name).items() if v is not None}
+
+    def may_segment(self, anatomy: str) -> bool:
+        """Whether the segmentation can give ``anatomy`` (the built-in one finds lungs and bone
+        only; masks and TotalSegmentator: yes, as far as is known before reading them)."""
+        return self.is_cache or self.backend != "builtin" or anatomy in ("lung", "bone")
 
     def truth(self, name: str) -> dict[str, int]:
         """The CT-RATE labels of ``name`` as 0/1, without reading its image."""
@@ -949,9 +1018,12 @@ def score_dataset(
         progress(f"{len(reused)} of {len(source)} volume(s) scored earlier, kept in {journal.path}", 0.0)
     emb = analyzer.finding_embeddings(findings) if len(reused) < len(source) else None  # once
     ms = analyzer.model_space
+    from fvlm_core.segmentation.plausibility import check_intensities
+
     names: list[str] = []
     rows: list[dict[str, float]] = []
     truths: list[dict[str, int | None]] = []
+    misfit: list[tuple[str, Any]] = []  # (volume, anatomy whose intensities do not fit its tissue)
     for i, name in enumerate(source.names):
         if journal is not None and name in journal:
             row, truth = _scores_from_record(journal[name]), source.truth(name)
@@ -959,6 +1031,7 @@ def score_dataset(
         else:
             ct, labels, truth = source.load(name)
             ct, labels = _to_model_space(ct, labels, ms, windows)
+            misfit += [(name, f) for f in check_intensities(ct.array, labels.array, analyzer.anatomies)]
             enc = analyzer.encode_model_space(ct, labels, strategy=windows)
             probs = analyzer.score(enc, emb)
             row = {f.name: probs.get((f.anatomy, f.name), float("nan")) for f in findings}
@@ -972,8 +1045,22 @@ def score_dataset(
             progress(f"{name}: {how}", (i + 1) / max(len(source), 1))
     if not names:
         raise DataError(f"--data {data_dir}: no volumes to score")
+    if misfit:  # a mask of another scan, or misaligned: named in the report's notes
+        source.notes.append(_misfit_note(misfit))
+        warn(source.notes[-1])
     scores = {f.name: np.asarray([r[f.name] for r in rows], dtype=float) for f in findings}
     return names, scores, truth_table(truths, scores)
+
+
+def _misfit_note(misfit: Sequence[tuple[str, Any]]) -> str:
+    """The note on volumes whose segmentation does not fit their CT (:mod:`fvlm_core.segmentation.plausibility`)."""
+    volumes = sorted({name for name, _ in misfit})
+    name, first = misfit[0]
+    return (
+        f"{len(volumes)} volume(s) have a segmentation whose intensities do not fit its anatomies (a mask of "
+        f"another scan, or misaligned?), e.g. {name}: {first.describe()}. Their scores are kept; check the masks "
+        f"of: {', '.join(volumes[:10])}{' ...' if len(volumes) > 10 else ''}."
+    )
 
 
 def truth_table(truths: Sequence[Mapping[str, int | None]], labels: Sequence[str]) -> dict[str, np.ndarray]:
@@ -1143,28 +1230,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="report folder")
 
 
-def _stored_calibrations(config) -> dict[str, Any]:
-    from fvlm_core.calibration import from_config
-
-    return from_config(config.calibration)
-
-
 def _scores_from_table(args: argparse.Namespace, meta: dict[str, Any]):
-    """``(names, scores, truth, thresholds, calibration source)`` of ``--scores`` and ``--labels``
-    (thresholds and stored calibrations: the ``--model`` folder's, if given)."""
+    """``(names, scores, truth, thresholds, calibration source, findings)`` of ``--scores`` and
+    ``--labels``: thresholds and stored calibrations of the ``--model`` folder, if given (those
+    that apply to its findings: :mod:`fvlm_core.model.calibrated_with`; the table is taken as
+    scored with the model's own findings), and its findings (None without ``--model``)."""
     if not args.labels:
         raise ConfigError("--scores needs --labels (the ground-truth CSV)")
     names, scores = read_score_table(args.scores)
-    truth = read_label_table(args.labels, names)
+    truth = read_label_table(args.labels, names, list(scores))
     meta["scores"] = str(args.scores)
     thresholds: dict[str, float] = {}
     source = CalibrationSource(refit=args.store_thresholds)
+    findings = None
     if args.model:
+        from fvlm_core.model.calibrated_with import StoredCalibration, folder_text_identity
         from fvlm_core.model.config import load_config
 
         config = load_config(args.model)
-        thresholds, source.stored = dict(config.thresholds), _stored_calibrations(config)
-    return names, scores, truth, thresholds, source
+        findings = list(config.finding_set())
+        stored = StoredCalibration(config, folder_text_identity(args.model, config))
+        thresholds, source.stored = stored.thresholds(findings), stored.calibrations(findings)
+    return names, scores, truth, thresholds, source, findings
 
 
 def _findings_of(args: argparse.Namespace, config):
@@ -1197,6 +1284,14 @@ def _open_sources(args: argparse.Namespace, config, findings) -> dict[str, Volum
         args.data, config.anatomies, args.split, args.masks, args.one_per_scan, args.limit,
         labels=args.labels, **options,
     )  # fmt: skip
+    if "calibration" in out:
+        shared = sorted(out["calibration"].files() & out["data"].files())
+        if shared:
+            raise ConfigError(
+                f"--calibration {args.calibration} and --data {args.data} share {len(shared)} volume(s) (e.g. "
+                f"{shared[0]}): a calibration fitted on the volumes it is checked on is in-sample, not held out. "
+                "Give a calibration split of other volumes (e.g. a labelled set kept apart from the evaluated one)."
+            )
     return out
 
 
@@ -1238,18 +1333,22 @@ def _scores_from_model(args: argparse.Namespace, meta: dict[str, Any]):
     config = load_config(args.model)
     findings = _findings_of(args, config)
     sources = _open_sources(args, config, findings)  # bad data is refused before the model loads
+    if args.protocol == "strict":
+        _check_strict_thresholds(args, config, findings, sources)  # before any volume is scored
     from fvlm_core.zeroshot.analyzer import Analyzer
 
     analyzer = Analyzer.from_pretrained(args.model, device=args.device)
     data = sources["data"]
     meta.update({"model": str(args.model), "windows": windows, "device": str(analyzer.device)})
-    meta.update({"layout": data.layout, "notes": list(data.notes)})
+    meta["layout"] = data.layout
     if "calibration" in sources:
         meta["calibration"] = str(args.calibration)
 
-    source = CalibrationSource(stored=_stored_calibrations(analyzer.config), refit=args.store_thresholds)
+    stored = analyzer.stored  # what applies to these findings as worded, with this text side
+    source = CalibrationSource(stored=stored.calibrations(findings), refit=args.store_thresholds)
     scored = _score_splits(args, analyzer, windows, sources, findings)
     names, scores, truth = scored["data"]
+    meta["notes"] = list(data.notes)  # the reader's, and the scoring's (masks that do not fit)
     # the scoring's result, kept whatever happens to the report (which is written all or none)
     from fvlm_core.atomic import atomic_write_text
 
@@ -1267,7 +1366,7 @@ def _scores_from_model(args: argparse.Namespace, meta: dict[str, Any]):
                 if keep.any():
                     thresholds[lbl] = roc_corner_threshold(y[keep], s[keep])
     else:
-        thresholds = dict(analyzer.config.thresholds)
+        thresholds = stored.thresholds(findings)
     meta["not_evaluated"] = not_evaluable(scores, truth, findings)
     if len(meta["not_evaluated"]) == len(scores):
         grouped: dict[str, list[str]] = {}
@@ -1278,7 +1377,36 @@ def _scores_from_model(args: argparse.Namespace, meta: dict[str, Any]):
             + "; ".join(f"{', '.join(lbls)}: {why}" for why, lbls in grouped.items())
             + "."
         )
-    return names, scores, truth, thresholds, source
+    return names, scores, truth, thresholds, source, list(findings)
+
+
+def _check_strict_thresholds(args: argparse.Namespace, config, findings, sources: Mapping) -> None:
+    """The strict protocol's thresholds are fixed beforehand: refuse, before any volume is scored,
+    a finding with labels in ``--data`` (on an anatomy the segmentation can give) that has none,
+    neither labels to choose one on in the ``--calibration`` split nor a stored one in the model
+    folder (one fitted on this wording, with this text side)."""
+    from fvlm_core.model.calibrated_with import StoredCalibration, folder_text_identity
+
+    data = sources["data"]
+    labelled_now = data.labelled_findings()
+    needed = [f.name for f in findings if f.name in labelled_now and data.may_segment(f.anatomy)]
+    if "calibration" in sources:
+        have = sources["calibration"].labelled_findings()
+        where = f"the --calibration split {args.calibration} has no labels for them to choose one on"
+    else:
+        have = set(StoredCalibration(config, folder_text_identity(args.model, config)).thresholds(findings))
+        where = (
+            f"the model folder {args.model} stores none that was fitted on them as worded now (with "
+            "this text encoder)"
+        )
+    lacking = [name for name in needed if name not in have]
+    if lacking:
+        raise ConfigError(
+            "--protocol strict needs a threshold fixed beforehand for every label; none for: "
+            + ", ".join(lacking)
+            + f" ({where}). Give --calibration DIR (a separate labelled calibration split) or store "
+            "thresholds first (fvlm evaluate ... --store-thresholds on a calibration split). Nothing was scored."
+        )
 
 
 def _score_splits(args: argparse.Namespace, analyzer, windows: str, sources: Mapping, findings) -> dict:
@@ -1358,9 +1486,10 @@ def _scores_from_store(args: argparse.Namespace, meta: dict[str, Any]):
     )
     meta["retrieval"] = store_retrieval(store, analyzer)
     meta["not_evaluated"] = not_evaluable(scores, truth, findings)
-    thresholds = dict(analyzer.config.thresholds)
-    source = CalibrationSource(stored=_stored_calibrations(analyzer.config), refit=args.store_thresholds)
-    return names, scores, truth, thresholds, source
+    stored = analyzer.stored  # what applies to these findings as worded, with this text side
+    thresholds = stored.thresholds(findings)
+    source = CalibrationSource(stored=stored.calibrations(findings), refit=args.store_thresholds)
+    return names, scores, truth, thresholds, source, list(findings)
 
 
 def retrieval_markdown(retrieval: Mapping[str, Any]) -> list[str]:
@@ -1432,15 +1561,23 @@ def output_plan(args: argparse.Namespace, parts: bool = True):
 
 
 def run(args: argparse.Namespace) -> int:
+    from fvlm_core.locks import lock_folders
+
+    output_plan(args)  # before any work: a bad --out is refused in a second, not after scoring
+    written = [(args.out, "--out")] + ([(args.model, "--model")] if args.store_thresholds else [])
+    with lock_folders(written, command="fvlm evaluate"):  # a second run into them is refused
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     meta: dict[str, Any] = {}
-    output_plan(args)  # before any work: a bad --out is refused in a second, not after scoring
     if sum(bool(x) for x in (args.data, args.scores, args.embeddings)) > 1:
         raise ConfigError("give one of --data DIR, --scores CSV or --embeddings STORE")
     collect = _scores_from_table if args.scores else _scores_from_model
     if args.embeddings:
         collect = _scores_from_store
-    names, scores, truth, thresholds, source = collect(args, meta)
+    names, scores, truth, thresholds, source, findings = collect(args, meta)
     not_evaluated = meta.pop("not_evaluated", {})
     with _stage("metrics", args, len(names)):
         report = evaluate_scores(
@@ -1463,14 +1600,16 @@ def run(args: argparse.Namespace) -> int:
     report.meta.update(meta)
     report.meta["seconds"] = round(time.perf_counter() - t0, 1)
     with _stage("the report and plots", args, len(names)):
-        _write_outputs(args, report, None if not args.scores else scores, names)
+        _write_outputs(args, report, None if not args.scores else scores, names, findings)
     if args.store_thresholds:
         print(f"thresholds and calibrations stored in {Path(args.model) / 'config.yaml'}")
+    from fvlm_core.metrics import macro_label_count
+
     m = report.macro["fvlm16"]
     print(
-        f"{report.split['description']}: macro AUC {_fmt(m['auc'])}, ACC {_fmt(m['accuracy'])}, "
-        f"wF1 {_fmt(m['f1_weighted'])}, precision {_fmt(m['precision'])} over {m['n_labels']} labels "
-        f"({report.protocol} protocol). Report: {Path(args.out) / 'report.md'}"
+        f"{report.split['description']}: macro AUC {_fmt(m['auc'])} over {macro_label_count(m)}; ACC "
+        f"{_fmt(m['accuracy'])}, wF1 {_fmt(m['f1_weighted'])}, precision {_fmt(m['precision'])} over "
+        f"{macro_label_count(m, 'precision')} ({report.protocol} protocol). Report: {Path(args.out) / 'report.md'}"
     )
     c = calibration_macro(report.calibration)
     print(
@@ -1505,9 +1644,9 @@ def _stage(what: str, args: argparse.Namespace, n_volumes: int) -> Iterator[None
         ) from exc
 
 
-def _write_outputs(args: argparse.Namespace, report: EvaluationReport, scores, names) -> None:
-    """The report into ``--out`` and, with ``--store-thresholds``, the model's ``config.yaml``:
-    all of them or (on any failure) none."""
+def _write_outputs(args: argparse.Namespace, report: EvaluationReport, scores, names, findings) -> None:
+    """The report into ``--out`` and, with ``--store-thresholds``, the model's ``config.yaml``
+    (each threshold with the ``findings`` wording it was fitted on): all of them or none."""
     with output_plan(args, parts=False).writing() as staged:
         write_report(report, staged.path("--out"), scores, names, plots=not args.no_plots)
         if args.store_thresholds:
@@ -1517,6 +1656,7 @@ def _write_outputs(args: argparse.Namespace, report: EvaluationReport, scores, n
                 source=f"{args.protocol}: {report.split['description']}",
                 calibration=report.calibrations,
                 to=staged.path("--store-thresholds"),
+                findings=findings,
             )
 
 

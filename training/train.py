@@ -13,7 +13,9 @@ training/configs and :mod:`fvlm_training.recipe`); ``--set KEY=VALUE`` overrides
 (TensorBoard scalars), ``summary.json`` and, at the end, the model in ``model/``
 (``save_pretrained``; loadable by ``fvlm analyze``). Launching again with the same ``--out``
 resumes from the last checkpoint (``--fresh`` starts over). SIGTERM (a scheduler preempting the
-job) ends the run after the current step with a checkpoint.
+job) ends the run after the current step with a checkpoint. A run holds its folder's lock
+(:mod:`fvlm_core.locks`): a second run into the same ``--out`` is refused at once, naming the
+first (pid, host, start time); the lock of a run that was killed is taken over by the next one.
 
 Exit status: 0 when training ended (all steps done, or stopped by --max-minutes / --max-steps;
 the model is in OUT/model); 75 (EX_TEMPFAIL) when SIGTERM interrupted it: preempted, checkpoint
@@ -29,6 +31,7 @@ Python API: :func:`train` (a recipe name, YAML path, mapping or
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -93,6 +96,7 @@ def train(
     Raises:
         ConfigError: a bad recipe key or value (before any work), or a checkpoint trained with
             other options.
+        FolderInUse: another run is writing ``out_dir`` (its pid, host and start time are named).
     """
     from fvlm_training.mae_init import require_init_from
     from fvlm_training.trainer import Trainer
@@ -100,17 +104,32 @@ def train(
     recipe = load_recipe(config, overrides).with_limits(max_minutes, max_steps)  # checked: before any work
     require_init_from(recipe.init_from)
     check_run_folder(recipe, out_dir)
-    trainer = Trainer(
-        recipe,
-        out_dir,
-        dataset=dataset,
-        progress=progress,
-        should_stop=should_stop,
-        deadline=deadline,
-        ready=ready,
-        save_model=save_model,
-    )
-    return trainer.run(resume)
+    with run_folder_lock(out_dir):  # a second run into this folder is refused, naming this one
+        trainer = Trainer(
+            recipe,
+            out_dir,
+            dataset=dataset,
+            progress=progress,
+            should_stop=should_stop,
+            deadline=deadline,
+            ready=ready,
+            save_model=save_model,
+        )
+        return trainer.run(resume)
+
+
+def run_folder_lock(out_dir: str | os.PathLike) -> contextlib.AbstractContextManager:
+    """The run folder's lock (:mod:`fvlm_core.locks`), held by the process that writes the folder:
+    rank 0 of a torchrun launch (the other ranks write nothing there)."""
+    import torch.distributed as dist
+
+    from fvlm_core.locks import lock_folder
+
+    started = dist.is_available() and dist.is_initialized()  # by the caller: its rank, else torchrun's
+    rank = dist.get_rank() if started else int(os.environ.get("RANK", "0"))
+    if rank != 0:
+        return contextlib.nullcontext()
+    return lock_folder(out_dir, "--out", command="fvlm train")
 
 
 def check_run_folder(recipe: Recipe, out_dir: str | os.PathLike) -> None:

@@ -51,6 +51,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     seg.add_argument("--backend", default="builtin", help="segmentation backend: builtin | totalsegmentator")
     add_totalsegmentator_arguments(parser)
     parser.add_argument("--class-map", help="class map JSON for --segmentation (value -> class name)")
+    parser.add_argument(
+        "--strict-segmentation",
+        action="store_true",
+        help="refuse a segmentation whose anatomies' intensities do not fit their tissue (a lung that is "
+        "not mostly air, ...: made from another scan, or misaligned); default: a warning",
+    )
     parser.add_argument("--model", required=True, help="model folder (config.yaml + model.safetensors)")
     parser.add_argument(
         "--prompts",
@@ -227,6 +233,7 @@ def request_from(args: argparse.Namespace):
         device=args.device,
         similarity_maps=("all" if args.all_maps else True) if (args.maps_dir or args.dicom_maps) else False,
         keep_labelmap=bool(args.dicom_out),
+        segmentation_check="off" if args.allow_non_hu else ("strict" if args.strict_segmentation else "warn"),
         windows=args.windows,
         max_window=args.max_window,
     )

@@ -17,9 +17,10 @@ CT-RATE's ``Findings_EN`` / ``Impressions_EN``).
 name and listed in ``unmatched`` (``fvlm evaluate`` refuses it unless a ``--prompts`` finding has
 its name or ``--ignore-columns`` names it; ``fvlm prepare`` keeps it as a label of its own).
 
-**Values**: ``1`` / ``0`` (also ``1.0`` / ``0.0``, ``true`` / ``false``, ``yes`` / ``no``);
-a missing value (empty, ``NA``, ``N/A``, ``nan``, ``?``) leaves that scan out of that finding's
-evaluation, never counted negative; anything else is an error naming the row and column.
+**Values**: the rule of every layout (:func:`fvlm_core.data.labelled.label_value`): ``1`` /
+``0`` (also ``1.0`` / ``0.0``, ``true`` / ``false``, ``yes`` / ``no``); a missing value (empty,
+``NA``, ``N/A``, ``nan``, ``?``) leaves that scan out of that finding's evaluation, never counted
+negative; anything else (``2``, ``-1``, ``0.5``, text) is an error naming every such row and column.
 
 Every CT is put in LPS axis order (:func:`fvlm_core.preprocess.reorient`: a permutation or flip,
 no interpolation), the order of the CT-RATE volumes the public pipeline resizes as stored.
@@ -37,16 +38,13 @@ from pathlib import Path
 import SimpleITK as sitk
 
 from fvlm_core.data.ctrate import VolumeRecord
-from fvlm_core.data.labelled import MASK_SUFFIXES, LabelledReader, find_mask
+from fvlm_core.data.labelled import MASK_SUFFIXES, LabelCells, LabelledReader, find_mask
 from fvlm_core.errors import DataError
 from fvlm_core.findings import CTRATE_LABELS
 from fvlm_core.io import CTVolume, read_ct
 
 #: Image files a cohort scan may be (a DICOM series is a folder).
 SCAN_SUFFIXES = MASK_SUFFIXES
-TRUE_VALUES = ("1", "1.0", "true", "yes")
-FALSE_VALUES = ("0", "0.0", "false", "no")
-MISSING_VALUES = ("", "na", "n/a", "nan", "?")
 REPORT_COLUMNS = {
     "report": "report",
     "findings": "findings",
@@ -78,21 +76,6 @@ def match_columns(columns: Sequence[str], findings: Iterable[str]) -> tuple[dict
             raise DataError(f"columns {twin!r} and {c!r} are both the finding {f!r}; keep one.")
         matched[c] = f
     return matched, unmatched
-
-
-def parse_value(cell: str, where: str) -> int | None:
-    """A label cell: 1, 0, or None (missing; see the module docstring)."""
-    v = cell.strip().lower()
-    if v in TRUE_VALUES:
-        return 1
-    if v in FALSE_VALUES:
-        return 0
-    if v in MISSING_VALUES:
-        return None
-    raise DataError(
-        f"{where}: value {cell!r} is not a label. Use 1 (present), 0 (absent) or leave the cell empty "
-        "(not known: the scan is left out of that finding's evaluation)."
-    )
 
 
 def split_report(text: str) -> tuple[str, str]:
@@ -143,21 +126,21 @@ def read_cohort_csv(path: str | os.PathLike, findings: Iterable[str] = CTRATE_LA
     matched, unmatched = match_columns(columns, findings)
     label_columns = {c: matched.get(c, c) for c in columns}
     rows, seen = [], {}
+    cells = LabelCells(path)
     for n, row in body:
         if len(row) != len(header):
             raise DataError(f"{path}, line {n}: {len(row)} cells for {len(header)} columns.")
-        cells = dict(zip(header, row))
-        scan = cells[header[0]].strip()
+        row_cells = dict(zip(header, row))
+        scan = row_cells[header[0]].strip()
         if not scan:
             raise DataError(f"{path}, line {n}: no scan in column {header[0]!r}.")
         if scan in seen:
             raise DataError(f"{path}: scan {scan!r} is on lines {seen[scan]} and {n}; keep one row per scan.")
         seen[scan] = n
-        labels = {
-            f: parse_value(cells[c], f"{path}, line {n}, column {c!r}") for c, f in label_columns.items()
-        }
-        texts = {kind: cells[c] for c, kind in report.items()} if report else None
+        labels = {f: cells.value(row_cells[c], scan, c, n) for c, f in label_columns.items()}
+        texts = {kind: row_cells[c] for c, kind in report.items()} if report else None
         rows.append((n, scan, labels, texts))
+    cells.check()
     return CohortTable(path, header[0], label_columns, unmatched, report, rows)
 
 

@@ -29,6 +29,7 @@ import numpy as np
 
 from fvlm_core.anatomy import CTRATE_CATALOG, AnatomyCatalog
 from fvlm_core.data.cache import CachedSample
+from fvlm_core.data.labelled import LabelCells
 from fvlm_core.data.layout import SPLITS, scan_id_of, volume_relpath, volume_stem
 from fvlm_core.errors import DataError
 from fvlm_core.findings import CTRATE_LABELS
@@ -153,6 +154,7 @@ class CTRATEReader:
         if self.masks_dir is None and (self.root / "anatomy_masks").is_dir():
             self.masks_dir = self.root / "anatomy_masks"
         vol_dir = self.root / "dataset" / folder
+        cells = LabelCells(labels_path)
         for name in sorted(meta):
             path = self._find(vol_dir, name)
             if path is None:
@@ -162,17 +164,14 @@ class CTRATEReader:
                 self.skipped.append((name, "no row in the reports CSV"))
                 continue
             lab = None
-            if name in labels:
-                try:
-                    lab = {k: int(float(labels[name][k] or 0)) for k in CTRATE_LABELS}
-                except ValueError:
-                    self.skipped.append((name, "non-numeric value in the labels CSV"))
-                    continue
+            if name in labels:  # the rule of every layout: 0/1, missing left out, else an error
+                lab = {k: cells.value(labels[name][k], name, k) for k in CTRATE_LABELS}
             self.records.append(
                 VolumeRecord(
                     name, self.split, path, meta[name], reports.get(name), lab, self._find_mask(name)
                 )
             )
+        cells.check()  # every cell that is not a label, named before any work
 
     @staticmethod
     def _find(base: Path, name: str) -> Path | None:

@@ -15,6 +15,7 @@ volume keeps its shard when others are added.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -270,25 +271,62 @@ def prepare_dataset(
         require_reports=True,
     )
     reader = _open_reader(dataset, options_in, backend)
-    out.mkdir(parents=True, exist_ok=True)
     split = split if reader.layout == "ctrate" else reader.layout
-    settings = {
-        "model_space": config.to_dict(),
-        "catalog": catalog.names,
-        "backend": backend,
-        "masks": str(Path(reader.masks_dir).resolve()) if backend == "labelmap" else None,
-    }
-    if reader.layout != "ctrate":  # only then: CT-RATE caches keep their settings
-        settings["dataset"] = {"layout": reader.layout, "radchest_mapping": radchest_mapping}
-    files = load_decomposition(decomposition, catalog.names) if decomposition else None
-    if decomposition:  # only then: caches prepared by rules keep their settings
-        settings["decomposition"] = str(Path(decomposition).resolve())
-    check_cache_settings(out, settings)
+    with shard_lock(out, split, shard):  # before anything in --out is touched
+        settings = {
+            "model_space": config.to_dict(),
+            "catalog": catalog.names,
+            "backend": backend,
+            "masks": str(Path(reader.masks_dir).resolve()) if backend == "labelmap" else None,
+        }
+        if reader.layout != "ctrate":  # only then: CT-RATE caches keep their settings
+            settings["dataset"] = {"layout": reader.layout, "radchest_mapping": radchest_mapping}
+        files = load_decomposition(decomposition, catalog.names) if decomposition else None
+        if decomposition:  # only then: caches prepared by rules keep their settings
+            settings["decomposition"] = str(Path(decomposition).resolve())
+        check_cache_settings(out, settings)
 
+        names = [r.name for r in reader.records]
+        mine = select_shard(names, *shard)
+        if limit is not None:
+            mine = mine[:limit]
+        summary = _shard_summary(dataset, out, split, shard, reader, mine, files, decomposition)
+        summary.stale_temps_removed = remove_stale_temps(out, mine)
+        todo = [n for n in mine if not is_complete(out, n)]
+        summary.already_done = len(mine) - len(todo)
+        options = {
+            "dataset": str(dataset),
+            "dataset_options": options_in.to_dict(),
+            "catalog": catalog.to_dict(),
+            "model_space": config.to_dict(),
+            "backend": backend,
+            "class_map": str(class_map) if isinstance(class_map, os.PathLike) else class_map,
+            "out": str(out),
+            "decomposition": str(decomposition) if decomposition else None,
+        }
+        results = _run(todo, options, max(1, workers))
+        if progress:
+            from tqdm import tqdm
+
+            results = tqdm(
+                results, total=len(todo), desc=f"prepare {split} {shard[0]}/{shard[1]}", unit="vol"
+            )
+        for name, error, _secs in results:
+            if error is None:
+                summary.processed += 1
+            else:
+                summary.failed.append({"name": name, "error": error})
+        summary.seconds = time.perf_counter() - t0
+        target = out / "_prepare" / f"summary-{split}-{shard[0]}of{shard[1]}.json"
+        atomic_write_text(target, json.dumps(summary.to_dict(), indent=1) + "\n")
+    return summary
+
+
+def _shard_summary(
+    dataset, out: Path, split: str, shard, reader, mine, files, decomposition
+) -> PrepareSummary:
+    """The summary of one shard's run before its work: what is listed, skipped and decomposed."""
     names = [r.name for r in reader.records]
-    mine = select_shard(names, *shard)
-    if limit is not None:
-        mine = mine[:limit]
     summary = PrepareSummary(str(dataset), str(out), split, shard, listed=len(names) + len(reader.skipped))
     summary.notes = list(reader.notes)
     summary.in_shard = len(mine)
@@ -303,30 +341,26 @@ def prepare_dataset(
             "volumes_without_entry": len(absent),
             "examples_without_entry": absent[:10],
         }
-    summary.stale_temps_removed = remove_stale_temps(out, mine)
-    todo = [n for n in mine if not is_complete(out, n)]
-    summary.already_done = len(mine) - len(todo)
-    options = {
-        "dataset": str(dataset),
-        "dataset_options": options_in.to_dict(),
-        "catalog": catalog.to_dict(),
-        "model_space": config.to_dict(),
-        "backend": backend,
-        "class_map": str(class_map) if isinstance(class_map, os.PathLike) else class_map,
-        "out": str(out),
-        "decomposition": str(decomposition) if decomposition else None,
-    }
-    results = _run(todo, options, max(1, workers))
-    if progress:
-        from tqdm import tqdm
-
-        results = tqdm(results, total=len(todo), desc=f"prepare {split} {shard[0]}/{shard[1]}", unit="vol")
-    for name, error, _secs in results:
-        if error is None:
-            summary.processed += 1
-        else:
-            summary.failed.append({"name": name, "error": error})
-    summary.seconds = time.perf_counter() - t0
-    target = out / "_prepare" / f"summary-{split}-{shard[0]}of{shard[1]}.json"
-    atomic_write_text(target, json.dumps(summary.to_dict(), indent=1) + "\n")
     return summary
+
+
+def shard_lock(out: Path, split: str, shard: tuple[int, int]) -> contextlib.ExitStack:
+    """The lock of this shard of ``out`` (:mod:`fvlm_core.locks`), held when this returns (leave
+    the returned stack to give it up): the same shard prepared twice at once is refused, and so is
+    a run that splits the volumes into another number of shards while one runs (their shards
+    would overlap)."""
+    from fvlm_core.locks import FolderInUse, held_scopes, lock_folder
+
+    i, n = shard
+    stack = contextlib.ExitStack()
+    stack.enter_context(lock_folder(out, "--out", scope=f"prepare.{split}.{i}of{n}", command="fvlm prepare"))
+    other = [(s, who) for s, who in held_scopes(out, f"prepare.{split}.") if not s.endswith(f"of{n}")]
+    if other:
+        stack.close()
+        scope, who = other[0]
+        raise FolderInUse(
+            f"--out {out}: shard {scope.rsplit('.', 1)[1].replace('of', '/')} of {split} is being prepared "
+            f"by {who.describe() if who else 'another run'}; --shard {i}/{n} splits the volumes another way "
+            "and would overlap it. Give every run into one cache the same number of shards. Nothing was done."
+        )
+    return stack

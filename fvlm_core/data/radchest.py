@@ -53,7 +53,7 @@ from typing import Any
 import numpy as np
 
 from fvlm_core.data.ctrate import VolumeRecord
-from fvlm_core.data.labelled import LabelledReader, find_mask
+from fvlm_core.data.labelled import LabelCells, LabelledReader, find_mask
 from fvlm_core.errors import DataError, InputError
 from fvlm_core.io import CTVolume, Geometry, ct_from_array
 
@@ -180,13 +180,11 @@ def is_radchest_header(header: Sequence[str]) -> bool:
     return len(header) > 1 and header[0].strip() == ID_COLUMN and all("*" in c for c in header[1:])
 
 
-def _cell(value: str, where: str) -> int:
-    v = value.strip()
-    if v in ("1", "1.0"):
+def _any(values: Sequence[int | None]) -> int | None:
+    """A finding from its locations' labels: 1 if any is 1, 0 if all are 0, else not known."""
+    if 1 in values:
         return 1
-    if v in ("0", "0.0"):
-        return 0
-    raise DataError(f"{where}: value {value!r} is not 0 or 1 (RAD-ChestCT labels are all 0/1).")
+    return None if None in values else 0
 
 
 def _columns_of(
@@ -219,9 +217,11 @@ def _columns_of(
 def read_radchest_labels(
     path: str | os.PathLike, mapping: str = "hlip"
 ) -> tuple[dict[str, dict[str, int]], list[str]]:
-    """``({NoteAcc_DEID: {CT-RATE finding: 0/1}}, abnormalities without a counterpart)`` of one
-    abnormality x location CSV. Every value used must be 0 or 1; an accession listed twice,
-    a missing column or another header raises :class:`DataError`."""
+    """``({NoteAcc_DEID: {CT-RATE finding: 0/1 or None}}, abnormalities without a counterpart)``
+    of one abnormality x location CSV. Values follow the rule of every layout
+    (:func:`~fvlm_core.data.labelled.label_value`; a finding is 1 when any of its locations is,
+    0 when all are 0, else not known); cells that are not labels, an accession listed twice, a
+    missing column or another header raise :class:`DataError`."""
     path = Path(path)
     if mapping not in RADCHEST_MAPPINGS:
         raise DataError(f"--radchest-mapping {mapping!r}: choose one of {', '.join(RADCHEST_MAPPINGS)}.")
@@ -236,22 +236,23 @@ def read_radchest_labels(
                     f"abnormality*location columns; found {', '.join(header[:4]) or 'nothing'} ...)."
                 )
             columns = _columns_of(header, table, path)
-            truth: dict[str, dict[str, int]] = {}
+            truth: dict[str, dict[str, int | None]] = {}
+            cells = LabelCells(path)
             for n, row in enumerate(rows, start=2):
                 if not row or not row[0].strip():
                     continue
                 acc = row[0].strip()
                 if acc in truth:
                     raise DataError(f"{path}: {acc} is listed twice (line {n}); keep one row per scan.")
-                where = f"{path}, line {n} ({acc})"
                 if len(row) != len(header):
-                    raise DataError(f"{where}: {len(row)} cells for {len(header)} columns.")
+                    raise DataError(f"{path}, line {n} ({acc}): {len(row)} cells for {len(header)} columns.")
                 truth[acc] = {
-                    f: max(_cell(row[i], f"{where}, column {header[i]}") for i in idx)
+                    f: _any([cells.value(row[i], acc, header[i], n) for i in idx])
                     for f, idx in columns.items()
                 }
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise DataError(f"{path}: cannot read the label CSV ({exc}).") from exc
+    cells.check()
     used = {a for cp in table.values() for a in cp.abnormalities}
     other = sorted({c.partition("*")[0] for c in header[1:]} - used)
     return truth, other

@@ -78,10 +78,12 @@ def write_dicom(
     }
     series_uid = generate_uid()
     if content.maps:
-        from fvlm_core.zeroshot.similarity import map_filename  # (imports torch: only with maps)
+        from fvlm_core.zeroshot.similarity import map_filenames  # (imports torch: only with maps)
+
+        files = map_filenames([(r.anatomy, r.finding) for r in content.maps], ".dcm")
     for number, record in enumerate(content.maps, 1):
         say(f"DICOM: parametric map {number}/{len(content.maps)}", (1 + number) / steps)
-        name = f"{MAPS_FOLDER}/{map_filename(record.anatomy, record.finding, '.dcm')}"
+        name = f"{MAPS_FOLDER}/{files[(record.anatomy, record.finding)]}"
         pm = build_map(record, content, source, series_uid, number)
         _save(pm, folder / name)
         written["maps"].append({**_identity(pm, name), "anatomy": record.anatomy, "finding": record.finding})

@@ -49,6 +49,8 @@ NOT_ARCHITECTURE = frozenset(
         "anatomies",  # recorded on its own, in order
         "findings",
         "thresholds",
+        "calibration",
+        "calibrated_with",
         "versions",
         "temperature_init",
         "temperature_range",
@@ -136,7 +138,10 @@ def save_pretrained(
     The weights, ``config.yaml``, ``text/`` and the embeddings of the config's finding prompts
     (:mod:`~fvlm_core.model.prompt_store`; encoded now, in eval mode) are written all or none
     (:class:`fvlm_core.outputs.OutputPlan`): a failure leaves a previous checkpoint in the
-    folder as it was. Other files in the folder are left alone.
+    folder as it was. Each file is put in place by one atomic rename, ``config.yaml`` last, so
+    even a process killed while they are moved leaves a folder that loads (each file the old or
+    the new one; a first save killed there leaves no ``config.yaml``: not yet a model). Other
+    files in the folder are left alone.
 
     Args:
         model: the model.
@@ -178,24 +183,79 @@ def save_pretrained(
     }
     metadata[prompt_store.TEXT_DIGEST_KEY] = prompt_store.text_weights_digest(tensors)
     texts = prompt_store.prompt_texts(config)
-    plan = OutputPlan()
+    plan = OutputPlan()  # committed in this order: config.yaml, which makes the folder a model, last
+    plan.folder(TEXT_DIR, directory / TEXT_DIR, replace=True, force=True)
     plan.file(WEIGHTS_NAME, directory / WEIGHTS_NAME)
-    plan.file(CONFIG_NAME, directory / CONFIG_NAME)
     if store_prompts:
         plan.file(prompt_store.STORE_NAME, directory / prompt_store.STORE_NAME)
-    plan.folder(TEXT_DIR, directory / TEXT_DIR, replace=True, force=True)
+    plan.file(CONFIG_NAME, directory / CONFIG_NAME)
     with plan.writing() as staged:
         save_text_files(model, staged.path(TEXT_DIR))
         save_file(tensors, str(staged.path(WEIGHTS_NAME)), metadata=metadata)
+        identity = prompt_store.text_identity(
+            metadata[prompt_store.TEXT_DIGEST_KEY], staged.path(TEXT_DIR), config
+        )
+        bind_new_entries(config, config_updates, identity, before=model.config)
         staged.path(CONFIG_NAME).write_text(config.to_yaml(), encoding="utf-8")
         if store_prompts:
-            identity = prompt_store.text_identity(
-                metadata[prompt_store.TEXT_DIGEST_KEY], staged.path(TEXT_DIR), config
-            )
             embeddings = prompt_store.encode_prompts(model, texts)
             prompt_store.write_store(staged.path(prompt_store.STORE_NAME), texts, embeddings, identity)
     model.config = config
     return directory
+
+
+def bind_new_entries(config, updates: dict, identity: str, before=None) -> None:
+    """Record in ``config.calibrated_with`` what the stored thresholds and calibrations were
+    fitted with (:mod:`fvlm_core.model.calibrated_with`): those given to :func:`save_pretrained`
+    on the config's findings of their names, with the text side ``identity``; those carried over
+    from ``before`` (the config the model had) without a record, on ``before``'s wording (the
+    only one they can have been fitted on), text side unknown. Recorded entries are kept (and
+    checked against the text side when used)."""
+    from fvlm_core.model.calibrated_with import fitted_with
+
+    given = set(updates.get("thresholds") or {}) | set(updates.get("calibration") or {})
+    own = {f.name: f for f in config.finding_set()}
+    old = {f.name: f for f in before.finding_set()} if before is not None else {}
+    for name in set(config.thresholds) | set(config.calibration):
+        if name in given:
+            found, text = own.get(name), identity
+        elif name not in config.calibrated_with:
+            found, text = old.get(name), None
+        else:
+            continue
+        if found is not None:
+            config.calibrated_with[name] = fitted_with(found, text)
+        else:  # fitted on a wording this folder does not know: never applied
+            config.calibrated_with.pop(name, None)
+
+
+#: files up to this size are hashed by :func:`folder_state` (configs, tokenizer files); larger ones
+#: (the weights) are known by their size, times and inode: hashing them would cost seconds
+HASHED_UP_TO = 8 << 20
+
+
+def folder_state(directory: str | os.PathLike) -> str:
+    """A digest of everything that defines the model a folder loads as: every file at any depth
+    (``text/`` included): its path, size, modification and status-change times and inode, and
+    the SHA-256 of the small ones (``config.yaml``, ``text/*.json``, the tokenizer), so an edit
+    that keeps a file's size and time still counts. Hidden files (locks, temporary files) are
+    left out. Equal digests: the same model; a process that keeps a loaded model (the Slicer
+    worker) keys it on this."""
+    import hashlib
+
+    root = Path(directory)
+    h = hashlib.sha256()
+    files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else []
+    for path in files:
+        rel = path.relative_to(root)
+        if any(part.startswith(".") for part in rel.parts):
+            continue
+        st = path.stat()
+        h.update(json.dumps([rel.as_posix(), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]).encode())
+        if st.st_size <= HASHED_UP_TO:
+            with contextlib.suppress(OSError):
+                h.update(hashlib.sha256(path.read_bytes()).digest())
+    return h.hexdigest()
 
 
 def read_safetensors(

@@ -17,8 +17,9 @@ from typing import Any
 
 import yaml
 
-from fvlm_core.calibration import from_config, to_config
+from fvlm_core.calibration import check_thresholds, from_config, to_config
 from fvlm_core.errors import ConfigError
+from fvlm_core.model.calibrated_with import check_entries
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
@@ -187,6 +188,9 @@ class FVLMConfig:
     #: per finding name, how its raw score becomes a probability (``fvlm_core.calibration.Calibration``
     #: as a dict: method platt with a, b; isotonic with knots; none with the reason).
     calibration: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: per finding name, the anatomy, wordings and text identity its threshold and calibration
+    #: were fitted with: they apply only to that (``fvlm_core.model.calibrated_with``).
+    calibrated_with: dict[str, dict[str, Any]] = field(default_factory=dict)
     #: library versions that produced the weights (filled by ``save_pretrained``).
     versions: dict[str, str] = field(default_factory=dict)
 
@@ -220,8 +224,9 @@ class FVLMConfig:
             self.findings = _default_findings(self.anatomies)
         self.findings = [dict(f) for f in self.findings]
         self.finding_set()  # validate
-        self.thresholds = {str(k): float(v) for k, v in (self.thresholds or {}).items()}
+        self.thresholds = check_thresholds(self.thresholds)
         self.calibration = to_config(from_config(self.calibration))  # validated, plain data
+        self.calibrated_with = check_entries(self.calibrated_with)
         self.versions = {str(k): str(v) for k, v in (self.versions or {}).items()}
 
     # ------------------------------------------------------------------ helpers

@@ -14,8 +14,9 @@ used (the model config's calibrated one, else 0.5, and which) and whether it is 
 the finding (:mod:`fvlm_core.calibration`), the raw score becomes a probability and the threshold
 is shown on that scale (a strictly increasing map: the same findings are flagged); otherwise the
 raw score is reported as an "uncalibrated score", not a probability. A calibrated threshold and a
-calibration apply only to the wordings they were fitted with: a finding of that name worded
-otherwise gets 0.5 and its raw score.
+calibration apply only to the wordings and the text side they were fitted with
+(:mod:`fvlm_core.model.calibrated_with`): a finding of that name worded otherwise, or a model
+whose text encoder, tokenizer or text settings changed since, gets 0.5 and its raw score.
 
 Cost: the CT is resampled to model space once; anatomies whose joint box fits in the model
 window share one encoder forward (``windows.plan_shared``); prompt embeddings are cached per
@@ -25,7 +26,6 @@ model (``prompts.prompt_cache_for``). On CUDA the encoder runs under bf16 autoca
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -42,8 +42,9 @@ from fvlm_core.devices import resolve_device
 from fvlm_core.errors import CancelledError, ConfigError, InputError, warn
 from fvlm_core.findings import Finding, FindingSet
 from fvlm_core.io import CTVolume, Geometry, LabelVolume, check_finite
+from fvlm_core.model.calibrated_with import StoredCalibration
 from fvlm_core.zeroshot import similarity, windows
-from fvlm_core.zeroshot.prompt_files import load_findings_file, merge_findings, wording
+from fvlm_core.zeroshot.prompt_files import load_findings_file, merge_findings
 from fvlm_core.zeroshot.prompts import FindingEmbeddings, probability, prompt_cache_for
 from fvlm_core.zeroshot.results import UNCALIBRATED, AnalysisResult, AnatomyMap, AnatomyResult, FindingResult
 
@@ -140,6 +141,9 @@ class Analyzer:
         self.model_space = self.config.model_space()
         self.name = name or getattr(self.config, "name", "fvlm")
         self.prompts = prompt_cache_for(self.model)
+        #: the text side's identity (:mod:`fvlm_core.model.prompt_store`; None: not known, e.g. a
+        #: model built in memory): stored calibrations apply only when fitted with the same
+        self.text_identity: str | None = None
 
     @classmethod
     def from_pretrained(
@@ -165,6 +169,7 @@ class Analyzer:
         )
         metadata = read_metadata(model_dir / WEIGHTS_NAME)
         identity = folder_identity(model_dir, analyzer.config, metadata)
+        analyzer.text_identity = identity
         analyzer.prompts.preload(read_store(model_dir / STORE_NAME, identity))
         return analyzer
 
@@ -187,28 +192,22 @@ class Analyzer:
         """Prompt embeddings (cached per model: a repeated call does no text-encoder work)."""
         return self.prompts.findings(findings)
 
-    def _fitted_on(self, finding: Finding) -> bool:
-        """Whether what the config stores for ``finding.name`` belongs to ``finding``: it is the
-        config's finding of that name (same anatomy and wordings), or the config has none."""
-        calibrated_on = {f.name: f for f in self.default_findings()}.get(finding.name)
-        return calibrated_on is None or wording(calibrated_on) == wording(finding)
+    @property
+    def stored(self) -> StoredCalibration:
+        """The config's thresholds and calibrations, and which apply to a finding
+        (:mod:`fvlm_core.model.calibrated_with`: the wording and text identity they were fitted with)."""
+        return StoredCalibration(self.config, self.text_identity)
 
     def threshold(self, finding: Finding) -> tuple[float, str]:
-        """``(threshold on the raw scale, "calibrated" | "default")``: the config's calibrated
-        threshold when the finding is the config's finding of that name (same anatomy and
-        wordings), else 0.5."""
-        t = self.config.thresholds.get(finding.name)
-        if t is None or (isinstance(t, float) and math.isnan(t)) or not self._fitted_on(finding):
-            return DEFAULT_THRESHOLD, "default"
-        return float(t), "calibrated"
+        """``(threshold on the raw scale, "calibrated" | "default")``: the config's stored
+        threshold when it was fitted on this finding as worded and with this text side, else 0.5."""
+        t = self.stored.threshold(finding)
+        return (DEFAULT_THRESHOLD, "default") if t is None else (t, "calibrated")
 
     def calibration(self, finding: Finding) -> Calibration | None:
-        """The config's calibration of ``finding`` (the same rule as :meth:`threshold`: a finding
-        worded otherwise has none); None when there is none."""
-        entry = self.config.calibration.get(finding.name)
-        if entry is None or not self._fitted_on(finding):
-            return None
-        return Calibration.from_dict(entry, finding.name)
+        """The config's calibration of ``finding`` (the same rule as :meth:`threshold`); None
+        when there is none that applies."""
+        return self.stored.calibration(finding)
 
     # ------------------------------------------------------------------ model space
     def labels_in_model_order(self, segmentation) -> LabelVolume:
@@ -334,6 +333,7 @@ class Analyzer:
         strategy: str = "shared",
         require_anatomy: bool = True,
         max_window_zyx: Sequence[int] | None = None,
+        segmentation_check: str = "warn",
     ) -> AnalysisResult:
         """Score findings on one CT.
 
@@ -357,7 +357,13 @@ class Analyzer:
                 anatomies (instead of returning a result with every anatomy absent).
             max_window_zyx: cap on window size in model-space voxels (low-memory use); an
                 anatomy keeping under 90% of its voxels inside its capped window is not scored.
+            segmentation_check: whether each anatomy's intensities look like its tissue (a
+                segmentation of another scan does not: :mod:`fvlm_core.segmentation.plausibility`):
+                ``"warn"`` (a warning and a note), ``"strict"`` (:class:`InputError`, before the
+                encoding) or ``"off"`` (a CT not in HU).
         """
+        if segmentation_check not in ("warn", "strict", "off"):
+            raise ConfigError(f"segmentation_check {segmentation_check!r}: use 'warn', 'strict' or 'off'")
         from fvlm_core.preprocess import resample_to_model_space, spacing_warning
 
         timings: dict[str, float] = {}
@@ -385,6 +391,9 @@ class Analyzer:
                     raise InputError(msg)
                 notes.append(msg)
             ct_ms, labels_ms = resample_to_model_space(ct, labels, self.model_space)
+            if segmentation_check != "off":
+                implausible = self._implausible(ct_ms, labels_ms, ct.source, segmentation_check == "strict")
+                notes += implausible
 
         step("encoding anatomies", 0.15)
         with _timed(timings, "embed"):
@@ -430,6 +439,20 @@ class Analyzer:
             dicom_series=ct.dicom_series,
             segmentation={"source": str(getattr(segmentation, "backend", ""))},
         )
+
+    def _implausible(self, ct_ms: CTVolume, labels_ms: LabelVolume, source: str, strict: bool) -> list[str]:
+        """The segmentation's anatomies whose intensities do not fit their tissue, as a warning
+        (``strict``: an :class:`InputError`), on the model-space volume (what is encoded)."""
+        from fvlm_core.segmentation.plausibility import check_intensities, implausible_message
+
+        found = check_intensities(ct_ms.array, labels_ms.array, self.anatomies)
+        if not found:
+            return []
+        msg = implausible_message(found, source)
+        if strict:
+            raise InputError(msg + " Refused (strict segmentation check); nothing was scored.")
+        warn(msg)
+        return [msg]
 
     def _no_anatomy_message(self, ct: CTVolume, segmentation) -> str:
         facts = getattr(segmentation, "facts", {}) or {}
@@ -478,7 +501,12 @@ class Analyzer:
         thr, src = self.threshold(finding)
         cal = self.calibration(finding)
         if cal is None:
-            note = "the model config has no calibration for this finding (and wording)"
+            why = self.stored.why_not(finding)
+            note = (
+                f"{why}: not used (calibrate again with `fvlm evaluate --store-thresholds`)"
+                if why
+                else "the model config has no calibration for this finding"
+            )
         else:
             note = "" if cal.calibrated else cal.reason
         calibrated = cal is not None and cal.calibrated
@@ -574,5 +602,6 @@ def _result_notes(results: list[AnatomyResult]) -> list[str]:
         )
     kept = {f.name: f.calibration_note for a in results for f in a.findings if f.calibration_note}
     notes += [f"{name}: {why}" for name, why in kept.items() if why.startswith("raw score kept")]
+    notes += [f"{name}: {why}" for name, why in kept.items() if why.endswith("--store-thresholds`)")]
     notes += [f"{a.name}: {a.note}" for a in results if a.status != "absent" and not a.scored]
     return notes

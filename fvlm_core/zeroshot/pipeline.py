@@ -61,6 +61,9 @@ class AnalysisRequest:
         windows: ``shared``, ``centred`` or ``reference`` (:mod:`fvlm_core.zeroshot.windows`).
         max_window: cap on the window size in model-space voxels ``(z, y, x)``.
         keep_labelmap: put the analysed anatomy label map into the result (for display).
+        segmentation_check: whether each anatomy's intensities must look like its tissue (a
+            segmentation of another scan does not): ``warn``, ``strict`` (refused) or ``off``;
+            ``allow_non_hu`` turns it off.
     """
 
     ct: str
@@ -81,6 +84,7 @@ class AnalysisRequest:
     windows: str = "shared"
     max_window: list[int] | None = None
     keep_labelmap: bool = False
+    segmentation_check: str = "warn"
 
     def check(self) -> None:
         """Raise :class:`ConfigError` for an option no stage would accept (before any work)."""
@@ -92,6 +96,10 @@ class AnalysisRequest:
             raise ConfigError(f"windows {self.windows!r}: use one of {', '.join(WINDOWS)}")
         if self.similarity_maps not in (True, False, "all"):
             raise ConfigError(f"similarity_maps {self.similarity_maps!r}: use true, false or 'all'")
+        if self.segmentation_check not in ("warn", "strict", "off"):
+            raise ConfigError(
+                f"segmentation_check {self.segmentation_check!r}: use 'warn', 'strict' or 'off'"
+            )
         if self.max_window is not None and len(self.max_window) != 3:
             raise ConfigError(f"max_window {self.max_window!r}: give three sizes (z, y, x)")
 
@@ -131,9 +139,12 @@ class AnalyzerCache:
 
     @staticmethod
     def key(model_dir: str, device: str) -> tuple:
+        """The folder, the device and the state of every file that defines the model (``text/``
+        included: :func:`fvlm_core.model.checkpoint.folder_state`): a changed model loads again."""
+        from fvlm_core.model.checkpoint import folder_state
+
         folder = Path(model_dir).resolve()
-        files = sorted(p for p in folder.iterdir() if p.is_file()) if folder.is_dir() else []
-        return (str(folder), device, tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files))
+        return (str(folder), device, folder_state(folder))
 
     def get(self, model_dir: str, device: str) -> Any:
         from fvlm_core.zeroshot.analyzer import Analyzer
@@ -249,6 +260,7 @@ def run(
                 similarity_maps=request.similarity_maps,
                 strategy=request.windows,
                 max_window_zyx=request.max_window,
+                segmentation_check="off" if request.allow_non_hu else request.segmentation_check,
                 progress=stage.sub("analyze"),
                 should_cancel=should_cancel,
             )

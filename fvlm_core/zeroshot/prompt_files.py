@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from fvlm_core.errors import ConfigError, InputError, warn
-from fvlm_core.findings import Finding, FindingSet
+from fvlm_core.findings import Finding, FindingSet, name_key
 
 
 def wording(f: Finding) -> tuple[str, tuple[str, ...], tuple[str, ...]]:
@@ -62,6 +62,15 @@ def merge_findings(defaults: FindingSet, user: FindingSet) -> FindingSet:
     """The model's findings with the user's added; a user finding named like a built-in one
     replaces it (in its place), with a warning saying so."""
     by_name = {f.name: f for f in user}
+    mine = {name_key(f.name): f.name for f in defaults}
+    alike = [(mine[name_key(n)], n) for n in by_name if name_key(n) in mine and mine[name_key(n)] != n]
+    if alike:
+        shown = "; ".join(f"{n!r} (the model's {m!r})" for m, n in alike)
+        raise ConfigError(
+            f"--prompts: {shown} differ from the model's findings only in case, spaces or punctuation. "
+            "Use the model's exact name to replace its finding, or a name that differs in its letters or "
+            "digits to score both."
+        )
     out, replaced = [], []
     for f in defaults:
         mine = by_name.pop(f.name, None)

@@ -297,13 +297,14 @@ class AnalysisResult:
     ) -> dict[tuple[str, str], Path]:
         """Write every similarity map as a float32 volume on the CT grid (NIfTI by default)."""
         from fvlm_core.errors import InputError
-        from fvlm_core.zeroshot.similarity import map_filename, write_map
+        from fvlm_core.zeroshot.similarity import map_filenames, write_map
 
         if self.geometry is None:
             raise InputError("this result has no CT geometry; similarity maps cannot be written")
         out = {}
+        names = map_filenames(list(self.similarity_maps), suffix)  # distinct, even for alike names
         for (anat, name), amap in self.similarity_maps.items():
-            path = write_map(amap.full(), self.geometry, Path(directory) / map_filename(anat, name, suffix))
+            path = write_map(amap.full(), self.geometry, Path(directory) / names[(anat, name)])
             out[(anat, name)] = path
             self.map_files[(anat, name)] = str(path)
         return out

@@ -225,6 +225,16 @@ def write_map(array: np.ndarray, geometry: Geometry, path: str | os.PathLike) ->
 
 
 def map_filename(anatomy: str, finding: str, suffix: str = ".nii.gz") -> str:
-    """``lung__pleural_effusion.nii.gz``: a portable file name for one map."""
-    slug = "".join(c if c.isalnum() else "_" for c in finding.lower()).strip("_")
-    return f"{anatomy}__{slug}{suffix}"
+    """``lung__pleural_effusion.nii.gz``: a portable file name for one map (alone; the maps of one
+    result: :func:`map_filenames`, distinct)."""
+    return map_filenames([(anatomy, finding)], suffix)[(anatomy, finding)]
+
+
+def map_filenames(keys: Sequence[tuple[str, str]], suffix: str = ".nii.gz") -> dict[tuple[str, str], str]:
+    """Distinct portable file names of the maps ``(anatomy, finding)``: ``lung__lung_mass.nii.gz``;
+    findings whose names would give one file (``Lung mass`` and ``lung mass!``) each get a short
+    hash of their name (:func:`fvlm_core.outputs.distinct_stems`)."""
+    from fvlm_core.outputs import distinct_stems, slug
+
+    stems = distinct_stems({(a, f): f"{a}__{slug(f)}" for a, f in keys})
+    return {key: stem + suffix for key, stem in stems.items()}

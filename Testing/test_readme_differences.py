@@ -77,7 +77,9 @@ def _line_of(path: Path, name: str, near: int) -> int | None:
     """The line that defines ``name`` in ``path`` (``def``/``class``/assignment), else the line
     holding ``name`` nearest to ``near``; 1-based, None when no line holds it."""
     lines = path.read_text(encoding="utf-8").splitlines()
-    defining = re.compile(rf"^\s*(?:(?:async\s+)?def|class)\s+{re.escape(name)}\b|^\s*{re.escape(name)}\s*[:=]")
+    defining = re.compile(
+        rf"^\s*(?:(?:async\s+)?def|class)\s+{re.escape(name)}\b|^\s*{re.escape(name)}\s*[:=]"
+    )
     for i, line in enumerate(lines, 1):
         if defining.search(line):
             return i

@@ -109,21 +109,22 @@ def test_maps_of_findings_named_alike_get_distinct_files_and_alike_findings_are_
     from fvlm_core.errors import ConfigError
     from fvlm_core.findings import Finding, FindingSet
     from fvlm_core.io import read_image
-    from fvlm_core.zeroshot.analyzer import AnalysisResult
     from fvlm_core.zeroshot.prompt_files import merge_findings
+    from fvlm_core.zeroshot.results import AnalysisResult, AnatomyMap
 
     geometry = Geometry(
         size=(4, 3, 2), spacing=(1.0, 1.0, 1.0), origin=(0.0, 0.0, 0.0), direction=_rotation(0.0)
     )
     keys = [("lung", "Lung mass"), ("lung", "lung mass!"), ("lung", "Emphysema"), ("lung", "emphysema")]
-    maps = {k: np.full((2, 3, 4), i, np.float32) for i, k in enumerate(keys)}
-    maps[("heart", "Lung mass")] = np.full((2, 3, 4), 9, np.float32)  # another anatomy: its own name
+    arrays = {k: np.full((2, 3, 4), i + 1, np.float32) for i, k in enumerate(keys)}
+    arrays[("heart", "Lung mass")] = np.full((2, 3, 4), 9, np.float32)  # another anatomy: its own name
+    maps = {k: AnatomyMap.from_full(a) for k, a in arrays.items()}
     result = AnalysisResult(anatomies=[], similarity_maps=maps, geometry=geometry)
     written = result.write_maps(tmp_path)
     assert len({p.name for p in written.values()}) == len(maps) == len(list(tmp_path.iterdir()))
     assert written[("heart", "Lung mass")].name == "heart__lung_mass.nii.gz"  # unchanged where unique
     for key, path in written.items():
-        assert sitk.GetArrayFromImage(read_image(path)).max() == maps[key].max()  # its own map
+        assert sitk.GetArrayFromImage(read_image(path)).max() == arrays[key].max()  # its own map
     files = [m["file"] for m in result.to_dict()["similarity_maps"]]
     assert len(set(files)) == len(files)
     again = AnalysisResult(anatomies=[], similarity_maps=maps, geometry=geometry).write_maps(tmp_path / "b")

@@ -1099,9 +1099,7 @@ def model_identity(model_dir: str | os.PathLike, config) -> dict[str, Any]:
         return h.hexdigest()
 
     model_dir = Path(model_dir)
-    cfg = config.to_dict()
-    for key in ("thresholds", "calibration", "versions", "findings"):
-        cfg.pop(key, None)
+    cfg = config.encoder_dict()
     prompts = [[f.anatomy, f.name, list(f.negative), list(f.positive)] for f in config.finding_set()]
     text = sorted(p for p in (model_dir / "text").rglob("*") if p.is_file())
     return {
@@ -1535,7 +1533,7 @@ def output_plan(args: argparse.Namespace, parts: bool = True):
 
     plan = OutputPlan()
     for option in ("data", "scores", "embeddings", "labels", "calibration", "masks", "prompts"):
-        plan.input(f"--{option}", getattr(args, option))
+        plan.input(f"--{option}", getattr(args, option, None))
     config = None
     if args.store_thresholds:
         if not args.model:

@@ -247,6 +247,14 @@ class FVLMConfig:
     def to_dict(self) -> dict[str, Any]:
         return plain_data(dataclasses.asdict(self))
 
+    #: What ``fvlm evaluate --store-thresholds`` and provenance change: not part of what the
+    #: model computes (a score journal or an embedding store stays valid across them).
+    AFTER_TRAINING_KEYS = ("thresholds", "calibration", "calibrated_with", "versions", "findings")
+
+    def encoder_dict(self) -> dict[str, Any]:
+        """:meth:`to_dict` without :data:`AFTER_TRAINING_KEYS`: what the embeddings depend on."""
+        return {k: v for k, v in self.to_dict().items() if k not in self.AFTER_TRAINING_KEYS}
+
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> FVLMConfig:
         if not isinstance(d, Mapping):

@@ -90,9 +90,7 @@ class ModelIdentity:
             from fvlm_core.model.config import load_config
 
             config = load_config(model_dir)
-        cfg = config.to_dict()
-        for key in ("thresholds", "calibration", "versions", "findings"):
-            cfg.pop(key, None)
+        cfg = config.encoder_dict()
         return cls(
             name=str(getattr(config, "name", "fvlm")),
             weights_sha256=weights_digest(model_dir),

@@ -45,7 +45,14 @@ from fvlm_core.io import CTVolume, Geometry, LabelVolume, check_finite
 from fvlm_core.zeroshot import similarity, windows
 from fvlm_core.zeroshot.prompt_files import load_findings_file, merge_findings, wording
 from fvlm_core.zeroshot.prompts import FindingEmbeddings, probability, prompt_cache_for
-from fvlm_core.zeroshot.results import UNCALIBRATED, AnalysisResult, AnatomyMap, AnatomyResult, FindingResult
+from fvlm_core.zeroshot.results import (
+    UNCALIBRATED,
+    AnalysisResult,
+    AnatomyEmbeddings,
+    AnatomyMap,
+    AnatomyResult,
+    FindingResult,
+)
 
 __all__ = [
     "UNCALIBRATED",
@@ -334,6 +341,7 @@ class Analyzer:
         strategy: str = "shared",
         require_anatomy: bool = True,
         max_window_zyx: Sequence[int] | None = None,
+        keep_embeddings: bool = False,
     ) -> AnalysisResult:
         """Score findings on one CT.
 
@@ -357,6 +365,9 @@ class Analyzer:
                 anatomies (instead of returning a result with every anatomy absent).
             max_window_zyx: cap on window size in model-space voxels (low-memory use); an
                 anatomy keeping under 90% of its voxels inside its capped window is not scored.
+            keep_embeddings: put the scored anatomies' embeddings into the result
+                (:class:`~fvlm_core.zeroshot.results.AnatomyEmbeddings`; its ``model`` is left
+                to the caller, :func:`fvlm_core.zeroshot.pipeline.run` fills it).
         """
         from fvlm_core.preprocess import resample_to_model_space, spacing_warning
 
@@ -429,6 +440,13 @@ class Analyzer:
             ct=str(ct.source),
             dicom_series=ct.dicom_series,
             segmentation={"source": str(getattr(segmentation, "backend", ""))},
+            embeddings=AnatomyEmbeddings(
+                {name: e.embedding.cpu().numpy() for name, e in enc.anatomies.items()},
+                windows=strategy,
+                max_window_zyx=None if max_window_zyx is None else tuple(int(v) for v in max_window_zyx),
+            )
+            if keep_embeddings
+            else None,
         )
 
     def _no_anatomy_message(self, ct: CTVolume, segmentation) -> str:

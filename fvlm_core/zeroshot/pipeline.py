@@ -61,6 +61,9 @@ class AnalysisRequest:
         windows: ``shared``, ``centred`` or ``reference`` (:mod:`fvlm_core.zeroshot.windows`).
         max_window: cap on the window size in model-space voxels ``(z, y, x)``.
         keep_labelmap: put the analysed anatomy label map into the result (for display).
+        keep_embeddings: put the anatomy embeddings, with the model's store identity, into the
+            result (:class:`~fvlm_core.zeroshot.results.AnatomyEmbeddings`: to search an
+            embedding store with this CT, as the 3D Slicer module's "Similar cases" does).
     """
 
     ct: str
@@ -81,6 +84,7 @@ class AnalysisRequest:
     windows: str = "shared"
     max_window: list[int] | None = None
     keep_labelmap: bool = False
+    keep_embeddings: bool = False
 
     def check(self) -> None:
         """Raise :class:`ConfigError` for an option no stage would accept (before any work)."""
@@ -127,6 +131,7 @@ class AnalyzerCache:
     def __init__(self) -> None:
         self._key: tuple | None = None
         self._analyzer: Any = None
+        self._identity: tuple[tuple, dict] | None = None
         self.reused = False
 
     @staticmethod
@@ -144,6 +149,16 @@ class AnalyzerCache:
             self._analyzer = self._key = None  # the old model goes before the new one loads
             self._analyzer, self._key = Analyzer.from_pretrained(model_dir, device=device), key
         return self._analyzer
+
+    def identity(self, model_dir: str, config: Any) -> dict[str, Any]:
+        """The model folder's identity as an embedding store records it (its weights hashed
+        once while the folder's files are unchanged)."""
+        from fvlm_core.store.format import ModelIdentity
+
+        key = self.key(model_dir, "")
+        if self._identity is None or self._identity[0] != key:
+            self._identity = (key, ModelIdentity.of_folder(model_dir, config).to_dict())
+        return self._identity[1]
 
 
 class _Stages:
@@ -234,7 +249,8 @@ def run(
         )
         stage("load model", 0.0, device)
         t = time.perf_counter()
-        analyzer = (analyzers or AnalyzerCache()).get(request.model, device)
+        analyzers = analyzers or AnalyzerCache()
+        analyzer = analyzers.get(request.model, device)
         timings["load_model"] = time.perf_counter() - t
         stage("segment", 0.0, request.segmentation)
         t = time.perf_counter()
@@ -251,6 +267,7 @@ def run(
                 max_window_zyx=request.max_window,
                 progress=stage.sub("analyze"),
                 should_cancel=should_cancel,
+                keep_embeddings=request.keep_embeddings,
             )
         stage("finish", 0.0)
     result.timings = {**timings, **result.timings}
@@ -261,5 +278,7 @@ def run(
         result.segmentation["details"] = seg.details
     if request.keep_labelmap:
         result.labelmap = analyzer.labels_in_model_order(seg).array
+    if result.embeddings is not None:
+        result.embeddings.model = analyzers.identity(request.model, config)
     stage("finish", 1.0, "done")
     return result

@@ -198,7 +198,6 @@ class FVLMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             (ui.installTotalSegmentatorButton, self.onInstallTotalSegmentator),
             (ui.exportDicomButton, self.onExportDicom),
             (ui.findSimilarButton, self.onFindSimilar),
-            (ui.loadCaseButton, self.onLoadCase),
         ):
             button.connect("clicked(bool)", slot)
         ui.newFindingLineEdit.connect("returnPressed()", self.onAddFinding)
@@ -208,7 +207,6 @@ class FVLMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         ui.modelPathLineEdit.connect("currentPathChanged(QString)", self.onModelPathEdited)
         ui.workerIdleSpinBox.connect("valueChanged(int)", self.onWorkerIdleChanged)
         ui.storePathLineEdit.connect("currentPathChanged(QString)", self._updateButtons)
-        ui.similarTable.connect("itemSelectionChanged()", self._updateLoadCase)
         ui.similarTable.connect("itemDoubleClicked(QTableWidgetItem*)", self.onLoadCase)
 
     def cleanup(self) -> None:
@@ -828,7 +826,6 @@ class FVLMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         why = similar_blocker(result, store, self._running())
         self.ui.findSimilarButton.enabled = not why
         self.ui.findSimilarButton.toolTip = why or f"Search {store} for the scans most like each anatomy."
-        self._updateLoadCase()
 
     def _startTask(self, what: str, start) -> None:
         from FVLMSlicerLib import dependencies
@@ -887,7 +884,8 @@ class FVLMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._updateButtons()
 
     def _showSimilar(self, output) -> None:
-        """Fill the similar-cases table (unreachable volumes greyed) and the line under it."""
+        """Fill the similar-cases table (a Load button where the volume is on this computer,
+        unreachable ones greyed) and the line under it."""
         from FVLMSlicerLib.panel import SIMILAR_COLUMNS, UNREACHABLE, match_tip, similar_rows
 
         table = self.ui.similarTable
@@ -904,31 +902,26 @@ class FVLMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 if cells[-1] == UNREACHABLE:
                     item.setForeground(qt.QBrush(qt.QColor("#757575")))
                 table.setItem(r, column, item)
+            if cells[-1] != UNREACHABLE:  # one click loads it
+                button = qt.QPushButton("Load")
+                button.toolTip = match_tip(match)
+                button.connect("clicked(bool)", lambda checked=False, m=match: self.onLoadCase(m))
+                table.setCellWidget(r, len(cells) - 1, button)
         table.resizeColumnsToContents()
         lines = [output["store"]] if output.get("store") else []
         self.ui.similarNoteLabel.text = "\n".join(lines + list(output.get("notes", [])))
-        self._updateLoadCase()
 
     def _selectedMatch(self):
         items = self.ui.similarTable.selectedItems()
         return self._matches[items[0].row()] if items and items[0].row() < len(self._matches) else None
 
-    def _updateLoadCase(self, *args) -> None:
-        match = self._selectedMatch()
-        self.ui.loadCaseButton.enabled = bool(match and match.get("reachable"))
-        self.ui.loadCaseButton.toolTip = (
-            "Select a case whose volume is on this computer."
-            if match is None
-            else f"Load {match.get('source')}."
-            if match.get("reachable")
-            else f"{match['scan']}: {match.get('source') or 'no path recorded'} is not on this computer."
-        )
-
-    def onLoadCase(self, *args) -> None:
-        """Load the selected case's volume; say clearly why when it cannot be loaded."""
+    def onLoadCase(self, match=None) -> None:
+        """Load a match's volume (its Load button, or a double-click on its row); say clearly
+        why when it cannot be loaded."""
         from fvlm_core.errors import InputError
 
-        match = self._selectedMatch()
+        if not isinstance(match, dict):  # a double-click: the item under it is selected
+            match = self._selectedMatch()
         if match is None:
             return
         try:

@@ -14,7 +14,7 @@ import json
 import numpy as np
 import pytest
 import test_slicer_widget as panel_tests
-from test_slicer_widget import _choose, _idle, _run_until
+from test_slicer_widget import _choose, _idle, _run_until, pythonqt
 
 from fvlm_core.io import write_image
 
@@ -137,7 +137,6 @@ def test_similar_cases_from_the_panel(widget, env, tiny_model, cohort, tmp_path)
     (copy / "p003.nii.gz").unlink()
     ui = widget.ui
     _analyse_scan(widget, env, cohort, tiny_model, "p000")
-    assert not ui.loadCaseButton.enabled
     # the store the user chose: the panel's matches
     ui.storePathLineEdit.currentPath = str(store)
     ui.findSimilarButton.click()
@@ -167,19 +166,22 @@ def test_similar_cases_from_the_panel(widget, env, tiny_model, cohort, tmp_path)
 
     expected = search_like(EmbeddingStore.open(store), widget._results.result.embeddings.vectors, "heart", 4)
     assert [(r[2], r[3]) for r in rows if r[0] == "heart"] == [(m.scan, f"{m.score:.3f}") for m in expected]
-    # p003's volume is not reachable: greyed, Load disabled and the reason in its tooltip
+    # p003's volume is not reachable: greyed, no Load button, the reason in its tooltip
     gone = next(i for i, r in enumerate(rows) if r[2] == "p003")
-    assert rows[gone][4] == "not reachable"
+    assert rows[gone][4] == "not reachable" and ui.similarTable.cellWidget(gone, 4) is None
     assert ui.similarTable.item(gone, 2).foreground().color().name() == "#757575"
+    tip = ui.similarTable.item(gone, 2).toolTip()
+    assert tip.startswith(f"p003: {copy / 'p003.nii.gz'}. Its lung is ") and tip.endswith(
+        "not on this computer."
+    )
     ui.similarTable.selectRow(gone)
-    assert not ui.loadCaseButton.enabled and "is not on this computer" in ui.loadCaseButton.toolTip
-    widget.onLoadCase()  # a double click on it
+    pythonqt.unwrap(ui.similarTable).itemDoubleClicked.emit(pythonqt.unwrap(ui.similarTable.item(gone, 2)))
     assert ui.statusLabel.text.startswith("Cannot load p003: the volume of p003 is not reachable")
+    assert str(copy / "p003.nii.gz") in ui.statusLabel.text and env.scene.GetFirstNodeByName("p003") is None
     # a reachable one loads with one click, through Slicer's volume reader, named after the scan
     row = next(i for i, r in enumerate(rows) if r[2] == "p001")
-    ui.similarTable.selectRow(row)
-    assert ui.loadCaseButton.enabled
-    ui.loadCaseButton.click()
+    assert all(ui.similarTable.cellWidget(i, 4) is not None for i, r in enumerate(rows) if r[2] != "p003")
+    ui.similarTable.cellWidget(row, 4).click()
     loaded = env.scene.GetFirstNodeByName("p001")
     assert loaded is not None and ui.statusLabel.text.startswith("Loaded p001 as 'p001'")
     from fvlm_core.io import read_ct

@@ -174,7 +174,7 @@ def findings_from_rows(
 # --- similar cases, DICOM export ---------------------------------------------------------------
 #: The similar-cases table's columns.
 SIMILAR_COLUMNS = ("Anatomy", "Rank", "Scan", "Similarity", "Volume")
-#: What the Volume column says of a match's volume file.
+#: What the Volume column says of a match's volume file (a reachable one gets a Load button).
 REACHABLE, UNREACHABLE = "on this computer", "not reachable"
 
 
@@ -192,7 +192,7 @@ def similar_rows(output: dict[str, Any]) -> list[tuple[tuple, dict[str, Any]]]:
 def match_tip(match: dict[str, Any]) -> str:
     """A match row's tooltip: where its volume is, and whether Load can open it."""
     source = match.get("source") or "(the store records no path)"
-    where = "Double-click to load it." if match.get("reachable") else "It is not on this computer."
+    where = "Click Load to load it." if match.get("reachable") else "It is not on this computer."
     return f"{match['scan']}: {source}. Its {match['anatomy']} is {match.get('status') or 'scored'}. {where}"
 
 

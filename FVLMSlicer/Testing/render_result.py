@@ -116,7 +116,6 @@ def find_similar(widget, store: str, timeout_s: float = 120.0) -> None:
         raise RuntimeError(
             f"no similar cases: {widget.ui.statusLabel.text} {widget.ui.similarNoteLabel.text}"
         )
-    widget.ui.similarTable.selectRow(0)  # the best match: Load is enabled for it
 
 
 def grab_panel(widget, width: int = 440) -> np.ndarray:

@@ -83,6 +83,8 @@ class Application:
         self.testing = testing
         self.logic = slicer.vtkSlicerApplicationLogic()
         self.logic.SetMRMLScene(scene)
+        if hasattr(scene, "_fvlm_color_logic"):  # headless.new_scene's: module logics find it by name
+            self.logic.SetModuleLogic("Colors", scene._fvlm_color_logic)
 
     def testingEnabled(self) -> bool:
         return self.testing
@@ -141,6 +143,7 @@ class CoreIOManager:
         name = properties.get("name") or pathlib.Path(file_name).name.split(".")[0]  # QFileInfo::baseName
         options = sum(bit for key, bit in self.OPTIONS.items() if properties.get(key))
         logic = slicer.vtkSlicerVolumesLogic()
+        logic.SetMRMLApplicationLogic(self.app_logic)  # its default colours come from the Colors logic
         logic.SetMRMLScene(self.scene)
         node = logic.AddArchetypeVolume(file_name, name, options, None)
         if node is None:
@@ -224,6 +227,7 @@ def load_dicom_series(db: DICOMDatabase, files: list[str], name: str):
     for f in files:
         names.InsertNextValue(f)
     logic = slicer.vtkSlicerVolumesLogic()
+    logic.SetMRMLApplicationLogic(slicer.app.applicationLogic())
     logic.SetMRMLScene(slicer.mrmlScene)
     node = logic.AddArchetypeScalarVolume(files[0], name, 0, names)
     ijk_to_ras = vtk.vtkMatrix4x4()

@@ -58,7 +58,7 @@ if SUPPORTED:
 else:  # an old Slicer: the module loads only to say what it needs
     AnalysisLogic = object
 if TYPE_CHECKING:
-    from FVLMSlicerLib.job import AnalysisJob, ImportJob
+    from FVLMSlicerLib.job import AnalysisJob, ImportJob, TaskJob
     from FVLMSlicerLib.results import ResultNodes
 
 #: Where the documentation is: the project has no published web page, the README travels with it.
@@ -127,6 +127,8 @@ class FVLMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNodeGuiTag = None
         self._job: AnalysisJob | None = None  # the running analysis
         self._importJob: ImportJob | None = None
+        self._taskJob: TaskJob | None = None  # similar cases or a DICOM export
+        self._matches: list[dict] = []  # the similar cases in the table, by row
         self._doneJob: AnalysisJob | None = None  # the last analysis that finished
         self._results: ResultNodes | None = None  # the results in the table
         self._modelAnatomies: list[str] = []
@@ -194,6 +196,8 @@ class FVLMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             (ui.chooseModelButton, self.onChooseModel),
             (ui.installDependenciesButton, self.onInstallDependencies),
             (ui.installTotalSegmentatorButton, self.onInstallTotalSegmentator),
+            (ui.exportDicomButton, self.onExportDicom),
+            (ui.findSimilarButton, self.onFindSimilar),
         ):
             button.connect("clicked(bool)", slot)
         ui.newFindingLineEdit.connect("returnPressed()", self.onAddFinding)
@@ -202,6 +206,8 @@ class FVLMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         ui.show3DButton.connect("toggled(bool)", self.onShow3D)
         ui.modelPathLineEdit.connect("currentPathChanged(QString)", self.onModelPathEdited)
         ui.workerIdleSpinBox.connect("valueChanged(int)", self.onWorkerIdleChanged)
+        ui.storePathLineEdit.connect("currentPathChanged(QString)", self._updateButtons)
+        ui.similarTable.connect("itemDoubleClicked(QTableWidgetItem*)", self.onLoadCase)
 
     def cleanup(self) -> None:
         self._cleanedUp = True
@@ -247,10 +253,10 @@ class FVLMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """Stop the running jobs now: no further step, their files removed (the worker gives
         up a job whose folder is gone at its next progress report and stays warm)."""
         self._jobTimer.stop()
-        for job in (self._job, self._importJob):
+        for job in (self._job, self._importJob, self._taskJob):
             if job is not None:
                 job.abandon()
-        self._job = self._importJob = None
+        self._job = self._importJob = self._taskJob = None
 
     def onSceneStartClose(self, caller, event) -> None:
         self._abandonJobs()  # a job showing its results would add nodes to the next scene
@@ -312,7 +318,7 @@ class FVLMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         return float(minutes) if minutes > 0 else None
 
     def _running(self) -> bool:
-        return self._job is not None or self._importJob is not None
+        return any(job is not None for job in (self._job, self._importJob, self._taskJob))
 
     def _updateButtons(self, caller=None, event=None) -> None:
         p = self._parameterNode
@@ -324,6 +330,7 @@ class FVLMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.cancelButton.enabled = self._running()
         self.ui.inputSegmentationSelector.enabled = useSegmentation
         self.ui.show3DButton.enabled = self._results is not None
+        self._updateResultActions()
         self._updateTotalSegmentatorInfo()
 
     # --- TotalSegmentator ----------------------------------------------------------------------
@@ -588,7 +595,7 @@ class FVLMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._jobTimer.start(0)
 
     def onCancel(self, *args) -> None:
-        for job in (self._job, self._importJob):
+        for job in (self._job, self._importJob, self._taskJob):
             if job is not None:
                 job.cancel()
                 self.ui.statusLabel.text = "Cancelling..."
@@ -600,7 +607,7 @@ class FVLMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onJobStep(self) -> None:
         """One step of the running job (a short piece of work: job.py); then the next, or the end."""
-        job = self._job or self._importJob
+        job = self._job or self._importJob or self._taskJob
         if job is None:
             return
         delay = job.step()
@@ -615,6 +622,10 @@ class FVLMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if job is self._importJob:
             self._importJob = None
             self._onImportFinished(job)
+            return
+        if job is self._taskJob:
+            self._taskJob = None
+            self._onTaskFinished(job)
             return
         self._job, self._doneJob = None, job
         if status.state == "cancelled":
@@ -657,6 +668,7 @@ class FVLMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.resultsTable.setRowCount(0)
             self.ui.resultsNoteLabel.text = ""
             self.ui.show3DButton.checked = False
+            self._showSimilar({})
 
     def _restoreResults(self) -> None:
         """Show the results a loaded scene holds (the table node keeps the analysis as JSON)."""
@@ -678,6 +690,7 @@ class FVLMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._results = nodes
         nodes.segmentation.GetDisplayNode().SetVisibility(True)
         self._fillResultsTable(nodes.result)
+        self._showSimilar({})  # matches of an earlier analysis are not this one's
         volume = slicer.mrmlScene.GetNodeByID(nodes.table.GetAttribute(ATTR_SOURCE_VOLUME) or "")
         best = max(nodes.similarity_volumes, key=nodes.value, default=None)
         slicer.util.setSliceViewerLayers(background=volume)
@@ -783,6 +796,143 @@ class FVLMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         else:
             segmentation.RemoveClosedSurfaceRepresentation()
         segmentation.GetDisplayNode().SetVisibility3D(bool(checked))
+
+    # --- similar cases, DICOM export ----------------------------------------------------------
+    def _analysedVolume(self):
+        from FVLMSlicerLib.results import ATTR_SOURCE_VOLUME
+
+        table = self._results.table if self._results is not None else None
+        return slicer.mrmlScene.GetNodeByID(table.GetAttribute(ATTR_SOURCE_VOLUME) or "") if table else None
+
+    def _updateResultActions(self) -> None:
+        """Enable "Export to DICOM" and "Find similar cases" when they can run; else say why."""
+        from FVLMSlicerLib import dicomdb
+        from FVLMSlicerLib.panel import similar_blocker
+
+        result = self._results.result if self._results is not None else None
+        if result is None:
+            why = "Analyse a CT loaded from Slicer's DICOM database first."
+        elif self._running():
+            why = "Wait for the running job to finish."
+        else:
+            why = dicomdb.export_blocker(self._analysedVolume(), dicomdb.database())
+        self.ui.exportDicomButton.enabled = not why
+        self.ui.exportDicomButton.toolTip = why or (
+            "Write the anatomies as a DICOM Segmentation and the findings as a DICOM Structured Report "
+            "(TID 1500), as 'fvlm analyze --dicom-out' does, into Slicer's DICOM database, in the study of "
+            "the analysed series."
+        )
+        store = str(self.ui.storePathLineEdit.currentPath or "").strip()
+        why = similar_blocker(result, store, self._running())
+        self.ui.findSimilarButton.enabled = not why
+        self.ui.findSimilarButton.toolTip = why or f"Search {store} for the scans most like each anatomy."
+
+    def _startTask(self, what: str, start) -> None:
+        from FVLMSlicerLib import dependencies
+
+        try:
+            if not dependencies.ensure_dependencies(ask=True):
+                self.ui.statusLabel.text = f"Dependencies not installed: {what} not started."
+                return
+            self._taskJob = start()
+        except Exception as exc:
+            self._taskJob = None
+            self.ui.statusLabel.text = f"{what.capitalize()} could not start: {exc}"
+            slicer.util.errorDisplay(f"{what.capitalize()} could not start: {exc}")
+            return
+        self._startPolling(f"{what.capitalize()}...")
+
+    def onExportDicom(self, *args) -> None:
+        if self._results is not None:
+            self._startTask(
+                "export to DICOM",
+                lambda: self.logic.export_dicom(self._results, idle_minutes=self._idleMinutes()),
+            )
+
+    def onFindSimilar(self, *args) -> None:
+        if self._results is None:
+            return
+        store = str(self.ui.storePathLineEdit.currentPath or "").strip()
+        self._showSimilar({})
+        self._startTask(
+            "similar cases",
+            lambda: self.logic.find_similar(
+                self._results, store, int(self.ui.similarCountSpinBox.value), idle_minutes=self._idleMinutes()
+            ),
+        )
+
+    def _onTaskFinished(self, job) -> None:
+        from FVLMSlicerLib.panel import export_done_text
+
+        status, similar = job.status, job.task["task"] == "similar"
+        what = "Similar cases" if similar else "Export to DICOM"
+        if status.state == "cancelled":
+            self.ui.statusLabel.text = f"{what}: cancelled."
+        elif status.state == "failed":
+            self.ui.statusLabel.text = f"{what} failed: " + (status.error.splitlines() or ["see the log"])[-1]
+            if similar:  # e.g. a store of another model: said where the matches would be
+                self.ui.similarNoteLabel.text = status.error
+            else:
+                slicer.util.errorDisplay(f"{what} failed:\n\n{status.error}")
+        elif similar:
+            self.ui.storePathLineEdit.addCurrentPathToHistory()
+            self._showSimilar(job.output)
+            found = sum(len(m) for m in job.output.get("matches", {}).values())
+            self.ui.statusLabel.text = f"Similar cases: {found} matches in {status.elapsed_s:.1f} s."
+        else:
+            self.ui.statusLabel.text = export_done_text(job.value, job.output)
+        self._updateButtons()
+
+    def _showSimilar(self, output) -> None:
+        """Fill the similar-cases table (a Load button where the volume is on this computer,
+        unreachable ones greyed) and the line under it."""
+        from FVLMSlicerLib.panel import SIMILAR_COLUMNS, UNREACHABLE, match_tip, similar_rows
+
+        table = self.ui.similarTable
+        table.setRowCount(0)
+        table.setColumnCount(len(SIMILAR_COLUMNS))
+        table.setHorizontalHeaderLabels(list(SIMILAR_COLUMNS))
+        rows = similar_rows(output)
+        self._matches = [match for _, match in rows]
+        for r, (cells, match) in enumerate(rows):
+            table.insertRow(r)
+            for column, value in enumerate(cells):
+                item = qt.QTableWidgetItem(str(value))
+                item.setToolTip(match_tip(match))
+                if cells[-1] == UNREACHABLE:
+                    item.setForeground(qt.QBrush(qt.QColor("#757575")))
+                table.setItem(r, column, item)
+            if cells[-1] != UNREACHABLE:  # one click loads it
+                button = qt.QPushButton("Load")
+                button.toolTip = match_tip(match)
+                button.connect("clicked(bool)", lambda checked=False, m=match: self.onLoadCase(m))
+                table.setCellWidget(r, len(cells) - 1, button)
+        table.resizeColumnsToContents()
+        lines = [output["store"]] if output.get("store") else []
+        self.ui.similarNoteLabel.text = "\n".join(lines + list(output.get("notes", [])))
+
+    def _selectedMatch(self):
+        items = self.ui.similarTable.selectedItems()
+        return self._matches[items[0].row()] if items and items[0].row() < len(self._matches) else None
+
+    def onLoadCase(self, match=None) -> None:
+        """Load a match's volume (its Load button, or a double-click on its row); say clearly
+        why when it cannot be loaded."""
+        from fvlm_core.errors import InputError
+
+        if not isinstance(match, dict):  # a double-click: the item under it is selected
+            match = self._selectedMatch()
+        if match is None:
+            return
+        try:
+            node = self.logic.load_case(match)
+        except InputError as exc:
+            self.ui.statusLabel.text = f"Cannot load {match['scan']}: {exc}"
+            return
+        except RuntimeError as exc:  # Slicer's reader failed
+            slicer.util.errorDisplay(f"Loading {match['scan']} failed:\n\n{exc}")
+            return
+        self.ui.statusLabel.text = f"Loaded {match['scan']} as '{node.GetName()}' from {match['source']}."
 
 
 class FVLMSlicerLogic(ScriptedLoadableModuleLogic, AnalysisLogic):

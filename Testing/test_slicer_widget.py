@@ -149,7 +149,7 @@ def _new_processes(before: set[int], keep: set[int] = frozenset(), timeout_s: fl
 
 
 def _idle(w) -> bool:
-    return w._job is None and w._importJob is None
+    return not w._running()  # no analysis, task or weights import
 
 
 def _table(w) -> list[list[str]]:

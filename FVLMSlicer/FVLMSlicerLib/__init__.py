@@ -10,11 +10,13 @@ need only fvlm_core):
 * ``warm`` - the warm worker seen from Slicer: started, handed jobs, restarted, stopped
 * ``totalseg`` - TotalSegmentator segmentations recognised and reused; its install state in words
 * ``dependencies`` - installing requirements into Slicer's Python without replacing anything
-* ``job`` - an analysis (and a weights import) driven in short steps on the GUI thread
+* ``tasks`` - what the worker runs besides analyses: similar cases (an embedding store), DICOM export
+* ``job`` - an analysis, a task (and a weights import) driven in short steps on the GUI thread
 * ``mrml_io`` - volume / segmentation nodes <-> fvlm_core arrays with correct geometry
 * ``overlay`` - similarity maps as overlays (inside the anatomy, above the threshold, fixed scale)
 * ``results`` - an analysis result -> segment colours and tags, table node, similarity volumes; and back
-* ``logic`` - ``AnalysisLogic``: MRML nodes in, MRML nodes out
+* ``dicomdb`` - Slicer's DICOM database: the analysed series' files, exported objects put into it
+* ``logic`` - ``AnalysisLogic``: MRML nodes in, MRML nodes out (analysis, similar cases, DICOM export)
 * ``worker`` - the analysis worker process (``fvlm_core.zeroshot.pipeline.run`` on job folders)
 * ``headless`` - a MRML scene outside Slicer (slicer-core)
 
@@ -32,10 +34,12 @@ LIB_MODULES = (
     "warm",
     "totalseg",
     "dependencies",
+    "tasks",
     "job",
     "mrml_io",
     "overlay",
     "results",
+    "dicomdb",
     "logic",
     "worker",
     "headless",

@@ -1,4 +1,4 @@
-"""Long work the panel drives in short steps on the GUI thread: an analysis, an import of weights.
+"""Long work the panel drives in short steps on the GUI thread: an analysis, a task, an import of weights.
 
 A job is a generator of steps. Its owner (the panel's timer, or :meth:`Job.wait` in the Python
 console and the tests) calls :meth:`Job.step`, which does one bounded piece of work and returns
@@ -17,7 +17,10 @@ the CT) is deleted however the job ends. Cancel asks the worker to stop (checked
 progress report); when it has not stopped within :attr:`AnalysisJob.cancel_grace_s` the
 worker's process tree is killed and the next analysis starts a new one.
 
-:class:`ImportJob` runs ``fvlm import-checkpoint`` the same way. No Qt here.
+:class:`TaskJob` hands the worker a task of ``tasks.py`` ("Similar cases", "Export to DICOM") the
+same way (:class:`WorkerJob` is what the two share), with the caller's GUI-thread steps before
+(``prepare``) and after (``finish``). :class:`ImportJob` runs ``fvlm import-checkpoint`` in its
+own process. No Qt here.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import logging
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -223,55 +226,52 @@ def _read_json(path: Path) -> dict:
 ShowSteps = Callable[[Any], Generator[float, None, Any]]
 
 
-class AnalysisJob(Job):
-    """One analysis in the warm worker (see the module docstring).
+class WorkerJob(Job):
+    """A job of the warm worker (one at a time): its job folder written in steps, handed over,
+    followed until the worker's ``finished.json``, deleted however the job ends.
 
     Attributes:
-        result: the :class:`~fvlm_core.zeroshot.results.AnalysisResult` once read back.
         finished_info: the worker's ``finished.json`` (``model_reused``, ``worker_pid``, ``worker_jobs``).
-        nodes: what ``show`` returned (the result nodes in the scene).
+        error_type: the worker's error class (``fvlm_core.errors``), when it failed.
     """
 
     cancel_grace_s = 2.0
 
-    def __init__(
-        self, worker: WarmWorker, inputs: JobInputs, request: Any, show: ShowSteps | None = None
-    ) -> None:
+    def __init__(self, worker: WarmWorker) -> None:
         super().__init__()
-        self.worker, self.inputs, self.request, self.show = worker, inputs, request, show
+        self.worker = worker
         self.job_dir: Path | None = None
-        self.result = None
         self.finished_info: dict = {}
-        self.nodes = None
         self.killed_worker = False
-        self.error_type = ""  # the worker's error class (fvlm_core.errors), when it failed
+        self.error_type = ""
         self._claimed = False
-        self._ct_file = ""
 
-    def _run(self) -> Iterator[float]:
+    def _claim(self) -> Iterator[float]:
+        """Claim the worker (started when it is not running) and make the job folder."""
         self._stage("prepare: starting the analysis worker", 0.0)
         if self.worker.busy:
-            raise FVLMError("the analysis worker is busy with another analysis: wait for it or cancel it.")
+            raise FVLMError("the analysis worker is busy with another job: wait for it or cancel it.")
         self.worker.busy = self._claimed = True
         self.job_dir = Path(tempfile.mkdtemp(prefix="fvlm-job-"))
         self._log(self.worker.ensure_started())
         yield 0.0
-        ct = self.job_dir / (Path(self.request.ct).name or "ct.nrrd")
-        self._ct_file = str(ct)
-        for done in write_nrrd_steps(ct, self.inputs.volume, self.inputs.geometry):
-            self._check_cancel()
-            self._stage(f"prepare: handing the CT over ({100 * done:.0f}%)", 0.0)
-            yield 0.0
-        for i, (array, geometry) in enumerate(self.inputs.layers):
+
+    def _write_layers(
+        self, layers: Sequence[tuple[np.ndarray, Geometry]], segments: Sequence[tuple[int, int, str]]
+    ) -> Generator[float, None, list[dict]]:
+        """Write label-map layers (:class:`JobInputs`' ``layers``) as NRRD, a slab per step; the
+        ``segments`` as ``SegmentsBackend`` takes them."""
+        for i, (array, geometry) in enumerate(layers):
             for _ in write_nrrd_steps(self.job_dir / f"layer_{i}.nrrd", array, geometry):
                 self._check_cancel()
                 yield 0.0
-        segments = [
+        return [
             {"file": str(self.job_dir / f"layer_{i}.nrrd"), "value": int(v), "anatomy": a}
-            for i, v, a in self.inputs.segments
+            for i, v, a in segments
         ]
-        request = dataclasses.replace(self.request, ct=str(ct), segments=segments or self.request.segments)
-        request.save(self.job_dir / "request.json")
+
+    def _hand_over(self) -> Generator[float, None, None]:
+        """Submit the written job folder and follow it; raise as the worker ended it."""
         self.worker.submit(self.job_dir)
         self.finished_info = yield from self._follow()
         rc = int(self.finished_info.get("rc", 1))
@@ -280,26 +280,11 @@ class AnalysisJob(Job):
         if rc != 0:
             error = _read_json(self.job_dir / "error.json")
             self.error_type = error.get("type", "")
-            message = error.get("message") or f"the analysis failed (worker exit code {rc}); see the log"
+            message = error.get("message") or f"the worker failed (exit code {rc}); see the log"
             raise FVLMError(self._named(message))
-        from fvlm_core.zeroshot.results import AnalysisResult
-
-        self._stage("finish: reading the results", 0.98)
-        self.result = AnalysisResult.load(self.job_dir / "output", mmap=True)
-        self.result.ct = self.inputs.name
-        self.result.warnings = [self._named(w) for w in self.result.warnings]
-        self.result.notes = [self._named(n) for n in self.result.notes]
-        self._log(_reuse_line(self.finished_info, self.result.timings))
-        for message in self.result.warnings:
-            self._log(f"warning: {message}")
-        yield 0.0
-        if self.show is not None:
-            self._stage("finish: showing the results", 0.99)
-            self.nodes = yield from self.show(self.result)
 
     def _named(self, text: str) -> str:
-        """``text`` with the job folder's CT file called by the volume's name (it is a copy)."""
-        return text.replace(self._ct_file, repr(self.inputs.name)) if self._ct_file else text
+        return text
 
     def _read_worker(self) -> None:
         self.status.log.extend(self._named(line) for line in self.worker.process.read())
@@ -325,8 +310,8 @@ class AnalysisJob(Job):
                     self.worker.submit(self.job_dir)
                     continue
                 raise FVLMError(
-                    f"the analysis worker ended during the analysis (exit code {self.worker.process.returncode()}); "
-                    "see the log. A new worker starts with the next analysis."
+                    f"the analysis worker ended during the job (exit code {self.worker.process.returncode()}); "
+                    "see the log. A new worker starts with the next job."
                 )
             if self._cancel:
                 cancel_t = cancel_t or time.monotonic()
@@ -337,7 +322,7 @@ class AnalysisJob(Job):
                     self.killed_worker = True
                     self._log(
                         f"the job did not stop within {self.cancel_grace_s:g} s: the analysis worker was "
-                        "stopped (a new one starts with the next analysis)"
+                        "stopped (a new one starts with the next job)"
                     )
                     raise CancelledError("cancelled")
             yield POLL_S
@@ -345,12 +330,113 @@ class AnalysisJob(Job):
     def _cleanup(self, state: str) -> None:
         if self._claimed:
             self.worker.busy = False
+        if self.job_dir is not None:
+            shutil.rmtree(self.job_dir, ignore_errors=True)
+
+
+class AnalysisJob(WorkerJob):
+    """One analysis in the warm worker (see the module docstring).
+
+    Attributes:
+        result: the :class:`~fvlm_core.zeroshot.results.AnalysisResult` once read back.
+        nodes: what ``show`` returned (the result nodes in the scene).
+    """
+
+    def __init__(
+        self, worker: WarmWorker, inputs: JobInputs, request: Any, show: ShowSteps | None = None
+    ) -> None:
+        super().__init__(worker)
+        self.inputs, self.request, self.show = inputs, request, show
+        self.result = None
+        self.nodes = None
+        self._ct_file = ""
+
+    def _run(self) -> Iterator[float]:
+        yield from self._claim()
+        ct = self.job_dir / (Path(self.request.ct).name or "ct.nrrd")
+        self._ct_file = str(ct)
+        for done in write_nrrd_steps(ct, self.inputs.volume, self.inputs.geometry):
+            self._check_cancel()
+            self._stage(f"prepare: handing the CT over ({100 * done:.0f}%)", 0.0)
+            yield 0.0
+        segments = yield from self._write_layers(self.inputs.layers, self.inputs.segments)
+        request = dataclasses.replace(self.request, ct=str(ct), segments=segments or self.request.segments)
+        request.save(self.job_dir / "request.json")
+        yield from self._hand_over()
+        from fvlm_core.zeroshot.results import AnalysisResult
+
+        self._stage("finish: reading the results", 0.98)
+        self.result = AnalysisResult.load(self.job_dir / "output", mmap=True)
+        self.result.ct = self.inputs.name
+        self.result.warnings = [self._named(w) for w in self.result.warnings]
+        self.result.notes = [self._named(n) for n in self.result.notes]
+        self._log(_reuse_line(self.finished_info, self.result.timings))
+        for message in self.result.warnings:
+            self._log(f"warning: {message}")
+        yield 0.0
+        if self.show is not None:
+            self._stage("finish: showing the results", 0.99)
+            self.nodes = yield from self.show(self.result)
+
+    def _named(self, text: str) -> str:
+        """``text`` with the job folder's CT file called by the volume's name (it is a copy)."""
+        return text.replace(self._ct_file, repr(self.inputs.name)) if self._ct_file else text
+
+    def _cleanup(self, state: str) -> None:
         if self.result is not None:  # let go of the memory-mapped files before they are deleted
             self.result.labelmap = None
             for amap in self.result.similarity_maps.values():
                 amap.values = None
-        if self.job_dir is not None:
-            shutil.rmtree(self.job_dir, ignore_errors=True)
+        super()._cleanup(state)
+
+
+class TaskJob(WorkerJob):
+    """A task of ``tasks.py`` in the warm worker ("Similar cases", "Export to DICOM").
+
+    Args:
+        task: its ``task.json`` (``{"task": name, ...}``).
+        prepare: GUI-thread steps returning more fields of the task (e.g. the files of a DICOM
+            series, looked up a chunk per step).
+        layers, segments: label-map layers the task reads, as :class:`JobInputs` holds them
+            (written as NRRD; the task gets them as ``segments``).
+        finish: GUI-thread steps with the worker's ``output.json`` and the job folder (e.g. the
+            DICOM files inserted into Slicer's database) before the folder is deleted.
+
+    Attributes:
+        output: the worker's ``output.json``; ``value``: what ``finish`` returned.
+    """
+
+    def __init__(
+        self,
+        worker: WarmWorker,
+        task: dict[str, Any],
+        prepare: Callable[[], Generator[float, None, dict]] | None = None,
+        layers: Sequence[tuple[np.ndarray, Geometry]] = (),
+        segments: Sequence[tuple[int, int, str]] = (),
+        finish: Callable[[dict, Path], Generator[float, None, Any]] | None = None,
+    ) -> None:
+        super().__init__(worker)
+        self.task, self.prepare, self.finish = dict(task), prepare, finish
+        self.layers, self.segments = list(layers), list(segments)
+        self.output: dict = {}
+        self.value = None
+
+    def _run(self) -> Iterator[float]:
+        from fvlm_core.atomic import atomic_write_text
+
+        from .tasks import OUTPUT_FILE, TASK_FILE
+
+        yield from self._claim()
+        task = dict(self.task)
+        if self.prepare is not None:
+            task.update((yield from self.prepare()))
+        if self.layers:
+            task["segments"] = yield from self._write_layers(self.layers, self.segments)
+        atomic_write_text(self.job_dir / TASK_FILE, json.dumps(task))
+        yield from self._hand_over()
+        self.output = _read_json(self.job_dir / OUTPUT_FILE)
+        if self.finish is not None:
+            self.value = yield from self.finish(self.output, self.job_dir)
 
 
 def _reuse_line(info: dict, timings: dict) -> str:

@@ -11,6 +11,11 @@
 :class:`~FVLMSlicerLib.job.AnalysisJob` that the panel's timer steps: the analysis runs in the
 warm worker, the results go into the scene a short step at a time (``results.show_steps``).
 :meth:`AnalysisLogic.analyze` runs the same job to its end (the Python console).
+
+After an analysis, :meth:`AnalysisLogic.find_similar` (the scans of an embedding store most like
+each anatomy) and :meth:`AnalysisLogic.export_dicom` (the results as DICOM SEG and SR into
+Slicer's DICOM database) return a :class:`~FVLMSlicerLib.job.TaskJob` for the warm worker
+(``tasks.py``); :meth:`AnalysisLogic.wait` runs any of these jobs to its end.
 """
 
 from __future__ import annotations
@@ -23,9 +28,10 @@ from typing import Any
 from fvlm_core import errors
 from fvlm_core.errors import CheckpointError, FVLMError, InputError
 
-from .job import AnalysisJob, JobInputs
+from . import dicomdb
+from .job import AnalysisJob, JobInputs, TaskJob, WorkerJob
 from .mrml_io import map_segmentation, segmentation_layers, volume_view
-from .results import ResultNodes, find_results, show_steps
+from .results import ATTR_SOURCE_VOLUME, ResultNodes, anatomy_segments, find_results, show_steps
 from .settings import read_model_info, remembered_model_dir
 from .warm import DEFAULT_IDLE_MINUTES, WarmWorker, shared_worker
 
@@ -117,6 +123,7 @@ class AnalysisLogic:
             similarity_maps=bool(similarity_maps),
             allow_non_hu=allow_non_hu,
             keep_labelmap=True,
+            keep_embeddings=True,  # for "Similar cases": kept with the result (and the scene)
         )
         inputs = JobInputs(view, geometry, volume_node.GetName(), layers, segments)
         volume_id = volume_node.GetID()
@@ -135,16 +142,111 @@ class AnalysisLogic:
         Takes the arguments of :meth:`start`. Raises the library's error the worker reported
         (e.g. :class:`~fvlm_core.errors.InputError` for a volume that is not CT).
         """
-        job = self.start(*args, **kwargs)
+        return self.wait(self.start(*args, **kwargs)).nodes
+
+    @staticmethod
+    def wait(job: WorkerJob) -> WorkerJob:
+        """Run a started job to its end (blocking; the Python console); raise the library's error
+        the worker reported, or :class:`~fvlm_core.errors.CancelledError`."""
         status = job.wait()
         if status.state == "cancelled":
-            raise errors.CancelledError("analysis cancelled")
+            raise errors.CancelledError("cancelled")
         if status.state != "done":
             kind = getattr(errors, job.error_type or "", FVLMError)
             raise (kind if isinstance(kind, type) and issubclass(kind, FVLMError) else FVLMError)(
                 status.error
             )
-        return job.nodes
+        return job
+
+    def find_similar(
+        self,
+        nodes: ResultNodes,
+        store_dir: str | os.PathLike,
+        k: int = 5,
+        worker: WarmWorker | None = None,
+        idle_minutes: float | None = DEFAULT_IDLE_MINUTES,
+    ) -> TaskJob:
+        """Start the search of an embedding store (``fvlm embed``) for the ``k`` scans most like
+        each anatomy of an analysis, with the anatomy embeddings its result keeps; the job's
+        ``output`` is ``tasks.similar_cases``' (matches per anatomy, with their volume paths).
+
+        Raises:
+            InputError: no store chosen, or a result without embeddings (an older analysis).
+        """
+        result = nodes.result
+        if result is None or result.embeddings is None or not result.embeddings.vectors:
+            raise InputError(
+                "this analysis kept no anatomy embeddings (it was made by an older version, or no anatomy "
+                "was scored): analyse the CT again to search a store with it."
+            )
+        store = str(store_dir or "").strip()
+        if not store:
+            raise InputError("choose an embedding store: a folder made by `fvlm embed` with this model.")
+        task = {
+            "task": "similar",
+            "store": str(Path(store).expanduser()),
+            "k": int(k),
+            "embeddings": result.embeddings.to_dict(),
+        }
+        return TaskJob(worker or shared_worker(idle_minutes=idle_minutes), task).start()
+
+    def export_dicom(
+        self,
+        nodes: ResultNodes,
+        worker: WarmWorker | None = None,
+        idle_minutes: float | None = DEFAULT_IDLE_MINUTES,
+        database: Any = None,
+    ) -> TaskJob:
+        """Start the export of an analysis as ``fvlm analyze --dicom-out`` writes it (a DICOM SEG of
+        the anatomies and a TID 1500 SR of the findings, referencing the source series) into
+        Slicer's DICOM database (``database``: default ``slicer.dicomDatabase``); the job's
+        ``value`` lists the objects put into it (``dicomdb.py`` says how, as QuantitativeReporting).
+
+        Raises:
+            InputError: the volume did not come from the DICOM database, or the database is not open.
+        """
+        volume = self.scene.GetNodeByID(nodes.table.GetAttribute(ATTR_SOURCE_VOLUME) or "")
+        db = database if database is not None else dicomdb.database()
+        blocker = dicomdb.export_blocker(volume, db)
+        if blocker:
+            raise InputError(blocker)
+        result = nodes.result
+        mapping = {
+            sid: a for sid, a in anatomy_segments(nodes.segmentation).items() if a in result.anatomy_names
+        }
+        layers, segments = segmentation_layers(nodes.segmentation, mapping)
+        task = {"task": "dicom", "result": result.to_dict(), "segmenter": dicomdb.segmenter_fields(result)}
+        return TaskJob(
+            worker or shared_worker(idle_minutes=idle_minutes),
+            task,
+            prepare=lambda: dicomdb.source_files_steps(db, volume),
+            layers=layers,
+            segments=segments,
+            finish=lambda written, job_dir: dicomdb.insert_steps(db, written),
+        ).start()
+
+    def load_case(self, match: dict[str, Any]) -> Any:
+        """Load a similar case's volume (a match of :meth:`find_similar`) with Slicer's volume
+        reader (``slicer.util.loadVolume``, as File > Add Data); the new volume node.
+
+        Raises:
+            InputError: its path is not reachable from this computer, or is a DICOM folder.
+        """
+        import slicer
+
+        source, scan = str(match.get("source") or ""), str(match.get("scan", ""))
+        if not source or not os.path.exists(source):
+            raise InputError(
+                f"the volume of {scan} is not reachable from this computer: "
+                + (f"{source} does not exist here." if source else "the store records no path for it.")
+                + " Copy it to that path (or mount the drive it is on) to load it."
+            )
+        if os.path.isdir(source):
+            raise InputError(
+                f"the volume of {scan} is a DICOM series folder ({source}): import it in the DICOM module "
+                "(Import DICOM files) and load it from there."
+            )
+        return slicer.util.loadVolume(source, {"name": scan})
 
     def find_results(self, volume_node: Any = None) -> ResultNodes | None:
         """Results this module left in the scene (e.g. a loaded .mrb), or None."""

@@ -169,3 +169,54 @@ def findings_from_rows(
         negative = f"No {name[0].lower()}{name[1:]}." if no_form and source == "user" else None
         out.append(Finding.from_name(name, anatomy, negative=negative, source=source).to_dict())
     return out
+
+
+# --- similar cases, DICOM export ---------------------------------------------------------------
+#: The similar-cases table's columns.
+SIMILAR_COLUMNS = ("Anatomy", "Rank", "Scan", "Similarity", "Volume")
+#: What the Volume column says of a match's volume file (a reachable one gets a Load button).
+REACHABLE, UNREACHABLE = "on this computer", "not reachable"
+
+
+def similar_rows(output: dict[str, Any]) -> list[tuple[tuple, dict[str, Any]]]:
+    """The similar-cases table: ``(cells, match)`` per match of ``tasks.similar_cases``' output,
+    anatomy by anatomy, best first; the similarity is the cosine of the two embeddings."""
+    rows = []
+    for anatomy, matches in output.get("matches", {}).items():
+        for m in matches:
+            volume = REACHABLE if m.get("reachable") else UNREACHABLE
+            rows.append(((anatomy, int(m["rank"]), m["scan"], f"{m['score']:.3f}", volume), m))
+    return rows
+
+
+def match_tip(match: dict[str, Any]) -> str:
+    """A match row's tooltip: where its volume is, and whether Load can open it."""
+    source = match.get("source") or "(the store records no path)"
+    where = "Click Load to load it." if match.get("reachable") else "It is not on this computer."
+    return f"{match['scan']}: {source}. Its {match['anatomy']} is {match.get('status') or 'scored'}. {where}"
+
+
+def similar_blocker(result: AnalysisResult | None, store: str, running: bool) -> str:
+    """Why "Find similar cases" cannot run now ("" when it can): what its tooltip says."""
+    if result is None:
+        return "Analyse a CT first: its anatomies are compared with the store's."
+    if result.embeddings is None or not result.embeddings.vectors:
+        return (
+            "This analysis kept no anatomy embeddings (an older version made it, or nothing was "
+            "scored): analyse the CT again."
+        )
+    if not store:
+        return "Choose an embedding store: a folder made by 'fvlm embed' with this model."
+    if running:
+        return "Wait for the running job to finish."
+    return ""
+
+
+def export_done_text(objects: list[dict[str, Any]], written: dict[str, Any]) -> str:
+    """The status line after "Export to DICOM"."""
+    segments = len(written.get("seg", {}).get("segments", {}))
+    return (
+        f"Exported to Slicer's DICOM database, in the CT's study: a segmentation ({segments} anatomies) "
+        f"and a structured report of the findings (TID 1500); {len(objects)} objects, new series "
+        f"{written['seg']['series_instance_uid']} and {written['sr']['series_instance_uid']}."
+    )

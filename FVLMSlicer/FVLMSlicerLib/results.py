@@ -157,18 +157,21 @@ def _parse_rgb(text: str | None) -> tuple[float, float, float] | None:
         return None
 
 
-def apply_to_segmentation(segmentation_node: Any, result: AnalysisResult) -> None:
-    """Recolour segments and write tags for every anatomy of ``result``.
+def anatomy_segments(segmentation_node: Any) -> dict[str, str]:
+    """``{segment_id: anatomy}`` of a result segmentation: the ``FVLM.anatomy`` tag, else the ID
+    (the anatomy name, as :func:`set_anatomy_segments` creates them)."""
+    segmentation = segmentation_node.GetSegmentation()
+    ids = [segmentation.GetNthSegmentID(i) for i in range(segmentation.GetNumberOfSegments())]
+    return {sid: get_segment_tag(segmentation.GetSegment(sid), TAG_PREFIX + "anatomy", sid) for sid in ids}
 
-    Segments are found by ID (the anatomy name, as :func:`set_anatomy_segments` creates them)
-    or by the ``FVLM.anatomy`` tag.
-    """
+
+def apply_to_segmentation(segmentation_node: Any, result: AnalysisResult) -> None:
+    """Recolour segments and write tags for every anatomy of ``result`` (its segments as
+    :func:`anatomy_segments` finds them)."""
     segmentation = segmentation_node.GetSegmentation()
     display = segmentation_node.GetDisplayNode()
     by_anatomy: dict[str, list[str]] = {}
-    for i in range(segmentation.GetNumberOfSegments()):
-        segment_id = segmentation.GetNthSegmentID(i)
-        anatomy = get_segment_tag(segmentation.GetSegment(segment_id), TAG_PREFIX + "anatomy", segment_id)
+    for segment_id, anatomy in anatomy_segments(segmentation_node).items():
         by_anatomy.setdefault(anatomy, []).append(segment_id)
     for a in result.anatomies:
         flagged, top = a.flagged, a.max_flagged_value

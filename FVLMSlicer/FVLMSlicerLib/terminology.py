@@ -18,10 +18,18 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from fvlm_core.anatomy import ANATOMICAL_STRUCTURE, Anatomy, AnatomyCatalog
+from fvlm_core.anatomy import Anatomy, AnatomyCatalog
 
-#: Slicer's built-in anatomy terminology; Lung, Heart, Aorta, ... are in it with these codes.
+#: Slicer's built-in anatomy terminology; Lung, Heart, Aorta, ... are in it with these codes,
+#: under the category each anatomy's ``Anatomy.category`` names (Bone under Tissue, the others
+#: under Anatomical Structure: Slicer's ``SegmentationCategoryTypeModifier-SlicerGeneralAnatomy.json``).
 GENERAL_ANATOMY_CONTEXT = "Segmentation category and type - 3D Slicer General Anatomy list"
+#: The context of Slicer's DICOM master list (``...-DICOM-Master.json``), for the catalog's codes
+#: the General Anatomy list lacks.
+DICOM_MASTER_CONTEXT = "Segmentation category and type - DICOM master list"
+#: SNOMED CT codes of the catalog that Slicer's General Anatomy list does not hold (its DICOM
+#: master list does): Pulmonary artery.
+NOT_IN_GENERAL_ANATOMY = frozenset({"81040000"})
 #: Context name for the anatomic region part (unused for anatomical structures).
 ANATOMIC_REGION_CONTEXT = "Anatomic codes - DICOM master list"
 
@@ -133,14 +141,15 @@ class TerminologyEntry:
 
 
 def anatomy_terminology(anatomy: Anatomy) -> str:
-    """Serialized Slicer terminology entry for an anatomy ("" when it has no SNOMED code)."""
+    """Serialized Slicer terminology entry for an anatomy ("" when it has no SNOMED code), in
+    the category Slicer's terminology (and the DICOM SEG) puts it: ``Anatomy.category``."""
     if not anatomy.snomed:
         return ""
-    scheme, value, meaning = ANATOMICAL_STRUCTURE
     code, code_meaning = anatomy.snomed
+    context = DICOM_MASTER_CONTEXT if code in NOT_IN_GENERAL_ANATOMY else GENERAL_ANATOMY_CONTEXT
     return TerminologyEntry(
-        context=GENERAL_ANATOMY_CONTEXT,
-        category=Code(scheme, value, meaning),
+        context=context,
+        category=Code(*anatomy.category),
         type=Code("SCT", code, code_meaning),
         region_context=ANATOMIC_REGION_CONTEXT,
     ).serialize()

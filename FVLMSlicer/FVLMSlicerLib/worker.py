@@ -4,12 +4,13 @@ the last model loaded, and runs :func:`fvlm_core.zeroshot.pipeline.run` for the 
 ``python -m FVLMSlicerLib.worker CONTROL_DIR --owner PID [--idle-timeout SECONDS]``
 
 A job is a folder holding ``request.json`` (an :class:`~fvlm_core.zeroshot.pipeline.AnalysisRequest`)
-and the input files it names (``ct.nrrd``, segmentation layers). The panel hands it over by
-writing ``CONTROL_DIR/next.json`` (``{"job": folder}``). The worker writes ``JOB/taken`` when it
-takes it, ``JOB/progress.json`` (stage, fraction) at every progress report and a line per stage
-on stdout (the panel's processing log), then ``JOB/output/`` (``AnalysisResult.save``) or
-``JOB/error.json``, and last ``JOB/finished.json``: ``{"rc": 0 done | 1 failed | 2 cancelled,
-"model_reused", "worker_pid", "worker_jobs"}``.
+and the input files it names (``ct.nrrd``, segmentation layers), or ``task.json`` (a task of
+``tasks.py``: similar cases, DICOM export). The panel hands it over by writing
+``CONTROL_DIR/next.json`` (``{"job": folder}``). The worker writes ``JOB/taken`` when it takes
+it, ``JOB/progress.json`` (stage, fraction) at every progress report and a line per stage on
+stdout (the panel's processing log), then ``JOB/output/`` (``AnalysisResult.save``; a task:
+``JOB/output.json``) or ``JOB/error.json``, and last ``JOB/finished.json``: ``{"rc": 0 done |
+1 failed | 2 cancelled, "model_reused", "worker_pid", "worker_jobs"}``.
 
 Cancel: ``JOB/cancel``, checked at every progress report; a stage that reports nothing for long
 (loading a model) gets the worker's process tree killed by the panel. The worker ends on
@@ -59,6 +60,8 @@ def run_job(job: Path, analyzers) -> int:
     from fvlm_core.errors import CancelledError, FVLMError
     from fvlm_core.zeroshot.pipeline import AnalysisRequest, run
 
+    from .tasks import OUTPUT_FILE, TASK_FILE, run_task
+
     t0, last = time.monotonic(), [""]
 
     def progress(stage: str, fraction: float) -> None:
@@ -72,6 +75,10 @@ def run_job(job: Path, analyzers) -> int:
 
     error = None
     try:
+        if (job / TASK_FILE).exists():
+            output = run_task(json.loads((job / TASK_FILE).read_text()), job, progress, cancelled)
+            atomic_write_text(job / OUTPUT_FILE, json.dumps(output))
+            return 0
         request = AnalysisRequest.load(job / "request.json")
         result = run(request, progress, cancelled, analyzers)
         for message in result.warnings:

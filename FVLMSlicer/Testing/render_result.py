@@ -1,7 +1,8 @@
 """The README's Slicer picture: the module's panel and slice views after a real analysis, offscreen.
 
     fvlm demo --out fvlm-demo                      # trains a small model, writes its test phantom
-    python FVLMSlicer/Testing/render_result.py --demo fvlm-demo --out docs/images/slicer_result.png
+    fvlm synth --out cohort --n 40 --valid-fraction 1 && fvlm embed cohort --model fvlm-demo/model --out cohort.store
+    python FVLMSlicer/Testing/render_result.py --demo fvlm-demo --store cohort.store --out docs/images/slicer_result.png
 
 What runs is the module itself, outside the Slicer application:
 
@@ -9,6 +10,8 @@ What runs is the module itself, outside the Slicer application:
   (``slicer_app.py``, ``pythonqt.py``); the inputs are chosen in its widgets, **Analyze** starts
   the analysis in a worker process, the panel polls it and fills its results table, and a click
   on the strongest flagged row centres the views and shows that finding's similarity map;
+  with ``--store``, **Find similar cases** searches that embedding store (in the worker) and
+  lists the matches per anatomy;
 * the slice views are rendered from the resulting MRML nodes by Slicer's slice logic and
   displayable managers (``render_views.py``): CT, segments in their result colours, the overlay
   with its colour table, threshold and legend.
@@ -102,6 +105,19 @@ def click_flagged_row(widget, prefer: str | None = None) -> tuple[str, str] | No
     return widget._selectedResult()
 
 
+def find_similar(widget, store: str, timeout_s: float = 120.0) -> None:
+    """Choose the embedding store in the panel, click **Find similar cases**, wait for the matches."""
+    from slicer_app import EventLoop
+
+    widget.ui.storePathLineEdit.currentPath = str(store)
+    widget.ui.findSimilarButton.click()
+    EventLoop(holds_gil=True).run_until(lambda: widget._taskJob is None, timeout_s)
+    if not widget._matches:
+        raise RuntimeError(
+            f"no similar cases: {widget.ui.statusLabel.text} {widget.ui.similarNoteLabel.text}"
+        )
+
+
 def grab_panel(widget, width: int = 440) -> np.ndarray:
     """``(H, W, 3)`` screenshot of the module panel."""
     import pythonqt
@@ -124,8 +140,15 @@ def compose(views: list[np.ndarray], panel: np.ndarray, gap: int = 6) -> np.ndar
     return np.concatenate([pad(left), np.full((height, gap, 3), 40, np.uint8), pad(panel)], axis=1)
 
 
-def render(demo: Path, out: Path, model: Path | None = None, finding: str | None = "Emphysema") -> Path:
-    """Run the panel on the demo phantom with the demo model and write the picture."""
+def render(
+    demo: Path,
+    out: Path,
+    model: Path | None = None,
+    finding: str | None = "Emphysema",
+    store: Path | None = None,
+) -> Path:
+    """Run the panel on the demo phantom with the demo model (and ``store``'s similar cases)
+    and write the picture."""
     import slicer_app
     from FVLMSlicerLib.headless import new_scene
     from render_views import save_png
@@ -138,6 +161,8 @@ def render(demo: Path, out: Path, model: Path | None = None, finding: str | None
     widget.parent.show()
     volume, seg = load_inputs(scene, demo / "example_ct.nii.gz", demo / "example_anatomy.nii.gz")
     run_panel(widget, volume, seg, str(model or demo / "model"))
+    if store is not None:
+        find_similar(widget, str(store))
     key = click_flagged_row(widget, finding)
     views = []
     for name in ("Red", "Green"):
@@ -161,9 +186,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default=None, help="another model folder (default: DEMO/model)")
     parser.add_argument("--out", default=str(ROOT / "docs" / "images" / "slicer_result.png"))
     parser.add_argument("--finding", default="Emphysema", help="flagged finding whose row is clicked")
+    parser.add_argument("--store", default=None, help="an embedding store of the model: its similar cases")
     args = parser.parse_args(argv)
     os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
-    render(Path(args.demo), Path(args.out), Path(args.model) if args.model else None, args.finding)
+    model = Path(args.model) if args.model else None
+    render(Path(args.demo), Path(args.out), model, args.finding, Path(args.store) if args.store else None)
     return 0
 
 

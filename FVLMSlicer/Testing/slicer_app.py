@@ -21,6 +21,14 @@ as in 3D Slicer as far as a module widget needs:
     the connectors Slicer uses for them: node combo box, combo box from an enum (items = the
     enum's ``label``), path line edit, check box. Other field types and widgets raise.
 
+  and for two C++ parts of Slicer that slicer-core lacks:
+
+  - ``slicer.dicomDatabase``: :class:`DICOMDatabase`, the calls of CTK's ``ctkDICOMDatabase``
+    the module and the tests make, on a real folder (:func:`load_dicom_series` loads a series
+    from it as Slicer's ``DICOMScalarVolumePlugin`` does);
+  - ``slicer.app.coreIOManager()``: :class:`CoreIOManager`, loading a volume file as Slicer's
+    ``qSlicerVolumesReader`` does (so ``slicer.util.loadVolume`` runs unchanged).
+
 Not reproduced: the module manager, layouts and the Qt view widgets, the 3D view, Slicer's
 settings and dialogs (message boxes only log, as Slicer's util does without a main window).
 
@@ -75,6 +83,8 @@ class Application:
         self.testing = testing
         self.logic = slicer.vtkSlicerApplicationLogic()
         self.logic.SetMRMLScene(scene)
+        if hasattr(scene, "_fvlm_color_logic"):  # headless.new_scene's: module logics find it by name
+            self.logic.SetModuleLogic("Colors", scene._fvlm_color_logic)
 
     def testingEnabled(self) -> bool:
         return self.testing
@@ -99,6 +109,135 @@ class Application:
 
     def applicationFilePath(self) -> str:
         return sys.executable
+
+    def coreIOManager(self) -> CoreIOManager:
+        return CoreIOManager(self.scene, self.logic)
+
+
+class CoreIOManager:
+    """``slicer.app.coreIOManager()`` for volume files: ``loadNodes("VolumeFile", ...)`` does what
+    Slicer's ``qSlicerVolumesReader::load`` does (Slicer 583e9b3,
+    ``Modules/Loadable/Volumes/qSlicerVolumesReader.cxx``): node name from ``name`` or the file's
+    base name, the option bits, ``vtkSlicerVolumesLogic::AddArchetypeVolume`` (Slicer's reader,
+    from slicer-core), then unless ``show`` is false the volume made active and propagated to the
+    slice views."""
+
+    OPTIONS = {
+        "labelmap": 0x1,
+        "center": 0x2,
+        "singleFile": 0x4,
+        "autoWindowLevel": 0x8,
+        "discardOrientation": 0x10,
+    }
+
+    def __init__(self, scene, app_logic) -> None:
+        self.scene, self.app_logic = scene, app_logic
+
+    def fileType(self, filename) -> str:
+        return "VolumeFile"
+
+    def loadNodes(self, filetype, properties, loaded_nodes, messages) -> bool:
+        if filetype != "VolumeFile":
+            raise NotImplementedError(f"the test application reads volume files only, not {filetype}")
+        file_name = str(properties["fileName"])
+        name = properties.get("name") or pathlib.Path(file_name).name.split(".")[0]  # QFileInfo::baseName
+        options = sum(bit for key, bit in self.OPTIONS.items() if properties.get(key))
+        logic = slicer.vtkSlicerVolumesLogic()
+        logic.SetMRMLApplicationLogic(self.app_logic)  # its default colours come from the Colors logic
+        logic.SetMRMLScene(self.scene)
+        node = logic.AddArchetypeVolume(file_name, name, options, None)
+        if node is None:
+            messages.AddMessage(vtk.vtkCommand.ErrorEvent, f"could not read {file_name}")
+            return False
+        if properties.get("show", True):
+            self.app_logic.GetSelectionNode().SetActiveVolumeID(node.GetID())
+            self.app_logic.PropagateVolumeSelection()
+        loaded_nodes.AddItem(node)
+        return True
+
+
+class DICOMDatabase:
+    """``slicer.dicomDatabase`` (CTK's ``ctkDICOMDatabase``) as far as the module and the tests
+    use it, kept in a folder. Checked against CTK 868d56c, ``Libs/DICOM/Core/ctkDICOMDatabase.h``
+    and ``.cpp``: ``isOpen`` and ``isInMemory`` are Qt properties; ``fileForInstance(uid)`` is the
+    file of a SOP Instance UID ("" when unknown); ``insert(filePath, storeFile=True, ...)`` does
+    nothing for a file already indexed and unchanged (``fileExistsAndUpToDate``), otherwise reads
+    the header and, with ``storeFile`` and a database on disk, stores a copy in the database
+    folder (``storeDatasetFile``) and indexes the copy, else indexes the file where it is.
+    ``fileValue(file, "gggg,eeee")`` gives a tag as text (values joined by backslashes)."""
+
+    def __init__(self, folder) -> None:
+        self.folder = pathlib.Path(folder)
+        self.isOpen, self.isInMemory = True, False
+        self._files: dict[str, dict] = {}  # stored file -> {uid, series, mtime}
+
+    def insert(self, filePath, storeFile=True, generateThumbnail=True, createHierarchy=True, destination=""):
+        import shutil
+
+        import pydicom
+
+        path = pathlib.Path(filePath)
+        known = self._files.get(str(path))
+        if known is not None and known["mtime"] == path.stat().st_mtime_ns:
+            return
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        if storeFile and not self.isInMemory:
+            stored = self.folder / "dicom" / ds.StudyInstanceUID / ds.SeriesInstanceUID / ds.SOPInstanceUID
+            stored.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, stored)
+            path = stored
+        self._files[str(path)] = {
+            "uid": str(ds.SOPInstanceUID),
+            "series": str(ds.SeriesInstanceUID),
+            "mtime": path.stat().st_mtime_ns,
+        }
+
+    def fileForInstance(self, sopInstanceUID) -> str:
+        return next((f for f, info in self._files.items() if info["uid"] == sopInstanceUID), "")
+
+    def instanceForFile(self, fileName) -> str:
+        return self._files.get(str(fileName), {}).get("uid", "")
+
+    def filesForSeries(self, seriesUID) -> list[str]:
+        return [f for f, info in self._files.items() if info["series"] == seriesUID]
+
+    def fileValue(self, fileName, tag) -> str:
+        import pydicom
+
+        group, element = (int(v, 16) for v in tag.split(","))
+        element = pydicom.dcmread(fileName, stop_before_pixels=True).get((group, element))
+        if element is None or element.value is None:
+            return ""
+        values = element.value if element.VM > 1 else [element.value]
+        return "\\".join(str(v) for v in values)
+
+
+def load_dicom_series(db: DICOMDatabase, files: list[str], name: str):
+    """Load a series of the database as Slicer's ``DICOMScalarVolumePlugin`` does (Slicer 583e9b3:
+    files sorted along the slice normal, ``DICOMUtils.getSortedImageFiles``; read by
+    ``loadFilesWithArchetype``, ``AddArchetypeScalarVolume``; slices reversed for a left-handed
+    IJK; ``DICOM.instanceUIDs`` = each slice's SOP Instance UID, ``setVolumeNodeProperties``)."""
+    import numpy as np
+
+    first = [float(v) for v in db.fileValue(files[0], "0020,0037").split("\\")]
+    normal = np.cross(first[:3], first[3:])
+    position = lambda f: np.dot([float(v) for v in db.fileValue(f, "0020,0032").split("\\")], normal)  # noqa: E731
+    files = sorted(files, key=position)
+    names = vtk.vtkStringArray()
+    for f in files:
+        names.InsertNextValue(f)
+    logic = slicer.vtkSlicerVolumesLogic()
+    logic.SetMRMLApplicationLogic(slicer.app.applicationLogic())
+    logic.SetMRMLScene(slicer.mrmlScene)
+    node = logic.AddArchetypeScalarVolume(files[0], name, 0, names)
+    ijk_to_ras = vtk.vtkMatrix4x4()
+    node.GetIJKToRASMatrix(ijk_to_ras)
+    if not slicer.vtkMRMLVolumeNode.IsIJKCoordinateSystemRightHanded(ijk_to_ras):
+        slicer.vtkMRMLVolumeNode.ReverseSliceOrder(node.GetImageData(), ijk_to_ras)
+        node.SetIJKToRASMatrix(ijk_to_ras)
+        files = list(reversed(files))
+    node.SetAttribute("DICOM.instanceUIDs", " ".join(db.instanceForFile(f) or "Unknown" for f in files))
+    return node
 
 
 # ------------------------------------------------------------------------------------------
@@ -441,6 +580,7 @@ def uninstall() -> None:
     """Undo :func:`install` (other tests import the plain slicer-core package)."""
     for name in ("qt", "ctk", "slicer.ScriptedLoadableModule", "slicer.parameterNodeWrapper"):
         sys.modules.pop(name, None)
-    for attr in ("app", "mrmlScene", "ScriptedLoadableModule", "parameterNodeWrapper", "modules"):
+    names = ("app", "mrmlScene", "ScriptedLoadableModule", "parameterNodeWrapper", "modules", "dicomDatabase")
+    for attr in names:
         if hasattr(slicer, attr):
             delattr(slicer, attr)

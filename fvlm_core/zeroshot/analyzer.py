@@ -46,7 +46,14 @@ from fvlm_core.model.calibrated_with import StoredCalibration
 from fvlm_core.zeroshot import similarity, windows
 from fvlm_core.zeroshot.prompt_files import load_findings_file, merge_findings
 from fvlm_core.zeroshot.prompts import FindingEmbeddings, probability, prompt_cache_for
-from fvlm_core.zeroshot.results import UNCALIBRATED, AnalysisResult, AnatomyMap, AnatomyResult, FindingResult
+from fvlm_core.zeroshot.results import (
+    UNCALIBRATED,
+    AnalysisResult,
+    AnatomyEmbeddings,
+    AnatomyMap,
+    AnatomyResult,
+    FindingResult,
+)
 
 __all__ = [
     "UNCALIBRATED",
@@ -334,6 +341,7 @@ class Analyzer:
         require_anatomy: bool = True,
         max_window_zyx: Sequence[int] | None = None,
         segmentation_check: str = "warn",
+        keep_embeddings: bool = False,
     ) -> AnalysisResult:
         """Score findings on one CT.
 
@@ -361,6 +369,9 @@ class Analyzer:
                 segmentation of another scan does not: :mod:`fvlm_core.segmentation.plausibility`):
                 ``"warn"`` (a warning and a note), ``"strict"`` (:class:`InputError`, before the
                 encoding) or ``"off"`` (a CT not in HU).
+            keep_embeddings: put the scored anatomies' embeddings into the result
+                (:class:`~fvlm_core.zeroshot.results.AnatomyEmbeddings`; its ``model`` is left
+                to the caller, :func:`fvlm_core.zeroshot.pipeline.run` fills it).
         """
         if segmentation_check not in ("warn", "strict", "off"):
             raise ConfigError(f"segmentation_check {segmentation_check!r}: use 'warn', 'strict' or 'off'")
@@ -438,6 +449,13 @@ class Analyzer:
             ct=str(ct.source),
             dicom_series=ct.dicom_series,
             segmentation={"source": str(getattr(segmentation, "backend", ""))},
+            embeddings=AnatomyEmbeddings(
+                {name: e.embedding.cpu().numpy() for name, e in enc.anatomies.items()},
+                windows=strategy,
+                max_window_zyx=None if max_window_zyx is None else tuple(int(v) for v in max_window_zyx),
+            )
+            if keep_embeddings
+            else None,
         )
 
     def _implausible(self, ct_ms: CTVolume, labels_ms: LabelVolume, source: str, strict: bool) -> list[str]:

@@ -64,6 +64,9 @@ class AnalysisRequest:
         segmentation_check: whether each anatomy's intensities must look like its tissue (a
             segmentation of another scan does not): ``warn``, ``strict`` (refused) or ``off``;
             ``allow_non_hu`` turns it off.
+        keep_embeddings: put the anatomy embeddings, with the model's store identity, into the
+            result (:class:`~fvlm_core.zeroshot.results.AnatomyEmbeddings`: to search an
+            embedding store with this CT, as the 3D Slicer module's "Similar cases" does).
     """
 
     ct: str
@@ -85,6 +88,7 @@ class AnalysisRequest:
     max_window: list[int] | None = None
     keep_labelmap: bool = False
     segmentation_check: str = "warn"
+    keep_embeddings: bool = False
 
     def check(self) -> None:
         """Raise :class:`ConfigError` for an option no stage would accept (before any work)."""
@@ -135,6 +139,7 @@ class AnalyzerCache:
     def __init__(self) -> None:
         self._key: tuple | None = None
         self._analyzer: Any = None
+        self._identity: tuple[tuple, dict] | None = None
         self.reused = False
 
     @staticmethod
@@ -155,6 +160,16 @@ class AnalyzerCache:
             self._analyzer = self._key = None  # the old model goes before the new one loads
             self._analyzer, self._key = Analyzer.from_pretrained(model_dir, device=device), key
         return self._analyzer
+
+    def identity(self, model_dir: str, config: Any) -> dict[str, Any]:
+        """The model folder's identity as an embedding store records it (its weights hashed
+        once while the folder's files are unchanged)."""
+        from fvlm_core.store.format import ModelIdentity
+
+        key = self.key(model_dir, "")
+        if self._identity is None or self._identity[0] != key:
+            self._identity = (key, ModelIdentity.of_folder(model_dir, config).to_dict())
+        return self._identity[1]
 
 
 class _Stages:
@@ -245,7 +260,8 @@ def run(
         )
         stage("load model", 0.0, device)
         t = time.perf_counter()
-        analyzer = (analyzers or AnalyzerCache()).get(request.model, device)
+        analyzers = analyzers or AnalyzerCache()
+        analyzer = analyzers.get(request.model, device)
         timings["load_model"] = time.perf_counter() - t
         stage("segment", 0.0, request.segmentation)
         t = time.perf_counter()
@@ -263,6 +279,7 @@ def run(
                 segmentation_check="off" if request.allow_non_hu else request.segmentation_check,
                 progress=stage.sub("analyze"),
                 should_cancel=should_cancel,
+                keep_embeddings=request.keep_embeddings,
             )
         stage("finish", 0.0)
     result.timings = {**timings, **result.timings}
@@ -273,5 +290,7 @@ def run(
         result.segmentation["details"] = seg.details
     if request.keep_labelmap:
         result.labelmap = analyzer.labels_in_model_order(seg).array
+    if result.embeddings is not None:
+        result.embeddings.model = analyzers.identity(request.model, config)
     stage("finish", 1.0, "done")
     return result

@@ -21,11 +21,15 @@ Field meanings a consumer needs:
   ``threshold`` is on ``value``'s scale, ``raw_threshold`` on the raw one; ``flagged`` is
   ``raw_score > raw_threshold``;
 * ``labelmap`` (arrays only): ``(Z, Y, X)`` uint8 on the CT grid, anatomy ``i`` of
-  ``anatomies`` = ``i + 1``: what was analysed.
+  ``anatomies`` = ``i + 1``: what was analysed;
+* ``embeddings`` (kept when asked, :class:`AnatomyEmbeddings`): the scored anatomies' embeddings
+  with the model identity and windows they were made with, what an embedding store
+  (``fvlm embed``) holds for a scan, so that the analysis can be searched against one.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
@@ -233,6 +237,53 @@ class AnatomyMap:
         return self.crop(tuple(slice(0, n) for n in self.shape))
 
 
+@dataclass
+class AnatomyEmbeddings:
+    """The anatomy embeddings one analysis computed, as an embedding store keeps a scan's.
+
+    Attributes:
+        vectors: anatomy -> ``(D,)`` float32, the encoder's embedding of each scored anatomy
+            (bit for bit what ``fvlm embed`` stores for the same CT, model and windows).
+        model: the model's identity as a store records it
+            (:meth:`fvlm_core.store.format.ModelIdentity.to_dict`: weights SHA-256, config
+            without thresholds); ``{}`` when unknown.
+        windows, max_window_zyx: the window strategy and size cap they were encoded with.
+
+    A store compares ``model``, ``windows`` and ``max_window_zyx`` with its own before it
+    compares vectors (:meth:`fvlm_core.store.format.EmbeddingStore.check_identity`). In JSON a
+    vector is the base64 text of its little-endian float32 bytes (exact, and 4/3 the size).
+    """
+
+    vectors: dict[str, np.ndarray]
+    model: dict[str, Any] = field(default_factory=dict)
+    windows: str = "shared"
+    max_window_zyx: tuple[int, int, int] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "windows": self.windows,
+            "max_window_zyx": None if self.max_window_zyx is None else list(self.max_window_zyx),
+            "vectors": {
+                name: base64.b64encode(np.ascontiguousarray(v, dtype="<f4").tobytes()).decode("ascii")
+                for name, v in self.vectors.items()
+            },
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> AnatomyEmbeddings:
+        cap = d.get("max_window_zyx")
+        return cls(
+            vectors={
+                name: np.frombuffer(base64.b64decode(text), dtype="<f4")
+                for name, text in d.get("vectors", {}).items()
+            },
+            model=dict(d.get("model") or {}),
+            windows=str(d.get("windows", "shared")),
+            max_window_zyx=None if cap is None else tuple(int(v) for v in cap),
+        )
+
+
 def _map_key(entry: dict[str, Any]) -> tuple[str, str]:
     return (entry["anatomy"], entry["finding"])
 
@@ -255,6 +306,7 @@ class AnalysisResult:
         segmentation: ``{"source": backend or file, "details": {...}}``: how the anatomies were found.
         map_files: ``(anatomy, finding) -> file`` of maps written by :meth:`write_maps`.
         labelmap: the anatomy label map analysed (kept when asked; see the module docstring).
+        embeddings: the anatomy embeddings (kept when asked), :class:`AnatomyEmbeddings`.
     """
 
     anatomies: list[AnatomyResult]
@@ -271,6 +323,7 @@ class AnalysisResult:
     dicom_series: str | None = None
     segmentation: dict[str, Any] = field(default_factory=dict)
     labelmap: np.ndarray | None = None
+    embeddings: AnatomyEmbeddings | None = None
 
     def anatomy(self, name: str) -> AnatomyResult:
         for a in self.anatomies:
@@ -342,6 +395,8 @@ class AnalysisResult:
             out["ct_spacing_mm"] = list(self.geometry.spacing)
         if self.dicom_series:
             out["dicom_series"] = self.dicom_series
+        if self.embeddings is not None:
+            out["embeddings"] = self.embeddings.to_dict()
         return out
 
     @classmethod
@@ -370,6 +425,7 @@ class AnalysisResult:
             ct=d.get("ct", ""),
             dicom_series=d.get("dicom_series"),
             segmentation=dict(d.get("segmentation", {})),
+            embeddings=AnatomyEmbeddings.from_dict(d["embeddings"]) if d.get("embeddings") else None,
         )
 
     def to_json(self) -> str:

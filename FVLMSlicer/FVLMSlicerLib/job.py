@@ -217,6 +217,18 @@ class JobInputs:
     segments: list[tuple[int, int, str]] = field(default_factory=list)
 
 
+def remove_folder(folder: Path) -> None:
+    """Delete a job's folder, even while the worker still writes into it: the folder is first
+    renamed (atomic), so the worker's next write fails and it sees the job gone, instead of a
+    file it writes during the deletion keeping the folder alive."""
+    gone = folder.with_name(f".{folder.name}.removed")
+    try:
+        folder.rename(gone)
+    except OSError:  # already gone, or a file system that refuses: delete in place
+        gone = folder
+    shutil.rmtree(gone, ignore_errors=True)
+
+
 def _read_json(path: Path) -> dict:
     with contextlib.suppress(OSError, ValueError):
         return json.loads(path.read_text())
@@ -331,7 +343,7 @@ class WorkerJob(Job):
         if self._claimed:
             self.worker.busy = False
         if self.job_dir is not None:
-            shutil.rmtree(self.job_dir, ignore_errors=True)
+            remove_folder(self.job_dir)
 
 
 class AnalysisJob(WorkerJob):
@@ -482,4 +494,4 @@ class ImportJob(Job):
         if self.process is not None:
             self.process.stop()
         if state != "done" and self._created_out:
-            shutil.rmtree(self.out_dir, ignore_errors=True)
+            remove_folder(self.out_dir)

@@ -217,10 +217,11 @@ class JobInputs:
     segments: list[tuple[int, int, str]] = field(default_factory=list)
 
 
-def remove_folder(folder: Path) -> None:
+def remove_folder(folder: str | Path) -> None:
     """Delete a job's folder, even while the worker still writes into it: the folder is first
     renamed (atomic), so the worker's next write fails and it sees the job gone, instead of a
     file it writes during the deletion keeping the folder alive."""
+    folder = Path(folder)
     gone = folder.with_name(f".{folder.name}.removed")
     try:
         folder.rename(gone)

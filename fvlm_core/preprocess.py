@@ -29,7 +29,8 @@ import SimpleITK as sitk
 
 from fvlm_core.boxes import nonzero_box
 from fvlm_core.errors import ConfigError, GeometryError
-from fvlm_core.io import CTVolume, Geometry, LabelVolume, array_to_sitk, check_overlap, resample_to
+from fvlm_core.geometry import Geometry, check_overlap
+from fvlm_core.io import CTVolume, LabelVolume, array_to_sitk, resample_to
 
 #: HU used outside the scanned field of view (air).
 PAD_HU = -1024.0

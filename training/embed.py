@@ -40,7 +40,7 @@ WINDOWS = ("shared", "centred", "reference")
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from fvlm_core.commands.segment import add_totalsegmentator_arguments
-    from fvlm_core.data.radchest import RADCHEST_MAPPINGS
+    from fvlm_core.data.radchest_labels import RADCHEST_MAPPINGS
 
     parser.add_argument(
         "data",

@@ -713,11 +713,11 @@ def read_label_table(
     Volumes match by name with or without ``.nii.gz``; a volume listed twice counts once (its
     first row). ``labels``: the columns to read (the score table's; those the CSV lacks are left
     out); None: every column of numbers (text columns are left out). Cells follow
-    the rule of every layout (:func:`fvlm_core.data.labelled.label_value`): 1, 0, or missing
+    the rule of every layout (:func:`fvlm_core.data.readers.label_value`): 1, 0, or missing
     (left out of that label); any other value in a column read is an error naming each row and
     column, raised before any work.
     """
-    from fvlm_core.data.labelled import MISSING_VALUES, LabelCells
+    from fvlm_core.data.readers import MISSING_VALUES, LabelCells
 
     columns, rows = _read_csv(path, "label table")
     by_name: dict[str, tuple[int, dict[str, str]]] = {}
@@ -822,7 +822,8 @@ class VolumeSource:
 
     def _open_layout(self, options, ignore_columns: Sequence[str]) -> list[str]:
         """Read the dataset's tables; the labelled volumes' names, sorted."""
-        from fvlm_core.data.labelled import LabelValueError, open_dataset
+        from fvlm_core.data.labelled import open_dataset
+        from fvlm_core.data.readers import LabelValueError
 
         try:
             self.reader = open_dataset(self.data_dir, options)
@@ -1145,7 +1146,7 @@ def _direction(orientation: str) -> np.ndarray:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from fvlm_core.commands.segment import add_totalsegmentator_arguments
-    from fvlm_core.data.radchest import RADCHEST_MAPPINGS
+    from fvlm_core.data.radchest_labels import RADCHEST_MAPPINGS
 
     parser.add_argument(
         "--data",

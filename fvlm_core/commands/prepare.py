@@ -18,7 +18,7 @@ import argparse
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from fvlm_core.data.radchest import RADCHEST_MAPPINGS
+    from fvlm_core.data.radchest_labels import RADCHEST_MAPPINGS
 
     parser.add_argument(
         "--dataset",

@@ -24,7 +24,7 @@ import numpy as np
 from fvlm_core.atomic import atomic_path, atomic_write_text
 from fvlm_core.data.layout import scan_id_of
 from fvlm_core.errors import ConfigError, DataError
-from fvlm_core.io import Geometry
+from fvlm_core.geometry import Geometry
 
 CACHE_FORMAT = 1
 TENSOR_SUFFIX = ".safetensors"

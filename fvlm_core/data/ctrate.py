@@ -29,11 +29,12 @@ import numpy as np
 
 from fvlm_core.anatomy import CTRATE_CATALOG, AnatomyCatalog
 from fvlm_core.data.cache import CachedSample
-from fvlm_core.data.labelled import LabelCells
+from fvlm_core.data.ctrate_volume import read_ctrate_volume
 from fvlm_core.data.layout import SPLITS, scan_id_of, volume_relpath, volume_stem
+from fvlm_core.data.readers import LabelCells
 from fvlm_core.errors import DataError
 from fvlm_core.findings import CTRATE_LABELS
-from fvlm_core.io import CTVolume, LabelVolume, read_ct
+from fvlm_core.io import CTVolume, LabelVolume
 
 METADATA_REQUIRED = ("VolumeName", "XYSpacing", "ZSpacing", "ImagePositionPatient", "ImageOrientationPatient")
 REPORT_REQUIRED = ("VolumeName", "Findings_EN", "Impressions_EN")
@@ -207,8 +208,9 @@ class CTRATEReader:
         raise DataError(f"{name}: not a usable volume of {self.root} ({self.split}).")
 
     def read_ct(self, record: VolumeRecord) -> CTVolume:
-        """The volume in HU with the metadata's geometry and rescale (``fvlm_core.io.read_ct``)."""
-        return read_ct(record.path, metadata=record.metadata)
+        """The volume in HU with the metadata's geometry and rescale
+        (:func:`~fvlm_core.data.ctrate_volume.read_ctrate_volume`)."""
+        return read_ctrate_volume(record.path, record.metadata)
 
     def summary(self) -> dict[str, Any]:
         return {

@@ -40,7 +40,7 @@ import numpy as np
 
 from fvlm_core.data.layout import SPLITS, scan_id_of, volume_relpath
 from fvlm_core.findings import CTRATE_LABELS
-from fvlm_core.io import Geometry
+from fvlm_core.geometry import Geometry
 
 #: Label values written in the anatomy masks (extended catalog order; see module docstring).
 MASK_VALUES: dict[str, int] = {"lung": 1, "heart": 2, "esophagus": 3, "aorta": 4, "trachea": 5}

@@ -32,7 +32,7 @@ from fvlm_core.dicom.seg import build_segmentation
 from fvlm_core.dicom.source import SourceSeries
 from fvlm_core.dicom.sr import build_report
 from fvlm_core.errors import InputError
-from fvlm_core.io import Geometry
+from fvlm_core.geometry import Geometry
 
 SEG_FILE, SR_FILE, MAPS_FOLDER = "seg.dcm", "sr.dcm", "maps"
 

@@ -23,8 +23,9 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 
+from fvlm_core.dicom_series import choose_dicom_series
 from fvlm_core.errors import FVLMWarning, InputError
-from fvlm_core.io import Geometry, choose_dicom_series
+from fvlm_core.geometry import Geometry
 
 #: Attributes the derived objects need from every file (Type 1 there: no empty value).
 REQUIRED = (

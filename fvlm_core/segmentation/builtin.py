@@ -55,7 +55,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from fvlm_core.boxes import nonzero_box
-from fvlm_core.io import Geometry
+from fvlm_core.geometry import Geometry
 from fvlm_core.segmentation.morphology import (
     ball,
     box_mean,

@@ -41,7 +41,8 @@ from fvlm_core.calibration import Calibration
 from fvlm_core.devices import resolve_device
 from fvlm_core.errors import CancelledError, ConfigError, InputError, warn
 from fvlm_core.findings import Finding, FindingSet
-from fvlm_core.io import CTVolume, Geometry, LabelVolume, check_finite
+from fvlm_core.geometry import Geometry
+from fvlm_core.io import CTVolume, LabelVolume, check_finite
 from fvlm_core.model.calibrated_with import StoredCalibration
 from fvlm_core.zeroshot import similarity, windows
 from fvlm_core.zeroshot.prompt_files import load_findings_file, merge_findings

@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from fvlm_core.boxes import nonzero_box
-from fvlm_core.io import Geometry
+from fvlm_core.geometry import Geometry
 
 #: What an uncalibrated raw score is called wherever it is shown (never "probability").
 UNCALIBRATED = "uncalibrated score"

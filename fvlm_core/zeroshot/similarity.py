@@ -19,7 +19,8 @@ import numpy as np
 import torch
 
 from fvlm_core.boxes import nonzero_box
-from fvlm_core.io import Geometry, write_image
+from fvlm_core.geometry import Geometry
+from fvlm_core.io import write_image
 
 
 def token_scores(

@@ -123,10 +123,11 @@ def window_hu(hu: Any, hu_window: Sequence[float] = (-1150.0, 350.0)) -> Any:
     lo, hi = float(hu_window[0]), float(hu_window[1])
     if hi <= lo:
         raise ConfigError(f"hu_window={tuple(hu_window)}: need low < high.")
-    scale = 1.0 / (hi - lo)
+    # subtract, divide, clip: MONAI's ScaleIntensityRange (the reference's scaling, and training's,
+    # fvlm_core.data.samples.hu_scaling) to the bit, without importing MONAI here
     if not isinstance(hu, np.ndarray) and hasattr(hu, "clamp_"):  # torch (or MONAI Meta) tensor
-        return ((hu.float() - lo) * scale).clamp_(0.0, 1.0)
-    out = (np.asarray(hu, dtype=np.float32) - np.float32(lo)) * np.float32(scale)
+        return ((hu.float() - lo) / (hi - lo)).clamp_(0.0, 1.0)
+    out = (np.asarray(hu, dtype=np.float32) - np.float32(lo)) / np.float32(hi - lo)
     return np.clip(out, 0.0, 1.0, out=out)
 
 

@@ -118,7 +118,8 @@ class GlobalCLIP(nn.Module):
         Raises:
             CheckpointError: the folder is not a model folder, or (``require_head``) holds no head.
         """
-        from fvlm_core.model.checkpoint import BASELINE_HEAD, WEIGHTS_NAME, read_safetensors
+        from fvlm_core.model.checkpoint import BASELINE_HEAD
+        from fvlm_core.model.weights import WEIGHTS_NAME, read_safetensors
 
         fvlm = FVLM.from_pretrained(directory, device="cpu")
         model = cls(fvlm)

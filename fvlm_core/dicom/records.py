@@ -10,16 +10,15 @@ one place that knows that layout.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
 from fvlm_core.anatomy import AnatomyCatalog
 from fvlm_core.errors import InputError
+from fvlm_core.model.weights import weights_sha256
 
 
 @dataclass(frozen=True)
@@ -95,18 +94,6 @@ class ExportContent:
     segmenter: Algorithm
     software_version: str
     maps: tuple[MapRecord, ...] = field(default=())
-
-
-def weights_sha256(model_dir: str | os.PathLike) -> str:
-    """SHA-256 (hex) of a model folder's weights file, the model's identity in the DICOM objects."""
-    from fvlm_core.model.checkpoint import WEIGHTS_NAME
-
-    path = Path(model_dir) / WEIGHTS_NAME
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def content_from_results(

@@ -26,7 +26,7 @@ _EXPORTS = {
     "VisionConfig": "fvlm_core.model.config",
     "attend_anatomies": "fvlm_core.model.pooling",
     "available_configs": "fvlm_core.model.config",
-    "from_pretrained": "fvlm_core.model.checkpoint",
+    "from_pretrained": "fvlm_core.model.fvlm",
     "import_official": "fvlm_core.model.official",
     "interpolate_pos_embed": "fvlm_core.model.vision",
     "load_config": "fvlm_core.model.config",
@@ -53,9 +53,9 @@ __all__ = [  # the keys of _EXPORTS, spelled out for static tools
 ]
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ imports on first use
-    from fvlm_core.model.checkpoint import from_pretrained, save_pretrained
+    from fvlm_core.model.checkpoint import save_pretrained
     from fvlm_core.model.config import FVLMConfig, TextConfig, VisionConfig, available_configs, load_config
-    from fvlm_core.model.fvlm import FVLM
+    from fvlm_core.model.fvlm import FVLM, from_pretrained
     from fvlm_core.model.official import ImportReport, import_official
     from fvlm_core.model.pooling import AnatomyEmbeddings, attend_anatomies, token_membership
     from fvlm_core.model.vision import TokenGrid, interpolate_pos_embed

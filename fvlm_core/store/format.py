@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import base64
 import datetime
-import hashlib
 import json
 import os
 import re
@@ -35,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from fvlm_core.errors import ConfigError, DataError
+from fvlm_core.model.weights import weights_sha256
 
 FORMAT = "fvlm-embedding-store/1"
 INFO_NAME = "store.json"
@@ -49,27 +49,13 @@ class StoreModelMismatch(ConfigError):
     """The store holds embeddings of another model (or window strategy)."""
 
 
-def weights_digest(model_dir: str | os.PathLike) -> str:
-    """SHA-256 (hex) of a model folder's weights file (``model.safetensors``)."""
-    from fvlm_core.model.checkpoint import WEIGHTS_NAME
-
-    path = Path(model_dir) / WEIGHTS_NAME
-    if not path.is_file():
-        raise ConfigError(f"--model {model_dir}: no {WEIGHTS_NAME} there; give a model folder.")
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 24), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 @dataclass(frozen=True)
 class ModelIdentity:
     """Which model made (or may read) a store.
 
     Attributes:
         name: the config's name (for messages).
-        weights_sha256: :func:`weights_digest` of the folder.
+        weights_sha256: :func:`~fvlm_core.model.weights.weights_sha256` of the folder.
         config: the model config without thresholds, calibrations, provenance and findings.
         embed_dim: embedding width ``D``.
         anatomies: the model's anatomies, in order.
@@ -93,7 +79,7 @@ class ModelIdentity:
         cfg = config.encoder_dict()
         return cls(
             name=str(getattr(config, "name", "fvlm")),
-            weights_sha256=weights_digest(model_dir),
+            weights_sha256=weights_sha256(model_dir),
             config=json.loads(json.dumps(cfg)),
             embed_dim=int(config.embed_dim),
             anatomies=tuple(config.anatomies),

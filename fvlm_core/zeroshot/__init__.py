@@ -25,7 +25,7 @@ _EXPORTS = {
     "load_findings_file": "fvlm_core.zeroshot.prompt_files",
     "merge_findings": "fvlm_core.zeroshot.prompt_files",
     "PromptCache": "fvlm_core.zeroshot.prompts",
-    "prompt_cache_for": "fvlm_core.zeroshot.prompts",
+    "ModelPrompts": "fvlm_core.zeroshot.prompts",
     "WindowPlan": "fvlm_core.zeroshot.windows",
     "plan_windows": "fvlm_core.zeroshot.windows",
 }

@@ -28,7 +28,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from fvlm_core.boxes import nonzero_box
-from fvlm_core.errors import ConfigError, GeometryError
+from fvlm_core.errors import ConfigError, GeometryError, InputError
 from fvlm_core.geometry import Geometry, check_overlap
 from fvlm_core.io import CTVolume, LabelVolume, array_to_sitk, resample_to
 
@@ -576,8 +576,6 @@ def reference_volume(
     Raises:
         InputError: no anatomy label in ``labels_ms``.
     """
-    from fvlm_core.errors import InputError
-
     lab = np.asarray(labels_ms.array)
     if tuple(lab.shape) != tuple(ct_ms.array.shape):
         raise GeometryError(

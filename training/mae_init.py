@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fvlm_core.errors import CheckpointError, ConfigError
+from fvlm_core.model.vit import ViT
 
 log = logging.getLogger("fvlm.train")
 
@@ -174,8 +175,6 @@ def load_mae_vit(
         CheckpointError: the file is missing or not MAE's layout, no ViT tensor fits, or some
             tensor has another shape than the model's (e.g. a ViT-L checkpoint for a ViT-B).
     """
-    from fvlm_core.model.vit import ViT  # the base class of ViTEncoder (MONAI's ViT, rebuilt)
-
     if not isinstance(vision, ViT):
         raise ConfigError(
             f"init_from {path}: a MAE checkpoint initialises a ViT, but the model's vision encoder is "

@@ -42,6 +42,7 @@ from fvlm_core.data.readers import MASK_SUFFIXES, LabelCells, LabelledReader, fi
 from fvlm_core.errors import DataError
 from fvlm_core.findings import CTRATE_LABELS
 from fvlm_core.io import CTVolume, read_ct
+from fvlm_core.preprocess import reorient
 
 #: Image files a cohort scan may be (a DICOM series is a folder).
 SCAN_SUFFIXES = MASK_SUFFIXES
@@ -314,6 +315,4 @@ class CohortReader(LabelledReader):
 
     def read_ct(self, record: VolumeRecord) -> CTVolume:
         """The CT in HU (``fvlm_core.io.read_ct``), in LPS axis order."""
-        from fvlm_core.preprocess import reorient
-
         return reorient(read_ct(record.path))

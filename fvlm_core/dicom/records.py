@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from fvlm_core import __version__
 from fvlm_core.anatomy import AnatomyCatalog
 from fvlm_core.errors import InputError
 from fvlm_core.model.weights import weights_sha256
@@ -121,8 +122,6 @@ def content_from_results(
     Findings that were not scored (their anatomy was absent or cut by a window cap) are left
     out: the SR reports what the model said, nothing else.
     """
-    from fvlm_core import __version__
-
     anatomies = []
     for a in results.get("anatomies", []):
         if a["name"] not in catalog:

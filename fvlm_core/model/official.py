@@ -25,6 +25,7 @@ import torch
 
 from fvlm_core.errors import CheckpointError, ConfigError
 from fvlm_core.model.config import FVLMConfig, load_config
+from fvlm_core.model.fvlm import FVLM
 
 #: Official tensors that are not needed for inference (reported, never an error).
 EXPECTED_UNUSED = (
@@ -187,8 +188,6 @@ def import_official_state(
     Returns:
         ``(model, report)``: the model in eval mode and an :class:`ImportReport`.
     """
-    from fvlm_core.model.fvlm import FVLM
-
     config = config_from_official(state, text_encoder, anatomies, img_size)
     with torch.device("meta"):  # names and shapes without allocating the model
         skeleton = FVLM(config, load_text_weights=False)

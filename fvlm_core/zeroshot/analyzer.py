@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from fvlm_core.anatomy import get_catalog
 from fvlm_core.calibration import Calibration
 from fvlm_core.devices import resolve_device
 from fvlm_core.errors import CancelledError, ConfigError, InputError, warn
@@ -53,6 +54,8 @@ from fvlm_core.model.prompt_store import (
     model_text_identity,
     read_store,
 )
+from fvlm_core.preprocess import crop_window, resample_to_model_space, spacing_warning
+from fvlm_core.segmentation.plausibility import check_intensities, implausible_message
 from fvlm_core.zeroshot import similarity, windows
 from fvlm_core.zeroshot.prompt_files import load_findings_file, merge_findings
 from fvlm_core.zeroshot.prompts import PROMPT_CACHE, FindingEmbeddings, ModelPrompts, PromptCache, probability
@@ -230,8 +233,6 @@ class Analyzer:
     def labels_in_model_order(self, segmentation) -> LabelVolume:
         """The segmentation's label map with anatomy ``i`` of the *model* as value ``i + 1``
         (anatomies the model lacks become background)."""
-        from fvlm_core.anatomy import get_catalog
-
         labels = get_catalog(self.anatomies).relabel(
             np.asarray(segmentation.labelmap), segmentation.catalog.names
         )
@@ -256,8 +257,6 @@ class Analyzer:
         the embeddings, the window plans (in ``ct_ms``'s frame) and the anatomies dropped by a
         size cap (the reference windows have none and drop nothing).
         """
-        from fvlm_core.preprocess import crop_window
-
         ms = self.model_space
         reference = strategy == "reference"
         if reference:
@@ -381,7 +380,6 @@ class Analyzer:
         """
         if segmentation_check not in ("warn", "strict", "off"):
             raise ConfigError(f"segmentation_check {segmentation_check!r}: use 'warn', 'strict' or 'off'")
-        from fvlm_core.preprocess import resample_to_model_space, spacing_warning
 
         timings: dict[str, float] = {}
         notes: list[str] = []
@@ -460,8 +458,6 @@ class Analyzer:
     def _implausible(self, ct_ms: CTVolume, labels_ms: LabelVolume, source: str, strict: bool) -> list[str]:
         """The segmentation's anatomies whose intensities do not fit their tissue, as a warning
         (``strict``: an :class:`InputError`), on the model-space volume (what is encoded)."""
-        from fvlm_core.segmentation.plausibility import check_intensities, implausible_message
-
         found = check_intensities(ct_ms.array, labels_ms.array, self.anatomies)
         if not found:
             return []

@@ -996,7 +996,8 @@ class FVLMSlicerTest(ScriptedLoadableModuleTest):
     def _phantom(self):
         import numpy as np
 
-        from fvlm_core.io import CTVolume, Geometry
+        from fvlm_core.geometry import Geometry
+        from fvlm_core.io import CTVolume
 
         z, y, x = np.mgrid[0:40, 0:64, 0:64].astype(np.float32)
         hu = np.full((40, 64, 64), -1000.0, dtype=np.float32)

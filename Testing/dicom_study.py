@@ -17,7 +17,7 @@ import pydicom
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
-from fvlm_core.io import Geometry
+from fvlm_core.geometry import Geometry
 
 
 @dataclass(frozen=True)

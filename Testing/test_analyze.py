@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from fvlm_core.anatomy import EXTENDED_CATALOG
 from fvlm_core.errors import ConfigError, InputError
 from fvlm_core.findings import Finding, FindingSet
-from fvlm_core.io import CTVolume, Geometry, read_image, write_image
+from fvlm_core.geometry import Geometry
+from fvlm_core.io import CTVolume, read_image, write_image
 from fvlm_core.zeroshot.analyzer import Analyzer, load_findings_file
 
 SIZE = (48, 48, 48)

@@ -16,7 +16,7 @@ from fvlm_core.anatomy import (
     load_class_map,
 )
 from fvlm_core.errors import ConfigError, InputError
-from fvlm_core.segmentation import TOTAL_CLASS_MAP
+from fvlm_core.segmentation.totalseg_classes import TOTAL_CLASS_MAP
 
 #: anatomies allowed to have no SNOMED CT code (none today; add with a reason).
 SNOMED_EXCEPTIONS: set[str] = set()

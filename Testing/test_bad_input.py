@@ -14,8 +14,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from fvlm_core.data.ctrate_volume import read_ctrate_volume
 from fvlm_core.errors import GeometryError, InputError
-from fvlm_core.io import Geometry, ct_from_array, read_ct, read_label_map, write_image
+from fvlm_core.geometry import Geometry
+from fvlm_core.io import ct_from_array, read_ct, read_label_map, write_image
 
 EYE = tuple(np.eye(3).ravel())
 
@@ -129,26 +131,29 @@ def test_truncated_nii_gz(ts_dir: Path, tmp_path: Path) -> None:
         read_label_map(tmp_path / "cut50.nii.gz")
 
 
-def _nifti_with_pixdim(path: Path, pixdim_y: float, qform_code: int) -> Path:
-    """A NIfTI whose only geometry is pixdim (no sform), with the y voxel size set to ``pixdim_y``."""
+def _nifti_with_pixdim(path: Path, pixdim_y: float, qform_code: int, byte_order: str = "<") -> Path:
+    """A NIfTI whose only geometry is pixdim (no sform), with the y voxel size set to ``pixdim_y``,
+    written in ``byte_order`` (NIfTI allows either; the reader tells them by ``sizeof_hdr``)."""
     img = nib.Nifti1Image(_ct_like(), np.eye(4))
     img.header.set_sform(None, code=0)
     img.header.set_qform(np.eye(4), code=qform_code)
-    raw = bytearray(img.header.binaryblock)
-    struct.pack_into("<f", raw, 80 + 4, pixdim_y)  # pixdim[2]
-    body = np.asarray(img.dataobj).astype("<i2").tobytes(order="F")
+    header = img.header.as_byteswapped(byte_order)
+    raw = bytearray(header.binaryblock)
+    struct.pack_into(byte_order + "f", raw, 80 + 4, pixdim_y)  # pixdim[2]
+    body = np.asarray(img.dataobj).astype(byte_order + "i2").tobytes(order="F")
     path.write_bytes(bytes(raw) + b"\0" * 4 + body)
     return path
 
 
+@pytest.mark.parametrize("byte_order", ["<", ">"])
 @pytest.mark.parametrize("value", [0.0, float("nan")])
 @pytest.mark.parametrize("qform_code", [0, 1])
-def test_zero_or_nan_spacing_nifti(tmp_path: Path, value: float, qform_code: int) -> None:
+def test_zero_or_nan_spacing_nifti(tmp_path: Path, value: float, qform_code: int, byte_order: str) -> None:
     # ITK itself would silently read these with 1 mm voxels.
-    path = _nifti_with_pixdim(tmp_path / "badsp.nii", value, qform_code)
+    path = _nifti_with_pixdim(tmp_path / "badsp.nii", value, qform_code, byte_order)
     _raises(GeometryError, path, "voxel size", "header")
     # Same file with a valid voxel size reads fine.
-    ok = _nifti_with_pixdim(tmp_path / "oksp.nii", 0.8, qform_code)
+    ok = _nifti_with_pixdim(tmp_path / "oksp.nii", 0.8, qform_code, byte_order)
     assert read_ct(ok).geometry.spacing[1] == pytest.approx(0.8)
 
 
@@ -172,7 +177,7 @@ def test_zero_spacing_from_metadata_or_array(tmp_path: Path) -> None:
         "ImageOrientationPatient": "[1, 0, 0, 0, 1, 0]",
     }
     with pytest.raises(GeometryError, match="spacing") as err:
-        read_ct(path, metadata=row)
+        read_ctrate_volume(path, row)
     assert str(path) in str(err.value)
     g = Geometry((12, 16, 16), (1.0, float("nan"), 1.0), (0.0, 0.0, 0.0), EYE)
     with pytest.raises(GeometryError, match="my_volume"):

@@ -20,7 +20,7 @@ from fvlm_core.data.cache import (
 from fvlm_core.data.samples import AugmentConfig, TrainingSamples, collate, dataset_texts, make_item
 from fvlm_core.errors import DataError
 from fvlm_core.findings import CTRATE_LABELS
-from fvlm_core.io import Geometry
+from fvlm_core.geometry import Geometry
 from fvlm_core.loss import UNKNOWN_FINDING_SET, finding_set_id, stable_text_id
 
 ANAT = ["lung", "heart", "esophagus", "aorta"]

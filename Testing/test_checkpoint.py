@@ -223,7 +223,7 @@ def test_failed_save_leaves_the_previous_checkpoint(saved, tmp_path, monkeypatch
     def disk_full(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(ckpt, "_unshared_state_dict", disk_full)  # fails after text/ was staged
+    monkeypatch.setattr(ckpt, "unshared_state_dict", disk_full)  # fails after text/ was staged
     with pytest.raises(OSError, match="No space"):
         model.save_pretrained(dst, thresholds={"Emphysema": 0.1})
     after = {p.relative_to(dst): p.read_bytes() for p in dst.rglob("*") if p.is_file()}

@@ -106,7 +106,8 @@ def _write_dicom(folder, hu: np.ndarray, geometry) -> None:
 
 def _write_ras(path, hu: np.ndarray, geometry) -> None:
     """The same voxels stored right-to-left and anterior-to-posterior (x and y axes flipped)."""
-    from fvlm_core.io import Geometry, write_image
+    from fvlm_core.geometry import Geometry
+    from fvlm_core.io import write_image
 
     g = geometry
     far = np.array(g.origin) + np.array([(g.size[0] - 1) * g.spacing[0], (g.size[1] - 1) * g.spacing[1], 0.0])

@@ -31,7 +31,8 @@ from dicom_study import Study, restore_identifiers, write_ct_series
 from fvlm_core.anatomy import EXTENDED_CATALOG
 from fvlm_core.calibration import Calibration
 from fvlm_core.errors import OutputError
-from fvlm_core.io import Geometry, write_image
+from fvlm_core.geometry import Geometry
+from fvlm_core.io import write_image
 from fvlm_training.cli import main
 
 ANATOMIES = ["lung", "heart", "esophagus", "aorta", "liver", "spleen"]

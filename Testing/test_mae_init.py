@@ -193,7 +193,7 @@ def test_bad_checkpoints_are_refused_with_what_to_do(tmp_path):
         load_mae_vit(vision, no_model)
     pickled = tmp_path / "pickled.pth"
     torch.save({"model": {"blocks.0.norm1.weight": FVLMConfig}}, pickled)  # a class: needs unpickling
-    with pytest.raises(CheckpointError, match="not a weights-only torch checkpoint"):
+    with pytest.raises(CheckpointError, match="not a checkpoint fvlm can read safely"):
         load_mae_vit(vision, pickled)
     official = tmp_path / "other_layout.pth"
     torch.save({"model": {f"visual_encoder.{k}": v for k, v in mae_layout().items()}}, official)

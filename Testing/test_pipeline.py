@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from fvlm_core.errors import CancelledError, ConfigError
-from fvlm_core.io import CTVolume, Geometry, write_image
+from fvlm_core.geometry import Geometry
+from fvlm_core.io import CTVolume, write_image
 from fvlm_core.zeroshot.pipeline import STAGES, AnalysisRequest, AnalyzerCache, run
 from fvlm_core.zeroshot.results import AnalysisResult, AnatomyMap
 
@@ -141,7 +142,7 @@ def test_one_backend_choice_warns_and_passes_the_same_options_everywhere(files, 
     from fvlm_core.commands import segment as segment_command
     from fvlm_core.data.ctrate import make_segmenter
     from fvlm_core.errors import recorded_warnings
-    from fvlm_core.segmentation import base
+    from fvlm_core.segmentation import choice
 
     seen = []
 
@@ -152,7 +153,7 @@ def test_one_backend_choice_warns_and_passes_the_same_options_everywhere(files, 
         seen.append((name, {k: v for k, v in options.items() if k != "should_cancel"}))
         raise Stop
 
-    monkeypatch.setattr(base, "get_backend", get_backend)
+    monkeypatch.setattr(choice, "get_backend", get_backend)
     with pytest.raises(Stop):
         run(_request(files, segmentation="totalsegmentator", labelmap=None, fast=True))
     with pytest.raises(Stop):

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from fvlm_core.errors import ConfigError, GeometryError
-from fvlm_core.io import CTVolume, Geometry, LabelVolume, read_ct, read_label_map
+from fvlm_core.geometry import Geometry
+from fvlm_core.io import CTVolume, LabelVolume, read_ct, read_label_map
 from fvlm_core.preprocess import (
     ModelSpaceConfig,
     bbox_zyx,

@@ -19,10 +19,19 @@ from fvlm_core.errors import FVLMWarning
 from fvlm_core.findings import Finding, FindingSet
 from fvlm_core.io import CTVolume
 from fvlm_core.model import FVLM
+from fvlm_core.model.checkpoint import load_text_encoder
 from fvlm_core.model.prompt_store import STORE_NAME, prompt_texts
 from fvlm_core.zeroshot.analyzer import Analyzer
+from fvlm_core.zeroshot.prompts import PROMPT_CACHE
 
 torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def fresh_prompt_cache():
+    """Each test counts its own encoder calls: the process's prompt embeddings (kept by text
+    identity, shared by every analyzer of one text side) start empty."""
+    PROMPT_CACHE.clear()
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +70,9 @@ def test_stored_embeddings_equal_freshly_encoded_ones(folder):
     fresh = FVLM.from_pretrained(folder).eval()  # the text encoder built whole
     with torch.no_grad():
         torch.testing.assert_close(stored, fresh.encode_text(texts), atol=1e-6, rtol=0)
-    assert analyzer.model.tokenizer is not None and analyzer.model.text_loaded  # any access builds it
+    assert analyzer.model.tokenizer is None and analyzer.model.text_encoder is None
+    load_text_encoder(analyzer.model, folder)  # what the analyzer does for a prompt the store lacks
+    assert analyzer.model.tokenizer is not None and analyzer.model.text_loaded
     a, b = analyzer.model.state_dict(), fresh.state_dict()
     assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
     # built without initialising its weights: every one loaded, and the buffers built as usual
@@ -74,7 +85,9 @@ def test_stored_prompts_only_never_build_the_text_encoder_and_a_new_prompt_does(
     ct, seg = _phantom()
     first = analyzer.analyze(ct, seg, similarity_maps=False)
     assert not analyzer.model.text_loaded and analyzer.prompts.encoder_calls == 0
-    assert "text_encoder" not in analyzer.model._modules
+    assert analyzer.model.text_encoder is None and not any(
+        k.startswith("text_encoder.") for k in analyzer.model.state_dict()
+    )
 
     user = Finding.from_name("Big heart", "heart", positive=["Enlarged heart."], negative=["Normal heart."])
     both = analyzer.analyze(ct, seg, FindingSet([*analyzer.default_findings(), user]), similarity_maps=False)
@@ -122,9 +135,10 @@ def test_corrupt_store_is_ignored_with_a_warning(folder, tmp_path):
         analyzer = Analyzer.from_pretrained(bad, device="cpu")
     texts = prompt_texts(analyzer.config)
     assert analyzer.prompts.texts_preloaded == 0
-    good = Analyzer.from_pretrained(folder, device="cpu")
-    torch.testing.assert_close(analyzer.prompts.embed(texts), good.prompts.embed(texts), atol=1e-6, rtol=0)
+    encoded = analyzer.prompts.embed(texts)
     assert analyzer.prompts.encoder_calls == 1
+    good = Analyzer.from_pretrained(folder, device="cpu")
+    torch.testing.assert_close(encoded, good.prompts.embed(texts), atol=1e-6, rtol=0)
 
 
 def test_a_failed_save_leaves_the_previous_store(folder, tmp_path, monkeypatch):

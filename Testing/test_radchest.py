@@ -13,6 +13,7 @@ import pytest
 import SimpleITK as sitk
 
 from fvlm_core.data import radchest as rc
+from fvlm_core.data.radchest_labels import read_radchest_labels
 from fvlm_core.errors import DataError
 from fvlm_training.cli import main
 
@@ -323,8 +324,8 @@ def test_label_mapping_hlip_and_by_location(tmp_path):
             "tst4": set(),
         },
     )
-    hlip, other = rc.read_radchest_labels(path, "hlip")
-    loc, _ = rc.read_radchest_labels(path, "location")
+    hlip, other = read_radchest_labels(path, "hlip")
+    loc, _ = read_radchest_labels(path, "location")
     assert set(hlip) == {"tst1", "tst2", "tst3", "tst4"}
     assert len(hlip["tst1"]) == 16 and "Mosaic attenuation pattern" not in hlip["tst1"]
     # HLIP: calcification anywhere feeds both calcification findings; a hernia anywhere is hiatal
@@ -355,10 +356,10 @@ def test_bad_label_csvs_are_refused_clearly(tmp_path):
     text = path.read_text().replace("1.0", "2", 1)
     path.write_text(text)
     with pytest.raises(DataError, match=r"line 2 \(val1\), column 'nodule\*lung': '2'"):
-        rc.read_radchest_labels(path)
+        read_radchest_labels(path)
     path.write_text("NoteAcc_DEID,nodule,opacity\nval1,1,0\n")
     with pytest.raises(DataError, match="not a RAD-ChestCT label CSV"):
-        rc.read_radchest_labels(path)
+        read_radchest_labels(path)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -29,7 +29,8 @@ import torch.nn.functional as F
 from monai.transforms import DivisiblePad, ScaleIntensityRange, SpatialPad
 
 from fvlm_core.anatomy import CTRATE_CATALOG
-from fvlm_core.io import CTVolume, Geometry, LabelVolume
+from fvlm_core.geometry import Geometry
+from fvlm_core.io import CTVolume, LabelVolume
 from fvlm_core.preprocess import ModelSpaceConfig, reference_intensity, reference_volume, reference_window
 from fvlm_core.zeroshot import windows as W
 
@@ -266,7 +267,7 @@ def real_cts(ts_dir):
 
     from fvlm_core.io import read_ct, read_label_map
     from fvlm_core.preprocess import resample_to_model_space
-    from fvlm_core.segmentation import BuiltinBackend
+    from fvlm_core.segmentation.builtin import BuiltinBackend
 
     class_map = json.loads((ts_dir / "total_class_map.json").read_text())
     out = {}

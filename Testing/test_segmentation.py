@@ -10,16 +10,17 @@ import SimpleITK as sitk
 
 from fvlm_core.anatomy import CTRATE_CATALOG, EXTENDED_CATALOG
 from fvlm_core.errors import ConfigError, GeometryError, InputError
-from fvlm_core.io import CTVolume, Geometry, read_ct, read_label_map
+from fvlm_core.geometry import Geometry
+from fvlm_core.io import CTVolume, read_ct, read_label_map
 from fvlm_core.segmentation import (
-    TOTAL_CLASS_MAP,
     AnatomySegmentation,
-    LabelMapBackend,
     SegmentationBackend,
     compute_facts,
     get_backend,
     segment_ct,
 )
+from fvlm_core.segmentation.labelmap import LabelMapBackend
+from fvlm_core.segmentation.totalseg_classes import TOTAL_CLASS_MAP
 
 LOBES = [10, 11, 12, 13, 14]
 

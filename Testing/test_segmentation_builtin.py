@@ -14,8 +14,11 @@ import pytest
 from scipy import ndimage as ndi
 
 from fvlm_core.anatomy import EXTENDED_CATALOG
-from fvlm_core.io import CTVolume, Geometry, read_ct, read_label_map
-from fvlm_core.segmentation import TOTAL_CLASS_MAP, BuiltinBackend, BuiltinParams, morphology, segment_masks
+from fvlm_core.geometry import Geometry
+from fvlm_core.io import CTVolume, read_ct, read_label_map
+from fvlm_core.segmentation import morphology
+from fvlm_core.segmentation.builtin import BuiltinBackend, BuiltinParams, segment_masks
+from fvlm_core.segmentation.totalseg_classes import TOTAL_CLASS_MAP
 
 BONE_PATTERNS = ("vertebrae_*", "rib_*", "sternum", "sacrum", "hip_*", "femur_*", "humerus_*", "scapula_*")
 BONE_PATTERNS += ("clavicula_*", "skull")

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from fvlm_core.io import Geometry
+from fvlm_core.geometry import Geometry
 from fvlm_core.preprocess import ModelSpaceWindow
 from fvlm_core.zeroshot import similarity
 

@@ -121,7 +121,7 @@ def test_requirements_cover_fvlm_core_without_touching_slicer_packages():
     slicers = {
         dependencies.canonical(p) for p in (*dependencies.SLICER_PACKAGES, *dependencies.TORCH_PACKAGES)
     }
-    training_only = {"matplotlib", "tensorboard"}
+    training_only = {"monai", "matplotlib", "tensorboard"}
     assert not listed & slicers, "requirements.txt must not (re)install packages Slicer ships"
     assert wanted - slicers - training_only <= listed
     assert dependencies.installable(["torch", "monai>=1.4", "torchvision<1"]) == ["monai>=1.4"]
@@ -386,7 +386,8 @@ def test_the_ct_goes_to_the_worker_as_nrrd_that_the_librarys_reader_reads_back(t
     reads: same voxels, same oblique LPS geometry, for the stored types of CT volumes."""
     from FVLMSlicerLib.job import write_nrrd_steps
 
-    from fvlm_core.io import Geometry, read_ct
+    from fvlm_core.geometry import Geometry
+    from fvlm_core.io import read_ct
 
     c, s_ = np.cos(0.3), np.sin(0.3)
     geometry = Geometry((7, 6, 5), (0.7, 0.8, 2.5), (-40.5, 60.25, 100.0), (c, -s_, 0, s_, c, 0, 0, 0, 1))
@@ -408,7 +409,7 @@ def test_a_ct_with_nan_is_refused_by_the_worker_before_any_work(tmp_path):
     from FVLMSlicerLib import worker
     from FVLMSlicerLib.job import write_nrrd_steps
 
-    from fvlm_core.io import Geometry
+    from fvlm_core.geometry import Geometry
     from fvlm_core.zeroshot.pipeline import AnalysisRequest, AnalyzerCache
 
     geometry = Geometry((8, 8, 4), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))

@@ -170,7 +170,8 @@ def test_lps_mask_lands_on_the_same_physical_voxel_in_slicer(tmp_path, chest, ts
     ct = chest["ct"]
     # the same CT stored with its x axis reversed (array flipped, header direction and origin to match):
     # every voxel keeps its physical position, only the storage order changes
-    from fvlm_core.io import Geometry, write_image
+    from fvlm_core.geometry import Geometry
+    from fvlm_core.io import write_image
 
     g = ct.geometry
     d = g.direction_matrix.copy()
@@ -435,7 +436,8 @@ def test_rerun_reuses_result_nodes(analysed, chest, tiny_model, tmp_path):
 
 def _slab(chest, n: int):
     """A scene with ``n`` slices of the chest CT through the heart (its geometry moved to match)."""
-    from fvlm_core.io import CTVolume, Geometry
+    from fvlm_core.geometry import Geometry
+    from fvlm_core.io import CTVolume
 
     ct, g = chest["ct"], chest["ct"].geometry
     start = int(np.flatnonzero(chest["heart"].any(axis=(1, 2)))[0])

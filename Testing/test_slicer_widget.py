@@ -165,7 +165,8 @@ def _headers(w) -> list[str]:
 
 def _chest_slab(scene, ts_dir):
     """A slab of the chest CT (Slicer's reader) and an input segmentation: heart and lungs."""
-    from fvlm_core.io import CTVolume, Geometry, read_ct, read_label_map
+    from fvlm_core.geometry import Geometry
+    from fvlm_core.io import CTVolume, read_ct, read_label_map
     from fvlm_core.segmentation.builtin import BuiltinBackend
 
     ct = read_ct(ts_dir / "chest_ct.nii.gz")
@@ -225,7 +226,8 @@ def test_without_a_model_the_panel_offers_import_or_a_folder(widget, env, tiny_m
 
 
 def _phantom():
-    from fvlm_core.io import CTVolume, Geometry
+    from fvlm_core.geometry import Geometry
+    from fvlm_core.io import CTVolume
 
     hu = np.full((8, 16, 16), -1000.0, dtype=np.float32)
     hu[:, 4:12, 4:12] = 40.0
@@ -476,7 +478,8 @@ def test_cancel_mid_run_leaves_no_process_behind_and_the_next_analysis_works(wid
 
 
 def _small_ct_and_segmentation(scene):
-    from fvlm_core.io import CTVolume, Geometry
+    from fvlm_core.geometry import Geometry
+    from fvlm_core.io import CTVolume
 
     hu = np.full((12, 64, 64), -1000.0, dtype=np.float32)
     hu[:, 10:54, 10:54] = 40.0
@@ -668,7 +671,8 @@ def _totalseg_segmentation(scene, geometry, labels_by_class: dict[str, np.ndarra
 @pytest.mark.slow
 def test_a_totalsegmentator_segmentation_is_recognised_reused_and_merged(widget, env, tiny_model):
     """Issue 19: the extension's segmentation is chosen, its anatomies named, its classes merged."""
-    from fvlm_core.io import CTVolume, Geometry
+    from fvlm_core.geometry import Geometry
+    from fvlm_core.io import CTVolume
 
     geometry = Geometry((48, 48, 32), (2.0, 2.0, 3.0), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
     hu = np.full(geometry.shape_zyx, 30.0, dtype=np.float32)

@@ -19,8 +19,9 @@ import pytest
 from fvlm_core.anatomy import CTRATE_CATALOG, EXTENDED_CATALOG
 from fvlm_core.errors import CancelledError, ConfigError, DependencyError
 from fvlm_core.io import read_ct
-from fvlm_core.segmentation import TotalSegmentatorBackend, merge_labels
 from fvlm_core.segmentation import totalseg as totalseg_module
+from fvlm_core.segmentation.labelmap import merge_labels
+from fvlm_core.segmentation.totalseg import TotalSegmentatorBackend
 from fvlm_core.segmentation.totalseg_classes import (
     SLICER_TOTALSEG_CONTEXT,
     TOTAL_CLASS_MAP,
@@ -346,7 +347,7 @@ def test_totalsegmentator_process_ends_when_its_parent_dies(empty_home, ts_dir):
     work = Path(tempfile.mkdtemp(prefix="fvlm-t-"))
     code = (
         "from fvlm_core.io import read_ct\n"
-        "from fvlm_core.segmentation import TotalSegmentatorBackend\n"
+        "from fvlm_core.segmentation.totalseg import TotalSegmentatorBackend\n"
         f"ct = read_ct({str(ts_dir / 'example_ct_sm.nii.gz')!r})\n"
         "TotalSegmentatorBackend(fast=True, device='cpu').segment(ct)\n"
     )

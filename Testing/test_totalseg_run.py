@@ -26,8 +26,8 @@ from test_totalseg import CTRATE_CLASSES, processes_mentioning
 from fvlm_core.anatomy import CTRATE_CATALOG, EXTENDED_CATALOG
 from fvlm_core.errors import CancelledError
 from fvlm_core.io import read_ct, read_label_map
-from fvlm_core.segmentation import TotalSegmentatorBackend
 from fvlm_core.segmentation.labelmap import embedded_class_map
+from fvlm_core.segmentation.totalseg import TotalSegmentatorBackend
 from fvlm_core.segmentation.totalseg_process import STAGE_SPAN
 from fvlm_training.cli import main
 

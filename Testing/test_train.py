@@ -1008,15 +1008,15 @@ def test_a_full_disk_says_so_keeps_the_last_good_checkpoint_and_training_resumes
 def test_a_full_disk_while_the_model_is_saved_says_so(samples, tmp_path, monkeypatch):
     """safetensors reports a full disk as a SafetensorError with the OS's words (as measured on a
     full tmpfs: "Error while serializing: I/O error: No space left on device (os error 28)")."""
-    import safetensors.torch
     from safetensors import SafetensorError
 
     from fvlm_core.errors import OutputError
+    from fvlm_core.model import checkpoint
 
     def full(*args, **kwargs):
         raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
 
-    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    monkeypatch.setattr(checkpoint, "save_file", full)  # safetensors' writer, as the checkpoint calls it
     with pytest.raises(OutputError, match=r"No space left on the disk .* previous files are kept"):
         train(train_config(epochs=1, batch_size=4), tmp_path, dataset=samples)
     assert ckpt.load_checkpoint(tmp_path)["progress"]["global_step"] == 3  # the final checkpoint

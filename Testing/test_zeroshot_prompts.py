@@ -1,11 +1,12 @@
-"""Prompt embeddings: wordings averaged, probability rule, and the per-model cache."""
+"""Prompt embeddings: wordings averaged, probability rule, and the cache keyed by text identity."""
 
 from __future__ import annotations
 
 import torch
 
 from fvlm_core.findings import Finding, FindingSet
-from fvlm_core.zeroshot.prompts import PromptCache, mean_direction, probability, prompt_cache_for
+from fvlm_core.model.prompt_store import model_text_identity
+from fvlm_core.zeroshot.prompts import ModelPrompts, PromptCache, mean_direction, probability
 
 
 class _CountingEncoder:
@@ -26,7 +27,7 @@ class _CountingEncoder:
 
 def test_second_call_does_no_text_encoder_work():
     enc = _CountingEncoder()
-    cache = PromptCache(enc)
+    cache = ModelPrompts("text-side-a", enc, cache=PromptCache())
     fs = FindingSet()  # the 16 CT-RATE findings, 32 distinct wordings
     first = cache.findings(fs)
     assert cache.encoder_calls == 1 and cache.texts_encoded == 32
@@ -41,7 +42,7 @@ def test_second_call_does_no_text_encoder_work():
 
 def test_wordings_are_averaged_and_renormalised():
     enc = _CountingEncoder()
-    cache = PromptCache(enc)
+    cache = ModelPrompts("text-side-a", enc, cache=PromptCache())
     f = Finding.from_name("Nodule", "lung", positive=["Nodule.", "A lung nodule."], negative="No nodule.")
     emb = cache.findings([f])
     a, b = enc(["Nodule.", "A lung nodule."])
@@ -61,25 +62,28 @@ def test_probability_is_softmax_of_negative_and_positive():
     assert torch.allclose(p, torch.stack([e2 / (1 + e2), 1 / (1 + e2)]), atol=1e-6)
 
 
-def test_cache_is_per_model():
-    class M(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.enc = _CountingEncoder()
+def test_cache_is_shared_by_text_identity():
+    """Two users of one text side (analyzers of one model, a folder loaded again) share its
+    embeddings; another text side encodes its own; the tables of the last text sides are kept."""
+    store = PromptCache(max_identities=2)
+    enc_a, enc_b = _CountingEncoder(), _CountingEncoder()
+    ModelPrompts("side-a", enc_a, cache=store).embed(["Emphysema."])
+    again = ModelPrompts("side-a", enc_a, cache=store)
+    again.embed(["Emphysema."])
+    assert len(enc_a.calls) == 1 and again.encoder_calls == 0
+    other = ModelPrompts("side-b", enc_b, cache=store)
+    other.embed(["Emphysema."])
+    assert other.encoder_calls == 1 and enc_b.calls == [["Emphysema."]]
+    ModelPrompts("side-c", enc_b, cache=store).embed(["Emphysema."])  # side-a, used least recently, goes
+    ModelPrompts("side-a", enc_a, cache=store).embed(["Emphysema."])
+    assert len(enc_a.calls) == 2
 
-        def encode_text(self, texts):
-            return self.enc(texts)
 
-    m1, m2 = M(), M()
-    c1 = prompt_cache_for(m1)
-    assert prompt_cache_for(m1) is c1 and prompt_cache_for(m2) is not c1
-    c1.embed(["Emphysema."])
-    prompt_cache_for(m1).embed(["Emphysema."])
-    assert len(m1.enc.calls) == 1 and m2.enc.calls == []
-    assert m1.training  # restored after encoding in eval mode
+def test_a_model_whose_text_weights_changed_has_another_identity():
+    """In memory, the identity is hashed from the text-side tensors as they are: an in-place change
+    (what an optimizer step does) makes another identity, so no embedding of the old weights is
+    served; the same weights give the same identity."""
 
-
-def test_cache_emptied_when_text_weights_change():
     class M(torch.nn.Module):
         def __init__(self):
             super().__init__()
@@ -89,12 +93,18 @@ def test_cache_emptied_when_text_weights_change():
         def encode_text(self, texts):
             return torch.nn.functional.normalize(self.text_proj(self.enc(texts)), dim=-1)
 
+    store = PromptCache()
     m = M()
-    cache = prompt_cache_for(m)
-    before = cache.embed(["Emphysema."])
-    cache.embed(["Emphysema."])
+    first = ModelPrompts(lambda: model_text_identity(m), m.encode_text, cache=store)
+    before = first.embed(["Emphysema."])
+    assert (
+        ModelPrompts(model_text_identity(m), m.encode_text, cache=store).embed(["Emphysema."]).equal(before)
+    )
     assert len(m.enc.calls) == 1
     with torch.no_grad():
-        m.text_proj.weight.mul_(-1.0)  # what an optimizer step does: in-place
-    after = cache.embed(["Emphysema."])
+        m.text_proj.weight.mul_(-1.0)
+    after = ModelPrompts(lambda: model_text_identity(m), m.encode_text, cache=store).embed(["Emphysema."])
     assert len(m.enc.calls) == 2 and not torch.allclose(before, after)
+    twin = M()
+    twin.load_state_dict(m.state_dict())
+    assert model_text_identity(twin) == model_text_identity(m)

@@ -105,7 +105,8 @@ def test_unknown_strategy():
 
 
 def test_plan_centre_reproduces_its_start_in_crop_window():
-    from fvlm_core.io import CTVolume, Geometry
+    from fvlm_core.geometry import Geometry
+    from fvlm_core.io import CTVolume
     from fvlm_core.preprocess import crop_window
 
     g = Geometry((40, 30, 20), (1.0, 1.0, 3.0), (0.0, 0.0, 0.0), (1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0))

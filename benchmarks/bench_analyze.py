@@ -228,7 +228,8 @@ def load_inputs(data: Path):
 
     from fvlm_core.anatomy import CTRATE_CATALOG
     from fvlm_core.io import read_ct, read_label_map
-    from fvlm_core.segmentation import AnatomySegmentation, BuiltinBackend
+    from fvlm_core.segmentation import AnatomySegmentation
+    from fvlm_core.segmentation.builtin import BuiltinBackend
 
     t = time.perf_counter()
     ct = read_ct(data / "chest_ct.nii.gz")

@@ -44,7 +44,8 @@ from timing import (  # noqa: E402
 )
 
 from fvlm_core.io import read_ct, read_label_map  # noqa: E402
-from fvlm_core.segmentation import TOTAL_CLASS_MAP, BuiltinParams, segment_masks  # noqa: E402
+from fvlm_core.segmentation.builtin import BuiltinParams, segment_masks  # noqa: E402
+from fvlm_core.segmentation.totalseg_classes import TOTAL_CLASS_MAP  # noqa: E402
 
 BONE_PATTERNS = ("vertebrae_*", "rib_*", "sternum", "sacrum", "hip_*", "femur_*", "humerus_*", "scapula_*")
 BONE_PATTERNS += ("clavicula_*", "skull")

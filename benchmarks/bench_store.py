@@ -147,7 +147,8 @@ def _ctrate_size_read(tmp: Path, analyzer) -> float:
     from scipy import ndimage
 
     from fvlm_core.data.synth import make_phantom
-    from fvlm_core.io import Geometry, write_image
+    from fvlm_core.geometry import Geometry
+    from fvlm_core.io import write_image
     from fvlm_training.embed import ScanDataset
     from fvlm_training.evaluate import VolumeSource
 

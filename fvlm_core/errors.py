@@ -59,6 +59,10 @@ class FVLMWarning(UserWarning):
     """
 
 
+class ReportWarning(UserWarning):
+    """A report is empty or not English: its decomposition (or labels) carry no information."""
+
+
 def warn(message: str) -> None:
     """Issue ``message`` as an :class:`FVLMWarning` (shown every time, not once per place)."""
     warnings.warn(message, FVLMWarning, stacklevel=2)
@@ -83,3 +87,13 @@ def recorded_warnings() -> Iterator[list[str]]:
 
         warnings.showwarning = show
         yield messages
+
+
+def itk_message(exc: BaseException) -> str:
+    """The line of an ITK (SimpleITK) exception worth showing a user: after ``Description:``,
+    else its last line."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    for ln in lines:
+        if "description" in ln.lower():
+            return ln.split(":", 1)[-1].strip()
+    return lines[-1] if lines else type(exc).__name__

@@ -27,9 +27,13 @@ without ``force``. New files follow the umask; a replaced file keeps its mode.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
+import hashlib
 import os
 import shutil
 import stat
+import sys
 import tempfile
 import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -77,8 +81,6 @@ def distinct_stems(stems: Mapping[Any, str]) -> dict[Any, str]:
     """``stems`` (key -> file stem) made distinct: stems that are equal, ignoring case (a
     case-insensitive disk holds one file for them), each get the first 8 hex digits of the
     SHA-256 of their key appended, so no file is written twice and a key always gets the same one."""
-    import hashlib
-
     count: dict[str, int] = {}
     for stem in stems.values():
         count[stem.casefold()] = count.get(stem.casefold(), 0) + 1
@@ -528,10 +530,6 @@ def _swap_by_renames(a: Path, b: Path) -> None:
 def _exchange(a: Path, b: Path) -> bool:
     """Swap two paths atomically (Linux ``renameat2(RENAME_EXCHANGE)``, macOS ``renamex_np(RENAME_SWAP)``);
     False where the OS or file system cannot."""
-    import ctypes
-    import ctypes.util
-    import sys
-
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
         if sys.platform.startswith("linux") and hasattr(libc, "renameat2"):

@@ -28,8 +28,9 @@ import numpy as np
 import SimpleITK as sitk
 
 from fvlm_core.boxes import nonzero_box
-from fvlm_core.errors import ConfigError, GeometryError
-from fvlm_core.io import CTVolume, Geometry, LabelVolume, array_to_sitk, check_overlap, resample_to
+from fvlm_core.errors import ConfigError, GeometryError, InputError
+from fvlm_core.geometry import Geometry, check_overlap
+from fvlm_core.io import CTVolume, LabelVolume, array_to_sitk, resample_to
 
 #: HU used outside the scanned field of view (air).
 PAD_HU = -1024.0
@@ -122,10 +123,11 @@ def window_hu(hu: Any, hu_window: Sequence[float] = (-1150.0, 350.0)) -> Any:
     lo, hi = float(hu_window[0]), float(hu_window[1])
     if hi <= lo:
         raise ConfigError(f"hu_window={tuple(hu_window)}: need low < high.")
-    scale = 1.0 / (hi - lo)
+    # subtract, divide, clip: MONAI's ScaleIntensityRange (the reference's scaling, and training's,
+    # fvlm_core.data.samples.hu_scaling) to the bit, without importing MONAI here
     if not isinstance(hu, np.ndarray) and hasattr(hu, "clamp_"):  # torch (or MONAI Meta) tensor
-        return ((hu.float() - lo) * scale).clamp_(0.0, 1.0)
-    out = (np.asarray(hu, dtype=np.float32) - np.float32(lo)) * np.float32(scale)
+        return ((hu.float() - lo) / (hi - lo)).clamp_(0.0, 1.0)
+    out = (np.asarray(hu, dtype=np.float32) - np.float32(lo)) / np.float32(hi - lo)
     return np.clip(out, 0.0, 1.0, out=out)
 
 
@@ -574,8 +576,6 @@ def reference_volume(
     Raises:
         InputError: no anatomy label in ``labels_ms``.
     """
-    from fvlm_core.errors import InputError
-
     lab = np.asarray(labels_ms.array)
     if tuple(lab.shape) != tuple(ct_ms.array.shape):
         raise GeometryError(

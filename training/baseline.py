@@ -25,8 +25,10 @@ from torch import nn
 
 from fvlm_core.errors import CheckpointError
 from fvlm_core.model import FVLM
+from fvlm_core.model.checkpoint import BASELINE_HEAD, save_pretrained
 from fvlm_core.model.profile import ProfileEmbedding, intensity_profiles
 from fvlm_core.model.text import TextCache
+from fvlm_core.model.weights import WEIGHTS_NAME, read_safetensors
 
 
 class GlobalCLIP(nn.Module):
@@ -100,8 +102,6 @@ class GlobalCLIP(nn.Module):
 
     def save_pretrained(self, directory: str | os.PathLike, *, store_prompts: bool = True) -> Path:
         """Write a baseline folder (the fVLM folder plus the head's tensors in its weights file)."""
-        from fvlm_core.model.checkpoint import save_pretrained
-
         return save_pretrained(
             self.fvlm, directory, extra_tensors=self.head_state_dict(), store_prompts=store_prompts
         )
@@ -118,8 +118,6 @@ class GlobalCLIP(nn.Module):
         Raises:
             CheckpointError: the folder is not a model folder, or (``require_head``) holds no head.
         """
-        from fvlm_core.model.checkpoint import BASELINE_HEAD, WEIGHTS_NAME, read_safetensors
-
         fvlm = FVLM.from_pretrained(directory, device="cpu")
         model = cls(fvlm)
         weights = Path(directory) / WEIGHTS_NAME

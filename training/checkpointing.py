@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from fvlm_core.atomic import disk_full_error, final_mode, is_disk_full
 from fvlm_core.errors import CheckpointError
 
 LAST = "last.pt"
@@ -63,8 +64,6 @@ def atomic_torch_save(
     Raises:
         OutputError: the disk is full (the previous ``target`` is kept; the message says so).
     """
-    from fvlm_core.atomic import disk_full_error, final_mode, is_disk_full
-
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.stem}.", suffix=".tmp.pt", dir=target.parent)

@@ -172,7 +172,7 @@ class DemoData:
     def load(cls, folder: str | os.PathLike) -> DemoData:
         """A split written by :meth:`save`, its arrays memory-mapped (both training processes
         share one copy)."""
-        from fvlm_core.io import Geometry
+        from fvlm_core.geometry import Geometry
 
         d = Path(folder)
         meta = json.loads((d / "meta.json").read_text())

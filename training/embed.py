@@ -35,13 +35,27 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tqdm import tqdm
+
+from fvlm_core.atomic import atomic_write_text
+from fvlm_core.commands.segment import add_totalsegmentator_arguments
+from fvlm_core.data.cache import read_sidecar, sample_paths
+from fvlm_core.data.ctrate import decompose
+from fvlm_core.data.prepare import parse_shard, select_shard
+from fvlm_core.data.radchest_labels import RADCHEST_MAPPINGS
+from fvlm_core.devices import resolve_device
+from fvlm_core.errors import ConfigError, FVLMError
+from fvlm_core.io import check_finite
+from fvlm_core.journal import ItemJournal
+from fvlm_core.model.config import load_config
+from fvlm_core.outputs import OutputPlan
+from fvlm_core.store.format import EmbeddingStore, ModelIdentity, StoreInfo
+from fvlm_training.evaluate import VolumeSource, _to_model_space
+
 WINDOWS = ("shared", "centred", "reference")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from fvlm_core.commands.segment import add_totalsegmentator_arguments
-    from fvlm_core.data.radchest import RADCHEST_MAPPINGS
-
     parser.add_argument(
         "data",
         metavar="DATA",
@@ -127,8 +141,6 @@ class ScanDataset:
         return len(self.names)
 
     def __getitem__(self, i: int) -> LoadedScan:
-        from fvlm_core.errors import FVLMError
-
         name = self.names[i]
         t0 = time.perf_counter()
         try:
@@ -141,9 +153,7 @@ class ScanDataset:
         return out
 
     def _load(self, name: str) -> LoadedScan:
-        from fvlm_core.io import check_finite
         from fvlm_core.store.encode import anatomy_facts, prepare_windows
-        from fvlm_training.evaluate import _to_model_space
 
         ct, labels, truth = self.source.load(name)
         check_finite(ct.array, ct.source)
@@ -157,16 +167,11 @@ class ScanDataset:
 def scan_source(source, name: str, anatomies: Sequence[str]) -> tuple[str | None, dict[str, str]]:
     """``(volume path, anatomy texts)`` of a scan: its file (a cache sample: the file it was
     prepared from) and its report's per-anatomy descriptions (none without a report)."""
-    from fvlm_core.errors import FVLMError
-
     if source.is_cache:
-        from fvlm_core.data.cache import read_sidecar, sample_paths
-
         tensors, sidecar = sample_paths(source.data_dir, name)
         info = read_sidecar(sidecar)
         path = (info.get("meta") or {}).get("source") or str(tensors)
         return str(Path(path).resolve()), {k: v for k, v in (info.get("texts") or {}).items() if v}
-    from fvlm_core.data.ctrate import decompose
 
     record = source.records[name]
     texts: dict[str, str] = {}
@@ -229,8 +234,6 @@ class _PartWriter:
         self.journal = self._open()
 
     def _open(self):
-        from fvlm_core.journal import ItemJournal
-
         return ItemJournal(self.path, self.identity, what="scan embeddings of a `fvlm embed` run")
 
     def recover(self, stored: set[str]) -> int:
@@ -298,8 +301,6 @@ def embed_scans(
         dataset = ScanDataset(source, todo, analyzer.config, store.info.windows)
         scans = _loader(dataset, workers)
         if progress:
-            from tqdm import tqdm
-
             scans = tqdm(
                 scans, total=len(todo), desc=f"embed {shard[0]}/{shard[1]}", unit="scan", smoothing=0.1
             )
@@ -327,7 +328,6 @@ def embed_scans(
 
 def _shard(text: str | None) -> tuple[int, int]:
     """``--shard``, or the torchrun rank's share when torchrun started this process."""
-    from fvlm_core.data.prepare import parse_shard
     from fvlm_core.distributed import dist_info, launched_by_torchrun
 
     if text is None and launched_by_torchrun():
@@ -337,8 +337,6 @@ def _shard(text: str | None) -> tuple[int, int]:
 
 
 def _check_args(args: argparse.Namespace) -> None:
-    from fvlm_core.errors import ConfigError
-
     if args.workers < 0:
         raise ConfigError(f"--workers {args.workers}: give 0 (read in this process) or more.")
     if args.part_size < 1:
@@ -349,8 +347,6 @@ def _check_args(args: argparse.Namespace) -> None:
 
 def output_plan(args: argparse.Namespace):
     """The inputs and the store folder (checked only: the store is written scan by scan)."""
-    from fvlm_core.outputs import OutputPlan
-
     plan = OutputPlan()
     plan.input("DATA", args.data, contents=False)
     for option in ("model", "labels", "masks"):
@@ -360,11 +356,7 @@ def output_plan(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from fvlm_core.data.prepare import select_shard
     from fvlm_core.distributed import dist_info, launched_by_torchrun
-    from fvlm_core.model.config import load_config
-    from fvlm_core.store.format import EmbeddingStore, ModelIdentity, StoreInfo
-    from fvlm_training.evaluate import VolumeSource
 
     _check_args(args)
     output_plan(args).check()
@@ -381,7 +373,6 @@ def run(args: argparse.Namespace) -> int:
     info = StoreInfo.new(ModelIdentity.of_folder(args.model, config), args.windows)
     store = EmbeddingStore.create(args.out, info)  # another model's store is refused here
 
-    from fvlm_core.devices import resolve_device
     from fvlm_core.zeroshot.analyzer import Analyzer
 
     local_rank = dist_info().local_rank if launched_by_torchrun() else None
@@ -407,8 +398,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _write_summary(store, summary: EmbedSummary) -> Path:
-    from fvlm_core.atomic import atomic_write_text
-
     i, n = summary.shard
     return atomic_write_text(
         store.path / "_embed" / f"summary-{i}of{n}.json", json.dumps(summary.to_dict(), indent=1) + "\n"

@@ -617,8 +617,9 @@ def store_thresholds(
     ``fvlm analyze`` then reports them as ``threshold_source: calibrated`` and gives calibrated
     probabilities.
     """
-    from fvlm_core.model.calibrated_with import fitted_with, folder_text_identity
+    from fvlm_core.model.calibrated_with import fitted_with
     from fvlm_core.model.config import load_config
+    from fvlm_core.model.prompt_store import folder_text_identity
 
     model_dir = Path(model_dir)
     cfg_path = model_dir / "config.yaml"
@@ -713,11 +714,11 @@ def read_label_table(
     Volumes match by name with or without ``.nii.gz``; a volume listed twice counts once (its
     first row). ``labels``: the columns to read (the score table's; those the CSV lacks are left
     out); None: every column of numbers (text columns are left out). Cells follow
-    the rule of every layout (:func:`fvlm_core.data.labelled.label_value`): 1, 0, or missing
+    the rule of every layout (:func:`fvlm_core.data.readers.label_value`): 1, 0, or missing
     (left out of that label); any other value in a column read is an error naming each row and
     column, raised before any work.
     """
-    from fvlm_core.data.labelled import MISSING_VALUES, LabelCells
+    from fvlm_core.data.readers import MISSING_VALUES, LabelCells
 
     columns, rows = _read_csv(path, "label table")
     by_name: dict[str, tuple[int, dict[str, str]]] = {}
@@ -822,7 +823,8 @@ class VolumeSource:
 
     def _open_layout(self, options, ignore_columns: Sequence[str]) -> list[str]:
         """Read the dataset's tables; the labelled volumes' names, sorted."""
-        from fvlm_core.data.labelled import LabelValueError, open_dataset
+        from fvlm_core.data.labelled import open_dataset
+        from fvlm_core.data.readers import LabelValueError
 
         try:
             self.reader = open_dataset(self.data_dir, options)
@@ -1087,15 +1089,13 @@ def model_identity(model_dir: str | os.PathLike, config) -> dict[str, Any]:
     calibrations, provenance) and its findings' prompts."""
     import hashlib
 
-    from fvlm_core.model.checkpoint import WEIGHTS_NAME
+    from fvlm_core.model.weights import weights_sha256
 
     def digest(paths) -> str:
         h = hashlib.sha256()
         for path in paths:
             h.update(path.relative_to(model_dir).as_posix().encode() + b"\0")
-            with open(path, "rb") as fh:
-                for block in iter(lambda: fh.read(1 << 22), b""):
-                    h.update(block)
+            h.update(path.read_bytes())
         return h.hexdigest()
 
     model_dir = Path(model_dir)
@@ -1103,7 +1103,7 @@ def model_identity(model_dir: str | os.PathLike, config) -> dict[str, Any]:
     prompts = [[f.anatomy, f.name, list(f.negative), list(f.positive)] for f in config.finding_set()]
     text = sorted(p for p in (model_dir / "text").rglob("*") if p.is_file())
     return {
-        "model weights (sha256)": digest([model_dir / WEIGHTS_NAME]),
+        "model weights (sha256)": weights_sha256(model_dir),
         "text encoder files (sha256)": digest(text),
         "model config": cfg,
         "prompts": prompts,
@@ -1145,7 +1145,7 @@ def _direction(orientation: str) -> np.ndarray:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from fvlm_core.commands.segment import add_totalsegmentator_arguments
-    from fvlm_core.data.radchest import RADCHEST_MAPPINGS
+    from fvlm_core.data.radchest_labels import RADCHEST_MAPPINGS
 
     parser.add_argument(
         "--data",
@@ -1242,8 +1242,9 @@ def _scores_from_table(args: argparse.Namespace, meta: dict[str, Any]):
     source = CalibrationSource(refit=args.store_thresholds)
     findings = None
     if args.model:
-        from fvlm_core.model.calibrated_with import StoredCalibration, folder_text_identity
+        from fvlm_core.model.calibrated_with import StoredCalibration
         from fvlm_core.model.config import load_config
+        from fvlm_core.model.prompt_store import folder_text_identity
 
         config = load_config(args.model)
         findings = list(config.finding_set())
@@ -1383,7 +1384,8 @@ def _check_strict_thresholds(args: argparse.Namespace, config, findings, sources
     a finding with labels in ``--data`` (on an anatomy the segmentation can give) that has none,
     neither labels to choose one on in the ``--calibration`` split nor a stored one in the model
     folder (one fitted on this wording, with this text side)."""
-    from fvlm_core.model.calibrated_with import StoredCalibration, folder_text_identity
+    from fvlm_core.model.calibrated_with import StoredCalibration
+    from fvlm_core.model.prompt_store import folder_text_identity
 
     data = sources["data"]
     labelled_now = data.labelled_findings()

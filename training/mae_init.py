@@ -36,6 +36,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from fvlm_core.errors import CheckpointError, ConfigError
+from fvlm_core.model.official import read_model_tensors
+from fvlm_core.model.vit import ViT
 
 log = logging.getLogger("fvlm.train")
 
@@ -143,21 +145,10 @@ def require_init_from(init_from: str | None) -> None:
 
 def read_mae_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """The ``["model"]`` tensors of a MAE checkpoint file (weights only, never unpickled)."""
-    p = Path(path)
-    if not p.is_file():
-        raise CheckpointError(f"init_from: {p} does not exist; {_HOW_TO_GET}")
-    try:
-        ckpt = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as exc:  # a pickle with code, a truncated file, not a torch file
+    state = read_model_tensors(path, "init_from:", _HOW_TO_GET)
+    if not state:
         raise CheckpointError(
-            f"init_from: {p} is not a weights-only torch checkpoint ({type(exc).__name__}: "
-            f"{str(exc).splitlines()[0] if str(exc) else ''}); {_HOW_TO_GET}"
-        ) from exc
-    state = ckpt.get("model") if isinstance(ckpt, dict) else None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CheckpointError(
-            f"init_from: {p} has no ['model'] dict of tensors (MAE's layout); a model folder "
-            f"(fvlm import-checkpoint, a training run's model/) is given as a folder; {_HOW_TO_GET}"
+            f"init_from: {path} has no ['model'] dict of tensors (MAE's layout): {_HOW_TO_GET}"
         )
     return state
 
@@ -174,8 +165,6 @@ def load_mae_vit(
         CheckpointError: the file is missing or not MAE's layout, no ViT tensor fits, or some
             tensor has another shape than the model's (e.g. a ViT-L checkpoint for a ViT-B).
     """
-    from fvlm_core.model.vit import ViT  # the base class of ViTEncoder (MONAI's ViT, rebuilt)
-
     if not isinstance(vision, ViT):
         raise ConfigError(
             f"init_from {path}: a MAE checkpoint initialises a ViT, but the model's vision encoder is "

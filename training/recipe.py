@@ -29,6 +29,7 @@ from typing import Any
 import yaml
 
 from fvlm_core.errors import ConfigError
+from fvlm_core.model import FVLMConfig, load_config
 from fvlm_core.model.config import plain_data
 from fvlm_training.precision import PRECISIONS
 
@@ -361,7 +362,6 @@ class Recipe:
         """The :class:`~fvlm_core.model.FVLMConfig` to train: ``model`` (a mapping wins over
         ``init_from``'s config, which wins over a model name; a MAE checkpoint has no model
         config), with ``model_overrides`` merged in."""
-        from fvlm_core.model import FVLMConfig, load_config
         from fvlm_training.mae_init import is_mae_checkpoint
 
         try:

@@ -41,6 +41,8 @@ from typing import Any
 
 import yaml
 
+from fvlm_core.locks import lock_folder
+from fvlm_core.outputs import OutputPlan
 from fvlm_training.recipe import Recipe, available_recipes, load_recipe
 
 #: Exit status of ``fvlm train`` after SIGTERM: preempted, checkpoint saved, resume by running it
@@ -123,8 +125,6 @@ def run_folder_lock(out_dir: str | os.PathLike) -> contextlib.AbstractContextMan
     rank 0 of a torchrun launch (the other ranks write nothing there)."""
     import torch.distributed as dist
 
-    from fvlm_core.locks import lock_folder
-
     started = dist.is_available() and dist.is_initialized()  # by the caller: its rank, else torchrun's
     rank = dist.get_rank() if started else int(os.environ.get("RANK", "0"))
     if rank != 0:
@@ -136,7 +136,6 @@ def check_run_folder(recipe: Recipe, out_dir: str | os.PathLike) -> None:
     """Refuse, before any work, a run folder the run could not write (a file in its place or
     above it, a read-only folder, the data or the initial model itself, a folder where a file
     goes): :class:`~fvlm_core.errors.OutputError` naming each problem."""
-    from fvlm_core.outputs import OutputPlan
     from fvlm_training import checkpointing as ckpt
 
     out = Path(out_dir)

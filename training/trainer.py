@@ -35,9 +35,12 @@ from typing import Any
 import numpy as np
 import torch
 import yaml
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
 
 from fvlm_core import distributed as fdist
 from fvlm_core.atomic import atomic_write_text
+from fvlm_core.data.cache import CacheSamples
 from fvlm_core.data.samples import AugmentConfig, GlobalBatchSampler, TrainingSamples, collate
 from fvlm_core.devices import resolve_device
 from fvlm_core.errors import CheckpointError, ConfigError, DataError
@@ -145,7 +148,6 @@ def load_dataset(recipe: Recipe):
         )
     if not Path(cache).is_dir():
         raise DataError(f"data.cache={cache!r} is not a folder; run `fvlm prepare ... --out {cache}` first")
-    from fvlm_core.data.cache import CacheSamples
 
     return CacheSamples(cache, reconstruction=recipe.data.reconstruction)
 
@@ -240,8 +242,6 @@ class Trainer:
                 m.set_grad_checkpointing(True)
         self.objective.train()
         if fdist.is_distributed():
-            from torch.nn.parallel import DistributedDataParallel as DDP
-
             self.ddp = DDP(
                 self.objective,
                 device_ids=[self.device.index] if self.device.type == "cuda" else None,
@@ -337,8 +337,6 @@ class Trainer:
         except Exception as exc:  # tensorboard missing or broken: keep training
             log.warning("TensorBoard logging disabled: %s", exc)
         if self.opts.progress_bar:
-            from tqdm import tqdm
-
             self.bar = tqdm(
                 total=self.total_steps, initial=self.progress.global_step, desc="train", unit="step"
             )

@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 
 from fvlm_core.errors import CancelledError, FVLMError
-from fvlm_core.io import Geometry
+from fvlm_core.geometry import Geometry
 
 from .process import BackgroundProcess
 from .warm import WarmWorker, python_env, python_executable

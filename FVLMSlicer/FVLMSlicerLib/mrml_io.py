@@ -22,7 +22,8 @@ from vtk.util import numpy_support
 
 from fvlm_core.anatomy import AnatomyCatalog
 from fvlm_core.errors import GeometryError, InputError
-from fvlm_core.io import CTVolume, Geometry, array_to_sitk, resample_to
+from fvlm_core.geometry import Geometry
+from fvlm_core.io import CTVolume, array_to_sitk, resample_to
 
 from .terminology import anatomy_terminology, map_segments
 from .totalseg import totalseg_mapping

@@ -36,7 +36,7 @@ def chest_like(shape: tuple[int, int, int], spacing: tuple[float, float, float] 
     import numpy as np
 
     from fvlm_core.anatomy import CTRATE_CATALOG
-    from fvlm_core.io import Geometry
+    from fvlm_core.geometry import Geometry
 
     z, y, x = shape
     zz = np.linspace(-1, 1, z, dtype=np.float32)[:, None, None]

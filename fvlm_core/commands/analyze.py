@@ -37,8 +37,17 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 
+from fvlm_core import __version__
+from fvlm_core.anatomy import get_catalog
 from fvlm_core.commands.segment import add_ct_arguments, add_totalsegmentator_arguments
+from fvlm_core.errors import ConfigError, recorded_warnings
+from fvlm_core.model.config import load_config
+from fvlm_core.outputs import OutputPlan
+from fvlm_core.zeroshot.pipeline import AnalysisRequest
+from fvlm_core.zeroshot.prompt_files import load_findings_file
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -104,8 +113,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from fvlm_core.errors import ConfigError, recorded_warnings
-
     if args.only_prompts and not args.prompts:
         raise ConfigError("--only-prompts scores only the --prompts findings: give --prompts FILE too")
     if args.all_maps and not (args.maps_dir or args.dicom_maps):
@@ -144,8 +151,6 @@ def run(args: argparse.Namespace) -> int:
 
 def output_plan(args: argparse.Namespace):
     """The inputs and outputs of ``fvlm analyze`` (:class:`fvlm_core.outputs.OutputPlan`)."""
-    from fvlm_core.outputs import OutputPlan
-
     plan = OutputPlan()
     for option in ("ct", "segmentation", "class_map", "model", "prompts"):
         plan.input("CT" if option == "ct" else f"--{option.replace('_', '-')}", getattr(args, option))
@@ -168,10 +173,8 @@ def dicom_source(args: argparse.Namespace):
 def write_dicom_objects(args: argparse.Namespace, result, source, staged) -> dict:
     """Write the DICOM objects of ``result`` (an ``AnalysisResult`` with its label map) into the
     staged --dicom-out folder; returns the record of them for the results JSON (final paths)."""
-    from fvlm_core.anatomy import get_catalog
     from fvlm_core.dicom import content_from_results, write_dicom
     from fvlm_core.dicom.export import model_record
-    from fvlm_core.model.config import load_config
 
     maps = {k: m.full() for k, m in result.similarity_maps.items()} if args.dicom_maps else None
     content = content_from_results(
@@ -193,16 +196,11 @@ def write_dicom_objects(args: argparse.Namespace, result, source, staged) -> dic
 def segmenter_identity(args: argparse.Namespace):
     """What made the anatomy label map, as the SEG records it: a given label map (how it was
     made is not known: SEMIAUTOMATIC), the built-in segmenter or TotalSegmentator (AUTOMATIC)."""
-    from pathlib import Path
-
-    from fvlm_core import __version__
     from fvlm_core.dicom import Algorithm
 
     if args.segmentation:
         return Algorithm(f"label map {Path(args.segmentation).name}", "unknown", "SEMIAUTOMATIC", "manual")
     if args.backend == "totalsegmentator":
-        from importlib.metadata import PackageNotFoundError, version
-
         try:
             ts_version = version("TotalSegmentator")
         except PackageNotFoundError:
@@ -214,9 +212,6 @@ def segmenter_identity(args: argparse.Namespace):
 def request_from(args: argparse.Namespace):
     """The :class:`~fvlm_core.zeroshot.pipeline.AnalysisRequest` the options describe (the
     --prompts file is read here: a bad one is refused before torch is even imported)."""
-    from fvlm_core.zeroshot.pipeline import AnalysisRequest
-    from fvlm_core.zeroshot.prompt_files import load_findings_file
-
     user = [f.to_dict() for f in load_findings_file(args.prompts)] if args.prompts else []
     return AnalysisRequest(
         ct=str(args.ct),

@@ -18,6 +18,9 @@ Example::
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
+
+from fvlm_core.outputs import OutputPlan
 
 
 def _names(text: str) -> list[str]:
@@ -55,10 +58,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from fvlm_core.outputs import OutputPlan
-
     plan = OutputPlan()
     plan.input("CHECKPOINT", args.checkpoint)
     if Path(args.text_encoder).exists():  # else a hub name

@@ -20,6 +20,13 @@ import csv
 import json
 import os
 import sys
+import warnings
+
+from fvlm_core.errors import DataError, InputError
+from fvlm_core.findings import CTRATE_LABELS
+from fvlm_core.outputs import OutputPlan
+from fvlm_core.reports.labels import extract_labels, score_labels
+from fvlm_core.reports.sentences import looks_english
 
 CTRATE_TEXT_COLUMNS = ("Findings_EN", "Impressions_EN")
 
@@ -42,8 +49,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _text_columns(columns, requested) -> list[str]:
-    from fvlm_core.errors import DataError
-
     if requested:
         missing = [c for c in requested if c not in columns]
         if missing:
@@ -73,8 +78,6 @@ def read_csv_table(path: str | os.PathLike) -> tuple[list[str], list[dict[str, s
         DataError: the file is missing or unreadable, has no header or no rows, repeats a column
             name, or holds a row with more cells than the header.
     """
-    from fvlm_core.errors import DataError
-
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
             reader = csv.reader(f)
@@ -111,12 +114,6 @@ def label_table(
     rows: list[dict[str, str]], text_columns: list[str], id_column: str
 ) -> tuple[list[list[str | int]], int, int]:
     """``[id, 18 labels (0/1)]`` for every row; also counts of empty and non-English reports."""
-    import warnings
-
-    from fvlm_core.findings import CTRATE_LABELS
-    from fvlm_core.reports.labels import extract_labels
-    from fvlm_core.reports.sentences import looks_english
-
     table, empty, non_english = [], 0, 0
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # counted and reported once below
@@ -133,8 +130,6 @@ def label_table(
 
 def gold_labels(rows: list[dict[str, str]], path: str | os.PathLike) -> dict[str, list[int]]:
     """The input's 18 label columns as 0/1 (an empty cell is 0); :class:`DataError` on other values."""
-    from fvlm_core.errors import DataError
-    from fvlm_core.findings import CTRATE_LABELS
 
     def value(cell: str, label: str, row: int) -> int:
         try:
@@ -149,11 +144,6 @@ def gold_labels(rows: list[dict[str, str]], path: str | os.PathLike) -> dict[str
 
 
 def run(args: argparse.Namespace) -> int:
-    from fvlm_core.errors import DataError, InputError
-    from fvlm_core.findings import CTRATE_LABELS
-    from fvlm_core.outputs import OutputPlan
-    from fvlm_core.reports.labels import score_labels
-
     if not args.out and not args.score:
         raise InputError("nothing to do: pass --out LABELS.csv and/or --score")
     plan = OutputPlan()

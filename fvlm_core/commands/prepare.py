@@ -15,11 +15,21 @@ are missing or fail are skipped, counted, and listed in out/_prepare/summary-*.j
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
+
+import yaml
+
+from fvlm_core.anatomy import CTRATE_CATALOG, get_catalog
+from fvlm_core.data.labelled import detect_layout
+from fvlm_core.data.prepare import parse_shard, prepare_dataset
+from fvlm_core.data.radchest_labels import RADCHEST_MAPPINGS
+from fvlm_core.errors import FVLMError
+from fvlm_core.model.config import load_config
+from fvlm_core.outputs import OutputPlan
+from fvlm_core.preprocess import ModelSpaceConfig
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from fvlm_core.data.radchest import RADCHEST_MAPPINGS
-
     parser.add_argument(
         "--dataset",
         required=True,
@@ -78,10 +88,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from fvlm_core.anatomy import CTRATE_CATALOG, get_catalog
-    from fvlm_core.data.prepare import parse_shard, prepare_dataset
-    from fvlm_core.preprocess import ModelSpaceConfig
-
     output_plan(args).check()  # before the first volume
     config = ModelSpaceConfig()
     catalog = CTRATE_CATALOG
@@ -138,12 +144,6 @@ def run(args: argparse.Namespace) -> int:
 def output_plan(args: argparse.Namespace):
     """The inputs and the output folder of ``fvlm prepare`` (checked only: the cache is written
     sample by sample, so a crash keeps the finished ones)."""
-    from pathlib import Path
-
-    from fvlm_core.data.labelled import detect_layout
-    from fvlm_core.errors import FVLMError
-    from fvlm_core.outputs import OutputPlan
-
     plan = OutputPlan()
     root = Path(args.dataset)
     plan.input("--dataset", root, contents=False)  # the cache may live beside its input folders
@@ -172,12 +172,6 @@ def _model_space_of(name_or_path: str):
     A config YAML (bundled name or file) is read directly: importing the model package
     (torch, transformers) only for its preprocessing block costs seconds per process.
     """
-    from pathlib import Path
-
-    import yaml
-
-    from fvlm_core.preprocess import ModelSpaceConfig
-
     bundled = Path(__file__).resolve().parents[1] / "configs" / f"{name_or_path}.yaml"
     path = bundled if bundled.is_file() else Path(name_or_path)
     if path.is_file() and path.suffix in (".yaml", ".yml"):
@@ -188,7 +182,6 @@ def _model_space_of(name_or_path: str):
             return ModelSpaceConfig.from_dict({**defaults, **(raw.get("preprocessing") or {})}), list(
                 raw["anatomies"]
             )
-    from fvlm_core.model.config import load_config  # model folders and anything else it accepts
 
     cfg = load_config(name_or_path)
     return cfg.model_space(), list(cfg.anatomies)

@@ -25,6 +25,12 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
+
+from fvlm_core.errors import ConfigError
+from fvlm_core.outputs import OutputPlan
+from fvlm_core.store.format import EmbeddingStore
+from fvlm_core.zeroshot.prompt_files import load_findings_file, merge_findings
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -43,11 +49,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def open_store_and_model(store_path: str, model: str | None, device: str = "cpu", what: str = "use it"):
     """``(store, analyzer)``: the store and its model (``model`` or the folder the store was made
     from), checked to be the store's; the text encoder is loaded only if a prompt needs it."""
-    from pathlib import Path
-
-    from fvlm_core.errors import ConfigError
-    from fvlm_core.store.format import EmbeddingStore
-
     store = EmbeddingStore.open(store_path)
     if model is None:
         model = store.info.model.folder
@@ -63,10 +64,7 @@ def open_store_and_model(store_path: str, model: str | None, device: str = "cpu"
 
 
 def run(args: argparse.Namespace) -> int:
-    from fvlm_core.errors import ConfigError
-    from fvlm_core.outputs import OutputPlan
     from fvlm_core.store.query import query_store, write_query
-    from fvlm_core.zeroshot.prompt_files import load_findings_file, merge_findings
 
     if args.only_prompts and not args.prompts:
         raise ConfigError("--only-prompts scores only the --prompts findings: give --prompts FILE too")

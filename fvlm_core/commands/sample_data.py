@@ -15,8 +15,17 @@ from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 import sys
+import tarfile
+import tempfile
 from pathlib import Path
+
+from tqdm import tqdm
+
+from fvlm_core.atomic import atomic_path, atomic_write_text
+from fvlm_core.errors import DataError, InputError
+from fvlm_core.outputs import OutputPlan
 
 TOTALSEG_VERSION = "2.18.0"
 
@@ -83,13 +92,6 @@ def extract_samples(sdist: Path, dest: Path, progress: bool = True) -> list[Path
 
     Raises :class:`~fvlm_core.errors.DataError` when the tarball holds none of them.
     """
-    import tarfile
-
-    from tqdm import tqdm
-
-    from fvlm_core.atomic import atomic_path
-    from fvlm_core.errors import DataError, InputError
-
     try:
         tar = tarfile.open(sdist, "r:*")  # noqa: SIM115 (closed by the with-block below)
     except (OSError, tarfile.TarError) as exc:
@@ -121,10 +123,6 @@ def extract_samples(sdist: Path, dest: Path, progress: bool = True) -> list[Path
 
 def download_sdist(version: str, tmp: Path) -> Path:
     """``pip download`` the TotalSegmentator sdist into ``tmp`` (pip shows its progress bar)."""
-    import subprocess
-
-    from fvlm_core.errors import DataError
-
     cmd = [
         sys.executable,
         "-m",
@@ -156,10 +154,6 @@ def fetch_sample_data(
     dest: Path | None = None, sdist: Path | None = None, version: str = TOTALSEG_VERSION, force: bool = False
 ) -> Path:
     """Make sure ``dest`` holds the example CTs; returns ``dest``."""
-    import tempfile
-
-    from fvlm_core.atomic import atomic_write_text
-
     dest = Path(dest) if dest else default_dest()
     if is_complete(dest) and not force:
         print(f"sample data already in {dest} (use --force to extract again)")
@@ -174,8 +168,6 @@ def fetch_sample_data(
 
 
 def run(args: argparse.Namespace) -> int:
-    from fvlm_core.outputs import OutputPlan
-
     plan = OutputPlan()
     plan.input("--sdist", args.sdist)
     plan.folder("--dest", args.dest or default_dest())

@@ -17,6 +17,15 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import json
+from pathlib import Path
+
+from fvlm_core.atomic import atomic_write_text
+from fvlm_core.commands.query import open_store_and_model
+from fvlm_core.errors import ConfigError
+from fvlm_core.outputs import OutputPlan
+from fvlm_core.store.format import EmbeddingStore
+from fvlm_core.store.search import search_like, search_text
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -42,15 +51,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import json
-    from pathlib import Path
-
-    from fvlm_core.commands.query import open_store_and_model
-    from fvlm_core.errors import ConfigError
-    from fvlm_core.outputs import OutputPlan
-    from fvlm_core.store.format import EmbeddingStore
-    from fvlm_core.store.search import search_like, search_text
-
     if args.k < 1:
         raise ConfigError(f"-k {args.k}: give at least 1.")
     plan = OutputPlan()
@@ -78,8 +78,6 @@ def run(args: argparse.Namespace) -> int:
         partial = " [partial]" if m.status == "partial" else ""
         print(f"{m.rank:3d}  {m.score:.4f}  {m.scan}{partial}  {where}")
     if args.out:
-        from fvlm_core.atomic import atomic_write_text
-
         doc = {
             **query,
             "anatomy": args.anatomy,

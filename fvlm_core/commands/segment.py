@@ -17,7 +17,15 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
+
+from fvlm_core.anatomy import get_catalog
+from fvlm_core.errors import ConfigError, InputError, recorded_warnings
+from fvlm_core.io import IMAGE_SUFFIXES, read_ct
+from fvlm_core.outputs import OutputPlan
+from fvlm_core.segmentation.choice import choose_backend, segment
 
 
 def add_ct_arguments(parser: argparse.ArgumentParser) -> None:
@@ -79,11 +87,6 @@ def format_table(summary: dict) -> str:
 
 def output_plan(args: argparse.Namespace):
     """The inputs and outputs of ``fvlm segment`` (:class:`fvlm_core.outputs.OutputPlan`)."""
-    from pathlib import Path
-
-    from fvlm_core.io import IMAGE_SUFFIXES
-    from fvlm_core.outputs import OutputPlan
-
     plan = OutputPlan()
     plan.input("CT", args.ct)
     plan.input("--labelmap", args.labelmap)
@@ -95,13 +98,6 @@ def output_plan(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    import json
-
-    from fvlm_core.anatomy import get_catalog
-    from fvlm_core.errors import ConfigError, InputError, recorded_warnings
-    from fvlm_core.io import read_ct
-    from fvlm_core.segmentation.choice import choose_backend, segment
-
     if args.backend == "labelmap" and not args.labelmap:
         raise ConfigError("--backend labelmap needs --labelmap FILE (a label map or a folder of masks)")
     if args.labelmap and args.backend != "labelmap":

@@ -12,6 +12,10 @@ from __future__ import annotations
 
 import argparse
 
+from fvlm_core.data.synth import DEFAULT_PREVALENCE, generate_cohort
+from fvlm_core.errors import InputError
+from fvlm_core.outputs import OutputPlan
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output folder (created; see --force)")
@@ -59,8 +63,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _three(values, name: str):
-    from fvlm_core.errors import InputError
-
     if values is None:
         return None
     if len(values) == 1:
@@ -71,10 +73,6 @@ def _three(values, name: str):
 
 
 def run(args: argparse.Namespace) -> int:
-    from fvlm_core.data.synth import DEFAULT_PREVALENCE
-    from fvlm_core.errors import InputError
-    from fvlm_core.outputs import OutputPlan
-
     if args.prevalence is not None and not 0.0 <= args.prevalence <= 1.0:
         raise InputError(f"--prevalence must be within 0..1 (got {args.prevalence}).")
     prevalence = None if args.prevalence is None else dict.fromkeys(DEFAULT_PREVALENCE, args.prevalence)
@@ -92,8 +90,6 @@ def run(args: argparse.Namespace) -> int:
 
 def _generate(args: argparse.Namespace, out, prevalence: dict | None):
     """The cohort of ``args`` written into ``out``; returns its ``CohortSummary``."""
-    from fvlm_core.data.synth import generate_cohort
-
     return generate_cohort(
         out,
         args.n,

@@ -20,11 +20,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from safetensors.numpy import load_file, save_file
 
 from fvlm_core.atomic import atomic_path, atomic_write_text
 from fvlm_core.data.layout import scan_id_of
 from fvlm_core.errors import ConfigError, DataError
-from fvlm_core.io import Geometry
+from fvlm_core.geometry import Geometry
 
 CACHE_FORMAT = 1
 TENSOR_SUFFIX = ".safetensors"
@@ -88,8 +89,6 @@ def sample_paths(cache_dir: str | os.PathLike, name: str) -> tuple[Path, Path]:
 
 def save_sample(sample: CachedSample, cache_dir: str | os.PathLike) -> Path:
     """Write ``sample`` atomically (tensors first, then the JSON sidecar that marks it complete)."""
-    from safetensors.numpy import save_file
-
     if sample.hu.shape != sample.labels.shape or sample.hu.ndim != 3:
         raise DataError(
             f"{sample.name}: hu {sample.hu.shape} and labels {sample.labels.shape} must be equal 3D shapes"
@@ -136,8 +135,6 @@ def read_sidecar(path: str | os.PathLike) -> dict[str, Any]:
 
 def load_sample(cache_dir: str | os.PathLike, name: str) -> CachedSample:
     """Read one cached sample (numpy arrays)."""
-    from safetensors.numpy import load_file
-
     tensors, sidecar = sample_paths(cache_dir, name)
     info = read_sidecar(sidecar)
     try:

@@ -17,7 +17,7 @@ CT-RATE's ``Findings_EN`` / ``Impressions_EN``).
 name and listed in ``unmatched`` (``fvlm evaluate`` refuses it unless a ``--prompts`` finding has
 its name or ``--ignore-columns`` names it; ``fvlm prepare`` keeps it as a label of its own).
 
-**Values**: the rule of every layout (:func:`fvlm_core.data.labelled.label_value`): ``1`` /
+**Values**: the rule of every layout (:func:`fvlm_core.data.readers.label_value`): ``1`` /
 ``0`` (also ``1.0`` / ``0.0``, ``true`` / ``false``, ``yes`` / ``no``); a missing value (empty,
 ``NA``, ``N/A``, ``nan``, ``?``) leaves that scan out of that finding's evaluation, never counted
 negative; anything else (``2``, ``-1``, ``0.5``, text) is an error naming every such row and column.
@@ -38,10 +38,11 @@ from pathlib import Path
 import SimpleITK as sitk
 
 from fvlm_core.data.ctrate import VolumeRecord
-from fvlm_core.data.labelled import MASK_SUFFIXES, LabelCells, LabelledReader, find_mask
+from fvlm_core.data.readers import MASK_SUFFIXES, LabelCells, LabelledReader, find_mask
 from fvlm_core.errors import DataError
 from fvlm_core.findings import CTRATE_LABELS
 from fvlm_core.io import CTVolume, read_ct
+from fvlm_core.preprocess import reorient
 
 #: Image files a cohort scan may be (a DICOM series is a folder).
 SCAN_SUFFIXES = MASK_SUFFIXES
@@ -314,6 +315,4 @@ class CohortReader(LabelledReader):
 
     def read_ct(self, record: VolumeRecord) -> CTVolume:
         """The CT in HU (``fvlm_core.io.read_ct``), in LPS axis order."""
-        from fvlm_core.preprocess import reorient
-
         return reorient(read_ct(record.path))

@@ -29,11 +29,15 @@ import numpy as np
 
 from fvlm_core.anatomy import CTRATE_CATALOG, AnatomyCatalog
 from fvlm_core.data.cache import CachedSample
-from fvlm_core.data.labelled import LabelCells
+from fvlm_core.data.ctrate_volume import read_ctrate_volume
 from fvlm_core.data.layout import SPLITS, scan_id_of, volume_relpath, volume_stem
+from fvlm_core.data.readers import LabelCells
 from fvlm_core.errors import DataError
 from fvlm_core.findings import CTRATE_LABELS
-from fvlm_core.io import CTVolume, LabelVolume, read_ct
+from fvlm_core.io import CTVolume, LabelVolume
+from fvlm_core.preprocess import ModelSpaceConfig, resample_to_model_space
+from fvlm_core.reports import decompose_report, extract_labels
+from fvlm_core.segmentation.choice import choose_backend, segment
 
 METADATA_REQUIRED = ("VolumeName", "XYSpacing", "ZSpacing", "ImagePositionPatient", "ImageOrientationPatient")
 REPORT_REQUIRED = ("VolumeName", "Findings_EN", "Impressions_EN")
@@ -207,8 +211,9 @@ class CTRATEReader:
         raise DataError(f"{name}: not a usable volume of {self.root} ({self.split}).")
 
     def read_ct(self, record: VolumeRecord) -> CTVolume:
-        """The volume in HU with the metadata's geometry and rescale (``fvlm_core.io.read_ct``)."""
-        return read_ct(record.path, metadata=record.metadata)
+        """The volume in HU with the metadata's geometry and rescale
+        (:func:`~fvlm_core.data.ctrate_volume.read_ctrate_volume`)."""
+        return read_ctrate_volume(record.path, record.metadata)
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -240,8 +245,6 @@ def make_segmenter(
     read with :class:`fvlm_core.segmentation.LabelMapBackend`; ``class_map`` defaults to the mask
     folder's ``class_map.json`` when present. ``builtin`` / ``totalsegmentator``: segment the CT.
     """
-    from fvlm_core.segmentation.choice import choose_backend, segment
-
     if backend == "labelmap":
         cmap = class_map
         if cmap is None and masks_dir is not None and (Path(masks_dir) / "class_map.json").is_file():
@@ -280,8 +283,6 @@ def decompose_texts(
     Raises:
         DataError / InputError: empty or non-English report (it would silently read as all normal).
     """
-    from fvlm_core.reports import decompose_report
-
     findings, impression = (findings or "").strip(), (impression or "").strip()
     if not findings and not impression:
         raise DataError(f"{name}: the report is empty (no Findings_EN and no Impressions_EN).")
@@ -300,7 +301,6 @@ def finding_labels_of(record: VolumeRecord) -> tuple[dict[str, int], str]:
     out), else the 18 CT-RATE labels extracted from the report."""
     if record.labels is not None:
         return {k: int(v) for k, v in record.labels.items() if v is not None}, "labels_csv"
-    from fvlm_core.reports import extract_labels
 
     text = f"{record.findings_text} {record.impression_text}"
     return {k: int(v) for k, v in extract_labels(text).items()}, "extracted"
@@ -329,8 +329,6 @@ def build_sample(
     Returns:
         :class:`CachedSample` with int16 HU and uint8 labels on the model-space grid.
     """
-    from fvlm_core.preprocess import ModelSpaceConfig
-
     if record.report is None:  # a dataset without reports: labels only (evaluation, calibration)
         texts, abnormal, extra = {}, {}, {"texts": "none: no report"}
     elif decomposition is not None:
@@ -388,8 +386,6 @@ def model_space_sample(
     """Assemble a :class:`CachedSample`: resample CT + anatomy label map (catalog values, CT grid)
     to model space (``config``; ``None`` keeps the CT's own grid) and attach the texts.
     """
-    from fvlm_core.preprocess import resample_to_model_space
-
     if config is not None:
         ct, lab = resample_to_model_space(ct, LabelVolume(labelmap.astype(np.uint8), ct.geometry), config)
         labelmap = lab.array

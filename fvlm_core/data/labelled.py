@@ -10,7 +10,8 @@ read by :class:`~fvlm_core.data.cache.CacheSamples` instead):
 - ``cohort``: your own cohort, CTs in any format the project reads plus one CSV with a row per
   scan: :class:`~fvlm_core.data.cohort.CohortReader`.
 
-A reader (:func:`open_dataset`) offers ``records`` (:class:`~fvlm_core.data.ctrate.VolumeRecord`:
+What the readers share (the label-cell rule, mask lookup, the reader base) is in
+:mod:`fvlm_core.data.readers`. A reader (:func:`open_dataset`) offers ``records`` (:class:`~fvlm_core.data.ctrate.VolumeRecord`:
 name, path, ``labels`` finding -> 0/1 or ``None`` when missing, report or ``None``, mask file),
 ``skipped`` (``(name, reason)`` of listed scans that cannot be used), ``notes`` (what it assumed
 or left out, for the report), ``masks_dir``, ``layout`` and ``read_ct(record)`` (the CT in HU on
@@ -20,128 +21,21 @@ a correct LPS grid). Evaluation wraps it as ``names`` + ``load(name) -> (ct, lab
 
 from __future__ import annotations
 
-import csv
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fvlm_core.data.cohort import CohortReader
+from fvlm_core.data.ctrate import CTRATEReader
+from fvlm_core.data.radchest import RadChestReader
+from fvlm_core.data.radchest_labels import LABEL_CSV_SUFFIX, is_radchest_header
+from fvlm_core.data.readers import csv_header
 from fvlm_core.errors import ConfigError, DataError
 from fvlm_core.findings import CTRATE_LABELS
 
 #: Layout -> the name used in reports.
 LAYOUT_NAMES = {"ctrate": "CT-RATE", "radchest": "RAD-ChestCT", "cohort": "labelled cohort"}
-
-#: Files of a label map or CT named after a scan (``<name><suffix>``).
-MASK_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
-
-#: Label cells (any layout, and ``fvlm evaluate --labels`` tables), compared in lower case.
-TRUE_VALUES = ("1", "1.0", "true", "yes")
-FALSE_VALUES = ("0", "0.0", "false", "no")
-MISSING_VALUES = ("", "na", "n/a", "nan", "?")
-LABEL_RULE = (
-    "Use 1 (present) or 0 (absent), or leave the cell empty (or NA) where the label is not known: "
-    "that scan is then left out of that finding's evaluation, never counted as absent."
-)
-
-
-class LabelValueError(DataError):
-    """Cells of a label table that are not labels (:class:`LabelCells`)."""
-
-
-def label_value(cell: str | None) -> int | None:
-    """One label cell by the rule every layout shares: ``1`` / ``0`` (also ``1.0`` / ``0.0``,
-    ``true`` / ``false``, ``yes`` / ``no``), ``None`` for a missing value (empty, ``NA``,
-    ``N/A``, ``nan``, ``?``). Raises ValueError for anything else (``2``, ``-1``, ``0.5``, text)."""
-    v = (cell or "").strip().lower()
-    if v in TRUE_VALUES:
-        return 1
-    if v in FALSE_VALUES:
-        return 0
-    if v in MISSING_VALUES:
-        return None
-    raise ValueError(f"{cell!r} is not a label")
-
-
-class LabelCells:
-    """Reads the label cells of one table by :func:`label_value` and collects every cell that is
-    not a label, so that one :class:`LabelValueError` names them all (rows and columns) before any work.
-
-    ::
-
-        cells = LabelCells(path)
-        labels = {c: cells.value(row[c], row_name, c, line) for c in columns}
-        ...
-        cells.check()   # raises when any cell was not a label
-    """
-
-    def __init__(self, path: str | os.PathLike) -> None:
-        self.path = path
-        self.bad: list[tuple[str, str, str]] = []  # (row, column, cell)
-
-    def value(self, cell: str | None, row: str, column: str, line: int | None = None) -> int | None:
-        """The label, or None (missing, or not a label: recorded for :meth:`check`)."""
-        try:
-            return label_value(cell)
-        except ValueError:
-            where = f"line {line} ({row})" if line is not None else row
-            self.bad.append((where, column, cell or ""))
-            return None
-
-    def check(self) -> None:
-        """Raise one :class:`DataError` naming the cells that are not labels (if any)."""
-        if not self.bad:
-            return
-        columns: dict[str, int] = {}
-        for _, column, _ in self.bad:
-            columns[column] = columns.get(column, 0) + 1
-        shown = "; ".join(f"{row}, column {column!r}: {cell!r}" for row, column, cell in self.bad[:10])
-        more = f"; and {len(self.bad) - 10} more" if len(self.bad) > 10 else ""
-        per_column = ", ".join(f"{c!r} ({n})" for c, n in columns.items())
-        raise LabelValueError(
-            f"{self.path}: {len(self.bad)} cell(s) are not labels, in column(s) {per_column}: {shown}{more}. "
-            f"{LABEL_RULE} Nothing was done."
-        )
-
-
-def find_mask(masks_dir: str | os.PathLike | None, name: str) -> Path | None:
-    """The anatomy label map of scan ``name`` in ``masks_dir``: ``<name>.nii.gz`` (or another
-    image suffix) or a per-class mask folder ``<name>/`` (TotalSegmentator's output); None when
-    there is none."""
-    if masks_dir is None:
-        return None
-    base = Path(masks_dir)
-    for suffix in MASK_SUFFIXES:
-        if (base / f"{name}{suffix}").is_file():
-            return base / f"{name}{suffix}"
-    return base / name if (base / name).is_dir() else None
-
-
-@dataclass
-class LabelledReader:
-    """The attributes every reader has (:class:`~fvlm_core.data.ctrate.CTRATEReader` too) and
-    ``get(name)``; the RAD-ChestCT and cohort readers derive from it."""
-
-    records: list = field(default_factory=list, init=False)
-    skipped: list[tuple[str, str]] = field(default_factory=list, init=False)
-    notes: list[str] = field(default_factory=list, init=False)
-    has_labels: bool = field(default=True, init=False)
-
-    def get(self, name: str) -> Any:
-        """The record of scan ``name``."""
-        for r in self.records:
-            if r.name == name:
-                return r
-        raise DataError(f"{name}: not a usable scan of {getattr(self, 'root', 'the dataset')}.")
-
-
-def csv_header(path: str | os.PathLike) -> list[str]:
-    """The first row of a CSV (empty when unreadable)."""
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as fh:
-            return [c.strip() for c in next(csv.reader(fh), [])]
-    except (OSError, UnicodeDecodeError, csv.Error):
-        return []
 
 
 def detect_layout(root: str | os.PathLike, labels: str | os.PathLike | None = None) -> str:
@@ -151,8 +45,6 @@ def detect_layout(root: str | os.PathLike, labels: str | os.PathLike | None = No
     Raises:
         DataError: no such folder, or nothing that looks like a labelled dataset.
     """
-    from fvlm_core.data.radchest import LABEL_CSV_SUFFIX, is_radchest_header
-
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"{root}: no such folder.")
@@ -182,7 +74,7 @@ class DatasetOptions:
         split: CT-RATE split (``train`` / ``valid``).
         labels: the label CSV when it is not (or not the only one) in the folder.
         masks: folder of anatomy label maps named like the scans (default CT-RATE: ``anatomy_masks``).
-        radchest_mapping: ``hlip`` or ``location`` (:data:`~fvlm_core.data.radchest.RADCHEST_MAPPINGS`).
+        radchest_mapping: ``hlip`` or ``location`` (:data:`~fvlm_core.data.radchest_labels.RADCHEST_MAPPINGS`).
         findings: finding names a cohort CSV's columns are matched to, besides the 18 CT-RATE
             labels (e.g. the free-text findings of a prompts file).
         require_reports: CT-RATE: skip volumes without a report (training needs the text).
@@ -207,10 +99,6 @@ class DatasetOptions:
 
 def open_dataset(root: str | os.PathLike, options: DatasetOptions | None = None) -> Any:
     """The reader of the labelled folder ``root`` (see the module docstring), by its layout."""
-    from fvlm_core.data.cohort import CohortReader
-    from fvlm_core.data.ctrate import CTRATEReader
-    from fvlm_core.data.radchest import RadChestReader
-
     o = options or DatasetOptions()
     masks = Path(o.masks) if o.masks else None
     layout = detect_layout(root, o.labels)

@@ -9,20 +9,21 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from fvlm_core.io import IMAGE_SUFFIXES
+
 #: split -> (dataset folder, metadata/report CSV prefix, label CSV prefix), as named in CT-RATE.
 SPLITS: dict[str, tuple[str, str, str]] = {
     "train": ("train", "train", "train"),
     "valid": ("valid", "validation", "valid"),
 }
 
-_VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha")
-
 
 def volume_stem(name: str) -> str:
-    """A volume name or file name without folder and image suffix: ``a/valid_1_a_2.nii.gz`` -> ``valid_1_a_2``."""
+    """A volume name or file name without folder and image suffix (any case):
+    ``a/valid_1_a_2.nii.gz`` -> ``valid_1_a_2``. The one rule that tells which volume a name is."""
     stem = Path(str(name).strip()).name
-    for suffix in _VOLUME_SUFFIXES:
-        if stem.endswith(suffix):
+    for suffix in IMAGE_SUFFIXES:
+        if stem.lower().endswith(suffix):
             return stem[: -len(suffix)]
     return stem
 

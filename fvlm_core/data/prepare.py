@@ -25,13 +25,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tqdm import tqdm
+
 from fvlm_core.anatomy import CTRATE_CATALOG, AnatomyCatalog
 from fvlm_core.atomic import atomic_write_text
 from fvlm_core.data.cache import check_cache_settings, is_complete, save_sample
 from fvlm_core.data.ctrate import VolumeRecord, build_sample, make_segmenter
 from fvlm_core.data.labelled import DatasetOptions, open_dataset
 from fvlm_core.data.layout import scan_id_of
+from fvlm_core.data.synth import pool_context
 from fvlm_core.errors import ConfigError, FVLMError
+from fvlm_core.locks import FolderInUse, held_scopes, lock_folder
+from fvlm_core.preprocess import ModelSpaceConfig
+from fvlm_core.reports import load_decomposition_files, reference_decomposition
 
 
 def parse_shard(text: str | None) -> tuple[int, int]:
@@ -128,8 +134,6 @@ DECOMPOSITION_FILES = ("desc_info.json", "conc_info.json")
 def load_decomposition(folder: str | os.PathLike, anatomies: Sequence[str]) -> dict:
     """``{scan_id: ReportDecomposition}`` of fVLM's decomposition files in ``folder`` (both
     ``desc_info.json`` and ``conc_info.json`` required, as the reference reads both)."""
-    from fvlm_core.reports import load_decomposition_files
-
     folder = Path(folder)
     key = str(folder.resolve())
     if key not in _LOADED:
@@ -153,8 +157,6 @@ def _init_worker(options: dict[str, Any]) -> None:
         torch.set_num_threads(1)  # one process per core: no thread oversubscription
     except ImportError:  # pragma: no cover
         pass
-    from fvlm_core.anatomy import AnatomyCatalog
-    from fvlm_core.preprocess import ModelSpaceConfig
 
     catalog = AnatomyCatalog.from_dict(options["catalog"])
     dataset = DatasetOptions.from_dict({**options["dataset_options"], "check_files": False})
@@ -181,7 +183,6 @@ def _decomposition_of(record: VolumeRecord) -> tuple[Any, str | None]:
     found = files.get(record.scan_id)
     if found is not None:
         return found, None
-    from fvlm_core.reports import reference_decomposition
 
     return reference_decomposition({}, {}, _STATE["catalog"].names), "files: scan absent, normal templates"
 
@@ -205,8 +206,6 @@ def _process(name: str) -> tuple[str, str | None, float]:
 
 
 def _run(names: list[str], options: dict[str, Any], workers: int) -> Iterator[tuple[str, str | None, float]]:
-    from fvlm_core.data.synth import pool_context
-
     ctx = pool_context() if workers > 1 and len(names) > 1 else None
     if ctx is None:
         _init_worker(options)
@@ -258,8 +257,6 @@ def prepare_dataset(
     Returns a :class:`PrepareSummary` (also written to
     ``out/_prepare/summary-{split}-{i}of{n}.json``; ``split`` is the layout for non-CT-RATE data).
     """
-    from fvlm_core.preprocess import ModelSpaceConfig
-
     t0 = time.perf_counter()
     config = config or ModelSpaceConfig()
     out = Path(out)
@@ -306,8 +303,6 @@ def prepare_dataset(
         }
         results = _run(todo, options, max(1, workers))
         if progress:
-            from tqdm import tqdm
-
             results = tqdm(
                 results, total=len(todo), desc=f"prepare {split} {shard[0]}/{shard[1]}", unit="vol"
             )
@@ -349,8 +344,6 @@ def shard_lock(out: Path, split: str, shard: tuple[int, int]) -> contextlib.Exit
     the returned stack to give it up): the same shard prepared twice at once is refused, and so is
     a run that splits the volumes into another number of shards while one runs (their shards
     would overlap)."""
-    from fvlm_core.locks import FolderInUse, held_scopes, lock_folder
-
     i, n = shard
     stack = contextlib.ExitStack()
     stack.enter_context(lock_folder(out, "--out", scope=f"prepare.{split}.{i}of{n}", command="fvlm prepare"))

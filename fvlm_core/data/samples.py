@@ -26,12 +26,13 @@ from typing import Any
 
 import numpy as np
 import torch
+from monai import transforms
+from monai.utils import MAX_SEED, TraceKeys, convert_to_tensor
 
 from fvlm_core.anatomy import AnatomyCatalog, get_catalog
 from fvlm_core.data.cache import CachedSample, CacheSamples
 from fvlm_core.errors import DataError
 from fvlm_core.loss import finding_set_id, stable_text_id
-from fvlm_core.preprocess import window_hu
 
 log = logging.getLogger("fvlm.data")
 
@@ -64,17 +65,56 @@ class AugmentConfig:
             raise ValueError(f"pad_offset must be 'random' or 'centre', got {self.pad_offset!r}")
 
 
-def _axis_plan(
-    dim: int, size: int, rng: np.random.Generator | None, pad_rng: np.random.Generator | None
-) -> tuple[int, int, int]:
-    """(source start, source end, destination start) of a crop/pad of ``dim`` to ``size``: a
-    random crop start drawn from ``rng`` (None: centred), a random pad offset from ``pad_rng``
-    (None: centred, ``(size - dim) // 2`` before as MONAI's symmetric padding)."""
-    if dim >= size:
-        start = int(rng.integers(0, dim - size + 1)) if rng is not None else (dim - size) // 2
-        return start, start + size, 0
-    before = int(pad_rng.integers(0, size - dim + 1)) if pad_rng is not None else (size - dim) // 2
-    return 0, dim, before
+def _pads(shape: Sequence[int], cfg: AugmentConfig) -> tuple[list[Any], list[int]]:
+    """MONAI pads that bring each axis shorter than the crop to where the crop takes it from, and
+    the padding before the volume on each axis: ``centre`` pads symmetrically to the crop size
+    (the reference's ``SpatialPadd``: the crop has no freedom there); ``random`` pads ``crop - dim``
+    on both sides, so the random crop puts the volume at a uniformly drawn offset in it."""
+    size = [int(c) for c in cfg.crop_size]
+    short = [max(0, c - d) for c, d in zip(size, shape)]
+    if cfg.pad_offset == "centre" or not cfg.random_crop:
+        spatial = size
+        before = [n // 2 for n in short]
+    else:
+        spatial = [d + 2 * n for d, n in zip(shape, short)]
+        before = short
+    pads = [
+        transforms.SpatialPadd("image", spatial, method="symmetric", constant_values=cfg.pad_hu),
+        transforms.SpatialPadd("label", spatial, method="symmetric", constant_values=0),
+    ]
+    return pads, before
+
+
+def _cropped_before(label: Any) -> list[int]:
+    """Per spatial axis, the voxels the last crop of a MONAI-traced ``label`` removed before its start."""
+    crop = next(
+        op for op in reversed(label.applied_operations) if "cropped" in op.get(TraceKeys.EXTRA_INFO, {})
+    )
+    return [int(n) for n in crop[TraceKeys.EXTRA_INFO]["cropped"][0::2]]
+
+
+def _intact(
+    lab: np.ndarray, shape: Sequence[int], plans: list[tuple[int, int, int]], cfg, num_anatomies: int
+):
+    """``(A,)`` bool: the anatomy has voxels in the crop ``lab`` and none on a cutting crop face
+    (``cfg.intact_rule``); ``plans`` holds per axis (volume start, volume end, offset in the crop)."""
+    size = lab.shape
+    cut = np.zeros(num_anatomies + 1, dtype=bool)
+    for axis, (a, b, o) in enumerate(plans):
+        faces = []
+        if cfg.intact_rule == "strict":
+            faces = [0, size[axis] - 1]
+        else:  # a face cuts the anatomy only where the volume continues beyond it
+            if a > 0:
+                faces.append(o)
+            if b < shape[axis]:
+                faces.append(o + (b - a) - 1)
+        for f in faces:
+            vals = np.unique(np.take(lab, f, axis=axis))
+            vals = vals[(vals > 0) & (vals <= num_anatomies)]
+            cut[vals] = True
+    counts = np.bincount(lab.ravel(), minlength=num_anatomies + 1)[: num_anatomies + 1]
+    return (counts[1:] > 0) & ~cut[1:]
 
 
 def crop_flip(
@@ -86,46 +126,49 @@ def crop_flip(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Crop (or pad) ``(Z, Y, X)`` arrays to ``cfg.crop_size``, flip, and tell which anatomies are intact.
 
-    Draws from ``rng``: one start per axis (random crop; with ``pad_offset: centre`` none for
-    an axis the volume is shorter than the crop), then one number per axis for the flips.
+    The reference's own MONAI transforms (``lavis/processors/blip_processors.py``:
+    ``RandSpatialCropd``, then ``RandFlipd`` on each axis; ``data/preprocess.py``: ``SpatialPadd``),
+    seeded from two draws of ``rng`` (crop, flips); ``random_crop: false`` crops the centre
+    (``CenterSpatialCropd``).
 
     Returns:
         ``hu (Z, Y, X) float32``, ``labels (Z, Y, X) uint8`` and ``intact (A,) bool``: the
         anatomy has voxels in the crop and none on a cutting crop face (``cfg.intact_rule``).
     """
-    size = tuple(int(s) for s in cfg.crop_size)
-    crop_rng = rng if cfg.random_crop else None
-    pad_rng = crop_rng if cfg.pad_offset == "random" else None
-    plans = [_axis_plan(d, s, crop_rng, pad_rng) for d, s in zip(hu.shape, size)]
-    src = tuple(slice(a, b) for a, b, _ in plans)
-    dst = tuple(slice(o, o + (b - a)) for a, b, o in plans)
-    out_hu = np.full(size, cfg.pad_hu, dtype=np.float32)
-    out_lab = np.zeros(size, dtype=np.uint8)
-    out_hu[dst] = hu[src]
-    out_lab[dst] = labels[src]
+    shape = tuple(int(d) for d in hu.shape)
+    size = [int(c) for c in cfg.crop_size]
+    pads, before = _pads(shape, cfg)
+    crop = transforms.Compose(
+        [
+            *pads,
+            transforms.RandSpatialCropd(["image", "label"], size, random_size=False)
+            if cfg.random_crop
+            else transforms.CenterSpatialCropd(["image", "label"], size),
+        ]
+    )
+    crop.set_random_state(seed=int(rng.integers(MAX_SEED)))
+    data = {
+        "image": np.asarray(hu, dtype=np.float32)[None],
+        "label": np.asarray(labels, dtype=np.uint8)[None],
+    }
+    data = crop(data)
+    plans = []  # per axis: (volume start, volume end, offset in the crop)
+    for d, c, pad, start in zip(shape, size, before, _cropped_before(data["label"])):
+        a = max(0, start - pad)
+        plans.append((a, min(d, start + c - pad), max(0, pad - start)))
+    intact = _intact(np.asarray(data["label"][0]), shape, plans, cfg, num_anatomies)
+    flips = transforms.Compose(
+        [transforms.RandFlipd(["image", "label"], prob=cfg.flip_prob, spatial_axis=axis) for axis in range(3)]
+    )
+    flips.set_random_state(seed=int(rng.integers(MAX_SEED)))
+    data = flips(data)
+    return np.asarray(data["image"][0]), np.asarray(data["label"][0]), intact
 
-    cut = np.zeros(num_anatomies + 1, dtype=bool)
-    for axis, (a, b, o) in enumerate(plans):
-        faces = []
-        if cfg.intact_rule == "strict":
-            faces = [0, size[axis] - 1]
-        else:  # a face cuts the anatomy only where the volume continues beyond it
-            if a > 0:
-                faces.append(o)
-            if b < hu.shape[axis]:
-                faces.append(o + (b - a) - 1)
-        for f in faces:
-            vals = np.unique(np.take(out_lab, f, axis=axis))
-            vals = vals[(vals > 0) & (vals <= num_anatomies)]
-            cut[vals] = True
-    counts = np.bincount(out_lab.ravel(), minlength=num_anatomies + 1)[: num_anatomies + 1]
-    intact = (counts[1:] > 0) & ~cut[1:]
 
-    for axis in range(3):
-        if rng.random() < cfg.flip_prob:
-            out_hu = np.flip(out_hu, axis=axis)
-            out_lab = np.flip(out_lab, axis=axis)
-    return np.ascontiguousarray(out_hu), np.ascontiguousarray(out_lab), intact
+def hu_scaling(window: tuple[float, float]) -> transforms.ScaleIntensityRange:
+    """The reference's intensity scaling (``data/preprocess.py``'s ``ScaleIntensityRanged``): HU in
+    ``window`` to [0, 1], clipped; equal, bit for bit, to :func:`fvlm_core.preprocess.window_hu`."""
+    return transforms.ScaleIntensityRange(a_min=window[0], a_max=window[1], b_min=0.0, b_max=1.0, clip=True)
 
 
 def check_sample(sample: CachedSample) -> None:
@@ -169,7 +212,7 @@ def make_item(
     )
     return {
         "name": sample.name,
-        "image": torch.from_numpy(window_hu(hu, augment.hu_window))[None],
+        "image": convert_to_tensor(hu_scaling(augment.hu_window)(hu[None]), dtype=torch.float32),
         "labels": torch.from_numpy(lab),
         "present": torch.from_numpy(present),
         "abnormal": torch.from_numpy(abnormal),

@@ -31,16 +31,26 @@ import json
 import math
 import multiprocessing as mp
 import os
+import sys
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import SimpleITK as sitk
+from tqdm import tqdm
 
+from fvlm_core.anatomy import CTRATE_CATALOG, get_catalog
+from fvlm_core.atomic import atomic_path, atomic_write_text
+from fvlm_core.data.ctrate import decompose_texts, model_space_sample
 from fvlm_core.data.layout import SPLITS, scan_id_of, volume_relpath
+from fvlm_core.errors import InputError
 from fvlm_core.findings import CTRATE_LABELS
-from fvlm_core.io import Geometry
+from fvlm_core.geometry import Geometry
+from fvlm_core.io import CTVolume
+from fvlm_core.preprocess import ModelSpaceConfig
 
 #: Label values written in the anatomy masks (extended catalog order; see module docstring).
 MASK_VALUES: dict[str, int] = {"lung": 1, "heart": 2, "esophagus": 3, "aorta": 4, "trachea": 5}
@@ -1185,10 +1195,6 @@ def to_cached_sample(sample: SynthSample, catalog: Any = None, config: Any = Non
         config: ``ModelSpaceConfig`` to resample to; ``None`` keeps the phantom's own grid
             (the fastest path for a demo whose model space is the phantom grid).
     """
-    from fvlm_core.anatomy import CTRATE_CATALOG
-    from fvlm_core.data.ctrate import decompose_texts, model_space_sample
-    from fvlm_core.io import CTVolume
-
     catalog = catalog or CTRATE_CATALOG
     findings, impression = sample.report["Findings_EN"], sample.report["Impressions_EN"]
     texts, abnormal, extra = decompose_texts(findings, impression, catalog.names, sample.name)
@@ -1233,8 +1239,6 @@ def make_phantom(
 
     ``findings`` overrides the drawn finding set (e.g. to render one phantom with and without a finding).
     """
-    from fvlm_core.errors import InputError
-
     if split not in SPLITS:
         raise InputError(f"split {split!r}: a phantom belongs to one of {list(SPLITS)}.")
     unknown = sorted(set(findings or ()) - set(RENDERED_FINDINGS))
@@ -1307,9 +1311,6 @@ def _run_job(job: _Job) -> SynthSample | dict[str, Any]:
     )
     if job.out_dir is None:
         if job.cached is not None:
-            from fvlm_core.anatomy import get_catalog
-            from fvlm_core.preprocess import ModelSpaceConfig
-
             names, ms = job.cached
             config = None if ms is None else ModelSpaceConfig.from_dict(ms)
             return to_cached_sample(sample, get_catalog(list(names)), config)
@@ -1331,10 +1332,6 @@ def write_sample_files(sample: SynthSample, out_dir: Path, write_masks: bool = T
     The NIfTI header carries unit spacing at the origin, as unreliable CT-RATE headers do: the true
     geometry and HU scaling are in the metadata CSV. Masks carry the true geometry.
     """
-    import SimpleITK as sitk
-
-    from fvlm_core.atomic import atomic_path
-
     rel = volume_relpath(sample.name)
     split_dir = SPLITS[sample.split][0]
     stored = (sample.hu.astype(np.int32) - RESCALE_INTERCEPT).astype(np.int16)
@@ -1407,8 +1404,6 @@ def pool_context() -> Any:
     They re-import the parent's main script: a script read from stdin cannot be, and the pool
     would respawn crashing workers forever, so then work runs in this process instead.
     """
-    import sys
-
     main_file = getattr(sys.modules.get("__main__"), "__file__", None)
     if main_file is not None and not os.path.exists(main_file):
         return None
@@ -1453,8 +1448,6 @@ def iter_cohort(
     """
     jobs = _jobs(n, seed, size_zyx, spacing_zyx, prevalence, valid_fraction, recon_fraction, normal_fraction)
     if as_cached:
-        from fvlm_core.anatomy import CTRATE_CATALOG
-
         spec = (
             tuple(anatomies or CTRATE_CATALOG.names),
             None if model_space is None else model_space.to_dict(),
@@ -1504,8 +1497,6 @@ def generate_cohort(
         radiology_text_reports/{train,validation}_reports.csv
         multi_abnormality_labels/{train,valid}_predicted_labels.csv
     """
-    import time
-
     t0 = time.perf_counter()
     prev = _check_cohort_arguments(n, size_zyx, prevalence, normal_fraction)
     out = None if out_dir is None else Path(out_dir)
@@ -1523,8 +1514,6 @@ def generate_cohort(
     )
     results = _map(jobs, workers)
     if progress:
-        from tqdm import tqdm
-
         results = tqdm(results, total=len(jobs), desc="synth", unit="vol")
     if out is None:
         samples = list(results)
@@ -1538,8 +1527,6 @@ def _check_cohort_arguments(
     n: int, size_zyx: Sequence[int], prevalence: Mapping[str, float] | None, normal_fraction: float
 ) -> dict[str, float]:
     """The prevalence to draw with, after refusing arguments no cohort can be made from."""
-    from fvlm_core.errors import InputError
-
     if n < 1:
         raise InputError(f"--n must be at least 1 (got {n}).")
     if len(size_zyx) != 3 or min(size_zyx) < 16:
@@ -1557,8 +1544,6 @@ def _check_cohort_arguments(
 
 def _write_tables(out: Path, results: Iterator[dict[str, Any]]) -> None:
     """The metadata, report and label CSVs of both splits, rows in job order."""
-    from fvlm_core.atomic import atomic_write_text
-
     rows: dict[str, dict[str, list]] = {s: {"metadata": [], "report": [], "labels": []} for s in SPLITS}
     for r in results:
         for k in ("metadata", "report", "labels"):
@@ -1582,8 +1567,6 @@ def _write_readme(
     out: Path, seed: int, n: int, n_volumes: int, size_zyx: Sequence[int], write_masks: bool
 ) -> None:
     """README.txt (how to read the cohort) and, with masks, anatomy_masks/class_map.json."""
-    from fvlm_core.atomic import atomic_write_text
-
     readme = (
         "Synthetic chest CT cohort (fvlm synth) in the CT-RATE layout.\n"
         f"seed={seed} n_scans={n} volumes={n_volumes} size_zyx={tuple(size_zyx)}\n"

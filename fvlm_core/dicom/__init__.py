@@ -21,7 +21,6 @@ from fvlm_core.dicom.records import (
     FindingRecord,
     MapRecord,
     content_from_results,
-    weights_sha256,
 )
 from fvlm_core.dicom.source import SourceSeries, read_source_files, read_source_series
 
@@ -36,6 +35,5 @@ __all__ = [
     "export_analysis",
     "read_source_files",
     "read_source_series",
-    "weights_sha256",
     "write_dicom",
 ]

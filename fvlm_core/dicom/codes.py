@@ -14,6 +14,7 @@ from __future__ import annotations
 import re
 
 from highdicom.sr import CodedConcept
+from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
 from fvlm_core.anatomy import Anatomy
@@ -60,8 +61,6 @@ def finding_code(name: str) -> CodedConcept:
 
 def coding_scheme_identification():
     """The Coding Scheme Identification Sequence item that declares the local findings scheme."""
-    from pydicom.dataset import Dataset
-
     item = Dataset()
     item.CodingSchemeDesignator = FINDINGS_SCHEME
     item.CodingSchemeName = FINDINGS_SCHEME_NAME

@@ -27,12 +27,19 @@ from pydicom.uid import generate_uid
 
 from fvlm_core.anatomy import AnatomyCatalog
 from fvlm_core.dicom.pmap import build_map
-from fvlm_core.dicom.records import Algorithm, ExportContent, check_content, present_anatomies
+from fvlm_core.dicom.records import (
+    Algorithm,
+    ExportContent,
+    check_content,
+    content_from_results,
+    present_anatomies,
+)
 from fvlm_core.dicom.seg import build_segmentation
-from fvlm_core.dicom.source import SourceSeries
+from fvlm_core.dicom.source import SourceSeries, read_source_files
 from fvlm_core.dicom.sr import build_report
 from fvlm_core.errors import InputError
-from fvlm_core.io import Geometry
+from fvlm_core.geometry import Geometry
+from fvlm_core.outputs import OutputPlan
 
 SEG_FILE, SR_FILE, MAPS_FOLDER = "seg.dcm", "sr.dcm", "maps"
 
@@ -124,10 +131,6 @@ def export_analysis(
         InputError, OutputError: the series cannot be referenced or does not lie on
             ``geometry``, or ``folder`` exists or cannot be written; nothing is written then.
     """
-    from fvlm_core.dicom.records import content_from_results
-    from fvlm_core.dicom.source import read_source_files
-    from fvlm_core.outputs import OutputPlan
-
     plan = OutputPlan()
     plan.inputs("source", source_files)
     plan.folder("DICOM folder", folder, replace=True, new=True)

@@ -10,16 +10,16 @@ one place that knows that layout.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
+from fvlm_core import __version__
 from fvlm_core.anatomy import AnatomyCatalog
 from fvlm_core.errors import InputError
+from fvlm_core.model.weights import weights_sha256
 
 
 @dataclass(frozen=True)
@@ -97,18 +97,6 @@ class ExportContent:
     maps: tuple[MapRecord, ...] = field(default=())
 
 
-def weights_sha256(model_dir: str | os.PathLike) -> str:
-    """SHA-256 (hex) of a model folder's weights file, the model's identity in the DICOM objects."""
-    from fvlm_core.model.checkpoint import WEIGHTS_NAME
-
-    path = Path(model_dir) / WEIGHTS_NAME
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def content_from_results(
     results: Mapping,
     labels: np.ndarray,
@@ -134,8 +122,6 @@ def content_from_results(
     Findings that were not scored (their anatomy was absent or cut by a window cap) are left
     out: the SR reports what the model said, nothing else.
     """
-    from fvlm_core import __version__
-
     anatomies = []
     for a in results.get("anatomies", []):
         if a["name"] not in catalog:

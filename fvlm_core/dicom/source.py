@@ -21,10 +21,12 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
+from pydicom.datadict import dictionary_description, tag_for_keyword
 from pydicom.dataset import Dataset
 
+from fvlm_core.dicom_series import choose_dicom_series
 from fvlm_core.errors import FVLMWarning, InputError
-from fvlm_core.io import Geometry, choose_dicom_series
+from fvlm_core.geometry import Geometry
 
 #: Attributes the derived objects need from every file (Type 1 there: no empty value).
 REQUIRED = (
@@ -262,7 +264,5 @@ def _count(bad: Sequence, n: int) -> str:
 
 def _title(keyword: str) -> str:
     """``StudyInstanceUID`` -> ``Study Instance UID`` (the standard's name, as dcmdump shows it)."""
-    from pydicom.datadict import dictionary_description, tag_for_keyword
-
     tag = tag_for_keyword(keyword)
     return dictionary_description(tag) if tag is not None else keyword

@@ -6,15 +6,16 @@
 >>> out.embeddings.shape, out.present.shape          # (B, A, D), (B, A)
 >>> text = model.encode_text(["Pleural effusion.", "Not pleural effusion."])  # (2, D)
 
-Names are imported on first use (module ``__getattr__``): importing a submodule such as
+Names are imported on first use (:mod:`fvlm_core.lazy` says why): importing a submodule such as
 ``fvlm_core.model.config`` does not import torch, and nothing here imports ``transformers``
 until a text encoder is built.
 """
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
+
+from fvlm_core.lazy import lazy_exports
 
 _EXPORTS = {
     "FVLM": "fvlm_core.model.fvlm",
@@ -26,7 +27,7 @@ _EXPORTS = {
     "VisionConfig": "fvlm_core.model.config",
     "attend_anatomies": "fvlm_core.model.pooling",
     "available_configs": "fvlm_core.model.config",
-    "from_pretrained": "fvlm_core.model.checkpoint",
+    "from_pretrained": "fvlm_core.model.fvlm",
     "import_official": "fvlm_core.model.official",
     "interpolate_pos_embed": "fvlm_core.model.vision",
     "load_config": "fvlm_core.model.config",
@@ -53,21 +54,12 @@ __all__ = [  # the keys of _EXPORTS, spelled out for static tools
 ]
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ imports on first use
-    from fvlm_core.model.checkpoint import from_pretrained, save_pretrained
+    from fvlm_core.model.checkpoint import save_pretrained
     from fvlm_core.model.config import FVLMConfig, TextConfig, VisionConfig, available_configs, load_config
-    from fvlm_core.model.fvlm import FVLM
+    from fvlm_core.model.fvlm import FVLM, from_pretrained
     from fvlm_core.model.official import ImportReport, import_official
     from fvlm_core.model.pooling import AnatomyEmbeddings, attend_anatomies, token_membership
     from fvlm_core.model.vision import TokenGrid, interpolate_pos_embed
 
 
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(_EXPORTS[name]), name)
-        globals()[name] = value  # later lookups skip this function
-        return value
-    raise AttributeError(f"module 'fvlm_core.model' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_EXPORTS})
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -23,9 +23,7 @@ finding of that name, worded as the config words it.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable, Mapping
-from pathlib import Path
 from typing import Any
 
 from fvlm_core.calibration import Calibration
@@ -75,15 +73,27 @@ def check_entries(entries: Any) -> dict[str, dict[str, Any]]:
     return out
 
 
-def folder_text_identity(model_dir: str | os.PathLike, config) -> str | None:
-    """The text identity of a model folder (None: its weights record no text digest)."""
-    from fvlm_core.model.checkpoint import WEIGHTS_NAME, read_metadata
-    from fvlm_core.model.prompt_store import folder_identity
-
-    weights = Path(model_dir) / WEIGHTS_NAME
-    if not weights.is_file():
-        return None
-    return folder_identity(model_dir, config, read_metadata(weights))
+def bind_new_entries(config, updates: dict, identity: str, before=None) -> None:
+    """Record in ``config.calibrated_with`` what the stored thresholds and calibrations were
+    fitted with: those given to :func:`~fvlm_core.model.checkpoint.save_pretrained`
+    on the config's findings of their names, with the text side ``identity``; those carried over
+    from ``before`` (the config the model had) without a record, on ``before``'s wording (the
+    only one they can have been fitted on), text side unknown. Recorded entries are kept (and
+    checked against the text side when used)."""
+    given = set(updates.get("thresholds") or {}) | set(updates.get("calibration") or {})
+    own = {f.name: f for f in config.finding_set()}
+    old = {f.name: f for f in before.finding_set()} if before is not None else {}
+    for name in set(config.thresholds) | set(config.calibration):
+        if name in given:
+            found, text = own.get(name), identity
+        elif name not in config.calibrated_with:
+            found, text = old.get(name), None
+        else:
+            continue
+        if found is not None:
+            config.calibrated_with[name] = fitted_with(found, text)
+        else:  # fitted on a wording this folder does not know: never applied
+            config.calibrated_with.pop(name, None)
 
 
 class StoredCalibration:

@@ -17,17 +17,32 @@ existed loads with a warning.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import importlib.metadata
 import json
 import os
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
 
+from fvlm_core import __version__
+from fvlm_core.devices import resolve_device
 from fvlm_core.errors import CheckpointError, ConfigError, warn
+from fvlm_core.model import prompt_store
+from fvlm_core.model.calibrated_with import bind_new_entries
+from fvlm_core.model.config import FVLMConfig, load_config
+from fvlm_core.model.text import build_text_encoder, folder_hidden_size
+from fvlm_core.model.weights import (
+    WEIGHTS_NAME,
+    check_state_dict,
+    read_metadata,
+    read_safetensors,
+    unshared_state_dict,
+)
+from fvlm_core.outputs import OutputPlan
 
-WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.yaml"
 TEXT_DIR = "text"
 TEXT_ENCODER = "text_encoder."
@@ -90,32 +105,15 @@ def architecture_signature(config) -> dict[str, Any]:
 
 
 def library_versions() -> dict[str, str]:
-    """Versions of the libraries that define the weights' meaning."""
-    import monai
-    import transformers
-
-    from fvlm_core import __version__
-
-    return {
-        "fvlm": __version__,
-        "torch": torch.__version__,
-        "monai": monai.__version__,
-        "transformers": transformers.__version__,
-    }
-
-
-def _unshared_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """State dict with contiguous CPU tensors that share no memory (safetensors refuses aliases)."""
-    out: dict[str, torch.Tensor] = {}
-    seen: set[tuple[int, int]] = set()
-    for name, t in model.state_dict().items():
-        t = t.detach().cpu().contiguous()
-        key = (t.untyped_storage().data_ptr(), t.storage_offset())
-        if key in seen or t.untyped_storage().nbytes() != t.numel() * t.element_size():
-            t = t.clone()
-        seen.add((t.untyped_storage().data_ptr(), t.storage_offset()))
-        out[name] = t
-    return out
+    """Versions of the code behind the weights, recorded with them: fvlm, torch, transformers (the
+    text encoder) and MONAI (training's transforms; the image encoder is fvlm's rebuild of its
+    ViT). Read from the installed distributions without importing them; one not installed is left
+    out."""
+    versions = {"fvlm": __version__, "torch": torch.__version__}
+    for name in ("monai", "transformers"):
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            versions[name] = importlib.metadata.version(name)
+    return versions
 
 
 def save_text_files(model, directory: Path) -> None:
@@ -158,14 +156,11 @@ def save_pretrained(
     Raises:
         OutputError: the folder cannot be written (a file in its place, read-only, ...).
     """
-    from safetensors.torch import save_file
-
-    from fvlm_core.model import prompt_store
-    from fvlm_core.model.config import FVLMConfig
-    from fvlm_core.outputs import OutputPlan
-
-    if hasattr(model, "load_text_encoder"):
-        model.load_text_encoder()  # a deferred encoder's weights belong in the file too
+    if not getattr(model, "text_loaded", True):
+        raise CheckpointError(
+            "this model was loaded without its text encoder (lazy_text=True), so its weights are not "
+            "complete: load it with load_text_encoder(model, folder) before saving it"
+        )
     directory = Path(directory)
     cfg_dict = model.config.to_dict()
     cfg_dict.update(config_updates)
@@ -178,7 +173,7 @@ def save_pretrained(
         ARCHITECTURE_KEY: json.dumps(architecture_signature(config), sort_keys=True),
     }
     tensors = {
-        **_unshared_state_dict(model),
+        **unshared_state_dict(model),
         **{k: v.detach().cpu().contiguous() for k, v in (extra_tensors or {}).items()},
     }
     metadata[prompt_store.TEXT_DIGEST_KEY] = prompt_store.text_weights_digest(tensors)
@@ -204,31 +199,6 @@ def save_pretrained(
     return directory
 
 
-def bind_new_entries(config, updates: dict, identity: str, before=None) -> None:
-    """Record in ``config.calibrated_with`` what the stored thresholds and calibrations were
-    fitted with (:mod:`fvlm_core.model.calibrated_with`): those given to :func:`save_pretrained`
-    on the config's findings of their names, with the text side ``identity``; those carried over
-    from ``before`` (the config the model had) without a record, on ``before``'s wording (the
-    only one they can have been fitted on), text side unknown. Recorded entries are kept (and
-    checked against the text side when used)."""
-    from fvlm_core.model.calibrated_with import fitted_with
-
-    given = set(updates.get("thresholds") or {}) | set(updates.get("calibration") or {})
-    own = {f.name: f for f in config.finding_set()}
-    old = {f.name: f for f in before.finding_set()} if before is not None else {}
-    for name in set(config.thresholds) | set(config.calibration):
-        if name in given:
-            found, text = own.get(name), identity
-        elif name not in config.calibrated_with:
-            found, text = old.get(name), None
-        else:
-            continue
-        if found is not None:
-            config.calibrated_with[name] = fitted_with(found, text)
-        else:  # fitted on a wording this folder does not know: never applied
-            config.calibrated_with.pop(name, None)
-
-
 #: files up to this size are hashed by :func:`folder_state` (configs, tokenizer files); larger ones
 #: (the weights) are known by their size, times and inode: hashing them would cost seconds
 HASHED_UP_TO = 8 << 20
@@ -241,8 +211,6 @@ def folder_state(directory: str | os.PathLike) -> str:
     that keeps a file's size and time still counts. Hidden files (locks, temporary files) are
     left out. Equal digests: the same model; a process that keeps a loaded model (the Slicer
     worker) keys it on this."""
-    import hashlib
-
     root = Path(directory)
     h = hashlib.sha256()
     files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else []
@@ -258,39 +226,6 @@ def folder_state(directory: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def read_safetensors(
-    path: Path, device: str = "cpu", keep: Callable[[str], bool] | None = None
-) -> dict[str, torch.Tensor]:
-    """The tensors of a safetensors file (those whose name ``keep`` accepts, default all);
-    :class:`CheckpointError` if it is missing, truncated or corrupt."""
-    from safetensors import SafetensorError, safe_open
-
-    if not path.is_file():
-        raise CheckpointError(f"{path}: weights file not found; the checkpoint folder is incomplete")
-    try:
-        with safe_open(str(path), framework="pt", device=device) as f:
-            return {k: f.get_tensor(k) for k in f.keys() if keep is None or keep(k)}  # noqa: SIM118 (not iterable)
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise CheckpointError(
-            f"{path}: not a readable safetensors file (corrupt or truncated: {exc}); "
-            "copy or download the checkpoint again"
-        ) from exc
-
-
-def read_metadata(path: Path) -> dict[str, str]:
-    """The metadata of a safetensors file (``{}`` when it has none)."""
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return dict(f.metadata() or {})
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise CheckpointError(
-            f"{path}: not a readable safetensors file (corrupt or truncated: {exc}); "
-            "copy or download the checkpoint again"
-        ) from exc
-
-
 def check_saved_with(config, metadata: dict[str, str], source: str) -> None:
     """Refuse a config whose anatomies or architecture differ from those the weights were saved
     with (recorded in ``metadata``); warn when the weights record neither (an older folder).
@@ -303,7 +238,7 @@ def check_saved_with(config, metadata: dict[str, str], source: str) -> None:
             f"{source} records no anatomy list or architecture (saved by an older fvlm), so config.yaml "
             f"cannot be checked against it: make sure its anatomies ({', '.join(config.anatomies)}) are "
             "in the order the model was trained with. Load and save the model once to add the record: "
-            "python -c \"from fvlm_core.model import from_pretrained as f; f('DIR').save_pretrained('DIR')\""
+            "python -c \"from fvlm_core.model import FVLM; FVLM.from_pretrained('DIR').save_pretrained('DIR')\""
         )
         return
     try:
@@ -332,95 +267,96 @@ def check_saved_with(config, metadata: dict[str, str], source: str) -> None:
         )
 
 
-def check_state_dict(
-    model: torch.nn.Module,
-    tensors: dict[str, torch.Tensor],
-    source: str,
-    allow_missing: tuple[str, ...] = (),
-) -> None:
-    """Raise :class:`CheckpointError` when names or shapes of ``tensors`` do not match ``model``."""
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in tensors and not any(s in k for s in allow_missing)]
-    unexpected = [k for k in tensors if k not in expected]
-    wrong = [
-        f"{k} {tuple(tensors[k].shape)} (model expects {tuple(v.shape)})"
-        for k, v in expected.items()
-        if k in tensors and tuple(tensors[k].shape) != tuple(v.shape)
-    ]
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} missing tensor(s), e.g. {', '.join(missing[:5])}")
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected tensor(s), e.g. {', '.join(unexpected[:5])}")
-    if wrong:
-        problems.append(f"{len(wrong)} tensor(s) with the wrong shape, e.g. {'; '.join(wrong[:5])}")
-    if problems:
-        raise CheckpointError(
-            f"{source}: weights do not match the model its config describes: {'; '.join(problems)}. "
-            "The config and weights come from different models; re-save or re-import the checkpoint"
-        )
-
-
 def _text_encoder_tensors(weights: Path) -> dict[str, torch.Tensor]:
     """The ``text_encoder.*`` tensors of a weights file, names without the prefix."""
     tensors = read_safetensors(weights, keep=lambda k: k.startswith(TEXT_ENCODER))
     return {k[len(TEXT_ENCODER) :]: v for k, v in tensors.items()}
 
 
-def from_pretrained(
-    directory: str | os.PathLike, device: str | torch.device = "cpu", lazy_text: bool = False
-):
-    """Load a checkpoint folder written by :func:`save_pretrained`.
-
-    Args:
-        directory: folder with ``config.yaml``, ``model.safetensors`` and ``text/``.
-        device: a ``torch.device`` or a name :func:`fvlm_core.devices.resolve_device` takes
-            (``auto``, ``cpu``, ``cuda``, ``cuda:N``, ``gpu``, ``mps``).
-        lazy_text: defer the text encoder (its tensors are read, and checked, when it is first
-            used; see :class:`~fvlm_core.model.fvlm.FVLM`'s ``text_weights``): for scoring with
-            stored prompt embeddings. Folders without ``text/`` load it now.
-
-    Returns:
-        The model in eval mode on ``device``.
+def load_text_encoder(model, directory: str | os.PathLike) -> None:
+    """Build the text encoder of ``model``, loaded from ``directory`` with ``lazy_text=True``, from
+    the folder's ``text/`` and weights, and attach it (no-op when it has one).
 
     Raises:
-        CheckpointError: the folder is missing or incomplete, its weights do not fit its config,
-            or the config's anatomies or architecture differ from those the weights were saved with.
-        ConfigError: the device is unknown or not available here.
+        CheckpointError: its weights do not match the encoder ``text/`` describes.
     """
-    from fvlm_core.devices import resolve_device
-    from fvlm_core.model.config import load_config
-    from fvlm_core.model.fvlm import FVLM
-    from fvlm_core.model.text import folder_hidden_size
-
-    device = resolve_device(device)  # before reading anything: an absent GPU is reported first
+    if model.text_loaded:
+        return
     directory = Path(directory)
-    if not directory.is_dir():
-        raise CheckpointError(f"{directory}: checkpoint folder not found")
-    cfg_path = directory / CONFIG_NAME
-    if not cfg_path.is_file():
-        raise CheckpointError(f"{directory}: no {CONFIG_NAME}; not a checkpoint written by save_pretrained")
-    try:
-        config = load_config(cfg_path)
-    except ConfigError as exc:
-        raise CheckpointError(f"{directory}: invalid model config: {exc}") from exc
     weights = directory / WEIGHTS_NAME
-    if weights.is_file():
-        check_saved_with(config, read_metadata(weights), str(weights))
-    text_dir = directory / TEXT_DIR
-    text_source = text_dir if text_dir.is_dir() else None
-    deferred = lazy_text and folder_hidden_size(text_source) is not None
-    text_weights = (lambda: _text_encoder_tensors(weights)) if deferred else None
-    # Deferred: no transformers module is built now, so the rest is built on the meta device (no
-    # storage, no random initialisation: ~1.4 s for fvlm-base on 2 cores) and takes the file's
-    # tensors as its parameters (assign) instead of copying them into initialised ones.
-    with torch.device("meta") if deferred else contextlib.nullcontext():
-        model = FVLM(config, text_source=text_source, load_text_weights=False, text_weights=text_weights)
-    # the baseline's head, if the folder holds one, is not part of the fVLM model
-    skip = (*BASELINE_HEAD, TEXT_ENCODER) if deferred else BASELINE_HEAD
-    tensors = read_safetensors(weights, keep=lambda k: not k.startswith(skip))
-    check_state_dict(model, tensors, str(directory / WEIGHTS_NAME))
-    model.load_state_dict(tensors, strict=True, assign=deferred)
-    if deferred and any(t.is_meta for t in (*model.parameters(), *model.buffers())):
-        raise CheckpointError(f"{directory}: the model has state its weights file does not hold")
-    return model.to(device).eval()
+    # parameters made inside inference mode (e.g. the first prompt encoded under it) could never
+    # be trained or version-tracked: build them as ordinary tensors
+    with torch.inference_mode(False), torch.no_grad():
+        encoder, tokenizer = build_text_encoder(
+            model.config.text, source=directory / TEXT_DIR, weights=False, initialise=False
+        )  # every parameter is loaded just below (strict, names and shapes checked)
+        state = _text_encoder_tensors(weights)
+        check_state_dict(encoder, state, f"{weights} (text encoder weights)")
+        encoder.load_state_dict(state, strict=True)
+        model.attach_text_encoder(encoder, tokenizer)
+
+
+class Pretrained:
+    """``save_pretrained`` / ``from_pretrained`` for :class:`~fvlm_core.model.fvlm.FVLM` (a base class,
+    as ``transformers``' ``PreTrainedModel``): a model folder in, a model folder out."""
+
+    def save_pretrained(self, directory: str | os.PathLike, *, store_prompts: bool = True, **config_updates):
+        """Write ``model.safetensors``, ``config.yaml``, ``text/`` (tokenizer + encoder config) and
+        the finding prompts' embeddings (:func:`save_pretrained`)."""
+        return save_pretrained(self, directory, store_prompts=store_prompts, **config_updates)
+
+    @classmethod
+    def from_pretrained(
+        cls, directory: str | os.PathLike, device: str | torch.device = "cpu", lazy_text: bool = False
+    ):
+        """Load a checkpoint folder written by :func:`save_pretrained` (never unpickles).
+
+        Args:
+            directory: folder with ``config.yaml``, ``model.safetensors`` and ``text/``.
+            device: a ``torch.device`` or a name :func:`fvlm_core.devices.resolve_device` takes
+                (``auto``, ``cpu``, ``cuda``, ``cuda:N``, ``gpu``, ``mps``).
+            lazy_text: leave the text encoder out (no ``transformers``, none of its tensors read):
+                for scoring with the folder's stored prompt embeddings; :func:`load_text_encoder`
+                adds it when a new prompt must be encoded. Folders without ``text/`` load it now.
+
+        Returns:
+            The model in eval mode on ``device``.
+
+        Raises:
+            CheckpointError: the folder is missing or incomplete, its weights do not fit its
+                config, or the config's anatomies or architecture differ from those the weights
+                were saved with.
+            ConfigError: the device is unknown or not available here.
+        """
+        device = resolve_device(device)  # before reading anything: an absent GPU is reported first
+        directory = Path(directory)
+        if not directory.is_dir():
+            raise CheckpointError(f"{directory}: checkpoint folder not found")
+        cfg_path = directory / CONFIG_NAME
+        if not cfg_path.is_file():
+            raise CheckpointError(
+                f"{directory}: no {CONFIG_NAME}; not a checkpoint written by save_pretrained"
+            )
+        try:
+            config = load_config(cfg_path)
+        except ConfigError as exc:
+            raise CheckpointError(f"{directory}: invalid model config: {exc}") from exc
+        weights = directory / WEIGHTS_NAME
+        if weights.is_file():
+            check_saved_with(config, read_metadata(weights), str(weights))
+        text_dir = directory / TEXT_DIR
+        text_source = text_dir if text_dir.is_dir() else None
+        lazy = lazy_text and folder_hidden_size(text_source) is not None
+        # Without the text encoder no transformers module is built, so the rest is built on the meta
+        # device (no storage, no random initialisation: ~1.4 s for fvlm-base on 2 cores) and takes
+        # the file's tensors as its parameters (assign) instead of copying them into initialised ones.
+        with torch.device("meta") if lazy else contextlib.nullcontext():
+            model = cls(config, text_source=text_source, load_text_weights=False, build_text=not lazy)
+        # the baseline's head, if the folder holds one, is not part of the fVLM model
+        skip = (*BASELINE_HEAD, TEXT_ENCODER) if lazy else BASELINE_HEAD
+        tensors = read_safetensors(weights, keep=lambda k: not k.startswith(skip))
+        check_state_dict(model, tensors, str(directory / WEIGHTS_NAME))
+        model.load_state_dict(tensors, strict=True, assign=lazy)
+        if lazy and any(t.is_meta for t in (*model.parameters(), *model.buffers())):
+            raise CheckpointError(f"{directory}: the model has state its weights file does not hold")
+        return model.to(device).eval()

@@ -17,9 +17,12 @@ from typing import Any
 
 import yaml
 
+from fvlm_core.atomic import atomic_write_text
 from fvlm_core.calibration import check_thresholds, from_config, to_config
 from fvlm_core.errors import ConfigError
+from fvlm_core.findings import Finding, FindingSet, ctrate_findings
 from fvlm_core.model.calibrated_with import check_entries
+from fvlm_core.preprocess import ModelSpaceConfig
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
@@ -232,16 +235,12 @@ class FVLMConfig:
     # ------------------------------------------------------------------ helpers
     def finding_set(self):
         """The configured findings as a :class:`fvlm_core.findings.FindingSet` (checked against anatomies)."""
-        from fvlm_core.findings import Finding, FindingSet
-
         fs = FindingSet([Finding.from_dict(f) for f in self.findings or []])
         fs.check_anatomies(self.anatomies)
         return fs
 
     def model_space(self):
         """The preprocessing as a ``fvlm_core.preprocess.ModelSpaceConfig``."""
-        from fvlm_core.preprocess import ModelSpaceConfig
-
         return ModelSpaceConfig.from_dict(self.preprocessing)
 
     def to_dict(self) -> dict[str, Any]:
@@ -265,8 +264,6 @@ class FVLMConfig:
         return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None, width=100)
 
     def save(self, path: str | os.PathLike) -> Path:
-        from fvlm_core.atomic import atomic_write_text
-
         return atomic_write_text(path, self.to_yaml())
 
 
@@ -319,8 +316,6 @@ def _build(cls, d: Mapping[str, Any], where: str):
 
 
 def _default_findings(anatomies: list[str]) -> list[dict[str, Any]]:
-    from fvlm_core.findings import ctrate_findings
-
     return [f.to_dict() for f in ctrate_findings() if f.anatomy in anatomies]
 
 

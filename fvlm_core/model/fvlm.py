@@ -8,23 +8,26 @@ pooling attention), ``query_tokens`` and ``temp``. Project-only parameters: with
 
 The model holds parameters only. Text-encoder outputs that stay fixed while the encoder is frozen
 are kept by whoever needs them, in a :class:`~fvlm_core.model.text.TextCache` passed to
-:meth:`FVLM.encode_text` (the trainer); prompt embeddings by the analyzer's
-:class:`~fvlm_core.zeroshot.prompts.PromptCache`. The whole-volume head of the CLIP baseline is
-not part of this model (``fvlm_training.baseline.GlobalCLIP`` wraps one).
+:meth:`FVLM.encode_text` (the trainer); prompt embeddings by text identity in the analyzer's
+:class:`~fvlm_core.zeroshot.prompts.PromptCache`. A model folder loaded for scoring with its stored
+prompt embeddings is built without its text encoder (``build_text=False``), which
+:func:`~fvlm_core.model.checkpoint.load_text_encoder` attaches when a new prompt must be encoded.
+The whole-volume head of the CLIP baseline is not part of this model
+(``fvlm_training.baseline.GlobalCLIP`` wraps one).
 """
 
 from __future__ import annotations
 
 import math
 import os
-import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from fvlm_core.errors import ConfigError, InputError
+from fvlm_core.model.checkpoint import Pretrained
 from fvlm_core.model.config import FVLMConfig, load_config
 from fvlm_core.model.pooling import (
     AnatomyEmbeddings,
@@ -47,7 +50,7 @@ from fvlm_core.model.text import (
 from fvlm_core.model.vision import TokenGrid, build_vision_encoder
 
 
-class FVLM(nn.Module):
+class FVLM(Pretrained, nn.Module):
     """Fine-grained vision-language model (Shui et al., ICLR 2025).
 
     Args:
@@ -56,12 +59,10 @@ class FVLM(nn.Module):
             (a checkpoint's ``text/`` folder).
         load_text_weights: load the text encoder's pretrained weights (False when a checkpoint
             provides them).
-        text_weights: defer the text encoder (and ``transformers``) until it is first used:
-            ``text_weights()`` then returns its state dict (names without ``text_encoder.``).
-            Needs ``text_source`` to be a folder whose ``config.json`` gives ``hidden_size``
-            (else the encoder is built now and ``text_weights`` is ignored). Until then the
-            model's ``state_dict()`` and parameters lack the encoder; :meth:`load_text_encoder`
-            builds it (``text_encoder``, ``tokenizer`` and every text method do so on access).
+        build_text: False leaves the text encoder (and ``transformers``) out: ``text_encoder`` and
+            ``tokenizer`` are None, the model's ``state_dict()`` and parameters lack the encoder,
+            and encoding text raises until :meth:`attach_text_encoder`. Needs ``text_source`` to
+            be a folder whose ``config.json`` gives ``hidden_size`` (else the encoder is built).
     """
 
     def __init__(
@@ -69,7 +70,7 @@ class FVLM(nn.Module):
         config: FVLMConfig,
         text_source: str | os.PathLike | None = None,
         load_text_weights: bool = True,
-        text_weights: Callable[[], dict[str, torch.Tensor]] | None = None,
+        build_text: bool = True,
     ) -> None:
         super().__init__()
         self.config = config
@@ -77,14 +78,18 @@ class FVLM(nn.Module):
         c = config.vision.hidden_size
         d = config.embed_dim
         self.visual_encoder = build_vision_encoder(config.vision)
-        text_hidden = folder_hidden_size(text_source) if text_weights is not None else None
+        # the text encoder's place in the module order (state_dict and parameter order), filled now
+        # or by attach_text_encoder
+        self.register_module("text_encoder", None)
+        #: the text encoder's tokenizer (a ``transformers`` tokenizer), with the encoder
+        self.tokenizer = None
+        text_hidden = None if build_text else folder_hidden_size(text_source)
         if text_hidden is None:
-            self.text_encoder, self.tokenizer = build_text_encoder(
+            encoder, self.tokenizer = build_text_encoder(
                 config.text, source=text_source, weights=load_text_weights
             )
-            text_hidden = self.text_encoder.config.hidden_size
-        else:  # built by load_text_encoder on first use (see _DEFERRED)
-            self._pending_text = (text_source, text_weights)
+            self.text_encoder = encoder
+            text_hidden = encoder.config.hidden_size
         self.text_proj = nn.Linear(text_hidden, d)
         self.attention = nn.MultiheadAttention(
             c, config.pool_heads, dropout=config.pool_dropout, batch_first=True
@@ -102,84 +107,37 @@ class FVLM(nn.Module):
         if config.text.freeze and self.text_loaded:
             self.freeze_text(config.text.train_top_layers)
 
-    # ------------------------------------------------------------------ deferred text encoder
-    #: attributes that exist once the text encoder is built
-    _DEFERRED = frozenset({"text_encoder", "tokenizer"})
-    _text_lock = threading.Lock()  # one build, whichever thread asks first
-
-    def __getattr__(self, name: str):
-        # only reached when normal lookup fails: submodules, and the text encoder not built yet
-        if name in FVLM._DEFERRED and self.__dict__.get("_pending_text") is not None:
-            self.load_text_encoder()
-            return getattr(self, name)  # now a submodule (text_encoder) or an attribute (tokenizer)
-        return super().__getattr__(name)
-
+    # ------------------------------------------------------------------ text encoder
     @property
     def text_loaded(self) -> bool:
-        """False while the text encoder is deferred (``text_weights``) and not yet built."""
-        return self.__dict__.get("_pending_text") is None
+        """False for a model built without its text encoder (``build_text=False``; a folder loaded
+        with ``lazy_text=True``) until :meth:`attach_text_encoder`."""
+        return self.text_encoder is not None
 
-    def load_text_encoder(self) -> None:
-        """Build a deferred text encoder now from its folder and weights (no-op when built), on
-        the model's device, frozen and in the mode the config and the model say.
+    def attach_text_encoder(self, encoder: nn.Module, tokenizer) -> None:
+        """Give a model built without its text encoder (``build_text=False``) the encoder and its
+        tokenizer, on the model's device and dtype, frozen and in the mode the config and the
+        model say (:func:`fvlm_core.model.checkpoint.load_text_encoder` builds them from a folder)."""
+        encoder.to(self.text_proj.weight.device, self.text_proj.weight.dtype)
+        self.text_encoder = encoder  # takes the place registered in __init__: the order stays
+        self.tokenizer = tokenizer
+        if self.config.text.freeze:
+            self.freeze_text(self.config.text.train_top_layers)
+        self.train(self.training)
 
-        Raises:
-            CheckpointError: its weights do not match the encoder its folder describes.
-        """
-        if self.__dict__.get("_pending_text") is None:
-            return
-        from fvlm_core.model.checkpoint import check_state_dict
-
-        with FVLM._text_lock:
-            pending = self.__dict__.get("_pending_text")
-            if pending is None:  # built by another thread meanwhile
-                return
-            source, read_weights = pending
-            # parameters made inside inference mode (e.g. the first prompt encoded under it) could
-            # never be trained or version-tracked: build them as ordinary tensors
-            with torch.inference_mode(False), torch.no_grad():
-                encoder, tokenizer = build_text_encoder(
-                    self.config.text, source=source, weights=False, initialise=False
-                )  # every parameter is loaded just below (strict, names and shapes checked)
-                state = read_weights()
-                check_state_dict(encoder, state, f"{source} (text encoder weights)")
-                encoder.load_state_dict(state, strict=True)
-                encoder.to(self.text_proj.weight.device, self.text_proj.weight.dtype)
-            self.text_encoder = encoder
-            self.tokenizer = tokenizer
-            # keep the registration order of a model built whole (state_dict and parameter order)
-            order = ["visual_encoder", "text_encoder"]
-            self._modules = {
-                **{k: self._modules[k] for k in order if k in self._modules},
-                **{k: v for k, v in self._modules.items() if k not in order},
-            }
-            del self.__dict__["_pending_text"]  # built: a failure above leaves it deferred
-            if self.config.text.freeze:
-                self.freeze_text(self.config.text.train_top_layers)
-            self.train(self.training)
+    def _text_encoder(self) -> nn.Module:
+        if self.text_encoder is None:
+            raise InputError(
+                "this model was built without its text encoder (loaded with lazy_text=True): add it "
+                "with fvlm_core.model.checkpoint.load_text_encoder(model, folder) before encoding text"
+            )
+        return self.text_encoder
 
     # ------------------------------------------------------------------ construction / io
     @classmethod
     def from_config(cls, config: FVLMConfig | str | os.PathLike, **kwargs) -> FVLM:
         """A freshly initialised model for a config object, bundled name or YAML path."""
         return cls(load_config(config), **kwargs)
-
-    def save_pretrained(self, directory: str | os.PathLike, *, store_prompts: bool = True, **config_updates):
-        """Write ``model.safetensors``, ``config.yaml``, ``text/`` (tokenizer + encoder config) and
-        the finding prompts' embeddings (:func:`fvlm_core.model.checkpoint.save_pretrained`)."""
-        from fvlm_core.model.checkpoint import save_pretrained
-
-        return save_pretrained(self, directory, store_prompts=store_prompts, **config_updates)
-
-    @classmethod
-    def from_pretrained(
-        cls, directory: str | os.PathLike, device: str | torch.device = "cpu", lazy_text: bool = False
-    ) -> FVLM:
-        """Load a folder written by :meth:`save_pretrained` (never unpickles); ``lazy_text``
-        defers the text encoder until it is used (:func:`~fvlm_core.model.checkpoint.from_pretrained`)."""
-        from fvlm_core.model.checkpoint import from_pretrained
-
-        return from_pretrained(directory, device=device, lazy_text=lazy_text)
 
     @property
     def device(self) -> torch.device:
@@ -204,7 +162,7 @@ class FVLM(nn.Module):
 
     def train(self, mode: bool = True) -> FVLM:
         super().train(mode)
-        if not self.text_loaded:  # load_text_encoder applies the mode when it builds it
+        if not self.text_loaded:  # attach_text_encoder applies the mode
             return self
         split = self.text_split
         if self.text_frozen or split is not None:
@@ -362,7 +320,7 @@ class FVLM(nn.Module):
     @property
     def text_frozen(self) -> bool:
         """True when text features are a fixed function: no trainable encoder weight or adapter."""
-        params = list(self.text_encoder.parameters())
+        params = list(self._text_encoder().parameters())
         if self.text_adapter is not None:
             params += list(self.text_adapter.parameters())
         return not any(p.requires_grad for p in params)
@@ -371,10 +329,11 @@ class FVLM(nn.Module):
         """Freeze the text encoder except its top ``train_top_layers`` transformer layers, and
         record that in ``config.text`` (so a saved checkpoint says how it was trained)."""
         top = int(train_top_layers)
-        layers = transformer_layers(self.text_encoder) if top else None
+        encoder = self._text_encoder()
+        layers = transformer_layers(encoder) if top else None
         if layers is not None and top > len(layers):
             raise ConfigError(f"text.train_top_layers is {top} but the text encoder has {len(layers)} layers")
-        self.text_encoder.requires_grad_(False)
+        encoder.requires_grad_(False)
         if layers is not None:
             layers[len(layers) - top :].requires_grad_(True)
         self.config.text.freeze = True
@@ -388,7 +347,7 @@ class FVLM(nn.Module):
         cfg = self.config.text
         if not cfg.freeze or not (cfg.train_top_layers or self.text_adapter is not None):
             return None
-        return len(transformer_layers(self.text_encoder)) - cfg.train_top_layers
+        return len(transformer_layers(self._text_encoder())) - cfg.train_top_layers
 
     def _fill_text_states(self, texts: list[str], split: int, cache: TextCache) -> None:
         """Encode into ``cache.states`` the ``(T_i, H)`` token states entering layer ``split`` of
@@ -398,7 +357,9 @@ class FVLM(nn.Module):
             with torch.no_grad():
                 cache.states.put(
                     missing,
-                    encode_layer_states(self.text_encoder, self.tokenizer, missing, self.config.text, split),
+                    encode_layer_states(
+                        self._text_encoder(), self.tokenizer, missing, self.config.text, split
+                    ),
                 )
 
     def _text_states(self, texts: list[str], split: int, cache: TextCache | None) -> list[torch.Tensor]:
@@ -406,7 +367,9 @@ class FVLM(nn.Module):
         from ``cache`` (encoded into it if missing), or encoded now without one."""
         if cache is None:
             with torch.no_grad():
-                return encode_layer_states(self.text_encoder, self.tokenizer, texts, self.config.text, split)
+                return encode_layer_states(
+                    self._text_encoder(), self.tokenizer, texts, self.config.text, split
+                )
         self._fill_text_states(texts, split, cache)
         return [s.to(self.device) for s in cache.states.rows(texts)]
 
@@ -414,9 +377,11 @@ class FVLM(nn.Module):
         cfg = self.config.text
         split = self.text_split
         if split is None:
-            return encode_features(self.text_encoder, self.tokenizer, texts, cfg, adapter=self.text_adapter)
+            return encode_features(
+                self._text_encoder(), self.tokenizer, texts, cfg, adapter=self.text_adapter
+            )
         states = self._text_states(texts, split, cache)
-        return encode_from_layer(self.text_encoder, states, split, cfg.pooling, adapter=self.text_adapter)
+        return encode_from_layer(self._text_encoder(), states, split, cfg.pooling, adapter=self.text_adapter)
 
     def cache_text(self, texts: Sequence[str], cache: TextCache) -> None:
         """Encode ``texts`` now, in this order, into ``cache`` as training reads it: the frozen
@@ -470,3 +435,7 @@ class FVLM(nn.Module):
     ) -> AnatomyEmbeddings:
         """Alias of :meth:`encode_image` (so DDP wraps the image path)."""
         return self.encode_image(image, labels, present=present, membership=membership)
+
+
+#: ``fvlm_core.model.from_pretrained(directory, device, lazy_text)``: :meth:`FVLM.from_pretrained`
+from_pretrained = FVLM.from_pretrained

@@ -25,6 +25,7 @@ import torch
 
 from fvlm_core.errors import CheckpointError, ConfigError
 from fvlm_core.model.config import FVLMConfig, load_config
+from fvlm_core.model.fvlm import FVLM
 
 #: Official tensors that are not needed for inference (reported, never an error).
 EXPECTED_UNUSED = (
@@ -70,28 +71,44 @@ def _component(key: str) -> str:
     return "head"
 
 
-def read_official_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The ``["model"]`` tensors of an official checkpoint, loaded with ``weights_only=True``."""
+def read_model_tensors(path: str | os.PathLike, what: str, advice: str) -> dict[str, torch.Tensor]:
+    """The ``["model"]`` tensors of a torch checkpoint file (the official fVLM checkpoint, MAE's ViT),
+    loaded with ``weights_only=True``: never unpickled.
+
+    Args:
+        what: the file's role in messages (``"checkpoint"``, ``"init_from"``).
+        advice: what to give instead, ending each message.
+
+    Raises:
+        CheckpointError: no such file, not a weights-only torch file, or no ``["model"]`` dict.
+    """
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"{path}: checkpoint file not found")
+        raise CheckpointError(f"{what} {path} does not exist: {advice}")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch's notes on pickle protocols: the error says enough
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # unpickling errors come in many types
         raise CheckpointError(
-            f"{path}: not a checkpoint fvlm can read safely ({_unpickling_reason(exc)}). It is not a torch "
-            "file, or it holds Python objects besides tensors, and loading those could run code from the "
-            "file: fvlm never does. Give the official fVLM checkpoint (a .pth whose ['model'] holds only "
-            "tensors), or ask whoever made this file for a plain-tensor or safetensors copy"
+            f"{what} {path} is not a checkpoint fvlm can read safely ({_unpickling_reason(exc)}). It is "
+            "not a torch file, or it holds Python objects besides tensors, and loading those could run "
+            f"code from the file: fvlm never does. {advice[0].upper()}{advice[1:]}"
         ) from exc
     state = obj.get("model") if isinstance(obj, dict) else None
     if not isinstance(state, dict):
-        raise CheckpointError(
-            f"{path}: no ['model'] dict of tensors; not an official fVLM (LAVIS) checkpoint"
-        )
+        raise CheckpointError(f"{what} {path} has no ['model'] dict of tensors: {advice}")
     return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+
+
+def read_official_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The ``["model"]`` tensors of an official fVLM (LAVIS) checkpoint."""
+    return read_model_tensors(
+        path,
+        "checkpoint",
+        "give the official fVLM checkpoint (a .pth whose ['model'] holds only tensors), or ask whoever "
+        "made this file for a plain-tensor or safetensors copy",
+    )
 
 
 def _unpickling_reason(exc: Exception) -> str:
@@ -187,8 +204,6 @@ def import_official_state(
     Returns:
         ``(model, report)``: the model in eval mode and an :class:`ImportReport`.
     """
-    from fvlm_core.model.fvlm import FVLM
-
     config = config_from_official(state, text_encoder, anatomies, img_size)
     with torch.device("meta"):  # names and shapes without allocating the model
         skeleton = FVLM(config, load_text_weights=False)

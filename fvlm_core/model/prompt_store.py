@@ -26,8 +26,12 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 from fvlm_core.errors import warn
+from fvlm_core.findings import Finding
+from fvlm_core.model.weights import WEIGHTS_NAME, read_metadata
 
 STORE_NAME = "prompt_embeddings.safetensors"
 #: model.safetensors metadata key: SHA-256 of the text-side tensors (:func:`text_weights_digest`).
@@ -71,8 +75,6 @@ def text_identity(weights_digest: str, text_dir: str | os.PathLike | None, confi
 def prompt_texts(config) -> list[str]:
     """Every wording of the config's findings, once each, in order (not checked against the
     anatomies: a save must not fail on what only the analyzer refuses)."""
-    from fvlm_core.findings import Finding
-
     texts: dict[str, None] = {}
     for f in (Finding.from_dict(d) for d in config.findings or []):
         for t in (*f.positive, *f.negative):
@@ -97,8 +99,6 @@ def write_store(
     path: str | os.PathLike, texts: Sequence[str], embeddings: torch.Tensor, identity: str
 ) -> None:
     """Write ``embeddings (N, D)`` of ``texts`` with their text ``identity`` as safetensors."""
-    from safetensors.torch import save_file
-
     if embeddings.shape[0] != len(texts):
         raise ValueError(f"{len(texts)} texts but {embeddings.shape[0]} embeddings")
     metadata = {"format": _FORMAT, "texts": json.dumps(list(texts)), "text_identity": identity}
@@ -112,8 +112,6 @@ def read_store(path: str | os.PathLike, identity: str | None) -> dict[str, torch
     says why, when the store is unreadable or was computed for another text side (its prompts
     are then encoded by the text encoder: slower, same result).
     """
-    from safetensors import SafetensorError, safe_open
-
     path = Path(path)
     if identity is None or not path.is_file():
         return {}
@@ -144,10 +142,25 @@ def read_store(path: str | os.PathLike, identity: str | None) -> dict[str, torch
     return {t: row.clone() for t, row in zip(texts, emb.float())}
 
 
-def folder_identity(directory: str | os.PathLike, config, weights_metadata: Mapping[str, str]) -> str | None:
-    """The text identity of a model folder (None when its weights record no text digest:
-    a folder saved before stored prompt embeddings existed)."""
-    digest = weights_metadata.get(TEXT_DIGEST_KEY)
-    if not digest:
-        return None
-    return text_identity(digest, Path(directory) / "text", config)
+def folder_text_identity(model_dir: str | os.PathLike, config) -> str | None:
+    """The text identity of a model folder (None when its weights record no text digest: a folder
+    saved before stored prompt embeddings existed, or one without weights)."""
+    weights = Path(model_dir) / WEIGHTS_NAME
+    digest = read_metadata(weights).get(TEXT_DIGEST_KEY) if weights.is_file() else None
+    return text_identity(digest, Path(model_dir) / "text", config) if digest else None
+
+
+def model_text_identity(model: torch.nn.Module) -> str:
+    """The text identity of a model in memory, from its text-side tensors as they are now (all its
+    tensors when none has a text-side name) and its config's text settings; no ``text/`` folder.
+    Hashes the tensors (about 0.3 s for a BERT-base): a model folder's identity comes from its
+    weights' metadata instead (:func:`folder_text_identity`)."""
+    tensors = model.state_dict()
+    if not any(k.startswith(TEXT_PREFIXES) for k in tensors):
+        tensors = {TEXT_PREFIXES[0] + k: v for k, v in tensors.items()}
+    config = getattr(model, "config", None)
+    text = {k: v for k, v in config.to_dict()["text"].items() if k != "name_or_path"} if config else {}
+    payload = {"weights": text_weights_digest(tensors), "text": text}
+    if config is not None:
+        payload["embed_dim"] = config.embed_dim
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()

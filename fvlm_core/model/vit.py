@@ -1,14 +1,16 @@
-"""MONAI's ViT (``monai.networks.nets.ViT``, MONAI 1.6) in plain torch, for importing in a blink.
+"""MONAI's ViT (``monai.networks.nets.ViT``, MONAI 1.6) in plain torch, so that analysis never imports MONAI.
 
-``import monai`` imports every MONAI submodule (its ``__init__`` walks the package), which pulls
-transformers, scipy's and pandas' stacks and more: about 3 s on a 2-core CPU, twice a ViT-B forward,
-for the dozen layers the image encoder uses. This module rebuilds exactly those layers: the same
-module tree and registration order (so the same state-dict names and parameter order), the same
-initialisation draws in the same order (so a seed gives the same weights), and the same operations
-in ``forward`` (so the same outputs, bit for bit). ``Testing/test_model_vit.py`` holds it to MONAI's
-own classes on all three. Only what the project's encoder uses is built: 3D, ``proj_type="conv"``,
-``pos_embed_type="learnable"``, no classification head, no cross-attention, causal attention or
-saved attention maps.
+This is the project's one re-implementation of a MONAI part, kept because the import is what a user
+waits for: ``import monai`` imports every MONAI submodule (its ``__init__`` walks the package,
+pulling transformers, scipy's and pandas' stacks and more), 5.0-5.2 s after torch on the 2-core
+machine, more than a ViT-B forward (4.4 s) and most of ``fvlm analyze``'s 7 s. Training uses
+MONAI itself (``fvlm_core.data.samples``). This module rebuilds exactly the layers the image
+encoder uses: the same module tree and registration order (so the same state-dict names and
+parameter order), the same initialisation draws in the same order (so a seed gives the same
+weights), and the same operations in ``forward`` (so the same outputs, bit for bit).
+``Testing/test_model_vit.py`` holds it to MONAI's own classes on all three. Only what the
+project's encoder uses is built: 3D, ``proj_type="conv"``, ``pos_embed_type="learnable"``, no
+classification head, no cross-attention, causal attention or saved attention maps.
 """
 
 from __future__ import annotations

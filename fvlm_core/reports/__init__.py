@@ -7,10 +7,10 @@
   :func:`labels_by_anatomy` groups positive labels by the anatomy fVLM scores them on.
 """
 
+from fvlm_core.errors import ReportWarning
 from fvlm_core.reports.decompose import (
     Decomposer,
     ReportDecomposition,
-    ReportWarning,
     decompose_report,
     decomposition_from_texts,
     load_decomposition_files,

@@ -39,8 +39,10 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fvlm_core.anatomy import CTRATE_CATALOG
-from fvlm_core.errors import DataError, InputError
+from fvlm_core.anatomy import CTRATE_CATALOG, EXTENDED_CATALOG
+from fvlm_core.errors import DataError, InputError, ReportWarning
+from fvlm_core.findings import CTRATE_LABEL_ANATOMY
+from fvlm_core.reports.labels import label_mentions
 from fvlm_core.reports.lexicon import anatomies_in
 from fvlm_core.reports.negation import NEGATED, classify, prepare
 from fvlm_core.reports.sentences import clauses, looks_english, split_sentences
@@ -48,7 +50,6 @@ from fvlm_core.reports.sentences import clauses, looks_english, split_sentences
 __all__ = [
     "Decomposer",
     "ReportDecomposition",
-    "ReportWarning",
     "decompose_report",
     "decomposition_from_texts",
     "load_decomposition_files",
@@ -61,10 +62,6 @@ __all__ = [
 
 #: ``(findings, impression, anatomies) -> {anatomy: (findings_text, impression_text)}``.
 Decomposer = Callable[[str, str, Sequence[str]], Mapping[str, "tuple[str, str] | str"]]
-
-
-class ReportWarning(UserWarning):
-    """A report is empty or not English: its decomposition carries no information."""
 
 
 def normal_template(anatomy: str) -> str:
@@ -228,10 +225,6 @@ _ANAPHORA = re.compile(
 def _finding_anatomies(sentence: str, anatomies: Sequence[str]) -> list[str]:
     """Anatomies (of ``anatomies``, in that order) of the CT-RATE findings a sentence mentions,
     negated or not, when it names no organ of any catalog ("Fibrotic sequelae." -> lung)."""
-    from fvlm_core.anatomy import EXTENDED_CATALOG
-    from fvlm_core.findings import CTRATE_LABEL_ANATOMY
-    from fvlm_core.reports.labels import label_mentions
-
     if anatomies_in(prepare(sentence), EXTENDED_CATALOG.names):
         return []
     found = {

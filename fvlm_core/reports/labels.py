@@ -14,7 +14,7 @@ import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
-from fvlm_core.errors import InputError
+from fvlm_core.errors import InputError, ReportWarning
 from fvlm_core.findings import CTRATE_LABEL_ANATOMY, CTRATE_LABELS
 from fvlm_core.reports.negation import NEGATED, find_mentions, prepare
 from fvlm_core.reports.sentences import clauses, looks_english, split_sentences
@@ -246,7 +246,7 @@ def extract_labels(
 
     A label is 1 when at least one mention is not negated (uncertain mentions count).
     Empty text (or ``None`` / NaN) gives all zeros. Non-English text gives all zeros and a
-    :class:`~fvlm_core.reports.decompose.ReportWarning` (``on_bad_report="warn"``), an
+    :class:`~fvlm_core.errors.ReportWarning` (``on_bad_report="warn"``), an
     :class:`~fvlm_core.errors.InputError` (``"error"``) or nothing (``"ignore"``).
     """
     labels = list(labels)
@@ -262,8 +262,6 @@ def extract_labels(
         if on_bad_report == "error":
             raise InputError(msg)
         if on_bad_report == "warn":
-            from fvlm_core.reports.decompose import ReportWarning
-
             warnings.warn(msg, ReportWarning, stacklevel=2)
         return dict.fromkeys(labels, 0)
     parts = _split(text)

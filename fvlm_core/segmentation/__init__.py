@@ -1,38 +1,28 @@
-"""Anatomy segmentation of CTs: one interface, three backends (label map, TotalSegmentator, built-in)."""
+"""Anatomy segmentation of CTs: one interface, four backends (built-in, TotalSegmentator, a label
+map, given segments), chosen by name in :mod:`~fvlm_core.segmentation.choice`.
+
+The backends live in their own modules (:mod:`~fvlm_core.segmentation.builtin`,
+:mod:`~fvlm_core.segmentation.totalseg`, :mod:`~fvlm_core.segmentation.labelmap`) and are imported
+only when chosen.
+"""
 
 from fvlm_core.segmentation.base import (
-    BACKENDS,
     AnatomyFacts,
     AnatomySegmentation,
     Progress,
     SegmentationBackend,
     compute_facts,
-    get_backend,
-    segment_ct,
 )
-from fvlm_core.segmentation.builtin import BuiltinBackend, BuiltinParams, segment_masks
-from fvlm_core.segmentation.labelmap import LabelMapBackend, merge_labels
-from fvlm_core.segmentation.totalseg import TotalSegmentatorBackend
-from fvlm_core.segmentation.totalseg_classes import TOTAL_CLASS_MAP
-
-SegmentationBackend.register(BuiltinBackend)
-SegmentationBackend.register(LabelMapBackend)
-SegmentationBackend.register(TotalSegmentatorBackend)
+from fvlm_core.segmentation.choice import BACKENDS, choose_backend, get_backend, segment_ct
 
 __all__ = [
     "BACKENDS",
-    "TOTAL_CLASS_MAP",
     "AnatomyFacts",
     "AnatomySegmentation",
-    "BuiltinBackend",
-    "BuiltinParams",
-    "LabelMapBackend",
     "Progress",
     "SegmentationBackend",
-    "TotalSegmentatorBackend",
+    "choose_backend",
     "compute_facts",
     "get_backend",
-    "merge_labels",
     "segment_ct",
-    "segment_masks",
 ]

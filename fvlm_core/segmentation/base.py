@@ -1,4 +1,5 @@
-"""Anatomy segmentations on a CT grid, their per-anatomy facts, and the backend interface.
+"""Anatomy segmentations on a CT grid, their per-anatomy facts, and the backend interface
+(:class:`SegmentationBackend`; :mod:`fvlm_core.segmentation.choice` builds one by name).
 
 Rule for ``cut_by_fov``: an anatomy is cut by the field of view when at least one voxel of its
 mask lies on any of the six faces of the volume (in practice mostly the first or last axial
@@ -7,18 +8,18 @@ slice). Such an anatomy is only partly imaged, so its volume is a lower bound.
 
 from __future__ import annotations
 
-import abc
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from fvlm_core.anatomy import CTRATE_CATALOG, AnatomyCatalog, get_catalog
+from fvlm_core.anatomy import CTRATE_CATALOG, AnatomyCatalog
 from fvlm_core.errors import ConfigError, GeometryError
-from fvlm_core.io import CTVolume, Geometry, LabelVolume, write_image
+from fvlm_core.geometry import Geometry
+from fvlm_core.io import CTVolume, LabelVolume, write_image
 
 #: progress callback: ``callback(step_description, fraction_done in [0, 1])``.
 Progress = Callable[[str, float], None]
@@ -170,58 +171,18 @@ class AnatomySegmentation:
         return write_image(self.labelmap, self.geometry, path)
 
 
-class SegmentationBackend(abc.ABC):
-    """Turns a CT into an :class:`AnatomySegmentation` for a catalog."""
+@runtime_checkable
+class SegmentationBackend(Protocol):
+    """What a segmentation backend is: a ``name`` (its key in
+    :data:`fvlm_core.segmentation.choice.BACKENDS`) and a ``segment`` method. The backends
+    (:mod:`~fvlm_core.segmentation.builtin`, :mod:`~fvlm_core.segmentation.labelmap`,
+    :mod:`~fvlm_core.segmentation.totalseg`) satisfy it by their shape; a caller may pass any
+    object that does."""
 
-    name: str = "backend"
+    name: str
 
-    @abc.abstractmethod
     def segment(
         self, ct: CTVolume, catalog: AnatomyCatalog = CTRATE_CATALOG, progress: Progress | None = None
     ) -> AnatomySegmentation:
         """Segment ``ct`` into the anatomies of ``catalog`` on the CT's own grid."""
-
-
-BACKENDS = ("builtin", "totalsegmentator", "labelmap", "segments")
-
-
-def get_backend(name: str, **options: Any) -> SegmentationBackend:
-    """Backend by name, built with its constructor's options: ``"builtin"``,
-    ``"totalsegmentator"``, ``"labelmap"`` (needs ``path=``) or ``"segments"`` (``segments=``).
-
-    Applications choose theirs from user options with
-    :func:`fvlm_core.segmentation.choice.choose_backend`, which builds it here.
-    """
-    if name == "builtin":
-        from fvlm_core.segmentation.builtin import BuiltinBackend
-
-        return BuiltinBackend(**options)
-    if name == "totalsegmentator":
-        from fvlm_core.segmentation.totalseg import TotalSegmentatorBackend
-
-        return TotalSegmentatorBackend(**options)
-    if name == "labelmap":
-        from fvlm_core.segmentation.labelmap import LabelMapBackend
-
-        if options.get("path") is None:
-            raise ConfigError("the labelmap backend needs a label map: pass --labelmap FILE (or path=...)")
-        return LabelMapBackend(**options)
-    if name == "segments":
-        from fvlm_core.segmentation.labelmap import SegmentsBackend
-
-        return SegmentsBackend(**options)
-    raise ConfigError(f"unknown segmentation backend {name!r} (choose from: {', '.join(BACKENDS)})")
-
-
-def segment_ct(
-    ct: CTVolume,
-    backend: str | SegmentationBackend = "builtin",
-    catalog: AnatomyCatalog | str = CTRATE_CATALOG,
-    progress: Progress | None = None,
-    **options: Any,
-) -> AnatomySegmentation:
-    """Segment a CT with a backend (name or instance) into ``catalog``'s anatomies."""
-    if isinstance(catalog, str):
-        catalog = get_catalog(catalog)
-    be = get_backend(backend, **options) if isinstance(backend, str) else backend
-    return be.segment(ct, catalog, progress=progress)
+        ...

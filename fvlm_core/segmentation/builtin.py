@@ -54,8 +54,10 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage as ndi
 
+from fvlm_core.anatomy import CTRATE_CATALOG
 from fvlm_core.boxes import nonzero_box
-from fvlm_core.io import Geometry
+from fvlm_core.geometry import Geometry
+from fvlm_core.segmentation.base import AnatomySegmentation
 from fvlm_core.segmentation.morphology import (
     ball,
     box_mean,
@@ -816,9 +818,6 @@ class BuiltinBackend:
         self.params = params or BuiltinParams()
 
     def segment(self, ct, catalog=None, progress: Progress | None = None):
-        from fvlm_core.anatomy import CTRATE_CATALOG
-        from fvlm_core.segmentation.base import AnatomySegmentation
-
         catalog = catalog or CTRATE_CATALOG
         labels = segment_labels(ct.array, ct.geometry, self.params, progress)
         # builtin label -> catalog label (lung = both lungs); one lookup instead of a pass per mask

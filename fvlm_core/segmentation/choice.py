@@ -4,20 +4,63 @@
 :func:`fvlm_core.zeroshot.pipeline.run`), and ``fvlm prepare`` / ``fvlm evaluate`` (through
 :func:`fvlm_core.data.ctrate.make_segmenter`) all choose their backend here, so they read the
 same options the same way and warn alike when a CT is much coarser than its segmenter works at.
+
+:data:`BACKENDS` names each backend's module and class; :func:`get_backend` imports only the
+module of the backend asked for (the built-in segmenter's scipy stack, TotalSegmentator's
+process handling), so a user of one backend loads none of the others.
 """
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from fvlm_core.anatomy import AnatomyCatalog
+from fvlm_core.anatomy import CTRATE_CATALOG, AnatomyCatalog, get_catalog
 from fvlm_core.errors import ConfigError, warn
 from fvlm_core.io import CTVolume
-from fvlm_core.segmentation.base import BACKENDS, AnatomySegmentation, Progress, SegmentationBackend
+from fvlm_core.preprocess import spacing_warning
+from fvlm_core.segmentation.base import AnatomySegmentation, Progress, SegmentationBackend
+
+#: backend name -> ``module:class`` of its :class:`~fvlm_core.segmentation.base.SegmentationBackend`
+BACKENDS: dict[str, str] = {
+    "builtin": "fvlm_core.segmentation.builtin:BuiltinBackend",
+    "totalsegmentator": "fvlm_core.segmentation.totalseg:TotalSegmentatorBackend",
+    "labelmap": "fvlm_core.segmentation.labelmap:LabelMapBackend",
+    "segments": "fvlm_core.segmentation.labelmap:SegmentsBackend",
+}
 
 #: The sources :func:`choose_backend` takes.
-SOURCES = BACKENDS
+SOURCES = tuple(BACKENDS)
+
+
+def get_backend(name: str, **options: Any) -> SegmentationBackend:
+    """Backend by name, built with its constructor's options: ``"builtin"``,
+    ``"totalsegmentator"``, ``"labelmap"`` (needs ``path=``) or ``"segments"`` (``segments=``).
+
+    Applications choose theirs from user options with :func:`choose_backend`, which builds it here.
+    """
+    if name not in BACKENDS:
+        raise ConfigError(f"unknown segmentation backend {name!r} (choose from: {', '.join(BACKENDS)})")
+    if name == "labelmap" and options.get("path") is None:
+        raise ConfigError("the labelmap backend needs a label map: pass --labelmap FILE (or path=...)")
+    module, cls = BACKENDS[name].split(":")
+    return getattr(importlib.import_module(module), cls)(**options)
+
+
+def segment_ct(
+    ct: CTVolume,
+    backend: str | SegmentationBackend = "builtin",
+    catalog: AnatomyCatalog | str = CTRATE_CATALOG,
+    progress: Progress | None = None,
+    **options: Any,
+) -> AnatomySegmentation:
+    """Segment a CT with a backend (name or instance) into ``catalog``'s anatomies."""
+    if isinstance(catalog, str):
+        catalog = get_catalog(catalog)
+    be = get_backend(backend, **options) if isinstance(backend, str) else backend
+    return be.segment(ct, catalog, progress=progress)
+
 
 #: voxel size (z, y, x mm) each segmenter works at, for the warning about much coarser CTs; the
 #: builtin segmenter is tuned on diagnostic chest CT, i.e. the reference model space. A given
@@ -52,8 +95,6 @@ def choose_backend(
     Raises:
         ConfigError: an unknown source, or a source without the input it needs.
     """
-    from fvlm_core.segmentation.base import get_backend
-
     options: dict[str, Any] = {}
     if source == "totalsegmentator":
         options = {"fast": fast, "device": device, "allow_download": allow_download}
@@ -76,8 +117,6 @@ def segment(
     ct: CTVolume, catalog: AnatomyCatalog, backend: SegmentationBackend, progress: Progress | None = None
 ) -> AnatomySegmentation:
     """Segment ``ct`` with ``backend``; first warn when ``ct`` is much coarser than it works at."""
-    from fvlm_core.preprocess import spacing_warning
-
     kind = spacing_kind(backend)
     if kind in BACKEND_SPACING_ZYX:
         coarse = spacing_warning(ct.geometry, BACKEND_SPACING_ZYX[kind], f"the {kind} segmenter", ct.source)

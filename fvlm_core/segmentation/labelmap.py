@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from fvlm_core.anatomy import CTRATE_CATALOG, AnatomyCatalog, load_class_map
-from fvlm_core.errors import InputError
+from fvlm_core.errors import GeometryError, InputError
 from fvlm_core.io import CTVolume, read_label_map
 from fvlm_core.segmentation.base import AnatomySegmentation, Progress
 from fvlm_core.segmentation.totalseg_classes import TOTAL_CLASS_MAP
@@ -182,8 +182,6 @@ class SegmentsBackend:
     def segment(
         self, ct: CTVolume, catalog: AnatomyCatalog = CTRATE_CATALOG, progress: Progress | None = None
     ) -> AnatomySegmentation:
-        from fvlm_core.errors import GeometryError
-
         labelmap = np.zeros(ct.geometry.shape_zyx, dtype=np.uint8)
         layers: dict[str, np.ndarray | None] = {}
         for k, s in enumerate(self.segments):

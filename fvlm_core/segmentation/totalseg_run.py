@@ -22,6 +22,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import sys
 import threading
 import traceback
@@ -34,8 +35,6 @@ _LOOPBACK = {"localhost", "127.0.0.1", "::1", "", None}
 
 def block_network(blocked: list[str]) -> None:
     """Make every non-loopback internet connection in this process fail and record it in ``blocked``."""
-    import socket
-
     real_getaddrinfo = socket.getaddrinfo
     real_connect, real_connect_ex = socket.socket.connect, socket.socket.connect_ex
 

@@ -13,12 +13,12 @@
 >>> for m in search_like(store, "valid_1_a_1.nii.gz", "lung", k=5):
 ...     print(m.rank, m.scan, round(m.score, 3), m.source)
 
-Submodules are imported lazily (pyarrow and faiss only when used).
+The names are imported on first use (:mod:`fvlm_core.lazy` says why).
 """
 
 from __future__ import annotations
 
-import importlib
+from fvlm_core.lazy import lazy_exports
 
 _EXPORTS = {
     "EmbeddingStore": "fvlm_core.store.format",
@@ -38,7 +38,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'fvlm_core.store' has no attribute {name!r}")
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

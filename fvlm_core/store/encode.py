@@ -23,7 +23,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from fvlm_core.anatomy import get_catalog
+from fvlm_core.errors import ConfigError
+from fvlm_core.io import check_finite
+from fvlm_core.preprocess import crop_window, resample_to_model_space
+from fvlm_core.segmentation.base import compute_facts
+from fvlm_core.store.format import encode_vector
 from fvlm_core.zeroshot import windows as zw
+from fvlm_core.zeroshot.analyzer import EncodedAnatomy, ModelSpaceEncoding, _status
 
 
 @dataclass
@@ -66,9 +73,6 @@ def prepare_windows(
         strategy: ``shared``, ``centred`` or ``reference`` (:mod:`fvlm_core.zeroshot.windows`).
         max_size_zyx: window size cap (not with ``reference``).
     """
-    from fvlm_core.errors import ConfigError
-    from fvlm_core.preprocess import crop_window
-
     names = list(anatomies)
     if strategy == "reference":
         if max_size_zyx is not None:
@@ -107,8 +111,6 @@ def encode_windows(analyzer, prepared: PreparedScan):
     """The anatomy embeddings of prepared windows: a
     :class:`~fvlm_core.zeroshot.analyzer.ModelSpaceEncoding` (no tokens) as
     ``analyzer.encode_model_space`` returns it for the same volume."""
-    from fvlm_core.zeroshot.analyzer import EncodedAnatomy, ModelSpaceEncoding
-
     device = analyzer.device
     names = analyzer.anatomies
     use_bf16 = device.type == "cuda" and prepared.strategy != "reference"  # the reference runs in fp32
@@ -133,9 +135,6 @@ def encode_windows(analyzer, prepared: PreparedScan):
 def anatomy_facts(labels, anatomies: Sequence[str]) -> dict[str, Any]:
     """Per model anatomy its :class:`~fvlm_core.segmentation.base.AnatomyFacts` (voxels, volume,
     cut by the field of view) from a label map in model order on the CT's grid."""
-    from fvlm_core.anatomy import get_catalog
-    from fvlm_core.segmentation.base import compute_facts
-
     return compute_facts(np.asarray(labels.array), labels.geometry, get_catalog(list(anatomies)))
 
 
@@ -154,9 +153,6 @@ def scan_record(
     Status and note per anatomy follow ``fvlm analyze`` (present / partial / absent; an anatomy
     no token touches, or cut by a window cap, is present but not scored).
     """
-    from fvlm_core.store.format import encode_vector
-    from fvlm_core.zeroshot.analyzer import _status
-
     rows = []
     for name in anatomies:
         fact = facts.get(name)
@@ -206,9 +202,6 @@ def embed_ct(
         segmentation: an :class:`~fvlm_core.segmentation.AnatomySegmentation` of ``ct``.
         strategy: the store's window strategy.
     """
-    from fvlm_core.io import check_finite
-    from fvlm_core.preprocess import resample_to_model_space
-
     check_finite(ct.array, ct.source)
     labels = analyzer.labels_in_model_order(segmentation)
     facts = anatomy_facts(labels, analyzer.anatomies)

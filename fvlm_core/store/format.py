@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import base64
 import datetime
-import hashlib
 import json
 import os
 import re
@@ -33,8 +32,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
+from fvlm_core import __version__
+from fvlm_core.atomic import atomic_path, atomic_write_text, make_parents
 from fvlm_core.errors import ConfigError, DataError
+from fvlm_core.model.config import load_config
+from fvlm_core.model.weights import weights_sha256
 
 FORMAT = "fvlm-embedding-store/1"
 INFO_NAME = "store.json"
@@ -49,27 +55,13 @@ class StoreModelMismatch(ConfigError):
     """The store holds embeddings of another model (or window strategy)."""
 
 
-def weights_digest(model_dir: str | os.PathLike) -> str:
-    """SHA-256 (hex) of a model folder's weights file (``model.safetensors``)."""
-    from fvlm_core.model.checkpoint import WEIGHTS_NAME
-
-    path = Path(model_dir) / WEIGHTS_NAME
-    if not path.is_file():
-        raise ConfigError(f"--model {model_dir}: no {WEIGHTS_NAME} there; give a model folder.")
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 24), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 @dataclass(frozen=True)
 class ModelIdentity:
     """Which model made (or may read) a store.
 
     Attributes:
         name: the config's name (for messages).
-        weights_sha256: :func:`weights_digest` of the folder.
+        weights_sha256: :func:`~fvlm_core.model.weights.weights_sha256` of the folder.
         config: the model config without thresholds, calibrations, provenance and findings.
         embed_dim: embedding width ``D``.
         anatomies: the model's anatomies, in order.
@@ -87,13 +79,11 @@ class ModelIdentity:
     def of_folder(cls, model_dir: str | os.PathLike, config: Any = None) -> ModelIdentity:
         """The identity of a model folder (``config``: its loaded config, read if not given)."""
         if config is None:
-            from fvlm_core.model.config import load_config
-
             config = load_config(model_dir)
         cfg = config.encoder_dict()
         return cls(
             name=str(getattr(config, "name", "fvlm")),
-            weights_sha256=weights_digest(model_dir),
+            weights_sha256=weights_sha256(model_dir),
             config=json.loads(json.dumps(cfg)),
             embed_dim=int(config.embed_dim),
             anatomies=tuple(config.anatomies),
@@ -166,8 +156,6 @@ class StoreInfo:
     def new(
         cls, model: ModelIdentity, windows: str, max_window_zyx: Sequence[int] | None = None
     ) -> StoreInfo:
-        from fvlm_core import __version__
-
         return cls(
             model=model,
             windows=windows,
@@ -194,8 +182,6 @@ def schema(embed_dim: int):
     scored; :func:`embedding_matrix` or ``numpy.frombuffer(value, "<f4")`` reads it); ``text`` the anatomy's description from the report
     (null without a report); ``labels`` the scan's ground truth, finding -> 0/1 (null: missing).
     """
-    import pyarrow as pa
-
     triple = pa.list_(pa.int32(), 3)
     return pa.schema(
         [
@@ -231,8 +217,6 @@ def decode_vector(text: str) -> np.ndarray:
 
 def records_table(records: Iterable[tuple[str, Mapping[str, Any]]], embed_dim: int):
     """The Parquet rows of scan records ``(scan, record)`` (:func:`fvlm_core.store.encode.scan_record`)."""
-    import pyarrow as pa
-
     cols: dict[str, list] = {name: [] for name in schema(embed_dim).names}
     vectors: list[np.ndarray] = []
     missing = np.zeros(0, dtype=bool)
@@ -323,8 +307,6 @@ class EmbeddingStore:
     def create(cls, path: str | os.PathLike, info: StoreInfo) -> EmbeddingStore:
         """Open the store at ``path`` for adding ``info``'s model's embeddings, creating it when
         absent; a store of another model or window strategy is refused."""
-        from fvlm_core.atomic import atomic_write_text
-
         path = Path(path)
         if path.exists() and not path.is_dir():
             raise ConfigError(f"--out {path} is a file; an embedding store is a folder.")
@@ -404,12 +386,6 @@ class EmbeddingStore:
 
     def write_table(self, table, shard: tuple[int, int]) -> Path:
         """Write a table of :func:`schema` as the next part of ``shard``, fsynced, atomically."""
-        import pyarrow as pa
-        import pyarrow.compute as pc
-        import pyarrow.parquet as pq
-
-        from fvlm_core.atomic import atomic_path, make_parents
-
         # anatomy-major rows: one anatomy's embeddings are one contiguous block of the part, which
         # query and search read in place
         rank = pc.index_in(table.column("anatomy"), value_set=pa.array(list(self.info.model.anatomies)))
@@ -440,9 +416,6 @@ class EmbeddingStore:
     # ------------------------------------------------------------------ reading
     def table(self, columns: Sequence[str] | None = None):
         """Every finished row (a :class:`pyarrow.Table`; a scan stored twice counts once)."""
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
         fresh = tuple((p.name, p.stat().st_size) for p in self.parts)
         want = None if columns is None else list(dict.fromkeys(["scan", "anatomy", *columns]))
         for (cols, parts), cached in self._tables.items():  # a table read before with these columns
@@ -483,8 +456,6 @@ class EmbeddingStore:
 
     def scans(self) -> list[str]:
         """The finished scans' ids, sorted."""
-        import pyarrow.compute as pc
-
         return sorted(pc.unique(self.table([]).column("scan")).to_pylist())
 
     def vectors(self, anatomy: str) -> tuple[np.ndarray, np.ndarray]:
@@ -499,9 +470,6 @@ class EmbeddingStore:
         """Per part, ``(scans, embeddings)`` of the scans where ``anatomy`` was scored: the ids
         as an Arrow string array, the embeddings a view of the part's bytes where the
         anatomy's rows are all scored."""
-        import pyarrow as pa
-        import pyarrow.compute as pc
-
         self.check_anatomy(anatomy)
         t = self.table(["scored", "embedding"])
         d = self.info.model.embed_dim
@@ -541,8 +509,6 @@ class EmbeddingStore:
 
 def _validity(missing: np.ndarray):
     """An Arrow validity bitmap (None when nothing is missing)."""
-    import pyarrow as pa
-
     if not missing.any():
         return None
     return pa.py_buffer(np.packbits(~missing, bitorder="little").tobytes())
@@ -575,9 +541,6 @@ def embedding_matrix(column, embed_dim: int, keep: np.ndarray | None = None) -> 
 def _first_copies(tables: list) -> list:
     """The parts' tables without the scans an earlier part holds already (two runs may have
     stored one scan twice: its first copy counts)."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
     out, seen = [], None
     for t in tables:
         if seen is not None:

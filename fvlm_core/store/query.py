@@ -14,10 +14,17 @@ from __future__ import annotations
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pcsv
+import pyarrow.parquet as pq
 import torch
+
+from fvlm_core.atomic import atomic_path
 
 #: Columns of a query result, one row per scan and finding (as ``fvlm analyze``'s findings).
 COLUMNS = (
@@ -86,9 +93,6 @@ def query_store(store, analyzer, findings=None) -> QueryResult:
         analyzer: an :class:`~fvlm_core.zeroshot.analyzer.Analyzer` (only its text side runs).
         findings: a :class:`~fvlm_core.findings.FindingSet` or sequence of findings.
     """
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
     from fvlm_core.zeroshot.analyzer import AnatomyResult, _result_notes
 
     fs = analyzer.check_findings(findings if findings is not None else analyzer.default_findings())
@@ -140,8 +144,6 @@ def _columns(analyzer, ordered: Sequence, info: Sequence, raw: np.ndarray) -> di
     """The per-row columns (scan-major, ``n * F`` rows) as Arrow arrays: the finding's value on
     its scale (calibrated probability, else raw score), its thresholds and flag (``raw >
     threshold``, the reference's rule on the raw scale); empty where not scored."""
-    import pyarrow as pa
-
     n, nf = raw.shape
     prob = np.full((n, nf), np.nan)
     value = raw.copy()
@@ -177,13 +179,6 @@ def _columns(analyzer, ordered: Sequence, info: Sequence, raw: np.ndarray) -> di
 
 def write_query(result: QueryResult, path) -> None:
     """Write the result table as CSV (empty cell: not scored) or Parquet (by the suffix), atomically."""
-    from pathlib import Path
-
-    import pyarrow.csv as pcsv
-    import pyarrow.parquet as pq
-
-    from fvlm_core.atomic import atomic_path
-
     path = Path(path)
     with atomic_path(path) as tmp:
         if path.suffix.lower() == ".parquet":

@@ -31,6 +31,8 @@ from typing import Any
 
 import numpy as np
 
+from fvlm_core.store.format import embedding_matrix
+
 REPORT_KS = (5, 10, 50, 100)
 VOLUME_KS = (1, 5, 10, 50)
 _BLOCK = 1024
@@ -200,7 +202,6 @@ def store_retrieval(
     images = {a: np.zeros((n, d), dtype=np.float32) for a in anatomies}
     text_of: dict[str, list[str | None]] = {a: [None] * n for a in anatomies}
     truth: list[dict[str, Any]] = [{} for _ in range(n)]
-    from fvlm_core.store.format import embedding_matrix
 
     flat = embedding_matrix(table.column("embedding"), d)
     for r, (scan, anatomy, scored, text, lab) in enumerate(

@@ -24,8 +24,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
+from fvlm_core.anatomy import get_catalog
+from fvlm_core.atomic import atomic_path, atomic_write_text, make_parents
 from fvlm_core.errors import ConfigError, DataError
+from fvlm_core.io import read_ct
+from fvlm_core.segmentation import get_backend
 
 #: Vectors of one anatomy above which ``method="auto"`` uses the FAISS index. Measured
 #: (benchmarks/bench_store.py, 2 loaded cores, 256 floats): exact search 1 ms at 10,000 vectors,
@@ -121,8 +127,6 @@ class VectorIndex:
         return idx[0][keep].astype(np.int64), scores[0][keep]
 
     def save(self, path: str | os.PathLike) -> None:
-        from fvlm_core.atomic import atomic_path, make_parents
-
         make_parents(Path(path))
         with atomic_path(path) as tmp:
             _faiss().write_index(self.index, str(tmp))
@@ -151,8 +155,6 @@ def _fingerprint(store) -> list[list[Any]]:
 def anatomy_index(store, anatomy: str, matrix: np.ndarray) -> VectorIndex:
     """The store's index of ``anatomy`` (built and kept in ``STORE/index/`` when missing or
     stale; kept in memory only when the store folder is read-only)."""
-    from fvlm_core.atomic import atomic_write_text
-
     base = store.path / INDEX_DIR / anatomy
     meta_path, index_path = base.with_suffix(".json"), base.with_suffix(".faiss")
     want = {"parts": _fingerprint(store), "n": len(matrix)}
@@ -208,9 +210,6 @@ def search_vectors(
 
 
 def _matches(store, anatomy: str, scans: np.ndarray, scores: np.ndarray) -> list[Match]:
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
     t = store.table(["source", "status"])
     t = t.filter(
         pc.and_(pc.equal(t.column("anatomy"), anatomy), pc.is_in(t.column("scan"), pa.array(list(scans))))
@@ -304,10 +303,6 @@ def search_like(
 
 def _read_and_segment(path: str, analyzer, segmentation: Any):
     """The CT at ``path`` and its anatomy segmentation (given, a label map file, or a backend)."""
-    from fvlm_core.anatomy import get_catalog
-    from fvlm_core.io import read_ct
-    from fvlm_core.segmentation import get_backend
-
     ct = read_ct(path)
     if hasattr(segmentation, "labelmap"):
         return ct, segmentation

@@ -7,12 +7,12 @@
 >>> from fvlm_core.zeroshot import AnalysisRequest, run    # the whole pipeline for one CT file
 >>> result = run(AnalysisRequest(ct="chest.nii.gz", model="models/fvlm-tiny"))
 
-Submodules are imported lazily (``windows`` needs only numpy/scipy).
+The names are imported on first use (:mod:`fvlm_core.lazy` says why).
 """
 
 from __future__ import annotations
 
-import importlib
+from fvlm_core.lazy import lazy_exports
 
 _EXPORTS = {
     "Analyzer": "fvlm_core.zeroshot.analyzer",
@@ -25,7 +25,7 @@ _EXPORTS = {
     "load_findings_file": "fvlm_core.zeroshot.prompt_files",
     "merge_findings": "fvlm_core.zeroshot.prompt_files",
     "PromptCache": "fvlm_core.zeroshot.prompts",
-    "prompt_cache_for": "fvlm_core.zeroshot.prompts",
+    "ModelPrompts": "fvlm_core.zeroshot.prompts",
     "WindowPlan": "fvlm_core.zeroshot.windows",
     "plan_windows": "fvlm_core.zeroshot.windows",
 }
@@ -33,7 +33,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'fvlm_core.zeroshot' has no attribute {name!r}")
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -19,8 +19,8 @@ calibration apply only to the wordings and the text side they were fitted with
 whose text encoder, tokenizer or text settings changed since, gets 0.5 and its raw score.
 
 Cost: the CT is resampled to model space once; anatomies whose joint box fits in the model
-window share one encoder forward (``windows.plan_shared``); prompt embeddings are cached per
-model (``prompts.prompt_cache_for``). On CUDA the encoder runs under bf16 autocast (``precision``;
+window share one encoder forward (``windows.plan_shared``); prompt embeddings are kept by the
+model's text identity (:class:`~fvlm_core.zeroshot.prompts.PromptCache`). On CUDA the encoder runs under bf16 autocast (``precision``;
 ``benchmarks/gpu_check.py`` measures its agreement with fp32).
 """
 
@@ -37,15 +37,28 @@ from typing import Any
 import numpy as np
 import torch
 
+from fvlm_core.anatomy import get_catalog
 from fvlm_core.calibration import Calibration
 from fvlm_core.devices import resolve_device
 from fvlm_core.errors import CancelledError, ConfigError, InputError, warn
 from fvlm_core.findings import Finding, FindingSet
-from fvlm_core.io import CTVolume, Geometry, LabelVolume, check_finite
+from fvlm_core.geometry import Geometry
+from fvlm_core.io import CTVolume, LabelVolume, check_finite
 from fvlm_core.model.calibrated_with import StoredCalibration
+from fvlm_core.model.checkpoint import load_text_encoder
+from fvlm_core.model.fvlm import FVLM
+from fvlm_core.model.prompt_store import (
+    STORE_NAME,
+    encode_prompts,
+    folder_text_identity,
+    model_text_identity,
+    read_store,
+)
+from fvlm_core.preprocess import crop_window, resample_to_model_space, spacing_warning
+from fvlm_core.segmentation.plausibility import check_intensities, implausible_message
 from fvlm_core.zeroshot import similarity, windows
 from fvlm_core.zeroshot.prompt_files import load_findings_file, merge_findings
-from fvlm_core.zeroshot.prompts import FindingEmbeddings, probability, prompt_cache_for
+from fvlm_core.zeroshot.prompts import PROMPT_CACHE, FindingEmbeddings, ModelPrompts, PromptCache, probability
 from fvlm_core.zeroshot.results import (
     UNCALIBRATED,
     AnalysisResult,
@@ -137,6 +150,10 @@ class Analyzer:
         device: str | torch.device = "auto",
         name: str = "",
         precision: str = "auto",
+        *,
+        model_dir: str | os.PathLike | None = None,
+        text_identity: str | None = None,
+        prompt_cache: PromptCache = PROMPT_CACHE,
     ) -> None:
         if precision not in self.PRECISIONS:
             raise ConfigError(f"precision {precision!r}: use one of {', '.join(self.PRECISIONS)}")
@@ -147,10 +164,20 @@ class Analyzer:
         self.anatomies: list[str] = list(model.anatomies)
         self.model_space = self.config.model_space()
         self.name = name or getattr(self.config, "name", "fvlm")
-        self.prompts = prompt_cache_for(self.model)
+        #: the folder the model was loaded from (its text encoder comes from there when needed)
+        self.model_dir = None if model_dir is None else Path(model_dir)
         #: the text side's identity (:mod:`fvlm_core.model.prompt_store`; None: not known, e.g. a
         #: model built in memory): stored calibrations apply only when fitted with the same
-        self.text_identity: str | None = None
+        self.text_identity = text_identity
+        # the prompt embeddings are kept by text identity; a model in memory gets its own from its
+        # weights, hashed when the first prompt is looked up (its weights must not change after)
+        identity = text_identity or (lambda: model_text_identity(self.model))
+        self.prompts = ModelPrompts(identity, self._encode_prompts, cache=prompt_cache)
+
+    def _encode_prompts(self, texts: list[str]) -> torch.Tensor:
+        if not getattr(self.model, "text_loaded", True):  # loaded without it: the store had the rest
+            load_text_encoder(self.model, self.model_dir)
+        return encode_prompts(self.model, texts)
 
     @classmethod
     def from_pretrained(
@@ -159,24 +186,17 @@ class Analyzer:
         """Load a model folder (``config.yaml`` + weights) written by ``FVLM.save_pretrained``
         (``precision``: as the constructor's).
 
-        The folder's stored prompt embeddings (:mod:`fvlm_core.model.prompt_store`) fill the
-        prompt cache when their text identity is the folder's own; the text encoder is built
-        only when a prompt they lack is scored.
+        The folder's stored prompt embeddings (:mod:`fvlm_core.model.prompt_store`) are taken
+        when their text identity is the folder's own; the model is loaded without its text
+        encoder, which is built only when a prompt they lack is scored.
         """
-        from fvlm_core.model.checkpoint import WEIGHTS_NAME, from_pretrained, read_metadata
-        from fvlm_core.model.prompt_store import STORE_NAME, folder_identity, read_store
-
         model_dir = check_model_folder(model_dir)
         dev = resolve_device(device)
-        analyzer = cls(
-            from_pretrained(model_dir, device=dev, lazy_text=True),
-            device=dev,
-            name=str(model_dir),
-            precision=precision,
-        )
-        metadata = read_metadata(model_dir / WEIGHTS_NAME)
-        identity = folder_identity(model_dir, analyzer.config, metadata)
-        analyzer.text_identity = identity
+        model = FVLM.from_pretrained(model_dir, device=dev, lazy_text=True)
+        identity = folder_text_identity(model_dir, model.config)
+        if identity is None:  # an older folder: its prompts are keyed by the weights, hashed
+            load_text_encoder(model, model_dir)
+        analyzer = cls(model, dev, str(model_dir), precision, model_dir=model_dir, text_identity=identity)
         analyzer.prompts.preload(read_store(model_dir / STORE_NAME, identity))
         return analyzer
 
@@ -220,8 +240,6 @@ class Analyzer:
     def labels_in_model_order(self, segmentation) -> LabelVolume:
         """The segmentation's label map with anatomy ``i`` of the *model* as value ``i + 1``
         (anatomies the model lacks become background)."""
-        from fvlm_core.anatomy import get_catalog
-
         labels = get_catalog(self.anatomies).relabel(
             np.asarray(segmentation.labelmap), segmentation.catalog.names
         )
@@ -246,8 +264,6 @@ class Analyzer:
         the embeddings, the window plans (in ``ct_ms``'s frame) and the anatomies dropped by a
         size cap (the reference windows have none and drop nothing).
         """
-        from fvlm_core.preprocess import crop_window
-
         ms = self.model_space
         reference = strategy == "reference"
         if reference:
@@ -375,7 +391,6 @@ class Analyzer:
         """
         if segmentation_check not in ("warn", "strict", "off"):
             raise ConfigError(f"segmentation_check {segmentation_check!r}: use 'warn', 'strict' or 'off'")
-        from fvlm_core.preprocess import resample_to_model_space, spacing_warning
 
         timings: dict[str, float] = {}
         notes: list[str] = []
@@ -461,8 +476,6 @@ class Analyzer:
     def _implausible(self, ct_ms: CTVolume, labels_ms: LabelVolume, source: str, strict: bool) -> list[str]:
         """The segmentation's anatomies whose intensities do not fit their tissue, as a warning
         (``strict``: an :class:`InputError`), on the model-space volume (what is encoded)."""
-        from fvlm_core.segmentation.plausibility import check_intensities, implausible_message
-
         found = check_intensities(ct_ms.array, labels_ms.array, self.anatomies)
         if not found:
             return []

@@ -25,7 +25,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fvlm_core.errors import CancelledError, ConfigError
+from fvlm_core.anatomy import get_catalog
+from fvlm_core.atomic import atomic_write_text
+from fvlm_core.devices import resolve_device
+from fvlm_core.errors import CancelledError, ConfigError, recorded_warnings
+from fvlm_core.findings import Finding, FindingSet
+from fvlm_core.io import read_ct
+from fvlm_core.model.config import load_config
+from fvlm_core.segmentation.choice import SOURCES, choose_backend, segment
+from fvlm_core.zeroshot.prompt_files import merge_findings
 
 Progress = Callable[[str, float], None]
 
@@ -92,8 +100,6 @@ class AnalysisRequest:
 
     def check(self) -> None:
         """Raise :class:`ConfigError` for an option no stage would accept (before any work)."""
-        from fvlm_core.segmentation.choice import SOURCES
-
         if self.segmentation not in SOURCES:
             raise ConfigError(f"segmentation {self.segmentation!r}: use one of {', '.join(SOURCES)}")
         if self.windows not in WINDOWS:
@@ -120,8 +126,6 @@ class AnalysisRequest:
         return cls(**d)
 
     def save(self, path: str | os.PathLike) -> Path:
-        from fvlm_core.atomic import atomic_write_text
-
         return atomic_write_text(Path(path), json.dumps(self.to_dict(), indent=1))
 
     @classmethod
@@ -193,9 +197,6 @@ class _Stages:
 
 def _findings(request: AnalysisRequest, config: Any):
     """The findings to score: the request's, or the model's with the request's extras merged."""
-    from fvlm_core.findings import Finding, FindingSet
-    from fvlm_core.zeroshot.prompt_files import merge_findings
-
     if request.findings is not None:
         findings = FindingSet([Finding.from_dict(f) for f in request.findings])
     else:
@@ -228,12 +229,6 @@ def run(
     """
     import torch
 
-    from fvlm_core.anatomy import get_catalog
-    from fvlm_core.devices import resolve_device
-    from fvlm_core.errors import recorded_warnings
-    from fvlm_core.io import read_ct
-    from fvlm_core.model.config import load_config
-    from fvlm_core.segmentation.choice import choose_backend, segment
     from fvlm_core.zeroshot.analyzer import check_model_folder
 
     stage = _Stages(progress, should_cancel)

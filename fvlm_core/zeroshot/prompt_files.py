@@ -8,10 +8,13 @@ like one of the model's replaces it, with a warning.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from fvlm_core.errors import ConfigError, InputError, warn
 from fvlm_core.findings import Finding, FindingSet, name_key
@@ -101,10 +104,6 @@ def load_findings_file(path: str | os.PathLike) -> FindingSet:
         InputError: the file cannot be read or is not UTF-8 text.
         ConfigError: not JSON/YAML, not a list of findings, an unknown key, or a name given twice.
     """
-    import json
-
-    import yaml
-
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")

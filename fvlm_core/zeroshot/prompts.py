@@ -8,23 +8,24 @@ anatomy embedding ``v`` is ``p = softmax([v.t_neg, v.t_pos] / tau)[1]``
 
 Text encoding is the slow part of zero-shot inference on CPU (the reference padded every
 prompt to 384 tokens and re-encoded them for every volume): :class:`PromptCache` keeps one
-embedding per distinct text per model, so a second analysis, or another finding reusing a
-wording, does no text-encoder work. A model folder's own findings come encoded with it
-(:mod:`fvlm_core.model.prompt_store`): :meth:`PromptCache.preload` takes them, and the text
-encoder is built only for a text the store lacks.
+embedding per distinct text per *text identity* (the text side's weights, tokenizer and settings,
+:mod:`fvlm_core.model.prompt_store`), outside the model, so a second analysis, another finding
+reusing a wording, or the same model loaded again does no text-encoder work. A model folder's own
+findings come encoded with it (the folder's prompt store): :meth:`ModelPrompts.preload` takes
+them, and the analyzer builds the text encoder only for a text the store lacks.
 """
 
 from __future__ import annotations
 
 import threading
-import weakref
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from fvlm_core.findings import Finding, FindingSet
-from fvlm_core.model.prompt_store import encode_prompts
+from fvlm_core.model.text import TextFeatureCache
 
 
 @dataclass
@@ -73,13 +74,49 @@ def probability(
 
 
 class PromptCache:
-    """Text embeddings of prompts for one model, computed once per distinct text.
+    """Text embeddings of prompts, one table per text identity: what the text side of that identity
+    (:func:`~fvlm_core.model.prompt_store.text_identity`: its weights, tokenizer and settings)
+    encodes each text to. Analyzers of one model, and of one model folder loaded again (the Slicer
+    worker reloads a folder whose config changed), share a table. Tables of the
+    ``max_identities`` text sides used last are kept, ``max_texts`` texts each (least recently
+    used dropped first)."""
+
+    def __init__(self, max_identities: int = 8, max_texts: int = 8192) -> None:
+        self.max_identities = int(max_identities)
+        self.max_texts = int(max_texts)
+        self._tables: OrderedDict[str, TextFeatureCache] = OrderedDict()
+        self.lock = threading.RLock()  # held while a table is read or filled
+
+    def table(self, identity: str) -> TextFeatureCache:
+        """The embeddings of text side ``identity`` (created empty)."""
+        with self.lock:
+            found = self._tables.get(identity)
+            if found is None:
+                found = self._tables[identity] = TextFeatureCache(self.max_texts)
+            self._tables.move_to_end(identity)
+            while len(self._tables) > self.max_identities:
+                self._tables.popitem(last=False)
+            return found
+
+    def clear(self) -> None:
+        with self.lock:
+            self._tables.clear()
+
+
+#: the prompt embeddings of this process, by text identity
+PROMPT_CACHE = PromptCache()
+
+
+class ModelPrompts:
+    """The prompt embeddings of one model: its table of a :class:`PromptCache`, filled by its encoder.
 
     Args:
-        encode: ``list[str] -> (N, D)`` L2-normalised embeddings (the model's ``encode_text``).
-        batch_size: texts per encoder call for uncached texts.
-        fingerprint: optional ``() -> hashable`` that changes when the text weights change
-            (e.g. after a training step); a change empties the cache.
+        identity: the model's text identity, or a function that computes it (called once, when a
+            prompt is first looked up).
+        encode: ``list[str] -> (N, D)`` L2-normalised embeddings (the model's ``encode_text``),
+            for the texts the table lacks.
+        cache: where the embeddings are kept (default: the process's :data:`PROMPT_CACHE`).
+        batch_size: texts per encoder call.
 
     Attributes:
         encoder_calls: number of calls made to ``encode`` (tests and benchmarks read it).
@@ -89,67 +126,49 @@ class PromptCache:
 
     def __init__(
         self,
+        identity: str | Callable[[], str],
         encode: Callable[[list[str]], torch.Tensor],
+        cache: PromptCache = PROMPT_CACHE,
         batch_size: int = 64,
-        fingerprint: Callable[[], object] | None = None,
     ) -> None:
+        self._identity = identity
         self._encode = encode
+        self.cache = cache
         self._batch_size = int(batch_size)
-        self._fingerprint = fingerprint
-        self._seen = fingerprint() if fingerprint is not None else None
-        self._cache: dict[str, torch.Tensor] = {}
-        self._lock = threading.RLock()  # reentrant: encode may call rebase
         self.encoder_calls = 0
         self.texts_encoded = 0
         self.texts_preloaded = 0
 
-    def __len__(self) -> int:
-        return len(self._cache)
-
-    def clear(self) -> None:
-        """Forget all embeddings (call after the text encoder's weights change)."""
-        with self._lock:
-            self._cache.clear()
+    @property
+    def identity(self) -> str:
+        if callable(self._identity):
+            self._identity = str(self._identity())
+        return self._identity
 
     def preload(self, embeddings: dict[str, torch.Tensor]) -> None:
-        """Take ``text -> (D,)`` embeddings computed with the current text weights (a model
-        folder's stored prompt embeddings, checked against its text identity by the caller)."""
-        with self._lock:
-            if self._fingerprint is not None:
-                self._seen = self._fingerprint()
-            for text, vec in embeddings.items():
-                self._cache[text] = vec.detach().float().cpu()
-            self.texts_preloaded += len(embeddings)
-
-    def rebase(self) -> None:
-        """Accept the current weights fingerprint without forgetting anything: for a change that
-        is not a change of the text weights (a deferred text encoder built from the checkpoint
-        the cached embeddings were computed from)."""
-        with self._lock:
-            if self._fingerprint is not None:
-                self._seen = self._fingerprint()
+        """Take ``text -> (D,)`` embeddings of this model's text side (a model folder's stored
+        prompt embeddings, read for its text identity)."""
+        with self.cache.lock:
+            table = self.cache.table(self.identity)
+            texts = list(embeddings)
+            table.put(texts, [embeddings[t].detach().float().cpu() for t in texts])
+            self.texts_preloaded += len(texts)
 
     @torch.no_grad()
     def embed(self, texts: Sequence[str]) -> torch.Tensor:
-        """``(N, D)`` float32 CPU embeddings of ``texts`` (uncached ones encoded in batches)."""
-        with self._lock:
-            if self._fingerprint is not None:
-                now = self._fingerprint()
-                if now != self._seen:  # weights changed since the embeddings were computed
-                    self._cache.clear()
-                    self._seen = now
-            todo = list(dict.fromkeys(t for t in texts if t not in self._cache))
+        """``(N, D)`` float32 CPU embeddings of ``texts`` (those not kept yet encoded in batches)."""
+        with self.cache.lock:
+            table = self.cache.table(self.identity)
+            todo = table.missing(texts)
             for i in range(0, len(todo), self._batch_size):
                 chunk = todo[i : i + self._batch_size]
-                out = self._encode(chunk)
+                out = self._encode(chunk).detach().float().cpu()
                 self.encoder_calls += 1
                 self.texts_encoded += len(chunk)
-                out = out.detach().float().cpu()
-                for text, vec in zip(chunk, out):
-                    self._cache[text] = vec.clone()
+                table.put(chunk, [vec.clone() for vec in out])
             if not texts:
                 return torch.zeros(0, 0)
-            return torch.stack([self._cache[t] for t in texts])
+            return table.get(list(texts))
 
     def findings(self, findings: FindingSet | Sequence[Finding]) -> FindingEmbeddings:
         """Per-finding positive / negative embeddings (wordings averaged, re-normalised)."""
@@ -168,37 +187,3 @@ class PromptCache:
             positive=torch.stack(pos) if pos else torch.zeros(0, d),
             negative=torch.stack(neg) if neg else torch.zeros(0, d),
         )
-
-
-_CACHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-_CACHES_LOCK = threading.Lock()
-
-
-def prompt_cache_for(model: torch.nn.Module) -> PromptCache:
-    """The :class:`PromptCache` of ``model`` (created on first use, lives as long as the model).
-
-    The model must have ``encode_text(texts) -> (N, D)``; it is run in eval mode without grad.
-    """
-    with _CACHES_LOCK:
-        cache = _CACHES.get(model)
-        if cache is None:
-            ref = weakref.ref(model)  # the cache must not keep the model alive
-
-            def encode(texts: list[str]) -> torch.Tensor:
-                m = ref()
-                deferred = not getattr(m, "text_loaded", True)
-                out = encode_prompts(m, texts)
-                if deferred:  # built now from the same checkpoint: what is cached stays valid
-                    cache.rebase()
-                return out
-
-            def fingerprint() -> tuple[int, int]:
-                # In-place updates (optimizer steps, load_state_dict) bump a tensor's _version.
-                m = ref()
-                params = [p for n, p in m.named_parameters() if n.startswith(("text_encoder.", "text_proj."))]
-                params = params or list(m.parameters())
-                return (sum(p._version for p in params), sum(p.data_ptr() % 1_000_003 for p in params))
-
-            cache = PromptCache(encode, fingerprint=fingerprint)
-            _CACHES[model] = cache
-        return cache

@@ -40,7 +40,8 @@ from typing import Any
 import numpy as np
 
 from fvlm_core.boxes import nonzero_box
-from fvlm_core.io import Geometry
+from fvlm_core.errors import InputError
+from fvlm_core.geometry import Geometry
 
 #: What an uncalibrated raw score is called wherever it is shown (never "probability").
 UNCALIBRATED = "uncalibrated score"
@@ -349,7 +350,6 @@ class AnalysisResult:
         self, directory: str | os.PathLike, suffix: str = ".nii.gz"
     ) -> dict[tuple[str, str], Path]:
         """Write every similarity map as a float32 volume on the CT grid (NIfTI by default)."""
-        from fvlm_core.errors import InputError
         from fvlm_core.zeroshot.similarity import map_filenames, write_map
 
         if self.geometry is None:

@@ -19,7 +19,9 @@ import numpy as np
 import torch
 
 from fvlm_core.boxes import nonzero_box
-from fvlm_core.io import Geometry, write_image
+from fvlm_core.geometry import Geometry
+from fvlm_core.io import write_image
+from fvlm_core.outputs import distinct_stems, slug
 
 
 def token_scores(
@@ -234,7 +236,5 @@ def map_filenames(keys: Sequence[tuple[str, str]], suffix: str = ".nii.gz") -> d
     """Distinct portable file names of the maps ``(anatomy, finding)``: ``lung__lung_mass.nii.gz``;
     findings whose names would give one file (``Lung mass`` and ``lung mass!``) each get a short
     hash of their name (:func:`fvlm_core.outputs.distinct_stems`)."""
-    from fvlm_core.outputs import distinct_stems, slug
-
     stems = distinct_stems({(a, f): f"{a}__{slug(f)}" for a, f in keys})
     return {key: stem + suffix for key, stem in stems.items()}

@@ -35,6 +35,8 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
+from fvlm_core.preprocess import reference_volume, reference_window
+
 #: Minimum window of the reference evaluation (z, y, x), in model-space voxels (eval.py's roi_size).
 REFERENCE_MIN_SIZE_ZYX = (112, 288, 352)
 #: Fraction of an anatomy's voxels a capped window must hold, else it is not scored.
@@ -338,8 +340,6 @@ def reference_crops(ct_ms, labels_ms, names: Sequence[str], model_space) -> list
         names: the model's anatomies.
         model_space: :class:`~fvlm_core.preprocess.ModelSpaceConfig`.
     """
-    from fvlm_core.preprocess import reference_volume, reference_window
-
     if not np.any(labels_ms.array):
         return []  # eval.py scores no anatomy of such a volume
     prepared = reference_volume(ct_ms, labels_ms, model_space.window_size_zyx)

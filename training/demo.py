@@ -314,11 +314,11 @@ def _train_worker(job: _TrainJob, progress: Any, start: Any) -> None:
 def protocol_finding(protocol: str, finding: str, anatomy: str) -> Any:
     """The :class:`~fvlm_core.findings.Finding` (one positive and one negative prompt) that a
     two-prompt protocol scores ``finding`` with on ``anatomy``."""
-    from fvlm_core.findings import Finding
+    from fvlm_core.findings import Finding, no_finding
     from fvlm_core.reports import normal_template
 
     if protocol == "no-finding":
-        return Finding.from_name(finding, anatomy, f"{finding}.", f"No {finding[0].lower()}{finding[1:]}.")
+        return no_finding(finding, anatomy)
     reference = Finding.from_name(finding, anatomy, source="ctrate")
     if protocol == "reference":
         return reference
@@ -390,54 +390,38 @@ def score_split(model: Any, data: DemoData, kind: str, batch: int = 32, prompts:
     return _Scores(out)
 
 
-def auc_table(truth: dict[str, np.ndarray], scores: dict[str, _Scores]) -> dict[str, Any]:
-    """Per-finding AUC (with bootstrap CI) for each model and protocol, and macro means."""
-    from fvlm_core.metrics import evaluate_label
+def evaluate_models(truth: dict[str, np.ndarray], scores: dict[str, _Scores], names: Sequence[str]) -> dict:
+    """Each model's and protocol's :class:`~fvlm_training.protocol.EvaluationReport` of the demo
+    findings (AUC with a 200-resample bootstrap CI), as ``fvlm evaluate`` tabulates."""
+    from fvlm_training.protocol import evaluate_scores
 
+    return {
+        model_name: {
+            protocol: evaluate_scores(by_finding, truth, names, n_bootstrap=200)
+            for protocol, by_finding in sc.scores.items()
+        }
+        for model_name, sc in scores.items()
+    }
+
+
+def auc_table(evaluations: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The results.json block of :func:`evaluate_models`: per model and protocol each finding's
+    AUC, CI and counts, and the macro AUC over the findings where it is defined."""
     table: dict[str, Any] = {"findings": list(DEMO_FINDINGS), "models": {}}
-    for model_name, sc in scores.items():
-        per_protocol = {}
-        for protocol, by_finding in sc.scores.items():
-            rows = {}
-            for finding in DEMO_FINDINGS:
-                ev = evaluate_label(finding, truth[finding], by_finding[finding], n_bootstrap=200)
-                rows[finding] = {
-                    "auc": ev.auc,
-                    "auc_ci95": list(ev.auc_ci),
-                    "n": ev.n,
-                    "n_positive": ev.n_positive,
-                }
-            aucs = [r["auc"] for r in rows.values() if r["auc"] is not None and not math.isnan(r["auc"])]
-            per_protocol[protocol] = {
-                "per_finding": rows,
-                "macro_auc": float(np.mean(aucs)) if aucs else None,
-                "macro_auc_over": len(aucs),  # findings with a defined AUC (both classes present)
+    for model_name, by_protocol in evaluations.items():
+        table["models"][model_name] = {}
+        for protocol, report in by_protocol.items():
+            rows = {
+                f: {"auc": ev.auc, "auc_ci95": list(ev.auc_ci), "n": ev.n, "n_positive": ev.n_positive}
+                for f, ev in report.per_label.items()
             }
-        table["models"][model_name] = per_protocol
+            macro = report.macro["fvlm16"]
+            table["models"][model_name][protocol] = {
+                "per_finding": rows,
+                "macro_auc": macro["auc"],
+                "macro_auc_over": macro["n_defined"]["auc"],  # findings with both classes present
+            }
     return table
-
-
-def table_markdown(table: dict[str, Any], header: str = "") -> str:
-    """The AUC table as Markdown: one row per finding, one column per (model, protocol)."""
-    cols = [(m, p) for m, by_p in table["models"].items() for p in by_p]
-    lines = [header] if header else []
-    lines.append("| finding | " + " | ".join(f"{m} ({p})" for m, p in cols) + " |")
-    lines.append("|---|" + "---|" * len(cols))
-    for finding in table["findings"]:
-        cells = []
-        for m, p in cols:
-            auc = table["models"][m][p]["per_finding"][finding]["auc"]
-            cells.append("n/a" if auc is None or math.isnan(auc) else f"{auc:.3f}")
-        lines.append(f"| {finding} | " + " | ".join(cells) + " |")
-    macro = []
-    for m, p in cols:
-        v, k = table["models"][m][p]["macro_auc"], table["models"][m][p].get("macro_auc_over")
-        over = (
-            f" (over {k} of {len(table['findings'])})" if k is not None and k < len(table["findings"]) else ""
-        )
-        macro.append("n/a" if v is None else f"**{v:.3f}**{over}")
-    lines.append("| **macro AUC** | " + " | ".join(macro) + " |")
-    return "\n".join(lines) + "\n"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -445,53 +429,28 @@ def table_markdown(table: dict[str, Any], header: str = "") -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def plot_roc(truth: dict[str, np.ndarray], scores: dict[str, _Scores], path: Path) -> Path:
-    import matplotlib
+def plot_roc(evaluations: dict[str, dict[str, Any]], path: Path) -> Path:
+    """ROC curves of the headline protocol, a panel per finding, a curve per model."""
+    from fvlm_training.report import fmt, plot_roc_panels
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from sklearn.metrics import roc_curve
-
-    from fvlm_core.atomic import atomic_path
-
-    ncol = 4
-    nrow = math.ceil(len(DEMO_FINDINGS) / ncol)
-    fig, axes = plt.subplots(nrow, ncol, figsize=(3.2 * ncol, 3.0 * nrow), squeeze=False)
-    for ax, finding in zip(axes.flat, DEMO_FINDINGS):
-        y = truth[finding]
-        for model_name, sc in scores.items():
-            s = sc.scores[HEADLINE_PROTOCOL][finding]
-            if y.min() == y.max():
-                continue
-            fpr, tpr, _ = roc_curve(y, s)
-            ax.plot(fpr, tpr, label=model_name)
-        ax.plot([0, 1], [0, 1], color="0.7", lw=0.8, ls="--")
-        ax.set_title(finding, fontsize=9)
-        ax.set_xlabel("1 - specificity", fontsize=8)
-        ax.set_ylabel("sensitivity", fontsize=8)
-        ax.legend(fontsize=7, loc="lower right")
-    for ax in list(axes.flat)[len(DEMO_FINDINGS) :]:
-        ax.axis("off")
-    fig.suptitle(f"Zero-shot ROC on held-out phantoms ({HEADLINE_PROTOCOL} prompts)")
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=90)
-    plt.close(fig)
-    return path
+    panels = {}
+    for finding in DEMO_FINDINGS:
+        curves = [(m, by_p[HEADLINE_PROTOCOL].per_label[finding]) for m, by_p in evaluations.items()]
+        panels[finding] = [(f"{m}, AUC {fmt(r.auc)}", r.roc["fpr"], r.roc["tpr"]) for m, r in curves if r.roc]
+    title = f"Zero-shot ROC on held-out phantoms ({HEADLINE_PROTOCOL} prompts)"
+    return plot_roc_panels(panels, path, title)
 
 
 def plot_phantom(
     hu: np.ndarray, labels: np.ndarray, anatomies: Sequence[str], lines: Sequence[str], path: Path
 ) -> Path:
     """Axial and coronal slices of a phantom with anatomy contours, and its findings listed."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from matplotlib.lines import Line2D
 
     from fvlm_core.anatomy import EXTENDED_CATALOG
-    from fvlm_core.atomic import atomic_path
+    from fvlm_training.report import pyplot, save_png
+
+    plt = pyplot()
 
     z = (
         int(np.argmax((labels == anatomies.index("heart") + 1).sum((1, 2))))
@@ -518,10 +477,7 @@ def plot_phantom(
     axes[2].axis("off")
     axes[2].text(0.0, 1.0, "\n".join(lines), va="top", family="monospace", fontsize=8)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=90)
-    plt.close(fig)
-    return path
+    return save_png(fig, path, dpi=90)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -738,9 +694,20 @@ def _train_models(
     return model_dir, baseline_dir
 
 
+@dataclass
+class _Evaluation:
+    """Stage 3's results: the results.json table, the test phantoms' scores, their
+    :func:`evaluate_models` reports and fVLM's calibration checks (headline protocol)."""
+
+    table: dict[str, Any]
+    scores: dict[str, _Scores]
+    evaluations: dict[str, dict[str, Any]]
+    checks: dict[str, Any]
+
+
 def _evaluate_models(
     cfg: DemoConfig, splits: dict[str, DemoData], model_dir: Path, baseline_dir: Path | None
-) -> tuple[dict[str, Any], dict[str, _Scores]]:
+) -> _Evaluation:
     """Stage 3: zero-shot scores of the test phantoms and the AUC table; thresholds calibrated on
     the calibration phantoms (headline protocol) are saved into the fVLM model folder."""
     from fvlm_core.metrics import roc_corner_threshold
@@ -768,19 +735,19 @@ def _evaluate_models(
     scores = {
         name: score_split(m, test, kinds_by_name[name], prompts=prompts[name]) for name, m in models.items()
     }
-    table = auc_table(test.truth, scores)
+    evaluations = evaluate_models(test.truth, scores, test.names)
+    checks = _calibration_checks(test, scores, calibration, thresholds)
+    table = auc_table(evaluations)
     table["protocol_headline"] = HEADLINE_PROTOCOL
     table["n"] = {"train": cfg.n_train, "calibration": cfg.n_calibration, "test": cfg.n_test}
     table["thresholds"] = thresholds
-    table["calibration"] = calibration_summary(
-        _calibration_checks(test, scores, calibration, thresholds), calibration
-    )
+    table["calibration"] = calibration_summary(checks, calibration)
     table["training"] = {
         k: json.loads((d / "train_summary.json").read_text())
         for k, d in (("fVLM", model_dir), ("CLIP baseline", baseline_dir))
         if d is not None
     }
-    return table, scores
+    return _Evaluation(table, scores, evaluations, checks)
 
 
 def _fit_calibration(
@@ -789,7 +756,7 @@ def _fit_calibration(
     """Fit each demo finding's calibration on the calibration phantoms (headline protocol) and
     store it beside the thresholds in the model folder's config.yaml (only that file)."""
     from fvlm_core.calibration import fit_all
-    from fvlm_training.evaluate import store_thresholds
+    from fvlm_training.stored_thresholds import store_thresholds
 
     raw = {f: calib.scores[HEADLINE_PROTOCOL][f] for f in DEMO_FINDINGS}
     calibration = fit_all(raw, data.truth)
@@ -808,7 +775,7 @@ def _calibration_checks(
 
 def calibration_summary(checks: dict[str, Any], calibration: dict[str, Any]) -> dict[str, Any]:
     """The results.json block: per finding the before/after numbers and the fitted map."""
-    from fvlm_training.evaluate import calibration_macro
+    from fvlm_training.protocol import calibration_macro
 
     return {
         "fitted_on": "calibration phantoms",
@@ -853,8 +820,7 @@ def _example_phantom(
 def _write_outputs(
     cfg: DemoConfig,
     test: DemoData,
-    scores: dict[str, _Scores],
-    table: dict[str, Any],
+    evaluation: _Evaluation,
     seconds: dict[str, float],
     t_start: float,
     out: Path,
@@ -864,16 +830,16 @@ def _write_outputs(
     from fvlm_core.atomic import atomic_write_text
     from fvlm_core.calibration import from_config
     from fvlm_core.io import write_image
-    from fvlm_training.evaluate import calibration_table, plot_reliability
+    from fvlm_training.report import auc_table_markdown, calibration_table, plot_reliability
 
     files: dict[str, str] = {}
+    table, checks = evaluation.table, evaluation.checks
     calibration = from_config({f: c["map"] for f, c in table["calibration"]["findings"].items()})
-    example, lines = _example_phantom(test, scores, table["thresholds"], calibration)
+    example, lines = _example_phantom(test, evaluation.scores, table["thresholds"], calibration)
     files["phantom_png"] = str(
         plot_phantom(test.hu[example], test.labels[example], test.anatomies, lines, out / "phantom.png")
     )
-    files["roc_png"] = str(plot_roc(test.truth, scores, out / "roc.png"))
-    checks = _calibration_checks(test, scores, calibration, table["thresholds"])
+    files["roc_png"] = str(plot_roc(evaluation.evaluations, out / "roc.png"))
     title = f"Reliability on {len(test.names)} held-out phantoms (calibrated on the calibration phantoms)"
     plot_reliability(checks, out / "reliability.png", title=title)
     files["reliability_png"] = str(out / "reliability.png")
@@ -898,7 +864,7 @@ def _write_outputs(
         "`reliability.png`):\n\n" + "\n".join(calibration_table(checks)) + "\n"
     )
     files["results_md"] = str(
-        atomic_write_text(out / "results.md", table_markdown(table, header) + calibrated)
+        atomic_write_text(out / "results.md", auc_table_markdown(table, header) + calibrated)
     )
     return files
 
@@ -979,9 +945,9 @@ def _run_demo(cfg: DemoConfig, out: Path, t_start: float, log: Callable[[str], N
 
     t = time.perf_counter()
     with _torch_threads(threads):
-        table, scores = _evaluate_models(cfg, splits, model_dir, baseline_dir)
+        evaluation = _evaluate_models(cfg, splits, model_dir, baseline_dir)
         seconds["evaluation"] = time.perf_counter() - t
-        files = _write_outputs(cfg, splits["test"], scores, table, seconds, t_start, out)
+        files = _write_outputs(cfg, splits["test"], evaluation, seconds, t_start, out)
     files["model"] = str(model_dir)
     if baseline_dir is not None:
         files["baseline"] = str(baseline_dir)
@@ -991,7 +957,12 @@ def _run_demo(cfg: DemoConfig, out: Path, t_start: float, log: Callable[[str], N
     except OSError:
         pass
     return DemoResult(
-        out=out, model_dir=model_dir, baseline_dir=baseline_dir, table=table, files=files, seconds=seconds
+        out=out,
+        model_dir=model_dir,
+        baseline_dir=baseline_dir,
+        table=evaluation.table,
+        files=files,
+        seconds=seconds,
     )
 
 
@@ -1042,6 +1013,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from fvlm_core.errors import ConfigError
+    from fvlm_training.report import auc_table_markdown
 
     if args.size % 8 or args.size < 32:
         raise ConfigError(f"--size must be a multiple of 8 and at least 32 (got {args.size}).")
@@ -1052,7 +1024,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = DemoConfig(**{k: getattr(args, k) for k in same_name}, baseline=not args.no_baseline)
     result = run_demo(cfg)
     print()
-    print(table_markdown(result.table))
+    print(auc_table_markdown(result.table))
     print("Outputs:")
     for key, path in result.files.items():
         print(f"  {key:<16} {path}")

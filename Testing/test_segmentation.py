@@ -15,10 +15,8 @@ from fvlm_core.segmentation import (
     TOTAL_CLASS_MAP,
     AnatomySegmentation,
     LabelMapBackend,
-    SegmentationBackend,
     compute_facts,
     get_backend,
-    segment_ct,
 )
 
 LOBES = [10, 11, 12, 13, 14]
@@ -89,8 +87,9 @@ def ts_seg(ts_dir) -> np.ndarray:
 
 
 def test_labelmap_backend_multilabel_file(ts_dir, small_ct, ts_seg):
-    seg = segment_ct(small_ct, "labelmap", catalog=EXTENDED_CATALOG, path=ts_dir / "example_seg.nii.gz")
-    assert isinstance(get_backend("labelmap", path="x"), SegmentationBackend)
+    backend = get_backend("labelmap", path=ts_dir / "example_seg.nii.gz")
+    assert backend.name == "labelmap"  # the backend asked for, by name
+    seg = backend.segment(small_ct, EXTENDED_CATALOG)
     assert seg.geometry.same_grid(small_ct.geometry)
     assert seg.facts["lung"].voxels == np.isin(ts_seg, LOBES).sum()
     assert seg.facts["liver"].voxels == (ts_seg == 5).sum()

@@ -8,7 +8,6 @@ from fvlm_core.segmentation.base import (
     SegmentationBackend,
     compute_facts,
     get_backend,
-    segment_ct,
 )
 from fvlm_core.segmentation.builtin import BuiltinBackend, BuiltinParams, segment_masks
 from fvlm_core.segmentation.labelmap import LabelMapBackend, merge_labels
@@ -33,6 +32,5 @@ __all__ = [
     "compute_facts",
     "get_backend",
     "merge_labels",
-    "segment_ct",
     "segment_masks",
 ]

@@ -16,9 +16,9 @@ from typing import Any
 
 import numpy as np
 
-from fvlm_core.anatomy import CTRATE_CATALOG, AnatomyCatalog, get_catalog
+from fvlm_core.anatomy import CTRATE_CATALOG, AnatomyCatalog
 from fvlm_core.errors import ConfigError, GeometryError
-from fvlm_core.io import CTVolume, Geometry, LabelVolume, write_image
+from fvlm_core.io import CTVolume, Geometry, write_image
 
 #: progress callback: ``callback(step_description, fraction_done in [0, 1])``.
 Progress = Callable[[str, float], None]
@@ -160,11 +160,6 @@ class AnatomySegmentation:
             summary["details"] = self.details
         return summary
 
-    def to_label_volume(self) -> LabelVolume:
-        return LabelVolume(
-            array=self.labelmap, geometry=self.geometry, source=f"<{self.backend} segmentation>"
-        )
-
     def save(self, path: str | os.PathLike) -> Path:
         """Write the anatomy label map on the CT grid (atomic; format from the suffix)."""
         return write_image(self.labelmap, self.geometry, path)
@@ -211,17 +206,3 @@ def get_backend(name: str, **options: Any) -> SegmentationBackend:
 
         return SegmentsBackend(**options)
     raise ConfigError(f"unknown segmentation backend {name!r} (choose from: {', '.join(BACKENDS)})")
-
-
-def segment_ct(
-    ct: CTVolume,
-    backend: str | SegmentationBackend = "builtin",
-    catalog: AnatomyCatalog | str = CTRATE_CATALOG,
-    progress: Progress | None = None,
-    **options: Any,
-) -> AnatomySegmentation:
-    """Segment a CT with a backend (name or instance) into ``catalog``'s anatomies."""
-    if isinstance(catalog, str):
-        catalog = get_catalog(catalog)
-    be = get_backend(backend, **options) if isinstance(backend, str) else backend
-    return be.segment(ct, catalog, progress=progress)

@@ -90,6 +90,10 @@ def test_demo_writes_all_outputs(demo_run):
         assert set(model["reference"]["per_finding"]) == set(demo.DEMO_FINDINGS)
     md = (demo_run.out / "results.md").read_text()
     assert "macro AUC" in md and all(f in md for f in demo.DEMO_FINDINGS)
+    # remembered where the Slicer module's model field looks for it
+    from FVLMSlicerLib.settings import remembered_model_dir
+
+    assert remembered_model_dir() == str(demo_run.model_dir)
 
 
 @pytest.mark.slow

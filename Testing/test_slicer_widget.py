@@ -264,7 +264,7 @@ def test_reading_a_model_before_dependencies_are_installed_says_what_to_install(
     script = textwrap.dedent(
         f"""
         import json, os, sys, importlib.abc
-        BLOCKED = {{"torch", "yaml", "monai", "transformers", "safetensors", "nibabel", "einops", "skimage", "sklearn"}}
+        BLOCKED = {{"torch", "yaml", "monai", "transformers", "safetensors", "nibabel", "einops", "sklearn"}}
 
         class Missing(importlib.abc.MetaPathFinder):  # as in a fresh Slicer: not installed
             def find_spec(self, name, path, target=None):

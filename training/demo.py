@@ -56,7 +56,14 @@ PROTOCOLS = ("no-finding", "reference", "normal-negative", "positive-only")
 #: sentences, while a leading "Not" (the reference wording) opens 2 of 17,497; a frozen MiniLM
 #: reads "Not X." almost as "X." (see README.md).
 HEADLINE_PROTOCOL = "no-finding"
-LAST_DEMO_MODEL = Path(os.environ.get("FVLM_CACHE", Path.home() / ".cache" / "fvlm")) / "last_demo_model.txt"
+
+
+def last_demo_model_file() -> Path:
+    """Where the demo records its model folder for the Slicer module's model field:
+    ``$FVLM_CACHE/last_demo_model.txt``, else ``~/.cache/fvlm/`` (FVLMSlicerLib/settings.py reads it
+    by the same rule), read when the demo ends."""
+    cache = Path(os.environ.get("FVLM_CACHE") or Path.home() / ".cache" / "fvlm").expanduser()
+    return cache / "last_demo_model.txt"
 
 
 @dataclass
@@ -565,8 +572,9 @@ def _run_demo(cfg: DemoConfig, out: Path, t_start: float, log: Callable[[str], N
     if baseline_dir is not None:
         files["baseline"] = str(baseline_dir)
     try:  # remembered for the Slicer module's model field
-        LAST_DEMO_MODEL.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(LAST_DEMO_MODEL, str(model_dir))
+        remembered = last_demo_model_file()
+        remembered.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(remembered, str(model_dir))
     except OSError:
         pass
     return DemoResult(

@@ -3,8 +3,11 @@ fresh clone) and a deterministic, single-threaded torch setup."""
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -12,6 +15,9 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the network
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+# the demo records its model folder there: a test's demo must not replace the user's
+os.environ["FVLM_CACHE"] = tempfile.mkdtemp(prefix="fvlm-test-cache-")
+atexit.register(shutil.rmtree, os.environ["FVLM_CACHE"], True)
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 # FVLMSlicerLib, which the project does not install, is imported as Slicer imports it: from the

@@ -16,6 +16,7 @@ from fvlm_core.anatomy import (
     load_class_map,
 )
 from fvlm_core.errors import ConfigError, InputError
+from fvlm_core.segmentation.labelmap import merge_labels
 from fvlm_core.segmentation.totalseg_classes import TOTAL_CLASS_MAP
 
 #: anatomies allowed to have no SNOMED CT code (none today; add with a reason).
@@ -118,7 +119,7 @@ def test_merge_totalsegmentator_labelmap_in_one_call(ts_dir):
 
     seg = np.asanyarray(nib.load(str(ts_dir / "example_seg.nii.gz")).dataobj)
     class_map = load_class_map(ts_dir / "total_class_map.json")
-    merged = EXTENDED_CATALOG.merge_labelmap(seg, class_map)
+    merged = merge_labels(seg, class_map, EXTENDED_CATALOG)
     assert merged.shape == seg.shape and merged.dtype == np.uint8
     by_name = {v: k for k, v in class_map.items()}
     lobes = [by_name[c] for c in CTRATE_CATALOG["lung"].ts_classes if c in by_name]
@@ -130,15 +131,15 @@ def test_merge_totalsegmentator_labelmap_in_one_call(ts_dir):
     assert merged[seg == by_name["spinal_cord"]].max() == 0
     assert merged[seg == by_name["autochthon_left"]].max() == 0
     # the CT-RATE catalog keeps only its four anatomies
-    ct4 = CTRATE_CATALOG.merge_labelmap(seg, class_map)
+    ct4 = merge_labels(seg, class_map, CTRATE_CATALOG)
     assert set(np.unique(ct4).tolist()) <= {0, 1, 2, 3, 4}
     assert (ct4 == 4).sum() == (seg == by_name["aorta"]).sum()
 
 
 def test_merge_rejects_negative_values_and_ignores_unknown_values():
     with pytest.raises(InputError):
-        CTRATE_CATALOG.merge_labelmap(np.array([[-1, 0]]), {1: "heart"})
-    out = CTRATE_CATALOG.merge_labelmap(np.array([0, 1, 200]), {1: "heart"})
+        merge_labels(np.array([[-1, 0]]), {1: "heart"}, CTRATE_CATALOG)
+    out = merge_labels(np.array([0, 1, 200]), {1: "heart"}, CTRATE_CATALOG)
     assert out.tolist() == [0, 2, 0]
 
 

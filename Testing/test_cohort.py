@@ -15,8 +15,8 @@ import SimpleITK as sitk
 
 from fvlm_core.data.cohort import read_cohort_csv
 from fvlm_core.errors import DataError
-from fvlm_training import evaluate as ev
 from fvlm_training.cli import main
+from fvlm_training.volume_source import VolumeSource
 
 ANATOMIES = ["lung", "heart", "esophagus", "aorta"]
 PROMPTS = [
@@ -196,31 +196,31 @@ def test_unknown_column_missing_scan_and_empty_cohort_are_refused_before_any_wor
     shutil.copytree(masks, data / "masks")
     source = dict(masks_dir=data / "masks")
     with pytest.raises(DataError, match=r"column\(s\) 'Dense lung spot' match none of the findings") as e:
-        ev.VolumeSource(data, ANATOMIES, **source)
+        VolumeSource(data, ANATOMIES, **source)
     assert "--prompts FILE" in str(e.value) and "--ignore-columns Dense lung spot" in str(e.value)
-    assert ev.VolumeSource(data, ANATOMIES, **source, ignore_columns=["Dense lung spot"]).names
-    assert len(ev.VolumeSource(data, ANATOMIES, **source, findings=["Dense lung spot"])) == 8
+    assert VolumeSource(data, ANATOMIES, **source, ignore_columns=["Dense lung spot"]).names
+    assert len(VolumeSource(data, ANATOMIES, **source, findings=["Dense lung spot"])) == 8
 
     with open(data / "labels.csv", "a", newline="") as fh:
         csv.writer(fh).writerow(["p999", "1", "0", "0", "Normal."])
     with pytest.raises(
         DataError, match=r"1 listed volume\(s\) cannot be evaluated, e.g. p999: no scan 'p999'"
     ):
-        ev.VolumeSource(data, ANATOMIES, **source, findings=["Dense lung spot"])
+        VolumeSource(data, ANATOMIES, **source, findings=["Dense lung spot"])
     _write_csv(data / "labels.csv", [["scan", "Pleural effusion"]])
     with pytest.raises(DataError, match="the cohort is empty"):
-        ev.VolumeSource(data, ANATOMIES, **source)
+        VolumeSource(data, ANATOMIES, **source)
     (data / "labels.csv").unlink()
     with pytest.raises(DataError, match="not a dataset folder this project reads"):
-        ev.VolumeSource(data, ANATOMIES, **source)
+        VolumeSource(data, ANATOMIES, **source)
     # the masks, inside the folder but not named with --masks, are scans as well: which one is meant?
     _write_csv(data / "labels.csv", [["scan", "Pleural effusion"], ["p000", "1"]])
     with pytest.raises(DataError, match=r"several scans are named 'p000': .*; give its path"):
-        ev.VolumeSource(data, ANATOMIES)
+        VolumeSource(data, ANATOMIES)
     # without masks: which segmentation to use is asked for, with what each gives
     shutil.rmtree(data / "masks")
     with pytest.raises(DataError, match=r"have no anatomy mask.*--backend builtin \(lungs only"):
-        ev.VolumeSource(data, ANATOMIES)
+        VolumeSource(data, ANATOMIES)
 
 
 @pytest.mark.slow

@@ -16,6 +16,7 @@ import pytest
 
 from fvlm_core.io import read_ct, read_label_map
 from fvlm_training import demo
+from fvlm_training.report import auc_table_markdown
 
 PROJECT = Path(__file__).resolve().parents[1]
 
@@ -89,6 +90,10 @@ def test_demo_writes_all_outputs(demo_run):
         assert set(model["reference"]["per_finding"]) == set(demo.DEMO_FINDINGS)
     md = (demo_run.out / "results.md").read_text()
     assert "macro AUC" in md and all(f in md for f in demo.DEMO_FINDINGS)
+    # remembered where the Slicer module's model field looks for it
+    from FVLMSlicerLib.settings import remembered_model_dir
+
+    assert remembered_model_dir() == str(demo_run.model_dir)
 
 
 @pytest.mark.slow
@@ -141,7 +146,7 @@ def test_demo_calibrates_on_calibration_phantoms_and_checks_on_test_phantoms(dem
 def test_demo_zero_shot_auc_above_chance(demo_run):
     table = demo_run.table
     fvlm = table["models"]["fVLM"][demo.HEADLINE_PROTOCOL]
-    shown = demo.table_markdown(table)
+    shown = auc_table_markdown(table)
     # At this size (32^3 at 12 mm, about a minute of training) only large findings are learnable;
     # a pleural effusion fills the lung base and must already be found well above chance.
     assert fvlm["per_finding"]["Pleural effusion"]["auc"] > 0.7, shown

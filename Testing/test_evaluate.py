@@ -10,8 +10,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fvlm_training import evaluate as ev
+from fvlm_training import evaluate
 from fvlm_training.cli import main
+from fvlm_training.label_tables import read_label_table, read_score_table
+from fvlm_training.protocol import (
+    CalibrationSource,
+    calibrate_report,
+    describe_split,
+    evaluate_scores,
+    one_per_scan,
+)
+from fvlm_training.score_journal import JOURNAL_DIR
+from fvlm_training.stored_thresholds import store_thresholds
+from fvlm_training.volume_source import VolumeSource
 
 # Same worked example as test_metrics: AUC 13/16, reference threshold 69/99 -> TP 3, FN 1, FP 0, TN 4.
 Y = [0, 0, 0, 1, 1, 1, 0, 1]
@@ -95,11 +106,11 @@ def test_reference_protocol_reproduces_hand_computed_metrics(tmp_path):
 
 def test_strict_protocol_uses_fixed_thresholds_and_drops_unscored(tmp_path):
     s_csv, l_csv = _tables(tmp_path)
-    names, scores = ev.read_score_table(s_csv)
-    truth = ev.read_label_table(l_csv, names)
+    names, scores = read_score_table(s_csv)
+    truth = read_label_table(l_csv, names)
     with pytest.raises(Exception, match="threshold fixed beforehand"):
-        ev.evaluate_scores(scores, truth, names, "strict", {"Emphysema": 0.5})
-    rep = ev.evaluate_scores(
+        evaluate_scores(scores, truth, names, "strict", {"Emphysema": 0.5})
+    rep = evaluate_scores(
         scores, truth, names, "strict", {"Emphysema": 0.65, "Cardiomegaly": 0.5}, n_bootstrap=0
     )
     e = rep.per_label["Emphysema"]
@@ -114,11 +125,11 @@ def test_thresholds_stored_into_model_config(tmp_path):
 
     model_dir = tmp_path / "model"
     FVLMConfig().save(model_dir / "config.yaml")
-    path = ev.store_thresholds(model_dir, {"Emphysema": 0.7, "Cardiomegaly": float("nan")}, source="test")
+    path = store_thresholds(model_dir, {"Emphysema": 0.7, "Cardiomegaly": float("nan")}, source="test")
     cfg = load_config(model_dir)
     assert cfg.thresholds == {"Emphysema": 0.7} and path.name == "config.yaml"
     with pytest.raises(Exception, match=r"config\.yaml"):
-        ev.store_thresholds(tmp_path / "nothing", {"Emphysema": 0.5})
+        store_thresholds(tmp_path / "nothing", {"Emphysema": 0.5})
 
 
 def _miscalibrated_table(tmp_path, n: int = 600, seed: int = 0):
@@ -256,14 +267,14 @@ def test_report_and_stored_thresholds_are_written_all_or_none(tmp_path, capsys):
 def test_calibration_split_is_fitted_there_and_checked_on_the_evaluated_set(tmp_path):
     (tmp_path / "cal").mkdir()
     (tmp_path / "test").mkdir()
-    cal_names, cal_scores = ev.read_score_table(_miscalibrated_table(tmp_path / "cal", 600, 1)[0])
-    cal_truth = ev.read_label_table(tmp_path / "cal" / "labels.csv", cal_names)
-    names, scores = ev.read_score_table(_miscalibrated_table(tmp_path / "test", 600, 2)[0])
-    truth = ev.read_label_table(tmp_path / "test" / "labels.csv", names)
-    rep = ev.evaluate_scores(
+    cal_names, cal_scores = read_score_table(_miscalibrated_table(tmp_path / "cal", 600, 1)[0])
+    cal_truth = read_label_table(tmp_path / "cal" / "labels.csv", cal_names)
+    names, scores = read_score_table(_miscalibrated_table(tmp_path / "test", 600, 2)[0])
+    truth = read_label_table(tmp_path / "test" / "labels.csv", names)
+    rep = evaluate_scores(
         scores, truth, names, "strict", {"Emphysema": 0.3, "Cardiomegaly": 0.5}, n_bootstrap=0
     )
-    ev.calibrate_report(rep, scores, truth, ev.CalibrationSource(cal_scores, cal_truth))
+    calibrate_report(rep, scores, truth, CalibrationSource(cal_scores, cal_truth))
     c = rep.calibration["Emphysema"]
     assert (
         c.checked_on == "held-out split" and c.auc_calibrated == c.auc_raw == rep.per_label["Emphysema"].auc
@@ -277,10 +288,10 @@ def test_calibration_split_is_fitted_there_and_checked_on_the_evaluated_set(tmp_
 
 def test_split_description():
     vols = [f"valid_{i}_a_{r}" for i in range(1, 4) for r in (1, 2)]
-    d = ev.describe_split(vols)
+    d = describe_split(vols)
     assert (d["n_volumes"], d["n_scans"]) == (6, 3)
-    assert ev.one_per_scan(vols) == ["valid_1_a_1", "valid_2_a_1", "valid_3_a_1"]
-    assert ev.describe_split(["valid_12_b_2.nii.gz", "valid_12_b_1.nii.gz"])["n_scans"] == 1
+    assert one_per_scan(vols) == ["valid_1_a_1", "valid_2_a_1", "valid_3_a_1"]
+    assert describe_split(["valid_12_b_2.nii.gz", "valid_12_b_1.nii.gz"])["n_scans"] == 1
 
 
 # ---------------------------------------------------------------- scoring a dataset with a model
@@ -322,7 +333,7 @@ def test_evaluate_ctrate_layout_then_analyze_uses_stored_thresholds(tiny_model_d
     probs = np.array([[float(r[lbl]) for lbl in FVLM_LABELS] for r in rows])
     assert probs.min() > 0 and probs.max() < 1
     # the written table reads back unchanged (the --scores path)
-    names, back = ev.read_score_table(out / "scores.csv")
+    names, back = read_score_table(out / "scores.csv")
     assert names == [r["VolumeName"] for r in rows]
     assert back["Pleural effusion"].tolist() == [float(r["Pleural effusion"]) for r in rows]
     # the stored thresholds are what analyze then uses
@@ -433,7 +444,7 @@ def test_layout_masks_are_read_as_prepare_reads_them(tmp_path):
     class_map = {str(lut[v]): name for name, v in MASK_VALUES.items()}
     (data / "anatomy_masks" / "class_map.json").write_text(json.dumps(class_map))
 
-    source = ev.VolumeSource(data, CTRATE_CATALOG.names)
+    source = VolumeSource(data, CTRATE_CATALOG.names)
     truth = {s.name: s for s in iter_cohort(4, 7, **kw)}
     reader = CTRATEReader(data, "valid")
     prepare_reads = make_segmenter("labelmap", CTRATE_CATALOG, masks_dir=reader.masks_dir)
@@ -450,7 +461,7 @@ def test_layout_masks_are_read_as_prepare_reads_them(tmp_path):
     missing = reader.records[0]
     missing.path.unlink()
     with pytest.raises(Exception, match=f"{missing.name}: listed in the metadata but no file"):
-        ev.VolumeSource(data, CTRATE_CATALOG.names)
+        VolumeSource(data, CTRATE_CATALOG.names)
 
 
 # ---------------------------------------------------------------- keeping the scores (issue 25)
@@ -467,6 +478,7 @@ def stalling(self, *args, **kwargs):
         time.sleep(600)
     return encode(self, *args, **kwargs)
 Analyzer.encode_model_space = stalling
+from fvlm_training import evaluate
 from fvlm_training.cli import main
 sys.exit(main(sys.argv[1:]))
 """
@@ -506,7 +518,7 @@ def test_killed_evaluate_resumes_without_encoding_again(tiny_model_dir, tmp_path
     out = tmp_path / "rep"
     argv = ["evaluate", "--data", str(cache), "--model", str(tiny_model_dir), "--windows", "shared"]
     argv += ["--n-bootstrap", "10", "--no-plots", "--device", "cpu", "--out", str(out)]
-    journal = out / ev.JOURNAL_DIR / "data.jsonl"
+    journal = out / JOURNAL_DIR / "data.jsonl"
     proc = subprocess.Popen([sys.executable, "-c", _STALLING_EVALUATE, *argv], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT)  # fmt: skip
     try:
@@ -558,7 +570,7 @@ def test_a_rerun_with_another_model_or_prompts_is_refused_before_encoding(
     out = tmp_path / "rep"
     common = ["evaluate", "--data", str(cache), "--windows", "shared", "--n-bootstrap", "0", "--no-plots"]
     assert main([*common, "--model", str(tiny_model_dir), "--out", str(out)]) == 0
-    journal = out / ev.JOURNAL_DIR / "data.jsonl"
+    journal = out / JOURNAL_DIR / "data.jsonl"
     kept = journal.read_bytes()
     count_encodes.clear()
     # the same weights with one prompt worded otherwise
@@ -601,7 +613,7 @@ def test_a_failure_after_scoring_keeps_the_scores_and_says_what_failed(
     def broken(*args, **kwargs):
         raise ValueError("isotonic knots must lie in (0, 1) and be strictly increasing")
 
-    monkeypatch.setattr(ev, "calibrate_report", broken)
+    monkeypatch.setattr(evaluate, "calibrate_report", broken)
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert "calibration failed (ValueError: isotonic knots" in err
@@ -609,8 +621,7 @@ def test_a_failure_after_scoring_keeps_the_scores_and_says_what_failed(
         f"scores of all 3 volumes are kept: {out / 'scores.csv'}" in err and "Re-run the same command" in err
     )
     assert (
-        len(_read_csv(out / "scores.csv")) == 3
-        and len(_journal_lines(out / ev.JOURNAL_DIR / "data.jsonl")) == 4
+        len(_read_csv(out / "scores.csv")) == 3 and len(_journal_lines(out / JOURNAL_DIR / "data.jsonl")) == 4
     )
     assert not (out / "metrics.json").exists() and len(count_encodes) == 3
     # fixed: the same command continues from the scores
@@ -637,10 +648,10 @@ def test_labels_are_checked_before_any_work_by_one_rule_for_every_layout(tmp_pat
     y[2], y[4] = "", "NA"
     _write_csv(tmp_path / "scores.csv", {"VolumeName": NAMES, "Emphysema": S})
     _write_csv(tmp_path / "labels.csv", {"VolumeName": NAMES, "Emphysema": y, "Note": ["free text"] * 8})
-    names, scores = ev.read_score_table(tmp_path / "scores.csv")
-    truth = ev.read_label_table(tmp_path / "labels.csv", names)
+    names, scores = read_score_table(tmp_path / "scores.csv")
+    truth = read_label_table(tmp_path / "labels.csv", names)
     assert np.isnan(truth["Emphysema"][[2, 4]]).all() and list(truth) == ["Emphysema"]
-    rep = ev.evaluate_scores(scores, truth, names, n_bootstrap=0)
+    rep = evaluate_scores(scores, truth, names, n_bootstrap=0)
     kept = [i for i in range(8) if i not in (2, 4)]
     from fvlm_core.metrics import auc
 
@@ -660,7 +671,7 @@ def test_labels_are_checked_before_any_work_by_one_rule_for_every_layout(tmp_pat
             DataError,
             match=rf"2 cell\(s\) are not labels, in column\(s\) 'Emphysema' \(2\): line 5 \({NAMES[3]}\), column 'Emphysema': '{re.escape(bad)}'",
         ):
-            ev.read_label_table(tmp_path / "labels.csv", names, read)
+            read_label_table(tmp_path / "labels.csv", names, read)
 
     # a CT-RATE layout: refused when the dataset is opened, before the model is loaded
     data = tmp_path / "ctrate"
@@ -674,7 +685,7 @@ def test_labels_are_checked_before_any_work_by_one_rule_for_every_layout(tmp_pat
         w.writerows(rows)
     monkeypatch.setattr(analyzer.Analyzer, "from_pretrained", lambda *a, **k: pytest.fail("model loaded"))
     with pytest.raises(DataError) as err:
-        ev.VolumeSource(data, ["lung", "heart", "esophagus", "aorta"], "valid")
+        VolumeSource(data, ["lung", "heart", "esophagus", "aorta"], "valid")
     msg = str(err.value)
     assert f"{rows[0]['VolumeName'].removesuffix('.nii.gz')}, column 'Emphysema': '2'" in msg
     assert "--split" not in msg  # not taken for another kind of folder
@@ -684,7 +695,7 @@ def test_labels_are_checked_before_any_work_by_one_rule_for_every_layout(tmp_pat
         w = csv.DictWriter(fh, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
-    source = ev.VolumeSource(data, ["lung", "heart", "esophagus", "aorta"], "valid")
+    source = VolumeSource(data, ["lung", "heart", "esophagus", "aorta"], "valid")
     missing = source.truth(source.names[1])
     assert missing["Atelectasis"] is None and missing["Cardiomegaly"] == 0  # missing, not 0
 

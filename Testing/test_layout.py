@@ -1,4 +1,4 @@
-"""The CT-RATE naming rules, held in one place (fvlm_core.data.layout)."""
+"""The CT-RATE naming rules of fvlm_core.data.layout: volume stems, scan ids, folder paths, splits."""
 
 from pathlib import Path
 

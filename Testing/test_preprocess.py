@@ -16,9 +16,9 @@ from fvlm_core.preprocess import (
     bbox_zyx,
     crop_window,
     resample_to_model_space,
-    window_for_bbox,
     window_hu,
 )
+from fvlm_core.zeroshot.windows import plan_centred, plan_windows
 
 LIVER = 5  # TotalSegmentator v2 "total" value of the liver
 
@@ -75,21 +75,26 @@ def test_bbox_zyx() -> None:
     assert bbox_zyx(m) == ((1, 2, 3), (3, 4, 6))
 
 
-def test_window_for_bbox_size_rule() -> None:
+def test_centred_window_size_rule() -> None:
+    """A window per anatomy (``--windows centred``): ``max(min size, extent)`` rounded up to the
+    patch multiple, centred on the anatomy's box (``(start, stop)``, stop exclusive)."""
     cfg = ModelSpaceConfig()
-    # Small anatomy: the minimum size wins.
-    center, size = window_for_bbox((10, 20, 30), (19, 59, 99), cfg)
-    assert size == (112, 256, 352)
-    assert center == (14.5, 39.5, 64.5)
+
+    def plan(box, min_size=cfg.window_size_zyx):
+        (p,) = plan_centred({"a": box}, cfg.multiple_zyx, min_size)
+        return p
+
+    # Small anatomy: the minimum size wins, the window centred on it.
+    small = plan(((10, 20, 30), (20, 60, 100)))
+    assert small.size_zyx == (112, 256, 352)
+    assert np.allclose(np.add(small.start_zyx, np.divide(small.size_zyx, 2)), (15, 40, 65), atol=1)
     # Reference evaluation minimum (112, 288, 352).
-    assert window_for_bbox((0, 0, 0), (9, 9, 9), cfg, min_size_zyx=(112, 288, 352))[1] == (112, 288, 352)
-    # Large anatomy: extent (inclusive) rounded up to the patch multiple (16, 16, 32).
-    _, size = window_for_bbox((0, 0, 0), (119, 299, 400), cfg)  # extent 120, 300, 401
-    assert size == (128, 304, 416)
-    _, size = window_for_bbox((0, 0, 0), (111, 255, 351), cfg)  # extent exactly the minimum
-    assert size == (112, 256, 352)
+    assert plan(((0, 0, 0), (10, 10, 10)), (112, 288, 352)).size_zyx == (112, 288, 352)
+    # Large anatomy: extent rounded up to the patch multiple (16, 16, 32).
+    assert plan(((0, 0, 0), (120, 300, 401))).size_zyx == (128, 304, 416)
+    assert plan(((0, 0, 0), (112, 256, 352))).size_zyx == (112, 256, 352)  # exactly the minimum
     # A minimum that is not a multiple is rounded up too.
-    assert window_for_bbox((0, 0, 0), (0, 0, 0), cfg, min_size_zyx=(100, 250, 300))[1] == (112, 256, 320)
+    assert plan(((0, 0, 0), (1, 1, 1)), (100, 250, 300)).size_zyx == (112, 256, 320)
 
 
 def _toy_ms(shape=(10, 12, 14)) -> tuple[CTVolume, LabelVolume]:
@@ -205,13 +210,18 @@ def test_ras_and_lps_copies_give_the_same_model_space_array(chest) -> None:
     np.testing.assert_allclose(ras_ms.array, ref.array[:, ::-1, ::-1], atol=1e-3)
 
 
+def _window_around_anatomy(ct_ms, lab_ms, cfg):
+    """The window the analyzer cuts around anatomy 1 (a ``shared`` plan of that one anatomy)."""
+    (plan,), _ = plan_windows(lab_ms.array, ["anatomy"], cfg.window_size_zyx, cfg.multiple_zyx)
+    return crop_window(ct_ms, lab_ms, plan.center_zyx, plan.size_zyx)
+
+
 def test_round_trip_heart_mask_chest(chest) -> None:
     ct, heart = chest
     assert heart.array.any()
     cfg = ModelSpaceConfig()
     ct_ms, lab_ms = resample_to_model_space(ct, heart, cfg)
-    box = bbox_zyx(lab_ms.array == 1)
-    win = crop_window(ct_ms, lab_ms, *window_for_bbox(*box, cfg))
+    win = _window_around_anatomy(ct_ms, lab_ms, cfg)
     back = win.to_original(win.labels, ct.geometry, is_label=True)
     assert back.shape == ct.array.shape
     d = dice(back == 1, heart.array == 1)
@@ -236,7 +246,7 @@ def test_round_trip_liver_mask_example_ct_sm(ts_dir: Path) -> None:
     assert lab_ms.array.sum() > 0
     # Liver is soft tissue in model space too (labels and HU stay aligned).
     assert 20 < np.median(ct_ms.array[lab_ms.array == 1]) < 150
-    win = crop_window(ct_ms, lab_ms, *window_for_bbox(*bbox_zyx(lab_ms.array), cfg))
+    win = _window_around_anatomy(ct_ms, lab_ms, cfg)
     back = win.to_original(win.labels, ct.geometry, is_label=True)
     d = dice(back == 1, liver.array == 1)
     print(f"round-trip Dice liver (example_ct_sm): {d:.4f}")
@@ -257,7 +267,7 @@ def test_oblique_ct_is_resampled_onto_lps_axes(ts_dir: Path) -> None:
     ml = lab_ms.array.sum() * ct_ms.geometry.voxel_volume_ml
     ml0 = liver_o.array.sum() * g.voxel_volume_ml
     assert abs(ml - ml0) < 0.03 * ml0
-    win = crop_window(ct_ms, lab_ms, *window_for_bbox(*bbox_zyx(lab_ms.array == 1)))
+    win = _window_around_anatomy(ct_ms, lab_ms, ModelSpaceConfig())
     back = win.to_original(win.labels, g, is_label=True)
     d = dice(back == 1, liver_o.array == 1)
     print(f"round-trip Dice liver, oblique copy of example_ct_sm: {d:.4f}")

@@ -82,13 +82,14 @@ def test_sample_data_extracts_only_the_examples_and_caches(tmp_path, ts_dir, cap
 
 
 def test_extracted_examples_are_usable(tmp_path, ts_dir):
+    from fvlm_core.anatomy import CTRATE_CATALOG
     from fvlm_core.io import read_ct
-    from fvlm_core.segmentation import segment_ct
+    from fvlm_core.segmentation.choice import choose_backend, segment
 
     dest = tmp_path / "d"
     sample_data.fetch_sample_data(dest, _make_sdist(tmp_path, ts_dir, _layout(ts_dir)))
     ct = read_ct(dest / "example_ct_sm.nii.gz")
-    seg = segment_ct(ct, "labelmap", path=dest / "example_seg.nii.gz")
+    seg = segment(ct, CTRATE_CATALOG, choose_backend("labelmap", labelmap=str(dest / "example_seg.nii.gz")))
     assert seg.facts["lung"].present
 
 

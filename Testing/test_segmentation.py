@@ -14,10 +14,8 @@ from fvlm_core.geometry import Geometry
 from fvlm_core.io import CTVolume, read_ct, read_label_map
 from fvlm_core.segmentation import (
     AnatomySegmentation,
-    SegmentationBackend,
     compute_facts,
     get_backend,
-    segment_ct,
 )
 from fvlm_core.segmentation.labelmap import LabelMapBackend
 from fvlm_core.segmentation.totalseg_classes import TOTAL_CLASS_MAP
@@ -90,8 +88,9 @@ def ts_seg(ts_dir) -> np.ndarray:
 
 
 def test_labelmap_backend_multilabel_file(ts_dir, small_ct, ts_seg):
-    seg = segment_ct(small_ct, "labelmap", catalog=EXTENDED_CATALOG, path=ts_dir / "example_seg.nii.gz")
-    assert isinstance(get_backend("labelmap", path="x"), SegmentationBackend)
+    backend = get_backend("labelmap", path=ts_dir / "example_seg.nii.gz")
+    assert backend.name == "labelmap"  # the backend asked for, by name
+    seg = backend.segment(small_ct, EXTENDED_CATALOG)
     assert seg.geometry.same_grid(small_ct.geometry)
     assert seg.facts["lung"].voxels == np.isin(ts_seg, LOBES).sum()
     assert seg.facts["liver"].voxels == (ts_seg == 5).sum()

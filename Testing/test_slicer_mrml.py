@@ -8,6 +8,7 @@ after saving/reloading .seg.nrrd, .tsv and .mrb.
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 
@@ -19,9 +20,10 @@ slicer = pytest.importorskip("slicer", reason="needs slicer-core (pip install sl
 import nibabel as nib  # noqa: E402
 import vtk  # noqa: E402
 
-# FVLMSlicerLib: on sys.path by conftest.py
+# FVLMSlicerLib: on sys.path by conftest.py; the test tools beside the module's test harness
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "FVLMSlicer" / "Testing"))
 from FVLMSlicerLib import mrml_io  # noqa: E402
-from FVLMSlicerLib.headless import load_scene_mrb, new_scene, save_scene_mrb  # noqa: E402
+from FVLMSlicerLib.headless import new_scene  # noqa: E402
 from FVLMSlicerLib.logic import AnalysisLogic  # noqa: E402
 from FVLMSlicerLib.results import (  # noqa: E402
     ATTR_ROLE,
@@ -31,6 +33,13 @@ from FVLMSlicerLib.results import (  # noqa: E402
     finding_tag,
     highlight_color,
     rows,
+)
+from scene_tools import (  # noqa: E402
+    load_scene_mrb,
+    save_scene_mrb,
+    segment_mask,
+    segmentation_node_to_labelmap,
+    set_segment_mask,
     table_rows,
 )
 
@@ -102,14 +111,14 @@ def chest(ts_dir):
         "TerminologyEntry",
         "Segmentation category and type - Total Segmentator~SCT^123037004^Anatomical Structure~SCT^80891009^Heart~^^~~^^~^^",
     )
-    mrml_io.set_segment_mask(seg, "s_heart", heart, ct.geometry)
+    set_segment_mask(seg, "s_heart", heart, ct.geometry)
     segmentation.AddEmptySegment("s_aorta", "aorta", [0.8, 0.2, 0.2])
-    mrml_io.set_segment_mask(seg, "s_aorta", aorta.array > 0, aorta.geometry)
+    set_segment_mask(seg, "s_aorta", aorta.array > 0, aorta.geometry)
     for side in ("left", "right"):
         segmentation.AddEmptySegment(f"s_lung_{side}", f"{side.capitalize()} lung", [0.7, 0.6, 0.5])
-        mrml_io.set_segment_mask(seg, f"s_lung_{side}", builtin.classes[f"lung_{side}"], ct.geometry)
+        set_segment_mask(seg, f"s_lung_{side}", builtin.classes[f"lung_{side}"], ct.geometry)
     segmentation.AddEmptySegment("s_body", "body", [0.5, 0.5, 0.5])  # no model anatomy: ignored
-    mrml_io.set_segment_mask(seg, "s_body", builtin.classes["body"], ct.geometry)
+    set_segment_mask(seg, "s_body", builtin.classes["body"], ct.geometry)
     return {"scene": scene, "volume": volume, "ct": ct, "seg": seg, "heart": heart, "builtin": builtin}
 
 
@@ -143,9 +152,7 @@ def test_volume_node_matches_fvlm_core_reader(chest, ts_dir):
 
 
 def test_input_segments_become_anatomy_labels_on_the_ct_grid(chest, ts_dir):
-    labelmap, mapping = mrml_io.segmentation_node_to_labelmap(
-        chest["seg"], chest["ct"].geometry, CTRATE_CATALOG
-    )
+    labelmap, mapping = segmentation_node_to_labelmap(chest["seg"], chest["ct"].geometry, CTRATE_CATALOG)
     assert mapping == {
         "s_heart": "heart",
         "s_aorta": "aorta",
@@ -185,7 +192,7 @@ def test_lps_mask_lands_on_the_same_physical_voxel_in_slicer(tmp_path, chest, ts
     heart = chest["heart"][:, :, ::-1].copy()  # the mask, stored like the flipped file
     seg = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "s")
     seg.GetSegmentation().AddEmptySegment("heart", "heart", [1, 0, 0])
-    mrml_io.set_segment_mask(seg, "heart", heart, flipped_geometry)
+    set_segment_mask(seg, "heart", heart, flipped_geometry)
 
     z, y, x = (int(v) for v in np.argwhere(chest["heart"])[len(np.argwhere(chest["heart"])) // 2])
     ras = ct.geometry.index_zyx_to_ras((z, y, x))  # where the voxel is, from the original file
@@ -207,7 +214,7 @@ def test_lps_mask_lands_on_the_same_physical_voxel_in_slicer(tmp_path, chest, ts
     assert ijk[0] == ct.geometry.size[0] - 1 - x  # the reversed axis, seen through the header
     np.testing.assert_allclose(in_slicer.geometry.index_zyx_to_ras(ijk[::-1]), ras, atol=1e-3)
     # and back out of Slicer onto the original grid: the same voxel
-    back = mrml_io.segment_mask(seg, "heart", ct.geometry)
+    back = segment_mask(seg, "heart", ct.geometry)
     np.testing.assert_array_equal(back, chest["heart"])
 
 
@@ -296,7 +303,7 @@ def test_table_row_jumps_to_the_anatomy_centre(analysed, chest):
 
     geometry = chest["ct"].geometry
     for anatomy in ("lung", "heart", "aorta"):
-        mask = mrml_io.segment_mask(analysed.segmentation, anatomy, geometry)
+        mask = segment_mask(analysed.segmentation, anatomy, geometry)
         voxel_centre = geometry.index_zyx_to_ras(np.argwhere(mask).mean(axis=0))
         # Slicer's segment centre (its bounding box / centroid) lies within a few voxels of the voxel mean
         assert (
@@ -314,7 +321,7 @@ def test_similarity_maps_lie_on_the_ct_grid_inside_their_anatomy(analysed, chest
     assert analysed.similarity_volumes, "the random tiny model flags something on the chest CT"
     ct = chest["ct"]
     for key, node in analysed.similarity_volumes.items():
-        anatomy = mrml_io.segment_mask(analysed.segmentation, key[0], ct.geometry)
+        anatomy = segment_mask(analysed.segmentation, key[0], ct.geometry)
         box = tuple(slice(int(i.min()), int(i.max()) + 1) for i in np.nonzero(anatomy))
         m_node, m_ct = _ijk_to_ras(node), _ijk_to_ras(chest["volume"])
         np.testing.assert_allclose(m_node[:3, :3], m_ct[:3, :3], atol=1e-6)  # same axes and spacing
@@ -352,8 +359,8 @@ def test_segmentation_table_and_scene_survive_save_and_reload(analysed, chest, t
                 tag = finding_tag(kind, f.name)
                 assert mrml_io.get_segment_tag(a, tag) == mrml_io.get_segment_tag(b, tag)
         np.testing.assert_array_equal(
-            mrml_io.segment_mask(seg2, name, geometry),
-            mrml_io.segment_mask(analysed.segmentation, name, geometry),
+            segment_mask(seg2, name, geometry),
+            segment_mask(analysed.segmentation, name, geometry),
         )
     # .tsv
     tstorage = analysed.table.CreateDefaultStorageNode()
@@ -470,7 +477,7 @@ def test_a_job_reports_its_stages_in_short_steps_and_cancels(chest, tiny_model):
         assert f"s  {stage}" in log, stage
     assert job.status.longest_step_s < 1.0  # short steps (the 200 ms rule is measured at full size)
     expected = BuiltinBackend().segment(slab, CTRATE_CATALOG).labelmap
-    got, _ = mrml_io.segmentation_node_to_labelmap(job.nodes.segmentation, slab.geometry, CTRATE_CATALOG)
+    got, _ = segmentation_node_to_labelmap(job.nodes.segmentation, slab.geometry, CTRATE_CATALOG)
     np.testing.assert_array_equal(got, expected)
     assert job.nodes.result.segmentation["source"] == "builtin" and not job.job_dir.exists()
 
@@ -504,9 +511,9 @@ def test_parent_transforms_are_applied_or_refused(chest):
     volume.SetAndObserveTransformNodeID(transform.GetID())
     moved = mrml_io.volume_node_to_ct(volume).geometry
     np.testing.assert_allclose(moved.affine_ras, shift @ ct.geometry.affine_ras, atol=1e-6)
-    assert not np.array_equal(mrml_io.segment_mask(seg, "heart", moved), chest["heart"])  # seg not moved yet
+    assert not np.array_equal(segment_mask(seg, "heart", moved), chest["heart"])  # seg not moved yet
     seg.SetAndObserveTransformNodeID(transform.GetID())
-    np.testing.assert_array_equal(mrml_io.segment_mask(seg, "heart", moved), chest["heart"])
+    np.testing.assert_array_equal(segment_mask(seg, "heart", moved), chest["heart"])
 
     warp = scene.AddNewNodeByClass("vtkMRMLTransformNode", "warp")
     spline = vtk.vtkThinPlateSplineTransform()
@@ -560,7 +567,7 @@ def test_the_modules_in_slicer_self_test_phantom_analyses_headless(tiny_model):
     nodes = AnalysisLogic(scene).analyze(volume, seg, model_dir=str(tiny_model), device="cpu")
     assert nodes.table.GetNumberOfRows() == 16
     assert {a.name: a.status for a in nodes.result.anatomies}["esophagus"] == "absent"
-    labelmap, _ = mrml_io.segmentation_node_to_labelmap(nodes.segmentation, ct.geometry, CTRATE_CATALOG)
+    labelmap, _ = segmentation_node_to_labelmap(nodes.segmentation, ct.geometry, CTRATE_CATALOG)
     np.testing.assert_array_equal(labelmap, labels)
 
 

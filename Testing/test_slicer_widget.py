@@ -44,6 +44,7 @@ from FVLMSlicerLib import mrml_io, warm  # noqa: E402
 from FVLMSlicerLib.headless import new_scene  # noqa: E402
 from FVLMSlicerLib.process import process_tree  # noqa: E402
 from PySide6 import QtWidgets  # noqa: E402
+from scene_tools import segmentation_node_to_labelmap, set_segment_mask  # noqa: E402
 
 from fvlm_core.anatomy import CTRATE_CATALOG  # noqa: E402
 
@@ -185,7 +186,7 @@ def _chest_slab(scene, ts_dir):
     seg.CreateDefaultDisplayNodes()
     for sid, name, mask in (("s_heart", "Heart", heart[lo:hi]), ("s_lungs", "Lungs", lungs)):
         seg.GetSegmentation().AddEmptySegment(sid, name, [0.5, 0.5, 0.5])
-        mrml_io.set_segment_mask(seg, sid, mask, slab.geometry)
+        set_segment_mask(seg, sid, mask, slab.geometry)
     return volume, seg, slab
 
 
@@ -265,7 +266,7 @@ def test_reading_a_model_before_dependencies_are_installed_says_what_to_install(
     script = textwrap.dedent(
         f"""
         import json, os, sys, importlib.abc
-        BLOCKED = {{"torch", "yaml", "monai", "transformers", "safetensors", "nibabel", "einops", "skimage", "sklearn"}}
+        BLOCKED = {{"torch", "yaml", "monai", "transformers", "safetensors", "nibabel", "einops", "sklearn"}}
 
         class Missing(importlib.abc.MetaPathFinder):  # as in a fresh Slicer: not installed
             def find_spec(self, name, path, target=None):
@@ -659,7 +660,7 @@ def _totalseg_segmentation(scene, geometry, labels_by_class: dict[str, np.ndarra
     for cls, mask in labels_by_class.items():
         sid, name = ("Segment_7", "Cor") if cls == "heart" else (cls, cls.replace("_", " ").capitalize())
         node.GetSegmentation().AddEmptySegment(sid, name, [0.5, 0.5, 0.5])
-        mrml_io.set_segment_mask(node, sid, mask, geometry)
+        set_segment_mask(node, sid, mask, geometry)
         t, m, r = codes[cls]
         tag = f"{SLICER_TOTALSEG_CONTEXT}~SCT^123037004^Anatomical Structure~SCT^{t}^{cls}~SCT^{m}^~"
         tag += f"Anatomic codes - DICOM master list~SCT^{r}^~^^|"
@@ -704,9 +705,7 @@ def test_a_totalsegmentator_segmentation_is_recognised_reused_and_merged(widget,
     _run_until(lambda: _idle(widget), 300)
     assert widget._results is not None, ui.statusLabel.text
     # what was analysed: the two lobes form the lung, the spleen nothing (merge_labels' rule)
-    analysed, _ = mrml_io.segmentation_node_to_labelmap(
-        widget._results.segmentation, geometry, CTRATE_CATALOG
-    )
+    analysed, _ = segmentation_node_to_labelmap(widget._results.segmentation, geometry, CTRATE_CATALOG)
     expected = np.zeros(geometry.shape_zyx, dtype=np.uint8)
     for cls, anatomy in (("lung_upper_lobe_left", "lung"), ("lung_lower_lobe_left", "lung"), ("heart", "heart"), ("esophagus", "esophagus")):  # fmt: skip
         expected[masks[cls]] = CTRATE_CATALOG.label(anatomy)

@@ -136,7 +136,7 @@ def _calibrated_copy(model, tmp_path):
     """The model with a stored threshold and Platt calibration of Pleural effusion (as
     `fvlm evaluate --store-thresholds` writes them): same weights, so the store stays usable."""
     from fvlm_core.calibration import Calibration
-    from fvlm_training.evaluate import store_thresholds
+    from fvlm_training.stored_thresholds import store_thresholds
 
     copy = tmp_path / "calibrated"
     shutil.copytree(model, copy)

@@ -89,7 +89,7 @@ def bench_embed(args, tmp: Path) -> dict:
 
     from fvlm_core.store.format import EmbeddingStore, ModelIdentity, StoreInfo
     from fvlm_training.embed import embed_scans
-    from fvlm_training.evaluate import VolumeSource
+    from fvlm_training.volume_source import VolumeSource
 
     torch.set_num_threads(args.threads)
     analyzer, name = _base_analyzer(tmp, args.smoke)
@@ -150,7 +150,7 @@ def _ctrate_size_read(tmp: Path, analyzer) -> float:
     from fvlm_core.geometry import Geometry
     from fvlm_core.io import write_image
     from fvlm_training.embed import ScanDataset
-    from fvlm_training.evaluate import VolumeSource
+    from fvlm_training.volume_source import VolumeSource
 
     s = make_phantom(9, 0, "valid", (100, 256, 256))
     zoom = (300 / 100, 512 / 256, 512 / 256)

@@ -219,25 +219,6 @@ class AnatomyCatalog:
                 lut[value] = self._index[anatomy] + 1
         return lut[labels]
 
-    def merge_labelmap(self, labelmap: np.ndarray, class_map: Mapping[int, str]) -> np.ndarray:
-        """Merge a TotalSegmentator (or any named) label map into this catalog's anatomy label map.
-
-        Args:
-            labelmap: integer array of any shape holding class values.
-            class_map: class value -> class name (e.g. TotalSegmentator's "total" task map).
-
-        Returns:
-            uint8 array of the same shape; anatomy ``i`` is ``i + 1``, unmatched classes are 0.
-        """
-        labelmap = np.asarray(labelmap)
-        if labelmap.size and labelmap.min() < 0:
-            raise InputError("label map holds negative values; class values must be >= 0")
-        lut = self.lookup_table(class_map)
-        top = int(labelmap.max()) if labelmap.size else 0
-        if top >= lut.size:  # values the class map does not name stay background
-            lut = np.concatenate([lut, np.zeros(top + 1 - lut.size, dtype=lut.dtype)])
-        return lut[labelmap]
-
     def to_dict(self) -> dict:
         return {
             "name": self.name,

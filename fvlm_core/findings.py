@@ -115,6 +115,13 @@ class Finding:
             raise ConfigError(f"finding definition {dict(d)} lacks {exc.args[0]!r}") from exc
 
 
+def no_finding(name: str, anatomy: str, source: str = "user") -> Finding:
+    """``name`` worded "{Finding}." / "No {finding}.": a denial as CT-RATE reports write one
+    (``fvlm demo``'s headline prompts, and the Slicer panel's for a model worded so)."""
+    word = name.strip().rstrip(".")
+    return Finding.from_name(name, anatomy, f"{word}.", f"No {word[:1].lower()}{word[1:]}.", source)
+
+
 def ctrate_findings() -> list[Finding]:
     """The 16 CT-RATE findings fVLM scores, with the reference prompt wordings."""
     return [Finding.from_name(lbl, CTRATE_LABEL_ANATOMY[lbl], source="ctrate") for lbl in FVLM_LABELS]

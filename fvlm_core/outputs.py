@@ -215,9 +215,6 @@ class OutputPlan:
         if path is not None:
             self._outputs.append(_Output(option, Path(path), True, replace=replace, force=force, new=new))
 
-    def declared(self, option: str) -> bool:
-        return any(o.option == option for o in self._outputs)
-
     # ------------------------------------------------------------------ checking
     def problems(self) -> list[str]:
         """Every reason the outputs cannot be written as declared (empty: all fine)."""

@@ -4,12 +4,12 @@ The reference model sees CT at ``(z, y, x)`` spacing ``(3, 1, 1)`` mm in a fixed
 orientation, HU windowed to ``[-1150, 350]`` -> ``[0, 1]``, cropped to a window of
 ``112 x 256 x 352`` voxels (or larger, a multiple of the ``16 x 16 x 32`` patch) around an anatomy.
 
-Workflow (one resampling per volume, then windows are cheap numpy slices)::
+Workflow (one resampling per volume, then windows are cheap numpy slices; the windows are planned
+by :func:`fvlm_core.zeroshot.windows.plan_windows`)::
 
     ct_ms, labels_ms = resample_to_model_space(ct, labels, config)       # SimpleITK, HU kept
-    lo, hi = bbox_zyx(labels_ms.array == 1)
-    center, size = window_for_bbox(lo, hi, config)
-    win = crop_window(ct_ms, labels_ms, center, size)                    # (Z,Y,X) slices + pad
+    plans, _ = plan_windows(labels_ms.array, names, config.window_size_zyx, config.multiple_zyx)
+    win = crop_window(ct_ms, labels_ms, plans[0].center_zyx, plans[0].size_zyx)  # slices + pad
     x = win.image(config.hu_window)                                      # float32 in [0, 1]
     on_ct = win.to_original(similarity_map, ct.geometry, is_label=False) # back on the user's grid
 
@@ -275,35 +275,6 @@ def bbox_zyx(mask: np.ndarray) -> tuple[tuple[int, int, int], tuple[int, int, in
     if box is None:
         return None
     return tuple(b.start for b in box), tuple(b.stop - 1 for b in box)
-
-
-def window_for_bbox(
-    bbox_min_zyx: Sequence[int],
-    bbox_max_zyx: Sequence[int],
-    config: ModelSpaceConfig | None = None,
-    min_size_zyx: Sequence[int] | None = None,
-) -> tuple[tuple[float, float, float], tuple[int, int, int]]:
-    """Window around an inclusive bounding box (model-space voxels).
-
-    ``size = max(min_size, extent)`` per axis, rounded up to ``config.multiple_zyx``; the window
-    is centred on the box. ``min_size_zyx`` defaults to ``config.window_size_zyx`` (the reference
-    evaluation uses ``(112, 288, 352)``).
-
-    Returns:
-        ``(center_zyx, size_zyx)``: centre as float voxel coordinates, size in voxels.
-    """
-    config = config or ModelSpaceConfig()
-    lo = np.asarray(bbox_min_zyx, dtype=float)
-    hi = np.asarray(bbox_max_zyx, dtype=float)
-    if lo.shape != (3,) or hi.shape != (3,) or np.any(hi < lo):
-        raise ValueError(f"bounding box min {tuple(lo)} / max {tuple(hi)} is not a (z, y, x) box")
-    min_size = np.asarray(min_size_zyx if min_size_zyx is not None else config.window_size_zyx, dtype=int)
-    mult = np.asarray(config.multiple_zyx, dtype=int)
-    extent = (hi - lo + 1).astype(int)
-    size = np.maximum(min_size, extent)
-    size = -(-size // mult) * mult  # round up to the patch multiple
-    center = (lo + hi) / 2.0
-    return tuple(float(c) for c in center), tuple(int(s) for s in size)
 
 
 @dataclass

@@ -24,6 +24,9 @@ Prompt protocols are reported side by side, as the wording changes the conclusio
 "Not {X}.", the wording of the fVLM CT-RATE evaluation), ``normal-negative`` ("{X}." vs the
 anatomy's normal description) and ``positive-only`` (similarity to "{X}." alone). The saved model carries the headline's prompts,
 so ``fvlm analyze`` and Slicer score with the prompts its thresholds were calibrated on.
+
+The stages live in :mod:`fvlm_training.demo_data` (1), :mod:`fvlm_training.demo_training` (2) and
+here (3, 4); the tables and plots are :mod:`fvlm_training.report`'s, as ``fvlm evaluate``'s are.
 """
 
 from __future__ import annotations
@@ -41,20 +44,9 @@ from typing import Any
 
 import numpy as np
 
-#: Findings the demo scores: those the phantoms render on an anatomy of the 4-anatomy model.
-DEMO_FINDINGS: tuple[str, ...] = (
-    "Arterial wall calcification",
-    "Cardiomegaly",
-    "Pericardial effusion",
-    "Coronary artery wall calcification",
-    "Hiatal hernia",
-    "Emphysema",
-    "Atelectasis",
-    "Lung nodule",
-    "Lung opacity",
-    "Pleural effusion",
-    "Consolidation",
-)
+from fvlm_training.demo_data import DEMO_FINDINGS, DemoData, phantom_splits
+from fvlm_training.demo_training import FINISH_SECONDS, demo_precision, evaluation_plan, train_models
+
 #: Prompt protocols, side by side: a frozen MiniLM places "X." and "No X." close together (cosine
 #: 0.80-0.86), so the wording of the negative prompt changes the conclusion.
 PROTOCOLS = ("no-finding", "reference", "normal-negative", "positive-only")
@@ -64,7 +56,14 @@ PROTOCOLS = ("no-finding", "reference", "normal-negative", "positive-only")
 #: sentences, while a leading "Not" (the reference wording) opens 2 of 17,497; a frozen MiniLM
 #: reads "Not X." almost as "X." (see README.md).
 HEADLINE_PROTOCOL = "no-finding"
-LAST_DEMO_MODEL = Path(os.environ.get("FVLM_CACHE", Path.home() / ".cache" / "fvlm")) / "last_demo_model.txt"
+
+
+def last_demo_model_file() -> Path:
+    """Where the demo records its model folder for the Slicer module's model field:
+    ``$FVLM_CACHE/last_demo_model.txt``, else ``~/.cache/fvlm/`` (FVLMSlicerLib/settings.py reads it
+    by the same rule), read when the demo ends."""
+    cache = Path(os.environ.get("FVLM_CACHE") or Path.home() / ".cache" / "fvlm").expanduser()
+    return cache / "last_demo_model.txt"
 
 
 @dataclass
@@ -101,212 +100,6 @@ class DemoResult:
 
 
 # ---------------------------------------------------------------------------------------------
-# Data: phantoms, texts, text features
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass
-class DemoData:
-    """The phantoms of one split, as arrays; also the dataset the trainer reads (``data[i]`` is a
-    :class:`~fvlm_core.data.cache.CachedSample`, the sample type of a prepare cache).
-
-    ``hu`` (N, Z, Y, X) int16; ``labels`` (N, Z, Y, X) uint8 in ``anatomies`` order (value i + 1);
-    ``anatomy_texts`` per phantom, one per anatomy; ``reports``; ``abnormal`` (N, A);
-    ``finding_labels`` (labels extracted from each report, as a real dataset would have them);
-    ``truth`` {finding: (N,) 0/1} from the rendered findings.
-    """
-
-    names: list[str]
-    anatomies: list[str]
-    hu: np.ndarray
-    labels: np.ndarray
-    geometry: list[Any]
-    anatomy_texts: list[list[str]]
-    reports: list[str]
-    abnormal: np.ndarray
-    finding_labels: list[dict[str, int]]
-    truth: dict[str, np.ndarray]
-
-    def __len__(self) -> int:
-        return len(self.names)
-
-    def __getitem__(self, i: int) -> Any:
-        from fvlm_core.data.cache import CachedSample
-
-        a = self.anatomies
-        return CachedSample(
-            name=self.names[i],
-            hu=np.asarray(self.hu[i]),
-            labels=np.asarray(self.labels[i]),
-            geometry=self.geometry[i],
-            anatomies=list(a),
-            texts=dict(zip(a, self.anatomy_texts[i])),
-            abnormal={k: bool(v) for k, v in zip(a, self.abnormal[i])},
-            finding_labels=dict(self.finding_labels[i]),
-            report=self.reports[i],
-        )
-
-    def texts(self, reports: bool = False) -> list[str]:
-        """Every text the text encoder will see (the trainer encodes them once, up front)."""
-        if reports:
-            return list(self.reports)
-        return [t for row in self.anatomy_texts for t in row]
-
-    def save(self, folder: Path) -> None:
-        """Write the split to ``folder`` (arrays as ``.npy``, the rest as JSON) for :meth:`load`."""
-        np.save(folder / "hu.npy", self.hu)
-        np.save(folder / "labels.npy", self.labels)
-        meta = {
-            "names": self.names,
-            "anatomies": self.anatomies,
-            "geometry": [g.to_dict() for g in self.geometry],
-            "anatomy_texts": self.anatomy_texts,
-            "reports": self.reports,
-            "abnormal": self.abnormal.tolist(),
-            "finding_labels": self.finding_labels,
-            "truth": {k: v.tolist() for k, v in self.truth.items()},
-        }
-        (folder / "meta.json").write_text(json.dumps(meta))
-
-    @classmethod
-    def load(cls, folder: str | os.PathLike) -> DemoData:
-        """A split written by :meth:`save`, its arrays memory-mapped (both training processes
-        share one copy)."""
-        from fvlm_core.geometry import Geometry
-
-        d = Path(folder)
-        meta = json.loads((d / "meta.json").read_text())
-        return cls(
-            names=meta["names"],
-            anatomies=meta["anatomies"],
-            hu=np.load(d / "hu.npy", mmap_mode="r"),
-            labels=np.load(d / "labels.npy", mmap_mode="r"),
-            geometry=[Geometry.from_dict(g) for g in meta["geometry"]],
-            anatomy_texts=meta["anatomy_texts"],
-            reports=meta["reports"],
-            abnormal=np.asarray(meta["abnormal"], dtype=bool),
-            finding_labels=meta["finding_labels"],
-            truth={k: np.asarray(v, dtype=np.int64) for k, v in meta["truth"].items()},
-        )
-
-
-def _make_split(samples: Sequence[Any], anatomies: Sequence[str]) -> DemoData:
-    from fvlm_core.anatomy import get_catalog
-    from fvlm_core.data.synth import MASK_VALUES
-    from fvlm_core.reports import decompose_report, extract_labels
-
-    n, a = len(samples), len(anatomies)
-    # The phantom mask values in the model's anatomy order (anything else -> background).
-    catalog = get_catalog(list(anatomies))
-    phantom_values = {v: name for name, v in MASK_VALUES.items()}
-    hu = np.stack([s.hu for s in samples]).astype(np.int16)
-    labels = np.stack([catalog.relabel(s.labels, phantom_values) for s in samples])
-    texts, reports = [], []
-    abnormal = np.zeros((n, a), dtype=bool)
-    finding_labels = []
-    for k, s in enumerate(samples):
-        findings, impression = s.report.get("Findings_EN", ""), s.report.get("Impressions_EN", "")
-        dec = decompose_report(findings, impression, anatomies)
-        texts.append([dec.texts[name] for name in anatomies])
-        abnormal[k] = [bool(dec.abnormal[name]) for name in anatomies]
-        finding_labels.append(extract_labels(f"{findings}\n{impression}"))
-        # Impression first: the text encoder truncates at max_length, and the impression holds
-        # every abnormal finding, the findings section mostly normal boilerplate.
-        reports.append(f"{impression} {findings}".strip())
-    truth = {f: np.array([int(f in s.findings) for s in samples], dtype=np.int64) for f in DEMO_FINDINGS}
-    return DemoData(
-        names=[s.name for s in samples],
-        anatomies=list(anatomies),
-        hu=hu,
-        labels=labels,
-        geometry=[s.geometry for s in samples],
-        anatomy_texts=texts,
-        reports=reports,
-        abnormal=abnormal,
-        finding_labels=finding_labels,
-        truth=truth,
-    )
-
-
-@dataclass
-class _TrainJob:
-    kind: str  # "fvlm" or "clip"
-    recipe: dict[str, Any]  # a training recipe mapping (fvlm_training.recipe.Recipe.from_dict)
-    data_dir: str  # DemoData.save folder written by the parent
-    run_dir: str  # training run folder (checkpoint, TensorBoard, summary)
-    out_dir: str  # where the final model is saved
-    deadline: float  # time.time() at which training stops (start-up and text encoding included)
-
-
-def _recipe(kind: str, model_cfg: Any, cfg: DemoConfig, seed: int) -> dict[str, Any]:
-    """The training recipe of one demo model: the project's trainer, one CPU thread, frozen text."""
-    return {
-        "model": model_cfg.to_dict(),
-        "objective": "fvlm" if kind == "fvlm" else "global_clip",
-        "data": {"crop_size": None, "random_crop": True, "flip_prob": 0.2},
-        "train": {
-            "epochs": 10_000,  # the time budget ends training; the cosine is then ~flat
-            "batch_size": cfg.batch_size,
-            "seed": seed,
-            "threads": 1,
-            "precision": cfg.precision,
-            "checkpoint_every": 10**9,  # one checkpoint, at the end
-            "progress_bar": False,
-            "log_every": 10,
-        },
-        "optim": {
-            "lr": cfg.lr,
-            "min_lr": cfg.lr * 0.01,
-            "warmup_steps": cfg.warmup_steps,
-            "weight_decay": cfg.weight_decay,
-        },
-        "loss": {"normal_pairs": True, "same_text": True, "disease_pairs": cfg.disease_pairs},
-    }
-
-
-def _train_worker(job: _TrainJob, progress: Any, start: Any) -> None:
-    """Train one model with :func:`fvlm_training.train.train` until ``job.deadline`` and
-    ``save_pretrained`` it. Every worker's loop starts when all have set up (``start``, a barrier:
-    the baseline encodes more texts), so each model trains for the same time."""
-    import threading
-
-    import torch
-
-    from fvlm_training.train import train
-
-    torch.set_num_threads(1)
-
-    def ready() -> None:
-        with contextlib.suppress(threading.BrokenBarrierError):  # a worker failed: go on alone
-            start.wait(timeout=max(1.0, job.deadline - time.time()))
-
-    def on_step(info: dict[str, Any]) -> None:
-        progress[0] = info.get("step", 0)
-        progress[1] = info.get("samples_per_s", 0.0)
-        progress[2] = float(info.get("loss", float("nan")))
-
-    parent = os.getppid()
-    summary = train(
-        job.recipe,
-        job.run_dir,
-        dataset=DemoData.load(job.data_dir),
-        resume=False,
-        progress=on_step,
-        should_stop=lambda: os.getppid() != parent,  # the demo was killed: stop, do not linger
-        deadline=job.deadline,
-        ready=ready,
-        save_model=False,
-    )
-    model = summary.pop("model")
-    # after the deadline: no prompt encoding here (the parent saves fVLM again, with its thresholds
-    # and the stored prompt embeddings, in the time kept for evaluation)
-    model.save_pretrained(job.out_dir, store_prompts=False)
-    summary["kind"] = job.kind
-    summary["temperature"] = float(model.temperature.detach())
-    Path(job.out_dir, "train_summary.json").write_text(json.dumps(summary, indent=2, default=str))
-
-
-# ---------------------------------------------------------------------------------------------
 # Zero-shot scoring
 # ---------------------------------------------------------------------------------------------
 
@@ -314,11 +107,11 @@ def _train_worker(job: _TrainJob, progress: Any, start: Any) -> None:
 def protocol_finding(protocol: str, finding: str, anatomy: str) -> Any:
     """The :class:`~fvlm_core.findings.Finding` (one positive and one negative prompt) that a
     two-prompt protocol scores ``finding`` with on ``anatomy``."""
-    from fvlm_core.findings import Finding
+    from fvlm_core.findings import Finding, no_finding
     from fvlm_core.reports import normal_template
 
     if protocol == "no-finding":
-        return Finding.from_name(finding, anatomy, f"{finding}.", f"No {finding[0].lower()}{finding[1:]}.")
+        return no_finding(finding, anatomy)
     reference = Finding.from_name(finding, anatomy, source="ctrate")
     if protocol == "reference":
         return reference
@@ -390,54 +183,38 @@ def score_split(model: Any, data: DemoData, kind: str, batch: int = 32, prompts:
     return _Scores(out)
 
 
-def auc_table(truth: dict[str, np.ndarray], scores: dict[str, _Scores]) -> dict[str, Any]:
-    """Per-finding AUC (with bootstrap CI) for each model and protocol, and macro means."""
-    from fvlm_core.metrics import evaluate_label
+def evaluate_models(truth: dict[str, np.ndarray], scores: dict[str, _Scores], names: Sequence[str]) -> dict:
+    """Each model's and protocol's :class:`~fvlm_training.protocol.EvaluationReport` of the demo
+    findings (AUC with a 200-resample bootstrap CI), as ``fvlm evaluate`` tabulates."""
+    from fvlm_training.protocol import evaluate_scores
 
+    return {
+        model_name: {
+            protocol: evaluate_scores(by_finding, truth, names, n_bootstrap=200)
+            for protocol, by_finding in sc.scores.items()
+        }
+        for model_name, sc in scores.items()
+    }
+
+
+def auc_table(evaluations: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The results.json block of :func:`evaluate_models`: per model and protocol each finding's
+    AUC, CI and counts, and the macro AUC over the findings where it is defined."""
     table: dict[str, Any] = {"findings": list(DEMO_FINDINGS), "models": {}}
-    for model_name, sc in scores.items():
-        per_protocol = {}
-        for protocol, by_finding in sc.scores.items():
-            rows = {}
-            for finding in DEMO_FINDINGS:
-                ev = evaluate_label(finding, truth[finding], by_finding[finding], n_bootstrap=200)
-                rows[finding] = {
-                    "auc": ev.auc,
-                    "auc_ci95": list(ev.auc_ci),
-                    "n": ev.n,
-                    "n_positive": ev.n_positive,
-                }
-            aucs = [r["auc"] for r in rows.values() if r["auc"] is not None and not math.isnan(r["auc"])]
-            per_protocol[protocol] = {
-                "per_finding": rows,
-                "macro_auc": float(np.mean(aucs)) if aucs else None,
-                "macro_auc_over": len(aucs),  # findings with a defined AUC (both classes present)
+    for model_name, by_protocol in evaluations.items():
+        table["models"][model_name] = {}
+        for protocol, report in by_protocol.items():
+            rows = {
+                f: {"auc": ev.auc, "auc_ci95": list(ev.auc_ci), "n": ev.n, "n_positive": ev.n_positive}
+                for f, ev in report.per_label.items()
             }
-        table["models"][model_name] = per_protocol
+            macro = report.macro["fvlm16"]
+            table["models"][model_name][protocol] = {
+                "per_finding": rows,
+                "macro_auc": macro["auc"],
+                "macro_auc_over": macro["n_defined"]["auc"],  # findings with both classes present
+            }
     return table
-
-
-def table_markdown(table: dict[str, Any], header: str = "") -> str:
-    """The AUC table as Markdown: one row per finding, one column per (model, protocol)."""
-    cols = [(m, p) for m, by_p in table["models"].items() for p in by_p]
-    lines = [header] if header else []
-    lines.append("| finding | " + " | ".join(f"{m} ({p})" for m, p in cols) + " |")
-    lines.append("|---|" + "---|" * len(cols))
-    for finding in table["findings"]:
-        cells = []
-        for m, p in cols:
-            auc = table["models"][m][p]["per_finding"][finding]["auc"]
-            cells.append("n/a" if auc is None or math.isnan(auc) else f"{auc:.3f}")
-        lines.append(f"| {finding} | " + " | ".join(cells) + " |")
-    macro = []
-    for m, p in cols:
-        v, k = table["models"][m][p]["macro_auc"], table["models"][m][p].get("macro_auc_over")
-        over = (
-            f" (over {k} of {len(table['findings'])})" if k is not None and k < len(table["findings"]) else ""
-        )
-        macro.append("n/a" if v is None else f"**{v:.3f}**{over}")
-    lines.append("| **macro AUC** | " + " | ".join(macro) + " |")
-    return "\n".join(lines) + "\n"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -445,53 +222,28 @@ def table_markdown(table: dict[str, Any], header: str = "") -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def plot_roc(truth: dict[str, np.ndarray], scores: dict[str, _Scores], path: Path) -> Path:
-    import matplotlib
+def plot_roc(evaluations: dict[str, dict[str, Any]], path: Path) -> Path:
+    """ROC curves of the headline protocol, a panel per finding, a curve per model."""
+    from fvlm_training.report import fmt, plot_roc_panels
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from sklearn.metrics import roc_curve
-
-    from fvlm_core.atomic import atomic_path
-
-    ncol = 4
-    nrow = math.ceil(len(DEMO_FINDINGS) / ncol)
-    fig, axes = plt.subplots(nrow, ncol, figsize=(3.2 * ncol, 3.0 * nrow), squeeze=False)
-    for ax, finding in zip(axes.flat, DEMO_FINDINGS):
-        y = truth[finding]
-        for model_name, sc in scores.items():
-            s = sc.scores[HEADLINE_PROTOCOL][finding]
-            if y.min() == y.max():
-                continue
-            fpr, tpr, _ = roc_curve(y, s)
-            ax.plot(fpr, tpr, label=model_name)
-        ax.plot([0, 1], [0, 1], color="0.7", lw=0.8, ls="--")
-        ax.set_title(finding, fontsize=9)
-        ax.set_xlabel("1 - specificity", fontsize=8)
-        ax.set_ylabel("sensitivity", fontsize=8)
-        ax.legend(fontsize=7, loc="lower right")
-    for ax in list(axes.flat)[len(DEMO_FINDINGS) :]:
-        ax.axis("off")
-    fig.suptitle(f"Zero-shot ROC on held-out phantoms ({HEADLINE_PROTOCOL} prompts)")
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=90)
-    plt.close(fig)
-    return path
+    panels = {}
+    for finding in DEMO_FINDINGS:
+        curves = [(m, by_p[HEADLINE_PROTOCOL].per_label[finding]) for m, by_p in evaluations.items()]
+        panels[finding] = [(f"{m}, AUC {fmt(r.auc)}", r.roc["fpr"], r.roc["tpr"]) for m, r in curves if r.roc]
+    title = f"Zero-shot ROC on held-out phantoms ({HEADLINE_PROTOCOL} prompts)"
+    return plot_roc_panels(panels, path, title)
 
 
 def plot_phantom(
     hu: np.ndarray, labels: np.ndarray, anatomies: Sequence[str], lines: Sequence[str], path: Path
 ) -> Path:
     """Axial and coronal slices of a phantom with anatomy contours, and its findings listed."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from matplotlib.lines import Line2D
 
     from fvlm_core.anatomy import EXTENDED_CATALOG
-    from fvlm_core.atomic import atomic_path
+    from fvlm_training.report import pyplot, save_png
+
+    plt = pyplot()
 
     z = (
         int(np.argmax((labels == anatomies.index("heart") + 1).sum((1, 2))))
@@ -518,10 +270,7 @@ def plot_phantom(
     axes[2].axis("off")
     axes[2].text(0.0, 1.0, "\n".join(lines), va="top", family="monospace", fontsize=8)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=90)
-    plt.close(fig)
-    return path
+    return save_png(fig, path, dpi=90)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -549,67 +298,6 @@ def demo_model_config(name_or_path: str, size: int) -> Any:
     return FVLMConfig.from_dict(d)
 
 
-def demo_precision(requested: str, model_cfg: Any, batch: int = 2) -> str:
-    """``fp32`` or ``bf16`` for the demo's CPU training: ``auto`` times one training step of the
-    demo's image encoder (one thread, as the trainers run) in both and picks bf16 only where it
-    is clearly faster (CPUs with native bf16); it costs about a second."""
-    if requested != "auto":
-        return requested
-    import torch
-
-    from fvlm_core.model.vision import build_vision_encoder
-    from fvlm_training.precision import bf16_is_faster
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        torch.manual_seed(0)
-        encoder = build_vision_encoder(model_cfg.vision)
-        image = torch.rand(batch, 1, *model_cfg.vision.img_size)
-
-        def step() -> None:
-            encoder.zero_grad(set_to_none=True)
-            encoder(image).final.float().square().mean().backward()
-
-        return "bf16" if bf16_is_faster(step) else "fp32"
-    finally:
-        torch.set_num_threads(threads)
-
-
-def cpu_share(seconds: float = 0.5) -> float:
-    """The fraction of one CPU core this process gets now (CPU time over wall time of a busy loop),
-    in [0.05, 1]: about 1 on an idle machine, 0.5 when another busy process shares its core."""
-    wall, cpu = time.perf_counter(), time.process_time()
-    while time.perf_counter() - wall < seconds:
-        sum(range(1000))
-    return min(1.0, max(0.05, (time.process_time() - cpu) / (time.perf_counter() - wall)))
-
-
-#: Seconds the training processes need after their deadline on an idle machine (the step in
-#: progress, the checkpoint, the model folder, exiting): they stop that much before the training
-#: stage must end.
-FINISH_SECONDS = 8.0
-
-#: Below this share of a core the machine counts as busy (:func:`evaluation_plan`).
-BUSY_SHARE = 0.9
-
-
-def evaluation_plan(cfg: DemoConfig, log: Callable[[str], None]) -> tuple[float, int]:
-    """Seconds to keep after training for evaluation and outputs, and the torch threads to
-    evaluate with: ``cfg.reserve_seconds`` (what they take on an idle machine) stretched by how
-    busy the machine is now (:func:`cpu_share`), so ``--minutes`` holds; one thread when busy,
-    because OpenMP threads that must wait for a core wait for each other at every operation
-    (measured: a text encoding 10-20x slower with 2 threads than with 1 on 2 loaded cores)."""
-    import torch
-
-    share = cpu_share()
-    if share >= BUSY_SHARE:
-        return cfg.reserve_seconds, torch.get_num_threads()
-    reserve = cfg.reserve_seconds / share
-    log(f"this machine is busy (the demo gets {share:.0%} of a core): keeping {reserve:.0f} s for evaluation")
-    return reserve, 1
-
-
 @contextlib.contextmanager
 def _torch_threads(n: int):
     import torch
@@ -626,121 +314,20 @@ def _log(msg: str) -> None:
     print(f"[fvlm demo] {msg}", flush=True)
 
 
-def _phantom_splits(cfg: DemoConfig, model_cfg: Any) -> dict[str, DemoData]:
-    """Stage 1: the train, calibration and test phantoms (disjoint streams: different seeds)."""
-    from tqdm import tqdm
+@dataclass
+class _Evaluation:
+    """Stage 3's results: the results.json table, the test phantoms' scores, their
+    :func:`evaluate_models` reports and fVLM's calibration checks (headline protocol)."""
 
-    from fvlm_core.data.synth import iter_cohort
-
-    size = (cfg.size, cfg.size, cfg.size)
-    spacing = tuple(model_cfg.model_space().spacing_zyx)
-    splits: dict[str, DemoData] = {}
-    plan = [
-        ("train", cfg.n_train, cfg.seed),
-        ("calibration", cfg.n_calibration, cfg.seed + 1),
-        ("test", cfg.n_test, cfg.seed + 2),
-    ]
-    with tqdm(total=sum(n for _, n, _ in plan), desc="phantoms", unit="CT") as bar:
-        for name, n, seed in plan:
-            samples = []
-            for s in iter_cohort(
-                n, seed, size_zyx=size, spacing_zyx=spacing, workers=cfg.workers, valid_fraction=0.0
-            ):
-                samples.append(s)
-                bar.update(1)
-            splits[name] = _make_split(samples, list(model_cfg.anatomies))
-    return splits
-
-
-def _watch_training(procs: dict[str, Any], progress: dict[str, Any], stop_at: float) -> None:
-    """Show the training processes' steps and losses until all have ended (``stop_at``: their
-    ``time.time()`` deadline)."""
-    from tqdm import tqdm
-
-    fmt = "{l_bar}{bar}| {n_fmt}/{total_fmt} s {postfix}"
-    t_train = time.time()
-    with tqdm(total=max(1, int(stop_at - t_train)), desc="training", unit="s", bar_format=fmt) as bar:
-        while any(p.is_alive() for p in procs.values()):
-            time.sleep(1.0)
-            bar.n = min(bar.total, int(time.time() - t_train))
-            bar.set_postfix_str(
-                "  ".join(f"{k}: step {int(v[0])} loss {v[2]:.3f}" for k, v in progress.items()),
-                refresh=False,
-            )
-            bar.refresh()
-
-
-def _train_models(
-    cfg: DemoConfig,
-    model_cfg: Any,
-    train: DemoData,
-    out: Path,
-    deadline: float,
-    log: Callable[[str], None],
-    finish_s: float = 0.0,
-) -> tuple[Path, Path | None]:
-    """Stage 2: train fVLM and the CLIP baseline side by side with the project's trainer, one core
-    each, until ``deadline`` (a ``time.perf_counter()`` value; their loops stop ``finish_s``
-    earlier, for what they do after it); returns the model folders (fVLM, baseline or None).
-
-    The workers get that end as an absolute time, so their start-up and the text encoding (once,
-    with the frozen MiniLM; the baseline has more: one report per phantom) count against it however
-    long they take on a busy machine. Their loops start together, once both have set up.
-    """
-    import shutil
-    import tempfile
-
-    import torch.multiprocessing as mp
-
-    from fvlm_core.errors import FVLMError
-
-    kinds = ["fvlm"] + (["clip"] if cfg.baseline else [])
-    stop_at = time.time() + (deadline - time.perf_counter()) - finish_s
-    if stop_at - time.time() < 30:
-        log(
-            f"only {max(0.0, stop_at - time.time()):.0f} s of the {cfg.minutes:g}-minute budget are left for "
-            "training: little training will happen; give more --minutes (or fewer phantoms)"
-        )
-    data_dir = Path(tempfile.mkdtemp(prefix=".demo-data-", dir=out))
-    procs: dict[str, Any] = {}
-    model_dir, baseline_dir = out / "model", (out / "baseline" if cfg.baseline else None)
-    try:
-        train.save(data_dir)
-        ctx = mp.get_context("spawn")
-        start = ctx.Barrier(len(kinds))
-        progress = {}
-        for i, kind in enumerate(kinds):
-            progress[kind] = ctx.Array("d", 3)
-            job = _TrainJob(
-                kind=kind,
-                recipe=_recipe(kind, model_cfg, cfg, seed=cfg.seed + 10 + i),
-                data_dir=str(data_dir),
-                run_dir=str(out / "runs" / kind),
-                out_dir=str(model_dir if kind == "fvlm" else baseline_dir),
-                deadline=stop_at,
-            )
-            procs[kind] = ctx.Process(target=_train_worker, args=(job, progress[kind], start), daemon=True)
-            procs[kind].start()
-        log(
-            f"training {' and '.join(kinds)} for {stop_at - time.time():.0f} s (one core each), "
-            "text encoding included"
-        )
-        _watch_training(procs, progress, stop_at)
-        failed = [k for k, p in procs.items() if p.exitcode != 0]
-        if failed:
-            raise FVLMError(f"demo training of {', '.join(failed)} failed (see the messages above).")
-    finally:
-        for p in procs.values():  # interrupted (Ctrl-C, an error): no training process outlives the demo
-            if p.is_alive():
-                p.terminate()
-                p.join(timeout=10)
-        shutil.rmtree(data_dir, ignore_errors=True)
-    return model_dir, baseline_dir
+    table: dict[str, Any]
+    scores: dict[str, _Scores]
+    evaluations: dict[str, dict[str, Any]]
+    checks: dict[str, Any]
 
 
 def _evaluate_models(
     cfg: DemoConfig, splits: dict[str, DemoData], model_dir: Path, baseline_dir: Path | None
-) -> tuple[dict[str, Any], dict[str, _Scores]]:
+) -> _Evaluation:
     """Stage 3: zero-shot scores of the test phantoms and the AUC table; thresholds calibrated on
     the calibration phantoms (headline protocol) are saved into the fVLM model folder."""
     from fvlm_core.metrics import roc_corner_threshold
@@ -768,19 +355,19 @@ def _evaluate_models(
     scores = {
         name: score_split(m, test, kinds_by_name[name], prompts=prompts[name]) for name, m in models.items()
     }
-    table = auc_table(test.truth, scores)
+    evaluations = evaluate_models(test.truth, scores, test.names)
+    checks = _calibration_checks(test, scores, calibration, thresholds)
+    table = auc_table(evaluations)
     table["protocol_headline"] = HEADLINE_PROTOCOL
     table["n"] = {"train": cfg.n_train, "calibration": cfg.n_calibration, "test": cfg.n_test}
     table["thresholds"] = thresholds
-    table["calibration"] = calibration_summary(
-        _calibration_checks(test, scores, calibration, thresholds), calibration
-    )
+    table["calibration"] = calibration_summary(checks, calibration)
     table["training"] = {
         k: json.loads((d / "train_summary.json").read_text())
         for k, d in (("fVLM", model_dir), ("CLIP baseline", baseline_dir))
         if d is not None
     }
-    return table, scores
+    return _Evaluation(table, scores, evaluations, checks)
 
 
 def _fit_calibration(
@@ -789,7 +376,7 @@ def _fit_calibration(
     """Fit each demo finding's calibration on the calibration phantoms (headline protocol) and
     store it beside the thresholds in the model folder's config.yaml (only that file)."""
     from fvlm_core.calibration import fit_all
-    from fvlm_training.evaluate import store_thresholds
+    from fvlm_training.stored_thresholds import store_thresholds
 
     raw = {f: calib.scores[HEADLINE_PROTOCOL][f] for f in DEMO_FINDINGS}
     calibration = fit_all(raw, data.truth)
@@ -808,7 +395,7 @@ def _calibration_checks(
 
 def calibration_summary(checks: dict[str, Any], calibration: dict[str, Any]) -> dict[str, Any]:
     """The results.json block: per finding the before/after numbers and the fitted map."""
-    from fvlm_training.evaluate import calibration_macro
+    from fvlm_training.protocol import calibration_macro
 
     return {
         "fitted_on": "calibration phantoms",
@@ -853,8 +440,7 @@ def _example_phantom(
 def _write_outputs(
     cfg: DemoConfig,
     test: DemoData,
-    scores: dict[str, _Scores],
-    table: dict[str, Any],
+    evaluation: _Evaluation,
     seconds: dict[str, float],
     t_start: float,
     out: Path,
@@ -864,16 +450,16 @@ def _write_outputs(
     from fvlm_core.atomic import atomic_write_text
     from fvlm_core.calibration import from_config
     from fvlm_core.io import write_image
-    from fvlm_training.evaluate import calibration_table, plot_reliability
+    from fvlm_training.report import auc_table_markdown, calibration_table, plot_reliability
 
     files: dict[str, str] = {}
+    table, checks = evaluation.table, evaluation.checks
     calibration = from_config({f: c["map"] for f, c in table["calibration"]["findings"].items()})
-    example, lines = _example_phantom(test, scores, table["thresholds"], calibration)
+    example, lines = _example_phantom(test, evaluation.scores, table["thresholds"], calibration)
     files["phantom_png"] = str(
         plot_phantom(test.hu[example], test.labels[example], test.anatomies, lines, out / "phantom.png")
     )
-    files["roc_png"] = str(plot_roc(test.truth, scores, out / "roc.png"))
-    checks = _calibration_checks(test, scores, calibration, table["thresholds"])
+    files["roc_png"] = str(plot_roc(evaluation.evaluations, out / "roc.png"))
     title = f"Reliability on {len(test.names)} held-out phantoms (calibrated on the calibration phantoms)"
     plot_reliability(checks, out / "reliability.png", title=title)
     files["reliability_png"] = str(out / "reliability.png")
@@ -898,7 +484,7 @@ def _write_outputs(
         "`reliability.png`):\n\n" + "\n".join(calibration_table(checks)) + "\n"
     )
     files["results_md"] = str(
-        atomic_write_text(out / "results.md", table_markdown(table, header) + calibrated)
+        atomic_write_text(out / "results.md", auc_table_markdown(table, header) + calibrated)
     )
     return files
 
@@ -952,7 +538,7 @@ def _run_demo(cfg: DemoConfig, out: Path, t_start: float, log: Callable[[str], N
     model_cfg = demo_model_config(cfg.model_config, cfg.size)
 
     t = time.perf_counter()
-    splits = _phantom_splits(cfg, model_cfg)
+    splits = phantom_splits(cfg, model_cfg)
     seconds["phantoms"] = time.perf_counter() - t
     train = splits["train"]
     n = len(train.names)
@@ -974,24 +560,30 @@ def _run_demo(cfg: DemoConfig, out: Path, t_start: float, log: Callable[[str], N
     # deadline (the step in progress, the checkpoint, the model folder, exiting), stretched as
     # the evaluation's time is on a busy machine
     finish = FINISH_SECONDS * reserve / cfg.reserve_seconds if cfg.reserve_seconds > 0 else FINISH_SECONDS
-    model_dir, baseline_dir = _train_models(cfg, model_cfg, train, out, deadline - reserve, log, finish)
+    model_dir, baseline_dir = train_models(cfg, model_cfg, train, out, deadline - reserve, log, finish)
     seconds["training"] = time.perf_counter() - t
 
     t = time.perf_counter()
     with _torch_threads(threads):
-        table, scores = _evaluate_models(cfg, splits, model_dir, baseline_dir)
+        evaluation = _evaluate_models(cfg, splits, model_dir, baseline_dir)
         seconds["evaluation"] = time.perf_counter() - t
-        files = _write_outputs(cfg, splits["test"], scores, table, seconds, t_start, out)
+        files = _write_outputs(cfg, splits["test"], evaluation, seconds, t_start, out)
     files["model"] = str(model_dir)
     if baseline_dir is not None:
         files["baseline"] = str(baseline_dir)
     try:  # remembered for the Slicer module's model field
-        LAST_DEMO_MODEL.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(LAST_DEMO_MODEL, str(model_dir))
+        remembered = last_demo_model_file()
+        remembered.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(remembered, str(model_dir))
     except OSError:
         pass
     return DemoResult(
-        out=out, model_dir=model_dir, baseline_dir=baseline_dir, table=table, files=files, seconds=seconds
+        out=out,
+        model_dir=model_dir,
+        baseline_dir=baseline_dir,
+        table=evaluation.table,
+        files=files,
+        seconds=seconds,
     )
 
 
@@ -1042,6 +634,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from fvlm_core.errors import ConfigError
+    from fvlm_training.report import auc_table_markdown
 
     if args.size % 8 or args.size < 32:
         raise ConfigError(f"--size must be a multiple of 8 and at least 32 (got {args.size}).")
@@ -1052,7 +645,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = DemoConfig(**{k: getattr(args, k) for k in same_name}, baseline=not args.no_baseline)
     result = run_demo(cfg)
     print()
-    print(table_markdown(result.table))
+    print(auc_table_markdown(result.table))
     print("Outputs:")
     for key, path in result.files.items():
         print(f"  {key:<16} {path}")

@@ -50,7 +50,8 @@ from fvlm_core.journal import ItemJournal
 from fvlm_core.model.config import load_config
 from fvlm_core.outputs import OutputPlan
 from fvlm_core.store.format import EmbeddingStore, ModelIdentity, StoreInfo
-from fvlm_training.evaluate import VolumeSource, _to_model_space
+from fvlm_training.dataset_scoring import to_model_space
+from fvlm_training.volume_source import VolumeSource
 
 WINDOWS = ("shared", "centred", "reference")
 
@@ -127,7 +128,7 @@ class LoadedScan:
 
 class ScanDataset:
     """``torch.utils.data.Dataset`` of :class:`LoadedScan` over ``names`` of a
-    :class:`~fvlm_training.evaluate.VolumeSource` (read, to model space, windows cut). A scan
+    :class:`~fvlm_training.volume_source.VolumeSource` (read, to model space, windows cut). A scan
     that cannot be read comes back with its ``error`` (the run goes on)."""
 
     def __init__(self, source, names: Sequence[str], analyzer_config, windows: str) -> None:
@@ -158,7 +159,7 @@ class ScanDataset:
         ct, labels, truth = self.source.load(name)
         check_finite(ct.array, ct.source)
         facts = anatomy_facts(labels, self.anatomies)
-        ct_ms, labels_ms = _to_model_space(ct, labels, self.model_space, self.windows)
+        ct_ms, labels_ms = to_model_space(ct, labels, self.model_space, self.windows)
         prepared = prepare_windows(ct_ms, labels_ms, self.anatomies, self.model_space, self.windows)
         path, texts = scan_source(self.source, name, self.anatomies)
         return LoadedScan(name, prepared, facts, dict(truth), texts, path)

@@ -46,16 +46,3 @@ def new_scene(cache_dir: str | os.PathLike | None = None) -> Any:
         scene.RegisterNodeClass(slicer.vtkMRMLColorLegendDisplayNode())
     scene._fvlm_color_logic = colors  # keep the logic alive with the scene
     return scene
-
-
-def save_scene_mrb(scene: Any, path: str | os.PathLike) -> bool:
-    """Write the scene and all its data into one .mrb file."""
-    return bool(scene.WriteToMRB(str(path)))
-
-
-def load_scene_mrb(path: str | os.PathLike) -> Any:
-    """Read a .mrb into a new headless scene."""
-    scene = new_scene()
-    if not scene.ReadFromMRB(str(path)):
-        raise OSError(f"{path}: could not be read as a Slicer scene bundle (.mrb)")
-    return scene

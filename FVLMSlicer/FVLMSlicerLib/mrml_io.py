@@ -23,7 +23,7 @@ from vtk.util import numpy_support
 from fvlm_core.anatomy import AnatomyCatalog
 from fvlm_core.errors import GeometryError, InputError
 from fvlm_core.geometry import Geometry
-from fvlm_core.io import CTVolume, array_to_sitk, resample_to
+from fvlm_core.io import CTVolume
 
 from .terminology import anatomy_terminology, map_segments
 from .totalseg import totalseg_mapping
@@ -178,37 +178,6 @@ def _oriented_image_to_array(image: Any) -> tuple[np.ndarray, Geometry]:
     return array, Geometry.from_affine_ras(affine, array.shape)
 
 
-def segment_mask(segmentation_node: Any, segment_id: str, reference: Geometry) -> np.ndarray:
-    """Boolean ``(Z, Y, X)`` mask of one segment on the ``reference`` grid (nearest neighbour).
-
-    Segments stored only as closed surfaces are converted to binary labelmaps first; the
-    segmentation's (linear) parent transform is applied.
-    """
-    _require_labelmaps(segmentation_node)
-    segmentation = segmentation_node.GetSegmentation()
-    _parent_to_world(segmentation_node)  # raises for a non-linear transform
-    image = slicer.vtkOrientedImageData()
-    if not slicer.vtkSlicerSegmentationsModuleLogic.GetSegmentBinaryLabelmapRepresentation(
-        segmentation_node, segment_id, image, True
-    ):
-        raise InputError(f"{segmentation_node.GetName()}: segment {segment_id!r} has no binary labelmap.")
-    array, geometry = _oriented_image_to_array(image)
-    if geometry is None or array.size == 0:
-        return np.zeros(reference.shape_zyx, dtype=bool)
-    # segments may share one labelmap layer, each with its own label value
-    label_value = segmentation.GetSegment(segment_id).GetLabelValue()
-    binary = (array == label_value).astype(np.uint8)
-    if geometry.same_grid(reference):
-        return binary.astype(bool)
-    try:
-        resampled = resample_to(array_to_sitk(binary, geometry), reference, is_label=True, source=segment_id)
-    except GeometryError:
-        return np.zeros(reference.shape_zyx, dtype=bool)  # segment entirely outside the CT
-    import SimpleITK as sitk
-
-    return sitk.GetArrayViewFromImage(resampled) > 0
-
-
 def segments(segmentation_node: Any) -> list[tuple[str, str, str]]:
     """``(segment_id, name, terminology)`` of every segment, in display order."""
     segmentation = segmentation_node.GetSegmentation()
@@ -304,47 +273,10 @@ def map_segmentation(
     return mapping
 
 
-def segmentation_node_to_labelmap(
-    segmentation_node: Any,
-    reference: Geometry,
-    catalog: AnatomyCatalog,
-    overrides: Mapping[str, str] | None = None,
-) -> tuple[np.ndarray, dict[str, str]]:
-    """An anatomy label map (anatomy ``i`` = ``i + 1``) on ``reference`` from a segmentation node
-    (blocking: the console and tests; the panel's analyses paint it in the worker).
-
-    Segments are painted in the segmentation's order: where anatomies overlap the later wins.
-
-    Returns:
-        ``(labelmap uint8 (Z, Y, X), {segment_id: anatomy})``.
-    """
-    mapping = map_segmentation(segmentation_node, catalog, overrides)
-    out = np.zeros(reference.shape_zyx, dtype=np.uint8)
-    for segment_id, anatomy in mapping.items():
-        out[segment_mask(segmentation_node, segment_id, reference)] = catalog.label(anatomy)
-    return out, mapping
-
-
 def _mask_to_oriented_image(mask: np.ndarray, geometry: Geometry) -> Any:
     image = array_to_image(np.asarray(mask, dtype=np.uint8), slicer.vtkOrientedImageData())
     image.SetImageToWorldMatrix(numpy_to_matrix(geometry.affine_ras))
     return image
-
-
-def set_segment_mask(segmentation_node: Any, segment_id: str, mask: np.ndarray, geometry: Geometry) -> None:
-    """Replace a segment's voxels by a boolean ``(Z, Y, X)`` mask on ``geometry``."""
-    image = _mask_to_oriented_image(mask.astype(np.uint8), geometry)
-    ok = slicer.vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment(
-        image,
-        segmentation_node,
-        segment_id,
-        slicer.vtkSlicerSegmentationsModuleLogic.MODE_REPLACE,
-        image.GetExtent(),
-    )
-    if not ok:
-        raise InputError(
-            f"{segmentation_node.GetName()}: could not set the voxels of segment {segment_id!r}."
-        )
 
 
 @dataclass

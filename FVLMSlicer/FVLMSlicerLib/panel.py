@@ -153,7 +153,7 @@ def findings_from_rows(
     anything else is a free-text finding worded like the model's findings: "{X}." / "No {x}."
     when the model uses that form, else "{X}." / "Not {X}.".
     """
-    from fvlm_core.findings import CTRATE_LABEL_ANATOMY, Finding
+    from fvlm_core.findings import CTRATE_LABEL_ANATOMY, Finding, no_finding
 
     known = {(f["name"], f["anatomy"]): dict(f) for f in model_findings}
     no_form = _no_finding_wording(model_findings)
@@ -166,8 +166,10 @@ def findings_from_rows(
             out.append(known[(name, anatomy)])
             continue
         source = "ctrate" if CTRATE_LABEL_ANATOMY.get(name) == anatomy else "user"
-        negative = f"No {name[0].lower()}{name[1:]}." if no_form and source == "user" else None
-        out.append(Finding.from_name(name, anatomy, negative=negative, source=source).to_dict())
+        if no_form and source == "user":
+            out.append(no_finding(name, anatomy).to_dict())
+        else:
+            out.append(Finding.from_name(name, anatomy, source=source).to_dict())
     return out
 
 

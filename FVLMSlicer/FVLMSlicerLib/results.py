@@ -259,15 +259,6 @@ def fill_table(table_node: Any, result: AnalysisResult) -> Any:
     return table_node
 
 
-def table_rows(table_node: Any) -> list[dict[str, str]]:
-    """Rows of a table node as ``{column: text}`` (works on tables reloaded from .tsv)."""
-    names = [table_node.GetColumnName(c) for c in range(table_node.GetNumberOfColumns())]
-    return [
-        {names[c]: table_node.GetCellText(r, c) for c in range(len(names))}
-        for r in range(table_node.GetNumberOfRows())
-    ]
-
-
 def result_nodes(scene: Any, class_name: str, volume_node: Any) -> list[Any]:
     """Nodes of ``class_name`` this module made for ``volume_node``."""
     out = []

@@ -86,8 +86,8 @@ def dicom_export(task: dict[str, Any], job: Path, report: Report) -> dict[str, A
     from fvlm_core.commands.analyze import segmenter_identity
     from fvlm_core.dicom import export_analysis
     from fvlm_core.errors import InputError
-    from fvlm_core.model.checkpoint import WEIGHTS_NAME
     from fvlm_core.model.config import load_config
+    from fvlm_core.model.weights import WEIGHTS_NAME
     from fvlm_core.segmentation.labelmap import SegmentsBackend
     from fvlm_core.zeroshot.results import AnalysisResult
 

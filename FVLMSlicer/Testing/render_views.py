@@ -104,22 +104,6 @@ class SliceView:
         rgb = numpy_support.vtk_to_numpy(image.GetPointData().GetScalars()).reshape(h, w, -1)[..., :3]
         return np.ascontiguousarray(rgb[::-1])
 
-    def layer_rgba(self) -> np.ndarray:
-        """``(H, W, 4)`` the blended slice image before the displayable managers draw on it."""
-        self.logic.UpdatePipeline()
-        producer = self.logic.GetImageDataConnection().GetProducer()
-        producer.Update()
-        image = producer.GetOutputDataObject(0)
-        w, h, _ = image.GetDimensions()
-        rgba = numpy_support.vtk_to_numpy(image.GetPointData().GetScalars()).reshape(h, w, -1)
-        return np.ascontiguousarray(rgba[::-1])
-
-    def ras_to_pixel(self, ras) -> tuple[int, int]:
-        """Screen pixel (row, column from the top-left) showing a RAS point of the current slice."""
-        xy_to_ras = np.array([[self.node.GetXYToRAS().GetElement(i, j) for j in range(4)] for i in range(4)])
-        x, y = (np.linalg.inv(xy_to_ras) @ np.array([*ras, 1.0]))[:2]
-        return round(float(self.size[1] - 1 - y)), round(float(x))
-
 
 def application_logic(scene: Any) -> Any:
     """A ``vtkSlicerApplicationLogic`` on ``scene`` (selection and interaction nodes)."""

@@ -16,7 +16,7 @@ name, path, ``labels`` finding -> 0/1 or ``None`` when missing, report or ``None
 ``skipped`` (``(name, reason)`` of listed scans that cannot be used), ``notes`` (what it assumed
 or left out, for the report), ``masks_dir``, ``layout`` and ``read_ct(record)`` (the CT in HU on
 a correct LPS grid). Evaluation wraps it as ``names`` + ``load(name) -> (ct, labels, truth)``
-(``training/evaluate.py``'s ``VolumeSource``); ``fvlm prepare`` builds one cached sample per record.
+(``training/volume_source.py``'s ``VolumeSource``); ``fvlm prepare`` builds one cached sample per record.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ from fvlm_core.segmentation.base import (
     SegmentationBackend,
     compute_facts,
 )
-from fvlm_core.segmentation.choice import BACKENDS, choose_backend, get_backend, segment_ct
+from fvlm_core.segmentation.choice import BACKENDS, choose_backend, get_backend
 
 __all__ = [
     "BACKENDS",
@@ -24,5 +24,4 @@ __all__ = [
     "choose_backend",
     "compute_facts",
     "get_backend",
-    "segment_ct",
 ]

@@ -19,7 +19,7 @@ import numpy as np
 from fvlm_core.anatomy import CTRATE_CATALOG, AnatomyCatalog
 from fvlm_core.errors import ConfigError, GeometryError
 from fvlm_core.geometry import Geometry
-from fvlm_core.io import CTVolume, LabelVolume, write_image
+from fvlm_core.io import CTVolume, write_image
 
 #: progress callback: ``callback(step_description, fraction_done in [0, 1])``.
 Progress = Callable[[str, float], None]
@@ -160,11 +160,6 @@ class AnatomySegmentation:
         if self.details:
             summary["details"] = self.details
         return summary
-
-    def to_label_volume(self) -> LabelVolume:
-        return LabelVolume(
-            array=self.labelmap, geometry=self.geometry, source=f"<{self.backend} segmentation>"
-        )
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the anatomy label map on the CT grid (atomic; format from the suffix)."""

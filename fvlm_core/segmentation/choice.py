@@ -16,7 +16,7 @@ import importlib
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from fvlm_core.anatomy import CTRATE_CATALOG, AnatomyCatalog, get_catalog
+from fvlm_core.anatomy import AnatomyCatalog
 from fvlm_core.errors import ConfigError, warn
 from fvlm_core.io import CTVolume
 from fvlm_core.preprocess import spacing_warning
@@ -46,20 +46,6 @@ def get_backend(name: str, **options: Any) -> SegmentationBackend:
         raise ConfigError("the labelmap backend needs a label map: pass --labelmap FILE (or path=...)")
     module, cls = BACKENDS[name].split(":")
     return getattr(importlib.import_module(module), cls)(**options)
-
-
-def segment_ct(
-    ct: CTVolume,
-    backend: str | SegmentationBackend = "builtin",
-    catalog: AnatomyCatalog | str = CTRATE_CATALOG,
-    progress: Progress | None = None,
-    **options: Any,
-) -> AnatomySegmentation:
-    """Segment a CT with a backend (name or instance) into ``catalog``'s anatomies."""
-    if isinstance(catalog, str):
-        catalog = get_catalog(catalog)
-    be = get_backend(backend, **options) if isinstance(backend, str) else backend
-    return be.segment(ct, catalog, progress=progress)
 
 
 #: voxel size (z, y, x mm) each segmenter works at, for the warning about much coarser CTs; the

@@ -38,7 +38,14 @@ def class_lookup(catalog: AnatomyCatalog, class_map: Mapping[int, str]) -> np.nd
 
 
 def merge_labels(labelmap: np.ndarray, class_map: Mapping[int, str], catalog: AnatomyCatalog) -> np.ndarray:
-    """Map a named label map into ``catalog``'s anatomy values (unnamed values -> background)."""
+    """Map a named label map into ``catalog``'s anatomy values (unnamed values -> background).
+
+    ``class_map``: value -> a TotalSegmentator class or a catalog anatomy name. Raises
+    :class:`~fvlm_core.errors.InputError` for negative values (no class map names them).
+    """
+    labelmap = np.asarray(labelmap)
+    if labelmap.size and labelmap.min() < 0:
+        raise InputError("label map holds negative values; class values must be >= 0")
     lut = class_lookup(catalog, class_map)
     top = int(labelmap.max()) if labelmap.size else 0
     if top >= lut.size:

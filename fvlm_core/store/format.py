@@ -48,7 +48,6 @@ PARTS_DIR = "parts"
 JOURNAL_DIR = "_journal"
 #: key of the store identity in each Parquet part's schema metadata
 METADATA_KEY = b"fvlm_store"
-STATUSES = ("present", "partial", "absent")
 
 
 class StoreModelMismatch(ConfigError):

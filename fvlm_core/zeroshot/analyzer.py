@@ -376,7 +376,8 @@ class Analyzer:
                 ``False`` none. Maps lie on ``ct``'s grid.
             progress: ``callback(message, fraction in [0, 1])``.
             should_cancel: polled between stages; True raises :class:`CancelledError`.
-            strategy: window plan, ``"shared"`` or ``"reference"``.
+            strategy: window plan (:mod:`fvlm_core.zeroshot.windows`), ``"shared"``, ``"centred"`` or
+                ``"reference"``.
             require_anatomy: raise :class:`InputError` when the CT holds none of the model's
                 anatomies (instead of returning a result with every anatomy absent).
             max_window_zyx: cap on window size in model-space voxels (low-memory use); an

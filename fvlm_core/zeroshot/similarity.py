@@ -226,12 +226,6 @@ def write_map(array: np.ndarray, geometry: Geometry, path: str | os.PathLike) ->
     return write_image(np.asarray(array, dtype=np.float32), geometry, path)
 
 
-def map_filename(anatomy: str, finding: str, suffix: str = ".nii.gz") -> str:
-    """``lung__pleural_effusion.nii.gz``: a portable file name for one map (alone; the maps of one
-    result: :func:`map_filenames`, distinct)."""
-    return map_filenames([(anatomy, finding)], suffix)[(anatomy, finding)]
-
-
 def map_filenames(keys: Sequence[tuple[str, str]], suffix: str = ".nii.gz") -> dict[tuple[str, str], str]:
     """Distinct portable file names of the maps ``(anatomy, finding)``: ``lung__lung_mass.nii.gz``;
     findings whose names would give one file (``Lung mass`` and ``lung mass!``) each get a short

@@ -211,10 +211,13 @@ def test_time_budget_holds_on_a_busy_machine(tmp_path):
 
     What the demo cannot shorten (starting Python processes, imports, building the models) is
     measured under the same load first (``setup``, about 10 s on an idle 2-core machine with the
-    two busy processes): the budget is 60 s of training plus three such set-ups (phantoms and the
-    parent's work, the training processes, the evaluation), and the margin, for what follows the
-    training deadline (the step in progress, the checkpoint, the model folders) and the error of
-    the evaluation estimate, is 10 s plus half a set-up."""
+    two busy processes): the budget is 40 s plus three such set-ups (phantoms and the parent's
+    work, the training processes, the evaluation), and the margin, for what follows the training
+    deadline (the step in progress, the checkpoint, the model folders) and the error of the
+    evaluation estimate, is 10 s plus half a set-up. The phantoms are few (the evaluation's fixed
+    costs, loading two models and encoding the prompts on one busy core, dominate it): the 40 s
+    hold the stretched evaluation reserve, the training processes' stretched finishing time and
+    their set-up, so the training loops still run into their deadline."""
     import fvlm_core.model  # noqa: F401  (imported by this process already in a real run's first seconds)
 
     ctx = multiprocessing.get_context("fork")
@@ -225,18 +228,18 @@ def test_time_budget_holds_on_a_busy_machine(tmp_path):
     messages: list[str] = []
     try:
         setup = _setup_seconds()
-        budget, margin = 60.0 + 3 * setup, 10.0 + setup / 2
+        budget, margin = 40.0 + 3 * setup, 10.0 + setup / 2
         cfg = demo.DemoConfig(
             out=str(tmp_path / "demo"),
             minutes=budget / 60,
-            n_train=96,
-            n_calibration=32,
-            n_test=48,
+            n_train=48,
+            n_calibration=16,
+            n_test=24,
             size=32,
             workers=1,
             batch_size=8,
             precision="fp32",
-            reserve_seconds=20,
+            reserve_seconds=10,
         )
         t0 = time.perf_counter()
         result = demo.run_demo(cfg, log=messages.append)

@@ -110,7 +110,6 @@ class SourceSeries:
             raise InputError(f"{where} has {len(self.datasets)} files, the CT read from it {size_z} slices.")
         direction = geometry.direction_matrix
         spacing = np.asarray(geometry.spacing, dtype=float)
-        origin = np.asarray(geometry.origin, dtype=float)
         order = np.full(size_z, -1)
         for i, ds in enumerate(self.datasets):
             iop = np.asarray([float(v) for v in ds.ImageOrientationPatient])
@@ -125,7 +124,7 @@ class SourceSeries:
             if not np.allclose(pixel[::-1], spacing[:2], atol=1e-4):
                 raise InputError(f"{where}: {_name(ds)} has a pixel spacing other than the CT's.")
             position = np.asarray([float(v) for v in ds.ImagePositionPatient])
-            index = np.linalg.solve(direction * spacing, position - origin)  # (i, j, k) on the grid
+            index = geometry.ras_to_index_zyx(position * [-1.0, -1.0, 1.0])[::-1]  # LPS -> (i, j, k)
             k = round(float(index[2]))
             off_mm = np.abs((index - [0.0, 0.0, k]) * spacing).max()
             if off_mm > _TOLERANCE_MM + 0.01 * spacing.min() or not 0 <= k < size_z:

@@ -167,12 +167,13 @@ def test_export_to_dicom_from_the_panel_writes_what_the_command_line_writes(
     assert panel_seg.SeriesInstanceUID != cli_seg.SeriesInstanceUID
     # segments edited after the analysis: refused, nothing added to the database
     from FVLMSlicerLib import mrml_io
+    from scene_tools import segment_mask, set_segment_mask
 
     nodes = widget._results
     grid = mrml_io.volume_node_to_ct(volume).geometry
-    heart = mrml_io.segment_mask(nodes.segmentation, "heart", grid)
+    heart = segment_mask(nodes.segmentation, "heart", grid)
     heart[np.argwhere(heart)[0][0]] = False  # one slice of the heart erased
-    mrml_io.set_segment_mask(nodes.segmentation, "heart", heart, grid)
+    set_segment_mask(nodes.segmentation, "heart", heart, grid)
     files_before = set(database._files)
     ui.exportDicomButton.click()
     _run_until(lambda: _idle(widget), 120)

@@ -21,7 +21,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # a benchmark imports this first: the checkout's fvlm_core, as a test would
+# every benchmark imports this module first: fvlm_core from the checkout where none is installed (appended,
+# so that an installed copy, the one gpu_check.py installs and checks, still comes first)
+sys.path.append(str(ROOT))
 SHARED = Path(os.environ.get("FVLM_SHARED_DATA", ROOT.parent / "shared" / "data"))
 SMOKE_ENV = "FVLM_BENCH_SMOKE"
 #: fvlm-base's widths (hidden, embedding) and the smoke size's

@@ -41,11 +41,19 @@ class Study:
 
 
 def write_ct_series(
-    folder: Path, hu_zyx: np.ndarray, geometry: Geometry, study: Study, series_number: int, description: str
+    folder: Path,
+    hu_zyx: np.ndarray,
+    geometry: Geometry,
+    study: Study,
+    series_number: int,
+    description: str,
+    series_uid: str | None = None,
 ) -> str:
-    """Write ``hu_zyx`` (HU) on ``geometry`` (axial, LPS-aligned) as a CT series; returns its UID."""
+    """Write ``hu_zyx`` (HU) on ``geometry`` (axial, LPS-aligned) as a CT series, files named
+    ``<description>_<slice>.dcm``; returns its UID (``series_uid``, else one made from the study's
+    and the series number)."""
     folder.mkdir(parents=True, exist_ok=True)
-    series_uid = generate_uid(entropy_srcs=[study.study_uid, str(series_number)])
+    series_uid = series_uid or generate_uid(entropy_srcs=[study.study_uid, str(series_number)])
     direction = geometry.direction_matrix
     sx, sy, sz = geometry.spacing
     stored = np.clip(np.round(np.asarray(hu_zyx, dtype=np.float64) + 1024), 0, 4095).astype(np.uint16)

@@ -19,19 +19,18 @@ import shutil
 import stat
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
 import yaml
+from dicom_study import Study, write_ct_series
 
 from fvlm_core.data.synth import make_phantom
 from fvlm_core.io import write_image
 from fvlm_training.cli import main
-
-PHANTOM_SPACING = (11.25, 11.25, 9.0)  # (x, y, z) mm of a 32^3 phantom
-
 
 # ---------------------------------------------------------------- helpers
 
@@ -99,36 +98,6 @@ def fvlm_here(capsys, *args: str | Path) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess([str(a) for a in args], rc, out, err)
 
 
-def write_dicom_series(folder: Path, hu_zyx: np.ndarray, spacing_xyz, uid: str, prefix: str) -> None:
-    """A CT series as one DICOM file per axial slice (what a scanner exports), via SimpleITK."""
-    folder.mkdir(parents=True, exist_ok=True)
-    image = sitk.GetImageFromArray(np.asarray(hu_zyx, np.int16))
-    image.SetSpacing([float(v) for v in spacing_xyz])
-    writer = sitk.ImageFileWriter()
-    writer.KeepOriginalImageUIDOn()
-    for k in range(image.GetDepth()):
-        s = image[:, :, k]
-        tags = {
-            "0008|0060": "CT",
-            "0008|0016": "1.2.840.10008.5.1.4.1.1.2",
-            "0008|0018": f"{uid}.{k + 1}",
-            "0008|103e": f"series {uid[-1]}",
-            "0020|000d": "1.2.826.0.1.3680043.2.1125.7",
-            "0020|000e": uid,
-            "0020|0013": str(k + 1),
-            "0020|0032": f"0\\0\\{k * spacing_xyz[2]}",
-            "0020|0037": "1\\0\\0\\0\\1\\0",
-            "0028|0030": f"{spacing_xyz[1]}\\{spacing_xyz[0]}",
-            "0018|0050": str(spacing_xyz[2]),
-            "0028|1052": "0",
-            "0028|1053": "1",
-        }
-        for tag, value in tags.items():
-            s.SetMetaData(tag, value)
-        writer.SetFileName(str(folder / f"{prefix}{k:04d}.dcm"))
-        writer.Execute(s)
-
-
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, small_model_config) -> Path:
     """Inputs a user has: a tiny model folder, a CT and its label map, a 5-slice 60 mm CT, a
@@ -146,9 +115,12 @@ def world(tmp_path_factory, small_model_config) -> Path:
     thin = make_phantom(7, 0, "valid", (5, 32, 32), spacing_zyx=(60.0, 11.25, 11.25))
     write_image(thin.hu.astype(np.int16), thin.geometry, root / "thin5.nii.gz")
     write_image((thin.labels * (thin.labels <= 4)).astype(np.uint8), thin.geometry, root / "thin5_seg.nii.gz")
-    write_dicom_series(root / "dicom", s.hu, PHANTOM_SPACING, "1.2.826.0.1.3680043.2.1125.7.1", "A")
-    coarse = (PHANTOM_SPACING[0], PHANTOM_SPACING[1], 2 * PHANTOM_SPACING[2])
-    write_dicom_series(root / "dicom", s.hu[::2], coarse, "1.2.826.0.1.3680043.2.1125.7.2", "B")
+    # a DICOM folder holding two series of one study, the second with half the slices
+    study = Study("1.2.826.0.1.3680043.2.1125.7", "1.2.826.0.1.3680043.2.1125.7.9")
+    write_ct_series(root / "dicom", s.hu, s.geometry, study, 1, "series 1", f"{study.study_uid}.1")
+    sx, sy, sz = s.geometry.spacing
+    coarse = replace(s.geometry, size=(32, 32, 16), spacing=(sx, sy, 2 * sz))
+    write_ct_series(root / "dicom", s.hu[::2], coarse, study, 2, "series 2", f"{study.study_uid}.2")
     nan = s.hu.astype(np.float32)
     nan[16, 16, 8] = np.nan  # in the lung
     nan[20, 20, 20] = np.inf

@@ -11,7 +11,7 @@ import shutil
 
 import numpy as np
 import pytest
-import SimpleITK as sitk
+from dicom_study import Study, write_ct_series
 
 from fvlm_core.data.cohort import read_cohort_csv
 from fvlm_core.errors import DataError
@@ -73,37 +73,6 @@ def test_columns_values_missing_labels_and_reports(tmp_path):
             read_cohort_csv(path)
 
 
-def _write_dicom(folder, hu: np.ndarray, geometry) -> None:
-    """One DICOM file per axial slice (a scanner's export) with the phantom's geometry."""
-    folder.mkdir(parents=True)
-    image = sitk.GetImageFromArray(hu.astype(np.int16))
-    image.SetSpacing(geometry.spacing)
-    writer = sitk.ImageFileWriter()
-    writer.KeepOriginalImageUIDOn()
-    sx, sy, sz = geometry.spacing
-    ox, oy, oz = geometry.origin
-    for k in range(hu.shape[0]):
-        s = image[:, :, k]
-        tags = {
-            "0008|0060": "CT",
-            "0008|0016": "1.2.840.10008.5.1.4.1.1.2",
-            "0008|0018": f"1.2.826.0.1.3680043.2.1125.9.{k + 1}",
-            "0020|000d": "1.2.826.0.1.3680043.2.1125.9",
-            "0020|000e": "1.2.826.0.1.3680043.2.1125.9.1",
-            "0020|0013": str(k + 1),
-            "0020|0032": f"{ox}\\{oy}\\{oz + k * sz}",
-            "0020|0037": "1\\0\\0\\0\\1\\0",
-            "0028|0030": f"{sy}\\{sx}",
-            "0018|0050": str(sz),
-            "0028|1052": "0",
-            "0028|1053": "1",
-        }
-        for tag, value in tags.items():
-            s.SetMetaData(tag, value)
-        writer.SetFileName(str(folder / f"IM{k:04d}.dcm"))
-        writer.Execute(s)
-
-
 def _write_ras(path, hu: np.ndarray, geometry) -> None:
     """The same voxels stored right-to-left and anterior-to-posterior (x and y axes flipped)."""
     from fvlm_core.geometry import Geometry
@@ -139,7 +108,7 @@ def cohort(tmp_path_factory):
         elif kind == 2:
             _write_ras(root / "ras" / f"{name}.mha", hu, s.geometry)
         else:
-            _write_dicom(root / "dicom" / name, hu, s.geometry)
+            write_ct_series(root / "dicom" / name, hu, s.geometry, Study.new(name), 1, "IM")
         write_image((s.labels * (s.labels <= 4)).astype(np.uint8), s.geometry, masks / f"{name}.nii.gz")
         labels = {f: int(f in s.findings) for f in ("Pleural effusion", "Cardiomegaly", "Emphysema")}
         truth[name] = labels

@@ -43,18 +43,15 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from timing import (  # noqa: E402
+from timing import (
+    ROOT,
     SHARED,
     WINDOW,
-    add_smoke_argument,
+    BenchParser,
     base_config,
     load_note,
     official_model,
     peak_rss_mb,
-    set_smoke,
     text_folder,
     vit_b,
     vit_b_forward_s,
@@ -366,7 +363,7 @@ def compare_windows(args) -> dict | None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = BenchParser(__doc__)
     p.add_argument("--data", type=Path, default=DEFAULT_DATA)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3, help="end-to-end runs (medians are reported)")
@@ -378,9 +375,8 @@ def main(argv=None) -> int:
     p.add_argument("--repeat", type=int, default=3, help="--compare-windows: timed runs per mode (minimum)")
     p.add_argument("--mode", choices=("shared", "reference", "bare"), help=argparse.SUPPRESS)
     p.add_argument("--out", type=Path, help="also write the JSON here")
-    add_smoke_argument(p)
     args = p.parse_args(argv)
-    if set_smoke(args.smoke):
+    if args.smoke:
         args.repeats = args.repeat = 1
     if args.mode:
         print(json.dumps(run_mode(args.mode, args.data, args.threads, args.repeat)))

@@ -30,10 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from timing import WINDOW, add_smoke_argument, base_config, load_note, set_smoke, text_folder  # noqa: E402
+from timing import WINDOW, BenchParser, base_config, load_note, text_folder
 
 
 def _labels(size):
@@ -113,14 +110,13 @@ def _child(mode: str, repeats: int, threads: int, size) -> dict:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = BenchParser(__doc__)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--size", type=int, nargs=3, default=WINDOW, metavar=("Z", "Y", "X"))
     parser.add_argument("--mode", help=argparse.SUPPRESS)
-    add_smoke_argument(parser)
     args = parser.parse_args()
-    if set_smoke(args.smoke):
+    if args.smoke:
         args.repeats = 1
     size = tuple(args.size)
     if args.mode:

@@ -18,34 +18,19 @@ Dice of the default result against it.
 
 from __future__ import annotations
 
-import argparse
 import fnmatch
 import itertools
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
+from timing import SHARED, WINDOW, BenchParser, load_note, smoke, vit_b, vit_b_forward_s
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from timing import (  # noqa: E402
-    SHARED,
-    WINDOW,
-    add_smoke_argument,
-    load_note,
-    set_smoke,
-    smoke,
-    vit_b,
-    vit_b_forward_s,
-)
-
-from fvlm_core.io import read_ct, read_label_map  # noqa: E402
-from fvlm_core.segmentation.builtin import BuiltinParams, segment_masks  # noqa: E402
-from fvlm_core.segmentation.totalseg_classes import TOTAL_CLASS_MAP  # noqa: E402
+from fvlm_core.io import read_ct, read_label_map
+from fvlm_core.segmentation.builtin import BuiltinParams, segment_masks
+from fvlm_core.segmentation.totalseg_classes import TOTAL_CLASS_MAP
 
 BONE_PATTERNS = ("vertebrae_*", "rib_*", "sternum", "sacrum", "hip_*", "femur_*", "humerus_*", "scapula_*")
 BONE_PATTERNS += ("clavicula_*", "skull")
@@ -147,14 +132,13 @@ def chest_timing(data: Path, repeats: int, full: bool) -> dict:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = BenchParser(__doc__)
     parser.add_argument("--data", type=Path, default=SHARED / "ct" / "totalsegmentator")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2, help="torch threads of the ViT-B yardstick")
     parser.add_argument("--full", action="store_true", help="also run chest_ct on its own grid and compare")
-    add_smoke_argument(parser)
     args = parser.parse_args(argv)
-    if set_smoke(args.smoke):
+    if args.smoke:
         args.repeats = 1
     import torch
 

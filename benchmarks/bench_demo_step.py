@@ -16,13 +16,8 @@ at least 1.15x faster).
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from timing import alternated_median_ms, bench_args, demo_batch, load_note, overhead_fields  # noqa: E402
+from timing import alternated_median_ms, bench_args, demo_batch, load_note, overhead_fields
 
 
 def batch_texts(n: int = 16, seed: int = 0) -> list[str]:
@@ -40,7 +35,7 @@ def batch_texts(n: int = 16, seed: int = 0) -> list[str]:
 
 
 def main(argv=None) -> int:
-    args = bench_args(__doc__.splitlines()[0], repeats=8, argv=argv)
+    args = bench_args(__doc__, repeats=8, argv=argv)
 
     import torch
 

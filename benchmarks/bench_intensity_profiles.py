@@ -14,24 +14,12 @@ trains each model on one core).
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from timing import (  # noqa: E402
-    alternated_median_ms,
-    bench_args,
-    demo_batch,
-    load_note,
-    median_ms,
-    overhead_fields,
-)
+from timing import alternated_median_ms, bench_args, demo_batch, load_note, median_ms, overhead_fields
 
 
 def main(argv=None) -> int:
-    args = bench_args(__doc__.splitlines()[0], repeats=10, argv=argv)
+    args = bench_args(__doc__, repeats=10, argv=argv)
 
     import torch
 

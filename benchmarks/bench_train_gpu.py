@@ -39,11 +39,8 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from bench_train_step import CONFIGS, fvlm_base, gpu_recipes, loss_of, step_inputs  # noqa: E402
-from timing import add_smoke_argument, load_note, peak_rss_mb, set_smoke, text_folder, train_crop  # noqa: E402
+from bench_train_step import CONFIGS, fvlm_base, gpu_recipes, loss_of, step_inputs
+from timing import BenchParser, load_note, peak_rss_mb, text_folder, train_crop
 
 NO_GPU_EXIT = 2
 RECIPE_BATCH = int(gpu_recipes()["ctrate-base"]["batch_size"] or 14)
@@ -202,7 +199,7 @@ def summarise(args: argparse.Namespace, results: list[dict]) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = BenchParser(__doc__)
     p.add_argument("--device", default="cuda", help="cuda, cuda:N, or cpu (the same steps on the CPU)")
     p.add_argument(
         "--batch", type=int, default=RECIPE_BATCH, help=f"crops per GPU (ctrate-base: {RECIPE_BATCH})"
@@ -223,9 +220,8 @@ def main(argv=None) -> int:
         action="store_true",
         help="also the public code's way: fp32 without TF32, explicit attention, texts padded to 384",
     )
-    add_smoke_argument(p)
     args = p.parse_args(argv)
-    if set_smoke(args.smoke):
+    if args.smoke:
         args.batch, args.steps, args.warmup = min(args.batch, 2), 1, 1
     args.size = tuple(args.size or train_crop())
     args.checkpointing = [m.strip() for m in args.checkpointing.split(",") if m.strip()]

@@ -44,19 +44,8 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from bench_anatomy_embeddings import _labels  # noqa: E402
-from timing import (  # noqa: E402
-    add_smoke_argument,
-    base_config,
-    load_note,
-    peak_rss_mb,
-    set_smoke,
-    text_folder,
-    train_crop,
-)
+from bench_anatomy_embeddings import _labels
+from timing import ROOT, BenchParser, base_config, load_note, peak_rss_mb, text_folder, train_crop
 
 _PROJECT = {"flash": True, "attn_dropout": True, "pad_to_max_length": False}
 CONFIGS = {
@@ -264,7 +253,7 @@ def summarise(results: dict, threads: int, batch: int) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = BenchParser(__doc__)
     p.add_argument("--repeats", type=int, default=2, help="timed steps per configuration (after a warm-up)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--batch", type=int, default=2)
@@ -272,9 +261,8 @@ def main(argv=None) -> int:
         "--configs", default=",".join(DEFAULT_CONFIGS), help=f"comma-separated of {', '.join(CONFIGS)}"
     )
     p.add_argument("--child", choices=tuple(CONFIGS), help=argparse.SUPPRESS)
-    add_smoke_argument(p)
     args = p.parse_args(argv)
-    if set_smoke(args.smoke):
+    if args.smoke:
         args.repeats = 1
     if args.child:
         print(json.dumps(child(args.child, args.repeats, args.threads, args.batch)))

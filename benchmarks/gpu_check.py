@@ -459,7 +459,12 @@ def inf_analysis(args: argparse.Namespace, ctx: dict) -> dict:
     runs, out = {}, {"ct": str(CT_NAME), "ct_shape_zyx": list(ct.array.shape), "per_precision": {}}
     with torch.inference_mode():
         for precision in ("fp32", "bf16"):
-            a = base if precision == "fp32" else Analyzer(base.model, base.device, base.name, precision)
+            # model_dir: the model's text encoder, still deferred, is built from the folder when needed
+            a = (
+                base
+                if precision == "fp32"
+                else Analyzer(base.model, base.device, base.name, precision, model_dir=base.model_dir)
+            )
             runs[precision] = r = _timed_analyses(a, ct, seg, ct_ms, labels_ms, repeats)
             bare = _bare_forward_s(a.model, a.device, a.bf16)
             t = r["result"].timings

@@ -1,5 +1,6 @@
-"""Shared pieces of the benchmarks: the yardstick (a bare ViT-B forward), the smoke size, the
-demo's training batch and wall-clock medians.
+"""Shared pieces of the benchmarks: their set-up (the checkout's ``fvlm_core`` on ``sys.path``, a
+command line with ``--smoke``), the yardstick (a bare ViT-B forward), the smoke size, the demo's
+training batch and wall-clock medians.
 
 Smoke size (``--smoke`` on every benchmark, or ``FVLM_BENCH_SMOKE=1``, which child processes
 inherit): every stage runs, once, on fvlm-base's layout narrowed to width 48 (the same 12 layers
@@ -20,6 +21,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+# every benchmark imports this module first: fvlm_core from the checkout where none is installed (appended,
+# so that an installed copy, the one gpu_check.py installs and checks, still comes first)
+sys.path.append(str(ROOT))
 SHARED = Path(os.environ.get("FVLM_SHARED_DATA", ROOT.parent / "shared" / "data"))
 SMOKE_ENV = "FVLM_BENCH_SMOKE"
 #: fvlm-base's widths (hidden, embedding) and the smoke size's
@@ -55,6 +59,21 @@ def set_smoke(on: bool) -> bool:
     if on:
         os.environ[SMOKE_ENV] = "1"
     return smoke()
+
+
+class BenchParser(argparse.ArgumentParser):
+    """A benchmark's command line: described by the first line of its docstring, with ``--smoke``.
+    :meth:`parse_args` turns the smoke size on when asked (:func:`set_smoke`); ``args.smoke`` then
+    says whether it is on, asked here or inherited from the parent process (``FVLM_BENCH_SMOKE``)."""
+
+    def __init__(self, doc: str) -> None:
+        super().__init__(description=doc.splitlines()[0])
+        add_smoke_argument(self)
+
+    def parse_args(self, args=None, namespace=None) -> argparse.Namespace:
+        parsed = super().parse_args(args, namespace)
+        parsed.smoke = set_smoke(parsed.smoke)
+        return parsed
 
 
 def base_config(text_dir: str | os.PathLike | None = None) -> dict:
@@ -113,17 +132,17 @@ def official_model(out: Path, work: Path) -> Path:
     return out
 
 
-def bench_args(description: str, repeats: int, argv: list[str] | None = None) -> argparse.Namespace:
-    """The benchmarks' ``--repeats`` and ``--threads`` (default 1: the demo trains each model on
-    one core) and ``--smoke`` (one repeat), parsed, with torch's thread count set."""
+def bench_args(doc: str, repeats: int, argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line of a benchmark described by ``doc``: ``--repeats``, ``--threads`` (default 1:
+    the demo trains each model on one core) and ``--smoke`` (one repeat), parsed, with torch's
+    thread count set."""
     import torch
 
-    parser = argparse.ArgumentParser(description=description)
+    parser = BenchParser(doc)
     parser.add_argument("--repeats", type=int, default=repeats)
     parser.add_argument("--threads", type=int, default=1)
-    add_smoke_argument(parser)
     args = parser.parse_args(argv)
-    if set_smoke(args.smoke):
+    if args.smoke:
         args.repeats = 1
     torch.set_num_threads(args.threads)
     return args

@@ -13,15 +13,17 @@ from __future__ import annotations
 
 import importlib
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 
 def lazy_exports(
-    package: str, exports: Mapping[str, str]
+    package: str, modules: Mapping[str, Iterable[str]]
 ) -> tuple[Callable[[str], Any], Callable[[], list[str]]]:
-    """``(__getattr__, __dir__)`` for ``package``: ``exports`` maps each public name to the module
-    defining it; the module is imported when the name is first used, and the name kept."""
+    """``(__getattr__, __dir__)`` for ``package``: ``modules`` maps each submodule (its name in
+    ``package``, e.g. ``"config"``) to the public names it defines; the submodule is imported when
+    one of its names is first used, and the name kept."""
+    exports = {name: f"{package}.{module}" for module, names in modules.items() for name in names}
 
     def __getattr__(name: str) -> Any:
         if name not in exports:

@@ -41,7 +41,7 @@ from fvlm_core.atomic import atomic_write_text
 from fvlm_core.commands.segment import add_totalsegmentator_arguments
 from fvlm_core.data.cache import read_sidecar, sample_paths
 from fvlm_core.data.ctrate import decompose
-from fvlm_core.data.prepare import parse_shard, select_shard
+from fvlm_core.data.prepare import ShardSummary, parse_shard, select_shard
 from fvlm_core.data.radchest_labels import RADCHEST_MAPPINGS
 from fvlm_core.devices import resolve_device
 from fvlm_core.errors import ConfigError, FVLMError
@@ -189,20 +189,14 @@ def scan_source(source, name: str, anatomies: Sequence[str]) -> tuple[str | None
 # --------------------------------------------------------------------------------------------
 
 
-@dataclass
-class EmbedSummary:
+@dataclass(kw_only=True)
+class EmbedSummary(ShardSummary):
     store: str
-    shard: tuple[int, int]
-    listed: int = 0
-    in_shard: int = 0
     already_stored: int = 0
     embedded: int = 0
-    failed: list[dict[str, str]] = field(default_factory=list)
     parts: list[str] = field(default_factory=list)
-    seconds: float = 0.0
     encode_seconds: float = 0.0
     read_seconds: float = 0.0  # in the data-loader workers: read, resample, cut (overlapped)
-    notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -289,7 +283,7 @@ def embed_scans(
     from fvlm_core.store.encode import encode_windows, scan_record
 
     t0 = time.perf_counter()
-    summary = EmbedSummary(str(store.path), shard, listed=len(source.names), in_shard=len(names))
+    summary = EmbedSummary(store=str(store.path), shard=shard, listed=len(source.names), in_shard=len(names))
     writer = _PartWriter(store, shard, part_size)
     try:
         stored = set(store.scans())
@@ -388,10 +382,8 @@ def run(args: argparse.Namespace) -> int:
         f"{d['failed_count']} failed ({d['seconds']:.1f} s; per scan: encoder {summary.encode_seconds / n:.3f} s "
         f"on {analyzer.device}, reading and cutting {summary.read_seconds / n:.3f} s in {args.workers} worker(s))"
     )
-    for note in summary.notes:
-        print(f"  note: {note}")
-    for f in summary.failed[:10]:
-        print(f"  failed {f['name']}: {f['error']}")
+    for line in summary.problem_lines():
+        print(line)
     print(store.describe())
     if summary.failed and (args.strict or summary.embedded + summary.already_stored == 0):
         return 1

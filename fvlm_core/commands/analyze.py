@@ -52,21 +52,21 @@ from fvlm_core.zeroshot.prompt_files import load_findings_file
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_ct_arguments(parser)
+    parser.add_argument("--model", required=True, help="model folder (config.yaml + model.safetensors)")
     seg = parser.add_mutually_exclusive_group()
     seg.add_argument(
         "--segmentation",
         help="reuse a label map (TotalSegmentator multilabel file or mask folder, or an anatomy label map)",
     )
     seg.add_argument("--backend", default="builtin", help="segmentation backend: builtin | totalsegmentator")
-    add_totalsegmentator_arguments(parser)
     parser.add_argument("--class-map", help="class map JSON for --segmentation (value -> class name)")
+    add_totalsegmentator_arguments(parser)
     parser.add_argument(
         "--strict-segmentation",
         action="store_true",
         help="refuse a segmentation whose anatomies' intensities do not fit their tissue (a lung that is "
         "not mostly air, ...: made from another scan, or misaligned); default: a warning",
     )
-    parser.add_argument("--model", required=True, help="model folder (config.yaml + model.safetensors)")
     parser.add_argument(
         "--prompts",
         help="JSON/YAML list of extra findings: {name, anatomy, positive: [...], negative: [...]}",

@@ -126,10 +126,8 @@ def run(args: argparse.Namespace) -> int:
             f"  {dec['volumes_without_entry']} volume(s) whose scan the decomposition files lack got the normal "
             f"templates (as the reference), e.g. {', '.join(dec['examples_without_entry'][:3])}"
         )
-    for note in summary.notes:
-        print(f"  note: {note}")
-    for f in summary.failed[:10]:
-        print(f"  failed {f['name']}: {f['error']}")
+    for line in summary.problem_lines():
+        print(line)
     for s in summary.skipped_listing[:10]:
         print(f"  skipped {s['name']}: {s['reason']}")
     if len(summary.failed) > 10 or len(summary.skipped_listing) > 10:

@@ -83,22 +83,35 @@ def remove_stale_temps(out_dir: Path, names: Sequence[str]) -> int:
     return removed
 
 
-@dataclass
-class PrepareSummary:
-    dataset: str
-    out: str
-    split: str
+@dataclass(kw_only=True)
+class ShardSummary:
+    """What one shard's run of a resumable batch command (``fvlm prepare``, ``fvlm embed``) did:
+    of the ``listed`` items, ``in_shard`` are this shard's; ``failed`` holds ``{"name", "error"}``
+    per item that failed, ``notes`` what the user should know."""
+
     shard: tuple[int, int]
     listed: int = 0
     in_shard: int = 0
+    failed: list[dict[str, str]] = field(default_factory=list)
+    seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+    def problem_lines(self, shown: int = 10) -> list[str]:
+        """The notes and the first ``shown`` failures, a line each, as the commands print them."""
+        notes = [f"  note: {n}" for n in self.notes]
+        return notes + [f"  failed {f['name']}: {f['error']}" for f in self.failed[:shown]]
+
+
+@dataclass(kw_only=True)
+class PrepareSummary(ShardSummary):
+    dataset: str
+    out: str
+    split: str
     already_done: int = 0
     processed: int = 0
     stale_temps_removed: int = 0
-    failed: list[dict[str, str]] = field(default_factory=list)
     skipped_listing: list[dict[str, str]] = field(default_factory=list)
-    seconds: float = 0.0
     decomposition: dict[str, Any] | None = None
-    notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -322,7 +335,9 @@ def _shard_summary(
 ) -> PrepareSummary:
     """The summary of one shard's run before its work: what is listed, skipped and decomposed."""
     names = [r.name for r in reader.records]
-    summary = PrepareSummary(str(dataset), str(out), split, shard, listed=len(names) + len(reader.skipped))
+    summary = PrepareSummary(
+        dataset=str(dataset), out=str(out), split=split, shard=shard, listed=len(names) + len(reader.skipped)
+    )
     summary.notes = list(reader.notes)
     summary.in_shard = len(mine)
     summary.skipped_listing = [

@@ -17,25 +17,16 @@ from typing import TYPE_CHECKING
 
 from fvlm_core.lazy import lazy_exports
 
-_EXPORTS = {
-    "FVLM": "fvlm_core.model.fvlm",
-    "AnatomyEmbeddings": "fvlm_core.model.pooling",
-    "FVLMConfig": "fvlm_core.model.config",
-    "ImportReport": "fvlm_core.model.official",
-    "TextConfig": "fvlm_core.model.config",
-    "TokenGrid": "fvlm_core.model.vision",
-    "VisionConfig": "fvlm_core.model.config",
-    "attend_anatomies": "fvlm_core.model.pooling",
-    "available_configs": "fvlm_core.model.config",
-    "from_pretrained": "fvlm_core.model.fvlm",
-    "import_official": "fvlm_core.model.official",
-    "interpolate_pos_embed": "fvlm_core.model.vision",
-    "load_config": "fvlm_core.model.config",
-    "save_pretrained": "fvlm_core.model.checkpoint",
-    "token_membership": "fvlm_core.model.pooling",
+_EXPORTS = {  # submodule -> the public names it defines
+    "fvlm": ("FVLM", "from_pretrained"),
+    "pooling": ("AnatomyEmbeddings", "attend_anatomies", "token_membership"),
+    "config": ("FVLMConfig", "TextConfig", "VisionConfig", "available_configs", "load_config"),
+    "official": ("ImportReport", "import_official"),
+    "vision": ("TokenGrid", "interpolate_pos_embed"),
+    "checkpoint": ("save_pretrained",),
 }
 
-__all__ = [  # the keys of _EXPORTS, spelled out for static tools
+__all__ = [  # the names of _EXPORTS, spelled out for static tools
     "FVLM",
     "AnatomyEmbeddings",
     "FVLMConfig",

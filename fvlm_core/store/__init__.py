@@ -20,22 +20,15 @@ from __future__ import annotations
 
 from fvlm_core.lazy import lazy_exports
 
-_EXPORTS = {
-    "EmbeddingStore": "fvlm_core.store.format",
-    "ModelIdentity": "fvlm_core.store.format",
-    "StoreInfo": "fvlm_core.store.format",
-    "StoreModelMismatch": "fvlm_core.store.format",
-    "embed_ct": "fvlm_core.store.encode",
-    "prepare_windows": "fvlm_core.store.encode",
-    "encode_windows": "fvlm_core.store.encode",
-    "query_store": "fvlm_core.store.query",
-    "Match": "fvlm_core.store.search",
-    "search_like": "fvlm_core.store.search",
-    "search_text": "fvlm_core.store.search",
-    "retrieval_metrics": "fvlm_core.store.retrieval",
+_EXPORTS = {  # submodule -> the public names it defines
+    "format": ("EmbeddingStore", "ModelIdentity", "StoreInfo", "StoreModelMismatch"),
+    "encode": ("embed_ct", "prepare_windows", "encode_windows"),
+    "query": ("query_store",),
+    "search": ("Match", "search_like", "search_text"),
+    "retrieval": ("retrieval_metrics",),
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = sorted(name for names in _EXPORTS.values() for name in names)
 
 
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

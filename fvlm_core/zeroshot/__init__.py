@@ -14,23 +14,16 @@ from __future__ import annotations
 
 from fvlm_core.lazy import lazy_exports
 
-_EXPORTS = {
-    "Analyzer": "fvlm_core.zeroshot.analyzer",
-    "AnalysisResult": "fvlm_core.zeroshot.results",
-    "AnatomyMap": "fvlm_core.zeroshot.results",
-    "AnatomyResult": "fvlm_core.zeroshot.results",
-    "FindingResult": "fvlm_core.zeroshot.results",
-    "AnalysisRequest": "fvlm_core.zeroshot.pipeline",
-    "run": "fvlm_core.zeroshot.pipeline",
-    "load_findings_file": "fvlm_core.zeroshot.prompt_files",
-    "merge_findings": "fvlm_core.zeroshot.prompt_files",
-    "PromptCache": "fvlm_core.zeroshot.prompts",
-    "ModelPrompts": "fvlm_core.zeroshot.prompts",
-    "WindowPlan": "fvlm_core.zeroshot.windows",
-    "plan_windows": "fvlm_core.zeroshot.windows",
+_EXPORTS = {  # submodule -> the public names it defines
+    "analyzer": ("Analyzer",),
+    "results": ("AnalysisResult", "AnatomyMap", "AnatomyResult", "FindingResult"),
+    "pipeline": ("AnalysisRequest", "run"),
+    "prompt_files": ("load_findings_file", "merge_findings"),
+    "prompts": ("PromptCache", "ModelPrompts"),
+    "windows": ("WindowPlan", "plan_windows"),
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = sorted(name for names in _EXPORTS.values() for name in names)
 
 
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -21,20 +21,16 @@ from fvlm_training.report import auc_table_markdown
 PROJECT = Path(__file__).resolve().parents[1]
 
 
+def _small_demo(out: Path, minutes: float, phantoms: tuple[int, int, int], **options) -> demo.DemoConfig:
+    """A demo on 32-voxel phantoms; ``phantoms``: how many to train on, calibrate on and test on."""
+    splits = dict(zip(("n_train", "n_calibration", "n_test"), phantoms))
+    return demo.DemoConfig(out=str(out), minutes=minutes, size=32, **splits, **options)
+
+
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
-    cfg = demo.DemoConfig(
-        out=str(out),
-        minutes=1.6,
-        n_train=240,
-        n_calibration=60,
-        n_test=120,
-        size=32,
-        workers=2,
-        batch_size=16,
-        reserve_seconds=20,
-    )
+    cfg = _small_demo(out, 1.6, (240, 60, 120), workers=2, batch_size=16, reserve_seconds=20)
     return demo.run_demo(cfg, log=lambda msg: None)
 
 
@@ -229,18 +225,8 @@ def test_time_budget_holds_on_a_busy_machine(tmp_path):
     try:
         setup = _setup_seconds()
         budget, margin = 40.0 + 3 * setup, 10.0 + setup / 2
-        cfg = demo.DemoConfig(
-            out=str(tmp_path / "demo"),
-            minutes=budget / 60,
-            n_train=48,
-            n_calibration=16,
-            n_test=24,
-            size=32,
-            workers=1,
-            batch_size=8,
-            precision="fp32",
-            reserve_seconds=10,
-        )
+        phantoms, options = (48, 16, 24), {"precision": "fp32", "reserve_seconds": 10}
+        cfg = _small_demo(tmp_path / "demo", budget / 60, phantoms, workers=1, batch_size=8, **options)
         t0 = time.perf_counter()
         result = demo.run_demo(cfg, log=messages.append)
         elapsed = time.perf_counter() - t0

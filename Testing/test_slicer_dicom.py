@@ -32,27 +32,31 @@ slicer_app = panel_tests.slicer_app  # FVLMSlicer/Testing: the stand-ins (DICOMD
 #: SegmentationCategoryTypeModifier-SlicerGeneralAnatomy.json, and -DICOM-Master.json for the
 #: pulmonary artery, which the General Anatomy list lacks).
 GENERAL = "Segmentation category and type - 3D Slicer General Anatomy list"
-SLICER_TERMINOLOGY = {
-    "lung": (GENERAL, "123037004", "39607008"),
-    "heart": (GENERAL, "123037004", "80891009"),
-    "esophagus": (GENERAL, "123037004", "32849002"),
-    "aorta": (GENERAL, "123037004", "15825003"),
-    "trachea": (GENERAL, "123037004", "44567001"),
-    "pulmonary_artery": ("Segmentation category and type - DICOM master list", "123037004", "81040000"),
-    "liver": (GENERAL, "123037004", "10200004"),
-    "gallbladder": (GENERAL, "123037004", "28231008"),
-    "spleen": (GENERAL, "123037004", "78961009"),
-    "pancreas": (GENERAL, "123037004", "15776009"),
-    "stomach": (GENERAL, "123037004", "69695003"),
-    "kidney": (GENERAL, "123037004", "64033007"),
-    "adrenal_gland": (GENERAL, "123037004", "23451007"),
-    "small_bowel": (GENERAL, "123037004", "30315005"),
-    "colon": (GENERAL, "123037004", "71854001"),
-    "urinary_bladder": (GENERAL, "123037004", "89837001"),
-    "thyroid_gland": (GENERAL, "123037004", "69748006"),
-    "prostate": (GENERAL, "123037004", "41216001"),
-    "bone": (GENERAL, "85756007", "272673000"),  # Tissue, not Anatomical Structure
+DICOM_MASTER = "Segmentation category and type - DICOM master list"
+ANATOMICAL_STRUCTURE, TISSUE = "123037004", "85756007"
+#: type codes of the General Anatomy list, all under Anatomical Structure
+GENERAL_ANATOMY = {
+    "lung": "39607008",
+    "heart": "80891009",
+    "esophagus": "32849002",
+    "aorta": "15825003",
+    "trachea": "44567001",
+    "liver": "10200004",
+    "gallbladder": "28231008",
+    "spleen": "78961009",
+    "pancreas": "15776009",
+    "stomach": "69695003",
+    "kidney": "64033007",
+    "adrenal_gland": "23451007",
+    "small_bowel": "30315005",
+    "colon": "71854001",
+    "urinary_bladder": "89837001",
+    "thyroid_gland": "69748006",
+    "prostate": "41216001",
 }
+SLICER_TERMINOLOGY = {name: (GENERAL, ANATOMICAL_STRUCTURE, code) for name, code in GENERAL_ANATOMY.items()}
+SLICER_TERMINOLOGY["pulmonary_artery"] = (DICOM_MASTER, ANATOMICAL_STRUCTURE, "81040000")
+SLICER_TERMINOLOGY["bone"] = (GENERAL, TISSUE, "272673000")  # Tissue, not Anatomical Structure
 
 
 def test_terminology_puts_every_anatomy_where_slicers_terminology_does():

@@ -205,11 +205,7 @@ def main(argv=None) -> int:
         "--batch", type=int, default=RECIPE_BATCH, help=f"crops per GPU (ctrate-base: {RECIPE_BATCH})"
     )
     p.add_argument(
-        "--size",
-        type=int,
-        nargs=3,
-        metavar=("Z", "Y", "X"),
-        help="crop (default 112 256 352; smoke 32 64 64)",
+        "--size", type=int, nargs=3, metavar=("Z", "Y", "X"), help="crop (112 256 352; smoke 32 64 64)"
     )
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)

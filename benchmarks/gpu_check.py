@@ -144,14 +144,9 @@ def run_streaming(cmd: list[str], env: dict, timeout: float, on_stage=None, cwd=
     stdout go to ``on_stage(dict)`` as they come. Returns rc (None: killed at the limit), the
     seconds, and the tails of stdout and stderr."""
     t = time.monotonic()
+    pipe = subprocess.PIPE
     proc = subprocess.Popen(
-        cmd,
-        cwd=cwd,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
+        cmd, cwd=cwd, env=env, stdout=pipe, stderr=pipe, text=True, start_new_session=True
     )
     out: list[str] = []
     err: list[str] = []

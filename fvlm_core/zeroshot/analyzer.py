@@ -390,11 +390,9 @@ class Analyzer:
                 (:class:`~fvlm_core.zeroshot.results.AnatomyEmbeddings`; its ``model`` is left
                 to the caller, :func:`fvlm_core.zeroshot.pipeline.run` fills it).
         """
-        if segmentation_check not in ("warn", "strict", "off"):
-            raise ConfigError(f"segmentation_check {segmentation_check!r}: use 'warn', 'strict' or 'off'")
-
         timings: dict[str, float] = {}
         notes: list[str] = []
+        fs = self._checked_inputs(ct, findings, segmentation_check, notes)
 
         def step(msg: str, frac: float) -> None:
             if should_cancel is not None and should_cancel():
@@ -402,25 +400,11 @@ class Analyzer:
             if progress:
                 progress(msg, frac)
 
-        fs = self.check_findings(findings if findings is not None else self.default_findings())
-        check_finite(ct.array, ct.source)  # NaN would spread through resampling and pooling
-        coarse = spacing_warning(ct.geometry, self.model_space.spacing_zyx, "the model", ct.source)
-        if coarse:
-            warn(coarse)
-            notes.append(coarse)
         step("preparing", 0.0)
         with _timed(timings, "preprocess"):
-            labels = self.labels_in_model_order(segmentation)
-            counts = windows.voxel_counts(labels.array, len(self.anatomies))
-            if not counts.any():
-                msg = self._no_anatomy_message(ct, segmentation)
-                if require_anatomy:
-                    raise InputError(msg)
-                notes.append(msg)
-            ct_ms, labels_ms = resample_to_model_space(ct, labels, self.model_space)
-            if segmentation_check != "off":
-                implausible = self._implausible(ct_ms, labels_ms, ct.source, segmentation_check == "strict")
-                notes += implausible
+            labels, counts, ct_ms, labels_ms = self._prepare(
+                ct, segmentation, require_anatomy, segmentation_check, notes
+            )
 
         step("encoding anatomies", 0.15)
         with _timed(timings, "embed"):
@@ -465,14 +449,44 @@ class Analyzer:
             ct=str(ct.source),
             dicom_series=ct.dicom_series,
             segmentation={"source": str(getattr(segmentation, "backend", ""))},
-            embeddings=AnatomyEmbeddings(
-                {name: e.embedding.cpu().numpy() for name, e in enc.anatomies.items()},
-                windows=strategy,
-                max_window_zyx=None if max_window_zyx is None else tuple(int(v) for v in max_window_zyx),
-            )
-            if keep_embeddings
-            else None,
+            embeddings=_kept_embeddings(enc, strategy, max_window_zyx) if keep_embeddings else None,
         )
+
+    def _checked_inputs(
+        self,
+        ct: CTVolume,
+        findings: FindingSet | Sequence[Finding] | None,
+        segmentation_check: str,
+        notes: list[str],
+    ) -> FindingSet:
+        """The findings to score, checked with the options and the CT before any work; a warning
+        about coarse voxels goes to ``notes``."""
+        if segmentation_check not in ("warn", "strict", "off"):
+            raise ConfigError(f"segmentation_check {segmentation_check!r}: use 'warn', 'strict' or 'off'")
+        fs = self.check_findings(findings if findings is not None else self.default_findings())
+        check_finite(ct.array, ct.source)  # NaN would spread through resampling and pooling
+        coarse = spacing_warning(ct.geometry, self.model_space.spacing_zyx, "the model", ct.source)
+        if coarse:
+            warn(coarse)
+            notes.append(coarse)
+        return fs
+
+    def _prepare(
+        self, ct: CTVolume, segmentation, require_anatomy: bool, segmentation_check: str, notes: list[str]
+    ) -> tuple[LabelVolume, np.ndarray, CTVolume, LabelVolume]:
+        """The segmentation in the model's anatomy order, its voxel counts per anatomy, and the CT
+        and labels in model space; notes (no anatomy, implausible intensities) go to ``notes``."""
+        labels = self.labels_in_model_order(segmentation)
+        counts = windows.voxel_counts(labels.array, len(self.anatomies))
+        if not counts.any():
+            msg = self._no_anatomy_message(ct, segmentation)
+            if require_anatomy:
+                raise InputError(msg)
+            notes.append(msg)
+        ct_ms, labels_ms = resample_to_model_space(ct, labels, self.model_space)
+        if segmentation_check != "off":
+            notes += self._implausible(ct_ms, labels_ms, ct.source, segmentation_check == "strict")
+        return labels, counts, ct_ms, labels_ms
 
     def _implausible(self, ct_ms: CTVolume, labels_ms: LabelVolume, source: str, strict: bool) -> list[str]:
         """The segmentation's anatomies whose intensities do not fit their tissue, as a warning
@@ -614,6 +628,15 @@ def _status(voxels: int, fact: Any, scored: bool, dropped_fraction: float | None
     if status == "partial":
         return status, "cut by the field of view: scored on the visible part"
     return status, ""
+
+
+def _kept_embeddings(enc, strategy: str, max_window_zyx: Sequence[int] | None) -> AnatomyEmbeddings:
+    """The scored anatomies' embeddings of ``enc`` (a :class:`ModelSpaceEncoding`), for the result."""
+    return AnatomyEmbeddings(
+        {name: e.embedding.cpu().numpy() for name, e in enc.anatomies.items()},
+        windows=strategy,
+        max_window_zyx=None if max_window_zyx is None else tuple(int(v) for v in max_window_zyx),
+    )
 
 
 def _result_notes(results: list[AnatomyResult]) -> list[str]:

@@ -30,7 +30,7 @@ def _small_demo(out: Path, minutes: float, phantoms: tuple[int, int, int], **opt
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
-    cfg = _small_demo(out, 1.6, (240, 60, 120), workers=2, batch_size=16, reserve_seconds=20)
+    cfg = _small_demo(out, 1.2, (240, 60, 120), workers=2, batch_size=16, reserve_seconds=20)
     return demo.run_demo(cfg, log=lambda msg: None)
 
 

@@ -152,8 +152,14 @@ def test_the_draws_are_uniform_and_independent():
     assert all(70 <= starts[k] <= 170 for k in starts), starts  # n/5 = 120 each
     assert all(100 <= offsets[k] <= 200 for k in offsets), offsets  # n/4 = 150 each
     assert all(85 <= flips[a] <= 155 for a in range(3)), flips  # n * 0.2 = 120 per axis
-    same = [crop_flip(hu, labels, cfg, 1, np.random.default_rng([7, 3]))[0] for _ in range(2)]
-    np.testing.assert_array_equal(*same)  # the sample's generator decides everything
+    # the sample's generator decides everything, whatever was drawn before (the transforms are reused)
+    half = AugmentConfig(size, 0.5)
+    for seed in range(8):
+        first = crop_flip(hu, labels, half, 1, np.random.default_rng([7, seed]))[0]
+        crop_flip(hu, labels, half, 1, np.random.default_rng([8, seed]))
+        np.testing.assert_array_equal(
+            first, crop_flip(hu, labels, half, 1, np.random.default_rng([7, seed]))[0]
+        )
 
 
 def test_intensity_scaling_is_the_references_and_window_hu_to_the_bit():

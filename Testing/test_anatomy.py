@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import re
 
@@ -18,7 +17,7 @@ from fvlm_core.anatomy import (
 )
 from fvlm_core.errors import ConfigError, InputError
 from fvlm_core.segmentation.labelmap import merge_labels
-from fvlm_core.segmentation.totalseg_classes import TOTAL_CLASS_MAP
+from fvlm_core.segmentation.totalseg_classes import TOTAL_CLASS_MAP, snomed_classes
 
 #: anatomies allowed to have no SNOMED CT code (none today; add with a reason).
 SNOMED_EXCEPTIONS: set[str] = set()
@@ -68,22 +67,11 @@ def test_extended_catalog_size_colours_and_snomed():
         assert meaning
 
 
-def _totalsegmentator_snomed_types() -> dict[str, str]:
-    """Structure -> SNOMED CT type code, from the mapping the installed TotalSegmentator writes
-    into its DICOM SEGs (resources/totalsegmentator_snomed_mapping.csv)."""
-    from importlib.resources import files
-
-    table = files("totalsegmentator") / "resources" / "totalsegmentator_snomed_mapping.csv"
-    with table.open(encoding="utf-8") as fh:
-        return {
-            row["Structure"]: row["SegmentedPropertyTypeCodeSequence.CodeValue"] for row in csv.DictReader(fh)
-        }
-
-
 def test_snomed_codes_agree_with_totalsegmentator_terminology():
     """Each anatomy that is one TotalSegmentator structure carries the code TotalSegmentator gives it."""
     pytest.importorskip("totalsegmentator", reason="needs the totalsegmentator package")
-    types = _totalsegmentator_snomed_types()
+    # the mapping the installed TotalSegmentator writes into its DICOM SEGs, as the library reads it
+    types = {structure: codes[0] for codes, structure in snomed_classes().items()}
     named = [a for a in EXTENDED_CATALOG if a.name in types]
     assert len(named) == 17, [a.name for a in named]  # all but lung (its lobes) and bone (its bones)
     for anatomy in named:

@@ -4,6 +4,7 @@ fresh clone) and a deterministic, single-threaded torch setup."""
 from __future__ import annotations
 
 import atexit
+import fcntl
 import os
 import shutil
 import sys
@@ -98,3 +99,72 @@ def _autograd_stays_enabled():
     if torch is not None and not torch.is_grad_enabled():
         torch.set_grad_enabled(True)
         pytest.fail("this test (or the code it ran) left torch autograd disabled globally")
+
+
+# ----------------------------------------------------------------- two workers, one machine
+#
+# The suite runs on two pytest-xdist workers (pyproject: ``-n 2 --dist loadfile``, a test file's
+# tests on one worker, module fixtures built once). Most tests wait on child processes for much of
+# their time, so two workers keep both cores busy. A test whose assertion depends on the CPU time
+# it gets (a time-budgeted training run that must learn, the time budget on a busy machine, a ratio
+# of two timings) is marked ``alone``: it runs while the other worker waits. A readers-writer lock
+# on two files in the run's shared temp folder does it: a worker holds the room shared from the
+# first to the last test of a file (module fixtures run background work between tests), an
+# ``alone`` test holds it exclusively, and a worker waiting for it holds the gate, so that no new
+# file starts meanwhile. Files with ``alone`` tests run first, then files with ``slow`` tests (the
+# quick files fill the end), ``alone`` tests first within their file.
+
+
+class MachineShare:
+    """A worker's hold on the machine: None, "shared" or "alone"."""
+
+    def __init__(self, folder: Path) -> None:
+        folder.mkdir(exist_ok=True)
+        self._gate = os.open(folder / "gate.lock", os.O_RDWR | os.O_CREAT)
+        self._room = os.open(folder / "room.lock", os.O_RDWR | os.O_CREAT)
+        self.held: str | None = None
+
+    def hold(self, how: str) -> None:
+        if self.held == how:
+            return
+        self.release()
+        fcntl.flock(self._gate, fcntl.LOCK_EX)  # an "alone" test waiting holds it: no new file starts
+        fcntl.flock(self._room, fcntl.LOCK_EX if how == "alone" else fcntl.LOCK_SH)
+        if how == "shared":
+            fcntl.flock(self._gate, fcntl.LOCK_UN)
+        self.held = how
+
+    def release(self) -> None:
+        if self.held is not None:
+            fcntl.flock(self._room, fcntl.LOCK_UN)
+            fcntl.flock(self._gate, fcntl.LOCK_UN)  # not held while "shared": a no-op then
+            self.held = None
+
+
+def pytest_configure(config) -> None:
+    if hasattr(config, "workerinput"):  # an xdist worker; its basetemp is inside the run's own folder
+        config._fvlm_share = MachineShare(Path(config.option.basetemp).parent / "machine-share")
+
+
+def _rank(item) -> int:
+    return 0 if item.get_closest_marker("alone") else 1 if item.get_closest_marker("slow") else 2
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    by_file: dict[Path, list] = {}
+    for item in items:
+        by_file.setdefault(item.path, []).append(item)
+    files = sorted(by_file.values(), key=lambda tests: min(_rank(t) for t in tests))  # stable
+    items[:] = [t for tests in files for t in sorted(tests, key=lambda t: _rank(t) != 0)]
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    share = getattr(item.config, "_fvlm_share", None)
+    if share is None:  # not under xdist: nothing else runs beside this test
+        yield
+        return
+    share.hold("alone" if item.get_closest_marker("alone") else "shared")
+    yield
+    if nextitem is None or nextitem.path != item.path:
+        share.release()

@@ -29,6 +29,8 @@ def _small_demo(out: Path, minutes: float, phantoms: tuple[int, int, int], **opt
 
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
+    """One small demo run for the tests of its outputs. It trains for a time budget and must learn,
+    so those tests are marked ``alone`` (no other test runs meanwhile: Testing/conftest.py)."""
     out = tmp_path_factory.mktemp("demo")
     cfg = _small_demo(out, 1.2, (240, 60, 120), workers=2, batch_size=16, reserve_seconds=20)
     return demo.run_demo(cfg, log=lambda msg: None)
@@ -63,6 +65,7 @@ def test_saved_findings_carry_the_headline_prompts():
 
 
 @pytest.mark.slow
+@pytest.mark.alone
 def test_demo_writes_all_outputs(demo_run):
     for key in (
         "phantom_png",
@@ -93,6 +96,7 @@ def test_demo_writes_all_outputs(demo_run):
 
 
 @pytest.mark.slow
+@pytest.mark.alone
 def test_demo_model_loads_with_calibrated_thresholds_and_example_ct(demo_run):
     from fvlm_core.model import FVLM
 
@@ -111,6 +115,7 @@ def test_demo_model_loads_with_calibrated_thresholds_and_example_ct(demo_run):
 
 
 @pytest.mark.slow
+@pytest.mark.alone
 def test_demo_calibrates_on_calibration_phantoms_and_checks_on_test_phantoms(demo_run):
     """Calibration fitted on the calibration phantoms is stored with the model and checked on the
     test phantoms: AUC unchanged, the same decisions at the threshold, Brier/ECE before and after;
@@ -139,6 +144,7 @@ def test_demo_calibrates_on_calibration_phantoms_and_checks_on_test_phantoms(dem
 
 
 @pytest.mark.slow
+@pytest.mark.alone
 def test_demo_zero_shot_auc_above_chance(demo_run):
     table = demo_run.table
     fvlm = table["models"]["fVLM"][demo.HEADLINE_PROTOCOL]
@@ -152,6 +158,7 @@ def test_demo_zero_shot_auc_above_chance(demo_run):
 
 
 @pytest.mark.slow
+@pytest.mark.alone
 def test_demo_baseline_folder_loads_and_scores(demo_run):
     import torch
 
@@ -199,6 +206,7 @@ def _setup_seconds() -> float:
 
 
 @pytest.mark.slow
+@pytest.mark.alone
 def test_time_budget_holds_on_a_busy_machine(tmp_path):
     """With a busy process per core besides the demo, the demo still ends within --minutes plus a
     margin: the training processes stop at an absolute time that includes their start-up and text

@@ -26,6 +26,8 @@ sys.path.insert(0, str(TESTING))
 import bench_gil_loop  # noqa: E402
 import slicer_app  # noqa: E402
 
+pytestmark = pytest.mark.alone  # both tests compare two timings taken one after the other
+
 
 def test_the_harness_loop_keeps_the_gil_from_python_threads():
     from PySide6 import QtWidgets

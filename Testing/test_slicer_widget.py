@@ -619,6 +619,7 @@ def test_a_slicer_with_python_3_9_gets_a_clear_message(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.alone
 def test_no_gui_thread_step_over_200_ms_for_a_512x512x400_ct(widget, env, tiny_model):
     """Issue 18: writing the input and reading the results happen off the GUI thread.
 

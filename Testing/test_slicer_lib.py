@@ -3,6 +3,7 @@ dependencies, processes read without a thread, the job folder's files."""
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -435,6 +436,39 @@ def test_a_ct_with_nan_is_refused_by_the_worker_before_any_work(tmp_path):
         assert "(1, 2, 3)" in error["message"]
         progress = json.loads((job / "progress.json").read_text())
         assert progress["stage"].startswith("prepare")  # nothing after reading the CT
+
+
+def test_a_job_given_up_mid_run_leaves_no_folder_behind(tmp_path, monkeypatch):
+    """Closing the scene mid-analysis deletes the job's folder (``job.remove_folder``) while the
+    worker runs it: the worker's next progress report, its result and its finished.json must not
+    make the folder again (they did: every atomic write made its missing parents, and a closed
+    scene left a job folder in Slicer's temp folder); a task that wrote into it meanwhile is
+    cleared too."""
+    from FVLMSlicerLib import worker
+    from FVLMSlicerLib.job import remove_folder
+
+    from fvlm_core.zeroshot import pipeline
+    from fvlm_core.zeroshot.pipeline import AnalysisRequest, AnalyzerCache
+
+    job = tmp_path / "fvlm-job-1"
+    job.mkdir()
+    AnalysisRequest(ct=str(job / "scan.nrrd"), model=str(tmp_path / "model")).save(job / "request.json")
+
+    def given_up_while_running(request, progress, cancelled, analyzers):
+        progress("prepare", 0.1)
+        remove_folder(job)  # the panel, on File > Close scene
+        progress("encode", 0.5)
+        raise AssertionError("the analysis went on after its folder was deleted")
+
+    monkeypatch.setattr(pipeline, "run", given_up_while_running)
+    server, cache = worker.Server(tmp_path / "control", os.getpid()), AnalyzerCache()
+    assert worker.run_job(job, cache) == 2  # cancelled
+    server.finish(job, 2, cache)
+    assert not job.exists() and list(tmp_path.iterdir()) == []
+    job.mkdir()  # a task's output written after the folder went (it made it again) is cleared
+    (job / "dicom").mkdir()
+    server.finish(job, 0, cache)
+    assert not job.exists()
 
 
 def test_totalsegmentator_comes_from_its_extension_when_that_is_installed(monkeypatch):

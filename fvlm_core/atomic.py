@@ -144,8 +144,11 @@ def temporary_sibling(target: Path, folder: bool = False) -> Path:
 
 
 @contextlib.contextmanager
-def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
+def atomic_path(target: str | os.PathLike, parents: bool = True) -> Iterator[Path]:
     """Yield a temporary path in the target's folder; on success rename it onto ``target``.
+    ``parents``: create the missing folders above ``target``; with False the folder must exist
+    (a write into a folder that another process deleted fails with FileNotFoundError instead of
+    making it again).
 
     The temporary name keeps the target's suffix, so writers that pick a format from the
     extension (SimpleITK, nibabel, safetensors) work unchanged. On error the temporary file is
@@ -160,7 +163,8 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     target = Path(target)
     if target.is_dir():
         raise OutputError(f"{target}: is an existing folder; give a file name for this output.")
-    make_parents(target)
+    if parents:
+        make_parents(target)
     tmp_path = temporary_sibling(target)
     try:
         yield tmp_path
@@ -180,8 +184,11 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
-def atomic_write_text(target: str | os.PathLike, text: str, encoding: str = "utf-8") -> Path:
-    """Write ``text`` to ``target`` atomically and return the target path."""
-    with atomic_path(target) as tmp:
+def atomic_write_text(
+    target: str | os.PathLike, text: str, encoding: str = "utf-8", parents: bool = True
+) -> Path:
+    """Write ``text`` to ``target`` atomically and return the target path (``parents``: as
+    :func:`atomic_path`)."""
+    with atomic_path(target, parents) as tmp:
         tmp.write_text(text, encoding=encoding)
     return Path(target)

@@ -64,8 +64,11 @@ def run_job(job: Path, analyzers) -> int:
 
     t0, last = time.monotonic(), [""]
 
+    def write(name: str, doc: dict) -> None:  # never makes the folder again once the panel deleted it
+        atomic_write_text(job / name, json.dumps(doc), parents=False)
+
     def progress(stage: str, fraction: float) -> None:
-        atomic_write_text(job / "progress.json", json.dumps({"stage": stage, "fraction": fraction}))
+        write("progress.json", {"stage": stage, "fraction": fraction})
         if stage.split(":")[0] != last[0]:
             print(f"{time.monotonic() - t0:6.1f} s  {stage}", flush=True)
             last[0] = stage.split(":")[0]
@@ -77,7 +80,7 @@ def run_job(job: Path, analyzers) -> int:
     try:
         if (job / TASK_FILE).exists():
             output = run_task(json.loads((job / TASK_FILE).read_text()), job, progress, cancelled)
-            atomic_write_text(job / OUTPUT_FILE, json.dumps(output))
+            write(OUTPUT_FILE, output)
             return 0
         request = AnalysisRequest.load(job / "request.json")
         result = run(request, progress, cancelled, analyzers)
@@ -97,7 +100,7 @@ def run_job(job: Path, analyzers) -> int:
         traceback.print_exc()
         error = {"message": f"{type(exc).__name__}: {exc}"}
     with contextlib.suppress(OSError):
-        atomic_write_text(job / "error.json", json.dumps(error))
+        write("error.json", error)
     return 1
 
 
@@ -130,9 +133,27 @@ class Server:
             return job
         return None
 
-    def serve(self) -> int:
+    def finish(self, job: Path, rc: int, analyzers) -> None:
+        """``JOB/finished.json``; nothing where the panel has given the job up (deleted its
+        folder, inputs and all): then what a task wrote meanwhile (which may have made the folder
+        again) goes too."""
         from fvlm_core.atomic import atomic_write_text
 
+        from .tasks import TASK_FILE
+
+        if not any((job / name).exists() for name in ("request.json", TASK_FILE)):
+            shutil.rmtree(job, ignore_errors=True)
+            return
+        done = {
+            "rc": rc,
+            "model_reused": analyzers.reused,
+            "worker_pid": os.getpid(),
+            "worker_jobs": self.jobs,
+        }
+        with contextlib.suppress(FileNotFoundError):  # given up since
+            atomic_write_text(job / "finished.json", json.dumps(done), parents=False)
+
+    def serve(self) -> int:
         threading.Thread(target=self._watch_owner, name="fvlm-owner-watch", daemon=True).start()
         t = time.perf_counter()
         import torch  # noqa: F401  (the slow imports, once)
@@ -155,14 +176,7 @@ class Server:
                 continue
             self.current, self.jobs = job, self.jobs + 1
             print(f"job {self.jobs}: {job.name}", flush=True)
-            rc = run_job(job, analyzers)
-            done = {
-                "rc": rc,
-                "model_reused": analyzers.reused,
-                "worker_pid": os.getpid(),
-                "worker_jobs": self.jobs,
-            }
-            atomic_write_text(job / "finished.json", json.dumps(done))
+            self.finish(job, run_job(job, analyzers), analyzers)
             self.current, idle_since = None, time.monotonic()
         shutil.rmtree(self.control, ignore_errors=True)
         return 0

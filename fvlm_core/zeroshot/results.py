@@ -438,13 +438,15 @@ class AnalysisResult:
     # ------------------------------------------------------------------ files
     def save(self, folder: str | os.PathLike) -> Path:
         """Write ``result.json``, one ``map_<i>.npy`` per similarity map and, when kept, the
-        label map (``anatomy_labels.npy``) into ``folder``, all or nothing (a new folder)."""
+        label map (``anatomy_labels.npy``) into ``folder``, all or nothing: a new folder, in a
+        folder that exists (never made again: the Slicer panel deletes a job's folder to give the
+        job up, and the worker's result must not bring it back)."""
         folder = Path(folder)
         if folder.exists():
             raise FileExistsError(f"{folder}: exists; a result is saved into a new folder")
         partial = folder.with_name(f".{folder.name}.partial")
         shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir(parents=True)
+        partial.mkdir()
         try:
             doc = self.to_dict()
             for i, (entry, amap) in enumerate(zip(doc["similarity_maps"], self.similarity_maps.values())):

@@ -119,7 +119,7 @@ class MachineShare:
     """A worker's hold on the machine: None, "shared" or "alone"."""
 
     def __init__(self, folder: Path) -> None:
-        folder.mkdir(exist_ok=True)
+        folder.mkdir(parents=True, exist_ok=True)
         self._gate = os.open(folder / "gate.lock", os.O_RDWR | os.O_CREAT)
         self._room = os.open(folder / "room.lock", os.O_RDWR | os.O_CREAT)
         self.held: str | None = None
@@ -143,7 +143,10 @@ class MachineShare:
 
 def pytest_configure(config) -> None:
     if hasattr(config, "workerinput"):  # an xdist worker; its basetemp is inside the run's own folder
-        config._fvlm_share = MachineShare(Path(config.option.basetemp).parent / "machine-share")
+        run = config.workerinput["testrunuid"]
+        base = config.option.basetemp  # None without pytest's tmp_path plugin
+        folder = Path(base).parent if base else Path(tempfile.gettempdir()) / f"fvlm-tests-{run}"
+        config._fvlm_share = MachineShare(folder / "machine-share")
 
 
 def _rank(item) -> int:

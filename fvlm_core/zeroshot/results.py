@@ -439,8 +439,8 @@ class AnalysisResult:
     def save(self, folder: str | os.PathLike) -> Path:
         """Write ``result.json``, one ``map_<i>.npy`` per similarity map and, when kept, the
         label map (``anatomy_labels.npy``) into ``folder``, all or nothing: a new folder, in a
-        folder that exists (never made again: the Slicer panel deletes a job's folder to give the
-        job up, and the worker's result must not bring it back)."""
+        folder that exists (the folder above is never made: a caller that deleted it to give the
+        work up must not see it come back)."""
         folder = Path(folder)
         if folder.exists():
             raise FileExistsError(f"{folder}: exists; a result is saved into a new folder")

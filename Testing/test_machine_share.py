@@ -23,8 +23,7 @@ def _hold_in_thread(share: MachineShare, how: str) -> threading.Event:
 
 
 def test_an_alone_test_waits_for_the_other_file_and_holds_back_new_ones(tmp_path):
-    reader, writer, late = (MachineShare(tmp_path) for _ in range(3))
-    other = MachineShare(tmp_path)
+    reader, other, writer, late = (MachineShare(tmp_path) for _ in range(4))
     reader.hold("shared")
     other.hold("shared")  # two workers share the machine
     alone = _hold_in_thread(writer, "alone")

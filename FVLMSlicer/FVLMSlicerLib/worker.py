@@ -54,9 +54,16 @@ def alive(pid: int) -> bool:
     return True
 
 
+def _write_json(job: Path, name: str, doc: dict) -> None:
+    """``JOB/name``, atomically; never makes the folder again once the panel deleted it (the write
+    fails with FileNotFoundError instead)."""
+    from fvlm_core.atomic import atomic_write_text
+
+    atomic_write_text(job / name, json.dumps(doc), parents=False)
+
+
 def run_job(job: Path, analyzers) -> int:
     """Run the job in folder ``job`` (see the module docstring); its exit code."""
-    from fvlm_core.atomic import atomic_write_text
     from fvlm_core.errors import CancelledError, FVLMError
     from fvlm_core.zeroshot.pipeline import AnalysisRequest, run
 
@@ -64,11 +71,8 @@ def run_job(job: Path, analyzers) -> int:
 
     t0, last = time.monotonic(), [""]
 
-    def write(name: str, doc: dict) -> None:  # never makes the folder again once the panel deleted it
-        atomic_write_text(job / name, json.dumps(doc), parents=False)
-
     def progress(stage: str, fraction: float) -> None:
-        write("progress.json", {"stage": stage, "fraction": fraction})
+        _write_json(job, "progress.json", {"stage": stage, "fraction": fraction})
         if stage.split(":")[0] != last[0]:
             print(f"{time.monotonic() - t0:6.1f} s  {stage}", flush=True)
             last[0] = stage.split(":")[0]
@@ -80,7 +84,7 @@ def run_job(job: Path, analyzers) -> int:
     try:
         if (job / TASK_FILE).exists():
             output = run_task(json.loads((job / TASK_FILE).read_text()), job, progress, cancelled)
-            write(OUTPUT_FILE, output)
+            _write_json(job, OUTPUT_FILE, output)
             return 0
         request = AnalysisRequest.load(job / "request.json")
         result = run(request, progress, cancelled, analyzers)
@@ -100,7 +104,7 @@ def run_job(job: Path, analyzers) -> int:
         traceback.print_exc()
         error = {"message": f"{type(exc).__name__}: {exc}"}
     with contextlib.suppress(OSError):
-        write("error.json", error)
+        _write_json(job, "error.json", error)
     return 1
 
 
@@ -137,8 +141,6 @@ class Server:
         """``JOB/finished.json``; nothing where the panel has given the job up (deleted its
         folder, inputs and all): then what a task wrote meanwhile (which may have made the folder
         again) goes too."""
-        from fvlm_core.atomic import atomic_write_text
-
         from .tasks import TASK_FILE
 
         if not any((job / name).exists() for name in ("request.json", TASK_FILE)):
@@ -151,7 +153,7 @@ class Server:
             "worker_jobs": self.jobs,
         }
         with contextlib.suppress(FileNotFoundError):  # given up since
-            atomic_write_text(job / "finished.json", json.dumps(done), parents=False)
+            _write_json(job, "finished.json", done)
 
     def serve(self) -> int:
         threading.Thread(target=self._watch_owner, name="fvlm-owner-watch", daemon=True).start()
